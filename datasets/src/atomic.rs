@@ -1,0 +1,77 @@
+//! Crash-safe file writes: write to a temporary file beside the destination, fsync it, rename it
+//! into place and fsync the folder, so a reader (or a process restarted after SIGKILL) only ever
+//! sees the old complete file or the new complete file.
+
+use crate::error::{DatasetError, Result};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The temporary path used while writing `path`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes a file atomically: `fill` writes the contents into a temporary file, which is then
+/// fsynced and renamed over `path`. On error the temporary file is removed.
+pub fn write_with<F>(path: &Path, fill: F) -> Result<()>
+where
+    F: FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
+{
+    let tmp = temp_path(path);
+    let result = (|| {
+        let file = File::create(&tmp)?;
+        {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+            fill(&mut w)?;
+            w.flush()?;
+        }
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(DatasetError::io(path, e));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_with(path, |w| w.write_all(bytes))
+}
+
+/// Fsyncs a folder so that a rename inside it is durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(d)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_contents_and_leaves_no_temp() {
+        let dir = std::env::temp_dir().join(format!("ldl-atomic-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.txt");
+        write_bytes(&p, b"one").unwrap();
+        write_bytes(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let err = write_with(&p, |_| Err(std::io::Error::other("boom"))).unwrap_err();
+        assert!(err.to_string().contains("boom"));
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,447 @@
+//! stages.toml, format version 1: parsing and validation. Every error is found before anything
+//! runs and names the file, the line and column, and the key.
+//!
+//! ```toml
+//! version = 1                # optional; the format version
+//! [run]
+//! output = "outputs/demo"    # default: outputs/<file stem>, relative to the file's folder
+//! seed = 0
+//! device = "cpu"             # "cpu" | "cuda" | "cuda:N"
+//! threads = 2                # default: all cores
+//!
+//! [[stage]]
+//! name = "data"
+//! kind = "prepare"           # prepare | train | label | evaluate | report
+//! needs = []                 # upstream stages this one reads
+//! source = "synthetic"       # ... and the kind's own parameters
+//! ```
+
+use serde::Deserialize;
+use stages::device::DeviceSpec;
+use stages::{Artifact, Kind, Multiplicity, StageParams};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+/// The stages.toml format version this program reads.
+pub const CONFIG_VERSION: i64 = 1;
+
+/// An error in stages.toml, located by line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The `[run]` table, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSettings {
+    /// Output root.
+    pub output: PathBuf,
+    /// Seed of every stage that does not set its own.
+    pub seed: u64,
+    /// Compute device.
+    pub device: DeviceSpec,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// One declared stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageDecl {
+    /// Unique name; also its output folder.
+    pub name: String,
+    /// Upstream stages, in declared order.
+    pub needs: Vec<String>,
+    /// Kind and parameters (seed resolved).
+    pub params: StageParams,
+}
+
+/// A validated stages.toml.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The `[run]` settings.
+    pub run: RunSettings,
+    /// Stages in file order.
+    pub stages: Vec<StageDecl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRaw {
+    #[serde(default)]
+    output: Option<String>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    device: Option<Spanned<String>>,
+    #[serde(default)]
+    threads: Option<Spanned<usize>>,
+}
+
+struct Locator<'a> {
+    file: &'a Path,
+    src: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let offset = span.start.min(self.src.len());
+        let before = &self.src[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn toml(&self, e: toml::de::Error, context: &str, fallback: Range<usize>) -> ConfigError {
+        let msg = e.message().trim().replace("unknown field", "unknown key").replace("missing field", "missing key");
+        self.at(e.span().unwrap_or(fallback), format!("{context}{msg}"))
+    }
+}
+
+/// Reads and validates a stages.toml; `output` overrides `[run].output`.
+pub fn load(file: &Path, output: Option<&Path>) -> Result<Config, ConfigError> {
+    let src = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(file, &src, output)
+}
+
+fn expect_string<'a>(loc: &Locator, v: &'a Spanned<DeValue>, what: &str) -> Result<&'a str, ConfigError> {
+    match v.get_ref() {
+        DeValue::String(s) => Ok(s),
+        other => Err(loc.at(v.span(), format!("{what} must be a string, found {}", type_name(other)))),
+    }
+}
+
+fn type_name(v: &DeValue) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a datetime",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// Parses stages.toml source text (`file` names it in errors).
+pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, ConfigError> {
+    let loc = Locator { file, src };
+    let doc = DeTable::parse(src).map_err(|e| loc.toml(e, "syntax error: ", 0..0))?;
+    let doc_span = doc.span();
+    let mut doc = doc.into_inner();
+
+    if let Some(v) = doc.remove("version") {
+        match v.get_ref() {
+            DeValue::Integer(i) if i.to_string() == CONFIG_VERSION.to_string() => {}
+            other => {
+                return Err(loc.at(
+                    v.span(),
+                    format!(
+                        "key `version`: this program reads stages.toml version {CONFIG_VERSION}, found {}",
+                        match other {
+                            DeValue::Integer(i) => i.to_string(),
+                            o => type_name(o).to_string(),
+                        }
+                    ),
+                ))
+            }
+        }
+    }
+
+    let run_raw: RunRaw = match doc.remove("run") {
+        Some(v) => {
+            let span = v.span();
+            if !matches!(v.get_ref(), DeValue::Table(_)) {
+                return Err(loc.at(span, format!("key `run` must be a table, found {}", type_name(v.get_ref()))));
+            }
+            RunRaw::deserialize(ValueDeserializer::from(v)).map_err(|e| loc.toml(e, "[run]: ", span))?
+        }
+        None => RunRaw {
+            output: None,
+            seed: 0,
+            device: None,
+            threads: None,
+        },
+    };
+    let device = match &run_raw.device {
+        None => DeviceSpec::Cpu,
+        Some(d) => d
+            .get_ref()
+            .parse()
+            .map_err(|m: String| loc.at(d.span(), format!("[run] key `device`: {m}")))?,
+    };
+    let threads = match &run_raw.threads {
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        Some(t) if *t.get_ref() == 0 => return Err(loc.at(t.span(), "[run] key `threads`: must be at least 1")),
+        Some(t) => *t.get_ref(),
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    let output = match (output, &run_raw.output) {
+        (Some(o), _) => o.to_owned(),
+        (None, Some(o)) => base.join(o),
+        (None, None) => base.join("outputs").join(file.file_stem().unwrap_or_default()),
+    };
+    let run = RunSettings {
+        output,
+        seed: run_raw.seed,
+        device,
+        threads,
+    };
+
+    let stage_values = match doc.remove("stage") {
+        None => return Err(loc.at(doc_span, "no `[[stage]]` tables: nothing to run")),
+        Some(v) => match v.into_inner() {
+            DeValue::Array(a) => a,
+            other => return Err(loc.at(0..0, format!("key `stage` must be an array of tables, found {}", type_name(&other)))),
+        },
+    };
+    if let Some((k, _)) = doc.iter().next() {
+        return Err(loc.at(
+            k.span(),
+            format!("unknown top-level key `{}`, expected one of `version`, `run`, `stage`", k.get_ref()),
+        ));
+    }
+
+    let mut stages = Vec::new();
+    let mut name_spans: Vec<Range<usize>> = Vec::new();
+    let mut need_spans: Vec<Vec<Range<usize>>> = Vec::new();
+    let mut seen: HashMap<String, Range<usize>> = HashMap::new();
+    for (i, v) in stage_values.into_iter().enumerate() {
+        let span = v.span();
+        let DeValue::Table(mut t) = v.into_inner() else {
+            return Err(loc.at(span, "each `stage` entry must be a table (`[[stage]]`)"));
+        };
+        let name_v = t
+            .remove("name")
+            .ok_or_else(|| loc.at(span.clone(), format!("stage #{}: missing key `name`", i + 1)))?;
+        let name = expect_string(&loc, &name_v, "key `name`")?.to_owned();
+        let valid_name = !name.is_empty()
+            && !name.starts_with('.')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid_name {
+            return Err(loc.at(
+                name_v.span(),
+                format!("key `name`: `{name}` is not a valid stage name (letters, digits, `-`, `_`, `.`; not starting with `.`)"),
+            ));
+        }
+        if let Some(first) = seen.get(&name) {
+            let first_line = loc.at(first.clone(), "").line;
+            return Err(loc.at(
+                name_v.span(),
+                format!("key `name`: duplicate stage name `{name}` (first declared on line {first_line})"),
+            ));
+        }
+        seen.insert(name.clone(), name_v.span());
+        let ctx = format!("stage `{name}`: ");
+        let kind_v = t
+            .remove("kind")
+            .ok_or_else(|| loc.at(span.clone(), format!("{ctx}missing key `kind`")))?;
+        let kind: Kind = expect_string(&loc, &kind_v, &format!("{ctx}key `kind`"))?
+            .parse()
+            .map_err(|m: String| loc.at(kind_v.span(), format!("{ctx}key `kind`: {m}")))?;
+        let mut needs = Vec::new();
+        let mut spans = Vec::new();
+        if let Some(nv) = t.remove("needs") {
+            let nspan = nv.span();
+            match nv.into_inner() {
+                DeValue::Array(a) => {
+                    for item in a.iter() {
+                        needs.push(expect_string(&loc, item, &format!("{ctx}each entry of `needs`"))?.to_owned());
+                        spans.push(item.span());
+                    }
+                }
+                other => {
+                    return Err(loc.at(
+                        nspan,
+                        format!("{ctx}key `needs` must be an array of stage names, found {}", type_name(&other)),
+                    ))
+                }
+            }
+        }
+        let body = Spanned::new(span.clone(), DeValue::Table(t));
+        let de = ValueDeserializer::from(body);
+        let err = |e| loc.toml(e, &format!("{ctx}(kind {kind}) "), span.clone());
+        let mut params = match kind {
+            Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
+            Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
+            Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
+            Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
+            Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
+        };
+        params.resolve(run.seed);
+        stages.push(StageDecl { name, needs, params });
+        name_spans.push(name_v.span());
+        need_spans.push(spans);
+    }
+
+    validate_graph(&loc, &stages, &name_spans, &need_spans)?;
+    Ok(Config {
+        path: file.to_owned(),
+        run,
+        stages,
+    })
+}
+
+fn validate_graph(
+    loc: &Locator,
+    stages: &[StageDecl],
+    name_spans: &[Range<usize>],
+    need_spans: &[Vec<Range<usize>>],
+) -> Result<(), ConfigError> {
+    let index: HashMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    for (i, s) in stages.iter().enumerate() {
+        let kind = s.params.kind();
+        let mut counts: HashMap<Artifact, usize> = HashMap::new();
+        for (j, need) in s.needs.iter().enumerate() {
+            let span = need_spans[i][j].clone();
+            let Some(&u) = index.get(need.as_str()) else {
+                return Err(loc.at(span, format!("stage `{}`: key `needs` names `{need}`, which is not a stage in this file", s.name)));
+            };
+            if s.needs[..j].contains(need) {
+                return Err(loc.at(span, format!("stage `{}`: key `needs` lists `{need}` twice", s.name)));
+            }
+            let produced = stages[u].params.kind().produces();
+            if s.params.needs(produced) == Multiplicity::None {
+                return Err(loc.at(
+                    span,
+                    format!(
+                        "stage `{}` (kind {kind}): key `needs` names `{need}`, which produces {produced}; a {kind} stage {}",
+                        s.name,
+                        reads(&s.params)
+                    ),
+                ));
+            }
+            *counts.entry(produced).or_default() += 1;
+        }
+        for artifact in [Artifact::Dataset, Artifact::Model, Artifact::Labels, Artifact::Metrics] {
+            let n = counts.get(&artifact).copied().unwrap_or(0);
+            let ok = match s.params.needs(artifact) {
+                Multiplicity::One => n == 1,
+                Multiplicity::OneOrMore => n >= 1,
+                Multiplicity::None => n == 0,
+            };
+            if !ok {
+                let want = match s.params.needs(artifact) {
+                    Multiplicity::One => "exactly one",
+                    _ => "at least one",
+                };
+                return Err(loc.at(
+                    name_spans[i].clone(),
+                    format!(
+                        "stage `{}` (kind {kind}): key `needs` must name {want} stage producing {artifact}, found {n}",
+                        s.name
+                    ),
+                ));
+            }
+        }
+    }
+    // Cycles: depth-first search with colours; report the cycle's path.
+    let mut colour = vec![0u8; stages.len()];
+    let mut path = Vec::new();
+    fn visit(
+        v: usize,
+        stages: &[StageDecl],
+        index: &HashMap<&str, usize>,
+        colour: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        colour[v] = 1;
+        path.push(v);
+        for need in &stages[v].needs {
+            let u = index[need.as_str()];
+            if colour[u] == 1 {
+                let start = path.iter().position(|&x| x == u).expect("on path");
+                let mut cycle = path[start..].to_vec();
+                cycle.push(u);
+                return Some(cycle);
+            }
+            if colour[u] == 0 {
+                if let Some(c) = visit(u, stages, index, colour, path) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        colour[v] = 2;
+        None
+    }
+    for v in 0..stages.len() {
+        if colour[v] == 0 {
+            if let Some(cycle) = visit(v, stages, &index, &mut colour, &mut path) {
+                let names: Vec<&str> = cycle.iter().map(|&i| stages[i].name.as_str()).collect();
+                return Err(loc.at(
+                    name_spans[cycle[0]].clone(),
+                    format!("key `needs`: stages form a cycle: {}", names.join(" → ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn reads(p: &StageParams) -> String {
+    let mut parts = Vec::new();
+    for a in [Artifact::Dataset, Artifact::Model, Artifact::Labels, Artifact::Metrics] {
+        match p.needs(a) {
+            Multiplicity::One => parts.push(format!("one stage producing {a}")),
+            Multiplicity::OneOrMore => parts.push(format!("one or more stages producing {a}")),
+            Multiplicity::None => {}
+        }
+    }
+    if parts.is_empty() {
+        "reads no other stage".into()
+    } else {
+        format!("reads {}", parts.join(" and "))
+    }
+}
+
+impl Config {
+    /// Stage indices in dependency order; ties keep file order.
+    pub fn order(&self) -> Vec<usize> {
+        let index: HashMap<&str, usize> = self.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        let mut done = vec![false; self.stages.len()];
+        let mut order = Vec::with_capacity(self.stages.len());
+        while order.len() < self.stages.len() {
+            let next = (0..self.stages.len())
+                .find(|&i| !done[i] && self.stages[i].needs.iter().all(|n| done[index[n.as_str()]]))
+                .expect("validated acyclic");
+            done[next] = true;
+            order.push(next);
+        }
+        order
+    }
+
+    /// The stage named `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageDecl> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}

@@ -1,0 +1,404 @@
+//! The runner: fingerprints stages, decides what is up to date, runs the rest in dependency
+//! order and makes every stage's output appear atomically.
+//!
+//! A stage writes into `<output>/.<name>.partial/`; on success the runner records `stage.json`
+//! there, fsyncs, and swaps the folder into `<output>/<name>/` with one atomic rename
+//! (`renameat2(RENAME_EXCHANGE)` when an older output exists), then deletes the old one. A stage
+//! that fails has its partial folder removed and leaves the previous output untouched. A stage
+//! that is killed leaves its partial folder, tagged with its fingerprint: the next run with the
+//! same fingerprint hands it back to the stage (training resumes from its checkpoint), a run with
+//! another fingerprint discards it.
+
+use crate::config::{Config, StageDecl};
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use stages::{Context, Input, StageParams, FORMAT_VERSION, PROGRAM_VERSION};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+/// One output file as recorded in `stage.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Path relative to the stage folder.
+    pub path: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// blake3 of the contents.
+    pub blake3: String,
+}
+
+/// `stage.json`: the record of a completed stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// Stage name.
+    pub name: String,
+    /// Stage kind.
+    pub kind: String,
+    /// Resolved parameters.
+    pub params: serde_json::Value,
+    /// Content hash of parameters, input fingerprints and format version.
+    pub fingerprint: String,
+    /// Upstream stage name → its fingerprint.
+    pub inputs: BTreeMap<String, String>,
+    /// Start time (RFC 3339, UTC).
+    pub started: String,
+    /// End time (RFC 3339, UTC).
+    pub finished: String,
+    /// `complete`.
+    pub status: String,
+    /// The program version that wrote it.
+    pub program_version: String,
+    /// The format version.
+    pub format_version: u32,
+    /// Device it ran on.
+    pub device: String,
+    /// Output files.
+    pub outputs: Vec<OutputFile>,
+}
+
+const RECORD: &str = "stage.json";
+const PARTIAL_TAG: &str = ".partial.json";
+
+/// Where a stage stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageState {
+    /// Complete and its fingerprint matches.
+    UpToDate,
+    /// Complete, but its parameters or inputs changed.
+    Stale(String),
+    /// Never run.
+    NeverRun,
+    /// Started but not complete (killed, or its outputs were removed).
+    Incomplete(String),
+}
+
+impl std::fmt::Display for StageState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StageState::UpToDate => write!(f, "up to date"),
+            StageState::Stale(why) => write!(f, "stale: {why}"),
+            StageState::NeverRun => write!(f, "never run"),
+            StageState::Incomplete(why) => write!(f, "incomplete: {why}"),
+        }
+    }
+}
+
+/// The resolved parameters of a stage as JSON.
+pub fn params_json(p: &StageParams) -> serde_json::Value {
+    serde_json::to_value(p).expect("parameters serialise")
+}
+
+/// Fingerprints of every stage, by index, from parameters, input fingerprints and the format
+/// version.
+pub fn fingerprints(config: &Config) -> Vec<String> {
+    let mut fps = vec![String::new(); config.stages.len()];
+    for i in config.order() {
+        let s = &config.stages[i];
+        let inputs: Vec<(&str, &str)> = s
+            .needs
+            .iter()
+            .map(|n| {
+                let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+                (n.as_str(), fps[j].as_str())
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "format_version": FORMAT_VERSION,
+            "kind": s.params.kind().as_str(),
+            "params": params_json(&s.params),
+            "inputs": inputs,
+        });
+        fps[i] = blake3::hash(doc.to_string().as_bytes()).to_hex().to_string();
+    }
+    fps
+}
+
+/// The output folder of stage `name`.
+pub fn stage_dir(config: &Config, name: &str) -> PathBuf {
+    config.run.output.join(name)
+}
+
+fn partial_dir(config: &Config, name: &str) -> PathBuf {
+    config.run.output.join(format!(".{name}.partial"))
+}
+
+fn read_record(dir: &Path) -> Option<StageRecord> {
+    serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+/// Where stage `i` stands.
+pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
+    let s = &config.stages[i];
+    let dir = stage_dir(config, &s.name);
+    let resumable = fs::read(partial_dir(config, &s.name).join(PARTIAL_TAG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["fingerprint"] == fps[i].as_str());
+    let Some(record) = read_record(&dir) else {
+        if resumable {
+            return StageState::Incomplete("interrupted; the next run resumes it".into());
+        }
+        if dir.exists() {
+            return StageState::Incomplete(format!("{} is missing or unreadable", dir.join(RECORD).display()));
+        }
+        return StageState::NeverRun;
+    };
+    if record.fingerprint != fps[i] {
+        let mut why = Vec::new();
+        let now = params_json(&s.params);
+        if record.params != now {
+            let (old, new) = (record.params.as_object(), now.as_object());
+            let mut keys: Vec<&String> = old.into_iter().chain(new).flat_map(|m| m.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let changed: Vec<String> = keys
+                .into_iter()
+                .filter(|k| old.and_then(|m| m.get(*k)) != new.and_then(|m| m.get(*k)))
+                .map(|k| format!("`{k}`"))
+                .collect();
+            why.push(format!("parameters changed ({})", changed.join(", ")));
+        }
+        for n in &s.needs {
+            let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+            if record.inputs.get(n) != Some(&fps[j]) {
+                why.push(format!("upstream `{n}` changed"));
+            }
+        }
+        if why.is_empty() {
+            why.push("format version or program changed".into());
+        }
+        return StageState::Stale(why.join("; "));
+    }
+    for out in &record.outputs {
+        let p = dir.join(&out.path);
+        match fs::metadata(&p) {
+            Ok(m) if m.len() == out.bytes => {}
+            Ok(m) => {
+                return StageState::Incomplete(format!("{} has {} bytes, {} recorded", p.display(), m.len(), out.bytes))
+            }
+            Err(_) => return StageState::Incomplete(format!("{} is missing", p.display())),
+        }
+    }
+    StageState::UpToDate
+}
+
+/// Options of `pipeline run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run only these stages (their inputs must be up to date).
+    pub only: Vec<String>,
+    /// Re-run these stages even if up to date.
+    pub force: Vec<String>,
+    /// Print the plan without running anything.
+    pub dry_run: bool,
+}
+
+/// What `run` did, for the summary and the tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Stages run.
+    pub ran: Vec<String>,
+    /// Stages skipped as up to date.
+    pub skipped: Vec<String>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((bytes, hasher.finalize().to_hex().to_string()))
+}
+
+/// Runs the pipeline.
+pub fn run(config: &Config, opts: &RunOptions, progress: Option<indicatif::MultiProgress>) -> Result<RunSummary> {
+    for n in opts.only.iter().chain(&opts.force) {
+        if config.stage(n).is_none() {
+            bail!("no stage named `{n}` in {}", config.path.display());
+        }
+    }
+    let fps = fingerprints(config);
+    let mut summary = RunSummary::default();
+    let mut changed = vec![false; config.stages.len()];
+    for i in config.order() {
+        let s = &config.stages[i];
+        if !opts.only.is_empty() && !opts.only.contains(&s.name) {
+            continue;
+        }
+        let mut state = state_of(config, &fps, i);
+        // An upstream that ran in this invocation with an unchanged fingerprint (forced) leaves
+        // this stage up to date; otherwise the fingerprint already tells.
+        let forced = opts.force.contains(&s.name);
+        if state == StageState::UpToDate && !forced {
+            tracing::info!("{} ({}): up to date, skipped", s.name, s.params.kind());
+            summary.skipped.push(s.name.clone());
+            continue;
+        }
+        if forced && state == StageState::UpToDate {
+            state = StageState::Stale("forced with --force".into());
+        }
+        for n in &s.needs {
+            let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+            let upstream_ready = changed[j] || state_of(config, &fps, j) == StageState::UpToDate;
+            if !upstream_ready {
+                if opts.dry_run {
+                    continue;
+                }
+                bail!(
+                    "stage `{}` needs `{n}`, which is not up to date ({}); run without --only",
+                    s.name,
+                    state_of(config, &fps, j)
+                );
+            }
+        }
+        if opts.dry_run {
+            println!("would run {} ({}): {state}", s.name, s.params.kind());
+            summary.ran.push(s.name.clone());
+            changed[i] = true;
+            continue;
+        }
+        tracing::info!("{} ({}): running ({state})", s.name, s.params.kind());
+        let t0 = Instant::now();
+        run_stage(config, &fps, i, progress.clone()).with_context(|| format!("stage `{}` failed", s.name))?;
+        tracing::info!("{} ({}): done in {:.1}s", s.name, s.params.kind(), t0.elapsed().as_secs_f64());
+        summary.ran.push(s.name.clone());
+        changed[i] = true;
+    }
+    Ok(summary)
+}
+
+fn run_stage(config: &Config, fps: &[String], i: usize, progress: Option<indicatif::MultiProgress>) -> Result<()> {
+    let s: &StageDecl = &config.stages[i];
+    let final_dir = stage_dir(config, &s.name);
+    let partial = partial_dir(config, &s.name);
+    let tag = serde_json::json!({ "fingerprint": fps[i], "pid": std::process::id() });
+    let resumable = fs::read(partial.join(PARTIAL_TAG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["fingerprint"] == fps[i].as_str());
+    if partial.exists() && !resumable {
+        fs::remove_dir_all(&partial).with_context(|| format!("cannot remove stale {}", partial.display()))?;
+    }
+    fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+    datasets::atomic::write_bytes(&partial.join(PARTIAL_TAG), tag.to_string().as_bytes())?;
+
+    let inputs: Vec<Input> = s
+        .needs
+        .iter()
+        .map(|n| {
+            let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+            Input {
+                name: n.clone(),
+                kind: config.stages[j].params.kind(),
+                dir: stage_dir(config, n),
+                fingerprint: fps[j].clone(),
+            }
+        })
+        .collect();
+    let ctx = Context {
+        name: s.name.clone(),
+        dir: partial.clone(),
+        fingerprint: fps[i].clone(),
+        inputs: inputs.clone(),
+        device: config.run.device,
+        threads: config.run.threads,
+        progress,
+    };
+    let started = now();
+    let outputs = match s.params.run(&ctx) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&partial);
+            return Err(anyhow!(e));
+        }
+    };
+    let finish = || -> Result<()> {
+        let mut files = Vec::new();
+        for o in &outputs {
+            let (bytes, blake3) = hash_file(&partial.join(o))?;
+            files.push(OutputFile {
+                path: o.clone(),
+                bytes,
+                blake3,
+            });
+        }
+        let record = StageRecord {
+            name: s.name.clone(),
+            kind: s.params.kind().as_str().into(),
+            params: params_json(&s.params),
+            fingerprint: fps[i].clone(),
+            inputs: inputs.iter().map(|x| (x.name.clone(), x.fingerprint.clone())).collect(),
+            started: started.clone(),
+            finished: now(),
+            status: "complete".into(),
+            program_version: PROGRAM_VERSION.into(),
+            format_version: FORMAT_VERSION,
+            device: config.run.device.to_string(),
+            outputs: files,
+        };
+        let mut json = serde_json::to_vec_pretty(&record)?;
+        json.push(b'\n');
+        datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
+        fs::remove_file(partial.join(PARTIAL_TAG))?;
+        datasets::atomic::sync_dir(&partial)?;
+        swap_into_place(&partial, &final_dir)
+    };
+    finish().inspect_err(|_| {
+        let _ = fs::remove_dir_all(&partial);
+    })
+}
+
+/// Moves `partial` to `final_dir` atomically: a reader sees the old complete folder or the new
+/// one, never a mix or nothing.
+fn swap_into_place(partial: &Path, final_dir: &Path) -> Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    if final_dir.exists() {
+        renameat_with(CWD, partial, CWD, final_dir, RenameFlags::EXCHANGE)
+            .with_context(|| format!("cannot swap {} into {}", partial.display(), final_dir.display()))?;
+        // `partial` now holds the previous output.
+        fs::remove_dir_all(partial).with_context(|| format!("cannot remove old output {}", partial.display()))?;
+    } else {
+        fs::rename(partial, final_dir)
+            .with_context(|| format!("cannot rename {} to {}", partial.display(), final_dir.display()))?;
+    }
+    datasets::atomic::sync_dir(final_dir.parent().unwrap_or(Path::new(".")))?;
+    Ok(())
+}
+
+/// Prints where every stage stands, in dependency order.
+pub fn status(config: &Config) -> Vec<(String, StageState)> {
+    let fps = fingerprints(config);
+    config
+        .order()
+        .into_iter()
+        .map(|i| (config.stages[i].name.clone(), state_of(config, &fps, i)))
+        .collect()
+}
+
+/// Removes the outputs (and partial folders) of `stage`, or of every stage of the file.
+pub fn clean(config: &Config, stage: Option<&str>) -> Result<Vec<String>> {
+    let names: Vec<&str> = match stage {
+        Some(n) => {
+            if config.stage(n).is_none() {
+                bail!("no stage named `{n}` in {}", config.path.display());
+            }
+            vec![n]
+        }
+        None => config.stages.iter().map(|s| s.name.as_str()).collect(),
+    };
+    let mut removed = Vec::new();
+    for n in names {
+        for dir in [stage_dir(config, n), partial_dir(config, n)] {
+            if dir.exists() {
+                fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+                removed.push(dir.display().to_string());
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,76 @@
+//! What the runner hands a stage: its working folder, its inputs' folders, the run's seed, the
+//! device and a progress-bar factory.
+
+use crate::device::DeviceSpec;
+use crate::stage::Kind;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::PathBuf;
+
+/// An upstream stage this stage reads.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The upstream stage's name.
+    pub name: String,
+    /// Its kind (which says what files its folder holds).
+    pub kind: Kind,
+    /// Its completed output folder.
+    pub dir: PathBuf,
+    /// Its fingerprint.
+    pub fingerprint: String,
+}
+
+/// Everything a stage needs to run.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The stage's name.
+    pub name: String,
+    /// The folder to write outputs into (renamed into place by the runner on success). It
+    /// survives a killed run with the same fingerprint, so training can resume from it.
+    pub dir: PathBuf,
+    /// This stage's fingerprint.
+    pub fingerprint: String,
+    /// Upstream stages, in the order of `needs`.
+    pub inputs: Vec<Input>,
+    /// The device to compute on.
+    pub device: DeviceSpec,
+    /// Worker threads for data loading.
+    pub threads: usize,
+    /// Where progress bars draw; `None` hides them.
+    pub progress: Option<MultiProgress>,
+}
+
+impl Context {
+    /// The inputs of kind `kind`.
+    pub fn inputs_of(&self, kind: Kind) -> impl Iterator<Item = &Input> {
+        self.inputs.iter().filter(move |i| i.kind == kind)
+    }
+
+    /// The single input of kind `kind` (the runner has checked there is exactly one).
+    pub fn input(&self, kind: Kind) -> &Input {
+        self.inputs_of(kind)
+            .next()
+            .expect("the runner checked the stage's inputs")
+    }
+
+    /// A progress bar of `len` steps, labelled with the stage name and `what`.
+    pub fn bar(&self, len: u64, what: &str) -> ProgressBar {
+        let bar = match &self.progress {
+            Some(m) => m.add(ProgressBar::new(len)),
+            None => {
+                let b = ProgressBar::new(len);
+                b.set_draw_target(ProgressDrawTarget::hidden());
+                b
+            }
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>12.cyan.bold} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(self.name.clone());
+        bar.set_message(what.to_owned());
+        bar
+    }
+}

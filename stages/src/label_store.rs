@@ -1,0 +1,271 @@
+//! The label store: teachers' label distributions in a Parquet file that pyarrow, DuckDB and
+//! Polars open directly, one row per (sample, source).
+//!
+//! Columns: `index` (`uint32`, position of the sample in the prepared split), `label` (`uint32`,
+//! the hard label), `source` (`utf8`: a teacher stage's name, or `ensemble` for the mean of
+//! several teachers), `probs` (`FixedSizeList<float32, K>`). Key-value metadata: `ldl.format_version`,
+//! `ldl.k`, `ldl.classes` (JSON list), `ldl.dataset_fingerprint`, `ldl.teachers` (JSON object of
+//! stage name → fingerprint), `ldl.temperature`, `ldl.program_version`. Files are zstd-compressed
+//! and contain no timestamp: the same inputs give byte-identical files.
+
+use crate::error::{Result, StageError};
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use parquet::file::metadata::KeyValue;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Rows summing to 1 within this tolerance are accepted.
+pub const SUM_TOLERANCE: f32 = 1e-4;
+
+/// What a label store says about itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelMeta {
+    /// Class names (their count is K).
+    pub classes: Vec<String>,
+    /// Fingerprint of the dataset split the labels index.
+    pub dataset_fingerprint: String,
+    /// Teacher stage name → fingerprint.
+    pub teachers: BTreeMap<String, String>,
+    /// Softmax temperature.
+    pub temperature: f64,
+}
+
+/// One source's distributions, to be written.
+pub struct SourceRows<'a> {
+    /// `source` column value.
+    pub source: &'a str,
+    /// Sample indices.
+    pub indices: &'a [u32],
+    /// Hard labels.
+    pub labels: &'a [u32],
+    /// `len × K` probabilities.
+    pub probs: &'a [f32],
+}
+
+fn schema(k: usize) -> Schema {
+    Schema::new(vec![
+        Field::new("index", DataType::UInt32, false),
+        Field::new("label", DataType::UInt32, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new(
+            "probs",
+            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), k as i32),
+            false,
+        ),
+    ])
+}
+
+const ROWS_PER_GROUP: usize = 8192;
+
+/// Writes a label store atomically to `path`.
+pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()> {
+    let k = meta.classes.len();
+    let schema = Arc::new(schema(k));
+    let kv = |key: &str, value: String| KeyValue::new(format!("ldl.{key}"), value);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_max_row_group_row_count(Some(ROWS_PER_GROUP))
+        .set_key_value_metadata(Some(vec![
+            kv("format_version", crate::FORMAT_VERSION.to_string()),
+            kv("k", k.to_string()),
+            kv("classes", serde_json::to_string(&meta.classes).expect("json")),
+            kv("dataset_fingerprint", meta.dataset_fingerprint.clone()),
+            kv("teachers", serde_json::to_string(&meta.teachers).expect("json")),
+            kv("temperature", meta.temperature.to_string()),
+            kv("program_version", crate::PROGRAM_VERSION.to_string()),
+        ]))
+        .build();
+    let to_io = |e: parquet::errors::ParquetError| std::io::Error::other(e.to_string());
+    datasets::atomic::write_with(path, |w| {
+        let mut writer = ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(to_io)?;
+        for s in sources {
+            for lo in (0..s.indices.len()).step_by(ROWS_PER_GROUP) {
+                let hi = (lo + ROWS_PER_GROUP).min(s.indices.len());
+                let values = Float32Array::from(s.probs[lo * k..hi * k].to_vec());
+                let item = Arc::new(Field::new("item", DataType::Float32, false));
+                let probs = FixedSizeListArray::try_new(item, k as i32, Arc::new(values), None)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let columns: Vec<ArrayRef> = vec![
+                    Arc::new(UInt32Array::from(s.indices[lo..hi].to_vec())),
+                    Arc::new(UInt32Array::from(s.labels[lo..hi].to_vec())),
+                    Arc::new(StringArray::from(vec![s.source; hi - lo])),
+                    Arc::new(probs),
+                ];
+                let batch = RecordBatch::try_new(schema.clone(), columns)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                writer.write(&batch).map_err(to_io)?;
+            }
+        }
+        writer.close().map_err(to_io)?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Soft labels of one source, indexed by sample position.
+#[derive(Debug, Clone)]
+pub struct SoftLabels {
+    /// Number of classes.
+    pub k: usize,
+    /// `N × K` probabilities, row i for sample i.
+    pub probs: Vec<f32>,
+    /// The store's metadata.
+    pub meta: LabelMeta,
+}
+
+/// Reads the metadata of a store.
+pub fn read_meta(path: &Path) -> Result<LabelMeta> {
+    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| StageError::invalid(path, "file", format!("not a readable Parquet file: {e}")))?;
+    meta_of(path, builder.metadata().file_metadata().key_value_metadata())
+}
+
+fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
+    let get = |key: &str| -> Result<String> {
+        kv.and_then(|kv| kv.iter().find(|e| e.key == format!("ldl.{key}")))
+            .and_then(|e| e.value.clone())
+            .ok_or_else(|| StageError::invalid(path, format!("metadata key `ldl.{key}`"), "missing: not a label store"))
+    };
+    let version = get("format_version")?;
+    if version != crate::FORMAT_VERSION.to_string() {
+        return Err(StageError::invalid(
+            path,
+            "metadata key `ldl.format_version`",
+            format!("found {version}, this program reads {}", crate::FORMAT_VERSION),
+        ));
+    }
+    let bad_json = |key: &str, e: serde_json::Error| StageError::invalid(path, format!("metadata key `ldl.{key}`"), e.to_string());
+    Ok(LabelMeta {
+        classes: serde_json::from_str(&get("classes")?).map_err(|e| bad_json("classes", e))?,
+        dataset_fingerprint: get("dataset_fingerprint")?,
+        teachers: serde_json::from_str(&get("teachers")?).map_err(|e| bad_json("teachers", e))?,
+        temperature: get("temperature")?
+            .parse()
+            .map_err(|e| StageError::invalid(path, "metadata key `ldl.temperature`", format!("{e}")))?,
+    })
+}
+
+/// Reads the distributions of `source` for a split of `n` samples, refusing a store whose classes
+/// or dataset fingerprint differ from `classes`/`fingerprint`, and any row that is not a
+/// distribution (NaN, negative, not summing to 1 within [`SUM_TOLERANCE`]), any index out of range,
+/// duplicated or missing.
+pub fn read(path: &Path, source: &str, n: usize, classes: &[String], fingerprint: &str) -> Result<SoftLabels> {
+    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| StageError::invalid(path, "file", format!("not a readable Parquet file: {e}")))?;
+    let meta = meta_of(path, builder.metadata().file_metadata().key_value_metadata())?;
+    if meta.classes != classes {
+        return Err(StageError::invalid(
+            path,
+            "metadata key `ldl.classes`",
+            format!(
+                "the store has K = {} classes {:?}, the dataset K = {} classes {:?}",
+                meta.classes.len(),
+                meta.classes,
+                classes.len(),
+                classes
+            ),
+        ));
+    }
+    if meta.dataset_fingerprint != fingerprint {
+        return Err(StageError::invalid(
+            path,
+            "metadata key `ldl.dataset_fingerprint`",
+            format!(
+                "the labels were made for dataset {}, this stage trains on {}",
+                meta.dataset_fingerprint, fingerprint
+            ),
+        ));
+    }
+    let k = classes.len();
+    let expected = schema(k);
+    let arrow_schema = builder.schema().clone();
+    for f in expected.fields() {
+        match arrow_schema.field_with_name(f.name()) {
+            Ok(actual) if actual.data_type() == f.data_type() => {}
+            Ok(actual) => {
+                return Err(StageError::invalid(
+                    path,
+                    format!("column `{}`", f.name()),
+                    format!("type {}, expected {}", actual.data_type(), f.data_type()),
+                ))
+            }
+            Err(_) => return Err(StageError::invalid(path, format!("column `{}`", f.name()), "missing")),
+        }
+    }
+    let reader = builder
+        .with_batch_size(ROWS_PER_GROUP)
+        .build()
+        .map_err(|e| StageError::invalid(path, "file", e.to_string()))?;
+    let mut probs = vec![f32::NAN; n * k];
+    let mut seen = vec![false; n];
+    let mut row = 0usize;
+    let mut sources_seen = std::collections::BTreeSet::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| StageError::invalid(path, format!("row group after row {row}"), e.to_string()))?;
+        let col = |name: &str| batch.column_by_name(name).expect("schema checked");
+        let index = col("index").as_any().downcast_ref::<UInt32Array>().expect("schema checked");
+        let src = col("source").as_any().downcast_ref::<StringArray>().expect("schema checked");
+        let list = col("probs").as_any().downcast_ref::<FixedSizeListArray>().expect("schema checked");
+        let values = list.values().as_any().downcast_ref::<Float32Array>().expect("schema checked");
+        for r in 0..batch.num_rows() {
+            let at = row + r;
+            sources_seen.insert(src.value(r).to_owned());
+            if src.value(r) != source {
+                continue;
+            }
+            let i = index.value(r) as usize;
+            if i >= n {
+                return Err(StageError::invalid(path, format!("row {at}, column `index`"), format!("{i} is outside the split's 0..{n}")));
+            }
+            if seen[i] {
+                return Err(StageError::invalid(path, format!("row {at}, column `index`"), format!("sample {i} appears twice for source `{source}`")));
+            }
+            seen[i] = true;
+            let start = list.value_offset_at(r);
+            let p = &values.values()[start..start + k];
+            let mut sum = 0f32;
+            for (c, &v) in p.iter().enumerate() {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(StageError::invalid(
+                        path,
+                        format!("row {at}, column `probs`, class {c}"),
+                        format!("value {v}: probabilities must be finite and non-negative"),
+                    ));
+                }
+                sum += v;
+            }
+            if (sum - 1.0).abs() > SUM_TOLERANCE {
+                return Err(StageError::invalid(
+                    path,
+                    format!("row {at}, column `probs`"),
+                    format!("sums to {sum}, expected 1 within {SUM_TOLERANCE}"),
+                ));
+            }
+            probs[i * k..(i + 1) * k].copy_from_slice(p);
+        }
+        row += batch.num_rows();
+    }
+    if !sources_seen.contains(source) {
+        return Err(StageError::invalid(
+            path,
+            "column `source`",
+            format!("no rows for source `{source}`; the store has {:?}", sources_seen),
+        ));
+    }
+    if let Some(missing) = seen.iter().position(|s| !s) {
+        return Err(StageError::invalid(
+            path,
+            "column `index`",
+            format!("sample {missing} of 0..{n} has no row for source `{source}`"),
+        ));
+    }
+    Ok(SoftLabels { k, probs, meta })
+}

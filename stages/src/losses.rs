@@ -1,0 +1,40 @@
+//! Training losses, all computed through log-softmax for numerical stability and averaged over
+//! the batch.
+
+use candle_core::{Result, Tensor, D};
+use candle_nn::ops::log_softmax;
+
+/// Cross-entropy with hard labels: −log softmax(s)[y], mean over the batch.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    candle_nn::loss::cross_entropy(logits, labels)
+}
+
+/// Soft-target cross-entropy −Σ_k z_k log softmax(s)_k, mean over the batch; `targets` is
+/// `N × K` with rows summing to 1.
+pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax(logits, D::Minus1)?;
+    (targets * logp)?.sum(D::Minus1)?.mean_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn values_by_hand() {
+        // logits (0, ln 3): softmax = (1/4, 3/4).
+        let logits = Tensor::new(&[[0.0f32, 3f32.ln()]], &Device::Cpu).unwrap();
+        let hard = cross_entropy(&logits, &Tensor::new(&[1u32], &Device::Cpu).unwrap()).unwrap();
+        assert!((hard.to_scalar::<f32>().unwrap() - (4.0f32 / 3.0).ln()).abs() < 1e-6);
+        // targets (1/2, 1/2): −(½ ln ¼ + ½ ln ¾) = ln 4 − ½ ln 3.
+        let z = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu).unwrap();
+        let soft = soft_cross_entropy(&logits, &z).unwrap().to_scalar::<f32>().unwrap();
+        assert!((soft - (4f32.ln() - 0.5 * 3f32.ln())).abs() < 1e-6, "{soft}");
+        // A one-hot soft target equals hard cross-entropy; large logits stay finite.
+        let big = Tensor::new(&[[1000.0f32, 0.0]], &Device::Cpu).unwrap();
+        let onehot = Tensor::new(&[[0.0f32, 1.0]], &Device::Cpu).unwrap();
+        let v = soft_cross_entropy(&big, &onehot).unwrap().to_scalar::<f32>().unwrap();
+        assert!((v - 1000.0).abs() < 1e-3, "{v}");
+    }
+}

@@ -1,0 +1,181 @@
+//! The vocabulary shared by the runner and the stages: stage kinds, the artifacts they produce
+//! and read, and the parameters of each kind.
+
+use crate::context::Context;
+use crate::error::Result;
+use serde::{Deserialize, Serialize};
+
+/// The kind of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Turns a dataset into packed splits.
+    Prepare,
+    /// Trains a model (teacher or student).
+    Train,
+    /// Runs teachers over a split and stores their label distributions.
+    Label,
+    /// Runs a model over the test split and computes metrics.
+    Evaluate,
+    /// Tabulates evaluations.
+    Report,
+}
+
+impl Kind {
+    /// Every kind, in pipeline order.
+    pub const ALL: [Kind; 5] = [
+        Kind::Prepare,
+        Kind::Train,
+        Kind::Label,
+        Kind::Evaluate,
+        Kind::Report,
+    ];
+
+    /// The kind's name in stages.toml.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Prepare => "prepare",
+            Kind::Train => "train",
+            Kind::Label => "label",
+            Kind::Evaluate => "evaluate",
+            Kind::Report => "report",
+        }
+    }
+
+    /// What a stage of this kind produces for its downstream stages.
+    pub fn produces(&self) -> Artifact {
+        match self {
+            Kind::Prepare => Artifact::Dataset,
+            Kind::Train => Artifact::Model,
+            Kind::Label => Artifact::Labels,
+            Kind::Evaluate => Artifact::Metrics,
+            Kind::Report => Artifact::Report,
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown stage kind `{s}`, expected one of prepare, train, label, evaluate, report")
+            })
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What flows along a `needs` edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Artifact {
+    /// Packed splits (`prepare`).
+    Dataset,
+    /// A trained model (`train`).
+    Model,
+    /// A label store (`label`).
+    Labels,
+    /// Metrics of one model (`evaluate`).
+    Metrics,
+    /// Tables (`report`): nothing reads them.
+    Report,
+}
+
+impl std::fmt::Display for Artifact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Artifact::Dataset => "a dataset (kind prepare)",
+            Artifact::Model => "a model (kind train)",
+            Artifact::Labels => "a label store (kind label)",
+            Artifact::Metrics => "metrics (kind evaluate)",
+            Artifact::Report => "a report (kind report)",
+        })
+    }
+}
+
+/// How many inputs of an artifact a stage takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Multiplicity {
+    /// Exactly one.
+    One,
+    /// One or more.
+    OneOrMore,
+    /// None allowed.
+    None,
+}
+
+/// The parameters of a stage, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StageParams {
+    /// `kind = "prepare"`.
+    Prepare(crate::prepare::Params),
+    /// `kind = "train"`.
+    Train(crate::train::Params),
+    /// `kind = "label"`.
+    Label(crate::label::Params),
+    /// `kind = "evaluate"`.
+    Evaluate(crate::evaluate::Params),
+    /// `kind = "report"`.
+    Report(crate::report::Params),
+}
+
+impl StageParams {
+    /// The stage's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            StageParams::Prepare(_) => Kind::Prepare,
+            StageParams::Train(_) => Kind::Train,
+            StageParams::Label(_) => Kind::Label,
+            StageParams::Evaluate(_) => Kind::Evaluate,
+            StageParams::Report(_) => Kind::Report,
+        }
+    }
+
+    /// How many inputs of each artifact the stage reads, given its parameters.
+    pub fn needs(&self, artifact: Artifact) -> Multiplicity {
+        use Artifact::*;
+        use Multiplicity as M;
+        match (self, artifact) {
+            (StageParams::Prepare(_), _) => M::None,
+            (StageParams::Train(_), Dataset) => M::One,
+            (StageParams::Train(p), Labels) if p.method.reads_labels() => M::One,
+            (StageParams::Label(_), Dataset) => M::One,
+            (StageParams::Label(_), Model) => M::OneOrMore,
+            (StageParams::Evaluate(_), Dataset | Model) => M::One,
+            (StageParams::Report(_), Metrics) => M::OneOrMore,
+            _ => M::None,
+        }
+    }
+
+    /// Fills parameters left to the run's defaults (the seed); the result is what is
+    /// fingerprinted and recorded.
+    pub fn resolve(&mut self, run_seed: u64) {
+        match self {
+            StageParams::Prepare(p) => {
+                p.seed.get_or_insert(run_seed);
+            }
+            StageParams::Train(p) => {
+                p.seed.get_or_insert(run_seed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Runs the stage; returns the output files it wrote, relative to its folder.
+    pub fn run(&self, ctx: &Context) -> Result<Vec<String>> {
+        match self {
+            StageParams::Prepare(p) => crate::prepare::run(ctx, p),
+            StageParams::Train(p) => crate::train::run(ctx, p),
+            StageParams::Label(p) => crate::label::run(ctx, p),
+            StageParams::Evaluate(p) => crate::evaluate::run(ctx, p),
+            StageParams::Report(p) => crate::report::run(ctx, p),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Helpers shared by the end-to-end tests: run the `pipeline` binary in a scratch folder.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch folder removed at the end of the test.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("ldl-e2e-").tempdir().expect("temp dir")
+}
+
+/// Runs `pipeline ARGS` in `dir` (quiet progress bars: stderr is not a terminal).
+pub fn pipeline(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run pipeline")
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+/// A tiny but complete pipeline: prepare → teacher → label → two students → evaluate → report.
+/// Seconds on two cores.
+pub const TINY: &str = r#"
+[run]
+output = "out"
+seed = 3
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+train_size = 160
+test_size = 80
+classes = 4
+image_size = 16
+
+[[stage]]
+name = "teacher"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+epochs = 2
+batch_size = 32
+schedule = { type = "cosine" }
+
+[[stage]]
+name = "labels"
+kind = "label"
+needs = ["data", "teacher"]
+
+[[stage]]
+name = "vanilla"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+epochs = 1
+batch_size = 32
+schedule = { type = "cosine" }
+
+[[stage]]
+name = "off-ldl"
+kind = "train"
+needs = ["data", "labels"]
+model = "resnet8"
+width = 4
+method = "off-ldl"
+epochs = 1
+batch_size = 32
+schedule = { type = "cosine" }
+
+[[stage]]
+name = "eval-vanilla"
+kind = "evaluate"
+needs = ["data", "vanilla"]
+
+[[stage]]
+name = "eval-off-ldl"
+kind = "evaluate"
+needs = ["data", "off-ldl"]
+
+[[stage]]
+name = "report"
+kind = "report"
+needs = ["eval-vanilla", "eval-off-ldl"]
+"#;
+
+/// Names of the stages that ran, from the runner's log lines.
+pub fn ran(o: &Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.contains(": running ("))
+        .filter_map(|l| l.split(" INFO ").nth(1).or(Some(l)))
+        .map(|l| l.trim().split(' ').next().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// Names of the stages skipped as up to date.
+pub fn skipped(o: &Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.contains(": up to date, skipped"))
+        .filter_map(|l| l.split(" INFO ").nth(1).or(Some(l)))
+        .map(|l| l.trim().split(' ').next().unwrap_or("").to_owned())
+        .collect()
+}

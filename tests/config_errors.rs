@@ -1,0 +1,147 @@
+//! Every stages.toml error is found before anything runs, exits non-zero, and names the file,
+//! the line and column, and the key.
+
+mod common;
+use common::*;
+
+const HEAD: &str = "[run]\noutput = \"out\"\n\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n";
+
+/// Runs `pipeline run` on `text` and returns stderr, asserting failure with exit status 2 and
+/// that nothing was written.
+fn fails(text: &str) -> String {
+    let dir = scratch();
+    write(dir.path(), "bad.toml", text);
+    let o = pipeline(dir.path(), &["run", "bad.toml"]);
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(&o));
+    assert!(!dir.path().join("out").exists(), "nothing may run on a bad config");
+    stderr(&o)
+}
+
+fn assert_at(err: &str, line: usize, column: usize, needles: &[&str]) {
+    let place = format!("bad.toml:{line}:{column}:");
+    assert!(err.contains(&place), "expected {place} in: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in: {err}");
+    }
+}
+
+#[test]
+fn syntax_error() {
+    let e = fails("[run\nseed = 1\n");
+    assert_at(&e, 1, 5, &["syntax error"]);
+}
+
+#[test]
+fn unknown_key_in_stage() {
+    let e = fails(&format!("{HEAD}epochs = 3\n"));
+    assert_at(&e, 8, 1, &["stage `data`", "unknown key `epochs`"]);
+}
+
+#[test]
+fn unknown_key_in_run() {
+    let e = fails("[run]\nsed = 1\n[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\n");
+    assert_at(&e, 2, 1, &["[run]", "unknown key `sed`"]);
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let e = fails(&format!("colour = 1\n{HEAD}"));
+    assert_at(&e, 1, 1, &["unknown top-level key `colour`"]);
+}
+
+#[test]
+fn wrong_type() {
+    let e = fails(&format!("{HEAD}train_size = \"many\"\n"));
+    assert_at(&e, 8, 14, &["stage `data`", "invalid type", "string"]);
+}
+
+#[test]
+fn wrong_type_of_seed() {
+    let e = fails("[run]\nseed = \"zero\"\n[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\n");
+    assert_at(&e, 2, 8, &["[run]", "invalid type"]);
+}
+
+#[test]
+fn unknown_kind() {
+    let e = fails("[[stage]]\nname = \"x\"\nkind = \"bake\"\n");
+    assert_at(&e, 3, 8, &["key `kind`", "unknown stage kind `bake`"]);
+}
+
+#[test]
+fn bad_device() {
+    let e = fails(&HEAD.replace("[run]\n", "[run]\ndevice = \"tpu\"\n"));
+    assert_at(&e, 2, 10, &["key `device`", "\"cpu\", \"cuda\" or \"cuda:N\""]);
+}
+
+#[test]
+fn duplicate_name() {
+    let e = fails(&format!("{HEAD}\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n"));
+    assert_at(&e, 10, 8, &["duplicate stage name `data`", "line 5"]);
+}
+
+#[test]
+fn missing_need() {
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\", \"nope\"]\nmethod = \"vanilla\"\n"
+    ));
+    assert_at(&e, 12, 18, &["stage `t`", "`needs` names `nope`", "not a stage"]);
+}
+
+#[test]
+fn cycle() {
+    let text = "[[stage]]\nname = \"a\"\nkind = \"train\"\nneeds = [\"b\"]\nmethod = \"vanilla\"\n\n\
+                [[stage]]\nname = \"b\"\nkind = \"label\"\nneeds = [\"a\", \"d\"]\n\n\
+                [[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\n";
+    // a (train) needs b (label) — allowed only for off-ldl, so declare a as off-ldl.
+    let text = text.replace("method = \"vanilla\"", "method = \"off-ldl\"\nepochs = 1");
+    let text = text.replace("needs = [\"b\"]", "needs = [\"b\", \"d\"]");
+    let e = fails(&text);
+    assert_at(&e, 2, 8, &["cycle", "a → b → a"]);
+}
+
+#[test]
+fn need_of_the_wrong_kind() {
+    // An evaluate stage cannot read a label store.
+    let text = format!(
+        "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n\n\
+         [[stage]]\nname = \"l\"\nkind = \"label\"\nneeds = [\"data\", \"t\"]\n\n\
+         [[stage]]\nname = \"e\"\nkind = \"evaluate\"\nneeds = [\"data\", \"l\"]\n"
+    );
+    let e = fails(&text);
+    assert_at(&e, 23, 18, &["stage `e` (kind evaluate)", "produces a label store", "a model"]);
+}
+
+#[test]
+fn missing_required_input() {
+    // Off-LDL reads a label store; none is named.
+    let text = format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"off-ldl\"\n");
+    let e = fails(&text);
+    assert_at(&e, 10, 8, &["stage `s` (kind train)", "exactly one", "label store", "found 0"]);
+}
+
+#[test]
+fn bad_enum_value() {
+    let text = format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"magic\"\n");
+    let e = fails(&text);
+    assert_at(&e, 13, 10, &["stage `s`", "unknown variant `magic`", "vanilla"]);
+}
+
+#[test]
+fn missing_required_key() {
+    let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\n");
+    assert_at(&e, 1, 1, &["stage `d`", "missing key `source`"]);
+}
+
+#[test]
+fn unsupported_version() {
+    let e = fails(&format!("version = 2\n{HEAD}"));
+    assert_at(&e, 1, 11, &["key `version`", "version 1, found 2"]);
+}
+
+#[test]
+fn missing_file() {
+    let dir = scratch();
+    let o = pipeline(dir.path(), &["run", "absent.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("absent.toml") && stderr(&o).contains("cannot read"), "{}", stderr(&o));
+}

@@ -1,0 +1,141 @@
+//! The runner's promises, through the binary: dependency order, skipping what is up to date,
+//! re-running exactly the downstream of a change, no partial output after a failure, the lock.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn record(out: &Path, stage: &str) -> serde_json::Value {
+    let p = out.join(stage).join("stage.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// Stages declared in reverse order still run in dependency order.
+#[test]
+fn runs_in_dependency_order_whatever_the_file_order() {
+    let dir = scratch();
+    let reversed = "[run]\noutput = \"out\"\n\n\
+        [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model\"]\n\n\
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n";
+    write(dir.path(), "rev.toml", reversed);
+    let o = pipeline(dir.path(), &["run", "rev.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ran(&o), ["data", "model", "eval"]);
+    let out = dir.path().join("out");
+    let (d, m, e) = (record(&out, "data"), record(&out, "model"), record(&out, "eval"));
+    assert!(d["finished"].as_str() <= m["started"].as_str());
+    assert!(m["finished"].as_str() <= e["started"].as_str());
+    assert_eq!(e["inputs"]["model"], m["fingerprint"]);
+    assert_eq!(e["inputs"]["data"], d["fingerprint"]);
+}
+
+#[test]
+fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
+    let dir = scratch();
+    let cfg = write(dir.path(), "p.toml", TINY);
+    let first = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(ran(&first).len(), 8);
+    let out = dir.path().join("out");
+    let before: Vec<_> = ["data", "teacher", "labels", "vanilla", "off-ldl", "eval-vanilla", "eval-off-ldl", "report"]
+        .iter()
+        .map(|s| record(&out, s))
+        .collect();
+
+    let second = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(ran(&second).is_empty(), "{}", stderr(&second));
+    assert_eq!(skipped(&second).len(), 8);
+
+    let st = pipeline(dir.path(), &["status", "p.toml"]);
+    assert!(st.status.success());
+    assert_eq!(stdout(&st).matches("up to date").count(), 8, "{}", stdout(&st));
+
+    // Change the vanilla student's epochs: it, its evaluation and the report re-run, nothing else.
+    let changed = TINY.replacen("method = \"vanilla\"\nepochs = 1", "method = \"vanilla\"\nepochs = 2", 1);
+    assert_ne!(changed, TINY);
+    std::fs::write(&cfg, &changed).unwrap();
+    let st = pipeline(dir.path(), &["status", "p.toml"]);
+    let status = stdout(&st);
+    assert!(status.contains("parameters changed (`epochs`)"), "{status}");
+    assert!(status.contains("upstream `vanilla` changed"), "{status}");
+    let dry = pipeline(dir.path(), &["run", "p.toml", "--dry-run"]);
+    assert_eq!(stdout(&dry).matches("would run").count(), 3, "{}", stdout(&dry));
+    let third = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(third.status.success(), "{}", stderr(&third));
+    assert_eq!(ran(&third), ["vanilla", "eval-vanilla", "report"]);
+    for (i, s) in ["data", "teacher", "labels", "vanilla", "off-ldl", "eval-vanilla", "eval-off-ldl", "report"]
+        .iter()
+        .enumerate()
+    {
+        let now = record(&out, s);
+        let rerun = ["vanilla", "eval-vanilla", "report"].contains(s);
+        assert_eq!(now["fingerprint"] != before[i]["fingerprint"], rerun, "{s}");
+    }
+    // --force re-runs one stage even though it is up to date.
+    let forced = pipeline(dir.path(), &["run", "p.toml", "--force", "eval-off-ldl"]);
+    assert_eq!(ran(&forced), ["eval-off-ldl"], "{}", stderr(&forced));
+    // clean removes a stage's output; status then says never run.
+    let c = pipeline(dir.path(), &["clean", "p.toml", "report"]);
+    assert!(c.status.success() && !out.join("report").exists());
+    let st = pipeline(dir.path(), &["status", "p.toml"]);
+    assert!(stdout(&st).lines().any(|l| l.starts_with("report") && l.ends_with("never run")), "{}", stdout(&st));
+}
+
+#[test]
+fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
+    let dir = scratch();
+    let good = "[run]\noutput = \"out\"\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\nlr = 0.1\n";
+    let cfg = write(dir.path(), "p.toml", good);
+    assert!(pipeline(dir.path(), &["run", "p.toml"]).status.success());
+    let out = dir.path().join("out");
+    let weights = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    let rec = std::fs::read(out.join("model/stage.json")).unwrap();
+    // A learning rate that makes the loss diverge: the stage fails at run time.
+    std::fs::write(&cfg, good.replace("lr = 0.1", "lr = 1e30")).unwrap();
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("stage `model` failed") && stderr(&o).contains("loss became"), "{}", stderr(&o));
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial") || n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), weights);
+    assert_eq!(std::fs::read(out.join("model/stage.json")).unwrap(), rec);
+    let st = pipeline(dir.path(), &["status", "p.toml"]);
+    assert!(stdout(&st).contains("stale: parameters changed (`lr`)"), "{}", stdout(&st));
+}
+
+#[test]
+fn the_lock_refuses_a_second_run_and_is_taken_over_when_its_holder_died() {
+    use rustix::fs::{flock, FlockOperation};
+    use std::io::Write;
+    let dir = scratch();
+    write(
+        dir.path(),
+        "p.toml",
+        "[run]\noutput = \"out\"\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 20\ntest_size = 10\nimage_size = 8\n",
+    );
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock_path = out.join(".pipeline.lock");
+    // A live holder: this test process holds the flock, as a running pipeline would.
+    let mut f = std::fs::File::create(&lock_path).unwrap();
+    write!(f, "pid=4242 started=2026-01-01T00:00:00Z").unwrap();
+    flock(&f, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("in use by another pipeline process (PID 4242"), "{}", stderr(&o));
+    assert!(!out.join("data").exists());
+    // The holder dies (its flock goes with it) but its file stays: the next run takes over.
+    drop(f);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("taking over the lock"), "{}", stderr(&o));
+    assert!(out.join("data/stage.json").exists());
+}
