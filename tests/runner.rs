@@ -95,7 +95,7 @@ fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
     let weights = std::fs::read(out.join("model/model.safetensors")).unwrap();
     let rec = std::fs::read(out.join("model/stage.json")).unwrap();
     // A learning rate that makes the loss diverge: the stage fails at run time.
-    std::fs::write(&cfg, good.replace("lr = 0.1", "lr = 1e30")).unwrap();
+    std::fs::write(&cfg, good.replace("epochs = 1", "epochs = 4").replace("lr = 0.1", "lr = 1e30")).unwrap();
     let o = pipeline(dir.path(), &["run", "p.toml"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("stage `model` failed") && stderr(&o).contains("loss became"), "{}", stderr(&o));
@@ -108,7 +108,7 @@ fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
     assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), weights);
     assert_eq!(std::fs::read(out.join("model/stage.json")).unwrap(), rec);
     let st = pipeline(dir.path(), &["status", "p.toml"]);
-    assert!(stdout(&st).contains("stale: parameters changed (`lr`)"), "{}", stdout(&st));
+    assert!(stdout(&st).contains("stale: parameters changed (`epochs`, `lr`)"), "{}", stdout(&st));
 }
 
 #[test]

@@ -289,7 +289,7 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         }
         let body = Spanned::new(span.clone(), DeValue::Table(t));
         let de = ValueDeserializer::from(body);
-        let err = |e| loc.toml(e, &format!("{ctx}(kind {kind}) "), span.clone());
+        let err = |e| loc.toml(e, &format!("stage `{name}` (kind {kind}): "), span.clone());
         let mut params = match kind {
             Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
             Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
