@@ -12,6 +12,12 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+// Training allocates and frees many tensor-sized buffers per step; glibc's malloc hands large
+// ones back to the kernel each time (a quarter of CPU training time went to page faults),
+// mimalloc keeps and reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Label distribution learning pipeline: train teachers, store their soft labels, train and
 /// evaluate students, and report accuracy and calibration.
 #[derive(Parser, Debug)]
@@ -89,7 +95,20 @@ fn load(file: &Path, output: Option<&Path>) -> Result<config::Config, ExitCode> 
     })
 }
 
+/// Keeps freed memory in mimalloc's arenas instead of returning it to the kernel: a training step
+/// frees and reallocates the same tensor-sized buffers, and re-faulting their pages cost ~25% of
+/// CPU training time.
+fn keep_freed_memory() {
+    // Option ids from mimalloc.h (v2): mi_option_arena_eager_commit = 1, mi_option_purge_delay = 15.
+    // SAFETY: plain option setters, called before any other thread exists.
+    unsafe {
+        libmimalloc_sys::mi_option_set(1, 1);
+        libmimalloc_sys::mi_option_set(15, -1);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let progress = (!cli.quiet && std::io::stderr().is_terminal()).then(MultiProgress::new);
     let level = match (cli.quiet, cli.verbose) {

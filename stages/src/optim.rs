@@ -57,7 +57,9 @@ impl Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let mut g = g.clone();
+            // Detached: gradients (and so momentum buffers) would otherwise keep every past
+            // step's graph alive.
+            let mut g = g.detach();
             if c.weight_decay != 0.0 {
                 g = (g + (var.as_tensor() * c.weight_decay)?)?;
             }
@@ -76,7 +78,7 @@ impl Sgd {
             } else {
                 g
             };
-            var.set(&(var.as_tensor() - (d * lr)?)?)?;
+            var.set(&(var.as_tensor().detach() - (d * lr)?)?)?;
         }
         Ok(())
     }

@@ -3,6 +3,8 @@
 //! PyTorch's conventions (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...), so a
 //! checkpoint loads in PyTorch by name.
 
+pub mod batch_norm;
+pub mod conv;
 pub mod resnet;
 
 use crate::error::{Result, StageError};

@@ -5,8 +5,10 @@
 
 use super::ModelSpec;
 use crate::error::{Result, StageError};
-use candle_core::{Module, ModuleT, Tensor, D};
-use candle_nn::{batch_norm, conv2d_no_bias, linear, BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_core::{Module, Tensor, D};
+use super::batch_norm::BatchNorm;
+use super::conv::Conv2d;
+use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Shortcut connection type when a block changes shape.
@@ -20,17 +22,11 @@ pub enum Shortcut {
 }
 
 fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    Ok(conv2d_no_bias(cin, cout, k, cfg, vb)?)
+    Ok(Conv2d::new(cin, cout, k, stride, k / 2, vb)?)
 }
 
 fn bn(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
-    // PyTorch defaults: eps 1e-5, running statistics momentum 0.1.
-    Ok(batch_norm(c, candle_nn::BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 }, vb)?)
+    Ok(BatchNorm::new(c, vb)?)
 }
 
 enum Projection {

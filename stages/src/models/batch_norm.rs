@@ -1,0 +1,293 @@
+//! BatchNorm over the channels of NCHW activations, fused on CPU.
+//!
+//! candle-nn's BatchNorm is a chain of about ten unfused tensor ops (transpose, copy, mean,
+//! subtract, square, mean, divide, ...) each reading and writing the whole activation, forward
+//! and backward. Here the CPU path makes one pass for the batch statistics, one for the
+//! normalisation and two in the backward, as a custom op whose gradient is the closed form
+//! `dx = γ/σ · (dy − mean(dy) − x̂·mean(dy·x̂))`. Running statistics follow PyTorch: momentum 0.1,
+//! unbiased variance. Other devices use the equivalent candle ops.
+
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
+
+/// Reads a contiguous CPU `f32` tensor's values.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        candle_core::bail!("batch norm: expected an f32 CPU tensor")
+    };
+    let (start, end) = layout.contiguous_offsets().expect("contiguous");
+    Ok(f(&data[start..end]))
+}
+
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("batch norm: only f32 is supported on CPU")
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("batch norm: input must be contiguous")
+    };
+    Ok(&data[start..end])
+}
+
+/// Per-channel mean and biased variance of an `N × C × H × W` slice (f64 accumulation).
+fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut s2) = (0f64, 0f64);
+            for i in 0..n {
+                let plane = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                let (ps, ps2) = plane.iter().fold((0f32, 0f32), |(a, b), &v| (a + v, b + v * v));
+                s += ps as f64;
+                s2 += ps2 as f64;
+            }
+            let m = (n * hw) as f64;
+            let mean = s / m;
+            ((mean) as f32, (s2 / m - mean * mean).max(0.0) as f32)
+        })
+        .unzip()
+}
+
+/// `y = γ·(x − μ)·inv_std + β` with fixed per-channel μ and inv_std; in training mode the
+/// backward also differentiates through the batch statistics.
+struct Normalize {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    train: bool,
+}
+
+impl CustomOp3 for Normalize {
+    fn name(&self) -> &'static str {
+        "batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let hw = h * w;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(p, (out, inp))| {
+            let ch = p % c;
+            let scale = gamma[ch] * self.inv_std[ch];
+            let shift = beta[ch] - self.mean[ch] * scale;
+            for (o, &v) in out.iter_mut().zip(inp) {
+                *o = v * scale + shift;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let hw = h * w;
+        let m = (n * hw) as f32;
+        let gamma = gamma.to_vec1::<f32>()?;
+        let (dx, dgamma, dbeta) = with_f32(x, |x| {
+            with_f32(grad, |dy| {
+                // Per channel: Σ dy and Σ dy·x̂.
+                let (sum_dy, sum_dy_xhat): (Vec<f32>, Vec<f32>) = (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let (mu, is) = (self.mean[ch], self.inv_std[ch]);
+                        let (mut a, mut b) = (0f64, 0f64);
+                        for i in 0..n {
+                            let at = (i * c + ch) * hw;
+                            let (pa, pb) = dy[at..at + hw]
+                                .iter()
+                                .zip(&x[at..at + hw])
+                                .fold((0f32, 0f32), |(pa, pb), (&g, &v)| (pa + g, pb + g * (v - mu) * is));
+                            a += pa as f64;
+                            b += pb as f64;
+                        }
+                        (a as f32, b as f32)
+                    })
+                    .unzip();
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+                    let ch = p % c;
+                    let at = p * hw;
+                    let (mu, is, g) = (self.mean[ch], self.inv_std[ch], gamma[ch]);
+                    let k = g * is;
+                    if self.train {
+                        let (mdy, mdyx) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m);
+                        for ((o, &d), &v) in out.iter_mut().zip(&dy[at..at + hw]).zip(&x[at..at + hw]) {
+                            *o = k * (d - mdy - (v - mu) * is * mdyx);
+                        }
+                    } else {
+                        for (o, &d) in out.iter_mut().zip(&dy[at..at + hw]) {
+                            *o = k * d;
+                        }
+                    }
+                });
+                (dx, sum_dy_xhat, sum_dy)
+            })
+        })??;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, c, h, w), dev)?),
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+/// A BatchNorm layer with PyTorch's parameter names and defaults (eps 1e-5, momentum 0.1).
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm {
+    /// A layer over `c` channels; variables `weight`, `bias`, `running_mean`, `running_var`.
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(BatchNorm {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?,
+            running_var: Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.0))?)?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// Normalises with batch statistics (and updates the running ones) when `train`, else with
+    /// the running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if !matches!(x.device(), Device::Cpu) {
+            return self.forward_generic(x, train);
+        }
+        let x = x.contiguous()?;
+        let (mean, inv_std) = if train {
+            let (mean, var) = with_f32(&x, |d| channel_stats(d, n, c, h * w))?;
+            let m = (n * h * w) as f64;
+            let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+            let mo = self.momentum;
+            let rm = self.running_mean.as_tensor().to_vec1::<f32>()?;
+            let rv = self.running_var.as_tensor().to_vec1::<f32>()?;
+            let rm: Vec<f32> = rm.iter().zip(&mean).map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * *b as f64) as f32).collect();
+            let rv: Vec<f32> = rv
+                .iter()
+                .zip(&var)
+                .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * unbias * *b as f64) as f32)
+                .collect();
+            self.running_mean.set(&Tensor::from_vec(rm, c, x.device())?)?;
+            self.running_var.set(&Tensor::from_vec(rv, c, x.device())?)?;
+            let inv: Vec<f32> = var.iter().map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32).collect();
+            (mean, inv)
+        } else {
+            let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
+            let inv = self
+                .running_var
+                .as_tensor()
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32)
+                .collect();
+            (mean, inv)
+        };
+        x.apply_op3(&self.weight, &self.bias, Normalize { mean, inv_std, train })
+    }
+
+    fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let shape = (1, c, 1, 1);
+        let (mean, var) = if train {
+            let xt = x.transpose(0, 1)?.flatten_from(1)?;
+            let mean = xt.mean_keepdim(1)?;
+            let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            let m = (xt.dim(1)?) as f64;
+            let (mf, vf) = (mean.flatten_all()?, var.flatten_all()?);
+            let rm = ((self.running_mean.as_tensor() * (1.0 - self.momentum))? + (mf.detach() * self.momentum)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - self.momentum))?
+                + (vf.detach() * (self.momentum * m / (m - 1.0).max(1.0)))?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            (mf.reshape(shape)?, vf.reshape(shape)?)
+        } else {
+            (
+                self.running_mean.as_tensor().reshape(shape)?,
+                self.running_var.as_tensor().reshape(shape)?,
+            )
+        };
+        let xhat = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xhat.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+    use rand::{Rng, SeedableRng};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..3.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    /// The fused CPU path equals the generic candle-op path: output, running statistics and the
+    /// gradients of input, γ and β, in training and in eval mode.
+    #[test]
+    fn fused_equals_reference() {
+        for train in [true, false] {
+            let build = || {
+                let vm = VarMap::new();
+                let bn = BatchNorm::new(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+                (vm, bn)
+            };
+            let (vm1, bn1) = build();
+            let (vm2, bn2) = build();
+            for (vm, seed) in [(&vm1, 7), (&vm2, 7)] {
+                let data = vm.data().lock().unwrap();
+                data["weight"].set(&random(&[3], seed)).unwrap();
+                data["bias"].set(&random(&[3], seed + 1)).unwrap();
+                data["running_var"].set(&(random(&[3], seed + 2).abs().unwrap() + 0.5).unwrap()).unwrap();
+            }
+            let x = Var::from_tensor(&random(&[4, 3, 5, 3], 1)).unwrap();
+            let y1 = bn1.forward_t(x.as_tensor(), train).unwrap();
+            let y2 = bn2.forward_generic(x.as_tensor(), train).unwrap();
+            assert!(max_rel(&y1, &y2) < 1e-5, "forward, train={train}");
+            assert!(max_rel(bn1.running_var.as_tensor(), bn2.running_var.as_tensor()) < 1e-5);
+            assert!(max_rel(bn1.running_mean.as_tensor(), bn2.running_mean.as_tensor()) < 1e-5);
+            let m = random(y1.dims(), 9);
+            let g1 = (&y1 * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&y2 * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            for (t1, t2) in [(x.as_tensor(), x.as_tensor()), (&bn1.weight, &bn2.weight), (&bn1.bias, &bn2.bias)] {
+                let (a, b) = (g1.get(t1).unwrap(), g2.get(t2).unwrap());
+                assert!(max_rel(a, b) < 1e-4, "gradient, train={train}: {}", max_rel(a, b));
+            }
+        }
+    }
+}
