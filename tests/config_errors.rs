@@ -13,7 +13,10 @@ fn fails(text: &str) -> String {
     write(dir.path(), "bad.toml", text);
     let o = pipeline(dir.path(), &["run", "bad.toml"]);
     assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(&o));
-    assert!(!dir.path().join("out").exists(), "nothing may run on a bad config");
+    assert!(
+        !dir.path().join("out").exists(),
+        "nothing may run on a bad config"
+    );
     stderr(&o)
 }
 
@@ -39,7 +42,9 @@ fn unknown_key_in_stage() {
 
 #[test]
 fn unknown_key_in_run() {
-    let e = fails("[run]\nsed = 1\n[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\n");
+    let e = fails(
+        "[run]\nsed = 1\n[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\n",
+    );
     assert_at(&e, 2, 1, &["[run]", "unknown key `sed`"]);
 }
 
@@ -70,12 +75,19 @@ fn unknown_kind() {
 #[test]
 fn bad_device() {
     let e = fails(&HEAD.replace("[run]\n", "[run]\ndevice = \"tpu\"\n"));
-    assert_at(&e, 2, 10, &["key `device`", "\"cpu\", \"cuda\" or \"cuda:N\""]);
+    assert_at(
+        &e,
+        2,
+        10,
+        &["key `device`", "\"cpu\", \"cuda\" or \"cuda:N\""],
+    );
 }
 
 #[test]
 fn duplicate_name() {
-    let e = fails(&format!("{HEAD}\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n"));
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n"
+    ));
     assert_at(&e, 10, 8, &["duplicate stage name `data`", "line 5"]);
 }
 
@@ -84,12 +96,18 @@ fn missing_need() {
     let e = fails(&format!(
         "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\", \"nope\"]\nmethod = \"vanilla\"\n"
     ));
-    assert_at(&e, 12, 18, &["stage `t`", "`needs` names `nope`", "not a stage"]);
+    assert_at(
+        &e,
+        12,
+        18,
+        &["stage `t`", "`needs` names `nope`", "not a stage"],
+    );
 }
 
 #[test]
 fn cycle() {
-    let text = "[[stage]]\nname = \"a\"\nkind = \"train\"\nneeds = [\"b\"]\nmethod = \"vanilla\"\n\n\
+    let text =
+        "[[stage]]\nname = \"a\"\nkind = \"train\"\nneeds = [\"b\"]\nmethod = \"vanilla\"\n\n\
                 [[stage]]\nname = \"b\"\nkind = \"label\"\nneeds = [\"a\", \"d\"]\n\n\
                 [[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\n";
     // a (train) needs b (label) — allowed only for off-ldl, so declare a as off-ldl.
@@ -108,7 +126,16 @@ fn need_of_the_wrong_kind() {
          [[stage]]\nname = \"e\"\nkind = \"evaluate\"\nneeds = [\"data\", \"l\"]\n"
     );
     let e = fails(&text);
-    assert_at(&e, 23, 18, &["stage `e` (kind evaluate)", "produces a label store", "a model"]);
+    assert_at(
+        &e,
+        23,
+        18,
+        &[
+            "stage `e` (kind evaluate)",
+            "produces a label store",
+            "a model",
+        ],
+    );
 }
 
 #[test]
@@ -116,14 +143,29 @@ fn missing_required_input() {
     // Off-LDL reads a label store; none is named.
     let text = format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"off-ldl\"\n");
     let e = fails(&text);
-    assert_at(&e, 10, 8, &["stage `s` (kind train)", "exactly one", "label store", "found 0"]);
+    assert_at(
+        &e,
+        10,
+        8,
+        &[
+            "stage `s` (kind train)",
+            "exactly one",
+            "label store",
+            "found 0",
+        ],
+    );
 }
 
 #[test]
 fn bad_enum_value() {
     let text = format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"magic\"\n");
     let e = fails(&text);
-    assert_at(&e, 13, 10, &["stage `s`", "unknown variant `magic`", "vanilla"]);
+    assert_at(
+        &e,
+        13,
+        10,
+        &["stage `s`", "unknown variant `magic`", "vanilla"],
+    );
 }
 
 #[test]
@@ -143,5 +185,9 @@ fn missing_file() {
     let dir = scratch();
     let o = pipeline(dir.path(), &["run", "absent.toml"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("absent.toml") && stderr(&o).contains("cannot read"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("absent.toml") && stderr(&o).contains("cannot read"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -20,8 +20,18 @@ fn tiny_pipeline_produces_every_output() {
     let out = dir.path().join("out");
 
     // Every stage has a complete record whose outputs exist with the recorded sizes and hashes.
-    for stage in ["data", "teacher", "labels", "vanilla", "off-ldl", "eval-vanilla", "eval-off-ldl", "report"] {
-        let rec: serde_json::Value = serde_json::from_str(&read(&out.join(stage).join("stage.json"))).unwrap();
+    for stage in [
+        "data",
+        "teacher",
+        "labels",
+        "vanilla",
+        "off-ldl",
+        "eval-vanilla",
+        "eval-off-ldl",
+        "report",
+    ] {
+        let rec: serde_json::Value =
+            serde_json::from_str(&read(&out.join(stage).join("stage.json"))).unwrap();
         assert_eq!(rec["status"], "complete");
         assert_eq!(rec["name"], stage);
         assert_eq!(rec["fingerprint"].as_str().unwrap().len(), 64);
@@ -30,14 +40,20 @@ fn tiny_pipeline_produces_every_output() {
         for f in outputs {
             let bytes = std::fs::read(out.join(stage).join(f["path"].as_str().unwrap())).unwrap();
             assert_eq!(bytes.len() as u64, f["bytes"].as_u64().unwrap());
-            assert_eq!(blake3::hash(&bytes).to_hex().as_str(), f["blake3"].as_str().unwrap());
+            assert_eq!(
+                blake3::hash(&bytes).to_hex().as_str(),
+                f["blake3"].as_str().unwrap()
+            );
         }
     }
 
     // The packed splits open, verify, and hold what was asked.
     let train = PackedStore::open(&out.join("data/train.pack")).unwrap();
     train.verify().unwrap();
-    assert_eq!((train.len(), train.info().k(), train.info().h), (160, 4, 16));
+    assert_eq!(
+        (train.len(), train.info().k(), train.info().h),
+        (160, 4, 16)
+    );
     let test = PackedStore::open(&out.join("data/test.pack")).unwrap();
     assert_eq!(test.len(), 80);
 
@@ -59,7 +75,8 @@ fn tiny_pipeline_produces_every_output() {
     for (stage, epochs) in [("teacher", 2), ("vanilla", 1), ("off-ldl", 1)] {
         let log = read(&out.join(stage).join("train_log.csv"));
         assert_eq!(log.lines().count(), 1 + epochs, "{log}");
-        let spec: serde_json::Value = serde_json::from_str(&read(&out.join(stage).join("model.json"))).unwrap();
+        let spec: serde_json::Value =
+            serde_json::from_str(&read(&out.join(stage).join("model.json"))).unwrap();
         assert_eq!(spec["spec"]["classes"], 4);
         assert!(!out.join(stage).join("checkpoint").exists());
     }
@@ -76,7 +93,8 @@ fn tiny_pipeline_produces_every_output() {
         let brier: f64 = row[8].parse().unwrap();
         assert!((0.0..=1.0).contains(&acc) && (0.0..=1.0).contains(&ece));
         assert!(nll > 0.0 && (0.0..=2.0).contains(&brier));
-        let json: serde_json::Value = serde_json::from_str(&read(&out.join(stage).join("metrics.json"))).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&read(&out.join(stage).join("metrics.json"))).unwrap();
         assert!((json["metrics"]["accuracy"].as_f64().unwrap() - acc).abs() < 1e-6);
         assert_eq!(json["metrics"]["n"], 80);
         assert_eq!(json["metrics"]["bins"].as_array().unwrap().len(), 10);
@@ -100,7 +118,13 @@ fn same_seed_same_artifacts() {
         let r = pipeline(dir.path(), &["run", "tiny.toml", "--output", o]);
         assert!(r.status.success(), "{}", stderr(&r));
     }
-    for f in ["data/train.pack", "teacher/model.safetensors", "labels/labels.parquet", "off-ldl/model.safetensors", "eval-off-ldl/metrics.csv"] {
+    for f in [
+        "data/train.pack",
+        "teacher/model.safetensors",
+        "labels/labels.parquet",
+        "off-ldl/model.safetensors",
+        "eval-off-ldl/metrics.csv",
+    ] {
         let a = std::fs::read(dir.path().join("a").join(f)).unwrap();
         let b = std::fs::read(dir.path().join("b").join(f)).unwrap();
         assert!(a == b, "{f} differs between identical runs");

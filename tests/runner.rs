@@ -7,7 +7,8 @@ use std::path::Path;
 
 fn record(out: &Path, stage: &str) -> serde_json::Value {
     let p = out.join(stage).join("stage.json");
-    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
 }
 
 /// Stages declared in reverse order still run in dependency order.
@@ -23,7 +24,11 @@ fn runs_in_dependency_order_whatever_the_file_order() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(ran(&o), ["data", "model", "eval"]);
     let out = dir.path().join("out");
-    let (d, m, e) = (record(&out, "data"), record(&out, "model"), record(&out, "eval"));
+    let (d, m, e) = (
+        record(&out, "data"),
+        record(&out, "model"),
+        record(&out, "eval"),
+    );
     assert!(d["finished"].as_str() <= m["started"].as_str());
     assert!(m["finished"].as_str() <= e["started"].as_str());
     assert_eq!(e["inputs"]["model"], m["fingerprint"]);
@@ -38,10 +43,19 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     assert!(first.status.success(), "{}", stderr(&first));
     assert_eq!(ran(&first).len(), 8);
     let out = dir.path().join("out");
-    let before: Vec<_> = ["data", "teacher", "labels", "vanilla", "off-ldl", "eval-vanilla", "eval-off-ldl", "report"]
-        .iter()
-        .map(|s| record(&out, s))
-        .collect();
+    let before: Vec<_> = [
+        "data",
+        "teacher",
+        "labels",
+        "vanilla",
+        "off-ldl",
+        "eval-vanilla",
+        "eval-off-ldl",
+        "report",
+    ]
+    .iter()
+    .map(|s| record(&out, s))
+    .collect();
 
     let second = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(second.status.success(), "{}", stderr(&second));
@@ -50,10 +64,19 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
 
     let st = pipeline(dir.path(), &["status", "p.toml"]);
     assert!(st.status.success());
-    assert_eq!(stdout(&st).matches("up to date").count(), 8, "{}", stdout(&st));
+    assert_eq!(
+        stdout(&st).matches("up to date").count(),
+        8,
+        "{}",
+        stdout(&st)
+    );
 
     // Change the vanilla student's epochs: it, its evaluation and the report re-run, nothing else.
-    let changed = TINY.replacen("method = \"vanilla\"\nepochs = 1", "method = \"vanilla\"\nepochs = 2", 1);
+    let changed = TINY.replacen(
+        "method = \"vanilla\"\nepochs = 1",
+        "method = \"vanilla\"\nepochs = 2",
+        1,
+    );
     assert_ne!(changed, TINY);
     std::fs::write(&cfg, &changed).unwrap();
     let st = pipeline(dir.path(), &["status", "p.toml"]);
@@ -61,13 +84,27 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     assert!(status.contains("parameters changed (`epochs`)"), "{status}");
     assert!(status.contains("upstream `vanilla` changed"), "{status}");
     let dry = pipeline(dir.path(), &["run", "p.toml", "--dry-run"]);
-    assert_eq!(stdout(&dry).matches("would run").count(), 3, "{}", stdout(&dry));
+    assert_eq!(
+        stdout(&dry).matches("would run").count(),
+        3,
+        "{}",
+        stdout(&dry)
+    );
     let third = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(third.status.success(), "{}", stderr(&third));
     assert_eq!(ran(&third), ["vanilla", "eval-vanilla", "report"]);
-    for (i, s) in ["data", "teacher", "labels", "vanilla", "off-ldl", "eval-vanilla", "eval-off-ldl", "report"]
-        .iter()
-        .enumerate()
+    for (i, s) in [
+        "data",
+        "teacher",
+        "labels",
+        "vanilla",
+        "off-ldl",
+        "eval-vanilla",
+        "eval-off-ldl",
+        "report",
+    ]
+    .iter()
+    .enumerate()
     {
         let now = record(&out, s);
         let rerun = ["vanilla", "eval-vanilla", "report"].contains(s);
@@ -80,7 +117,13 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     let c = pipeline(dir.path(), &["clean", "p.toml", "report"]);
     assert!(c.status.success() && !out.join("report").exists());
     let st = pipeline(dir.path(), &["status", "p.toml"]);
-    assert!(stdout(&st).lines().any(|l| l.starts_with("report") && l.ends_with("never run")), "{}", stdout(&st));
+    assert!(
+        stdout(&st)
+            .lines()
+            .any(|l| l.starts_with("report") && l.ends_with("never run")),
+        "{}",
+        stdout(&st)
+    );
 }
 
 #[test]
@@ -95,20 +138,36 @@ fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
     let weights = std::fs::read(out.join("model/model.safetensors")).unwrap();
     let rec = std::fs::read(out.join("model/stage.json")).unwrap();
     // A learning rate that makes the loss diverge: the stage fails at run time.
-    std::fs::write(&cfg, good.replace("epochs = 1", "epochs = 4").replace("lr = 0.1", "lr = 1e30")).unwrap();
+    std::fs::write(
+        &cfg,
+        good.replace("epochs = 1", "epochs = 4")
+            .replace("lr = 0.1", "lr = 1e30"),
+    )
+    .unwrap();
     let o = pipeline(dir.path(), &["run", "p.toml"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("stage `model` failed") && stderr(&o).contains("loss became"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stage `model` failed") && stderr(&o).contains("loss became"),
+        "{}",
+        stderr(&o)
+    );
     let leftovers: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains("partial") || n.contains("tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), weights);
+    assert_eq!(
+        std::fs::read(out.join("model/model.safetensors")).unwrap(),
+        weights
+    );
     assert_eq!(std::fs::read(out.join("model/stage.json")).unwrap(), rec);
     let st = pipeline(dir.path(), &["status", "p.toml"]);
-    assert!(stdout(&st).contains("stale: parameters changed (`epochs`, `lr`)"), "{}", stdout(&st));
+    assert!(
+        stdout(&st).contains("stale: parameters changed (`epochs`, `lr`)"),
+        "{}",
+        stdout(&st)
+    );
 }
 
 #[test]
@@ -130,12 +189,20 @@ fn the_lock_refuses_a_second_run_and_is_taken_over_when_its_holder_died() {
     flock(&f, FlockOperation::NonBlockingLockExclusive).unwrap();
     let o = pipeline(dir.path(), &["run", "p.toml"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("in use by another pipeline process (PID 4242"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("in use by another pipeline process (PID 4242"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!out.join("data").exists());
     // The holder dies (its flock goes with it) but its file stays: the next run takes over.
     drop(f);
     let o = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("taking over the lock"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("taking over the lock"),
+        "{}",
+        stderr(&o)
+    );
     assert!(out.join("data/stage.json").exists());
 }

@@ -102,7 +102,11 @@ pub fn augment_into<R: Rng>(
             }
             let srow = &sp[(sy * wi) as usize..((sy + 1) * wi) as usize];
             for (x, out) in row.iter_mut().enumerate() {
-                let xo = if flip { wi - 1 - x as isize } else { x as isize };
+                let xo = if flip {
+                    wi - 1 - x as isize
+                } else {
+                    x as isize
+                };
                 let sx = xo + dx;
                 *out = if sx < 0 || sx >= wi {
                     shift

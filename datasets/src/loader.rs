@@ -97,7 +97,11 @@ impl Loader {
     pub fn epoch(&self, epoch: u64, start: usize) -> EpochIter {
         let order = Arc::new(self.order(epoch));
         let total = self.batches_per_epoch();
-        let workers = self.config.workers.max(1).min(total.saturating_sub(start).max(1));
+        let workers = self
+            .config
+            .workers
+            .max(1)
+            .min(total.saturating_sub(start).max(1));
         let mut receivers = Vec::with_capacity(workers);
         let mut recyclers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);

@@ -99,7 +99,11 @@ impl PackedWriter {
                 message: format!("label {l} of image {i} is outside 0..{k}"),
             });
         }
-        if info.classes.iter().any(|c| c.contains('\n') || c.is_empty()) {
+        if info
+            .classes
+            .iter()
+            .any(|c| c.contains('\n') || c.is_empty())
+        {
             return Err(DatasetError::Param {
                 name: "classes",
                 message: "class names must be non-empty and contain no newline".into(),
@@ -389,7 +393,11 @@ mod tests {
         let mut b = good.clone();
         *b.last_mut().unwrap() ^= 1;
         std::fs::write(&p, &b).unwrap();
-        let e = PackedStore::open(&p).unwrap().verify().unwrap_err().to_string();
+        let e = PackedStore::open(&p)
+            .unwrap()
+            .verify()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("content hash"), "{e}");
     }
 }

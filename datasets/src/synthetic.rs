@@ -105,7 +105,12 @@ impl SyntheticSpec {
 
     /// Generates `n` images of split `split` (0 = train, 1 = test, ...): labels cycle through
     /// the classes so every class has ⌊n/K⌋ or ⌈n/K⌉ images. Pixels are CHW.
-    pub fn generate(&self, seed: u64, split: u64, n: usize) -> Result<(StoreInfo, Vec<u32>, Vec<u8>)> {
+    pub fn generate(
+        &self,
+        seed: u64,
+        split: u64,
+        n: usize,
+    ) -> Result<(StoreInfo, Vec<u32>, Vec<u8>)> {
         self.validate()?;
         let s = self.image_size;
         let len = 3 * s * s;
@@ -175,7 +180,8 @@ impl SyntheticSpec {
                 let stripe = amp * (freq * (ct * x as f32 + st * y as f32)).sin();
                 for ch in 0..3 {
                     let base = if inside { fg[ch] } else { bg[ch] + stripe };
-                    let value = 0.5 + contrast * (base - 0.5) + self.noise * normal.sample(&mut rng);
+                    let value =
+                        0.5 + contrast * (base - 0.5) + self.noise * normal.sample(&mut rng);
                     out[ch * plane + y * s + x] = (value.clamp(0.0, 1.0) * 255.0).round() as u8;
                 }
             }
@@ -222,7 +228,10 @@ mod tests {
     #[test]
     fn class_names_are_unique() {
         for classes in [2, 10, 37, 100] {
-            let spec = SyntheticSpec { classes, ..Default::default() };
+            let spec = SyntheticSpec {
+                classes,
+                ..Default::default()
+            };
             let mut names = spec.class_names();
             names.sort();
             names.dedup();
@@ -232,7 +241,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_parameters() {
-        let spec = SyntheticSpec { classes: 1, ..Default::default() };
+        let spec = SyntheticSpec {
+            classes: 1,
+            ..Default::default()
+        };
         assert!(spec.validate().unwrap_err().to_string().contains("classes"));
     }
 }

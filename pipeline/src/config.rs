@@ -43,7 +43,14 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -117,7 +124,11 @@ impl Locator<'_> {
     }
 
     fn toml(&self, e: toml::de::Error, context: &str, fallback: Range<usize>) -> ConfigError {
-        let msg = e.message().trim().replace("unknown field", "unknown key").replace("missing field", "missing key");
+        let msg = e
+            .message()
+            .trim()
+            .replace("unknown field", "unknown key")
+            .replace("missing field", "missing key");
         self.at(e.span().unwrap_or(fallback), format!("{context}{msg}"))
     }
 }
@@ -133,10 +144,17 @@ pub fn load(file: &Path, output: Option<&Path>) -> Result<Config, ConfigError> {
     parse(file, &src, output)
 }
 
-fn expect_string<'a>(loc: &Locator, v: &'a Spanned<DeValue>, what: &str) -> Result<&'a str, ConfigError> {
+fn expect_string<'a>(
+    loc: &Locator,
+    v: &'a Spanned<DeValue>,
+    what: &str,
+) -> Result<&'a str, ConfigError> {
     match v.get_ref() {
         DeValue::String(s) => Ok(s),
-        other => Err(loc.at(v.span(), format!("{what} must be a string, found {}", type_name(other)))),
+        other => Err(loc.at(
+            v.span(),
+            format!("{what} must be a string, found {}", type_name(other)),
+        )),
     }
 }
 
@@ -181,9 +199,16 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         Some(v) => {
             let span = v.span();
             if !matches!(v.get_ref(), DeValue::Table(_)) {
-                return Err(loc.at(span, format!("key `run` must be a table, found {}", type_name(v.get_ref()))));
+                return Err(loc.at(
+                    span,
+                    format!(
+                        "key `run` must be a table, found {}",
+                        type_name(v.get_ref())
+                    ),
+                ));
             }
-            RunRaw::deserialize(ValueDeserializer::from(v)).map_err(|e| loc.toml(e, "[run]: ", span))?
+            RunRaw::deserialize(ValueDeserializer::from(v))
+                .map_err(|e| loc.toml(e, "[run]: ", span))?
         }
         None => RunRaw {
             output: None,
@@ -201,14 +226,18 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
     };
     let threads = match &run_raw.threads {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        Some(t) if *t.get_ref() == 0 => return Err(loc.at(t.span(), "[run] key `threads`: must be at least 1")),
+        Some(t) if *t.get_ref() == 0 => {
+            return Err(loc.at(t.span(), "[run] key `threads`: must be at least 1"))
+        }
         Some(t) => *t.get_ref(),
     };
     let base = file.parent().unwrap_or(Path::new("."));
     let output = match (output, &run_raw.output) {
         (Some(o), _) => o.to_owned(),
         (None, Some(o)) => base.join(o),
-        (None, None) => base.join("outputs").join(file.file_stem().unwrap_or_default()),
+        (None, None) => base
+            .join("outputs")
+            .join(file.file_stem().unwrap_or_default()),
     };
     let run = RunSettings {
         output,
@@ -221,13 +250,24 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         None => return Err(loc.at(doc_span, "no `[[stage]]` tables: nothing to run")),
         Some(v) => match v.into_inner() {
             DeValue::Array(a) => a,
-            other => return Err(loc.at(0..0, format!("key `stage` must be an array of tables, found {}", type_name(&other)))),
+            other => {
+                return Err(loc.at(
+                    0..0,
+                    format!(
+                        "key `stage` must be an array of tables, found {}",
+                        type_name(&other)
+                    ),
+                ))
+            }
         },
     };
     if let Some((k, _)) = doc.iter().next() {
         return Err(loc.at(
             k.span(),
-            format!("unknown top-level key `{}`, expected one of `version`, `run`, `stage`", k.get_ref()),
+            format!(
+                "unknown top-level key `{}`, expected one of `version`, `run`, `stage`",
+                k.get_ref()
+            ),
         ));
     }
 
@@ -240,13 +280,18 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         let DeValue::Table(mut t) = v.into_inner() else {
             return Err(loc.at(span, "each `stage` entry must be a table (`[[stage]]`)"));
         };
-        let name_v = t
-            .remove("name")
-            .ok_or_else(|| loc.at(span.clone(), format!("stage #{}: missing key `name`", i + 1)))?;
+        let name_v = t.remove("name").ok_or_else(|| {
+            loc.at(
+                span.clone(),
+                format!("stage #{}: missing key `name`", i + 1),
+            )
+        })?;
         let name = expect_string(&loc, &name_v, "key `name`")?.to_owned();
         let valid_name = !name.is_empty()
             && !name.starts_with('.')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid_name {
             return Err(loc.at(
                 name_v.span(),
@@ -275,14 +320,20 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             match nv.into_inner() {
                 DeValue::Array(a) => {
                     for item in a.iter() {
-                        needs.push(expect_string(&loc, item, &format!("{ctx}each entry of `needs`"))?.to_owned());
+                        needs.push(
+                            expect_string(&loc, item, &format!("{ctx}each entry of `needs`"))?
+                                .to_owned(),
+                        );
                         spans.push(item.span());
                     }
                 }
                 other => {
                     return Err(loc.at(
                         nspan,
-                        format!("{ctx}key `needs` must be an array of stage names, found {}", type_name(&other)),
+                        format!(
+                            "{ctx}key `needs` must be an array of stage names, found {}",
+                            type_name(&other)
+                        ),
                     ))
                 }
             }
@@ -298,7 +349,11 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
         };
         params.resolve(run.seed);
-        stages.push(StageDecl { name, needs, params });
+        stages.push(StageDecl {
+            name,
+            needs,
+            params,
+        });
         name_spans.push(name_v.span());
         need_spans.push(spans);
     }
@@ -317,17 +372,30 @@ fn validate_graph(
     name_spans: &[Range<usize>],
     need_spans: &[Vec<Range<usize>>],
 ) -> Result<(), ConfigError> {
-    let index: HashMap<&str, usize> = stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
     for (i, s) in stages.iter().enumerate() {
         let kind = s.params.kind();
         let mut counts: HashMap<Artifact, usize> = HashMap::new();
         for (j, need) in s.needs.iter().enumerate() {
             let span = need_spans[i][j].clone();
             let Some(&u) = index.get(need.as_str()) else {
-                return Err(loc.at(span, format!("stage `{}`: key `needs` names `{need}`, which is not a stage in this file", s.name)));
+                return Err(loc.at(
+                    span,
+                    format!(
+                        "stage `{}`: key `needs` names `{need}`, which is not a stage in this file",
+                        s.name
+                    ),
+                ));
             };
             if s.needs[..j].contains(need) {
-                return Err(loc.at(span, format!("stage `{}`: key `needs` lists `{need}` twice", s.name)));
+                return Err(loc.at(
+                    span,
+                    format!("stage `{}`: key `needs` lists `{need}` twice", s.name),
+                ));
             }
             let produced = stages[u].params.kind().produces();
             if s.params.needs(produced) == Multiplicity::None {
@@ -342,7 +410,12 @@ fn validate_graph(
             }
             *counts.entry(produced).or_default() += 1;
         }
-        for artifact in [Artifact::Dataset, Artifact::Model, Artifact::Labels, Artifact::Metrics] {
+        for artifact in [
+            Artifact::Dataset,
+            Artifact::Model,
+            Artifact::Labels,
+            Artifact::Metrics,
+        ] {
             let n = counts.get(&artifact).copied().unwrap_or(0);
             let ok = match s.params.needs(artifact) {
                 Multiplicity::One => n == 1,
@@ -410,7 +483,12 @@ fn validate_graph(
 
 fn reads(p: &StageParams) -> String {
     let mut parts = Vec::new();
-    for a in [Artifact::Dataset, Artifact::Model, Artifact::Labels, Artifact::Metrics] {
+    for a in [
+        Artifact::Dataset,
+        Artifact::Model,
+        Artifact::Labels,
+        Artifact::Metrics,
+    ] {
         match p.needs(a) {
             Multiplicity::One => parts.push(format!("one stage producing {a}")),
             Multiplicity::OneOrMore => parts.push(format!("one or more stages producing {a}")),
@@ -427,7 +505,12 @@ fn reads(p: &StageParams) -> String {
 impl Config {
     /// Stage indices in dependency order; ties keep file order.
     pub fn order(&self) -> Vec<usize> {
-        let index: HashMap<&str, usize> = self.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
         let mut done = vec![false; self.stages.len()];
         let mut order = Vec::with_capacity(self.stages.len());
         while order.len() < self.stages.len() {

@@ -20,7 +20,8 @@ pub struct OutputLock {
 impl OutputLock {
     /// Takes the lock of output root `root`, or fails at once naming the holder.
     pub fn acquire(root: &Path) -> Result<OutputLock> {
-        std::fs::create_dir_all(root).with_context(|| format!("cannot create output folder {}", root.display()))?;
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create output folder {}", root.display()))?;
         let path = root.join(".pipeline.lock");
         let mut file = OpenOptions::new()
             .read(true)

@@ -172,7 +172,11 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Clean { file, stage, output } => {
+        Command::Clean {
+            file,
+            stage,
+            output,
+        } => {
             let config = match load(file, output.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -204,5 +208,7 @@ fn configure_threads(threads: usize) {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
 }

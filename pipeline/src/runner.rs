@@ -100,7 +100,11 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
             .needs
             .iter()
             .map(|n| {
-                let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+                let j = config
+                    .stages
+                    .iter()
+                    .position(|t| &t.name == n)
+                    .expect("validated");
                 (n.as_str(), fps[j].as_str())
             })
             .collect();
@@ -110,7 +114,9 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
             "params": params_json(&s.params),
             "inputs": inputs,
         });
-        fps[i] = blake3::hash(doc.to_string().as_bytes()).to_hex().to_string();
+        fps[i] = blake3::hash(doc.to_string().as_bytes())
+            .to_hex()
+            .to_string();
     }
     fps
 }
@@ -141,7 +147,10 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
             return StageState::Incomplete("interrupted; the next run resumes it".into());
         }
         if dir.exists() {
-            return StageState::Incomplete(format!("{} is missing or unreadable", dir.join(RECORD).display()));
+            return StageState::Incomplete(format!(
+                "{} is missing or unreadable",
+                dir.join(RECORD).display()
+            ));
         }
         return StageState::NeverRun;
     };
@@ -150,7 +159,8 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
         let now = params_json(&s.params);
         if record.params != now {
             let (old, new) = (record.params.as_object(), now.as_object());
-            let mut keys: Vec<&String> = old.into_iter().chain(new).flat_map(|m| m.keys()).collect();
+            let mut keys: Vec<&String> =
+                old.into_iter().chain(new).flat_map(|m| m.keys()).collect();
             keys.sort();
             keys.dedup();
             let changed: Vec<String> = keys
@@ -161,7 +171,11 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
             why.push(format!("parameters changed ({})", changed.join(", ")));
         }
         for n in &s.needs {
-            let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+            let j = config
+                .stages
+                .iter()
+                .position(|t| &t.name == n)
+                .expect("validated");
             if record.inputs.get(n) != Some(&fps[j]) {
                 why.push(format!("upstream `{n}` changed"));
             }
@@ -176,7 +190,12 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
         match fs::metadata(&p) {
             Ok(m) if m.len() == out.bytes => {}
             Ok(m) => {
-                return StageState::Incomplete(format!("{} has {} bytes, {} recorded", p.display(), m.len(), out.bytes))
+                return StageState::Incomplete(format!(
+                    "{} has {} bytes, {} recorded",
+                    p.display(),
+                    m.len(),
+                    out.bytes
+                ))
             }
             Err(_) => return StageState::Incomplete(format!("{} is missing", p.display())),
         }
@@ -211,12 +230,17 @@ fn now() -> String {
 fn hash_file(path: &Path) -> Result<(u64, String)> {
     let mut hasher = blake3::Hasher::new();
     let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let bytes = std::io::copy(&mut f, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::io::copy(&mut f, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     Ok((bytes, hasher.finalize().to_hex().to_string()))
 }
 
 /// Runs the pipeline.
-pub fn run(config: &Config, opts: &RunOptions, progress: Option<indicatif::MultiProgress>) -> Result<RunSummary> {
+pub fn run(
+    config: &Config,
+    opts: &RunOptions,
+    progress: Option<indicatif::MultiProgress>,
+) -> Result<RunSummary> {
     for n in opts.only.iter().chain(&opts.force) {
         if config.stage(n).is_none() {
             bail!("no stage named `{n}` in {}", config.path.display());
@@ -243,7 +267,11 @@ pub fn run(config: &Config, opts: &RunOptions, progress: Option<indicatif::Multi
             state = StageState::Stale("forced with --force".into());
         }
         for n in &s.needs {
-            let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+            let j = config
+                .stages
+                .iter()
+                .position(|t| &t.name == n)
+                .expect("validated");
             let upstream_ready = changed[j] || state_of(config, &fps, j) == StageState::UpToDate;
             if !upstream_ready {
                 if opts.dry_run {
@@ -264,15 +292,26 @@ pub fn run(config: &Config, opts: &RunOptions, progress: Option<indicatif::Multi
         }
         tracing::info!("{} ({}): running ({state})", s.name, s.params.kind());
         let t0 = Instant::now();
-        run_stage(config, &fps, i, progress.clone()).with_context(|| format!("stage `{}` failed", s.name))?;
-        tracing::info!("{} ({}): done in {:.1}s", s.name, s.params.kind(), t0.elapsed().as_secs_f64());
+        run_stage(config, &fps, i, progress.clone())
+            .with_context(|| format!("stage `{}` failed", s.name))?;
+        tracing::info!(
+            "{} ({}): done in {:.1}s",
+            s.name,
+            s.params.kind(),
+            t0.elapsed().as_secs_f64()
+        );
         summary.ran.push(s.name.clone());
         changed[i] = true;
     }
     Ok(summary)
 }
 
-fn run_stage(config: &Config, fps: &[String], i: usize, progress: Option<indicatif::MultiProgress>) -> Result<()> {
+fn run_stage(
+    config: &Config,
+    fps: &[String],
+    i: usize,
+    progress: Option<indicatif::MultiProgress>,
+) -> Result<()> {
     let s: &StageDecl = &config.stages[i];
     let final_dir = stage_dir(config, &s.name);
     let partial = partial_dir(config, &s.name);
@@ -282,7 +321,8 @@ fn run_stage(config: &Config, fps: &[String], i: usize, progress: Option<indicat
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| v["fingerprint"] == fps[i].as_str());
     if partial.exists() && !resumable {
-        fs::remove_dir_all(&partial).with_context(|| format!("cannot remove stale {}", partial.display()))?;
+        fs::remove_dir_all(&partial)
+            .with_context(|| format!("cannot remove stale {}", partial.display()))?;
     }
     fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     datasets::atomic::write_bytes(&partial.join(PARTIAL_TAG), tag.to_string().as_bytes())?;
@@ -291,7 +331,11 @@ fn run_stage(config: &Config, fps: &[String], i: usize, progress: Option<indicat
         .needs
         .iter()
         .map(|n| {
-            let j = config.stages.iter().position(|t| &t.name == n).expect("validated");
+            let j = config
+                .stages
+                .iter()
+                .position(|t| &t.name == n)
+                .expect("validated");
             Input {
                 name: n.clone(),
                 kind: config.stages[j].params.kind(),
@@ -332,7 +376,10 @@ fn run_stage(config: &Config, fps: &[String], i: usize, progress: Option<indicat
             kind: s.params.kind().as_str().into(),
             params: params_json(&s.params),
             fingerprint: fps[i].clone(),
-            inputs: inputs.iter().map(|x| (x.name.clone(), x.fingerprint.clone())).collect(),
+            inputs: inputs
+                .iter()
+                .map(|x| (x.name.clone(), x.fingerprint.clone()))
+                .collect(),
             started: started.clone(),
             finished: now(),
             status: "complete".into(),
@@ -358,13 +405,24 @@ fn run_stage(config: &Config, fps: &[String], i: usize, progress: Option<indicat
 fn swap_into_place(partial: &Path, final_dir: &Path) -> Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     if final_dir.exists() {
-        renameat_with(CWD, partial, CWD, final_dir, RenameFlags::EXCHANGE)
-            .with_context(|| format!("cannot swap {} into {}", partial.display(), final_dir.display()))?;
+        renameat_with(CWD, partial, CWD, final_dir, RenameFlags::EXCHANGE).with_context(|| {
+            format!(
+                "cannot swap {} into {}",
+                partial.display(),
+                final_dir.display()
+            )
+        })?;
         // `partial` now holds the previous output.
-        fs::remove_dir_all(partial).with_context(|| format!("cannot remove old output {}", partial.display()))?;
+        fs::remove_dir_all(partial)
+            .with_context(|| format!("cannot remove old output {}", partial.display()))?;
     } else {
-        fs::rename(partial, final_dir)
-            .with_context(|| format!("cannot rename {} to {}", partial.display(), final_dir.display()))?;
+        fs::rename(partial, final_dir).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                partial.display(),
+                final_dir.display()
+            )
+        })?;
     }
     datasets::atomic::sync_dir(final_dir.parent().unwrap_or(Path::new(".")))?;
     Ok(())
@@ -395,7 +453,8 @@ pub fn clean(config: &Config, stage: Option<&str>) -> Result<Vec<String>> {
     for n in names {
         for dir in [stage_dir(config, n), partial_dir(config, n)] {
             if dir.exists() {
-                fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+                fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot remove {}", dir.display()))?;
                 removed.push(dir.display().to_string());
             }
         }

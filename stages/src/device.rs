@@ -23,7 +23,9 @@ impl std::str::FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda)
-                .ok_or_else(|| format!("`{s}` is not a device: expected \"cpu\", \"cuda\" or \"cuda:N\"")),
+                .ok_or_else(|| {
+                    format!("`{s}` is not a device: expected \"cpu\", \"cuda\" or \"cuda:N\"")
+                }),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::context::Context;
 use crate::error::{write_json, Result};
-use crate::inference::predict;
+use crate::inference::Inference;
 use crate::metrics::{self, Metrics};
 use crate::prepare::Dataset;
 use crate::stage::Kind;
@@ -51,7 +51,10 @@ pub const CSV_HEADER: &str = "stage,model,method,seed,n,accuracy,ece,nll,brier";
 /// Runs an `evaluate` stage.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     if p.bins == 0 {
-        return Err(crate::StageError::Config(format!("{}: bins must be at least 1", ctx.name)));
+        return Err(crate::StageError::Config(format!(
+            "{}: bins must be at least 1",
+            ctx.name
+        )));
     }
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
@@ -64,7 +67,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             input.name, meta.spec.classes
         )));
     }
-    let probs = predict(ctx, &model, &data.test, &data.info.normalize, p.batch_size, 1.0, &device, "evaluating")?;
+    let inference = Inference {
+        model: &model,
+        device: &device,
+        normalize: &data.info.normalize,
+        batch_size: p.batch_size,
+        temperature: 1.0,
+    };
+    let probs = inference.predict(ctx, &data.test, "evaluating")?;
     let m = metrics::compute(&probs, &data.test.labels(), k, p.bins);
     let e = Evaluation {
         model_stage: input.name.clone(),
@@ -94,5 +104,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         m.nll,
         m.brier
     );
-    Ok(vec!["metrics.json".into(), "metrics.csv".into(), "metrics.md".into()])
+    Ok(vec![
+        "metrics.json".into(),
+        "metrics.csv".into(),
+        "metrics.md".into(),
+    ])
 }

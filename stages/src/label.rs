@@ -4,7 +4,7 @@
 
 use crate::context::Context;
 use crate::error::Result;
-use crate::inference::predict;
+use crate::inference::Inference;
 use crate::label_store::{self, LabelMeta, SourceRows};
 use crate::prepare::Dataset;
 use crate::stage::Kind;
@@ -53,16 +53,15 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 input.name, meta.spec.classes
             )));
         }
-        let probs = predict(
-            ctx,
-            &model,
-            &data.train,
-            &data.info.normalize,
-            p.batch_size,
-            p.temperature,
-            &device,
-            &format!("labelling with {}", input.name),
-        )?;
+        let inference = Inference {
+            model: &model,
+            device: &device,
+            normalize: &data.info.normalize,
+            batch_size: p.batch_size,
+            temperature: p.temperature,
+        };
+        let probs =
+            inference.predict(ctx, &data.train, &format!("labelling with {}", input.name))?;
         teachers.insert(input.name.clone(), input.fingerprint.clone());
         outputs.push((input.name.clone(), probs));
     }
@@ -96,6 +95,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         },
         &rows,
     )?;
-    tracing::info!("{}: {} rows × {} sources written", ctx.name, n, outputs.len());
+    tracing::info!(
+        "{}: {} rows × {} sources written",
+        ctx.name,
+        n,
+        outputs.len()
+    );
     Ok(vec!["labels.parquet".into()])
 }

@@ -9,13 +9,15 @@
 //! and contain no timestamp: the same inputs give byte-identical files.
 
 use crate::error::{Result, StageError};
-use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,7 +57,10 @@ fn schema(k: usize) -> Schema {
         Field::new("source", DataType::Utf8, false),
         Field::new(
             "probs",
-            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), k as i32),
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                k as i32,
+            ),
             false,
         ),
     ])
@@ -69,14 +74,22 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
     let schema = Arc::new(schema(k));
     let kv = |key: &str, value: String| KeyValue::new(format!("ldl.{key}"), value);
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
         .set_max_row_group_row_count(Some(ROWS_PER_GROUP))
         .set_key_value_metadata(Some(vec![
             kv("format_version", crate::FORMAT_VERSION.to_string()),
             kv("k", k.to_string()),
-            kv("classes", serde_json::to_string(&meta.classes).expect("json")),
+            kv(
+                "classes",
+                serde_json::to_string(&meta.classes).expect("json"),
+            ),
             kv("dataset_fingerprint", meta.dataset_fingerprint.clone()),
-            kv("teachers", serde_json::to_string(&meta.teachers).expect("json")),
+            kv(
+                "teachers",
+                serde_json::to_string(&meta.teachers).expect("json"),
+            ),
             kv("temperature", meta.temperature.to_string()),
             kv("program_version", crate::PROGRAM_VERSION.to_string()),
         ]))
@@ -122,33 +135,48 @@ pub struct SoftLabels {
 /// Reads the metadata of a store.
 pub fn read_meta(path: &Path) -> Result<LabelMeta> {
     let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| StageError::invalid(path, "file", format!("not a readable Parquet file: {e}")))?;
-    meta_of(path, builder.metadata().file_metadata().key_value_metadata())
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+        StageError::invalid(path, "file", format!("not a readable Parquet file: {e}"))
+    })?;
+    meta_of(
+        path,
+        builder.metadata().file_metadata().key_value_metadata(),
+    )
 }
 
 fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
     let get = |key: &str| -> Result<String> {
         kv.and_then(|kv| kv.iter().find(|e| e.key == format!("ldl.{key}")))
             .and_then(|e| e.value.clone())
-            .ok_or_else(|| StageError::invalid(path, format!("metadata key `ldl.{key}`"), "missing: not a label store"))
+            .ok_or_else(|| {
+                StageError::invalid(
+                    path,
+                    format!("metadata key `ldl.{key}`"),
+                    "missing: not a label store",
+                )
+            })
     };
     let version = get("format_version")?;
     if version != crate::FORMAT_VERSION.to_string() {
         return Err(StageError::invalid(
             path,
             "metadata key `ldl.format_version`",
-            format!("found {version}, this program reads {}", crate::FORMAT_VERSION),
+            format!(
+                "found {version}, this program reads {}",
+                crate::FORMAT_VERSION
+            ),
         ));
     }
-    let bad_json = |key: &str, e: serde_json::Error| StageError::invalid(path, format!("metadata key `ldl.{key}`"), e.to_string());
+    let bad_json = |key: &str, e: serde_json::Error| {
+        StageError::invalid(path, format!("metadata key `ldl.{key}`"), e.to_string())
+    };
     Ok(LabelMeta {
         classes: serde_json::from_str(&get("classes")?).map_err(|e| bad_json("classes", e))?,
         dataset_fingerprint: get("dataset_fingerprint")?,
         teachers: serde_json::from_str(&get("teachers")?).map_err(|e| bad_json("teachers", e))?,
-        temperature: get("temperature")?
-            .parse()
-            .map_err(|e| StageError::invalid(path, "metadata key `ldl.temperature`", format!("{e}")))?,
+        temperature: get("temperature")?.parse().map_err(|e| {
+            StageError::invalid(path, "metadata key `ldl.temperature`", format!("{e}"))
+        })?,
     })
 }
 
@@ -156,11 +184,21 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
 /// or dataset fingerprint differ from `classes`/`fingerprint`, and any row that is not a
 /// distribution (NaN, negative, not summing to 1 within [`SUM_TOLERANCE`]), any index out of range,
 /// duplicated or missing.
-pub fn read(path: &Path, source: &str, n: usize, classes: &[String], fingerprint: &str) -> Result<SoftLabels> {
+pub fn read(
+    path: &Path,
+    source: &str,
+    n: usize,
+    classes: &[String],
+    fingerprint: &str,
+) -> Result<SoftLabels> {
     let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| StageError::invalid(path, "file", format!("not a readable Parquet file: {e}")))?;
-    let meta = meta_of(path, builder.metadata().file_metadata().key_value_metadata())?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
+        StageError::invalid(path, "file", format!("not a readable Parquet file: {e}"))
+    })?;
+    let meta = meta_of(
+        path,
+        builder.metadata().file_metadata().key_value_metadata(),
+    )?;
     if meta.classes != classes {
         return Err(StageError::invalid(
             path,
@@ -197,7 +235,13 @@ pub fn read(path: &Path, source: &str, n: usize, classes: &[String], fingerprint
                     format!("type {}, expected {}", actual.data_type(), f.data_type()),
                 ))
             }
-            Err(_) => return Err(StageError::invalid(path, format!("column `{}`", f.name()), "missing")),
+            Err(_) => {
+                return Err(StageError::invalid(
+                    path,
+                    format!("column `{}`", f.name()),
+                    "missing",
+                ))
+            }
         }
     }
     let reader = builder
@@ -209,12 +253,27 @@ pub fn read(path: &Path, source: &str, n: usize, classes: &[String], fingerprint
     let mut row = 0usize;
     let mut sources_seen = std::collections::BTreeSet::new();
     for batch in reader {
-        let batch = batch.map_err(|e| StageError::invalid(path, format!("row group after row {row}"), e.to_string()))?;
+        let batch = batch.map_err(|e| {
+            StageError::invalid(path, format!("row group after row {row}"), e.to_string())
+        })?;
         let col = |name: &str| batch.column_by_name(name).expect("schema checked");
-        let index = col("index").as_any().downcast_ref::<UInt32Array>().expect("schema checked");
-        let src = col("source").as_any().downcast_ref::<StringArray>().expect("schema checked");
-        let list = col("probs").as_any().downcast_ref::<FixedSizeListArray>().expect("schema checked");
-        let values = list.values().as_any().downcast_ref::<Float32Array>().expect("schema checked");
+        let index = col("index")
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .expect("schema checked");
+        let src = col("source")
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("schema checked");
+        let list = col("probs")
+            .as_any()
+            .downcast_ref::<FixedSizeListArray>()
+            .expect("schema checked");
+        let values = list
+            .values()
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .expect("schema checked");
         for r in 0..batch.num_rows() {
             let at = row + r;
             sources_seen.insert(src.value(r).to_owned());
@@ -223,10 +282,18 @@ pub fn read(path: &Path, source: &str, n: usize, classes: &[String], fingerprint
             }
             let i = index.value(r) as usize;
             if i >= n {
-                return Err(StageError::invalid(path, format!("row {at}, column `index`"), format!("{i} is outside the split's 0..{n}")));
+                return Err(StageError::invalid(
+                    path,
+                    format!("row {at}, column `index`"),
+                    format!("{i} is outside the split's 0..{n}"),
+                ));
             }
             if seen[i] {
-                return Err(StageError::invalid(path, format!("row {at}, column `index`"), format!("sample {i} appears twice for source `{source}`")));
+                return Err(StageError::invalid(
+                    path,
+                    format!("row {at}, column `index`"),
+                    format!("sample {i} appears twice for source `{source}`"),
+                ));
             }
             seen[i] = true;
             let start = list.value_offset_at(r);
@@ -257,7 +324,10 @@ pub fn read(path: &Path, source: &str, n: usize, classes: &[String], fingerprint
         return Err(StageError::invalid(
             path,
             "column `source`",
-            format!("no rows for source `{source}`; the store has {:?}", sources_seen),
+            format!(
+                "no rows for source `{source}`; the store has {:?}",
+                sources_seen
+            ),
         ));
     }
     if let Some(missing) = seen.iter().position(|s| !s) {

@@ -29,12 +29,21 @@ mod tests {
         assert!((hard.to_scalar::<f32>().unwrap() - (4.0f32 / 3.0).ln()).abs() < 1e-6);
         // targets (1/2, 1/2): −(½ ln ¼ + ½ ln ¾) = ln 4 − ½ ln 3.
         let z = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu).unwrap();
-        let soft = soft_cross_entropy(&logits, &z).unwrap().to_scalar::<f32>().unwrap();
-        assert!((soft - (4f32.ln() - 0.5 * 3f32.ln())).abs() < 1e-6, "{soft}");
+        let soft = soft_cross_entropy(&logits, &z)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (soft - (4f32.ln() - 0.5 * 3f32.ln())).abs() < 1e-6,
+            "{soft}"
+        );
         // A one-hot soft target equals hard cross-entropy; large logits stay finite.
         let big = Tensor::new(&[[1000.0f32, 0.0]], &Device::Cpu).unwrap();
         let onehot = Tensor::new(&[[0.0f32, 1.0]], &Device::Cpu).unwrap();
-        let v = soft_cross_entropy(&big, &onehot).unwrap().to_scalar::<f32>().unwrap();
+        let v = soft_cross_entropy(&big, &onehot)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((v - 1000.0).abs() < 1e-3, "{v}");
     }
 }

@@ -96,7 +96,9 @@ impl Sgd {
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v)
-                .ok_or_else(|| StageError::Config(format!("optimizer state names unknown parameter `{name}`")))?;
+                .ok_or_else(|| {
+                    StageError::Config(format!("optimizer state names unknown parameter `{name}`"))
+                })?;
             if var.dims() != t.dims() {
                 return Err(StageError::Config(format!(
                     "optimizer state for `{name}` has shape {:?}, the parameter {:?}",
@@ -123,7 +125,11 @@ mod tests {
         let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
         let mut opt = Sgd::new(
             vec![("w".into(), w.clone())],
-            SgdConfig { momentum: 0.9, weight_decay: 0.5, nesterov: false },
+            SgdConfig {
+                momentum: 0.9,
+                weight_decay: 0.5,
+                nesterov: false,
+            },
         );
         for _ in 0..2 {
             let loss = (w.as_tensor() * 2.0).unwrap().sum_all().unwrap();
@@ -139,7 +145,11 @@ mod tests {
         let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
         let mut opt = Sgd::new(
             vec![("w".into(), w.clone())],
-            SgdConfig { momentum: 0.5, weight_decay: 0.0, nesterov: true },
+            SgdConfig {
+                momentum: 0.5,
+                weight_decay: 0.0,
+                nesterov: true,
+            },
         );
         let loss = (w.as_tensor() * 2.0).unwrap().sum_all().unwrap();
         opt.step(&loss.backward().unwrap(), 0.1).unwrap();

@@ -110,7 +110,8 @@ impl Dataset {
         let open = |s: &SplitInfo| -> Result<Arc<PackedStore>> {
             let p = dir.join(&s.file);
             let store = PackedStore::open(&p)?;
-            if store.hash() != s.hash || store.len() != s.n || store.info().classes != info.classes {
+            if store.hash() != s.hash || store.len() != s.n || store.info().classes != info.classes
+            {
                 return Err(crate::StageError::invalid(
                     &p,
                     "header",
@@ -145,7 +146,10 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     for (split, name, n) in [(0u64, "train", p.train_size), (1, "test", p.test_size)] {
         let (info, labels, pixels) = spec.generate(seed, split, n)?;
         if split == 0 {
-            normalize = Some(Normalize::fit(info.c, pixels.chunks_exact(info.image_len())));
+            normalize = Some(Normalize::fit(
+                info.c,
+                pixels.chunks_exact(info.image_len()),
+            ));
         }
         let file = format!("{name}.pack");
         let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;

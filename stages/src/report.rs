@@ -67,11 +67,31 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         let brier = stat(|e| e.metrics.brier);
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} ± {:.2} | {:.2} ± {:.2} | {:.4} ± {:.4} | {:.4} ± {:.4} |\n",
-            key.0, key.1, evals.len(), acc.0, acc.1, ece.0, ece.1, nll.0, nll.1, brier.0, brier.1
+            key.0,
+            key.1,
+            evals.len(),
+            acc.0,
+            acc.1,
+            ece.0,
+            ece.1,
+            nll.0,
+            nll.1,
+            brier.0,
+            brier.1
         ));
         csv.push_str(&format!(
             "{},{},{},{:.4},{:.4},{:.4},{:.4},{:.6},{:.6},{:.6},{:.6}\n",
-            key.0, key.1, evals.len(), acc.0, acc.1, ece.0, ece.1, nll.0, nll.1, brier.0, brier.1
+            key.0,
+            key.1,
+            evals.len(),
+            acc.0,
+            acc.1,
+            ece.0,
+            ece.1,
+            nll.0,
+            nll.1,
+            brier.0,
+            brier.1
         ));
     }
     datasets::atomic::write_bytes(&ctx.dir.join("report.md"), md.as_bytes())?;

@@ -19,21 +19,24 @@ pub enum Schedule {
     Constant,
 }
 
-impl Default for Schedule {
-    fn default() -> Self {
-        Schedule::Cosine
-    }
-}
-
 /// Learning rate at `epoch` + `frac` (frac in [0, 1)) of `epochs`, with `warmup` epochs of
 /// linear warm-up from 0.
-pub fn lr_at(base: f64, schedule: &Schedule, epochs: usize, warmup: usize, epoch: usize, frac: f64) -> f64 {
+pub fn lr_at(
+    base: f64,
+    schedule: &Schedule,
+    epochs: usize,
+    warmup: usize,
+    epoch: usize,
+    frac: f64,
+) -> f64 {
     let t = epoch as f64 + frac;
     let lr = match schedule {
         Schedule::MultiStep { milestones, gamma } => {
             base * gamma.powi(milestones.iter().filter(|&&m| epoch >= m).count() as i32)
         }
-        Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * t / epochs.max(1) as f64).cos()),
+        Schedule::Cosine => {
+            base * 0.5 * (1.0 + (std::f64::consts::PI * t / epochs.max(1) as f64).cos())
+        }
         Schedule::Constant => base,
     };
     if warmup > 0 && t < warmup as f64 {
@@ -49,7 +52,10 @@ mod tests {
 
     #[test]
     fn multistep_cosine_warmup() {
-        let s = Schedule::MultiStep { milestones: vec![150, 180, 210], gamma: 0.1 };
+        let s = Schedule::MultiStep {
+            milestones: vec![150, 180, 210],
+            gamma: 0.1,
+        };
         assert_eq!(lr_at(0.05, &s, 240, 0, 149, 0.9), 0.05);
         assert!((lr_at(0.05, &s, 240, 0, 150, 0.0) - 0.005).abs() < 1e-12);
         assert!((lr_at(0.05, &s, 240, 0, 239, 0.0) - 0.00005).abs() < 1e-12);

@@ -188,8 +188,11 @@ fn save_checkpoint(dir: &Path, model: &Model, opt: &Sgd, state: &CheckpointState
     std::fs::create_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
     // Weights and optimizer first, state last: state.json names a complete checkpoint.
     datasets::atomic::write_bytes(&ck.join("model.safetensors"), &model.to_safetensors()?)?;
-    let opt_bytes = safetensors::serialize(opt.state().iter().map(|(k, v)| (k.clone(), v.clone())), None)
-        .map_err(|e| StageError::Numeric(e.to_string()))?;
+    let opt_bytes = safetensors::serialize(
+        opt.state().iter().map(|(k, v)| (k.clone(), v.clone())),
+        None,
+    )
+    .map_err(|e| StageError::Numeric(e.to_string()))?;
     datasets::atomic::write_bytes(&ck.join("optimizer.safetensors"), &opt_bytes)?;
     write_json(&ck.join("state.json"), state)
 }
@@ -264,7 +267,13 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             None if meta.teachers.len() == 1 => meta.teachers.keys().next().cloned().expect("one"),
             None => "ensemble".into(),
         };
-        Some(label_store::read(&path, &source, data.train.len(), &data.info.classes, &data.train.hash())?)
+        Some(label_store::read(
+            &path,
+            &source,
+            data.train.len(),
+            &data.info.classes,
+            &data.train.hash(),
+        )?)
     } else {
         None
     };
@@ -287,13 +296,18 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     );
     let steps = loader.batches_per_epoch();
 
-    let (start, mut log) = match load_checkpoint(&ctx.dir, &ctx.fingerprint, &device, &model, &mut opt)? {
-        Some(state) => {
-            tracing::info!("{}: resuming from the checkpoint after epoch {}", ctx.name, state.next_epoch);
-            (state.next_epoch, state.log)
-        }
-        None => (0, Vec::new()),
-    };
+    let (start, mut log) =
+        match load_checkpoint(&ctx.dir, &ctx.fingerprint, &device, &model, &mut opt)? {
+            Some(state) => {
+                tracing::info!(
+                    "{}: resuming from the checkpoint after epoch {}",
+                    ctx.name,
+                    state.next_epoch
+                );
+                (state.next_epoch, state.log)
+            }
+            None => (0, Vec::new()),
+        };
 
     let bar = ctx.bar((p.epochs * steps) as u64, "training");
     bar.set_position((start * steps) as u64);
@@ -305,7 +319,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         let mut it = loader.epoch(epoch as u64, 0);
         while let Some(batch) = it.next() {
             let b = batch.len();
-            lr = lr_at(p.lr, &p.schedule, p.epochs, p.warmup_epochs, epoch, batch.index as f64 / steps as f64);
+            lr = lr_at(
+                p.lr,
+                &p.schedule,
+                p.epochs,
+                p.warmup_epochs,
+                epoch,
+                batch.index as f64 / steps as f64,
+            );
             let x = Tensor::from_slice(&batch.images, (b, c, h, w), &device)?;
             let y = Tensor::from_slice(&batch.labels, b, &device)?;
             let logits = model.net.forward_t(&x, true)?;
@@ -314,7 +335,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 Some(s) => {
                     for (slot, &i) in batch.indices.iter().enumerate() {
                         let i = i as usize;
-                        targets[slot * k..(slot + 1) * k].copy_from_slice(&s.probs[i * k..(i + 1) * k]);
+                        targets[slot * k..(slot + 1) * k]
+                            .copy_from_slice(&s.probs[i * k..(i + 1) * k]);
                     }
                     let z = Tensor::from_slice(&targets[..b * k], (b, k), &device)?;
                     soft_cross_entropy(&logits, &z)?
@@ -330,7 +352,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 )));
             }
             let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-            correct += pred.iter().zip(&batch.labels).filter(|(a, b)| a == b).count();
+            correct += pred
+                .iter()
+                .zip(&batch.labels)
+                .filter(|(a, b)| a == b)
+                .count();
             loss_sum += l * b as f64;
             seen += b;
             bar.inc(1);
@@ -397,5 +423,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     datasets::atomic::write_bytes(&ctx.dir.join("train_log.csv"), csv.as_bytes())?;
     let ck = ctx.dir.join(CHECKPOINT);
     std::fs::remove_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
-    Ok(vec!["model.safetensors".into(), "model.json".into(), "train_log.csv".into()])
+    Ok(vec![
+        "model.safetensors".into(),
+        "model.json".into(),
+        "train_log.csv".into(),
+    ])
 }

@@ -7,7 +7,10 @@ use std::process::{Command, Output};
 
 /// A scratch folder removed at the end of the test.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ldl-e2e-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("ldl-e2e-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Runs `pipeline ARGS` in `dir` (quiet progress bars: stderr is not a terminal).

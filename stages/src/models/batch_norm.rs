@@ -40,7 +40,9 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32
             let (mut s, mut s2) = (0f64, 0f64);
             for i in 0..n {
                 let plane = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
-                let (ps, ps2) = plane.iter().fold((0f32, 0f32), |(a, b), &v| (a + v, b + v * v));
+                let (ps, ps2) = plane
+                    .iter()
+                    .fold((0f32, 0f32), |(a, b), &v| (a + v, b + v * v));
                 s += ps as f64;
                 s2 += ps2 as f64;
             }
@@ -77,14 +79,17 @@ impl CustomOp3 for Normalize {
         let (_, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(p, (out, inp))| {
-            let ch = p % c;
-            let scale = gamma[ch] * self.inv_std[ch];
-            let shift = beta[ch] - self.mean[ch] * scale;
-            for (o, &v) in out.iter_mut().zip(inp) {
-                *o = v * scale + shift;
-            }
-        });
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(p, (out, inp))| {
+                let ch = p % c;
+                let scale = gamma[ch] * self.inv_std[ch];
+                let shift = beta[ch] - self.mean[ch] * scale;
+                for (o, &v) in out.iter_mut().zip(inp) {
+                    *o = v * scale + shift;
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -113,7 +118,9 @@ impl CustomOp3 for Normalize {
                             let (pa, pb) = dy[at..at + hw]
                                 .iter()
                                 .zip(&x[at..at + hw])
-                                .fold((0f32, 0f32), |(pa, pb), (&g, &v)| (pa + g, pb + g * (v - mu) * is));
+                                .fold((0f32, 0f32), |(pa, pb), (&g, &v)| {
+                                    (pa + g, pb + g * (v - mu) * is)
+                                });
                             a += pa as f64;
                             b += pb as f64;
                         }
@@ -128,7 +135,9 @@ impl CustomOp3 for Normalize {
                     let k = g * is;
                     if self.train {
                         let (mdy, mdyx) = (sum_dy[ch] / m, sum_dy_xhat[ch] / m);
-                        for ((o, &d), &v) in out.iter_mut().zip(&dy[at..at + hw]).zip(&x[at..at + hw]) {
+                        for ((o, &d), &v) in
+                            out.iter_mut().zip(&dy[at..at + hw]).zip(&x[at..at + hw])
+                        {
                             *o = k * (d - mdy - (v - mu) * is * mdyx);
                         }
                     } else {
@@ -166,8 +175,16 @@ impl BatchNorm {
         Ok(BatchNorm {
             weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
             bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
-            running_mean: Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?,
-            running_var: Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.0))?)?,
+            running_mean: Var::from_tensor(&vb.get_with_hints(
+                c,
+                "running_mean",
+                Init::Const(0.0),
+            )?)?,
+            running_var: Var::from_tensor(&vb.get_with_hints(
+                c,
+                "running_var",
+                Init::Const(1.0),
+            )?)?,
             eps: 1e-5,
             momentum: 0.1,
         })
@@ -188,15 +205,24 @@ impl BatchNorm {
             let mo = self.momentum;
             let rm = self.running_mean.as_tensor().to_vec1::<f32>()?;
             let rv = self.running_var.as_tensor().to_vec1::<f32>()?;
-            let rm: Vec<f32> = rm.iter().zip(&mean).map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * *b as f64) as f32).collect();
+            let rm: Vec<f32> = rm
+                .iter()
+                .zip(&mean)
+                .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * *b as f64) as f32)
+                .collect();
             let rv: Vec<f32> = rv
                 .iter()
                 .zip(&var)
                 .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * unbias * *b as f64) as f32)
                 .collect();
-            self.running_mean.set(&Tensor::from_vec(rm, c, x.device())?)?;
-            self.running_var.set(&Tensor::from_vec(rv, c, x.device())?)?;
-            let inv: Vec<f32> = var.iter().map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32).collect();
+            self.running_mean
+                .set(&Tensor::from_vec(rm, c, x.device())?)?;
+            self.running_var
+                .set(&Tensor::from_vec(rv, c, x.device())?)?;
+            let inv: Vec<f32> = var
+                .iter()
+                .map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32)
+                .collect();
             (mean, inv)
         } else {
             let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
@@ -209,7 +235,15 @@ impl BatchNorm {
                 .collect();
             (mean, inv)
         };
-        x.apply_op3(&self.weight, &self.bias, Normalize { mean, inv_std, train })
+        x.apply_op3(
+            &self.weight,
+            &self.bias,
+            Normalize {
+                mean,
+                inv_std,
+                train,
+            },
+        )
     }
 
     fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -221,7 +255,8 @@ impl BatchNorm {
             let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
             let m = (xt.dim(1)?) as f64;
             let (mf, vf) = (mean.flatten_all()?, var.flatten_all()?);
-            let rm = ((self.running_mean.as_tensor() * (1.0 - self.momentum))? + (mf.detach() * self.momentum)?)?;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - self.momentum))?
+                + (mf.detach() * self.momentum)?)?;
             let rv = ((self.running_var.as_tensor() * (1.0 - self.momentum))?
                 + (vf.detach() * (self.momentum * m / (m - 1.0).max(1.0)))?)?;
             self.running_mean.set(&rm)?;
@@ -233,8 +268,11 @@ impl BatchNorm {
                 self.running_var.as_tensor().reshape(shape)?,
             )
         };
-        let xhat = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xhat.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)
+        let xhat = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xhat.broadcast_mul(&self.weight.reshape(shape)?)?
+            .broadcast_add(&self.bias.reshape(shape)?)
     }
 }
 
@@ -253,8 +291,22 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        d / b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6)
     }
 
     /// The fused CPU path equals the generic candle-op path: output, running statistics and the
@@ -264,7 +316,8 @@ mod tests {
         for train in [true, false] {
             let build = || {
                 let vm = VarMap::new();
-                let bn = BatchNorm::new(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+                let bn = BatchNorm::new(3, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+                    .unwrap();
                 (vm, bn)
             };
             let (vm1, bn1) = build();
@@ -273,7 +326,9 @@ mod tests {
                 let data = vm.data().lock().unwrap();
                 data["weight"].set(&random(&[3], seed)).unwrap();
                 data["bias"].set(&random(&[3], seed + 1)).unwrap();
-                data["running_var"].set(&(random(&[3], seed + 2).abs().unwrap() + 0.5).unwrap()).unwrap();
+                data["running_var"]
+                    .set(&(random(&[3], seed + 2).abs().unwrap() + 0.5).unwrap())
+                    .unwrap();
             }
             let x = Var::from_tensor(&random(&[4, 3, 5, 3], 1)).unwrap();
             let y1 = bn1.forward_t(x.as_tensor(), train).unwrap();
@@ -284,9 +339,17 @@ mod tests {
             let m = random(y1.dims(), 9);
             let g1 = (&y1 * &m).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&y2 * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            for (t1, t2) in [(x.as_tensor(), x.as_tensor()), (&bn1.weight, &bn2.weight), (&bn1.bias, &bn2.bias)] {
+            for (t1, t2) in [
+                (x.as_tensor(), x.as_tensor()),
+                (&bn1.weight, &bn2.weight),
+                (&bn1.bias, &bn2.bias),
+            ] {
                 let (a, b) = (g1.get(t1).unwrap(), g2.get(t2).unwrap());
-                assert!(max_rel(a, b) < 1e-4, "gradient, train={train}: {}", max_rel(a, b));
+                assert!(
+                    max_rel(a, b) < 1e-4,
+                    "gradient, train={train}: {}",
+                    max_rel(a, b)
+                );
             }
         }
     }

@@ -83,17 +83,21 @@ impl CustomOp1 for Im2Col {
         let (k, l) = (g.k(), ho * wo);
         let img = g.c * g.h * g.w;
         let mut out = vec![0f32; k * g.n * l];
-        out.par_chunks_mut(g.n * l).enumerate().for_each(|(row, dst)| {
-            for i in 0..g.n {
-                let (src, d) = (&x[i * img..(i + 1) * img], &mut dst[i * l..(i + 1) * l]);
-                g.for_row(row, |col, at| d[col] = at.map_or(0.0, |a| src[a]));
-            }
-        });
+        out.par_chunks_mut(g.n * l)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                for i in 0..g.n {
+                    let (src, d) = (&x[i * img..(i + 1) * img], &mut dst[i * l..(i + 1) * l]);
+                    g.for_row(row, |col, at| d[col] = at.map_or(0.0, |a| src[a]));
+                }
+            });
         Ok((CpuStorage::F32(out), Shape::from((k, g.n * l))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
+        Ok(Some(
+            grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?,
+        ))
     }
 }
 
@@ -112,16 +116,18 @@ impl CustomOp1 for Col2Im {
         let (k, l) = (g.k(), ho * wo);
         let img_len = g.c * g.h * g.w;
         let mut out = vec![0f32; g.n * img_len];
-        out.par_chunks_mut(img_len).enumerate().for_each(|(i, dst)| {
-            for row in 0..k {
-                let src = &cols[row * g.n * l + i * l..row * g.n * l + (i + 1) * l];
-                g.for_row(row, |col, at| {
-                    if let Some(a) = at {
-                        dst[a] += src[col];
-                    }
-                });
-            }
-        });
+        out.par_chunks_mut(img_len)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                for row in 0..k {
+                    let src = &cols[row * g.n * l + i * l..row * g.n * l + (i + 1) * l];
+                    g.for_row(row, |col, at| {
+                        if let Some(a) = at {
+                            dst[a] += src[col];
+                        }
+                    });
+                }
+            });
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
@@ -136,9 +142,24 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// A convolution whose weight `cout × cin × k × k` is the variable `weight` under `vb`.
-    pub fn new(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((cout, cin, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-        Ok(Conv2d { weight, stride, pad })
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (cout, cin, k, k),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        Ok(Conv2d {
+            weight,
+            stride,
+            pad,
+        })
     }
 }
 
@@ -155,7 +176,16 @@ impl Module for Conv2d {
         }
         let (n, c, h, w) = x.dims4()?;
         let (cout, _, kh, kw) = self.weight.dims4()?;
-        let g = Geometry { n, c, h, w, kh, kw, stride: self.stride, pad: self.pad };
+        let g = Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride: self.stride,
+            pad: self.pad,
+        };
         let (ho, wo) = g.out_hw();
         let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
         let y = self.weight.reshape((cout, g.k()))?.matmul(&cols)?; // Cout × (N·H'·W')
@@ -180,8 +210,22 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1e-6);
         diff / scale
     }
 
@@ -200,17 +244,32 @@ mod tests {
         {
             let x = Var::from_tensor(&random(&[n, c, h, w], i as u64)).unwrap();
             let wt = Var::from_tensor(&random(&[cout, c, k, k], 100 + i as u64)).unwrap();
-            let ours = Conv2d { weight: wt.as_tensor().clone(), stride, pad };
+            let ours = Conv2d {
+                weight: wt.as_tensor().clone(),
+                stride,
+                pad,
+            };
             let y = ours.forward(x.as_tensor()).unwrap();
-            let reference = x.as_tensor().conv2d(wt.as_tensor(), pad, stride, 1, 1).unwrap();
+            let reference = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), pad, stride, 1, 1)
+                .unwrap();
             assert_eq!(y.dims(), reference.dims());
             assert!(max_rel(&y, &reference) < 1e-5, "forward case {i}");
             // A loss that weights every output differently.
             let m = random(y.dims(), 200 + i as u64);
             let g1 = (&y * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&reference * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&reference * &m)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             for v in [&x, &wt] {
-                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                let (a, b) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
                 assert!(max_rel(a, b) < 1e-5, "gradient case {i}: {}", max_rel(a, b));
             }
         }

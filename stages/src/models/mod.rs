@@ -124,7 +124,11 @@ impl Model {
                 return Err(StageError::invalid(
                     path,
                     format!("tensor `{name}`"),
-                    format!("shape {:?}, the model expects {:?}", view.shape(), var.dims()),
+                    format!(
+                        "shape {:?}, the model expects {:?}",
+                        view.shape(),
+                        var.dims()
+                    ),
                 ));
             }
             let t = candle_core::safetensors::Load::load(&view, var.device())?;

@@ -3,11 +3,11 @@
 //! classifier. Shortcut option A is parameter-free (subsample, zero-pad channels); option B is a
 //! 1×1 convolution + BatchNorm projection, as RepDistiller and the paper's code use.
 
+use super::batch_norm::BatchNorm;
+use super::conv::Conv2d;
 use super::ModelSpec;
 use crate::error::{Result, StageError};
 use candle_core::{Module, Tensor, D};
-use super::batch_norm::BatchNorm;
-use super::conv::Conv2d;
 use candle_nn::{linear, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -44,12 +44,21 @@ struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn new(cin: usize, cout: usize, stride: usize, option: Shortcut, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        option: Shortcut,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let shortcut = if stride == 1 && cin == cout {
             Projection::None
         } else {
             match option {
-                Shortcut::A => Projection::A { pad: cout - cin, stride },
+                Shortcut::A => Projection::A {
+                    pad: cout - cin,
+                    stride,
+                },
                 Shortcut::B => Projection::B(
                     conv(cin, cout, 1, stride, vb.pp("downsample.0"))?,
                     bn(cout, vb.pp("downsample.1"))?,
@@ -95,7 +104,7 @@ pub struct ResNet {
 /// Depth of a CIFAR ResNet name such as `resnet20`; valid depths are 6n+2.
 pub fn cifar_depth(arch: &str) -> Option<usize> {
     let d: usize = arch.strip_prefix("resnet")?.parse().ok()?;
-    (d >= 8 && (d - 2) % 6 == 0).then_some(d)
+    (d >= 8 && (d - 2).is_multiple_of(6)).then_some(d)
 }
 
 impl ResNet {
@@ -115,7 +124,13 @@ impl ResNet {
             for i in 0..n {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{}", stage + 1, i);
-                blocks.push(BasicBlock::new(cin, cout, stride, spec.shortcut, vb.pp(name))?);
+                blocks.push(BasicBlock::new(
+                    cin,
+                    cout,
+                    stride,
+                    spec.shortcut,
+                    vb.pp(name),
+                )?);
                 cin = cout;
             }
         }
@@ -154,7 +169,13 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn spec(arch: &str, shortcut: Shortcut, classes: usize) -> ModelSpec {
-        ModelSpec { arch: arch.into(), width: 16, shortcut, classes, in_channels: 3 }
+        ModelSpec {
+            arch: arch.into(),
+            width: 16,
+            shortcut,
+            classes,
+            in_channels: 3,
+        }
     }
 
     #[test]
@@ -167,7 +188,11 @@ mod tests {
             ("resnet20", Shortcut::B, 100, 278_324),
         ] {
             let m = Model::new(&spec(arch, sc, k), &Device::Cpu, 0).unwrap();
-            assert_eq!(m.parameter_count(), expected, "{arch} option {sc:?}, {k} classes");
+            assert_eq!(
+                m.parameter_count(),
+                expected,
+                "{arch} option {sc:?}, {k} classes"
+            );
         }
     }
 
