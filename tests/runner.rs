@@ -206,3 +206,58 @@ fn the_lock_refuses_a_second_run_and_is_taken_over_when_its_holder_died() {
     );
     assert!(out.join("data/stage.json").exists());
 }
+
+/// A training killed with SIGKILL mid-run resumes from its last epoch checkpoint, and ends with
+/// weights bitwise equal to an uninterrupted run's.
+#[test]
+fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
+    let dir = scratch();
+    let cfg = "[run]\noutput = \"out\"\nseed = 5\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 12\nbatch_size = 16\n";
+    write(dir.path(), "p.toml", cfg);
+    let reference = pipeline(dir.path(), &["run", "p.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "p.toml"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = dir.path().join("out/.model.partial/checkpoint/state.json");
+    let t0 = std::time::Instant::now();
+    while !state.exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = dir.path().join("out");
+    assert!(
+        !out.join("model").exists(),
+        "the killed stage must not have a final output"
+    );
+    let st = pipeline(dir.path(), &["status", "p.toml"]);
+    assert!(
+        stdout(&st).contains("incomplete: interrupted"),
+        "{}",
+        stdout(&st)
+    );
+
+    let resumed = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(
+        stderr(&resumed).contains("resuming from the checkpoint after epoch"),
+        "{}",
+        stderr(&resumed)
+    );
+    assert_eq!(ran(&resumed), ["model"]);
+    let a = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("reference/model/model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    assert!(!out.join(".model.partial").exists());
+}

@@ -46,6 +46,24 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |w| w.write_all(bytes))
 }
 
+/// Moves folder `src` to `dst` atomically, replacing `dst` if it exists: a reader (or a process
+/// restarted after a kill) sees the old complete folder or the new one, never a mix or nothing.
+/// An existing `dst` is swapped with `src` in one `renameat2(RENAME_EXCHANGE)` and the old
+/// contents, now at `src`, are deleted.
+pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let result = (|| {
+        if dst.exists() {
+            renameat_with(CWD, src, CWD, dst, RenameFlags::EXCHANGE)?;
+            fs::remove_dir_all(src)?;
+        } else {
+            fs::rename(src, dst)?;
+        }
+        sync_dir(dst.parent().unwrap_or(Path::new(".")))
+    })();
+    result.map_err(|e| DatasetError::io(dst, e))
+}
+
 /// Fsyncs a folder so that a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     let d = if dir.as_os_str().is_empty() {
@@ -72,6 +90,21 @@ mod tests {
         assert!(err.to_string().contains("boom"));
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replace_dir_swaps_whole_folders() {
+        let dir = std::env::temp_dir().join(format!("ldl-replace-{}", std::process::id()));
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::write(a.join("x"), b"1").unwrap();
+        replace_dir(&a, &b).unwrap();
+        assert!(!a.exists() && fs::read(b.join("x")).unwrap() == b"1");
+        fs::create_dir_all(&a).unwrap();
+        fs::write(a.join("y"), b"2").unwrap();
+        replace_dir(&a, &b).unwrap();
+        assert!(!a.exists() && !b.join("x").exists() && fs::read(b.join("y")).unwrap() == b"2");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -99,11 +99,14 @@ fn load(file: &Path, output: Option<&Path>) -> Result<config::Config, ExitCode> 
 /// frees and reallocates the same tensor-sized buffers, and re-faulting their pages cost ~25% of
 /// CPU training time.
 fn keep_freed_memory() {
-    // Option ids from mimalloc.h (v2): mi_option_arena_eager_commit = 1, mi_option_purge_delay = 15.
+    // Option ids from the `mi_option_e` enum of mimalloc.h (v2, vendored by libmimalloc-sys
+    // 0.1.49, which exports no constants for them): arena_eager_commit = 4, purge_delay = 15.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: plain option setters, called before any other thread exists.
     unsafe {
-        libmimalloc_sys::mi_option_set(1, 1);
-        libmimalloc_sys::mi_option_set(15, -1);
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 1);
+        libmimalloc_sys::mi_option_set(PURGE_DELAY, -1);
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! A stage writes into `<output>/.<name>.partial/`; on success the runner records `stage.json`
 //! there, fsyncs, and swaps the folder into `<output>/<name>/` with one atomic rename
-//! (`renameat2(RENAME_EXCHANGE)` when an older output exists), then deletes the old one. A stage
+//! (`datasets::atomic::replace_dir`), then deletes the old one. A stage
 //! that fails has its partial folder removed and leaves the previous output untouched. A stage
 //! that is killed leaves its partial folder, tagged with its fingerprint: the next run with the
 //! same fingerprint hands it back to the stage (training resumes from its checkpoint), a run with
@@ -393,39 +393,11 @@ fn run_stage(
         datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
         fs::remove_file(partial.join(PARTIAL_TAG))?;
         datasets::atomic::sync_dir(&partial)?;
-        swap_into_place(&partial, &final_dir)
+        Ok(datasets::atomic::replace_dir(&partial, &final_dir)?)
     };
     finish().inspect_err(|_| {
         let _ = fs::remove_dir_all(&partial);
     })
-}
-
-/// Moves `partial` to `final_dir` atomically: a reader sees the old complete folder or the new
-/// one, never a mix or nothing.
-fn swap_into_place(partial: &Path, final_dir: &Path) -> Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    if final_dir.exists() {
-        renameat_with(CWD, partial, CWD, final_dir, RenameFlags::EXCHANGE).with_context(|| {
-            format!(
-                "cannot swap {} into {}",
-                partial.display(),
-                final_dir.display()
-            )
-        })?;
-        // `partial` now holds the previous output.
-        fs::remove_dir_all(partial)
-            .with_context(|| format!("cannot remove old output {}", partial.display()))?;
-    } else {
-        fs::rename(partial, final_dir).with_context(|| {
-            format!(
-                "cannot rename {} to {}",
-                partial.display(),
-                final_dir.display()
-            )
-        })?;
-    }
-    datasets::atomic::sync_dir(final_dir.parent().unwrap_or(Path::new(".")))?;
-    Ok(())
 }
 
 /// Prints where every stage stands, in dependency order.

@@ -182,11 +182,16 @@ struct CheckpointState {
 }
 
 const CHECKPOINT: &str = "checkpoint";
+const CHECKPOINT_NEXT: &str = "checkpoint.next";
 
+/// Writes a checkpoint into `checkpoint.next/` and swaps it whole for `checkpoint/`, so weights,
+/// optimizer state and position always come from the same epoch, whenever the process dies.
 fn save_checkpoint(dir: &Path, model: &Model, opt: &Sgd, state: &CheckpointState) -> Result<()> {
-    let ck = dir.join(CHECKPOINT);
+    let ck = dir.join(CHECKPOINT_NEXT);
+    if ck.exists() {
+        std::fs::remove_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
+    }
     std::fs::create_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
-    // Weights and optimizer first, state last: state.json names a complete checkpoint.
     datasets::atomic::write_bytes(&ck.join("model.safetensors"), &model.to_safetensors()?)?;
     let opt_bytes = safetensors::serialize(
         opt.state().iter().map(|(k, v)| (k.clone(), v.clone())),
@@ -194,7 +199,9 @@ fn save_checkpoint(dir: &Path, model: &Model, opt: &Sgd, state: &CheckpointState
     )
     .map_err(|e| StageError::Numeric(e.to_string()))?;
     datasets::atomic::write_bytes(&ck.join("optimizer.safetensors"), &opt_bytes)?;
-    write_json(&ck.join("state.json"), state)
+    write_json(&ck.join("state.json"), state)?;
+    datasets::atomic::sync_dir(&ck).map_err(|e| StageError::io(&ck, e))?;
+    Ok(datasets::atomic::replace_dir(&ck, &dir.join(CHECKPOINT))?)
 }
 
 fn load_checkpoint(
@@ -421,8 +428,12 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         ));
     }
     datasets::atomic::write_bytes(&ctx.dir.join("train_log.csv"), csv.as_bytes())?;
-    let ck = ctx.dir.join(CHECKPOINT);
-    std::fs::remove_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
+    for name in [CHECKPOINT, CHECKPOINT_NEXT] {
+        let ck = ctx.dir.join(name);
+        if ck.exists() {
+            std::fs::remove_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
+        }
+    }
     Ok(vec![
         "model.safetensors".into(),
         "model.json".into(),
