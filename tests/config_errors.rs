@@ -191,3 +191,23 @@ fn missing_file() {
         stderr(&o)
     );
 }
+
+#[test]
+fn out_of_range_values() {
+    let e = fails(&format!("{HEAD}classes = 1\n"));
+    assert_at(
+        &e,
+        8,
+        1,
+        &["stage `data`", "key `classes`", "outside 2..=1000"],
+    );
+    let train = |extra: &str| {
+        format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n{extra}\n")
+    };
+    let e = fails(&train("model = \"resnet9\""));
+    assert_at(&e, 14, 1, &["key `model`", "unknown model `resnet9`"]);
+    let e = fails(&train("lr = -0.1"));
+    assert_at(&e, 14, 1, &["key `lr`", "positive"]);
+    let e = fails(&train("batch_size = 0"));
+    assert_at(&e, 14, 1, &["key `batch_size`", "at least 1"]);
+}

@@ -338,6 +338,10 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                 }
             }
         }
+        let key_spans: HashMap<String, Range<usize>> = t
+            .iter()
+            .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
+            .collect();
         let body = Spanned::new(span.clone(), DeValue::Table(t));
         let de = ValueDeserializer::from(body);
         let err = |e| loc.toml(e, &format!("stage `{name}` (kind {kind}): "), span.clone());
@@ -348,6 +352,13 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
             Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
         };
+        if let Err((key, message)) = params.validate() {
+            let at = key_spans.get(key).cloned().unwrap_or(span.clone());
+            return Err(loc.at(
+                at,
+                format!("stage `{name}` (kind {kind}): key `{key}` {message}"),
+            ));
+        }
         params.resolve(run.seed);
         stages.push(StageDecl {
             name,

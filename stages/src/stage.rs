@@ -154,6 +154,92 @@ impl StageParams {
         }
     }
 
+    /// Checks value ranges that the types alone do not; on error returns the offending key and
+    /// what was expected, so the config loader can point at it before anything runs.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        fn positive(key: &'static str, v: f64) -> std::result::Result<(), (&'static str, String)> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err((key, format!("must be a positive number, found {v}")))
+            }
+        }
+        fn at_least(
+            key: &'static str,
+            v: usize,
+            min: usize,
+        ) -> std::result::Result<(), (&'static str, String)> {
+            if v >= min {
+                Ok(())
+            } else {
+                Err((key, format!("must be at least {min}, found {v}")))
+            }
+        }
+        match self {
+            StageParams::Prepare(p) => {
+                at_least("train_size", p.train_size, 1)?;
+                at_least("test_size", p.test_size, 1)?;
+                datasets::synthetic::SyntheticSpec {
+                    classes: p.classes,
+                    image_size: p.image_size,
+                    noise: p.noise,
+                    hue_jitter: p.hue_jitter,
+                }
+                .validate()
+                .map_err(|e| match e {
+                    datasets::DatasetError::Param { name, message } => (name, message),
+                    other => ("source", other.to_string()),
+                })
+            }
+            StageParams::Train(p) => {
+                if crate::models::resnet::cifar_depth(&p.model).is_none() {
+                    return Err((
+                        "model",
+                        format!("unknown model `{}`: expected a CIFAR ResNet resnet<6n+2> (resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110, ...)", p.model),
+                    ));
+                }
+                at_least("width", p.width, 1)?;
+                at_least("epochs", p.epochs, 1)?;
+                at_least("batch_size", p.batch_size, 1)?;
+                positive("lr", p.lr)?;
+                if !(0.0..1.0).contains(&p.momentum) {
+                    return Err((
+                        "momentum",
+                        format!("must be in [0, 1), found {}", p.momentum),
+                    ));
+                }
+                if !(p.weight_decay >= 0.0 && p.weight_decay.is_finite()) {
+                    return Err((
+                        "weight_decay",
+                        format!("must be ≥ 0, found {}", p.weight_decay),
+                    ));
+                }
+                if p.warmup_epochs > p.epochs {
+                    return Err((
+                        "warmup_epochs",
+                        format!("{} is more than the {} epochs", p.warmup_epochs, p.epochs),
+                    ));
+                }
+                if p.label_source.is_some() && !p.method.reads_labels() {
+                    return Err((
+                        "label_source",
+                        format!("method `{}` reads no label store", p.method.as_str()),
+                    ));
+                }
+                Ok(())
+            }
+            StageParams::Label(p) => {
+                positive("temperature", p.temperature)?;
+                at_least("batch_size", p.batch_size, 1)
+            }
+            StageParams::Evaluate(p) => {
+                at_least("bins", p.bins, 1)?;
+                at_least("batch_size", p.batch_size, 1)
+            }
+            StageParams::Report(_) => Ok(()),
+        }
+    }
+
     /// Fills parameters left to the run's defaults (the seed); the result is what is
     /// fingerprinted and recorded.
     pub fn resolve(&mut self, run_seed: u64) {
