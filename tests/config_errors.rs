@@ -211,3 +211,18 @@ fn out_of_range_values() {
     let e = fails(&train("batch_size = 0"));
     assert_at(&e, 14, 1, &["key `batch_size`", "at least 1"]);
 }
+
+#[test]
+fn keys_that_do_not_apply_to_the_source() {
+    let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar10\"\npath = \"c\"\ntrain_size = 5\n");
+    assert_at(
+        &e,
+        6,
+        1,
+        &["key `train_size`", "does not apply to source = \"cifar10\""],
+    );
+    let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar100\"\n");
+    assert_at(&e, 1, 1, &["key `path`", "required"]);
+    let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar10\"\npath = \"c\"\nbatches = [0]\n");
+    assert_at(&e, 6, 1, &["key `batches`", "1..=5"]);
+}

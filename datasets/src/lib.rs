@@ -7,6 +7,7 @@
 
 pub mod atomic;
 pub mod augment;
+pub mod cifar;
 pub mod error;
 pub mod loader;
 pub mod packed;

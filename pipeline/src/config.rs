@@ -534,6 +534,14 @@ impl Config {
         order
     }
 
+    /// Index of the stage named `name`, which validation guarantees exists.
+    pub fn index_of(&self, name: &str) -> usize {
+        self.stages
+            .iter()
+            .position(|s| s.name == name)
+            .expect("`needs` names were validated")
+    }
+
     /// The stage named `name`.
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
         self.stages.iter().find(|s| s.name == name)

@@ -100,11 +100,7 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
             .needs
             .iter()
             .map(|n| {
-                let j = config
-                    .stages
-                    .iter()
-                    .position(|t| &t.name == n)
-                    .expect("validated");
+                let j = config.index_of(n);
                 (n.as_str(), fps[j].as_str())
             })
             .collect();
@@ -130,6 +126,15 @@ fn partial_dir(config: &Config, name: &str) -> PathBuf {
     config.run.output.join(format!(".{name}.partial"))
 }
 
+/// Whether the partial folder of `name` was left by a killed run with fingerprint `fp`, so that
+/// the stage can resume from it.
+fn resumable(config: &Config, name: &str, fp: &str) -> bool {
+    fs::read(partial_dir(config, name).join(PARTIAL_TAG))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["fingerprint"] == fp)
+}
+
 fn read_record(dir: &Path) -> Option<StageRecord> {
     serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
 }
@@ -138,12 +143,9 @@ fn read_record(dir: &Path) -> Option<StageRecord> {
 pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
     let s = &config.stages[i];
     let dir = stage_dir(config, &s.name);
-    let resumable = fs::read(partial_dir(config, &s.name).join(PARTIAL_TAG))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["fingerprint"] == fps[i].as_str());
+    let can_resume = resumable(config, &s.name, &fps[i]);
     let Some(record) = read_record(&dir) else {
-        if resumable {
+        if can_resume {
             return StageState::Incomplete("interrupted; the next run resumes it".into());
         }
         if dir.exists() {
@@ -171,11 +173,7 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
             why.push(format!("parameters changed ({})", changed.join(", ")));
         }
         for n in &s.needs {
-            let j = config
-                .stages
-                .iter()
-                .position(|t| &t.name == n)
-                .expect("validated");
+            let j = config.index_of(n);
             if record.inputs.get(n) != Some(&fps[j]) {
                 why.push(format!("upstream `{n}` changed"));
             }
@@ -267,11 +265,7 @@ pub fn run(
             state = StageState::Stale("forced with --force".into());
         }
         for n in &s.needs {
-            let j = config
-                .stages
-                .iter()
-                .position(|t| &t.name == n)
-                .expect("validated");
+            let j = config.index_of(n);
             let upstream_ready = changed[j] || state_of(config, &fps, j) == StageState::UpToDate;
             if !upstream_ready {
                 if opts.dry_run {
@@ -316,11 +310,7 @@ fn run_stage(
     let final_dir = stage_dir(config, &s.name);
     let partial = partial_dir(config, &s.name);
     let tag = serde_json::json!({ "fingerprint": fps[i], "pid": std::process::id() });
-    let resumable = fs::read(partial.join(PARTIAL_TAG))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["fingerprint"] == fps[i].as_str());
-    if partial.exists() && !resumable {
+    if partial.exists() && !resumable(config, &s.name, &fps[i]) {
         fs::remove_dir_all(&partial)
             .with_context(|| format!("cannot remove stale {}", partial.display()))?;
     }
@@ -331,11 +321,7 @@ fn run_stage(
         .needs
         .iter()
         .map(|n| {
-            let j = config
-                .stages
-                .iter()
-                .position(|t| &t.name == n)
-                .expect("validated");
+            let j = config.index_of(n);
             Input {
                 name: n.clone(),
                 kind: config.stages[j].params.kind(),
@@ -347,6 +333,7 @@ fn run_stage(
     let ctx = Context {
         name: s.name.clone(),
         dir: partial.clone(),
+        base_dir: config.path.parent().unwrap_or(Path::new(".")).to_owned(),
         fingerprint: fps[i].clone(),
         inputs: inputs.clone(),
         device: config.run.device,

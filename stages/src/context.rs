@@ -27,6 +27,8 @@ pub struct Context {
     /// The folder to write outputs into (renamed into place by the runner on success). It
     /// survives a killed run with the same fingerprint, so training can resume from it.
     pub dir: PathBuf,
+    /// The folder relative paths of the stages.toml are resolved against (its own folder).
+    pub base_dir: PathBuf,
     /// This stage's fingerprint.
     pub fingerprint: String,
     /// Upstream stages, in the order of `needs`.

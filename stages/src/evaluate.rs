@@ -59,14 +59,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
     let input = ctx.input(Kind::Train);
-    let (meta, model) = TrainedModel::load(&input.dir, &device)?;
     let k = data.info.classes.len();
-    if meta.spec.classes != k {
-        return Err(crate::StageError::Config(format!(
-            "model `{}` predicts {} classes, the dataset has {k}",
-            input.name, meta.spec.classes
-        )));
-    }
+    let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
     let inference = Inference {
         model: &model,
         device: &device,

@@ -46,13 +46,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut teachers = BTreeMap::new();
     let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
     for input in ctx.inputs_of(Kind::Train) {
-        let (meta, model) = TrainedModel::load(&input.dir, &device)?;
-        if meta.spec.classes != k {
-            return Err(crate::StageError::Config(format!(
-                "teacher `{}` predicts {} classes, the dataset has {k}",
-                input.name, meta.spec.classes
-            )));
-        }
+        let (_, model) = TrainedModel::load(&input.dir, &device, k)?;
         let inference = Inference {
             model: &model,
             device: &device,

@@ -1,9 +1,11 @@
-//! The `prepare` stage: turns a dataset source into packed splits (`train.pack`, `test.pack`)
+//! The `prepare` stage: turns a dataset source (the built-in synthetic dataset, or the official
+//! CIFAR-10/CIFAR-100 binaries) into packed splits (`train.pack`, `test.pack`)
 //! and a `dataset.json` describing them (classes, sizes, hashes, normalisation statistics).
 
 use crate::context::Context;
 use crate::error::Result;
 use datasets::augment::Normalize;
+use datasets::cifar::Cifar100Label;
 use datasets::synthetic::SyntheticSpec;
 use datasets::{PackedStore, PackedWriter};
 use serde::{Deserialize, Serialize};
@@ -16,54 +18,170 @@ use std::sync::Arc;
 pub enum Source {
     /// The built-in procedural dataset (no files needed).
     Synthetic,
+    /// CIFAR-10, binary version, from `path`.
+    Cifar10,
+    /// CIFAR-100, binary version, from `path`.
+    Cifar100,
 }
 
-fn default_train() -> usize {
-    5000
-}
-fn default_test() -> usize {
-    1000
-}
-fn default_classes() -> usize {
-    10
-}
-fn default_size() -> usize {
-    32
-}
-fn default_noise() -> f32 {
-    SyntheticSpec::default().noise
-}
-fn default_jitter() -> f32 {
-    SyntheticSpec::default().hue_jitter
-}
-
-/// Parameters of a `prepare` stage.
+/// Parameters of a `prepare` stage. Keys that do not apply to the chosen `source` are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// The dataset source.
     pub source: Source,
-    /// Seed of the synthetic generator (default: the run's seed).
-    #[serde(default)]
+    /// Folder of the official files (CIFAR); relative to the stages.toml's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// CIFAR-10: which training batches to read (default all five, 1..=5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<Vec<u32>>,
+    /// CIFAR-100: `"fine"` (100 classes, default) or `"coarse"` (20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<Cifar100Label>,
+    /// Synthetic: generator seed (default: the run's seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Training images to generate.
-    #[serde(default = "default_train")]
-    pub train_size: usize,
-    /// Test images to generate.
-    #[serde(default = "default_test")]
-    pub test_size: usize,
-    /// Number of classes.
-    #[serde(default = "default_classes")]
-    pub classes: usize,
-    /// Image side in pixels.
-    #[serde(default = "default_size")]
-    pub image_size: usize,
-    /// Per-pixel noise standard deviation (full scale = 1).
-    #[serde(default = "default_noise")]
-    pub noise: f32,
-    /// Per-image hue jitter (turns of the colour wheel).
-    #[serde(default = "default_jitter")]
-    pub hue_jitter: f32,
+    /// Synthetic: training images (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_size: Option<usize>,
+    /// Synthetic: test images (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_size: Option<usize>,
+    /// Synthetic: number of classes (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
+    /// Synthetic: image side in pixels (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
+    /// Synthetic: per-pixel noise standard deviation, full scale 1 (default 0.08).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<f32>,
+    /// Synthetic: per-image hue jitter in turns of the colour wheel (default 0.035).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hue_jitter: Option<f32>,
+}
+
+/// Per-channel statistics conventionally used for CIFAR-10 (as in the reference code bases).
+pub const CIFAR10_NORMALIZE: ([f32; 3], [f32; 3]) =
+    ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]);
+/// Per-channel statistics of CIFAR-100, as the paper's code uses.
+pub const CIFAR100_NORMALIZE: ([f32; 3], [f32; 3]) =
+    ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]);
+
+impl Params {
+    /// The synthetic generator's settings, defaults filled in.
+    pub fn synthetic_spec(&self) -> SyntheticSpec {
+        let d = SyntheticSpec::default();
+        SyntheticSpec {
+            classes: self.classes.unwrap_or(d.classes),
+            image_size: self.image_size.unwrap_or(d.image_size),
+            noise: self.noise.unwrap_or(d.noise),
+            hue_jitter: self.hue_jitter.unwrap_or(d.hue_jitter),
+        }
+    }
+
+    /// Checks that every key given applies to the source, and the values' ranges; on error
+    /// returns the key and what was expected.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        let synthetic_keys = [
+            ("seed", self.seed.is_some()),
+            ("train_size", self.train_size.is_some()),
+            ("test_size", self.test_size.is_some()),
+            ("classes", self.classes.is_some()),
+            ("image_size", self.image_size.is_some()),
+            ("noise", self.noise.is_some()),
+            ("hue_jitter", self.hue_jitter.is_some()),
+        ];
+        let allowed: &[&str] = match self.source {
+            Source::Synthetic => &[
+                "seed",
+                "train_size",
+                "test_size",
+                "classes",
+                "image_size",
+                "noise",
+                "hue_jitter",
+            ],
+            Source::Cifar10 => &["path", "batches"],
+            Source::Cifar100 => &["path", "label"],
+        };
+        let given = synthetic_keys.into_iter().chain([
+            ("path", self.path.is_some()),
+            ("batches", self.batches.is_some()),
+            ("label", self.label.is_some()),
+        ]);
+        for (key, set) in given {
+            if set && !allowed.contains(&key) {
+                return Err((
+                    key,
+                    format!("does not apply to source = \"{}\"", self.source.as_str()),
+                ));
+            }
+        }
+        match self.source {
+            Source::Synthetic => {
+                for (key, v) in [
+                    ("train_size", self.train_size),
+                    ("test_size", self.test_size),
+                ] {
+                    if v == Some(0) {
+                        return Err((key, "must be at least 1, found 0".into()));
+                    }
+                }
+                self.synthetic_spec().validate().map_err(|e| match e {
+                    datasets::DatasetError::Param { name, message } => (name, message),
+                    other => ("source", other.to_string()),
+                })
+            }
+            Source::Cifar10 | Source::Cifar100 => {
+                if self.path.is_none() {
+                    return Err((
+                        "path",
+                        format!("is required for source = \"{}\"", self.source.as_str()),
+                    ));
+                }
+                if let Some(b) = &self.batches {
+                    if b.is_empty() || b.iter().any(|x| !(1..=5).contains(x)) {
+                        return Err((
+                            "batches",
+                            format!("must list CIFAR-10 training batches among 1..=5, found {b:?}"),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills the synthetic defaults (the seed from the run), so they are fingerprinted and
+    /// recorded.
+    pub fn resolve(&mut self, run_seed: u64) {
+        if self.source == Source::Synthetic {
+            let spec = self.synthetic_spec();
+            self.seed.get_or_insert(run_seed);
+            self.train_size.get_or_insert(5000);
+            self.test_size.get_or_insert(1000);
+            self.classes = Some(spec.classes);
+            self.image_size = Some(spec.image_size);
+            self.noise = Some(spec.noise);
+            self.hue_jitter = Some(spec.hue_jitter);
+        }
+        if self.source == Source::Cifar100 {
+            self.label.get_or_insert(Cifar100Label::Fine);
+        }
+    }
+}
+
+impl Source {
+    /// The source's name in stages.toml.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Synthetic => "synthetic",
+            Source::Cifar10 => "cifar10",
+            Source::Cifar100 => "cifar100",
+        }
+    }
 }
 
 /// One packed split as described in `dataset.json`.
@@ -130,32 +248,56 @@ impl Dataset {
 
 /// Runs a `prepare` stage.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
-    let seed = p.seed.unwrap_or_default();
-    let spec = match p.source {
-        Source::Synthetic => SyntheticSpec {
-            classes: p.classes,
-            image_size: p.image_size,
-            noise: p.noise,
-            hue_jitter: p.hue_jitter,
-        },
-    };
-    spec.validate()?;
-    let bar = ctx.bar(2, "generating splits");
-    let mut splits = Vec::new();
-    let mut normalize = None;
-    for (split, name, n) in [(0u64, "train", p.train_size), (1, "test", p.test_size)] {
-        let (info, labels, pixels) = spec.generate(seed, split, n)?;
-        if split == 0 {
-            normalize = Some(Normalize::fit(
-                info.c,
-                pixels.chunks_exact(info.image_len()),
-            ));
+    let bar = ctx.bar(2, "reading splits");
+    let (train, test, normalize) = match p.source {
+        Source::Synthetic => {
+            let spec = p.synthetic_spec();
+            spec.validate()?;
+            let seed = p.seed.unwrap_or_default();
+            let train = spec.generate(seed, 0, p.train_size.unwrap_or(5000))?;
+            bar.inc(1);
+            let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
+            let normalize = Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len()));
+            (train, test, normalize)
         }
+        Source::Cifar10 | Source::Cifar100 => {
+            let dir = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+            let ((train, test), (mean, std)) = if p.source == Source::Cifar10 {
+                (
+                    datasets::cifar::cifar10(&dir, p.batches.as_deref())?,
+                    CIFAR10_NORMALIZE,
+                )
+            } else {
+                (
+                    datasets::cifar::cifar100(&dir, p.label.unwrap_or(Cifar100Label::Fine))?,
+                    CIFAR100_NORMALIZE,
+                )
+            };
+            bar.inc(1);
+            (
+                train,
+                test,
+                Normalize {
+                    mean: mean.to_vec(),
+                    std: std.to_vec(),
+                },
+            )
+        }
+    };
+    let mut splits = Vec::new();
+    for (name, (info, labels, pixels)) in [("train", train), ("test", test)] {
         let file = format!("{name}.pack");
         let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;
-        splits.push((info, SplitInfo { file, n, hash }));
-        bar.inc(1);
+        splits.push((
+            info,
+            SplitInfo {
+                file,
+                n: labels.len(),
+                hash,
+            },
+        ));
     }
+    bar.inc(1);
     bar.finish_and_clear();
     let (test_info, test) = splits.pop().expect("two splits");
     let (_, train) = splits.pop().expect("two splits");
@@ -164,7 +306,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         shape: [test_info.c, test_info.h, test_info.w],
         train,
         test,
-        normalize: normalize.expect("train split generated"),
+        normalize,
     };
     crate::error::write_json(&ctx.dir.join("dataset.json"), &info)?;
     tracing::info!(

@@ -176,21 +176,7 @@ impl StageParams {
             }
         }
         match self {
-            StageParams::Prepare(p) => {
-                at_least("train_size", p.train_size, 1)?;
-                at_least("test_size", p.test_size, 1)?;
-                datasets::synthetic::SyntheticSpec {
-                    classes: p.classes,
-                    image_size: p.image_size,
-                    noise: p.noise,
-                    hue_jitter: p.hue_jitter,
-                }
-                .validate()
-                .map_err(|e| match e {
-                    datasets::DatasetError::Param { name, message } => (name, message),
-                    other => ("source", other.to_string()),
-                })
-            }
+            StageParams::Prepare(p) => p.validate(),
             StageParams::Train(p) => {
                 if crate::models::resnet::cifar_depth(&p.model).is_none() {
                     return Err((
@@ -244,9 +230,7 @@ impl StageParams {
     /// fingerprinted and recorded.
     pub fn resolve(&mut self, run_seed: u64) {
         match self {
-            StageParams::Prepare(p) => {
-                p.seed.get_or_insert(run_seed);
-            }
+            StageParams::Prepare(p) => p.resolve(run_seed),
             StageParams::Train(p) => {
                 p.seed.get_or_insert(run_seed);
             }

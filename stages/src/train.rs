@@ -154,9 +154,21 @@ pub struct TrainedModel {
 }
 
 impl TrainedModel {
-    /// Loads the model a train stage wrote into `dir`.
-    pub fn load(dir: &Path, device: &Device) -> Result<(TrainedModel, Model)> {
-        let meta: TrainedModel = read_json(&dir.join("model.json"))?;
+    /// Loads the model a train stage wrote into `dir`, checking that it predicts `classes`
+    /// classes.
+    pub fn load(dir: &Path, device: &Device, classes: usize) -> Result<(TrainedModel, Model)> {
+        let path = dir.join("model.json");
+        let meta: TrainedModel = read_json(&path)?;
+        if meta.spec.classes != classes {
+            return Err(StageError::invalid(
+                &path,
+                "key `spec.classes`",
+                format!(
+                    "the model predicts {} classes, the dataset has {classes}",
+                    meta.spec.classes
+                ),
+            ));
+        }
         let model = Model::new(&meta.spec, device, 0)?;
         model.load(&dir.join("model.safetensors"))?;
         Ok((meta, model))

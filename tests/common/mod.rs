@@ -111,22 +111,22 @@ kind = "report"
 needs = ["eval-vanilla", "eval-off-ldl"]
 "#;
 
-/// Names of the stages that ran, from the runner's log lines.
-pub fn ran(o: &Output) -> Vec<String> {
+/// Names of the stages whose runner log line contains `marker`.
+fn stages_logged(o: &Output, marker: &str) -> Vec<String> {
     stderr(o)
         .lines()
-        .filter(|l| l.contains(": running ("))
+        .filter(|l| l.contains(marker))
         .filter_map(|l| l.split(" INFO ").nth(1).or(Some(l)))
         .map(|l| l.trim().split(' ').next().unwrap_or("").to_owned())
         .collect()
 }
 
+/// Names of the stages that ran, from the runner's log lines.
+pub fn ran(o: &Output) -> Vec<String> {
+    stages_logged(o, ": running (")
+}
+
 /// Names of the stages skipped as up to date.
 pub fn skipped(o: &Output) -> Vec<String> {
-    stderr(o)
-        .lines()
-        .filter(|l| l.contains(": up to date, skipped"))
-        .filter_map(|l| l.split(" INFO ").nth(1).or(Some(l)))
-        .map(|l| l.trim().split(' ').next().unwrap_or("").to_owned())
-        .collect()
+    stages_logged(o, ": up to date, skipped")
 }

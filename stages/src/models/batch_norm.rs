@@ -279,35 +279,9 @@ impl BatchNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::testing::{max_rel, random};
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
-    use rand::{Rng, SeedableRng};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..3.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d / b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6)
-    }
 
     /// The fused CPU path equals the generic candle-op path: output, running statistics and the
     /// gradients of input, γ and β, in training and in eval mode.
@@ -324,19 +298,21 @@ mod tests {
             let (vm2, bn2) = build();
             for (vm, seed) in [(&vm1, 7), (&vm2, 7)] {
                 let data = vm.data().lock().unwrap();
-                data["weight"].set(&random(&[3], seed)).unwrap();
-                data["bias"].set(&random(&[3], seed + 1)).unwrap();
+                data["weight"].set(&random(&[3], -2.0..3.0, seed)).unwrap();
+                data["bias"]
+                    .set(&random(&[3], -2.0..3.0, seed + 1))
+                    .unwrap();
                 data["running_var"]
-                    .set(&(random(&[3], seed + 2).abs().unwrap() + 0.5).unwrap())
+                    .set(&(random(&[3], -2.0..3.0, seed + 2).abs().unwrap() + 0.5).unwrap())
                     .unwrap();
             }
-            let x = Var::from_tensor(&random(&[4, 3, 5, 3], 1)).unwrap();
+            let x = Var::from_tensor(&random(&[4, 3, 5, 3], -2.0..3.0, 1)).unwrap();
             let y1 = bn1.forward_t(x.as_tensor(), train).unwrap();
             let y2 = bn2.forward_generic(x.as_tensor(), train).unwrap();
             assert!(max_rel(&y1, &y2) < 1e-5, "forward, train={train}");
             assert!(max_rel(bn1.running_var.as_tensor(), bn2.running_var.as_tensor()) < 1e-5);
             assert!(max_rel(bn1.running_mean.as_tensor(), bn2.running_mean.as_tensor()) < 1e-5);
-            let m = random(y1.dims(), 9);
+            let m = random(y1.dims(), -2.0..3.0, 9);
             let g1 = (&y1 * &m).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&y2 * &m).unwrap().sum_all().unwrap().backward().unwrap();
             for (t1, t2) in [

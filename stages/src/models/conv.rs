@@ -199,35 +199,8 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-    use rand::{Rng, SeedableRng};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        diff / scale
-    }
+    use crate::models::testing::{max_rel, random};
+    use candle_core::Var;
 
     /// Forward and both gradients equal candle's reference convolution.
     #[test]
@@ -242,8 +215,9 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let x = Var::from_tensor(&random(&[n, c, h, w], i as u64)).unwrap();
-            let wt = Var::from_tensor(&random(&[cout, c, k, k], 100 + i as u64)).unwrap();
+            let x = Var::from_tensor(&random(&[n, c, h, w], -1.0..1.0, i as u64)).unwrap();
+            let wt =
+                Var::from_tensor(&random(&[cout, c, k, k], -1.0..1.0, 100 + i as u64)).unwrap();
             let ours = Conv2d {
                 weight: wt.as_tensor().clone(),
                 stride,
@@ -257,7 +231,7 @@ mod tests {
             assert_eq!(y.dims(), reference.dims());
             assert!(max_rel(&y, &reference) < 1e-5, "forward case {i}");
             // A loss that weights every output differently.
-            let m = random(y.dims(), 200 + i as u64);
+            let m = random(y.dims(), -1.0..1.0, 200 + i as u64);
             let g1 = (&y * &m).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (&reference * &m)
                 .unwrap()

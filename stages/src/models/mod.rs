@@ -6,6 +6,8 @@
 pub mod batch_norm;
 pub mod conv;
 pub mod resnet;
+#[cfg(test)]
+mod testing;
 
 use crate::error::{Result, StageError};
 use candle_core::{DType, Device, Tensor};

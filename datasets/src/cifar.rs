@@ -1,0 +1,255 @@
+//! Readers for the official binary versions of CIFAR-10 and CIFAR-100.
+//!
+//! CIFAR-10: `data_batch_1.bin` … `data_batch_5.bin`, `test_batch.bin`, `batches.meta.txt`; a
+//! record is 1 label byte + 3072 pixel bytes (1024 R, 1024 G, 1024 B, each plane row-major 32×32).
+//! CIFAR-100: `train.bin`, `test.bin`, `fine_label_names.txt`, `coarse_label_names.txt`; a record
+//! is 1 coarse label byte + 1 fine label byte + 3072 pixel bytes. The pixel layout is already the
+//! packed store's CHW, so records are copied as they are.
+
+use crate::error::{DatasetError, Result};
+use crate::packed::StoreInfo;
+use std::path::Path;
+
+const PIXELS: usize = 3 * 32 * 32;
+
+/// One split read from the official files: its description, labels and CHW pixels.
+pub type Split = (StoreInfo, Vec<u32>, Vec<u8>);
+
+/// Which CIFAR-100 label to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cifar100Label {
+    /// The 100 fine classes.
+    Fine,
+    /// The 20 coarse superclasses.
+    Coarse,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| DatasetError::io(path, e))
+}
+
+/// Reads a class-name file: one name per line, blank lines ignored, exactly `k` names.
+fn read_names(path: &Path, k: usize) -> Result<Vec<String>> {
+    let text = String::from_utf8(read(path)?)
+        .map_err(|e| DatasetError::format(path, "contents", format!("not UTF-8: {e}")))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.len() != k {
+        return Err(DatasetError::format(
+            path,
+            "class names",
+            format!("{} names, expected {k}", names.len()),
+        ));
+    }
+    Ok(names)
+}
+
+/// Appends the records of one binary file: `label_at` is the offset of the label byte used,
+/// `record` the record length.
+fn read_records(
+    path: &Path,
+    record: usize,
+    label_at: usize,
+    k: usize,
+    labels: &mut Vec<u32>,
+    pixels: &mut Vec<u8>,
+) -> Result<()> {
+    let bytes = read(path)?;
+    if bytes.is_empty() || bytes.len() % record != 0 {
+        return Err(DatasetError::format(
+            path,
+            "size",
+            format!(
+                "{} bytes is not a whole number of {record}-byte records ({} complete records and {} bytes over)",
+                bytes.len(),
+                bytes.len() / record,
+                bytes.len() % record
+            ),
+        ));
+    }
+    for (i, r) in bytes.chunks_exact(record).enumerate() {
+        let label = r[label_at] as usize;
+        if label >= k {
+            return Err(DatasetError::format(
+                path,
+                format!("record {i} (byte {})", i * record + label_at),
+                format!("label {label} is outside 0..{k}"),
+            ));
+        }
+        labels.push(label as u32);
+        pixels.extend_from_slice(&r[record - PIXELS..]);
+    }
+    Ok(())
+}
+
+fn split(classes: Vec<String>, labels: Vec<u32>, pixels: Vec<u8>) -> Split {
+    let info = StoreInfo {
+        n: labels.len(),
+        h: 32,
+        w: 32,
+        c: 3,
+        classes,
+    };
+    (info, labels, pixels)
+}
+
+/// Reads CIFAR-10 from `dir`: the training batches listed in `batches` (1..=5; all five when
+/// `None`) and the test batch.
+pub fn cifar10(dir: &Path, batches: Option<&[u32]>) -> Result<(Split, Split)> {
+    let all = [1, 2, 3, 4, 5];
+    let batches = batches.unwrap_or(&all);
+    if let Some(b) = batches.iter().find(|b| !(1..=5).contains(*b)) {
+        return Err(DatasetError::Param {
+            name: "batches",
+            message: format!("CIFAR-10 has training batches 1..=5, not {b}"),
+        });
+    }
+    let classes = read_names(&dir.join("batches.meta.txt"), 10)?;
+    let (mut labels, mut pixels) = (Vec::new(), Vec::new());
+    for b in batches {
+        let p = dir.join(format!("data_batch_{b}.bin"));
+        read_records(&p, 1 + PIXELS, 0, 10, &mut labels, &mut pixels)?;
+    }
+    let train = split(classes.clone(), labels, pixels);
+    let (mut labels, mut pixels) = (Vec::new(), Vec::new());
+    read_records(
+        &dir.join("test_batch.bin"),
+        1 + PIXELS,
+        0,
+        10,
+        &mut labels,
+        &mut pixels,
+    )?;
+    Ok((train, split(classes, labels, pixels)))
+}
+
+/// Reads CIFAR-100 from `dir` with fine or coarse labels.
+pub fn cifar100(dir: &Path, label: Cifar100Label) -> Result<(Split, Split)> {
+    let (names, k, at) = match label {
+        Cifar100Label::Fine => ("fine_label_names.txt", 100, 1),
+        Cifar100Label::Coarse => ("coarse_label_names.txt", 20, 0),
+    };
+    let classes = read_names(&dir.join(names), k)?;
+    let mut out = Vec::new();
+    for file in ["train.bin", "test.bin"] {
+        let (mut labels, mut pixels) = (Vec::new(), Vec::new());
+        read_records(&dir.join(file), 2 + PIXELS, at, k, &mut labels, &mut pixels)?;
+        out.push(split(classes.clone(), labels, pixels));
+    }
+    let test = out.pop().expect("two splits");
+    let train = out.pop().expect("two splits");
+    Ok((train, test))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("ldl-cifar-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A record whose pixel p has value (seed + p) mod 251, so every byte position is checkable.
+    fn record(prefix: &[u8], seed: usize) -> Vec<u8> {
+        let mut r = prefix.to_vec();
+        r.extend((0..PIXELS).map(|p| ((seed + p) % 251) as u8));
+        r
+    }
+
+    fn cifar10_fixture(d: &Path) {
+        let names: String = (0..10).map(|i| format!("class{i}\n")).collect();
+        std::fs::write(d.join("batches.meta.txt"), names + "\n").unwrap();
+        for b in 1..=2 {
+            let bytes: Vec<u8> = (0..3)
+                .flat_map(|i| record(&[(b * 3 + i) as u8 % 10], b * 10 + i))
+                .collect();
+            std::fs::write(d.join(format!("data_batch_{b}.bin")), bytes).unwrap();
+        }
+        std::fs::write(d.join("test_batch.bin"), record(&[9], 77)).unwrap();
+    }
+
+    #[test]
+    fn cifar10_pixels_and_labels_byte_exact() {
+        let d = dir("c10");
+        cifar10_fixture(&d);
+        let ((info, labels, pixels), (tinfo, tlabels, tpixels)) =
+            cifar10(&d, Some(&[1, 2])).unwrap();
+        assert_eq!(info.n, 6);
+        assert_eq!(info.classes[3], "class3");
+        assert_eq!(labels, vec![3, 4, 5, 6, 7, 8]);
+        // Image 4 = batch 2, record 1: R plane pixel (row 2, col 5) is byte 2·32 + 5.
+        let img = &pixels[4 * PIXELS..5 * PIXELS];
+        assert_eq!(img[2 * 32 + 5], (21 + 2 * 32 + 5) as u8); // 90 < 251: no wrap
+        assert_eq!(img[1024 + 7], ((21 + 1024 + 7) % 251) as u8); // G plane
+        assert_eq!((tinfo.n, tlabels[0], tpixels[0]), (1, 9, 77));
+        // Without `batches`, all five are required and a missing one is named.
+        let e = cifar10(&d, None).unwrap_err().to_string();
+        assert!(e.contains("data_batch_3.bin"), "{e}");
+    }
+
+    #[test]
+    fn cifar10_malformed_inputs() {
+        let d = dir("c10bad");
+        cifar10_fixture(&d);
+        let mut b = std::fs::read(d.join("data_batch_1.bin")).unwrap();
+        b.pop();
+        std::fs::write(d.join("data_batch_1.bin"), &b).unwrap();
+        let e = cifar10(&d, Some(&[1])).unwrap_err().to_string();
+        assert!(
+            e.contains("data_batch_1.bin") && e.contains("not a whole number of 3073-byte records"),
+            "{e}"
+        );
+        cifar10_fixture(&d);
+        let mut b = std::fs::read(d.join("data_batch_2.bin")).unwrap();
+        b[3073] = 10; // label of record 1
+        std::fs::write(d.join("data_batch_2.bin"), &b).unwrap();
+        let e = cifar10(&d, Some(&[2])).unwrap_err().to_string();
+        assert!(
+            e.contains("data_batch_2.bin")
+                && e.contains("record 1 (byte 3073)")
+                && e.contains("label 10"),
+            "{e}"
+        );
+        std::fs::write(d.join("batches.meta.txt"), "a\nb\n").unwrap();
+        let e = cifar10(&d, Some(&[1])).unwrap_err().to_string();
+        assert!(
+            e.contains("batches.meta.txt") && e.contains("2 names, expected 10"),
+            "{e}"
+        );
+        let e = cifar10(&d, Some(&[6])).unwrap_err().to_string();
+        assert!(e.contains("batches"), "{e}");
+    }
+
+    #[test]
+    fn cifar100_fine_and_coarse() {
+        let d = dir("c100");
+        let fine: String = (0..100).map(|i| format!("f{i}\n")).collect();
+        let coarse: String = (0..20).map(|i| format!("c{i}\n")).collect();
+        std::fs::write(d.join("fine_label_names.txt"), fine).unwrap();
+        std::fs::write(d.join("coarse_label_names.txt"), coarse).unwrap();
+        let train: Vec<u8> = [record(&[3, 42], 1), record(&[19, 99], 2)].concat();
+        std::fs::write(d.join("train.bin"), train).unwrap();
+        std::fs::write(d.join("test.bin"), record(&[0, 5], 3)).unwrap();
+        let ((info, labels, pixels), _) = cifar100(&d, Cifar100Label::Fine).unwrap();
+        assert_eq!((info.k(), labels.clone()), (100, vec![42, 99]));
+        assert_eq!(pixels[PIXELS + 2048 + 31], ((2 + 2048 + 31) % 251) as u8); // B plane of image 1
+        let ((info, labels, _), (_, tl, _)) = cifar100(&d, Cifar100Label::Coarse).unwrap();
+        assert_eq!((info.k(), labels, tl), (20, vec![3, 19], vec![0]));
+        let mut b = std::fs::read(d.join("train.bin")).unwrap();
+        b[1] = 100;
+        std::fs::write(d.join("train.bin"), &b).unwrap();
+        let e = cifar100(&d, Cifar100Label::Fine).unwrap_err().to_string();
+        assert!(
+            e.contains("train.bin") && e.contains("record 0 (byte 1)") && e.contains("label 100"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Preparing CIFAR-10 from the official binary layout (a fixture written here) through the
+//! binary, training on it, and the errors of a damaged file.
+
+mod common;
+use common::*;
+use datasets::PackedStore;
+
+/// Writes a CIFAR-10 fixture: `n` records per file, record i of file f labelled (f + i) mod 10,
+/// pixel p of it equal to (7·i + p) mod 256.
+fn fixture(dir: &std::path::Path, n: usize) {
+    let names: String = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    .iter()
+    .map(|c| format!("{c}\n"))
+    .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("batches.meta.txt"), names).unwrap();
+    for (f, file) in ["data_batch_1.bin", "test_batch.bin"].iter().enumerate() {
+        let mut bytes = Vec::new();
+        for i in 0..n {
+            bytes.push(((f + i) % 10) as u8);
+            bytes.extend((0..3072).map(|p| ((7 * i + p) % 256) as u8));
+        }
+        std::fs::write(dir.join(file), bytes).unwrap();
+    }
+}
+
+const CONFIG: &str = r#"
+[run]
+output = "out"
+
+[[stage]]
+name = "cifar"
+kind = "prepare"
+source = "cifar10"
+path = "cifar-10-batches-bin"
+batches = [1]
+
+[[stage]]
+name = "model"
+kind = "train"
+needs = ["cifar"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+epochs = 1
+batch_size = 16
+"#;
+
+#[test]
+fn prepares_cifar10_byte_exactly_and_trains_on_it() {
+    let dir = scratch();
+    fixture(&dir.path().join("cifar-10-batches-bin"), 40);
+    write(dir.path(), "c.toml", CONFIG);
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let train = PackedStore::open(&dir.path().join("out/cifar/train.pack")).unwrap();
+    assert_eq!(
+        (
+            train.len(),
+            train.info().k(),
+            train.info().h,
+            train.info().w
+        ),
+        (40, 10, 32, 32)
+    );
+    assert_eq!(train.info().classes[9], "truck");
+    assert_eq!(train.label(13), 3);
+    // Record 13: R plane (row 1, col 2) is byte 32 + 2; B plane byte 2048 + 5.
+    assert_eq!(train.image(13)[32 + 2], (7 * 13 + 34) as u8); // 125 < 256: no wrap
+    assert_eq!(train.image(13)[2048 + 5], ((7 * 13 + 2053) % 256) as u8);
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/cifar/dataset.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        info["normalize"]["mean"][0].as_f64().unwrap() as f32,
+        0.4914
+    );
+    assert!(dir.path().join("out/model/model.safetensors").exists());
+}
+
+#[test]
+fn a_damaged_cifar_file_is_refused_with_its_name_and_record() {
+    let dir = scratch();
+    let data = dir.path().join("cifar-10-batches-bin");
+    fixture(&data, 5);
+    let mut bytes = std::fs::read(data.join("data_batch_1.bin")).unwrap();
+    bytes[2 * 3073] = 12;
+    std::fs::write(data.join("data_batch_1.bin"), &bytes).unwrap();
+    write(dir.path(), "c.toml", CONFIG);
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("data_batch_1.bin")
+            && e.contains("record 2 (byte 6146)")
+            && e.contains("label 12 is outside 0..10"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("out/cifar").exists() && !dir.path().join("out/.cifar.partial").exists()
+    );
+}
