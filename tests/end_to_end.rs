@@ -20,16 +20,7 @@ fn tiny_pipeline_produces_every_output() {
     let out = dir.path().join("out");
 
     // Every stage has a complete record whose outputs exist with the recorded sizes and hashes.
-    for stage in [
-        "data",
-        "teacher",
-        "labels",
-        "vanilla",
-        "off-ldl",
-        "eval-vanilla",
-        "eval-off-ldl",
-        "report",
-    ] {
+    for stage in TINY_STAGES {
         let rec: serde_json::Value =
             serde_json::from_str(&read(&out.join(stage).join("stage.json"))).unwrap();
         assert_eq!(rec["status"], "complete");

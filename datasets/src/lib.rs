@@ -1,4 +1,5 @@
-//! Datasets for the LDL pipeline: the built-in synthetic dataset, the packed memory-mapped image
+//! Datasets for the LDL pipeline: the built-in synthetic dataset, readers of the official CIFAR-10,
+//! CIFAR-100 and STL-10 binaries, the packed memory-mapped image
 //! store that the `prepare` stage writes, on-the-fly augmentation and the multithreaded batch
 //! loader that feeds training.
 //!
@@ -12,6 +13,7 @@ pub mod error;
 pub mod loader;
 pub mod packed;
 pub mod rng;
+pub mod stl10;
 pub mod synthetic;
 
 pub use error::{DatasetError, Result};

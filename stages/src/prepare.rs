@@ -1,5 +1,5 @@
 //! The `prepare` stage: turns a dataset source (the built-in synthetic dataset, or the official
-//! CIFAR-10/CIFAR-100 binaries) into packed splits (`train.pack`, `test.pack`)
+//! CIFAR-10, CIFAR-100 or STL-10 binaries) into packed splits (`train.pack`, `test.pack`)
 //! and a `dataset.json` describing them (classes, sizes, hashes, normalisation statistics).
 
 use crate::context::Context;
@@ -22,6 +22,8 @@ pub enum Source {
     Cifar10,
     /// CIFAR-100, binary version, from `path`.
     Cifar100,
+    /// STL-10, binary version (labelled train and test splits), from `path`.
+    Stl10,
 }
 
 /// Parameters of a `prepare` stage. Keys that do not apply to the chosen `source` are refused.
@@ -30,7 +32,7 @@ pub enum Source {
 pub struct Params {
     /// The dataset source.
     pub source: Source,
-    /// Folder of the official files (CIFAR); relative to the stages.toml's folder.
+    /// Folder of the official files (CIFAR, STL-10); relative to the stages.toml's folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// CIFAR-10: which training batches to read (default all five, 1..=5).
@@ -105,6 +107,7 @@ impl Params {
             ],
             Source::Cifar10 => &["path", "batches"],
             Source::Cifar100 => &["path", "label"],
+            Source::Stl10 => &["path"],
         };
         let given = synthetic_keys.into_iter().chain([
             ("path", self.path.is_some()),
@@ -134,7 +137,7 @@ impl Params {
                     other => ("source", other.to_string()),
                 })
             }
-            Source::Cifar10 | Source::Cifar100 => {
+            Source::Cifar10 | Source::Cifar100 | Source::Stl10 => {
                 if self.path.is_none() {
                     return Err((
                         "path",
@@ -180,6 +183,7 @@ impl Source {
             Source::Synthetic => "synthetic",
             Source::Cifar10 => "cifar10",
             Source::Cifar100 => "cifar100",
+            Source::Stl10 => "stl10",
         }
     }
 }
@@ -257,6 +261,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             let train = spec.generate(seed, 0, p.train_size.unwrap_or(5000))?;
             bar.inc(1);
             let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
+            let normalize = Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len()));
+            (train, test, normalize)
+        }
+        Source::Stl10 => {
+            let dir = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+            let (train, test) = datasets::stl10::stl10(&dir)?;
+            bar.inc(1);
+            // No statistics are fixed by the paper's code for STL-10: fit them on the train split.
             let normalize = Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len()));
             (train, test, normalize)
         }

@@ -111,6 +111,18 @@ kind = "report"
 needs = ["eval-vanilla", "eval-off-ldl"]
 "#;
 
+/// The stages of [`TINY`], in dependency order.
+pub const TINY_STAGES: [&str; 8] = [
+    "data",
+    "teacher",
+    "labels",
+    "vanilla",
+    "off-ldl",
+    "eval-vanilla",
+    "eval-off-ldl",
+    "report",
+];
+
 /// Names of the stages whose runner log line contains `marker`.
 fn stages_logged(o: &Output, marker: &str) -> Vec<String> {
     stderr(o)

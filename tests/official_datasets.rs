@@ -1,5 +1,5 @@
-//! Preparing CIFAR-10 from the official binary layout (a fixture written here) through the
-//! binary, training on it, and the errors of a damaged file.
+//! Preparing the official dataset layouts (fixtures written here) through the binary: CIFAR-10
+//! byte-exactly and trained on, a damaged CIFAR file refused, STL-10's column-major planes.
 
 mod common;
 use common::*;
@@ -109,5 +109,47 @@ fn a_damaged_cifar_file_is_refused_with_its_name_and_record() {
     );
     assert!(
         !dir.path().join("out/cifar").exists() && !dir.path().join("out/.cifar.partial").exists()
+    );
+}
+
+#[test]
+fn prepares_stl10_transposing_its_column_major_planes() {
+    let dir = scratch();
+    let data = dir.path().join("stl10_binary");
+    std::fs::create_dir_all(&data).unwrap();
+    let names: String = (0..10).map(|i| format!("class{i}\n")).collect();
+    std::fs::write(data.join("class_names.txt"), names).unwrap();
+    for (split, n) in [("train", 2usize), ("test", 1)] {
+        // Byte at column x, row y of plane c of image i (column-major) = (i + c + 2y + x) mod 256.
+        let mut x = vec![0u8; n * 3 * 96 * 96];
+        for i in 0..n {
+            for c in 0..3 {
+                for col in 0..96 {
+                    for row in 0..96 {
+                        x[((i * 3 + c) * 96 + col) * 96 + row] =
+                            ((i + c + 2 * row + col) % 256) as u8;
+                    }
+                }
+            }
+        }
+        std::fs::write(data.join(format!("{split}_X.bin")), x).unwrap();
+        std::fs::write(data.join(format!("{split}_y.bin")), vec![10u8; n]).unwrap();
+    }
+    write(
+        dir.path(),
+        "s.toml",
+        "[run]\noutput = \"out\"\n[[stage]]\nname = \"stl\"\nkind = \"prepare\"\nsource = \"stl10\"\npath = \"stl10_binary\"\n",
+    );
+    let o = pipeline(dir.path(), &["run", "s.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let train = PackedStore::open(&dir.path().join("out/stl/train.pack")).unwrap();
+    assert_eq!(
+        (train.len(), train.info().h, train.info().w, train.label(1)),
+        (2, 96, 96, 9)
+    );
+    // Image 1, channel 2, row 40, column 3, read row-major from the store.
+    assert_eq!(
+        train.image(1)[2 * 9216 + 40 * 96 + 3],
+        (1 + 2 + 80 + 3) as u8 // 86 < 256: no wrap
     );
 }
