@@ -84,6 +84,12 @@ fn bad_device() {
 }
 
 #[test]
+fn cuda_device_in_a_cpu_build() {
+    let e = fails(&HEAD.replace("[run]\n", "[run]\ndevice = \"cuda:1\"\n"));
+    assert_at(&e, 2, 10, &["key `device`", "cuda:1", "CPU only"]);
+}
+
+#[test]
 fn duplicate_name() {
     let e = fails(&format!(
         "{HEAD}\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n"

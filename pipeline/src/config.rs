@@ -224,6 +224,9 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             .parse()
             .map_err(|m: String| loc.at(d.span(), format!("[run] key `device`: {m}")))?,
     };
+    if let (Some(d), Err(m)) = (&run_raw.device, device.available()) {
+        return Err(loc.at(d.span(), format!("[run] key `device`: {m}")));
+    }
     let threads = match &run_raw.threads {
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         Some(t) if *t.get_ref() == 0 => {

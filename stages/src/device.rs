@@ -40,17 +40,24 @@ impl std::fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Whether this build can use the device; the message says why not.
+    pub fn available(&self) -> std::result::Result<(), String> {
+        match self {
+            DeviceSpec::Cpu => Ok(()),
+            DeviceSpec::Cuda(n) if !candle_core::utils::cuda_is_available() => Err(format!(
+                "device cuda:{n} asked for, but this build of the program runs on the CPU only \
+                 (use \"cpu\")"
+            )),
+            DeviceSpec::Cuda(_) => Ok(()),
+        }
+    }
+
     /// Opens the device.
     pub fn open(&self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(StageError::Config(format!(
-                        "device cuda:{n} asked for, but this binary was built without the `cuda` feature \
-                         (build with `--features cuda`, see README)"
-                    )));
-                }
+                self.available().map_err(StageError::Config)?;
                 Ok(Device::new_cuda(*n)?)
             }
         }
