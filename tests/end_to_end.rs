@@ -121,3 +121,29 @@ fn same_seed_same_artifacts() {
         assert!(a == b, "{f} differs between identical runs");
     }
 }
+
+#[test]
+fn prepare_holds_out_a_seeded_validation_split() {
+    let dir = scratch();
+    let cfg = "[run]\noutput = \"out\"\nseed = 4\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n\
+               train_size = 100\ntest_size = 10\nimage_size = 8\nlimit = 80\nval = 20\n";
+    write(dir.path(), "v.toml", cfg);
+    let o = pipeline(dir.path(), &["run", "v.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out/data");
+    let train = PackedStore::open(&out.join("train.pack")).unwrap();
+    let val = PackedStore::open(&out.join("val.pack")).unwrap();
+    assert_eq!((train.len(), val.len()), (60, 20));
+    // No image is in both splits.
+    for i in 0..val.len() {
+        assert!((0..train.len()).all(|j| train.image(j) != val.image(i)));
+    }
+    let info: serde_json::Value = serde_json::from_str(&read(&out.join("dataset.json"))).unwrap();
+    assert_eq!(info["val"]["n"], 20);
+    let rec: serde_json::Value = serde_json::from_str(&read(&out.join("stage.json"))).unwrap();
+    assert!(rec["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["path"] == "val.pack"));
+}

@@ -10,6 +10,7 @@ pub mod atomic;
 pub mod augment;
 pub mod cifar;
 pub mod error;
+pub mod holdout;
 pub mod loader;
 pub mod packed;
 pub mod rng;

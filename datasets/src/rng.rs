@@ -33,6 +33,8 @@ pub mod stream {
     pub const INIT: u64 = 4;
     /// Dropout masks during training.
     pub const DROPOUT: u64 = 5;
+    /// The prepare stage's `limit` subset and `val` hold-out.
+    pub const HOLDOUT: u64 = 6;
 }
 
 #[cfg(test)]

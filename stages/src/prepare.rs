@@ -41,7 +41,13 @@ pub struct Params {
     /// CIFAR-100: `"fine"` (100 classes, default) or `"coarse"` (20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<Cifar100Label>,
-    /// Synthetic: generator seed (default: the run's seed).
+    /// Keep a seeded random subset of this many training images (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Hold this many training images out as a validation split `val.pack` (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<usize>,
+    /// Seed of the synthetic generator and of the `limit`/`val` draws (default: the run's seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Synthetic: training images (default 5000).
@@ -87,7 +93,6 @@ impl Params {
     /// returns the key and what was expected.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         let synthetic_keys = [
-            ("seed", self.seed.is_some()),
             ("train_size", self.train_size.is_some()),
             ("test_size", self.test_size.is_some()),
             ("classes", self.classes.is_some()),
@@ -105,15 +110,31 @@ impl Params {
                 "noise",
                 "hue_jitter",
             ],
-            Source::Cifar10 => &["path", "batches"],
-            Source::Cifar100 => &["path", "label"],
-            Source::Stl10 => &["path"],
+            Source::Cifar10 => &["path", "batches", "seed"],
+            Source::Cifar100 => &["path", "label", "seed"],
+            Source::Stl10 => &["path", "seed"],
         };
         let given = synthetic_keys.into_iter().chain([
             ("path", self.path.is_some()),
             ("batches", self.batches.is_some()),
             ("label", self.label.is_some()),
+            ("seed", self.seed.is_some()),
         ]);
+        for (key, v) in [("limit", self.limit), ("val", self.val)] {
+            if v == Some(0) {
+                return Err((key, "must be at least 1, found 0".into()));
+            }
+        }
+        if let (Some(l), Some(v)) = (self.limit, self.val) {
+            if v >= l {
+                return Err((
+                    "val",
+                    format!(
+                        "holding out {v} of the {l} images kept by `limit` leaves none to train on"
+                    ),
+                ));
+            }
+        }
         for (key, set) in given {
             if set && !allowed.contains(&key) {
                 return Err((
@@ -173,6 +194,9 @@ impl Params {
         if self.source == Source::Cifar100 {
             self.label.get_or_insert(Cifar100Label::Fine);
         }
+        if self.limit.is_some() || self.val.is_some() {
+            self.seed.get_or_insert(run_seed);
+        }
     }
 }
 
@@ -210,6 +234,9 @@ pub struct DatasetInfo {
     pub train: SplitInfo,
     /// Test split.
     pub test: SplitInfo,
+    /// Validation split held out of the training images (`val`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<SplitInfo>,
     /// Per-channel statistics of the training split, used to normalise every split.
     pub normalize: Normalize,
 }
@@ -222,6 +249,8 @@ pub struct Dataset {
     pub train: Arc<PackedStore>,
     /// Test split.
     pub test: Arc<PackedStore>,
+    /// Validation split, if the stage held one out.
+    pub val: Option<Arc<PackedStore>>,
 }
 
 impl Dataset {
@@ -246,7 +275,13 @@ impl Dataset {
             Ok(Arc::new(store))
         };
         let (train, test) = (open(&info.train)?, open(&info.test)?);
-        Ok(Dataset { info, train, test })
+        let val = info.val.as_ref().map(open).transpose()?;
+        Ok(Dataset {
+            info,
+            train,
+            test,
+            val,
+        })
     }
 }
 
@@ -261,16 +296,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             let train = spec.generate(seed, 0, p.train_size.unwrap_or(5000))?;
             bar.inc(1);
             let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
-            let normalize = Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len()));
-            (train, test, normalize)
+            (train, test, None)
         }
         Source::Stl10 => {
             let dir = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
             let (train, test) = datasets::stl10::stl10(&dir)?;
             bar.inc(1);
-            // No statistics are fixed by the paper's code for STL-10: fit them on the train split.
-            let normalize = Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len()));
-            (train, test, normalize)
+            // No statistics are fixed by the paper's code for STL-10: fitted on the train split.
+            (train, test, None)
         }
         Source::Cifar10 | Source::Cifar100 => {
             let dir = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
@@ -286,18 +319,21 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 )
             };
             bar.inc(1);
-            (
-                train,
-                test,
-                Normalize {
-                    mean: mean.to_vec(),
-                    std: std.to_vec(),
-                },
-            )
+            let fixed = Normalize {
+                mean: mean.to_vec(),
+                std: std.to_vec(),
+            };
+            (train, test, Some(fixed))
         }
     };
+    let (train, val) =
+        datasets::holdout::limit_and_hold_out(train, p.limit, p.val, p.seed.unwrap_or_default())?;
+    let normalize = normalize
+        .unwrap_or_else(|| Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len())));
     let mut splits = Vec::new();
-    for (name, (info, labels, pixels)) in [("train", train), ("test", test)] {
+    let mut named = vec![("train", train), ("test", test)];
+    named.extend(val.map(|v| ("val", v)));
+    for (name, (info, labels, pixels)) in named {
         let file = format!("{name}.pack");
         let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;
         splits.push((
@@ -311,24 +347,31 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     }
     bar.inc(1);
     bar.finish_and_clear();
-    let (test_info, test) = splits.pop().expect("two splits");
-    let (_, train) = splits.pop().expect("two splits");
+    let mut splits = splits.into_iter();
+    let (train_info, train) = splits.next().expect("train split");
+    let (_, test) = splits.next().expect("test split");
+    let val = splits.next().map(|(_, v)| v);
     let info = DatasetInfo {
-        classes: test_info.classes.clone(),
-        shape: [test_info.c, test_info.h, test_info.w],
+        classes: train_info.classes.clone(),
+        shape: [train_info.c, train_info.h, train_info.w],
         train,
         test,
+        val,
         normalize,
     };
     crate::error::write_json(&ctx.dir.join("dataset.json"), &info)?;
     tracing::info!(
-        "{}: {} train + {} test images, {} classes, {}×{}",
+        "{}: {} train + {} val + {} test images, {} classes, {}×{}",
         ctx.name,
         info.train.n,
+        info.val.as_ref().map_or(0, |v| v.n),
         info.test.n,
         info.classes.len(),
         info.shape[1],
         info.shape[2]
     );
-    Ok(vec![info.train.file, info.test.file, "dataset.json".into()])
+    let mut outputs = vec![info.train.file.clone(), info.test.file.clone()];
+    outputs.extend(info.val.as_ref().map(|v| v.file.clone()));
+    outputs.push("dataset.json".into());
+    Ok(outputs)
 }
