@@ -30,7 +30,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Reads a class-name file: one name per line, blank lines ignored, exactly `k` names.
-fn read_names(path: &Path, k: usize) -> Result<Vec<String>> {
+pub(crate) fn read_names(path: &Path, k: usize) -> Result<Vec<String>> {
     let text = String::from_utf8(read(path)?)
         .map_err(|e| DatasetError::format(path, "contents", format!("not UTF-8: {e}")))?;
     let names: Vec<String> = text

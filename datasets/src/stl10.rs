@@ -5,7 +5,7 @@
 //! originals), so every plane is transposed into the packed store's row-major CHW. Labels are
 //! bytes 1..=10 and become 0..=9.
 
-use crate::cifar::Split;
+use crate::cifar::{read_names, Split};
 use crate::error::{DatasetError, Result};
 use crate::packed::StoreInfo;
 use rayon::prelude::*;
@@ -77,22 +77,7 @@ fn split(dir: &Path, name: &str, classes: &[String]) -> Result<Split> {
 
 /// Reads the labelled train and test splits of STL-10 from `dir`.
 pub fn stl10(dir: &Path) -> Result<(Split, Split)> {
-    let names_path = dir.join("class_names.txt");
-    let text = String::from_utf8(read(&names_path)?)
-        .map_err(|e| DatasetError::format(&names_path, "contents", format!("not UTF-8: {e}")))?;
-    let classes: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if classes.len() != 10 {
-        return Err(DatasetError::format(
-            &names_path,
-            "class names",
-            format!("{} names, expected 10", classes.len()),
-        ));
-    }
+    let classes = read_names(&dir.join("class_names.txt"), 10)?;
     Ok((
         split(dir, "train", &classes)?,
         split(dir, "test", &classes)?,
