@@ -1,5 +1,6 @@
 //! Preparing the official dataset layouts (fixtures written here) through the binary: CIFAR-10
-//! byte-exactly and trained on, a damaged CIFAR file refused, STL-10's column-major planes.
+//! byte-exactly and trained on (with Cutout and CutMix), a damaged CIFAR file refused, STL-10's
+//! column-major planes, an ImageFolder tree, and CIFAR-10 fetched from a local HTTP server.
 
 mod common;
 use common::*;
@@ -55,6 +56,8 @@ width = 4
 method = "vanilla"
 epochs = 1
 batch_size = 16
+cutout = 16
+mix = { type = "cutmix", p = 1.0 }
 "#;
 
 #[test]
@@ -152,4 +155,122 @@ fn prepares_stl10_transposing_its_column_major_planes() {
         train.image(1)[2 * 9216 + 40 * 96 + 3],
         (1 + 2 + 80 + 3) as u8 // 86 < 256: no wrap
     );
+}
+
+#[test]
+fn prepares_an_image_folder_in_sorted_class_order() {
+    use image::{Rgb, RgbImage};
+    let dir = scratch();
+    let root = dir.path().join("images");
+    let save = |rel: &str, img: &RgbImage| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        img.save(&p).unwrap();
+    };
+    // 8×6 images: the shorter side 6 becomes 4 (8 becomes 5), then the centre 4×4 is kept.
+    let solid = |v: u8| RgbImage::from_pixel(8, 6, Rgb([v, 255 - v, 9]));
+    save("train/cat/1.png", &solid(10));
+    save("train/cat/2.png", &solid(20));
+    save("train/ant/1.PNG", &solid(30));
+    save("val/ant/1.png", &solid(40));
+    write(
+        dir.path(),
+        "f.toml",
+        "[run]\noutput = \"out\"\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"imagefolder\"\npath = \"images\"\nimage_size = 4\n",
+    );
+    let o = pipeline(dir.path(), &["run", "f.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let train = PackedStore::open(&dir.path().join("out/data/train.pack")).unwrap();
+    assert_eq!(train.info().classes, ["ant", "cat"]);
+    assert_eq!((train.len(), train.info().h, train.info().w), (3, 4, 4));
+    assert_eq!(
+        (0..3).map(|i| train.label(i)).collect::<Vec<_>>(),
+        [0, 1, 1]
+    );
+    // Solid colours survive resizing exactly: R, G and B planes of image 1 (cat/1.png).
+    let img = train.image(1);
+    assert!(img[..16].iter().all(|p| *p == 10), "{img:?}");
+    assert!(img[16..32].iter().all(|p| *p == 245));
+    assert!(img[32..].iter().all(|p| *p == 9));
+    let test = PackedStore::open(&dir.path().join("out/data/test.pack")).unwrap();
+    assert_eq!((test.len(), test.label(0), test.image(0)[0]), (1, 0, 40));
+}
+
+/// Serves `body` at any path over HTTP/1.1 on 127.0.0.1, counting the requests.
+fn serve(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                line.clear();
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (format!("http://{addr}/cifar-10-binary.tar.gz"), hits)
+}
+
+#[test]
+fn fetches_cifar10_from_a_mirror_once_and_prepares_it() {
+    use md5::Digest;
+    use std::sync::atomic::Ordering;
+    let dir = scratch();
+    let src = dir.path().join("src/cifar-10-batches-bin");
+    fixture(&src, 6);
+    let mut archive = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    archive
+        .append_dir_all("cifar-10-batches-bin", &src)
+        .unwrap();
+    let body = archive.into_inner().unwrap().finish().unwrap();
+    let md5: String = md5::Md5::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (url, hits) = serve(body);
+    let config = |out: &str, md5: &str| {
+        format!(
+            "[run]\noutput = \"{out}\"\n[[stage]]\nname = \"cifar\"\nkind = \"prepare\"\nsource = \"cifar10\"\nbatches = [1]\nfetch = true\ncache = \"cache\"\nurl = \"{url}\"\nmd5 = \"{md5}\"\n"
+        )
+    };
+    write(dir.path(), "a.toml", &config("out-a", &md5));
+    let o = pipeline(dir.path(), &["run", "a.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let train = PackedStore::open(&dir.path().join("out-a/cifar/train.pack")).unwrap();
+    assert_eq!((train.len(), train.label(3)), (6, 3));
+    assert_eq!(train.image(3)[100], ((7 * 3 + 100) % 256) as u8);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // Another output root reuses the unpacked archive: no second download.
+    write(dir.path(), "b.toml", &config("out-b", &md5));
+    let o = pipeline(dir.path(), &["run", "b.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // A wrong checksum is refused, naming the address and both sums.
+    let wrong = "0123456789abcdef0123456789abcdef";
+    write(
+        dir.path(),
+        "c.toml",
+        &config("out-c", wrong).replace("cache = \"cache\"", "cache = \"cache2\""),
+    );
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains(&url) && e.contains(wrong) && e.contains(&md5), "{e}");
+    assert!(!dir.path().join("out-c/cifar").exists());
 }

@@ -6,9 +6,11 @@
 //! augmentation draws come from (seed, epoch, batch), so the batches are identical whatever the
 //! number of workers, and an epoch can be started at any batch to resume a killed run. Batch `b`
 //! is built by worker `b mod W` and read from that worker's channel, which keeps order without a
-//! reorder buffer.
+//! reorder buffer. Mixing (mixup, CutMix, RICAP) draws from its own stream (seed, epoch, batch)
+//! after the per-image augmentation, and its record travels with the batch.
 
 use crate::augment::{augment_into, Augment, Normalize};
+use crate::mix::{Mix, MixRecord};
 use crate::packed::PackedStore;
 use crate::rng::{rng_for, stream};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -29,6 +31,8 @@ pub struct LoaderConfig {
     pub augment: Augment,
     /// Per-channel normalisation.
     pub normalize: Normalize,
+    /// Batch-level mixing.
+    pub mix: Mix,
     /// Worker threads (at least 1).
     pub workers: usize,
     /// Batches each worker may build ahead of the trainer.
@@ -48,6 +52,11 @@ pub struct Batch {
     pub labels: Vec<u32>,
     /// Positions of the images in the packed split.
     pub indices: Vec<u32>,
+    /// What the mixing augmentation did ([`MixRecord::None`] without mixing).
+    pub mix: MixRecord,
+    /// The images before mixing (kept only when the batch was mixed), so a record can be
+    /// re-applied or the unmixed images shown to a model.
+    pub unmixed: Vec<f32>,
 }
 
 impl Batch {
@@ -165,6 +174,13 @@ fn fill_batch(
         batch.labels.push(store.label(i as usize));
         batch.indices.push(i);
     }
+    let mut rng = rng_for(&[config.seed, stream::MIX, epoch, b as u64]);
+    batch.mix = crate::mix::draw(&config.mix, idx.len(), (h, w), &mut rng);
+    if batch.mix != MixRecord::None {
+        std::mem::swap(&mut batch.images, &mut batch.unmixed);
+        batch.images.resize(batch.unmixed.len(), 0.0);
+        batch.mix.apply(&batch.unmixed, &mut batch.images, (c, h, w));
+    }
 }
 
 /// The batches of one epoch, in order.
@@ -222,9 +238,9 @@ mod tests {
             ..Default::default()
         };
         let (info, labels, pixels): (StoreInfo, _, _) = spec.generate(1, 0, 50).unwrap();
-        let dir = std::env::temp_dir().join(format!("ldl-loader-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("train.pack");
+        // A folder per call: tests run in parallel. The mapping outlives the deleted file.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train.pack");
         PackedWriter::write(&p, &info, &labels, &pixels).unwrap();
         Arc::new(PackedStore::open(&p).unwrap())
     }
@@ -239,6 +255,7 @@ mod tests {
                 mean: vec![0.5; 3],
                 std: vec![0.25; 3],
             },
+            mix: Mix::None,
             workers,
             prefetch: 2,
             seed: 3,
@@ -253,6 +270,41 @@ mod tests {
             it.recycle(b);
         }
         out
+    }
+
+    #[test]
+    fn mixed_batches_are_identical_across_worker_counts() {
+        let s = store();
+        for mix in [
+            Mix::Mixup { alpha: 1.0 },
+            Mix::Cutmix { beta: 1.0, p: 1.0 },
+            Mix::Ricap { beta: 0.3 },
+        ] {
+            let mixed = |workers| {
+                let mut c = config(workers);
+                c.mix = mix;
+                let loader = Loader::new(s.clone(), c);
+                let mut out = Vec::new();
+                let mut it = loader.epoch(1, 0);
+                while let Some(b) = it.next() {
+                    let mut again = vec![0.0; b.images.len()];
+                    b.mix.apply(&b.unmixed, &mut again, (3, 8, 8));
+                    assert_eq!(again, b.images, "the record rebuilds the batch");
+                    assert_ne!(b.mix, MixRecord::None);
+                    out.push((b.images.clone(), b.mix.clone(), b.unmixed.clone()));
+                    it.recycle(b);
+                }
+                out
+            };
+            let one = mixed(1);
+            assert_eq!(one, mixed(3));
+            // The unmixed images are those of the unmixing loader.
+            let plain = collect(&Loader::new(s.clone(), config(1)), 1, 0);
+            assert_eq!(one.len(), plain.len());
+            for (m, p) in one.iter().zip(&plain) {
+                assert_eq!(m.2, p.0);
+            }
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub mod stream {
     pub const DROPOUT: u64 = 5;
     /// The prepare stage's `limit` subset and `val` hold-out.
     pub const HOLDOUT: u64 = 6;
+    /// The loader's per-batch mixing draws (mixup, CutMix, RICAP).
+    pub const MIX: u64 = 7;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `pipeline`: runs a stages.toml — prepare → train teachers → label → train students →
 //! evaluate → report — resumably, skipping what is up to date.
 
+mod bench;
 mod config;
 mod lock;
 mod runner;
@@ -70,6 +71,17 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Measure throughput (to compare with the PyTorch scripts in benches/).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Images/s of the batch loader (crop, flip, normalise, CutMix) on CIFAR-shaped data.
+    Loader(bench::LoaderArgs),
 }
 
 /// Log lines are written through the progress bars, so bars and logs never garble each other.
@@ -192,6 +204,9 @@ fn main() -> ExitCode {
                 Ok(())
             })()
         }
+        Command::Bench { what } => match what {
+            BenchCommand::Loader(args) => bench::loader(args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

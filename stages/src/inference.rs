@@ -36,6 +36,7 @@ impl Inference<'_> {
                 drop_last: false,
                 augment: Augment::NONE,
                 normalize: self.normalize.clone(),
+                mix: datasets::mix::Mix::None,
                 workers: ctx.threads.max(1),
                 prefetch: 2,
                 seed: 0,

@@ -1,6 +1,7 @@
-//! The `prepare` stage: turns a dataset source (the built-in synthetic dataset, or the official
-//! CIFAR-10, CIFAR-100 or STL-10 binaries) into packed splits (`train.pack`, `test.pack`)
-//! and a `dataset.json` describing them (classes, sizes, hashes, normalisation statistics).
+//! The `prepare` stage: turns a dataset source (the built-in synthetic dataset, the official
+//! CIFAR-10, CIFAR-100 or STL-10 binaries — read from `path` or fetched into a cache — or an
+//! ImageFolder tree) into packed splits (`train.pack`, `test.pack`, optionally `val.pack`) and a
+//! `dataset.json` describing them (classes, sizes, hashes, normalisation statistics).
 
 use crate::context::Context;
 use crate::error::Result;
@@ -24,6 +25,8 @@ pub enum Source {
     Cifar100,
     /// STL-10, binary version (labelled train and test splits), from `path`.
     Stl10,
+    /// An ImageFolder tree `path/<split>/<class>/*.{jpg,jpeg,png}`, resized to `image_size`.
+    Imagefolder,
 }
 
 /// Parameters of a `prepare` stage. Keys that do not apply to the chosen `source` are refused.
@@ -32,9 +35,30 @@ pub enum Source {
 pub struct Params {
     /// The dataset source.
     pub source: Source,
-    /// Folder of the official files (CIFAR, STL-10); relative to the stages.toml's folder.
+    /// Folder of the official files (CIFAR, STL-10) or the ImageFolder root; relative to the
+    /// stages.toml's folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// CIFAR-10/100, STL-10: download the official archive into `cache` instead of reading
+    /// `path` (verified by its md5; a partial download resumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<bool>,
+    /// Folder of downloaded archives (default `$LDL_CACHE`, else `$XDG_CACHE_HOME/ldl`, else
+    /// `~/.cache/ldl`); relative to the stages.toml's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// Download address replacing the official one (a mirror); needs `md5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Expected md5 of the archive at `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    /// ImageFolder: the training split's folder (default `train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_split: Option<String>,
+    /// ImageFolder: the test split's folder (default `val`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_split: Option<String>,
     /// CIFAR-10: which training batches to read (default all five, 1..=5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batches: Option<Vec<u32>>,
@@ -59,7 +83,8 @@ pub struct Params {
     /// Synthetic: number of classes (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<usize>,
-    /// Synthetic: image side in pixels (default 32).
+    /// Synthetic: image side in pixels (default 32). ImageFolder: side of the square the
+    /// images are resized (shorter side) and centre-cropped to (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<usize>,
     /// Synthetic: per-pixel noise standard deviation, full scale 1 (default 0.08).
@@ -110,15 +135,22 @@ impl Params {
                 "noise",
                 "hue_jitter",
             ],
-            Source::Cifar10 => &["path", "batches", "seed"],
-            Source::Cifar100 => &["path", "label", "seed"],
-            Source::Stl10 => &["path", "seed"],
+            Source::Cifar10 => &["path", "batches", "seed", "fetch", "cache", "url", "md5"],
+            Source::Cifar100 => &["path", "label", "seed", "fetch", "cache", "url", "md5"],
+            Source::Stl10 => &["path", "seed", "fetch", "cache", "url", "md5"],
+            Source::Imagefolder => &["path", "seed", "image_size", "train_split", "test_split"],
         };
         let given = synthetic_keys.into_iter().chain([
             ("path", self.path.is_some()),
             ("batches", self.batches.is_some()),
             ("label", self.label.is_some()),
             ("seed", self.seed.is_some()),
+            ("fetch", self.fetch.is_some()),
+            ("cache", self.cache.is_some()),
+            ("url", self.url.is_some()),
+            ("md5", self.md5.is_some()),
+            ("train_split", self.train_split.is_some()),
+            ("test_split", self.test_split.is_some()),
         ]);
         for (key, v) in [("limit", self.limit), ("val", self.val)] {
             if v == Some(0) {
@@ -158,11 +190,55 @@ impl Params {
                     other => ("source", other.to_string()),
                 })
             }
-            Source::Cifar10 | Source::Cifar100 | Source::Stl10 => {
+            Source::Imagefolder => {
                 if self.path.is_none() {
+                    return Err(("path", "is required for source = \"imagefolder\"".into()));
+                }
+                match self.image_size {
+                    None => Err((
+                        "image_size",
+                        "is required for source = \"imagefolder\" (the side images are resized and cropped to)".into(),
+                    )),
+                    Some(0) => Err(("image_size", "must be at least 1, found 0".into())),
+                    Some(_) => Ok(()),
+                }
+            }
+            Source::Cifar10 | Source::Cifar100 | Source::Stl10 => {
+                let fetch = self.fetch == Some(true);
+                if fetch && self.path.is_some() {
                     return Err((
                         "path",
-                        format!("is required for source = \"{}\"", self.source.as_str()),
+                        "does not apply with fetch = true (the archive is unpacked into `cache`)"
+                            .into(),
+                    ));
+                }
+                if !fetch {
+                    for (key, set) in [
+                        ("cache", self.cache.is_some()),
+                        ("url", self.url.is_some()),
+                        ("md5", self.md5.is_some()),
+                    ] {
+                        if set {
+                            return Err((key, "applies only with fetch = true".into()));
+                        }
+                    }
+                }
+                if self.url.is_some() != self.md5.is_some() {
+                    let key = if self.url.is_some() { "md5" } else { "url" };
+                    return Err((key, "`url` and `md5` go together: a mirror's archive is verified by its md5".into()));
+                }
+                if let Some(m) = &self.md5 {
+                    if m.len() != 32 || !m.chars().all(|c| c.is_ascii_hexdigit()) {
+                        return Err(("md5", format!("must be 32 hexadecimal digits, found `{m}`")));
+                    }
+                }
+                if self.path.is_none() && !fetch {
+                    return Err((
+                        "path",
+                        format!(
+                            "is required for source = \"{}\" (or set fetch = true to download the official archive)",
+                            self.source.as_str()
+                        ),
                     ));
                 }
                 if let Some(b) = &self.batches {
@@ -208,6 +284,7 @@ impl Source {
             Source::Cifar10 => "cifar10",
             Source::Cifar100 => "cifar100",
             Source::Stl10 => "stl10",
+            Source::Imagefolder => "imagefolder",
         }
     }
 }
@@ -285,6 +362,38 @@ impl Dataset {
     }
 }
 
+/// The folder of the official files: `path`, or the archive fetched into the cache.
+fn source_dir(ctx: &Context, p: &Params) -> Result<std::path::PathBuf> {
+    if p.fetch != Some(true) {
+        return Ok(ctx.base_dir.join(p.path.as_deref().unwrap_or_default()));
+    }
+    let mut archive = datasets::fetch::Archive::official(p.source.as_str())
+        .expect("an official archive for every fetchable source");
+    if let (Some(url), Some(md5)) = (&p.url, &p.md5) {
+        archive.url = url.clone();
+        archive.md5 = md5.to_ascii_lowercase();
+    }
+    let cache = match &p.cache {
+        Some(c) => ctx.base_dir.join(c),
+        None => datasets::fetch::default_cache().ok_or_else(|| {
+            crate::StageError::invalid(
+                &ctx.base_dir,
+                "key `cache`",
+                "no cache folder: set `cache`, $LDL_CACHE or $HOME",
+            )
+        })?,
+    };
+    let bar = ctx.bar(0, &format!("downloading {}", archive.url));
+    let dir = datasets::fetch::fetch(&archive, &cache, &mut |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    Ok(dir)
+}
+
 /// Runs a `prepare` stage.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let bar = ctx.bar(2, "reading splits");
@@ -298,15 +407,28 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
             (train, test, None)
         }
+        Source::Imagefolder => {
+            let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+            let size = p.image_size.unwrap_or_default();
+            let (train_split, test_split) = (
+                p.train_split.as_deref().unwrap_or("train"),
+                p.test_split.as_deref().unwrap_or("val"),
+            );
+            let classes = datasets::imagefolder::classes(&root, train_split)?;
+            let train = datasets::imagefolder::read(&root, train_split, &classes, size)?;
+            bar.inc(1);
+            let test = datasets::imagefolder::read(&root, test_split, &classes, size)?;
+            (train, test, None)
+        }
         Source::Stl10 => {
-            let dir = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+            let dir = source_dir(ctx, p)?;
             let (train, test) = datasets::stl10::stl10(&dir)?;
             bar.inc(1);
             // No statistics are fixed by the paper's code for STL-10: fitted on the train split.
             (train, test, None)
         }
         Source::Cifar10 | Source::Cifar100 => {
-            let dir = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+            let dir = source_dir(ctx, p)?;
             let ((train, test), (mean, std)) = if p.source == Source::Cifar10 {
                 (
                     datasets::cifar::cifar10(&dir, p.batches.as_deref())?,

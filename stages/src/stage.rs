@@ -206,6 +206,9 @@ impl StageParams {
                         format!("{} is more than the {} epochs", p.warmup_epochs, p.epochs),
                     ));
                 }
+                p.mix
+                    .validate()
+                    .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))?;
                 if p.label_source.is_some() && !p.method.reads_labels() {
                     return Err((
                         "label_source",

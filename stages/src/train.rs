@@ -17,6 +17,7 @@ use crate::schedule::{lr_at, Schedule};
 use crate::stage::Kind;
 use candle_core::{DType, Device, Tensor};
 use datasets::augment::Augment;
+use datasets::mix::{Mix, MixRecord};
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, LoaderConfig};
 use serde::{Deserialize, Serialize};
@@ -135,6 +136,13 @@ pub struct Params {
     /// Per-image augmentation.
     #[serde(default = "d_augment")]
     pub augment: AugmentName,
+    /// Side of a Cutout square applied after normalisation (0: none).
+    #[serde(default)]
+    pub cutout: usize,
+    /// Batch-level mixing, e.g. `{ type = "cutmix", p = 1.0 }`: the targets (one-hot or the
+    /// stored distributions) are mixed with the images' weights.
+    #[serde(default)]
+    pub mix: Mix,
     /// Seed of initialisation, order and augmentation (default: the run's seed).
     #[serde(default)]
     pub seed: Option<u64>,
@@ -303,11 +311,15 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             batch_size: p.batch_size,
             shuffle: true,
             drop_last: false,
-            augment: match p.augment {
-                AugmentName::None => Augment::NONE,
-                AugmentName::CropFlip => Augment::CROP_FLIP,
+            augment: Augment {
+                cutout: p.cutout,
+                ..match p.augment {
+                    AugmentName::None => Augment::NONE,
+                    AugmentName::CropFlip => Augment::CROP_FLIP,
+                }
             },
             normalize: data.info.normalize.clone(),
+            mix: p.mix,
             workers: ctx.threads.max(1),
             prefetch: 2,
             seed,
@@ -331,6 +343,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let bar = ctx.bar((p.epochs * steps) as u64, "training");
     bar.set_position((start * steps) as u64);
     let mut targets = vec![0f32; p.batch_size * k];
+    let mut mixed = Vec::with_capacity(p.batch_size * k);
     for epoch in start..p.epochs {
         let t0 = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
@@ -349,15 +362,32 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             let x = Tensor::from_slice(&batch.images, (b, c, h, w), &device)?;
             let y = Tensor::from_slice(&batch.labels, b, &device)?;
             let logits = model.net.forward_t(&x, true)?;
-            let loss = match &soft {
-                None => cross_entropy(&logits, &y)?,
-                Some(s) => {
-                    for (slot, &i) in batch.indices.iter().enumerate() {
-                        let i = i as usize;
-                        targets[slot * k..(slot + 1) * k]
-                            .copy_from_slice(&s.probs[i * k..(i + 1) * k]);
+            let loss = match (&soft, &batch.mix) {
+                (None, MixRecord::None) => cross_entropy(&logits, &y)?,
+                _ => {
+                    let rows = &mut targets[..b * k];
+                    for (slot, (&i, &label)) in batch.indices.iter().zip(&batch.labels).enumerate()
+                    {
+                        let row = &mut rows[slot * k..(slot + 1) * k];
+                        match &soft {
+                            Some(s) => {
+                                let i = i as usize;
+                                row.copy_from_slice(&s.probs[i * k..(i + 1) * k]);
+                            }
+                            None => {
+                                row.fill(0.0);
+                                row[label as usize] = 1.0;
+                            }
+                        }
                     }
-                    let z = Tensor::from_slice(&targets[..b * k], (b, k), &device)?;
+                    // A mixed image's target mixes its sources' targets with the same weights.
+                    let z = if batch.mix == MixRecord::None {
+                        &rows[..]
+                    } else {
+                        batch.mix.mix_rows(rows, k, &mut mixed);
+                        &mixed[..]
+                    };
+                    let z = Tensor::from_slice(z, (b, k), &device)?;
                     soft_cross_entropy(&logits, &z)?
                 }
             };

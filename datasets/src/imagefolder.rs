@@ -1,0 +1,251 @@
+//! Reader of the ImageFolder layout (`root/<split>/<class>/**/*.{jpg,jpeg,png}`, as torchvision's
+//! `ImageFolder` and the ImageNet and Tiny-ImageNet downloads use): images are decoded with the
+//! `image` crate in parallel, converted to RGB, resized so the shorter side is `size` and
+//! centre-cropped to `size × size`, like torchvision's `Resize(size)` + `CenterCrop(size)`.
+//!
+//! Classes are the split's sub-folders in sorted order (their names become the class names);
+//! files are taken in sorted path order, so the packed result is the same on every machine.
+//! Class folders are searched recursively (Tiny-ImageNet's train split keeps its images in
+//! `<class>/images/`); files with other extensions are skipped.
+
+use crate::cifar::Split;
+use crate::error::{DatasetError, Result};
+use crate::packed::StoreInfo;
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
+}
+
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DatasetError::io(dir, e))? {
+        let entry = entry.map_err(|e| DatasetError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        // Follows symbolic links, as torchvision does.
+        let path = entry.path();
+        let is_dir = path.is_dir();
+        out.push((name, path, is_dir));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for (_, path, is_dir) in entries(dir)? {
+        if is_dir {
+            collect_images(&path, out)?;
+        } else if is_image(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The class folders of `root/<split>`, sorted: the class names.
+pub fn classes(root: &Path, split: &str) -> Result<Vec<String>> {
+    let dir = root.join(split);
+    let classes: Vec<String> = entries(&dir)?
+        .into_iter()
+        .filter(|e| e.2)
+        .map(|e| e.0)
+        .collect();
+    if classes.is_empty() {
+        return Err(DatasetError::format(
+            &dir,
+            "split folder",
+            "holds no class folder: expected <split>/<class>/<image files>",
+        ));
+    }
+    Ok(classes)
+}
+
+/// Decodes one image file into CHW `u8` pixels of `size × size`.
+pub fn load(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| DatasetError::io(path, e))?;
+    let img = image::load_from_memory(&bytes)
+        .map_err(|e| DatasetError::format(path, "image", format!("cannot decode: {e}")))?
+        .to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(DatasetError::format(path, "image", "has no pixels"));
+    }
+    // torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated.
+    let (nw, nh) = if w <= h {
+        (size, size * h / w)
+    } else {
+        (size * w / h, size)
+    };
+    let resized = if (nw, nh) == (w, h) {
+        img
+    } else {
+        image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle)
+    };
+    // torchvision's CenterCrop rounds the offset of the centred window.
+    let top = ((nh - size) as f64 / 2.0).round() as usize;
+    let left = ((nw - size) as f64 / 2.0).round() as usize;
+    let plane = size * size;
+    for y in 0..size {
+        for x in 0..size {
+            let p = resized.get_pixel((left + x) as u32, (top + y) as u32).0;
+            for c in 0..3 {
+                out[c * plane + y * size + x] = p[c];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads split `split` of the ImageFolder at `root`, labelled by `classes` (the training split's
+/// class folders, so every split shares one class order); every image becomes `3 × size × size`.
+pub fn read(root: &Path, split: &str, classes: &[String], size: usize) -> Result<Split> {
+    if size == 0 {
+        return Err(DatasetError::Param {
+            name: "image_size",
+            message: "must be at least 1, found 0".into(),
+        });
+    }
+    let dir = root.join(split);
+    let here = self::classes(root, split)?;
+    if let Some(extra) = here.iter().find(|c| !classes.contains(c)) {
+        return Err(DatasetError::format(
+            dir.join(extra),
+            "class folder",
+            format!(
+                "class `{extra}` is not among the {} classes of the training split",
+                classes.len()
+            ),
+        ));
+    }
+    let mut files: Vec<(PathBuf, u32)> = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let class_dir = dir.join(class);
+        if !class_dir.is_dir() {
+            continue; // a split may lack a class (e.g. a small test split)
+        }
+        let mut images = Vec::new();
+        collect_images(&class_dir, &mut images)?;
+        if images.is_empty() {
+            return Err(DatasetError::format(
+                &class_dir,
+                "class folder",
+                "holds no .jpg, .jpeg or .png image",
+            ));
+        }
+        files.extend(images.into_iter().map(|p| (p, label as u32)));
+    }
+    let info = StoreInfo {
+        n: files.len(),
+        h: size,
+        w: size,
+        c: 3,
+        classes: classes.to_vec(),
+    };
+    let len = info.image_len();
+    let mut pixels = vec![0u8; files.len() * len];
+    pixels
+        .par_chunks_mut(len)
+        .zip(files.par_iter())
+        .try_for_each(|(out, (path, _))| load(path, size, out))?;
+    let labels = files.iter().map(|f| f.1).collect();
+    Ok((info, labels, pixels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{Rgb, RgbImage};
+
+    fn write(path: &Path, img: &RgbImage) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        img.save(path).unwrap();
+    }
+
+    #[test]
+    fn reads_classes_in_sorted_order_with_exact_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // PNG is lossless: pixels must come back exactly, in CHW order.
+        let img = RgbImage::from_fn(4, 4, |x, y| Rgb([x as u8 * 10, y as u8 * 10, 7]));
+        write(&root.join("train/zebra/b.png"), &img);
+        write(&root.join("train/zebra/nested/a.PNG"), &img);
+        write(&root.join("train/ant/x.png"), &RgbImage::new(4, 4));
+        std::fs::write(root.join("train/ant/notes.txt"), "skipped").unwrap();
+        let classes = classes(root, "train").unwrap();
+        assert_eq!(classes, ["ant", "zebra"]);
+        let (info, labels, pixels) = read(root, "train", &classes, 4).unwrap();
+        assert_eq!((info.n, info.c, info.h, info.w), (3, 3, 4, 4));
+        assert_eq!(labels, [0, 1, 1]);
+        assert!(pixels[..48].iter().all(|p| *p == 0));
+        let second = &pixels[48..96];
+        for y in 0..4 {
+            for x in 0..4 {
+                assert_eq!(second[y * 4 + x], x as u8 * 10);
+                assert_eq!(second[16 + y * 4 + x], y as u8 * 10);
+                assert_eq!(second[32 + y * 4 + x], 7);
+            }
+        }
+    }
+
+    #[test]
+    fn resizes_the_shorter_side_and_crops_the_centre() {
+        let dir = tempfile::tempdir().unwrap();
+        // 20 wide, 4 high: red, green and blue vertical bands.
+        let img = RgbImage::from_fn(20, 4, |x, _| {
+            if x < 6 {
+                Rgb([255, 0, 0])
+            } else if x < 14 {
+                Rgb([0, 255, 0])
+            } else {
+                Rgb([0, 0, 255])
+            }
+        });
+        let path = dir.path().join("a.png");
+        img.save(&path).unwrap();
+        let mut out = vec![0u8; 3 * 4];
+        // Shorter side 4 → 2: 10 × 2; the centre 2 × 2 (source columns 8..12) is all green.
+        load(&path, 2, &mut out).unwrap();
+        assert!(out[..4].iter().all(|p| *p < 40), "{out:?}");
+        assert!(out[4..8].iter().all(|p| *p > 215), "{out:?}");
+        assert!(out[8..].iter().all(|p| *p < 40), "{out:?}");
+    }
+
+    #[test]
+    fn malformed_folders_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(&root.join("train/a/x.png"), &RgbImage::new(2, 2));
+        std::fs::create_dir_all(root.join("train/b/sub")).unwrap();
+        let classes = classes(root, "train").unwrap();
+        let err = read(root, "train", &classes, 2).unwrap_err().to_string();
+        assert!(err.contains("train/b") && err.contains("no .jpg"), "{err}");
+
+        std::fs::write(root.join("train/b/broken.jpg"), b"not a jpeg").unwrap();
+        let err = read(root, "train", &classes, 2).unwrap_err().to_string();
+        assert!(err.contains("broken.jpg") && err.contains("cannot decode"), "{err}");
+
+        write(&root.join("test/c/x.png"), &RgbImage::new(2, 2));
+        let err = read(root, "test", &classes, 2).unwrap_err().to_string();
+        assert!(err.contains("test/c") && err.contains("not among"), "{err}");
+
+        let err = classes_err(root, "missing");
+        assert!(err.contains("missing"), "{err}");
+        std::fs::create_dir_all(root.join("flat")).unwrap();
+        std::fs::write(root.join("flat/x.png"), b"").unwrap();
+        let err = classes_err(root, "flat");
+        assert!(err.contains("flat") && err.contains("no class folder"), "{err}");
+    }
+
+    fn classes_err(root: &Path, split: &str) -> String {
+        classes(root, split).unwrap_err().to_string()
+    }
+}

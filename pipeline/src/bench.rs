@@ -1,0 +1,132 @@
+//! `pipeline bench`: throughput benchmarks of the parts that decide training speed, printed as
+//! tables to set beside the PyTorch scripts in `benches/` (run on the same machine).
+//!
+//! `bench loader` measures the batch loader on CIFAR-shaped data: images per second delivered as
+//! normalised `f32` NCHW batches, for crop + flip + normalise with and without CutMix, at each
+//! worker count asked for. The consumer does nothing but hand buffers back, so the figure is the
+//! loader's ceiling; `benches/torch_loader.py` does the same work with torchvision.
+
+use anyhow::{Context as _, Result};
+use datasets::augment::{Augment, Normalize};
+use datasets::mix::Mix;
+use datasets::{Loader, LoaderConfig, PackedStore, PackedWriter, StoreInfo};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Options of `pipeline bench loader`.
+#[derive(clap::Args, Debug)]
+pub struct LoaderArgs {
+    /// Read the training batches of a CIFAR-10 binary folder (e.g. ../shared/data/cifar-10-batches-bin)
+    /// instead of random CIFAR-shaped images.
+    #[arg(long, value_name = "DIR")]
+    pub cifar10: Option<PathBuf>,
+    /// Random images to generate when no data folder is given.
+    #[arg(long, default_value_t = 50_000)]
+    pub images: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Worker counts to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub workers: Vec<usize>,
+    /// Epochs timed per configuration (after one untimed warm-up epoch).
+    #[arg(long, default_value_t = 3)]
+    pub epochs: u64,
+}
+
+fn cifar_shaped(args: &LoaderArgs) -> Result<(StoreInfo, Vec<u32>, Vec<u8>, String)> {
+    if let Some(dir) = &args.cifar10 {
+        let batches: Vec<u32> = (1..=5)
+            .filter(|b| dir.join(format!("data_batch_{b}.bin")).exists())
+            .collect();
+        let (train, _) = datasets::cifar::cifar10(dir, Some(&batches))
+            .with_context(|| format!("reading CIFAR-10 from {}", dir.display()))?;
+        let what = format!("CIFAR-10 training batches {batches:?} of {}", dir.display());
+        return Ok((train.0, train.1, train.2, what));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let n = args.images;
+    let pixels: Vec<u8> = (0..n * 3072).map(|_| rng.random()).collect();
+    let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
+    let info = StoreInfo {
+        n,
+        c: 3,
+        h: 32,
+        w: 32,
+        classes: (0..10).map(|k| format!("class{k}")).collect(),
+    };
+    Ok((info, labels, pixels, format!("{n} random 3×32×32 images")))
+}
+
+struct TempPack(PathBuf);
+impl Drop for TempPack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn time_loader(store: &Arc<PackedStore>, config: LoaderConfig, epochs: u64) -> f64 {
+    let loader = Loader::new(store.clone(), config);
+    let drain = |epoch| {
+        let mut it = loader.epoch(epoch, 0);
+        let mut n = 0;
+        while let Some(b) = it.next() {
+            n += b.len();
+            it.recycle(b);
+        }
+        n
+    };
+    drain(0);
+    let t0 = Instant::now();
+    let images: usize = (1..=epochs).map(drain).sum();
+    images as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Runs `pipeline bench loader` and prints its table.
+pub fn loader(args: &LoaderArgs) -> Result<()> {
+    let (info, labels, pixels, what) = cifar_shaped(args)?;
+    let path = std::env::temp_dir().join(format!("ldl-bench-loader-{}.pack", std::process::id()));
+    let _cleanup = TempPack(path.clone());
+    PackedWriter::write(&path, &info, &labels, &pixels)?;
+    drop(pixels);
+    let store = Arc::new(PackedStore::open(&path)?);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "loader benchmark: {what}, batch {}, f32 NCHW, {} timed epoch(s) after a warm-up, {cores} cores",
+        args.batch, args.epochs
+    );
+    println!();
+    println!("| augmentation | workers | images/s |");
+    println!("|---|---:|---:|");
+    let normalize = Normalize {
+        mean: vec![0.4914, 0.4822, 0.4465],
+        std: vec![0.2470, 0.2435, 0.2616],
+    };
+    let setups = [
+        ("crop+flip+normalise", Mix::None),
+        (
+            "crop+flip+normalise+CutMix (p = 1)",
+            Mix::Cutmix { beta: 1.0, p: 1.0 },
+        ),
+    ];
+    for (name, mix) in setups {
+        for &workers in &args.workers {
+            let config = LoaderConfig {
+                batch_size: args.batch,
+                shuffle: true,
+                drop_last: false,
+                augment: Augment::CROP_FLIP,
+                normalize: normalize.clone(),
+                mix,
+                workers: workers.max(1),
+                prefetch: 2,
+                seed: 0,
+            };
+            let rate = time_loader(&store, config, args.epochs);
+            println!("| {name} | {workers} | {rate:.0} |");
+        }
+    }
+    Ok(())
+}
