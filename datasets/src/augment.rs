@@ -260,7 +260,10 @@ mod tests {
         let mut dst = vec![1f32; 3 * 64];
         augment_into(&src, &mut dst, (3, 8, 8), &aug, &norm, &mut rng);
         let zeros = dst.iter().filter(|v| **v == 0.0).count();
-        assert!((3 * 4..=3 * 16).contains(&zeros) && zeros % 3 == 0, "{zeros}");
+        assert!(
+            (3 * 4..=3 * 16).contains(&zeros) && zeros % 3 == 0,
+            "{zeros}"
+        );
     }
 
     #[test]

@@ -231,7 +231,10 @@ mod tests {
 
         std::fs::write(root.join("train/b/broken.jpg"), b"not a jpeg").unwrap();
         let err = read(root, "train", &classes, 2).unwrap_err().to_string();
-        assert!(err.contains("broken.jpg") && err.contains("cannot decode"), "{err}");
+        assert!(
+            err.contains("broken.jpg") && err.contains("cannot decode"),
+            "{err}"
+        );
 
         write(&root.join("test/c/x.png"), &RgbImage::new(2, 2));
         let err = read(root, "test", &classes, 2).unwrap_err().to_string();
@@ -242,7 +245,10 @@ mod tests {
         std::fs::create_dir_all(root.join("flat")).unwrap();
         std::fs::write(root.join("flat/x.png"), b"").unwrap();
         let err = classes_err(root, "flat");
-        assert!(err.contains("flat") && err.contains("no class folder"), "{err}");
+        assert!(
+            err.contains("flat") && err.contains("no class folder"),
+            "{err}"
+        );
     }
 
     fn classes_err(root: &Path, split: &str) -> String {

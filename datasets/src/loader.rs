@@ -179,7 +179,9 @@ fn fill_batch(
     if batch.mix != MixRecord::None {
         std::mem::swap(&mut batch.images, &mut batch.unmixed);
         batch.images.resize(batch.unmixed.len(), 0.0);
-        batch.mix.apply(&batch.unmixed, &mut batch.images, (c, h, w));
+        batch
+            .mix
+            .apply(&batch.unmixed, &mut batch.images, (c, h, w));
     }
 }
 

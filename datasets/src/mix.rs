@@ -151,7 +151,8 @@ impl MixRecord {
     pub fn components(&self, i: usize) -> Vec<(usize, f32)> {
         match self {
             MixRecord::None => vec![(i, 1.0)],
-            MixRecord::Mixup { lambda, partner } | MixRecord::Cutmix {
+            MixRecord::Mixup { lambda, partner }
+            | MixRecord::Cutmix {
                 lambda, partner, ..
             } => vec![(i, *lambda), (partner[i] as usize, 1.0 - lambda)],
             MixRecord::Ricap {
@@ -202,7 +203,10 @@ impl MixRecord {
                 }
             }
             MixRecord::Ricap {
-                partners, src: from, dst: to, ..
+                partners,
+                src: from,
+                dst: to,
+                ..
             } => {
                 for (i, dst) in out.chunks_exact_mut(len).enumerate() {
                     for k in 0..4 {
@@ -228,7 +232,9 @@ fn copy_rect(src: &[f32], dst: &mut [f32], (c, h, w): (usize, usize, usize), fro
 }
 
 fn beta<R: Rng>(rng: &mut R, a: f64) -> f64 {
-    Beta::new(a, a).expect("validated beta parameter").sample(rng)
+    Beta::new(a, a)
+        .expect("validated beta parameter")
+        .sample(rng)
 }
 
 fn permutation<R: Rng>(rng: &mut R, n: usize) -> Vec<u32> {
@@ -379,7 +385,9 @@ mod tests {
             rec.apply(&src, &mut out, shape);
             for i in 0..6 {
                 let want = lambda * (i + 1) as f32 + (1.0 - lambda) * (partner[i] + 1) as f32;
-                assert!(out[i * 40..(i + 1) * 40].iter().all(|v| (v - want).abs() < 1e-5));
+                assert!(out[i * 40..(i + 1) * 40]
+                    .iter()
+                    .all(|v| (v - want).abs() < 1e-5));
             }
         }
     }
@@ -513,8 +521,8 @@ mod tests {
             assert_eq!(zeros, c * hole.area());
             for y in 0..h {
                 for x in 0..w {
-                    let inside =
-                        (hole.y..hole.y + hole.h).contains(&y) && (hole.x..hole.x + hole.w).contains(&x);
+                    let inside = (hole.y..hole.y + hole.h).contains(&y)
+                        && (hole.x..hole.x + hole.w).contains(&x);
                     assert_eq!(img[y * w + x] == 0.0, inside);
                 }
             }

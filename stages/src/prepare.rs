@@ -225,7 +225,11 @@ impl Params {
                 }
                 if self.url.is_some() != self.md5.is_some() {
                     let key = if self.url.is_some() { "md5" } else { "url" };
-                    return Err((key, "`url` and `md5` go together: a mirror's archive is verified by its md5".into()));
+                    return Err((
+                        key,
+                        "`url` and `md5` go together: a mirror's archive is verified by its md5"
+                            .into(),
+                    ));
                 }
                 if let Some(m) = &self.md5 {
                     if m.len() != 32 || !m.chars().all(|c| c.is_ascii_hexdigit()) {

@@ -178,13 +178,27 @@ impl StageParams {
         match self {
             StageParams::Prepare(p) => p.validate(),
             StageParams::Train(p) => {
-                if crate::models::resnet::cifar_depth(&p.model).is_none() {
-                    return Err((
-                        "model",
-                        format!("unknown model `{}`: expected a CIFAR ResNet resnet<6n+2> (resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110, ...)", p.model),
-                    ));
+                use crate::models::{Arch, Shortcut, Stem};
+                let arch = Arch::parse(&p.model).map_err(|e| ("model", e.to_string()))?;
+                match arch {
+                    Arch::Cifar { .. } if p.stem != Stem::Cifar => {
+                        return Err((
+                            "stem",
+                            format!(
+                                "the ImageNet stem applies to resnet18 … resnet200, not to `{}`",
+                                p.model
+                            ),
+                        ));
+                    }
+                    Arch::Large { .. } if p.shortcut == Shortcut::A => {
+                        return Err(("shortcut", format!("option A applies to the CIFAR ResNets resnet<6n+2> only; `{}` uses projections (B)", p.model)));
+                    }
+                    _ => {}
                 }
-                at_least("width", p.width, 1)?;
+                if !(0.0..1.0).contains(&p.dropout) {
+                    return Err(("dropout", format!("must be in [0, 1), found {}", p.dropout)));
+                }
+                at_least("width", p.width.unwrap_or(1), 1)?;
                 at_least("epochs", p.epochs, 1)?;
                 at_least("batch_size", p.batch_size, 1)?;
                 positive("lr", p.lr)?;
@@ -236,6 +250,11 @@ impl StageParams {
             StageParams::Prepare(p) => p.resolve(run_seed),
             StageParams::Train(p) => {
                 p.seed.get_or_insert(run_seed);
+                if p.width.is_none() {
+                    if let Ok(arch) = crate::models::Arch::parse(&p.model) {
+                        p.width = Some(arch.default_width());
+                    }
+                }
             }
             _ => {}
         }

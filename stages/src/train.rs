@@ -10,7 +10,7 @@ use crate::context::Context;
 use crate::error::{read_json, write_json, Result, StageError};
 use crate::label_store;
 use crate::losses::{cross_entropy, soft_cross_entropy};
-use crate::models::{Model, ModelSpec, Shortcut};
+use crate::models::{Arch, Mode, Model, ModelSpec, Shortcut, Stem};
 use crate::optim::{Sgd, SgdConfig};
 use crate::prepare::Dataset;
 use crate::schedule::{lr_at, Schedule};
@@ -62,9 +62,6 @@ pub enum AugmentName {
 fn d_model() -> String {
     "resnet20".into()
 }
-fn d_width() -> usize {
-    16
-}
 fn d_epochs() -> usize {
     240
 }
@@ -90,19 +87,42 @@ fn d_augment() -> AugmentName {
     AugmentName::CropFlip
 }
 
+// Keys left out of the fingerprinted parameters at their defaults, so adding them changed no
+// existing stage's fingerprint.
+fn is_cifar_stem(s: &Stem) -> bool {
+    *s == Stem::Cifar
+}
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+fn is_zero_usize(v: &usize) -> bool {
+    *v == 0
+}
+fn is_no_mix(m: &Mix) -> bool {
+    *m == Mix::None
+}
+
 /// Parameters of a `train` stage; defaults are the paper's CIFAR settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// Architecture (a CIFAR ResNet `resnet<6n+2>`).
+    /// Architecture: a CIFAR ResNet `resnet<6n+2>`, `resnet18` … `resnet200`, or an `_imagenet`
+    /// variant (see [`crate::models::Arch`]).
     #[serde(default = "d_model")]
     pub model: String,
-    /// Channels of the first stage.
-    #[serde(default = "d_width")]
-    pub width: usize,
+    /// Channels of the first stage (default: the architecture's, 16 or 64; filled in by
+    /// `resolve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
     /// Shortcut option of the CIFAR ResNets.
     #[serde(default)]
     pub shortcut: Shortcut,
+    /// Stem of resnet18 … resnet200: `"cifar"` (3×3 conv) or `"imagenet"` (7×7/2 conv + max-pool).
+    #[serde(default, skip_serializing_if = "is_cifar_stem")]
+    pub stem: Stem,
+    /// Dropout rate before the classifier (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f64,
     /// Training method.
     pub method: Method,
     /// For `off-ldl`: which source of the label store to learn from (default: `ensemble` when
@@ -137,11 +157,11 @@ pub struct Params {
     #[serde(default = "d_augment")]
     pub augment: AugmentName,
     /// Side of a Cutout square applied after normalisation (0: none).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
     pub cutout: usize,
     /// Batch-level mixing, e.g. `{ type = "cutmix", p = 1.0 }`: the targets (one-hot or the
     /// stored distributions) are mixed with the images' weights.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_no_mix")]
     pub mix: Mix,
     /// Seed of initialisation, order and augmentation (default: the run's seed).
     #[serde(default)]
@@ -263,10 +283,15 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let k = data.info.classes.len();
     let spec = ModelSpec {
         arch: p.model.clone(),
-        width: p.width,
+        width: match p.width {
+            Some(w) => w,
+            None => Arch::parse(&p.model)?.default_width(),
+        },
         shortcut: p.shortcut,
         classes: k,
         in_channels: c,
+        stem: p.stem,
+        dropout: p.dropout,
     };
     let model = Model::new(&spec, &device, derive_seed(&[seed, stream::INIT]))?;
     let params: Vec<_> = {
@@ -361,7 +386,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             );
             let x = Tensor::from_slice(&batch.images, (b, c, h, w), &device)?;
             let y = Tensor::from_slice(&batch.labels, b, &device)?;
-            let logits = model.net.forward_t(&x, true)?;
+            // Dropout masks from (seed, epoch, batch): a resumed run draws the same ones.
+            let mode = Mode::train(derive_seed(&[
+                seed,
+                stream::DROPOUT,
+                epoch as u64,
+                batch.index as u64,
+            ]));
+            let logits = model.net.forward_mode(&x, mode)?;
             let loss = match (&soft, &batch.mix) {
                 (None, MixRecord::None) => cross_entropy(&logits, &y)?,
                 _ => {

@@ -1,10 +1,13 @@
 //! Models, selected by name in stages.toml. Each model maps NCHW `f32` images to logits and
 //! exposes its penultimate features; weights live in a candle `VarMap` whose names follow
 //! PyTorch's conventions (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...), so a
-//! checkpoint loads in PyTorch by name.
+//! checkpoint loads in PyTorch by name. [`resnet`] lists the architectures.
 
 pub mod batch_norm;
+mod bottleneck;
 pub mod conv;
+pub mod dropout;
+pub mod pool;
 pub mod resnet;
 #[cfg(test)]
 mod testing;
@@ -12,25 +15,62 @@ mod testing;
 use crate::error::{Result, StageError};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+pub use dropout::Mode;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
-pub use resnet::{ResNet, Shortcut};
+pub use resnet::{Arch, ResNet, Shortcut, Stem};
 use serde::{Deserialize, Serialize};
 
 /// Everything needed to rebuild a model: written next to its weights as `model.json`.
+///
+/// `stem` and `dropout` are left out of the file at their defaults, so that a model without
+/// them writes the same `model.json` as before they existed, and such files still parse.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Architecture name, e.g. `resnet20`.
+    /// Architecture name, e.g. `resnet20`, `resnet50`, `resnet18_imagenet` (see [`Arch`]).
     pub arch: String,
-    /// Channels of the first stage (16 in He et al.'s CIFAR ResNets).
+    /// Channels of the stem and of the first stage, doubled at each later stage; the reference
+    /// networks have [`Arch::default_width`] (16 for `resnet<6n+2>`, 64 for resnet18 …
+    /// resnet200).
     pub width: usize,
-    /// Shortcut type of the CIFAR ResNets.
+    /// Shortcut type of the CIFAR ResNets `resnet<6n+2>`; the others need `B`.
     pub shortcut: Shortcut,
     /// Number of classes.
     pub classes: usize,
     /// Input channels.
     pub in_channels: usize,
+    /// Stem of resnet18 … resnet200 (an `_imagenet` name selects the ImageNet stem whatever
+    /// this says).
+    #[serde(default, skip_serializing_if = "is_cifar_stem")]
+    pub stem: Stem,
+    /// Rate of the dropout before the classifier, in [0, 1); 0 for none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f64,
+}
+
+fn is_cifar_stem(stem: &Stem) -> bool {
+    *stem == Stem::Cifar
+}
+
+fn is_zero(p: &f64) -> bool {
+    *p == 0.0
+}
+
+impl ModelSpec {
+    /// The reference network `arch` (its default width, shortcut B, no dropout) for `classes`
+    /// classes and `in_channels` input channels; fails on an unknown name.
+    pub fn new(arch: &str, classes: usize, in_channels: usize) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            arch: arch.into(),
+            width: Arch::parse(arch)?.default_width(),
+            shortcut: Shortcut::B,
+            classes,
+            in_channels,
+            stem: Stem::Cifar,
+            dropout: 0.0,
+        })
+    }
 }
 
 /// A classifier built from a [`ModelSpec`].
@@ -137,5 +177,32 @@ impl Model {
             var.set(&t.to_dtype(DType::F32)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `model.json` spec written before `stem` and `dropout` existed still parses, and a spec
+    /// at their defaults writes the same bytes as then; set, they round-trip.
+    #[test]
+    fn specs_without_the_new_keys_still_parse() {
+        let old = r#"{"arch":"resnet20","width":16,"shortcut":"B","classes":10,"in_channels":3}"#;
+        let spec: ModelSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec, ModelSpec::new("resnet20", 10, 3).unwrap());
+        assert_eq!(serde_json::to_string(&spec).unwrap(), old);
+        let new = ModelSpec {
+            stem: Stem::Imagenet,
+            dropout: 0.25,
+            ..ModelSpec::new("resnet50", 100, 3).unwrap()
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(
+            json.contains(r#""stem":"imagenet""#) && json.contains(r#""dropout":0.25"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), new);
+        assert!(ModelSpec::new("resnet9", 10, 3).is_err());
     }
 }

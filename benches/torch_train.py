@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `pipeline bench train`: the same model and training step, timed the same way.
+
+One step = forward + cross-entropy + backward + SGD (momentum 0.9, weight decay 5e-4) on a batch
+of random CIFAR-shaped images (3x32x32, 10 classes) already on the device. After --warmup
+untimed steps, --steps steps are timed, synchronising the device before reading the clock.
+Modes: eager f32, and bf16 autocast + channels_last (the fast PyTorch recipe). Models match the
+Rust ones layer for layer: CIFAR ResNet-18/34/50 (3x3 stem, no max-pool; kuangliu/RepDistiller)
+and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B).
+
+    python3 benches/torch_train.py --model resnet18 --batch 256 --device cuda
+    python3 benches/torch_train.py --model resnet20 --batch 64 --device cpu --modes f32
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        cout = planes * 4
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, blocks, widths, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin, layers = widths[0], []
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            stride = 1 if i == 0 else 2
+            layer = []
+            for j in range(n):
+                layer.append(block(cin, w, stride if j == 0 else 1))
+                cin = w * block.expansion
+            layers.append(nn.Sequential(*layer))
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        for layer in self.layers:
+            x = layer(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(name, classes):
+    big = {
+        "resnet18": (Basic, [2, 2, 2, 2]),
+        "resnet34": (Basic, [3, 4, 6, 3]),
+        "resnet50": (Bottleneck, [3, 4, 6, 3]),
+        "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    }
+    if name in big:
+        block, blocks = big[name]
+        return ResNet(block, blocks, [64, 128, 256, 512], classes)
+    depth = int(name.removeprefix("resnet"))
+    assert (depth - 2) % 6 == 0, f"unknown model {name}"
+    n = (depth - 2) // 6
+    return ResNet(Basic, [n, n, n], [16, 32, 64], classes)
+
+
+def bench(args, mode):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build(args.model, 10).to(device)
+    channels_last = mode == "bf16"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    rate = args.steps * args.batch / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    params = sum(p.numel() for p in model.parameters())
+    return rate, peak, params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default="f32,bf16", help="f32 (eager) and/or bf16 (autocast + channels_last)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+    print(f"PyTorch {torch.__version__} training benchmark: {args.model}, batch {args.batch}, {where}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps\n")
+    print("| model | mode | params | images/s | peak memory (MiB) |")
+    print("|---|---|---:|---:|---:|")
+    for mode in args.modes.split(","):
+        rate, peak, params = bench(args, mode)
+        label = "eager f32" if mode == "f32" else "bf16 autocast + channels_last"
+        print(f"| {args.model} | {label} | {params:,} | {rate:.0f} | {peak:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
