@@ -5,6 +5,10 @@
 //! normalised `f32` NCHW batches, for crop + flip + normalise with and without CutMix, at each
 //! worker count asked for. The consumer does nothing but hand buffers back, so the figure is the
 //! loader's ceiling; `benches/torch_loader.py` does the same work with torchvision.
+//!
+//! `bench train` measures training steps (forward, cross-entropy, backward, SGD with momentum) of
+//! a model on random CIFAR-shaped batches held on the device; `benches/torch_train.py` is the
+//! PyTorch counterpart.
 
 use anyhow::{Context as _, Result};
 use datasets::augment::{Augment, Normalize};
@@ -128,5 +132,101 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
             println!("| {name} | {workers} | {rate:.0} |");
         }
     }
+    Ok(())
+}
+
+/// Options of `pipeline bench train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Architecture (as the `model` key of a train stage).
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    /// Channels of the first stage (default: the architecture's).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Images per step.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Untimed steps first (allocations, kernel compilation).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+}
+
+/// Runs `pipeline bench train`: images/s of forward + cross-entropy + backward + SGD-momentum
+/// steps on random CIFAR-shaped batches already on the device, after a warm-up, the device
+/// synchronised before each clock reading (the same step as `benches/torch_train.py`).
+pub fn train(args: &TrainArgs) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    use stages::device::DeviceSpec;
+    use stages::losses::cross_entropy;
+    use stages::models::{Model, ModelSpec};
+    use stages::optim::{Sgd, SgdConfig};
+
+    let spec_dev: DeviceSpec = args.device.parse().map_err(anyhow::Error::msg)?;
+    let device = spec_dev.open()?;
+    let mut spec = ModelSpec::new(&args.model, args.classes, 3)?;
+    if let Some(w) = args.width {
+        spec.width = w;
+    }
+    let model = Model::new(&spec, &device, 0)?;
+    let mut opt = Sgd::new(
+        model.trainable(),
+        SgdConfig {
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+        },
+    );
+    let x = Tensor::randn(0f32, 1.0, (args.batch, 3, 32, 32), &device)?;
+    let labels: Vec<u32> = (0..args.batch as u32)
+        .map(|i| i % args.classes as u32)
+        .collect();
+    let y = Tensor::from_vec(labels, args.batch, &device)?;
+    let mut step = || -> Result<Tensor> {
+        let logits = model.net.forward_t(&x, true)?;
+        let loss = cross_entropy(&logits, &y)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 0.05)?;
+        Ok(loss)
+    };
+    for _ in 0..args.warmup {
+        step()?;
+    }
+    device.synchronize()?;
+    let t0 = Instant::now();
+    let mut last = None;
+    for _ in 0..args.steps {
+        last = Some(step()?);
+    }
+    device.synchronize()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let loss = match last {
+        Some(l) => l.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        None => f32::NAN,
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    println!(
+        "training benchmark: {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), f32, {} warm-up + {} timed steps",
+        spec.arch, spec.width, args.batch, args.warmup, args.steps
+    );
+    println!();
+    println!("| model | params | device | images/s | ms/step | last loss |");
+    println!("|---|---:|---|---:|---:|---:|");
+    println!(
+        "| {} | {} | {spec_dev} | {:.0} | {:.1} | {loss:.3} |",
+        spec.arch,
+        model.parameter_count(),
+        (args.steps * args.batch) as f64 / secs,
+        1000.0 * secs / args.steps.max(1) as f64
+    );
     Ok(())
 }

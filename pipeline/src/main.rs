@@ -82,6 +82,8 @@ enum Command {
 enum BenchCommand {
     /// Images/s of the batch loader (crop, flip, normalise, CutMix) on CIFAR-shaped data.
     Loader(bench::LoaderArgs),
+    /// Images/s of training steps (forward, backward, SGD) on random CIFAR-shaped batches.
+    Train(bench::TrainArgs),
 }
 
 /// Log lines are written through the progress bars, so bars and logs never garble each other.
@@ -206,6 +208,7 @@ fn main() -> ExitCode {
         }
         Command::Bench { what } => match what {
             BenchCommand::Loader(args) => bench::loader(args),
+            BenchCommand::Train(args) => bench::train(args),
         },
     };
     match result {

@@ -294,13 +294,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         dropout: p.dropout,
     };
     let model = Model::new(&spec, &device, derive_seed(&[seed, stream::INIT]))?;
-    let params: Vec<_> = {
-        let data = model.vars.data().lock().expect("var map lock");
-        data.iter()
-            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect()
-    };
+    let params = model.trainable();
     let mut opt = Sgd::new(
         params,
         SgdConfig {

@@ -127,6 +127,15 @@ impl Model {
         Ok(())
     }
 
+    /// The trainable variables by name (BatchNorm running statistics excluded), for the optimizer.
+    pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        let data = self.vars.data().lock().expect("var map lock");
+        data.iter()
+            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
     /// Number of trainable parameters (BatchNorm running statistics excluded).
     pub fn parameter_count(&self) -> usize {
         let data = self.vars.data().lock().expect("var map lock");
