@@ -183,14 +183,16 @@ fn the_lock_refuses_a_second_run_and_is_taken_over_when_its_holder_died() {
     assert!(out.join("data/stage.json").exists());
 }
 
-/// A training killed with SIGKILL mid-run resumes from its last epoch checkpoint, and ends with
-/// weights bitwise equal to an uninterrupted run's.
+/// A training killed with SIGKILL at a random moment (mid-epoch checkpoints every 2 steps) resumes
+/// from its newest complete checkpoint, and ends with weights bitwise equal to an uninterrupted
+/// run's, and the same per-epoch log (timings aside).
 #[test]
 fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
     let dir = scratch();
     let cfg = "[run]\noutput = \"out\"\nseed = 5\n\n\
         [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
-        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 12\nbatch_size = 16\n";
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 12\nbatch_size = 16\n\
+        checkpoint_every = 2\nkeep_checkpoints = 2\ndropout = 0.2\nmix = { type = \"cutmix\", p = 0.5 }\n";
     write(dir.path(), "p.toml", cfg);
     let reference = pipeline(dir.path(), &["run", "p.toml", "--output", "reference"]);
     assert!(reference.status.success(), "{}", stderr(&reference));
@@ -201,12 +203,20 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let state = dir.path().join("out/.model.partial/checkpoint/state.json");
+    let checkpoints = dir.path().join("out/.model.partial/checkpoints");
     let t0 = std::time::Instant::now();
-    while !state.exists() {
+    while std::fs::read_dir(&checkpoints).map_or(true, |mut d| d.next().is_none()) {
         assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
+    // A random moment after the first checkpoint: mid-step, mid-write or between steps.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let delay = std::time::Duration::from_micros(u64::from(nanos % 400_000));
+    eprintln!("killing {delay:?} after the first checkpoint");
+    std::thread::sleep(delay);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let out = dir.path().join("out");
@@ -224,7 +234,7 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
     let resumed = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     assert!(
-        stderr(&resumed).contains("resuming from the checkpoint after epoch"),
+        stderr(&resumed).contains("resuming from the checkpoint of step"),
         "{}",
         stderr(&resumed)
     );
@@ -234,6 +244,22 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
     assert!(
         a == b,
         "resumed weights differ from the uninterrupted run's"
+    );
+    // The logs agree too, but for the timing columns.
+    let without_timing = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(
+        without_timing(&out.join("model/train_log.csv")),
+        without_timing(&dir.path().join("reference/model/train_log.csv"))
+    );
+    assert_eq!(
+        std::fs::read(out.join("model/class_loss.csv")).unwrap(),
+        std::fs::read(dir.path().join("reference/model/class_loss.csv")).unwrap()
     );
     assert!(!out.join(".model.partial").exists());
 }

@@ -104,10 +104,16 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
                 (n.as_str(), fps[j].as_str())
             })
             .collect();
+        let mut params = params_json(&s.params);
+        if let Some(obj) = params.as_object_mut() {
+            for key in StageParams::OPERATIONAL_KEYS {
+                obj.remove(*key);
+            }
+        }
         let doc = serde_json::json!({
             "format_version": FORMAT_VERSION,
             "kind": s.params.kind().as_str(),
-            "params": params_json(&s.params),
+            "params": params,
             "inputs": inputs,
         });
         fps[i] = blake3::hash(doc.to_string().as_bytes())

@@ -7,6 +7,7 @@
 //! of the command line: the `pipeline` binary parses stages.toml, orders stages and makes their
 //! outputs atomic.
 
+pub mod checkpoint;
 pub mod context;
 pub mod device;
 pub mod error;

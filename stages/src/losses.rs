@@ -12,8 +12,19 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Soft-target cross-entropy −Σ_k z_k log softmax(s)_k, mean over the batch; `targets` is
 /// `N × K` with rows summing to 1.
 pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    soft_cross_entropy_per_sample(logits, targets)?.mean_all()
+}
+
+/// Hard cross-entropy of each sample, `N` values (for per-class loss curves).
+pub fn cross_entropy_per_sample(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let logp = log_softmax(logits, D::Minus1)?;
-    (targets * logp)?.sum(D::Minus1)?.mean_all()?.neg()
+    logp.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// Soft-target cross-entropy of each sample, `N` values.
+pub fn soft_cross_entropy_per_sample(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax(logits, D::Minus1)?;
+    (targets * logp)?.sum(D::Minus1)?.neg()
 }
 
 #[cfg(test)]
@@ -45,5 +56,32 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((v - 1000.0).abs() < 1e-3, "{v}");
+    }
+
+    #[test]
+    fn per_sample_losses_average_to_the_batch_loss() {
+        let d = &Device::Cpu;
+        let logits = Tensor::new(&[[0.0f32, 3f32.ln()], [2.0, -1.0], [500.0, 0.0]], d).unwrap();
+        let labels = Tensor::new(&[1u32, 0, 1], d).unwrap();
+        let per = cross_entropy_per_sample(&logits, &labels)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((per[0] - (4.0f32 / 3.0).ln()).abs() < 1e-6);
+        assert!((per[1] - (1.0 + (-3f32).exp()).ln()).abs() < 1e-6);
+        assert!((per[2] - 500.0).abs() < 1e-3);
+        let mean = cross_entropy(&logits, &labels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((mean - per.iter().sum::<f32>() / 3.0).abs() < 1e-4);
+        let onehot = Tensor::new(&[[0.0f32, 1.0], [1.0, 0.0], [0.0, 1.0]], d).unwrap();
+        let soft = soft_cross_entropy_per_sample(&logits, &onehot)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in soft.iter().zip(&per) {
+            assert!((a - b).abs() < 1e-4);
+        }
     }
 }

@@ -154,6 +154,10 @@ impl StageParams {
         }
     }
 
+    /// Keys that change how a stage runs but not what it produces; the runner leaves them out of
+    /// the fingerprint, so checkpointing can be changed on a half-done run without restarting it.
+    pub const OPERATIONAL_KEYS: &'static [&'static str] = &["checkpoint_every", "keep_checkpoints"];
+
     /// Checks value ranges that the types alone do not; on error returns the offending key and
     /// what was expected, so the config loader can point at it before anything runs.
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
@@ -199,6 +203,8 @@ impl StageParams {
                     return Err(("dropout", format!("must be in [0, 1), found {}", p.dropout)));
                 }
                 at_least("width", p.width.unwrap_or(1), 1)?;
+                at_least("checkpoint_every", p.checkpoint_every.unwrap_or(1), 1)?;
+                at_least("keep_checkpoints", p.keep_checkpoints, 1)?;
                 at_least("epochs", p.epochs, 1)?;
                 at_least("batch_size", p.batch_size, 1)?;
                 positive("lr", p.lr)?;

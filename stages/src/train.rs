@@ -1,15 +1,17 @@
 //! The `train` stage: trains a model on a prepared dataset with SGD, by one of the training
-//! methods, checkpointing at the end of every epoch so that a killed run resumes where it stopped.
+//! methods, checkpointing at the end of every epoch (and every `checkpoint_every` steps) so that a
+//! killed run resumes where it stopped, with the same result as an uninterrupted one.
 //!
 //! Outputs: `model.safetensors` (weights and BatchNorm statistics, PyTorch names), `model.json`
-//! (architecture, method, seed) and `train_log.csv` (one row per epoch). While training, the
-//! stage folder holds `checkpoint/` (weights, momentum buffers, next epoch); the runner keeps that
-//! folder across a kill when the stage's fingerprint is unchanged.
+//! (architecture, method, seed), `train_log.csv` (one row per epoch) and `class_loss.csv` (mean
+//! training loss per class per epoch). While training, the stage folder holds `checkpoints/` (see
+//! [`crate::checkpoint`]); the runner keeps it across a kill when the fingerprint is unchanged.
 
+use crate::checkpoint::Checkpoints;
 use crate::context::Context;
 use crate::error::{read_json, write_json, Result, StageError};
 use crate::label_store;
-use crate::losses::{cross_entropy, soft_cross_entropy};
+use crate::losses::{cross_entropy_per_sample, soft_cross_entropy_per_sample};
 use crate::models::{Arch, Mode, Model, ModelSpec, Shortcut, Stem};
 use crate::optim::{Sgd, SgdConfig};
 use crate::prepare::Dataset;
@@ -21,7 +23,6 @@ use datasets::mix::{Mix, MixRecord};
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, LoaderConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -98,6 +99,12 @@ fn is_zero(v: &f64) -> bool {
 fn is_zero_usize(v: &usize) -> bool {
     *v == 0
 }
+fn d_keep() -> usize {
+    1
+}
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
 fn is_no_mix(m: &Mix) -> bool {
     *m == Mix::None
 }
@@ -163,6 +170,13 @@ pub struct Params {
     /// stored distributions) are mixed with the images' weights.
     #[serde(default, skip_serializing_if = "is_no_mix")]
     pub mix: Mix,
+    /// Also checkpoint every this many steps (batches), besides the end of every epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<usize>,
+    /// How many of the newest checkpoints to keep while training (they are removed once the
+    /// stage finishes).
+    #[serde(default = "d_keep", skip_serializing_if = "is_one")]
+    pub keep_checkpoints: usize,
     /// Seed of initialisation, order and augmentation (default: the run's seed).
     #[serde(default)]
     pub seed: Option<u64>,
@@ -211,67 +225,35 @@ struct EpochRow {
     accuracy: f64,
     images_per_s: f64,
     seconds: f64,
+    /// Mean training loss of the images of each class (by their own label), for the loss-curve
+    /// figure; written to `class_loss.csv`.
+    class_loss: Vec<f64>,
 }
 
+/// Sums over the part of an epoch done so far; kept in checkpoints so a resumed epoch logs the
+/// same row as an uninterrupted one (timings aside).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct EpochSums {
+    loss: f64,
+    correct: usize,
+    seen: usize,
+    lr: f64,
+    seconds: f64,
+    class_loss: Vec<f64>,
+    class_seen: Vec<usize>,
+}
+
+/// `state.json` of a checkpoint: where training stands.
 #[derive(Debug, Serialize, Deserialize)]
 struct CheckpointState {
-    /// The next epoch to run.
-    next_epoch: usize,
     fingerprint: String,
+    /// Global step (batches done since the start).
+    step: u64,
+    /// The epoch in progress and its next batch (batch 0 of the next epoch at an epoch's end).
+    epoch: usize,
+    batch: usize,
+    sums: EpochSums,
     log: Vec<EpochRow>,
-}
-
-const CHECKPOINT: &str = "checkpoint";
-const CHECKPOINT_NEXT: &str = "checkpoint.next";
-
-/// Writes a checkpoint into `checkpoint.next/` and swaps it whole for `checkpoint/`, so weights,
-/// optimizer state and position always come from the same epoch, whenever the process dies.
-fn save_checkpoint(dir: &Path, model: &Model, opt: &Sgd, state: &CheckpointState) -> Result<()> {
-    let ck = dir.join(CHECKPOINT_NEXT);
-    if ck.exists() {
-        std::fs::remove_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
-    }
-    std::fs::create_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
-    datasets::atomic::write_bytes(&ck.join("model.safetensors"), &model.to_safetensors()?)?;
-    let opt_bytes = safetensors::serialize(
-        opt.state().iter().map(|(k, v)| (k.clone(), v.clone())),
-        None,
-    )
-    .map_err(|e| StageError::Numeric(e.to_string()))?;
-    datasets::atomic::write_bytes(&ck.join("optimizer.safetensors"), &opt_bytes)?;
-    write_json(&ck.join("state.json"), state)?;
-    datasets::atomic::sync_dir(&ck).map_err(|e| StageError::io(&ck, e))?;
-    Ok(datasets::atomic::replace_dir(&ck, &dir.join(CHECKPOINT))?)
-}
-
-fn load_checkpoint(
-    dir: &Path,
-    fingerprint: &str,
-    device: &Device,
-    model: &Model,
-    opt: &mut Sgd,
-) -> Result<Option<CheckpointState>> {
-    let ck = dir.join(CHECKPOINT);
-    let state_path = ck.join("state.json");
-    if !state_path.exists() {
-        return Ok(None);
-    }
-    let state: CheckpointState = read_json(&state_path)?;
-    if state.fingerprint != fingerprint {
-        return Ok(None);
-    }
-    model.load(&ck.join("model.safetensors"))?;
-    let opt_path = ck.join("optimizer.safetensors");
-    let bytes = std::fs::read(&opt_path).map_err(|e| StageError::io(&opt_path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| StageError::invalid(&opt_path, "safetensors header", e.to_string()))?;
-    let mut buffers = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let t = candle_core::safetensors::Load::load(&view, device)?;
-        buffers.insert(name, t);
-    }
-    opt.load_state(buffers)?;
-    Ok(Some(state))
 }
 
 /// Runs a `train` stage.
@@ -346,31 +328,42 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     );
     let steps = loader.batches_per_epoch();
 
-    let (start, mut log) =
-        match load_checkpoint(&ctx.dir, &ctx.fingerprint, &device, &model, &mut opt)? {
-            Some(state) => {
-                tracing::info!(
-                    "{}: resuming from the checkpoint after epoch {}",
-                    ctx.name,
-                    state.next_epoch
-                );
-                (state.next_epoch, state.log)
-            }
-            None => (0, Vec::new()),
-        };
+    let checkpoints = Checkpoints::new(&ctx.dir, p.keep_checkpoints);
+    let restored: Option<CheckpointState> =
+        checkpoints.restore(&device, &model, &mut opt, |s: &CheckpointState| {
+            s.fingerprint == ctx.fingerprint
+        })?;
+    let (mut step, start_epoch, start_batch, mut sums, mut log) = match restored {
+        Some(st) => {
+            tracing::info!(
+                "{}: resuming from the checkpoint of step {} (epoch {}, batch {})",
+                ctx.name,
+                st.step,
+                st.epoch + 1,
+                st.batch
+            );
+            (st.step, st.epoch, st.batch, st.sums, st.log)
+        }
+        None => (0, 0, 0, EpochSums::default(), Vec::new()),
+    };
 
     let bar = ctx.bar((p.epochs * steps) as u64, "training");
-    bar.set_position((start * steps) as u64);
+    bar.set_position(step);
     let mut targets = vec![0f32; p.batch_size * k];
     let mut mixed = Vec::with_capacity(p.batch_size * k);
-    for epoch in start..p.epochs {
+    for epoch in start_epoch..p.epochs {
+        let first = if epoch == start_epoch { start_batch } else { 0 };
+        if first == 0 {
+            sums = EpochSums::default();
+        }
+        sums.class_loss.resize(k, 0.0);
+        sums.class_seen.resize(k, 0);
         let t0 = Instant::now();
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        let mut lr = 0.0;
-        let mut it = loader.epoch(epoch as u64, 0);
+        let (mut timed_images, secs_before) = (0usize, sums.seconds);
+        let mut it = loader.epoch(epoch as u64, first);
         while let Some(batch) = it.next() {
             let b = batch.len();
-            lr = lr_at(
+            sums.lr = lr_at(
                 p.lr,
                 &p.schedule,
                 p.epochs,
@@ -379,7 +372,6 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 batch.index as f64 / steps as f64,
             );
             let x = Tensor::from_slice(&batch.images, (b, c, h, w), &device)?;
-            let y = Tensor::from_slice(&batch.labels, b, &device)?;
             // Dropout masks from (seed, epoch, batch): a resumed run draws the same ones.
             let mode = Mode::train(derive_seed(&[
                 seed,
@@ -388,8 +380,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 batch.index as u64,
             ]));
             let logits = model.net.forward_mode(&x, mode)?;
-            let loss = match (&soft, &batch.mix) {
-                (None, MixRecord::None) => cross_entropy(&logits, &y)?,
+            let per_sample = match (&soft, &batch.mix) {
+                (None, MixRecord::None) => {
+                    let y = Tensor::from_slice(&batch.labels, b, &device)?;
+                    cross_entropy_per_sample(&logits, &y)?
+                }
                 _ => {
                     let rows = &mut targets[..b * k];
                     for (slot, (&i, &label)) in batch.indices.iter().zip(&batch.labels).enumerate()
@@ -414,45 +409,73 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                         &mixed[..]
                     };
                     let z = Tensor::from_slice(z, (b, k), &device)?;
-                    soft_cross_entropy(&logits, &z)?
+                    soft_cross_entropy_per_sample(&logits, &z)?
                 }
             };
+            let loss = per_sample.mean_all()?;
             let grads = loss.backward()?;
-            opt.step(&grads, lr)?;
-            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            opt.step(&grads, sums.lr)?;
+            let losses = per_sample.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let l: f64 = losses.iter().map(|&v| v as f64).sum::<f64>() / b as f64;
             if !l.is_finite() {
                 return Err(StageError::Numeric(format!(
-                    "{}: the loss became {l} at epoch {epoch}, batch {}; lower the learning rate",
-                    ctx.name, batch.index
+                    "{}: the loss became {l} at epoch {}, batch {}; lower the learning rate",
+                    ctx.name,
+                    epoch + 1,
+                    batch.index
                 )));
             }
             let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-            correct += pred
-                .iter()
-                .zip(&batch.labels)
-                .filter(|(a, b)| a == b)
-                .count();
-            loss_sum += l * b as f64;
-            seen += b;
+            for ((&y, &pr), &li) in batch.labels.iter().zip(&pred).zip(&losses) {
+                sums.correct += (y == pr) as usize;
+                sums.class_loss[y as usize] += li as f64;
+                sums.class_seen[y as usize] += 1;
+            }
+            sums.loss += l * b as f64;
+            sums.seen += b;
+            timed_images += b;
+            step += 1;
             bar.inc(1);
+            sums.seconds = secs_before + t0.elapsed().as_secs_f64();
             bar.set_message(format!(
                 "epoch {}/{} loss {:.3} acc {:.1}% {:.0} img/s",
                 epoch + 1,
                 p.epochs,
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64()
+                sums.loss / sums.seen as f64,
+                100.0 * sums.correct as f64 / sums.seen as f64,
+                timed_images as f64 / t0.elapsed().as_secs_f64()
             ));
+            let next_batch = batch.index + 1;
             it.recycle(batch);
+            if next_batch < steps && p.checkpoint_every.is_some_and(|n| step % n as u64 == 0) {
+                checkpoints.save(
+                    step,
+                    &model,
+                    &opt,
+                    &CheckpointState {
+                        fingerprint: ctx.fingerprint.clone(),
+                        step,
+                        epoch,
+                        batch: next_batch,
+                        sums: sums.clone(),
+                        log: log.clone(),
+                    },
+                )?;
+            }
         }
-        let secs = t0.elapsed().as_secs_f64();
         let row = EpochRow {
             epoch: epoch + 1,
-            lr,
-            loss: loss_sum / seen.max(1) as f64,
-            accuracy: correct as f64 / seen.max(1) as f64,
-            images_per_s: seen as f64 / secs,
-            seconds: secs,
+            lr: sums.lr,
+            loss: sums.loss / sums.seen.max(1) as f64,
+            accuracy: sums.correct as f64 / sums.seen.max(1) as f64,
+            images_per_s: sums.seen as f64 / sums.seconds.max(1e-9),
+            seconds: sums.seconds,
+            class_loss: sums
+                .class_loss
+                .iter()
+                .zip(&sums.class_seen)
+                .map(|(l, n)| if *n == 0 { f64::NAN } else { l / *n as f64 })
+                .collect(),
         };
         tracing::info!(
             "{}: epoch {}/{} loss {:.4} train acc {:.2}% lr {:.4} {:.0} img/s",
@@ -465,13 +488,16 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             row.images_per_s
         );
         log.push(row);
-        save_checkpoint(
-            &ctx.dir,
+        checkpoints.save(
+            step,
             &model,
             &opt,
             &CheckpointState {
-                next_epoch: epoch + 1,
                 fingerprint: ctx.fingerprint.clone(),
+                step,
+                epoch: epoch + 1,
+                batch: 0,
+                sums: EpochSums::default(),
                 log: log.clone(),
             },
         )?;
@@ -489,22 +515,23 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         },
     )?;
     let mut csv = String::from("epoch,lr,loss,accuracy,images_per_s,seconds\n");
+    let mut class_csv = String::from("epoch,class,loss\n");
     for r in &log {
         csv.push_str(&format!(
             "{},{},{},{},{:.1},{:.3}\n",
             r.epoch, r.lr, r.loss, r.accuracy, r.images_per_s, r.seconds
         ));
-    }
-    datasets::atomic::write_bytes(&ctx.dir.join("train_log.csv"), csv.as_bytes())?;
-    for name in [CHECKPOINT, CHECKPOINT_NEXT] {
-        let ck = ctx.dir.join(name);
-        if ck.exists() {
-            std::fs::remove_dir_all(&ck).map_err(|e| StageError::io(&ck, e))?;
+        for (class, l) in r.class_loss.iter().enumerate() {
+            class_csv.push_str(&format!("{},{class},{l}\n", r.epoch));
         }
     }
+    datasets::atomic::write_bytes(&ctx.dir.join("train_log.csv"), csv.as_bytes())?;
+    datasets::atomic::write_bytes(&ctx.dir.join("class_loss.csv"), class_csv.as_bytes())?;
+    checkpoints.remove()?;
     Ok(vec![
         "model.safetensors".into(),
         "model.json".into(),
         "train_log.csv".into(),
+        "class_loss.csv".into(),
     ])
 }
