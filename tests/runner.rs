@@ -59,6 +59,22 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
         stdout(&st)
     );
 
+    // Operational keys (checkpointing, prefetch) change how a stage runs, not what it makes.
+    let operational = TINY.replacen(
+        "method = \"vanilla\"\nepochs = 1",
+        "method = \"vanilla\"\nepochs = 1\ncheckpoint_every = 1\nkeep_checkpoints = 3\nprefetch = 4",
+        1,
+    );
+    assert_ne!(operational, TINY);
+    std::fs::write(&cfg, &operational).unwrap();
+    let st = pipeline(dir.path(), &["status", "p.toml"]);
+    assert_eq!(
+        stdout(&st).matches("up to date").count(),
+        8,
+        "{}",
+        stdout(&st)
+    );
+
     // Change the vanilla student's epochs: it, its evaluation and the report re-run, nothing else.
     let changed = TINY.replacen(
         "method = \"vanilla\"\nepochs = 1",

@@ -156,7 +156,8 @@ impl StageParams {
 
     /// Keys that change how a stage runs but not what it produces; the runner leaves them out of
     /// the fingerprint, so checkpointing can be changed on a half-done run without restarting it.
-    pub const OPERATIONAL_KEYS: &'static [&'static str] = &["checkpoint_every", "keep_checkpoints"];
+    pub const OPERATIONAL_KEYS: &'static [&'static str] =
+        &["checkpoint_every", "keep_checkpoints", "prefetch"];
 
     /// Checks value ranges that the types alone do not; on error returns the offending key and
     /// what was expected, so the config loader can point at it before anything runs.
@@ -205,6 +206,7 @@ impl StageParams {
                 at_least("width", p.width.unwrap_or(1), 1)?;
                 at_least("checkpoint_every", p.checkpoint_every.unwrap_or(1), 1)?;
                 at_least("keep_checkpoints", p.keep_checkpoints, 1)?;
+                at_least("prefetch", p.prefetch, 1)?;
                 at_least("epochs", p.epochs, 1)?;
                 at_least("batch_size", p.batch_size, 1)?;
                 positive("lr", p.lr)?;

@@ -102,6 +102,12 @@ fn is_zero_usize(v: &usize) -> bool {
 fn d_keep() -> usize {
     1
 }
+fn d_prefetch() -> usize {
+    2
+}
+fn is_two(v: &usize) -> bool {
+    *v == 2
+}
 fn is_one(v: &usize) -> bool {
     *v == 1
 }
@@ -177,6 +183,9 @@ pub struct Params {
     /// stage finishes).
     #[serde(default = "d_keep", skip_serializing_if = "is_one")]
     pub keep_checkpoints: usize,
+    /// Batches each loader worker may build ahead of the trainer (loader workers = `[run].threads`).
+    #[serde(default = "d_prefetch", skip_serializing_if = "is_two")]
+    pub prefetch: usize,
     /// Seed of initialisation, order and augmentation (default: the run's seed).
     #[serde(default)]
     pub seed: Option<u64>,
@@ -322,7 +331,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             normalize: data.info.normalize.clone(),
             mix: p.mix,
             workers: ctx.threads.max(1),
-            prefetch: 2,
+            prefetch: p.prefetch,
             seed,
         },
     );
