@@ -89,6 +89,10 @@ fn prepares_cifar10_byte_exactly_and_trains_on_it() {
         info["normalize"]["mean"][0].as_f64().unwrap() as f32,
         0.4914
     );
+    assert_eq!(
+        info["train"]["class_counts"],
+        serde_json::json!(vec![4; 10])
+    );
     assert!(dir.path().join("out/model/model.safetensors").exists());
 }
 

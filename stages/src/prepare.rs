@@ -302,6 +302,9 @@ pub struct SplitInfo {
     pub n: usize,
     /// Content hash of the packed file (its fingerprint).
     pub hash: String,
+    /// Images per class, in class order.
+    #[serde(default)]
+    pub class_counts: Vec<usize>,
 }
 
 /// `dataset.json`: what a prepared dataset holds.
@@ -462,12 +465,17 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     for (name, (info, labels, pixels)) in named {
         let file = format!("{name}.pack");
         let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;
+        let mut class_counts = vec![0usize; info.k()];
+        for &l in &labels {
+            class_counts[l as usize] += 1;
+        }
         splits.push((
             info,
             SplitInfo {
                 file,
                 n: labels.len(),
                 hash,
+                class_counts,
             },
         ));
     }
