@@ -68,25 +68,26 @@ class ResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        cin, layers = widths[0], []
+        cin, self.stages = widths[0], len(blocks)
         for i, (n, w) in enumerate(zip(blocks, widths)):
             stride = 1 if i == 0 else 2
             layer = []
             for j in range(n):
                 layer.append(block(cin, w, stride if j == 0 else 1))
                 cin = w * block.expansion
-            layers.append(nn.Sequential(*layer))
-        self.layers = nn.ModuleList(layers)
+            # torchvision's names (layer1.0.conv1.weight, ...): the Rust checkpoints load by name.
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
-        for layer in self.layers:
-            x = layer(x)
+        for i in range(self.stages):
+            x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build(name, classes):
+def build(name, classes, width=None):
+    """The network `name` (as the Rust `model` key, CIFAR stem) with `width` stem channels."""
     big = {
         "resnet18": (Basic, [2, 2, 2, 2]),
         "resnet34": (Basic, [3, 4, 6, 3]),
@@ -95,11 +96,12 @@ def build(name, classes):
     }
     if name in big:
         block, blocks = big[name]
-        return ResNet(block, blocks, [64, 128, 256, 512], classes)
+        w = width or 64
+        return ResNet(block, blocks, [w, 2 * w, 4 * w, 8 * w], classes)
     depth = int(name.removeprefix("resnet"))
     assert (depth - 2) % 6 == 0, f"unknown model {name}"
-    n = (depth - 2) // 6
-    return ResNet(Basic, [n, n, n], [16, 32, 64], classes)
+    n, w = (depth - 2) // 6, width or 16
+    return ResNet(Basic, [n, n, n], [w, 2 * w, 4 * w], classes)
 
 
 def bench(args, mode):

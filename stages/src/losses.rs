@@ -15,6 +15,16 @@ pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     soft_cross_entropy_per_sample(logits, targets)?.mean_all()
 }
 
+/// Knowledge-distillation loss (Hinton et al.): τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), summed over
+/// classes and averaged over the batch, computed from log-softmaxes so that it stays finite for
+/// large logits; the τ² keeps gradient magnitudes comparable across temperatures.
+pub fn kl_divergence(student: &Tensor, teacher: &Tensor, tau: f64) -> Result<Tensor> {
+    let log_q = log_softmax(&(student / tau)?, D::Minus1)?;
+    let log_p = log_softmax(&(teacher / tau)?, D::Minus1)?;
+    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?;
+    kl.mean_all()? * (tau * tau)
+}
+
 /// Hard cross-entropy of each sample, `N` values (for per-class loss curves).
 pub fn cross_entropy_per_sample(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let logp = log_softmax(logits, D::Minus1)?;
@@ -56,6 +66,35 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((v - 1000.0).abs() < 1e-3, "{v}");
+    }
+
+    #[test]
+    fn temperature_kl_by_hand() {
+        let d = &Device::Cpu;
+        // τ = 2: teacher logits (0, 2 ln 3) → p = (1/4, 3/4); student logits (0, 0) → q = (½, ½).
+        // KL = ¼ ln(½) + ¾ ln(3/2); times τ² = 4.
+        let t = Tensor::new(&[[0.0f32, 2.0 * 3f32.ln()]], d).unwrap();
+        let s = Tensor::new(&[[0.0f32, 0.0]], d).unwrap();
+        let v = kl_divergence(&s, &t, 2.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = 4.0 * (0.25 * 0.5f32.ln() + 0.75 * 1.5f32.ln());
+        assert!((v - want).abs() < 1e-6, "{v} vs {want}");
+        // Identical distributions: 0; averaged over the batch; finite for huge logits.
+        let two = Tensor::new(&[[1.0f32, -1.0], [900.0, 0.0]], d).unwrap();
+        let z = kl_divergence(&two, &two, 4.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(z.abs() < 1e-6, "{z}");
+        let batch = Tensor::new(&[[0.0f32, 0.0], [0.0, 0.0]], d).unwrap();
+        let tt = Tensor::new(&[[0.0f32, 2.0 * 3f32.ln()], [0.0, 2.0 * 3f32.ln()]], d).unwrap();
+        let m = kl_divergence(&batch, &tt, 2.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((m - want).abs() < 1e-6);
     }
 
     #[test]
