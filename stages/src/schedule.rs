@@ -63,4 +63,30 @@ mod tests {
         assert!(lr_at(1.0, &Schedule::Cosine, 10, 0, 9, 0.99) < 0.01);
         assert!((lr_at(1.0, &Schedule::Constant, 10, 2, 1, 0.0) - 0.5).abs() < 1e-12);
     }
+
+    #[test]
+    fn the_papers_long_schedule() {
+        // 350 epochs, ×0.1 at 150, 200, 250 and 300, written in stages.toml as milestones.
+        let s: Schedule = serde_json::from_str(
+            r#"{"type": "multi-step", "milestones": [150, 200, 250, 300], "gamma": 0.1}"#,
+        )
+        .unwrap();
+        let at = |e| lr_at(0.05, &s, 350, 0, e, 0.5);
+        for (epoch, want) in [
+            (0, 0.05),
+            (149, 0.05),
+            (150, 5e-3),
+            (199, 5e-3),
+            (200, 5e-4),
+            (250, 5e-5),
+            (300, 5e-6),
+            (349, 5e-6),
+        ] {
+            assert!(
+                (at(epoch) - want).abs() < 1e-15,
+                "epoch {epoch}: {}",
+                at(epoch)
+            );
+        }
+    }
 }
