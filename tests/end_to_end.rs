@@ -69,7 +69,9 @@ fn tiny_pipeline_produces_every_output() {
         let spec: serde_json::Value =
             serde_json::from_str(&read(&out.join(stage).join("model.json"))).unwrap();
         assert_eq!(spec["spec"]["classes"], 4);
-        assert!(!out.join(stage).join("checkpoint").exists());
+        assert!(!out.join(stage).join("checkpoints").exists());
+        let class_loss = read(&out.join(stage).join("class_loss.csv"));
+        assert_eq!(class_loss.lines().count(), 1 + epochs * 4, "{class_loss}");
     }
 
     // Metrics in three formats that agree.
@@ -98,6 +100,42 @@ fn tiny_pipeline_produces_every_output() {
     assert!(report.contains("| vanilla | resnet8 | 1 |"), "{report}");
     assert!(report.contains("| off-ldl | resnet8 | 1 |"), "{report}");
     assert_eq!(read(&out.join("report/report.csv")).lines().count(), 3);
+
+    // `pipeline inspect` summarises the label store and the packed splits of a stage folder.
+    let o = pipeline(
+        dir.path(),
+        &["inspect", "out/labels/labels.parquet", "--rows", "3"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for want in [
+        "160 rows",
+        "probs      FixedSizeList",
+        "BYTE_STREAM_SPLIT",
+        "ldl.dataset_fingerprint",
+        &train.hash(),
+        "teacher                    160",
+        "first rows (source, index, label, top classes):",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+    let first_rows = text.split("first rows").nth(1).unwrap();
+    assert_eq!(first_rows.matches("\n    teacher ").count(), 3, "{text}");
+    let o = pipeline(dir.path(), &["inspect", "out/data"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("images 160  shape C×H×W 3×16×16  classes K = 4"),
+        "{text}"
+    );
+    assert!(text.contains("images 80 "), "{text}");
+    let o = pipeline(dir.path(), &["inspect", "tiny.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("expected a label store (.parquet)"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -146,4 +184,80 @@ fn prepare_holds_out_a_seeded_validation_split() {
         .unwrap()
         .iter()
         .any(|f| f["path"] == "val.pack"));
+}
+
+/// A teacher trained with dropout gets a Monte-Carlo dropout source with its uncertainty columns;
+/// the deterministic sources have them null.
+#[test]
+fn a_dropout_teacher_gets_monte_carlo_labels() {
+    use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray};
+    let dir = scratch();
+    let cfg = TINY.replacen(
+        "name = \"teacher\"\nkind = \"train\"",
+        "name = \"teacher\"\nkind = \"train\"\ndropout = 0.3",
+        1,
+    );
+    assert_ne!(cfg, TINY);
+    let cfg = cfg.replacen(
+        "name = \"labels\"\nkind = \"label\"",
+        "name = \"labels\"\nkind = \"label\"\nmc_samples = 8",
+        1,
+    );
+    write(dir.path(), "mc.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "mc.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let train = PackedStore::open(&out.join("data/train.pack")).unwrap();
+    let path = out.join("labels/labels.parquet");
+    // The MC mean is a valid distribution for every sample, and differs from the deterministic one.
+    let mc = label_store::read(
+        &path,
+        "teacher.mc",
+        160,
+        &train.info().classes,
+        &train.hash(),
+    )
+    .unwrap();
+    let det =
+        label_store::read(&path, "teacher", 160, &train.info().classes, &train.hash()).unwrap();
+    assert_ne!(mc.probs, det.probs);
+    let file = std::fs::File::open(&path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let (mut mc_rows, mut positive_mi) = (0, 0);
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = |n: &str| batch.column_by_name(n).unwrap().clone();
+        let source = col("source");
+        let source = source.as_any().downcast_ref::<StringArray>().unwrap();
+        let std = col("std");
+        let std = std.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+        let entropy = col("entropy");
+        let entropy = entropy.as_any().downcast_ref::<Float32Array>().unwrap();
+        let mi = col("mutual_information");
+        let mi = mi.as_any().downcast_ref::<Float32Array>().unwrap();
+        for r in 0..batch.num_rows() {
+            if source.value(r) == "teacher.mc" {
+                mc_rows += 1;
+                assert!(std.is_valid(r) && entropy.is_valid(r) && mi.is_valid(r));
+                let (h, i) = (entropy.value(r), mi.value(r));
+                // 0 ≤ MI ≤ H ≤ ln K.
+                assert!(
+                    (0.0..=h + 1e-6).contains(&i) && h <= 4f32.ln() + 1e-5,
+                    "H {h}, MI {i}"
+                );
+                positive_mi += (i > 0.0) as usize;
+                let sd = std.value(r);
+                let sd = sd.as_any().downcast_ref::<Float32Array>().unwrap();
+                assert!(sd.values().iter().all(|v| (0.0..=0.5).contains(v)));
+            } else {
+                assert!(std.is_null(r) && entropy.is_null(r) && mi.is_null(r));
+            }
+        }
+    }
+    assert_eq!(mc_rows, 160);
+    // Dropout at p = 0.3 makes the passes disagree somewhere.
+    assert!(positive_mi > 0);
 }

@@ -37,6 +37,8 @@ pub mod stream {
     pub const HOLDOUT: u64 = 6;
     /// The loader's per-batch mixing draws (mixup, CutMix, RICAP).
     pub const MIX: u64 = 7;
+    /// Monte-Carlo dropout passes of the label stage.
+    pub const MC_DROPOUT: u64 = 8;
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod bench;
 mod config;
+mod inspect;
 mod lock;
 mod runner;
 
@@ -71,6 +72,8 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Show a label store's schema, metadata and first rows, or a packed split's summary.
+    Inspect(inspect::InspectArgs),
     /// Measure throughput (to compare with the PyTorch scripts in benches/).
     Bench {
         #[command(subcommand)]
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
                 Ok(())
             })()
         }
+        Command::Inspect(args) => inspect::inspect(args),
         Command::Bench { what } => match what {
             BenchCommand::Loader(args) => bench::loader(args),
             BenchCommand::Train(args) => bench::train(args),

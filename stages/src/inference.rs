@@ -1,5 +1,6 @@
 //! Batched eval-mode inference over a whole packed split, in store order, shared by the `label`
-//! and `evaluate` stages.
+//! and `evaluate` stages; and Monte-Carlo dropout inference (BatchNorm in eval mode, dropout
+//! active) summarised per sample.
 
 use crate::context::Context;
 use crate::error::Result;
@@ -23,12 +24,30 @@ pub struct Inference<'a> {
     pub temperature: f64,
 }
 
+/// Per-sample summary of S Monte-Carlo dropout passes, each `N × K` or `N` row-major.
+#[derive(Debug, Clone, Default)]
+pub struct McSummary {
+    /// Mean of the S softmax distributions.
+    pub mean: Vec<f32>,
+    /// Per-class standard deviation over the passes (population: divided by S).
+    pub std: Vec<f32>,
+    /// Entropy of the mean distribution, in nats (the total uncertainty).
+    pub entropy: Vec<f32>,
+    /// Mutual information between the prediction and the dropout mask: the entropy of the mean
+    /// minus the mean entropy of the passes, in nats (the epistemic part), clamped at 0.
+    pub mutual_information: Vec<f32>,
+}
+
+fn entropy(p: &[f32]) -> f64 {
+    -p.iter()
+        .filter(|&&v| v > 0.0)
+        .map(|&v| v as f64 * (v as f64).ln())
+        .sum::<f64>()
+}
+
 impl Inference<'_> {
-    /// Softmax probabilities at temperature τ of every image of `store`, `N × K` row-major, in
-    /// store order; `what` labels the progress bar.
-    pub fn predict(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
-        let info = store.info().clone();
-        let loader = Loader::new(
+    fn loader(&self, ctx: &Context, store: &Arc<PackedStore>) -> Loader {
+        Loader::new(
             store.clone(),
             LoaderConfig {
                 batch_size: self.batch_size,
@@ -41,7 +60,85 @@ impl Inference<'_> {
                 prefetch: 2,
                 seed: 0,
             },
-        );
+        )
+    }
+
+    /// `samples` Monte-Carlo dropout passes over every image of `store`, summarised per sample.
+    /// The features are computed once per batch and only the dropout and classifier are
+    /// resampled; pass `s` of batch `b` draws its masks from (seed, MC stream, b, s).
+    pub fn predict_mc(
+        &self,
+        ctx: &Context,
+        store: &Arc<PackedStore>,
+        samples: usize,
+        seed: u64,
+        what: &str,
+    ) -> Result<McSummary> {
+        let info = store.info().clone();
+        let (n, k) = (store.len(), info.k());
+        let loader = self.loader(ctx, store);
+        let bar = ctx.bar(loader.batches_per_epoch() as u64, what);
+        let mut out = McSummary {
+            mean: Vec::with_capacity(n * k),
+            std: Vec::with_capacity(n * k),
+            entropy: Vec::with_capacity(n),
+            mutual_information: Vec::with_capacity(n),
+        };
+        let s = samples.max(1);
+        let mut it = loader.epoch(0, 0);
+        while let Some(batch) = it.next() {
+            let b = batch.len();
+            let x = Tensor::from_slice(&batch.images, (b, info.c, info.h, info.w), self.device)?;
+            let features = self.model.net.features_t(&x, false)?;
+            let mut sum = vec![0f64; b * k];
+            let mut sq = vec![0f64; b * k];
+            let mut mean_entropy = vec![0f64; b];
+            for pass in 0..s {
+                let mask_seed = datasets::rng::derive_seed(&[
+                    seed,
+                    datasets::rng::stream::MC_DROPOUT,
+                    batch.index as u64,
+                    pass as u64,
+                ]);
+                let logits = self
+                    .model
+                    .net
+                    .head_with_dropout(&features, Some(mask_seed))?;
+                let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for (i, row) in probs.chunks_exact(k).enumerate() {
+                    mean_entropy[i] += entropy(row) / s as f64;
+                    for (c, &p) in row.iter().enumerate() {
+                        sum[i * k + c] += p as f64;
+                        sq[i * k + c] += p as f64 * p as f64;
+                    }
+                }
+            }
+            for i in 0..b {
+                let mean: Vec<f32> = (0..k).map(|c| (sum[i * k + c] / s as f64) as f32).collect();
+                out.std.extend((0..k).map(|c| {
+                    let m = sum[i * k + c] / s as f64;
+                    ((sq[i * k + c] / s as f64 - m * m).max(0.0)).sqrt() as f32
+                }));
+                let h = entropy(&mean);
+                out.entropy.push(h as f32);
+                out.mutual_information
+                    .push((h - mean_entropy[i]).max(0.0) as f32);
+                out.mean.extend(mean);
+            }
+            bar.inc(1);
+            it.recycle(batch);
+        }
+        bar.finish_and_clear();
+        Ok(out)
+    }
+
+    /// Softmax probabilities at temperature τ of every image of `store`, `N × K` row-major, in
+    /// store order; `what` labels the progress bar.
+    pub fn predict(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
+        let info = store.info().clone();
+        let loader = self.loader(ctx, store);
         let bar = ctx.bar(loader.batches_per_epoch() as u64, what);
         let mut out = Vec::with_capacity(store.len() * info.k());
         let mut it = loader.epoch(0, 0);

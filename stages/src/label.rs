@@ -1,11 +1,14 @@
 //! The `label` stage: runs one or more trained teachers, in eval mode, over the training split
 //! and stores their softmax distributions (and, with several teachers, the ensemble mean) in the
-//! Parquet label store `labels.parquet` (schema in `label_store`).
+//! Parquet label store `labels.parquet` (schema in `label_store`). A teacher trained with dropout
+//! also gets a Monte-Carlo dropout source `<teacher>.mc`: the mean of `mc_samples` stochastic
+//! passes with its per-class standard deviation, entropy and mutual information.
 
 use crate::context::Context;
 use crate::error::Result;
 use crate::inference::Inference;
-use crate::label_store::{self, LabelMeta, SourceRows};
+use crate::inference::McSummary;
+use crate::label_store::{self, LabelMeta, McRows, SourceRows};
 use crate::prepare::Dataset;
 use crate::stage::Kind;
 use crate::train::TrainedModel;
@@ -18,6 +21,12 @@ fn d_tau() -> f64 {
 fn d_batch() -> usize {
     256
 }
+fn d_mc() -> usize {
+    20
+}
+fn is_20(v: &usize) -> bool {
+    *v == 20
+}
 
 /// Parameters of a `label` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +38,12 @@ pub struct Params {
     /// Images per inference batch.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
+    /// Monte-Carlo dropout passes for teachers trained with dropout (0: no MC source).
+    #[serde(default = "d_mc", skip_serializing_if = "is_20")]
+    pub mc_samples: usize,
+    /// Seed of the Monte-Carlo dropout masks (default: each teacher's training seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 /// Runs a `label` stage.
@@ -45,8 +60,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let k = data.info.classes.len();
     let mut teachers = BTreeMap::new();
     let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
+    let mut mc: Vec<(String, McSummary)> = Vec::new();
     for input in ctx.inputs_of(Kind::Train) {
-        let (_, model) = TrainedModel::load(&input.dir, &device, k)?;
+        let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
         let inference = Inference {
             model: &model,
             device: &device,
@@ -56,6 +72,16 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         };
         let probs =
             inference.predict(ctx, &data.train, &format!("labelling with {}", input.name))?;
+        if model.spec.dropout > 0.0 && p.mc_samples > 0 {
+            let summary = inference.predict_mc(
+                ctx,
+                &data.train,
+                p.mc_samples,
+                p.seed.unwrap_or(meta.seed),
+                &format!("MC dropout with {}", input.name),
+            )?;
+            mc.push((format!("{}.mc", input.name), summary));
+        }
         teachers.insert(input.name.clone(), input.fingerprint.clone());
         outputs.push((input.name.clone(), probs));
     }
@@ -70,15 +96,27 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     }
     let indices: Vec<u32> = (0..n as u32).collect();
     let labels = data.train.labels();
-    let rows: Vec<SourceRows> = outputs
+    let mut rows: Vec<SourceRows> = outputs
         .iter()
         .map(|(name, probs)| SourceRows {
             source: name,
             indices: &indices,
             labels: &labels,
             probs,
+            mc: None,
         })
         .collect();
+    rows.extend(mc.iter().map(|(name, m)| SourceRows {
+        source: name,
+        indices: &indices,
+        labels: &labels,
+        probs: &m.mean,
+        mc: Some(McRows {
+            std: &m.std,
+            entropy: &m.entropy,
+            mutual_information: &m.mutual_information,
+        }),
+    }));
     label_store::write(
         &ctx.dir.join("labels.parquet"),
         &LabelMeta {
@@ -89,11 +127,6 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         },
         &rows,
     )?;
-    tracing::info!(
-        "{}: {} rows × {} sources written",
-        ctx.name,
-        n,
-        outputs.len()
-    );
+    tracing::info!("{}: {} rows × {} sources written", ctx.name, n, rows.len());
     Ok(vec!["labels.parquet".into()])
 }

@@ -2,22 +2,28 @@
 //! Polars open directly, one row per (sample, source).
 //!
 //! Columns: `index` (`uint32`, position of the sample in the prepared split), `label` (`uint32`,
-//! the hard label), `source` (`utf8`: a teacher stage's name, or `ensemble` for the mean of
-//! several teachers), `probs` (`FixedSizeList<float32, K>`). Key-value metadata: `ldl.format_version`,
+//! the hard label), `source` (`utf8`: a teacher stage's name, `ensemble` for the mean of several
+//! teachers, `<teacher>.mc` for a teacher's Monte-Carlo dropout mean), `probs`
+//! (`FixedSizeList<float32, K>`), and for `.mc` sources (null elsewhere) `std`
+//! (`FixedSizeList<float32, K>`, per-class standard deviation over the passes), `entropy` and
+//! `mutual_information` (`float32`, nats). Key-value metadata: `ldl.format_version`,
 //! `ldl.k`, `ldl.classes` (JSON list), `ldl.dataset_fingerprint`, `ldl.teachers` (JSON object of
-//! stage name → fingerprint), `ldl.temperature`, `ldl.program_version`. Files are zstd-compressed
-//! and contain no timestamp: the same inputs give byte-identical files.
+//! stage name → fingerprint), `ldl.temperature`, `ldl.program_version`. Files are zstd-compressed,
+//! `probs` is BYTE_STREAM_SPLIT-encoded, row groups hold 8192 rows, and files contain no
+//! timestamp: the same inputs give byte-identical files.
 
 use crate::error::{Result, StageError};
 use arrow::array::{
     Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
 };
+use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -48,22 +54,44 @@ pub struct SourceRows<'a> {
     pub labels: &'a [u32],
     /// `len × K` probabilities.
     pub probs: &'a [f32],
+    /// The uncertainty columns of a Monte-Carlo dropout source (null for other sources).
+    pub mc: Option<McRows<'a>>,
 }
+
+/// The uncertainty columns of a Monte-Carlo dropout source.
+pub struct McRows<'a> {
+    /// `len × K` per-class standard deviations over the passes.
+    pub std: &'a [f32],
+    /// Entropy of the mean distribution (nats), one per row.
+    pub entropy: &'a [f32],
+    /// Mutual information (nats), one per row.
+    pub mutual_information: &'a [f32],
+}
+
+fn vector(k: usize) -> DataType {
+    DataType::FixedSizeList(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        k as i32,
+    )
+}
+
+/// Columns every row has; a reader needs only these.
+const REQUIRED: usize = 4;
 
 fn schema(k: usize) -> Schema {
     Schema::new(vec![
         Field::new("index", DataType::UInt32, false),
         Field::new("label", DataType::UInt32, false),
         Field::new("source", DataType::Utf8, false),
-        Field::new(
-            "probs",
-            DataType::FixedSizeList(
-                Arc::new(Field::new("item", DataType::Float32, false)),
-                k as i32,
-            ),
-            false,
-        ),
+        Field::new("probs", vector(k), false),
+        Field::new("std", vector(k), true),
+        Field::new("entropy", DataType::Float32, true),
+        Field::new("mutual_information", DataType::Float32, true),
     ])
+}
+
+fn leaf(column: &str) -> ColumnPath {
+    ColumnPath::new(vec![column.into(), "list".into(), "item".into()])
 }
 
 const ROWS_PER_GROUP: usize = 8192;
@@ -78,6 +106,13 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
             ZstdLevel::try_new(3).expect("valid level"),
         ))
         .set_max_row_group_row_count(Some(ROWS_PER_GROUP))
+        // Probabilities compress far better split into byte planes than as dictionary pages:
+        // exponents and high mantissa bytes repeat, low bytes are noise.
+        // (arrow-rs names a list's leaf column `<name>.list.item`).
+        .set_column_dictionary_enabled(leaf("probs"), false)
+        .set_column_encoding(leaf("probs"), Encoding::BYTE_STREAM_SPLIT)
+        .set_column_dictionary_enabled(leaf("std"), false)
+        .set_column_encoding(leaf("std"), Encoding::BYTE_STREAM_SPLIT)
         .set_key_value_metadata(Some(vec![
             kv("format_version", crate::FORMAT_VERSION.to_string()),
             kv("k", k.to_string()),
@@ -100,20 +135,46 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
         for s in sources {
             for lo in (0..s.indices.len()).step_by(ROWS_PER_GROUP) {
                 let hi = (lo + ROWS_PER_GROUP).min(s.indices.len());
-                let values = Float32Array::from(s.probs[lo * k..hi * k].to_vec());
-                let item = Arc::new(Field::new("item", DataType::Float32, false));
-                let probs = FixedSizeListArray::try_new(item, k as i32, Arc::new(values), None)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let rows = hi - lo;
+                let list = |values: Vec<f32>, nulls: Option<NullBuffer>| {
+                    let item = Arc::new(Field::new("item", DataType::Float32, false));
+                    FixedSizeListArray::try_new(
+                        item,
+                        k as i32,
+                        Arc::new(Float32Array::from(values)),
+                        nulls,
+                    )
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                };
+                let probs = list(s.probs[lo * k..hi * k].to_vec(), None)?;
+                let (std, entropy, mi): (ArrayRef, ArrayRef, ArrayRef) = match &s.mc {
+                    Some(mc) => (
+                        Arc::new(list(mc.std[lo * k..hi * k].to_vec(), None)?),
+                        Arc::new(Float32Array::from(mc.entropy[lo..hi].to_vec())),
+                        Arc::new(Float32Array::from(mc.mutual_information[lo..hi].to_vec())),
+                    ),
+                    None => (
+                        Arc::new(list(vec![0.0; rows * k], Some(NullBuffer::new_null(rows)))?),
+                        Arc::new(Float32Array::new_null(rows)),
+                        Arc::new(Float32Array::new_null(rows)),
+                    ),
+                };
                 let columns: Vec<ArrayRef> = vec![
                     Arc::new(UInt32Array::from(s.indices[lo..hi].to_vec())),
                     Arc::new(UInt32Array::from(s.labels[lo..hi].to_vec())),
-                    Arc::new(StringArray::from(vec![s.source; hi - lo])),
+                    Arc::new(StringArray::from(vec![s.source; rows])),
                     Arc::new(probs),
+                    std,
+                    entropy,
+                    mi,
                 ];
                 let batch = RecordBatch::try_new(schema.clone(), columns)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 writer.write(&batch).map_err(to_io)?;
             }
+            // End the row group at each source, so a row group holds one source and readers
+            // filtering on `source` skip the others by the column's statistics.
+            writer.flush().map_err(to_io)?;
         }
         writer.close().map_err(to_io)?;
         Ok(())
@@ -225,7 +286,7 @@ pub fn read(
     let k = classes.len();
     let expected = schema(k);
     let arrow_schema = builder.schema().clone();
-    for f in expected.fields() {
+    for f in expected.fields().iter().take(REQUIRED) {
         match arrow_schema.field_with_name(f.name()) {
             Ok(actual) if actual.data_type() == f.data_type() => {}
             Ok(actual) => {

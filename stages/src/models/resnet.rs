@@ -383,6 +383,17 @@ impl ResNet {
         self.fc.forward(features)
     }
 
+    /// Logits from penultimate features through the dropout (active when `seed` is given, masks
+    /// drawn from it) and the classifier: Monte-Carlo dropout resamples only this part, so the
+    /// features of a batch are computed once for all of its passes.
+    pub fn head_with_dropout(
+        &self,
+        features: &Tensor,
+        seed: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        self.head(&self.dropout.forward(features, seed)?)
+    }
+
     /// Penultimate features `N × D` (before dropout) and logits `N × K`; the logits are
     /// `dropout(features)·Wᵀ + b`, so `features·Wᵀ + b` whenever dropout is inactive.
     pub fn features_and_logits(

@@ -1,0 +1,214 @@
+//! `pipeline inspect PATH`: a quick look at a label store (`.parquet`), a packed split (`.pack`)
+//! or every such file of a stage folder, in the terminal and without Python: schema, metadata,
+//! row counts per source and the first rows with their most probable classes.
+
+use anyhow::{bail, Context as _, Result};
+use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
+use datasets::PackedStore;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Options of `pipeline inspect`.
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// A label store (`.parquet`), a packed split (`.pack`) or a stage folder.
+    pub path: std::path::PathBuf,
+    /// Rows (label store) or labels (packed split) to show.
+    #[arg(long, default_value_t = 5)]
+    pub rows: usize,
+}
+
+/// Runs `pipeline inspect`.
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    let path = &args.path;
+    if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(ext(p), "parquet" | "pack"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{}: no .parquet or .pack file to inspect", path.display());
+        }
+        for (i, f) in files.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            one(f, args.rows)?;
+        }
+        return Ok(());
+    }
+    one(path, args.rows)
+}
+
+fn ext(p: &Path) -> &str {
+    p.extension().and_then(|e| e.to_str()).unwrap_or("")
+}
+
+fn one(path: &Path, rows: usize) -> Result<()> {
+    match ext(path) {
+        "parquet" => label_store(path, rows),
+        "pack" => pack(path, rows),
+        _ => bail!(
+            "{}: expected a label store (.parquet), a packed split (.pack) or a folder",
+            path.display()
+        ),
+    }
+}
+
+fn pack(path: &Path, rows: usize) -> Result<()> {
+    let store = PackedStore::open(path)?;
+    let info = store.info();
+    let size = std::fs::metadata(path)?.len();
+    println!("{} — packed split, {} bytes", path.display(), size);
+    println!(
+        "  images {}  shape C×H×W {}×{}×{}  classes K = {}",
+        info.n,
+        info.c,
+        info.h,
+        info.w,
+        info.classes.len()
+    );
+    println!("  content hash (fingerprint) {}", store.hash());
+    let mut counts = vec![0usize; info.k()];
+    for l in store.labels() {
+        counts[l as usize] += 1;
+    }
+    println!("  images per class:");
+    for (name, c) in info.classes.iter().zip(&counts).take(rows.max(10)) {
+        println!("    {name:<24} {c}");
+    }
+    if info.k() > rows.max(10) {
+        println!("    … {} more classes", info.k() - rows.max(10));
+    }
+    Ok(())
+}
+
+fn label_store(path: &Path, rows: usize) -> Result<()> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let reader = SerializedFileReader::new(file.try_clone()?)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let meta = reader.metadata();
+    let fm = meta.file_metadata();
+    println!(
+        "{} — Parquet, {} bytes, {} rows in {} row group(s), written by {}",
+        path.display(),
+        size,
+        fm.num_rows(),
+        meta.num_row_groups(),
+        fm.created_by().unwrap_or("?")
+    );
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    println!("  columns:");
+    for f in builder.schema().fields() {
+        let chunk = meta.row_groups().first().and_then(|rg| {
+            rg.columns()
+                .iter()
+                .find(|c| c.column_path().parts()[0] == *f.name())
+        });
+        let how = chunk
+            .map(|c| {
+                let enc: Vec<String> = c.encodings().map(|e| format!("{e}")).collect();
+                // The level is not stored in the file: show the codec only.
+                let codec = c.compression().to_string();
+                let codec = codec.split('(').next().unwrap_or_default().to_owned();
+                format!("  [{codec}; {}]", enc.join(", "))
+            })
+            .unwrap_or_default();
+        println!("    {:<10} {}{how}", f.name(), f.data_type());
+    }
+    let mut classes: Vec<String> = Vec::new();
+    if let Some(kv) = fm.key_value_metadata() {
+        println!("  metadata:");
+        for e in kv {
+            let v = e.value.clone().unwrap_or_default();
+            if e.key == "ldl.classes" {
+                classes = serde_json::from_str(&v).unwrap_or_default();
+            }
+            let shown = if v.chars().count() > 100 {
+                format!(
+                    "{}… ({} chars)",
+                    v.chars().take(100).collect::<String>(),
+                    v.len()
+                )
+            } else {
+                v
+            };
+            if e.key.starts_with("ldl.") {
+                println!("    {:<26} {shown}", e.key);
+            }
+        }
+    }
+    let reader = builder
+        .with_batch_size(8192)
+        .build()
+        .with_context(|| format!("{}: cannot read rows", path.display()))?;
+    let mut per_source: BTreeMap<String, usize> = BTreeMap::new();
+    let mut shown = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
+        let (Some(src), Some(index), Some(label), Some(probs)) = (
+            batch
+                .column_by_name("source")
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
+            batch
+                .column_by_name("index")
+                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
+            batch
+                .column_by_name("label")
+                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
+            batch
+                .column_by_name("probs")
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>()),
+        ) else {
+            bail!(
+                "{}: not a label store (columns index, label, source, probs)",
+                path.display()
+            );
+        };
+        let values = probs
+            .values()
+            .as_any()
+            .downcast_ref::<Float32Array>()
+            .context("column `probs` does not hold float32")?;
+        let k = probs.value_length() as usize;
+        for r in 0..batch.num_rows() {
+            *per_source.entry(src.value(r).to_owned()).or_default() += 1;
+            if shown.len() < rows {
+                let start = probs.value_offset_at(r);
+                let p = &values.values()[start..start + k];
+                let mut top: Vec<(usize, f32)> = p.iter().copied().enumerate().collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| c.to_string());
+                let best: Vec<String> = top
+                    .iter()
+                    .take(3)
+                    .map(|(c, v)| format!("{} {:.3}", name(*c), v))
+                    .collect();
+                shown.push(format!(
+                    "    {:<14} {:>7} {:<14} {}",
+                    src.value(r),
+                    index.value(r),
+                    name(label.value(r) as usize),
+                    best.join(", ")
+                ));
+            }
+        }
+    }
+    println!("  rows per source:");
+    for (s, n) in &per_source {
+        println!("    {s:<26} {n}");
+    }
+    if !shown.is_empty() {
+        println!("  first rows (source, index, label, top classes):");
+        for l in shown {
+            println!("{l}");
+        }
+    }
+    Ok(())
+}
