@@ -241,6 +241,30 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
     })
 }
 
+/// The distinct values of the `source` column (read alone; for error messages).
+fn source_names(path: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| StageError::invalid(path, "file", e.to_string()))?;
+    let Ok(at) = builder.schema().index_of("source") else {
+        return Ok(Default::default());
+    };
+    let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), [at]);
+    let mut names = std::collections::BTreeSet::new();
+    for batch in builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| StageError::invalid(path, "file", e.to_string()))?
+    {
+        let batch =
+            batch.map_err(|e| StageError::invalid(path, "column `source`", e.to_string()))?;
+        if let Some(src) = batch.column(0).as_any().downcast_ref::<StringArray>() {
+            names.extend(src.iter().flatten().map(str::to_owned));
+        }
+    }
+    Ok(names)
+}
+
 /// Reads the distributions of `source` for a split of `n` samples, refusing a store whose classes
 /// or dataset fingerprint differ from `classes`/`fingerprint`, and any row that is not a
 /// distribution (NaN, negative, not summing to 1 within [`SUM_TOLERANCE`]), any index out of range,
@@ -305,17 +329,64 @@ pub fn read(
             }
         }
     }
+    // Stream only what the source needs: the row groups whose `source` statistics admit it
+    // (the writer gives each source its own row groups) and the columns index, source, probs.
+    let source_col = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.path().parts() == ["source"]);
+    let groups: Vec<usize> = builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .enumerate()
+        .filter(|(_, rg)| {
+            let stats = source_col.and_then(|c| rg.column(c).statistics());
+            match stats.map(|s| (s.min_bytes_opt(), s.max_bytes_opt())) {
+                Some((Some(lo), Some(hi))) => lo <= source.as_bytes() && source.as_bytes() <= hi,
+                _ => true,
+            }
+        })
+        .map(|(i, _)| i)
+        .collect();
+    // (first file row, rows) of each selected group, to name file rows in errors.
+    let spans: Vec<(usize, usize)> = {
+        let all = builder.metadata().row_groups();
+        let mut starts = Vec::with_capacity(all.len());
+        let mut at = 0usize;
+        for rg in all {
+            starts.push(at);
+            at += rg.num_rows() as usize;
+        }
+        groups
+            .iter()
+            .map(|&g| (starts[g], all[g].num_rows() as usize))
+            .collect()
+    };
+    let roots = ["index", "source", "probs"].map(|c| arrow_schema.index_of(c).expect("checked"));
+    let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
     let reader = builder
+        .with_row_groups(groups)
+        .with_projection(mask)
         .with_batch_size(ROWS_PER_GROUP)
         .build()
         .map_err(|e| StageError::invalid(path, "file", e.to_string()))?;
     let mut probs = vec![f32::NAN; n * k];
     let mut seen = vec![false; n];
-    let mut row = 0usize;
-    let mut sources_seen = std::collections::BTreeSet::new();
+    let mut found = false;
+    let (mut span, mut offset) = (0usize, 0usize);
+    let mut file_row = || {
+        while span < spans.len() && offset == spans[span].1 {
+            span += 1;
+            offset = 0;
+        }
+        offset += 1;
+        spans.get(span).map_or(0, |s| s.0 + offset - 1)
+    };
     for batch in reader {
         let batch = batch.map_err(|e| {
-            StageError::invalid(path, format!("row group after row {row}"), e.to_string())
+            StageError::invalid(path, "a row group", format!("cannot be read: {e}"))
         })?;
         let col = |name: &str| batch.column_by_name(name).expect("schema checked");
         let index = col("index")
@@ -336,11 +407,11 @@ pub fn read(
             .downcast_ref::<Float32Array>()
             .expect("schema checked");
         for r in 0..batch.num_rows() {
-            let at = row + r;
-            sources_seen.insert(src.value(r).to_owned());
+            let at = file_row();
             if src.value(r) != source {
                 continue;
             }
+            found = true;
             let i = index.value(r) as usize;
             if i >= n {
                 return Err(StageError::invalid(
@@ -379,15 +450,14 @@ pub fn read(
             }
             probs[i * k..(i + 1) * k].copy_from_slice(p);
         }
-        row += batch.num_rows();
     }
-    if !sources_seen.contains(source) {
+    if !found {
         return Err(StageError::invalid(
             path,
             "column `source`",
             format!(
                 "no rows for source `{source}`; the store has {:?}",
-                sources_seen
+                source_names(path)?
             ),
         ));
     }
@@ -399,4 +469,208 @@ pub fn read(
         ));
     }
     Ok(SoftLabels { k, probs, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: usize = 3;
+
+    fn meta() -> LabelMeta {
+        LabelMeta {
+            classes: vec!["a".into(), "b".into(), "c".into()],
+            dataset_fingerprint: "fp".into(),
+            teachers: BTreeMap::from([("t".into(), "tfp".into())]),
+            temperature: 1.0,
+        }
+    }
+
+    /// A store with sources `t` and `u` over `n` samples; `edit` may corrupt `u`'s rows.
+    fn store(n: usize, edit: impl FnOnce(&mut Vec<u32>, &mut Vec<f32>)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let indices: Vec<u32> = (0..n as u32).collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % K as u32).collect();
+        let t: Vec<f32> = (0..n).flat_map(|_| [0.5f32, 0.25, 0.25]).collect();
+        let mut u_idx = indices.clone();
+        let mut u: Vec<f32> = (0..n).flat_map(|_| [0.2f32, 0.3, 0.5]).collect();
+        edit(&mut u_idx, &mut u);
+        let rows = [
+            SourceRows {
+                source: "t",
+                indices: &indices,
+                labels: &labels,
+                probs: &t,
+                mc: None,
+            },
+            SourceRows {
+                source: "u",
+                indices: &u_idx,
+                labels: &labels,
+                probs: &u,
+                mc: None,
+            },
+        ];
+        write(&dir.path().join("l.parquet"), &meta(), &rows).unwrap();
+        dir
+    }
+
+    fn read_u(dir: &tempfile::TempDir, n: usize) -> Result<SoftLabels> {
+        let m = meta();
+        read(&dir.path().join("l.parquet"), "u", n, &m.classes, "fp")
+    }
+
+    fn err(r: Result<SoftLabels>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn round_trip_and_metadata() {
+        let dir = store(10, |_, _| {});
+        let got = read_u(&dir, 10).unwrap();
+        assert_eq!(got.probs[..3], [0.2, 0.3, 0.5]);
+        assert_eq!(got.meta, meta());
+        assert_eq!(read_meta(&dir.path().join("l.parquet")).unwrap(), meta());
+    }
+
+    #[test]
+    fn each_source_has_its_own_row_groups_and_only_they_are_read() {
+        // 9000 rows per source: two row groups each, never shared between sources.
+        let dir = store(9000, |_, _| {});
+        let path = dir.path().join("l.parquet");
+        let file = std::fs::File::open(&path).unwrap();
+        let b = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+        let groups: Vec<i64> = b
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        assert_eq!(groups, [8192, 808, 8192, 808]);
+        // Corrupt every row of `t` (a NaN): reading `u` must not touch those row groups.
+        let n = 9000;
+        let indices: Vec<u32> = (0..n as u32).collect();
+        let labels = vec![0u32; n];
+        let bad = vec![f32::NAN; n * K];
+        let good: Vec<f32> = (0..n).flat_map(|_| [0.2f32, 0.3, 0.5]).collect();
+        let rows = [
+            SourceRows {
+                source: "t",
+                indices: &indices,
+                labels: &labels,
+                probs: &bad,
+                mc: None,
+            },
+            SourceRows {
+                source: "u",
+                indices: &indices,
+                labels: &labels,
+                probs: &good,
+                mc: None,
+            },
+        ];
+        write(&path, &meta(), &rows).unwrap();
+        assert!(read_u(&dir, n).is_ok());
+        let m = meta();
+        let e = err(read(&path, "t", n, &m.classes, "fp"));
+        assert!(
+            e.contains("row 0, column `probs`, class 0") && e.contains("NaN"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn malformed_rows_are_refused_naming_file_row_and_value() {
+        let file_row = |i: usize| 10 + i; // `u` follows the 10 rows of `t`
+        let cases: Vec<(Box<dyn FnOnce(&mut Vec<u32>, &mut Vec<f32>)>, String)> = vec![
+            (
+                Box::new(|_, p| p[3 * 4 + 1] = f32::NAN),
+                format!("row {}, column `probs`, class 1: value NaN", file_row(4)),
+            ),
+            (
+                Box::new(|_, p| p[3 * 2] = -0.1),
+                format!("row {}, column `probs`, class 0: value -0.1", file_row(2)),
+            ),
+            (
+                Box::new(|_, p| p[3 * 7] = 0.3),
+                format!("row {}, column `probs`: sums to 1.1", file_row(7)),
+            ),
+            (
+                Box::new(|i, _| i[5] = 99),
+                format!(
+                    "row {}, column `index`: 99 is outside the split's 0..10",
+                    file_row(5)
+                ),
+            ),
+            (
+                Box::new(|i, _| i[6] = 1),
+                format!(
+                    "row {}, column `index`: sample 1 appears twice",
+                    file_row(6)
+                ),
+            ),
+        ];
+        for (edit, want) in cases {
+            let dir = store(10, edit);
+            let e = err(read_u(&dir, 10));
+            assert!(
+                e.contains("l.parquet") && e.contains(&want),
+                "{e}\nwanted: {want}"
+            );
+        }
+        // A sample without a row.
+        let dir = store(10, |_, _| {});
+        let e = err(read_u(&dir, 11));
+        assert!(
+            e.contains("sample 10 of 0..11 has no row for source `u`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mismatched_stores_are_refused() {
+        let dir = store(4, |_, _| {});
+        let path = dir.path().join("l.parquet");
+        let m = meta();
+        let e = err(read(&path, "u", 4, &["a".into(), "b".into()], "fp"));
+        assert!(e.contains("`ldl.classes`") && e.contains("K = 3"), "{e}");
+        let e = err(read(&path, "u", 4, &m.classes, "other"));
+        assert!(
+            e.contains("`ldl.dataset_fingerprint`") && e.contains("other"),
+            "{e}"
+        );
+        let e = err(read(&path, "nope", 4, &m.classes, "fp"));
+        assert!(
+            e.contains("no rows for source `nope`") && e.contains("\"t\", \"u\""),
+            "{e}"
+        );
+        std::fs::write(&path, b"not parquet").unwrap();
+        let e = err(read(&path, "u", 4, &m.classes, "fp"));
+        assert!(e.contains("not a readable Parquet file"), "{e}");
+    }
+
+    #[test]
+    fn a_parquet_file_that_is_not_a_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.parquet");
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "index",
+            DataType::UInt32,
+            false,
+        )]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(UInt32Array::from(vec![0u32])) as ArrayRef],
+        )
+        .unwrap();
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let e = err(read(&path, "u", 1, &meta().classes, "fp"));
+        assert!(
+            e.contains("`ldl.format_version`") && e.contains("not a label store"),
+            "{e}"
+        );
+    }
 }
