@@ -579,10 +579,13 @@ mod tests {
         );
     }
 
+    /// Corrupts a source's indices and probabilities before they are written.
+    type Edit = Box<dyn FnOnce(&mut Vec<u32>, &mut Vec<f32>)>;
+
     #[test]
     fn malformed_rows_are_refused_naming_file_row_and_value() {
         let file_row = |i: usize| 10 + i; // `u` follows the 10 rows of `t`
-        let cases: Vec<(Box<dyn FnOnce(&mut Vec<u32>, &mut Vec<f32>)>, String)> = vec![
+        let cases: Vec<(Edit, String)> = vec![
             (
                 Box::new(|_, p| p[3 * 4 + 1] = f32::NAN),
                 format!("row {}, column `probs`, class 1: value NaN", file_row(4)),
