@@ -221,6 +221,15 @@ fn a_dropout_teacher_gets_monte_carlo_labels() {
     let det =
         label_store::read(&path, "teacher", 160, &train.info().classes, &train.hash()).unwrap();
     assert_ne!(mc.probs, det.probs);
+    // The metadata names the MC settings and the exact teacher weights.
+    let meta = label_store::read_meta(&path).unwrap();
+    let mc_meta = meta.mc.expect("ldl.mc");
+    assert_eq!((mc_meta.samples, mc_meta.dropout["teacher"]), (8, 0.3));
+    let weights = std::fs::read(out.join("teacher/model.safetensors")).unwrap();
+    assert_eq!(
+        meta.checkpoints["teacher"],
+        blake3::hash(&weights).to_hex().as_str()
+    );
     let file = std::fs::File::open(&path).unwrap();
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
         .unwrap()

@@ -8,7 +8,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::inference::Inference;
 use crate::inference::McSummary;
-use crate::label_store::{self, LabelMeta, McRows, SourceRows};
+use crate::label_store::{self, LabelMeta, McMeta, McRows, SourceRows};
 use crate::prepare::Dataset;
 use crate::stage::Kind;
 use crate::train::TrainedModel;
@@ -61,6 +61,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut teachers = BTreeMap::new();
     let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
     let mut mc: Vec<(String, McSummary)> = Vec::new();
+    let mut checkpoints = BTreeMap::new();
+    let mut mc_dropout = BTreeMap::new();
     for input in ctx.inputs_of(Kind::Train) {
         let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
         let inference = Inference {
@@ -81,7 +83,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 &format!("MC dropout with {}", input.name),
             )?;
             mc.push((format!("{}.mc", input.name), summary));
+            mc_dropout.insert(input.name.clone(), model.spec.dropout);
         }
+        let weights = input.dir.join("model.safetensors");
+        let bytes = std::fs::read(&weights).map_err(|e| crate::StageError::io(&weights, e))?;
+        checkpoints.insert(
+            input.name.clone(),
+            blake3::hash(&bytes).to_hex().to_string(),
+        );
         teachers.insert(input.name.clone(), input.fingerprint.clone());
         outputs.push((input.name.clone(), probs));
     }
@@ -124,6 +133,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             dataset_fingerprint: data.train.hash(),
             teachers,
             temperature: p.temperature,
+            checkpoints,
+            mc: (!mc_dropout.is_empty()).then_some(McMeta {
+                samples: p.mc_samples,
+                dropout: mc_dropout,
+            }),
         },
         &rows,
     )?;

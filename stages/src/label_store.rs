@@ -8,7 +8,8 @@
 //! (`FixedSizeList<float32, K>`, per-class standard deviation over the passes), `entropy` and
 //! `mutual_information` (`float32`, nats). Key-value metadata: `ldl.format_version`,
 //! `ldl.k`, `ldl.classes` (JSON list), `ldl.dataset_fingerprint`, `ldl.teachers` (JSON object of
-//! stage name → fingerprint), `ldl.temperature`, `ldl.program_version`. Files are zstd-compressed,
+//! stage name → fingerprint), `ldl.temperature`, `ldl.teacher_checkpoints` (stage name → blake3
+//! of its weights), `ldl.mc` (with MC sources: passes and dropout rates), `ldl.program_version`. Files are zstd-compressed,
 //! `probs` is BYTE_STREAM_SPLIT-encoded, row groups hold 8192 rows, and files contain no
 //! timestamp: the same inputs give byte-identical files.
 
@@ -42,6 +43,19 @@ pub struct LabelMeta {
     pub teachers: BTreeMap<String, String>,
     /// Softmax temperature.
     pub temperature: f64,
+    /// Teacher stage name → blake3 of its `model.safetensors`.
+    pub checkpoints: BTreeMap<String, String>,
+    /// Monte-Carlo dropout: passes per sample, and each MC teacher's dropout rate.
+    pub mc: Option<McMeta>,
+}
+
+/// How the Monte-Carlo dropout sources were made (`ldl.mc`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct McMeta {
+    /// Stochastic passes per sample (N).
+    pub samples: usize,
+    /// Teacher stage name → its dropout rate p.
+    pub dropout: BTreeMap<String, f64>,
 }
 
 /// One source's distributions, to be written.
@@ -101,6 +115,10 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
     let k = meta.classes.len();
     let schema = Arc::new(schema(k));
     let kv = |key: &str, value: String| KeyValue::new(format!("ldl.{key}"), value);
+    let mut extra = Vec::new();
+    if let Some(mc) = &meta.mc {
+        extra.push(kv("mc", serde_json::to_string(mc).expect("json")));
+    }
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).expect("valid level"),
@@ -113,21 +131,30 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
         .set_column_encoding(leaf("probs"), Encoding::BYTE_STREAM_SPLIT)
         .set_column_dictionary_enabled(leaf("std"), false)
         .set_column_encoding(leaf("std"), Encoding::BYTE_STREAM_SPLIT)
-        .set_key_value_metadata(Some(vec![
-            kv("format_version", crate::FORMAT_VERSION.to_string()),
-            kv("k", k.to_string()),
-            kv(
-                "classes",
-                serde_json::to_string(&meta.classes).expect("json"),
-            ),
-            kv("dataset_fingerprint", meta.dataset_fingerprint.clone()),
-            kv(
-                "teachers",
-                serde_json::to_string(&meta.teachers).expect("json"),
-            ),
-            kv("temperature", meta.temperature.to_string()),
-            kv("program_version", crate::PROGRAM_VERSION.to_string()),
-        ]))
+        .set_key_value_metadata(Some(
+            vec![
+                kv("format_version", crate::FORMAT_VERSION.to_string()),
+                kv("k", k.to_string()),
+                kv(
+                    "classes",
+                    serde_json::to_string(&meta.classes).expect("json"),
+                ),
+                kv("dataset_fingerprint", meta.dataset_fingerprint.clone()),
+                kv(
+                    "teachers",
+                    serde_json::to_string(&meta.teachers).expect("json"),
+                ),
+                kv("temperature", meta.temperature.to_string()),
+                kv(
+                    "teacher_checkpoints",
+                    serde_json::to_string(&meta.checkpoints).expect("json"),
+                ),
+                kv("program_version", crate::PROGRAM_VERSION.to_string()),
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect(),
+        ))
         .build();
     let to_io = |e: parquet::errors::ParquetError| std::io::Error::other(e.to_string());
     datasets::atomic::write_with(path, |w| {
@@ -238,6 +265,14 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
         temperature: get("temperature")?.parse().map_err(|e| {
             StageError::invalid(path, "metadata key `ldl.temperature`", format!("{e}"))
         })?,
+        checkpoints: match get("teacher_checkpoints") {
+            Ok(v) => serde_json::from_str(&v).map_err(|e| bad_json("teacher_checkpoints", e))?,
+            Err(_) => BTreeMap::new(),
+        },
+        mc: match get("mc") {
+            Ok(v) => Some(serde_json::from_str(&v).map_err(|e| bad_json("mc", e))?),
+            Err(_) => None,
+        },
     })
 }
 
@@ -483,6 +518,11 @@ mod tests {
             dataset_fingerprint: "fp".into(),
             teachers: BTreeMap::from([("t".into(), "tfp".into())]),
             temperature: 1.0,
+            checkpoints: BTreeMap::from([("t".into(), "hash".into())]),
+            mc: Some(McMeta {
+                samples: 20,
+                dropout: BTreeMap::from([("t".into(), 0.2)]),
+            }),
         }
     }
 
