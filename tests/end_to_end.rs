@@ -270,3 +270,39 @@ fn a_dropout_teacher_gets_monte_carlo_labels() {
     // Dropout at p = 0.3 makes the passes disagree somewhere.
     assert!(positive_mi > 0);
 }
+
+/// A top-k label store (`top_k = 2` of K = 4) is written, read back as full distributions by an
+/// off-ldl student, and shown by `pipeline inspect`.
+#[test]
+fn a_top_k_store_feeds_a_student() {
+    let dir = scratch();
+    let cfg = TINY.replacen(
+        "name = \"labels\"\nkind = \"label\"",
+        "name = \"labels\"\nkind = \"label\"\ntop_k = 2",
+        1,
+    );
+    assert_ne!(cfg, TINY);
+    write(dir.path(), "k.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "k.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let train = PackedStore::open(&out.join("data/train.pack")).unwrap();
+    let path = out.join("labels/labels.parquet");
+    assert_eq!(label_store::read_meta(&path).unwrap().top_k, Some(2));
+    let labels =
+        label_store::read(&path, "teacher", 160, &train.info().classes, &train.hash()).unwrap();
+    // Every row: two stored classes, the other two share the rest equally.
+    for row in labels.probs.chunks(4) {
+        let mut sorted = row.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        assert!((sorted[2] - sorted[3]).abs() < 1e-6, "{row:?}");
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+    assert!(out.join("off-ldl/model.safetensors").exists());
+    let o = pipeline(dir.path(), &["inspect", "out/labels", "--rows", "1"]);
+    let text = stdout(&o);
+    assert!(
+        o.status.success() && text.contains("topk_classes") && text.contains("ldl.top_k"),
+        "{text}"
+    );
+}

@@ -152,7 +152,7 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
     let mut shown = Vec::new();
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
-        let (Some(src), Some(index), Some(label), Some(probs)) = (
+        let (Some(src), Some(index), Some(label)) = (
             batch
                 .column_by_name("source")
                 .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
@@ -162,42 +162,71 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
             batch
                 .column_by_name("label")
                 .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
-            batch
-                .column_by_name("probs")
-                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>()),
         ) else {
             bail!(
-                "{}: not a label store (columns index, label, source, probs)",
+                "{}: not a label store (columns index, label, source)",
                 path.display()
             );
         };
-        let values = probs
-            .values()
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .context("column `probs` does not hold float32")?;
-        let k = probs.value_length() as usize;
+        let list = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                .cloned()
+        };
+        let full = list("probs");
+        let top = (list("topk_classes"), list("topk_probs"));
         for r in 0..batch.num_rows() {
             *per_source.entry(src.value(r).to_owned()).or_default() += 1;
-            if shown.len() < rows {
-                let start = probs.value_offset_at(r);
-                let p = &values.values()[start..start + k];
-                let mut top: Vec<(usize, f32)> = p.iter().copied().enumerate().collect();
-                top.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| c.to_string());
-                let best: Vec<String> = top
-                    .iter()
-                    .take(3)
-                    .map(|(c, v)| format!("{} {:.3}", name(*c), v))
-                    .collect();
-                shown.push(format!(
-                    "    {:<14} {:>7} {:<14} {}",
-                    src.value(r),
-                    index.value(r),
-                    name(label.value(r) as usize),
-                    best.join(", ")
-                ));
+            if shown.len() >= rows {
+                continue;
             }
+            // (class, probability) pairs, most probable first.
+            let mut best: Vec<(usize, f32)> = match (&full, &top) {
+                (Some(p), _) => {
+                    let v = p.value(r);
+                    let v = v
+                        .as_any()
+                        .downcast_ref::<Float32Array>()
+                        .context("float32 probs")?;
+                    v.values().iter().copied().enumerate().collect()
+                }
+                (None, (Some(c), Some(p))) => {
+                    let c = c.value(r);
+                    let c = c
+                        .as_any()
+                        .downcast_ref::<arrow::array::UInt16Array>()
+                        .context("uint16 topk_classes")?;
+                    let p = p.value(r);
+                    let p = p
+                        .as_any()
+                        .downcast_ref::<Float32Array>()
+                        .context("float32 topk_probs")?;
+                    c.values()
+                        .iter()
+                        .map(|&c| c as usize)
+                        .zip(p.values().iter().copied())
+                        .collect()
+                }
+                _ => bail!(
+                    "{}: not a label store (no `probs`, nor `topk_classes` and `topk_probs`)",
+                    path.display()
+                ),
+            };
+            best.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| c.to_string());
+            let best: Vec<String> = best
+                .iter()
+                .take(3)
+                .map(|(c, v)| format!("{} {:.3}", name(*c), v))
+                .collect();
+            shown.push(format!(
+                "    {:<14} {:>7} {:<14} {}",
+                src.value(r),
+                index.value(r),
+                name(label.value(r) as usize),
+                best.join(", ")
+            ));
         }
     }
     println!("  rows per source:");

@@ -41,6 +41,10 @@ pub struct Params {
     /// Monte-Carlo dropout passes for teachers trained with dropout (0: no MC source).
     #[serde(default = "d_mc", skip_serializing_if = "is_20")]
     pub mc_samples: usize,
+    /// Store each distribution as its `top_k` largest probabilities and the remaining mass
+    /// (for large K; see docs/label-store.md), instead of full vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
     /// Seed of the Monte-Carlo dropout masks (default: each teacher's training seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -138,6 +142,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 samples: p.mc_samples,
                 dropout: mc_dropout,
             }),
+            top_k: p.top_k,
         },
         &rows,
     )?;

@@ -47,6 +47,9 @@ pub struct LabelMeta {
     pub checkpoints: BTreeMap<String, String>,
     /// Monte-Carlo dropout: passes per sample, and each MC teacher's dropout rate.
     pub mc: Option<McMeta>,
+    /// Top-k mode: each distribution is stored as its k largest probabilities and the mass of
+    /// the other classes (`ldl.top_k`); `None` stores full vectors.
+    pub top_k: Option<usize>,
 }
 
 /// How the Monte-Carlo dropout sources were made (`ldl.mc`).
@@ -89,19 +92,70 @@ fn vector(k: usize) -> DataType {
     )
 }
 
-/// Columns every row has; a reader needs only these.
-const REQUIRED: usize = 4;
-
-fn schema(k: usize) -> Schema {
-    Schema::new(vec![
+fn schema(k: usize, top_k: Option<usize>) -> Schema {
+    let mut fields = vec![
         Field::new("index", DataType::UInt32, false),
         Field::new("label", DataType::UInt32, false),
         Field::new("source", DataType::Utf8, false),
-        Field::new("probs", vector(k), false),
+    ];
+    match top_k {
+        None => fields.push(Field::new("probs", vector(k), false)),
+        Some(t) => fields.extend([
+            Field::new(
+                "topk_classes",
+                DataType::FixedSizeList(
+                    Arc::new(Field::new("item", DataType::UInt16, false)),
+                    t as i32,
+                ),
+                false,
+            ),
+            Field::new("topk_probs", vector(t), false),
+            Field::new("rest", DataType::Float32, false),
+        ]),
+    }
+    fields.extend([
         Field::new("std", vector(k), true),
         Field::new("entropy", DataType::Float32, true),
         Field::new("mutual_information", DataType::Float32, true),
-    ])
+    ]);
+    Schema::new(fields)
+}
+
+/// The columns a reader needs in each mode.
+fn required(top_k: Option<usize>) -> &'static [&'static str] {
+    match top_k {
+        None => &["index", "label", "source", "probs"],
+        Some(_) => &[
+            "index",
+            "label",
+            "source",
+            "topk_classes",
+            "topk_probs",
+            "rest",
+        ],
+    }
+}
+
+/// The `t` most probable classes of `p`, most probable first (ties: lower class first).
+pub fn top_classes(p: &[f32], t: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    order.truncate(t);
+    order
+}
+
+/// Rebuilds a full distribution from its top-k part: the listed classes get their stored
+/// probabilities, and the remaining mass `rest` is spread evenly over the other K − k classes.
+pub fn expand_top_k(classes: &[u16], probs: &[f32], rest: f32, out: &mut [f32]) {
+    let others = out.len() - classes.len();
+    out.fill(if others == 0 {
+        0.0
+    } else {
+        rest / others as f32
+    });
+    for (&c, &p) in classes.iter().zip(probs) {
+        out[c as usize] = p;
+    }
 }
 
 fn leaf(column: &str) -> ColumnPath {
@@ -113,9 +167,20 @@ const ROWS_PER_GROUP: usize = 8192;
 /// Writes a label store atomically to `path`.
 pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()> {
     let k = meta.classes.len();
-    let schema = Arc::new(schema(k));
+    if let Some(t) = meta.top_k {
+        if t == 0 || t > k || k > u16::MAX as usize + 1 {
+            return Err(StageError::Config(format!(
+                "{}: top_k = {t} must be in 1..={k} (and K at most 65536)",
+                path.display()
+            )));
+        }
+    }
+    let schema = Arc::new(schema(k, meta.top_k));
     let kv = |key: &str, value: String| KeyValue::new(format!("ldl.{key}"), value);
     let mut extra = Vec::new();
+    if let Some(t) = meta.top_k {
+        extra.push(kv("top_k", t.to_string()));
+    }
     if let Some(mc) = &meta.mc {
         extra.push(kv("mc", serde_json::to_string(mc).expect("json")));
     }
@@ -129,6 +194,8 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
         // (arrow-rs names a list's leaf column `<name>.list.item`).
         .set_column_dictionary_enabled(leaf("probs"), false)
         .set_column_encoding(leaf("probs"), Encoding::BYTE_STREAM_SPLIT)
+        .set_column_dictionary_enabled(leaf("topk_probs"), false)
+        .set_column_encoding(leaf("topk_probs"), Encoding::BYTE_STREAM_SPLIT)
         .set_column_dictionary_enabled(leaf("std"), false)
         .set_column_encoding(leaf("std"), Encoding::BYTE_STREAM_SPLIT)
         .set_key_value_metadata(Some(
@@ -173,7 +240,56 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
                     )
                     .map_err(|e| std::io::Error::other(e.to_string()))
                 };
-                let probs = list(s.probs[lo * k..hi * k].to_vec(), None)?;
+                let probs: Vec<ArrayRef> = match meta.top_k {
+                    None => vec![Arc::new(list(s.probs[lo * k..hi * k].to_vec(), None)?)],
+                    Some(t) => {
+                        let (mut classes, mut top, mut rest) = (
+                            Vec::with_capacity(rows * t),
+                            Vec::with_capacity(rows * t),
+                            Vec::with_capacity(rows),
+                        );
+                        let mut other = vec![true; k];
+                        for p in s.probs[lo * k..hi * k].chunks_exact(k) {
+                            let best = top_classes(p, t);
+                            // The mass of the classes left out, summed (not 1 − kept, which
+                            // would add the rounding of the whole row to it).
+                            other.fill(true);
+                            for &c in &best {
+                                other[c] = false;
+                            }
+                            let dropped: f32 = p
+                                .iter()
+                                .zip(&other)
+                                .filter(|(_, o)| **o)
+                                .map(|(v, _)| v)
+                                .sum();
+                            classes.extend(best.iter().map(|&c| c as u16));
+                            top.extend(best.iter().map(|&c| p[c]));
+                            rest.push(dropped);
+                        }
+                        let item = Arc::new(Field::new("item", DataType::UInt16, false));
+                        let classes = FixedSizeListArray::try_new(
+                            item,
+                            t as i32,
+                            Arc::new(arrow::array::UInt16Array::from(classes)),
+                            None,
+                        )
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        let item = Arc::new(Field::new("item", DataType::Float32, false));
+                        let top = FixedSizeListArray::try_new(
+                            item,
+                            t as i32,
+                            Arc::new(Float32Array::from(top)),
+                            None,
+                        )
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        vec![
+                            Arc::new(classes),
+                            Arc::new(top),
+                            Arc::new(Float32Array::from(rest)),
+                        ]
+                    }
+                };
                 let (std, entropy, mi): (ArrayRef, ArrayRef, ArrayRef) = match &s.mc {
                     Some(mc) => (
                         Arc::new(list(mc.std[lo * k..hi * k].to_vec(), None)?),
@@ -186,15 +302,13 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
                         Arc::new(Float32Array::new_null(rows)),
                     ),
                 };
-                let columns: Vec<ArrayRef> = vec![
+                let mut columns: Vec<ArrayRef> = vec![
                     Arc::new(UInt32Array::from(s.indices[lo..hi].to_vec())),
                     Arc::new(UInt32Array::from(s.labels[lo..hi].to_vec())),
                     Arc::new(StringArray::from(vec![s.source; rows])),
-                    Arc::new(probs),
-                    std,
-                    entropy,
-                    mi,
                 ];
+                columns.extend(probs);
+                columns.extend([std, entropy, mi]);
                 let batch = RecordBatch::try_new(schema.clone(), columns)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 writer.write(&batch).map_err(to_io)?;
@@ -273,6 +387,12 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
             Ok(v) => Some(serde_json::from_str(&v).map_err(|e| bad_json("mc", e))?),
             Err(_) => None,
         },
+        top_k: match get("top_k") {
+            Ok(v) => Some(v.parse().map_err(|e| {
+                StageError::invalid(path, "metadata key `ldl.top_k`", format!("{e}"))
+            })?),
+            Err(_) => None,
+        },
     })
 }
 
@@ -343,9 +463,14 @@ pub fn read(
         ));
     }
     let k = classes.len();
-    let expected = schema(k);
+    let expected = schema(k, meta.top_k);
     let arrow_schema = builder.schema().clone();
-    for f in expected.fields().iter().take(REQUIRED) {
+    let needed = required(meta.top_k);
+    for f in expected
+        .fields()
+        .iter()
+        .filter(|f| needed.contains(&f.name().as_str()))
+    {
         match arrow_schema.field_with_name(f.name()) {
             Ok(actual) if actual.data_type() == f.data_type() => {}
             Ok(actual) => {
@@ -399,7 +524,10 @@ pub fn read(
             .map(|&g| (starts[g], all[g].num_rows() as usize))
             .collect()
     };
-    let roots = ["index", "source", "probs"].map(|c| arrow_schema.index_of(c).expect("checked"));
+    let roots = needed
+        .iter()
+        .filter(|c| **c != "label")
+        .map(|c| arrow_schema.index_of(c).expect("checked"));
     let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
     let reader = builder
         .with_row_groups(groups)
@@ -432,15 +560,41 @@ pub fn read(
             .as_any()
             .downcast_ref::<StringArray>()
             .expect("schema checked");
-        let list = col("probs")
-            .as_any()
-            .downcast_ref::<FixedSizeListArray>()
-            .expect("schema checked");
-        let values = list
-            .values()
-            .as_any()
-            .downcast_ref::<Float32Array>()
-            .expect("schema checked");
+        let f32_list = |name: &str| {
+            let list = col(name)
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .expect("schema checked")
+                .clone();
+            let values = list
+                .values()
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .expect("schema checked")
+                .clone();
+            (list, values)
+        };
+        // Full vectors, or the top-k columns and the remaining mass.
+        let full = meta.top_k.is_none().then(|| f32_list("probs"));
+        let top = meta.top_k.map(|_| {
+            let classes = col("topk_classes")
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .expect("schema checked")
+                .clone();
+            let class_values = classes
+                .values()
+                .as_any()
+                .downcast_ref::<arrow::array::UInt16Array>()
+                .expect("schema checked")
+                .clone();
+            let rest = col("rest")
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .expect("schema checked")
+                .clone();
+            (classes, class_values, f32_list("topk_probs"), rest)
+        });
         for r in 0..batch.num_rows() {
             let at = file_row();
             if src.value(r) != source {
@@ -463,14 +617,49 @@ pub fn read(
                 ));
             }
             seen[i] = true;
-            let start = list.value_offset_at(r);
-            let p = &values.values()[start..start + k];
+            let row_probs = &mut probs[i * k..(i + 1) * k];
+            let column = match (&full, &top) {
+                (Some((list, values)), _) => {
+                    let start = list.value_offset_at(r);
+                    row_probs.copy_from_slice(&values.values()[start..start + k]);
+                    "probs"
+                }
+                (None, Some((classes, class_values, (tlist, tvalues), rest))) => {
+                    let t = classes.value_length() as usize;
+                    let cs = &class_values.values()[classes.value_offset_at(r)..][..t];
+                    let ps = &tvalues.values()[tlist.value_offset_at(r)..][..t];
+                    let mut dup = vec![false; k];
+                    for &c in cs {
+                        if c as usize >= k || std::mem::replace(&mut dup[c as usize], true) {
+                            return Err(StageError::invalid(
+                                path,
+                                format!("row {at}, column `topk_classes`"),
+                                format!("{cs:?} must be distinct classes in 0..{k}"),
+                            ));
+                        }
+                    }
+                    let rest = rest.value(r);
+                    if !rest.is_finite() || rest < 0.0 {
+                        return Err(StageError::invalid(
+                            path,
+                            format!("row {at}, column `rest`"),
+                            format!(
+                                "value {rest}: the remaining mass must be finite and non-negative"
+                            ),
+                        ));
+                    }
+                    expand_top_k(cs, ps, rest, row_probs);
+                    "topk_probs"
+                }
+                (None, None) => unreachable!("one of the two modes"),
+            };
+            let p = &*row_probs;
             let mut sum = 0f32;
             for (c, &v) in p.iter().enumerate() {
                 if !v.is_finite() || v < 0.0 {
                     return Err(StageError::invalid(
                         path,
-                        format!("row {at}, column `probs`, class {c}"),
+                        format!("row {at}, column `{column}`, class {c}"),
                         format!("value {v}: probabilities must be finite and non-negative"),
                     ));
                 }
@@ -479,11 +668,10 @@ pub fn read(
             if (sum - 1.0).abs() > SUM_TOLERANCE {
                 return Err(StageError::invalid(
                     path,
-                    format!("row {at}, column `probs`"),
+                    format!("row {at}, column `{column}`"),
                     format!("sums to {sum}, expected 1 within {SUM_TOLERANCE}"),
                 ));
             }
-            probs[i * k..(i + 1) * k].copy_from_slice(p);
         }
     }
     if !found {
@@ -523,6 +711,7 @@ mod tests {
                 samples: 20,
                 dropout: BTreeMap::from([("t".into(), 0.2)]),
             }),
+            top_k: None,
         }
     }
 
@@ -715,5 +904,165 @@ mod tests {
             e.contains("`ldl.format_version`") && e.contains("not a label store"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_and_spreads_the_rest() {
+        assert_eq!(top_classes(&[0.1, 0.4, 0.1, 0.4], 3), [1, 3, 0]);
+        let mut out = [0f32; 5];
+        expand_top_k(&[3, 0], &[0.5, 0.2], 0.3, &mut out);
+        assert_eq!(out, [0.2, 0.1, 0.1, 0.5, 0.1]);
+        // Round trip: K = 3 stored as top 2; the third class gets the remaining mass.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.parquet");
+        let m = LabelMeta {
+            top_k: Some(2),
+            ..meta()
+        };
+        let probs = [0.7f32, 0.2, 0.1, 0.05, 0.15, 0.8];
+        let rows = [SourceRows {
+            source: "t",
+            indices: &[0, 1],
+            labels: &[0, 2],
+            probs: &probs,
+            mc: None,
+        }];
+        write(&path, &m, &rows).unwrap();
+        assert_eq!(read_meta(&path).unwrap().top_k, Some(2));
+        let got = read(&path, "t", 2, &m.classes, "fp").unwrap();
+        assert_eq!(got.probs, probs);
+        // K = 4 stored as top 2: the two others share the rest evenly.
+        let m4 = LabelMeta {
+            classes: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+            top_k: Some(2),
+            ..meta()
+        };
+        let probs4 = [0.6f32, 0.1, 0.2, 0.1];
+        let rows = [SourceRows {
+            source: "t",
+            indices: &[0],
+            labels: &[0],
+            probs: &probs4,
+            mc: None,
+        }];
+        write(&path, &m4, &rows).unwrap();
+        let got = read(&path, "t", 1, &m4.classes, "fp").unwrap();
+        for (a, b) in got.probs.iter().zip([0.6f32, 0.1, 0.2, 0.1]) {
+            assert!((a - b).abs() < 1e-6, "{:?}", got.probs);
+        }
+        let e = write(
+            &path,
+            &LabelMeta {
+                top_k: Some(5),
+                ..m4
+            },
+            &rows,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("top_k = 5 must be in 1..=4"), "{e}");
+    }
+
+    #[test]
+    fn malformed_top_k_rows_are_refused() {
+        use arrow::array::UInt16Array;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.parquet");
+        let m = LabelMeta {
+            top_k: Some(2),
+            ..meta()
+        };
+        // Writes one row of `t` with the given top-k classes, probabilities and rest.
+        let write_raw = |classes: [u16; 2], top: [f32; 2], rest: f32| {
+            let schema = Arc::new(schema(K, Some(2)));
+            let list = |values: ArrayRef, item: DataType| {
+                Arc::new(
+                    FixedSizeListArray::try_new(
+                        Arc::new(Field::new("item", item, false)),
+                        2,
+                        values,
+                        None,
+                    )
+                    .unwrap(),
+                ) as ArrayRef
+            };
+            let null_std = FixedSizeListArray::try_new(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                K as i32,
+                Arc::new(Float32Array::from(vec![0f32; K])),
+                Some(NullBuffer::new_null(1)),
+            )
+            .unwrap();
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(UInt32Array::from(vec![0u32])),
+                Arc::new(UInt32Array::from(vec![0u32])),
+                Arc::new(StringArray::from(vec!["t"])),
+                list(
+                    Arc::new(UInt16Array::from(classes.to_vec())),
+                    DataType::UInt16,
+                ),
+                list(
+                    Arc::new(Float32Array::from(top.to_vec())),
+                    DataType::Float32,
+                ),
+                Arc::new(Float32Array::from(vec![rest])),
+                Arc::new(null_std),
+                Arc::new(Float32Array::new_null(1)),
+                Arc::new(Float32Array::new_null(1)),
+            ];
+            let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+            let kv = |k: &str, v: String| KeyValue::new(format!("ldl.{k}"), v);
+            let props = WriterProperties::builder()
+                .set_key_value_metadata(Some(vec![
+                    kv("format_version", crate::FORMAT_VERSION.to_string()),
+                    kv("k", K.to_string()),
+                    kv("classes", serde_json::to_string(&m.classes).unwrap()),
+                    kv("dataset_fingerprint", "fp".into()),
+                    kv("teachers", "{}".into()),
+                    kv("temperature", "1".into()),
+                    kv("top_k", "2".into()),
+                ]))
+                .build();
+            let mut w =
+                ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, Some(props))
+                    .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            read(&path, "t", 1, &m.classes, "fp").map(|_| ())
+        };
+        assert!(write_raw([2, 0], [0.5, 0.3], 0.2).is_ok());
+        for (classes, top, rest, want) in [
+            (
+                [1, 1],
+                [0.5, 0.3],
+                0.2,
+                "row 0, column `topk_classes`: [1, 1] must be distinct",
+            ),
+            (
+                [0, 7],
+                [0.5, 0.3],
+                0.2,
+                "row 0, column `topk_classes`: [0, 7] must be distinct classes in 0..3",
+            ),
+            ([0, 1], [0.5, 0.3], -0.2, "row 0, column `rest`: value -0.2"),
+            (
+                [0, 1],
+                [0.5, f32::NAN],
+                0.2,
+                "row 0, column `topk_probs`, class 1: value NaN",
+            ),
+            (
+                [0, 1],
+                [0.5, 0.3],
+                0.5,
+                "row 0, column `topk_probs`: sums to 1.3",
+            ),
+        ] {
+            let e = write_raw(classes, top, rest).unwrap_err().to_string();
+            assert!(
+                e.contains("bad.parquet") && e.contains(want),
+                "{e}\nwanted: {want}"
+            );
+        }
     }
 }

@@ -241,6 +241,7 @@ impl StageParams {
             }
             StageParams::Label(p) => {
                 positive("temperature", p.temperature)?;
+                at_least("top_k", p.top_k.unwrap_or(1), 1)?;
                 at_least("batch_size", p.batch_size, 1)
             }
             StageParams::Evaluate(p) => {
