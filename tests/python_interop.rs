@@ -1,0 +1,207 @@
+//! Interoperability of the label store: the binary writes a store (two teachers, one trained with
+//! dropout, so it has every kind of source: `teacher`, `teacher-b`, `ensemble`, `teacher.mc`),
+//! the Rust reader reads chosen rows, and tests/python/check_label_store.py opens the store with
+//! pyarrow, DuckDB and Polars and checks, in each, the documented schema and metadata, the rows
+//! per source, and that the chosen rows' probabilities equal, bit for bit, what Rust read.
+//!
+//! The Python comes from `LDL_PYTHON`, made by `scripts/python-env.sh` (as `.ci/run` does); the
+//! test fails, saying how to make it, when `LDL_PYTHON` is unset.
+
+mod common;
+use common::*;
+use datasets::PackedStore;
+use stages::label_store;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root (this test's package is `pipeline/`).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The interpreter named by `LDL_PYTHON`; a relative path is taken from the workspace root.
+fn python() -> PathBuf {
+    let Some(py) = std::env::var_os("LDL_PYTHON").filter(|p| !p.is_empty()) else {
+        panic!(
+            "LDL_PYTHON is not set: this test needs a Python with pinned pyarrow, duckdb and polars. \
+             From the workspace root, create the environment (about 20 s the first time, instant after) \
+             and point LDL_PYTHON at it:\n\n    \
+             bash scripts/python-env.sh\n    \
+             export LDL_PYTHON=$(bash scripts/python-env.sh)    # {}/.venv-interop/bin/python\n\n\
+             then run the tests again (.ci/run does the same).",
+            root().display()
+        )
+    };
+    let py = PathBuf::from(py);
+    let py = if py.is_relative() && py.components().count() > 1 {
+        root().join(py)
+    } else {
+        py
+    };
+    // Fail before the pipeline runs when the interpreter or its packages are missing.
+    let o = Command::new(&py)
+        .args([
+            "-c",
+            "import numpy, pyarrow, pyarrow.dataset, duckdb, polars",
+        ])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run LDL_PYTHON={}: {e}; create the environment with \
+                 `export LDL_PYTHON=$(bash scripts/python-env.sh)`",
+                py.display()
+            )
+        });
+    assert!(
+        o.status.success(),
+        "LDL_PYTHON={} lacks the interoperability packages ({}); use the environment of \
+         `bash scripts/python-env.sh`: `export LDL_PYTHON=$(bash scripts/python-env.sh)`",
+        py.display(),
+        stderr(&o).trim().lines().last().unwrap_or("")
+    );
+    py
+}
+
+/// Sample positions whose rows are compared, in each source.
+const CHOSEN: [usize; 7] = [0, 1, 2, 79, 80, 158, 159];
+
+#[test]
+fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
+    let py = python();
+    let dir = scratch();
+    // TINY up to its label stage, with a dropout teacher and a second teacher for the ensemble.
+    let upto_labels = TINY
+        .find("[[stage]]\nname = \"vanilla\"")
+        .expect("TINY has a `vanilla` stage after `labels`");
+    let cfg = TINY[..upto_labels]
+        .replacen(
+            "name = \"teacher\"\nkind = \"train\"",
+            "name = \"teacher\"\nkind = \"train\"\ndropout = 0.3",
+            1,
+        )
+        .replacen(
+            "name = \"labels\"\nkind = \"label\"\nneeds = [\"data\", \"teacher\"]",
+            "name = \"teacher-b\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\n\
+             width = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\nseed = 5\n\
+             schedule = { type = \"cosine\" }\n\n[[stage]]\n\
+             name = \"labels\"\nkind = \"label\"\nneeds = [\"data\", \"teacher\", \"teacher-b\"]\n\
+             mc_samples = 8",
+            1,
+        );
+    assert!(
+        cfg.contains("dropout = 0.3") && cfg.contains("\"teacher-b\"]"),
+        "TINY changed: {cfg}"
+    );
+    write(dir.path(), "interop.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "interop.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let store = out.join("labels/labels.parquet");
+
+    // What Rust reads: the expected values, from the dataset, the teachers' records and the reader.
+    let train = PackedStore::open(&out.join("data/train.pack")).unwrap();
+    let (n, classes, fingerprint) = (train.len(), train.info().classes.clone(), train.hash());
+    let k = classes.len();
+    let teachers: serde_json::Map<String, serde_json::Value> = ["teacher", "teacher-b"]
+        .iter()
+        .map(|t| {
+            let rec = std::fs::read_to_string(out.join(t).join("stage.json")).unwrap();
+            let rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+            (t.to_string(), rec["fingerprint"].clone())
+        })
+        .collect();
+    let checkpoints: serde_json::Map<String, serde_json::Value> = ["teacher", "teacher-b"]
+        .iter()
+        .map(|t| {
+            let weights = std::fs::read(out.join(t).join("model.safetensors")).unwrap();
+            (
+                t.to_string(),
+                blake3::hash(&weights).to_hex().to_string().into(),
+            )
+        })
+        .collect();
+    let sources = ["teacher", "teacher-b", "ensemble", "teacher.mc"];
+    let mut rows = Vec::new();
+    let mut per_source = Vec::new();
+    for source in sources {
+        let labels = label_store::read(&store, source, n, &classes, &fingerprint)
+            .unwrap_or_else(|e| panic!("Rust reads source `{source}`: {e}"));
+        assert_eq!(labels.k, k);
+        for i in CHOSEN {
+            let p = &labels.probs[i * k..(i + 1) * k];
+            rows.push(serde_json::json!({
+                "source": source,
+                "index": i,
+                "label": train.label(i),
+                "probs": p,
+                "probs_bits": p.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            }));
+        }
+        per_source.push((source, labels.probs));
+    }
+    // The sources differ from each other, so a tool reading the wrong one cannot pass.
+    for (a, pa) in &per_source {
+        for (b, pb) in &per_source {
+            assert!(a == b || pa != pb, "sources `{a}` and `{b}` are equal");
+        }
+    }
+    let expected = serde_json::json!({
+        "k": k,
+        "metadata": {
+            "ldl.format_version": stages::FORMAT_VERSION.to_string(),
+            "ldl.k": k.to_string(),
+            "ldl.dataset_fingerprint": fingerprint,
+            "ldl.program_version": stages::PROGRAM_VERSION,
+        },
+        "metadata_json": {
+            "ldl.classes": classes,
+            "ldl.teachers": teachers,
+            "ldl.temperature": 1.0,
+            "ldl.teacher_checkpoints": checkpoints,
+            "ldl.mc": {"samples": 8, "dropout": {"teacher": 0.3}},
+        },
+        "rows_per_source": sources
+            .iter()
+            .map(|s| (s.to_string(), n))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        "rows": rows,
+    });
+    let expected_path = write(
+        dir.path(),
+        "expected.json",
+        &serde_json::to_string_pretty(&expected).unwrap(),
+    );
+
+    let script = root().join("tests/python/check_label_store.py");
+    let o = Command::new(&py)
+        .arg(&script)
+        .arg(&store)
+        .arg(&expected_path)
+        .output()
+        .expect("run the Python check");
+    let report = format!(
+        "{} {} {} {}\nstdout:\n{}\nstderr:\n{}",
+        py.display(),
+        script.display(),
+        store.display(),
+        expected_path.display(),
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(o.status.success(), "the Python check failed: {report}");
+    let text = stdout(&o);
+    println!("{text}");
+    // One line per tool: pyarrow.parquet, pyarrow.dataset, DuckDB, Polars.
+    let ok: Vec<&str> = text.lines().filter(|l| l.starts_with("ok ")).collect();
+    assert_eq!(ok.len(), 4, "{report}");
+    let compared = format!("{} chosen rows", sources.len() * CHOSEN.len());
+    for tool in ["pyarrow.parquet", "pyarrow.dataset", "duckdb", "polars"] {
+        assert!(
+            ok.iter().any(|l| l.contains(tool) && l.contains(&compared)),
+            "no success line for {tool} comparing {compared}: {report}"
+        );
+    }
+}
