@@ -306,3 +306,52 @@ fn a_top_k_store_feeds_a_student() {
         "{text}"
     );
 }
+
+/// `splits` labels the validation and test splits too, each in its own file indexed by its own
+/// split; asking for `val` without a held-out split is a clear error.
+#[test]
+fn the_label_stage_labels_every_split_asked_for() {
+    let dir = scratch();
+    let cfg = TINY
+        .replacen("image_size = 16", "image_size = 16\nval = 32", 1)
+        .replacen(
+            "name = \"labels\"\nkind = \"label\"",
+            "name = \"labels\"\nkind = \"label\"\nsplits = [\"train\", \"val\", \"test\"]",
+            1,
+        );
+    write(dir.path(), "s.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "s.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    for (split, file, n) in [
+        ("train", "labels.parquet", 128),
+        ("val", "labels-val.parquet", 32),
+        ("test", "labels-test.parquet", 80),
+    ] {
+        let store = PackedStore::open(&out.join(format!("data/{split}.pack"))).unwrap();
+        assert_eq!(store.len(), n);
+        let labels = label_store::read(
+            &out.join("labels").join(file),
+            "teacher",
+            n,
+            &store.info().classes,
+            &store.hash(),
+        )
+        .unwrap_or_else(|e| panic!("{split}: {e}"));
+        assert_eq!(labels.probs.len(), n * 4);
+    }
+    let bad = TINY.replacen(
+        "name = \"labels\"\nkind = \"label\"",
+        "name = \"labels\"\nkind = \"label\"\nsplits = [\"val\"]",
+        1,
+    );
+    write(dir.path(), "bad.toml", &bad);
+    let o = pipeline(dir.path(), &["run", "bad.toml", "--output", "bad-out"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("split `val` asked for, but the prepare stage held no validation split out"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,5 +1,5 @@
 //! The `label` stage: runs one or more trained teachers, in eval mode, over the training split
-//! and stores their softmax distributions (and, with several teachers, the ensemble mean) in the
+//! (and the validation or test split when asked) and stores their softmax distributions (and, with several teachers, the ensemble mean) in the
 //! Parquet label store `labels.parquet` (schema in `label_store`). A teacher trained with dropout
 //! also gets a Monte-Carlo dropout source `<teacher>.mc`: the mean of `mc_samples` stochastic
 //! passes with its per-class standard deviation, entropy and mutual information.
@@ -21,6 +21,36 @@ fn d_tau() -> f64 {
 fn d_batch() -> usize {
     256
 }
+fn d_splits() -> Vec<Split> {
+    vec![Split::Train]
+}
+fn is_train_only(s: &[Split]) -> bool {
+    s == [Split::Train]
+}
+
+/// A split of a prepared dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// `train.pack`.
+    Train,
+    /// `val.pack` (held out by the prepare stage's `val` key).
+    Val,
+    /// `test.pack`.
+    Test,
+}
+
+impl Split {
+    /// The split's name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
 fn d_mc() -> usize {
     20
 }
@@ -45,9 +75,22 @@ pub struct Params {
     /// (for large K; see docs/label-store.md), instead of full vectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// The prepared splits to label: `train` (default; `labels.parquet`), `val` and `test`
+    /// (`labels-val.parquet`, `labels-test.parquet`).
+    #[serde(default = "d_splits", skip_serializing_if = "is_train_only")]
+    pub splits: Vec<Split>,
     /// Seed of the Monte-Carlo dropout masks (default: each teacher's training seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+}
+
+/// The file a split's labels are written to: `labels.parquet` for the training split (the one
+/// students read), `labels-<split>.parquet` for the others.
+pub fn file_for(split: Split) -> String {
+    match split {
+        Split::Train => "labels.parquet".into(),
+        other => format!("labels-{}.parquet", other.as_str()),
+    }
 }
 
 /// Runs a `label` stage.
@@ -60,35 +103,13 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     }
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
-    let n = data.train.len();
     let k = data.info.classes.len();
+    // The teachers, loaded once for every split.
     let mut teachers = BTreeMap::new();
-    let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
-    let mut mc: Vec<(String, McSummary)> = Vec::new();
     let mut checkpoints = BTreeMap::new();
-    let mut mc_dropout = BTreeMap::new();
+    let mut models = Vec::new();
     for input in ctx.inputs_of(Kind::Train) {
         let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
-        let inference = Inference {
-            model: &model,
-            device: &device,
-            normalize: &data.info.normalize,
-            batch_size: p.batch_size,
-            temperature: p.temperature,
-        };
-        let probs =
-            inference.predict(ctx, &data.train, &format!("labelling with {}", input.name))?;
-        if model.spec.dropout > 0.0 && p.mc_samples > 0 {
-            let summary = inference.predict_mc(
-                ctx,
-                &data.train,
-                p.mc_samples,
-                p.seed.unwrap_or(meta.seed),
-                &format!("MC dropout with {}", input.name),
-            )?;
-            mc.push((format!("{}.mc", input.name), summary));
-            mc_dropout.insert(input.name.clone(), model.spec.dropout);
-        }
         let weights = input.dir.join("model.safetensors");
         let bytes = std::fs::read(&weights).map_err(|e| crate::StageError::io(&weights, e))?;
         checkpoints.insert(
@@ -96,56 +117,104 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             blake3::hash(&bytes).to_hex().to_string(),
         );
         teachers.insert(input.name.clone(), input.fingerprint.clone());
-        outputs.push((input.name.clone(), probs));
+        models.push((input.name.clone(), meta, model));
     }
-    if outputs.len() > 1 {
-        let mut mean = vec![0f32; n * k];
-        for (_, probs) in &outputs {
-            for (m, p) in mean.iter_mut().zip(probs) {
-                *m += p / outputs.len() as f32;
+    let mut files = Vec::new();
+    for &split in &p.splits {
+        let store = match split {
+            Split::Train => data.train.clone(),
+            Split::Test => data.test.clone(),
+            Split::Val => data.val.clone().ok_or_else(|| {
+                crate::StageError::Config(format!(
+                    "{}: split `val` asked for, but the prepare stage held no validation split out (set its `val` key)",
+                    ctx.name
+                ))
+            })?,
+        };
+        let n = store.len();
+        let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
+        let mut mc: Vec<(String, McSummary)> = Vec::new();
+        let mut mc_dropout = BTreeMap::new();
+        for (name, meta, model) in &models {
+            let inference = Inference {
+                model,
+                device: &device,
+                normalize: &data.info.normalize,
+                batch_size: p.batch_size,
+                temperature: p.temperature,
+            };
+            let what = format!("labelling {} with {name}", split.as_str());
+            let probs = inference.predict(ctx, &store, &what)?;
+            if model.spec.dropout > 0.0 && p.mc_samples > 0 {
+                let summary = inference.predict_mc(
+                    ctx,
+                    &store,
+                    p.mc_samples,
+                    // Each split has its own mask stream.
+                    datasets::rng::derive_seed(&[p.seed.unwrap_or(meta.seed), split as u64]),
+                    &format!("MC dropout on {} with {name}", split.as_str()),
+                )?;
+                mc.push((format!("{name}.mc"), summary));
+                mc_dropout.insert(name.clone(), model.spec.dropout);
             }
+            outputs.push((name.clone(), probs));
         }
-        outputs.push(("ensemble".into(), mean));
-    }
-    let indices: Vec<u32> = (0..n as u32).collect();
-    let labels = data.train.labels();
-    let mut rows: Vec<SourceRows> = outputs
-        .iter()
-        .map(|(name, probs)| SourceRows {
+        if outputs.len() > 1 {
+            let mut mean = vec![0f32; n * k];
+            for (_, probs) in &outputs {
+                for (m, p) in mean.iter_mut().zip(probs) {
+                    *m += p / outputs.len() as f32;
+                }
+            }
+            outputs.push(("ensemble".into(), mean));
+        }
+        let indices: Vec<u32> = (0..n as u32).collect();
+        let labels = store.labels();
+        let mut rows: Vec<SourceRows> = outputs
+            .iter()
+            .map(|(name, probs)| SourceRows {
+                source: name,
+                indices: &indices,
+                labels: &labels,
+                probs,
+                mc: None,
+            })
+            .collect();
+        rows.extend(mc.iter().map(|(name, m)| SourceRows {
             source: name,
             indices: &indices,
             labels: &labels,
-            probs,
-            mc: None,
-        })
-        .collect();
-    rows.extend(mc.iter().map(|(name, m)| SourceRows {
-        source: name,
-        indices: &indices,
-        labels: &labels,
-        probs: &m.mean,
-        mc: Some(McRows {
-            std: &m.std,
-            entropy: &m.entropy,
-            mutual_information: &m.mutual_information,
-        }),
-    }));
-    label_store::write(
-        &ctx.dir.join("labels.parquet"),
-        &LabelMeta {
-            classes: data.info.classes.clone(),
-            dataset_fingerprint: data.train.hash(),
-            teachers,
-            temperature: p.temperature,
-            checkpoints,
-            mc: (!mc_dropout.is_empty()).then_some(McMeta {
-                samples: p.mc_samples,
-                dropout: mc_dropout,
+            probs: &m.mean,
+            mc: Some(McRows {
+                std: &m.std,
+                entropy: &m.entropy,
+                mutual_information: &m.mutual_information,
             }),
-            top_k: p.top_k,
-        },
-        &rows,
-    )?;
-    tracing::info!("{}: {} rows × {} sources written", ctx.name, n, rows.len());
-    Ok(vec!["labels.parquet".into()])
+        }));
+        let file = file_for(split);
+        label_store::write(
+            &ctx.dir.join(&file),
+            &LabelMeta {
+                classes: data.info.classes.clone(),
+                dataset_fingerprint: store.hash(),
+                teachers: teachers.clone(),
+                temperature: p.temperature,
+                checkpoints: checkpoints.clone(),
+                mc: (!mc_dropout.is_empty()).then_some(McMeta {
+                    samples: p.mc_samples,
+                    dropout: mc_dropout,
+                }),
+                top_k: p.top_k,
+            },
+            &rows,
+        )?;
+        tracing::info!(
+            "{}: {file}: {} rows × {} sources written",
+            ctx.name,
+            n,
+            rows.len()
+        );
+        files.push(file);
+    }
+    Ok(files)
 }

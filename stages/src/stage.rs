@@ -242,6 +242,15 @@ impl StageParams {
             StageParams::Label(p) => {
                 positive("temperature", p.temperature)?;
                 at_least("top_k", p.top_k.unwrap_or(1), 1)?;
+                let mut seen = p.splits.clone();
+                seen.sort_by_key(|s| *s as u8);
+                seen.dedup();
+                if p.splits.is_empty() || seen.len() != p.splits.len() {
+                    return Err((
+                        "splits",
+                        "must list distinct splits among \"train\", \"val\" and \"test\"".into(),
+                    ));
+                }
                 at_least("batch_size", p.batch_size, 1)
             }
             StageParams::Evaluate(p) => {

@@ -240,7 +240,8 @@ struct EpochRow {
 }
 
 /// Sums over the part of an epoch done so far; kept in checkpoints so a resumed epoch logs the
-/// same row as an uninterrupted one (timings aside).
+/// same row as an uninterrupted one (timings aside). serde_json's `float_roundtrip` feature makes
+/// the f64 values come back bit for bit from `state.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct EpochSums {
     loss: f64,
@@ -543,4 +544,26 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         "train_log.csv".into(),
         "class_loss.csv".into(),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// Checkpointed epoch sums must come back bit for bit, or a resumed run logs other losses.
+    #[test]
+    fn json_floats_round_trip_exactly() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let values: Vec<f64> = (0..20_000)
+            .map(|i| rng.random::<f64>() * 10f64.powi(i % 9 - 3))
+            .collect();
+        let text = serde_json::to_string(&values).unwrap();
+        let back: Vec<f64> = serde_json::from_str(&text).unwrap();
+        let differ = values
+            .iter()
+            .zip(&back)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0);
+    }
 }
