@@ -174,8 +174,15 @@ fn fill_batch(
         batch.labels.push(store.label(i as usize));
         batch.indices.push(i);
     }
-    let mut rng = rng_for(&[config.seed, stream::MIX, epoch, b as u64]);
-    batch.mix = crate::mix::draw(&config.mix, idx.len(), (h, w), &mut rng);
+    batch.mix = match config.mix {
+        Mix::None => MixRecord::None,
+        ref mix => {
+            let mut rng = rng_for(&[config.seed, stream::MIX, epoch, b as u64]);
+            crate::mix::draw(mix, idx.len(), (h, w), &mut rng)
+        }
+    };
+    // A recycled buffer may hold an earlier batch's images: keep `unmixed` empty when unmixed.
+    batch.unmixed.clear();
     if batch.mix != MixRecord::None {
         std::mem::swap(&mut batch.images, &mut batch.unmixed);
         batch.images.resize(batch.unmixed.len(), 0.0);

@@ -116,16 +116,17 @@ impl Inference<'_> {
                 }
             }
             for i in 0..b {
-                let mean: Vec<f32> = (0..k).map(|c| (sum[i * k + c] / s as f64) as f32).collect();
+                let at = out.mean.len();
+                out.mean
+                    .extend((0..k).map(|c| (sum[i * k + c] / s as f64) as f32));
                 out.std.extend((0..k).map(|c| {
                     let m = sum[i * k + c] / s as f64;
                     ((sq[i * k + c] / s as f64 - m * m).max(0.0)).sqrt() as f32
                 }));
-                let h = entropy(&mean);
+                let h = entropy(&out.mean[at..]);
                 out.entropy.push(h as f32);
                 out.mutual_information
                     .push((h - mean_entropy[i]).max(0.0) as f32);
-                out.mean.extend(mean);
             }
             bar.inc(1);
             it.recycle(batch);
