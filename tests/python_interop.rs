@@ -88,11 +88,14 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
              width = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\nseed = 5\n\
              schedule = { type = \"cosine\" }\n\n[[stage]]\n\
              name = \"labels\"\nkind = \"label\"\nneeds = [\"data\", \"teacher\", \"teacher-b\"]\n\
-             mc_samples = 8",
+             mc_samples = 8\n\n[[stage]]\nname = \"labels-f16\"\nkind = \"label\"\n\
+             needs = [\"data\", \"teacher\", \"teacher-b\"]\nmc_samples = 8\ndtype = \"f16\"",
             1,
         );
     assert!(
-        cfg.contains("dropout = 0.3") && cfg.contains("\"teacher-b\"]"),
+        cfg.contains("dropout = 0.3")
+            && cfg.contains("\"teacher-b\"]")
+            && cfg.contains("dtype = \"f16\""),
         "TINY changed: {cfg}"
     );
     write(dir.path(), "interop.toml", &cfg);
@@ -125,13 +128,15 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
         .collect();
     let sources = ["teacher", "teacher-b", "ensemble", "teacher.mc"];
     let mut rows = Vec::new();
+    let mut rows_f16 = Vec::new();
     let mut per_source = Vec::new();
     for source in sources {
         let labels = label_store::read(&store, source, n, &classes, &fingerprint)
             .unwrap_or_else(|e| panic!("Rust reads source `{source}`: {e}"));
         assert_eq!(labels.k, k);
+        let dense = labels.to_dense();
         for i in CHOSEN {
-            let p = &labels.probs[i * k..(i + 1) * k];
+            let p = &dense[i * k..(i + 1) * k];
             rows.push(serde_json::json!({
                 "source": source,
                 "index": i,
@@ -139,8 +144,17 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
                 "probs": p,
                 "probs_bits": p.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             }));
+            // The float16 store holds the same values rounded to half precision.
+            let h: Vec<half::f16> = p.iter().map(|&v| half::f16::from_f32(v)).collect();
+            rows_f16.push(serde_json::json!({
+                "source": source,
+                "index": i,
+                "label": train.label(i),
+                "probs": h.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                "probs_bits": h.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            }));
         }
-        per_source.push((source, labels.probs));
+        per_source.push((source, dense));
     }
     // The sources differ from each other, so a tool reading the wrong one cannot pass.
     for (a, pa) in &per_source {
@@ -148,9 +162,12 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
             assert!(a == b || pa != pb, "sources `{a}` and `{b}` are equal");
         }
     }
-    let expected = serde_json::json!({
+    let expected = |dtype: &str, rows: Vec<serde_json::Value>| {
+        serde_json::json!({
         "k": k,
+        "dtype": dtype,
         "metadata": {
+            "ldl.dtype": dtype,
             "ldl.format_version": stages::FORMAT_VERSION.to_string(),
             "ldl.k": k.to_string(),
             "ldl.dataset_fingerprint": fingerprint,
@@ -168,18 +185,29 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
             .map(|s| (s.to_string(), n))
             .collect::<std::collections::BTreeMap<_, _>>(),
         "rows": rows,
-    });
-    let expected_path = write(
-        dir.path(),
-        "expected.json",
-        &serde_json::to_string_pretty(&expected).unwrap(),
-    );
+        })
+    };
+    for (dtype, file, rows) in [
+        ("float32", "labels/labels.parquet", rows),
+        ("float16", "labels-f16/labels.parquet", rows_f16),
+    ] {
+        let store = out.join(file);
+        let expected_path = write(
+            dir.path(),
+            &format!("expected-{dtype}.json"),
+            &serde_json::to_string_pretty(&expected(dtype, rows)).unwrap(),
+        );
+        check(&py, &store, &expected_path, sources.len() * CHOSEN.len());
+    }
+}
 
+/// Runs tests/python/check_label_store.py on `store` and asserts a success line per tool.
+fn check(py: &Path, store: &Path, expected_path: &Path, chosen: usize) {
     let script = root().join("tests/python/check_label_store.py");
-    let o = Command::new(&py)
+    let o = Command::new(py)
         .arg(&script)
-        .arg(&store)
-        .arg(&expected_path)
+        .arg(store)
+        .arg(expected_path)
         .output()
         .expect("run the Python check");
     let report = format!(
@@ -197,7 +225,7 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
     // One line per tool: pyarrow.parquet, pyarrow.dataset, DuckDB, Polars.
     let ok: Vec<&str> = text.lines().filter(|l| l.starts_with("ok ")).collect();
     assert_eq!(ok.len(), 4, "{report}");
-    let compared = format!("{} chosen rows", sources.len() * CHOSEN.len());
+    let compared = format!("{chosen} chosen rows");
     for tool in ["pyarrow.parquet", "pyarrow.dataset", "duckdb", "polars"] {
         assert!(
             ok.iter().any(|l| l.contains(tool) && l.contains(&compared)),

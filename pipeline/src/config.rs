@@ -78,6 +78,8 @@ pub struct StageDecl {
     pub needs: Vec<String>,
     /// Kind and parameters (seed resolved).
     pub params: StageParams,
+    /// The grid the stage is a cell of (its `[[stage]]` name), if any.
+    pub grid: Option<String>,
 }
 
 /// A validated stages.toml.
@@ -87,8 +89,10 @@ pub struct Config {
     pub path: PathBuf,
     /// The `[run]` settings.
     pub run: RunSettings,
-    /// Stages in file order.
+    /// Stages in file order, grids expanded into their cells.
     pub stages: Vec<StageDecl>,
+    /// Each grid's name and its cells' stage names, in file order.
+    pub grids: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,9 +278,9 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         ));
     }
 
-    let mut stages = Vec::new();
-    let mut name_spans: Vec<Range<usize>> = Vec::new();
-    let mut need_spans: Vec<Vec<Range<usize>>> = Vec::new();
+    // Phase 1: each `[[stage]]` table as a template: name, kind, needs, its own keys, and the
+    // cells of its `matrix` (none: one plain stage).
+    let mut templates = Vec::new();
     let mut seen: HashMap<String, Range<usize>> = HashMap::new();
     for (i, v) in stage_values.into_iter().enumerate() {
         let span = v.span();
@@ -317,17 +321,16 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             .parse()
             .map_err(|m: String| loc.at(kind_v.span(), format!("{ctx}key `kind`: {m}")))?;
         let mut needs = Vec::new();
-        let mut spans = Vec::new();
         if let Some(nv) = t.remove("needs") {
             let nspan = nv.span();
             match nv.into_inner() {
                 DeValue::Array(a) => {
                     for item in a.iter() {
-                        needs.push(
+                        needs.push((
                             expect_string(&loc, item, &format!("{ctx}each entry of `needs`"))?
                                 .to_owned(),
-                        );
-                        spans.push(item.span());
+                            item.span(),
+                        ));
                     }
                 }
                 other => {
@@ -341,35 +344,149 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                 }
             }
         }
-        let key_spans: HashMap<String, Range<usize>> = t
-            .iter()
-            .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
-            .collect();
-        let body = Spanned::new(span.clone(), DeValue::Table(t));
-        let de = ValueDeserializer::from(body);
-        let err = |e| loc.toml(e, &format!("stage `{name}` (kind {kind}): "), span.clone());
-        let mut params = match kind {
-            Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
-            Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
-            Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
-            Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
-            Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
+        let cells = match t.remove("matrix") {
+            None => None,
+            Some(m) => Some(matrix_cells(&loc, &name, m)?),
         };
-        if let Err((key, message)) = params.validate() {
-            let at = key_spans.get(key).cloned().unwrap_or(span.clone());
-            return Err(loc.at(
-                at,
-                format!("stage `{name}` (kind {kind}): key `{key}` {message}"),
-            ));
-        }
-        params.resolve(run.seed);
-        stages.push(StageDecl {
+        templates.push(Template {
             name,
+            name_span: name_v.span(),
+            span,
+            kind,
             needs,
-            params,
+            table: t,
+            cells,
         });
-        name_spans.push(name_v.span());
-        need_spans.push(spans);
+    }
+
+    // Phase 2: expand grids, in file order. A stage with a `matrix` becomes one stage per cell;
+    // a stage that needs exactly one stage of what a grid produces follows that grid, one
+    // stage per cell; any other need of a grid means all of its cells.
+    let mut stages: Vec<StageDecl> = Vec::new();
+    let mut name_spans: Vec<Range<usize>> = Vec::new();
+    let mut need_spans: Vec<Vec<Range<usize>>> = Vec::new();
+    let mut grids: Vec<(String, Vec<String>)> = Vec::new();
+    let mut kinds: HashMap<String, Kind> = HashMap::new();
+    for tpl in templates {
+        let own: Vec<Vec<CellValue>> = tpl.cells.clone().unwrap_or_else(|| vec![Vec::new()]);
+        let mut cell_names = Vec::new();
+        for cell in own {
+            let mut t = tpl.table.clone();
+            let mut own_name = tpl.name.clone();
+            let mut key_spans: HashMap<String, Range<usize>> = t
+                .iter()
+                .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
+                .collect();
+            for c in &cell {
+                own_name.push_str(&format!(".{}={}", c.key, c.segment));
+                key_spans.insert(c.key.clone(), c.value.span());
+                t.insert(
+                    Spanned::new(c.value.span(), c.key.clone().into()),
+                    c.value.clone(),
+                );
+            }
+            let shown = own_name.clone();
+            let kind = tpl.kind;
+            let span = tpl.span.clone();
+            let body = Spanned::new(span.clone(), DeValue::Table(t));
+            let de = ValueDeserializer::from(body);
+            let err = |e| loc.toml(e, &format!("stage `{shown}` (kind {kind}): "), span.clone());
+            let mut params = match kind {
+                Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
+                Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
+                Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
+                Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
+                Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
+            };
+            if let Err((key, message)) = params.validate() {
+                let at = key_spans.get(key).cloned().unwrap_or(span.clone());
+                return Err(loc.at(
+                    at,
+                    format!("stage `{shown}` (kind {kind}): key `{key}` {message}"),
+                ));
+            }
+            params.resolve(run.seed);
+            // Which grid this cell follows, if any.
+            let mut follow: Option<usize> = None;
+            for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
+                let Some((_, cells)) = grids.iter().find(|(g, _)| g == need) else {
+                    continue;
+                };
+                let produced = kinds[&cells[0]].produces();
+                if params.needs(produced) == Multiplicity::One {
+                    if let Some(f) = follow {
+                        return Err(loc.at(
+                            nspan.clone(),
+                            format!(
+                                "stage `{shown}`: key `needs` names the grids `{}` and `{need}`, and takes one stage of each: it can follow only one grid (name single cells instead)",
+                                tpl.needs[f].0
+                            ),
+                        ));
+                    }
+                    follow = Some(j);
+                }
+            }
+            let variants: Vec<(String, Option<String>)> = match follow {
+                None => vec![(own_name.clone(), None)],
+                Some(j) => {
+                    let grid = &tpl.needs[j].0;
+                    let (_, cells) = grids.iter().find(|(g, _)| g == grid).expect("found");
+                    cells
+                        .iter()
+                        .map(|c| {
+                            let suffix = c.strip_prefix(grid.as_str()).unwrap_or(c);
+                            (format!("{own_name}{suffix}"), Some(c.clone()))
+                        })
+                        .collect()
+                }
+            };
+            let in_grid = tpl.cells.is_some() || follow.is_some();
+            for (stage_name, followed) in variants {
+                let mut needs = Vec::new();
+                let mut spans = Vec::new();
+                for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
+                    let expanded: Vec<String> = if Some(j) == follow {
+                        vec![followed.clone().expect("following")]
+                    } else if let Some((_, cells)) = grids.iter().find(|(g, _)| g == need) {
+                        cells.clone()
+                    } else {
+                        vec![need.clone()]
+                    };
+                    for n in expanded {
+                        // A grid cell drops what its own parameters do not read (a `vanilla`
+                        // cell of a method grid, the label store its `off-ldl` cells read).
+                        if in_grid {
+                            if let Some(k) = kinds.get(&n) {
+                                if params.needs(k.produces()) == Multiplicity::None {
+                                    continue;
+                                }
+                            }
+                        }
+                        needs.push(n);
+                        spans.push(nspan.clone());
+                    }
+                }
+                if kinds.contains_key(&stage_name) {
+                    return Err(loc.at(
+                        tpl.name_span.clone(),
+                        format!("key `name`: the grid `{}` derives the stage name `{stage_name}`, which is already taken", tpl.name),
+                    ));
+                }
+                kinds.insert(stage_name.clone(), kind);
+                cell_names.push(stage_name.clone());
+                stages.push(StageDecl {
+                    name: stage_name,
+                    needs,
+                    params: params.clone(),
+                    grid: in_grid.then(|| tpl.name.clone()),
+                });
+                name_spans.push(tpl.name_span.clone());
+                need_spans.push(spans);
+            }
+        }
+        if tpl.cells.is_some() || cell_names.len() > 1 || cell_names.first() != Some(&tpl.name) {
+            grids.push((tpl.name.clone(), cell_names));
+        }
     }
 
     validate_graph(&loc, &stages, &name_spans, &need_spans)?;
@@ -377,7 +494,131 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         path: file.to_owned(),
         run,
         stages,
+        grids,
     })
+}
+
+/// One key of a grid cell: its value and the name segment it gives.
+#[derive(Clone)]
+struct CellValue<'i> {
+    key: String,
+    value: Spanned<DeValue<'i>>,
+    segment: String,
+}
+
+/// A `[[stage]]` table before grid expansion.
+struct Template<'i> {
+    name: String,
+    name_span: Range<usize>,
+    span: Range<usize>,
+    kind: Kind,
+    needs: Vec<(String, Range<usize>)>,
+    table: DeTable<'i>,
+    cells: Option<Vec<Vec<CellValue<'i>>>>,
+}
+
+/// The cells of `matrix = { key = [values…], … }`: the cartesian product, keys in alphabetical
+/// order (the last varying fastest).
+fn matrix_cells<'i>(
+    loc: &Locator,
+    stage: &str,
+    m: Spanned<DeValue<'i>>,
+) -> Result<Vec<Vec<CellValue<'i>>>, ConfigError> {
+    let span = m.span();
+    let DeValue::Table(t) = m.into_inner() else {
+        return Err(loc.at(
+            span,
+            format!("stage `{stage}`: key `matrix` must be a table of key = [values], e.g. `matrix = {{ seed = [0, 1, 2] }}`"),
+        ));
+    };
+    if t.is_empty() {
+        return Err(loc.at(span, format!("stage `{stage}`: key `matrix` is empty")));
+    }
+    let mut cells: Vec<Vec<CellValue>> = vec![Vec::new()];
+    for (k, v) in t.iter() {
+        let key = k.get_ref().to_string();
+        if ["name", "kind", "needs", "matrix"].contains(&key.as_str()) {
+            return Err(loc.at(
+                k.span(),
+                format!("stage `{stage}`: key `matrix.{key}`: `{key}` cannot vary in a grid"),
+            ));
+        }
+        let DeValue::Array(values) = v.get_ref() else {
+            return Err(loc.at(
+                v.span(),
+                format!(
+                    "stage `{stage}`: key `matrix.{key}` must be an array of values, found {}",
+                    type_name(v.get_ref())
+                ),
+            ));
+        };
+        if values.is_empty() {
+            return Err(loc.at(
+                v.span(),
+                format!(
+                    "stage `{stage}`: key `matrix.{key}` is empty: a grid needs at least one value"
+                ),
+            ));
+        }
+        let mut segments: Vec<String> = Vec::new();
+        for item in values.iter() {
+            let segment = match item.get_ref() {
+                DeValue::String(s) => s.to_string(),
+                DeValue::Integer(i) => i.to_string(),
+                DeValue::Float(f) => f.to_string(),
+                DeValue::Boolean(b) => b.to_string(),
+                DeValue::Table(tt) => match tt.get("type").map(|t| t.get_ref()) {
+                    Some(DeValue::String(s)) => s.to_string(),
+                    _ => {
+                        return Err(loc.at(
+                            item.span(),
+                            format!("stage `{stage}`: key `matrix.{key}`: a table value needs a `type` string to name its cells"),
+                        ))
+                    }
+                },
+                other => {
+                    return Err(loc.at(
+                        item.span(),
+                        format!(
+                            "stage `{stage}`: key `matrix.{key}`: {} cannot name a grid cell",
+                            type_name(other)
+                        ),
+                    ))
+                }
+            };
+            if segment.is_empty()
+                || !segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            {
+                return Err(loc.at(
+                    item.span(),
+                    format!("stage `{stage}`: key `matrix.{key}`: the value `{segment}` cannot be part of a stage name (letters, digits, `-`, `_`, `.`, `+`)"),
+                ));
+            }
+            if segments.contains(&segment) {
+                return Err(loc.at(
+                    item.span(),
+                    format!("stage `{stage}`: key `matrix.{key}` lists `{segment}` twice"),
+                ));
+            }
+            segments.push(segment);
+        }
+        let mut next = Vec::with_capacity(cells.len() * values.len());
+        for cell in &cells {
+            for (item, segment) in values.iter().zip(&segments) {
+                let mut c = cell.clone();
+                c.push(CellValue {
+                    key: key.clone(),
+                    value: item.clone(),
+                    segment: segment.clone(),
+                });
+                next.push(c);
+            }
+        }
+        cells = next;
+    }
+    Ok(cells)
 }
 
 fn validate_graph(

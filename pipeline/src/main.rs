@@ -186,9 +186,28 @@ fn main() -> ExitCode {
             };
             let states = runner::status(&config);
             let width = states.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-            for (name, state) in states {
-                let kind = config.stage(&name).expect("listed").params.kind();
+            for (name, state) in &states {
+                let kind = config.stage(name).expect("listed").params.kind();
                 println!("{name:width$}  {:<8}  {state}", kind.as_str());
+            }
+            // One line per grid: how many of its cells are done.
+            for (grid, cells) in &config.grids {
+                let (mut done, mut partial, mut stale) = (0, 0, 0);
+                for (name, state) in &states {
+                    if cells.contains(name) {
+                        match state {
+                            runner::StageState::UpToDate => done += 1,
+                            runner::StageState::Incomplete(_) => partial += 1,
+                            runner::StageState::Stale(_) => stale += 1,
+                            runner::StageState::NeverRun => {}
+                        }
+                    }
+                }
+                let n = cells.len();
+                println!(
+                    "grid {grid}: {n} cells, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
+                    n - done - partial - stale
+                );
             }
             Ok(())
         }

@@ -135,6 +135,29 @@ impl Inference<'_> {
         Ok(out)
     }
 
+    /// Logits of every image of `store`, `N × K` row-major, in store order (eval mode; the
+    /// temperature is not applied).
+    pub fn logits(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
+        let info = store.info().clone();
+        let loader = self.loader(ctx, store);
+        let bar = ctx.bar(loader.batches_per_epoch() as u64, what);
+        let mut out = Vec::with_capacity(store.len() * info.k());
+        let mut it = loader.epoch(0, 0);
+        while let Some(batch) = it.next() {
+            let x = Tensor::from_slice(
+                &batch.images,
+                (batch.len(), info.c, info.h, info.w),
+                self.device,
+            )?;
+            let logits = self.model.net.forward_t(&x, false)?;
+            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            bar.inc(1);
+            it.recycle(batch);
+        }
+        bar.finish_and_clear();
+        Ok(out)
+    }
+
     /// Softmax probabilities at temperature τ of every image of `store`, `N × K` row-major, in
     /// store order; `what` labels the progress bar.
     pub fn predict(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {

@@ -8,7 +8,7 @@ use crate::context::Context;
 use crate::error::Result;
 use crate::inference::Inference;
 use crate::inference::McSummary;
-use crate::label_store::{self, LabelMeta, McMeta, McRows, SourceRows};
+use crate::label_store::{self, LabelMeta, McMeta, McRows, SourceRows, StoreDtype};
 use crate::prepare::Dataset;
 use crate::stage::Kind;
 use crate::train::TrainedModel;
@@ -58,6 +58,10 @@ fn is_20(v: &usize) -> bool {
     *v == 20
 }
 
+fn is_f32(d: &StoreDtype) -> bool {
+    *d == StoreDtype::F32
+}
+
 /// Parameters of a `label` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +79,10 @@ pub struct Params {
     /// (for large K; see docs/label-store.md), instead of full vectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// Storage type of the probability vectors: `f32` (default) or `f16` (half the size,
+    /// about 3 significant digits; readers renormalise each row).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub dtype: StoreDtype,
     /// The prepared splits to label: `train` (default; `labels.parquet`), `val` and `test`
     /// (`labels-val.parquet`, `labels-test.parquet`).
     #[serde(default = "d_splits", skip_serializing_if = "is_train_only")]
@@ -205,6 +213,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                     dropout: mc_dropout,
                 }),
                 top_k: p.top_k,
+                dtype: p.dtype,
             },
             &rows,
         )?;

@@ -10,12 +10,18 @@
 //! `ldl.k`, `ldl.classes` (JSON list), `ldl.dataset_fingerprint`, `ldl.teachers` (JSON object of
 //! stage name → fingerprint), `ldl.temperature`, `ldl.teacher_checkpoints` (stage name → blake3
 //! of its weights), `ldl.mc` (with MC sources: passes and dropout rates), `ldl.program_version`. Files are zstd-compressed,
-//! `probs` is BYTE_STREAM_SPLIT-encoded, row groups hold 8192 rows, and files contain no
-//! timestamp: the same inputs give byte-identical files.
+//! the float vectors are BYTE_STREAM_SPLIT-encoded, row groups hold 8192 rows, and files contain no
+//! timestamp: the same inputs give byte-identical files. With `dtype = "f16"` the vectors are
+//! stored as `float16` (`ldl.dtype`), half the size; the reader renormalises such rows (their
+//! rounding can move a sum by up to 2^-11).
+//!
+//! In memory, a top-k store stays top-k ([`SoftLabels::row_into`] expands one row at a time), so
+//! a student of a 1.28M × 1000 ImageNet store holds 43 MB of labels (top-5), not 5 GB.
 
 use crate::error::{Result, StageError};
 use arrow::array::{
-    Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
+    Array, ArrayRef, FixedSizeListArray, Float16Array, Float32Array, RecordBatch, StringArray,
+    UInt32Array,
 };
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
@@ -50,6 +56,43 @@ pub struct LabelMeta {
     /// Top-k mode: each distribution is stored as its k largest probabilities and the mass of
     /// the other classes (`ldl.top_k`); `None` stores full vectors.
     pub top_k: Option<usize>,
+    /// Storage type of the probability and standard-deviation vectors (`ldl.dtype`).
+    pub dtype: StoreDtype,
+}
+
+/// Storage type of a store's float vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDtype {
+    /// `float32` (default).
+    #[default]
+    F32,
+    /// `float16`: half the size; about 3 significant digits.
+    F16,
+}
+
+impl StoreDtype {
+    /// The value of `ldl.dtype`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "float32",
+            StoreDtype::F16 => "float16",
+        }
+    }
+    fn arrow(&self) -> DataType {
+        match self {
+            StoreDtype::F32 => DataType::Float32,
+            StoreDtype::F16 => DataType::Float16,
+        }
+    }
+    /// How far from 1 a stored row may sum: [`SUM_TOLERANCE`], plus for `float16` the worst
+    /// rounding of K values summing to 1 (relative 2^-11 each, and 2^-25 absolute for subnormals).
+    pub fn sum_tolerance(&self, k: usize) -> f32 {
+        match self {
+            StoreDtype::F32 => SUM_TOLERANCE,
+            StoreDtype::F16 => SUM_TOLERANCE + 2f32.powi(-11) + k as f32 * 2f32.powi(-25),
+        }
+    }
 }
 
 /// How the Monte-Carlo dropout sources were made (`ldl.mc`).
@@ -85,14 +128,12 @@ pub struct McRows<'a> {
     pub mutual_information: &'a [f32],
 }
 
-fn vector(k: usize) -> DataType {
-    DataType::FixedSizeList(
-        Arc::new(Field::new("item", DataType::Float32, false)),
-        k as i32,
-    )
+fn vector(k: usize, dtype: StoreDtype) -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new("item", dtype.arrow(), false)), k as i32)
 }
 
-fn schema(k: usize, top_k: Option<usize>) -> Schema {
+fn schema(k: usize, top_k: Option<usize>, dtype: StoreDtype) -> Schema {
+    let vector = |k| vector(k, dtype);
     let mut fields = vec![
         Field::new("index", DataType::UInt32, false),
         Field::new("label", DataType::UInt32, false),
@@ -158,6 +199,37 @@ pub fn expand_top_k(classes: &[u16], probs: &[f32], rest: f32, out: &mut [f32]) 
     }
 }
 
+/// A `FixedSizeList<dtype, width>` of `values` (rounded to nearest for `float16`).
+fn float_list(
+    values: &[f32],
+    width: usize,
+    dtype: StoreDtype,
+    nulls: Option<NullBuffer>,
+) -> std::result::Result<FixedSizeListArray, arrow::error::ArrowError> {
+    let item = Arc::new(Field::new("item", dtype.arrow(), false));
+    let values: ArrayRef = match dtype {
+        StoreDtype::F32 => Arc::new(Float32Array::from(values.to_vec())),
+        StoreDtype::F16 => Arc::new(Float16Array::from_iter_values(
+            values.iter().map(|&v| half::f16::from_f32(v)),
+        )),
+    };
+    FixedSizeListArray::try_new(item, width as i32, values, nulls)
+}
+
+/// The float values of a `FixedSizeList<float32|float16>` column as f32 (converted for float16).
+fn floats_of(list: &FixedSizeListArray) -> std::borrow::Cow<'_, [f32]> {
+    let values = list.values();
+    if let Some(v) = values.as_any().downcast_ref::<Float32Array>() {
+        std::borrow::Cow::Borrowed(v.values())
+    } else {
+        let v = values
+            .as_any()
+            .downcast_ref::<Float16Array>()
+            .expect("schema checked");
+        std::borrow::Cow::Owned(v.values().iter().map(|h| h.to_f32()).collect())
+    }
+}
+
 fn leaf(column: &str) -> ColumnPath {
     ColumnPath::new(vec![column.into(), "list".into(), "item".into()])
 }
@@ -175,7 +247,7 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
             )));
         }
     }
-    let schema = Arc::new(schema(k, meta.top_k));
+    let schema = Arc::new(schema(k, meta.top_k, meta.dtype));
     let kv = |key: &str, value: String| KeyValue::new(format!("ldl.{key}"), value);
     let mut extra = Vec::new();
     if let Some(t) = meta.top_k {
@@ -184,6 +256,10 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
     if let Some(mc) = &meta.mc {
         extra.push(kv("mc", serde_json::to_string(mc).expect("json")));
     }
+    let vector_encoding = match meta.dtype {
+        StoreDtype::F32 => Encoding::BYTE_STREAM_SPLIT,
+        StoreDtype::F16 => Encoding::PLAIN,
+    };
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).expect("valid level"),
@@ -192,12 +268,14 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
         // Probabilities compress far better split into byte planes than as dictionary pages:
         // exponents and high mantissa bytes repeat, low bytes are noise.
         // (arrow-rs names a list's leaf column `<name>.list.item`).
+        // float16 vectors are stored PLAIN: DuckDB (2.0) cannot read BYTE_STREAM_SPLIT on their
+        // FIXED_LEN_BYTE_ARRAY(2) physical type.
         .set_column_dictionary_enabled(leaf("probs"), false)
-        .set_column_encoding(leaf("probs"), Encoding::BYTE_STREAM_SPLIT)
+        .set_column_encoding(leaf("probs"), vector_encoding)
         .set_column_dictionary_enabled(leaf("topk_probs"), false)
-        .set_column_encoding(leaf("topk_probs"), Encoding::BYTE_STREAM_SPLIT)
+        .set_column_encoding(leaf("topk_probs"), vector_encoding)
         .set_column_dictionary_enabled(leaf("std"), false)
-        .set_column_encoding(leaf("std"), Encoding::BYTE_STREAM_SPLIT)
+        .set_column_encoding(leaf("std"), vector_encoding)
         .set_key_value_metadata(Some(
             vec![
                 kv("format_version", crate::FORMAT_VERSION.to_string()),
@@ -212,6 +290,7 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
                     serde_json::to_string(&meta.teachers).expect("json"),
                 ),
                 kv("temperature", meta.temperature.to_string()),
+                kv("dtype", meta.dtype.as_str().to_string()),
                 kv(
                     "teacher_checkpoints",
                     serde_json::to_string(&meta.checkpoints).expect("json"),
@@ -230,18 +309,12 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
             for lo in (0..s.indices.len()).step_by(ROWS_PER_GROUP) {
                 let hi = (lo + ROWS_PER_GROUP).min(s.indices.len());
                 let rows = hi - lo;
-                let list = |values: Vec<f32>, nulls: Option<NullBuffer>| {
-                    let item = Arc::new(Field::new("item", DataType::Float32, false));
-                    FixedSizeListArray::try_new(
-                        item,
-                        k as i32,
-                        Arc::new(Float32Array::from(values)),
-                        nulls,
-                    )
-                    .map_err(|e| std::io::Error::other(e.to_string()))
+                let list = |values: &[f32], width: usize, nulls: Option<NullBuffer>| {
+                    float_list(values, width, meta.dtype, nulls)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
                 };
                 let probs: Vec<ArrayRef> = match meta.top_k {
-                    None => vec![Arc::new(list(s.probs[lo * k..hi * k].to_vec(), None)?)],
+                    None => vec![Arc::new(list(&s.probs[lo * k..hi * k], k, None)?)],
                     Some(t) => {
                         let (mut classes, mut top, mut rest) = (
                             Vec::with_capacity(rows * t),
@@ -275,14 +348,7 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
                             None,
                         )
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        let item = Arc::new(Field::new("item", DataType::Float32, false));
-                        let top = FixedSizeListArray::try_new(
-                            item,
-                            t as i32,
-                            Arc::new(Float32Array::from(top)),
-                            None,
-                        )
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                        let top = list(&top, t, None)?;
                         vec![
                             Arc::new(classes),
                             Arc::new(top),
@@ -292,12 +358,16 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
                 };
                 let (std, entropy, mi): (ArrayRef, ArrayRef, ArrayRef) = match &s.mc {
                     Some(mc) => (
-                        Arc::new(list(mc.std[lo * k..hi * k].to_vec(), None)?),
+                        Arc::new(list(&mc.std[lo * k..hi * k], k, None)?),
                         Arc::new(Float32Array::from(mc.entropy[lo..hi].to_vec())),
                         Arc::new(Float32Array::from(mc.mutual_information[lo..hi].to_vec())),
                     ),
                     None => (
-                        Arc::new(list(vec![0.0; rows * k], Some(NullBuffer::new_null(rows)))?),
+                        Arc::new(list(
+                            &vec![0.0; rows * k],
+                            k,
+                            Some(NullBuffer::new_null(rows)),
+                        )?),
                         Arc::new(Float32Array::new_null(rows)),
                         Arc::new(Float32Array::new_null(rows)),
                     ),
@@ -323,15 +393,82 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
     Ok(())
 }
 
-/// Soft labels of one source, indexed by sample position.
+/// Soft labels of one source, indexed by sample position, held as the store holds them: full
+/// vectors, or (top-k stores) k classes, k probabilities and the remaining mass per sample.
 #[derive(Debug, Clone)]
 pub struct SoftLabels {
     /// Number of classes.
     pub k: usize,
-    /// `N × K` probabilities, row i for sample i.
-    pub probs: Vec<f32>,
     /// The store's metadata.
     pub meta: LabelMeta,
+    rows: Rows,
+}
+
+#[derive(Debug, Clone)]
+enum Rows {
+    /// `N × K` probabilities.
+    Full(Vec<f32>),
+    /// `N × t` classes and probabilities, `N` remaining masses.
+    TopK {
+        t: usize,
+        classes: Vec<u16>,
+        probs: Vec<f32>,
+        rest: Vec<f32>,
+    },
+}
+
+impl SoftLabels {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        match &self.rows {
+            Rows::Full(p) => p.len() / self.k,
+            Rows::TopK { rest, .. } => rest.len(),
+        }
+    }
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Writes sample `i`'s full distribution into `out` (length K); a top-k row is expanded by
+    /// [`expand_top_k`].
+    pub fn row_into(&self, i: usize, out: &mut [f32]) {
+        let k = self.k;
+        match &self.rows {
+            Rows::Full(p) => out.copy_from_slice(&p[i * k..(i + 1) * k]),
+            Rows::TopK {
+                t,
+                classes,
+                probs,
+                rest,
+            } => expand_top_k(
+                &classes[i * t..(i + 1) * t],
+                &probs[i * t..(i + 1) * t],
+                rest[i],
+                out,
+            ),
+        }
+    }
+    /// All distributions as one `N × K` array (for inspection and tests; training uses
+    /// [`SoftLabels::row_into`]).
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len() * self.k];
+        for (i, row) in out.chunks_exact_mut(self.k).enumerate() {
+            self.row_into(i, row);
+        }
+        out
+    }
+    /// Bytes the labels occupy in memory.
+    pub fn heap_bytes(&self) -> usize {
+        match &self.rows {
+            Rows::Full(p) => p.len() * 4,
+            Rows::TopK {
+                classes,
+                probs,
+                rest,
+                ..
+            } => classes.len() * 2 + probs.len() * 4 + rest.len() * 4,
+        }
+    }
 }
 
 /// Reads the metadata of a store.
@@ -392,6 +529,17 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
                 StageError::invalid(path, "metadata key `ldl.top_k`", format!("{e}"))
             })?),
             Err(_) => None,
+        },
+        dtype: match get("dtype").ok().as_deref() {
+            None | Some("float32") => StoreDtype::F32,
+            Some("float16") => StoreDtype::F16,
+            Some(other) => {
+                return Err(StageError::invalid(
+                    path,
+                    "metadata key `ldl.dtype`",
+                    format!("found `{other}`, expected `float32` or `float16`"),
+                ))
+            }
         },
     })
 }
@@ -463,7 +611,7 @@ pub fn read(
         ));
     }
     let k = classes.len();
-    let expected = schema(k, meta.top_k);
+    let expected = schema(k, meta.top_k, meta.dtype);
     let arrow_schema = builder.schema().clone();
     let needed = required(meta.top_k);
     for f in expected
@@ -535,8 +683,18 @@ pub fn read(
         .with_batch_size(ROWS_PER_GROUP)
         .build()
         .map_err(|e| StageError::invalid(path, "file", e.to_string()))?;
-    let mut probs = vec![f32::NAN; n * k];
+    let tolerance = meta.dtype.sum_tolerance(k);
+    let mut rows = match meta.top_k {
+        None => Rows::Full(vec![f32::NAN; n * k]),
+        Some(t) => Rows::TopK {
+            t,
+            classes: vec![0; n * t],
+            probs: vec![f32::NAN; n * t],
+            rest: vec![f32::NAN; n],
+        },
+    };
     let mut seen = vec![false; n];
+    let mut dup = vec![false; k];
     let mut found = false;
     let (mut span, mut offset) = (0usize, 0usize);
     let mut file_row = || {
@@ -547,11 +705,44 @@ pub fn read(
         offset += 1;
         spans.get(span).map_or(0, |s| s.0 + offset - 1)
     };
+    // A row's values must be finite and non-negative and sum to 1; names the first bad one.
+    // `of`: the class of each value (top-k rows), else the value's position is its class.
+    let check = |at: usize, column: &str, values: &[f32], of: &[u16], rest: f32| -> Result<f32> {
+        let mut sum = rest;
+        for (c, &v) in values.iter().enumerate() {
+            if !v.is_finite() || v < 0.0 {
+                return Err(StageError::invalid(
+                    path,
+                    format!(
+                        "row {at}, column `{column}`, class {}",
+                        of.get(c).map_or(c, |&c| c as usize)
+                    ),
+                    format!("value {v}: probabilities must be finite and non-negative"),
+                ));
+            }
+            sum += v;
+        }
+        if (sum - 1.0).abs() > tolerance {
+            return Err(StageError::invalid(
+                path,
+                format!("row {at}, column `{column}`"),
+                format!("sums to {sum}, expected 1 within {tolerance}"),
+            ));
+        }
+        Ok(sum)
+    };
     for batch in reader {
         let batch = batch.map_err(|e| {
             StageError::invalid(path, "a row group", format!("cannot be read: {e}"))
         })?;
         let col = |name: &str| batch.column_by_name(name).expect("schema checked");
+        let list = |name: &str| {
+            col(name)
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .expect("schema checked")
+                .clone()
+        };
         let index = col("index")
             .as_any()
             .downcast_ref::<UInt32Array>()
@@ -560,28 +751,11 @@ pub fn read(
             .as_any()
             .downcast_ref::<StringArray>()
             .expect("schema checked");
-        let f32_list = |name: &str| {
-            let list = col(name)
-                .as_any()
-                .downcast_ref::<FixedSizeListArray>()
-                .expect("schema checked")
-                .clone();
-            let values = list
-                .values()
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .expect("schema checked")
-                .clone();
-            (list, values)
-        };
         // Full vectors, or the top-k columns and the remaining mass.
-        let full = meta.top_k.is_none().then(|| f32_list("probs"));
+        let full = meta.top_k.is_none().then(|| list("probs"));
+        let full_values = full.as_ref().map(floats_of);
         let top = meta.top_k.map(|_| {
-            let classes = col("topk_classes")
-                .as_any()
-                .downcast_ref::<FixedSizeListArray>()
-                .expect("schema checked")
-                .clone();
+            let classes = list("topk_classes");
             let class_values = classes
                 .values()
                 .as_any()
@@ -593,8 +767,9 @@ pub fn read(
                 .downcast_ref::<Float32Array>()
                 .expect("schema checked")
                 .clone();
-            (classes, class_values, f32_list("topk_probs"), rest)
+            (classes, class_values, list("topk_probs"), rest)
         });
+        let top_values = top.as_ref().map(|t| floats_of(&t.2));
         for r in 0..batch.num_rows() {
             let at = file_row();
             if src.value(r) != source {
@@ -617,18 +792,30 @@ pub fn read(
                 ));
             }
             seen[i] = true;
-            let row_probs = &mut probs[i * k..(i + 1) * k];
-            let column = match (&full, &top) {
-                (Some((list, values)), _) => {
+            match &mut rows {
+                Rows::Full(probs) => {
+                    let list = full.as_ref().expect("full mode");
+                    let values = full_values.as_ref().expect("full mode");
                     let start = list.value_offset_at(r);
-                    row_probs.copy_from_slice(&values.values()[start..start + k]);
-                    "probs"
+                    let row = &mut probs[i * k..(i + 1) * k];
+                    row.copy_from_slice(&values[start..start + k]);
+                    let sum = check(at, "probs", row, &[], 0.0)?;
+                    if meta.dtype == StoreDtype::F16 {
+                        row.iter_mut().for_each(|v| *v /= sum);
+                    }
                 }
-                (None, Some((classes, class_values, (tlist, tvalues), rest))) => {
-                    let t = classes.value_length() as usize;
-                    let cs = &class_values.values()[classes.value_offset_at(r)..][..t];
-                    let ps = &tvalues.values()[tlist.value_offset_at(r)..][..t];
-                    let mut dup = vec![false; k];
+                Rows::TopK {
+                    t,
+                    classes,
+                    probs,
+                    rest,
+                } => {
+                    let t = *t;
+                    let (cl, class_values, tlist, rest_col) = top.as_ref().expect("top-k mode");
+                    let values = top_values.as_ref().expect("top-k mode");
+                    let cs = &class_values.values()[cl.value_offset_at(r)..][..t];
+                    let ps = &values[tlist.value_offset_at(r)..][..t];
+                    dup.fill(false);
                     for &c in cs {
                         if c as usize >= k || std::mem::replace(&mut dup[c as usize], true) {
                             return Err(StageError::invalid(
@@ -638,39 +825,36 @@ pub fn read(
                             ));
                         }
                     }
-                    let rest = rest.value(r);
-                    if !rest.is_finite() || rest < 0.0 {
+                    let rest_v = rest_col.value(r);
+                    if !rest_v.is_finite() || rest_v < 0.0 {
                         return Err(StageError::invalid(
                             path,
                             format!("row {at}, column `rest`"),
                             format!(
-                                "value {rest}: the remaining mass must be finite and non-negative"
+                                "value {rest_v}: the remaining mass must be finite and non-negative"
                             ),
                         ));
                     }
-                    expand_top_k(cs, ps, rest, row_probs);
-                    "topk_probs"
+                    if t == k && rest_v > tolerance {
+                        return Err(StageError::invalid(
+                            path,
+                            format!("row {at}, column `rest`"),
+                            format!("value {rest_v}: with top_k = K no mass can remain"),
+                        ));
+                    }
+                    let sum = check(at, "topk_probs", ps, cs, rest_v)?;
+                    let scale = if meta.dtype == StoreDtype::F16 {
+                        1.0 / sum
+                    } else {
+                        1.0
+                    };
+                    classes[i * t..(i + 1) * t].copy_from_slice(cs);
+                    probs[i * t..(i + 1) * t]
+                        .iter_mut()
+                        .zip(ps)
+                        .for_each(|(o, &v)| *o = v * scale);
+                    rest[i] = rest_v * scale;
                 }
-                (None, None) => unreachable!("one of the two modes"),
-            };
-            let p = &*row_probs;
-            let mut sum = 0f32;
-            for (c, &v) in p.iter().enumerate() {
-                if !v.is_finite() || v < 0.0 {
-                    return Err(StageError::invalid(
-                        path,
-                        format!("row {at}, column `{column}`, class {c}"),
-                        format!("value {v}: probabilities must be finite and non-negative"),
-                    ));
-                }
-                sum += v;
-            }
-            if (sum - 1.0).abs() > SUM_TOLERANCE {
-                return Err(StageError::invalid(
-                    path,
-                    format!("row {at}, column `{column}`"),
-                    format!("sums to {sum}, expected 1 within {SUM_TOLERANCE}"),
-                ));
             }
         }
     }
@@ -691,7 +875,7 @@ pub fn read(
             format!("sample {missing} of 0..{n} has no row for source `{source}`"),
         ));
     }
-    Ok(SoftLabels { k, probs, meta })
+    Ok(SoftLabels { k, meta, rows })
 }
 
 #[cfg(test)]
@@ -712,6 +896,7 @@ mod tests {
                 dropout: BTreeMap::from([("t".into(), 0.2)]),
             }),
             top_k: None,
+            dtype: StoreDtype::F32,
         }
     }
 
@@ -757,7 +942,7 @@ mod tests {
     fn round_trip_and_metadata() {
         let dir = store(10, |_, _| {});
         let got = read_u(&dir, 10).unwrap();
-        assert_eq!(got.probs[..3], [0.2, 0.3, 0.5]);
+        assert_eq!(got.to_dense()[..3], [0.2, 0.3, 0.5]);
         assert_eq!(got.meta, meta());
         assert_eq!(read_meta(&dir.path().join("l.parquet")).unwrap(), meta());
     }
@@ -930,7 +1115,7 @@ mod tests {
         write(&path, &m, &rows).unwrap();
         assert_eq!(read_meta(&path).unwrap().top_k, Some(2));
         let got = read(&path, "t", 2, &m.classes, "fp").unwrap();
-        assert_eq!(got.probs, probs);
+        assert_eq!(got.to_dense(), probs);
         // K = 4 stored as top 2: the two others share the rest evenly.
         let m4 = LabelMeta {
             classes: vec!["a".into(), "b".into(), "c".into(), "d".into()],
@@ -947,8 +1132,9 @@ mod tests {
         }];
         write(&path, &m4, &rows).unwrap();
         let got = read(&path, "t", 1, &m4.classes, "fp").unwrap();
-        for (a, b) in got.probs.iter().zip([0.6f32, 0.1, 0.2, 0.1]) {
-            assert!((a - b).abs() < 1e-6, "{:?}", got.probs);
+        let dense = got.to_dense();
+        for (a, b) in dense.iter().zip([0.6f32, 0.1, 0.2, 0.1]) {
+            assert!((a - b).abs() < 1e-6, "{dense:?}");
         }
         let e = write(
             &path,
@@ -964,6 +1150,97 @@ mod tests {
     }
 
     #[test]
+    fn float16_stores_round_to_half_precision_and_read_back_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.parquet");
+        // Values f16 cannot hold exactly; each row sums to 1 in f32.
+        let probs = [0.1f32, 0.2, 0.7, 0.333, 0.333, 0.334];
+        let std = [0.01f32, 0.02, 0.03, 0.0, 0.1, 0.2];
+        let rows = [SourceRows {
+            source: "t",
+            indices: &[0, 1],
+            labels: &[2, 0],
+            probs: &probs,
+            mc: Some(McRows {
+                std: &std,
+                entropy: &[0.8, 1.0],
+                mutual_information: &[0.1, 0.2],
+            }),
+        }];
+        for top_k in [None, Some(2)] {
+            let m = LabelMeta {
+                dtype: StoreDtype::F16,
+                top_k,
+                ..meta()
+            };
+            write(&path, &m, &rows).unwrap();
+            assert_eq!(read_meta(&path).unwrap(), m);
+            let file = std::fs::File::open(&path).unwrap();
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+            let column = if top_k.is_some() {
+                "topk_probs"
+            } else {
+                "probs"
+            };
+            assert_eq!(
+                builder
+                    .schema()
+                    .field_with_name(column)
+                    .unwrap()
+                    .data_type(),
+                &vector(top_k.unwrap_or(K), StoreDtype::F16)
+            );
+            let got = read(&path, "t", 2, &m.classes, "fp").unwrap().to_dense();
+            for (row, want) in got.chunks(K).zip(probs.chunks(K)) {
+                let sum: f32 = row.iter().sum();
+                assert!((sum - 1.0).abs() < 1e-6, "{row:?} sums to {sum}");
+                for (a, b) in row.iter().zip(want) {
+                    // Half precision: 11 significant bits, so within 2^-11 relative (plus the
+                    // renormalisation, and the even spread of the top-k remainder: exact here,
+                    // as K − k = 1).
+                    assert!(
+                        (a - b).abs() <= 1.5e-3 * b.max(1e-3),
+                        "{got:?} vs {probs:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_top_k_store_stays_compact_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.parquet");
+        let k = 100;
+        let n = 50;
+        let classes: Vec<String> = (0..k).map(|c| format!("c{c}")).collect();
+        let probs: Vec<f32> = (0..n * k)
+            .map(|j| if j % k == j / k % k { 0.505 } else { 0.005 })
+            .collect();
+        let rows = [SourceRows {
+            source: "t",
+            indices: &(0..n as u32).collect::<Vec<_>>(),
+            labels: &vec![0; n],
+            probs: &probs,
+            mc: None,
+        }];
+        let m = LabelMeta {
+            classes: classes.clone(),
+            top_k: Some(5),
+            ..meta()
+        };
+        write(&path, &m, &rows).unwrap();
+        let got = read(&path, "t", n, &classes, "fp").unwrap();
+        // 5 × (2 + 4) + 4 bytes a sample, not 100 × 4.
+        assert_eq!(got.heap_bytes(), n * 34);
+        assert_eq!(got.len(), n);
+        let mut row = vec![0f32; k];
+        got.row_into(7, &mut row);
+        assert_eq!(row[7], 0.505);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
     fn malformed_top_k_rows_are_refused() {
         use arrow::array::UInt16Array;
         let dir = tempfile::tempdir().unwrap();
@@ -974,7 +1251,7 @@ mod tests {
         };
         // Writes one row of `t` with the given top-k classes, probabilities and rest.
         let write_raw = |classes: [u16; 2], top: [f32; 2], rest: f32| {
-            let schema = Arc::new(schema(K, Some(2)));
+            let schema = Arc::new(schema(K, Some(2), StoreDtype::F32));
             let list = |values: ArrayRef, item: DataType| {
                 Arc::new(
                     FixedSizeListArray::try_new(

@@ -7,6 +7,7 @@
 //! of the command line: the `pipeline` binary parses stages.toml, orders stages and makes their
 //! outputs atomic.
 
+pub mod calibration;
 pub mod checkpoint;
 pub mod context;
 pub mod device;
@@ -16,6 +17,7 @@ pub mod inference;
 pub mod label;
 pub mod label_store;
 pub mod losses;
+pub mod method;
 pub mod metrics;
 pub mod models;
 pub mod optim;

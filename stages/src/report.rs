@@ -36,11 +36,25 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut order = Vec::new();
     for input in ctx.inputs_of(Kind::Evaluate) {
         let e: Evaluation = read_json(&input.dir.join("metrics.json"))?;
-        let key = (e.method.clone(), e.model.clone());
-        if !groups.contains_key(&key) {
-            order.push(key.clone());
+        // A temperature-scaled model gives two rows: as trained, and "+ TS".
+        let mut rows = vec![(e.label(), e.clone())];
+        if let Some(c) = &e.calibrated {
+            rows.push((
+                format!("{} + TS", e.label()),
+                Evaluation {
+                    metrics: c.metrics.clone(),
+                    calibrated: None,
+                    ..e.clone()
+                },
+            ));
         }
-        groups.entry(key).or_default().push(e);
+        for (label, e) in rows {
+            let key = (label, e.model.clone());
+            if !groups.contains_key(&key) {
+                order.push(key.clone());
+            }
+            groups.entry(key).or_default().push(e);
+        }
     }
     let title = p.title.clone().unwrap_or_else(|| ctx.name.clone());
     let bins = groups

@@ -146,6 +146,7 @@ impl StageParams {
             (StageParams::Prepare(_), _) => M::None,
             (StageParams::Train(_), Dataset) => M::One,
             (StageParams::Train(p), Labels) if p.method.reads_labels() => M::One,
+            (StageParams::Train(p), Model) => p.method.teachers(),
             (StageParams::Label(_), Dataset) => M::One,
             (StageParams::Label(_), Model) => M::OneOrMore,
             (StageParams::Evaluate(_), Dataset | Model) => M::One,
@@ -231,12 +232,30 @@ impl StageParams {
                 p.mix
                     .validate()
                     .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))?;
-                if p.label_source.is_some() && !p.method.reads_labels() {
+                if !(0.0..1.0).contains(&p.ls_alpha) {
                     return Err((
-                        "label_source",
-                        format!("method `{}` reads no label store", p.method.as_str()),
+                        "ls_alpha",
+                        format!("must be in [0, 1), found {}", p.ls_alpha),
                     ));
                 }
+                if !(0.0..1.0).contains(&p.ogr_alpha) {
+                    return Err((
+                        "ogr_alpha",
+                        format!("must be in [0, 1), found {}", p.ogr_alpha),
+                    ));
+                }
+                if !(0.0..=1.0).contains(&p.kd_lambda) {
+                    return Err((
+                        "kd_lambda",
+                        format!("must be in [0, 1], found {}", p.kd_lambda),
+                    ));
+                }
+                positive("kd_tau", p.kd_tau)?;
+                positive("wsl_tau", p.wsl_tau)?;
+                if !(p.wsl_alpha >= 0.0 && p.wsl_alpha.is_finite()) {
+                    return Err(("wsl_alpha", format!("must be ≥ 0, found {}", p.wsl_alpha)));
+                }
+                at_least("ogr_every", p.ogr_every, 1)?;
                 Ok(())
             }
             StageParams::Label(p) => {
@@ -268,6 +287,7 @@ impl StageParams {
             StageParams::Prepare(p) => p.resolve(run_seed),
             StageParams::Train(p) => {
                 p.seed.get_or_insert(run_seed);
+                p.clear_unused();
                 if p.width.is_none() {
                     if let Ok(arch) = crate::models::Arch::parse(&p.model) {
                         p.width = Some(arch.default_width());

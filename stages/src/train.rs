@@ -10,8 +10,9 @@
 use crate::checkpoint::Checkpoints;
 use crate::context::Context;
 use crate::error::{read_json, write_json, Result, StageError};
+use crate::inference::Inference;
 use crate::label_store;
-use crate::losses::{cross_entropy_per_sample, soft_cross_entropy_per_sample};
+use crate::method::{ogr, ogr_weights, OgrPoint, Supervision, Teacher};
 use crate::models::{Arch, Mode, Model, ModelSpec, Shortcut, Stem};
 use crate::optim::{Sgd, SgdConfig};
 use crate::prepare::Dataset;
@@ -19,36 +20,14 @@ use crate::schedule::{lr_at, Schedule};
 use crate::stage::Kind;
 use candle_core::{DType, Device, Tensor};
 use datasets::augment::Augment;
-use datasets::mix::{Mix, MixRecord};
+use datasets::mix::Mix;
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, LoaderConfig};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
 
-/// How the student is supervised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// Cross-entropy on the hard labels (configuration #1 of the paper).
-    Vanilla,
-    /// Soft cross-entropy on one teacher's stored distribution (Off-LDL, #3).
-    OffLdl,
-}
-
-impl Method {
-    /// Whether the method reads a label store.
-    pub fn reads_labels(&self) -> bool {
-        matches!(self, Method::OffLdl)
-    }
-    /// The method's name in stages.toml.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Method::Vanilla => "vanilla",
-            Method::OffLdl => "off-ldl",
-        }
-    }
-}
+pub use crate::method::Method;
 
 /// Per-image training augmentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +93,45 @@ fn is_one(v: &usize) -> bool {
 fn is_no_mix(m: &Mix) -> bool {
     *m == Mix::None
 }
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+fn d_ls_alpha() -> f64 {
+    0.1
+}
+fn is_ls_alpha(v: &f64) -> bool {
+    *v == d_ls_alpha()
+}
+fn d_kd_lambda() -> f64 {
+    0.1
+}
+fn is_kd_lambda(v: &f64) -> bool {
+    *v == d_kd_lambda()
+}
+fn d_kd_tau() -> f64 {
+    3.0
+}
+fn is_kd_tau(v: &f64) -> bool {
+    *v == d_kd_tau()
+}
+fn d_wsl_alpha() -> f64 {
+    2.5
+}
+fn is_wsl_alpha(v: &f64) -> bool {
+    *v == d_wsl_alpha()
+}
+fn d_wsl_tau() -> f64 {
+    2.0
+}
+fn is_wsl_tau(v: &f64) -> bool {
+    *v == d_wsl_tau()
+}
+fn d_ogr_every() -> usize {
+    10
+}
+fn is_ogr_every(v: &usize) -> bool {
+    *v == d_ogr_every()
+}
 
 /// Parameters of a `train` stage; defaults are the paper's CIFAR settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,12 +154,51 @@ pub struct Params {
     /// Dropout rate before the classifier (0: none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropout: f64,
-    /// Training method.
+    /// Training method (docs/methods.md).
     pub method: Method,
-    /// For `off-ldl`: which source of the label store to learn from (default: `ensemble` when
-    /// the store has several teachers, else its only teacher).
+    /// For `off-ldl`: which source of the label store to learn from, e.g. a teacher's name or
+    /// `<teacher>.mc` for its Monte-Carlo dropout labels (default: the store's only teacher).
     #[serde(default)]
     pub label_source: Option<String>,
+    /// `ls`: the smoothing mass α.
+    #[serde(default = "d_ls_alpha", skip_serializing_if = "is_ls_alpha")]
+    pub ls_alpha: f64,
+    /// `ls`: `"paper"` (eq. 2: α/(K − 1) on each other class) or `"uniform"` (α/K on every class).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub ls_convention: crate::losses::SmoothingConvention,
+    /// `kd`: weight λ of the distillation term.
+    #[serde(default = "d_kd_lambda", skip_serializing_if = "is_kd_lambda")]
+    pub kd_lambda: f64,
+    /// `kd`: temperature τ.
+    #[serde(default = "d_kd_tau", skip_serializing_if = "is_kd_tau")]
+    pub kd_tau: f64,
+    /// `kd`: `"batchmean"` (KL summed over classes) or `"mean"` (averaged over classes, as the
+    /// paper's code did).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub kd_reduction: crate::losses::KdReduction,
+    /// `wsl`: weight α of the soft term.
+    #[serde(default = "d_wsl_alpha", skip_serializing_if = "is_wsl_alpha")]
+    pub wsl_alpha: f64,
+    /// `wsl`: temperature τ.
+    #[serde(default = "d_wsl_tau", skip_serializing_if = "is_wsl_tau")]
+    pub wsl_tau: f64,
+    /// `off-mt-ldl`, `on-mt-ldl`: `"sum"` (the paper) or `"mean"` of the per-teacher terms.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mt_reduction: crate::method::TeacherReduction,
+    /// Online methods: label each batch with the mean of this many Monte-Carlo dropout passes
+    /// of the teacher (0: its deterministic softmax); "MCDO-T".
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub teacher_mc: usize,
+    /// `ogr-loss`, `ogr-ldl`: epochs between OGR measurements (n).
+    #[serde(default = "d_ogr_every", skip_serializing_if = "is_ogr_every")]
+    pub ogr_every: usize,
+    /// `ogr-ldl`: the mass α spread by the OGR weights.
+    #[serde(default = "d_ls_alpha", skip_serializing_if = "is_ls_alpha")]
+    pub ogr_alpha: f64,
+    /// After training, fit a temperature T on the validation split (minimising NLL) and store
+    /// it with the model (`temperature.json`); evaluate then reports calibrated metrics too.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub temperature_scaling: bool,
     /// Epochs.
     #[serde(default = "d_epochs")]
     pub epochs: usize,
@@ -191,6 +248,58 @@ pub struct Params {
     pub seed: Option<u64>,
 }
 
+impl Params {
+    /// The training's distinguishing options, for table rows: mixing, Cutout, MC teachers.
+    pub fn variant(&self) -> String {
+        let mut tags = Vec::new();
+        if self.mix != Mix::None {
+            tags.push(self.mix.as_str().to_string());
+        }
+        if self.cutout > 0 {
+            tags.push("cutout".into());
+        }
+        if self.teacher_mc > 0 {
+            tags.push("MCDO-T".into());
+        }
+        tags.join(", ")
+    }
+
+    /// Puts the keys the method does not use back to their defaults, so that they are neither
+    /// fingerprinted nor recorded: a grid over methods sharing one stage body (with, say,
+    /// `kd_tau` for its `kd` cells) does not retrain its `vanilla` cells when `kd_tau` changes.
+    pub fn clear_unused(&mut self) {
+        let m = self.method;
+        if m != Method::OffLdl {
+            self.label_source = None;
+        }
+        if m != Method::Ls {
+            self.ls_alpha = d_ls_alpha();
+            self.ls_convention = Default::default();
+        }
+        if m != Method::Kd {
+            self.kd_lambda = d_kd_lambda();
+            self.kd_tau = d_kd_tau();
+            self.kd_reduction = Default::default();
+        }
+        if m != Method::Wsl {
+            self.wsl_alpha = d_wsl_alpha();
+            self.wsl_tau = d_wsl_tau();
+        }
+        if !matches!(m, Method::OffMtLdl | Method::OnMtLdl) {
+            self.mt_reduction = Default::default();
+        }
+        if !matches!(m, Method::OnLdl | Method::OnEnLdl | Method::OnMtLdl) {
+            self.teacher_mc = 0;
+        }
+        if !m.uses_ogr() {
+            self.ogr_every = d_ogr_every();
+        }
+        if m != Method::OgrLdl {
+            self.ogr_alpha = d_ls_alpha();
+        }
+    }
+}
+
 /// `model.json`: what a train stage produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainedModel {
@@ -202,6 +311,10 @@ pub struct TrainedModel {
     pub seed: u64,
     /// Epochs trained.
     pub epochs: usize,
+    /// What else distinguishes the training in a table row: the mixing augmentation, Cutout,
+    /// MC-dropout teachers (e.g. `cutmix, MCDO-T`); empty for none.
+    #[serde(default)]
+    pub variant: String,
 }
 
 impl TrainedModel {
@@ -264,6 +377,9 @@ struct CheckpointState {
     batch: usize,
     sums: EpochSums,
     log: Vec<EpochRow>,
+    /// OGR measurements so far (OGR methods only).
+    #[serde(default)]
+    ogr: Vec<OgrPoint>,
 }
 
 /// Runs a `train` stage.
@@ -296,25 +412,82 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         },
     );
 
-    let soft = if p.method.reads_labels() {
+    let stored = if p.method.reads_labels() {
         let input = ctx.input(Kind::Label);
         let path = input.dir.join("labels.parquet");
         let meta = label_store::read_meta(&path)?;
-        let source = match &p.label_source {
-            Some(s) => s.clone(),
-            None if meta.teachers.len() == 1 => meta.teachers.keys().next().cloned().expect("one"),
-            None => "ensemble".into(),
+        let teachers: Vec<String> = meta.teachers.keys().cloned().collect();
+        let sources: Vec<String> = match p.method {
+            Method::OffLdl => vec![match (&p.label_source, teachers.as_slice()) {
+                (Some(s), _) => s.clone(),
+                (None, [only]) => only.clone(),
+                (None, _) => {
+                    return Err(StageError::Config(format!(
+                        "{}: {} holds the labels of teachers {teachers:?}: name the one to learn from \
+                         with `label_source`, or use `off-en-ldl` (their mean) or `off-mt-ldl` (all of them)",
+                        ctx.name,
+                        path.display()
+                    )))
+                }
+            }],
+            Method::OffEnLdl if teachers.len() < 2 => {
+                return Err(StageError::Config(format!(
+                    "{}: off-en-ldl learns from the `ensemble` source, which a label stage writes \
+                     only with two or more teachers; {} has {teachers:?}",
+                    ctx.name,
+                    path.display()
+                )))
+            }
+            Method::OffEnLdl => vec!["ensemble".into()],
+            _ => teachers,
         };
-        Some(label_store::read(
-            &path,
-            &source,
-            data.train.len(),
-            &data.info.classes,
-            &data.train.hash(),
-        )?)
+        let mut out = Vec::with_capacity(sources.len());
+        for source in &sources {
+            out.push(label_store::read(
+                &path,
+                source,
+                data.train.len(),
+                &data.info.classes,
+                &data.train.hash(),
+            )?);
+        }
+        out
+    } else {
+        Vec::new()
+    };
+    let mut teachers = Vec::new();
+    if p.method.teachers() != crate::stage::Multiplicity::None {
+        for input in ctx.inputs_of(Kind::Train) {
+            let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
+            if p.teacher_mc > 0 && meta.spec.dropout == 0.0 {
+                return Err(StageError::Config(format!(
+                    "{}: teacher_mc = {} needs teachers trained with dropout; `{}` has none \
+                     (train it with `dropout = 0.2`)",
+                    ctx.name, p.teacher_mc, input.name
+                )));
+            }
+            teachers.push(Teacher {
+                name: input.name.clone(),
+                model,
+            });
+        }
+    }
+    let ogr_sets = if p.method.uses_ogr() {
+        match &data.val {
+            Some(val) => Some((data.train.clone(), val.clone())),
+            None => {
+                return Err(StageError::Config(format!(
+                    "{}: method `{}` measures per-class validation losses: the prepare stage \
+                     must hold out a validation split (`val = N`)",
+                    ctx.name,
+                    p.method.as_str()
+                )))
+            }
+        }
     } else {
         None
     };
+    let mut supervision = Supervision::new(p, k, &device, stored, teachers);
 
     let loader = Loader::new(
         data.train.clone(),
@@ -343,7 +516,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         checkpoints.restore(&device, &model, &mut opt, |s: &CheckpointState| {
             s.fingerprint == ctx.fingerprint
         })?;
-    let (mut step, start_epoch, start_batch, mut sums, mut log) = match restored {
+    let (mut step, start_epoch, start_batch, mut sums, mut log, mut ogr_points) = match restored {
         Some(st) => {
             tracing::info!(
                 "{}: resuming from the checkpoint of step {} (epoch {}, batch {})",
@@ -352,19 +525,58 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 st.epoch + 1,
                 st.batch
             );
-            (st.step, st.epoch, st.batch, st.sums, st.log)
+            (st.step, st.epoch, st.batch, st.sums, st.log, st.ogr)
         }
-        None => (0, 0, 0, EpochSums::default(), Vec::new()),
+        None => (0, 0, 0, EpochSums::default(), Vec::new(), Vec::new()),
     };
+    if ogr_points.len() >= 2 {
+        let [a, b] = &ogr_points[ogr_points.len() - 2..] else {
+            unreachable!("two points")
+        };
+        supervision.class_weights = ogr_weights(&ogr(a, b));
+    }
 
     let bar = ctx.bar((p.epochs * steps) as u64, "training");
     bar.set_position(step);
-    let mut targets = vec![0f32; p.batch_size * k];
-    let mut mixed = Vec::with_capacity(p.batch_size * k);
     for epoch in start_epoch..p.epochs {
         let first = if epoch == start_epoch { start_batch } else { 0 };
         if first == 0 {
             sums = EpochSums::default();
+        }
+        // OGR: per-class losses every `ogr_every` epochs; weights from the last two measurements.
+        if let Some((train_set, val_set)) = &ogr_sets {
+            if epoch % p.ogr_every.max(1) == 0 && !ogr_points.iter().any(|q| q.epoch == epoch) {
+                let inference = Inference {
+                    model: &model,
+                    device: &device,
+                    normalize: &data.info.normalize,
+                    batch_size: p.batch_size.max(256),
+                    temperature: 1.0,
+                };
+                let per_class = |store: &std::sync::Arc<datasets::PackedStore>,
+                                 what: &str|
+                 -> Result<Vec<f64>> {
+                    let probs = inference.predict(ctx, store, what)?;
+                    let (mut sum, mut n) = (vec![0f64; k], vec![0usize; k]);
+                    for (row, y) in probs.chunks_exact(k).zip(store.labels()) {
+                        sum[y as usize] -= (row[y as usize] as f64).max(1e-30).ln();
+                        n[y as usize] += 1;
+                    }
+                    Ok(sum
+                        .iter()
+                        .zip(&n)
+                        .map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
+                        .collect())
+                };
+                ogr_points.push(OgrPoint {
+                    epoch,
+                    train: per_class(train_set, "OGR: training losses")?,
+                    val: per_class(val_set, "OGR: validation losses")?,
+                });
+                if let [.., a, b] = &ogr_points[..] {
+                    supervision.class_weights = ogr_weights(&ogr(a, b));
+                }
+            }
         }
         sums.class_loss.resize(k, 0.0);
         sums.class_seen.resize(k, 0);
@@ -390,38 +602,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 batch.index as u64,
             ]));
             let logits = model.net.forward_mode(&x, mode)?;
-            let per_sample = match (&soft, &batch.mix) {
-                (None, MixRecord::None) => {
-                    let y = Tensor::from_slice(&batch.labels, b, &device)?;
-                    cross_entropy_per_sample(&logits, &y)?
-                }
-                _ => {
-                    let rows = &mut targets[..b * k];
-                    for (slot, (&i, &label)) in batch.indices.iter().zip(&batch.labels).enumerate()
-                    {
-                        let row = &mut rows[slot * k..(slot + 1) * k];
-                        match &soft {
-                            Some(s) => {
-                                let i = i as usize;
-                                row.copy_from_slice(&s.probs[i * k..(i + 1) * k]);
-                            }
-                            None => {
-                                row.fill(0.0);
-                                row[label as usize] = 1.0;
-                            }
-                        }
-                    }
-                    // A mixed image's target mixes its sources' targets with the same weights.
-                    let z = if batch.mix == MixRecord::None {
-                        &rows[..]
-                    } else {
-                        batch.mix.mix_rows(rows, k, &mut mixed);
-                        &mixed[..]
-                    };
-                    let z = Tensor::from_slice(z, (b, k), &device)?;
-                    soft_cross_entropy_per_sample(&logits, &z)?
-                }
-            };
+            let per_sample = supervision.per_sample_loss(&logits, &x, &batch, epoch)?;
             let loss = per_sample.mean_all()?;
             let grads = loss.backward()?;
             opt.step(&grads, sums.lr)?;
@@ -469,6 +650,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                         batch: next_batch,
                         sums: sums.clone(),
                         log: log.clone(),
+                        ogr: ogr_points.clone(),
                     },
                 )?;
             }
@@ -509,6 +691,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 batch: 0,
                 sums: EpochSums::default(),
                 log: log.clone(),
+                ogr: ogr_points.clone(),
             },
         )?;
     }
@@ -522,6 +705,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             method: p.method,
             seed,
             epochs: p.epochs,
+            variant: p.variant(),
         },
     )?;
     let mut csv = String::from("epoch,lr,loss,accuracy,images_per_s,seconds\n");
@@ -537,13 +721,62 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     }
     datasets::atomic::write_bytes(&ctx.dir.join("train_log.csv"), csv.as_bytes())?;
     datasets::atomic::write_bytes(&ctx.dir.join("class_loss.csv"), class_csv.as_bytes())?;
-    checkpoints.remove()?;
-    Ok(vec![
-        "model.safetensors".into(),
+    let mut outputs = vec![
+        "model.safetensors".to_string(),
         "model.json".into(),
         "train_log.csv".into(),
         "class_loss.csv".into(),
-    ])
+    ];
+    if !ogr_points.is_empty() {
+        let mut csv = String::from("epoch,class,train_loss,val_loss,ogr,weight\n");
+        for (i, b) in ogr_points.iter().enumerate() {
+            let (o, w) = match i.checked_sub(1).map(|j| &ogr_points[j]) {
+                Some(a) => {
+                    let o = ogr(a, b);
+                    let w = ogr_weights(&o);
+                    (o, w.iter().map(|&v| v as f64).collect())
+                }
+                None => (vec![f64::NAN; k], vec![1.0; k]),
+            };
+            for c in 0..k {
+                csv.push_str(&format!(
+                    "{},{c},{},{},{},{}\n",
+                    b.epoch, b.train[c], b.val[c], o[c], w[c]
+                ));
+            }
+        }
+        datasets::atomic::write_bytes(&ctx.dir.join("ogr.csv"), csv.as_bytes())?;
+        outputs.push("ogr.csv".into());
+    }
+    if p.temperature_scaling {
+        let Some(val) = &data.val else {
+            return Err(StageError::Config(format!(
+                "{}: temperature_scaling fits T on the validation split: the prepare stage must \
+                 hold out one (`val = N`)",
+                ctx.name
+            )));
+        };
+        let logits = Inference {
+            model: &model,
+            device: &device,
+            normalize: &data.info.normalize,
+            batch_size: p.batch_size.max(256),
+            temperature: 1.0,
+        }
+        .logits(ctx, val, "temperature scaling")?;
+        let fitted = crate::calibration::fit(&logits, &val.labels(), k);
+        tracing::info!(
+            "{}: temperature T = {:.4} (validation NLL {:.4} → {:.4})",
+            ctx.name,
+            fitted.temperature,
+            fitted.val_nll_before,
+            fitted.val_nll_after
+        );
+        write_json(&ctx.dir.join("temperature.json"), &fitted)?;
+        outputs.push("temperature.json".into());
+    }
+    checkpoints.remove()?;
+    Ok(outputs)
 }
 
 #[cfg(test)]

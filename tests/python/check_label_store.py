@@ -6,8 +6,9 @@ DuckDB (read_parquet) and Polars (scan_parquet), and checks in each tool:
 - the `ldl.*` key-value metadata;
 - the rows per source, and that `std`, `entropy`, `mutual_information` are null exactly on the rows
   whose source is not a Monte-Carlo one (`<teacher>.mc`), and that nothing else is null;
-- that the chosen rows have the expected hard label and, bit for bit as float32, the expected
-  probability vector (the values the Rust reader read).
+- that the chosen rows have the expected hard label and, bit for bit, the expected probability
+  vector (float32 stores: the values the Rust reader read; float16 stores (`"dtype": "float16"`):
+  the float16 rounding of the float32 values, as the writer stores them).
 
 Usage: check_label_store.py STORE EXPECTED_JSON
 
@@ -48,8 +49,8 @@ REQUIRED_KEYS = [
 ]
 
 
-def documented_types(k):
-    vec = f"fixed_size_list<float32, {k}>"
+def documented_types(k, dtype="float32"):
+    vec = f"fixed_size_list<{dtype}, {k}>"
     return {
         "index": "uint32",
         "label": "uint32",
@@ -80,7 +81,8 @@ def compare(view, expected):
     """Every difference between a tool's view and the expected store, as messages."""
     out = []
     k = expected["k"]
-    types = documented_types(k)
+    dtype = expected.get("dtype", "float32")
+    types = documented_types(k, dtype)
     if view.columns != COLUMNS:
         out.append(f"columns {view.columns}, documented {COLUMNS}")
     for name, want in types.items():
@@ -138,16 +140,18 @@ def compare(view, expected):
         label, probs = found[0]
         if label != row["label"]:
             out.append(f"{where}: label {label}, expected {row['label']}")
-        want = np.array(row["probs_bits"], dtype=np.uint32).view(np.float32)
-        probs = np.asarray(probs, dtype=np.float32)
+        # A tool may widen float16 to float32 (DuckDB does); narrowing back is exact.
+        float_t, bits_t = (np.float16, np.uint16) if dtype == "float16" else (np.float32, np.uint32)
+        want = np.array(row["probs_bits"], dtype=bits_t).view(float_t)
+        probs = np.asarray(probs, dtype=float_t)
         if probs.shape != want.shape:
             out.append(f"{where}: {probs.shape[0]} probabilities, expected {want.shape[0]}")
             continue
-        differ = np.nonzero(probs.view(np.uint32) != want.view(np.uint32))[0]
+        differ = np.nonzero(probs.view(bits_t) != want.view(bits_t))[0]
         if differ.size:
             detail = ", ".join(
-                f"class {c}: {float(probs[c])!r} (bits {int(probs.view(np.uint32)[c]):#010x}), "
-                f"Rust read {float(want[c])!r} (bits {int(want.view(np.uint32)[c]):#010x})"
+                f"class {c}: {float(probs[c])!r} (bits {int(probs.view(bits_t)[c]):#x}), "
+                f"Rust wrote {float(want[c])!r} (bits {int(want.view(bits_t)[c]):#x})"
                 for c in differ[:4]
             )
             out.append(f"{where}: probabilities differ from Rust's in {differ.size} class(es): {detail}")
@@ -167,6 +171,8 @@ def arrow_type(t):
         return "utf8"
     if pa.types.is_float32(t):
         return "float32"
+    if pa.types.is_float16(t):
+        return "float16"
     if pa.types.is_fixed_size_list(t):
         return f"fixed_size_list<{arrow_type(t.value_type)}, {t.list_size}>"
     return f"arrow {t}"
@@ -222,17 +228,21 @@ def view_pyarrow_parquet(store, expected, chosen_keys):
                 view.notes.append(f"row group {g}, column {col.path_in_schema}: {col.compression}, documented zstd")
             vector = col.path_in_schema.split(".")[0] in ("probs", "std")
             dictionary = {"RLE_DICTIONARY", "PLAIN_DICTIONARY"} & set(col.encodings)
-            if vector and ("BYTE_STREAM_SPLIT" not in col.encodings or dictionary):
+            # float16 vectors are PLAIN (DuckDB cannot decode BYTE_STREAM_SPLIT float16).
+            split = expected.get("dtype", "float32") == "float32"
+            if vector and (split != ("BYTE_STREAM_SPLIT" in col.encodings) or dictionary):
                 view.notes.append(
                     f"row group {g}, column {col.path_in_schema}: encodings {col.encodings}, "
-                    "documented BYTE_STREAM_SPLIT without dictionary"
+                    f"documented {'BYTE_STREAM_SPLIT' if split else 'PLAIN'} without dictionary"
                 )
     table = pq.read_table(store)
-    # Every distribution sums to 1 within 1e-4 (documented for `probs`).
+    # Every distribution sums to 1 within 1e-4 (documented for `probs`; float16 stores add the
+    # worst rounding of K values summing to 1: 2^-11 + K * 2^-25).
     k = expected["k"]
+    tolerance = 1e-4 + (2.0**-11 + k * 2.0**-25 if expected.get("dtype") == "float16" else 0.0)
     probs = table.column("probs").combine_chunks().flatten().to_numpy().reshape(-1, k)
     sums = probs.astype(np.float64).sum(axis=1)
-    bad = np.nonzero(~(np.abs(sums - 1.0) <= 1e-4) | (probs < 0).any(axis=1))[0]
+    bad = np.nonzero(~(np.abs(sums - 1.0) <= tolerance) | (probs < 0).any(axis=1))[0]
     if bad.size:
         view.notes.append(f"{bad.size} row(s) are not distributions, first file row {bad[0]}: {probs[bad[0]]}")
     view_of_arrow_table(view, table, chosen_keys)
@@ -301,8 +311,10 @@ def view_duckdb(store, expected, chosen_keys):
                 f'SELECT DISTINCT len("{name}") FROM store WHERE "{name}" IS NOT NULL'
             ).fetchall()
             lens = sorted(r[0] for r in lens)
+            # DuckDB has no half type: it widens float16 to FLOAT on read, so a float16 vector
+            # shows as FLOAT[] too (the values are checked to be float16 below).
             if len(lens) == 1 and dtype in ("FLOAT[]", f"FLOAT[{lens[0]}]"):
-                t = f"fixed_size_list<float32, {lens[0]}>"
+                t = f"fixed_size_list<{expected.get('dtype', 'float32')}, {lens[0]}>"
             else:
                 t = f"duckdb {dtype} holding lists of lengths {lens}"
         else:
@@ -349,6 +361,8 @@ def view_polars(store, expected, chosen_keys):
             return "utf8"
         if t == pl.Float32:
             return "float32"
+        if t == getattr(pl, "Float16", None):
+            return "float16"
         if isinstance(t, pl.Array) and len(t.shape) == 1:
             return f"fixed_size_list<{polars_type(t.inner)}, {t.shape[0]}>"
         return f"polars {t}"

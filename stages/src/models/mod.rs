@@ -10,7 +10,7 @@ pub mod dropout;
 pub mod pool;
 pub mod resnet;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use crate::error::{Result, StageError};
 use candle_core::{DType, Device, Tensor};
