@@ -234,3 +234,49 @@ fn keys_that_do_not_apply_to_the_source() {
     let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar10\"\npath = \"c\"\nbatches = [0]\n");
     assert_at(&e, 6, 1, &["key `batches`", "1..=5"]);
 }
+
+const STUDENT: &str =
+    "\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n";
+
+#[test]
+fn matrix_that_is_not_a_table() {
+    let e = fails(&format!("{HEAD}{STUDENT}matrix = [1, 2]\n"));
+    assert_at(&e, 14, 10, &["stage `s`", "key `matrix` must be a table"]);
+}
+
+#[test]
+fn matrix_with_an_empty_list() {
+    let e = fails(&format!("{HEAD}{STUDENT}matrix = {{ seed = [] }}\n"));
+    assert_at(&e, 14, 19, &["stage `s`", "`matrix.seed` is empty"]);
+}
+
+#[test]
+fn matrix_value_that_cannot_name_a_cell() {
+    let e = fails(&format!(
+        "{HEAD}{STUDENT}matrix = {{ mix = [{{ alpha = 1.0 }}] }}\n"
+    ));
+    assert_at(&e, 14, 19, &["`matrix.mix`", "needs a `type` string"]);
+    let e = fails(&format!("{HEAD}{STUDENT}matrix = {{ seed = [1, 1] }}\n"));
+    assert_at(&e, 14, 23, &["`matrix.seed` lists `1` twice"]);
+}
+
+#[test]
+fn matrix_cell_with_a_bad_value_names_the_cell_and_the_value() {
+    let e = fails(&format!(
+        "{HEAD}{STUDENT}matrix = {{ model = [\"resnet20\", \"resnet21\"] }}\n"
+    ));
+    assert_at(
+        &e,
+        14,
+        33,
+        &["stage `s.model=resnet21`", "key `model`", "resnet21"],
+    );
+}
+
+#[test]
+fn matrix_cannot_vary_needs() {
+    let e = fails(&format!(
+        "{HEAD}{STUDENT}matrix = {{ needs = [[\"data\"]] }}\n"
+    ));
+    assert_at(&e, 14, 12, &["`needs` cannot vary in a grid"]);
+}

@@ -199,7 +199,10 @@ fn a_grid_expands_into_named_cells_and_a_killed_run_resumes_with_the_unfinished_
     assert!(o.status.success(), "{}", stderr(&o));
     let redone = ran(&o);
     for c in &done {
-        assert!(!redone.contains(&c.to_string()), "{c} ran again: {redone:?}");
+        assert!(
+            !redone.contains(&c.to_string()),
+            "{c} ran again: {redone:?}"
+        );
         assert!(skipped(&o).contains(&c.to_string()));
     }
     for c in cells {
@@ -283,4 +286,36 @@ batch_size = 32
         "{e}"
     );
     assert!(!dir.path().join("out/student").exists());
+}
+
+/// Every example in examples/ is a valid stages.toml (checked by `pipeline status`, which runs
+/// nothing), and declares its grids.
+#[test]
+fn every_example_parses_and_expands_its_grids() {
+    let dir = scratch();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        seen += 1;
+        let o = pipeline(
+            dir.path(),
+            &[
+                "status",
+                path.to_str().unwrap(),
+                "--output",
+                dir.path().join("out").to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}: {}", path.display(), stderr(&o));
+        assert!(
+            stdout(&o).contains("grid "),
+            "{}: no grid\n{}",
+            path.display(),
+            stdout(&o)
+        );
+    }
+    assert!(seen >= 6, "examples/ has {seen} files");
 }
