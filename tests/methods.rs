@@ -73,9 +73,38 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         );
     }
     assert!(
-        report.contains("| on-ldl (cutmix, MCDO-T) | resnet8 |"),
+        report.contains("| on-ldl (cutmix, MCDO-T, MCDO-S) | resnet8 |"),
         "{report}"
     );
+    // The report's page and figures, and each evaluation's.
+    for f in [
+        "index.html",
+        "table.md",
+        "table.csv",
+        "accuracy-vs-ece.png",
+        "accuracy-vs-ece.svg",
+        "f1-vs-confidence.png",
+    ] {
+        assert!(out.join("report").join(f).exists(), "report/{f}");
+    }
+    let index = std::fs::read_to_string(out.join("report/index.html")).unwrap();
+    assert!(
+        index.contains("<img src=\"../eval.method=kd/reliability.svg\""),
+        "{index}"
+    );
+    for f in [
+        "predictions.parquet",
+        "class_metrics.csv",
+        "reliability.png",
+        "reliability.svg",
+        "reliability-ts.png",
+        "confidence.svg",
+        "class-loss.png",
+        "projection.svg",
+        "projection.csv",
+    ] {
+        assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
+    }
     // The OGR cells measured per-class losses every epoch.
     let ogr = std::fs::read_to_string(out.join("student.method=ogr-loss/ogr.csv")).unwrap();
     assert_eq!(ogr.lines().count(), 1 + 3 * 10, "{ogr}");

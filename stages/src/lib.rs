@@ -13,6 +13,7 @@ pub mod context;
 pub mod device;
 pub mod error;
 pub mod evaluate;
+pub mod figures;
 pub mod inference;
 pub mod label;
 pub mod label_store;

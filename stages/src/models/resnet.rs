@@ -361,6 +361,11 @@ impl ResNet {
         self.feature_dim
     }
 
+    /// The classifier's weight `K × D`: row k is class k's template (Müller et al. 2019).
+    pub fn classifier_weight(&self) -> &Tensor {
+        self.fc.weight()
+    }
+
     /// Rate of the dropout before the classifier.
     pub fn dropout_rate(&self) -> f64 {
         self.dropout.rate()
