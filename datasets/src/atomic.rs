@@ -16,6 +16,31 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Whether `name` is a temporary file of [`write_with`] (`.<name>.tmp-<pid>`).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes, under `dir` (recursively), the temporary files that a killed writer left behind, so
+/// that a resumed folder never carries one into a final output. Returns how many it removed.
+pub fn remove_stale_temps(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            removed += remove_stale_temps(&path)?;
+        } else if is_temp_name(&entry.file_name().to_string_lossy()) {
+            fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Writes a file atomically: `fill` writes the contents into a temporary file, which is then
 /// fsynced and renamed over `path`. On error the temporary file is removed.
 pub fn write_with<F>(path: &Path, fill: F) -> Result<()>
@@ -90,6 +115,31 @@ mod tests {
         assert!(err.to_string().contains("boom"));
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_temporary_files_are_swept() {
+        let dir = std::env::temp_dir().join(format!("ldl-sweep-{}", std::process::id()));
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        for f in [
+            ".a.json.tmp-123",
+            "sub/.b.bin.tmp-9",
+            "keep.json",
+            ".hidden",
+            "x.tmp-1",
+            ".c.tmp-",
+        ] {
+            fs::write(dir.join(f), b"").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&dir).unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".c.tmp-", ".hidden", "keep.json", "sub", "x.tmp-1"]);
+        assert_eq!(fs::read_dir(dir.join("sub")).unwrap().count(), 0);
         fs::remove_dir_all(&dir).unwrap();
     }
 

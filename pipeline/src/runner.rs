@@ -321,6 +321,10 @@ fn run_stage(
             .with_context(|| format!("cannot remove stale {}", partial.display()))?;
     }
     fs::create_dir_all(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+    // A killed writer may have left temporary files in a folder this run resumes: they must not
+    // reach the final output.
+    datasets::atomic::remove_stale_temps(&partial)
+        .with_context(|| format!("cannot clean {}", partial.display()))?;
     datasets::atomic::write_bytes(&partial.join(PARTIAL_TAG), tag.to_string().as_bytes())?;
 
     let inputs: Vec<Input> = s

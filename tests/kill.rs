@@ -1,0 +1,340 @@
+//! The kill-and-resume harness: `pipeline run` on a multi-stage experiment (prepare → teacher
+//! with dropout → label with MC dropout → two students, offline and online → evaluate → report)
+//! is killed with SIGKILL at moments drawn from a seed, rerun, and killed again, until a run
+//! completes. After every kill it checks that every final stage folder is complete (no partial
+//! file at a final path) and that the next run resumes each training from its newest complete
+//! checkpoint (so the work redone is at most one checkpoint interval); at the end, that every
+//! artifact is bitwise equal to an uninterrupted run's (but `stage.json`'s timestamps and the
+//! timing columns of `train_log.csv`). A lock left by a killed run must never block the rerun.
+//!
+//! CI runs at least 10 kills. The long mode is run by hand:
+//!
+//!     LDL_KILLS=50 LDL_KILL_SEED=7 cargo test --release -p pipeline --test kill -- --nocapture
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CFG: &str = r#"
+[run]
+output = "out"
+seed = 11
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+train_size = 192
+test_size = 64
+classes = 4
+image_size = 12
+
+[[stage]]
+name = "teacher"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+dropout = 0.2
+method = "vanilla"
+epochs = 3
+batch_size = 16
+checkpoint_every = 2
+keep_checkpoints = 2
+
+[[stage]]
+name = "labels"
+kind = "label"
+needs = ["data", "teacher"]
+mc_samples = 4
+batch_size = 32
+
+[[stage]]
+name = "student"
+kind = "train"
+needs = ["data", "labels", "teacher"]
+matrix = { method = ["off-ldl", "on-ldl"] }
+label_source = "teacher.mc"
+model = "resnet8"
+width = 4
+epochs = 2
+batch_size = 16
+checkpoint_every = 2
+mix = { type = "cutmix", p = 0.5 }
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "student"]
+
+[[stage]]
+name = "report"
+kind = "report"
+needs = ["eval"]
+"#;
+
+/// splitmix64: the harness's own seeded stream of kill moments.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Every regular file under `dir` (relative paths), skipping hidden entries at the top.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let hidden = p.file_name().unwrap().to_string_lossy().starts_with('.');
+        if p.is_dir() && !hidden {
+            walk(dir, &p, &mut out);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Checks that every final stage folder is complete: its `stage.json` lists exactly the
+/// outputs present, with their recorded sizes, and nothing temporary.
+fn final_folders_are_complete(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries {
+        let dir = e.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        if !dir.is_dir() || name.starts_with('.') {
+            continue;
+        }
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join("stage.json"))
+                .unwrap_or_else(|e| panic!("final folder {name} without stage.json: {e}")),
+        )
+        .unwrap();
+        assert_eq!(record["status"], "complete", "{name}");
+        let mut listed: Vec<String> = vec!["stage.json".into()];
+        for o in record["outputs"].as_array().unwrap() {
+            let path = o["path"].as_str().unwrap();
+            let len = std::fs::metadata(dir.join(path))
+                .unwrap_or_else(|e| panic!("{name}/{path} listed but missing: {e}"))
+                .len();
+            assert_eq!(len, o["bytes"].as_u64().unwrap(), "{name}/{path} size");
+            listed.push(path.into());
+        }
+        let present: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        for p in present {
+            assert!(
+                listed.contains(&p),
+                "{name}/{p} is in a final folder but not one of its recorded outputs"
+            );
+        }
+    }
+}
+
+/// The newest complete checkpoint step of each training left partial in `out`.
+fn newest_checkpoints(out: &Path) -> BTreeMap<String, u64> {
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return found;
+    };
+    for e in entries {
+        let dir = e.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let Some(stage) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".partial"))
+        else {
+            continue;
+        };
+        let Ok(cks) = std::fs::read_dir(dir.join("checkpoints")) else {
+            continue;
+        };
+        let newest = cks
+            .filter_map(|c| {
+                let c = c.ok()?.file_name().to_string_lossy().to_string();
+                c.strip_prefix("step-")?.parse::<u64>().ok()
+            })
+            .max();
+        if let Some(step) = newest {
+            found.insert(stage.to_string(), step);
+        }
+    }
+    found
+}
+
+/// `train_log.csv` without its timing columns (images/s, seconds).
+fn without_timing(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
+    let kills_wanted: usize = std::env::var("LDL_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let seed: u64 = std::env::var("LDL_KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let dir = scratch();
+    write(dir.path(), "k.toml", CFG);
+
+    let t0 = Instant::now();
+    let reference = pipeline(dir.path(), &["run", "k.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    let full = t0.elapsed();
+    eprintln!("uninterrupted run: {full:?}");
+
+    // Kill moments drawn uniformly in [0, 2·full/kills_wanted]: on average a kill every
+    // full/kills_wanted of work, so about kills_wanted kills before a run gets through.
+    let mut rng = Rng(seed);
+    let out = dir.path().join("out");
+    let (mut kills, mut attempts, mut resumes) = (0usize, 0usize, 0usize);
+    let mut expected_resume: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        attempts += 1;
+        assert!(
+            attempts < 50 * kills_wanted.max(1) + 50,
+            "the run never completed"
+        );
+        let log = dir.path().join(format!("attempt-{attempts}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "k.toml"])
+            .current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let delay = full.mul_f64(2.0 * rng.next() / kills_wanted.max(1) as f64);
+        let deadline = Instant::now() + delay;
+        let mut status = None;
+        // Once enough kills happened, let the run finish.
+        while kills < kills_wanted && Instant::now() < deadline {
+            if let Some(s) = child.try_wait().unwrap() {
+                status = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let finished = match status {
+            Some(s) => Some(s),
+            None if kills < kills_wanted => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                None
+            }
+            None => Some(child.wait().unwrap()),
+        };
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !text.contains("is locked") && !text.contains("another pipeline"),
+            "a stale lock blocked attempt {attempts}:\n{text}"
+        );
+        // The trainings this attempt resumed started from the newest checkpoint left by the
+        // previous kill: nothing older, so at most one checkpoint interval is redone.
+        for line in text
+            .lines()
+            .filter(|l| l.contains("resuming from the checkpoint of step"))
+        {
+            let stage = line
+                .split(" INFO ")
+                .nth(1)
+                .unwrap_or(line)
+                .split(':')
+                .next()
+                .unwrap()
+                .trim();
+            let step: u64 = line
+                .rsplit("step ")
+                .next()
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no step in `{line}`"));
+            if let Some(&want) = expected_resume.get(stage) {
+                assert_eq!(
+                    step, want,
+                    "{stage} resumed from step {step}, newest was {want}"
+                );
+            }
+            resumes += 1;
+        }
+        final_folders_are_complete(&out);
+        match finished {
+            Some(s) => {
+                assert!(s.success(), "attempt {attempts} failed:\n{text}");
+                break;
+            }
+            None => {
+                kills += 1;
+                expected_resume = newest_checkpoints(&out);
+                let running = text
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains(": running ("))
+                    .and_then(|l| l.split(" INFO ").nth(1))
+                    .unwrap_or("(starting)");
+                eprintln!("kill {kills} after {delay:?}: {running}");
+            }
+        }
+    }
+    eprintln!("{kills} kills, {attempts} runs, {resumes} resumed trainings");
+    assert!(kills >= kills_wanted, "only {kills} kills");
+
+    // Every artifact equals the uninterrupted run's.
+    let reference = dir.path().join("reference");
+    let (a, b) = (files(&out), files(&reference));
+    assert_eq!(a, b, "the outputs differ in their files");
+    for f in &a {
+        let name = f.file_name().unwrap().to_string_lossy();
+        let (x, y) = (
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(reference.join(f)).unwrap(),
+        );
+        match name.as_ref() {
+            "stage.json" => {}
+            "train_log.csv" => {
+                assert_eq!(without_timing(&x), without_timing(&y), "{}", f.display())
+            }
+            _ => assert!(
+                x == y,
+                "{} differs from the uninterrupted run's",
+                f.display()
+            ),
+        }
+    }
+    // Nothing partial is left behind.
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
