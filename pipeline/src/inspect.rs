@@ -72,7 +72,8 @@ fn pack(path: &Path, rows: usize) -> Result<()> {
         info.w,
         info.classes.len()
     );
-    println!("  content hash (fingerprint) {}", store.hash());
+    store.verify()?;
+    println!("  content hash (fingerprint) {} (verified)", store.hash());
     let mut counts = vec![0usize; info.k()];
     for l in store.labels() {
         counts[l as usize] += 1;

@@ -325,6 +325,10 @@ pub struct DatasetInfo {
     pub normalize: Normalize,
 }
 
+/// Packed splits up to this size (4 GiB: CIFAR, STL-10, Tiny-ImageNet) are re-hashed whenever
+/// a stage opens them, about a second per GiB; larger ones (ImageNet) only by `pipeline inspect`.
+pub const VERIFY_LIMIT: u64 = 4 << 30;
+
 /// A prepared dataset opened for reading.
 pub struct Dataset {
     /// Its description.
@@ -339,7 +343,8 @@ pub struct Dataset {
 
 impl Dataset {
     /// Opens the dataset a `prepare` stage wrote into `dir`, checking that the packed files
-    /// match `dataset.json`.
+    /// match `dataset.json` and, for splits up to [`VERIFY_LIMIT`] bytes, that their contents
+    /// still hash to the recorded fingerprint (a damaged pixel is refused, not trained on).
     pub fn open(dir: &Path) -> Result<Dataset> {
         let info: DatasetInfo = crate::error::read_json(&dir.join("dataset.json"))?;
         let open = |s: &SplitInfo| -> Result<Arc<PackedStore>> {
@@ -355,6 +360,17 @@ impl Dataset {
                         s.hash, s.n
                     ),
                 ));
+            }
+            let bytes = std::fs::metadata(&p)
+                .map_err(|e| crate::StageError::io(&p, e))?
+                .len();
+            if bytes <= VERIFY_LIMIT {
+                store.verify()?;
+            } else {
+                tracing::debug!(
+                    "{}: {bytes} bytes, content hash not re-checked (`pipeline inspect` does)",
+                    p.display()
+                );
             }
             Ok(Arc::new(store))
         };

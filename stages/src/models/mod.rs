@@ -163,6 +163,26 @@ impl Model {
             StageError::invalid(path, "safetensors header", format!("cannot parse: {e}"))
         })?;
         let data = self.vars.data().lock().expect("var map lock");
+        // Extra tensors mean another architecture whose names happen to include ours (a deeper
+        // ResNet of the same width): refuse it rather than load part of it.
+        let mut extra: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !data.contains_key(*n))
+            .map(str::to_owned)
+            .collect();
+        if !extra.is_empty() {
+            extra.sort();
+            return Err(StageError::invalid(
+                path,
+                format!("tensor `{}`", extra[0]),
+                format!(
+                    "not in this model: the checkpoint is not a {} model ({} tensors more than it has)",
+                    self.spec.arch,
+                    extra.len()
+                ),
+            ));
+        }
         for (name, var) in data.iter() {
             let view = st.tensor(name).map_err(|_| {
                 StageError::invalid(
