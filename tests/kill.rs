@@ -7,7 +7,8 @@
 //! artifact is bitwise equal to an uninterrupted run's (but `stage.json`'s timestamps and the
 //! timing columns of `train_log.csv`). A lock left by a killed run must never block the rerun.
 //!
-//! CI runs at least 10 kills. The long mode is run by hand:
+//! Each pass runs into a fresh output root; passes repeat until the wanted number of kills. CI
+//! runs at least 10 kills. The long mode is run by hand:
 //!
 //!     LDL_KILLS=50 LDL_KILL_SEED=7 cargo test --release -p pipeline --test kill -- --nocapture
 
@@ -212,129 +213,141 @@ fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
     let full = t0.elapsed();
     eprintln!("uninterrupted run: {full:?}");
 
-    // Kill moments drawn uniformly in [0, 2·full/kills_wanted]: on average a kill every
-    // full/kills_wanted of work, so about kills_wanted kills before a run gets through.
+    // Passes: each runs the experiment into a fresh output root, killing it at moments
+    // full·u² (u uniform in [0, 1): many early kills, some late ones, so that every stage kind
+    // is hit, also those that redo their whole work when killed) until a run gets through, and
+    // then compares it with the reference. Passes continue until `kills_wanted` kills.
     let mut rng = Rng(seed);
-    let out = dir.path().join("out");
-    let (mut kills, mut attempts, mut resumes) = (0usize, 0usize, 0usize);
-    let mut expected_resume: BTreeMap<String, u64> = BTreeMap::new();
-    loop {
-        attempts += 1;
-        assert!(
-            attempts < 50 * kills_wanted.max(1) + 50,
-            "the run never completed"
-        );
-        let log = dir.path().join(format!("attempt-{attempts}.log"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-            .args(["run", "k.toml"])
-            .current_dir(dir.path())
-            .env("RAYON_NUM_THREADS", "2")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let delay = full.mul_f64(2.0 * rng.next() / kills_wanted.max(1) as f64);
-        let deadline = Instant::now() + delay;
-        let mut status = None;
-        // Once enough kills happened, let the run finish.
-        while kills < kills_wanted && Instant::now() < deadline {
-            if let Some(s) = child.try_wait().unwrap() {
-                status = Some(s);
-                break;
+    let (mut kills, mut attempts, mut resumes, mut pass) = (0usize, 0usize, 0usize, 0usize);
+    let mut killed_in: BTreeMap<String, usize> = BTreeMap::new();
+    while kills < kills_wanted || pass == 0 {
+        pass += 1;
+        let out_name = format!("out-{pass}");
+        let out = dir.path().join(&out_name);
+        let mut expected_resume: BTreeMap<String, u64> = BTreeMap::new();
+        let mut pass_attempts = 0;
+        loop {
+            attempts += 1;
+            pass_attempts += 1;
+            assert!(pass_attempts < 500, "pass {pass} never completed");
+            let log = dir.path().join(format!("attempt-{attempts}.log"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+                .args(["run", "k.toml", "--output", &out_name])
+                .current_dir(dir.path())
+                .env("RAYON_NUM_THREADS", "2")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let u = rng.next();
+            let delay = full.mul_f64(u * u);
+            let deadline = Instant::now() + delay;
+            let mut status = None;
+            // Once enough kills happened, let the run finish.
+            while kills < kills_wanted && Instant::now() < deadline {
+                if let Some(s) = child.try_wait().unwrap() {
+                    status = Some(s);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
+            let finished = match status {
+                Some(s) => Some(s),
+                None if kills < kills_wanted => {
+                    child.kill().unwrap(); // SIGKILL
+                    child.wait().unwrap();
+                    None
+                }
+                None => Some(child.wait().unwrap()),
+            };
+            let text = std::fs::read_to_string(&log).unwrap();
+            assert!(
+                !text.contains("in use by another pipeline"),
+                "a stale lock blocked attempt {attempts}:\n{text}"
+            );
+            // The trainings this attempt resumed started from the newest checkpoint left by
+            // the previous kill: nothing older, so at most one checkpoint interval is redone.
+            for line in text
+                .lines()
+                .filter(|l| l.contains("resuming from the checkpoint of step"))
+            {
+                let stage = line
+                    .split(" INFO ")
+                    .nth(1)
+                    .unwrap_or(line)
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .trim();
+                let step: u64 = line
+                    .rsplit("step ")
+                    .next()
+                    .and_then(|s| s.split_whitespace().next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("no step in `{line}`"));
+                if let Some(&want) = expected_resume.get(stage) {
+                    assert_eq!(
+                        step, want,
+                        "{stage} resumed from step {step}, newest was {want}"
+                    );
+                }
+                resumes += 1;
+            }
+            final_folders_are_complete(&out);
+            match finished {
+                Some(s) => {
+                    assert!(s.success(), "attempt {attempts} failed:\n{text}");
+                    break;
+                }
+                None => {
+                    kills += 1;
+                    expected_resume = newest_checkpoints(&out);
+                    let running = text
+                        .lines()
+                        .rev()
+                        .find(|l| l.contains(": running ("))
+                        .and_then(|l| l.split(" INFO ").nth(1))
+                        .map_or("(starting)".to_string(), |l| {
+                            l.split(':').next().unwrap_or(l).to_string()
+                        });
+                    eprintln!("pass {pass}, kill {kills} after {delay:?}: in {running}");
+                    *killed_in.entry(running).or_default() += 1;
+                }
+            }
         }
-        let finished = match status {
-            Some(s) => Some(s),
-            None if kills < kills_wanted => {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
-                None
-            }
-            None => Some(child.wait().unwrap()),
-        };
-        let text = std::fs::read_to_string(&log).unwrap();
-        assert!(
-            !text.contains("is locked") && !text.contains("another pipeline"),
-            "a stale lock blocked attempt {attempts}:\n{text}"
-        );
-        // The trainings this attempt resumed started from the newest checkpoint left by the
-        // previous kill: nothing older, so at most one checkpoint interval is redone.
-        for line in text
-            .lines()
-            .filter(|l| l.contains("resuming from the checkpoint of step"))
-        {
-            let stage = line
-                .split(" INFO ")
-                .nth(1)
-                .unwrap_or(line)
-                .split(':')
-                .next()
-                .unwrap()
-                .trim();
-            let step: u64 = line
-                .rsplit("step ")
-                .next()
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no step in `{line}`"));
-            if let Some(&want) = expected_resume.get(stage) {
-                assert_eq!(
-                    step, want,
-                    "{stage} resumed from step {step}, newest was {want}"
-                );
-            }
-            resumes += 1;
-        }
-        final_folders_are_complete(&out);
-        match finished {
-            Some(s) => {
-                assert!(s.success(), "attempt {attempts} failed:\n{text}");
-                break;
-            }
-            None => {
-                kills += 1;
-                expected_resume = newest_checkpoints(&out);
-                let running = text
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains(": running ("))
-                    .and_then(|l| l.split(" INFO ").nth(1))
-                    .unwrap_or("(starting)");
-                eprintln!("kill {kills} after {delay:?}: {running}");
-            }
-        }
-    }
-    eprintln!("{kills} kills, {attempts} runs, {resumes} resumed trainings");
-    assert!(kills >= kills_wanted, "only {kills} kills");
 
-    // Every artifact equals the uninterrupted run's.
-    let reference = dir.path().join("reference");
-    let (a, b) = (files(&out), files(&reference));
-    assert_eq!(a, b, "the outputs differ in their files");
-    for f in &a {
-        let name = f.file_name().unwrap().to_string_lossy();
-        let (x, y) = (
-            std::fs::read(out.join(f)).unwrap(),
-            std::fs::read(reference.join(f)).unwrap(),
-        );
-        match name.as_ref() {
-            "stage.json" => {}
-            "train_log.csv" => {
-                assert_eq!(without_timing(&x), without_timing(&y), "{}", f.display())
+        // Every artifact equals the uninterrupted run's.
+        let reference = dir.path().join("reference");
+        let (a, b) = (files(&out), files(&reference));
+        assert_eq!(a, b, "the outputs differ in their files");
+        for f in &a {
+            let name = f.file_name().unwrap().to_string_lossy();
+            let (x, y) = (
+                std::fs::read(out.join(f)).unwrap(),
+                std::fs::read(reference.join(f)).unwrap(),
+            );
+            match name.as_ref() {
+                "stage.json" => {}
+                "train_log.csv" => {
+                    assert_eq!(without_timing(&x), without_timing(&y), "{}", f.display())
+                }
+                _ => assert!(
+                    x == y,
+                    "{} differs from the uninterrupted run's",
+                    f.display()
+                ),
             }
-            _ => assert!(
-                x == y,
-                "{} differs from the uninterrupted run's",
-                f.display()
-            ),
         }
+        // Nothing partial is left behind.
+        let leftovers: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
-    // Nothing partial is left behind.
-    let leftovers: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".partial"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    eprintln!(
+        "{kills} kills in {pass} passes, {attempts} runs, {resumes} resumed trainings; kills per stage: {killed_in:?}"
+    );
+    assert!(kills >= kills_wanted, "only {kills} kills");
 }

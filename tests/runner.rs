@@ -279,3 +279,35 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
     );
     assert!(!out.join(".model.partial").exists());
 }
+
+/// Two runs on different output roots run at the same time without interfering: both complete
+/// and produce the same bytes as each other.
+#[test]
+fn two_runs_on_different_roots_run_side_by_side() {
+    let dir = scratch();
+    write(dir.path(), "tiny.toml", TINY);
+    let spawn = |out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "tiny.toml", "--output", out])
+            .current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("a"), spawn("b"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(b.status.success(), "{}", stderr(&b));
+    for f in [
+        "teacher/model.safetensors",
+        "labels/labels.parquet",
+        "eval-off-ldl/metrics.json",
+        "report/report.csv",
+    ] {
+        let x = std::fs::read(dir.path().join("a").join(f)).unwrap();
+        let y = std::fs::read(dir.path().join("b").join(f)).unwrap();
+        assert!(x == y, "{f} differs between the side-by-side runs");
+    }
+}

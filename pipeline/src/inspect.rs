@@ -89,6 +89,8 @@ fn pack(path: &Path, rows: usize) -> Result<()> {
 }
 
 fn label_store(path: &Path, rows: usize) -> Result<()> {
+    // Refuses damaged footers before the parquet crate's reader (which panics on some).
+    stages::label_store::open_parquet(path)?;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata()?.len();
     let reader = SerializedFileReader::new(file.try_clone()?)

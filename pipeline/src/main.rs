@@ -1,11 +1,7 @@
 //! `pipeline`: runs a stages.toml — prepare → train teachers → label → train students →
 //! evaluate → report — resumably, skipping what is up to date.
 
-mod bench;
-mod config;
-mod inspect;
-mod lock;
-mod runner;
+use pipeline::{bench, config, inspect, lock, runner};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

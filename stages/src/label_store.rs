@@ -471,12 +471,44 @@ impl SoftLabels {
     }
 }
 
-/// Reads the metadata of a store.
-pub fn read_meta(path: &Path) -> Result<LabelMeta> {
+/// Opens a Parquet file for reading and checks that every column chunk its footer lists lies
+/// inside the file: the parquet crate panics, rather than failing, on a footer with negative
+/// offsets or sizes (found by the `label_store` fuzz target).
+pub fn open_parquet(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
     let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
+    let len = file.metadata().map_err(|e| StageError::io(path, e))?.len();
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
         StageError::invalid(path, "file", format!("not a readable Parquet file: {e}"))
     })?;
+    for (g, rg) in builder.metadata().row_groups().iter().enumerate() {
+        for (c, col) in rg.columns().iter().enumerate() {
+            let start = col
+                .dictionary_page_offset()
+                .unwrap_or(col.data_page_offset());
+            let size = col.compressed_size();
+            let inside = start >= 0
+                && size >= 0
+                && col.data_page_offset() >= 0
+                && (start as u64)
+                    .checked_add(size as u64)
+                    .is_some_and(|end| end <= len);
+            if !inside {
+                return Err(StageError::invalid(
+                    path,
+                    format!("row group {g}, column chunk {c} (`{}`)", col.column_path()),
+                    format!(
+                        "footer places it at offset {start}, {size} bytes, outside the file's {len} bytes: the file is damaged"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(builder)
+}
+
+/// Reads the metadata of a store.
+pub fn read_meta(path: &Path) -> Result<LabelMeta> {
+    let builder = open_parquet(path)?;
     meta_of(
         path,
         builder.metadata().file_metadata().key_value_metadata(),
@@ -546,9 +578,11 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
 
 /// The distinct values of the `source` column (read alone; for error messages).
 fn source_names(path: &Path) -> Result<std::collections::BTreeSet<String>> {
-    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| StageError::invalid(path, "file", e.to_string()))?;
+    guard(path, || source_names_unguarded(path))
+}
+
+fn source_names_unguarded(path: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let builder = open_parquet(path)?;
     let Ok(at) = builder.schema().index_of("source") else {
         return Ok(Default::default());
     };
@@ -579,10 +613,37 @@ pub fn read(
     classes: &[String],
     fingerprint: &str,
 ) -> Result<SoftLabels> {
-    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
-        StageError::invalid(path, "file", format!("not a readable Parquet file: {e}"))
-    })?;
+    guard(path, || {
+        read_unguarded(path, source, n, classes, fingerprint)
+    })
+}
+
+/// Runs `f`, turning a panic inside the parquet crate into an error naming the file: its
+/// decoders panic, rather than fail, on some damaged pages (e.g. a dictionary-encoded page
+/// without a dictionary page, found by the `label_store` fuzz target).
+fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(StageError::invalid(
+            path,
+            "a data page",
+            format!("the Parquet decoder failed on damaged data: {msg}"),
+        ))
+    })
+}
+
+fn read_unguarded(
+    path: &Path,
+    source: &str,
+    n: usize,
+    classes: &[String],
+    fingerprint: &str,
+) -> Result<SoftLabels> {
+    let builder = open_parquet(path)?;
     let meta = meta_of(
         path,
         builder.metadata().file_metadata().key_value_metadata(),
@@ -1341,5 +1402,34 @@ mod tests {
                 "{e}\nwanted: {want}"
             );
         }
+    }
+
+    /// Regression (fuzz target `label_store`): a data page that claims dictionary encoding in a
+    /// chunk without a dictionary page made the parquet decoder panic; it is an error.
+    #[test]
+    fn a_page_without_its_dictionary_is_refused_not_a_panic() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/regressions/label_store/dictionary-page-missing.parquet");
+        let meta = read_meta(&path).unwrap();
+        for source in meta.teachers.keys() {
+            let r = read(&path, source, 16, &meta.classes, &meta.dataset_fingerprint);
+            let e = r.map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains("dictionary-page-missing.parquet"), "{e}");
+        }
+    }
+
+    /// Regression (fuzz target `label_store`): a footer with a negative column offset made the
+    /// parquet crate panic while building the reader; it is refused with an error.
+    #[test]
+    fn a_footer_with_negative_offsets_is_refused_not_a_panic() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/regressions/label_store/negative-column-offset.parquet");
+        let e = read_meta(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("negative-column-offset.parquet"), "{e}");
+        let e = read(&path, "t", 16, &meta().classes, "fp")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("negative-column-offset.parquet"), "{e}");
     }
 }

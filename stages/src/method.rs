@@ -7,7 +7,7 @@
 //! the mix of its sources' targets with the images' weights (ŷ = Σ λ_p y_p), while online
 //! teachers label the mixed images themselves and ŷ is not used.
 
-use crate::error::{Result, StageError};
+use crate::error::Result;
 use crate::label_store::SoftLabels;
 use crate::losses::{
     cross_entropy_per_sample, kd_per_sample, smoothed_target, soft_cross_entropy_per_sample,
@@ -404,16 +404,6 @@ pub fn ogr_weights(ogr: &[f64]) -> Vec<f32> {
     let inv: Vec<f64> = ogr.iter().map(|&o| 1.0 / o.max(floor)).collect();
     let total: f64 = inv.iter().sum();
     inv.iter().map(|&v| (v * k as f64 / total) as f32).collect()
-}
-
-/// Checks a loaded teacher can label this student's data.
-pub fn check_teacher(name: &str, teacher_classes: usize, k: usize) -> Result<()> {
-    if teacher_classes != k {
-        return Err(StageError::Config(format!(
-            "teacher `{name}` predicts {teacher_classes} classes, the dataset has {k}"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

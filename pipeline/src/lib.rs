@@ -1,0 +1,10 @@
+//! The library behind the `pipeline` binary: stages.toml parsing and validation (`config`), the
+//! resumable stage runner (`runner`), the output-root lock (`lock`), `pipeline inspect`
+//! (`inspect`) and `pipeline bench` (`bench`). It is a library so that the fuzz targets
+//! (`fuzz/`) can drive the stages.toml loader directly.
+
+pub mod bench;
+pub mod config;
+pub mod inspect;
+pub mod lock;
+pub mod runner;
