@@ -183,7 +183,10 @@ impl Model {
                 ),
             ));
         }
-        for (name, var) in data.iter() {
+        // In name order, so that the first mismatch reported is the same on every run.
+        let mut vars: Vec<_> = data.iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, var) in vars {
             let view = st.tensor(name).map_err(|_| {
                 StageError::invalid(
                     path,
