@@ -21,7 +21,6 @@ use crate::train::TrainedModel;
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array};
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
@@ -507,34 +506,28 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             })
             .collect();
         let mut csv = String::from("index,label,x,y\n");
-        let picked: Vec<usize> = (0..labels.len())
-            .filter(|&i| chosen.contains(&(labels[i] as usize)))
-            .collect();
-        let (c, h, wd) = (data.info.shape[0], data.info.shape[1], data.info.shape[2]);
-        let len = c * h * wd;
-        for chunk in picked.chunks(p.batch_size.max(1)) {
-            let mut pixels = Vec::with_capacity(chunk.len() * len);
-            for &i in chunk {
-                let img = data.test.image(i);
-                for (j, &v) in img.iter().enumerate() {
-                    let ch = j / (h * wd);
-                    pixels.push(
-                        (v as f32 / 255.0 - data.info.normalize.mean[ch])
-                            / data.info.normalize.std[ch],
-                    );
-                }
-            }
-            let x = Tensor::from_vec(pixels, (chunk.len(), c, h, wd), &device)?;
-            let feats = net.features_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
-            for (&i, xy) in chunk.iter().zip(plane_projection(&feats, &w_rows, d)) {
+        // A second pass over the test split, through the same loader (and normalisation) as
+        // the predictions, keeping only the three classes' activations.
+        inference.for_each_batch(ctx, &data.test, "projecting", |batch, x| {
+            let all = net.features_t(x, false)?.flatten_all()?.to_vec1::<f32>()?;
+            let keep: Vec<usize> = (0..batch.len())
+                .filter(|&j| chosen.contains(&(batch.labels[j] as usize)))
+                .collect();
+            let feats: Vec<f32> = keep
+                .iter()
+                .flat_map(|&j| all[j * d..(j + 1) * d].iter().copied())
+                .collect();
+            for (&j, xy) in keep.iter().zip(plane_projection(&feats, &w_rows, d)) {
+                let (i, label) = (batch.indices[j], batch.labels[j]);
                 let s = chosen
                     .iter()
-                    .position(|&c| c == labels[i] as usize)
-                    .expect("picked");
+                    .position(|&c| c == label as usize)
+                    .expect("kept");
                 series[s].points.push(xy);
-                csv.push_str(&format!("{i},{},{},{}\n", labels[i], xy.0, xy.1));
+                csv.push_str(&format!("{i},{label},{},{}\n", xy.0, xy.1));
             }
-        }
+            Ok(())
+        })?;
         datasets::atomic::write_bytes(&ctx.dir.join("projection.csv"), csv.as_bytes())?;
         out("projection.csv");
         for f in figures::save(

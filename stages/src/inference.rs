@@ -74,10 +74,7 @@ impl Inference<'_> {
         seed: u64,
         what: &str,
     ) -> Result<McSummary> {
-        let info = store.info().clone();
-        let (n, k) = (store.len(), info.k());
-        let loader = self.loader(ctx, store);
-        let bar = ctx.bar(loader.batches_per_epoch() as u64, what);
+        let (n, k) = (store.len(), store.info().k());
         let mut out = McSummary {
             mean: Vec::with_capacity(n * k),
             std: Vec::with_capacity(n * k),
@@ -85,11 +82,9 @@ impl Inference<'_> {
             mutual_information: Vec::with_capacity(n),
         };
         let s = samples.max(1);
-        let mut it = loader.epoch(0, 0);
-        while let Some(batch) = it.next() {
+        self.for_each_batch(ctx, store, what, |batch, x| {
             let b = batch.len();
-            let x = Tensor::from_slice(&batch.images, (b, info.c, info.h, info.w), self.device)?;
-            let features = self.model.net.features_t(&x, false)?;
+            let features = self.model.net.features_t(x, false)?;
             let mut sum = vec![0f64; b * k];
             let mut sq = vec![0f64; b * k];
             let mut mean_entropy = vec![0f64; b];
@@ -128,20 +123,24 @@ impl Inference<'_> {
                 out.mutual_information
                     .push((h - mean_entropy[i]).max(0.0) as f32);
             }
-            bar.inc(1);
-            it.recycle(batch);
-        }
-        bar.finish_and_clear();
+            Ok(())
+        })?;
         Ok(out)
     }
 
-    /// Logits of every image of `store`, `N × K` row-major, in store order (eval mode; the
-    /// temperature is not applied).
-    pub fn logits(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
+    /// Runs the model's batches over every image of `store`, in store order, in eval mode:
+    /// `f(batch, images)` receives each batch and its images on the device; `what` labels the
+    /// progress bar.
+    pub fn for_each_batch(
+        &self,
+        ctx: &Context,
+        store: &Arc<PackedStore>,
+        what: &str,
+        mut f: impl FnMut(&datasets::Batch, &Tensor) -> Result<()>,
+    ) -> Result<()> {
         let info = store.info().clone();
         let loader = self.loader(ctx, store);
         let bar = ctx.bar(loader.batches_per_epoch() as u64, what);
-        let mut out = Vec::with_capacity(store.len() * info.k());
         let mut it = loader.epoch(0, 0);
         while let Some(batch) = it.next() {
             let x = Tensor::from_slice(
@@ -149,36 +148,36 @@ impl Inference<'_> {
                 (batch.len(), info.c, info.h, info.w),
                 self.device,
             )?;
-            let logits = self.model.net.forward_t(&x, false)?;
-            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            f(&batch, &x)?;
             bar.inc(1);
             it.recycle(batch);
         }
         bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Logits of every image of `store`, `N × K` row-major, in store order (eval mode; the
+    /// temperature is not applied).
+    pub fn logits(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(store.len() * store.info().k());
+        self.for_each_batch(ctx, store, what, |_, x| {
+            let logits = self.model.net.forward_t(x, false)?;
+            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// Softmax probabilities at temperature τ of every image of `store`, `N × K` row-major, in
     /// store order; `what` labels the progress bar.
     pub fn predict(&self, ctx: &Context, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
-        let info = store.info().clone();
-        let loader = self.loader(ctx, store);
-        let bar = ctx.bar(loader.batches_per_epoch() as u64, what);
-        let mut out = Vec::with_capacity(store.len() * info.k());
-        let mut it = loader.epoch(0, 0);
-        while let Some(batch) = it.next() {
-            let x = Tensor::from_slice(
-                &batch.images,
-                (batch.len(), info.c, info.h, info.w),
-                self.device,
-            )?;
-            let logits = self.model.net.forward_t(&x, false)?;
+        let mut out = Vec::with_capacity(store.len() * store.info().k());
+        self.for_each_batch(ctx, store, what, |_, x| {
+            let logits = self.model.net.forward_t(x, false)?;
             let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?;
             out.extend(probs.flatten_all()?.to_vec1::<f32>()?);
-            bar.inc(1);
-            it.recycle(batch);
-        }
-        bar.finish_and_clear();
+            Ok(())
+        })?;
         Ok(out)
     }
 }
