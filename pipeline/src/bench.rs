@@ -159,6 +159,11 @@ pub struct TrainArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Also print where the time of a step goes: forward, backward and optimizer, and within
+    /// them the CPU kernels (convolution, BatchNorm, residual add + ReLU); the remainder is
+    /// candle's own work (gradient accumulation, the loss, the classifier head, pooling).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Runs `pipeline bench train`: images/s of forward + cross-entropy + backward + SGD-momentum
@@ -191,24 +196,45 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         .map(|i| i % args.classes as u32)
         .collect();
     let y = Tensor::from_vec(labels, args.batch, &device)?;
-    let mut step = || -> Result<Tensor> {
+    // Wall time of the forward pass (with the loss), the backward pass and the optimizer step.
+    let mut phases = [0f64; 3];
+    let mut step = |phases: &mut [f64; 3]| -> Result<Tensor> {
+        let t = Instant::now();
         let logits = model.net.forward_t(&x, true)?;
         let loss = cross_entropy(&logits, &y)?;
+        if args.profile {
+            device.synchronize()?;
+        }
+        let t1 = Instant::now();
         let grads = loss.backward()?;
+        if args.profile {
+            device.synchronize()?;
+        }
+        let t2 = Instant::now();
         opt.step(&grads, 0.05)?;
+        if args.profile {
+            device.synchronize()?;
+        }
+        phases[0] += (t1 - t).as_secs_f64();
+        phases[1] += (t2 - t1).as_secs_f64();
+        phases[2] += t2.elapsed().as_secs_f64();
         Ok(loss)
     };
     for _ in 0..args.warmup {
-        step()?;
+        step(&mut phases)?;
     }
     device.synchronize()?;
+    phases = [0.0; 3];
+    stages::profile::reset();
+    stages::profile::set_enabled(args.profile);
     let t0 = Instant::now();
     let mut last = None;
     for _ in 0..args.steps {
-        last = Some(step()?);
+        last = Some(step(&mut phases)?);
     }
     device.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
+    stages::profile::set_enabled(false);
     let loss = match last {
         Some(l) => l.to_dtype(DType::F32)?.to_scalar::<f32>()?,
         None => f32::NAN,
@@ -228,5 +254,55 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         (args.steps * args.batch) as f64 / secs,
         1000.0 * secs / args.steps.max(1) as f64
     );
+    if args.profile {
+        print_profile(&phases, secs, args.steps.max(1));
+    }
     Ok(())
+}
+
+/// The `--profile` table: each phase of a step, the timed kernels within it, and the rest.
+fn print_profile(phases: &[f64; 3], secs: f64, steps: usize) {
+    use stages::profile::{totals, Section};
+    let ms = |s: f64| 1000.0 * s / steps as f64;
+    let share = |s: f64| 100.0 * s / secs;
+    let totals = totals();
+    println!();
+    println!("| part of a step | ms/step | share | calls/step |");
+    println!("|---|---:|---:|---:|");
+    let names = ["forward + loss", "backward", "optimizer"];
+    for (p, (&phase, name)) in phases.iter().zip(names).enumerate() {
+        println!("| **{name}** | {:.1} | {:.1}% | |", ms(phase), share(phase));
+        let mut kernels = 0.0;
+        for &(s, t, calls) in &totals {
+            let mine = match p {
+                0 => s.is_forward(),
+                1 => !s.is_forward() && s != Section::OptimizerStep,
+                _ => s == Section::OptimizerStep,
+            };
+            if mine && calls > 0 {
+                kernels += t;
+                println!(
+                    "| {} | {:.1} | {:.1}% | {} |",
+                    s.label(),
+                    ms(t),
+                    share(t),
+                    calls / steps as u64
+                );
+            }
+        }
+        if p < 2 {
+            let rest = (phase - kernels).max(0.0);
+            println!(
+                "| other (candle ops, gradient accumulation) | {:.1} | {:.1}% | |",
+                ms(rest),
+                share(rest)
+            );
+        }
+    }
+    let untimed = (secs - phases.iter().sum::<f64>()).max(0.0);
+    println!(
+        "| between phases | {:.1} | {:.1}% | |",
+        ms(untimed),
+        share(untimed)
+    );
 }

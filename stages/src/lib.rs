@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod prepare;
+pub mod profile;
 pub mod report;
 pub mod schedule;
 pub mod stage;

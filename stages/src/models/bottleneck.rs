@@ -4,6 +4,7 @@
 //! shape changes. The stride sits on the 3×3 convolution, as in torchvision and
 //! kuangliu/pytorch-cifar ("ResNet v1.5"); parameter names are torchvision's.
 
+use super::add_relu::add_relu;
 use super::batch_norm::BatchNorm;
 use super::conv::Conv2d;
 use super::resnet::{bn, conv, Projection};
@@ -47,12 +48,9 @@ impl Bottleneck {
     }
 
     pub(super) fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self
-            .bn2
-            .forward_t(&self.conv2.forward(&y)?, train)?
-            .relu()?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
-        (y + self.shortcut.forward_t(x, train)?)?.relu()
+        add_relu(&y, &self.shortcut.forward_t(x, train)?)
     }
 }

@@ -3,6 +3,7 @@
 //! PyTorch's conventions (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...), so a
 //! checkpoint loads in PyTorch by name. [`resnet`] lists the architectures.
 
+pub mod add_relu;
 pub mod batch_norm;
 mod bottleneck;
 pub mod conv;

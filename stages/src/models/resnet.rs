@@ -14,6 +14,7 @@
 //! All end with global average pooling, an optional dropout and a linear classifier, and name
 //! their variables as torchvision does.
 
+use super::add_relu::add_relu;
 use super::batch_norm::BatchNorm;
 use super::bottleneck::{Bottleneck, EXPANSION};
 use super::conv::Conv2d;
@@ -231,9 +232,9 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        (y + self.shortcut.forward_t(x, train)?)?.relu()
+        add_relu(&y, &self.shortcut.forward_t(x, train)?)
     }
 }
 
@@ -373,7 +374,7 @@ impl ResNet {
 
     /// Penultimate features `N × D`, after global average pooling and before dropout.
     pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if self.max_pool {
             y = max_pool2d(&y, 3, 2, 1)?;
         }

@@ -1,0 +1,126 @@
+//! `relu(a + b)`: the end of every residual block, fused into one op on CPU.
+//!
+//! As candle ops this is an addition and a ReLU: two passes forward, and backward a zero
+//! tensor, a comparison, a dtype conversion, a product and the gradient accumulation for the
+//! ReLU alone. Fused, the forward is one pass and the backward one pass that masks the incoming
+//! gradient with the sign of the op's own output and hands the same tensor to both inputs.
+
+use crate::profile::{timer, Section};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task: large enough to amortise scheduling, small enough to split a
+/// CIFAR activation across cores.
+const CHUNK: usize = 1 << 15;
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("add-relu: only f32 is supported on CPU")
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("add-relu: inputs must be contiguous")
+    };
+    Ok(&data[start..end])
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _t = timer(Section::AddReluForward);
+        let (a, b) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(y, (a, b))| {
+                for ((o, &p), &q) in y.iter_mut().zip(a).zip(b) {
+                    *o = (p + q).max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = timer(Section::AddReluBackward);
+        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
+        let masked = {
+            let (rs, rl) = res.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (candle_core::Storage::Cpu(rs), candle_core::Storage::Cpu(gs)) = (&*rs, &*gs)
+            else {
+                candle_core::bail!("add-relu: expected CPU tensors")
+            };
+            let (y, dy) = (contiguous(rs, rl)?, contiguous(gs, gl)?);
+            let mut out = vec![0f32; y.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+                .for_each(|(o, (y, dy))| {
+                    for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
+                        // PyTorch's convention: no gradient where the output is exactly 0.
+                        *o = if y > 0.0 { d } else { 0.0 };
+                    }
+                });
+            Tensor::from_vec(out, res.shape(), res.device())?
+        };
+        Ok((Some(masked.clone()), Some(masked)))
+    }
+}
+
+/// `relu(a + b)` for tensors of one shape; one fused op on CPU, candle ops elsewhere.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 {
+        return (a + b)?.relu();
+    }
+    if a.shape() != b.shape() {
+        candle_core::bail!("add-relu: shapes {:?} and {:?} differ", a.dims(), b.dims())
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::testing::{max_rel, random};
+    use candle_core::Var;
+
+    /// Output and both gradients equal candle's `relu(a + b)`.
+    #[test]
+    fn matches_candle_ops() {
+        let a = Var::from_tensor(&random(&[3, 5, 7, 9], -1.0..1.0, 1)).unwrap();
+        let b = Var::from_tensor(&random(&[3, 5, 7, 9], -1.0..1.0, 2)).unwrap();
+        let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+        let theirs = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+        assert_eq!(max_rel(&ours, &theirs), 0.0);
+        let m = random(ours.dims(), -1.0..1.0, 3);
+        let g1 = (&ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &m)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&a, &b] {
+            let (x, y) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(max_rel(x, y) < 1e-6);
+        }
+    }
+}
