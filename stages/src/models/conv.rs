@@ -10,11 +10,13 @@
 //! Why per image: the unfolded matrix of a whole batch is kh·kw times the activation (37 MB for
 //! a ResNet-20 layer at batch 64) and would stream through memory twice; one image's is a few
 //! hundred KB and stays in the core's cache between the unfolding and the GEMM. The images of a
-//! batch are split across rayon's threads, each running single-threaded GEMMs (the `gemm`
-//! crate, the one candle uses) over scratch buffers kept per thread and reused across calls.
+//! batch are split across rayon's threads, each running single-threaded GEMMs ([`super::sgemm`]:
+//! AVX-512 kernels, or the `gemm` crate candle uses) over scratch buffers kept per thread and
+//! reused across calls.
 //! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether. Off the CPU
 //! the layer uses candle's own convolution (cuDNN where enabled).
 
+use super::sgemm::{gemm_nn, gemm_nt_acc};
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -158,49 +160,6 @@ impl Geometry {
     }
 }
 
-/// `dst (m×n) ← lhs (m×k) · rhs (k×n)`, plus `dst` when `accumulate`; single-threaded (the
-/// callers are already one per thread). Strides are (row, column) in elements.
-///
-/// # Safety
-/// Every pointer must address a matrix of the given shape and strides, `dst` writable and not
-/// overlapping the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    // SAFETY: forwarded from the caller. gemm computes dst = alpha·dst + beta·lhs·rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 thread_local! {
     /// Per-thread scratch (unfolded image, unfolded gradient), grown on demand and kept, so a
     /// training step allocates no unfolding buffers after the first.
@@ -267,38 +226,14 @@ impl ConvOp {
                 .enumerate()
                 .for_each(|(i, y_i)| {
                     let x_i = &x[i * img..(i + 1) * img];
-                    let dst = y_i.as_mut_ptr();
+                    // Y_i (Cout×L) = W (Cout×K) · cols_i (K×L); a pointwise x_i is its own cols.
                     if g.pointwise() {
-                        // SAFETY: W is Cout×K, x_i is K×L (K = C), y_i is Cout×L.
-                        unsafe {
-                            sgemm(
-                                (g.cout, l, k),
-                                dst,
-                                l,
-                                false,
-                                w.as_ptr(),
-                                (k, 1),
-                                x_i.as_ptr(),
-                                (l, 1),
-                            )
-                        };
+                        gemm_nn((g.cout, l, k), w, (k, 1), x_i, l, y_i, l, false);
                         return;
                     }
                     with_scratch(k * l, |cols, _| {
                         g.im2col(x_i, cols);
-                        // SAFETY: as above, with the unfolded image as the K×L right side.
-                        unsafe {
-                            sgemm(
-                                (g.cout, l, k),
-                                dst,
-                                l,
-                                false,
-                                w.as_ptr(),
-                                (k, 1),
-                                cols.as_ptr(),
-                                (l, 1),
-                            )
-                        };
+                        gemm_nn((g.cout, l, k), w, (k, 1), cols, l, y_i, l, false);
                     });
                 });
         })
@@ -333,50 +268,15 @@ impl ConvOp {
                         g.im2col(x_i, cols);
                         &*cols
                     };
-                    // dW += dY_i (Cout×L) · cols_iᵀ (L×K).
-                    // SAFETY: shapes as stated; cols_iᵀ is read with (row, col) strides (1, L).
-                    unsafe {
-                        sgemm(
-                            (g.cout, k, l),
-                            dw.as_mut_ptr(),
-                            k,
-                            true,
-                            dy_i.as_ptr(),
-                            (l, 1),
-                            rhs.as_ptr(),
-                            (1, l),
-                        )
-                    };
+                    // dW (Cout×K) += dY_i (Cout×L) · cols_iᵀ.
+                    gemm_nt_acc((g.cout, k, l), dy_i, l, rhs, l, &mut dw, k);
                     let Some(dx_i) = dx_i else { return };
-                    // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image.
+                    // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
+                    // (the fold is the identity for a pointwise convolution).
                     if g.pointwise() {
-                        // SAFETY: the fold is the identity; dx_i is K×L.
-                        unsafe {
-                            sgemm(
-                                (k, l, g.cout),
-                                dx_i.as_mut_ptr(),
-                                l,
-                                false,
-                                w.as_ptr(),
-                                (1, k),
-                                dy_i.as_ptr(),
-                                (l, 1),
-                            )
-                        };
+                        gemm_nn((k, l, g.cout), w, (1, k), dy_i, l, dx_i, l, false);
                     } else {
-                        // SAFETY: dcols is K×L; Wᵀ is read with strides (1, K).
-                        unsafe {
-                            sgemm(
-                                (k, l, g.cout),
-                                dcols.as_mut_ptr(),
-                                l,
-                                false,
-                                w.as_ptr(),
-                                (1, k),
-                                dy_i.as_ptr(),
-                                (l, 1),
-                            )
-                        };
+                        gemm_nn((k, l, g.cout), w, (1, k), dy_i, l, dcols, l, false);
                         dx_i.fill(0.0);
                         g.col2im_add(dcols, dx_i);
                     }

@@ -10,6 +10,7 @@ pub mod conv;
 pub mod dropout;
 pub mod pool;
 pub mod resnet;
+pub mod sgemm;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -1,0 +1,449 @@
+//! The two single-precision matrix products of the CPU convolution, with AVX-512 kernels.
+//!
+//! A convolution's products have one small side (16–512 output channels, 27–4,608 unfolded
+//! rows) and are called once per image; the general `gemm` crate packs both operands on every
+//! call and, on stable Rust, runs 256-bit kernels. These kernels read the operands where they
+//! lie, since both products here have a side that is already contiguous:
+//!
+//! * [`gemm_nn`]: `C (m×n) = A (m×k) · B (k×n)` with B's rows contiguous, as in `W · cols` and
+//!   `Wᵀ · dY`. A tile of up to 12 rows × 32 columns of C lives in 24 registers; each step of
+//!   k loads two vectors of one B row and broadcasts one A element per C row.
+//! * [`gemm_nt`]: `C (m×n) += A (m×k) · Bᵀ` with A's and B's rows contiguous along k, as in
+//!   the weight gradient `dY · colsᵀ` (k = output pixels). A 4 × 6 tile of C keeps 24 vectors of
+//!   partial dot products, summed across lanes at the end.
+//!
+//! Without AVX-512 (checked once at run time) both fall back to the `gemm` crate, so results
+//! match to rounding on every machine. Column remainders use masked loads and stores.
+
+/// Set by tests to run the portable path on a machine with AVX-512.
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the AVX-512 kernels can run here.
+fn has_avx512() -> bool {
+    if PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `C = A·B` (or `C += A·B` when `accumulate`), single-threaded. A is read at
+/// `a[i·a_rs + p·a_cs]`, B at `b[p·ldb + j]`, C at `c[i·ldc + j]`.
+///
+/// # Panics
+/// If a slice is too short for the shapes and strides given.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
+        "gemm_nn: A too short"
+    );
+    assert!(
+        k == 0 || b.len() >= (k - 1) * ldb + n,
+        "gemm_nn: B too short"
+    );
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nn: C too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; the bounds were checked above.
+        unsafe { avx512::nn(m, n, k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate) };
+        return;
+    }
+    // SAFETY: the bounds were checked above; C does not overlap A or B (borrow rules).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `C += A·Bᵀ`, single-threaded: `C[i][j] += Σ_p a[i·lda + p] · b[j·ldb + p]`, C at
+/// `c[i·ldc + j]`.
+///
+/// # Panics
+/// If a slice is too short for the shapes and strides given.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt_acc(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k, "gemm_nt: A too short");
+    assert!(b.len() >= (n - 1) * ldb + k, "gemm_nt: B too short");
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nt: C too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; the bounds were checked above.
+        unsafe { avx512::nt(m, n, k, a, lda, b, ldb, c, ldc) };
+        return;
+    }
+    // SAFETY: the bounds were checked above; Bᵀ is read with (row, column) strides (1, ldb).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            true,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            ldb as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+// Register tiles are indexed by row and column, as in the algebra they implement.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Lanes of a 512-bit f32 vector.
+    const V: usize = 16;
+    /// Columns of C per `nn` tile (two vectors).
+    const NR: usize = 2 * V;
+
+    /// The load/store mask for `cols` (≤ 16) valid lanes.
+    #[inline]
+    fn mask(cols: usize) -> __mmask16 {
+        if cols >= V {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    }
+
+    /// See [`super::gemm_nn`]; the caller has checked the bounds and AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nn(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        acc: bool,
+    ) {
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let mut j = 0;
+        while j < n {
+            let cols = (n - j).min(NR);
+            let (m0, m1) = (mask(cols), mask(cols.saturating_sub(V)));
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(12);
+                // SAFETY (all arms): the tile lies inside the checked bounds.
+                unsafe {
+                    let (ap, bp, cp) = (a.add(i * a_rs), b.add(j), c.add(i * ldc + j));
+                    let args = (ap, a_rs, a_cs, bp, ldb, cp, ldc, k, m0, m1, acc);
+                    match rows {
+                        12 => tile_nn::<12>(args),
+                        11 => tile_nn::<11>(args),
+                        10 => tile_nn::<10>(args),
+                        9 => tile_nn::<9>(args),
+                        8 => tile_nn::<8>(args),
+                        7 => tile_nn::<7>(args),
+                        6 => tile_nn::<6>(args),
+                        5 => tile_nn::<5>(args),
+                        4 => tile_nn::<4>(args),
+                        3 => tile_nn::<3>(args),
+                        2 => tile_nn::<2>(args),
+                        _ => tile_nn::<1>(args),
+                    }
+                }
+                i += rows;
+            }
+            j += cols;
+        }
+    }
+
+    type NnArgs = (
+        *const f32,
+        usize,
+        usize,
+        *const f32,
+        usize,
+        *mut f32,
+        usize,
+        usize,
+        __mmask16,
+        __mmask16,
+        bool,
+    );
+
+    /// One `MR × 32` tile of C (columns past the masks untouched).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_nn<const MR: usize>((a, a_rs, a_cs, b, ldb, c, ldc, k, m0, m1, acc): NnArgs) {
+        // SAFETY: every address below is inside the tile the caller checked; masked lanes are
+        // neither read nor written.
+        unsafe {
+            let mut r0 = [_mm512_setzero_ps(); MR];
+            let mut r1 = [_mm512_setzero_ps(); MR];
+            if acc {
+                for r in 0..MR {
+                    r0[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                    r1[r] = _mm512_maskz_loadu_ps(m1, c.add(r * ldc + V));
+                }
+            }
+            for p in 0..k {
+                let bp = b.add(p * ldb);
+                let b0 = _mm512_maskz_loadu_ps(m0, bp);
+                let b1 = _mm512_maskz_loadu_ps(m1, bp.add(V));
+                let ap = a.add(p * a_cs);
+                for r in 0..MR {
+                    let av = _mm512_set1_ps(*ap.add(r * a_rs));
+                    r0[r] = _mm512_fmadd_ps(av, b0, r0[r]);
+                    r1[r] = _mm512_fmadd_ps(av, b1, r1[r]);
+                }
+            }
+            for r in 0..MR {
+                _mm512_mask_storeu_ps(c.add(r * ldc), m0, r0[r]);
+                _mm512_mask_storeu_ps(c.add(r * ldc + V), m1, r1[r]);
+            }
+        }
+    }
+
+    /// Tile of C for `nt`: rows × columns.
+    const TM: usize = 4;
+    const TN: usize = 6;
+
+    /// See [`super::gemm_nt_acc`]; the caller has checked the bounds and AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nt(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(TM);
+            let mut j = 0;
+            while j < n {
+                let cols = (n - j).min(TN);
+                // SAFETY: the tile lies inside the checked bounds.
+                unsafe {
+                    let args = (
+                        a.add(i * lda),
+                        lda,
+                        b.add(j * ldb),
+                        ldb,
+                        c.add(i * ldc + j),
+                        ldc,
+                        k,
+                    );
+                    match (rows, cols) {
+                        (TM, TN) => tile_nt::<TM, TN>(args),
+                        (r, cl) => tile_nt_dyn(args, r, cl),
+                    }
+                }
+                j += cols;
+            }
+            i += rows;
+        }
+    }
+
+    type NtArgs = (*const f32, usize, *const f32, usize, *mut f32, usize, usize);
+
+    /// One full `MR × NR` tile of `C += A·Bᵀ`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_nt<const MR: usize, const NR: usize>((a, lda, b, ldb, c, ldc, k): NtArgs) {
+        // SAFETY: rows of A and B are k long and inside the checked bounds; masked lanes of
+        // the tail are not read.
+        unsafe {
+            let mut s = [[_mm512_setzero_ps(); NR]; MR];
+            let mut p = 0;
+            while p < k {
+                let mk = mask(k - p);
+                let mut bv = [_mm512_setzero_ps(); NR];
+                for (q, v) in bv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(mk, b.add(q * ldb + p));
+                }
+                for r in 0..MR {
+                    let av = _mm512_maskz_loadu_ps(mk, a.add(r * lda + p));
+                    for q in 0..NR {
+                        s[r][q] = _mm512_fmadd_ps(av, bv[q], s[r][q]);
+                    }
+                }
+                p += V;
+            }
+            for r in 0..MR {
+                for q in 0..NR {
+                    *c.add(r * ldc + q) += _mm512_reduce_add_ps(s[r][q]);
+                }
+            }
+        }
+    }
+
+    /// An edge tile (fewer rows or columns), one vector of partial sums at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_nt_dyn((a, lda, b, ldb, c, ldc, k): NtArgs, rows: usize, cols: usize) {
+        // SAFETY: as in `tile_nt`, for the rows × cols sub-tile.
+        unsafe {
+            for r in 0..rows {
+                for q in 0..cols {
+                    let mut s = _mm512_setzero_ps();
+                    let mut p = 0;
+                    while p < k {
+                        let mk = mask(k - p);
+                        let av = _mm512_maskz_loadu_ps(mk, a.add(r * lda + p));
+                        let bv = _mm512_maskz_loadu_ps(mk, b.add(q * ldb + p));
+                        s = _mm512_fmadd_ps(av, bv, s);
+                        p += V;
+                    }
+                    *c.add(r * ldc + q) += _mm512_reduce_add_ps(s);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                ((i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Both products equal a plain triple loop (f64 accumulation) over shapes that exercise
+    /// every row count of the tiles, masked column tails and strided A; with the AVX-512
+    /// kernels (where the CPU has them) and with the portable fallback.
+    #[test]
+    fn products_match_naive_loops() {
+        check_products();
+        PORTABLE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+        check_products();
+        PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn check_products() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (16, 1024, 144),
+            (13, 37, 5),
+            (25, 70, 33),
+            (3, 16, 17),
+            (12, 32, 64),
+            (7, 49, 300),
+        ] {
+            for transposed_a in [false, true] {
+                let a = values(m * k, 1);
+                let (a_rs, a_cs) = if transposed_a { (1, m) } else { (k, 1) };
+                let b = values(k * n, 2);
+                let c0 = values(m * n, 3);
+                for accumulate in [false, true] {
+                    let mut c = c0.clone();
+                    gemm_nn((m, n, k), &a, (a_rs, a_cs), &b, n, &mut c, n, accumulate);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut s = if accumulate {
+                                c0[i * n + j] as f64
+                            } else {
+                                0.0
+                            };
+                            for p in 0..k {
+                                s += a[i * a_rs + p * a_cs] as f64 * b[p * n + j] as f64;
+                            }
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
+                                "nn {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
+                            );
+                        }
+                    }
+                }
+            }
+            // C += A·Bᵀ with A m×k, B n×k.
+            let (a, b, c0) = (values(m * k, 4), values(n * k, 5), values(m * n, 6));
+            let mut c = c0.clone();
+            gemm_nt_acc((m, n, k), &a, k, &b, k, &mut c, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = c0[i * n + j] as f64;
+                    for p in 0..k {
+                        s += a[i * k + p] as f64 * b[j * k + p] as f64;
+                    }
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
+                        "nt {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
+                    );
+                }
+            }
+        }
+    }
+}
