@@ -5,6 +5,7 @@
 //! ReLU alone. Fused, the forward is one pass and the backward one pass that masks the incoming
 //! gradient with the sign of the op's own output and hands the same tensor to both inputs.
 
+use super::written_vec;
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -39,14 +40,15 @@ impl CustomOp2 for AddRelu {
     ) -> Result<(CpuStorage, Shape)> {
         let _t = timer(Section::AddReluForward);
         let (a, b) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(y, (a, b))| {
-                for ((o, &p), &q) in y.iter_mut().zip(a).zip(b) {
-                    *o = (p + q).max(0.0);
-                }
-            });
+        let y = written_vec(a.len(), |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .for_each(|(y, (a, b))| {
+                    for ((o, &p), &q) in y.iter_mut().zip(a).zip(b) {
+                        *o = (p + q).max(0.0);
+                    }
+                });
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -67,15 +69,16 @@ impl CustomOp2 for AddRelu {
                 candle_core::bail!("add-relu: expected CPU tensors")
             };
             let (y, dy) = (contiguous(rs, rl)?, contiguous(gs, gl)?);
-            let mut out = vec![0f32; y.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-                .for_each(|(o, (y, dy))| {
-                    for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
-                        // PyTorch's convention: no gradient where the output is exactly 0.
-                        *o = if y > 0.0 { d } else { 0.0 };
-                    }
-                });
+            let out = written_vec(y.len(), |out| {
+                out.par_chunks_mut(CHUNK)
+                    .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+                    .for_each(|(o, (y, dy))| {
+                        for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
+                            // PyTorch's convention: no gradient where the output is exactly 0.
+                            *o = if y > 0.0 { d } else { 0.0 };
+                        }
+                    });
+            });
             Tensor::from_vec(out, res.shape(), res.device())?
         };
         Ok((Some(masked.clone()), Some(masked)))

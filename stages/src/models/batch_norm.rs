@@ -11,6 +11,7 @@
 //! gradient with the sign of its own output inside the passes it makes anyway. Other devices use
 //! the equivalent candle ops.
 
+use super::written_vec;
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -146,24 +147,25 @@ impl CustomOp3 for Normalize {
         let (x, gamma, beta) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
         let (_, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(p, (out, inp))| {
-                let ch = p % c;
-                let scale = gamma[ch] * self.inv_std[ch];
-                let shift = beta[ch] - self.mean[ch] * scale;
-                if self.relu {
-                    for (o, &v) in out.iter_mut().zip(inp) {
-                        *o = (v * scale + shift).max(0.0);
+        let y = written_vec(x.len(), |y| {
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(p, (out, inp))| {
+                    let ch = p % c;
+                    let scale = gamma[ch] * self.inv_std[ch];
+                    let shift = beta[ch] - self.mean[ch] * scale;
+                    if self.relu {
+                        for (o, &v) in out.iter_mut().zip(inp) {
+                            *o = (v * scale + shift).max(0.0);
+                        }
+                    } else {
+                        for (o, &v) in out.iter_mut().zip(inp) {
+                            *o = v * scale + shift;
+                        }
                     }
-                } else {
-                    for (o, &v) in out.iter_mut().zip(inp) {
-                        *o = v * scale + shift;
-                    }
-                }
-            });
+                });
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -206,35 +208,37 @@ impl CustomOp3 for Normalize {
                             (a as f32, b as f32)
                         })
                         .unzip();
-                    let mut dx = vec![0f32; x.len()];
-                    dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-                        let ch = p % c;
-                        let r = p * hw..(p + 1) * hw;
-                        let (dy, x) = (&dy[r.clone()], &x[r.clone()]);
-                        let (mu, is, g) = (self.mean[ch], self.inv_std[ch], gamma[ch]);
-                        let k = g * is;
-                        // dx = k·(g − mean(g) − x̂·mean(g·x̂)) in training (k·g in eval),
-                        // written as k·g − (k·mean(g) + (x − μ)·k·is·mean(g·x̂)).
-                        let (mdy, mdyx) = if self.train {
-                            (sum_dy[ch] / m, sum_dy_xhat[ch] / m)
-                        } else {
-                            (0.0, 0.0)
-                        };
-                        let (c0, c1) = (k * mdy, k * is * mdyx);
-                        match y {
-                            Some(y) => {
-                                for (((o, &d), &v), &y) in out.iter_mut().zip(dy).zip(x).zip(&y[r])
-                                {
-                                    let d = if y > 0.0 { d } else { 0.0 };
-                                    *o = k * d - c0 - (v - mu) * c1;
+                    let dx = written_vec(x.len(), |dx| {
+                        dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+                            let ch = p % c;
+                            let r = p * hw..(p + 1) * hw;
+                            let (dy, x) = (&dy[r.clone()], &x[r.clone()]);
+                            let (mu, is, g) = (self.mean[ch], self.inv_std[ch], gamma[ch]);
+                            let k = g * is;
+                            // dx = k·(g − mean(g) − x̂·mean(g·x̂)) in training (k·g in eval),
+                            // written as k·g − (k·mean(g) + (x − μ)·k·is·mean(g·x̂)).
+                            let (mdy, mdyx) = if self.train {
+                                (sum_dy[ch] / m, sum_dy_xhat[ch] / m)
+                            } else {
+                                (0.0, 0.0)
+                            };
+                            let (c0, c1) = (k * mdy, k * is * mdyx);
+                            match y {
+                                Some(y) => {
+                                    for (((o, &d), &v), &y) in
+                                        out.iter_mut().zip(dy).zip(x).zip(&y[r])
+                                    {
+                                        let d = if y > 0.0 { d } else { 0.0 };
+                                        *o = k * d - c0 - (v - mu) * c1;
+                                    }
+                                }
+                                None => {
+                                    for ((o, &d), &v) in out.iter_mut().zip(dy).zip(x) {
+                                        *o = k * d - c0 - (v - mu) * c1;
+                                    }
                                 }
                             }
-                            None => {
-                                for ((o, &d), &v) in out.iter_mut().zip(dy).zip(x) {
-                                    *o = k * d - c0 - (v - mu) * c1;
-                                }
-                            }
-                        }
+                        });
                     });
                     (dx, sum_dy_xhat, sum_dy)
                 };

@@ -16,13 +16,13 @@
 //! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether. Off the CPU
 //! the layer uses candle's own convolution (cuDNN where enabled).
 
-use super::sgemm::{gemm_nn, gemm_nt_acc};
+use super::sgemm::gemm_nn;
+use super::written_vec;
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::mem::MaybeUninit;
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +84,73 @@ impl Geometry {
         (iy >= self.pad && iy - self.pad < self.h).then(|| iy - self.pad)
     }
 
+    /// Stride 1 with "same" padding (the output as large as the input): each row of the
+    /// unfolded matrix is the image plane shifted by a fixed offset, so the unfolding is one
+    /// contiguous copy per row plus zeroing of the border, and the fold one contiguous sum.
+    fn same_stride1(&self) -> bool {
+        let (ho, wo) = self.out_hw();
+        self.stride == 1 && ho == self.h && wo == self.w
+    }
+
+    /// For row (ki, kj) under [`Geometry::same_stride1`]: the range of output pixels whose
+    /// source lies inside the plane (borders excluded by row only) and the offset from an
+    /// output pixel to its source pixel.
+    #[inline]
+    fn shifted(&self, ki: usize, kj: usize) -> (std::ops::Range<usize>, isize) {
+        let (h, w) = (self.h as isize, self.w as isize);
+        let (dy, dx) = (
+            ki as isize - self.pad as isize,
+            kj as isize - self.pad as isize,
+        );
+        let off = dy * w + dx;
+        let (oy0, oy1) = ((-dy).max(0), (h - dy).min(h));
+        let lo = (oy0 * w).max(-off).clamp(0, h * w);
+        let hi = (oy1 * w).min(h * w - off).clamp(lo, h * w);
+        (lo as usize..hi as usize, off)
+    }
+
+    /// Zeroes, in one row of the unfolded matrix, the columns whose source wrapped around a
+    /// plane edge under a shift of `kj − pad` columns.
+    #[inline]
+    fn zero_wrapped(&self, kj: usize, row: &mut [f32]) {
+        let dx = kj as isize - self.pad as isize;
+        let w = self.w;
+        let cols = if dx < 0 {
+            0..(-dx) as usize
+        } else {
+            w - (dx as usize).min(w)..w
+        };
+        if cols.is_empty() {
+            return;
+        }
+        for line in row.chunks_exact_mut(w) {
+            line[cols.clone()].fill(0.0);
+        }
+    }
+
     /// Writes every element of `cols` (`K × L`) from one image `x` (`C × H × W`).
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        if self.same_stride1() {
+            let hw = self.h * self.w;
+            let mut rows = cols.chunks_exact_mut(hw);
+            for c in 0..self.c {
+                let plane = &x[c * hw..(c + 1) * hw];
+                for ki in 0..self.kh {
+                    for kj in 0..self.kw {
+                        let dst = rows.next().expect("K rows");
+                        let (r, off) = self.shifted(ki, kj);
+                        dst[..r.start].fill(0.0);
+                        dst[r.end..].fill(0.0);
+                        if !r.is_empty() {
+                            let src = (r.start as isize + off) as usize;
+                            dst[r.clone()].copy_from_slice(&plane[src..src + r.len()]);
+                            self.zero_wrapped(kj, dst);
+                        }
+                    }
+                }
+            }
+            return;
+        }
         let (ho, wo) = self.out_hw();
         let (l, s) = (ho * wo, self.stride);
         let mut rows = cols.chunks_exact_mut(l);
@@ -123,8 +188,32 @@ impl Geometry {
     }
 
     /// The adjoint of [`Geometry::im2col`]: adds `cols` (`K × L`) into one image's gradient
-    /// `dx` (`C × H × W`), which the caller zeroes first.
-    fn col2im_add(&self, cols: &[f32], dx: &mut [f32]) {
+    /// `dx` (`C × H × W`), which the caller zeroes first. `cols` is scratch: entries that
+    /// correspond to the zero padding may be overwritten with 0.
+    fn col2im_add(&self, cols: &mut [f32], dx: &mut [f32]) {
+        if self.same_stride1() {
+            let hw = self.h * self.w;
+            let mut rows = cols.chunks_exact_mut(hw);
+            for c in 0..self.c {
+                let plane = &mut dx[c * hw..(c + 1) * hw];
+                for ki in 0..self.kh {
+                    for kj in 0..self.kw {
+                        let src = rows.next().expect("K rows");
+                        let (r, off) = self.shifted(ki, kj);
+                        if r.is_empty() {
+                            continue;
+                        }
+                        // Padding entries would land on wrapped-around pixels: drop them.
+                        self.zero_wrapped(kj, src);
+                        let at = (r.start as isize + off) as usize;
+                        for (o, g) in plane[at..at + r.len()].iter_mut().zip(&src[r]) {
+                            *o += *g;
+                        }
+                    }
+                }
+            }
+            return;
+        }
         let (ho, wo) = self.out_hw();
         let (l, s) = (ho * wo, self.stride);
         let mut rows = cols.chunks_exact(l);
@@ -179,18 +268,18 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R
     })
 }
 
-/// A vector of `len` values that `fill` writes completely, without zeroing it first.
-fn written_vec(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    let spare: &mut [MaybeUninit<f32>] = &mut v.spare_capacity_mut()[..len];
-    // SAFETY: f32 has no invalid bit patterns and `fill` only writes through the slice before
-    // anything reads it (the kernels below write every element: GEMMs with `accumulate` false,
-    // the unfolding, or an explicit zeroing); `set_len` follows once all of it is written.
-    let slice = unsafe { &mut *(spare as *mut [MaybeUninit<f32>] as *mut [f32]) };
-    fill(slice);
-    // SAFETY: capacity is at least `len`, and every element was written by `fill`.
-    unsafe { v.set_len(len) };
-    v
+/// `dst (cols × rows) = srcᵀ` for a row-major `src (rows × cols)`, in cache-sized blocks.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const B: usize = 16;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -255,21 +344,37 @@ impl ConvOp {
         // One contiguous run of images per task: each task accumulates its own dW, so the
         // reduction is over a handful of Cout×K matrices, in a fixed order (deterministic).
         let images = |t: usize| t * per..((t + 1) * per).min(g.n);
+        // Each task accumulates dWᵀ (K×Cout): as `cols_i · dY_iᵀ` the product has the
+        // unfolded image as its broadcast side and the (transposed, small) output gradient as
+        // its contiguous rows, which the fast kernel wants; `dY_i · cols_iᵀ` would need dot
+        // products reduced across lanes, slow for the short rows of the deeper layers.
         let task = |t: usize, mut dx: Option<&mut [f32]>| -> Vec<f32> {
-            let mut dw = vec![0f32; g.cout * k];
+            let mut dwt = vec![0f32; k * g.cout];
             for (j, i) in images(t).enumerate() {
                 let x_i = &x[i * img..(i + 1) * img];
                 let dy_i = &dy[i * g.cout * l..(i + 1) * g.cout * l];
                 let dx_i = dx.as_deref_mut().map(|d| &mut d[j * img..(j + 1) * img]);
-                with_scratch(k * l, |cols, dcols| {
-                    let rhs = if g.pointwise() {
+                with_scratch((k * l).max(g.cout * l), |cols, dcols| {
+                    let lhs = if g.pointwise() {
                         x_i
                     } else {
                         g.im2col(x_i, cols);
                         &*cols
                     };
-                    // dW (Cout×K) += dY_i (Cout×L) · cols_iᵀ.
-                    gemm_nt_acc((g.cout, k, l), dy_i, l, rhs, l, &mut dw, k);
+                    // dWᵀ (K×Cout) += cols_i (K×L) · dY_iᵀ (L×Cout); dcols holds dY_iᵀ until
+                    // it is needed for the input gradient.
+                    let dyt = &mut dcols[..l * g.cout];
+                    transpose(dy_i, g.cout, l, dyt);
+                    gemm_nn(
+                        (k, g.cout, l),
+                        lhs,
+                        (l, 1),
+                        dyt,
+                        g.cout,
+                        &mut dwt,
+                        g.cout,
+                        true,
+                    );
                     let Some(dx_i) = dx_i else { return };
                     // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
                     // (the fold is the identity for a pointwise convolution).
@@ -282,7 +387,7 @@ impl ConvOp {
                     }
                 });
             }
-            dw
+            dwt
         };
         let tasks = g.n.div_ceil(per);
         let (dx, partial): (Option<Vec<f32>>, Vec<Vec<f32>>) = if want_dx {
@@ -302,12 +407,14 @@ impl ConvOp {
             )
         };
         let mut parts = partial.into_iter();
-        let mut dw = parts.next().unwrap_or_else(|| vec![0f32; g.cout * k]);
+        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; g.cout * k]);
         for p in parts {
-            for (a, b) in dw.iter_mut().zip(&p) {
+            for (a, b) in dwt.iter_mut().zip(&p) {
                 *a += *b;
             }
         }
+        let mut dw = vec![0f32; g.cout * k];
+        transpose(&dwt, k, g.cout, &mut dw);
         (dx, dw)
     }
 }
@@ -448,6 +555,9 @@ mod tests {
             (5, 16, 11, 13, 8, 3, 1, 1),
             (3, 7, 15, 9, 9, 3, 2, 1),
             (4, 6, 7, 7, 5, 1, 1, 1),
+            (2, 3, 9, 6, 4, 5, 1, 2),
+            (2, 2, 1, 1, 3, 3, 1, 1),
+            (2, 2, 2, 5, 3, 3, 1, 1),
             (1, 3, 3, 3, 4, 3, 2, 1),
             (3, 8, 6, 10, 16, 5, 2, 2),
         ]

@@ -1,18 +1,17 @@
-//! The two single-precision matrix products of the CPU convolution, with AVX-512 kernels.
+//! The single-precision matrix product of the CPU convolution, with AVX-512 kernels.
 //!
 //! A convolution's products have one small side (16–512 output channels, 27–4,608 unfolded
 //! rows) and are called once per image; the general `gemm` crate packs both operands on every
 //! call and, on stable Rust, runs 256-bit kernels. These kernels read the operands where they
-//! lie, since both products here have a side that is already contiguous:
+//! lie, since every product here has a side that is already contiguous:
 //!
 //! * [`gemm_nn`]: `C (m×n) = A (m×k) · B (k×n)` with B's rows contiguous, as in `W · cols` and
 //!   `Wᵀ · dY`. A tile of up to 12 rows × 32 columns of C lives in 24 registers; each step of
 //!   k loads two vectors of one B row and broadcasts one A element per C row.
-//! * [`gemm_nt`]: `C (m×n) += A (m×k) · Bᵀ` with A's and B's rows contiguous along k, as in
-//!   the weight gradient `dY · colsᵀ` (k = output pixels). A 4 × 6 tile of C keeps 24 vectors of
-//!   partial dot products, summed across lanes at the end.
+//!   The weight gradient is computed in the same form, as `dWᵀ = cols · dYᵀ`. When C is at
+//!   most 16 columns wide (16 output channels), tiles are 24 rows × 1 vector instead.
 //!
-//! Without AVX-512 (checked once at run time) both fall back to the `gemm` crate, so results
+//! Without AVX-512 (checked once at run time) it falls back to the `gemm` crate, so results
 //! match to rounding on every machine. Column remainders use masked loads and stores.
 
 /// Set by tests to run the portable path on a machine with AVX-512.
@@ -93,64 +92,22 @@ pub fn gemm_nn(
     }
 }
 
-/// `C += A·Bᵀ`, single-threaded: `C[i][j] += Σ_p a[i·lda + p] · b[j·ldb + p]`, C at
-/// `c[i·ldc + j]`.
-///
-/// # Panics
-/// If a slice is too short for the shapes and strides given.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_nt_acc(
-    (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    assert!(a.len() >= (m - 1) * lda + k, "gemm_nt: A too short");
-    assert!(b.len() >= (n - 1) * ldb + k, "gemm_nt: B too short");
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nt: C too short");
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F is present; the bounds were checked above.
-        unsafe { avx512::nt(m, n, k, a, lda, b, ldb, c, ldc) };
-        return;
-    }
-    // SAFETY: the bounds were checked above; Bᵀ is read with (row, column) strides (1, ldb).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            true,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            ldb as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
 // Register tiles are indexed by row and column, as in the algebra they implement.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    /// Calls `$tile::<R>($args)` for the runtime row count `$rows` (one of the listed
+    /// constants, else 1): register tiles need the row count at compile time.
+    macro_rules! seq {
+        ($rows:expr; $tile:ident; $args:expr; $($r:literal),*) => {
+            match $rows {
+                $($r => $tile::<$r>($args),)*
+                _ => $tile::<1>($args),
+            }
+        };
+    }
 
     /// Lanes of a 512-bit f32 vector.
     const V: usize = 16;
@@ -184,6 +141,33 @@ mod avx512 {
         acc: bool,
     ) {
         let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        if n <= V {
+            // One vector per row of C: up to 24 rows per tile keep the FMA units busy.
+            let m0 = mask(n);
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(24);
+                // SAFETY (all arms): the tile lies inside the checked bounds.
+                unsafe {
+                    let args = (
+                        a.add(i * a_rs),
+                        a_rs,
+                        a_cs,
+                        b,
+                        ldb,
+                        c.add(i * ldc),
+                        ldc,
+                        k,
+                        m0,
+                        0,
+                        acc,
+                    );
+                    seq!(rows; tile_nn1; args; 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
+                }
+                i += rows;
+            }
+            return;
+        }
         let mut j = 0;
         while j < n {
             let cols = (n - j).min(NR);
@@ -230,6 +214,31 @@ mod avx512 {
         bool,
     );
 
+    /// One `MR × 16` tile of C (columns past the mask untouched).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_nn1<const MR: usize>((a, a_rs, a_cs, b, ldb, c, ldc, k, m0, _, acc): NnArgs) {
+        // SAFETY: as in `tile_nn`, for one vector per row.
+        unsafe {
+            let mut r0 = [_mm512_setzero_ps(); MR];
+            if acc {
+                for r in 0..MR {
+                    r0[r] = _mm512_maskz_loadu_ps(m0, c.add(r * ldc));
+                }
+            }
+            for p in 0..k {
+                let b0 = _mm512_maskz_loadu_ps(m0, b.add(p * ldb));
+                let ap = a.add(p * a_cs);
+                for r in 0..MR {
+                    r0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r * a_rs)), b0, r0[r]);
+                }
+            }
+            for r in 0..MR {
+                _mm512_mask_storeu_ps(c.add(r * ldc), m0, r0[r]);
+            }
+        }
+    }
+
     /// One `MR × 32` tile of C (columns past the masks untouched).
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -262,109 +271,6 @@ mod avx512 {
             }
         }
     }
-
-    /// Tile of C for `nt`: rows × columns.
-    const TM: usize = 4;
-    const TN: usize = 6;
-
-    /// See [`super::gemm_nt_acc`]; the caller has checked the bounds and AVX-512F.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn nt(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        lda: usize,
-        b: &[f32],
-        ldb: usize,
-        c: &mut [f32],
-        ldc: usize,
-    ) {
-        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-        let mut i = 0;
-        while i < m {
-            let rows = (m - i).min(TM);
-            let mut j = 0;
-            while j < n {
-                let cols = (n - j).min(TN);
-                // SAFETY: the tile lies inside the checked bounds.
-                unsafe {
-                    let args = (
-                        a.add(i * lda),
-                        lda,
-                        b.add(j * ldb),
-                        ldb,
-                        c.add(i * ldc + j),
-                        ldc,
-                        k,
-                    );
-                    match (rows, cols) {
-                        (TM, TN) => tile_nt::<TM, TN>(args),
-                        (r, cl) => tile_nt_dyn(args, r, cl),
-                    }
-                }
-                j += cols;
-            }
-            i += rows;
-        }
-    }
-
-    type NtArgs = (*const f32, usize, *const f32, usize, *mut f32, usize, usize);
-
-    /// One full `MR × NR` tile of `C += A·Bᵀ`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_nt<const MR: usize, const NR: usize>((a, lda, b, ldb, c, ldc, k): NtArgs) {
-        // SAFETY: rows of A and B are k long and inside the checked bounds; masked lanes of
-        // the tail are not read.
-        unsafe {
-            let mut s = [[_mm512_setzero_ps(); NR]; MR];
-            let mut p = 0;
-            while p < k {
-                let mk = mask(k - p);
-                let mut bv = [_mm512_setzero_ps(); NR];
-                for (q, v) in bv.iter_mut().enumerate() {
-                    *v = _mm512_maskz_loadu_ps(mk, b.add(q * ldb + p));
-                }
-                for r in 0..MR {
-                    let av = _mm512_maskz_loadu_ps(mk, a.add(r * lda + p));
-                    for q in 0..NR {
-                        s[r][q] = _mm512_fmadd_ps(av, bv[q], s[r][q]);
-                    }
-                }
-                p += V;
-            }
-            for r in 0..MR {
-                for q in 0..NR {
-                    *c.add(r * ldc + q) += _mm512_reduce_add_ps(s[r][q]);
-                }
-            }
-        }
-    }
-
-    /// An edge tile (fewer rows or columns), one vector of partial sums at a time.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_nt_dyn((a, lda, b, ldb, c, ldc, k): NtArgs, rows: usize, cols: usize) {
-        // SAFETY: as in `tile_nt`, for the rows × cols sub-tile.
-        unsafe {
-            for r in 0..rows {
-                for q in 0..cols {
-                    let mut s = _mm512_setzero_ps();
-                    let mut p = 0;
-                    while p < k {
-                        let mk = mask(k - p);
-                        let av = _mm512_maskz_loadu_ps(mk, a.add(r * lda + p));
-                        let bv = _mm512_maskz_loadu_ps(mk, b.add(q * ldb + p));
-                        s = _mm512_fmadd_ps(av, bv, s);
-                        p += V;
-                    }
-                    *c.add(r * ldc + q) += _mm512_reduce_add_ps(s);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -379,7 +285,7 @@ mod tests {
             .collect()
     }
 
-    /// Both products equal a plain triple loop (f64 accumulation) over shapes that exercise
+    /// The product equals a plain triple loop (f64 accumulation) over shapes that exercise
     /// every row count of the tiles, masked column tails and strided A; with the AVX-512
     /// kernels (where the CPU has them) and with the portable fallback.
     #[test]
@@ -425,23 +331,6 @@ mod tests {
                             );
                         }
                     }
-                }
-            }
-            // C += A·Bᵀ with A m×k, B n×k.
-            let (a, b, c0) = (values(m * k, 4), values(n * k, 5), values(m * n, 6));
-            let mut c = c0.clone();
-            gemm_nt_acc((m, n, k), &a, k, &b, k, &mut c, n);
-            for i in 0..m {
-                for j in 0..n {
-                    let mut s = c0[i * n + j] as f64;
-                    for p in 0..k {
-                        s += a[i * k + p] as f64 * b[j * k + p] as f64;
-                    }
-                    let got = c[i * n + j] as f64;
-                    assert!(
-                        (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
-                        "nt {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
-                    );
                 }
             }
         }
