@@ -187,33 +187,38 @@ impl Geometry {
         }
     }
 
-    /// The adjoint of [`Geometry::im2col`]: adds `cols` (`K × L`) into one image's gradient
-    /// `dx` (`C × H × W`), which the caller zeroes first. `cols` is scratch: entries that
-    /// correspond to the zero padding may be overwritten with 0.
-    fn col2im_add(&self, cols: &mut [f32], dx: &mut [f32]) {
+    /// The adjoint of [`Geometry::im2col`]: writes one image's gradient `dx` (`C × H × W`)
+    /// from `cols` (`K × L`), summing overlaps. `cols` is scratch: entries that correspond to
+    /// the zero padding may be overwritten with 0.
+    fn col2im(&self, cols: &mut [f32], dx: &mut [f32]) {
         if self.same_stride1() {
             let hw = self.h * self.w;
-            let mut rows = cols.chunks_exact_mut(hw);
-            for c in 0..self.c {
-                let plane = &mut dx[c * hw..(c + 1) * hw];
-                for ki in 0..self.kh {
-                    for kj in 0..self.kw {
-                        let src = rows.next().expect("K rows");
-                        let (r, off) = self.shifted(ki, kj);
-                        if r.is_empty() {
-                            continue;
-                        }
-                        // Padding entries would land on wrapped-around pixels: drop them.
-                        self.zero_wrapped(kj, src);
-                        let at = (r.start as isize + off) as usize;
-                        for (o, g) in plane[at..at + r.len()].iter_mut().zip(&src[r]) {
-                            *o += *g;
-                        }
+            let taps = self.kh * self.kw;
+            // Same padding at stride 1 means an odd kernel with pad = k/2, so the centre tap
+            // is the identity shift: it initialises the plane, and the other taps add to it.
+            let centre = (self.kh / 2) * self.kw + self.kw / 2;
+            for (plane, rows) in dx
+                .chunks_exact_mut(hw)
+                .zip(cols.chunks_exact_mut(taps * hw))
+            {
+                plane.copy_from_slice(&rows[centre * hw..(centre + 1) * hw]);
+                for (t, src) in rows.chunks_exact_mut(hw).enumerate() {
+                    let (ki, kj) = (t / self.kw, t % self.kw);
+                    let (r, off) = self.shifted(ki, kj);
+                    if t == centre || r.is_empty() {
+                        continue;
+                    }
+                    // Padding entries would land on wrapped-around pixels: drop them.
+                    self.zero_wrapped(kj, src);
+                    let at = (r.start as isize + off) as usize;
+                    for (o, g) in plane[at..at + r.len()].iter_mut().zip(&src[r]) {
+                        *o += *g;
                     }
                 }
             }
             return;
         }
+        dx.fill(0.0);
         let (ho, wo) = self.out_hw();
         let (l, s) = (ho * wo, self.stride);
         let mut rows = cols.chunks_exact(l);
@@ -273,9 +278,10 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 16;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
+            let (r1, c1) = ((r0 + B).min(rows), (c0 + B).min(cols));
+            for c in c0..c1 {
+                for (d, r) in dst[c * rows + r0..c * rows + r1].iter_mut().zip(r0..r1) {
+                    *d = src[r * cols + c];
                 }
             }
         }
@@ -382,8 +388,7 @@ impl ConvOp {
                         gemm_nn((k, l, g.cout), w, (1, k), dy_i, l, dx_i, l, false);
                     } else {
                         gemm_nn((k, l, g.cout), w, (1, k), dy_i, l, dcols, l, false);
-                        dx_i.fill(0.0);
-                        g.col2im_add(dcols, dx_i);
+                        g.col2im(dcols, dx_i);
                     }
                 });
             }
