@@ -42,11 +42,18 @@ fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 /// single running sum scalar; sixteen of them vectorise.
 const LANES: usize = 16;
 
+/// Splits `v` into arrays of `LANES` (fixed size, so the loops over them compile to vector
+/// instructions without bounds checks) and the remainder.
+fn lanes(v: &[f32]) -> (impl Iterator<Item = &[f32; LANES]>, &[f32]) {
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    (chunks.map(|c| c.try_into().expect("LANES long")), tail)
+}
+
 /// `(Σ v, Σ v²)` over a slice, in `LANES` partial sums.
 fn sum_and_squares(v: &[f32]) -> (f32, f32) {
     let (mut s, mut s2) = ([0f32; LANES], [0f32; LANES]);
-    let chunks = v.chunks_exact(LANES);
-    let tail = chunks.remainder();
+    let (chunks, tail) = lanes(v);
     for c in chunks {
         for l in 0..LANES {
             s[l] += c[l];
@@ -67,13 +74,12 @@ fn grad_sums(dy: &[f32], x: &[f32], y: Option<&[f32]>, mu: f32) -> (f32, f32) {
     let (mut s, mut s2) = ([0f32; LANES], [0f32; LANES]);
     let n = dy.len() / LANES * LANES;
     let (mut a, mut b) = (0f32, 0f32);
+    let (dc, _) = lanes(&dy[..n]);
+    let (xc, _) = lanes(&x[..n]);
     match y {
         Some(y) => {
-            for ((d, x), y) in dy[..n]
-                .chunks_exact(LANES)
-                .zip(x[..n].chunks_exact(LANES))
-                .zip(y[..n].chunks_exact(LANES))
-            {
+            let (yc, _) = lanes(&y[..n]);
+            for ((d, x), y) in dc.zip(xc).zip(yc) {
                 for l in 0..LANES {
                     let g = if y[l] > 0.0 { d[l] } else { 0.0 };
                     s[l] += g;
@@ -87,7 +93,7 @@ fn grad_sums(dy: &[f32], x: &[f32], y: Option<&[f32]>, mu: f32) -> (f32, f32) {
             }
         }
         None => {
-            for (d, x) in dy[..n].chunks_exact(LANES).zip(x[..n].chunks_exact(LANES)) {
+            for (d, x) in dc.zip(xc) {
                 for l in 0..LANES {
                     s[l] += d[l];
                     s2[l] += d[l] * (x[l] - mu);
