@@ -61,11 +61,8 @@ impl Checkpoints {
         }
         std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
         datasets::atomic::write_bytes(&tmp.join("model.safetensors"), &model.to_safetensors()?)?;
-        let opt_bytes = safetensors::serialize(
-            opt.state().iter().map(|(k, v)| (k.clone(), v.clone())),
-            None,
-        )
-        .map_err(|e| StageError::Numeric(e.to_string()))?;
+        let opt_bytes = safetensors::serialize(opt.state()?, None)
+            .map_err(|e| StageError::Numeric(e.to_string()))?;
         datasets::atomic::write_bytes(&tmp.join("optimizer.safetensors"), &opt_bytes)?;
         write_json(&tmp.join("state.json"), state)?;
         datasets::atomic::sync_dir(&tmp).map_err(|e| io(&tmp, e))?;

@@ -4,14 +4,15 @@
 //! Per parameter w with gradient g: `g ← g + wd·w`; `b ← μ·b + g` (`b ← g` on the first step);
 //! `d ← g + μ·b` with Nesterov, else `d ← b`; `w ← w − lr·d`.
 //!
-//! On CPU the update runs in place, as two fused loops per parameter (one writes the momentum
-//! buffer, one the weights), with no allocation; as candle tensor ops it would be seven
-//! elementwise passes, each allocating a parameter-sized tensor. Other devices use the tensor ops.
+//! On CPU the update runs in place, one pass over each parameter that reads the gradient and
+//! writes the momentum buffer and the weights, with no allocation; as candle tensor ops it would
+//! be seven elementwise passes, each allocating a parameter-sized tensor. Other devices use the
+//! tensor ops.
 
 use crate::error::{Result, StageError};
 use crate::profile::{timer, Section};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -37,11 +38,23 @@ impl Default for SgdConfig {
     }
 }
 
+/// A momentum buffer: host memory for CPU parameters (updated in place in the same pass as the
+/// weights), a tensor on other devices.
+enum Buffer {
+    Host(Vec<f32>),
+    Device(Tensor),
+}
+
 /// SGD over a fixed, named set of variables.
 pub struct Sgd {
     params: Vec<(String, Var)>,
-    buffers: BTreeMap<String, Tensor>,
+    buffers: BTreeMap<String, Buffer>,
     config: SgdConfig,
+}
+
+/// Whether a parameter takes the in-place CPU update.
+fn on_host(w: &Tensor) -> bool {
+    w.device().is_cpu() && w.dtype() == DType::F32 && w.is_contiguous()
 }
 
 impl Sgd {
@@ -64,7 +77,7 @@ impl Sgd {
                 continue;
             };
             let w = var.as_tensor();
-            if w.device().is_cpu() && w.dtype() == DType::F32 && w.is_contiguous() {
+            if on_host(w) {
                 step_in_place(config, buffers, name, w, &g.contiguous()?, lr)?;
             } else {
                 step_with_tensor_ops(config, buffers, name, var, g, lr)?;
@@ -73,18 +86,31 @@ impl Sgd {
         Ok(())
     }
 
-    /// The momentum buffers, by parameter name (for checkpoints).
-    pub fn state(&self) -> &BTreeMap<String, Tensor> {
-        &self.buffers
+    /// The momentum buffers, by parameter name, as tensors shaped like their parameters (for
+    /// checkpoints).
+    pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (name, var) in &self.params {
+            let t = match self.buffers.get(name) {
+                None => continue,
+                Some(Buffer::Device(t)) => t.clone(),
+                Some(Buffer::Host(v)) => {
+                    Tensor::from_slice(v, var.shape(), &candle_core::Device::Cpu)?
+                }
+            };
+            out.insert(name.clone(), t);
+        }
+        Ok(out)
     }
 
     /// Restores momentum buffers saved by [`Sgd::state`], checking names and shapes.
     pub fn load_state(&mut self, state: BTreeMap<String, Tensor>) -> Result<()> {
-        for (name, t) in &state {
+        let mut buffers = BTreeMap::new();
+        for (name, t) in state {
             let var = self
                 .params
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| *n == name)
                 .map(|(_, v)| v)
                 .ok_or_else(|| {
                     StageError::Config(format!("optimizer state names unknown parameter `{name}`"))
@@ -96,16 +122,22 @@ impl Sgd {
                     var.dims()
                 )));
             }
+            let b = if on_host(var.as_tensor()) {
+                Buffer::Host(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            } else {
+                Buffer::Device(t.to_device(var.device())?)
+            };
+            buffers.insert(name, b);
         }
-        self.buffers = state;
+        self.buffers = buffers;
         Ok(())
     }
 }
 
-/// The CPU update of one parameter (see [`MomentumStep`] and [`WeightStep`]).
+/// The CPU update of one parameter: one pass over w, g and the momentum buffer.
 fn step_in_place(
     c: SgdConfig,
-    buffers: &mut BTreeMap<String, Tensor>,
+    buffers: &mut BTreeMap<String, Buffer>,
     name: &str,
     w: &Tensor,
     g: &Tensor,
@@ -118,28 +150,26 @@ fn step_in_place(
         nesterov: c.nesterov,
     };
     if c.momentum == 0.0 {
-        // Without momentum the buffer is never read: w ← w − lr·(g + wd·w).
-        return Ok(w.inplace_op3(g, g, &WeightStep(update))?);
+        return Ok(w.inplace_op2(g, &SgdStep(update, std::sync::Mutex::new(&mut [])))?);
     }
-    let b = match buffers.get(name) {
-        Some(b) if b.is_contiguous() && b.dtype() == DType::F32 && b.device().is_cpu() => {
-            b.inplace_op3(g, w, &MomentumStep(update))?;
-            b.clone()
-        }
-        _ => {
-            // First step (or a buffer restored in another layout): b ← g + wd·w.
-            let b = (g + (w * c.weight_decay)?)?.contiguous()?;
-            buffers.insert(name.to_string(), b.clone());
-            b
-        }
+    let n = w.elem_count();
+    let buffer = buffers
+        .entry(name.to_string())
+        .or_insert_with(|| Buffer::Host(vec![0.0; n]));
+    if !matches!(buffer, Buffer::Host(v) if v.len() == n) {
+        // A buffer of the wrong kind cannot come from `load_state`; start it afresh if it did.
+        *buffer = Buffer::Host(vec![0.0; n]);
+    }
+    let Buffer::Host(b) = buffer else {
+        unreachable!("set above")
     };
-    Ok(w.inplace_op3(g, &b, &WeightStep(update))?)
+    Ok(w.inplace_op2(g, &SgdStep(update, std::sync::Mutex::new(b.as_mut_slice())))?)
 }
 
 /// The update of one parameter as candle tensor ops (any device).
 fn step_with_tensor_ops(
     c: SgdConfig,
-    buffers: &mut BTreeMap<String, Tensor>,
+    buffers: &mut BTreeMap<String, Buffer>,
     name: &str,
     var: &Var,
     g: &Tensor,
@@ -153,7 +183,12 @@ fn step_with_tensor_ops(
     }
     let d = if c.momentum != 0.0 {
         let b = match buffers.get(name) {
-            Some(b) => ((b * c.momentum)? + &g)?,
+            Some(Buffer::Device(b)) => ((b * c.momentum)? + &g)?,
+            Some(Buffer::Host(v)) => {
+                let b = Tensor::from_slice(v, var.shape(), &candle_core::Device::Cpu)?
+                    .to_device(var.device())?;
+                ((b * c.momentum)? + &g)?
+            }
             None => g.clone(),
         };
         let d = if c.nesterov {
@@ -161,7 +196,7 @@ fn step_with_tensor_ops(
         } else {
             b.clone()
         };
-        buffers.insert(name.to_string(), b);
+        buffers.insert(name.to_string(), Buffer::Device(b));
         d
     } else {
         g
@@ -193,12 +228,15 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a m
     }
 }
 
-/// On the momentum buffer b, with sources (g, w): `b ← μ·b + g + wd·w`.
-struct MomentumStep(Update);
+/// On the weights w, with source g and the momentum buffer b (empty without momentum), per
+/// element: `g' = g + wd·w`; `b ← μ·b + g'`; `w ← w − lr·d` with `d = b`, `g' + μ·b` under
+/// Nesterov, or `g'` without momentum. (A zero buffer makes the first step `b = g'`, as in
+/// PyTorch.) The buffer sits behind a mutex only because the op is shared by reference.
+struct SgdStep<'a>(Update, std::sync::Mutex<&'a mut [f32]>);
 
-impl InplaceOp3 for MomentumStep {
+impl InplaceOp2 for SgdStep<'_> {
     fn name(&self) -> &'static str {
-        "sgd-momentum"
+        "sgd-step"
     }
 
     fn cpu_fwd(
@@ -207,50 +245,24 @@ impl InplaceOp3 for MomentumStep {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<()> {
         let u = self.0;
-        let (b, g, w) = (slice_mut(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        for ((b, &g), &w) in b.iter_mut().zip(g).zip(w) {
-            *b = u.momentum * *b + g + u.weight_decay * w;
-        }
-        Ok(())
-    }
-}
-
-/// On the weights w, with sources (g, b): `w ← w − lr·d`, d = b, or `g + wd·w + μ·b` with
-/// Nesterov, or `g + wd·w` without momentum (then b is not read).
-struct WeightStep(Update);
-
-impl InplaceOp3 for WeightStep {
-    fn name(&self) -> &'static str {
-        "sgd-weights"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let u = self.0;
-        let (w, g, b) = (slice_mut(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (w, g) = (slice_mut(s1, l1)?, slice(s2, l2)?);
+        let mut b = self.1.lock().unwrap_or_else(|e| e.into_inner());
         if u.momentum == 0.0 {
             for (w, &g) in w.iter_mut().zip(g) {
                 *w -= u.lr * (g + u.weight_decay * *w);
             }
-        } else if u.nesterov {
-            for ((w, &g), &b) in w.iter_mut().zip(g).zip(b) {
-                *w -= u.lr * (g + u.weight_decay * *w + u.momentum * b);
-            }
-        } else {
-            for (w, &b) in w.iter_mut().zip(b) {
-                *w -= u.lr * b;
-            }
+            return Ok(());
+        }
+        if b.len() != w.len() {
+            candle_core::bail!("sgd: momentum buffer of {} values for {}", b.len(), w.len())
+        }
+        for ((w, &g), b) in w.iter_mut().zip(g).zip(b.iter_mut()) {
+            let g = g + u.weight_decay * *w;
+            *b = u.momentum * *b + g;
+            let d = if u.nesterov { g + u.momentum * *b } else { *b };
+            *w -= u.lr * d;
         }
         Ok(())
     }
@@ -343,9 +355,56 @@ mod tests {
                     "step {step}"
                 );
                 if momentum != 0.0 {
-                    assert!(max_rel(&fused.state()["w"], &plain.state()["w"]) < 1e-6);
+                    let (a, b) = (fused.state().unwrap(), plain.state().unwrap());
+                    assert!(max_rel(&a["w"], &b["w"]) < 1e-6);
                 }
             }
         }
+    }
+
+    /// Saving the state and loading it into a fresh optimiser continues exactly as if nothing
+    /// had happened (the host buffers round-trip through tensors).
+    #[test]
+    fn state_round_trip_continues_identically() {
+        use crate::models::testing::random;
+        let config = SgdConfig {
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: true,
+        };
+        let w1 = Var::from_tensor(&random(&[4, 3], -1.0..1.0, 1)).unwrap();
+        let mut a = Sgd::new(vec![("w".into(), w1.clone())], config);
+        let step = |opt: &mut Sgd, w: &Var, seed: u64| {
+            let m = random(&[4, 3], -1.0..1.0, seed);
+            let loss = (w.as_tensor() * &m)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+        };
+        step(&mut a, &w1, 10);
+        step(&mut a, &w1, 11);
+        let w2 = Var::from_tensor(&w1.as_tensor().copy().unwrap()).unwrap();
+        let mut b = Sgd::new(vec![("w".into(), w2.clone())], config);
+        b.load_state(a.state().unwrap()).unwrap();
+        for seed in 12..15 {
+            step(&mut a, &w1, seed);
+            step(&mut b, &w2, seed);
+        }
+        let (x, y) = (
+            w1.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            w2.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        assert_eq!(x, y);
     }
 }
