@@ -194,6 +194,105 @@ fn without_timing(bytes: &[u8]) -> String {
         .join("\n")
 }
 
+/// Asserts that every artifact under `out` is bitwise equal to the one under `reference` (but
+/// `stage.json`'s timestamps and the timing columns of `train_log.csv`).
+fn same_outputs(out: &Path, reference: &Path) {
+    let (a, b) = (files(out), files(reference));
+    assert_eq!(a, b, "the outputs differ in their files");
+    for f in &a {
+        let name = f.file_name().unwrap().to_string_lossy();
+        let (x, y) = (
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(reference.join(f)).unwrap(),
+        );
+        match name.as_ref() {
+            "stage.json" => {}
+            "train_log.csv" => {
+                assert_eq!(without_timing(&x), without_timing(&y), "{}", f.display())
+            }
+            _ => assert!(
+                x == y,
+                "{} differs from the uninterrupted run's",
+                f.display()
+            ),
+        }
+    }
+}
+
+/// The temporary files (`.<name>.tmp-<pid>`) anywhere under `dir`.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.file_name().unwrap().to_string_lossy().contains(".tmp-") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out
+}
+
+/// Deterministic kills inside the writes that random kills only hit by chance: the
+/// fault-injection hook (`LDL_FAULT_WRITE=<text>@<bytes>`) aborts the process once that many
+/// bytes of a file whose path contains `<text>` reached its temporary file, in a checkpoint
+/// (model and optimizer state), the label store's Parquet file, the predictions' Parquet file
+/// and a final model. Each time the partial file exists only at its temporary path, every final
+/// folder is complete, and the rerun completes with outputs bitwise equal to an uninterrupted
+/// run's.
+#[test]
+fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
+    let dir = scratch();
+    write(dir.path(), "k.toml", CFG);
+    let reference = pipeline(dir.path(), &["run", "k.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    let faults = [
+        ("optimizer.safetensors", 1_000),
+        ("model.safetensors", 3_000),
+        ("labels.parquet", 500),
+        ("predictions.parquet", 200),
+        ("table.md", 50),
+    ];
+    for (i, (text, bytes)) in faults.iter().enumerate() {
+        let out_name = format!("fault-{i}");
+        let out = dir.path().join(&out_name);
+        let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "k.toml", "--output", &out_name])
+            .current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "2")
+            .env("LDL_FAULT_WRITE", format!("{text}@{bytes}"))
+            .output()
+            .unwrap();
+        let err = stderr(&aborted);
+        assert!(
+            !aborted.status.success(),
+            "{text}: the fault did not fire:\n{err}"
+        );
+        assert!(
+            err.contains("LDL_FAULT_WRITE: aborting while writing") && err.contains(text),
+            "{text}: not stopped by the hook:\n{err}"
+        );
+        let partial = temp_files(&out);
+        assert!(
+            partial.iter().any(|p| p.to_string_lossy().contains(text)
+                && std::fs::metadata(p).unwrap().len() == *bytes),
+            "{text}: no temporary file of {bytes} bytes in {partial:?}"
+        );
+        final_folders_are_complete(&out);
+        let resumed = pipeline(dir.path(), &["run", "k.toml", "--output", &out_name]);
+        assert!(resumed.status.success(), "{text}: {}", stderr(&resumed));
+        final_folders_are_complete(&out);
+        same_outputs(&out, &dir.path().join("reference"));
+        assert!(temp_files(&out).is_empty(), "{text}: temporary files left");
+    }
+}
+
 #[test]
 fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
     let kills_wanted: usize = std::env::var("LDL_KILLS")
@@ -317,27 +416,7 @@ fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
         }
 
         // Every artifact equals the uninterrupted run's.
-        let reference = dir.path().join("reference");
-        let (a, b) = (files(&out), files(&reference));
-        assert_eq!(a, b, "the outputs differ in their files");
-        for f in &a {
-            let name = f.file_name().unwrap().to_string_lossy();
-            let (x, y) = (
-                std::fs::read(out.join(f)).unwrap(),
-                std::fs::read(reference.join(f)).unwrap(),
-            );
-            match name.as_ref() {
-                "stage.json" => {}
-                "train_log.csv" => {
-                    assert_eq!(without_timing(&x), without_timing(&y), "{}", f.display())
-                }
-                _ => assert!(
-                    x == y,
-                    "{} differs from the uninterrupted run's",
-                    f.display()
-                ),
-            }
-        }
+        same_outputs(&out, &dir.path().join("reference"));
         // Nothing partial is left behind.
         let leftovers: Vec<String> = std::fs::read_dir(&out)
             .unwrap()

@@ -41,17 +41,68 @@ pub fn remove_stale_temps(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// The environment variable of the fault-injection hook: `<text>@<bytes>` makes the process
+/// abort (no destructors, no cleanup: to the file system, the same as SIGKILL) once `<bytes>`
+/// bytes have reached the temporary file of a write whose final path contains `<text>`. The
+/// kill-and-resume tests use it to stop a run inside a checkpoint or Parquet write
+/// deterministically, which random kills only hit by chance.
+pub const FAULT_ENV: &str = "LDL_FAULT_WRITE";
+
+/// The temporary file of [`write_with`], with the fault-injection hook of [`FAULT_ENV`].
+pub struct Sink<'a> {
+    file: &'a File,
+    /// Bytes left before the injected abort, and the final path for the message.
+    abort_after: Option<(u64, PathBuf)>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(file: &'a File, path: &Path) -> Self {
+        let abort_after = std::env::var(FAULT_ENV).ok().and_then(|spec| {
+            let (text, bytes) = spec.rsplit_once('@')?;
+            let bytes = bytes.parse::<u64>().ok()?;
+            path.to_string_lossy()
+                .contains(text)
+                .then(|| (bytes, path.to_path_buf()))
+        });
+        Sink { file, abort_after }
+    }
+}
+
+impl Write for Sink<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some((left, path)) = &mut self.abort_after else {
+            return self.file.write(buf);
+        };
+        if (buf.len() as u64) < *left {
+            let n = self.file.write(buf)?;
+            *left -= n as u64;
+            return Ok(n);
+        }
+        // Write exactly up to the limit, so the temporary file really holds a partial write.
+        self.file.write_all(&buf[..*left as usize])?;
+        eprintln!(
+            "{FAULT_ENV}: aborting while writing {} (temporary file left partial)",
+            path.display()
+        );
+        std::process::abort()
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Writes a file atomically: `fill` writes the contents into a temporary file, which is then
 /// fsynced and renamed over `path`. On error the temporary file is removed.
 pub fn write_with<F>(path: &Path, fill: F) -> Result<()>
 where
-    F: FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>,
+    F: FnOnce(&mut std::io::BufWriter<Sink<'_>>) -> std::io::Result<()>,
 {
     let tmp = temp_path(path);
     let result = (|| {
         let file = File::create(&tmp)?;
         {
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, Sink::new(&file, path));
             fill(&mut w)?;
             w.flush()?;
         }
