@@ -10,6 +10,7 @@
 //! tensor ops.
 
 use crate::error::{Result, StageError};
+use crate::models::cpu::{f32_slice, f32_slice_mut};
 use crate::profile::{timer, Section};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
@@ -153,15 +154,15 @@ fn step_in_place(
         return Ok(w.inplace_op2(g, &SgdStep(update, std::sync::Mutex::new(&mut [])))?);
     }
     let n = w.elem_count();
-    let buffer = buffers
+    // `load_state` keeps the buffers of host parameters in host memory, so a tensor here is a
+    // bug, not an input; the kernel itself checks the length.
+    let Buffer::Host(b) = buffers
         .entry(name.to_string())
-        .or_insert_with(|| Buffer::Host(vec![0.0; n]));
-    if !matches!(buffer, Buffer::Host(v) if v.len() == n) {
-        // A buffer of the wrong kind cannot come from `load_state`; start it afresh if it did.
-        *buffer = Buffer::Host(vec![0.0; n]);
-    }
-    let Buffer::Host(b) = buffer else {
-        unreachable!("set above")
+        .or_insert_with(|| Buffer::Host(vec![0.0; n]))
+    else {
+        return Err(StageError::Numeric(format!(
+            "the momentum buffer of `{name}` is not in host memory"
+        )));
     };
     Ok(w.inplace_op2(g, &SgdStep(update, std::sync::Mutex::new(b.as_mut_slice())))?)
 }
@@ -214,20 +215,6 @@ struct Update {
     nesterov: bool,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("sgd: expected contiguous f32 tensors"),
-    }
-}
-
-fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
-        _ => candle_core::bail!("sgd: expected contiguous f32 tensors"),
-    }
-}
-
 /// On the weights w, with source g and the momentum buffer b (empty without momentum), per
 /// element: `g' = g + wd·w`; `b ← μ·b + g'`; `w ← w − lr·d` with `d = b`, `g' + μ·b` under
 /// Nesterov, or `g'` without momentum. (A zero buffer makes the first step `b = g'`, as in
@@ -247,7 +234,7 @@ impl InplaceOp2 for SgdStep<'_> {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let u = self.0;
-        let (w, g) = (slice_mut(s1, l1)?, slice(s2, l2)?);
+        let (w, g) = (f32_slice_mut(s1, l1, "sgd")?, f32_slice(s2, l2, "sgd")?);
         let mut b = self.1.lock().unwrap_or_else(|e| e.into_inner());
         if u.momentum == 0.0 {
             for (w, &g) in w.iter_mut().zip(g) {

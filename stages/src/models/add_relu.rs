@@ -5,7 +5,7 @@
 //! ReLU alone. Fused, the forward is one pass and the backward one pass that masks the incoming
 //! gradient with the sign of the op's own output and hands the same tensor to both inputs.
 
-use super::written_vec;
+use super::cpu::{f32_slice, with_f32, written_vec};
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -13,16 +13,6 @@ use rayon::prelude::*;
 /// Elements per parallel task: large enough to amortise scheduling, small enough to split a
 /// CIFAR activation across cores.
 const CHUNK: usize = 1 << 15;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("add-relu: only f32 is supported on CPU")
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("add-relu: inputs must be contiguous")
-    };
-    Ok(&data[start..end])
-}
 
 struct AddRelu;
 
@@ -39,7 +29,10 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let _t = timer(Section::AddReluForward);
-        let (a, b) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
+        let (a, b) = (
+            f32_slice(s1, l1, "add-relu")?,
+            f32_slice(s2, l2, "add-relu")?,
+        );
         let y = written_vec(a.len(), |y| {
             y.par_chunks_mut(CHUNK)
                 .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
@@ -60,27 +53,21 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = timer(Section::AddReluBackward);
-        let (res, grad) = (res.contiguous()?, grad.contiguous()?);
-        let masked = {
-            let (rs, rl) = res.storage_and_layout();
-            let (gs, gl) = grad.storage_and_layout();
-            let (candle_core::Storage::Cpu(rs), candle_core::Storage::Cpu(gs)) = (&*rs, &*gs)
-            else {
-                candle_core::bail!("add-relu: expected CPU tensors")
-            };
-            let (y, dy) = (contiguous(rs, rl)?, contiguous(gs, gl)?);
-            let out = written_vec(y.len(), |out| {
-                out.par_chunks_mut(CHUNK)
-                    .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-                    .for_each(|(o, (y, dy))| {
-                        for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
-                            // PyTorch's convention: no gradient where the output is exactly 0.
-                            *o = if y > 0.0 { d } else { 0.0 };
-                        }
-                    });
-            });
-            Tensor::from_vec(out, res.shape(), res.device())?
-        };
+        let out = with_f32(res, "add-relu", |y| {
+            with_f32(grad, "add-relu", |dy| {
+                written_vec(y.len(), |out| {
+                    out.par_chunks_mut(CHUNK)
+                        .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+                        .for_each(|(o, (y, dy))| {
+                            for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
+                                // PyTorch's convention: no gradient where the output is exactly 0.
+                                *o = if y > 0.0 { d } else { 0.0 };
+                            }
+                        });
+                })
+            })
+        })??;
+        let masked = Tensor::from_vec(out, res.shape(), res.device())?;
         Ok((Some(masked.clone()), Some(masked)))
     }
 }

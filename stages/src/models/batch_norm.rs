@@ -11,32 +11,14 @@
 //! gradient with the sign of its own output inside the passes it makes anyway. Other devices use
 //! the equivalent candle ops.
 
-use super::written_vec;
+use super::cpu::{f32_slice, with_f32, written_vec};
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-/// Reads a contiguous CPU `f32` tensor's values.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        candle_core::bail!("batch norm: expected an f32 CPU tensor")
-    };
-    let (start, end) = layout.contiguous_offsets().expect("contiguous");
-    Ok(f(&data[start..end]))
-}
-
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("batch norm: only f32 is supported on CPU")
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("batch norm: input must be contiguous")
-    };
-    Ok(&data[start..end])
-}
+/// The kernel's name in errors.
+const BN: &str = "batch norm";
 
 /// Independent partial sums: float addition is not associative, so the compiler keeps a
 /// single running sum scalar; sixteen of them vectorise.
@@ -150,7 +132,11 @@ impl CustomOp3 for Normalize {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            f32_slice(s1, l1, BN)?,
+            f32_slice(s2, l2, BN)?,
+            f32_slice(s3, l3, BN)?,
+        );
         let (_, c, h, w) = l1.shape().dims4()?;
         let hw = h * w;
         let y = written_vec(x.len(), |y| {
@@ -195,8 +181,8 @@ impl CustomOp3 for Normalize {
         } else {
             None
         };
-        let (dx, dgamma, dbeta) = with_f32(x, |x| {
-            with_f32(grad, |dy| {
+        let (dx, dgamma, dbeta) = with_f32(x, BN, |x| {
+            with_f32(grad, BN, |dy| {
                 let body = |y: Option<&[f32]>| {
                     // Per channel: Σ dy and Σ dy·x̂.
                     let (sum_dy, sum_dy_xhat): (Vec<f32>, Vec<f32>) = (0..c)
@@ -249,7 +235,7 @@ impl CustomOp3 for Normalize {
                     (dx, sum_dy_xhat, sum_dy)
                 };
                 match &res {
-                    Some(r) => with_f32(r, |y| body(Some(y))),
+                    Some(r) => with_f32(r, BN, |y| body(Some(y))),
                     None => Ok(body(None)),
                 }
             })
@@ -315,7 +301,7 @@ impl BatchNorm {
         let _t = timer(Section::BatchNormForward);
         let x = x.contiguous()?;
         let (mean, inv_std) = if train {
-            let (mean, var) = with_f32(&x, |d| channel_stats(d, n, c, h * w))?;
+            let (mean, var) = with_f32(&x, BN, |d| channel_stats(d, n, c, h * w))?;
             let m = (n * h * w) as f64;
             let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
             let mo = self.momentum;

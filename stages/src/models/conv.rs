@@ -16,8 +16,8 @@
 //! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether. Off the CPU
 //! the layer uses candle's own convolution (cuDNN where enabled).
 
+use super::cpu::{f32_slice, with_f32, written_vec};
 use super::sgemm::gemm_nn;
-use super::written_vec;
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -288,26 +288,6 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("conv2d: the {what} must be f32 on CPU")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("conv2d: the {what} must be contiguous")
-    };
-    Ok(&data[start..end])
-}
-
-/// Runs `f` over a CPU f32 tensor's values (made contiguous first).
-fn with_values<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("conv2d: the {what} must be on the CPU")
-    };
-    Ok(f(contiguous_f32(cpu, layout, what)?))
-}
-
 /// The convolution `x (N×C×H×W), w (Cout×C×kh×kw) → y (N×Cout×H'×W')`.
 struct ConvOp(Geometry);
 
@@ -438,8 +418,8 @@ impl CustomOp2 for ConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (x, w) = (
-            contiguous_f32(s1, l1, "input")?,
-            contiguous_f32(s2, l2, "weight")?,
+            f32_slice(s1, l1, "conv2d input")?,
+            f32_slice(s2, l2, "conv2d weight")?,
         );
         let (ho, wo) = g.out_hw();
         Ok((
@@ -458,9 +438,11 @@ impl CustomOp2 for ConvOp {
         let g = self.0;
         // An input that is not itself differentiated (the images) gets no gradient.
         let want_dx = x.track_op();
-        let (dx, dw) = with_values(x, "input", |xv| {
-            with_values(w, "weight", |wv| {
-                with_values(grad, "gradient", |dy| self.backward(xv, wv, dy, want_dx))
+        let (dx, dw) = with_f32(x, "conv2d input", |xv| {
+            with_f32(w, "conv2d weight", |wv| {
+                with_f32(grad, "conv2d gradient", |dy| {
+                    self.backward(xv, wv, dy, want_dx)
+                })
             })
         })???;
         let dev = x.device();

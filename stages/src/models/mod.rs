@@ -7,6 +7,7 @@ pub mod add_relu;
 pub mod batch_norm;
 mod bottleneck;
 pub mod conv;
+pub(crate) mod cpu;
 pub mod dropout;
 pub mod pool;
 pub mod resnet;
@@ -212,23 +213,6 @@ impl Model {
         }
         Ok(())
     }
-}
-
-/// An f32 vector of `len` values that `fill` writes completely, without zeroing it first: CPU
-/// kernels hand candle fresh output buffers every call, and zeroing them would be one more pass
-/// over memory.
-pub(crate) fn written_vec(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    let spare: &mut [std::mem::MaybeUninit<f32>] = &mut v.spare_capacity_mut()[..len];
-    // SAFETY: f32 has no invalid bit patterns and `fill` only writes through the slice before
-    // anything reads it (every caller writes each element: GEMMs that do not accumulate, the
-    // unfolding, elementwise kernels, or an explicit zeroing); `set_len` follows once all of it
-    // is written. candle's CPU backend allocates its own outputs the same way (`alloc_uninit`).
-    let slice = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-    fill(slice);
-    // SAFETY: capacity is at least `len`, and every element was written by `fill`.
-    unsafe { v.set_len(len) };
-    v
 }
 
 #[cfg(test)]

@@ -15,10 +15,12 @@
 //! match to rounding on every machine. Column remainders use masked loads and stores.
 
 /// Set by tests to run the portable path on a machine with AVX-512.
+#[cfg(test)]
 static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the AVX-512 kernels can run here.
 fn has_avx512() -> bool {
+    #[cfg(test)]
     if PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }

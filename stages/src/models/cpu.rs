@@ -1,0 +1,51 @@
+//! What the CPU kernels (convolution, BatchNorm, add + ReLU, the SGD update) share: borrowing a
+//! candle tensor's `f32` values in place, and allocating output buffers without zeroing them.
+
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// The values of a contiguous `f32` CPU storage; `op` names the kernel in the error.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => candle_core::bail!("{op}: expected contiguous f32 values on the CPU"),
+    }
+}
+
+/// [`f32_slice`], writable (for in-place ops).
+pub(crate) fn f32_slice_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("{op}: expected contiguous f32 values on the CPU"),
+    }
+}
+
+/// Runs `f` over a CPU `f32` tensor's values (made contiguous first).
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: expected a CPU tensor")
+    };
+    Ok(f(f32_slice(cpu, layout, op)?))
+}
+
+/// An f32 vector of `len` values that `fill` writes completely, without zeroing it first: CPU
+/// kernels hand candle fresh output buffers every call, and zeroing them would be one more pass
+/// over memory.
+pub(crate) fn written_vec(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    let spare: &mut [std::mem::MaybeUninit<f32>] = &mut v.spare_capacity_mut()[..len];
+    // SAFETY: f32 has no invalid bit patterns and `fill` only writes through the slice before
+    // anything reads it (every caller writes each element: GEMMs that do not accumulate, the
+    // unfolding, elementwise kernels, or an explicit zeroing); `set_len` follows once all of it
+    // is written. candle's CPU backend allocates its own outputs the same way (`alloc_uninit`).
+    let slice = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+    fill(slice);
+    // SAFETY: capacity is at least `len`, and every element was written by `fill`.
+    unsafe { v.set_len(len) };
+    v
+}
