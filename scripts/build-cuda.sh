@@ -3,7 +3,7 @@
 # with no GPU, no NVIDIA driver and no system CUDA: the compiler and libraries come from PyPI wheels.
 #
 #   scripts/build-cuda.sh               # -> target/cuda/release/pipeline
-#   WITH_CUDNN=1 scripts/build-cuda.sh  # candle's cuDNN feature as well (adds the cuDNN wheel)
+#   TESTS=1 scripts/build-cuda.sh       # also the GPU test binary (stages/tests/gpu_ops.rs)
 #
 # Environment: TK (toolkit folder, default ~/.cache/cuda13-pip), CUDA_COMPUTE_CAP (default 90,
 # the H100/H200; 80 for A100, 89 for L4/L40/RTX 40xx), JOBS (cargo -j, default: all cores).
@@ -24,14 +24,12 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TK=${TK:-${XDG_CACHE_HOME:-$HOME/.cache}/cuda13-pip}
-WITH_CUDNN=${WITH_CUDNN:-0}
+# The GPU path needs cuDNN (convolutions), so the `cuda` feature always links it.
 FEATURE=cuda
-[ "$WITH_CUDNN" = 1 ] && FEATURE=cudnn
 mkdir -p "$TK"
 
-PKGS=("cuda-toolkit[nvcc,crt,nvvm,cccl,cudart,cublas,curand,nvrtc]==13.0.2")
-[ "$WITH_CUDNN" = 1 ] && PKGS+=("nvidia-cudnn-cu13==9.19.0.56")
-if [ ! -x "$TK/site/nvidia/cu13/bin/nvcc" ] || { [ "$WITH_CUDNN" = 1 ] && [ ! -d "$TK/site/nvidia/cudnn" ]; }; then
+PKGS=("cuda-toolkit[nvcc,crt,nvvm,cccl,cudart,cublas,curand,nvrtc]==13.0.2" "nvidia-cudnn-cu13==9.19.0.56")
+if [ ! -x "$TK/site/nvidia/cu13/bin/nvcc" ] || [ ! -d "$TK/site/nvidia/cudnn" ]; then
   rm -rf "$TK/site"
   python3 -m pip install --quiet --disable-pip-version-check --target "$TK/site" "${PKGS[@]}"
 fi
@@ -74,3 +72,8 @@ export LD_LIBRARY_PATH=$TK/link/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cd "$ROOT"
 cargo build --release -p pipeline --features "$FEATURE" --target-dir target/cuda ${JOBS:+-j "$JOBS"}
 echo "built $ROOT/target/cuda/release/pipeline (features: $FEATURE, compute capability $CUDA_COMPUTE_CAP)"
+if [ "${TESTS:-0}" = 1 ]; then
+  cargo test --release -p stages --features "$FEATURE" --target-dir target/cuda --test gpu_ops --no-run \
+    ${JOBS:+-j "$JOBS"} 2>&1 | tee /dev/stderr | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' > target/cuda/gpu_ops.path
+  echo "built $(cat target/cuda/gpu_ops.path)"
+fi

@@ -1,44 +1,98 @@
 #!/usr/bin/env bash
-# The GPU side-by-side training benchmark: `pipeline bench train` (a CUDA build, see
-# scripts/build-cuda.sh) against benches/torch_train.py, on one card in one run, plus a short
-# pipeline run on the GPU and the same on the CPU to compare their loss curves.
+# The GPU checks of issue 9, on one card in one run (about 6 minutes on an H100):
+#  1. the GPU op tests (stages/tests/gpu_ops.rs: cuDNN convolutions, BatchNorm, add-ReLU, SGD and
+#     a few ResNet steps against the CPU, f32 and bf16);
+#  2. the side-by-side training benchmark: `pipeline bench train` (f32 and bf16) against
+#     benches/torch_train.py (eager f32; bf16 autocast + channels_last) for ResNet-18 at batch 256
+#     and ResNet-56 at batch 64, images/s and peak memory;
+#  3. end to end: two epochs of a CIFAR-10-shaped student (50,000 images, crop + flip) through
+#     `pipeline run`, loader included, whose second-epoch images/s compare with the pure step
+#     rate of 2.;
+#  4. a short pipeline run on the GPU and on the CPU, same seed, to compare their loss curves
+#     (SKIP_CURVES=1 leaves it out).
 #
-#   scripts/gpu-bench.sh [PIPELINE_BINARY] [OUTPUT_FOLDER]
+#   scripts/gpu-bench.sh [PIPELINE_BINARY] [GPU_OPS_TEST_BINARY] [OUTPUT_FOLDER]
 #
-# Needs on the GPU machine: the NVIDIA driver, python3 with PyTorch (CUDA), and the CUDA 13
-# libraries the binary links (found in PyTorch's cu13x wheels or a system CUDA).
+# Binaries: scripts/build-cuda.sh (TESTS=1 for the test binary). Needs on the GPU machine: the
+# NVIDIA driver, python3 with PyTorch (CUDA), and the CUDA 13 + cuDNN 9 libraries the binary links
+# (found in PyTorch's cu13x wheels or a system CUDA).
 set -u
 BIN=${1:-target/cuda/release/pipeline}
-OUT=${2:-gpu-bench-out}
+TESTBIN=${2:-}
+OUT=${3:-gpu-bench-out}
 mkdir -p "$OUT"
 SP=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
 for d in "$SP"/nvidia/cu13/lib "$SP"/nvidia/cudnn/lib /usr/local/cuda/lib64; do
   [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-/tmp/cuda-cache}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c 'import torch; print("torch", torch.__version__)'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/bench.md"
+python3 -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())' | tee -a "$OUT/bench.md"
 
 run() { # label, timeout, command...
   local label=$1 limit=$2; shift 2
-  echo "== $label"
-  timeout "$limit" "$@" 2>&1 | tail -n 25 | tee -a "$OUT/bench.md"
-  echo "(exit ${PIPESTATUS[0]})"
+  echo "== $label" | tee -a "$OUT/bench.md"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/last.log" 2>&1
+  local rc=$?
+  tail -n 30 "$OUT/last.log" | tee -a "$OUT/bench.md"
+  echo "(exit $rc, $((SECONDS - t0)) s)" | tee -a "$OUT/bench.md"
 }
-for spec in "resnet20 64" "resnet56 64" "resnet18 256"; do
+
+if [ -n "$TESTBIN" ]; then
+  run "GPU op tests" 240 "$TESTBIN" --test-threads 1 --nocapture
+fi
+
+for spec in "resnet18 256" "resnet56 64"; do
   set -- $spec
-  run "ours $1 batch $2" 150 "$BIN" bench train --model "$1" --batch "$2" --device cuda --warmup 5 --steps 30
-  run "torch $1 batch $2" 150 python3 benches/torch_train.py --model "$1" --batch "$2" --device cuda --warmup 10 --steps 50
+  for dt in bf16 f32; do
+    run "ours $1 batch $2 $dt" 120 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
+  done
+  run "torch $1 batch $2" 180 python3 benches/torch_train.py --model "$1" --batch "$2" --device cuda --warmup 10 --steps 50
 done
 
-# A short pipeline on synthetic data, on the GPU and on the CPU: same stages, same seed.
-cfg() {
+# End to end: prepare a CIFAR-10-shaped synthetic set, train two epochs, read the log.
+e2e() { # model batch dtype
   cat <<EOF
 [run]
-output = "run-$1"   # relative to this file's folder
+output = "e2e-$1-$3"
+seed = 0
+device = "cuda"
+threads = 12
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+train_size = 50000
+test_size = 1000
+[[stage]]
+name = "student"
+kind = "train"
+needs = ["data"]
+model = "$1"
+method = "vanilla"
+epochs = 2
+batch_size = $2
+dtype = "$3"
+schedule = { type = "cosine" }
+EOF
+}
+for spec in "resnet18 256 bf16" "resnet56 64 bf16"; do
+  set -- $spec
+  e2e "$@" > "$OUT/e2e-$1.toml"
+  run "pipeline run: 2 epochs of $1 batch $2 $3 (loader included)" 150 "$BIN" run "$OUT/e2e-$1.toml"
+  cat "$OUT/e2e-$1-$3/student/train_log.csv" 2>/dev/null | cut -c1-200 | tee -a "$OUT/bench.md"
+done
+
+[ "${SKIP_CURVES:-0}" = 1 ] && exit 0
+# A short pipeline on synthetic data, on the GPU (f32 and bf16) and on the CPU: same stages, seed.
+cfg() { # device dtype
+  cat <<EOF
+[run]
+output = "run-$1-$2"
 seed = 0
 device = "$1"
-threads = 8
+threads = 12
 [[stage]]
 name = "data"
 kind = "prepare"
@@ -53,6 +107,7 @@ model = "resnet20"
 method = "vanilla"
 epochs = 3
 batch_size = 64
+dtype = "$2"
 schedule = { type = "cosine" }
 [[stage]]
 name = "eval"
@@ -60,8 +115,9 @@ kind = "evaluate"
 needs = ["data", "teacher"]
 EOF
 }
-for dev in cuda cpu; do
-  cfg "$dev" > "$OUT/stages-$dev.toml"
-  run "pipeline run on $dev" 240 "$BIN" -q run "$OUT/stages-$dev.toml"
-  cat "$OUT/run-$dev/teacher/train_log.csv" "$OUT/run-$dev/eval/metrics.md" 2>/dev/null | tee -a "$OUT/bench.md"
+for dd in "cuda f32" "cuda bf16" "cpu f32"; do
+  set -- $dd
+  cfg "$1" "$2" > "$OUT/stages-$1-$2.toml"
+  run "pipeline run on $1 ($2)" 150 "$BIN" -q run "$OUT/stages-$1-$2.toml"
+  cat "$OUT/run-$1-$2/teacher/train_log.csv" "$OUT/run-$1-$2/eval/metrics.md" 2>/dev/null | cut -c1-160 | tee -a "$OUT/bench.md"
 done

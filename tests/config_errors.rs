@@ -84,6 +84,14 @@ fn bad_device() {
 }
 
 #[test]
+fn bf16_training_on_the_cpu() {
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\ndtype = \"bf16\"\n"
+    ));
+    assert_at(&e, 14, 1, &["stage `t`", "key `dtype`", "CUDA"]);
+}
+
+#[test]
 fn cuda_device_in_a_cpu_build() {
     let e = fails(&HEAD.replace("[run]\n", "[run]\ndevice = \"cuda:1\"\n"));
     assert_at(&e, 2, 10, &["key `device`", "cuda:1", "CPU only"]);

@@ -159,6 +159,10 @@ pub struct TrainArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Activations and convolutions in `f32`, or `bf16` (CUDA only; f32 master weights,
+    /// optimizer state, BatchNorm statistics and loss), as `dtype` of a train stage.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Also print where the time of a step goes: forward, backward and optimizer, and within
     /// them the CPU kernels (convolution, BatchNorm, residual add + ReLU); the remainder is
     /// candle's own work (gradient accumulation, the loss, the classifier head, pooling).
@@ -178,6 +182,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 
     let spec_dev: DeviceSpec = args.device.parse().map_err(anyhow::Error::msg)?;
     let device = spec_dev.open()?;
+    let precision: stages::train::Precision =
+        serde_json::from_value(serde_json::Value::String(args.dtype.clone()))
+            .map_err(|_| anyhow::anyhow!("--dtype {}: expected f32 or bf16", args.dtype))?;
+    precision.check(&device)?;
     let mut spec = ModelSpec::new(&args.model, args.classes, 3)?;
     if let Some(w) = args.width {
         spec.width = w;
@@ -191,7 +199,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             nesterov: false,
         },
     );
-    let x = Tensor::randn(0f32, 1.0, (args.batch, 3, 32, 32), &device)?;
+    let x =
+        Tensor::randn(0f32, 1.0, (args.batch, 3, 32, 32), &device)?.to_dtype(precision.dtype())?;
     let labels: Vec<u32> = (0..args.batch as u32)
         .map(|i| i % args.classes as u32)
         .collect();
@@ -225,6 +234,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     device.synchronize()?;
     phases = [0.0; 3];
+    let memory = || -> Result<Option<u64>> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(d) = &device {
+            return Ok(stages::gpu::memory_high_water(d, false)?);
+        }
+        Ok(None)
+    };
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = &device {
+        stages::gpu::memory_high_water(d, true)?;
+    }
     stages::profile::reset();
     stages::profile::set_enabled(args.profile);
     let t0 = Instant::now();
@@ -234,6 +254,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     device.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
+    let peak = memory()?;
     stages::profile::set_enabled(false);
     let loss = match last {
         Some(l) => l.to_dtype(DType::F32)?.to_scalar::<f32>()?,
@@ -241,18 +262,25 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
-        "training benchmark: {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), f32, {} warm-up + {} timed steps",
-        spec.arch, spec.width, args.batch, args.warmup, args.steps
+        "training benchmark: {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), {}, {} warm-up + {} timed steps",
+        spec.arch, spec.width, args.batch, args.dtype, args.warmup, args.steps
     );
     println!();
-    println!("| model | params | device | images/s | ms/step | last loss |");
-    println!("|---|---:|---|---:|---:|---:|");
     println!(
-        "| {} | {} | {spec_dev} | {:.0} | {:.1} | {loss:.3} |",
+        "| model | params | device | dtype | images/s | ms/step | peak memory (MiB) | last loss |"
+    );
+    println!("|---|---:|---|---|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {spec_dev} | {} | {:.0} | {:.1} | {} | {loss:.3} |",
         spec.arch,
         model.parameter_count(),
+        args.dtype,
         (args.steps * args.batch) as f64 / secs,
-        1000.0 * secs / args.steps.max(1) as f64
+        1000.0 * secs / args.steps.max(1) as f64,
+        peak.map_or("–".to_string(), |b| format!(
+            "{:.0}",
+            b as f64 / (1u64 << 20) as f64
+        ))
     );
     if args.profile {
         print_profile(&phases, secs, args.steps.max(1));

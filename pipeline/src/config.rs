@@ -405,6 +405,18 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                     format!("stage `{shown}` (kind {kind}): key `{key}` {message}"),
                 ));
             }
+            if let StageParams::Train(tp) = &params {
+                if tp.dtype == stages::train::Precision::Bf16 && run.device == DeviceSpec::Cpu {
+                    let at = key_spans.get("dtype").cloned().unwrap_or(span.clone());
+                    return Err(loc.at(
+                        at,
+                        format!(
+                            "stage `{shown}` (kind {kind}): key `dtype`: \"bf16\" trains on CUDA \
+                             only, and [run] device is \"cpu\" (use dtype = \"f32\", or device = \"cuda\")"
+                        ),
+                    ));
+                }
+            }
             params.resolve(run.seed);
             // Which grid this cell follows, if any.
             let mut follow: Option<usize> = None;

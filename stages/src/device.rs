@@ -58,7 +58,16 @@ impl DeviceSpec {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
                 self.available().map_err(StageError::Config)?;
-                Ok(Device::new_cuda(*n)?)
+                let device = Device::new_cuda(*n)?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(d) = &device {
+                    // All work runs on candle's one stream (cuDNN and the kernels of `gpu`
+                    // included), so the per-buffer events that order work across streams are
+                    // pure overhead: two driver calls per operand of every kernel.
+                    // SAFETY: no other stream touches this device's buffers.
+                    unsafe { d.disable_event_tracking() };
+                }
+                Ok(device)
             }
         }
     }

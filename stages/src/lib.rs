@@ -13,7 +13,10 @@ pub mod context;
 pub mod device;
 pub mod error;
 pub mod evaluate;
+pub mod feed;
 pub mod figures;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod inference;
 pub mod label;
 pub mod label_store;

@@ -144,6 +144,9 @@ pub struct Supervision<'a> {
     pub class_weights: Vec<f32>,
     rows: Vec<f32>,
     mixed: Vec<f32>,
+    /// Uploads of the per-batch targets and labels (pinned and asynchronous on CUDA).
+    targets_feed: crate::feed::Feeder,
+    labels_feed: crate::feed::Feeder,
 }
 
 impl<'a> Supervision<'a> {
@@ -164,6 +167,8 @@ impl<'a> Supervision<'a> {
             class_weights: vec![1.0; k],
             rows: Vec::new(),
             mixed: Vec::new(),
+            targets_feed: crate::feed::Feeder::new(),
+            labels_feed: crate::feed::Feeder::new(),
         }
     }
 
@@ -185,7 +190,7 @@ impl<'a> Supervision<'a> {
             batch.mix.mix_rows(&self.rows, k, &mut self.mixed);
             &self.mixed[..]
         };
-        Ok(Tensor::from_slice(z, (b, k), &self.device)?)
+        Ok(self.targets_feed.upload(z, (b, k), &self.device)?)
     }
 
     /// One-hot targets (mixed when the batch is).
@@ -199,7 +204,9 @@ impl<'a> Supervision<'a> {
     /// Cross-entropy with the hard labels: by index when unmixed, else with the mixed one-hots.
     fn hard_loss(&mut self, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
         if batch.mix == MixRecord::None {
-            let y = Tensor::from_slice(&batch.labels, batch.len(), &self.device)?;
+            let y = self
+                .labels_feed
+                .upload_u32(&batch.labels, batch.len(), &self.device)?;
             Ok(cross_entropy_per_sample(logits, &y)?)
         } else {
             let z = self.hard(batch)?;

@@ -6,8 +6,9 @@
 //!
 //! On CPU the update runs in place, one pass over each parameter that reads the gradient and
 //! writes the momentum buffer and the weights, with no allocation; as candle tensor ops it would
-//! be seven elementwise passes, each allocating a parameter-sized tensor. Other devices use the
-//! tensor ops.
+//! be seven elementwise passes, each allocating a parameter-sized tensor. On CUDA the same pass
+//! is one kernel per parameter (`gpu::sgd_step`), with the momentum buffers in device memory.
+//! Other devices use the tensor ops.
 
 use crate::error::{Result, StageError};
 use crate::models::cpu::{f32_slice, f32_slice_mut};
@@ -80,6 +81,8 @@ impl Sgd {
             let w = var.as_tensor();
             if on_host(w) {
                 step_in_place(config, buffers, name, w, &g.contiguous()?, lr)?;
+            } else if on_cuda(w) {
+                step_on_cuda(config, buffers, name, w, g, lr)?;
             } else {
                 step_with_tensor_ops(config, buffers, name, var, g, lr)?;
             }
@@ -133,6 +136,58 @@ impl Sgd {
         self.buffers = buffers;
         Ok(())
     }
+}
+
+/// Whether a parameter takes the in-place CUDA update.
+fn on_cuda(w: &Tensor) -> bool {
+    cfg!(feature = "cuda") && w.device().is_cuda() && w.dtype() == DType::F32 && w.is_contiguous()
+}
+
+/// The CUDA update of one parameter: one kernel over w, g and the momentum buffer, in place.
+#[cfg(feature = "cuda")]
+fn step_on_cuda(
+    c: SgdConfig,
+    buffers: &mut BTreeMap<String, Buffer>,
+    name: &str,
+    w: &Tensor,
+    g: &Tensor,
+    lr: f64,
+) -> Result<()> {
+    let buf = if c.momentum != 0.0 {
+        let b = match buffers.remove(name) {
+            Some(Buffer::Device(t)) if t.is_contiguous() && t.dtype() == DType::F32 => t,
+            Some(Buffer::Device(t)) => t.to_dtype(DType::F32)?.contiguous()?.copy()?,
+            Some(Buffer::Host(v)) => Tensor::from_slice(&v, w.shape(), w.device())?,
+            None => Tensor::zeros(w.shape(), DType::F32, w.device())?,
+        };
+        buffers.insert(name.to_string(), Buffer::Device(b.clone()));
+        Some(b)
+    } else {
+        None
+    };
+    Ok(crate::gpu::sgd_step(
+        w,
+        g,
+        buf.as_ref(),
+        lr as f32,
+        c.momentum as f32,
+        c.weight_decay as f32,
+        c.nesterov,
+    )?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn step_on_cuda(
+    _: SgdConfig,
+    _: &mut BTreeMap<String, Buffer>,
+    name: &str,
+    _: &Tensor,
+    _: &Tensor,
+    _: f64,
+) -> Result<()> {
+    Err(StageError::Numeric(format!(
+        "`{name}` is on a CUDA device in a build without CUDA"
+    )))
 }
 
 /// The CPU update of one parameter: one pass over w, g and the momentum buffer.

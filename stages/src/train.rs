@@ -246,6 +246,108 @@ pub struct Params {
     /// Seed of initialisation, order and augmentation (default: the run's seed).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// Arithmetic of the convolutions and activations: `"f32"`, or `"bf16"` (CUDA only) with f32
+    /// master weights, optimizer state, BatchNorm statistics, classifier and loss.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub dtype: Precision,
+}
+
+/// The type training computes activations in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 convolutions and activations (mixed precision), on CUDA.
+    Bf16,
+}
+
+impl Precision {
+    /// The candle type of the activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Fails unless `device` can compute in this precision.
+    pub fn check(self, device: &Device) -> Result<()> {
+        if self == Precision::Bf16 && !device.is_cuda() {
+            return Err(StageError::Config(
+                "dtype = \"bf16\" trains on CUDA devices only; use dtype = \"f32\" on the CPU"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Steps between reads of the loss on the host: each read waits for the device to finish
+/// the queued steps, so reading every step would stall the GPU between steps.
+const READ_EVERY: usize = 25;
+
+/// Per-sample losses and predictions of the steps not yet read back to the host.
+#[derive(Default)]
+struct Pending {
+    losses: Vec<Tensor>,
+    preds: Vec<Tensor>,
+    labels: Vec<u32>,
+    /// (batch index, batch size) of each pending step.
+    batches: Vec<(usize, usize)>,
+}
+
+impl Pending {
+    fn push(&mut self, losses: Tensor, preds: Tensor, labels: &[u32], batch: usize) {
+        self.losses.push(losses);
+        self.preds.push(preds);
+        self.labels.extend_from_slice(labels);
+        self.batches.push((batch, labels.len()));
+    }
+
+    fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Reads the pending steps (one wait for the device) into `sums`, batch by batch as if read
+    /// after every step (so the sums do not depend on when reads happen); fails on a
+    /// non-finite loss, naming the epoch and batch.
+    fn read(&mut self, sums: &mut EpochSums, name: &str, epoch: usize) -> Result<()> {
+        if self.batches.is_empty() {
+            return Ok(());
+        }
+        let losses = Tensor::cat(&self.losses, 0)?.to_vec1::<f32>()?;
+        let preds = Tensor::cat(&self.preds, 0)?.to_vec1::<u32>()?;
+        self.losses.clear();
+        self.preds.clear();
+        let mut at = 0;
+        for &(index, b) in &self.batches {
+            let (ls, ps, ys) = (
+                &losses[at..at + b],
+                &preds[at..at + b],
+                &self.labels[at..at + b],
+            );
+            at += b;
+            let l: f64 = ls.iter().map(|&v| v as f64).sum::<f64>() / b as f64;
+            if !l.is_finite() {
+                return Err(StageError::Numeric(format!(
+                    "{name}: the loss became {l} at epoch {}, batch {index}; lower the learning rate",
+                    epoch + 1
+                )));
+            }
+            for ((&y, &pr), &li) in ys.iter().zip(ps).zip(ls) {
+                sums.correct += (y == pr) as usize;
+                sums.class_loss[y as usize] += li as f64;
+                sums.class_seen[y as usize] += 1;
+            }
+            sums.loss += l * b as f64;
+            sums.seen += b;
+        }
+        self.labels.clear();
+        self.batches.clear();
+        Ok(())
+    }
 }
 
 impl Params {
@@ -387,6 +489,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let seed = p.seed.unwrap_or_default();
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
+    p.dtype.check(&device)?;
+    let compute = p.dtype.dtype();
     let [c, h, w] = data.info.shape;
     let k = data.info.classes.len();
     let spec = ModelSpec {
@@ -510,6 +614,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         },
     );
     let steps = loader.batches_per_epoch();
+    let mut feeder = crate::feed::Feeder::new();
 
     let checkpoints = Checkpoints::new(&ctx.dir, p.keep_checkpoints);
     let restored: Option<CheckpointState> =
@@ -583,7 +688,26 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         let t0 = Instant::now();
         let (mut timed_images, secs_before) = (0usize, sums.seconds);
         let mut it = loader.epoch(epoch as u64, first);
-        while let Some(batch) = it.next() {
+        let mut pending = Pending::default();
+        let message = |sums: &EpochSums, timed_images: usize| {
+            format!(
+                "epoch {}/{} loss {:.3} acc {:.1}% {:.0} img/s",
+                epoch + 1,
+                p.epochs,
+                sums.loss / sums.seen.max(1) as f64,
+                100.0 * sums.correct as f64 / sums.seen.max(1) as f64,
+                timed_images as f64 / t0.elapsed().as_secs_f64()
+            )
+        };
+        // Where the host's time goes, for the epoch's log line: waiting for the loader, handing
+        // the batch to the device, and waiting for the device at loss reads.
+        let (mut wait_loader, mut wait_upload, mut wait_read) = (0f64, 0f64, 0f64);
+        loop {
+            let t_wait = Instant::now();
+            let Some(batch) = it.next() else {
+                break;
+            };
+            wait_loader += t_wait.elapsed().as_secs_f64();
             let b = batch.len();
             sums.lr = lr_at(
                 p.lr,
@@ -593,7 +717,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 epoch,
                 batch.index as f64 / steps as f64,
             );
-            let x = Tensor::from_slice(&batch.images, (b, c, h, w), &device)?;
+            let t_upload = Instant::now();
+            let x = feeder.upload(&batch.images, (b, c, h, w), &device)?;
+            wait_upload += t_upload.elapsed().as_secs_f64();
             // Dropout masks from (seed, epoch, batch): a resumed run draws the same ones.
             let mode = Mode::train(derive_seed(&[
                 seed,
@@ -601,44 +727,37 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 epoch as u64,
                 batch.index as u64,
             ]));
-            let logits = model.net.forward_mode(&x, mode)?;
+            let logits = if compute == DType::F32 {
+                model.net.forward_mode(&x, mode)?
+            } else {
+                model.net.forward_mode(&x.to_dtype(compute)?, mode)?
+            };
             let per_sample = supervision.per_sample_loss(&logits, &x, &batch, epoch)?;
             let loss = per_sample.mean_all()?;
             let grads = loss.backward()?;
             opt.step(&grads, sums.lr)?;
-            let losses = per_sample.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let l: f64 = losses.iter().map(|&v| v as f64).sum::<f64>() / b as f64;
-            if !l.is_finite() {
-                return Err(StageError::Numeric(format!(
-                    "{}: the loss became {l} at epoch {}, batch {}; lower the learning rate",
-                    ctx.name,
-                    epoch + 1,
-                    batch.index
-                )));
-            }
-            let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-            for ((&y, &pr), &li) in batch.labels.iter().zip(&pred).zip(&losses) {
-                sums.correct += (y == pr) as usize;
-                sums.class_loss[y as usize] += li as f64;
-                sums.class_seen[y as usize] += 1;
-            }
-            sums.loss += l * b as f64;
-            sums.seen += b;
+            // Read back every READ_EVERY steps, not every step: no host wait inside a step.
+            pending.push(
+                per_sample.detach().to_dtype(DType::F32)?,
+                logits.detach().argmax(1)?,
+                &batch.labels,
+                batch.index,
+            );
             timed_images += b;
             step += 1;
             bar.inc(1);
-            sums.seconds = secs_before + t0.elapsed().as_secs_f64();
-            bar.set_message(format!(
-                "epoch {}/{} loss {:.3} acc {:.1}% {:.0} img/s",
-                epoch + 1,
-                p.epochs,
-                sums.loss / sums.seen as f64,
-                100.0 * sums.correct as f64 / sums.seen as f64,
-                timed_images as f64 / t0.elapsed().as_secs_f64()
-            ));
             let next_batch = batch.index + 1;
             it.recycle(batch);
-            if next_batch < steps && p.checkpoint_every.is_some_and(|n| step % n as u64 == 0) {
+            let checkpoint_now =
+                next_batch < steps && p.checkpoint_every.is_some_and(|n| step % n as u64 == 0);
+            if pending.len() >= READ_EVERY || checkpoint_now {
+                let t_read = Instant::now();
+                pending.read(&mut sums, &ctx.name, epoch)?;
+                wait_read += t_read.elapsed().as_secs_f64();
+                sums.seconds = secs_before + t0.elapsed().as_secs_f64();
+                bar.set_message(message(&sums, timed_images));
+            }
+            if checkpoint_now {
                 checkpoints.save(
                     step,
                     &model,
@@ -655,6 +774,20 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 )?;
             }
         }
+        let t_read = Instant::now();
+        pending.read(&mut sums, &ctx.name, epoch)?;
+        wait_read += t_read.elapsed().as_secs_f64();
+        sums.seconds = secs_before + t0.elapsed().as_secs_f64();
+        tracing::info!(
+            "{}: epoch {}: {:.2} s waiting for the loader, {:.2} s handing batches to the device, \
+             {:.2} s waiting for the device at loss reads (of {:.2} s)",
+            ctx.name,
+            epoch + 1,
+            wait_loader,
+            wait_upload,
+            wait_read,
+            t0.elapsed().as_secs_f64()
+        );
         let row = EpochRow {
             epoch: epoch + 1,
             lr: sums.lr,

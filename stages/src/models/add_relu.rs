@@ -3,7 +3,8 @@
 //! As candle ops this is an addition and a ReLU: two passes forward, and backward a zero
 //! tensor, a comparison, a dtype conversion, a product and the gradient accumulation for the
 //! ReLU alone. Fused, the forward is one pass and the backward one pass that masks the incoming
-//! gradient with the sign of the op's own output and hands the same tensor to both inputs.
+//! gradient with the sign of the op's own output and hands the same tensor to both inputs. On
+//! CUDA the same two passes are kernels of `gpu`.
 
 use super::cpu::{f32_slice, with_f32, written_vec};
 use crate::profile::{timer, Section};
@@ -45,6 +46,20 @@ impl CustomOp2 for AddRelu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::gpu::add_relu_forward(s1, l1, s2, l2)?,
+            l1.shape().clone(),
+        ))
+    }
+
     fn bwd(
         &self,
         _a: &Tensor,
@@ -53,6 +68,11 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = timer(Section::AddReluBackward);
+        #[cfg(feature = "cuda")]
+        if res.device().is_cuda() {
+            let masked = crate::gpu::relu_backward(res, grad)?;
+            return Ok((Some(masked.clone()), Some(masked)));
+        }
         let out = with_f32(res, "add-relu", |y| {
             with_f32(grad, "add-relu", |dy| {
                 written_vec(y.len(), |out| {
@@ -72,9 +92,15 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// `relu(a + b)` for tensors of one shape; one fused op on CPU, candle ops elsewhere.
+/// `relu(a + b)` for tensors of one shape; one fused op on CPU (f32) and CUDA (f32, bf16),
+/// candle ops elsewhere.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 {
+    let fused = match a.device() {
+        candle_core::Device::Cpu => a.dtype() == candle_core::DType::F32,
+        candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && a.dtype() == b.dtype(),
+        _ => false,
+    };
+    if !fused {
         return (a + b)?.relu();
     }
     if a.shape() != b.shape() {

@@ -8,8 +8,9 @@
 //! unbiased variance. A following ReLU can be fused into the same op ([`BatchNorm::forward_relu_t`]):
 //! candle's own ReLU costs a pass forward and six backward (a zero tensor, a comparison, a
 //! conversion, a product and the gradient accumulation), where the fused op masks the incoming
-//! gradient with the sign of its own output inside the passes it makes anyway. Other devices use
-//! the equivalent candle ops.
+//! gradient with the sign of its own output inside the passes it makes anyway. On a CUDA device
+//! the same computation runs as CUDA kernels (`gpu::norm`), for f32 or bf16 activations with f32
+//! statistics and parameters; other devices use the equivalent candle ops.
 
 use super::cpu::{f32_slice, with_f32, written_vec};
 use crate::profile::{timer, Section};
@@ -294,6 +295,20 @@ impl BatchNorm {
 
     fn forward_fused(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::gpu::norm::batch_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                self.eps,
+                self.momentum,
+                train,
+                relu,
+            );
+        }
         if !matches!(x.device(), Device::Cpu) {
             let y = self.forward_generic(x, train)?;
             return if relu { y.relu() } else { Ok(y) };

@@ -13,8 +13,10 @@
 //! batch are split across rayon's threads, each running single-threaded GEMMs ([`super::sgemm`]:
 //! AVX-512 kernels, or the `gemm` crate candle uses) over scratch buffers kept per thread and
 //! reused across calls.
-//! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether. Off the CPU
-//! the layer uses candle's own convolution (cuDNN where enabled).
+//! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether. On a CUDA
+//! device the same op runs cuDNN's forward, backward-data and backward-filter (`gpu::conv`),
+//! in f32 or bf16 (the weights, kept in f32, are cast to the input's type); elsewhere the layer
+//! uses candle's own convolution.
 
 use super::cpu::{f32_slice, with_f32, written_vec};
 use super::sgemm::gemm_nn;
@@ -292,6 +294,19 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 struct ConvOp(Geometry);
 
 impl ConvOp {
+    /// The geometry as the cuDNN path keys its plans.
+    #[cfg(feature = "cuda")]
+    fn gpu(&self, dtype: candle_core::DType) -> crate::gpu::conv::Geometry {
+        let g = self.0;
+        crate::gpu::conv::geometry(
+            &[g.n, g.c, g.h, g.w],
+            &[g.cout, g.c, g.kh, g.kw],
+            g.stride,
+            g.pad,
+            dtype,
+        )
+    }
+
     fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         let _t = timer(Section::ConvForward);
         let g = self.0;
@@ -428,6 +443,23 @@ impl CustomOp2 for ConvOp {
         ))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let g = self.gpu(s1.dtype());
+        let (ho, wo) = g.out_hw();
+        Ok((
+            crate::gpu::conv::forward(&g, s1, l1, s2, l2)?,
+            Shape::from((g.n, g.cout, ho, wo)),
+        ))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -438,6 +470,16 @@ impl CustomOp2 for ConvOp {
         let g = self.0;
         // An input that is not itself differentiated (the images) gets no gradient.
         let want_dx = x.track_op();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let gg = self.gpu(x.dtype());
+            let dx = if want_dx {
+                Some(crate::gpu::conv::backward_data(&gg, w, grad)?)
+            } else {
+                None
+            };
+            return Ok((dx, Some(crate::gpu::conv::backward_filter(&gg, x, grad)?)));
+        }
         let (dx, dw) = with_f32(x, "conv2d input", |xv| {
             with_f32(w, "conv2d weight", |wv| {
                 with_f32(grad, "conv2d gradient", |dy| {
@@ -487,8 +529,8 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            // Off the CPU, candle's own convolution (cuDNN where enabled).
+        if !x.device().is_cpu() && !cfg!(feature = "cuda") || x.device().is_metal() {
+            // Without the CUDA path, candle's own convolution.
             let cfg = candle_nn::Conv2dConfig {
                 padding: self.pad,
                 stride: self.stride,
@@ -517,8 +559,14 @@ impl Module for Conv2d {
             stride: self.stride,
             pad: self.pad,
         };
-        x.contiguous()?
-            .apply_op2(&self.weight.contiguous()?, ConvOp(g))
+        // Master weights stay f32; a bf16 input computes in bf16 (the cast is differentiable, so
+        // the weight gradient arrives in f32).
+        let w = if self.weight.dtype() != x.dtype() && x.device().is_cuda() {
+            self.weight.to_dtype(x.dtype())?
+        } else {
+            self.weight.clone()
+        };
+        x.contiguous()?.apply_op2(&w.contiguous()?, ConvOp(g))
     }
 }
 

@@ -381,6 +381,11 @@ impl ResNet {
         for b in &self.blocks {
             y = b.forward_t(&y, train)?;
         }
+        // Reduced-precision (bf16) activations end here: pooling, the classifier and the loss
+        // run in f32.
+        if y.dtype() != candle_core::DType::F32 {
+            y = y.to_dtype(candle_core::DType::F32)?;
+        }
         y.mean(D::Minus1)?.mean(D::Minus1)
     }
 

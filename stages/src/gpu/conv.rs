@@ -1,0 +1,489 @@
+//! 2-D convolutions through cuDNN: forward, backward-data and backward-filter.
+//!
+//! For each geometry and type the tensor, filter and convolution descriptors are built once,
+//! the three algorithms are chosen once by cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as
+//! PyTorch does without `benchmark`; or by timing them, `cudnnFind*`, with
+//! `LDL_CUDNN_SEARCH=1`) and cached, and one workspace per thread, grown to the
+//! largest any cached plan needs, is reused by every call (candle's `cudnn` feature picks the
+//! algorithm and allocates a workspace on every call, and still runs its naive backward).
+//!
+//! Among the algorithms the heuristics rank, the first deterministic one is taken, so that a
+//! run on the GPU gives the same weights when repeated or resumed (the nondeterministic ones
+//! accumulate with atomics). bf16 convolutions run on tensor cores with f32 accumulation; f32
+//! ones use plain FMA arithmetic (no TF32), so they agree with the CPU path to ~1e-5.
+//! Tensors are NCHW, the layout of every other op of the models.
+
+use super::{alloc, alloc_tensor, storage_ptr, tensor_ptr};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cudnn::{result, sys, CudnnError};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
+use candle_core::cuda_backend::DeviceId;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// The geometry and type of one convolution: the key of the plan cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    /// Batch, input channels, height, width.
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Output channels and kernel size.
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    /// Stride and zero padding (both dimensions).
+    pub stride: usize,
+    pub pad: usize,
+    /// Whether activations and weights are bf16 (else f32).
+    pub bf16: bool,
+}
+
+impl Geometry {
+    /// Output height and width.
+    pub fn out_hw(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.pad - self.kh) / self.stride + 1,
+            (self.w + 2 * self.pad - self.kw) / self.stride + 1,
+        )
+    }
+    fn dtype(&self) -> DType {
+        if self.bf16 {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+    fn cudnn_type(&self) -> sys::cudnnDataType_t {
+        if self.bf16 {
+            sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16
+        } else {
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT
+        }
+    }
+}
+
+/// Descriptors and chosen algorithms of one geometry.
+struct Plan {
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    /// One convolution descriptor per direction: each carries the math type (tensor cores or
+    /// not) of the algorithm chosen for it, which cuDNN needs alongside the algorithm.
+    conv: [sys::cudnnConvolutionDescriptor_t; 3],
+    fwd: sys::cudnnConvolutionFwdAlgo_t,
+    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
+    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    /// Workspace bytes of each algorithm: forward, backward-data, backward-filter.
+    workspace: [usize; 3],
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: the descriptors were created by this plan and are destroyed once.
+        unsafe {
+            let _ = result::destroy_tensor_descriptor(self.x);
+            let _ = result::destroy_filter_descriptor(self.w);
+            let _ = result::destroy_tensor_descriptor(self.y);
+            for c in self.conv {
+                let _ = result::destroy_convolution_descriptor(c);
+            }
+        }
+    }
+}
+
+/// The per-thread cuDNN state: a handle on the device's stream, the plans, the workspace.
+struct State {
+    handle: sys::cudnnHandle_t,
+    plans: HashMap<Geometry, Plan>,
+    workspace: Option<CudaSlice<u8>>,
+}
+
+thread_local! {
+    // cuDNN handles may not be shared between threads; training runs on one thread, so this
+    // is one handle per opened device in practice.
+    static STATE: RefCell<HashMap<DeviceId, State>> = RefCell::new(HashMap::new());
+}
+
+fn err(e: CudnnError, what: &str, g: &Geometry) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuDNN {what} of convolution {g:?}: {e:?}"))
+}
+
+/// The environment variable that turns on timed algorithm search.
+pub const SEARCH_ENV: &str = "LDL_CUDNN_SEARCH";
+
+/// Whether to choose algorithms by timing them (`cudnnFind*`, PyTorch's `cudnn.benchmark`)
+/// rather than by cuDNN's heuristics: `LDL_CUDNN_SEARCH=1`. Off by default because timings
+/// vary between processes, so a resumed run could pick other algorithms than the run it
+/// continues and stop being bitwise reproducible.
+fn search() -> bool {
+    static SEARCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SEARCH.get_or_init(|| std::env::var(SEARCH_ENV).is_ok_and(|v| v == "1"))
+}
+
+/// Builds the plan of `g`: descriptors and, for each direction, the first deterministic
+/// algorithm in the heuristics' order that reports success.
+fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Plan, CudnnError> {
+    let (ho, wo) = g.out_hw();
+    let t = g.cudnn_type();
+    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let i = |v: usize| v as std::ffi::c_int;
+    // SAFETY: descriptors are created before use and owned by the returned plan (dropped on
+    // every early return through `Plan`'s destructor once it exists).
+    unsafe {
+        let mut plan = Plan {
+            x: result::create_tensor_descriptor()?,
+            w: result::create_filter_descriptor()?,
+            y: result::create_tensor_descriptor()?,
+            conv: [
+                result::create_convolution_descriptor()?,
+                result::create_convolution_descriptor()?,
+                result::create_convolution_descriptor()?,
+            ],
+            fwd: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            bwd_data: sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            workspace: [0; 3],
+        };
+        result::set_tensor4d_descriptor(plan.x, nchw, t, [i(g.n), i(g.c), i(g.h), i(g.w)])?;
+        result::set_filter4d_descriptor(plan.w, t, nchw, [i(g.cout), i(g.c), i(g.kh), i(g.kw)])?;
+        result::set_tensor4d_descriptor(plan.y, nchw, t, [i(g.n), i(g.cout), i(ho), i(wo)])?;
+        for c in plan.conv {
+            result::set_convolution2d_descriptor(
+                c,
+                i(g.pad),
+                i(g.pad),
+                i(g.stride),
+                i(g.stride),
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )?;
+            result::set_convolution_math_type(
+                c,
+                if g.bf16 {
+                    sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+                } else {
+                    sys::cudnnMathType_t::CUDNN_FMA_MATH
+                },
+            )?;
+        }
+        // For bf16 each direction takes the math type its algorithm was ranked with; f32 keeps
+        // FMA math (cuDNN's default math would allow TF32 tensor cores).
+        let det = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
+
+        let mut count = 0;
+        let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+        if search() {
+            sys::cudnnFindConvolutionForwardAlgorithm(
+                handle,
+                plan.x,
+                plan.w,
+                plan.conv[0],
+                plan.y,
+                fwd.len() as _,
+                &mut count,
+                fwd.as_mut_ptr(),
+            )
+            .result()?;
+        } else {
+            result::get_convolution_forward_algorithm(
+                handle,
+                plan.x,
+                plan.w,
+                plan.conv[0],
+                plan.y,
+                fwd.len() as _,
+                &mut count,
+                fwd.as_mut_ptr(),
+            )?;
+        }
+        let f = fwd[..count.max(0) as usize]
+            .iter()
+            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det)
+            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?;
+        plan.fwd = f.algo;
+        if g.bf16 {
+            result::set_convolution_math_type(plan.conv[0], f.mathType)?;
+        }
+        plan.workspace[0] = result::get_convolution_forward_workspace_size(
+            handle,
+            plan.x,
+            plan.w,
+            plan.conv[0],
+            plan.y,
+            plan.fwd,
+        )?;
+
+        let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
+        if search() {
+            sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                handle,
+                plan.w,
+                plan.y,
+                plan.conv[1],
+                plan.x,
+                bd.len() as _,
+                &mut count,
+                bd.as_mut_ptr(),
+            )
+            .result()?;
+        } else {
+            result::get_convolution_backward_data_algorithm(
+                handle,
+                plan.w,
+                plan.y,
+                plan.conv[1],
+                plan.x,
+                bd.len() as _,
+                &mut count,
+                bd.as_mut_ptr(),
+            )?;
+        }
+        let d = bd[..count.max(0) as usize]
+            .iter()
+            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det)
+            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?;
+        plan.bwd_data = d.algo;
+        if g.bf16 {
+            result::set_convolution_math_type(plan.conv[1], d.mathType)?;
+        }
+        plan.workspace[1] = result::get_convolution_backward_data_workspace_size(
+            handle,
+            plan.w,
+            plan.y,
+            plan.conv[1],
+            plan.x,
+            plan.bwd_data,
+        )?;
+
+        let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
+        if search() {
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                handle,
+                plan.x,
+                plan.y,
+                plan.conv[2],
+                plan.w,
+                bf.len() as _,
+                &mut count,
+                bf.as_mut_ptr(),
+            )
+            .result()?;
+        } else {
+            result::get_convolution_backward_filter_algorithm(
+                handle,
+                plan.x,
+                plan.y,
+                plan.conv[2],
+                plan.w,
+                bf.len() as _,
+                &mut count,
+                bf.as_mut_ptr(),
+            )?;
+        }
+        let fl = bf[..count.max(0) as usize]
+            .iter()
+            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det)
+            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?;
+        plan.bwd_filter = fl.algo;
+        if g.bf16 {
+            result::set_convolution_math_type(plan.conv[2], fl.mathType)?;
+        }
+        plan.workspace[2] = result::get_convolution_backward_filter_workspace_size(
+            handle,
+            plan.x,
+            plan.y,
+            plan.conv[2],
+            plan.w,
+            plan.bwd_filter,
+        )?;
+        Ok(plan)
+    }
+}
+
+/// Which of the three operations to run.
+#[derive(Clone, Copy)]
+enum Direction {
+    Forward,
+    BackwardData,
+    BackwardFilter,
+}
+
+/// Runs `dir` for geometry `g` with the plan (made on first use) and the thread's workspace:
+/// `a` and `b` are the two inputs (x and w; dy and w; x and dy) and `out` the output.
+fn run(dev: &CudaDevice, g: &Geometry, dir: Direction, a: u64, b: u64, out: u64) -> Result<()> {
+    let key = dev.id();
+    STATE.with(|state| -> Result<()> {
+        let mut state = state.borrow_mut();
+        if let std::collections::hash_map::Entry::Vacant(e) = state.entry(key) {
+            let handle = result::create_handle().map_err(|e| err(e, "handle", g))?;
+            let stream = dev.cuda_stream();
+            // SAFETY: a live handle and the device's live stream.
+            unsafe { result::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }
+                .map_err(|e| err(e, "stream", g))?;
+            e.insert(State {
+                handle,
+                plans: HashMap::new(),
+                workspace: None,
+            });
+        }
+        let st = state.get_mut(&key).expect("inserted above");
+        if !st.plans.contains_key(g) {
+            let plan = make_plan(st.handle, g).map_err(|e| err(e, "algorithm choice", g))?;
+            st.plans.insert(*g, plan);
+        }
+        let plan = &st.plans[g];
+        let need = plan.workspace[dir as usize];
+        if need > 0 && st.workspace.as_ref().is_none_or(|w| w.len() < need) {
+            // Grown, never shrunk: the largest plan's workspace serves every call. The old one
+            // is freed in stream order, after the work queued on it.
+            // SAFETY: cuDNN only writes scratch data to it.
+            st.workspace = Some(unsafe { dev.alloc::<u8>(need)? });
+        }
+        let stream = dev.cuda_stream();
+        let (ws, ws_len) = match (&st.workspace, need) {
+            (Some(w), n) if n > 0 => (w.device_ptr(&stream).0 as *mut std::ffi::c_void, w.len()),
+            _ => (std::ptr::null_mut(), 0),
+        };
+        let (one, zero) = (1f32, 0f32);
+        let alpha = &one as *const f32 as *const std::ffi::c_void;
+        let beta = &zero as *const f32 as *const std::ffi::c_void;
+        let p = |v: u64| v as *const std::ffi::c_void;
+        let m = |v: u64| v as *mut std::ffi::c_void;
+        // SAFETY: the addresses are of live device buffers shaped as the plan's descriptors
+        // (checked by the callers), alpha/beta are f32 as cuDNN expects for f32 and bf16 data.
+        let r = unsafe {
+            match dir {
+                Direction::Forward => result::convolution_forward(
+                    st.handle,
+                    alpha,
+                    plan.x,
+                    p(a),
+                    plan.w,
+                    p(b),
+                    plan.conv[0],
+                    plan.fwd,
+                    ws,
+                    ws_len,
+                    beta,
+                    plan.y,
+                    m(out),
+                ),
+                Direction::BackwardData => result::convolution_backward_data(
+                    st.handle,
+                    alpha,
+                    plan.w,
+                    p(b),
+                    plan.y,
+                    p(a),
+                    plan.conv[1],
+                    plan.bwd_data,
+                    ws,
+                    ws_len,
+                    beta,
+                    plan.x,
+                    m(out),
+                ),
+                Direction::BackwardFilter => result::convolution_backward_filter(
+                    st.handle,
+                    alpha,
+                    plan.x,
+                    p(a),
+                    plan.y,
+                    p(b),
+                    plan.conv[2],
+                    plan.bwd_filter,
+                    ws,
+                    ws_len,
+                    beta,
+                    plan.w,
+                    m(out),
+                ),
+            }
+        };
+        r.map_err(|e| {
+            err(
+                e,
+                match dir {
+                    Direction::Forward => "forward",
+                    Direction::BackwardData => "backward-data",
+                    Direction::BackwardFilter => "backward-filter",
+                },
+                g,
+            )
+        })
+    })
+}
+
+/// The geometry of `x` (`N × C × H × W`) under weights `cout × C × kh × kw`.
+pub fn geometry(x: &[usize], w: &[usize], stride: usize, pad: usize, dtype: DType) -> Geometry {
+    Geometry {
+        n: x[0],
+        c: x[1],
+        h: x[2],
+        w: x[3],
+        cout: w[0],
+        kh: w[2],
+        kw: w[3],
+        stride,
+        pad,
+        bf16: dtype == DType::BF16,
+    }
+}
+
+fn check_type(g: &Geometry, dtype: DType, what: &str) -> Result<()> {
+    if dtype != g.dtype() {
+        candle_core::bail!(
+            "conv2d on CUDA: {what} is {dtype:?}, expected {:?} (input and weight must share \
+             f32 or bf16)",
+            g.dtype()
+        )
+    }
+    Ok(())
+}
+
+/// The forward convolution of contiguous storages `x` and `w`: the output storage.
+pub fn forward(
+    g: &Geometry,
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+) -> Result<CudaStorage> {
+    check_type(g, x.dtype(), "the input")?;
+    check_type(g, w.dtype(), "the weight")?;
+    let (px, pw) = (
+        storage_ptr(x, lx, "conv2d input")?,
+        storage_ptr(w, lw, "conv2d weight")?,
+    );
+    let (ho, wo) = g.out_hw();
+    let (y, py) = alloc(&x.device, g.dtype(), g.n * g.cout * ho * wo)?;
+    run(&x.device, g, Direction::Forward, px, pw, py)?;
+    Ok(y)
+}
+
+/// The input gradient `N × C × H × W` from the weights and the output gradient `dy`.
+pub fn backward_data(g: &Geometry, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_type(g, dy.dtype(), "the output gradient")?;
+    let (w, dy) = (w.contiguous()?, dy.contiguous()?);
+    let (dev, pw) = tensor_ptr(&w, "conv2d weight")?;
+    let (_, pd) = tensor_ptr(&dy, "conv2d output gradient")?;
+    let (dx, px) = alloc_tensor(&dev, g.dtype(), (g.n, g.c, g.h, g.w))?;
+    run(&dev, g, Direction::BackwardData, pd, pw, px)?;
+    Ok(dx)
+}
+
+/// The weight gradient `cout × C × kh × kw` from the input and the output gradient `dy`.
+pub fn backward_filter(g: &Geometry, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_type(g, dy.dtype(), "the output gradient")?;
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let (dev, px) = tensor_ptr(&x, "conv2d input")?;
+    let (_, pd) = tensor_ptr(&dy, "conv2d output gradient")?;
+    let (dw, pw) = alloc_tensor(&dev, g.dtype(), (g.cout, g.c, g.kh, g.kw))?;
+    run(&dev, g, Direction::BackwardFilter, px, pd, pw)?;
+    Ok(dw)
+}

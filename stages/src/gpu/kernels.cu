@@ -1,0 +1,249 @@
+// CUDA kernels of the GPU training path: fused BatchNorm (+ ReLU) forward and backward, the fused
+// residual add + ReLU, and the SGD-momentum update. Compiled to PTX by stages/build.rs (nvcc) in a
+// build with the `cuda` feature, and loaded by candle's device on first use.
+//
+// Activations are `T` (float or __nv_bfloat16); everything accumulated (batch statistics, their
+// gradients) and every parameter is float. Reductions over a channel are split over a grid of
+// (channel, part) blocks writing partial sums, combined by a per-channel finalise kernel: one
+// block per channel alone would leave most of the GPU idle for the wide-and-shallow layers
+// (64 channels × 262,144 values at ResNet-18's first stage, batch 256).
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float load(const bf16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(bf16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// Sums `a` and `b` over the block; the result is valid in thread 0. blockDim.x is a multiple
+// of 32 and at most 1024.
+__device__ __forceinline__ void block_sum2(float& a, float& b) {
+    __shared__ float sa[32], sb[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_down_sync(0xffffffffu, a, o);
+        b += __shfl_down_sync(0xffffffffu, b, o);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sa[warp] = a; sb[warp] = b; }
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    if (warp == 0) {
+        a = lane < warps ? sa[lane] : 0.f;
+        b = lane < warps ? sb[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_down_sync(0xffffffffu, a, o);
+            b += __shfl_down_sync(0xffffffffu, b, o);
+        }
+    }
+}
+
+// Partial Σ(x − s) and Σ(x − s)² of channel c = blockIdx.x over part blockIdx.y of its
+// n·hw values, where s = x[0, c, 0] (a shift that keeps the one-pass variance accurate when
+// the mean is large next to the spread). partial: [c][parts][2].
+template <typename T>
+__device__ void bn_stats_partial(const T* x, float* partial, int n, int c, int hw) {
+    const int ch = blockIdx.x, part = blockIdx.y, parts = gridDim.y;
+    const long long m = (long long)n * hw;
+    const long long chunk = (m + parts - 1) / parts;
+    const long long lo = part * chunk, hi = min(m, lo + chunk);
+    const float shift = load(x, (size_t)ch * hw);
+    float s = 0.f, s2 = 0.f;
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        const long long i = j / hw, k = j - i * hw;
+        const float d = load(x, (size_t)((i * c + ch) * hw + k)) - shift;
+        s += d;
+        s2 += d * d;
+    }
+    block_sum2(s, s2);
+    if (threadIdx.x == 0) {
+        partial[(ch * parts + part) * 2] = s;
+        partial[(ch * parts + part) * 2 + 1] = s2;
+    }
+}
+
+// Per channel: mean and 1/sqrt(var + eps) of the batch (biased variance) into save_mean and
+// save_invstd, and the running statistics updated in place with PyTorch's rule (unbiased
+// variance, `momentum` the weight of the batch).
+template <typename T>
+__device__ void bn_stats_finalize(const T* x, const float* partial, float* save_mean,
+                                  float* save_invstd, float* running_mean, float* running_var,
+                                  int n, int c, int hw, int parts, float eps, float momentum) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double s = 0.0, s2 = 0.0;
+    for (int p = 0; p < parts; ++p) {
+        s += partial[(ch * parts + p) * 2];
+        s2 += partial[(ch * parts + p) * 2 + 1];
+    }
+    const double m = (double)n * hw;
+    const double dm = s / m;
+    const double var = fmax(s2 / m - dm * dm, 0.0);
+    const double mean = (double)load(x, (size_t)ch * hw) + dm;
+    save_mean[ch] = (float)mean;
+    save_invstd[ch] = (float)(1.0 / sqrt(var + (double)eps));
+    const double unbias = m > 1.0 ? m / (m - 1.0) : 1.0;
+    running_mean[ch] = (float)((1.0 - momentum) * running_mean[ch] + momentum * mean);
+    running_var[ch] = (float)((1.0 - momentum) * running_var[ch] + momentum * unbias * var);
+}
+
+// invstd[c] = 1/sqrt(var[c] + eps), for inference with running statistics.
+extern "C" __global__ void bn_invstd(const float* var, float* invstd, int c, float eps) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch < c) invstd[ch] = rsqrtf(var[ch] + eps);
+}
+
+// y = γ·(x − μ)·invstd + β, then max(·, 0) when relu; over n·c·hw values.
+template <typename T>
+__device__ void bn_apply(const T* x, T* y, const float* mean, const float* invstd,
+                         const float* gamma, const float* beta, long long total, int c, int hw,
+                         int relu) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int ch = (int)((i / hw) % c);
+        const float scale = gamma[ch] * invstd[ch];
+        float v = (load(x, i) - mean[ch]) * scale + beta[ch];
+        if (relu) v = fmaxf(v, 0.f);
+        store(y, i, v);
+    }
+}
+
+// Partial Σg and Σg·(x − μ) per (channel, part), where g = dy, zeroed where the fused ReLU's
+// output y is not positive (PyTorch's convention at 0) when relu.
+template <typename T>
+__device__ void bn_bwd_partial(const T* x, const T* y, const T* dy, const float* mean,
+                               float* partial, int n, int c, int hw, int relu) {
+    const int ch = blockIdx.x, part = blockIdx.y, parts = gridDim.y;
+    const long long m = (long long)n * hw;
+    const long long chunk = (m + parts - 1) / parts;
+    const long long lo = part * chunk, hi = min(m, lo + chunk);
+    const float mu = mean[ch];
+    float s = 0.f, s2 = 0.f;
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        const long long i = j / hw, k = j - i * hw;
+        const size_t at = (size_t)((i * c + ch) * hw + k);
+        float g = load(dy, at);
+        if (relu && !(load(y, at) > 0.f)) g = 0.f;
+        s += g;
+        s2 += g * (load(x, at) - mu);
+    }
+    block_sum2(s, s2);
+    if (threadIdx.x == 0) {
+        partial[(ch * parts + part) * 2] = s;
+        partial[(ch * parts + part) * 2 + 1] = s2;
+    }
+}
+
+// Per channel: dγ = Σg·x̂, dβ = Σg, and the coefficients of dx = k·g − c0 − (x − μ)·c1 with
+// k = γ·invstd; in training c0 = k·Σg/m and c1 = k·invstd²·Σg(x − μ)/m (the gradient through
+// the batch statistics), in inference both 0. coef: [3][c] = k, c0, c1.
+extern "C" __global__ void bn_bwd_finalize(const float* partial, const float* invstd,
+                                           const float* gamma, float* dgamma, float* dbeta,
+                                           float* coef, int n, int c, int hw, int parts,
+                                           int train) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double s = 0.0, s2 = 0.0;
+    for (int p = 0; p < parts; ++p) {
+        s += partial[(ch * parts + p) * 2];
+        s2 += partial[(ch * parts + p) * 2 + 1];
+    }
+    const double is = invstd[ch], m = (double)n * hw;
+    const double k = (double)gamma[ch] * is;
+    dgamma[ch] = (float)(s2 * is);
+    dbeta[ch] = (float)s;
+    coef[ch] = (float)k;
+    coef[c + ch] = train ? (float)(k * s / m) : 0.f;
+    coef[2 * c + ch] = train ? (float)(k * is * is * s2 / m) : 0.f;
+}
+
+template <typename T>
+__device__ void bn_bwd_apply(const T* x, const T* y, const T* dy, const float* mean,
+                             const float* coef, T* dx, long long total, int c, int hw, int relu) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int ch = (int)((i / hw) % c);
+        float g = load(dy, i);
+        if (relu && !(load(y, i) > 0.f)) g = 0.f;
+        store(dx, i, coef[ch] * g - coef[c + ch] - (load(x, i) - mean[ch]) * coef[2 * c + ch]);
+    }
+}
+
+// y = max(a + b, 0).
+template <typename T>
+__device__ void add_relu_fwd(const T* a, const T* b, T* y, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        store(y, i, fmaxf(load(a, i) + load(b, i), 0.f));
+    }
+}
+
+// g = dy where y > 0, else 0: the gradient of both addends.
+template <typename T>
+__device__ void relu_bwd(const T* y, const T* dy, T* g, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        store(g, i, load(y, i) > 0.f ? load(dy, i) : 0.f);
+    }
+}
+
+#define FOR_TYPES(F) F(f32, float) F(bf16, bf16)
+
+#define INSTANTIATE(SUF, T)                                                                    \
+    extern "C" __global__ void bn_stats_partial_##SUF(const T* x, float* partial, int n, int c, \
+                                                      int hw) {                                \
+        bn_stats_partial<T>(x, partial, n, c, hw);                                             \
+    }                                                                                          \
+    extern "C" __global__ void bn_stats_finalize_##SUF(                                        \
+        const T* x, const float* partial, float* save_mean, float* save_invstd,                \
+        float* running_mean, float* running_var, int n, int c, int hw, int parts, float eps,   \
+        float momentum) {                                                                      \
+        bn_stats_finalize<T>(x, partial, save_mean, save_invstd, running_mean, running_var, n, \
+                             c, hw, parts, eps, momentum);                                     \
+    }                                                                                          \
+    extern "C" __global__ void bn_apply_##SUF(const T* x, T* y, const float* mean,              \
+                                              const float* invstd, const float* gamma,         \
+                                              const float* beta, long long total, int c,       \
+                                              int hw, int relu) {                              \
+        bn_apply<T>(x, y, mean, invstd, gamma, beta, total, c, hw, relu);                      \
+    }                                                                                          \
+    extern "C" __global__ void bn_bwd_partial_##SUF(const T* x, const T* y, const T* dy,        \
+                                                    const float* mean, float* partial, int n,  \
+                                                    int c, int hw, int relu) {                 \
+        bn_bwd_partial<T>(x, y, dy, mean, partial, n, c, hw, relu);                            \
+    }                                                                                          \
+    extern "C" __global__ void bn_bwd_apply_##SUF(const T* x, const T* y, const T* dy,          \
+                                                  const float* mean, const float* coef, T* dx, \
+                                                  long long total, int c, int hw, int relu) {  \
+        bn_bwd_apply<T>(x, y, dy, mean, coef, dx, total, c, hw, relu);                         \
+    }                                                                                          \
+    extern "C" __global__ void add_relu_fwd_##SUF(const T* a, const T* b, T* y,                 \
+                                                  long long total) {                           \
+        add_relu_fwd<T>(a, b, y, total);                                                       \
+    }                                                                                          \
+    extern "C" __global__ void relu_bwd_##SUF(const T* y, const T* dy, T* g, long long total) { \
+        relu_bwd<T>(y, dy, g, total);                                                          \
+    }
+
+FOR_TYPES(INSTANTIATE)
+
+// One SGD step of one f32 parameter, in place, with PyTorch's semantics (see optim.rs):
+// g ← g + wd·w; b ← μ·b + g (b starts at 0, so b = g on the first step); d ← g + μ·b with
+// Nesterov, else b; w ← w − lr·d. With μ = 0 there is no buffer (b may be null).
+extern "C" __global__ void sgd_step_f32(float* w, const float* grad, float* buf, long long n,
+                                        float lr, float momentum, float weight_decay,
+                                        int nesterov) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float g = grad[i] + weight_decay * w[i];
+        float d = g;
+        if (momentum != 0.f) {
+            const float b = momentum * buf[i] + g;
+            buf[i] = b;
+            d = nesterov ? g + momentum * b : b;
+        }
+        w[i] -= lr * d;
+    }
+}

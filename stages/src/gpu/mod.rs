@@ -1,0 +1,286 @@
+//! The CUDA training path (a build with the `cuda` feature): cuDNN convolutions ([`conv`]), fused
+//! BatchNorm kernels ([`norm`]), the fused residual add + ReLU and the SGD update (this file),
+//! and pinned, asynchronous host-to-device copies of batches ([`feed`]).
+//!
+//! candle's CUDA backend computes a convolution's input gradient with a naive kernel, runs
+//! BatchNorm as a chain of about ten unfused ops (and fails in bf16 training), and updates each
+//! parameter with seven elementwise ops. The layers in `models` call into this module when their
+//! tensors are on a CUDA device; each op here is checked against the CPU implementation by
+//! `tests/gpu_ops.rs`.
+//!
+//! Everything runs on candle's one stream, in issue order, so no host synchronisation happens
+//! inside a training step. The kernels are in `kernels.cu`, compiled to PTX by `build.rs`.
+
+pub mod conv;
+pub mod feed;
+pub mod norm;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+/// The kernels of `kernels.cu`, as PTX.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+/// The name the module is cached under in candle's device.
+const MODULE: &str = "ldl_stages_kernels";
+/// Threads per block of the elementwise and reduction kernels.
+const THREADS: u32 = 256;
+
+/// A kernel argument: a device address, an `int`, a `long long` or a `float`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// The name of kernel `$base` for activations of `$dtype` (`$base_f32`, `$base_bf16`).
+macro_rules! kernel {
+    ($dtype:expr, $base:literal) => {
+        match $dtype {
+            candle_core::DType::F32 => concat!($base, "_f32"),
+            candle_core::DType::BF16 => concat!($base, "_bf16"),
+            d => candle_core::bail!(
+                "{}: activations of type {d:?} are not supported on CUDA (f32 or bf16)",
+                $base
+            ),
+        }
+    };
+}
+pub(crate) use kernel;
+
+thread_local! {
+    // Loaded kernels by device and name: looking a function up in candle's module store takes a
+    // lock, a map lookup and a driver call per launch, a cost the small kernels of a ResNet-56
+    // step (hundreds of launches, host-bound at batch 64) would pay every time.
+    static FUNCTIONS: std::cell::RefCell<std::collections::HashMap<(DeviceId, &'static str), CudaFunction>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Launches kernel `name` of `kernels.cu` on the device's stream (asynchronously).
+pub(crate) fn launch(
+    dev: &CudaDevice,
+    name: &'static str,
+    cfg: LaunchConfig,
+    args: &[Arg],
+) -> Result<()> {
+    FUNCTIONS.with(|cache| -> Result<()> {
+        let mut cache = cache.borrow_mut();
+        let key = (dev.id(), name);
+        if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(key) {
+            let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            e.insert(f.into_cuda_function());
+        }
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&cache[&key]);
+        for a in args {
+            match a {
+                Arg::Ptr(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: each call site passes the arguments of the kernel's C signature, with device
+        // addresses of live buffers of the lengths the kernel reads and writes.
+        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+        Ok(())
+    })
+}
+
+/// A one-dimensional grid-stride launch over `total` elements.
+pub(crate) fn elementwise(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One thread per channel.
+pub(crate) fn per_channel(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.div_ceil(128) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The device address of the first element of a contiguous region of `s` described by `l`.
+pub(crate) fn storage_ptr(s: &CudaStorage, l: &Layout, what: &str) -> Result<u64> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor on CUDA")
+    }
+    let stream = s.device.cuda_stream();
+    let off = l.start_offset() as u64;
+    // The guards returned with the addresses record events for cross-stream use; everything here
+    // runs on candle's single stream, so they are dropped at once.
+    Ok(match &s.slice {
+        CudaStorageSlice::F32(v) => v.device_ptr(&stream).0 + 4 * off,
+        CudaStorageSlice::BF16(v) => v.device_ptr(&stream).0 + 2 * off,
+        CudaStorageSlice::U32(v) => v.device_ptr(&stream).0 + 4 * off,
+        _ => candle_core::bail!("{what}: unsupported type {:?} on CUDA", s.dtype()),
+    })
+}
+
+/// The CUDA device and the device address of a contiguous tensor.
+pub(crate) fn tensor_ptr(t: &Tensor, what: &str) -> Result<(CudaDevice, u64)> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cuda(s) => Ok((s.device.clone(), storage_ptr(s, l, what)?)),
+        _ => candle_core::bail!("{what}: expected a tensor on a CUDA device"),
+    }
+}
+
+/// Uninitialised device storage for `len` elements of `dtype`, and its address.
+pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<(CudaStorage, u64)> {
+    let len = len.max(1);
+    // SAFETY: every caller has a kernel write all `len` elements before they are read.
+    let s = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(len)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(len)?, dev.clone()),
+            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(len)?, dev.clone()),
+            d => candle_core::bail!("cannot allocate {d:?} on CUDA here"),
+        }
+    };
+    let p = storage_ptr(&s, &Layout::contiguous(len), "allocation")?;
+    Ok((s, p))
+}
+
+/// A new tensor (no gradient history) over uninitialised device storage, and its address.
+pub(crate) fn alloc_tensor(
+    dev: &CudaDevice,
+    dtype: DType,
+    shape: impl Into<Shape>,
+) -> Result<(Tensor, u64)> {
+    let shape = shape.into();
+    let (s, p) = alloc(dev, dtype, shape.elem_count())?;
+    Ok((
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false),
+        p,
+    ))
+}
+
+/// `relu(a + b)` for contiguous storages of one type and length.
+pub(crate) fn add_relu_forward(
+    a: &CudaStorage,
+    la: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+) -> Result<CudaStorage> {
+    let n = la.shape().elem_count();
+    let name = kernel!(a.dtype(), "add_relu_fwd");
+    if b.dtype() != a.dtype() || lb.shape().elem_count() != n {
+        candle_core::bail!("add-relu: operands differ in type or length")
+    }
+    let (pa, pb) = (
+        storage_ptr(a, la, "add-relu")?,
+        storage_ptr(b, lb, "add-relu")?,
+    );
+    let (y, py) = alloc(&a.device, a.dtype(), n)?;
+    launch(
+        &a.device,
+        name,
+        elementwise(n),
+        &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(py), Arg::I64(n as i64)],
+    )?;
+    Ok(y)
+}
+
+/// The gradient behind a ReLU: `dy` where its output `y` is positive, else 0.
+pub(crate) fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dy = dy.contiguous()?;
+    let name = kernel!(y.dtype(), "relu_bwd");
+    let (dev, py) = tensor_ptr(y, "add-relu output")?;
+    let (_, pd) = tensor_ptr(&dy, "add-relu gradient")?;
+    let n = y.elem_count();
+    let (g, pg) = alloc_tensor(&dev, y.dtype(), y.shape())?;
+    launch(
+        &dev,
+        name,
+        elementwise(n),
+        &[Arg::Ptr(py), Arg::Ptr(pd), Arg::Ptr(pg), Arg::I64(n as i64)],
+    )?;
+    Ok(g)
+}
+
+/// One in-place SGD step of an f32 parameter `w` (contiguous, on CUDA) with gradient `g` and
+/// momentum buffer `buf` (same length; unused when `momentum` is 0). See `optim.rs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgd_step(
+    w: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    nesterov: bool,
+) -> Result<()> {
+    let g = g.contiguous()?;
+    let (dev, pw) = tensor_ptr(w, "SGD parameter")?;
+    let (_, pg) = tensor_ptr(&g, "SGD gradient")?;
+    let pb = match buf {
+        Some(b) => tensor_ptr(b, "SGD momentum buffer")?.1,
+        None => 0,
+    };
+    if g.elem_count() != w.elem_count() || buf.is_some_and(|b| b.elem_count() != w.elem_count()) {
+        candle_core::bail!("SGD: parameter, gradient and momentum buffer differ in length")
+    }
+    let n = w.elem_count();
+    launch(
+        &dev,
+        "sgd_step_f32",
+        elementwise(n),
+        &[
+            Arg::Ptr(pw),
+            Arg::Ptr(pg),
+            Arg::Ptr(pb),
+            Arg::I64(n as i64),
+            Arg::F32(lr),
+            Arg::F32(momentum),
+            Arg::F32(weight_decay),
+            Arg::I32(nesterov as i32),
+        ],
+    )
+}
+
+/// The most device memory held by live allocations of this process since the last reset, in
+/// bytes: the high-water mark of the stream-ordered allocator's default pool, which every
+/// candle allocation comes from (comparable to PyTorch's `max_memory_allocated`; the CUDA
+/// context and library workspaces outside the pool are not counted). `reset` starts a new
+/// measurement. `None` where the device has no memory pools.
+pub fn memory_high_water(dev: &CudaDevice, reset: bool) -> Result<Option<u64>> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    if !ctx.has_async_alloc() {
+        return Ok(None);
+    }
+    ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    // SAFETY: a live device handle; the attribute is a 64-bit counter.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        let mut value: u64 = 0;
+        if reset {
+            sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
+                .result()
+                .map_err(candle_core::Error::wrap)?;
+            return Ok(Some(0));
+        }
+        sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(value))
+    }
+}
