@@ -182,10 +182,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 
     let spec_dev: DeviceSpec = args.device.parse().map_err(anyhow::Error::msg)?;
     let device = spec_dev.open()?;
-    let precision: stages::train::Precision =
-        serde_json::from_value(serde_json::Value::String(args.dtype.clone()))
-            .map_err(|_| anyhow::anyhow!("--dtype {}: expected f32 or bf16", args.dtype))?;
-    precision.check(&device)?;
+    let precision: stages::train::Precision = args
+        .dtype
+        .parse()
+        .map_err(|m| anyhow::anyhow!("--dtype: {m}"))?;
+    precision.check(spec_dev).map_err(anyhow::Error::msg)?;
     let mut spec = ModelSpec::new(&args.model, args.classes, 3)?;
     if let Some(w) = args.width {
         spec.width = w;

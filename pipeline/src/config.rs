@@ -406,14 +406,11 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                 ));
             }
             if let StageParams::Train(tp) = &params {
-                if tp.dtype == stages::train::Precision::Bf16 && run.device == DeviceSpec::Cpu {
+                if let Err(m) = tp.dtype.check(run.device) {
                     let at = key_spans.get("dtype").cloned().unwrap_or(span.clone());
                     return Err(loc.at(
                         at,
-                        format!(
-                            "stage `{shown}` (kind {kind}): key `dtype`: \"bf16\" trains on CUDA \
-                             only, and [run] device is \"cpu\" (use dtype = \"f32\", or device = \"cuda\")"
-                        ),
+                        format!("stage `{shown}` (kind {kind}): key `dtype`: {m}"),
                     ));
                 }
             }

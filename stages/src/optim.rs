@@ -79,10 +79,13 @@ impl Sgd {
                 continue;
             };
             let w = var.as_tensor();
+            #[cfg(feature = "cuda")]
+            if on_cuda(w) {
+                step_on_cuda(config, buffers, name, w, g, lr)?;
+                continue;
+            }
             if on_host(w) {
                 step_in_place(config, buffers, name, w, &g.contiguous()?, lr)?;
-            } else if on_cuda(w) {
-                step_on_cuda(config, buffers, name, w, g, lr)?;
             } else {
                 step_with_tensor_ops(config, buffers, name, var, g, lr)?;
             }
@@ -139,8 +142,9 @@ impl Sgd {
 }
 
 /// Whether a parameter takes the in-place CUDA update.
+#[cfg(feature = "cuda")]
 fn on_cuda(w: &Tensor) -> bool {
-    cfg!(feature = "cuda") && w.device().is_cuda() && w.dtype() == DType::F32 && w.is_contiguous()
+    w.device().is_cuda() && w.dtype() == DType::F32 && w.is_contiguous()
 }
 
 /// The CUDA update of one parameter: one kernel over w, g and the momentum buffer, in place.
@@ -174,20 +178,6 @@ fn step_on_cuda(
         c.weight_decay as f32,
         c.nesterov,
     )?)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn step_on_cuda(
-    _: SgdConfig,
-    _: &mut BTreeMap<String, Buffer>,
-    name: &str,
-    _: &Tensor,
-    _: &Tensor,
-    _: f64,
-) -> Result<()> {
-    Err(StageError::Numeric(format!(
-        "`{name}` is on a CUDA device in a build without CUDA"
-    )))
 }
 
 /// The CPU update of one parameter: one pass over w, g and the momentum buffer.

@@ -272,15 +272,28 @@ impl Precision {
         }
     }
 
-    /// Fails unless `device` can compute in this precision.
-    pub fn check(self, device: &Device) -> Result<()> {
-        if self == Precision::Bf16 && !device.is_cuda() {
-            return Err(StageError::Config(
-                "dtype = \"bf16\" trains on CUDA devices only; use dtype = \"f32\" on the CPU"
+    /// Whether `device` can compute in this precision; the message says why not.
+    pub fn check(self, device: crate::device::DeviceSpec) -> std::result::Result<(), String> {
+        if self == Precision::Bf16 && device == crate::device::DeviceSpec::Cpu {
+            return Err(
+                "\"bf16\" trains on CUDA devices only (use dtype = \"f32\", or device = \"cuda\")"
                     .into(),
-            ));
+            );
         }
         Ok(())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!(
+                "`{s}` is not a dtype: expected \"f32\" or \"bf16\""
+            )),
+        }
     }
 }
 
@@ -489,7 +502,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let seed = p.seed.unwrap_or_default();
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
-    p.dtype.check(&device)?;
+    p.dtype
+        .check(ctx.device)
+        .map_err(|m| StageError::Config(format!("{}: key `dtype`: {m}", ctx.name)))?;
     let compute = p.dtype.dtype();
     let [c, h, w] = data.info.shape;
     let k = data.info.classes.len();

@@ -175,36 +175,40 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
         // FMA math (cuDNN's default math would allow TF32 tensor cores).
         let det = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
 
-        let mut count = 0;
-        let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
-        if search() {
-            sys::cudnnFindConvolutionForwardAlgorithm(
-                handle,
-                plan.x,
-                plan.w,
-                plan.conv[0],
-                plan.y,
-                fwd.len() as _,
-                &mut count,
-                fwd.as_mut_ptr(),
-            )
-            .result()?;
-        } else {
-            result::get_convolution_forward_algorithm(
-                handle,
-                plan.x,
-                plan.w,
-                plan.conv[0],
-                plan.y,
-                fwd.len() as _,
-                &mut count,
-                fwd.as_mut_ptr(),
-            )?;
+        // Each direction's candidates, ranked by timing them when searching, else by cuDNN's
+        // heuristics (both calls take the same arguments); the first deterministic one that
+        // reports success is taken.
+        macro_rules! rank {
+            ($find:path, $get:path, $($arg:expr),+ $(,)?) => {
+                if search() { $find($($arg),+) } else { $get($($arg),+) }.result()?
+            };
         }
-        let f = fwd[..count.max(0) as usize]
-            .iter()
-            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det)
-            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?;
+        macro_rules! first_deterministic {
+            ($perf:expr, $count:expr) => {
+                $perf[..$count.max(0) as usize]
+                    .iter()
+                    .find(|p| {
+                        p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det
+                    })
+                    .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?
+            };
+        }
+        let mut count = 0;
+
+        let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+        rank!(
+            sys::cudnnFindConvolutionForwardAlgorithm,
+            sys::cudnnGetConvolutionForwardAlgorithm_v7,
+            handle,
+            plan.x,
+            plan.w,
+            plan.conv[0],
+            plan.y,
+            fwd.len() as _,
+            &mut count,
+            fwd.as_mut_ptr(),
+        );
+        let f = first_deterministic!(fwd, count);
         plan.fwd = f.algo;
         if g.bf16 {
             result::set_convolution_math_type(plan.conv[0], f.mathType)?;
@@ -219,34 +223,19 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
         )?;
 
         let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
-        if search() {
-            sys::cudnnFindConvolutionBackwardDataAlgorithm(
-                handle,
-                plan.w,
-                plan.y,
-                plan.conv[1],
-                plan.x,
-                bd.len() as _,
-                &mut count,
-                bd.as_mut_ptr(),
-            )
-            .result()?;
-        } else {
-            result::get_convolution_backward_data_algorithm(
-                handle,
-                plan.w,
-                plan.y,
-                plan.conv[1],
-                plan.x,
-                bd.len() as _,
-                &mut count,
-                bd.as_mut_ptr(),
-            )?;
-        }
-        let d = bd[..count.max(0) as usize]
-            .iter()
-            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det)
-            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?;
+        rank!(
+            sys::cudnnFindConvolutionBackwardDataAlgorithm,
+            sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
+            handle,
+            plan.w,
+            plan.y,
+            plan.conv[1],
+            plan.x,
+            bd.len() as _,
+            &mut count,
+            bd.as_mut_ptr(),
+        );
+        let d = first_deterministic!(bd, count);
         plan.bwd_data = d.algo;
         if g.bf16 {
             result::set_convolution_math_type(plan.conv[1], d.mathType)?;
@@ -261,34 +250,19 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
         )?;
 
         let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
-        if search() {
-            sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-                handle,
-                plan.x,
-                plan.y,
-                plan.conv[2],
-                plan.w,
-                bf.len() as _,
-                &mut count,
-                bf.as_mut_ptr(),
-            )
-            .result()?;
-        } else {
-            result::get_convolution_backward_filter_algorithm(
-                handle,
-                plan.x,
-                plan.y,
-                plan.conv[2],
-                plan.w,
-                bf.len() as _,
-                &mut count,
-                bf.as_mut_ptr(),
-            )?;
-        }
-        let fl = bf[..count.max(0) as usize]
-            .iter()
-            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det)
-            .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?;
+        rank!(
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm,
+            sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+            handle,
+            plan.x,
+            plan.y,
+            plan.conv[2],
+            plan.w,
+            bf.len() as _,
+            &mut count,
+            bf.as_mut_ptr(),
+        );
+        let fl = first_deterministic!(bf, count);
         plan.bwd_filter = fl.algo;
         if g.bf16 {
             result::set_convolution_math_type(plan.conv[2], fl.mathType)?;

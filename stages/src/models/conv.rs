@@ -529,8 +529,9 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() && !cfg!(feature = "cuda") || x.device().is_metal() {
-            // Without the CUDA path, candle's own convolution.
+        let own_op = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+        if !own_op {
+            // Devices without a path of ours (Metal, CUDA in a build without it): candle's own.
             let cfg = candle_nn::Conv2dConfig {
                 padding: self.pad,
                 stride: self.stride,
