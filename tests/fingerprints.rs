@@ -1,0 +1,70 @@
+//! Every stage of every example experiment (and of the embedded default) keeps its fingerprint
+//! and its recorded parameters: a refactoring that changed them would make every user's
+//! finished run stale. `tests/fixtures/fingerprints.txt` was written by the code before the
+//! stages crate was split into layers; a change that is meant to alter fingerprints rewrites it
+//! with `LDL_BLESS=1 cargo test -p pipeline --test fingerprints` and says why in its commit.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The experiments checked: the embedded default, every example in name order, and a fixture
+/// that sets every key of every kind to a value other than its default.
+fn experiments() -> Vec<PathBuf> {
+    let mut files = vec![root().join("stages.toml")];
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
+        .expect("examples/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    examples.sort();
+    files.extend(examples);
+    files.push(root().join("tests/fixtures/every-key.toml"));
+    files
+}
+
+/// `file stage fingerprint params-blake3` for every stage.
+fn table() -> String {
+    let mut out = String::new();
+    for file in experiments() {
+        let config = pipeline::config::load(&file, None)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let fps = pipeline::runner::fingerprints(&config);
+        let shown = file.strip_prefix(root()).unwrap_or(&file).display().to_string();
+        for (s, fp) in config.stages.iter().zip(&fps) {
+            let params = pipeline::runner::params_json(&s.params).to_string();
+            let hash = blake3::hash(params.as_bytes()).to_hex();
+            writeln!(out, "{shown} {} {fp} {hash}", s.name).expect("string");
+        }
+    }
+    out
+}
+
+#[test]
+fn every_example_keeps_its_fingerprints_and_parameters() {
+    let fixture = root().join("tests/fixtures/fingerprints.txt");
+    let now = table();
+    if std::env::var_os("LDL_BLESS").is_some() {
+        std::fs::write(&fixture, &now).expect("write the fixture");
+        return;
+    }
+    let expected = std::fs::read_to_string(&fixture).expect("tests/fixtures/fingerprints.txt");
+    let changed: Vec<String> = expected
+        .lines()
+        .zip(now.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("  was {a}\n  now {b}"))
+        .collect();
+    assert!(
+        changed.is_empty() && expected.lines().count() == now.lines().count(),
+        "{} of {} stages changed (fixture {} lines, now {}):\n{}",
+        changed.len(),
+        expected.lines().count(),
+        expected.lines().count(),
+        now.lines().count(),
+        changed.join("\n")
+    );
+}
