@@ -6,6 +6,7 @@
 #   export LDL_PYTHON=$(bash scripts/python-env.sh)      # default folder: .venv-interop
 #   bash scripts/python-env.sh /tmp/ldl-venv             # another folder
 #
+# The interoperability test runs this itself when LDL_PYTHON is unset.
 # Idempotent: an environment that already holds exactly these pins (recorded in its
 # `ldl-requirements.txt`) is reused in well under a second; one with other pins is updated.
 # Environment: PYTHON (the interpreter to create it with, default python3, CPython >= 3.10).
@@ -25,6 +26,10 @@ mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 PY=$DIR/bin/python
 STAMP=$DIR/ldl-requirements.txt
+
+# One creator at a time (tests run in parallel may all ask for it): the others wait, then reuse.
+exec 9>"$DIR/.lock"
+flock 9
 
 if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$REQUIREMENTS" ]; then
   echo "$PY"

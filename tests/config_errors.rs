@@ -188,6 +188,20 @@ fn missing_required_key() {
     assert_at(&e, 1, 1, &["stage `d`", "missing key `source`"]);
 }
 
+/// A train stage's keys have defaults, except its method.
+#[test]
+fn missing_method_of_a_train_stage() {
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nepochs = 1\n"
+    ));
+    assert_at(
+        &e,
+        9,
+        1,
+        &["stage `t` (kind train)", "missing key `method`"],
+    );
+}
+
 #[test]
 fn unsupported_version() {
     let e = fails(&format!("version = 2\n{HEAD}"));

@@ -81,7 +81,7 @@ fn tiny_pipeline_produces_every_output() {
     for stage in ["eval-vanilla", "eval-off-ldl"] {
         let csv = read(&out.join(stage).join("metrics.csv"));
         let mut lines = csv.lines();
-        assert_eq!(lines.next().unwrap(), stages::evaluate::CSV_HEADER);
+        assert_eq!(lines.next().unwrap(), stages::kinds::evaluate::CSV_HEADER);
         let row: Vec<&str> = lines.next().unwrap().split(',').collect();
         let acc: f64 = row[5].parse().unwrap();
         let ece: f64 = row[6].parse().unwrap();

@@ -33,7 +33,11 @@ fn table() -> String {
         let config = pipeline::config::load(&file, None)
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let fps = pipeline::runner::fingerprints(&config);
-        let shown = file.strip_prefix(root()).unwrap_or(&file).display().to_string();
+        let shown = file
+            .strip_prefix(root())
+            .unwrap_or(&file)
+            .display()
+            .to_string();
         for (s, fp) in config.stages.iter().zip(&fps) {
             let params = pipeline::runner::params_json(&s.params).to_string();
             let hash = blake3::hash(params.as_bytes()).to_hex();

@@ -4,8 +4,9 @@
 //! pyarrow, DuckDB and Polars and checks, in each, the documented schema and metadata, the rows
 //! per source, and that the chosen rows' probabilities equal, bit for bit, what Rust read.
 //!
-//! The Python comes from `LDL_PYTHON`, made by `scripts/python-env.sh` (as `.ci/run` does); the
-//! test fails, saying how to make it, when `LDL_PYTHON` is unset.
+//! The Python is `LDL_PYTHON` when set; otherwise the test makes (or reuses) the pinned virtual
+//! environment `.venv-interop/` itself with `scripts/python-env.sh` (about 20 s and 0.5 GB the
+//! first time, instant afterwards), so `cargo test --workspace` needs no set-up step.
 
 mod common;
 use common::*;
@@ -22,18 +23,28 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The interpreter named by `LDL_PYTHON`; a relative path is taken from the workspace root.
+/// The environment of `scripts/python-env.sh`, created or reused; the script prints its python.
+fn pinned_environment() -> PathBuf {
+    let script = root().join("scripts/python-env.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
+    assert!(
+        o.status.success(),
+        "{} failed (it needs python3 with venv and pip, and PyPI): {}\n\
+         set LDL_PYTHON to an interpreter with pyarrow, duckdb and polars to use another one",
+        script.display(),
+        stderr(&o).trim()
+    );
+    PathBuf::from(stdout(&o).trim())
+}
+
+/// The interpreter: `LDL_PYTHON` (a relative path is taken from the workspace root), or the
+/// pinned environment.
 fn python() -> PathBuf {
     let Some(py) = std::env::var_os("LDL_PYTHON").filter(|p| !p.is_empty()) else {
-        panic!(
-            "LDL_PYTHON is not set: this test needs a Python with pinned pyarrow, duckdb and polars. \
-             From the workspace root, create the environment (about 20 s the first time, instant after) \
-             and point LDL_PYTHON at it:\n\n    \
-             bash scripts/python-env.sh\n    \
-             export LDL_PYTHON=$(bash scripts/python-env.sh)    # {}/.venv-interop/bin/python\n\n\
-             then run the tests again (.ci/run does the same).",
-            root().display()
-        )
+        return checked(pinned_environment());
     };
     let py = PathBuf::from(py);
     let py = if py.is_relative() && py.components().count() > 1 {
@@ -41,7 +52,12 @@ fn python() -> PathBuf {
     } else {
         py
     };
-    // Fail before the pipeline runs when the interpreter or its packages are missing.
+    checked(py)
+}
+
+/// `py`, once it is known to import the interoperability packages (checked before the pipeline
+/// runs).
+fn checked(py: PathBuf) -> PathBuf {
     let o = Command::new(&py)
         .args([
             "-c",
@@ -50,15 +66,15 @@ fn python() -> PathBuf {
         .output()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run LDL_PYTHON={}: {e}; create the environment with \
-                 `export LDL_PYTHON=$(bash scripts/python-env.sh)`",
+                "cannot run {}: {e}; unset LDL_PYTHON to use the pinned environment \
+                 (scripts/python-env.sh)",
                 py.display()
             )
         });
     assert!(
         o.status.success(),
-        "LDL_PYTHON={} lacks the interoperability packages ({}); use the environment of \
-         `bash scripts/python-env.sh`: `export LDL_PYTHON=$(bash scripts/python-env.sh)`",
+        "{} lacks the interoperability packages ({}); unset LDL_PYTHON to use the pinned \
+         environment (scripts/python-env.sh)",
         py.display(),
         stderr(&o).trim().lines().last().unwrap_or("")
     );

@@ -4,12 +4,12 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
-fn model() -> &'static stages::models::Model {
-    static M: OnceLock<stages::models::Model> = OnceLock::new();
+fn model() -> &'static engine::models::Model {
+    static M: OnceLock<engine::models::Model> = OnceLock::new();
     M.get_or_init(|| {
-        let mut spec = stages::models::ModelSpec::new("resnet8", 3, 3).unwrap();
+        let mut spec = engine::models::ModelSpec::new("resnet8", 3, 3).unwrap();
         spec.width = 2;
-        stages::models::Model::new(&spec, &candle_core::Device::Cpu, 0).unwrap()
+        engine::models::Model::new(&spec, &candle_core::Device::Cpu, 0).unwrap()
     })
 }
 

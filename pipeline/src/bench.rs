@@ -175,14 +175,14 @@ pub struct TrainArgs {
 /// synchronised before each clock reading (the same step as `benches/torch_train.py`).
 pub fn train(args: &TrainArgs) -> Result<()> {
     use candle_core::{DType, Tensor};
-    use stages::device::DeviceSpec;
-    use stages::losses::cross_entropy;
-    use stages::models::{Model, ModelSpec};
-    use stages::optim::{Sgd, SgdConfig};
+    use engine::device::DeviceSpec;
+    use engine::losses::cross_entropy;
+    use engine::models::{Model, ModelSpec};
+    use engine::optim::{Sgd, SgdConfig};
 
     let spec_dev: DeviceSpec = args.device.parse().map_err(anyhow::Error::msg)?;
     let device = spec_dev.open()?;
-    let precision: stages::train::Precision = args
+    let precision: engine::device::Precision = args
         .dtype
         .parse()
         .map_err(|m| anyhow::anyhow!("--dtype: {m}"))?;
@@ -238,16 +238,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let memory = || -> Result<Option<u64>> {
         #[cfg(feature = "cuda")]
         if let candle_core::Device::Cuda(d) = &device {
-            return Ok(stages::gpu::memory_high_water(d, false)?);
+            return Ok(engine::gpu::memory_high_water(d, false)?);
         }
         Ok(None)
     };
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = &device {
-        stages::gpu::memory_high_water(d, true)?;
+        engine::gpu::memory_high_water(d, true)?;
     }
-    stages::profile::reset();
-    stages::profile::set_enabled(args.profile);
+    engine::profile::reset();
+    engine::profile::set_enabled(args.profile);
     let t0 = Instant::now();
     let mut last = None;
     for _ in 0..args.steps {
@@ -256,7 +256,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     device.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
     let peak = memory()?;
-    stages::profile::set_enabled(false);
+    engine::profile::set_enabled(false);
     let loss = match last {
         Some(l) => l.to_dtype(DType::F32)?.to_scalar::<f32>()?,
         None => f32::NAN,
@@ -291,7 +291,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 
 /// The `--profile` table: each phase of a step, the timed kernels within it, and the rest.
 fn print_profile(phases: &[f64; 3], secs: f64, steps: usize) {
-    use stages::profile::{totals, Section};
+    use engine::profile::{totals, Section};
     let ms = |s: f64| 1000.0 * s / steps as f64;
     let share = |s: f64| 100.0 * s / secs;
     let totals = totals();

@@ -16,8 +16,8 @@
 //! source = "synthetic"       # ... and the kind's own parameters
 //! ```
 
+use engine::device::DeviceSpec;
 use serde::Deserialize;
-use stages::device::DeviceSpec;
 use stages::{Artifact, Kind, Multiplicity, StageParams};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -388,6 +388,16 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             let shown = own_name.clone();
             let kind = tpl.kind;
             let span = tpl.span.clone();
+            // Keys without a default (their kinds fill missing keys from `Default`).
+            if let Some(key) = StageParams::required(kind)
+                .iter()
+                .find(|k| !t.contains_key(**k))
+            {
+                return Err(loc.at(
+                    span,
+                    format!("stage `{shown}` (kind {kind}): missing key `{key}`"),
+                ));
+            }
             let body = Spanned::new(span.clone(), DeValue::Table(t));
             let de = ValueDeserializer::from(body);
             let err = |e| loc.toml(e, &format!("stage `{shown}` (kind {kind}): "), span.clone());

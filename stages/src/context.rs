@@ -1,8 +1,8 @@
 //! What the runner hands a stage: its working folder, its inputs' folders, the run's seed, the
 //! device and a progress-bar factory.
 
-use crate::device::DeviceSpec;
-use crate::stage::Kind;
+use crate::artifacts::Kind;
+use engine::device::DeviceSpec;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 
@@ -74,5 +74,11 @@ impl Context {
         bar.set_prefix(self.name.clone());
         bar.set_message(what.to_owned());
         bar
+    }
+}
+
+impl engine::inference::Progress for Context {
+    fn bar(&self, len: u64, what: &str) -> ProgressBar {
+        Context::bar(self, len, what)
     }
 }

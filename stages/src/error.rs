@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Errors raised while running a stage.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    /// The engine failed (a model, a checkpoint, a device).
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
     /// A dataset could not be read or written.
     #[error(transparent)]
     Dataset(#[from] datasets::DatasetError),
@@ -62,22 +65,3 @@ impl StageError {
 
 /// Result alias of the stages crate.
 pub type Result<T, E = StageError> = std::result::Result<T, E>;
-
-/// Reads a JSON file into `T`, naming the file in errors.
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        StageError::invalid(
-            path,
-            format!("line {}, column {}", e.line(), e.column()),
-            e.to_string(),
-        )
-    })
-}
-
-/// Writes `value` as pretty JSON, atomically.
-pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).expect("serialisable");
-    bytes.push(b'\n');
-    Ok(datasets::atomic::write_bytes(path, &bytes)?)
-}

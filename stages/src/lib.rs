@@ -1,40 +1,35 @@
-//! The stages of the LDL pipeline and everything they are made of: models, losses, the
-//! optimiser and schedules, metrics and the Parquet label store.
+//! The stages of the LDL pipeline and the paper's science they are made of, in layers that
+//! depend only downwards (checked by `tests/layers.rs`; docs/architecture.md has the picture):
 //!
-//! Each stage kind lives in its own module (`prepare`, `train`, `label`, `evaluate`, `report`)
-//! with a `Params` struct (its stages.toml keys) and a `run` function that reads its inputs'
-//! folders and writes its outputs into the folder the runner gives it. This crate knows nothing
-//! of the command line: the `pipeline` binary parses stages.toml, orders stages and makes their
-//! outputs atomic.
+//! 1. [`label_store`]: the Parquet label store format (schema, writer, reader, validation);
+//! 2. [`science`]: the paper's methods (supervision of a student), OGR, metrics, calibration
+//!    and figures;
+//! 3. [`artifacts`]: what flows between stages — a prepared dataset, a trained model, a label
+//!    store, an evaluation — and the vocabulary of stage kinds;
+//! 4. [`context`]: what the runner hands a stage;
+//! 5. [`kinds`]: one module per stage kind (`prepare`, `train`, `label`, `evaluate`, `report`),
+//!    each with its `Params` (its stages.toml keys) and a `run` function; kinds never import
+//!    each other;
+//! 6. [`registry`]: [`StageParams`], the parameters of any kind, which the runner validates,
+//!    fingerprints and runs.
+//!
+//! Below them lie the `datasets` crate and the training `engine` crate; [`error`] and
+//! [`params`] serve every layer. This crate knows nothing of the command line: the `pipeline`
+//! binary parses stages.toml, orders stages and makes their outputs atomic.
 
-pub mod calibration;
-pub mod checkpoint;
+pub mod artifacts;
 pub mod context;
-pub mod device;
 pub mod error;
-pub mod evaluate;
-pub mod feed;
-pub mod figures;
-#[cfg(feature = "cuda")]
-pub mod gpu;
-pub mod inference;
-pub mod label;
+pub mod kinds;
 pub mod label_store;
-pub mod losses;
-pub mod method;
-pub mod metrics;
-pub mod models;
-pub mod optim;
-pub mod prepare;
-pub mod profile;
-pub mod report;
-pub mod schedule;
-pub mod stage;
-pub mod train;
+pub mod params;
+pub mod registry;
+pub mod science;
 
+pub use artifacts::{Artifact, Kind, Multiplicity};
 pub use context::{Context, Input};
 pub use error::{Result, StageError};
-pub use stage::{Artifact, Kind, Multiplicity, StageParams};
+pub use registry::StageParams;
 
 /// Version of the on-disk formats and of the fingerprint scheme; bump it when a stage's output
 /// for the same parameters changes, so every stage re-runs.

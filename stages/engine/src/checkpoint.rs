@@ -1,0 +1,127 @@
+//! Training checkpoints: weights, optimizer state and the training position, written together so
+//! a run killed at any instant resumes from the newest complete one.
+//!
+//! Layout, inside the stage's (partial) folder: `checkpoints/step-<global step, 10 digits>/` holding
+//! `model.safetensors`, `optimizer.safetensors` and `state.json`. A checkpoint is written into
+//! `checkpoints/.tmp-step-N/`, its files and the folder fsynced, then renamed into place, so a
+//! folder named `step-*` is always complete. After a new one lands, all but the newest `keep` are
+//! removed. Nothing else is stateful: every random draw of training derives from (seed, epoch,
+//! batch), so the position alone restores the random streams.
+
+use crate::error::{EngineError, Result};
+use crate::json::{read as read_json, write as write_json};
+use crate::models::Model;
+use crate::optim::Sgd;
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The checkpoint folder of a training stage.
+pub struct Checkpoints {
+    dir: PathBuf,
+    keep: usize,
+}
+
+const PREFIX: &str = "step-";
+
+impl Checkpoints {
+    /// Checkpoints under `stage_dir/checkpoints`, keeping the newest `keep` (at least 1).
+    pub fn new(stage_dir: &Path, keep: usize) -> Self {
+        Checkpoints {
+            dir: stage_dir.join("checkpoints"),
+            keep: keep.max(1),
+        }
+    }
+
+    /// Complete checkpoints, oldest first, with their global steps.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| EngineError::io(&self.dir, e))? {
+            let entry = entry.map_err(|e| EngineError::io(&self.dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name.strip_prefix(PREFIX).and_then(|s| s.parse().ok()) {
+                out.push((step, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Writes the checkpoint of global step `step`, then prunes to the newest `keep`.
+    pub fn save<S: Serialize>(&self, step: u64, model: &Model, opt: &Sgd, state: &S) -> Result<()> {
+        let io = |p: &Path, e| EngineError::io(p, e);
+        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let tmp = self.dir.join(format!(".tmp-{PREFIX}{step:010}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+        datasets::atomic::write_bytes(&tmp.join("model.safetensors"), &model.to_safetensors()?)?;
+        let opt_bytes = safetensors::serialize(opt.state()?, None)
+            .map_err(|e| EngineError::Numeric(e.to_string()))?;
+        datasets::atomic::write_bytes(&tmp.join("optimizer.safetensors"), &opt_bytes)?;
+        write_json(&tmp.join("state.json"), state)?;
+        datasets::atomic::sync_dir(&tmp).map_err(|e| io(&tmp, e))?;
+        let dst = self.dir.join(format!("{PREFIX}{step:010}"));
+        if dst.exists() {
+            // Only after a resume that replays to an already saved step: same contents.
+            std::fs::remove_dir_all(&dst).map_err(|e| io(&dst, e))?;
+        }
+        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
+        datasets::atomic::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let all = self.list()?;
+        for (_, old) in &all[..all.len().saturating_sub(self.keep)] {
+            std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+        }
+        Ok(())
+    }
+
+    /// Restores the newest checkpoint whose state `accept`s (e.g. its fingerprint matches) into
+    /// `model` and `opt`, and returns its state; `None` when there is none.
+    pub fn restore<S: DeserializeOwned>(
+        &self,
+        device: &Device,
+        model: &Model,
+        opt: &mut Sgd,
+        accept: impl Fn(&S) -> bool,
+    ) -> Result<Option<S>> {
+        for (step, ck) in self.list()?.into_iter().rev() {
+            let state: S = match read_json(&ck.join("state.json")) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("skipping checkpoint of step {step}: {e}");
+                    continue;
+                }
+            };
+            if !accept(&state) {
+                continue;
+            }
+            model.load(&ck.join("model.safetensors"))?;
+            let opt_path = ck.join("optimizer.safetensors");
+            let bytes = std::fs::read(&opt_path).map_err(|e| EngineError::io(&opt_path, e))?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                EngineError::invalid(&opt_path, "safetensors header", e.to_string())
+            })?;
+            let mut buffers = BTreeMap::new();
+            for (name, view) in st.tensors() {
+                buffers.insert(name, candle_core::safetensors::Load::load(&view, device)?);
+            }
+            opt.load_state(buffers)?;
+            return Ok(Some(state));
+        }
+        Ok(None)
+    }
+
+    /// Removes every checkpoint (the stage finished).
+    pub fn remove(&self) -> Result<()> {
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).map_err(|e| EngineError::io(&self.dir, e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,192 @@
+//! Batched eval-mode inference over a whole packed split, in store order, shared by the `label`
+//! and `evaluate` stages; and Monte-Carlo dropout inference (BatchNorm in eval mode, dropout
+//! active) summarised per sample.
+
+use crate::error::Result;
+use crate::models::Model;
+use candle_core::{Device, Tensor, D};
+use datasets::augment::{Augment, Normalize};
+use datasets::{Loader, LoaderConfig, PackedStore};
+use indicatif::ProgressBar;
+use std::sync::Arc;
+
+/// How to run a model over a split.
+pub struct Inference<'a> {
+    /// The model, used in eval mode.
+    pub model: &'a Model,
+    /// The device its weights live on.
+    pub device: &'a Device,
+    /// Input normalisation of the dataset.
+    pub normalize: &'a Normalize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Softmax temperature τ.
+    pub temperature: f64,
+    /// Loader threads (at least one is used).
+    pub workers: usize,
+    /// Where the progress bars go.
+    pub progress: &'a dyn Progress,
+}
+
+/// Where long loops report progress: a bar of `len` steps labelled `what` (the stages give
+/// theirs a prefix naming the stage).
+pub trait Progress {
+    /// A new progress bar.
+    fn bar(&self, len: u64, what: &str) -> ProgressBar;
+}
+
+/// Per-sample summary of S Monte-Carlo dropout passes, each `N × K` or `N` row-major.
+#[derive(Debug, Clone, Default)]
+pub struct McSummary {
+    /// Mean of the S softmax distributions.
+    pub mean: Vec<f32>,
+    /// Per-class standard deviation over the passes (population: divided by S).
+    pub std: Vec<f32>,
+    /// Entropy of the mean distribution, in nats (the total uncertainty).
+    pub entropy: Vec<f32>,
+    /// Mutual information between the prediction and the dropout mask: the entropy of the mean
+    /// minus the mean entropy of the passes, in nats (the epistemic part), clamped at 0.
+    pub mutual_information: Vec<f32>,
+}
+
+fn entropy(p: &[f32]) -> f64 {
+    -p.iter()
+        .filter(|&&v| v > 0.0)
+        .map(|&v| v as f64 * (v as f64).ln())
+        .sum::<f64>()
+}
+
+impl Inference<'_> {
+    fn loader(&self, store: &Arc<PackedStore>) -> Loader {
+        Loader::new(
+            store.clone(),
+            LoaderConfig {
+                batch_size: self.batch_size,
+                shuffle: false,
+                drop_last: false,
+                augment: Augment::NONE,
+                normalize: self.normalize.clone(),
+                mix: datasets::mix::Mix::None,
+                workers: self.workers.max(1),
+                prefetch: 2,
+                seed: 0,
+            },
+        )
+    }
+
+    /// `samples` Monte-Carlo dropout passes over every image of `store`, summarised per sample.
+    /// The features are computed once per batch and only the dropout and classifier are
+    /// resampled; pass `s` of batch `b` draws its masks from (seed, MC stream, b, s).
+    pub fn predict_mc(
+        &self,
+        store: &Arc<PackedStore>,
+        samples: usize,
+        seed: u64,
+        what: &str,
+    ) -> Result<McSummary> {
+        let (n, k) = (store.len(), store.info().k());
+        let mut out = McSummary {
+            mean: Vec::with_capacity(n * k),
+            std: Vec::with_capacity(n * k),
+            entropy: Vec::with_capacity(n),
+            mutual_information: Vec::with_capacity(n),
+        };
+        let s = samples.max(1);
+        self.for_each_batch(store, what, |batch, x| {
+            let b = batch.len();
+            let features = self.model.net.features_t(x, false)?;
+            let mut sum = vec![0f64; b * k];
+            let mut sq = vec![0f64; b * k];
+            let mut mean_entropy = vec![0f64; b];
+            for pass in 0..s {
+                let mask_seed = datasets::rng::derive_seed(&[
+                    seed,
+                    datasets::rng::stream::MC_DROPOUT,
+                    batch.index as u64,
+                    pass as u64,
+                ]);
+                let logits = self
+                    .model
+                    .net
+                    .head_with_dropout(&features, Some(mask_seed))?;
+                let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for (i, row) in probs.chunks_exact(k).enumerate() {
+                    mean_entropy[i] += entropy(row) / s as f64;
+                    for (c, &p) in row.iter().enumerate() {
+                        sum[i * k + c] += p as f64;
+                        sq[i * k + c] += p as f64 * p as f64;
+                    }
+                }
+            }
+            for i in 0..b {
+                let at = out.mean.len();
+                out.mean
+                    .extend((0..k).map(|c| (sum[i * k + c] / s as f64) as f32));
+                out.std.extend((0..k).map(|c| {
+                    let m = sum[i * k + c] / s as f64;
+                    ((sq[i * k + c] / s as f64 - m * m).max(0.0)).sqrt() as f32
+                }));
+                let h = entropy(&out.mean[at..]);
+                out.entropy.push(h as f32);
+                out.mutual_information
+                    .push((h - mean_entropy[i]).max(0.0) as f32);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Runs the model's batches over every image of `store`, in store order, in eval mode:
+    /// `f(batch, images)` receives each batch and its images on the device; `what` labels the
+    /// progress bar.
+    pub fn for_each_batch(
+        &self,
+        store: &Arc<PackedStore>,
+        what: &str,
+        mut f: impl FnMut(&datasets::Batch, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let info = store.info().clone();
+        let loader = self.loader(store);
+        let bar = self.progress.bar(loader.batches_per_epoch() as u64, what);
+        let mut it = loader.epoch(0, 0);
+        while let Some(batch) = it.next() {
+            let x = Tensor::from_slice(
+                &batch.images,
+                (batch.len(), info.c, info.h, info.w),
+                self.device,
+            )?;
+            f(&batch, &x)?;
+            bar.inc(1);
+            it.recycle(batch);
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Logits of every image of `store`, `N × K` row-major, in store order (eval mode; the
+    /// temperature is not applied).
+    pub fn logits(&self, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(store.len() * store.info().k());
+        self.for_each_batch(store, what, |_, x| {
+            let logits = self.model.net.forward_t(x, false)?;
+            out.extend(logits.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Softmax probabilities at temperature τ of every image of `store`, `N × K` row-major, in
+    /// store order; `what` labels the progress bar.
+    pub fn predict(&self, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(store.len() * store.info().k());
+        self.for_each_batch(store, what, |_, x| {
+            let logits = self.model.net.forward_t(x, false)?;
+            let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?;
+            out.extend(probs.flatten_all()?.to_vec1::<f32>()?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,243 @@
+//! Models, selected by name in stages.toml. Each model maps NCHW `f32` images to logits and
+//! exposes its penultimate features; weights live in a candle `VarMap` whose names follow
+//! PyTorch's conventions (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...), so a
+//! checkpoint loads in PyTorch by name. [`resnet`] lists the architectures.
+
+pub mod add_relu;
+mod basic;
+pub mod batch_norm;
+mod bottleneck;
+pub mod conv;
+pub(crate) mod cpu;
+pub mod dropout;
+pub mod pool;
+pub mod resnet;
+pub mod sgemm;
+pub mod testing;
+
+use crate::error::{EngineError, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+pub use dropout::Mode;
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+pub use resnet::{Arch, ResNet, Shortcut, Stem};
+use serde::{Deserialize, Serialize};
+
+/// Everything needed to rebuild a model: written next to its weights as `model.json`.
+///
+/// `stem` and `dropout` are left out of the file at their defaults, so that a model without
+/// them writes the same `model.json` as before they existed, and such files still parse.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Architecture name, e.g. `resnet20`, `resnet50`, `resnet18_imagenet` (see [`Arch`]).
+    pub arch: String,
+    /// Channels of the stem and of the first stage, doubled at each later stage; the reference
+    /// networks have [`Arch::default_width`] (16 for `resnet<6n+2>`, 64 for resnet18 …
+    /// resnet200).
+    pub width: usize,
+    /// Shortcut type of the CIFAR ResNets `resnet<6n+2>`; the others need `B`.
+    pub shortcut: Shortcut,
+    /// Number of classes.
+    pub classes: usize,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Stem of resnet18 … resnet200 (an `_imagenet` name selects the ImageNet stem whatever
+    /// this says).
+    #[serde(default, skip_serializing_if = "is_cifar_stem")]
+    pub stem: Stem,
+    /// Rate of the dropout before the classifier, in [0, 1); 0 for none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f64,
+}
+
+fn is_cifar_stem(stem: &Stem) -> bool {
+    *stem == Stem::Cifar
+}
+
+fn is_zero(p: &f64) -> bool {
+    *p == 0.0
+}
+
+impl ModelSpec {
+    /// The reference network `arch` (its default width, shortcut B, no dropout) for `classes`
+    /// classes and `in_channels` input channels; fails on an unknown name.
+    pub fn new(arch: &str, classes: usize, in_channels: usize) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            arch: arch.into(),
+            width: Arch::parse(arch)?.default_width(),
+            shortcut: Shortcut::B,
+            classes,
+            in_channels,
+            stem: Stem::Cifar,
+            dropout: 0.0,
+        })
+    }
+}
+
+/// A classifier built from a [`ModelSpec`].
+pub struct Model {
+    /// The network.
+    pub net: ResNet,
+    /// Its variables (weights and BatchNorm statistics).
+    pub vars: VarMap,
+    /// The spec it was built from.
+    pub spec: ModelSpec,
+}
+
+impl Model {
+    /// Builds a model with weights initialised deterministically from `seed` (He-normal,
+    /// fan-out, for convolutions as torchvision does; PyTorch's uniform default for the
+    /// classifier; BatchNorm γ = 1, β = 0).
+    pub fn new(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Model> {
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+        let net = ResNet::new(spec, vb)?;
+        let model = Model {
+            net,
+            vars,
+            spec: spec.clone(),
+        };
+        model.init(seed)?;
+        Ok(model)
+    }
+
+    fn init(&self, seed: u64) -> Result<()> {
+        let data = self.vars.data().lock().expect("var map lock");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let mut rng = datasets::rng::rng_for(&[seed, datasets::rng::stream::INIT]);
+        for name in names {
+            let var = &data[name];
+            let dims = var.dims().to_vec();
+            let n: usize = dims.iter().product();
+            let values: Option<Vec<f32>> = if dims.len() == 4 {
+                let fan_out = dims[0] * dims[2] * dims[3];
+                let normal = Normal::new(0.0, (2.0 / fan_out as f32).sqrt()).expect("std > 0");
+                Some((0..n).map(|_| normal.sample(&mut rng)).collect())
+            } else if name.starts_with("fc.") {
+                let fan_in = data["fc.weight"].dims()[1];
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                Some((0..n).map(|_| rng.random_range(-bound..bound)).collect())
+            } else {
+                None
+            };
+            if let Some(v) = values {
+                var.set(&Tensor::from_vec(v, dims, var.device())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainable variables by name (BatchNorm running statistics excluded), for the optimizer.
+    pub fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        let data = self.vars.data().lock().expect("var map lock");
+        data.iter()
+            .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Number of trainable parameters (BatchNorm running statistics excluded).
+    pub fn parameter_count(&self) -> usize {
+        let data = self.vars.data().lock().expect("var map lock");
+        data.iter()
+            .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// Serialises every variable to safetensors bytes, names sorted.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let data = self.vars.data().lock().expect("var map lock");
+        let mut items: Vec<(String, Tensor)> = data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        safetensors::serialize(items, None).map_err(|e| EngineError::Numeric(e.to_string()))
+    }
+
+    /// Loads every variable from a safetensors file, checking names and shapes.
+    pub fn load(&self, path: &std::path::Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            EngineError::invalid(path, "safetensors header", format!("cannot parse: {e}"))
+        })?;
+        let data = self.vars.data().lock().expect("var map lock");
+        // Extra tensors mean another architecture whose names happen to include ours (a deeper
+        // ResNet of the same width): refuse it rather than load part of it.
+        let mut extra: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| !data.contains_key(*n))
+            .map(str::to_owned)
+            .collect();
+        if !extra.is_empty() {
+            extra.sort();
+            return Err(EngineError::invalid(
+                path,
+                format!("tensor `{}`", extra[0]),
+                format!(
+                    "not in this model: the checkpoint is not a {} model ({} tensors more than it has)",
+                    self.spec.arch,
+                    extra.len()
+                ),
+            ));
+        }
+        // In name order, so that the first mismatch reported is the same on every run.
+        let mut vars: Vec<_> = data.iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, var) in vars {
+            let view = st.tensor(name).map_err(|_| {
+                EngineError::invalid(
+                    path,
+                    format!("tensor `{name}`"),
+                    format!("missing: the checkpoint is not a {} model", self.spec.arch),
+                )
+            })?;
+            if view.shape() != var.dims() {
+                return Err(EngineError::invalid(
+                    path,
+                    format!("tensor `{name}`"),
+                    format!(
+                        "shape {:?}, the model expects {:?}",
+                        view.shape(),
+                        var.dims()
+                    ),
+                ));
+            }
+            let t = candle_core::safetensors::Load::load(&view, var.device())?;
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `model.json` spec written before `stem` and `dropout` existed still parses, and a spec
+    /// at their defaults writes the same bytes as then; set, they round-trip.
+    #[test]
+    fn specs_without_the_new_keys_still_parse() {
+        let old = r#"{"arch":"resnet20","width":16,"shortcut":"B","classes":10,"in_channels":3}"#;
+        let spec: ModelSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec, ModelSpec::new("resnet20", 10, 3).unwrap());
+        assert_eq!(serde_json::to_string(&spec).unwrap(), old);
+        let new = ModelSpec {
+            stem: Stem::Imagenet,
+            dropout: 0.25,
+            ..ModelSpec::new("resnet50", 100, 3).unwrap()
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(
+            json.contains(r#""stem":"imagenet""#) && json.contains(r#""dropout":0.25"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), new);
+        assert!(ModelSpec::new("resnet9", 10, 3).is_err());
+    }
+}

@@ -1,0 +1,423 @@
+//! The CUDA training path against the CPU implementation, on random inputs: cuDNN convolutions,
+//! fused BatchNorm (+ ReLU), residual add + ReLU, the SGD step, and a few training steps of a
+//! whole ResNet, each in f32 (relative error < 1e-4) and bf16 (< 1e-2, against the CPU on the
+//! same bf16-rounded inputs).
+//!
+//! Compiled in every build; each test runs where a CUDA device is present (a build with the
+//! `cuda` feature on a machine with a GPU) and otherwise says it skipped and passes: CI has no
+//! GPU. `scripts/gpu-bench.sh` runs them on the GPU machine.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use engine::models::add_relu::add_relu;
+use engine::models::batch_norm::BatchNorm;
+use engine::models::conv::Conv2d;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+/// The first CUDA device, or `None` (printed) when this build or machine has none.
+fn cuda(test: &str) -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("{test}: skipped, no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Rounds through `dtype` (the values a bf16 computation starts from), as f32 on the CPU.
+fn rounded(t: &Tensor, dtype: DType) -> Tensor {
+    t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// max |a − b| / max |b|, with `a` brought to the CPU in f32.
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert_eq!(a.dims(), b.dims());
+    let s = |t: Tensor| t.to_scalar::<f32>().unwrap();
+    s((&a - &b).unwrap().abs().unwrap().max_all().unwrap())
+        / s(b.abs().unwrap().max_all().unwrap()).max(1e-6)
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    if dtype == DType::BF16 {
+        1e-2
+    } else {
+        1e-4
+    }
+}
+
+fn vb(tensors: &HashMap<String, Tensor>, device: &Device) -> VarBuilder<'static> {
+    let on: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_device(device).unwrap()))
+        .collect();
+    VarBuilder::from_tensors(on, DType::F32, device)
+}
+
+#[test]
+fn convolution_matches_cpu_forward_and_gradients() {
+    let Some(gpu) = cuda("convolution") else {
+        return;
+    };
+    // (n, c, h, w, cout, k, stride, pad)
+    let shapes = [
+        (4, 3, 32, 32, 16, 3, 1, 1),
+        (8, 16, 16, 16, 32, 3, 2, 1),
+        (8, 16, 16, 16, 32, 1, 2, 0),
+        (2, 64, 8, 8, 64, 3, 1, 1),
+        (3, 5, 7, 9, 6, 3, 1, 1),
+        (2, 8, 9, 9, 8, 1, 1, 0),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (i, &(n, c, h, w, cout, k, stride, pad)) in shapes.iter().enumerate() {
+            let seed = 10 * i as u64;
+            let x = rounded(&random(&[n, c, h, w], seed), dtype);
+            let wt = rounded(&random(&[cout, c, k, k], seed + 1), dtype);
+            let dy = rounded(
+                &random(
+                    &[
+                        n,
+                        cout,
+                        (h + 2 * pad - k) / stride + 1,
+                        (w + 2 * pad - k) / stride + 1,
+                    ],
+                    seed + 2,
+                ),
+                dtype,
+            );
+            let run = |device: &Device, dtype: DType| {
+                let weights = HashMap::from([("weight".to_string(), wt.clone())]);
+                let conv = Conv2d::new(c, cout, k, stride, pad, vb(&weights, device)).unwrap();
+                let xv = Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap())
+                    .unwrap();
+                let y = candle_core::Module::forward(&conv, xv.as_tensor()).unwrap();
+                // Σ y·dy: its gradient with respect to y is dy.
+                let dyd = dy.to_device(device).unwrap().to_dtype(dtype).unwrap();
+                let l = (y.to_dtype(DType::F32).unwrap() * dyd.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = l.backward().unwrap();
+                let dx = g.get(xv.as_tensor()).unwrap().clone();
+                (y, dx)
+            };
+            let (yc, dxc) = run(&Device::Cpu, DType::F32);
+            let (yg, dxg) = run(&gpu, dtype);
+            let tol = tolerance(dtype);
+            let what = format!("{dtype:?} conv {:?}", shapes[i]);
+            assert!(
+                max_rel(&yg, &yc) < tol,
+                "{what}: forward off by {}",
+                max_rel(&yg, &yc)
+            );
+            assert!(
+                max_rel(&dxg, &dxc) < tol,
+                "{what}: input gradient off by {}",
+                max_rel(&dxg, &dxc)
+            );
+            assert_eq!(yg.dtype(), dtype, "{what}: output type");
+        }
+    }
+}
+
+#[test]
+fn convolution_weight_gradient_matches_cpu() {
+    let Some(gpu) = cuda("convolution weight gradient") else {
+        return;
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for &(n, c, h, cout, k, stride, pad) in &[
+            (8, 16, 16, 32, 3, 1, 1),
+            (4, 8, 15, 16, 3, 2, 1),
+            (4, 32, 8, 64, 1, 2, 0),
+        ] {
+            let x = rounded(&random(&[n, c, h, h], 3), dtype);
+            let wt = rounded(&random(&[cout, c, k, k], 4), dtype);
+            let run = |device: &Device, dtype: DType| {
+                let mut varmap = candle_nn::VarMap::new();
+                let conv = Conv2d::new(
+                    c,
+                    cout,
+                    k,
+                    stride,
+                    pad,
+                    VarBuilder::from_varmap(&varmap, DType::F32, device),
+                )
+                .unwrap();
+                varmap
+                    .set_one("weight", wt.to_device(device).unwrap())
+                    .unwrap();
+                let _ = &mut varmap;
+                let y = candle_core::Module::forward(
+                    &conv,
+                    &x.to_device(device).unwrap().to_dtype(dtype).unwrap(),
+                )
+                .unwrap();
+                let l = y
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = l.backward().unwrap();
+                let w = varmap.data().lock().unwrap()["weight"].clone();
+                g.get(w.as_tensor()).unwrap().clone()
+            };
+            let (dwc, dwg) = (run(&Device::Cpu, DType::F32), run(&gpu, dtype));
+            // bf16 rounds y before it is squared: a looser bound for the product of two errors.
+            let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
+            assert_eq!(
+                dwg.dtype(),
+                DType::F32,
+                "the master weights' gradient is f32"
+            );
+            assert!(
+                max_rel(&dwg, &dwc) < tol,
+                "{dtype:?} weight gradient off by {}",
+                max_rel(&dwg, &dwc)
+            );
+        }
+    }
+}
+
+#[test]
+fn batch_norm_matches_cpu_in_training_and_inference() {
+    let Some(gpu) = cuda("batch norm") else {
+        return;
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        for relu in [false, true] {
+            for &(n, c, h) in &[(16, 16, 8), (64, 32, 4), (3, 5, 7), (256, 8, 2)] {
+                // A large mean next to the spread, as after a convolution without bias.
+                let x = rounded(
+                    &(random(&[n, c, h, h], 5) * 3.0)
+                        .unwrap()
+                        .affine(1.0, 2.0)
+                        .unwrap(),
+                    dtype,
+                );
+                let dy = rounded(&random(&[n, c, h, h], 6), dtype);
+                let params = HashMap::from([
+                    ("weight".to_string(), random(&[c], 7)),
+                    ("bias".to_string(), random(&[c], 8)),
+                ]);
+                let run = |device: &Device, dtype: DType| {
+                    let mut varmap = candle_nn::VarMap::new();
+                    let bn =
+                        BatchNorm::new(c, VarBuilder::from_varmap(&varmap, DType::F32, device))
+                            .unwrap();
+                    for (k, v) in &params {
+                        varmap.set_one(k, v.to_device(device).unwrap()).unwrap();
+                    }
+                    let _ = &mut varmap;
+                    let xv =
+                        Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap())
+                            .unwrap();
+                    let y = if relu {
+                        bn.forward_relu_t(xv.as_tensor(), true)
+                    } else {
+                        bn.forward_t(xv.as_tensor(), true)
+                    }
+                    .unwrap();
+                    let dyd = dy.to_device(device).unwrap();
+                    let l = (y.to_dtype(DType::F32).unwrap() * dyd)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    let g = l.backward().unwrap();
+                    let vars = varmap.data().lock().unwrap();
+                    let grad = |name: &str| g.get(vars[name].as_tensor()).unwrap().clone();
+                    // The running statistics after one training batch, then inference with them.
+                    let stats = [
+                        vars["running_mean"].as_tensor().copy().unwrap(),
+                        vars["running_var"].as_tensor().copy().unwrap(),
+                    ];
+                    let eval = bn
+                        .forward_t(
+                            &x.to_device(device).unwrap().to_dtype(dtype).unwrap(),
+                            false,
+                        )
+                        .unwrap();
+                    (
+                        y,
+                        g.get(xv.as_tensor()).unwrap().clone(),
+                        grad("weight"),
+                        grad("bias"),
+                        eval,
+                        stats,
+                    )
+                };
+                let c_ = run(&Device::Cpu, DType::F32);
+                let g_ = run(&gpu, dtype);
+                let tol = tolerance(dtype);
+                let what = format!("{dtype:?} batch norm (relu {relu}) {:?}", (n, c, h));
+                for (name, a, b) in [
+                    ("output", &g_.0, &c_.0),
+                    ("input gradient", &g_.1, &c_.1),
+                    ("weight gradient", &g_.2, &c_.2),
+                    ("bias gradient", &g_.3, &c_.3),
+                    ("inference output", &g_.4, &c_.4),
+                    ("running mean", &g_.5[0], &c_.5[0]),
+                    ("running variance", &g_.5[1], &c_.5[1]),
+                ] {
+                    let e = max_rel(a, b);
+                    assert!(e < tol, "{what}: {name} off by {e}");
+                }
+                assert_eq!(g_.0.dtype(), dtype);
+                assert_eq!(g_.2.dtype(), DType::F32, "parameter gradients stay f32");
+            }
+        }
+    }
+}
+
+#[test]
+fn residual_add_relu_matches_cpu() {
+    let Some(gpu) = cuda("add-relu") else {
+        return;
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let a = rounded(&random(&[8, 16, 8, 8], 11), dtype);
+        let b = rounded(&random(&[8, 16, 8, 8], 12), dtype);
+        let dy = rounded(&random(&[8, 16, 8, 8], 13), dtype);
+        let run = |device: &Device, dtype: DType| {
+            let av =
+                Var::from_tensor(&a.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let bv =
+                Var::from_tensor(&b.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let y = add_relu(av.as_tensor(), bv.as_tensor()).unwrap();
+            let l = (y.to_dtype(DType::F32).unwrap() * dy.to_device(device).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = l.backward().unwrap();
+            (
+                y,
+                g.get(av.as_tensor()).unwrap().clone(),
+                g.get(bv.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (c, g) = (run(&Device::Cpu, DType::F32), run(&gpu, dtype));
+        let tol = tolerance(dtype);
+        assert!(max_rel(&g.0, &c.0) < tol, "{dtype:?} add-relu output");
+        assert!(max_rel(&g.1, &c.1) < tol, "{dtype:?} add-relu gradient a");
+        assert!(max_rel(&g.2, &c.2) < tol, "{dtype:?} add-relu gradient b");
+    }
+}
+
+#[test]
+fn sgd_step_matches_cpu() {
+    use engine::optim::{Sgd, SgdConfig};
+    let Some(gpu) = cuda("sgd") else {
+        return;
+    };
+    for (momentum, nesterov) in [(0.9, false), (0.9, true), (0.0, false)] {
+        let w0 = random(&[64, 3, 3, 3], 20);
+        let run = |device: &Device| {
+            let w = Var::from_tensor(&w0.to_device(device).unwrap()).unwrap();
+            let mut opt = Sgd::new(
+                vec![("w".into(), w.clone())],
+                SgdConfig {
+                    momentum,
+                    weight_decay: 5e-4,
+                    nesterov,
+                },
+            );
+            for s in 0..4 {
+                let target = random(&[64, 3, 3, 3], 30 + s).to_device(device).unwrap();
+                let l = (w.as_tensor() - target)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                opt.step(&l.backward().unwrap(), 0.05).unwrap();
+            }
+            let state = opt.state().unwrap();
+            (w.as_tensor().clone(), state.get("w").cloned())
+        };
+        let (c, g) = (run(&Device::Cpu), run(&gpu));
+        assert!(
+            max_rel(&g.0, &c.0) < 1e-5,
+            "weights after 4 steps (momentum {momentum}, nesterov {nesterov})"
+        );
+        match (g.1, c.1) {
+            (Some(a), Some(b)) => assert!(max_rel(&a, &b) < 1e-5, "momentum buffers"),
+            (None, None) => {}
+            _ => panic!("momentum buffer present on one device only"),
+        }
+    }
+}
+
+#[test]
+fn resnet_training_steps_follow_the_cpu() {
+    use engine::losses::cross_entropy;
+    use engine::models::{Model, ModelSpec};
+    use engine::optim::{Sgd, SgdConfig};
+    let Some(gpu) = cuda("resnet training") else {
+        return;
+    };
+    let spec = ModelSpec::new("resnet8", 10, 3).unwrap();
+    let x = random(&[32, 3, 32, 32], 40);
+    let y = Tensor::from_vec(
+        (0..32u32).map(|i| i % 10).collect::<Vec<_>>(),
+        32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let run = |device: &Device, dtype: DType| -> Vec<f32> {
+        let model = Model::new(&spec, device, 7).unwrap();
+        let mut opt = Sgd::new(model.trainable(), SgdConfig::default());
+        let (x, y) = (
+            x.to_device(device).unwrap().to_dtype(dtype).unwrap(),
+            y.to_device(device).unwrap(),
+        );
+        (0..8)
+            .map(|_| {
+                let loss = cross_entropy(&model.net.forward_t(&x, true).unwrap(), &y).unwrap();
+                opt.step(&loss.backward().unwrap(), 0.05).unwrap();
+                loss.to_scalar::<f32>().unwrap()
+            })
+            .collect()
+    };
+    let cpu = run(&Device::Cpu, DType::F32);
+    let f32_gpu = run(&gpu, DType::F32);
+    let bf16_gpu = run(&gpu, DType::BF16);
+    eprintln!(
+        "loss per step\n  cpu  f32  {cpu:?}\n  cuda f32  {f32_gpu:?}\n  cuda bf16 {bf16_gpu:?}"
+    );
+    for (s, (a, b)) in f32_gpu.iter().zip(&cpu).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+            "f32 step {s}: {a} on CUDA, {b} on the CPU"
+        );
+    }
+    for (s, (a, b)) in bf16_gpu.iter().zip(&cpu).enumerate() {
+        assert!(
+            (a - b).abs() <= 5e-2 * b.abs().max(1.0),
+            "bf16 step {s}: {a} on CUDA, {b} on the CPU"
+        );
+    }
+    assert!(
+        cpu[7] < cpu[0] && bf16_gpu[7] < bf16_gpu[0],
+        "the loss falls over 8 steps"
+    );
+}

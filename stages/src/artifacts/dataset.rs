@@ -1,0 +1,101 @@
+//! A prepared dataset: `dataset.json` and the packed splits a `prepare` stage writes, opened
+//! (and their contents re-checked) by every stage that reads them.
+
+use crate::error::{Result, StageError};
+use datasets::augment::Normalize;
+use datasets::PackedStore;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// One packed split as described in `dataset.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitInfo {
+    /// File name in the stage folder.
+    pub file: String,
+    /// Number of images.
+    pub n: usize,
+    /// Content hash of the packed file (its fingerprint).
+    pub hash: String,
+    /// Images per class, in class order.
+    #[serde(default)]
+    pub class_counts: Vec<usize>,
+}
+
+/// `dataset.json`: what a prepared dataset holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Channels, height, width.
+    pub shape: [usize; 3],
+    /// Training split.
+    pub train: SplitInfo,
+    /// Test split.
+    pub test: SplitInfo,
+    /// Validation split held out of the training images (`val`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<SplitInfo>,
+    /// Per-channel statistics of the training split, used to normalise every split.
+    pub normalize: Normalize,
+}
+
+/// Packed splits up to this size (4 GiB: CIFAR, STL-10, Tiny-ImageNet) are re-hashed whenever
+/// a stage opens them, about a second per GiB; larger ones (ImageNet) only by `pipeline inspect`.
+pub const VERIFY_LIMIT: u64 = 4 << 30;
+
+/// A prepared dataset opened for reading.
+pub struct Dataset {
+    /// Its description.
+    pub info: DatasetInfo,
+    /// Training split.
+    pub train: Arc<PackedStore>,
+    /// Test split.
+    pub test: Arc<PackedStore>,
+    /// Validation split, if the stage held one out.
+    pub val: Option<Arc<PackedStore>>,
+}
+
+impl Dataset {
+    /// Opens the dataset a `prepare` stage wrote into `dir`, checking that the packed files
+    /// match `dataset.json` and, for splits up to [`VERIFY_LIMIT`] bytes, that their contents
+    /// still hash to the recorded fingerprint (a damaged pixel is refused, not trained on).
+    pub fn open(dir: &Path) -> Result<Dataset> {
+        let info: DatasetInfo = engine::json::read(&dir.join("dataset.json"))?;
+        let open = |s: &SplitInfo| -> Result<Arc<PackedStore>> {
+            let p = dir.join(&s.file);
+            let store = PackedStore::open(&p)?;
+            if store.hash() != s.hash || store.len() != s.n || store.info().classes != info.classes
+            {
+                return Err(StageError::invalid(
+                    &p,
+                    "header",
+                    format!(
+                        "does not match dataset.json (hash {}, {} images): the folder was modified",
+                        s.hash, s.n
+                    ),
+                ));
+            }
+            let bytes = std::fs::metadata(&p)
+                .map_err(|e| StageError::io(&p, e))?
+                .len();
+            if bytes <= VERIFY_LIMIT {
+                store.verify()?;
+            } else {
+                tracing::debug!(
+                    "{}: {bytes} bytes, content hash not re-checked (`pipeline inspect` does)",
+                    p.display()
+                );
+            }
+            Ok(Arc::new(store))
+        };
+        let (train, test) = (open(&info.train)?, open(&info.test)?);
+        let val = info.val.as_ref().map(open).transpose()?;
+        Ok(Dataset {
+            info,
+            train,
+            test,
+            val,
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! What flows between stages: the kinds of stage, the artifact each produces, and the types
+//! that read them — a prepared dataset ([`Dataset`]), a trained model ([`TrainedModel`]), a
+//! label store's files ([`labels`]) and an evaluation ([`Evaluation`]). Stage kinds pass
+//! nothing else to each other.
+
+pub mod dataset;
+pub mod evaluation;
+pub mod labels;
+pub mod model;
+
+pub use dataset::{Dataset, DatasetInfo, SplitInfo};
+pub use evaluation::{Calibrated, Evaluation};
+pub use labels::Split;
+pub use model::TrainedModel;
+
+use serde::{Deserialize, Serialize};
+
+/// The kind of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Turns a dataset into packed splits.
+    Prepare,
+    /// Trains a model (teacher or student).
+    Train,
+    /// Runs teachers over a split and stores their label distributions.
+    Label,
+    /// Runs a model over the test split and computes metrics.
+    Evaluate,
+    /// Tabulates evaluations.
+    Report,
+}
+
+impl Kind {
+    /// Every kind, in pipeline order.
+    pub const ALL: [Kind; 5] = [
+        Kind::Prepare,
+        Kind::Train,
+        Kind::Label,
+        Kind::Evaluate,
+        Kind::Report,
+    ];
+
+    /// The kind's name in stages.toml.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Prepare => "prepare",
+            Kind::Train => "train",
+            Kind::Label => "label",
+            Kind::Evaluate => "evaluate",
+            Kind::Report => "report",
+        }
+    }
+
+    /// What a stage of this kind produces for its downstream stages.
+    pub fn produces(&self) -> Artifact {
+        match self {
+            Kind::Prepare => Artifact::Dataset,
+            Kind::Train => Artifact::Model,
+            Kind::Label => Artifact::Labels,
+            Kind::Evaluate => Artifact::Metrics,
+            Kind::Report => Artifact::Report,
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown stage kind `{s}`, expected one of prepare, train, label, evaluate, report")
+            })
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What flows along a `needs` edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Artifact {
+    /// Packed splits (`prepare`).
+    Dataset,
+    /// A trained model (`train`).
+    Model,
+    /// A label store (`label`).
+    Labels,
+    /// Metrics of one model (`evaluate`).
+    Metrics,
+    /// Tables (`report`): nothing reads them.
+    Report,
+}
+
+impl std::fmt::Display for Artifact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Artifact::Dataset => "a dataset (kind prepare)",
+            Artifact::Model => "a model (kind train)",
+            Artifact::Labels => "a label store (kind label)",
+            Artifact::Metrics => "metrics (kind evaluate)",
+            Artifact::Report => "a report (kind report)",
+        })
+    }
+}
+
+/// How many inputs of an artifact a stage takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Multiplicity {
+    /// Exactly one.
+    One,
+    /// One or more.
+    OneOrMore,
+    /// None allowed.
+    None,
+}

@@ -1,0 +1,663 @@
+//! The `evaluate` stage: runs a trained model over the test split in eval mode (or averaging
+//! `mc_samples` Monte-Carlo dropout passes) and writes
+//!
+//! - `predictions.parquet`: `index`, `label`, `probs` and `logits` (`FixedSizeList<float32, K>`;
+//!   `logits` null under MC dropout, whose mean has none);
+//! - the metrics of [`crate::science::metrics`] (conventions in docs/metrics.md) as `metrics.json`,
+//!   `metrics.csv`, `metrics.md`, and per class as `class_metrics.csv`; when the model was
+//!   temperature-scaled (`temperature.json`), the calibrated metrics as well;
+//! - figures, PNG and SVG: `reliability` (and `reliability-ts`), `confidence`, `class-loss` (the
+//!   training loss per epoch of the 5 best and 5 worst classes by test F1) and `projection` (the
+//!   penultimate activations of three classes on the plane of their classifier templates).
+
+use crate::artifacts::{Calibrated, Dataset, Evaluation, Kind, TrainedModel};
+use crate::context::{Context, Input};
+use crate::error::{Result, StageError};
+use crate::params::{self, at_least, ParamDefaults, RangeError};
+use crate::science::calibration::Temperature;
+use crate::science::figures::{self, ConfidenceHistogram, Plot, Reliability, Series};
+use crate::science::metrics::{self, Metrics};
+use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::{DataType, Field, Schema};
+use engine::inference::Inference;
+use engine::json;
+use engine::models::Model;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Parameters of an `evaluate` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
+pub struct Params {
+    /// Confidence bins of the ECE, MCE, adaptive ECE, classwise ECE and UCE.
+    pub bins: usize,
+    /// Images per inference batch.
+    pub batch_size: usize,
+    /// Average this many Monte-Carlo dropout passes (0: one deterministic pass); the model
+    /// must have dropout ("MCDO-S").
+    pub mc_samples: usize,
+    /// Seed of the Monte-Carlo dropout masks (default: the model's training seed).
+    pub seed: Option<u64>,
+    /// The three classes of the penultimate-layer projection (default: 0, 1, 2).
+    pub projection_classes: Option<[usize; 3]>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            bins: 10,
+            batch_size: 256,
+            mc_samples: 0,
+            seed: None,
+            projection_classes: None,
+        }
+    }
+}
+
+impl ParamDefaults for Params {
+    const OMITTED_AT_DEFAULT: &'static [&'static str] =
+        &["mc_samples", "seed", "projection_classes"];
+    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Params::serialize(self, s)
+    }
+}
+
+impl Serialize for Params {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        params::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Params::deserialize(d)
+    }
+}
+
+impl Params {
+    /// Checks value ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), RangeError> {
+        at_least("bins", self.bins, 1)?;
+        at_least("batch_size", self.batch_size, 1)
+    }
+}
+
+/// Header of `metrics.csv` (the first nine columns are those of earlier versions).
+pub const CSV_HEADER: &str =
+    "stage,model,method,seed,n,accuracy,ece,nll,brier,top5,mce,adaptive_ece,classwise_ece,uce";
+
+fn csv_row(stage: &str, model: &str, method: &str, seed: u64, m: &Metrics) -> String {
+    format!(
+        "{stage},{model},{method},{seed},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+        m.n,
+        m.accuracy,
+        m.ece,
+        m.nll,
+        m.brier,
+        m.top5,
+        m.mce,
+        m.adaptive_ece,
+        m.classwise_ece,
+        m.uce
+    )
+}
+
+/// softmax(logits / t) of `N × K` logits, in f64.
+fn softmax_rows(logits: &[f32], k: usize, t: f64) -> Vec<f32> {
+    logits
+        .chunks_exact(k)
+        .flat_map(|row| {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let e: Vec<f64> = row.iter().map(|&v| ((v as f64 - max) / t).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(move |v| (v / sum) as f32)
+        })
+        .collect()
+}
+
+/// Writes `predictions.parquet` atomically.
+fn write_predictions(
+    path: &Path,
+    k: usize,
+    labels: &[u32],
+    probs: &[f32],
+    logits: Option<&[f32]>,
+) -> Result<()> {
+    let vector = |nullable| {
+        Field::new(
+            "x",
+            DataType::FixedSizeList(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                k as i32,
+            ),
+            nullable,
+        )
+    };
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("index", DataType::UInt32, false),
+        Field::new("label", DataType::UInt32, false),
+        vector(false).with_name("probs"),
+        vector(true).with_name("logits"),
+    ]));
+    let n = labels.len();
+    let list = |values: Vec<f32>, nulls: Option<NullBuffer>| -> Result<ArrayRef> {
+        Ok(Arc::new(
+            FixedSizeListArray::try_new(
+                Arc::new(Field::new("item", DataType::Float32, false)),
+                k as i32,
+                Arc::new(Float32Array::from(values)),
+                nulls,
+            )
+            .map_err(|e| StageError::invalid(path, "predictions", e.to_string()))?,
+        ))
+    };
+    let logits = match logits {
+        Some(l) => list(l.to_vec(), None)?,
+        None => list(vec![0.0; n * k], Some(NullBuffer::new_null(n)))?,
+    };
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(UInt32Array::from_iter_values(0..n as u32)),
+            Arc::new(UInt32Array::from(labels.to_vec())),
+            list(probs.to_vec(), None)?,
+            logits,
+        ],
+    )
+    .map_err(|e| StageError::invalid(path, "predictions", e.to_string()))?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(
+            parquet::basic::ZstdLevel::try_new(3).expect("valid level"),
+        ))
+        .build();
+    let to_io = |e: parquet::errors::ParquetError| std::io::Error::other(e.to_string());
+    datasets::atomic::write_with(path, |w| {
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(to_io)?;
+        writer.write(&batch).map_err(to_io)?;
+        writer.close().map_err(to_io)?;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The per-epoch training loss of the 5 best and 5 worst classes by test F1, from the train
+/// stage's `class_loss.csv` (none when the file is missing or has no rows).
+fn class_loss_curves(train_dir: &Path, m: &Metrics, classes: &[String]) -> Result<Vec<Series>> {
+    let path = train_dir.join("class_loss.csv");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    let k = m.classes.len();
+    let mut curves: Vec<Vec<(f64, f64)>> = vec![Vec::new(); k];
+    for (line_no, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let parsed = (f.len() == 3)
+            .then(|| {
+                Some((
+                    f[0].parse::<f64>().ok()?,
+                    f[1].parse::<usize>().ok()?,
+                    f[2].parse::<f64>().ok()?,
+                ))
+            })
+            .flatten();
+        let Some((epoch, class, loss)) = parsed.filter(|p| p.1 < k) else {
+            return Err(StageError::invalid(
+                &path,
+                format!("line {}", line_no + 1),
+                format!("`{line}`: expected epoch,class,loss with a class below {k}"),
+            ));
+        };
+        curves[class].push((epoch, loss));
+    }
+    let mut ranked: Vec<usize> = (0..k).filter(|&c| m.classes[c].f1.is_finite()).collect();
+    ranked.sort_by(|&a, &b| m.classes[b].f1.total_cmp(&m.classes[a].f1).then(a.cmp(&b)));
+    let mut chosen: Vec<(usize, &str)> = ranked.iter().take(5).map(|&c| (c, "best")).collect();
+    for &c in ranked
+        .iter()
+        .rev()
+        .take(5)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        if !chosen.iter().any(|(d, _)| *d == c) {
+            chosen.push((c, "worst"));
+        }
+    }
+    Ok(chosen
+        .into_iter()
+        .map(|(c, which)| Series {
+            label: format!(
+                "{} ({which}, F1 {:.2})",
+                classes.get(c).cloned().unwrap_or_else(|| c.to_string()),
+                m.classes[c].f1
+            ),
+            points: curves[c].clone(),
+        })
+        .collect())
+}
+
+/// Coordinates of penultimate activations `x` (N × D) on the plane through the three class
+/// templates `w` (3 × D) (Müller et al. 2019): an orthonormal basis (e1, e2) of the plane from
+/// Gram–Schmidt on (w1 − w0, w2 − w0), and each point's ((x − c)·e1, (x − c)·e2) with c the
+/// templates' centroid.
+pub fn plane_projection(x: &[f32], w: &[f32], d: usize) -> Vec<(f64, f64)> {
+    let row = |v: &[f32], i: usize| -> Vec<f64> {
+        v[i * d..(i + 1) * d].iter().map(|&a| a as f64).collect()
+    };
+    let (w0, w1, w2) = (row(w, 0), row(w, 1), row(w, 2));
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let sub = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f64>>();
+    let unit = |a: Vec<f64>| {
+        let n = dot(&a, &a).sqrt().max(1e-12);
+        a.into_iter().map(|v| v / n).collect::<Vec<f64>>()
+    };
+    let e1 = unit(sub(&w1, &w0));
+    let u = sub(&w2, &w0);
+    let along = dot(&u, &e1);
+    let e2 = unit(u.iter().zip(&e1).map(|(a, b)| a - along * b).collect());
+    let c: Vec<f64> = (0..d).map(|j| (w0[j] + w1[j] + w2[j]) / 3.0).collect();
+    (0..x.len() / d)
+        .map(|i| {
+            let p = sub(&row(x, i), &c);
+            (dot(&p, &e1), dot(&p, &e2))
+        })
+        .collect()
+}
+
+/// Runs an `evaluate` stage: predictions and metrics, the files that hold them, figures.
+pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
+    if p.bins == 0 {
+        return Err(StageError::Config(format!(
+            "{}: bins must be at least 1",
+            ctx.name
+        )));
+    }
+    let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
+    let device = ctx.device.open()?;
+    let input = ctx.input(Kind::Train);
+    let k = data.info.classes.len();
+    let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
+    let inference = Inference {
+        model: &model,
+        device: &device,
+        normalize: &data.info.normalize,
+        batch_size: p.batch_size,
+        temperature: 1.0,
+        workers: ctx.threads,
+        progress: ctx,
+    };
+    let labels = data.test.labels();
+    let (e, probs, logits) = evaluate(ctx, p, &data, input, &meta, &inference)?;
+    let mut outputs = write_tables(ctx, &e, &labels, &probs, logits.as_deref())?;
+    outputs.extend(reliability_figures(ctx, &e, &input.dir)?);
+    if k >= 3 {
+        outputs.extend(projection(ctx, p, &e, &model, &inference, &data)?);
+    }
+    write_summary(ctx, p, &e)?;
+    outputs.push("metrics.md".into());
+    let m = &e.metrics;
+    tracing::info!(
+        "{}: {} accuracy {:.2}% ECE {:.2}% UCE {:.2}% NLL {:.4} Brier {:.4}",
+        ctx.name,
+        e.model_stage,
+        100.0 * m.accuracy,
+        100.0 * m.ece,
+        100.0 * m.uce,
+        m.nll,
+        m.brier
+    );
+    Ok(outputs)
+}
+
+/// The model's test-split probabilities (and logits, without MC dropout) and their metrics,
+/// also after temperature scaling when the model has a fitted temperature.
+fn evaluate(
+    ctx: &Context,
+    p: &Params,
+    data: &Dataset,
+    input: &Input,
+    meta: &TrainedModel,
+    inference: &Inference,
+) -> Result<(Evaluation, Vec<f32>, Option<Vec<f32>>)> {
+    let k = data.info.classes.len();
+    let labels = data.test.labels();
+    let mut variant = meta.variant.clone();
+    let (probs, logits) = if p.mc_samples > 0 {
+        if meta.spec.dropout == 0.0 {
+            return Err(StageError::Config(format!(
+                "{}: mc_samples = {} averages Monte-Carlo dropout passes, but `{}` was trained \
+                 without dropout",
+                ctx.name, p.mc_samples, input.name
+            )));
+        }
+        if !variant.is_empty() {
+            variant.push_str(", ");
+        }
+        variant.push_str("MCDO-S");
+        let seed = p.seed.unwrap_or(meta.seed);
+        let mc = inference.predict_mc(&data.test, p.mc_samples, seed, "evaluating (MC dropout)")?;
+        (mc.mean, None)
+    } else {
+        let logits = inference.logits(&data.test, "evaluating")?;
+        (softmax_rows(&logits, k, 1.0), Some(logits))
+    };
+    let m = metrics::compute(&probs, &labels, k, p.bins);
+    let temperature_file = input.dir.join("temperature.json");
+    let calibrated = match (&logits, temperature_file.exists()) {
+        (Some(logits), true) => {
+            let t: Temperature = json::read(&temperature_file)?;
+            let probs = softmax_rows(logits, k, t.temperature);
+            Some(Calibrated {
+                temperature: t.temperature,
+                metrics: metrics::compute(&probs, &labels, k, p.bins),
+            })
+        }
+        _ => None,
+    };
+    let e = Evaluation {
+        model_stage: input.name.clone(),
+        model: meta.spec.arch.clone(),
+        method: meta.method.as_str().into(),
+        variant,
+        seed: meta.seed,
+        metrics: m,
+        calibrated,
+        classes: data.info.classes.clone(),
+    };
+    Ok((e, probs, logits))
+}
+
+/// `predictions.parquet`, `metrics.json`, `metrics.csv` and `class_metrics.csv`.
+fn write_tables(
+    ctx: &Context,
+    e: &Evaluation,
+    labels: &[u32],
+    probs: &[f32],
+    logits: Option<&[f32]>,
+) -> Result<Vec<String>> {
+    let k = e.classes.len();
+    write_predictions(
+        &ctx.dir.join("predictions.parquet"),
+        k,
+        labels,
+        probs,
+        logits,
+    )?;
+    json::write(&ctx.dir.join("metrics.json"), e)?;
+    let m = &e.metrics;
+    let mut csv = format!("{CSV_HEADER}\n");
+    csv.push_str(&csv_row(&e.model_stage, &e.model, &e.label(), e.seed, m));
+    if let Some(c) = &e.calibrated {
+        let label = format!("{} + TS", e.label());
+        csv.push_str(&csv_row(
+            &e.model_stage,
+            &e.model,
+            &label,
+            e.seed,
+            &c.metrics,
+        ));
+    }
+    datasets::atomic::write_bytes(&ctx.dir.join("metrics.csv"), csv.as_bytes())?;
+    let mut class_csv = String::from("class,name,support,precision,recall,f1,confidence\n");
+    for (c, s) in m.classes.iter().enumerate() {
+        class_csv.push_str(&format!(
+            "{c},{},{},{},{},{},{}\n",
+            e.classes[c],
+            s.support,
+            fixed(s.precision, 6),
+            fixed(s.recall, 6),
+            fixed(s.f1, 6),
+            fixed(s.confidence, 6)
+        ));
+    }
+    datasets::atomic::write_bytes(&ctx.dir.join("class_metrics.csv"), class_csv.as_bytes())?;
+    Ok([
+        "predictions.parquet",
+        "metrics.json",
+        "metrics.csv",
+        "class_metrics.csv",
+    ]
+    .map(String::from)
+    .to_vec())
+}
+
+/// `v` with `digits` decimals; empty when undefined (a class never predicted has no precision).
+fn fixed(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        String::new()
+    }
+}
+
+/// The reliability diagram (also after temperature scaling), the confidence histogram and the
+/// class-loss curves.
+fn reliability_figures(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Result<Vec<String>> {
+    let m = &e.metrics;
+    let title = format!(
+        "{} — accuracy {:.2}%, ECE {:.2}%",
+        e.model_stage,
+        100.0 * m.accuracy,
+        100.0 * m.ece
+    );
+    let mut out = figures::save(
+        &Reliability {
+            title: title.clone(),
+            bins: &m.bins,
+        },
+        &ctx.dir,
+        "reliability",
+        (640, 520),
+    )?;
+    if let Some(c) = &e.calibrated {
+        out.extend(figures::save(
+            &Reliability {
+                title: format!(
+                    "{} + TS (T = {:.3}) — accuracy {:.2}%, ECE {:.2}%",
+                    e.model_stage,
+                    c.temperature,
+                    100.0 * c.metrics.accuracy,
+                    100.0 * c.metrics.ece
+                ),
+                bins: &c.metrics.bins,
+            },
+            &ctx.dir,
+            "reliability-ts",
+            (640, 520),
+        )?);
+    }
+    out.extend(figures::save(
+        &ConfidenceHistogram {
+            title: format!("{} — confidence", e.model_stage),
+            bins: &m.bins,
+            accuracy: m.accuracy,
+        },
+        &ctx.dir,
+        "confidence",
+        (640, 420),
+    )?);
+    let curves = class_loss_curves(train_dir, m, &e.classes)?;
+    if !curves.is_empty() {
+        out.extend(figures::save(
+            &Plot {
+                title: format!(
+                    "{} — training loss of the 5 best and 5 worst classes",
+                    e.model_stage
+                ),
+                x: "epoch".into(),
+                y: "mean training loss".into(),
+                series: curves,
+                lines: true,
+                square: false,
+            },
+            &ctx.dir,
+            "class-loss",
+            (760, 520),
+        )?);
+    }
+    Ok(out)
+}
+
+/// `projection.csv` and figure: the penultimate activations of three classes on the plane of
+/// their classifier templates.
+fn projection(
+    ctx: &Context,
+    p: &Params,
+    e: &Evaluation,
+    model: &Model,
+    inference: &Inference,
+    data: &Dataset,
+) -> Result<Vec<String>> {
+    let k = e.classes.len();
+    let chosen = p.projection_classes.unwrap_or([0, 1, 2]);
+    if let Some(bad) = chosen.iter().find(|&&c| c >= k) {
+        return Err(StageError::Config(format!(
+            "{}: projection_classes names class {bad}, the dataset has {k}",
+            ctx.name
+        )));
+    }
+    let net = &model.net;
+    let w = net
+        .classifier_weight()
+        .to_dtype(candle_core::DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?;
+    let d = w.dim(1)?;
+    let w_rows: Vec<f32> = chosen
+        .iter()
+        .flat_map(|&c| {
+            w.get(c)
+                .and_then(|r| r.to_vec1::<f32>())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut series: Vec<Series> = chosen
+        .iter()
+        .map(|&c| Series {
+            label: e.classes[c].clone(),
+            points: Vec::new(),
+        })
+        .collect();
+    let mut csv = String::from("index,label,x,y\n");
+    // A second pass over the test split, through the same loader (and normalisation) as
+    // the predictions, keeping only the three classes' activations.
+    inference.for_each_batch(&data.test, "projecting", |batch, x| {
+        let all = net.features_t(x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        let keep: Vec<usize> = (0..batch.len())
+            .filter(|&j| chosen.contains(&(batch.labels[j] as usize)))
+            .collect();
+        let feats: Vec<f32> = keep
+            .iter()
+            .flat_map(|&j| all[j * d..(j + 1) * d].iter().copied())
+            .collect();
+        for (&j, xy) in keep.iter().zip(plane_projection(&feats, &w_rows, d)) {
+            let (i, label) = (batch.indices[j], batch.labels[j]);
+            let s = chosen
+                .iter()
+                .position(|&c| c == label as usize)
+                .expect("kept");
+            series[s].points.push(xy);
+            csv.push_str(&format!("{i},{label},{},{}\n", xy.0, xy.1));
+        }
+        Ok(())
+    })?;
+    datasets::atomic::write_bytes(&ctx.dir.join("projection.csv"), csv.as_bytes())?;
+    let mut out = vec!["projection.csv".to_string()];
+    out.extend(figures::save(
+        &Plot {
+            title: format!(
+                "{} — penultimate layer, classes {:?}",
+                e.model_stage, chosen
+            ),
+            x: "template plane, axis 1".into(),
+            y: "template plane, axis 2".into(),
+            series,
+            lines: false,
+            square: true,
+        },
+        &ctx.dir,
+        "projection",
+        (560, 560),
+    )?);
+    Ok(out)
+}
+
+/// `metrics.md`: the metrics, the calibrated ones, the figures and the per-class table.
+fn write_summary(ctx: &Context, p: &Params, e: &Evaluation) -> Result<()> {
+    let m = &e.metrics;
+    let mut md = format!(
+        "# {}: {} ({}, {}, seed {})\n\n| metric | value |\n|---|---|\n| test images | {} |\n\
+         | top-1 accuracy | {:.2}% |\n| top-5 accuracy | {:.2}% |\n| ECE ({} bins) | {:.2}% |\n\
+         | MCE | {:.2}% |\n| adaptive ECE | {:.2}% |\n| classwise ECE | {:.2}% |\n| UCE | {:.2}% |\n\
+         | NLL | {:.4} |\n| Brier (sum over classes) | {:.4} |\n",
+        ctx.name,
+        e.model_stage,
+        e.model,
+        e.label(),
+        e.seed,
+        m.n,
+        100.0 * m.accuracy,
+        100.0 * m.top5,
+        p.bins,
+        100.0 * m.ece,
+        100.0 * m.mce,
+        100.0 * m.adaptive_ece,
+        100.0 * m.classwise_ece,
+        100.0 * m.uce,
+        m.nll,
+        m.brier
+    );
+    if let Some(c) = &e.calibrated {
+        md.push_str(&format!(
+            "\nAfter temperature scaling (T = {:.4}, fitted on the validation split): accuracy {:.2}%, ECE {:.2}%, UCE {:.2}%, NLL {:.4}, Brier {:.4}.\n",
+            c.temperature,
+            100.0 * c.metrics.accuracy,
+            100.0 * c.metrics.ece,
+            100.0 * c.metrics.uce,
+            c.metrics.nll,
+            c.metrics.brier
+        ));
+    }
+    md.push_str(
+        "\n![reliability diagram](reliability.png)\n\n![confidence histogram](confidence.png)\n",
+    );
+    md.push_str("\n| class | name | support | precision | recall | F1 | mean true-class confidence |\n|---|---|---|---|---|---|---|\n");
+    for (c, s) in m.classes.iter().enumerate() {
+        md.push_str(&format!(
+            "| {c} | {} | {} | {} | {} | {} | {} |\n",
+            e.classes[c],
+            s.support,
+            fixed(s.precision, 4),
+            fixed(s.recall, 4),
+            fixed(s.f1, 4),
+            fixed(s.confidence, 4)
+        ));
+    }
+    datasets::atomic::write_bytes(&ctx.dir.join("metrics.md"), md.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_projection_plane_passes_through_the_templates() {
+        // D = 3: templates at (1,0,0), (0,1,0), (0,0,1). Their centroid projects to (0, 0);
+        // e1 = (−1, 1, 0)/√2; the templates are an equilateral triangle of side √2, so each sits
+        // at distance √(2/3) from the centroid, and a point off the plane along the normal
+        // (1,1,1) projects onto the centroid.
+        let w = [1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+        let c = 1.0f32 / 3.0;
+        let x = [1.0f32, 0.0, 0.0, c + 5.0, c + 5.0, c + 5.0];
+        let p = plane_projection(&x, &w, 3);
+        let r = (p[0].0.powi(2) + p[0].1.powi(2)).sqrt();
+        assert!((r - (2.0f64 / 3.0).sqrt()).abs() < 1e-6, "{p:?}");
+        assert!(p[1].0.abs() < 1e-6 && p[1].1.abs() < 1e-6, "{p:?}");
+        // Template 0 lies along −e1 from the centroid: x = (1,0,0) − c projects to −1/√2.
+        assert!((p[0].0 + 1.0 / 2f64.sqrt()).abs() < 1e-6, "{p:?}");
+    }
+}

@@ -1,0 +1,466 @@
+//! The `prepare` stage: turns a dataset source (the built-in synthetic dataset, the official
+//! CIFAR-10, CIFAR-100 or STL-10 binaries — read from `path` or fetched into a cache — or an
+//! ImageFolder tree) into packed splits (`train.pack`, `test.pack`, optionally `val.pack`) and a
+//! `dataset.json` describing them (classes, sizes, hashes, normalisation statistics).
+
+use crate::artifacts::{DatasetInfo, SplitInfo};
+use crate::context::Context;
+use crate::error::{Result, StageError};
+use crate::params::RangeError;
+use datasets::augment::Normalize;
+use datasets::cifar::Cifar100Label;
+use datasets::cifar::Split;
+use datasets::synthetic::SyntheticSpec;
+use datasets::PackedWriter;
+use serde::{Deserialize, Serialize};
+
+/// Where the images come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The built-in procedural dataset (no files needed).
+    Synthetic,
+    /// CIFAR-10, binary version, from `path`.
+    Cifar10,
+    /// CIFAR-100, binary version, from `path`.
+    Cifar100,
+    /// STL-10, binary version (labelled train and test splits), from `path`.
+    Stl10,
+    /// An ImageFolder tree `path/<split>/<class>/*.{jpg,jpeg,png}`, resized to `image_size`.
+    Imagefolder,
+}
+
+/// Parameters of a `prepare` stage. Keys that do not apply to the chosen `source` are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The dataset source.
+    pub source: Source,
+    /// Folder of the official files (CIFAR, STL-10) or the ImageFolder root; relative to the
+    /// stages.toml's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// CIFAR-10/100, STL-10: download the official archive into `cache` instead of reading
+    /// `path` (verified by its md5; a partial download resumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<bool>,
+    /// Folder of downloaded archives (default `$LDL_CACHE`, else `$XDG_CACHE_HOME/ldl`, else
+    /// `~/.cache/ldl`); relative to the stages.toml's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// Download address replacing the official one (a mirror); needs `md5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Expected md5 of the archive at `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    /// ImageFolder: the training split's folder (default `train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_split: Option<String>,
+    /// ImageFolder: the test split's folder (default `val`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_split: Option<String>,
+    /// CIFAR-10: which training batches to read (default all five, 1..=5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<Vec<u32>>,
+    /// CIFAR-100: `"fine"` (100 classes, default) or `"coarse"` (20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<Cifar100Label>,
+    /// Keep a seeded random subset of this many training images (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Hold this many training images out as a validation split `val.pack` (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<usize>,
+    /// Seed of the synthetic generator and of the `limit`/`val` draws (default: the run's seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Synthetic: training images (default 5000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_size: Option<usize>,
+    /// Synthetic: test images (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_size: Option<usize>,
+    /// Synthetic: number of classes (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
+    /// Synthetic: image side in pixels (default 32). ImageFolder: side of the square the
+    /// images are resized (shorter side) and centre-cropped to (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
+    /// Synthetic: per-pixel noise standard deviation, full scale 1 (default 0.08).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<f32>,
+    /// Synthetic: per-image hue jitter in turns of the colour wheel (default 0.035).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hue_jitter: Option<f32>,
+}
+
+/// Per-channel statistics conventionally used for CIFAR-10 (as in the reference code bases).
+pub const CIFAR10_NORMALIZE: ([f32; 3], [f32; 3]) =
+    ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]);
+/// Per-channel statistics of CIFAR-100, as the paper's code uses.
+pub const CIFAR100_NORMALIZE: ([f32; 3], [f32; 3]) =
+    ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]);
+
+impl Params {
+    /// The synthetic generator's settings, defaults filled in.
+    pub fn synthetic_spec(&self) -> SyntheticSpec {
+        let d = SyntheticSpec::default();
+        SyntheticSpec {
+            classes: self.classes.unwrap_or(d.classes),
+            image_size: self.image_size.unwrap_or(d.image_size),
+            noise: self.noise.unwrap_or(d.noise),
+            hue_jitter: self.hue_jitter.unwrap_or(d.hue_jitter),
+        }
+    }
+
+    /// Checks that every key given applies to the source, and the values' ranges; on error
+    /// returns the key and what was expected.
+    pub fn validate(&self) -> std::result::Result<(), RangeError> {
+        self.check_keys()?;
+        match self.source {
+            Source::Synthetic => self.check_synthetic(),
+            Source::Imagefolder => self.check_imagefolder(),
+            Source::Cifar10 | Source::Cifar100 | Source::Stl10 => self.check_official(),
+        }
+    }
+
+    /// `limit` and `val`, and that every key given applies to the source.
+    fn check_keys(&self) -> std::result::Result<(), RangeError> {
+        let synthetic_keys = [
+            ("train_size", self.train_size.is_some()),
+            ("test_size", self.test_size.is_some()),
+            ("classes", self.classes.is_some()),
+            ("image_size", self.image_size.is_some()),
+            ("noise", self.noise.is_some()),
+            ("hue_jitter", self.hue_jitter.is_some()),
+        ];
+        let allowed: &[&str] = match self.source {
+            Source::Synthetic => &[
+                "seed",
+                "train_size",
+                "test_size",
+                "classes",
+                "image_size",
+                "noise",
+                "hue_jitter",
+            ],
+            Source::Cifar10 => &["path", "batches", "seed", "fetch", "cache", "url", "md5"],
+            Source::Cifar100 => &["path", "label", "seed", "fetch", "cache", "url", "md5"],
+            Source::Stl10 => &["path", "seed", "fetch", "cache", "url", "md5"],
+            Source::Imagefolder => &["path", "seed", "image_size", "train_split", "test_split"],
+        };
+        let given = synthetic_keys.into_iter().chain([
+            ("path", self.path.is_some()),
+            ("batches", self.batches.is_some()),
+            ("label", self.label.is_some()),
+            ("seed", self.seed.is_some()),
+            ("fetch", self.fetch.is_some()),
+            ("cache", self.cache.is_some()),
+            ("url", self.url.is_some()),
+            ("md5", self.md5.is_some()),
+            ("train_split", self.train_split.is_some()),
+            ("test_split", self.test_split.is_some()),
+        ]);
+        for (key, v) in [("limit", self.limit), ("val", self.val)] {
+            if v == Some(0) {
+                return Err((key, "must be at least 1, found 0".into()));
+            }
+        }
+        if let (Some(l), Some(v)) = (self.limit, self.val) {
+            if v >= l {
+                return Err((
+                    "val",
+                    format!(
+                        "holding out {v} of the {l} images kept by `limit` leaves none to train on"
+                    ),
+                ));
+            }
+        }
+        for (key, set) in given {
+            if set && !allowed.contains(&key) {
+                return Err((
+                    key,
+                    format!("does not apply to source = \"{}\"", self.source.as_str()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_synthetic(&self) -> std::result::Result<(), RangeError> {
+        for (key, v) in [
+            ("train_size", self.train_size),
+            ("test_size", self.test_size),
+        ] {
+            if v == Some(0) {
+                return Err((key, "must be at least 1, found 0".into()));
+            }
+        }
+        self.synthetic_spec().validate().map_err(|e| match e {
+            datasets::DatasetError::Param { name, message } => (name, message),
+            other => ("source", other.to_string()),
+        })
+    }
+
+    fn check_imagefolder(&self) -> std::result::Result<(), RangeError> {
+        if self.path.is_none() {
+            return Err(("path", "is required for source = \"imagefolder\"".into()));
+        }
+        match self.image_size {
+                    None => Err((
+                        "image_size",
+                        "is required for source = \"imagefolder\" (the side images are resized and cropped to)".into(),
+                    )),
+                    Some(0) => Err(("image_size", "must be at least 1, found 0".into())),
+                    Some(_) => Ok(()),
+                }
+    }
+
+    /// CIFAR-10, CIFAR-100, STL-10: a `path`, or `fetch` with its cache and mirror keys.
+    fn check_official(&self) -> std::result::Result<(), RangeError> {
+        let fetch = self.fetch == Some(true);
+        if fetch && self.path.is_some() {
+            return Err((
+                "path",
+                "does not apply with fetch = true (the archive is unpacked into `cache`)".into(),
+            ));
+        }
+        if !fetch {
+            for (key, set) in [
+                ("cache", self.cache.is_some()),
+                ("url", self.url.is_some()),
+                ("md5", self.md5.is_some()),
+            ] {
+                if set {
+                    return Err((key, "applies only with fetch = true".into()));
+                }
+            }
+        }
+        if self.url.is_some() != self.md5.is_some() {
+            let key = if self.url.is_some() { "md5" } else { "url" };
+            return Err((
+                key,
+                "`url` and `md5` go together: a mirror's archive is verified by its md5".into(),
+            ));
+        }
+        if let Some(m) = &self.md5 {
+            if m.len() != 32 || !m.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(("md5", format!("must be 32 hexadecimal digits, found `{m}`")));
+            }
+        }
+        if self.path.is_none() && !fetch {
+            return Err((
+                        "path",
+                        format!(
+                            "is required for source = \"{}\" (or set fetch = true to download the official archive)",
+                            self.source.as_str()
+                        ),
+                    ));
+        }
+        if let Some(b) = &self.batches {
+            if b.is_empty() || b.iter().any(|x| !(1..=5).contains(x)) {
+                return Err((
+                    "batches",
+                    format!("must list CIFAR-10 training batches among 1..=5, found {b:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the synthetic defaults (the seed from the run), so they are fingerprinted and
+    /// recorded.
+    pub fn resolve(&mut self, run_seed: u64) {
+        if self.source == Source::Synthetic {
+            let spec = self.synthetic_spec();
+            self.seed.get_or_insert(run_seed);
+            self.train_size.get_or_insert(5000);
+            self.test_size.get_or_insert(1000);
+            self.classes = Some(spec.classes);
+            self.image_size = Some(spec.image_size);
+            self.noise = Some(spec.noise);
+            self.hue_jitter = Some(spec.hue_jitter);
+        }
+        if self.source == Source::Cifar100 {
+            self.label.get_or_insert(Cifar100Label::Fine);
+        }
+        if self.limit.is_some() || self.val.is_some() {
+            self.seed.get_or_insert(run_seed);
+        }
+    }
+}
+
+impl Source {
+    /// The source's name in stages.toml.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Synthetic => "synthetic",
+            Source::Cifar10 => "cifar10",
+            Source::Cifar100 => "cifar100",
+            Source::Stl10 => "stl10",
+            Source::Imagefolder => "imagefolder",
+        }
+    }
+}
+
+/// The folder of the official files: `path`, or the archive fetched into the cache.
+fn source_dir(ctx: &Context, p: &Params) -> Result<std::path::PathBuf> {
+    if p.fetch != Some(true) {
+        return Ok(ctx.base_dir.join(p.path.as_deref().unwrap_or_default()));
+    }
+    let mut archive = datasets::fetch::Archive::official(p.source.as_str())
+        .expect("an official archive for every fetchable source");
+    if let (Some(url), Some(md5)) = (&p.url, &p.md5) {
+        archive.url = url.clone();
+        archive.md5 = md5.to_ascii_lowercase();
+    }
+    let cache = match &p.cache {
+        Some(c) => ctx.base_dir.join(c),
+        None => datasets::fetch::default_cache().ok_or_else(|| {
+            StageError::invalid(
+                &ctx.base_dir,
+                "key `cache`",
+                "no cache folder: set `cache`, $LDL_CACHE or $HOME",
+            )
+        })?,
+    };
+    let bar = ctx.bar(0, &format!("downloading {}", archive.url));
+    let dir = datasets::fetch::fetch(&archive, &cache, &mut |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    Ok(dir)
+}
+
+/// Runs a `prepare` stage.
+pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
+    let bar = ctx.bar(2, "reading splits");
+    let (train, test, normalize) = read_source(ctx, p, &bar)?;
+    let (train, val) =
+        datasets::holdout::limit_and_hold_out(train, p.limit, p.val, p.seed.unwrap_or_default())?;
+    let normalize = normalize
+        .unwrap_or_else(|| Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len())));
+    let mut named = vec![("train", train), ("test", test)];
+    named.extend(val.map(|v| ("val", v)));
+    let info = write_splits(ctx, named, normalize)?;
+    bar.inc(1);
+    bar.finish_and_clear();
+    engine::json::write(&ctx.dir.join("dataset.json"), &info)?;
+    tracing::info!(
+        "{}: {} train + {} val + {} test images, {} classes, {}×{}",
+        ctx.name,
+        info.train.n,
+        info.val.as_ref().map_or(0, |v| v.n),
+        info.test.n,
+        info.classes.len(),
+        info.shape[1],
+        info.shape[2]
+    );
+    let mut outputs = vec![info.train.file.clone(), info.test.file.clone()];
+    outputs.extend(info.val.as_ref().map(|v| v.file.clone()));
+    outputs.push("dataset.json".into());
+    Ok(outputs)
+}
+
+/// The training and test splits of the source, and its fixed normalisation if it has one.
+fn read_source(
+    ctx: &Context,
+    p: &Params,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Split, Split, Option<Normalize>)> {
+    Ok(match p.source {
+        Source::Synthetic => {
+            let spec = p.synthetic_spec();
+            spec.validate()?;
+            let seed = p.seed.unwrap_or_default();
+            let train = spec.generate(seed, 0, p.train_size.unwrap_or(5000))?;
+            bar.inc(1);
+            let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
+            (train, test, None)
+        }
+        Source::Imagefolder => {
+            let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+            let size = p.image_size.unwrap_or_default();
+            let (train_split, test_split) = (
+                p.train_split.as_deref().unwrap_or("train"),
+                p.test_split.as_deref().unwrap_or("val"),
+            );
+            let classes = datasets::imagefolder::classes(&root, train_split)?;
+            let train = datasets::imagefolder::read(&root, train_split, &classes, size)?;
+            bar.inc(1);
+            let test = datasets::imagefolder::read(&root, test_split, &classes, size)?;
+            (train, test, None)
+        }
+        Source::Stl10 => {
+            let dir = source_dir(ctx, p)?;
+            let (train, test) = datasets::stl10::stl10(&dir)?;
+            bar.inc(1);
+            // No statistics are fixed by the paper's code for STL-10: fitted on the train split.
+            (train, test, None)
+        }
+        Source::Cifar10 | Source::Cifar100 => {
+            let dir = source_dir(ctx, p)?;
+            let ((train, test), (mean, std)) = if p.source == Source::Cifar10 {
+                (
+                    datasets::cifar::cifar10(&dir, p.batches.as_deref())?,
+                    CIFAR10_NORMALIZE,
+                )
+            } else {
+                (
+                    datasets::cifar::cifar100(&dir, p.label.unwrap_or(Cifar100Label::Fine))?,
+                    CIFAR100_NORMALIZE,
+                )
+            };
+            bar.inc(1);
+            let fixed = Normalize {
+                mean: mean.to_vec(),
+                std: std.to_vec(),
+            };
+            (train, test, Some(fixed))
+        }
+    })
+}
+
+/// Writes the packed splits (`train`, `test`, maybe `val`, in that order) and describes them.
+fn write_splits(
+    ctx: &Context,
+    named: Vec<(&str, Split)>,
+    normalize: Normalize,
+) -> Result<DatasetInfo> {
+    let mut splits = Vec::new();
+    for (name, (info, labels, pixels)) in named {
+        let file = format!("{name}.pack");
+        let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;
+        let mut class_counts = vec![0usize; info.k()];
+        for &l in &labels {
+            class_counts[l as usize] += 1;
+        }
+        splits.push((
+            info,
+            SplitInfo {
+                file,
+                n: labels.len(),
+                hash,
+                class_counts,
+            },
+        ));
+    }
+    let mut splits = splits.into_iter();
+    let (train_info, train) = splits.next().expect("train split");
+    let (_, test) = splits.next().expect("test split");
+    let val = splits.next().map(|(_, v)| v);
+    let info = DatasetInfo {
+        classes: train_info.classes.clone(),
+        shape: [train_info.c, train_info.h, train_info.w],
+        train,
+        test,
+        val,
+        normalize,
+    };
+    Ok(info)
+}

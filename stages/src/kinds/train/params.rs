@@ -1,0 +1,330 @@
+//! The parameters of a `train` stage: every key of its stages.toml table, their defaults, the
+//! checks of their ranges, and what a grid cell's method leaves unused.
+
+use crate::params::{self, ParamDefaults};
+use crate::science::methods::{Method, TeacherReduction};
+use crate::science::supervision::SupervisionConfig;
+use datasets::mix::Mix;
+use engine::device::Precision;
+use engine::models::{Arch, Shortcut, Stem};
+use engine::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+
+/// Per-image training augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AugmentName {
+    /// None.
+    None,
+    /// Random crop with 4 pixels of zero padding and horizontal flip.
+    CropFlip,
+}
+
+/// Parameters of a `train` stage; defaults (the paper's CIFAR settings) are in its `Default`
+/// impl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
+pub struct Params {
+    /// Architecture: a CIFAR ResNet `resnet<6n+2>`, `resnet18` … `resnet200`, or an `_imagenet`
+    /// variant (see [`engine::models::Arch`]).
+    pub model: String,
+    /// Channels of the first stage (default: the architecture's, 16 or 64; filled in by
+    /// `resolve`).
+    pub width: Option<usize>,
+    /// Shortcut option of the CIFAR ResNets.
+    pub shortcut: Shortcut,
+    /// Stem of resnet18 … resnet200: `"cifar"` (3×3 conv) or `"imagenet"` (7×7/2 conv + max-pool).
+    pub stem: Stem,
+    /// Dropout rate before the classifier (0: none).
+    pub dropout: f64,
+    /// Training method (docs/methods.md).
+    pub method: Method,
+    /// For `off-ldl`: which source of the label store to learn from, e.g. a teacher's name or
+    /// `<teacher>.mc` for its Monte-Carlo dropout labels (default: the store's only teacher).
+    pub label_source: Option<String>,
+    /// `ls`: the smoothing mass α.
+    pub ls_alpha: f64,
+    /// `ls`: `"paper"` (eq. 2: α/(K − 1) on each other class) or `"uniform"` (α/K on every class).
+    pub ls_convention: engine::losses::SmoothingConvention,
+    /// `kd`: weight λ of the distillation term.
+    pub kd_lambda: f64,
+    /// `kd`: temperature τ.
+    pub kd_tau: f64,
+    /// `kd`: `"batchmean"` (KL summed over classes) or `"mean"` (averaged over classes, as the
+    /// paper's code did).
+    pub kd_reduction: engine::losses::KdReduction,
+    /// `wsl`: weight α of the soft term.
+    pub wsl_alpha: f64,
+    /// `wsl`: temperature τ.
+    pub wsl_tau: f64,
+    /// `off-mt-ldl`, `on-mt-ldl`: `"sum"` (the paper) or `"mean"` of the per-teacher terms.
+    pub mt_reduction: TeacherReduction,
+    /// Online methods: label each batch with the mean of this many Monte-Carlo dropout passes
+    /// of the teacher (0: its deterministic softmax); "MCDO-T".
+    pub teacher_mc: usize,
+    /// `ogr-loss`, `ogr-ldl`: epochs between OGR measurements (n).
+    pub ogr_every: usize,
+    /// `ogr-ldl`: the mass α spread by the OGR weights.
+    pub ogr_alpha: f64,
+    /// After training, fit a temperature T on the validation split (minimising NLL) and store
+    /// it with the model (`temperature.json`); evaluate then reports calibrated metrics too.
+    pub temperature_scaling: bool,
+    /// Epochs.
+    pub epochs: usize,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Epochs of linear warm-up.
+    pub warmup_epochs: usize,
+    /// Per-image augmentation.
+    pub augment: AugmentName,
+    /// Side of a Cutout square applied after normalisation (0: none).
+    pub cutout: usize,
+    /// Batch-level mixing, e.g. `{ type = "cutmix", p = 1.0 }`: the targets (one-hot or the
+    /// stored distributions) are mixed with the images' weights.
+    pub mix: Mix,
+    /// Also checkpoint every this many steps (batches), besides the end of every epoch.
+    pub checkpoint_every: Option<usize>,
+    /// How many of the newest checkpoints to keep while training (they are removed once the
+    /// stage finishes).
+    pub keep_checkpoints: usize,
+    /// Batches each loader worker may build ahead of the trainer (loader workers = `[run].threads`).
+    pub prefetch: usize,
+    /// Seed of initialisation, order and augmentation (default: the run's seed).
+    pub seed: Option<u64>,
+    /// Arithmetic of the convolutions and activations: `"f32"`, or `"bf16"` (CUDA only) with f32
+    /// master weights, optimizer state, BatchNorm statistics, classifier and loss.
+    pub dtype: Precision,
+}
+
+impl Default for Params {
+    /// The paper's CIFAR settings; the methods' own keys default to the paper's values
+    /// ([`SupervisionConfig::default`]).
+    fn default() -> Self {
+        let m = SupervisionConfig::default();
+        Params {
+            model: "resnet20".into(),
+            width: None,
+            shortcut: Shortcut::default(),
+            stem: Stem::default(),
+            dropout: 0.0,
+            // A placeholder: `method` is required (`REQUIRED`).
+            method: m.method,
+            label_source: None,
+            ls_alpha: m.ls_alpha,
+            ls_convention: m.ls_convention,
+            kd_lambda: m.kd_lambda,
+            kd_tau: m.kd_tau,
+            kd_reduction: m.kd_reduction,
+            wsl_alpha: m.wsl_alpha,
+            wsl_tau: m.wsl_tau,
+            mt_reduction: m.mt_reduction,
+            teacher_mc: m.teacher_mc,
+            ogr_every: 10,
+            ogr_alpha: m.ogr_alpha,
+            temperature_scaling: false,
+            epochs: 240,
+            batch_size: 64,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+            schedule: Schedule::MultiStep {
+                milestones: vec![150, 180, 210],
+                gamma: 0.1,
+            },
+            warmup_epochs: 0,
+            augment: AugmentName::CropFlip,
+            cutout: 0,
+            mix: Mix::None,
+            checkpoint_every: None,
+            keep_checkpoints: 1,
+            prefetch: 2,
+            seed: None,
+            dtype: Precision::default(),
+        }
+    }
+}
+
+impl ParamDefaults for Params {
+    // Keys added after the first release, left out at their defaults so that adding them
+    // changed no existing stage's fingerprint.
+    const OMITTED_AT_DEFAULT: &'static [&'static str] = &[
+        "width",
+        "stem",
+        "dropout",
+        "ls_alpha",
+        "ls_convention",
+        "kd_lambda",
+        "kd_tau",
+        "kd_reduction",
+        "wsl_alpha",
+        "wsl_tau",
+        "mt_reduction",
+        "teacher_mc",
+        "ogr_every",
+        "ogr_alpha",
+        "temperature_scaling",
+        "cutout",
+        "mix",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "prefetch",
+        "dtype",
+    ];
+    const REQUIRED: &'static [&'static str] = &["method"];
+    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Params::serialize(self, s)
+    }
+}
+
+impl Serialize for Params {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        params::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Params::deserialize(d)
+    }
+}
+
+impl Params {
+    /// The training's distinguishing options, for table rows: mixing, Cutout, MC teachers.
+    pub fn variant(&self) -> String {
+        let mut tags = Vec::new();
+        if self.mix != Mix::None {
+            tags.push(self.mix.as_str().to_string());
+        }
+        if self.cutout > 0 {
+            tags.push("cutout".into());
+        }
+        if self.teacher_mc > 0 {
+            tags.push("MCDO-T".into());
+        }
+        tags.join(", ")
+    }
+
+    /// Puts the keys the method does not use back to their defaults, so that they are neither
+    /// fingerprinted nor recorded: a grid over methods sharing one stage body (with, say,
+    /// `kd_tau` for its `kd` cells) does not retrain its `vanilla` cells when `kd_tau` changes.
+    pub fn clear_unused(&mut self) {
+        let (m, d) = (self.method, Params::default());
+        if m != Method::OffLdl {
+            self.label_source = d.label_source;
+        }
+        if m != Method::Ls {
+            self.ls_alpha = d.ls_alpha;
+            self.ls_convention = d.ls_convention;
+        }
+        if m != Method::Kd {
+            self.kd_lambda = d.kd_lambda;
+            self.kd_tau = d.kd_tau;
+            self.kd_reduction = d.kd_reduction;
+        }
+        if m != Method::Wsl {
+            self.wsl_alpha = d.wsl_alpha;
+            self.wsl_tau = d.wsl_tau;
+        }
+        if !matches!(m, Method::OffMtLdl | Method::OnMtLdl) {
+            self.mt_reduction = d.mt_reduction;
+        }
+        if !matches!(m, Method::OnLdl | Method::OnEnLdl | Method::OnMtLdl) {
+            self.teacher_mc = d.teacher_mc;
+        }
+        if !m.uses_ogr() {
+            self.ogr_every = d.ogr_every;
+        }
+        if m != Method::OgrLdl {
+            self.ogr_alpha = d.ogr_alpha;
+        }
+    }
+
+    /// Fills what is left to the run (the seed) and the architecture's width, and clears the
+    /// keys the method does not use.
+    pub fn resolve(&mut self, run_seed: u64) {
+        self.seed.get_or_insert(run_seed);
+        self.clear_unused();
+        if self.width.is_none() {
+            if let Ok(arch) = Arch::parse(&self.model) {
+                self.width = Some(arch.default_width());
+            }
+        }
+    }
+
+    /// Checks value ranges that the types alone do not; on error returns the offending key and
+    /// what was expected.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        use params::{at_least, below_one, positive};
+        let arch = Arch::parse(&self.model).map_err(|e| ("model", e.to_string()))?;
+        match arch {
+            Arch::Cifar { .. } if self.stem != Stem::Cifar => {
+                return Err((
+                    "stem",
+                    format!(
+                        "the ImageNet stem applies to resnet18 … resnet200, not to `{}`",
+                        self.model
+                    ),
+                ));
+            }
+            Arch::Large { .. } if self.shortcut == Shortcut::A => {
+                return Err(("shortcut", format!("option A applies to the CIFAR ResNets resnet<6n+2> only; `{}` uses projections (B)", self.model)));
+            }
+            _ => {}
+        }
+        below_one("dropout", self.dropout)?;
+        at_least("width", self.width.unwrap_or(1), 1)?;
+        at_least("checkpoint_every", self.checkpoint_every.unwrap_or(1), 1)?;
+        at_least("keep_checkpoints", self.keep_checkpoints, 1)?;
+        at_least("prefetch", self.prefetch, 1)?;
+        at_least("epochs", self.epochs, 1)?;
+        at_least("batch_size", self.batch_size, 1)?;
+        positive("lr", self.lr)?;
+        below_one("momentum", self.momentum)?;
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err((
+                "weight_decay",
+                format!("must be ≥ 0, found {}", self.weight_decay),
+            ));
+        }
+        if self.warmup_epochs > self.epochs {
+            return Err((
+                "warmup_epochs",
+                format!(
+                    "{} is more than the {} epochs",
+                    self.warmup_epochs, self.epochs
+                ),
+            ));
+        }
+        self.mix
+            .validate()
+            .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))?;
+        below_one("ls_alpha", self.ls_alpha)?;
+        below_one("ogr_alpha", self.ogr_alpha)?;
+        if !(0.0..=1.0).contains(&self.kd_lambda) {
+            return Err((
+                "kd_lambda",
+                format!("must be in [0, 1], found {}", self.kd_lambda),
+            ));
+        }
+        positive("kd_tau", self.kd_tau)?;
+        positive("wsl_tau", self.wsl_tau)?;
+        if !(self.wsl_alpha >= 0.0 && self.wsl_alpha.is_finite()) {
+            return Err((
+                "wsl_alpha",
+                format!("must be ≥ 0, found {}", self.wsl_alpha),
+            ));
+        }
+        at_least("ogr_every", self.ogr_every, 1)
+    }
+}

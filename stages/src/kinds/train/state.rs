@@ -1,0 +1,117 @@
+//! What a training run carries from step to step and keeps in its checkpoints: the sums of the
+//! epoch in progress, the finished epochs' log rows, and the per-sample results of the steps
+//! not yet read back from the device.
+
+use crate::error::{Result, StageError};
+use crate::science::ogr::OgrPoint;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct EpochRow {
+    pub(super) epoch: usize,
+    pub(super) lr: f64,
+    pub(super) loss: f64,
+    pub(super) accuracy: f64,
+    pub(super) images_per_s: f64,
+    pub(super) seconds: f64,
+    /// Mean training loss of the images of each class (by their own label), for the loss-curve
+    /// figure; written to `class_loss.csv`.
+    pub(super) class_loss: Vec<f64>,
+}
+
+/// Sums over the part of an epoch done so far; kept in checkpoints so a resumed epoch logs the
+/// same row as an uninterrupted one (timings aside). serde_json's `float_roundtrip` feature makes
+/// the f64 values come back bit for bit from `state.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct EpochSums {
+    pub(super) loss: f64,
+    pub(super) correct: usize,
+    pub(super) seen: usize,
+    pub(super) lr: f64,
+    pub(super) seconds: f64,
+    pub(super) class_loss: Vec<f64>,
+    pub(super) class_seen: Vec<usize>,
+}
+
+/// `state.json` of a checkpoint: where training stands.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CheckpointState {
+    pub(super) fingerprint: String,
+    /// Global step (batches done since the start).
+    pub(super) step: u64,
+    /// The epoch in progress and its next batch (batch 0 of the next epoch at an epoch's end).
+    pub(super) epoch: usize,
+    pub(super) batch: usize,
+    pub(super) sums: EpochSums,
+    pub(super) log: Vec<EpochRow>,
+    /// OGR measurements so far (OGR methods only).
+    #[serde(default)]
+    pub(super) ogr: Vec<OgrPoint>,
+}
+
+/// Steps between reads of the loss on the host: each read waits for the device to finish
+/// the queued steps, so reading every step would stall the GPU between steps.
+pub(super) const READ_EVERY: usize = 25;
+
+/// Per-sample losses and predictions of the steps not yet read back to the host.
+#[derive(Default)]
+pub(super) struct Pending {
+    losses: Vec<Tensor>,
+    preds: Vec<Tensor>,
+    labels: Vec<u32>,
+    /// (batch index, batch size) of each pending step.
+    batches: Vec<(usize, usize)>,
+}
+
+impl Pending {
+    pub(super) fn push(&mut self, losses: Tensor, preds: Tensor, labels: &[u32], batch: usize) {
+        self.losses.push(losses);
+        self.preds.push(preds);
+        self.labels.extend_from_slice(labels);
+        self.batches.push((batch, labels.len()));
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Reads the pending steps (one wait for the device) into `sums`, batch by batch as if read
+    /// after every step (so the sums do not depend on when reads happen); fails on a
+    /// non-finite loss, naming the epoch and batch.
+    pub(super) fn read(&mut self, sums: &mut EpochSums, name: &str, epoch: usize) -> Result<()> {
+        if self.batches.is_empty() {
+            return Ok(());
+        }
+        let losses = Tensor::cat(&self.losses, 0)?.to_vec1::<f32>()?;
+        let preds = Tensor::cat(&self.preds, 0)?.to_vec1::<u32>()?;
+        self.losses.clear();
+        self.preds.clear();
+        let mut at = 0;
+        for &(index, b) in &self.batches {
+            let (ls, ps, ys) = (
+                &losses[at..at + b],
+                &preds[at..at + b],
+                &self.labels[at..at + b],
+            );
+            at += b;
+            let l: f64 = ls.iter().map(|&v| v as f64).sum::<f64>() / b as f64;
+            if !l.is_finite() {
+                return Err(StageError::Numeric(format!(
+                    "{name}: the loss became {l} at epoch {}, batch {index}; lower the learning rate",
+                    epoch + 1
+                )));
+            }
+            for ((&y, &pr), &li) in ys.iter().zip(ps).zip(ls) {
+                sums.correct += (y == pr) as usize;
+                sums.class_loss[y as usize] += li as f64;
+                sums.class_seen[y as usize] += 1;
+            }
+            sums.loss += l * b as f64;
+            sums.seen += b;
+        }
+        self.labels.clear();
+        self.batches.clear();
+        Ok(())
+    }
+}

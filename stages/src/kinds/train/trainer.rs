@@ -1,0 +1,506 @@
+//! A training run's set-up and its loop: the model, optimiser, supervision and loader built
+//! from the stage's inputs, resumption from the newest checkpoint, and the epochs of steps with
+//! their periodic loss reads, logging and checkpoints.
+
+use super::params::{AugmentName, Params};
+use super::state::{CheckpointState, EpochRow, EpochSums, Pending, READ_EVERY};
+use crate::artifacts::{Dataset, Kind, TrainedModel};
+use crate::context::Context;
+use crate::error::{Result, StageError};
+use crate::label_store::{self, SoftLabels};
+use crate::science::methods::Method;
+use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
+use crate::science::supervision::{Supervision, Teacher};
+use candle_core::{DType, Device};
+use datasets::augment::Augment;
+use datasets::loader::Batch;
+use datasets::rng::{derive_seed, stream};
+use datasets::{Loader, LoaderConfig, PackedStore};
+use engine::checkpoint::Checkpoints;
+use engine::feed::Feeder;
+use engine::inference::Inference;
+use engine::models::{Arch, Mode, Model, ModelSpec};
+use engine::optim::{Sgd, SgdConfig};
+use engine::schedule::lr_at;
+use indicatif::ProgressBar;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where the host's time goes in an epoch, for its log line: waiting for the loader, handing
+/// batches to the device, and waiting for the device at loss reads.
+#[derive(Default)]
+struct Waits {
+    loader: f64,
+    upload: f64,
+    read: f64,
+}
+
+/// Everything a training run holds between its steps.
+pub(super) struct Trainer<'a> {
+    pub(super) ctx: &'a Context,
+    pub(super) p: &'a Params,
+    pub(super) seed: u64,
+    pub(super) data: Dataset,
+    pub(super) device: Device,
+    compute: DType,
+    pub(super) k: usize,
+    pub(super) spec: ModelSpec,
+    pub(super) model: Model,
+    opt: Sgd,
+    supervision: Supervision,
+    /// The training and validation splits the OGR methods measure per-class losses on.
+    ogr_sets: Option<(Arc<PackedStore>, Arc<PackedStore>)>,
+    loader: Loader,
+    /// Batches per epoch.
+    steps: usize,
+    feeder: Feeder,
+    pub(super) checkpoints: Checkpoints,
+    /// Global step: batches done since the start.
+    step: u64,
+    /// Sums of the epoch in progress.
+    sums: EpochSums,
+    /// One row per finished epoch.
+    pub(super) log: Vec<EpochRow>,
+    /// OGR measurements so far.
+    pub(super) ogr_points: Vec<OgrPoint>,
+    pub(super) bar: ProgressBar,
+}
+
+impl<'a> Trainer<'a> {
+    /// Opens the inputs and builds the model, optimiser, supervision and loader.
+    pub(super) fn new(ctx: &'a Context, p: &'a Params) -> Result<Trainer<'a>> {
+        let seed = p.seed.unwrap_or_default();
+        let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
+        let device = ctx.device.open()?;
+        p.dtype
+            .check(ctx.device)
+            .map_err(|m| StageError::Config(format!("{}: key `dtype`: {m}", ctx.name)))?;
+        let k = data.info.classes.len();
+        let spec = ModelSpec {
+            arch: p.model.clone(),
+            width: match p.width {
+                Some(w) => w,
+                None => Arch::parse(&p.model)?.default_width(),
+            },
+            shortcut: p.shortcut,
+            classes: k,
+            in_channels: data.info.shape[0],
+            stem: p.stem,
+            dropout: p.dropout,
+        };
+        let model = Model::new(&spec, &device, derive_seed(&[seed, stream::INIT]))?;
+        let opt = Sgd::new(
+            model.trainable(),
+            SgdConfig {
+                momentum: p.momentum,
+                weight_decay: p.weight_decay,
+                nesterov: p.nesterov,
+            },
+        );
+        let stored = stored_labels(ctx, p, &data)?;
+        let teachers = teachers(ctx, p, &device, k)?;
+        let ogr_sets = ogr_sets(ctx, p, &data)?;
+        let supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
+        let loader = loader(ctx, p, &data, seed);
+        let steps = loader.batches_per_epoch();
+        Ok(Trainer {
+            ctx,
+            p,
+            seed,
+            compute: p.dtype.dtype(),
+            k,
+            spec,
+            model,
+            opt,
+            supervision,
+            ogr_sets,
+            steps,
+            loader,
+            feeder: Feeder::new(),
+            checkpoints: Checkpoints::new(&ctx.dir, p.keep_checkpoints),
+            step: 0,
+            sums: EpochSums::default(),
+            log: Vec::new(),
+            ogr_points: Vec::new(),
+            bar: ctx.bar((p.epochs * steps) as u64, "training"),
+            data,
+            device,
+        })
+    }
+
+    /// Restores the newest checkpoint of this stage's fingerprint, if any; returns the epoch in
+    /// progress and its next batch.
+    pub(super) fn resume(&mut self) -> Result<(usize, usize)> {
+        let fingerprint = &self.ctx.fingerprint;
+        let restored: Option<CheckpointState> = self.checkpoints.restore(
+            &self.device,
+            &self.model,
+            &mut self.opt,
+            |s: &CheckpointState| &s.fingerprint == fingerprint,
+        )?;
+        let mut at = (0, 0);
+        if let Some(st) = restored {
+            tracing::info!(
+                "{}: resuming from the checkpoint of step {} (epoch {}, batch {})",
+                self.ctx.name,
+                st.step,
+                st.epoch + 1,
+                st.batch
+            );
+            (self.step, at, self.sums, self.log, self.ogr_points) =
+                (st.step, (st.epoch, st.batch), st.sums, st.log, st.ogr);
+        }
+        if self.ogr_points.len() >= 2 {
+            let [a, b] = &self.ogr_points[self.ogr_points.len() - 2..] else {
+                unreachable!("two points")
+            };
+            self.supervision.class_weights = ogr_weights(&ogr(a, b));
+        }
+        self.bar.set_position(self.step);
+        Ok(at)
+    }
+
+    /// Trains epoch `epoch` from batch `first` (0 unless resumed mid-epoch), then logs it and
+    /// checkpoints.
+    pub(super) fn epoch(&mut self, epoch: usize, first: usize) -> Result<()> {
+        if first == 0 {
+            self.sums = EpochSums::default();
+        }
+        self.measure_ogr(epoch)?;
+        self.sums.class_loss.resize(self.k, 0.0);
+        self.sums.class_seen.resize(self.k, 0);
+        let t0 = Instant::now();
+        let (mut timed_images, secs_before) = (0usize, self.sums.seconds);
+        let mut it = self.loader.epoch(epoch as u64, first);
+        let mut pending = Pending::default();
+        let mut waits = Waits::default();
+        loop {
+            let t_wait = Instant::now();
+            let Some(batch) = it.next() else {
+                break;
+            };
+            waits.loader += t_wait.elapsed().as_secs_f64();
+            self.step(&batch, epoch, &mut pending, &mut waits)?;
+            timed_images += batch.len();
+            let next_batch = batch.index + 1;
+            it.recycle(batch);
+            let checkpoint_now = next_batch < self.steps
+                && self
+                    .p
+                    .checkpoint_every
+                    .is_some_and(|n| self.step.is_multiple_of(n as u64));
+            if pending.len() >= READ_EVERY || checkpoint_now {
+                self.read(&mut pending, epoch, &mut waits)?;
+                self.sums.seconds = secs_before + t0.elapsed().as_secs_f64();
+                self.bar.set_message(self.message(epoch, timed_images, t0));
+            }
+            if checkpoint_now {
+                self.save(epoch, next_batch, self.sums.clone())?;
+            }
+        }
+        self.read(&mut pending, epoch, &mut waits)?;
+        self.sums.seconds = secs_before + t0.elapsed().as_secs_f64();
+        tracing::info!(
+            "{}: epoch {}: {:.2} s waiting for the loader, {:.2} s handing batches to the device, \
+             {:.2} s waiting for the device at loss reads (of {:.2} s)",
+            self.ctx.name,
+            epoch + 1,
+            waits.loader,
+            waits.upload,
+            waits.read,
+            t0.elapsed().as_secs_f64()
+        );
+        self.log_epoch(epoch);
+        self.save(epoch + 1, 0, EpochSums::default())
+    }
+
+    /// One step: forward, the method's loss, backward and the SGD update; its per-sample
+    /// results join `pending` (read back every [`READ_EVERY`] steps, not every step, so the
+    /// host never waits for the device inside a step).
+    fn step(
+        &mut self,
+        batch: &Batch,
+        epoch: usize,
+        pending: &mut Pending,
+        waits: &mut Waits,
+    ) -> Result<()> {
+        let [c, h, w] = self.data.info.shape;
+        let p = self.p;
+        self.sums.lr = lr_at(
+            p.lr,
+            &p.schedule,
+            p.epochs,
+            p.warmup_epochs,
+            epoch,
+            batch.index as f64 / self.steps as f64,
+        );
+        let t_upload = Instant::now();
+        let x = self
+            .feeder
+            .upload(&batch.images, (batch.len(), c, h, w), &self.device)?;
+        waits.upload += t_upload.elapsed().as_secs_f64();
+        // Dropout masks from (seed, epoch, batch): a resumed run draws the same ones.
+        let mode = Mode::train(derive_seed(&[
+            self.seed,
+            stream::DROPOUT,
+            epoch as u64,
+            batch.index as u64,
+        ]));
+        let logits = if self.compute == DType::F32 {
+            self.model.net.forward_mode(&x, mode)?
+        } else {
+            self.model
+                .net
+                .forward_mode(&x.to_dtype(self.compute)?, mode)?
+        };
+        let per_sample = self
+            .supervision
+            .per_sample_loss(&logits, &x, batch, epoch)?;
+        let grads = per_sample.mean_all()?.backward()?;
+        self.opt.step(&grads, self.sums.lr)?;
+        pending.push(
+            per_sample.detach().to_dtype(DType::F32)?,
+            logits.detach().argmax(1)?,
+            &batch.labels,
+            batch.index,
+        );
+        self.step += 1;
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// Reads the pending steps' results into the epoch's sums (one wait for the device).
+    fn read(&mut self, pending: &mut Pending, epoch: usize, waits: &mut Waits) -> Result<()> {
+        let t_read = Instant::now();
+        pending.read(&mut self.sums, &self.ctx.name, epoch)?;
+        waits.read += t_read.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The progress bar's message.
+    fn message(&self, epoch: usize, timed_images: usize, t0: Instant) -> String {
+        let sums = &self.sums;
+        format!(
+            "epoch {}/{} loss {:.3} acc {:.1}% {:.0} img/s",
+            epoch + 1,
+            self.p.epochs,
+            sums.loss / sums.seen.max(1) as f64,
+            100.0 * sums.correct as f64 / sums.seen.max(1) as f64,
+            timed_images as f64 / t0.elapsed().as_secs_f64()
+        )
+    }
+
+    /// Appends the finished epoch's row to the log.
+    fn log_epoch(&mut self, epoch: usize) {
+        let sums = &self.sums;
+        let row = EpochRow {
+            epoch: epoch + 1,
+            lr: sums.lr,
+            loss: sums.loss / sums.seen.max(1) as f64,
+            accuracy: sums.correct as f64 / sums.seen.max(1) as f64,
+            images_per_s: sums.seen as f64 / sums.seconds.max(1e-9),
+            seconds: sums.seconds,
+            class_loss: sums
+                .class_loss
+                .iter()
+                .zip(&sums.class_seen)
+                .map(|(l, n)| if *n == 0 { f64::NAN } else { l / *n as f64 })
+                .collect(),
+        };
+        tracing::info!(
+            "{}: epoch {}/{} loss {:.4} train acc {:.2}% lr {:.4} {:.0} img/s",
+            self.ctx.name,
+            row.epoch,
+            self.p.epochs,
+            row.loss,
+            100.0 * row.accuracy,
+            row.lr,
+            row.images_per_s
+        );
+        self.log.push(row);
+    }
+
+    /// Checkpoints the run at the current step: next is batch `batch` of epoch `epoch`, with
+    /// `sums` of that epoch so far.
+    fn save(&self, epoch: usize, batch: usize, sums: EpochSums) -> Result<()> {
+        Ok(self.checkpoints.save(
+            self.step,
+            &self.model,
+            &self.opt,
+            &CheckpointState {
+                fingerprint: self.ctx.fingerprint.clone(),
+                step: self.step,
+                epoch,
+                batch,
+                sums,
+                log: self.log.clone(),
+                ogr: self.ogr_points.clone(),
+            },
+        )?)
+    }
+
+    /// OGR: per-class losses every `ogr_every` epochs, and the class weights from the last two
+    /// measurements.
+    fn measure_ogr(&mut self, epoch: usize) -> Result<()> {
+        let Some((train_set, val_set)) = &self.ogr_sets else {
+            return Ok(());
+        };
+        if !epoch.is_multiple_of(self.p.ogr_every.max(1))
+            || self.ogr_points.iter().any(|q| q.epoch == epoch)
+        {
+            return Ok(());
+        }
+        let point = OgrPoint {
+            epoch,
+            train: self.class_losses(train_set, "OGR: training losses")?,
+            val: self.class_losses(val_set, "OGR: validation losses")?,
+        };
+        self.ogr_points.push(point);
+        if let [.., a, b] = &self.ogr_points[..] {
+            self.supervision.class_weights = ogr_weights(&ogr(a, b));
+        }
+        Ok(())
+    }
+
+    /// Mean loss of each class's images of `store`, in eval mode.
+    fn class_losses(&self, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f64>> {
+        let k = self.k;
+        let probs = self.inference().predict(store, what)?;
+        let (mut sum, mut n) = (vec![0f64; k], vec![0usize; k]);
+        for (row, y) in probs.chunks_exact(k).zip(store.labels()) {
+            sum[y as usize] -= (row[y as usize] as f64).max(1e-30).ln();
+            n[y as usize] += 1;
+        }
+        Ok(sum
+            .iter()
+            .zip(&n)
+            .map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f64 })
+            .collect())
+    }
+
+    /// Eval-mode inference with the model being trained.
+    pub(super) fn inference(&self) -> Inference<'_> {
+        Inference {
+            model: &self.model,
+            device: &self.device,
+            normalize: &self.data.info.normalize,
+            batch_size: self.p.batch_size.max(256),
+            temperature: 1.0,
+            workers: self.ctx.threads,
+            progress: self.ctx,
+        }
+    }
+}
+
+/// The stored distributions an offline method learns from: one source (`off-ldl`'s teacher or
+/// `label_source`, `off-en-ldl`'s ensemble) or every teacher's (`off-mt-ldl`).
+fn stored_labels(ctx: &Context, p: &Params, data: &Dataset) -> Result<Vec<SoftLabels>> {
+    if !p.method.reads_labels() {
+        return Ok(Vec::new());
+    }
+    let path = ctx.input(Kind::Label).dir.join("labels.parquet");
+    let meta = label_store::read_meta(&path)?;
+    let teachers: Vec<String> = meta.teachers.keys().cloned().collect();
+    let sources: Vec<String> = match p.method {
+        Method::OffLdl => vec![match (&p.label_source, teachers.as_slice()) {
+            (Some(s), _) => s.clone(),
+            (None, [only]) => only.clone(),
+            (None, _) => {
+                return Err(StageError::Config(format!(
+                    "{}: {} holds the labels of teachers {teachers:?}: name the one to learn from \
+                     with `label_source`, or use `off-en-ldl` (their mean) or `off-mt-ldl` (all of them)",
+                    ctx.name,
+                    path.display()
+                )))
+            }
+        }],
+        Method::OffEnLdl if teachers.len() < 2 => {
+            return Err(StageError::Config(format!(
+                "{}: off-en-ldl learns from the `ensemble` source, which a label stage writes \
+                 only with two or more teachers; {} has {teachers:?}",
+                ctx.name,
+                path.display()
+            )))
+        }
+        Method::OffEnLdl => vec!["ensemble".into()],
+        _ => teachers,
+    };
+    let mut out = Vec::with_capacity(sources.len());
+    for source in &sources {
+        out.push(label_store::read(
+            &path,
+            source,
+            data.train.len(),
+            &data.info.classes,
+            &data.train.hash(),
+        )?);
+    }
+    Ok(out)
+}
+
+/// The teachers an online method runs on every batch (its train-stage inputs).
+fn teachers(ctx: &Context, p: &Params, device: &Device, k: usize) -> Result<Vec<Teacher>> {
+    let mut teachers = Vec::new();
+    if !p.method.uses_teachers() {
+        return Ok(teachers);
+    }
+    for input in ctx.inputs_of(Kind::Train) {
+        let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
+        if p.teacher_mc > 0 && meta.spec.dropout == 0.0 {
+            return Err(StageError::Config(format!(
+                "{}: teacher_mc = {} needs teachers trained with dropout; `{}` has none \
+                 (train it with `dropout = 0.2`)",
+                ctx.name, p.teacher_mc, input.name
+            )));
+        }
+        teachers.push(Teacher {
+            name: input.name.clone(),
+            model,
+        });
+    }
+    Ok(teachers)
+}
+
+/// The OGR methods' splits: training and validation.
+fn ogr_sets(
+    ctx: &Context,
+    p: &Params,
+    data: &Dataset,
+) -> Result<Option<(Arc<PackedStore>, Arc<PackedStore>)>> {
+    if !p.method.uses_ogr() {
+        return Ok(None);
+    }
+    match &data.val {
+        Some(val) => Ok(Some((data.train.clone(), val.clone()))),
+        None => Err(StageError::Config(format!(
+            "{}: method `{}` measures per-class validation losses: the prepare stage \
+             must hold out a validation split (`val = N`)",
+            ctx.name,
+            p.method.as_str()
+        ))),
+    }
+}
+
+/// The shuffled, augmented (and mixed) batches of the training split.
+fn loader(ctx: &Context, p: &Params, data: &Dataset, seed: u64) -> Loader {
+    Loader::new(
+        data.train.clone(),
+        LoaderConfig {
+            batch_size: p.batch_size,
+            shuffle: true,
+            drop_last: false,
+            augment: Augment {
+                cutout: p.cutout,
+                ..match p.augment {
+                    AugmentName::None => Augment::NONE,
+                    AugmentName::CropFlip => Augment::CROP_FLIP,
+                }
+            },
+            normalize: data.info.normalize.clone(),
+            mix: p.mix,
+            workers: ctx.threads.max(1),
+            prefetch: p.prefetch,
+            seed,
+        },
+    )
+}

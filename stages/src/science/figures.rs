@@ -1,0 +1,470 @@
+//! Figures of the evaluate and report stages, each written as PNG and SVG with plotters: the
+//! reliability diagram and confidence histogram of a model (the paper's Figs. 11–14), its
+//! per-class training-loss curves (Fig. 8) and penultimate-layer projection (Fig. 7), and the
+//! report's accuracy-against-ECE scatter (Fig. 10) and per-class F1 against confidence (Fig. 4).
+//!
+//! Text is drawn with the DejaVu Sans font embedded in the binary (`assets/`, Bitstream Vera
+//! licence), so figures look the same on every machine and need no system fonts.
+
+use super::metrics::Bin;
+use crate::error::{Result, StageError};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::Path;
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+const SANS: &str = "sans-serif";
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font checked in with the source.
+        let _ = plotters::style::register_font(SANS, FontStyle::Normal, FONT);
+    });
+}
+
+/// Colours of successive series (Tableau 10).
+pub const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Something drawable on any plotters backend.
+pub trait Figure {
+    /// Draws the figure on `root` (already filled white).
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String>;
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("{e:?}")
+}
+
+/// Renders `fig` to `<dir>/<stem>.svg` and `<dir>/<stem>.png` (`size` pixels), each written
+/// atomically; returns the two file names.
+pub fn save<F: Figure>(fig: &F, dir: &Path, stem: &str, size: (u32, u32)) -> Result<Vec<String>> {
+    register_font();
+    let fail = |what: &str, e: String| {
+        StageError::invalid(dir.join(format!("{stem}.{what}")), "figure", e)
+    };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail("svg", err(e)))?;
+        fig.draw(&root).map_err(|e| fail("svg", e))?;
+        root.present().map_err(|e| fail("svg", err(e)))?;
+    }
+    let mut rgb = vec![255u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail("png", err(e)))?;
+        fig.draw(&root).map_err(|e| fail("png", e))?;
+        root.present().map_err(|e| fail("png", err(e)))?;
+    }
+    let image = image::RgbImage::from_raw(size.0, size.1, rgb).expect("buffer of w × h × 3");
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| fail("png", e.to_string()))?;
+    let (svg_name, png_name) = (format!("{stem}.svg"), format!("{stem}.png"));
+    datasets::atomic::write_bytes(&dir.join(&svg_name), svg.as_bytes())?;
+    datasets::atomic::write_bytes(&dir.join(&png_name), &png.into_inner())?;
+    Ok(vec![png_name, svg_name])
+}
+
+/// A reliability diagram: accuracy per confidence bin against the diagonal, the gap to each
+/// bin's mean confidence shaded, the sample count over each bar.
+pub struct Reliability<'a> {
+    /// Title, e.g. the model and its accuracy and ECE.
+    pub title: String,
+    /// The bins.
+    pub bins: &'a [Bin],
+}
+
+impl Figure for Reliability<'_> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, (SANS, 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..1.08f64)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence")
+            .y_desc("accuracy")
+            .label_style((SANS, 13))
+            .disable_mesh()
+            .draw()
+            .map_err(err)?;
+        let blue = PALETTE[0];
+        chart
+            .draw_series(self.bins.iter().filter(|b| b.count > 0).map(|b| {
+                Rectangle::new([(b.lo, 0.0), (b.hi, b.accuracy)], blue.mix(0.85).filled())
+            }))
+            .map_err(err)?
+            .label("accuracy")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], blue.filled()));
+        let red = PALETTE[3];
+        chart
+            .draw_series(self.bins.iter().filter(|b| b.count > 0).map(|b| {
+                let (lo, hi) = if b.accuracy < b.confidence {
+                    (b.accuracy, b.confidence)
+                } else {
+                    (b.confidence, b.accuracy)
+                };
+                Rectangle::new([(b.lo, lo), (b.hi, hi)], red.mix(0.35).filled())
+            }))
+            .map_err(err)?
+            .label("gap to mean confidence")
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], red.mix(0.35).filled())
+            });
+        chart
+            .draw_series(
+                self.bins.iter().filter(|b| b.count > 0).map(|b| {
+                    Rectangle::new([(b.lo, 0.0), (b.hi, b.accuracy)], BLACK.stroke_width(1))
+                }),
+            )
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, 0.0), (1.0, 1.0)],
+                BLACK.stroke_width(1),
+            ))
+            .map_err(err)?
+            .label("perfect calibration")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 12, y)], BLACK));
+        chart
+            .draw_series(self.bins.iter().filter(|b| b.count > 0).map(|b| {
+                Text::new(
+                    b.count.to_string(),
+                    (
+                        (b.lo + b.hi) / 2.0 - 0.02,
+                        b.accuracy.max(b.confidence) + 0.05,
+                    ),
+                    (SANS, 10),
+                )
+            }))
+            .map_err(err)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((SANS, 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)
+    }
+}
+
+/// The distribution of confidences over the bins, with the accuracy and mean confidence marked.
+pub struct ConfidenceHistogram<'a> {
+    /// Title.
+    pub title: String,
+    /// The bins.
+    pub bins: &'a [Bin],
+    /// Top-1 accuracy.
+    pub accuracy: f64,
+}
+
+impl Figure for ConfidenceHistogram<'_> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let n: usize = self.bins.iter().map(|b| b.count).sum();
+        let frac = |b: &Bin| b.count as f64 / n.max(1) as f64;
+        let top = self.bins.iter().map(frac).fold(0.0, f64::max).max(0.01) * 1.15;
+        let mean_conf = self
+            .bins
+            .iter()
+            .map(|b| b.confidence * b.count as f64)
+            .sum::<f64>()
+            / n.max(1) as f64;
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, (SANS, 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..top)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence")
+            .y_desc("fraction of samples")
+            .label_style((SANS, 13))
+            .disable_mesh()
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(self.bins.iter().map(|b| {
+                Rectangle::new(
+                    [(b.lo, 0.0), (b.hi, frac(b))],
+                    PALETTE[0].mix(0.85).filled(),
+                )
+            }))
+            .map_err(err)?;
+        for (x, colour, label) in [
+            (self.accuracy, PALETTE[3], "accuracy"),
+            (mean_conf, PALETTE[2], "mean confidence"),
+        ] {
+            chart
+                .draw_series(LineSeries::new(
+                    [(x, 0.0), (x, top)],
+                    colour.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(format!("{label} {:.3}", x))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 12, y)], colour.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((SANS, 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)
+    }
+}
+
+/// Labelled series of (x, y) points, drawn as a scatter (`lines = false`) or as lines.
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// Points.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A scatter or line plot of several labelled series.
+pub struct Plot {
+    /// Title.
+    pub title: String,
+    /// Axis descriptions.
+    pub x: String,
+    /// Axis descriptions.
+    pub y: String,
+    /// The series.
+    pub series: Vec<Series>,
+    /// Draw lines through the points (else markers only).
+    pub lines: bool,
+    /// Equal axis scales, for projections.
+    pub square: bool,
+}
+
+fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return 0.0..1.0;
+    }
+    let pad = ((hi - lo) * 0.08).max(1e-3);
+    (lo - pad)..(hi + pad)
+}
+
+/// Draws marker `i` (a colour of [`PALETTE`], then a shape per round of ten) at `p`.
+fn marker<DB: DrawingBackend, C: CoordTranslate>(
+    area: &DrawingArea<DB, C>,
+    i: usize,
+    p: C::From,
+) -> std::result::Result<(), String>
+where
+    C::From: Clone,
+{
+    let colour = PALETTE[i % PALETTE.len()];
+    let style = colour.mix(0.85).filled();
+    match (i / PALETTE.len()) % 3 {
+        0 => area.draw(&Circle::new(p, 3, style)),
+        1 => area.draw(&TriangleMarker::new(p, 5, style)),
+        _ => area.draw(&Cross::new(p, 4, colour.stroke_width(2))),
+    }
+    .map_err(err)
+}
+
+impl Figure for Plot {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        // The legend gets its own column on the right, so it never hides points.
+        let labelled = self.series.len() > 1 || self.series.iter().any(|s| !s.label.is_empty());
+        let body = root.titled(&self.title, (SANS, 16)).map_err(err)?;
+        let (w, _) = body.dim_in_pixel();
+        let legend_w = if labelled { (w as i32 / 3).min(280) } else { 0 };
+        let (plot_area, legend_area) = body.split_horizontally(w as i32 - legend_w);
+        let points = || self.series.iter().flat_map(|s| s.points.iter());
+        let (mut xr, mut yr) = (range(points().map(|p| p.0)), range(points().map(|p| p.1)));
+        if self.square {
+            let half = ((xr.end - xr.start).max(yr.end - yr.start)) / 2.0;
+            let (cx, cy) = ((xr.start + xr.end) / 2.0, (yr.start + yr.end) / 2.0);
+            xr = (cx - half)..(cx + half);
+            yr = (cy - half)..(cy + half);
+        }
+        let mut chart = ChartBuilder::on(&plot_area)
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(xr, yr)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x.as_str())
+            .y_desc(self.y.as_str())
+            .label_style((SANS, 13))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(err)?;
+        for (i, s) in self.series.iter().enumerate() {
+            let colour = PALETTE[i % PALETTE.len()];
+            let finite: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
+            if self.lines {
+                let dashed = (i / PALETTE.len()) % 2 == 1;
+                if dashed {
+                    chart
+                        .draw_series(DashedLineSeries::new(
+                            finite.clone(),
+                            6,
+                            4,
+                            colour.stroke_width(2),
+                        ))
+                        .map_err(err)?;
+                } else {
+                    chart
+                        .draw_series(LineSeries::new(finite.clone(), colour.stroke_width(2)))
+                        .map_err(err)?;
+                }
+            }
+            let area = chart.plotting_area();
+            for p in finite {
+                marker(area, i, p)?;
+            }
+        }
+        if labelled {
+            for (i, s) in self.series.iter().enumerate() {
+                let y = 20 + 18 * i as i32;
+                marker(&legend_area, i, (10, y))?;
+                legend_area
+                    .draw(&Text::new(s.label.clone(), (22, y - 7), (SANS, 12)))
+                    .map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bins() -> Vec<Bin> {
+        (0..10)
+            .map(|i| Bin {
+                lo: i as f64 / 10.0,
+                hi: (i + 1) as f64 / 10.0,
+                count: i * 3,
+                accuracy: (i as f64 / 10.0 - 0.05).max(0.0),
+                confidence: i as f64 / 10.0 + 0.05,
+            })
+            .collect()
+    }
+
+    /// Width and height attributes of an SVG's root element.
+    fn svg_size(svg: &str) -> (u32, u32) {
+        let root = &svg[svg.find("<svg").expect("an <svg> element")..];
+        let attr = |name: &str| -> u32 {
+            let at = root.find(&format!(" {name}=\"")).expect(name) + name.len() + 3;
+            root[at..].split('"').next().unwrap().parse().unwrap()
+        };
+        (attr("width"), attr("height"))
+    }
+
+    #[test]
+    fn figures_are_valid_png_and_svg_of_the_requested_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = bins();
+        let figs: Vec<Vec<String>> = vec![
+            save(
+                &Reliability {
+                    title: "model — accuracy 50.0%, ECE 5.00%".into(),
+                    bins: &b,
+                },
+                dir.path(),
+                "reliability",
+                (640, 480),
+            )
+            .unwrap(),
+            save(
+                &ConfidenceHistogram {
+                    title: "confidence".into(),
+                    bins: &b,
+                    accuracy: 0.5,
+                },
+                dir.path(),
+                "histogram",
+                (500, 400),
+            )
+            .unwrap(),
+            save(
+                &Plot {
+                    title: "scatter".into(),
+                    x: "accuracy".into(),
+                    y: "ECE".into(),
+                    series: vec![
+                        Series {
+                            label: "a".into(),
+                            points: vec![(0.5, 0.1), (0.6, 0.05), (f64::NAN, 1.0)],
+                        },
+                        Series {
+                            label: "b".into(),
+                            points: vec![(0.7, 0.02)],
+                        },
+                    ],
+                    lines: false,
+                    square: true,
+                },
+                dir.path(),
+                "scatter",
+                (300, 300),
+            )
+            .unwrap(),
+        ];
+        for (files, size) in figs.iter().zip([(640, 480), (500, 400), (300, 300)]) {
+            assert_eq!(files.len(), 2);
+            let png = image::open(dir.path().join(&files[0])).unwrap();
+            assert_eq!((png.width(), png.height()), size);
+            // Something other than the white background was drawn.
+            let rgb = png.to_rgb8();
+            let inked = rgb.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+            assert!(inked > 1000, "{}: {inked} drawn pixels", files[0]);
+            let svg = std::fs::read_to_string(dir.path().join(&files[1])).unwrap();
+            assert_eq!(svg_size(&svg), size);
+            assert!(svg.trim_end().ends_with("</svg>"), "{}", files[1]);
+            assert!(svg.contains("<text"), "{}: no text", files[1]);
+        }
+    }
+}

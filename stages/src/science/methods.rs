@@ -1,0 +1,103 @@
+//! The training methods of the paper (its Fig. 2 configurations #1–#9) and its baselines, by
+//! name, with what each needs: stored labels, teachers, OGR weights. How each supervises a
+//! student is in [`super::supervision`]; every formula in docs/methods.md.
+
+use serde::{Deserialize, Serialize};
+
+/// How the student is supervised (`method = "..."` of a train stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Cross-entropy on the hard (or mixed hard) labels: configuration #1, "Vanilla".
+    Vanilla,
+    /// Label smoothing, eq. (2) (#2).
+    Ls,
+    /// Knowledge distillation (Hinton et al.): (1 − λ)·CE + λ·τ²·KL.
+    Kd,
+    /// Weighted soft labels (Zhou et al., ICLR 2021).
+    Wsl,
+    /// Offline LDL: soft cross-entropy on one stored teacher distribution (#3).
+    OffLdl,
+    /// Offline ensemble LDL: on the stored mean of the teachers (#4).
+    OffEnLdl,
+    /// Offline multi-teacher LDL: the sum of the soft cross-entropies with each stored teacher
+    /// distribution (#6).
+    OffMtLdl,
+    /// Online LDL: the teacher labels each augmented batch (#7).
+    OnLdl,
+    /// Online ensemble LDL: the mean of the teachers' distributions on each batch (#8).
+    OnEnLdl,
+    /// Online multi-teacher LDL: the sum of the soft cross-entropies with each teacher (#9).
+    OnMtLdl,
+    /// OGR as a class-wise loss weight (supplement §6).
+    OgrLoss,
+    /// OGR as a label distribution built from the one-hot label (supplement §6).
+    OgrLdl,
+}
+
+impl Method {
+    /// Every method, in the order of docs/methods.md.
+    pub const ALL: [Method; 12] = [
+        Method::Vanilla,
+        Method::Ls,
+        Method::Kd,
+        Method::Wsl,
+        Method::OffLdl,
+        Method::OffEnLdl,
+        Method::OffMtLdl,
+        Method::OnLdl,
+        Method::OnEnLdl,
+        Method::OnMtLdl,
+        Method::OgrLoss,
+        Method::OgrLdl,
+    ];
+
+    /// The method's name in stages.toml.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Vanilla => "vanilla",
+            Method::Ls => "ls",
+            Method::Kd => "kd",
+            Method::Wsl => "wsl",
+            Method::OffLdl => "off-ldl",
+            Method::OffEnLdl => "off-en-ldl",
+            Method::OffMtLdl => "off-mt-ldl",
+            Method::OnLdl => "on-ldl",
+            Method::OnEnLdl => "on-en-ldl",
+            Method::OnMtLdl => "on-mt-ldl",
+            Method::OgrLoss => "ogr-loss",
+            Method::OgrLdl => "ogr-ldl",
+        }
+    }
+
+    /// Whether the method reads a label store (the offline methods).
+    pub fn reads_labels(&self) -> bool {
+        matches!(self, Method::OffLdl | Method::OffEnLdl | Method::OffMtLdl)
+    }
+
+    /// Whether the method runs teacher models (train stages in `needs`). `kd`, `wsl` and
+    /// `on-ldl` run one teacher, the first train stage in `needs` (so that one grid over methods
+    /// can list the teachers of its ensemble cells); the ensemble methods run all of them.
+    pub fn uses_teachers(&self) -> bool {
+        matches!(
+            self,
+            Method::Kd | Method::Wsl | Method::OnLdl | Method::OnEnLdl | Method::OnMtLdl
+        )
+    }
+
+    /// Whether the method needs per-class OGR weights (and so a validation split).
+    pub fn uses_ogr(&self) -> bool {
+        matches!(self, Method::OgrLoss | Method::OgrLdl)
+    }
+}
+
+/// How the per-teacher terms of the multi-teacher methods are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TeacherReduction {
+    /// Σ_n (the paper's formula for #6 and #9).
+    #[default]
+    Sum,
+    /// (1/N) Σ_n.
+    Mean,
+}

@@ -1,0 +1,11 @@
+//! The paper's science: how each training method supervises a student ([`methods`],
+//! [`supervision`], [`ogr`]), how a model is judged ([`metrics`], [`calibration`]) and the
+//! figures that show it ([`figures`]). Every formula is written out in docs/methods.md and
+//! docs/metrics.md.
+
+pub mod calibration;
+pub mod figures;
+pub mod methods;
+pub mod metrics;
+pub mod ogr;
+pub mod supervision;
