@@ -3,7 +3,7 @@
 # with no GPU, no NVIDIA driver and no system CUDA: the compiler and libraries come from PyPI wheels.
 #
 #   scripts/build-cuda.sh               # -> target/cuda/release/pipeline
-#   TESTS=1 scripts/build-cuda.sh       # also the GPU test binary (stages/tests/gpu_ops.rs)
+#   TESTS=1 scripts/build-cuda.sh       # also the GPU test binary (stages/engine/tests/gpu_ops.rs)
 #
 # Environment: TK (toolkit folder, default ~/.cache/cuda13-pip), CUDA_COMPUTE_CAP (default 90,
 # the H100/H200; 80 for A100, 89 for L4/L40/RTX 40xx), JOBS (cargo -j, default: all cores).
@@ -73,7 +73,7 @@ cd "$ROOT"
 cargo build --release -p pipeline --features "$FEATURE" --target-dir target/cuda ${JOBS:+-j "$JOBS"}
 echo "built $ROOT/target/cuda/release/pipeline (features: $FEATURE, compute capability $CUDA_COMPUTE_CAP)"
 if [ "${TESTS:-0}" = 1 ]; then
-  cargo test --release -p stages --features "$FEATURE" --target-dir target/cuda --test gpu_ops --no-run \
+  cargo test --release -p engine --features cuda --target-dir target/cuda --test gpu_ops --no-run \
     ${JOBS:+-j "$JOBS"} 2>&1 | tee /dev/stderr | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' > target/cuda/gpu_ops.path
   echo "built $(cat target/cuda/gpu_ops.path)"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 9, on one card in one run (about 4 minutes on an H100):
-#  1. the GPU op tests (stages/tests/gpu_ops.rs: cuDNN convolutions, BatchNorm, add-ReLU, SGD and
+#  1. the GPU op tests (stages/engine/tests/gpu_ops.rs: cuDNN convolutions, BatchNorm, add-ReLU, SGD and
 #     a few ResNet steps against the CPU, f32 and bf16);
 #  2. the side-by-side training benchmark: `pipeline bench train` (f32 and bf16) against
 #     benches/torch_train.py (eager f32; bf16 autocast + channels_last) for ResNet-18 at batch 256

@@ -208,7 +208,10 @@ fn modules(src: &Path) -> Vec<Module> {
             let p = entry.expect("entry").path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|e| e == "rs") {
+            } else if p.extension().is_some_and(|e| e == "rs")
+                // A `tests.rs` file is a `#[cfg(test)] mod tests;`.
+                && p.file_name().is_some_and(|f| f != "tests.rs")
+            {
                 files.push(p);
             }
         }
