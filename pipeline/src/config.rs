@@ -22,7 +22,7 @@ use stages::{Artifact, Kind, Multiplicity, StageParams};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::de::{DeArray, DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 /// The stages.toml format version this program reads.
@@ -174,13 +174,44 @@ fn type_name(v: &DeValue) -> &'static str {
     }
 }
 
-/// Parses stages.toml source text (`file` names it in errors).
+/// Parses stages.toml source text (`file` names it in errors): the version, `[run]`, then each
+/// `[[stage]]` table as a template (phase 1), expanded into stages, grids cell by cell
+/// (phase 2), and the graph checked.
 pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, ConfigError> {
     let loc = Locator { file, src };
     let doc = DeTable::parse(src).map_err(|e| loc.toml(e, "syntax error: ", 0..0))?;
     let doc_span = doc.span();
     let mut doc = doc.into_inner();
+    check_version(&loc, &mut doc)?;
+    let run = run_settings(&loc, file, output, &mut doc)?;
+    let stage_values = stage_tables(&loc, &mut doc, doc_span)?;
+    let mut templates = Vec::new();
+    let mut seen: HashMap<String, Range<usize>> = HashMap::new();
+    for (i, v) in stage_values.into_iter().enumerate() {
+        templates.push(template(&loc, i, v, &mut seen)?);
+    }
+    let mut expansion = Expansion::default();
+    for tpl in templates {
+        expansion.expand(&loc, &run, tpl)?;
+    }
+    let Expansion {
+        stages,
+        name_spans,
+        need_spans,
+        grids,
+        ..
+    } = expansion;
+    validate_graph(&loc, &stages, &name_spans, &need_spans)?;
+    Ok(Config {
+        path: file.to_owned(),
+        run,
+        stages,
+        grids,
+    })
+}
 
+/// `version`, if given, must be the one this program reads.
+fn check_version(loc: &Locator, doc: &mut DeTable) -> Result<(), ConfigError> {
     if let Some(v) = doc.remove("version") {
         match v.get_ref() {
             DeValue::Integer(i) if i.to_string() == CONFIG_VERSION.to_string() => {}
@@ -198,7 +229,16 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             }
         }
     }
+    Ok(())
+}
 
+/// The `[run]` table, resolved: output root (`output` overrides it), seed, device, threads.
+fn run_settings(
+    loc: &Locator,
+    file: &Path,
+    output: Option<&Path>,
+    doc: &mut DeTable,
+) -> Result<RunSettings, ConfigError> {
     let run_raw: RunRaw = match doc.remove("run") {
         Some(v) => {
             let span = v.span();
@@ -246,13 +286,20 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             .join("outputs")
             .join(file.file_stem().unwrap_or_default()),
     };
-    let run = RunSettings {
+    Ok(RunSettings {
         output,
         seed: run_raw.seed,
         device,
         threads,
-    };
+    })
+}
 
+/// The `[[stage]]` tables; no other top-level key is allowed.
+fn stage_tables<'i>(
+    loc: &Locator,
+    doc: &mut DeTable<'i>,
+    doc_span: Range<usize>,
+) -> Result<DeArray<'i>, ConfigError> {
     let stage_values = match doc.remove("stage") {
         None => return Err(loc.at(doc_span, "no `[[stage]]` tables: nothing to run")),
         Some(v) => match v.into_inner() {
@@ -277,179 +324,126 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
             ),
         ));
     }
+    Ok(stage_values)
+}
 
-    // Phase 1: each `[[stage]]` table as a template: name, kind, needs, its own keys, and the
-    // cells of its `matrix` (none: one plain stage).
-    let mut templates = Vec::new();
-    let mut seen: HashMap<String, Range<usize>> = HashMap::new();
-    for (i, v) in stage_values.into_iter().enumerate() {
-        let span = v.span();
-        let DeValue::Table(mut t) = v.into_inner() else {
-            return Err(loc.at(span, "each `stage` entry must be a table (`[[stage]]`)"));
-        };
-        let name_v = t.remove("name").ok_or_else(|| {
-            loc.at(
-                span.clone(),
-                format!("stage #{}: missing key `name`", i + 1),
-            )
-        })?;
-        let name = expect_string(&loc, &name_v, "key `name`")?.to_owned();
-        let valid_name = !name.is_empty()
-            && !name.starts_with('.')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !valid_name {
-            return Err(loc.at(
-                name_v.span(),
-                format!("key `name`: `{name}` is not a valid stage name (letters, digits, `-`, `_`, `.`; not starting with `.`)"),
-            ));
-        }
-        if let Some(first) = seen.get(&name) {
-            let first_line = loc.at(first.clone(), "").line;
-            return Err(loc.at(
-                name_v.span(),
-                format!("key `name`: duplicate stage name `{name}` (first declared on line {first_line})"),
-            ));
-        }
-        seen.insert(name.clone(), name_v.span());
-        let ctx = format!("stage `{name}`: ");
-        let kind_v = t
-            .remove("kind")
-            .ok_or_else(|| loc.at(span.clone(), format!("{ctx}missing key `kind`")))?;
-        let kind: Kind = expect_string(&loc, &kind_v, &format!("{ctx}key `kind`"))?
-            .parse()
-            .map_err(|m: String| loc.at(kind_v.span(), format!("{ctx}key `kind`: {m}")))?;
-        let mut needs = Vec::new();
-        if let Some(nv) = t.remove("needs") {
-            let nspan = nv.span();
-            match nv.into_inner() {
-                DeValue::Array(a) => {
-                    for item in a.iter() {
-                        needs.push((
-                            expect_string(&loc, item, &format!("{ctx}each entry of `needs`"))?
-                                .to_owned(),
-                            item.span(),
-                        ));
-                    }
-                }
-                other => {
-                    return Err(loc.at(
-                        nspan,
-                        format!(
-                            "{ctx}key `needs` must be an array of stage names, found {}",
-                            type_name(&other)
-                        ),
-                    ))
-                }
-            }
-        }
-        let cells = match t.remove("matrix") {
-            None => None,
-            Some(m) => Some(matrix_cells(&loc, &name, m)?),
-        };
-        templates.push(Template {
-            name,
-            name_span: name_v.span(),
-            span,
-            kind,
-            needs,
-            table: t,
-            cells,
-        });
+/// Phase 1: `[[stage]]` table number `i` as a template: name, kind, needs, its own keys, and
+/// the cells of its `matrix` (none: one plain stage).
+fn template<'i>(
+    loc: &Locator,
+    i: usize,
+    v: Spanned<DeValue<'i>>,
+    seen: &mut HashMap<String, Range<usize>>,
+) -> Result<Template<'i>, ConfigError> {
+    let span = v.span();
+    let DeValue::Table(mut t) = v.into_inner() else {
+        return Err(loc.at(span, "each `stage` entry must be a table (`[[stage]]`)"));
+    };
+    let name_v = t.remove("name").ok_or_else(|| {
+        loc.at(
+            span.clone(),
+            format!("stage #{}: missing key `name`", i + 1),
+        )
+    })?;
+    let name = expect_string(loc, &name_v, "key `name`")?.to_owned();
+    let valid_name = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !valid_name {
+        return Err(loc.at(
+            name_v.span(),
+            format!("key `name`: `{name}` is not a valid stage name (letters, digits, `-`, `_`, `.`; not starting with `.`)"),
+        ));
     }
-
-    // Phase 2: expand grids, in file order. A stage with a `matrix` becomes one stage per cell;
-    // a stage that needs exactly one stage of what a grid produces follows that grid, one
-    // stage per cell; any other need of a grid means all of its cells.
-    let mut stages: Vec<StageDecl> = Vec::new();
-    let mut name_spans: Vec<Range<usize>> = Vec::new();
-    let mut need_spans: Vec<Vec<Range<usize>>> = Vec::new();
-    let mut grids: Vec<(String, Vec<String>)> = Vec::new();
-    let mut kinds: HashMap<String, Kind> = HashMap::new();
-    for tpl in templates {
-        let own: Vec<Vec<CellValue>> = tpl.cells.clone().unwrap_or_else(|| vec![Vec::new()]);
-        let mut cell_names = Vec::new();
-        for cell in own {
-            let mut t = tpl.table.clone();
-            let mut own_name = tpl.name.clone();
-            let mut key_spans: HashMap<String, Range<usize>> = t
-                .iter()
-                .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
-                .collect();
-            for c in &cell {
-                own_name.push_str(&format!(".{}={}", c.key, c.segment));
-                key_spans.insert(c.key.clone(), c.value.span());
-                t.insert(
-                    Spanned::new(c.value.span(), c.key.clone().into()),
-                    c.value.clone(),
-                );
-            }
-            let shown = own_name.clone();
-            let kind = tpl.kind;
-            let span = tpl.span.clone();
-            // Keys without a default (their kinds fill missing keys from `Default`).
-            if let Some(key) = StageParams::required(kind)
-                .iter()
-                .find(|k| !t.contains_key(**k))
-            {
-                return Err(loc.at(
-                    span,
-                    format!("stage `{shown}` (kind {kind}): missing key `{key}`"),
-                ));
-            }
-            let body = Spanned::new(span.clone(), DeValue::Table(t));
-            let de = ValueDeserializer::from(body);
-            let err = |e| loc.toml(e, &format!("stage `{shown}` (kind {kind}): "), span.clone());
-            let mut params = match kind {
-                Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
-                Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
-                Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
-                Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
-                Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
-            };
-            if let Err((key, message)) = params.validate() {
-                let at = key_spans.get(key).cloned().unwrap_or(span.clone());
-                return Err(loc.at(
-                    at,
-                    format!("stage `{shown}` (kind {kind}): key `{key}` {message}"),
-                ));
-            }
-            if let StageParams::Train(tp) = &params {
-                if let Err(m) = tp.dtype.check(run.device) {
-                    let at = key_spans.get("dtype").cloned().unwrap_or(span.clone());
-                    return Err(loc.at(
-                        at,
-                        format!("stage `{shown}` (kind {kind}): key `dtype`: {m}"),
+    if let Some(first) = seen.get(&name) {
+        let first_line = loc.at(first.clone(), "").line;
+        return Err(loc.at(
+            name_v.span(),
+            format!(
+                "key `name`: duplicate stage name `{name}` (first declared on line {first_line})"
+            ),
+        ));
+    }
+    seen.insert(name.clone(), name_v.span());
+    let ctx = format!("stage `{name}`: ");
+    let kind_v = t
+        .remove("kind")
+        .ok_or_else(|| loc.at(span.clone(), format!("{ctx}missing key `kind`")))?;
+    let kind: Kind = expect_string(loc, &kind_v, &format!("{ctx}key `kind`"))?
+        .parse()
+        .map_err(|m: String| loc.at(kind_v.span(), format!("{ctx}key `kind`: {m}")))?;
+    let mut needs = Vec::new();
+    if let Some(nv) = t.remove("needs") {
+        let nspan = nv.span();
+        match nv.into_inner() {
+            DeValue::Array(a) => {
+                for item in a.iter() {
+                    needs.push((
+                        expect_string(loc, item, &format!("{ctx}each entry of `needs`"))?
+                            .to_owned(),
+                        item.span(),
                     ));
                 }
             }
-            params.resolve(run.seed);
-            // Which grid this cell follows, if any.
-            let mut follow: Option<usize> = None;
-            for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
-                let Some((_, cells)) = grids.iter().find(|(g, _)| g == need) else {
-                    continue;
-                };
-                let produced = kinds[&cells[0]].produces();
-                if params.needs(produced) == Multiplicity::One {
-                    if let Some(f) = follow {
-                        return Err(loc.at(
-                            nspan.clone(),
-                            format!(
-                                "stage `{shown}`: key `needs` names the grids `{}` and `{need}`, and takes one stage of each: it can follow only one grid (name single cells instead)",
-                                tpl.needs[f].0
-                            ),
-                        ));
-                    }
-                    follow = Some(j);
-                }
+            other => {
+                return Err(loc.at(
+                    nspan,
+                    format!(
+                        "{ctx}key `needs` must be an array of stage names, found {}",
+                        type_name(&other)
+                    ),
+                ))
             }
+        }
+    }
+    let cells = match t.remove("matrix") {
+        None => None,
+        Some(m) => Some(matrix_cells(loc, &name, m)?),
+    };
+    Ok(Template {
+        name,
+        name_span: name_v.span(),
+        span,
+        kind,
+        needs,
+        table: t,
+        cells,
+    })
+}
+
+/// Phase 2: the stages of the templates so far, in file order, with their grids. A stage with
+/// a `matrix` becomes one stage per cell; a stage that needs exactly one stage of what a grid
+/// produces follows that grid, one stage per cell; any other need of a grid means all of its
+/// cells.
+#[derive(Default)]
+struct Expansion {
+    stages: Vec<StageDecl>,
+    name_spans: Vec<Range<usize>>,
+    need_spans: Vec<Vec<Range<usize>>>,
+    grids: Vec<(String, Vec<String>)>,
+    kinds: HashMap<String, Kind>,
+}
+
+impl Expansion {
+    /// Adds the stages of `tpl`.
+    fn expand(
+        &mut self,
+        loc: &Locator,
+        run: &RunSettings,
+        tpl: Template,
+    ) -> Result<(), ConfigError> {
+        let own: Vec<Vec<CellValue>> = tpl.cells.clone().unwrap_or_else(|| vec![Vec::new()]);
+        let mut cell_names = Vec::new();
+        for cell in own {
+            let (own_name, params) = cell_params(loc, run, &tpl, &cell)?;
+            let follow = self.followed_grid(loc, &tpl, &own_name, &params)?;
             let variants: Vec<(String, Option<String>)> = match follow {
                 None => vec![(own_name.clone(), None)],
                 Some(j) => {
                     let grid = &tpl.needs[j].0;
-                    let (_, cells) = grids.iter().find(|(g, _)| g == grid).expect("found");
+                    let (_, cells) = self.grids.iter().find(|(g, _)| g == grid).expect("found");
                     cells
                         .iter()
                         .map(|c| {
@@ -466,7 +460,7 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                 for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
                     let expanded: Vec<String> = if Some(j) == follow {
                         vec![followed.clone().expect("following")]
-                    } else if let Some((_, cells)) = grids.iter().find(|(g, _)| g == need) {
+                    } else if let Some((_, cells)) = self.grids.iter().find(|(g, _)| g == need) {
                         cells.clone()
                     } else {
                         vec![need.clone()]
@@ -475,7 +469,7 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                         // A grid cell drops what its own parameters do not read (a `vanilla`
                         // cell of a method grid, the label store its `off-ldl` cells read).
                         if in_grid {
-                            if let Some(k) = kinds.get(&n) {
+                            if let Some(k) = self.kinds.get(&n) {
                                 if params.needs(k.produces()) == Multiplicity::None {
                                     continue;
                                 }
@@ -485,36 +479,125 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
                         spans.push(nspan.clone());
                     }
                 }
-                if kinds.contains_key(&stage_name) {
+                if self.kinds.contains_key(&stage_name) {
                     return Err(loc.at(
                         tpl.name_span.clone(),
                         format!("key `name`: the grid `{}` derives the stage name `{stage_name}`, which is already taken", tpl.name),
                     ));
                 }
-                kinds.insert(stage_name.clone(), kind);
+                self.kinds.insert(stage_name.clone(), tpl.kind);
                 cell_names.push(stage_name.clone());
-                stages.push(StageDecl {
+                self.stages.push(StageDecl {
                     name: stage_name,
                     needs,
                     params: params.clone(),
                     grid: in_grid.then(|| tpl.name.clone()),
                 });
-                name_spans.push(tpl.name_span.clone());
-                need_spans.push(spans);
+                self.name_spans.push(tpl.name_span.clone());
+                self.need_spans.push(spans);
             }
         }
         if tpl.cells.is_some() || cell_names.len() > 1 || cell_names.first() != Some(&tpl.name) {
-            grids.push((tpl.name.clone(), cell_names));
+            self.grids.push((tpl.name.clone(), cell_names));
         }
+        Ok(())
     }
 
-    validate_graph(&loc, &stages, &name_spans, &need_spans)?;
-    Ok(Config {
-        path: file.to_owned(),
-        run,
-        stages,
-        grids,
-    })
+    /// Which of `tpl`'s needs is a grid this cell follows (it takes one stage of what the grid
+    /// produces), if any; at most one.
+    fn followed_grid(
+        &self,
+        loc: &Locator,
+        tpl: &Template,
+        shown: &str,
+        params: &StageParams,
+    ) -> Result<Option<usize>, ConfigError> {
+        let mut follow: Option<usize> = None;
+        for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
+            let Some((_, cells)) = self.grids.iter().find(|(g, _)| g == need) else {
+                continue;
+            };
+            let produced = self.kinds[&cells[0]].produces();
+            if params.needs(produced) == Multiplicity::One {
+                if let Some(f) = follow {
+                    return Err(loc.at(
+                            nspan.clone(),
+                            format!(
+                                "stage `{shown}`: key `needs` names the grids `{}` and `{need}`, and takes one stage of each: it can follow only one grid (name single cells instead)",
+                                tpl.needs[f].0
+                            ),
+                        ));
+                }
+                follow = Some(j);
+            }
+        }
+        Ok(follow)
+    }
+}
+
+/// One cell's stage name and parameters: the template's keys with the cell's values, checked
+/// and resolved.
+fn cell_params(
+    loc: &Locator,
+    run: &RunSettings,
+    tpl: &Template,
+    cell: &[CellValue],
+) -> Result<(String, StageParams), ConfigError> {
+    let mut t = tpl.table.clone();
+    let mut own_name = tpl.name.clone();
+    let mut key_spans: HashMap<String, Range<usize>> = t
+        .iter()
+        .map(|(k, v)| (k.get_ref().to_string(), k.span().start..v.span().end))
+        .collect();
+    for c in cell {
+        own_name.push_str(&format!(".{}={}", c.key, c.segment));
+        key_spans.insert(c.key.clone(), c.value.span());
+        t.insert(
+            Spanned::new(c.value.span(), c.key.clone().into()),
+            c.value.clone(),
+        );
+    }
+    let shown = own_name.clone();
+    let kind = tpl.kind;
+    let span = tpl.span.clone();
+    // Keys without a default (their kinds fill missing keys from `Default`).
+    if let Some(key) = StageParams::required(kind)
+        .iter()
+        .find(|k| !t.contains_key(**k))
+    {
+        return Err(loc.at(
+            span,
+            format!("stage `{shown}` (kind {kind}): missing key `{key}`"),
+        ));
+    }
+    let body = Spanned::new(span.clone(), DeValue::Table(t));
+    let de = ValueDeserializer::from(body);
+    let err = |e| loc.toml(e, &format!("stage `{shown}` (kind {kind}): "), span.clone());
+    let mut params = match kind {
+        Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
+        Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
+        Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
+        Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
+        Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
+    };
+    if let Err((key, message)) = params.validate() {
+        let at = key_spans.get(key).cloned().unwrap_or(span.clone());
+        return Err(loc.at(
+            at,
+            format!("stage `{shown}` (kind {kind}): key `{key}` {message}"),
+        ));
+    }
+    if let StageParams::Train(tp) = &params {
+        if let Err(m) = tp.dtype.check(run.device) {
+            let at = key_spans.get("dtype").cloned().unwrap_or(span.clone());
+            return Err(loc.at(
+                at,
+                format!("stage `{shown}` (kind {kind}): key `dtype`: {m}"),
+            ));
+        }
+    }
+    params.resolve(run.seed);
+    Ok((own_name, params))
 }
 
 /// One key of a grid cell: its value and the name segment it gives.
