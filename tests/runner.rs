@@ -1,5 +1,6 @@
 //! The runner's promises, through the binary: dependency order, skipping what is up to date,
-//! re-running exactly the downstream of a change, no partial output after a failure, the lock.
+//! re-running exactly the downstream of a change, no partial output after a failure, per-stage
+//! claims shared by several processes on one output root.
 
 mod common;
 use common::*;
@@ -162,8 +163,76 @@ fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
     );
 }
 
+/// Every file of every stage folder under `out` except `stage.json` and the timing columns of
+/// `train_log.csv`, with its contents: what must not depend on how a run was scheduled.
+fn artifacts(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    for stage in TINY_STAGES {
+        let dir = out.join(stage);
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name == "stage.json" || p.is_dir() {
+                continue;
+            }
+            let mut bytes = std::fs::read(&p).unwrap();
+            if name == "train_log.csv" {
+                // epoch,lr,loss,accuracy,images_per_s,seconds: the last two are wall clock.
+                let text = String::from_utf8(bytes).unwrap();
+                bytes = text
+                    .lines()
+                    .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .into_bytes();
+            }
+            files.insert(format!("{stage}/{name}"), bytes);
+        }
+    }
+    files
+}
+
+/// Two `pipeline run` processes started together on one output root share the work: both exit
+/// 0, every stage ran in exactly one of them, and the artifacts equal a single run's.
 #[test]
-fn the_lock_refuses_a_second_run_and_is_taken_over_when_its_holder_died() {
+fn two_processes_on_one_root_run_every_stage_exactly_once() {
+    let dir = scratch();
+    write(dir.path(), "p.toml", TINY);
+    let single = pipeline(dir.path(), &["run", "p.toml", "--output", "single"]);
+    assert!(single.status.success(), "{}", stderr(&single));
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "p.toml"])
+            .current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn pipeline")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "first: {}", stderr(&a));
+    assert!(b.status.success(), "second: {}", stderr(&b));
+    let (ran_a, ran_b) = (ran(&a), ran(&b));
+    let mut all: Vec<String> = ran_a.iter().chain(&ran_b).cloned().collect();
+    all.sort();
+    let mut expected: Vec<String> = TINY_STAGES.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(
+        all, expected,
+        "each stage runs in exactly one process:\nfirst ran {ran_a:?}\nsecond ran {ran_b:?}"
+    );
+    assert_eq!(
+        artifacts(&dir.path().join("out")),
+        artifacts(&dir.path().join("single"))
+    );
+}
+
+/// A stage claimed by a live process is left to it: another run waits for the claim, then
+/// runs the stage itself when the holder ended without completing it (as a killed one would).
+#[test]
+fn a_claimed_stage_is_waited_for_and_taken_over_when_its_holder_ends() {
     use rustix::fs::{flock, FlockOperation};
     use std::io::Write;
     let dir = scratch();
@@ -173,30 +242,62 @@ fn the_lock_refuses_a_second_run_and_is_taken_over_when_its_holder_died() {
         "[run]\noutput = \"out\"\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 20\ntest_size = 10\nimage_size = 8\n",
     );
     let out = dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let lock_path = out.join(".pipeline.lock");
-    // A live holder: this test process holds the flock, as a running pipeline would.
-    let mut f = std::fs::File::create(&lock_path).unwrap();
-    write!(f, "pid=4242 started=2026-01-01T00:00:00Z").unwrap();
+    std::fs::create_dir_all(out.join(".locks")).unwrap();
+    // A live holder: this test process holds the stage's flock, as a running pipeline would.
+    let mut f = std::fs::File::create(out.join(".locks/data.lock")).unwrap();
+    write!(f, "host=elsewhere pid=4242 started=2026-01-01T00:00:00Z").unwrap();
     flock(&f, FlockOperation::NonBlockingLockExclusive).unwrap();
-    let o = pipeline(dir.path(), &["run", "p.toml"]);
-    assert_eq!(o.status.code(), Some(1));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "p.toml"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(!out.join("data").exists(), "the claimed stage must not run");
+    // `clean` refuses a claimed stage too.
+    let o = pipeline(dir.path(), &["clean", "p.toml"]);
+    assert!(o.status.success(), "nothing to clean yet: {}", stderr(&o));
+    // The holder ends without completing the stage: the waiting run takes it over.
+    drop(f);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("in use by another pipeline process (PID 4242"),
+        stderr(&o).contains("data: being run by another process (PID 4242 on elsewhere"),
         "{}",
         stderr(&o)
     );
-    assert!(!out.join("data").exists());
-    // The holder dies (its flock goes with it) but its file stays: the next run takes over.
-    drop(f);
+    assert_eq!(ran(&o), ["data"]);
+    assert!(out.join("data/stage.json").exists());
+}
+
+/// `clean` leaves a stage that another process is running.
+#[test]
+fn clean_refuses_a_stage_another_process_runs() {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = scratch();
+    write(
+        dir.path(),
+        "p.toml",
+        "[run]\noutput = \"out\"\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 20\ntest_size = 10\nimage_size = 8\n",
+    );
     let o = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let f = std::fs::File::open(out.join(".locks/data.lock")).unwrap();
+    flock(&f, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let o = pipeline(dir.path(), &["clean", "p.toml"]);
+    assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("taking over the lock"),
+        stderr(&o).contains("stage `data` is being run by another process"),
         "{}",
         stderr(&o)
     );
     assert!(out.join("data/stage.json").exists());
+    drop(f);
+    let o = pipeline(dir.path(), &["clean", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!out.join("data").exists());
 }
 
 /// A training killed with SIGKILL at a random moment (mid-epoch checkpoints every 2 steps) resumes
@@ -310,4 +411,73 @@ fn two_runs_on_different_roots_run_side_by_side() {
         let y = std::fs::read(dir.path().join("b").join(f)).unwrap();
         assert!(x == y, "{f} differs between the side-by-side runs");
     }
+}
+
+/// SIGUSR2 (Slurm's warning before a time limit or preemption) and SIGTERM make a training
+/// checkpoint at its next step and the run exit with status 75, its partial folder kept; each
+/// next run resumes from that checkpoint, and the last ends with weights bitwise equal to an
+/// uninterrupted run's.
+#[test]
+fn a_signal_checkpoints_the_training_and_the_next_run_resumes_from_it() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let dir = scratch();
+    let cfg = "[run]\noutput = \"out\"\nseed = 5\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 40\nbatch_size = 16\n\
+        keep_checkpoints = 2\nmix = { type = \"cutmix\", p = 0.5 }\n";
+    write(dir.path(), "p.toml", cfg);
+    let reference = pipeline(dir.path(), &["run", "p.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    let checkpoints = dir.path().join("out/.model.partial/checkpoints");
+    let mut resumed_from = Vec::new();
+    for signal in [Signal::USR2, Signal::TERM] {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "p.toml"])
+            .current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "2")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for an epoch's checkpoint newer than the one this run resumed from.
+        let before = std::fs::read_dir(&checkpoints).map_or(0, |d| d.count());
+        let t0 = std::time::Instant::now();
+        while std::fs::read_dir(&checkpoints).map_or(0, |d| d.count()) <= before.min(1) {
+            assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        kill_process(Pid::from_child(&child), signal).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(75), "{signal:?}: {err}");
+        assert!(err.contains("stopped on request after"), "{err}");
+        assert!(
+            checkpoints.exists(),
+            "the partial folder keeps its checkpoints"
+        );
+        let step: u64 = err
+            .split("(step ")
+            .nth(1)
+            .or_else(|| err.split("at step ").nth(1))
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no step in: {err}"));
+        resumed_from.push(step);
+    }
+    let last = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(last.status.success(), "{}", stderr(&last));
+    let err = stderr(&last);
+    assert!(
+        err.contains(&format!(
+            "resuming from the checkpoint of step {}",
+            resumed_from[1]
+        )),
+        "{err}"
+    );
+    assert!(resumed_from[0] < resumed_from[1], "{resumed_from:?}");
+    let weights =
+        |root: &str| std::fs::read(dir.path().join(root).join("model/model.safetensors")).unwrap();
+    assert!(
+        weights("out") == weights("reference"),
+        "resumed weights differ"
+    );
 }

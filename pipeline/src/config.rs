@@ -19,7 +19,7 @@
 use engine::device::DeviceSpec;
 use serde::Deserialize;
 use stages::{Artifact, Kind, Multiplicity, StageParams};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use toml::de::{DeArray, DeTable, DeValue, ValueDeserializer};
@@ -67,6 +67,8 @@ pub struct RunSettings {
     pub device: DeviceSpec,
     /// Worker threads.
     pub threads: usize,
+    /// Whether `threads` was set (`[run].threads`, `--threads`) rather than all cores.
+    pub threads_set: bool,
 }
 
 /// One declared stage.
@@ -93,6 +95,79 @@ pub struct Config {
     pub stages: Vec<StageDecl>,
     /// Each grid's name and its cells' stage names, in file order.
     pub grids: Vec<(String, Vec<String>)>,
+    /// The `[slurm]` table: resources of `pipeline submit --slurm`.
+    pub slurm: SlurmTable,
+}
+
+/// Slurm resources of a job (`None`: the cluster's default, or the level below).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmResources {
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--account`.
+    pub account: Option<String>,
+    /// `--time` (`HH:MM:SS`, `D-HH:MM`, …).
+    pub time: Option<String>,
+    /// `--gpus`.
+    pub gpus: Option<u32>,
+    /// `--cpus-per-task` (the stage's threads too).
+    pub cpus: Option<u32>,
+    /// `--mem` (`16G`, …).
+    pub mem: Option<String>,
+    /// Further `#SBATCH` lines, e.g. `["--qos=high", "--constraint=a100"]`.
+    pub extra: Option<Vec<String>>,
+    /// At most this many tasks of an array at once (`--array=…%N`).
+    pub throttle: Option<u32>,
+    /// Seconds before the time limit at which Slurm sends SIGUSR2 (`--signal=B:USR2@N`; 120).
+    pub signal_lead: Option<u32>,
+}
+
+impl SlurmResources {
+    /// These resources with those `o` sets replacing them.
+    pub fn over(&self, o: &SlurmResources) -> SlurmResources {
+        SlurmResources {
+            partition: o.partition.clone().or_else(|| self.partition.clone()),
+            account: o.account.clone().or_else(|| self.account.clone()),
+            time: o.time.clone().or_else(|| self.time.clone()),
+            gpus: o.gpus.or(self.gpus),
+            cpus: o.cpus.or(self.cpus),
+            mem: o.mem.clone().or_else(|| self.mem.clone()),
+            extra: o.extra.clone().or_else(|| self.extra.clone()),
+            throttle: o.throttle.or(self.throttle),
+            signal_lead: o.signal_lead.or(self.signal_lead),
+        }
+    }
+}
+
+/// `[slurm]`: resources for every job, then per kind (`[slurm.kind.train]`), then per stage or
+/// grid (`[slurm.stage.student]`), each over the one before.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlurmTable {
+    /// The table's own keys.
+    pub defaults: SlurmResources,
+    /// Per stage kind.
+    pub kind: BTreeMap<String, SlurmResources>,
+    /// Per stage or grid name.
+    pub stage: BTreeMap<String, SlurmResources>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlurmRaw {
+    partition: Option<String>,
+    account: Option<String>,
+    time: Option<String>,
+    gpus: Option<u32>,
+    cpus: Option<u32>,
+    mem: Option<String>,
+    extra: Option<Vec<String>>,
+    throttle: Option<u32>,
+    signal_lead: Option<u32>,
+    #[serde(default)]
+    kind: BTreeMap<String, SlurmResources>,
+    #[serde(default)]
+    stage: BTreeMap<String, SlurmResources>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +259,7 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
     let mut doc = doc.into_inner();
     check_version(&loc, &mut doc)?;
     let run = run_settings(&loc, file, output, &mut doc)?;
+    let slurm = slurm_table(&loc, doc.remove("slurm"))?;
     let stage_values = stage_tables(&loc, &mut doc, doc_span)?;
     let mut templates = Vec::new();
     let mut seen: HashMap<String, Range<usize>> = HashMap::new();
@@ -202,11 +278,22 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         ..
     } = expansion;
     validate_graph(&loc, &stages, &name_spans, &need_spans)?;
+    if let Some((name, span)) = slurm
+        .1
+        .iter()
+        .find(|(n, _)| !stages.iter().any(|s| &s.name == *n) && !grids.iter().any(|(g, _)| g == *n))
+    {
+        return Err(loc.at(
+            span.clone(),
+            format!("[slurm.stage.{name}]: no stage or grid named `{name}`"),
+        ));
+    }
     Ok(Config {
         path: file.to_owned(),
         run,
         stages,
         grids,
+        slurm: slurm.0,
     })
 }
 
@@ -291,7 +378,71 @@ fn run_settings(
         seed: run_raw.seed,
         device,
         threads,
+        threads_set: run_raw.threads.is_some(),
     })
+}
+
+/// The `[slurm]` table, and the span of the table (for a `[slurm.stage.NAME]` naming no stage,
+/// checked once the stages are known).
+fn slurm_table(
+    loc: &Locator,
+    v: Option<Spanned<DeValue>>,
+) -> Result<(SlurmTable, BTreeMap<String, Range<usize>>), ConfigError> {
+    let Some(v) = v else {
+        return Ok(Default::default());
+    };
+    let span = v.span();
+    if !matches!(v.get_ref(), DeValue::Table(_)) {
+        return Err(loc.at(
+            span,
+            format!(
+                "key `slurm` must be a table, found {}",
+                type_name(v.get_ref())
+            ),
+        ));
+    }
+    let raw = SlurmRaw::deserialize(ValueDeserializer::from(v))
+        .map_err(|e| loc.toml(e, "[slurm]: ", span.clone()))?;
+    for k in raw.kind.keys() {
+        if k.parse::<Kind>().is_err() {
+            return Err(loc.at(
+                span.clone(),
+                format!("[slurm.kind.{k}]: unknown stage kind `{k}`, expected one of prepare, train, label, evaluate, report"),
+            ));
+        }
+    }
+    let levels = std::iter::once(&raw.throttle).chain(
+        raw.kind
+            .values()
+            .chain(raw.stage.values())
+            .map(|r| &r.throttle),
+    );
+    if levels.flatten().any(|&t| t == 0) {
+        return Err(loc.at(span, "[slurm] key `throttle`: must be at least 1"));
+    }
+    let names = raw
+        .stage
+        .keys()
+        .map(|k| (k.clone(), span.clone()))
+        .collect();
+    Ok((
+        SlurmTable {
+            defaults: SlurmResources {
+                partition: raw.partition,
+                account: raw.account,
+                time: raw.time,
+                gpus: raw.gpus,
+                cpus: raw.cpus,
+                mem: raw.mem,
+                extra: raw.extra,
+                throttle: raw.throttle,
+                signal_lead: raw.signal_lead,
+            },
+            kind: raw.kind,
+            stage: raw.stage,
+        },
+        names,
+    ))
 }
 
 /// The `[[stage]]` tables; no other top-level key is allowed.
@@ -319,7 +470,7 @@ fn stage_tables<'i>(
         return Err(loc.at(
             k.span(),
             format!(
-                "unknown top-level key `{}`, expected one of `version`, `run`, `stage`",
+                "unknown top-level key `{}`, expected one of `version`, `run`, `slurm`, `stage`",
                 k.get_ref()
             ),
         ));

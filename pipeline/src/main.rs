@@ -1,7 +1,7 @@
 //! `pipeline`: runs a stages.toml — prepare → train teachers → label → train students →
 //! evaluate → report — resumably, skipping what is up to date.
 
-use pipeline::{bench, config, inspect, lock, runner};
+use pipeline::{bench, config, inspect, runner};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,22 +34,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the stages of FILE in dependency order, skipping those that are up to date.
-    Run {
-        /// The stages.toml to run.
-        file: PathBuf,
-        /// Output root (overrides `[run].output`).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Run only this stage (repeatable); its inputs must be up to date.
-        #[arg(long, value_name = "STAGE")]
-        only: Vec<String>,
-        /// Re-run this stage even if it is up to date (repeatable).
-        #[arg(long, value_name = "STAGE")]
-        force: Vec<String>,
-        /// Print what would run, and why, without running anything.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Run(RunArgs),
     /// Show each stage of FILE: up to date, stale (and why), never run or incomplete.
     Status {
         /// The stages.toml to inspect.
@@ -70,11 +55,87 @@ enum Command {
     },
     /// Show a label store's schema, metadata and first rows, or a packed split's summary.
     Inspect(inspect::InspectArgs),
+    /// Submit the stages of FILE that are not up to date to a cluster (`--slurm`): a grid as
+    /// one job array, chained by the DAG's dependencies.
+    Submit(SubmitArgs),
     /// Measure throughput (to compare with the PyTorch scripts in benches/).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+/// `pipeline submit`.
+#[derive(clap::Args, Debug)]
+struct SubmitArgs {
+    /// The stages.toml to submit.
+    file: PathBuf,
+    /// Submit to Slurm (`sbatch`); the only scheduler so far, and required.
+    #[arg(long, required = true)]
+    slurm: bool,
+    /// Output root (overrides `[run].output`); it must be on a file system the nodes share.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Print the sbatch scripts, submit nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// `--partition` of every job (over `[slurm]`).
+    #[arg(long)]
+    partition: Option<String>,
+    /// `--account` of every job.
+    #[arg(long)]
+    account: Option<String>,
+    /// `--time` of every job.
+    #[arg(long)]
+    time: Option<String>,
+    /// `--gpus` of every job.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// `--cpus-per-task` of every job.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// `--mem` of every job.
+    #[arg(long)]
+    mem: Option<String>,
+    /// At most this many tasks of each array at once.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    throttle: Option<u32>,
+}
+
+/// `pipeline run`.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The stages.toml to run.
+    file: PathBuf,
+    /// Output root (overrides `[run].output`).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Run only this stage (repeatable); its inputs must be up to date.
+    #[arg(long, value_name = "STAGE")]
+    only: Vec<String>,
+    /// Re-run this stage even if it is up to date (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Print what would run, and why, without running anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Run up to N ready stages at once, each in its own child process (default 1: one after
+    /// another in this process; with --devices: one per device slot).
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    jobs: Option<u64>,
+    /// CUDA devices to hand out to the children, one each (`--devices 0,1,2,3`); needs
+    /// `[run].device = "cuda"`.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    devices: Vec<usize>,
+    /// Children per device of --devices.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    per_device: u64,
+    /// With --jobs: after a failure, still start the stages that do not depend on it.
+    #[arg(long)]
+    keep_going: bool,
+    /// CPU threads (overrides `[run].threads`; with --jobs, per child).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,39 +203,7 @@ fn main() -> ExitCode {
         .init();
 
     let result: Result<()> = match &cli.command {
-        Command::Run {
-            file,
-            output,
-            only,
-            force,
-            dry_run,
-        } => {
-            let config = match load(file, output.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            configure_threads(config.run.threads);
-            (|| {
-                let _lock = lock::OutputLock::acquire(&config.run.output)?;
-                let t0 = std::time::Instant::now();
-                let opts = runner::RunOptions {
-                    only: only.clone(),
-                    force: force.clone(),
-                    dry_run: *dry_run,
-                };
-                let summary = runner::run(&config, &opts, progress.clone())?;
-                if !dry_run {
-                    tracing::info!(
-                        "{} stage(s) run, {} up to date, in {:.1}s; outputs in {}",
-                        summary.ran.len(),
-                        summary.skipped.len(),
-                        t0.elapsed().as_secs_f64(),
-                        config.run.output.display()
-                    );
-                }
-                Ok(())
-            })()
-        }
+        Command::Run(args) => return run(args, progress),
         Command::Status { file, output } => {
             let config = match load(file, output.as_deref()) {
                 Ok(c) => c,
@@ -182,9 +211,19 @@ fn main() -> ExitCode {
             };
             let states = runner::status(&config);
             let width = states.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+            let submitted = pipeline::slurm::submitted(&config);
+            let ids: Vec<&str> = submitted.stages.values().map(String::as_str).collect();
+            let queue = pipeline::slurm::queue_states(&ids).unwrap_or_default();
             for (name, state) in &states {
                 let kind = config.stage(name).expect("listed").params.kind();
-                println!("{name:width$}  {:<8}  {state}", kind.as_str());
+                let job = match (state, submitted.stages.get(name)) {
+                    (runner::StageState::UpToDate, _) | (_, None) => String::new(),
+                    (_, Some(id)) => format!(
+                        "  (Slurm job {id}: {})",
+                        queue.get(id).map_or("not queued", String::as_str)
+                    ),
+                };
+                println!("{name:width$}  {:<8}  {state}{job}", kind.as_str());
             }
             // One line per grid: how many of its cells are done.
             for (grid, cells) in &config.grids {
@@ -217,7 +256,6 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             (|| {
-                let _lock = lock::OutputLock::acquire(&config.run.output)?;
                 for removed in runner::clean(&config, stage.as_deref())? {
                     println!("removed {removed}");
                 }
@@ -225,6 +263,30 @@ fn main() -> ExitCode {
             })()
         }
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Submit(args) => {
+            let config = match load(&args.file, args.output.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let opts = pipeline::slurm::SubmitOptions {
+                dry_run: args.dry_run,
+                overrides: config::SlurmResources {
+                    partition: args.partition.clone(),
+                    account: args.account.clone(),
+                    time: args.time.clone(),
+                    gpus: args.gpus,
+                    cpus: args.cpus,
+                    mem: args.mem.clone(),
+                    throttle: args.throttle,
+                    ..Default::default()
+                },
+            };
+            pipeline::slurm::submit(&config, &opts).map(|jobs| {
+                if !args.dry_run {
+                    println!("{} stage(s) submitted", jobs.len());
+                }
+            })
+        }
         Command::Bench { what } => match what {
             BenchCommand::Loader(args) => bench::loader(args),
             BenchCommand::Train(args) => bench::train(args),
@@ -232,14 +294,143 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if let Some(p) = &progress {
-                let _ = p.clear();
-            }
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => report_error(&e, &progress),
     }
+}
+
+/// Exit status of a run stopped on request (a signal) with its work checkpointed: BSD's
+/// EX_TEMPFAIL, "try again later". A Slurm job requeues itself on it.
+const EXIT_INTERRUPTED: u8 = pipeline::jobs::EXIT_INTERRUPTED as u8;
+
+/// `pipeline run`: in this process, or with `--jobs`/`--devices` in children.
+fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
+    let mut config = match load(&args.file, args.output.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(t) = args.threads {
+        config.run.threads = t as usize;
+        config.run.threads_set = true;
+    }
+    let slots = args.devices.len() * args.per_device as usize;
+    let jobs = args.jobs.map_or(slots.max(1), |j| j as usize);
+    let parallel = (jobs > 1 || !args.devices.is_empty()) && !args.dry_run;
+    let threads = if config.run.threads_set || !parallel {
+        config.run.threads
+    } else {
+        (config.run.threads / jobs).max(1)
+    };
+    configure_threads(threads);
+    pipeline::jobs::follow_parent();
+    if let Ok(job) = std::env::var("SLURM_JOB_ID") {
+        tracing::info!(
+            "Slurm job {job}, restart {}",
+            std::env::var("SLURM_RESTART_COUNT").unwrap_or_else(|_| "0".into())
+        );
+    }
+    let result = (|| -> Result<ExitCode> {
+        let t0 = std::time::Instant::now();
+        let opts = runner::RunOptions {
+            only: args.only.clone(),
+            force: args.force.clone(),
+            dry_run: args.dry_run,
+            stop: stop_on_signals()?,
+        };
+        let (summary, code) = if parallel {
+            if !args.devices.is_empty() && config.run.device == engine::device::DeviceSpec::Cpu {
+                anyhow::bail!(
+                    "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
+                    config.path.display()
+                );
+            }
+            pipeline::jobs::check_devices(&args.devices)?;
+            let job_opts = pipeline::jobs::JobOptions {
+                jobs,
+                devices: args.devices.clone(),
+                per_device: args.per_device as usize,
+                keep_going: args.keep_going,
+                threads,
+            };
+            let out = pipeline::jobs::run(&config, &opts, &job_opts, progress.clone())?;
+            for f in &out.failed {
+                eprintln!(
+                    "error: stage `{}` failed ({}); its log: {}",
+                    f.stage,
+                    f.status
+                        .map_or("killed by a signal".to_string(), |c| format!(
+                            "exit status {c}"
+                        )),
+                    f.log.display()
+                );
+            }
+            let code = if !out.failed.is_empty() {
+                ExitCode::FAILURE
+            } else if out.interrupted {
+                eprintln!("stopped on request; the next run resumes where the stages stopped");
+                pipeline::slurm::requeue_self();
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::SUCCESS
+            };
+            (out.run, code)
+        } else {
+            (
+                runner::run(&config, &opts, progress.clone())?,
+                ExitCode::SUCCESS,
+            )
+        };
+        if !args.dry_run {
+            tracing::info!(
+                "{} stage(s) run, {} up to date, {} completed by other processes, in {:.1}s; outputs in {}",
+                summary.ran.len(),
+                summary.skipped.len(),
+                summary.elsewhere.len(),
+                t0.elapsed().as_secs_f64(),
+                config.run.output.display()
+            );
+        }
+        Ok(code)
+    })();
+    match result {
+        Ok(code) => code,
+        Err(e) => report_error(&e, &progress),
+    }
+}
+
+/// Prints `e` and returns the exit status it calls for: [`EXIT_INTERRUPTED`] for a stop on
+/// request, 1 otherwise.
+fn report_error(e: &anyhow::Error, progress: &Option<MultiProgress>) -> ExitCode {
+    if let Some(p) = progress {
+        let _ = p.clear();
+    }
+    let interrupted = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<stages::StageError>(),
+            Some(stages::StageError::Interrupted(_))
+        )
+    });
+    if interrupted {
+        eprintln!("stopped: {e:#}");
+        pipeline::slurm::requeue_self();
+        return ExitCode::from(EXIT_INTERRUPTED);
+    }
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// The flag SIGTERM, SIGUSR2 (Slurm's warning before a time limit or preemption; USR1 is NCCL's)
+/// and SIGINT set: the run stops at the next step boundary. A second signal ends the process at
+/// once, with the status a shell gives a signalled process (128 + 15, 12 or 2), leaving partial
+/// folders to resume from as after a kill.
+fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [SIGTERM, SIGUSR2, SIGINT] {
+        // Registered first, so the first signal only sets the flag and the second exits.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, stop.clone())?;
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    Ok(stop)
 }
 
 /// Sizes the thread pools: rayon's (data loading, decoding) and candle's CPU kernels, which read

@@ -9,13 +9,16 @@
 //! same fingerprint hands it back to the stage (training resumes from its checkpoint), a run with
 //! another fingerprint discards it.
 
+use crate::claim::{self, StageClaim};
 use crate::config::{Config, StageDecl};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
-use stages::{Context, Input, StageParams, FORMAT_VERSION, PROGRAM_VERSION};
+use stages::{Context, Input, StageError, StageParams, FORMAT_VERSION, PROGRAM_VERSION};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 /// One output file as recorded in `stage.json`.
@@ -216,6 +219,9 @@ pub struct RunOptions {
     pub force: Vec<String>,
     /// Print the plan without running anything.
     pub dry_run: bool,
+    /// Set by a stop request (SIGTERM, SIGUSR2, Ctrl-C): a training checkpoints at its next
+    /// step and the run ends with [`StageError::Interrupted`]; no further stage starts.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// What `run` did, for the summary and the tests.
@@ -225,6 +231,8 @@ pub struct RunSummary {
     pub ran: Vec<String>,
     /// Stages skipped as up to date.
     pub skipped: Vec<String>,
+    /// Stages that another process completed while this one waited for them.
+    pub elsewhere: Vec<String>,
 }
 
 fn now() -> String {
@@ -239,7 +247,16 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
     Ok((bytes, hasher.finalize().to_hex().to_string()))
 }
 
-/// Runs the pipeline.
+/// How a stage stands once this process has looked at it.
+enum Settled {
+    /// Run here, skipped as up to date, or completed by another process meanwhile.
+    Done,
+    /// Another process holds its claim: wait for it.
+    ClaimedElsewhere,
+}
+
+/// Runs the pipeline: every stage (or those of `--only`) in dependency order, skipping those
+/// that are up to date or that another process is running, then waiting for those.
 pub fn run(
     config: &Config,
     opts: &RunOptions,
@@ -250,49 +267,138 @@ pub fn run(
             bail!("no stage named `{n}` in {}", config.path.display());
         }
     }
-    let fps = fingerprints(config);
-    let mut summary = RunSummary::default();
-    let mut changed = vec![false; config.stages.len()];
-    for i in config.order() {
-        let s = &config.stages[i];
-        if !opts.only.is_empty() && !opts.only.contains(&s.name) {
-            continue;
+    let root = &config.run.output;
+    if !opts.dry_run {
+        fs::create_dir_all(root)
+            .with_context(|| format!("cannot create output folder {}", root.display()))?;
+        claim::check_root(root);
+    }
+    let mut runner = Runner {
+        config,
+        opts,
+        progress,
+        fps: fingerprints(config),
+        started: now(),
+        summary: RunSummary::default(),
+        changed: vec![false; config.stages.len()],
+    };
+    let todo: Vec<usize> = config
+        .order()
+        .into_iter()
+        .filter(|&i| opts.only.is_empty() || opts.only.contains(&config.stages[i].name))
+        .collect();
+    let mut done = vec![false; config.stages.len()];
+    loop {
+        let mut waiting = None;
+        for &i in &todo {
+            // A stage waits for its upstream stages of this run that are not settled yet.
+            let blocked = config.stages[i].needs.iter().any(|n| {
+                let j = config.index_of(n);
+                todo.contains(&j) && !done[j]
+            });
+            if done[i] || blocked {
+                continue;
+            }
+            match runner.settle(i)? {
+                Settled::Done => done[i] = true,
+                Settled::ClaimedElsewhere => {
+                    waiting.get_or_insert(i);
+                }
+            }
         }
-        let mut state = state_of(config, &fps, i);
-        // An upstream that ran in this invocation with an unchanged fingerprint (forced) leaves
-        // this stage up to date; otherwise the fingerprint already tells.
-        let forced = opts.force.contains(&s.name);
+        let Some(i) = waiting else {
+            break;
+        };
+        let name = &config.stages[i].name;
+        tracing::info!(
+            "{name}: being run by another process ({}); waiting for it",
+            StageClaim::holder(root, name)
+        );
+        StageClaim::wait_released(root, name)?;
+    }
+    Ok(runner.summary)
+}
+
+/// One invocation's view of the run.
+struct Runner<'a> {
+    config: &'a Config,
+    opts: &'a RunOptions,
+    progress: Option<indicatif::MultiProgress>,
+    fps: Vec<String>,
+    /// When this invocation started (RFC 3339): a stage another process completed after it
+    /// counts as forced.
+    started: String,
+    summary: RunSummary,
+    /// Stages run by this invocation.
+    changed: Vec<bool>,
+}
+
+impl Runner<'_> {
+    /// Whether stage `i` is up to date, and if forced, whether another process re-ran it since
+    /// this invocation started.
+    fn current(&self, i: usize) -> (StageState, bool) {
+        let s = &self.config.stages[i];
+        let state = state_of(self.config, &self.fps, i);
+        let forced = self.opts.force.contains(&s.name)
+            && read_record(&stage_dir(self.config, &s.name))
+                .is_none_or(|r| r.started < self.started);
+        (state, forced)
+    }
+
+    /// Skips, runs, or finds claimed elsewhere, stage `i`, whose upstream stages of this run
+    /// are settled.
+    fn settle(&mut self, i: usize) -> Result<Settled> {
+        let (config, opts) = (self.config, self.opts);
+        let s = &config.stages[i];
+        let (mut state, forced) = self.current(i);
         if state == StageState::UpToDate && !forced {
             tracing::info!("{} ({}): up to date, skipped", s.name, s.params.kind());
-            summary.skipped.push(s.name.clone());
-            continue;
+            self.summary.skipped.push(s.name.clone());
+            return Ok(Settled::Done);
         }
         if forced && state == StageState::UpToDate {
             state = StageState::Stale("forced with --force".into());
         }
         for n in &s.needs {
             let j = config.index_of(n);
-            let upstream_ready = changed[j] || state_of(config, &fps, j) == StageState::UpToDate;
-            if !upstream_ready {
-                if opts.dry_run {
-                    continue;
-                }
+            let upstream_ready =
+                self.changed[j] || state_of(config, &self.fps, j) == StageState::UpToDate;
+            if !upstream_ready && !opts.dry_run {
                 bail!(
                     "stage `{}` needs `{n}`, which is not up to date ({}); run without --only",
                     s.name,
-                    state_of(config, &fps, j)
+                    state_of(config, &self.fps, j)
                 );
             }
         }
         if opts.dry_run {
             println!("would run {} ({}): {state}", s.name, s.params.kind());
-            summary.ran.push(s.name.clone());
-            changed[i] = true;
-            continue;
+            self.summary.ran.push(s.name.clone());
+            self.changed[i] = true;
+            return Ok(Settled::Done);
+        }
+        let Some(_claim) = StageClaim::try_claim(&config.run.output, &s.name)? else {
+            return Ok(Settled::ClaimedElsewhere);
+        };
+        // Another process may have completed it between the look above and the claim.
+        if let (StageState::UpToDate, false) = self.current(i) {
+            tracing::info!(
+                "{} ({}): completed by another process, skipped",
+                s.name,
+                s.params.kind()
+            );
+            self.summary.elsewhere.push(s.name.clone());
+            return Ok(Settled::Done);
         }
         tracing::info!("{} ({}): running ({state})", s.name, s.params.kind());
         let t0 = Instant::now();
-        run_stage(config, &fps, i, progress.clone())
+        if self.opts.stop.load(Ordering::Relaxed) {
+            return Err(anyhow!(StageError::Interrupted(format!(
+                "stopped on request before stage `{}`; the next run goes on from there",
+                s.name
+            ))));
+        }
+        run_stage(config, &self.fps, i, self.progress.clone(), &self.opts.stop)
             .with_context(|| format!("stage `{}` failed", s.name))?;
         tracing::info!(
             "{} ({}): done in {:.1}s",
@@ -300,10 +406,10 @@ pub fn run(
             s.params.kind(),
             t0.elapsed().as_secs_f64()
         );
-        summary.ran.push(s.name.clone());
-        changed[i] = true;
+        self.summary.ran.push(s.name.clone());
+        self.changed[i] = true;
+        Ok(Settled::Done)
     }
-    Ok(summary)
 }
 
 fn run_stage(
@@ -311,6 +417,7 @@ fn run_stage(
     fps: &[String],
     i: usize,
     progress: Option<indicatif::MultiProgress>,
+    stop: &Arc<AtomicBool>,
 ) -> Result<()> {
     let s: &StageDecl = &config.stages[i];
     let final_dir = stage_dir(config, &s.name);
@@ -349,10 +456,13 @@ fn run_stage(
         device: config.run.device,
         threads: config.run.threads,
         progress,
+        stop: stop.clone(),
     };
     let started = now();
     let outputs = match s.params.run(&ctx) {
         Ok(o) => o,
+        // Stopped on request: the partial folder holds its checkpoint, for the next run.
+        Err(e @ StageError::Interrupted(_)) => return Err(anyhow!(e)),
         Err(e) => {
             let _ = fs::remove_dir_all(&partial);
             return Err(anyhow!(e));
@@ -420,12 +530,22 @@ pub fn clean(config: &Config, stage: Option<&str>) -> Result<Vec<String>> {
     };
     let mut removed = Vec::new();
     for n in names {
-        for dir in [stage_dir(config, n), partial_dir(config, n)] {
-            if dir.exists() {
-                fs::remove_dir_all(&dir)
-                    .with_context(|| format!("cannot remove {}", dir.display()))?;
-                removed.push(dir.display().to_string());
-            }
+        let dirs: Vec<PathBuf> = [stage_dir(config, n), partial_dir(config, n)]
+            .into_iter()
+            .filter(|d| d.exists())
+            .collect();
+        if dirs.is_empty() {
+            continue;
+        }
+        let Some(_claim) = StageClaim::try_claim(&config.run.output, n)? else {
+            bail!(
+                "stage `{n}` is being run by another process ({}); wait for it or stop it",
+                StageClaim::holder(&config.run.output, n)
+            );
+        };
+        for dir in dirs {
+            fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+            removed.push(dir.display().to_string());
         }
     }
     Ok(removed)

@@ -2,9 +2,12 @@
 //! device and a progress-bar factory.
 
 use crate::artifacts::Kind;
+use crate::error::StageError;
 use engine::device::DeviceSpec;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// An upstream stage this stage reads.
 #[derive(Debug, Clone)]
@@ -39,9 +42,26 @@ pub struct Context {
     pub threads: usize,
     /// Where progress bars draw; `None` hides them.
     pub progress: Option<MultiProgress>,
+    /// Set when the process is asked to stop (SIGTERM, SIGUSR2, Ctrl-C): a training checkpoints
+    /// at its next step boundary and returns [`StageError::Interrupted`]; shorter stages finish.
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Context {
+    /// Whether the process was asked to stop.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The error a stage returns once it has stopped on request, after `what` (e.g. "a
+    /// checkpoint at step 120").
+    pub fn interrupted(&self, what: &str) -> StageError {
+        StageError::Interrupted(format!(
+            "{}: stopped on request after {what}; the next run resumes it",
+            self.name
+        ))
+    }
+
     /// The inputs of kind `kind`.
     pub fn inputs_of(&self, kind: Kind) -> impl Iterator<Item = &Input> {
         self.inputs.iter().filter(move |i| i.kind == kind)

@@ -39,6 +39,10 @@ pub enum StageError {
     /// Training diverged or produced non-finite values.
     #[error("{0}")]
     Numeric(String),
+    /// The stage stopped because the process was asked to (a signal), leaving a checkpoint to
+    /// resume from.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl StageError {

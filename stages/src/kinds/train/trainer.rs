@@ -194,8 +194,20 @@ impl<'a> Trainer<'a> {
                 self.sums.seconds = secs_before + t0.elapsed().as_secs_f64();
                 self.bar.set_message(self.message(epoch, timed_images, t0));
             }
-            if checkpoint_now {
+            // Asked to stop (a signal): checkpoint here and return, unless this was the
+            // epoch's last batch, whose end-of-epoch checkpoint follows.
+            let stop_now = next_batch < self.steps && self.ctx.stop_requested();
+            if stop_now && !checkpoint_now {
+                self.read(&mut pending, epoch, &mut waits)?;
+                self.sums.seconds = secs_before + t0.elapsed().as_secs_f64();
+            }
+            if checkpoint_now || stop_now {
                 self.save(epoch, next_batch, self.sums.clone())?;
+            }
+            if stop_now {
+                return Err(self
+                    .ctx
+                    .interrupted(&format!("a checkpoint at step {}", self.step)));
             }
         }
         self.read(&mut pending, epoch, &mut waits)?;
@@ -211,7 +223,15 @@ impl<'a> Trainer<'a> {
             t0.elapsed().as_secs_f64()
         );
         self.log_epoch(epoch);
-        self.save(epoch + 1, 0, EpochSums::default())
+        self.save(epoch + 1, 0, EpochSums::default())?;
+        if self.ctx.stop_requested() && epoch + 1 < self.p.epochs {
+            return Err(self.ctx.interrupted(&format!(
+                "the checkpoint of epoch {} (step {})",
+                epoch + 1,
+                self.step
+            )));
+        }
+        Ok(())
     }
 
     /// One step: forward, the method's loss, backward and the SGD update; its per-sample

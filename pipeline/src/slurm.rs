@@ -1,0 +1,492 @@
+//! `pipeline submit FILE --slurm`: the stages that are not up to date as Slurm jobs, a grid as
+//! one job array, chained by the dependencies of the DAG.
+//!
+//! A grid's cells are the tasks of one array (task id = the cell's position in its grid, so
+//! that two grids that follow each other cell by cell have corresponding task ids); a grid
+//! that follows another cell by cell depends on it with `aftercorr` (task i starts once task i
+//! of the other succeeded), any other need with `afterok` on the whole upstream job. Arrays
+//! longer than the cluster's `MaxArraySize` are cut into chunks whose scripts add an offset to
+//! the task id. Each task `exec`s `pipeline run FILE --only STAGE`, so the binary itself
+//! receives Slurm's signals: jobs are submitted with `--requeue` and
+//! `--signal=B:USR2@<lead>`; on USR2 (or SIGTERM) a training checkpoints, and the process
+//! requeues its own job (`scontrol requeue`) before exiting with status 75, so the requeued task
+//! resumes from that checkpoint.
+//!
+//! Scripts, task lists and Slurm's logs go to `<output>/.slurm/`; `jobs.json` there records
+//! which job runs which stage, for `pipeline status` (which asks `squeue`; `sacct` needs
+//! accounting, which many clusters lack) and for resubmitting: a stage that is queued or
+//! running is not submitted again.
+
+use crate::config::{Config, SlurmResources};
+use crate::runner::{fingerprints, state_of, StageState};
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Options of `pipeline submit`.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOptions {
+    /// Print the scripts, submit nothing.
+    pub dry_run: bool,
+    /// Resources given on the command line, over those of `[slurm]`.
+    pub overrides: SlurmResources,
+}
+
+/// One job to submit: a plain stage, or (a chunk of) a grid.
+#[derive(Debug, Clone)]
+struct Job {
+    /// `ldl-<stage or grid>`, with `-<chunk>` for chunks after the first.
+    name: String,
+    /// (task id, stage index) of each task; one task of id 0 for a plain stage.
+    tasks: Vec<(usize, usize)>,
+    /// Whether it is an array.
+    array: bool,
+    /// Added to the task id to find the stage's line in the task list.
+    offset: usize,
+    /// The grid, or the stage, whose resources apply.
+    key: String,
+}
+
+/// `jobs.json`: the job (`<job id>` or `<array job id>_<task id>`) of each submitted stage.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Submitted {
+    /// Stage name → job id.
+    pub stages: BTreeMap<String, String>,
+}
+
+fn slurm_dir(config: &Config) -> PathBuf {
+    config.run.output.join(".slurm")
+}
+
+/// Reads `jobs.json` (empty when nothing was submitted).
+pub fn submitted(config: &Config) -> Submitted {
+    std::fs::read(slurm_dir(config).join("jobs.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The Slurm state of every job `squeue` knows among `ids` (arrays expanded: `123_4`).
+pub fn queue_states(ids: &[&str]) -> Result<BTreeMap<String, String>> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let jobs: Vec<String> = ids
+        .iter()
+        .map(|i| i.split('_').next().unwrap_or(i).to_string())
+        .collect();
+    let o = Command::new("squeue")
+        .args(["-h", "-r", "-o", "%i %T", "--jobs", &jobs.join(",")])
+        .output()
+        .context("cannot run squeue (is Slurm's client on PATH?)")?;
+    // squeue fails on ids it no longer knows (finished long ago): then nothing is queued.
+    let text = String::from_utf8_lossy(&o.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(id, state)| (id.to_string(), state.to_string()))
+        .collect())
+}
+
+/// Whether `program` is an executable on PATH.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            let p = d.join(program);
+            p.metadata().is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+    })
+}
+
+/// The cluster's `MaxArraySize` (`scontrol show config`; 1001, Slurm's default, if unknown).
+fn max_array_size() -> usize {
+    Command::new("scontrol")
+        .args(["show", "config"])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "MaxArraySize").then(|| v.trim().parse().ok())?
+            })
+        })
+        .unwrap_or(1001)
+}
+
+/// Submits (or with `dry_run` prints) the jobs of every stage that is not up to date and not
+/// already queued; returns the stage → job map of this submission.
+pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, String>> {
+    for tool in ["sbatch", "squeue", "scontrol"] {
+        if !opts.dry_run && !on_path(tool) {
+            bail!("pipeline submit --slurm needs Slurm's `{tool}` on PATH; nothing was submitted");
+        }
+    }
+    let fps = fingerprints(config);
+    let previous = submitted(config);
+    let ids: Vec<&str> = previous.stages.values().map(String::as_str).collect();
+    let queued = if opts.dry_run {
+        BTreeMap::new()
+    } else {
+        queue_states(&ids)?
+    };
+    // Stage → job id of stages queued or running from an earlier submission.
+    let mut job_of: BTreeMap<String, String> = previous
+        .stages
+        .iter()
+        .filter(|(_, id)| queued.contains_key(*id))
+        .map(|(s, id)| (s.clone(), id.clone()))
+        .collect();
+    let todo: Vec<usize> = config
+        .order()
+        .into_iter()
+        .filter(|&i| {
+            let s = &config.stages[i];
+            state_of(config, &fps, i) != StageState::UpToDate && !job_of.contains_key(&s.name)
+        })
+        .collect();
+    let jobs = plan(
+        config,
+        &todo,
+        if opts.dry_run { 1001 } else { max_array_size() },
+    );
+    let dir = slurm_dir(config);
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let exe = std::env::current_exe()?.canonicalize()?;
+    let file = config.path.canonicalize()?;
+    let root = config.run.output.canonicalize()?;
+    let mut new = BTreeMap::new();
+    for job in &jobs {
+        let dependency = dependency(config, job, &jobs, &job_of);
+        let script = script(config, opts, job, &exe, &file, &root, &dir)?;
+        let path = dir.join(format!("{}.sbatch", job.name));
+        datasets::atomic::write_bytes(&path, script.as_bytes())?;
+        if opts.dry_run {
+            println!(
+                "# {}{}",
+                path.display(),
+                dependency
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(" (--dependency={d})"))
+            );
+            println!("{script}");
+            for &(task, i) in &job.tasks {
+                let name = &config.stages[i].name;
+                let id = if job.array {
+                    format!("<{}>_{task}", job.name)
+                } else {
+                    format!("<{}>", job.name)
+                };
+                job_of.insert(name.clone(), id.clone());
+                new.insert(name.clone(), id);
+            }
+            continue;
+        }
+        let mut cmd = Command::new("sbatch");
+        cmd.arg("--parsable");
+        if let Some(d) = &dependency {
+            cmd.arg(format!("--dependency={d}"));
+        }
+        let o = cmd.arg(&path).output().context("cannot run sbatch")?;
+        if !o.status.success() {
+            bail!(
+                "sbatch refused {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        let id = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        tracing::info!(
+            "submitted {} as job {id}{} ({} stage(s))",
+            job.name,
+            dependency
+                .as_deref()
+                .map_or(String::new(), |d| format!(", after {d}")),
+            job.tasks.len()
+        );
+        for &(task, i) in &job.tasks {
+            let name = &config.stages[i].name;
+            let sid = if job.array {
+                format!("{id}_{task}")
+            } else {
+                id.clone()
+            };
+            job_of.insert(name.clone(), sid.clone());
+            new.insert(name.clone(), sid);
+        }
+        // Recorded after every job, so an error later leaves an accurate record.
+        let mut all = submitted(config);
+        all.stages
+            .extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let json = serde_json::to_vec_pretty(&all)?;
+        datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
+    }
+    Ok(new)
+}
+
+/// The jobs of the stages `todo` (in dependency order): one array per grid, chunked to
+/// `max_array` tasks, one job per plain stage.
+fn plan(config: &Config, todo: &[usize], max_array: usize) -> Vec<Job> {
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut done_grids: Vec<&str> = Vec::new();
+    for &i in todo {
+        let s = &config.stages[i];
+        let Some(grid) = &s.grid else {
+            jobs.push(Job {
+                name: format!("ldl-{}", s.name),
+                tasks: vec![(0, i)],
+                array: false,
+                offset: 0,
+                key: s.name.clone(),
+            });
+            continue;
+        };
+        if done_grids.contains(&grid.as_str()) {
+            continue;
+        }
+        done_grids.push(grid);
+        let cells = &config
+            .grids
+            .iter()
+            .find(|(g, _)| g == grid)
+            .expect("a stage's grid is listed")
+            .1;
+        let mut tasks: Vec<(usize, usize)> = cells
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, c)| {
+                let j = config.index_of(c);
+                todo.contains(&j).then_some((pos, j))
+            })
+            .collect();
+        tasks.sort();
+        let max = max_array.max(1);
+        let mut chunk = 0;
+        while !tasks.is_empty() {
+            let (lo, hi) = (chunk * max, (chunk + 1) * max);
+            let (mine, rest): (Vec<_>, Vec<_>) = tasks.iter().partition(|(p, _)| *p < hi);
+            if !mine.is_empty() {
+                jobs.push(Job {
+                    name: if chunk == 0 {
+                        format!("ldl-{grid}")
+                    } else {
+                        format!("ldl-{grid}-{chunk}")
+                    },
+                    tasks: mine.iter().map(|&(p, j)| (p - lo, j)).collect(),
+                    array: true,
+                    offset: lo,
+                    key: grid.clone(),
+                });
+            }
+            tasks = rest;
+            chunk += 1;
+        }
+    }
+    jobs
+}
+
+/// `--dependency` of `job`: `aftercorr` on an array it follows task by task, `afterok` on every
+/// other job its stages need.
+fn dependency(
+    config: &Config,
+    job: &Job,
+    jobs: &[Job],
+    job_of: &BTreeMap<String, String>,
+) -> Option<String> {
+    let mut afterok: Vec<String> = Vec::new();
+    let mut aftercorr: Vec<String> = Vec::new();
+    // The upstream jobs, as `<array>` for arrays: (job id, tasks of this job needing it).
+    let mut upstream: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
+    for &(task, i) in &job.tasks {
+        for n in &config.stages[i].needs {
+            if let Some(id) = job_of.get(n) {
+                let (base, t) = id.split_once('_').map_or((id.clone(), None), |(b, t)| {
+                    (b.to_string(), Some(t.to_string()))
+                });
+                upstream
+                    .entry(base)
+                    .or_default()
+                    .push((task, t.unwrap_or_default()));
+            }
+        }
+    }
+    let _ = jobs;
+    for (base, pairs) in upstream {
+        // Task by task when every task needs exactly the upstream task of its own id.
+        let corresponding = job.array && pairs.iter().all(|(task, t)| t == &task.to_string()) && {
+            let mut seen: Vec<usize> = pairs.iter().map(|(t, _)| *t).collect();
+            seen.sort();
+            seen.dedup();
+            seen.len() == pairs.len()
+        };
+        if corresponding {
+            aftercorr.push(base);
+        } else {
+            afterok.push(base);
+        }
+    }
+    let mut parts = Vec::new();
+    if !afterok.is_empty() {
+        parts.push(format!("afterok:{}", afterok.join(":")));
+    }
+    if !aftercorr.is_empty() {
+        parts.push(format!("aftercorr:{}", aftercorr.join(":")));
+    }
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+/// The resources of `job`: `[slurm]`, then `[slurm.kind.<kind>]`, then
+/// `[slurm.stage.<grid or stage>]`, then the command line's, each over the one before.
+fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources {
+    let s = &config.stages[job.tasks[0].1];
+    let table = &config.slurm;
+    let mut r = table.defaults.clone();
+    if let Some(k) = table.kind.get(s.params.kind().as_str()) {
+        r = r.over(k);
+    }
+    if let Some(k) = table.stage.get(&job.key) {
+        r = r.over(k);
+    }
+    r.over(&opts.overrides)
+}
+
+/// The sbatch script of `job`.
+fn script(
+    config: &Config,
+    opts: &SubmitOptions,
+    job: &Job,
+    exe: &Path,
+    file: &Path,
+    root: &Path,
+    dir: &Path,
+) -> Result<String> {
+    let r = resources(config, opts, job);
+    let q = |p: &Path| shell_quote(&p.display().to_string());
+    let mut s = String::from("#!/bin/bash\n");
+    let log = if job.array {
+        "%x-%A_%a.out"
+    } else {
+        "%x-%j.out"
+    };
+    writeln!(s, "#SBATCH --job-name={}", job.name)?;
+    writeln!(
+        s,
+        "#SBATCH --output={}",
+        dir.join("logs").join(log).display()
+    )?;
+    writeln!(s, "#SBATCH --open-mode=append")?;
+    writeln!(s, "#SBATCH --requeue")?;
+    writeln!(
+        s,
+        "#SBATCH --signal=B:USR2@{}",
+        r.signal_lead.unwrap_or(120)
+    )?;
+    if job.array {
+        let ids: Vec<String> = job.tasks.iter().map(|(t, _)| t.to_string()).collect();
+        let throttle = r.throttle.map_or(String::new(), |n| format!("%{n}"));
+        writeln!(s, "#SBATCH --array={}{throttle}", ids.join(","))?;
+    }
+    for (flag, v) in [
+        ("partition", r.partition.clone()),
+        ("account", r.account.clone()),
+        ("time", r.time.clone()),
+        ("gpus", r.gpus.map(|g| g.to_string())),
+        ("cpus-per-task", r.cpus.map(|c| c.to_string())),
+        ("mem", r.mem.clone()),
+    ] {
+        if let Some(v) = v {
+            writeln!(s, "#SBATCH --{flag}={v}")?;
+        }
+    }
+    for line in r.extra.iter().flatten() {
+        writeln!(s, "#SBATCH {line}")?;
+    }
+    let tasks = dir.join(format!("{}.tasks", job.name));
+    let mut list = String::new();
+    // Line `offset + task + 1` names the stage of task `task`.
+    let width = job.tasks.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
+    let mut lines = vec![String::new(); job.offset + width];
+    for &(t, i) in &job.tasks {
+        lines[job.offset + t] = config.stages[i].name.clone();
+    }
+    for l in &lines {
+        list.push_str(l);
+        list.push('\n');
+    }
+    datasets::atomic::write_bytes(&tasks, list.as_bytes())?;
+    s.push_str("set -euo pipefail\n");
+    if job.array {
+        writeln!(
+            s,
+            "STAGE=$(sed -n \"$((SLURM_ARRAY_TASK_ID + {} + 1))p\" {})",
+            job.offset,
+            q(&tasks)
+        )?;
+    } else {
+        writeln!(
+            s,
+            "STAGE={}",
+            shell_quote(&config.stages[job.tasks[0].1].name)
+        )?;
+    }
+    let threads = if r.cpus.is_some() {
+        " --threads \"$SLURM_CPUS_PER_TASK\""
+    } else {
+        ""
+    };
+    s.push_str("# On a stop request the binary checkpoints and requeues this job itself.\n");
+    s.push_str("export LDL_SLURM_REQUEUE=1\n");
+    writeln!(
+        s,
+        "exec {} run {} --output {} --only \"$STAGE\"{threads}",
+        q(exe),
+        q(file),
+        q(root)
+    )?;
+    Ok(s)
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=+:,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// In a Slurm job submitted by `submit`, after a stop request: requeue this job (task), so that
+/// it runs again and resumes from the checkpoint just written.
+pub fn requeue_self() {
+    if std::env::var_os("LDL_SLURM_REQUEUE").is_none() {
+        return;
+    }
+    let id = match (
+        std::env::var("SLURM_ARRAY_JOB_ID"),
+        std::env::var("SLURM_ARRAY_TASK_ID"),
+        std::env::var("SLURM_JOB_ID"),
+    ) {
+        (Ok(a), Ok(t), _) => format!("{a}_{t}"),
+        (_, _, Ok(j)) => j,
+        _ => return,
+    };
+    match Command::new("scontrol").args(["requeue", &id]).status() {
+        Ok(s) if s.success() => {
+            eprintln!("requeued Slurm job {id}: it resumes from its checkpoint")
+        }
+        Ok(s) => eprintln!("warning: scontrol requeue {id} failed ({s})"),
+        Err(e) => eprintln!("warning: cannot run scontrol requeue {id}: {e}"),
+    }
+}

@@ -1,0 +1,166 @@
+//! `pipeline run --jobs N`: stages in parallel child processes, with the same artifacts as one
+//! after another; a killed `--jobs` run resumes to them; bad flags are refused.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A prepared dataset and three independent trainings of a few seconds each, then their
+/// evaluations: room for two stages at once. One thread per stage, in every run: on the CPU a
+/// training's last bits depend on its thread count (its kernels split their sums by thread), so
+/// only runs with the same threads per stage can be compared bitwise.
+const GRID: &str = "[run]\noutput = \"out\"\nseed = 2\nthreads = 1\n\n\
+    [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 256\ntest_size = 64\nclasses = 4\nimage_size = 12\n\n\
+    [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmatrix = { seed = [0, 1, 2] }\nmodel = \"resnet8\"\nwidth = 8\nmethod = \"vanilla\"\nepochs = 6\nbatch_size = 32\ncheckpoint_every = 3\n\n\
+    [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model\"]\n";
+
+const STAGES: [&str; 7] = [
+    "data",
+    "model.seed=0",
+    "model.seed=1",
+    "model.seed=2",
+    "eval.seed=0",
+    "eval.seed=1",
+    "eval.seed=2",
+];
+
+/// Every output file of every stage (as `stage.json` lists them) with its contents, the
+/// wall-clock columns of `train_log.csv` left out.
+fn artifacts(out: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for stage in STAGES {
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join(stage).join("stage.json")).unwrap())
+                .unwrap();
+        for o in record["outputs"].as_array().unwrap() {
+            let name = o["path"].as_str().unwrap();
+            let mut bytes = std::fs::read(out.join(stage).join(name)).unwrap();
+            if name == "train_log.csv" {
+                let text = String::from_utf8(bytes).unwrap();
+                bytes = text
+                    .lines()
+                    .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .into_bytes();
+            }
+            files.insert(format!("{stage}/{name}"), bytes);
+        }
+    }
+    files
+}
+
+fn record(out: &Path, stage: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join(stage).join("stage.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn two_jobs_give_the_artifacts_of_one_and_run_stages_at_the_same_time() {
+    let dir = scratch();
+    write(dir.path(), "g.toml", GRID);
+    let one = pipeline(dir.path(), &["run", "g.toml", "--output", "one"]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let two = pipeline(dir.path(), &["run", "g.toml", "--jobs", "2"]);
+    assert!(two.status.success(), "{}", stderr(&two));
+    let out = dir.path().join("out");
+    assert_eq!(artifacts(&out), artifacts(&dir.path().join("one")));
+    // Some two trainings overlapped in time (stage.json times are whole seconds).
+    let spans: Vec<(String, String)> = ["model.seed=0", "model.seed=1", "model.seed=2"]
+        .iter()
+        .map(|s| {
+            let r = record(&out, s);
+            (
+                r["started"].as_str().unwrap().to_string(),
+                r["finished"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let overlap = (0..3)
+        .any(|a| (0..3).any(|b| a != b && spans[a].0 <= spans[b].0 && spans[b].0 < spans[a].1));
+    assert!(
+        overlap,
+        "no two trainings ran at once: {spans:?}\n{}",
+        stderr(&two)
+    );
+    // Each stage's full log is in its folder.
+    let log = std::fs::read_to_string(out.join("model.seed=1/stage.log")).unwrap();
+    assert!(log.contains("model.seed=1 (train): running"), "{log}");
+    // A second run finds everything up to date, without children.
+    let again = pipeline(dir.path(), &["run", "g.toml", "--jobs", "2"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(skipped(&again).len(), STAGES.len(), "{}", stderr(&again));
+}
+
+/// The PIDs of the processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces, so read after its closing parenthesis.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_jobs_run_resumes_to_the_same_artifacts() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let dir = scratch();
+    write(dir.path(), "g.toml", GRID);
+    let one = pipeline(dir.path(), &["run", "g.toml", "--output", "one"]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let parent = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "g.toml", "--jobs", "2"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the trainings have checkpoints, then kill the children and the parent.
+    let out = dir.path().join("out");
+    let t0 = std::time::Instant::now();
+    while !out.join(".model.seed=0.partial/checkpoints").exists()
+        && !out.join(".model.seed=1.partial/checkpoints").exists()
+    {
+        assert!(t0.elapsed().as_secs() < 120, "the trainings did not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for c in children_of(parent.id()) {
+        let _ = kill_process(Pid::from_raw(c).unwrap(), Signal::KILL);
+    }
+    let mut parent = parent;
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let resumed = pipeline(dir.path(), &["run", "g.toml", "--jobs", "2"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert_eq!(artifacts(&out), artifacts(&dir.path().join("one")));
+}
+
+#[test]
+fn bad_jobs_and_devices_are_refused_before_anything_runs() {
+    let dir = scratch();
+    write(dir.path(), "g.toml", GRID);
+    let zero = pipeline(dir.path(), &["run", "g.toml", "--jobs", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{}", stderr(&zero));
+    assert!(stderr(&zero).contains("--jobs"), "{}", stderr(&zero));
+    // This CPU build has no CUDA device; and the file runs on the CPU anyway.
+    let cpu = pipeline(dir.path(), &["run", "g.toml", "--devices", "0"]);
+    assert_eq!(cpu.status.code(), Some(1), "{}", stderr(&cpu));
+    assert!(stderr(&cpu).contains("--devices"), "{}", stderr(&cpu));
+    let cuda = GRID.replace("seed = 2\n", "seed = 2\ndevice = \"cuda\"\n");
+    write(dir.path(), "c.toml", &cuda);
+    let missing = pipeline(dir.path(), &["run", "c.toml", "--devices", "0,7"]);
+    assert_ne!(missing.status.code(), Some(0), "{}", stderr(&missing));
+    assert!(!dir.path().join("out/data").exists(), "nothing may run");
+}
