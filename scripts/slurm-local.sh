@@ -37,6 +37,8 @@ SlurmctldHost=$(hostname -s)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it starts again (default 120).
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -55,7 +57,8 @@ SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-MaxArraySize=1001
+# Small, so that the tests exercise arrays cut into chunks.
+MaxArraySize=3
 # Jobs without --mem get this much per CPU, so several fit on the node at once.
 DefMemPerCPU=1024
 # A requeued job starts again at once (the default waits for the node's epilogue).

@@ -150,23 +150,20 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             state_of(config, &fps, i) != StageState::UpToDate && !job_of.contains_key(&s.name)
         })
         .collect();
-    let jobs = plan(
-        config,
-        &todo,
-        if opts.dry_run { 1001 } else { max_array_size() },
-    );
-    let dir = slurm_dir(config);
-    std::fs::create_dir_all(dir.join("logs"))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let exe = std::env::current_exe()?.canonicalize()?;
-    let file = config.path.canonicalize()?;
-    let root = config.run.output.canonicalize()?;
+    let jobs = plan(config, &todo, max_array_size());
+    let exe = std::path::absolute(std::env::current_exe()?)?;
+    let file = std::path::absolute(&config.path)?;
+    let root = std::path::absolute(&config.run.output)?;
+    let dir = root.join(".slurm");
+    if !opts.dry_run {
+        std::fs::create_dir_all(dir.join("logs"))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let mut new = BTreeMap::new();
     for job in &jobs {
-        let dependency = dependency(config, job, &jobs, &job_of);
-        let script = script(config, opts, job, &exe, &file, &root, &dir)?;
+        let dependency = dependency(config, job, &job_of);
+        let (script, tasks) = script(config, opts, job, &exe, &file, &root, &dir)?;
         let path = dir.join(format!("{}.sbatch", job.name));
-        datasets::atomic::write_bytes(&path, script.as_bytes())?;
         if opts.dry_run {
             println!(
                 "# {}{}",
@@ -187,6 +184,13 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
                 new.insert(name.clone(), id);
             }
             continue;
+        }
+        datasets::atomic::write_bytes(&path, script.as_bytes())?;
+        if let Some(list) = &tasks {
+            datasets::atomic::write_bytes(
+                &dir.join(format!("{}.tasks", job.name)),
+                list.as_bytes(),
+            )?;
         }
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable");
@@ -298,12 +302,7 @@ fn plan(config: &Config, todo: &[usize], max_array: usize) -> Vec<Job> {
 
 /// `--dependency` of `job`: `aftercorr` on an array it follows task by task, `afterok` on every
 /// other job its stages need.
-fn dependency(
-    config: &Config,
-    job: &Job,
-    jobs: &[Job],
-    job_of: &BTreeMap<String, String>,
-) -> Option<String> {
+fn dependency(config: &Config, job: &Job, job_of: &BTreeMap<String, String>) -> Option<String> {
     let mut afterok: Vec<String> = Vec::new();
     let mut aftercorr: Vec<String> = Vec::new();
     // The upstream jobs, as `<array>` for arrays: (job id, tasks of this job needing it).
@@ -321,7 +320,6 @@ fn dependency(
             }
         }
     }
-    let _ = jobs;
     for (base, pairs) in upstream {
         // Task by task when every task needs exactly the upstream task of its own id.
         let corresponding = job.array && pairs.iter().all(|(task, t)| t == &task.to_string()) && {
@@ -361,7 +359,8 @@ fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources
     r.over(&opts.overrides)
 }
 
-/// The sbatch script of `job`.
+/// The sbatch script of `job`, and for an array its task list (line `offset + id + 1` names
+/// the stage of task `id`).
 fn script(
     config: &Config,
     opts: &SubmitOptions,
@@ -370,7 +369,7 @@ fn script(
     file: &Path,
     root: &Path,
     dir: &Path,
-) -> Result<String> {
+) -> Result<(String, Option<String>)> {
     let r = resources(config, opts, job);
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let mut s = String::from("#!/bin/bash\n");
@@ -414,7 +413,6 @@ fn script(
     }
     let tasks = dir.join(format!("{}.tasks", job.name));
     let mut list = String::new();
-    // Line `offset + task + 1` names the stage of task `task`.
     let width = job.tasks.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
     let mut lines = vec![String::new(); job.offset + width];
     for &(t, i) in &job.tasks {
@@ -424,7 +422,6 @@ fn script(
         list.push_str(l);
         list.push('\n');
     }
-    datasets::atomic::write_bytes(&tasks, list.as_bytes())?;
     s.push_str("set -euo pipefail\n");
     if job.array {
         writeln!(
@@ -454,7 +451,7 @@ fn script(
         q(file),
         q(root)
     )?;
-    Ok(s)
+    Ok((s, job.array.then_some(list)))
 }
 
 fn shell_quote(s: &str) -> String {
