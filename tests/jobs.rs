@@ -164,3 +164,81 @@ fn bad_jobs_and_devices_are_refused_before_anything_runs() {
     assert_ne!(missing.status.code(), Some(0), "{}", stderr(&missing));
     assert!(!dir.path().join("out/data").exists(), "nothing may run");
 }
+
+/// A failing stage: the running ones finish, the exit status is 1, and the summary names the
+/// stage and its log, which holds the error; `--keep-going` still runs everything else.
+#[test]
+fn a_failed_stage_is_named_with_its_log_and_keep_going_runs_the_rest() {
+    let dir = scratch();
+    // Monte-Carlo dropout evaluation of a model trained without dropout fails when it runs.
+    let cfg = format!(
+        "{GRID}\n[[stage]]\nname = \"bad\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model.seed=0\"]\nmc_samples = 4\n"
+    );
+    write(dir.path(), "g.toml", &cfg);
+    let o = pipeline(
+        dir.path(),
+        &["run", "g.toml", "--jobs", "2", "--keep-going"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    let log = dir.path().join("out/.logs/bad.log");
+    assert!(
+        err.contains(&format!(
+            "stage `bad` failed (exit status 1); its log: {}",
+            log.display()
+        )),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("was trained without dropout"), "{text}");
+    let out = dir.path().join("out");
+    for stage in STAGES {
+        assert!(
+            out.join(stage).join("stage.json").exists(),
+            "{stage} ran: {err}"
+        );
+    }
+    assert!(!out.join("bad").exists());
+}
+
+/// Ctrl-C (SIGINT to the parent) reaches every child once: the trainings checkpoint, the run
+/// exits with status 75, and the next run resumes to the artifacts of an uninterrupted one.
+#[test]
+fn ctrl_c_stops_every_child_cleanly_and_the_next_run_resumes() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let dir = scratch();
+    let slow = GRID.replace("epochs = 6", "epochs = 16");
+    write(dir.path(), "g.toml", &slow);
+    let one = pipeline(dir.path(), &["run", "g.toml", "--output", "one"]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    let parent = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "g.toml", "--jobs", "2"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("out");
+    let t0 = std::time::Instant::now();
+    while !out.join(".model.seed=0.partial/checkpoints").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "the trainings did not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    kill_process(Pid::from_child(&parent), Signal::INT).unwrap();
+    let o = parent.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("stopped on request"), "{err}");
+    assert!(
+        out.join(".model.seed=0.partial/checkpoints").exists(),
+        "{err}"
+    );
+    let resumed = pipeline(dir.path(), &["run", "g.toml", "--jobs", "2"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    // The children's logs, in the stages' folders, say where they resumed.
+    let log = std::fs::read_to_string(out.join("model.seed=0/stage.log")).unwrap();
+    assert!(
+        log.contains("resuming from the checkpoint of step"),
+        "{log}"
+    );
+    assert_eq!(artifacts(&out), artifacts(&dir.path().join("one")));
+}

@@ -19,9 +19,10 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         };
         for e in entries {
             let p = e.unwrap().path();
-            if p.is_dir() {
+            // `.locks/` holds the stage claims' lock files, bookkeeping rather than output.
+            if p.is_dir() && p.file_name().unwrap() != ".locks" {
                 walk(root, &p, out);
-            } else if p.file_name().unwrap() != ".pipeline.lock" {
+            } else if !p.is_dir() {
                 let rel = p.strip_prefix(root).unwrap().display().to_string();
                 out.insert(rel, std::fs::read(&p).unwrap());
             }

@@ -132,20 +132,15 @@ pub fn run(
                 if settled[i] || blocked[i] || running.iter().any(|r| r.stage == i) {
                     continue;
                 }
+                match can_start(config, &todo, &settled, &blocked, i) {
+                    None => {
+                        blocked[i] = true;
+                        continue;
+                    }
+                    Some(false) => continue,
+                    Some(true) => {}
+                }
                 let s = &config.stages[i];
-                let upstream: Vec<usize> = s
-                    .needs
-                    .iter()
-                    .map(|n| config.index_of(n))
-                    .filter(|j| todo.contains(j))
-                    .collect();
-                if upstream.iter().any(|&j| blocked[j]) {
-                    blocked[i] = true;
-                    continue;
-                }
-                if upstream.iter().any(|&j| !settled[j]) {
-                    continue;
-                }
                 let forced = opts.force.contains(&s.name);
                 if state_of(config, &fps, i) == StageState::UpToDate && !forced {
                     tracing::info!("{} ({}): up to date, skipped", s.name, s.params.kind());
@@ -178,25 +173,41 @@ pub fn run(
         }
         let mut k = 0;
         while k < running.len() {
-            match running[k].child.try_wait()? {
-                None => k += 1,
-                Some(status) => {
-                    let r = running.swap_remove(k);
-                    free.push(r.slot);
-                    settle(
-                        config,
-                        r,
-                        status.code(),
-                        &mut settled,
-                        &mut blocked,
-                        &mut out,
-                    );
-                }
-            }
+            let Some(status) = running[k].child.try_wait()? else {
+                k += 1;
+                continue;
+            };
+            let r = running.swap_remove(k);
+            free.push(r.slot);
+            let code = status.code();
+            settle(config, r, code, &mut settled, &mut blocked, &mut out);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(out)
+}
+
+/// Whether stage `i` can start: its upstream stages of this run are all settled
+/// (`Some(true)`), not yet (`Some(false)`), or one failed or stopped (`None`: it never will).
+fn can_start(
+    config: &Config,
+    todo: &[usize],
+    settled: &[bool],
+    blocked: &[bool],
+    i: usize,
+) -> Option<bool> {
+    let mut ready = true;
+    for n in &config.stages[i].needs {
+        let j = config.index_of(n);
+        if !todo.contains(&j) {
+            continue;
+        }
+        if blocked[j] {
+            return None;
+        }
+        ready &= settled[j];
+    }
+    Some(ready)
 }
 
 /// Records how a child ended.
@@ -261,7 +272,7 @@ fn spawn(
     use std::os::unix::process::CommandExt;
     let s = &config.stages[i];
     let root = &config.run.output;
-    let log = root.join(".logs").join(format!("{}.log", s.name));
+    let log = std::path::absolute(root.join(".logs").join(format!("{}.log", s.name)))?;
     let exe = std::env::current_exe().context("cannot find this program's executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("run")

@@ -164,7 +164,7 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         let dependency = dependency(config, job, &job_of);
         let (script, tasks) = script(config, opts, job, &exe, &file, &root, &dir)?;
         let path = dir.join(format!("{}.sbatch", job.name));
-        if opts.dry_run {
+        let id = if opts.dry_run {
             println!(
                 "# {}{}",
                 path.display(),
@@ -173,52 +173,15 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
                     .map_or(String::new(), |d| format!(" (--dependency={d})"))
             );
             println!("{script}");
-            for &(task, i) in &job.tasks {
-                let name = &config.stages[i].name;
-                let id = if job.array {
-                    format!("<{}>_{task}", job.name)
-                } else {
-                    format!("<{}>", job.name)
-                };
-                job_of.insert(name.clone(), id.clone());
-                new.insert(name.clone(), id);
+            format!("<{}>", job.name)
+        } else {
+            datasets::atomic::write_bytes(&path, script.as_bytes())?;
+            if let Some(list) = &tasks {
+                let list_path = dir.join(format!("{}.tasks", job.name));
+                datasets::atomic::write_bytes(&list_path, list.as_bytes())?;
             }
-            continue;
-        }
-        datasets::atomic::write_bytes(&path, script.as_bytes())?;
-        if let Some(list) = &tasks {
-            datasets::atomic::write_bytes(
-                &dir.join(format!("{}.tasks", job.name)),
-                list.as_bytes(),
-            )?;
-        }
-        let mut cmd = Command::new("sbatch");
-        cmd.arg("--parsable");
-        if let Some(d) = &dependency {
-            cmd.arg(format!("--dependency={d}"));
-        }
-        let o = cmd.arg(&path).output().context("cannot run sbatch")?;
-        if !o.status.success() {
-            bail!(
-                "sbatch refused {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-        }
-        let id = String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        tracing::info!(
-            "submitted {} as job {id}{} ({} stage(s))",
-            job.name,
-            dependency
-                .as_deref()
-                .map_or(String::new(), |d| format!(", after {d}")),
-            job.tasks.len()
-        );
+            sbatch(&path, job, dependency.as_deref())?
+        };
         for &(task, i) in &job.tasks {
             let name = &config.stages[i].name;
             let sid = if job.array {
@@ -229,6 +192,9 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             job_of.insert(name.clone(), sid.clone());
             new.insert(name.clone(), sid);
         }
+        if opts.dry_run {
+            continue;
+        }
         // Recorded after every job, so an error later leaves an accurate record.
         let mut all = submitted(config);
         all.stages
@@ -237,6 +203,37 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
     }
     Ok(new)
+}
+
+/// Submits the script at `path`; returns the job id.
+fn sbatch(path: &Path, job: &Job, dependency: Option<&str>) -> Result<String> {
+    let mut cmd = Command::new("sbatch");
+    cmd.arg("--parsable");
+    if let Some(d) = dependency {
+        cmd.arg(format!("--dependency={d}"));
+    }
+    let o = cmd.arg(path).output().context("cannot run sbatch")?;
+    if !o.status.success() {
+        bail!(
+            "sbatch refused {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    // `--parsable` prints `<id>` or `<id>;<cluster>`.
+    let id = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    tracing::info!(
+        "submitted {} as job {id}{} ({} stage(s))",
+        job.name,
+        dependency.map_or(String::new(), |d| format!(", after {d}")),
+        job.tasks.len()
+    );
+    Ok(id)
 }
 
 /// The jobs of the stages `todo` (in dependency order): one array per grid, chunked to
