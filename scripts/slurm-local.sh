@@ -23,7 +23,7 @@ install() {
   echo "slurm-local: installing slurmctld, slurmd, slurm-client, munge" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
-  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >&2
+  apt-get install -y -qq slurmctld slurmd slurm-client munge >&2
 }
 
 write_conf() {

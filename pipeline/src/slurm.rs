@@ -317,14 +317,26 @@ fn dependency(config: &Config, job: &Job, job_of: &BTreeMap<String, String>) -> 
             }
         }
     }
+    let mine: std::collections::BTreeSet<String> =
+        job.tasks.iter().map(|(t, _)| t.to_string()).collect();
     for (base, pairs) in upstream {
-        // Task by task when every task needs exactly the upstream task of its own id.
-        let corresponding = job.array && pairs.iter().all(|(task, t)| t == &task.to_string()) && {
-            let mut seen: Vec<usize> = pairs.iter().map(|(t, _)| *t).collect();
-            seen.sort();
-            seen.dedup();
-            seen.len() == pairs.len()
-        };
+        // Task by task when every task needs exactly the upstream task of its own id, and the
+        // two arrays have the same task ids (no task waits on one the other lacks).
+        let theirs: std::collections::BTreeSet<String> = job_of
+            .values()
+            .filter_map(|id| id.split_once('_'))
+            .filter(|(b, _)| *b == base)
+            .map(|(_, t)| t.to_string())
+            .collect();
+        let corresponding = job.array
+            && theirs == mine
+            && pairs.iter().all(|(task, t)| t == &task.to_string())
+            && {
+                let mut seen: Vec<usize> = pairs.iter().map(|(t, _)| *t).collect();
+                seen.sort();
+                seen.dedup();
+                seen.len() == pairs.len()
+            };
         if corresponding {
             aftercorr.push(base);
         } else {
