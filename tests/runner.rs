@@ -438,11 +438,24 @@ fn a_signal_checkpoints_the_training_and_the_next_run_resumes_from_it() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait for an epoch's checkpoint newer than the one this run resumed from.
-        let before = std::fs::read_dir(&checkpoints).map_or(0, |d| d.count());
+        // Wait for a checkpoint newer than the one this run resumed from (so that the run is
+        // past its start, signal handlers installed, and training).
+        let newest = || {
+            std::fs::read_dir(&checkpoints)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("step-"))
+                .max()
+        };
+        let before = newest();
         let t0 = std::time::Instant::now();
-        while std::fs::read_dir(&checkpoints).map_or(0, |d| d.count()) <= before.min(1) {
-            assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        while newest() <= before {
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "no newer checkpoint than {before:?}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         kill_process(Pid::from_child(&child), signal).unwrap();

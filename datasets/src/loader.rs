@@ -136,6 +136,7 @@ impl Loader {
             receivers,
             recyclers,
             handles,
+            start,
             next: start,
             total,
         }
@@ -197,6 +198,8 @@ pub struct EpochIter {
     receivers: Vec<Receiver<Batch>>,
     recyclers: Vec<Sender<Batch>>,
     handles: Vec<JoinHandle<()>>,
+    /// The first batch: worker `w` builds batches `start + w`, `start + w + workers`, …
+    start: usize,
     next: usize,
     total: usize,
 }
@@ -205,7 +208,7 @@ impl EpochIter {
     /// Returns a consumed batch's buffers to the worker that will build a later batch, so
     /// steady-state loading allocates nothing.
     pub fn recycle(&self, batch: Batch) {
-        let w = batch.index % self.recyclers.len();
+        let w = (batch.index - self.start) % self.recyclers.len();
         let _ = self.recyclers[w].try_send(batch);
     }
 }
@@ -216,7 +219,7 @@ impl Iterator for EpochIter {
         if self.next >= self.total {
             return None;
         }
-        let w = self.next % self.receivers.len();
+        let w = (self.next - self.start) % self.receivers.len();
         let batch = self.receivers[w].recv().ok()?;
         debug_assert_eq!(batch.index, self.next);
         self.next += 1;
@@ -323,8 +326,18 @@ mod tests {
         let three = collect(&Loader::new(s.clone(), config(3)), 2, 0);
         assert_eq!(one.len(), 7);
         assert_eq!(one, three);
-        let resumed = collect(&Loader::new(s.clone(), config(2)), 2, 4);
-        assert_eq!(&one[4..], &resumed[..]);
+        // Resumed from any batch, with any number of workers (also one that does not divide
+        // the start: a stop request can checkpoint at any step).
+        for workers in [2, 3] {
+            for start in 0..=7 {
+                let resumed = collect(&Loader::new(s.clone(), config(workers)), 2, start);
+                assert_eq!(
+                    &one[start..],
+                    &resumed[..],
+                    "{workers} workers from batch {start}"
+                );
+            }
+        }
         // Every image appears exactly once per epoch, labels match the store.
         let mut seen: Vec<u32> = one.iter().flat_map(|b| b.2.clone()).collect();
         for (imgs, labels, idx) in &one {
