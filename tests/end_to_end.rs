@@ -89,9 +89,14 @@ fn tiny_pipeline_produces_every_output() {
         let brier: f64 = row[8].parse().unwrap();
         assert!((0.0..=1.0).contains(&acc) && (0.0..=1.0).contains(&ece));
         assert!(nll > 0.0 && (0.0..=2.0).contains(&brier));
+        // The top-label score is one of the summed score's terms (the predicted class's, when
+        // wrong) or equals it minus the other classes' terms (when right): never larger.
+        let brier_top: f64 = row[14].parse().unwrap();
+        assert!((0.0..=1.0).contains(&brier_top) && brier_top <= brier + 1e-9);
         let json: serde_json::Value =
             serde_json::from_str(&read(&out.join(stage).join("metrics.json"))).unwrap();
         assert!((json["metrics"]["accuracy"].as_f64().unwrap() - acc).abs() < 1e-6);
+        assert!((json["metrics"]["brier_top_label"].as_f64().unwrap() - brier_top).abs() < 1e-6);
         assert_eq!(json["metrics"]["n"], 80);
         assert_eq!(json["metrics"]["bins"].as_array().unwrap().len(), 10);
         let md = read(&out.join(stage).join("metrics.md"));

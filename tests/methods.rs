@@ -29,6 +29,22 @@ const METHODS: [&str; 12] = [
     "ogr-ldl",
 ];
 
+/// Their names in the paper's tables, as reports label their rows.
+const PAPER_NAMES: [&str; 12] = [
+    "Vanilla",
+    "LS",
+    "KD",
+    "WSL",
+    "Off-LDL",
+    "Off-En-LDL",
+    "Off-MT-LDL",
+    "On-LDL",
+    "On-En-LDL",
+    "On-MT-LDL",
+    "OGR",
+    "OGR-LDL",
+];
+
 #[test]
 fn the_smoke_grid_trains_and_evaluates_every_method() {
     let dir = scratch();
@@ -45,7 +61,7 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let report = std::fs::read_to_string(out.join("report/report.md")).unwrap();
-    for m in METHODS {
+    for (m, name) in METHODS.into_iter().zip(PAPER_NAMES) {
         let cell = format!("student.method={m}");
         let model: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join(&cell).join("model.json")).unwrap(),
@@ -67,13 +83,13 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         assert_eq!(e["model_stage"], cell.as_str());
         assert!(e["calibrated"]["metrics"]["ece"].as_f64().is_some());
         assert!(
-            report.contains(&format!("| {m} | resnet8 |"))
-                && report.contains(&format!("| {m} + TS | resnet8 |")),
+            report.contains(&format!("| {name} | resnet8 |"))
+                && report.contains(&format!("| {name} + TS | resnet8 |")),
             "{m} missing from the report:\n{report}"
         );
     }
     assert!(
-        report.contains("| on-ldl (cutmix, MCDO-T, MCDO-S) | resnet8 |"),
+        report.contains("| On-LDL (CutMix, MCDO-T, MCDO-S) | resnet8 |"),
         "{report}"
     );
     // The report's page and figures, and each evaluation's.
@@ -84,6 +100,8 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "accuracy-vs-ece.png",
         "accuracy-vs-ece.svg",
         "f1-vs-confidence.png",
+        "vanilla-difference.png",
+        "vanilla-difference.svg",
     ] {
         assert!(out.join("report").join(f).exists(), "report/{f}");
     }
@@ -245,10 +263,173 @@ fn a_grid_expands_into_named_cells_and_a_killed_run_resumes_with_the_unfinished_
     }
     // The report averages each method over its two seeds.
     let report = std::fs::read_to_string(out.join("report/report.md")).unwrap();
-    assert!(report.contains("| vanilla | resnet8 | 2 |"), "{report}");
-    assert!(report.contains("| ls | resnet8 | 2 |"), "{report}");
+    assert!(report.contains("| Vanilla | resnet8 | 2 |"), "{report}");
+    assert!(report.contains("| LS | resnet8 | 2 |"), "{report}");
     let again = pipeline(dir.path(), &["run", "g.toml"]);
     assert!(ran(&again).is_empty(), "{:?}", ran(&again));
+}
+
+/// Runs that differ in anything but their seed: epochs, a method's key, the teacher.
+const RUNS_APART: &str = r#"
+[run]
+output = "out"
+seed = 0
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+train_size = 64
+test_size = 32
+classes = 3
+image_size = 12
+
+[[stage]]
+name = "teacher-a"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+epochs = 1
+batch_size = 32
+
+[[stage]]
+name = "teacher-b"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 6
+method = "vanilla"
+epochs = 1
+batch_size = 32
+
+[[stage]]
+name = "vanilla"
+kind = "train"
+needs = ["data"]
+matrix = { epochs = [1, 2], seed = [0, 1] }
+method = "vanilla"
+model = "resnet8"
+width = 4
+batch_size = 32
+
+[[stage]]
+name = "kd"
+kind = "train"
+needs = ["data", "teacher-a"]
+matrix = { kd_tau = [2.0, 4.0], seed = [0, 1] }
+method = "kd"
+model = "resnet8"
+width = 4
+epochs = 1
+batch_size = 32
+
+[[stage]]
+name = "kd-b"
+kind = "train"
+needs = ["data", "teacher-b"]
+method = "kd"
+kd_tau = 4.0
+model = "resnet8"
+width = 4
+epochs = 1
+batch_size = 32
+
+[[stage]]
+name = "named"
+kind = "train"
+needs = ["data"]
+method = "vanilla"
+model = "resnet8"
+width = 4
+epochs = 1
+batch_size = 32
+seed = 5
+label = "Baseline"
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "vanilla"]
+
+[[stage]]
+name = "eval-kd"
+kind = "evaluate"
+needs = ["data", "kd"]
+
+[[stage]]
+name = "eval-kd-b"
+kind = "evaluate"
+needs = ["data", "kd-b"]
+
+[[stage]]
+name = "eval-named"
+kind = "evaluate"
+needs = ["data", "named"]
+
+[[stage]]
+name = "report"
+kind = "report"
+needs = ["eval", "eval-kd", "eval-kd-b", "eval-named"]
+"#;
+
+#[test]
+fn a_report_keeps_runs_that_differ_in_more_than_their_seed_apart() {
+    let dir = scratch();
+    write(dir.path(), "r.toml", RUNS_APART);
+    let o = pipeline(dir.path(), &["run", "r.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(dir.path().join("out/report/report.csv")).unwrap();
+    // (label, seeds) of each row of the long table in report.md.
+    let md = std::fs::read_to_string(dir.path().join("out/report/report.md")).unwrap();
+    let rows: Vec<(String, String)> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains(" | resnet8 | "))
+        .map(|l| {
+            let f: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+            (f[0].to_string(), f[2].to_string())
+        })
+        .collect();
+    // The epoch grid gives two rows of two seeds (the longer schedule marked `+`, as the
+    // paper marks its 350-epoch runs); the kd_tau grid two rows; the KD from the other teacher
+    // a third, told apart from the kd_tau = 4 row by the teacher's width; the labelled run its
+    // label.
+    let want: Vec<(String, String)> = [
+        ("Vanilla", "2"),
+        ("Vanilla+", "2"),
+        ("KD (kd_tau=2.0, teacher.width=4)", "2"),
+        ("KD (kd_tau=4.0, teacher.width=4)", "2"),
+        ("KD (kd_tau=4.0, teacher.width=6)", "1"),
+        ("Baseline", "1"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(rows, want, "{md}");
+    // Labels with commas are quoted in the CSV.
+    assert!(
+        csv.contains("\n\"KD (kd_tau=4.0, teacher.width=6)\",resnet8,1,"),
+        "{csv}"
+    );
+    // Cells of other seed counts say so in the paper table.
+    let table = std::fs::read_to_string(dir.path().join("out/report/table.md")).unwrap();
+    assert!(
+        table.contains("| Baseline | ") && table.contains("(n = 1) |"),
+        "{table}"
+    );
+    // A new label redraws the report and retrains nothing.
+    write(
+        dir.path(),
+        "r.toml",
+        &RUNS_APART.replace("label = \"Baseline\"", "label = \"Plain\""),
+    );
+    let again = pipeline(dir.path(), &["run", "r.toml"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(ran(&again), ["report"]);
+    let csv = std::fs::read_to_string(dir.path().join("out/report/report.csv")).unwrap();
+    assert!(csv.contains("\nPlain,resnet8,1,"), "{csv}");
 }
 
 #[test]

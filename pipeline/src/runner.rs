@@ -13,7 +13,7 @@ use crate::claim::{self, StageClaim};
 use crate::config::{Config, StageDecl};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
-use stages::{Context, Input, StageError, StageParams, FORMAT_VERSION, PROGRAM_VERSION};
+use stages::{Context, Input, Settings, StageError, StageParams, FORMAT_VERSION, PROGRAM_VERSION};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -93,9 +93,12 @@ pub fn params_json(p: &StageParams) -> serde_json::Value {
     serde_json::to_value(p).expect("parameters serialise")
 }
 
-/// Fingerprints of every stage, by index, from parameters, input fingerprints and the format
-/// version.
+/// Fingerprints of every stage, by index, from parameters, input fingerprints, the format
+/// version and the kind's output version (when above 1). A report's also holds its inputs'
+/// `label` keys, which are left out of the trainings' fingerprints (a new row name redraws the
+/// report without retraining).
 pub fn fingerprints(config: &Config) -> Vec<String> {
+    let settings = settings(config);
     let mut fps = vec![String::new(); config.stages.len()];
     for i in config.order() {
         let s = &config.stages[i];
@@ -109,21 +112,56 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
             .collect();
         let mut params = params_json(&s.params);
         if let Some(obj) = params.as_object_mut() {
-            for key in StageParams::OPERATIONAL_KEYS {
+            for key in StageParams::OPERATIONAL_KEYS
+                .iter()
+                .chain(s.params.presentation_keys())
+            {
                 obj.remove(*key);
             }
         }
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "format_version": FORMAT_VERSION,
             "kind": s.params.kind().as_str(),
             "params": params,
             "inputs": inputs,
         });
+        let version = s.params.output_version();
+        if version > 1 {
+            doc["output_version"] = version.into();
+        }
+        if s.params.kind() == stages::Kind::Report {
+            let labels: Vec<Option<&String>> = s
+                .needs
+                .iter()
+                .map(|n| settings[config.index_of(n)].get("model.label"))
+                .collect();
+            doc["labels"] = serde_json::json!(labels);
+        }
         fps[i] = blake3::hash(doc.to_string().as_bytes())
             .to_hex()
             .to_string();
     }
     fps
+}
+
+/// The distinguishing settings of every stage's run, by index (see
+/// [`StageParams::settings`]).
+pub fn settings(config: &Config) -> Vec<Settings> {
+    let mut out = vec![Settings::new(); config.stages.len()];
+    for i in config.order() {
+        let s = &config.stages[i];
+        let inputs: Vec<(stages::Kind, &Settings)> = s
+            .needs
+            .iter()
+            .map(|n| {
+                let j = config.index_of(n);
+                (config.stages[j].params.kind(), &out[j])
+            })
+            .collect();
+        let own = s.params.settings(&params_json(&s.params), &inputs);
+        out[i] = own;
+    }
+    out
 }
 
 /// The output folder of stage `name`.
@@ -434,6 +472,7 @@ fn run_stage(
         .with_context(|| format!("cannot clean {}", partial.display()))?;
     datasets::atomic::write_bytes(&partial.join(PARTIAL_TAG), tag.to_string().as_bytes())?;
 
+    let settings = settings(config);
     let inputs: Vec<Input> = s
         .needs
         .iter()
@@ -444,6 +483,7 @@ fn run_stage(
                 kind: config.stages[j].params.kind(),
                 dir: stage_dir(config, n),
                 fingerprint: fps[j].clone(),
+                settings: settings[j].clone(),
             }
         })
         .collect();

@@ -9,6 +9,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// A run's distinguishing settings: flattened parameter paths (`epochs`, `mix.p`,
+/// `teacher.model`) to their values as text; what a report keeps apart in rows (see
+/// [`crate::StageParams::settings`]).
+pub type Settings = std::collections::BTreeMap<String, String>;
+
 /// An upstream stage this stage reads.
 #[derive(Debug, Clone)]
 pub struct Input {
@@ -20,6 +25,8 @@ pub struct Input {
     pub dir: PathBuf,
     /// Its fingerprint.
     pub fingerprint: String,
+    /// What distinguishes its run apart from the seed.
+    pub settings: Settings,
 }
 
 /// Everything a stage needs to run.

@@ -27,7 +27,7 @@ pub mod registry;
 pub mod science;
 
 pub use artifacts::{Artifact, Kind, Multiplicity};
-pub use context::{Context, Input};
+pub use context::{Context, Input, Settings};
 pub use error::{Result, StageError};
 pub use registry::StageParams;
 

@@ -3,11 +3,39 @@
 //! the run's defaults, and running it.
 
 use crate::artifacts::{Artifact, Kind, Multiplicity};
-use crate::context::Context;
+use crate::context::{Context, Settings};
 use crate::error::Result;
 use crate::kinds::{evaluate, label, prepare, report, train};
 use crate::params::{ParamDefaults, RangeError};
 use serde::Serialize;
+
+/// Flattens `value` into `out` under `prefix`: objects by key (joined with `.`), anything else
+/// as its JSON text; the top level's `seed` and operational keys are left out.
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Settings) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let top = prefix.is_empty();
+                if top && (k == "seed" || StageParams::OPERATIONAL_KEYS.contains(&k.as_str())) {
+                    continue;
+                }
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&path, v, out);
+            }
+        }
+        serde_json::Value::Null => {}
+        serde_json::Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
 
 /// The parameters of a stage, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -58,6 +86,63 @@ impl StageParams {
     /// the fingerprint, so checkpointing can be changed on a half-done run without restarting it.
     pub const OPERATIONAL_KEYS: &'static [&'static str] =
         &["checkpoint_every", "keep_checkpoints", "prefetch"];
+
+    /// Keys that only name the stage's results in reports (a train stage's `label`): left out
+    /// of its fingerprint like the operational keys, but kept in its [`settings`](Self::settings),
+    /// and fingerprinted by the reports that show them.
+    pub fn presentation_keys(&self) -> &'static [&'static str] {
+        match self {
+            StageParams::Train(_) => &["label"],
+            _ => &[],
+        }
+    }
+
+    /// The version of what a stage of this kind (with these parameters) writes. The runner
+    /// fingerprints it when above 1, so that a change of what a kind computes reruns exactly
+    /// the stages it affects: evaluate 2 (`brier_top_label`, `parameters`), report 2 (rows by
+    /// run), train 2 for the OGR methods (bounded OGR weights).
+    pub fn output_version(&self) -> u32 {
+        match self {
+            StageParams::Evaluate(_) | StageParams::Report(_) => 2,
+            StageParams::Train(p) if p.method.uses_ogr() => 2,
+            _ => 1,
+        }
+    }
+
+    /// What distinguishes the run this stage makes from others, apart from its seed: its own
+    /// parameters and, under a prefix naming their role, its inputs' settings (`data.` for the
+    /// dataset, `labels.` for a label store, `teacher.`, `teacher2.` … for the models a
+    /// training or labelling reads, `model.` for the model an evaluation reads). Keys are
+    /// flattened JSON paths (`schedule.milestones`, `mix.p`), values JSON text (strings
+    /// unquoted); seeds and operational keys are left out, `label` kept. A report keeps runs with different
+    /// settings in different rows.
+    pub fn settings(&self, params: &serde_json::Value, inputs: &[(Kind, &Settings)]) -> Settings {
+        let mut out = Settings::new();
+        flatten("", params, &mut out);
+        let own = self.kind();
+        let mut seen: Vec<&str> = Vec::new();
+        for (kind, settings) in inputs {
+            let role = match (kind, own) {
+                (Kind::Prepare, _) => "data",
+                (Kind::Label, _) => "labels",
+                (Kind::Train, Kind::Evaluate) => "model",
+                (Kind::Train, _) => "teacher",
+                (Kind::Evaluate, _) => "evaluation",
+                (Kind::Report, _) => "report",
+            };
+            let n = seen.iter().filter(|r| **r == role).count();
+            seen.push(role);
+            let prefix = if n == 0 {
+                role.to_string()
+            } else {
+                format!("{role}{}", n + 1)
+            };
+            for (k, v) in settings.iter() {
+                out.insert(format!("{prefix}.{k}"), v.clone());
+            }
+        }
+        out
+    }
 
     /// Checks value ranges that the types alone do not; on error returns the offending key and
     /// what was expected, so the config loader can point at it before anything runs.

@@ -35,6 +35,10 @@ pub struct Evaluation {
     /// Class names, in class order.
     #[serde(default)]
     pub classes: Vec<String>,
+    /// The model's trainable parameters (BatchNorm running statistics excluded); 0 in
+    /// metrics.json files written before it was recorded.
+    #[serde(default)]
+    pub parameters: usize,
 }
 
 impl Evaluation {

@@ -84,13 +84,13 @@ impl Params {
     }
 }
 
-/// Header of `metrics.csv` (the first nine columns are those of earlier versions).
-pub const CSV_HEADER: &str =
-    "stage,model,method,seed,n,accuracy,ece,nll,brier,top5,mce,adaptive_ece,classwise_ece,uce";
+/// Header of `metrics.csv` (the first nine columns are those of earlier versions; new columns
+/// are appended). `brier` is summed over classes, `brier_top_label` is the paper's.
+pub const CSV_HEADER: &str = "stage,model,method,seed,n,accuracy,ece,nll,brier,top5,mce,adaptive_ece,classwise_ece,uce,brier_top_label";
 
 fn csv_row(stage: &str, model: &str, method: &str, seed: u64, m: &Metrics) -> String {
     format!(
-        "{stage},{model},{method},{seed},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+        "{stage},{model},{method},{seed},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
         m.n,
         m.accuracy,
         m.ece,
@@ -100,7 +100,8 @@ fn csv_row(stage: &str, model: &str, method: &str, seed: u64, m: &Metrics) -> St
         m.mce,
         m.adaptive_ece,
         m.classwise_ece,
-        m.uce
+        m.uce,
+        m.brier_top_label
     )
 }
 
@@ -301,14 +302,15 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     outputs.push("metrics.md".into());
     let m = &e.metrics;
     tracing::info!(
-        "{}: {} accuracy {:.2}% ECE {:.2}% UCE {:.2}% NLL {:.4} Brier {:.4}",
+        "{}: {} accuracy {:.2}% ECE {:.2}% UCE {:.2}% NLL {:.4} Brier (sum) {:.4} Brier (top label) {:.4}",
         ctx.name,
         e.model_stage,
         100.0 * m.accuracy,
         100.0 * m.ece,
         100.0 * m.uce,
         m.nll,
-        m.brier
+        m.brier,
+        m.brier_top_label
     );
     Ok(outputs)
 }
@@ -367,6 +369,7 @@ fn evaluate(
         metrics: m,
         calibrated,
         classes: data.info.classes.clone(),
+        parameters: inference.model.parameter_count(),
     };
     Ok((e, probs, logits))
 }
@@ -592,7 +595,7 @@ fn write_summary(ctx: &Context, p: &Params, e: &Evaluation) -> Result<()> {
         "# {}: {} ({}, {}, seed {})\n\n| metric | value |\n|---|---|\n| test images | {} |\n\
          | top-1 accuracy | {:.2}% |\n| top-5 accuracy | {:.2}% |\n| ECE ({} bins) | {:.2}% |\n\
          | MCE | {:.2}% |\n| adaptive ECE | {:.2}% |\n| classwise ECE | {:.2}% |\n| UCE | {:.2}% |\n\
-         | NLL | {:.4} |\n| Brier (sum over classes) | {:.4} |\n",
+         | NLL | {:.4} |\n| Brier (sum over classes) | {:.4} |\n| Brier (top label, the paper's) | {:.4} |\n",
         ctx.name,
         e.model_stage,
         e.model,
@@ -608,17 +611,19 @@ fn write_summary(ctx: &Context, p: &Params, e: &Evaluation) -> Result<()> {
         100.0 * m.classwise_ece,
         100.0 * m.uce,
         m.nll,
-        m.brier
+        m.brier,
+        m.brier_top_label
     );
     if let Some(c) = &e.calibrated {
         md.push_str(&format!(
-            "\nAfter temperature scaling (T = {:.4}, fitted on the validation split): accuracy {:.2}%, ECE {:.2}%, UCE {:.2}%, NLL {:.4}, Brier {:.4}.\n",
+            "\nAfter temperature scaling (T = {:.4}, fitted on the validation split): accuracy {:.2}%, ECE {:.2}%, UCE {:.2}%, NLL {:.4}, Brier (sum) {:.4}, Brier (top label) {:.4}.\n",
             c.temperature,
             100.0 * c.metrics.accuracy,
             100.0 * c.metrics.ece,
             100.0 * c.metrics.uce,
             c.metrics.nll,
-            c.metrics.brier
+            c.metrics.brier,
+            c.metrics.brier_top_label
         ));
     }
     md.push_str(

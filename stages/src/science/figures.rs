@@ -1,7 +1,8 @@
 //! Figures of the evaluate and report stages, each written as PNG and SVG with plotters: the
 //! reliability diagram and confidence histogram of a model (the paper's Figs. 11–14), its
 //! per-class training-loss curves (Fig. 8) and penultimate-layer projection (Fig. 7), and the
-//! report's accuracy-against-ECE scatter (Fig. 10) and per-class F1 against confidence (Fig. 4).
+//! report's accuracy-against-ECE scatter (Fig. 10), per-class F1 against confidence (Fig. 4) and
+//! the difference from Vanilla against the student's size (Fig. 3, as [`Panels`] of plots).
 //!
 //! Text is drawn with the DejaVu Sans font embedded in the binary (`assets/`, Bitstream Vera
 //! licence), so figures look the same on every machine and need no system fonts.
@@ -267,6 +268,28 @@ pub struct Plot {
     pub lines: bool,
     /// Equal axis scales, for projections.
     pub square: bool,
+}
+
+/// Plots side by side under one title.
+pub struct Panels {
+    /// Title over all panels.
+    pub title: String,
+    /// The plots, left to right.
+    pub panels: Vec<Plot>,
+}
+
+impl Figure for Panels {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let body = root.titled(&self.title, (SANS, 18)).map_err(err)?;
+        let areas = body.split_evenly((1, self.panels.len().max(1)));
+        for (plot, area) in self.panels.iter().zip(&areas) {
+            plot.draw(area)?;
+        }
+        Ok(())
+    }
 }
 
 fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {

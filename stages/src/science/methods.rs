@@ -70,6 +70,30 @@ impl Method {
         }
     }
 
+    /// The method named by `name` as in stages.toml (`"off-ldl"`).
+    pub fn parse(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// The method's name in the paper's tables (`Off-LDL`); `OGR` and `OGR-LDL` for the
+    /// supplement's two uses of OGR.
+    pub fn paper_name(&self) -> &'static str {
+        match self {
+            Method::Vanilla => "Vanilla",
+            Method::Ls => "LS",
+            Method::Kd => "KD",
+            Method::Wsl => "WSL",
+            Method::OffLdl => "Off-LDL",
+            Method::OffEnLdl => "Off-En-LDL",
+            Method::OffMtLdl => "Off-MT-LDL",
+            Method::OnLdl => "On-LDL",
+            Method::OnEnLdl => "On-En-LDL",
+            Method::OnMtLdl => "On-MT-LDL",
+            Method::OgrLoss => "OGR",
+            Method::OgrLdl => "OGR-LDL",
+        }
+    }
+
     /// Whether the method reads a label store (the offline methods).
     pub fn reads_labels(&self) -> bool {
         matches!(self, Method::OffLdl | Method::OffEnLdl | Method::OffMtLdl)

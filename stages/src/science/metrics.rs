@@ -77,8 +77,13 @@ pub struct Metrics {
     pub uce: f64,
     /// Mean negative log-likelihood (nats).
     pub nll: f64,
-    /// Brier score, summed over classes, mean over samples.
+    /// Brier score summed over the K classes, mean over samples: mean Σ_k (p_k − 1[k = y])²,
+    /// in [0, 2].
     pub brier: f64,
+    /// Top-label Brier score, the one the paper's Table 7 reports: mean (confidence −
+    /// 1[correct])², in [0, 1]. Absent from metrics.json files written before it existed.
+    #[serde(default = "nan", with = "nan_as_null")]
+    pub brier_top_label: f64,
     /// Reliability-diagram bins (equal width).
     pub bins: Vec<Bin>,
     /// UCE bins: `confidence` holds the mean uncertainty, `accuracy` the error rate.
@@ -87,6 +92,10 @@ pub struct Metrics {
     /// Per-class statistics, K entries.
     #[serde(default)]
     pub classes: Vec<ClassStats>,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 mod nan_as_null {
@@ -222,6 +231,7 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
     let mut unc_bins = Binner::new(m);
     let mut class_bins: Vec<Binner> = (0..k).map(|_| Binner::new(m)).collect();
     let (mut correct, mut top5, mut nll, mut brier) = (0usize, 0usize, 0.0f64, 0.0f64);
+    let mut brier_top = 0.0f64;
     let mut confs = Vec::with_capacity(n);
     let mut hits = Vec::with_capacity(n);
     let (mut tp, mut predicted, mut support) = (vec![0usize; k], vec![0usize; k], vec![0usize; k]);
@@ -250,6 +260,7 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
                 (p as f64 - t).powi(2)
             })
             .sum::<f64>();
+        brier_top += (conf as f64 - hit as u8 as f64).powi(2);
         conf_bins.add(conf, hit as u8 as f64);
         let entropy: f64 = -row
             .iter()
@@ -318,6 +329,7 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
         uce: gap(&uncertainty_bins, n),
         nll: nll / nf,
         brier: brier / nf,
+        brier_top_label: brier_top / nf,
         bins,
         uncertainty_bins,
         classes,
@@ -357,6 +369,12 @@ mod tests {
         assert!((m.mce - 0.6).abs() < 1e-6, "{}", m.mce);
         assert!((m.nll + (0.8f64.ln() + 0.4f64.ln()) / 2.0).abs() < 1e-6);
         assert!((m.brier - 0.4).abs() < 1e-6);
+        // Top-label Brier = ((0.8 − 1)² + (0.6 − 0)²)/2 = (0.04 + 0.36)/2 = 0.2.
+        assert!(
+            (m.brier_top_label - 0.2).abs() < 1e-6,
+            "{}",
+            m.brier_top_label
+        );
         assert_eq!(m.bins[7].count, 1);
         assert_eq!(m.bins[5].count, 1);
         assert_eq!(m.bins.iter().map(|b| b.count).sum::<usize>(), 2);
@@ -409,6 +427,14 @@ mod tests {
         // mean 0.1, accuracy ½ → 0.4. Mean: (0.8 + 0.4 + 0.1 + 0.1)/4 = 0.35.
         assert!((m.classwise_ece - 0.35).abs() < 1e-6, "{}", m.classwise_ece);
         assert!(m.classes[2].recall.is_nan() && m.classes[3].f1.is_nan());
+        // Brier summed over classes: s0 (0.6² + 3·0.2²) = 0.48, s1 (1² + 1²) = 2 → 1.24;
+        // top-label: s0 (0.4 − 1)² = 0.36, s1 (1 − 0)² = 1 → 0.68.
+        assert!((m.brier - 1.24).abs() < 1e-6, "{}", m.brier);
+        assert!(
+            (m.brier_top_label - 0.68).abs() < 1e-6,
+            "{}",
+            m.brier_top_label
+        );
         // Top-5 with K = 4: always a hit.
         assert_eq!(m.top5, 1.0);
         // UCE: s1 is one-hot, u = 0 (bin 0), wrong: |1 − 0|; s0 has H = −(0.4 ln 0.4 +

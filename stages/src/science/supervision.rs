@@ -350,10 +350,14 @@ mod tests {
     }
 
     fn teacher(k: usize) -> Teacher {
+        teacher_seeded(k, 11)
+    }
+
+    fn teacher_seeded(k: usize, seed: u64) -> Teacher {
         let spec = engine::models::ModelSpec::new("resnet8", k, 3).unwrap();
         Teacher {
             name: "t".into(),
-            model: Model::new(&spec, &Device::Cpu, 11).unwrap(),
+            model: Model::new(&spec, &Device::Cpu, seed).unwrap(),
         }
     }
 
@@ -389,64 +393,173 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn mixed_targets_are_distributions_mixed_with_the_image_weights() {
-        let (k, d) = (3, &Device::Cpu);
-        let batch = mixed_batch();
-        let p = params("ls");
-        let mut sup = Supervision::new(p, k, d, Vec::new(), Vec::new());
-        let (alpha, conv) = (0.1f32, engine::losses::SmoothingConvention::Paper);
-        for z in [
-            sup.hard(&batch).unwrap(),
-            sup.targets(&batch, |_, label, _, row| {
-                smoothed_target(label as usize, alpha, conv, row)
-            })
-            .unwrap(),
-        ] {
-            let rows = z.to_vec2::<f32>().unwrap();
-            for (i, row) in rows.iter().enumerate() {
-                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{row:?}");
-                // Image i's weight λ on its own label and 1 − λ on its partner's.
-                if let MixRecord::Mixup { lambda, partner } = &batch.mix {
-                    let j = partner[i] as usize;
-                    let (yi, yj) = (batch.labels[i] as usize, batch.labels[j] as usize);
-                    if yi != yj && rows[i].iter().all(|&v| v == 0.0 || v > 0.05) {
-                        assert!((row[yi] - lambda).abs() < 1e-6, "{row:?} λ={lambda}");
-                        assert!((row[yj] - (1.0 - lambda)).abs() < 1e-6);
-                    }
-                }
+    /// A mixup batch written by hand: labels (0, 1, 2, 0), λ = 0.7, partners (1, 0, 3, 2), so
+    /// image i is 0.7·x_i + 0.3·x_partner(i) and its hard target 0.7 on y_i, 0.3 on y_partner(i).
+    fn hand_mixup_batch() -> Batch {
+        let images: Vec<f32> = engine::models::testing::random(&[4, 3, 8, 8], -1.0..1.0, 7)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        Batch {
+            index: 0,
+            unmixed: images.clone(),
+            images,
+            labels: vec![0, 1, 2, 0],
+            indices: vec![0, 1, 2, 3],
+            mix: MixRecord::Mixup {
+                lambda: 0.7,
+                partner: vec![1, 0, 3, 2],
+            },
+        }
+    }
+
+    /// Student logits whose softmax is known: (1, 2, 3)/6, (3, 1, 2)/6, uniform, and
+    /// softmax(1, −1, 0.5).
+    fn hand_logits(d: &Device) -> Tensor {
+        let (l2, l3) = (2f32.ln(), 3f32.ln());
+        Tensor::from_slice(
+            &[0.0, l2, l3, l3, 0.0, l2, 0.0, 0.0, 0.0, 1.0, -1.0, 0.5],
+            (4, 3),
+            d,
+        )
+        .unwrap()
+    }
+
+    fn assert_rows(got: &Tensor, want: &[[f32; 3]]) {
+        let rows = got.to_vec2::<f32>().unwrap();
+        for (row, w) in rows.iter().zip(want) {
+            for (a, b) in row.iter().zip(w) {
+                assert!((a - b).abs() < 1e-6, "{rows:?} vs {want:?}");
             }
         }
     }
 
     #[test]
-    fn kd_and_multi_teacher_losses_combine_their_terms_as_documented() {
+    fn label_smoothing_of_a_mixed_batch_by_hand() {
         let (k, d) = (3, &Device::Cpu);
-        let batch = mixed_batch();
+        let batch = hand_mixup_batch();
+        let mut sup = Supervision::new(params("ls"), k, d, Vec::new(), Vec::new());
+        // Hard: 0.7 on the own label, 0.3 on the partner's.
+        let hard = sup.hard(&batch).unwrap();
+        assert_rows(
+            &hard,
+            &[
+                [0.7, 0.3, 0.0],
+                [0.3, 0.7, 0.0],
+                [0.3, 0.0, 0.7],
+                [0.7, 0.0, 0.3],
+            ],
+        );
+        // Smoothed (eq. 2, K = 3, α = 0.1): 0.9 on the label, 0.05 on each other class, then
+        // mixed: image 0 = 0.7·(0.9, 0.05, 0.05) + 0.3·(0.05, 0.9, 0.05) = (0.645, 0.305, 0.05),
+        // and likewise for the others.
+        let conv = engine::losses::SmoothingConvention::Paper;
+        let z = sup
+            .targets(&batch, |_, label, _, row| {
+                smoothed_target(label as usize, 0.1, conv, row)
+            })
+            .unwrap();
+        let want_z = [
+            [0.645, 0.305, 0.05],
+            [0.305, 0.645, 0.05],
+            [0.305, 0.05, 0.645],
+            [0.645, 0.05, 0.305],
+        ];
+        assert_rows(&z, &want_z);
+        // The loss is −Σ z_k log p_k with p the student's softmax: image 0,
+        // −(0.645 ln 1/6 + 0.305 ln 1/3 + 0.05 ln 1/2) = 1.525419; image 2 (uniform p) ln 3.
         let x = Tensor::from_slice(&batch.images, (4, 3, 8, 8), d).unwrap();
-        let s = engine::models::testing::random(&[4, k], -2.0..2.0, 9);
-        // kd: (1 − 0.1)·CE(ŷ) + 0.1·τ²·KL at τ = 3.
-        let p = params("kd");
-        let mut sup = Supervision::new(p, k, d, Vec::new(), vec![teacher(k)]);
-        let y = sup.hard(&batch).unwrap();
-        let t = sup.teacher_logits(0, &x).unwrap();
-        let want = ((soft_cross_entropy_per_sample(&s, &y).unwrap() * 0.9).unwrap()
-            + (kd_per_sample(&s, &t, 3.0, engine::losses::KdReduction::Batchmean).unwrap() * 0.1)
-                .unwrap())
-        .unwrap();
-        assert!(close(
-            &sup.per_sample_loss(&s, &x, &batch, 0).unwrap(),
-            &want
-        ));
-        // on-mt-ldl with two copies of one teacher: twice on-ldl's loss (sum over teachers).
-        let mt = params("on-mt-ldl");
-        let one = params("on-ldl");
-        let a = Supervision::new(mt, k, d, Vec::new(), vec![teacher(k), teacher(k)])
-            .per_sample_loss(&s, &x, &batch, 0)
+        let loss = sup
+            .per_sample_loss(&hand_logits(d), &x, &batch, 0)
+            .unwrap()
+            .to_vec1::<f32>()
             .unwrap();
-        let b = Supervision::new(one, k, d, Vec::new(), vec![teacher(k)])
+        let want = [1.525419f32, 1.422025, 1.098612, 0.807457];
+        for (a, b) in loss.iter().zip(want) {
+            assert!((a - b).abs() < 2e-5, "{loss:?} vs {want:?}");
+        }
+    }
+
+    /// softmax(row / t) in f64.
+    fn softmax64(row: &[f32], t: f64) -> Vec<f64> {
+        let m = row
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64 / t));
+        let e: Vec<f64> = row.iter().map(|&v| (v as f64 / t - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|v| v / sum).collect()
+    }
+
+    #[test]
+    fn kd_and_multi_teacher_losses_against_a_reference_in_f64() {
+        let (k, d) = (3, &Device::Cpu);
+        let batch = hand_mixup_batch();
+        let x = Tensor::from_slice(&batch.images, (4, 3, 8, 8), d).unwrap();
+        let s = hand_logits(d);
+        let srows = s.to_vec2::<f32>().unwrap();
+        let hard = [
+            [0.7, 0.3, 0.0],
+            [0.3, 0.7, 0.0],
+            [0.3, 0.0, 0.7],
+            [0.7, 0.0, 0.3],
+        ];
+        // Teacher outputs, read from the teachers themselves (the reference below only needs
+        // their logits).
+        let (ta, tb) = (teacher(k), teacher_seeded(k, 12));
+        let logits_of = |t: &Teacher| {
+            t.model
+                .net
+                .forward_t(&x, false)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let (la, lb) = (logits_of(&ta), logits_of(&tb));
+        // kd (λ = 0.1, τ = 3, batchmean): 0.9·CE(ŷ, p_s) + 0.1·τ²·Σ_k q_k (ln q_k − ln p_k) with
+        // q = softmax(t/τ), p = softmax(s/τ).
+        let tau = 3.0;
+        let want_kd: Vec<f64> = (0..4)
+            .map(|i| {
+                let p1 = softmax64(&srows[i], 1.0);
+                let ce: f64 = (0..k).map(|c| -hard[i][c] * p1[c].ln()).sum();
+                let (q, p) = (softmax64(&la[i], tau), softmax64(&srows[i], tau));
+                let kl: f64 = (0..k).map(|c| q[c] * (q[c].ln() - p[c].ln())).sum();
+                0.9 * ce + 0.1 * tau * tau * kl
+            })
+            .collect();
+        let mut sup = Supervision::new(params("kd"), k, d, Vec::new(), vec![teacher(k)]);
+        let got = sup.per_sample_loss(&s, &x, &batch, 0).unwrap();
+        let got = got.to_vec1::<f32>().unwrap();
+        for (a, b) in got.iter().zip(&want_kd) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
+                "{got:?} vs {want_kd:?}"
+            );
+        }
+        // on-mt-ldl (sum): Σ_n −Σ_k softmax(t_n)_k ln softmax(s)_k over two different teachers.
+        let want_mt: Vec<f64> = (0..4)
+            .map(|i| {
+                let p = softmax64(&srows[i], 1.0);
+                [&la[i], &lb[i]]
+                    .iter()
+                    .map(|t| {
+                        let q = softmax64(t, 1.0);
+                        (0..k).map(|c| -q[c] * p[c].ln()).sum::<f64>()
+                    })
+                    .sum()
+            })
+            .collect();
+        let got = Supervision::new(params("on-mt-ldl"), k, d, Vec::new(), vec![ta, tb])
             .per_sample_loss(&s, &x, &batch, 0)
+            .unwrap()
+            .to_vec1::<f32>()
             .unwrap();
-        assert!(close(&a, &(b * 2.0).unwrap()));
+        for (a, b) in got.iter().zip(&want_mt) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
+                "{got:?} vs {want_mt:?}"
+            );
+        }
     }
 }

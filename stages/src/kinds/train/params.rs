@@ -104,6 +104,9 @@ pub struct Params {
     /// Arithmetic of the convolutions and activations: `"f32"`, or `"bf16"` (CUDA only) with f32
     /// master weights, optimizer state, BatchNorm statistics, classifier and loss.
     pub dtype: Precision,
+    /// The row name of this training in reports (default: the method's paper name with what
+    /// tells the report's rows apart). Not fingerprinted: renaming a row retrains nothing.
+    pub label: Option<String>,
 }
 
 impl Default for Params {
@@ -151,6 +154,7 @@ impl Default for Params {
             prefetch: 2,
             seed: None,
             dtype: Precision::default(),
+            label: None,
         }
     }
 }
@@ -180,6 +184,7 @@ impl ParamDefaults for Params {
         "keep_checkpoints",
         "prefetch",
         "dtype",
+        "label",
     ];
     const REQUIRED: &'static [&'static str] = &["method"];
     fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -324,6 +329,9 @@ impl Params {
                 "wsl_alpha",
                 format!("must be ≥ 0, found {}", self.wsl_alpha),
             ));
+        }
+        if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+            return Err(("label", "must not be empty".into()));
         }
         at_least("ogr_every", self.ogr_every, 1)
     }

@@ -11,7 +11,15 @@
 //!   reliability diagram, confidence histogram, class-loss curves and projection (linked from
 //!   the evaluate stages' folders beside this one).
 //!
-//! A temperature-scaled model gives two rows: as trained, and `<method> + TS`.
+//! - `vanilla-difference` (Fig. 3): accuracy and ECE difference from Vanilla against the
+//!   student's parameter count, one line per method.
+//!
+//! A row is one distinct run, whatever its seeds ([`rows`]: how rows are told apart and named).
+//! A temperature-scaled model gives two rows: as trained, and `<label> + TS`.
+
+mod rows;
+
+pub use rows::{group, Group};
 
 use crate::artifacts::{Evaluation, Kind};
 use crate::context::Context;
@@ -41,64 +49,43 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// The evaluations of one (method, model) cell of the tables, one per seed.
-#[derive(Debug, Clone)]
-pub struct Group {
-    /// Row label: the method (with its variant, `+ TS` for calibrated metrics).
-    pub method: String,
-    /// Column: the model.
-    pub model: String,
-    /// One evaluation per seed.
-    pub evals: Vec<Evaluation>,
-}
-
-/// Groups evaluations by (method label, model), in first-seen order; a calibrated evaluation
-/// also makes a `+ TS` group.
-pub fn group(evals: &[Evaluation]) -> Vec<Group> {
-    let mut groups: Vec<Group> = Vec::new();
-    for e in evals {
-        let mut rows = vec![(e.label(), e.clone())];
-        if let Some(c) = &e.calibrated {
-            rows.push((
-                format!("{} + TS", e.label()),
-                Evaluation {
-                    metrics: c.metrics.clone(),
-                    calibrated: None,
-                    ..e.clone()
-                },
-            ));
-        }
-        for (label, e) in rows {
-            match groups
-                .iter_mut()
-                .find(|g| g.method == label && g.model == e.model)
-            {
-                Some(g) => g.evals.push(e),
-                None => groups.push(Group {
-                    method: label,
-                    model: e.model.clone(),
-                    evals: vec![e],
-                }),
-            }
-        }
-    }
-    groups
-}
-
 impl Group {
     fn stat(&self, f: impl Fn(&Evaluation) -> f64) -> (f64, f64) {
         mean_std(&self.evals.iter().map(f).collect::<Vec<_>>())
     }
-    /// "acc ± std / ECE" as in the paper's tables: accuracy in %, ECE as a fraction.
-    pub fn paper_cell(&self) -> String {
+    /// "acc ± std / ECE" as in the paper's tables: accuracy in %, ECE as a fraction; with
+    /// "(n = k)" when the cell averages another number of seeds (`seeds`) than the others.
+    pub fn paper_cell(&self, seeds: usize) -> String {
         let (a, s) = self.stat(|e| 100.0 * e.metrics.accuracy);
         let (ece, _) = self.stat(|e| e.metrics.ece);
-        format!("{a:.2} ± {s:.2} / {ece:.3}")
+        let n = self.evals.len();
+        let count = if n == seeds {
+            String::new()
+        } else {
+            format!(" (n = {n})")
+        };
+        format!("{a:.2} ± {s:.2} / {ece:.3}{count}")
     }
+}
+
+/// The number of seeds most cells of the report average (the largest, on a tie).
+pub fn usual_seeds(groups: &[Group]) -> usize {
+    let mut counts: Vec<(usize, usize)> = Vec::new();
+    for g in groups {
+        match counts.iter_mut().find(|(n, _)| *n == g.evals.len()) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((g.evals.len(), 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(n, c)| (c, n))
+        .map_or(1, |(n, _)| n)
 }
 
 /// The paper-style table: rows methods, columns models; Markdown and CSV.
 pub fn paper_table(groups: &[Group]) -> (String, String) {
+    let seeds = usual_seeds(groups);
     let mut methods: Vec<&str> = Vec::new();
     let mut models: Vec<&str> = Vec::new();
     for g in groups {
@@ -114,7 +101,8 @@ pub fn paper_table(groups: &[Group]) -> (String, String) {
         models.join(" | "),
         "---|".repeat(models.len())
     );
-    let mut csv = format!("method,{}\n", models.join(","));
+    let quoted: Vec<String> = models.iter().map(|m| csv_field(m)).collect();
+    let mut csv = format!("method,{}\n", quoted.join(","));
     for m in &methods {
         let cells: Vec<String> = models
             .iter()
@@ -122,11 +110,12 @@ pub fn paper_table(groups: &[Group]) -> (String, String) {
                 groups
                     .iter()
                     .find(|g| g.method == *m && g.model == *model)
-                    .map_or("–".into(), Group::paper_cell)
+                    .map_or("–".into(), |g| g.paper_cell(seeds))
             })
             .collect();
         md.push_str(&format!("| {m} | {} |\n", cells.join(" | ")));
-        csv.push_str(&format!("{m},{}\n", cells.join(",")));
+        let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+        csv.push_str(&format!("{},{}\n", csv_field(m), cells.join(",")));
     }
     (md, csv)
 }
@@ -134,7 +123,7 @@ pub fn paper_table(groups: &[Group]) -> (String, String) {
 type Metric = (&'static str, fn(&Evaluation) -> f64, f64, usize);
 
 /// The long table's metrics: name, value, scale (100 for %), decimals.
-const LONG: [Metric; 10] = [
+const LONG: [Metric; 11] = [
     ("accuracy", |e| e.metrics.accuracy, 100.0, 2),
     ("top-5", |e| e.metrics.top5, 100.0, 2),
     ("ECE", |e| e.metrics.ece, 100.0, 2),
@@ -143,13 +132,14 @@ const LONG: [Metric; 10] = [
     ("classwise ECE", |e| e.metrics.classwise_ece, 100.0, 2),
     ("UCE", |e| e.metrics.uce, 100.0, 2),
     ("NLL", |e| e.metrics.nll, 1.0, 4),
-    ("Brier", |e| e.metrics.brier, 1.0, 4),
+    ("Brier (sum)", |e| e.metrics.brier, 1.0, 4),
+    ("Brier (top label)", |e| e.metrics.brier_top_label, 1.0, 4),
     ("n", |e| e.metrics.n as f64, 1.0, 0),
 ];
 
 /// The long table: one row per (method, model), every metric as mean ± std; Markdown and CSV.
 pub fn long_table(groups: &[Group]) -> (String, String) {
-    let shown = &LONG[..9];
+    let shown = &LONG[..10];
     let mut md = format!(
         "| method | model | seeds | {} |\n|---|---|---|{}\n",
         shown.iter().map(|m| m.0).collect::<Vec<_>>().join(" | "),
@@ -157,7 +147,7 @@ pub fn long_table(groups: &[Group]) -> (String, String) {
     );
     let mut csv = String::from("method,model,seeds");
     for (name, ..) in shown {
-        let key = name.to_lowercase().replace([' ', '-'], "_");
+        let key = csv_key(name);
         csv.push_str(&format!(",{key}_mean,{key}_std"));
     }
     csv.push('\n');
@@ -178,13 +168,35 @@ pub fn long_table(groups: &[Group]) -> (String, String) {
         ));
         csv.push_str(&format!(
             "{},{},{},{}\n",
-            g.method,
-            g.model,
+            csv_field(&g.method),
+            csv_field(&g.model),
             g.evals.len(),
             values.join(",")
         ));
     }
     (md, csv)
+}
+
+/// A CSV field, quoted (RFC 4180) when it holds a comma, a quote or a line break: row labels
+/// list settings with commas.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// The CSV column stem of a long-table metric: `Brier (sum)` → `brier`, `Brier (top label)` →
+/// `brier_top_label` (the names of metrics.json), `adaptive ECE` → `adaptive_ece`.
+fn csv_key(name: &str) -> String {
+    match name {
+        "Brier (sum)" => "brier".into(),
+        other => other
+            .to_lowercase()
+            .replace(['(', ')'], "")
+            .replace([' ', '-'], "_"),
+    }
 }
 
 fn html_escape(s: &str) -> String {
@@ -220,22 +232,26 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     for input in ctx.inputs_of(Kind::Evaluate) {
         let e: Evaluation = engine::json::read(&input.dir.join("metrics.json"))?;
         stages.push((input.name.clone(), input.dir.clone(), e.clone()));
-        evals.push(e);
+        evals.push((e, input.settings.clone()));
     }
     let groups = group(&evals);
     let title = p.title.clone().unwrap_or_else(|| ctx.name.clone());
-    let bins = evals.first().map_or(10, |e| e.metrics.bins.len());
+    let bins = evals.first().map_or(10, |(e, _)| e.metrics.bins.len());
     let (paper_md, paper_csv) = paper_table(&groups);
     let (long_md, long_csv) = long_table(&groups);
+    let seeds = usual_seeds(&groups);
     let conventions = format!(
-        "Test split; mean ± standard deviation over seeds (sample std; ± 0 for one seed). \
-         Accuracy and calibration errors in %, with {bins} equal-width bins (adaptive ECE: {bins} \
-         equal-mass bins); NLL in nats; Brier summed over classes. Conventions: docs/metrics.md."
+        "Test split; mean ± standard deviation over seeds (sample std; ± 0 for one seed); a row \
+         is one run setting, its cells average {seeds} seed(s) unless marked (n = k). Accuracy \
+         and calibration errors in %, with {bins} equal-width bins (adaptive ECE: {bins} \
+         equal-mass bins); NLL in nats; Brier (sum) is summed over classes, Brier (top label) is \
+         the paper's (Table 7). Conventions: docs/metrics.md."
     );
     let md = format!(
         "# {title}\n\n## Accuracy (%) ± std / ECE, per method and model\n\n{paper_md}\n\
          ## Every metric\n\n{conventions}\n\n{long_md}\n\
-         ![accuracy against ECE](accuracy-vs-ece.png)\n\n![per-class F1 against confidence](f1-vs-confidence.png)\n"
+         ![accuracy against ECE](accuracy-vs-ece.png)\n\n![per-class F1 against confidence](f1-vs-confidence.png)\n\n\
+         ![difference from Vanilla against parameters](vanilla-difference.png)\n"
     );
     let mut outputs = Vec::new();
     for (name, text) in [
@@ -320,7 +336,75 @@ fn figures_of(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<String
         "f1-vs-confidence",
         (760, 560),
     )?);
+    outputs.extend(figures::save(
+        &vanilla_difference(title, groups),
+        &ctx.dir,
+        "vanilla-difference",
+        (1200, 520),
+    )?);
     Ok(outputs)
+}
+
+/// The reference of the Vanilla differences on `model`: the row named `Vanilla`, else the
+/// model's only row trained by `vanilla` (e.g. `Vanilla (CutMix)`, when every row mixes).
+fn vanilla_of<'a>(groups: &'a [Group], model: &str) -> Option<&'a Group> {
+    let on_model = || groups.iter().filter(move |g| g.model == model);
+    on_model().find(|g| g.method == "Vanilla").or_else(|| {
+        let mut plain =
+            on_model().filter(|g| g.evals[0].method == "vanilla" && !g.settings.contains_key("ts"));
+        match (plain.next(), plain.next()) {
+            (Some(g), None) => Some(g),
+            _ => None,
+        }
+    })
+}
+
+/// The paper's Fig. 3: per row (method), the difference of its mean accuracy and mean ECE from
+/// the Vanilla row's ([`vanilla_of`]) on the same model, against that model's parameter count;
+/// models without a Vanilla row (or without a recorded parameter count) are left out.
+fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Panels {
+    let mut acc: Vec<Series> = Vec::new();
+    let mut ece: Vec<Series> = Vec::new();
+    for g in groups {
+        let Some(v) = vanilla_of(groups, &g.model) else {
+            continue;
+        };
+        if std::ptr::eq(v, g) {
+            continue;
+        }
+        let params = g.evals[0].parameters as f64 / 1e6;
+        if params == 0.0 {
+            continue;
+        }
+        let d = |f: fn(&Evaluation) -> f64| 100.0 * (g.stat(f).0 - v.stat(f).0);
+        for (list, y) in [
+            (&mut acc, d(|e| e.metrics.accuracy)),
+            (&mut ece, d(|e| e.metrics.ece)),
+        ] {
+            match list.iter_mut().find(|s| s.label == g.method) {
+                Some(s) => s.points.push((params, y)),
+                None => list.push(Series {
+                    label: g.method.clone(),
+                    points: vec![(params, y)],
+                }),
+            }
+        }
+    }
+    for s in acc.iter_mut().chain(ece.iter_mut()) {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let plot = |what: &str, series: Vec<Series>| Plot {
+        title: format!("{what} − Vanilla's"),
+        x: "student parameters (millions)".into(),
+        y: format!("{what} difference (points)"),
+        series,
+        lines: true,
+        square: false,
+    };
+    figures::Panels {
+        title: format!("{title}: difference from Vanilla by student size"),
+        panels: vec![plot("accuracy", acc), plot("ECE", ece)],
+    }
 }
 
 /// `index.html`: everything on one static page; model figures are linked from the evaluate
@@ -339,7 +423,8 @@ fn index_html(
          img{{max-width:48%;margin:4px;border:1px solid #eee}}section{{margin-top:2em}}</style></head><body>\n\
          <h1>{t}</h1>\n<h2>Accuracy (%) ± std / ECE</h2>\n{}\n<h2>Every metric</h2>\n<p>{}</p>\n{}\n\
          <h2>Figures</h2>\n<img src=\"accuracy-vs-ece.svg\" alt=\"accuracy against ECE\">\
-         <img src=\"f1-vs-confidence.svg\" alt=\"per-class F1 against confidence\">\n",
+         <img src=\"f1-vs-confidence.svg\" alt=\"per-class F1 against confidence\">\
+         <img src=\"vanilla-difference.svg\" alt=\"difference from Vanilla against parameters\">\n",
         html_table(paper_md),
         html_escape(conventions),
         html_table(long_md),
@@ -377,6 +462,7 @@ fn index_html(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::Settings;
     use crate::science::metrics::compute;
 
     #[test]
@@ -398,6 +484,7 @@ mod tests {
             metrics: compute(probs, labels, 2, 10),
             calibrated: None,
             classes: vec!["a".into(), "b".into()],
+            parameters: 0,
         }
     }
 
@@ -408,33 +495,58 @@ mod tests {
         // ECE seed 0: all confidences 0.9 in one bin, accuracy 0.75 → 0.15; seed 1: 0.1.
         // Mean ECE 0.125.
         let p = [0.9f32, 0.1, 0.9, 0.1, 0.9, 0.1, 0.9, 0.1];
+        let none = Settings::new();
         let evals = vec![
-            eval("vanilla", "resnet20", 0, &p, &[0, 0, 0, 1]),
-            eval("vanilla", "resnet20", 1, &p, &[0, 0, 0, 0]),
-            eval("off-ldl", "resnet56", 0, &p, &[0, 0, 0, 0]),
+            (
+                eval("vanilla", "resnet20", 0, &p, &[0, 0, 0, 1]),
+                none.clone(),
+            ),
+            (
+                eval("vanilla", "resnet20", 1, &p, &[0, 0, 0, 0]),
+                none.clone(),
+            ),
+            (
+                eval("off-ldl", "resnet56", 0, &p, &[0, 0, 0, 0]),
+                none.clone(),
+            ),
+            (
+                eval("off-ldl", "resnet56", 1, &p, &[0, 0, 0, 0]),
+                none.clone(),
+            ),
+            (eval("off-ldl", "resnet20", 0, &p, &[0, 0, 0, 0]), none),
         ];
         let groups = group(&evals);
-        assert_eq!(groups.len(), 2);
+        assert_eq!(groups.len(), 3);
         let (md, csv) = paper_table(&groups);
         assert!(md.contains("| method | resnet20 | resnet56 |"), "{md}");
         assert!(
-            md.contains("| vanilla | 87.50 ± 17.68 / 0.125 | – |"),
+            md.contains("| Vanilla | 87.50 ± 17.68 / 0.125 | – |"),
             "{md}"
         );
+        // Two cells average two seeds, the off-LDL resnet20 cell one: it says so.
         assert!(
-            md.contains("| off-ldl | – | 100.00 ± 0.00 / 0.100 |"),
+            md.contains("| Off-LDL | 100.00 ± 0.00 / 0.100 (n = 1) | 100.00 ± 0.00 / 0.100 |"),
             "{md}"
         );
         assert_eq!(csv.lines().count(), 3);
         let (long, long_csv) = long_table(&groups);
         assert!(
-            long.contains("| vanilla | resnet20 | 2 | 87.50 ± 17.68 |"),
+            long.contains("| Vanilla | resnet20 | 2 | 87.50 ± 17.68 |"),
             "{long}"
         );
         let header: Vec<&str> = long_csv.lines().next().unwrap().split(',').collect();
         assert_eq!(header[3..5], ["accuracy_mean", "accuracy_std"]);
         assert!(header.contains(&"adaptive_ece_mean"));
+        // Both Brier scores, under metrics.json's names. Seed 0 of Vanilla: three right at
+        // confidence 0.9, one wrong at 0.9: top-label (3·0.01 + 0.81)/4 = 0.21, summed twice
+        // that (K = 2: both classes' errors are equal) = 0.42; seed 1: 0.01 and 0.02.
+        let brier = header.iter().position(|h| *h == "brier_mean").unwrap();
+        let top = header
+            .iter()
+            .position(|h| *h == "brier_top_label_mean")
+            .unwrap();
         let row: Vec<&str> = long_csv.lines().nth(1).unwrap().split(',').collect();
         assert_eq!(row[3..5], ["87.500000", "17.677670"]);
+        assert_eq!((row[brier], row[top]), ("0.220000", "0.110000"));
     }
 }

@@ -1,0 +1,380 @@
+//! The rows of a report: which evaluations are seeds of one run (equal settings, see
+//! [`crate::StageParams::settings`]), and what each row is called: the method's paper name, `+`
+//! for the longer of two schedules, the augmentation by name, and only as many other settings as
+//! it takes to tell that report's rows apart (`KD (kd_tau=2)`, `Off-LDL (labels.teacher.model=
+//! resnet56)`); a train stage's `label` overrides it.
+
+use crate::artifacts::Evaluation;
+use crate::context::Settings;
+use crate::science::methods::Method;
+
+/// The evaluations of one cell of the tables: one distinct run (a row) on one model (a column),
+/// one evaluation per seed.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Row label.
+    pub method: String,
+    /// Column: the model.
+    pub model: String,
+    /// One evaluation per seed.
+    pub evals: Vec<Evaluation>,
+    /// The run's settings (with `ts` = `true` for temperature-scaled metrics).
+    pub settings: Settings,
+}
+
+/// The settings key that holds a train stage's `label`, seen from an evaluation.
+const LABEL_KEY: &str = "model.label";
+
+/// Groups evaluations (each with its run's settings) into distinct runs, in first-seen order,
+/// and names them; a calibrated evaluation also makes a `+ TS` group.
+pub fn group(evals: &[(Evaluation, Settings)]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (e, settings) in evals {
+        let mut rows = vec![(settings.clone(), e.clone())];
+        if let Some(c) = &e.calibrated {
+            let mut ts = settings.clone();
+            ts.insert("ts".into(), "true".into());
+            let calibrated = Evaluation {
+                metrics: c.metrics.clone(),
+                calibrated: None,
+                ..e.clone()
+            };
+            rows.push((ts, calibrated));
+        }
+        for (settings, e) in rows {
+            let same = |g: &&mut Group| {
+                g.settings == settings
+                    && g.model == e.model
+                    && g.evals[0].method == e.method
+                    && g.evals[0].variant == e.variant
+            };
+            match groups.iter_mut().find(same) {
+                Some(g) => g.evals.push(e),
+                None => groups.push(Group {
+                    method: String::new(),
+                    model: e.model.clone(),
+                    evals: vec![e],
+                    settings,
+                }),
+            }
+        }
+    }
+    name_rows(&mut groups);
+    groups
+}
+
+/// The part of a label fixed by the method alone: paper name, variant tags, `+ TS`.
+#[derive(Debug, Clone, PartialEq)]
+struct Base {
+    name: String,
+    tags: Vec<String>,
+    ts: bool,
+}
+
+fn base(g: &Group) -> Base {
+    let e = &g.evals[0];
+    let name = Method::parse(&e.method).map_or(e.method.clone(), |m| m.paper_name().into());
+    let tags = e
+        .variant
+        .split(", ")
+        .filter(|t| !t.is_empty())
+        .map(|t| match t {
+            "cutmix" => "CutMix".to_string(),
+            "ricap" => "RICAP".into(),
+            "cutout" => "Cutout".into(),
+            other => other.into(),
+        })
+        .collect();
+    Base {
+        name,
+        tags,
+        ts: g.settings.contains_key("ts"),
+    }
+}
+
+/// Names every group: an explicit `label`, or its base and the settings that tell it apart
+/// from the groups of the same base in the same column.
+fn name_rows(groups: &mut [Group]) {
+    let bases: Vec<Base> = groups.iter().map(base).collect();
+    let mut done = vec![false; groups.len()];
+    for i in 0..groups.len() {
+        if done[i] {
+            continue;
+        }
+        if let Some(label) = groups[i].settings.get(LABEL_KEY).cloned() {
+            let ts = if bases[i].ts { " + TS" } else { "" };
+            groups[i].method = format!("{label}{ts}");
+            done[i] = true;
+            continue;
+        }
+        let members: Vec<usize> = (i..groups.len())
+            .filter(|&j| !done[j] && bases[j] == bases[i])
+            .filter(|&j| !groups[j].settings.contains_key(LABEL_KEY))
+            .collect();
+        let picked = distinguishing_keys(groups, &members);
+        for &j in &members {
+            groups[j].method = label(&bases[j], &picked, groups, &members, j);
+            done[j] = true;
+        }
+    }
+}
+
+/// Rank of a displayed key: what the paper's labels show first (the schedule's length, the
+/// mixing, the method's keys), then teachers, then the rest.
+fn priority(key: &str) -> (u8, usize, String) {
+    let rank = if key == "epochs" {
+        0
+    } else if key.starts_with("mix.") || key == "cutout" {
+        1
+    } else if [
+        "ls_",
+        "kd_",
+        "wsl_",
+        "mt_",
+        "teacher_mc",
+        "ogr_",
+        "label_source",
+        "temperature",
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
+    {
+        2
+    } else if key.starts_with("teacher") || key.starts_with("labels.") {
+        3
+    } else if key.starts_with("data.") {
+        5
+    } else if key.starts_with("eval.") {
+        6
+    } else {
+        4
+    };
+    (rank, key.len(), key.to_string())
+}
+
+/// A settings key as shown in a label: the evaluated model's own keys without their `model.`
+/// prefix, the evaluation's own keys with an `eval.` prefix.
+fn display_key(key: &str) -> String {
+    match key.strip_prefix("model.") {
+        Some(rest) => rest.to_string(),
+        None => format!("eval.{key}"),
+    }
+}
+
+fn value<'a>(g: &'a Group, key: &str) -> &'a str {
+    g.settings.get(key).map_or("none", String::as_str)
+}
+
+/// The fewest settings keys, in [`priority`] order, that tell apart every two `members` in the
+/// same column (distinct runs always differ in some key).
+fn distinguishing_keys(groups: &[Group], members: &[usize]) -> Vec<String> {
+    let mut candidates: Vec<String> = Vec::new();
+    for (a, &i) in members.iter().enumerate() {
+        for &j in &members[a + 1..] {
+            if groups[i].model != groups[j].model {
+                continue;
+            }
+            let keys = groups[i].settings.keys().chain(groups[j].settings.keys());
+            for k in keys {
+                if k != LABEL_KEY
+                    && value(&groups[i], k) != value(&groups[j], k)
+                    && !candidates.contains(k)
+                {
+                    candidates.push(k.clone());
+                }
+            }
+        }
+    }
+    candidates.sort_by_key(|k| priority(&display_key(k)));
+    let mut picked: Vec<String> = Vec::new();
+    let apart = |picked: &[String], i: usize, j: usize| {
+        picked
+            .iter()
+            .any(|k| value(&groups[i], k) != value(&groups[j], k))
+    };
+    for k in candidates {
+        let needed = members.iter().enumerate().any(|(a, &i)| {
+            members[a + 1..].iter().any(|&j| {
+                groups[i].model == groups[j].model
+                    && !apart(&picked, i, j)
+                    && value(&groups[i], &k) != value(&groups[j], &k)
+            })
+        });
+        if needed {
+            picked.push(k);
+        }
+    }
+    picked
+}
+
+/// The label of group `j`: base name, `+` when `epochs` tells the rows apart and takes exactly
+/// two values (the longer gets the `+`), then the tags and the other picked settings.
+fn label(base: &Base, picked: &[String], groups: &[Group], members: &[usize], j: usize) -> String {
+    let mut name = base.name.clone();
+    let mut tags = base.tags.clone();
+    for k in picked {
+        let shown = display_key(k);
+        let v = value(&groups[j], k);
+        if shown == "epochs" {
+            let mut values: Vec<u64> = members
+                .iter()
+                .filter_map(|&m| value(&groups[m], k).parse().ok())
+                .collect();
+            values.sort_unstable();
+            values.dedup();
+            if values.len() == 2 {
+                if v.parse::<u64>().ok() == values.last().copied() {
+                    name.push('+');
+                }
+                continue;
+            }
+        }
+        tags.push(format!("{shown}={v}"));
+    }
+    if !tags.is_empty() {
+        name = format!("{name} ({})", tags.join(", "));
+    }
+    if base.ts {
+        name.push_str(" + TS");
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::science::metrics::compute;
+
+    fn eval(method: &str, variant: &str, model: &str, seed: u64) -> Evaluation {
+        Evaluation {
+            model_stage: format!("{method}-{model}-{seed}"),
+            model: model.into(),
+            method: method.into(),
+            variant: variant.into(),
+            seed,
+            metrics: compute(&[0.9, 0.1], &[0], 2, 10),
+            calibrated: None,
+            classes: vec!["a".into(), "b".into()],
+            parameters: 0,
+        }
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn labels(groups: &[Group]) -> Vec<(String, String, usize)> {
+        groups
+            .iter()
+            .map(|g| (g.method.clone(), g.model.clone(), g.evals.len()))
+            .collect()
+    }
+
+    #[test]
+    fn seeds_of_one_run_share_a_row_and_epochs_split_with_a_plus() {
+        let short = settings(&[
+            ("model.epochs", "240"),
+            ("model.schedule.milestones", "[150,180,210]"),
+            ("model.method", "on-ldl"),
+        ]);
+        let long = settings(&[
+            ("model.epochs", "350"),
+            ("model.schedule.milestones", "[150,200,250,300]"),
+            ("model.method", "on-ldl"),
+        ]);
+        let evals = vec![
+            (eval("on-ldl", "cutmix", "resnet20", 0), short.clone()),
+            (eval("on-ldl", "cutmix", "resnet20", 1), short.clone()),
+            (eval("on-ldl", "cutmix", "resnet20", 0), long.clone()),
+            (eval("on-ldl", "cutmix", "resnet20", 1), long.clone()),
+            (eval("on-ldl", "cutmix", "resnet20", 2), long),
+            (eval("vanilla", "", "resnet20", 0), settings(&[])),
+        ];
+        // The schedule's milestones change with the epochs: the `+` alone tells the rows apart.
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                ("On-LDL (CutMix)".to_string(), "resnet20".to_string(), 2),
+                ("On-LDL+ (CutMix)".into(), "resnet20".into(), 3),
+                ("Vanilla".into(), "resnet20".into(), 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_keys_that_tell_rows_apart_are_shown() {
+        let kd = |tau: &str, teacher: &str| {
+            settings(&[
+                ("model.kd_tau", tau),
+                ("model.teacher.model", teacher),
+                ("model.teacher.epochs", "240"),
+                ("model.lr", "0.05"),
+            ])
+        };
+        let evals = vec![
+            (eval("kd", "", "resnet20", 0), kd("4", "resnet110")),
+            (eval("kd", "", "resnet20", 0), kd("2", "resnet110")),
+            (eval("kd", "", "resnet20", 0), kd("2", "resnet56")),
+            (eval("kd", "", "resnet20", 1), kd("2", "resnet56")),
+            // Another column: differs from the resnet20 runs by its teacher, but no two
+            // resnet56 runs need telling apart, so only the keys picked for the row set apply.
+            (eval("kd", "", "resnet56", 0), kd("4", "resnet110")),
+        ];
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                (
+                    "KD (kd_tau=4, teacher.model=resnet110)".to_string(),
+                    "resnet20".to_string(),
+                    1
+                ),
+                (
+                    "KD (kd_tau=2, teacher.model=resnet110)".into(),
+                    "resnet20".into(),
+                    1
+                ),
+                (
+                    "KD (kd_tau=2, teacher.model=resnet56)".into(),
+                    "resnet20".into(),
+                    2
+                ),
+                (
+                    "KD (kd_tau=4, teacher.model=resnet110)".into(),
+                    "resnet56".into(),
+                    1
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn three_epoch_counts_are_named_and_labels_override() {
+        let e = |n: &str| settings(&[("model.epochs", n)]);
+        let mut named = e("5");
+        named.insert(LABEL_KEY.into(), "my run".into());
+        let mut cal = eval("vanilla", "", "resnet8", 0);
+        cal.calibrated = Some(crate::artifacts::evaluation::Calibrated {
+            temperature: 1.5,
+            metrics: cal.metrics.clone(),
+        });
+        let evals = vec![
+            (eval("vanilla", "", "resnet8", 0), e("1")),
+            (eval("vanilla", "", "resnet8", 0), e("2")),
+            (eval("vanilla", "", "resnet8", 0), e("3")),
+            (cal, named),
+        ];
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                ("Vanilla (epochs=1)".to_string(), "resnet8".to_string(), 1),
+                ("Vanilla (epochs=2)".into(), "resnet8".into(), 1),
+                ("Vanilla (epochs=3)".into(), "resnet8".into(), 1),
+                ("my run".into(), "resnet8".into(), 1),
+                ("my run + TS".into(), "resnet8".into(), 1),
+            ]
+        );
+    }
+}
