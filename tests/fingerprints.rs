@@ -72,3 +72,57 @@ fn every_example_keeps_its_fingerprints_and_parameters() {
         changed.join("\n")
     );
 }
+
+/// The cells the paper reports in both Table 1 and Table 3 (the CIFAR-100 data, the teachers,
+/// Vanilla, On-LDL with CutMix, On-LDL+) are the same runs in both examples: equal
+/// fingerprints, so a user who ran one table has those cells of the other.
+#[test]
+fn cells_shared_by_tables_1_and_3_are_the_same_runs() {
+    let fps = |name: &str| {
+        let config = pipeline::config::load(&root().join("examples").join(name), None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let fps = pipeline::runner::fingerprints(&config);
+        config
+            .stages
+            .iter()
+            .zip(fps)
+            .map(|(s, fp)| (s.name.clone(), fp))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let (t1, t3) = (fps("cifar100-table1.toml"), fps("cifar100-table3.toml"));
+    let mut pairs = vec![
+        ("data".to_string(), "data".to_string()),
+        ("teacher110".into(), "teacher110".into()),
+        ("teacher200".into(), "teacher200".into()),
+    ];
+    for seed in 0..3 {
+        for model in ["resnet20", "resnet56"] {
+            pairs.push((
+                format!("vanilla.mix=none.model={model}.seed={seed}"),
+                format!("small.method=vanilla.model={model}.seed={seed}"),
+            ));
+            pairs.push((
+                format!("on-small-long.model={model}.seed={seed}"),
+                format!("small-online-long.model={model}.seed={seed}"),
+            ));
+        }
+        for model in ["resnet18", "resnet50"] {
+            pairs.push((
+                format!("vanilla.mix=none.model={model}.seed={seed}"),
+                format!("large.method=vanilla.model={model}.seed={seed}"),
+            ));
+            pairs.push((
+                format!("on-large.mix=cutmix.model={model}.seed={seed}"),
+                format!("large-online.model={model}.seed={seed}"),
+            ));
+            pairs.push((
+                format!("on-large-long.model={model}.seed={seed}"),
+                format!("large-online-long.model={model}.seed={seed}"),
+            ));
+        }
+    }
+    for (a, b) in pairs {
+        let (x, y) = (&t1[&a], &t3[&b]);
+        assert_eq!(x, y, "table 1 `{a}` and table 3 `{b}` differ");
+    }
+}

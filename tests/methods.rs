@@ -526,6 +526,59 @@ fn every_example_parses_and_expands_its_grids() {
             path.display(),
             stdout(&o)
         );
+        // Its header states what a dry run lists: "N stages: a prepare, b train (…), c label,
+        // d evaluate, e report."
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("# Dry run"))
+            .unwrap_or_else(|| panic!("{}: no `# Dry run` line", path.display()));
+        let stated = |word: &str| -> usize {
+            let at = line
+                .find(&format!(" {word}"))
+                .unwrap_or_else(|| panic!("{line}: no {word}"));
+            let before = line[..at].trim_end_matches(|c: char| !c.is_ascii_digit());
+            let digits: String = before
+                .chars()
+                .rev()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect();
+            digits.parse().unwrap()
+        };
+        let dry = pipeline(
+            dir.path(),
+            &[
+                "run",
+                path.to_str().unwrap(),
+                "--dry-run",
+                "--output",
+                dir.path().join("out").to_str().unwrap(),
+            ],
+        );
+        assert!(dry.status.success(), "{}: {}", path.display(), stderr(&dry));
+        let listed = stdout(&dry) + &stderr(&dry);
+        let count = |kind: &str| {
+            listed
+                .lines()
+                .filter(|l| l.starts_with("would run") && l.contains(&format!(" ({kind}):")))
+                .count()
+        };
+        let total = listed
+            .lines()
+            .filter(|l| l.starts_with("would run"))
+            .count();
+        assert_eq!(total, stated("stages"), "{}: {line}", path.display());
+        for kind in ["prepare", "train", "label", "evaluate", "report"] {
+            assert_eq!(
+                count(kind),
+                stated(kind),
+                "{} {kind}: {line}",
+                path.display()
+            );
+        }
     }
     assert!(seen >= 6, "examples/ has {seen} files");
 }
