@@ -105,8 +105,8 @@ fn tiny_pipeline_produces_every_output() {
 
     // The report has one row per method.
     let report = read(&out.join("report/report.md"));
-    assert!(report.contains("| vanilla | resnet8 | 1 |"), "{report}");
-    assert!(report.contains("| off-ldl | resnet8 | 1 |"), "{report}");
+    assert!(report.contains("| Vanilla | resnet8 | 1 |"), "{report}");
+    assert!(report.contains("| Off-LDL | resnet8 | 1 |"), "{report}");
     assert_eq!(read(&out.join("report/report.csv")).lines().count(), 3);
 
     // `pipeline inspect` summarises the label store and the packed splits of a stage folder.
