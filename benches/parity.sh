@@ -12,13 +12,14 @@
 # Environment: PIPELINE (default target/release/pipeline), PYTHON (default python3, needs torch
 # and numpy), DATA (CIFAR-10 binary folder), EPOCHS (15), SEEDS ("0 1 2"), THREADS (2),
 # OUT (/tmp/ldl-parity/run: the generated stages.toml, our output root, PyTorch's JSON lines,
-# logs and table.md).
+# logs and table.md). Use a fresh OUT for each comparison: stages already complete under
+# OUT/ours are skipped by `pipeline run`, which would make our seconds per run meaningless.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PIPELINE="${PIPELINE:-$ROOT/target/release/pipeline}"
 PYTHON="${PYTHON:-python3}"
-DATA="${DATA:-/work/shared/data/cifar-10-batches-bin}"
+DATA="${DATA:-$ROOT/../shared/data/cifar-10-batches-bin}"
 EPOCHS="${EPOCHS:-15}"
 SEEDS="${SEEDS:-0 1 2}"
 THREADS="${THREADS:-2}"
