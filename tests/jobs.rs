@@ -28,27 +28,7 @@ const STAGES: [&str; 7] = [
 /// Every output file of every stage (as `stage.json` lists them) with its contents, the
 /// wall-clock columns of `train_log.csv` left out.
 fn artifacts(out: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    for stage in STAGES {
-        let record: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join(stage).join("stage.json")).unwrap())
-                .unwrap();
-        for o in record["outputs"].as_array().unwrap() {
-            let name = o["path"].as_str().unwrap();
-            let mut bytes = std::fs::read(out.join(stage).join(name)).unwrap();
-            if name == "train_log.csv" {
-                let text = String::from_utf8(bytes).unwrap();
-                bytes = text
-                    .lines()
-                    .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-                    .into_bytes();
-            }
-            files.insert(format!("{stage}/{name}"), bytes);
-        }
-    }
-    files
+    artifacts_of(out, STAGES.iter().copied())
 }
 
 fn record(out: &Path, stage: &str) -> serde_json::Value {

@@ -166,30 +166,7 @@ fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
 /// Every file of every stage folder under `out` except `stage.json` and the timing columns of
 /// `train_log.csv`, with its contents: what must not depend on how a run was scheduled.
 fn artifacts(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut files = std::collections::BTreeMap::new();
-    for stage in TINY_STAGES {
-        let dir = out.join(stage);
-        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-            let p = e.unwrap().path();
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            if name == "stage.json" || p.is_dir() {
-                continue;
-            }
-            let mut bytes = std::fs::read(&p).unwrap();
-            if name == "train_log.csv" {
-                // epoch,lr,loss,accuracy,images_per_s,seconds: the last two are wall clock.
-                let text = String::from_utf8(bytes).unwrap();
-                bytes = text
-                    .lines()
-                    .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-                    .into_bytes();
-            }
-            files.insert(format!("{stage}/{name}"), bytes);
-        }
-    }
-    files
+    artifacts_of(out, TINY_STAGES.iter().copied())
 }
 
 /// Two `pipeline run` processes started together on one output root share the work: both exit

@@ -102,31 +102,13 @@ fn jobs_json(out: &Path) -> serde_json::Value {
 /// Every output file of every stage folder but `stage.json`, `stage.log` and the timings of
 /// `train_log.csv`.
 fn artifacts(out: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut files = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(out).unwrap().flatten() {
-        let stage = e.file_name().to_string_lossy().into_owned();
-        if stage.starts_with('.') {
-            continue;
-        }
-        for f in std::fs::read_dir(e.path()).unwrap().flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name == "stage.json" || name == "stage.log" || f.path().is_dir() {
-                continue;
-            }
-            let mut bytes = std::fs::read(f.path()).unwrap();
-            if name == "train_log.csv" {
-                bytes = String::from_utf8(bytes)
-                    .unwrap()
-                    .lines()
-                    .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-                    .into_bytes();
-            }
-            files.insert(format!("{stage}/{name}"), bytes);
-        }
-    }
-    files
+    let stages: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|s| !s.starts_with('.'))
+        .collect();
+    artifacts_of(out, stages.iter().map(String::as_str))
 }
 
 /// Data, a grid of four trainings, evaluations following it cell by cell, a report.

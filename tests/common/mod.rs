@@ -142,3 +142,45 @@ pub fn ran(o: &Output) -> Vec<String> {
 pub fn skipped(o: &Output) -> Vec<String> {
     stages_logged(o, ": up to date, skipped")
 }
+
+/// The output files of stage folder `out/stage` (not `stage.json`, `stage.log` or folders),
+/// by name, in a form two runs can be compared in: `train_log.csv` keeps its first four
+/// columns (epoch, lr, loss, accuracy), the other two being wall-clock figures.
+pub fn stage_files(out: &Path, stage: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = out.join(stage);
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "stage.json" || name == "stage.log" || p.is_dir() {
+            continue;
+        }
+        let mut bytes = std::fs::read(&p).unwrap();
+        if name == "train_log.csv" {
+            bytes = String::from_utf8(bytes)
+                .unwrap()
+                .lines()
+                .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes();
+        }
+        files.push((name, bytes));
+    }
+    files.sort();
+    files
+}
+
+/// [`stage_files`] of every stage in `stages`, keyed `stage/name`.
+pub fn artifacts_of<'a>(
+    out: &Path,
+    stages: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    for stage in stages {
+        for (name, bytes) in stage_files(out, stage) {
+            files.insert(format!("{stage}/{name}"), bytes);
+        }
+    }
+    files
+}

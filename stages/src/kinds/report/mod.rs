@@ -264,7 +264,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         outputs.push(name.to_string());
     }
     outputs.extend(figures_of(ctx, &title, &groups)?);
-    let html = index_html(&title, &paper_md, &long_md, &conventions, &stages);
+    let html = index_html(&title, &paper_md, &long_md, &conventions, &stages, &groups);
     datasets::atomic::write_bytes(&ctx.dir.join("index.html"), html.as_bytes())?;
     outputs.push("index.html".into());
     Ok(outputs)
@@ -407,6 +407,19 @@ fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Panels {
     }
 }
 
+/// The row label of evaluation `e` as trained (not its `+ TS` row).
+fn row_of(groups: &[Group], e: &Evaluation) -> String {
+    groups
+        .iter()
+        .find(|g| {
+            !g.settings.contains_key("ts")
+                && g.evals
+                    .iter()
+                    .any(|x| x.model_stage == e.model_stage && x.variant == e.variant)
+        })
+        .map_or_else(|| e.label(), |g| g.method.clone())
+}
+
 /// `index.html`: everything on one static page; model figures are linked from the evaluate
 /// stages' folders, siblings of this one.
 fn index_html(
@@ -415,6 +428,7 @@ fn index_html(
     long_md: &str,
     conventions: &str,
     stages: &[(String, PathBuf, Evaluation)],
+    groups: &[Group],
 ) -> String {
     let mut html = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>\
@@ -436,7 +450,7 @@ fn index_html(
             html_escape(name),
             html_escape(&e.model_stage),
             html_escape(&e.model),
-            html_escape(&e.label()),
+            html_escape(&row_of(groups, e)),
             e.seed
         ));
         for fig in [
