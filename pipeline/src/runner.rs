@@ -316,6 +316,7 @@ pub fn run(
         opts,
         progress,
         fps: fingerprints(config),
+        settings: settings(config),
         started: now(),
         summary: RunSummary::default(),
         changed: vec![false; config.stages.len()],
@@ -363,6 +364,8 @@ struct Runner<'a> {
     opts: &'a RunOptions,
     progress: Option<indicatif::MultiProgress>,
     fps: Vec<String>,
+    /// Every stage's run settings, handed to its downstream stages with its folder.
+    settings: Vec<Settings>,
     /// When this invocation started (RFC 3339): a stage another process completed after it
     /// counts as forced.
     started: String,
@@ -436,8 +439,15 @@ impl Runner<'_> {
                 s.name
             ))));
         }
-        run_stage(config, &self.fps, i, self.progress.clone(), &self.opts.stop)
-            .with_context(|| format!("stage `{}` failed", s.name))?;
+        run_stage(
+            config,
+            &self.fps,
+            &self.settings,
+            i,
+            self.progress.clone(),
+            &self.opts.stop,
+        )
+        .with_context(|| format!("stage `{}` failed", s.name))?;
         tracing::info!(
             "{} ({}): done in {:.1}s",
             s.name,
@@ -453,6 +463,7 @@ impl Runner<'_> {
 fn run_stage(
     config: &Config,
     fps: &[String],
+    settings: &[Settings],
     i: usize,
     progress: Option<indicatif::MultiProgress>,
     stop: &Arc<AtomicBool>,
@@ -472,7 +483,6 @@ fn run_stage(
         .with_context(|| format!("cannot clean {}", partial.display()))?;
     datasets::atomic::write_bytes(&partial.join(PARTIAL_TAG), tag.to_string().as_bytes())?;
 
-    let settings = settings(config);
     let inputs: Vec<Input> = s
         .needs
         .iter()
