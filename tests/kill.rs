@@ -53,6 +53,7 @@ kind = "label"
 needs = ["data", "teacher"]
 mc_samples = 4
 batch_size = 32
+chunk_size = 64
 
 [[stage]]
 name = "student"
@@ -185,6 +186,22 @@ fn newest_checkpoints(out: &Path) -> BTreeMap<String, u64> {
     found
 }
 
+/// The label chunks complete (renamed into place) in the label stage's partial folder.
+fn complete_chunks(out: &Path) -> usize {
+    std::fs::read_dir(out.join(".labels.partial/chunks")).map_or(0, |d| {
+        d.filter(|e| {
+            let name = e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .to_string();
+            name.ends_with(".safetensors") && !name.contains(".tmp-")
+        })
+        .count()
+    })
+}
+
 /// `train_log.csv` without its timing columns (images/s, seconds).
 fn without_timing(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
@@ -255,6 +272,8 @@ fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
     let faults = [
         ("optimizer.safetensors", 1_000),
         ("model.safetensors", 3_000),
+        // The second of the label stage's three chunks (batches 2..4 of 6).
+        ("train-b2-4", 1_000),
         ("labels.parquet", 500),
         ("predictions.parquet", 200),
         ("table.md", 50),
@@ -285,12 +304,66 @@ fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
             "{text}: no temporary file of {bytes} bytes in {partial:?}"
         );
         final_folders_are_complete(&out);
+        if text.starts_with("train-b") {
+            damaged_chunk_is_refused_and_only_it_redone(dir.path(), &out_name);
+        }
         let resumed = pipeline(dir.path(), &["run", "k.toml", "--output", &out_name]);
         assert!(resumed.status.success(), "{text}: {}", stderr(&resumed));
+        if text.starts_with("train-b") {
+            assert!(
+                stderr(&resumed)
+                    .contains("labels: train split: resuming with 1 of 3 chunks labelled"),
+                "the label stage did not resume from its first chunk:\n{}",
+                stderr(&resumed)
+            );
+        }
         final_folders_are_complete(&out);
         same_outputs(&out, &dir.path().join("reference"));
         assert!(temp_files(&out).is_empty(), "{text}: temporary files left");
     }
+}
+
+/// With the label stage stopped inside its second chunk: a damaged first chunk is refused
+/// naming the file, with the stage folder (and the chunk) kept; restored, it is reused.
+fn damaged_chunk_is_refused_and_only_it_redone(dir: &Path, out_name: &str) {
+    let chunk = dir
+        .join(out_name)
+        .join(".labels.partial/chunks/train-b0-2.safetensors");
+    let good = std::fs::read(&chunk).unwrap();
+    std::fs::write(&chunk, &good[..good.len() / 2]).unwrap();
+    let o = pipeline(dir, &["run", "k.toml", "--output", out_name]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("train-b0-2.safetensors") && e.contains("remove the file"),
+        "{e}"
+    );
+    assert!(chunk.exists(), "the damaged chunk's folder was removed");
+    std::fs::write(&chunk, &good).unwrap();
+}
+
+/// The label store does not depend on the chunk size: one batch per chunk gives the bytes of
+/// one chunk for the whole split.
+#[test]
+fn the_label_store_does_not_depend_on_the_chunk_size() {
+    let dir = scratch();
+    let until_labels = CFG.split("[[stage]]\nname = \"student\"").next().unwrap();
+    write(dir.path(), "a.toml", until_labels);
+    write(
+        dir.path(),
+        "b.toml",
+        &until_labels.replace("chunk_size = 64", "chunk_size = 1"),
+    );
+    for (cfg, out) in [("a.toml", "a"), ("b.toml", "b")] {
+        let o = pipeline(dir.path(), &["run", cfg, "--output", out]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let read = |o: &str| std::fs::read(dir.path().join(o).join("labels/labels.parquet")).unwrap();
+    assert!(
+        read("a") == read("b"),
+        "the chunk size changed the label store"
+    );
+    assert!(!dir.path().join("a/labels/chunks").exists());
 }
 
 #[test]
@@ -318,12 +391,14 @@ fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
     // then compares it with the reference. Passes continue until `kills_wanted` kills.
     let mut rng = Rng(seed);
     let (mut kills, mut attempts, mut resumes, mut pass) = (0usize, 0usize, 0usize, 0usize);
+    let mut chunk_resumes = 0usize;
     let mut killed_in: BTreeMap<String, usize> = BTreeMap::new();
     while kills < kills_wanted || pass == 0 {
         pass += 1;
         let out_name = format!("out-{pass}");
         let out = dir.path().join(&out_name);
         let mut expected_resume: BTreeMap<String, u64> = BTreeMap::new();
+        let mut expected_chunks = 0usize;
         let mut pass_attempts = 0;
         loop {
             attempts += 1;
@@ -392,6 +467,24 @@ fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
                 }
                 resumes += 1;
             }
+            // A label stage resumed with every chunk the previous kill left complete: at most the
+            // chunk it was computing is redone.
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("labels: train split: resuming with"))
+            {
+                let done: usize = line
+                    .split("resuming with ")
+                    .nth(1)
+                    .and_then(|s| s.split_whitespace().next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("no count in `{line}`"));
+                assert_eq!(
+                    done, expected_chunks,
+                    "labels resumed with {done} chunks, {expected_chunks} were complete"
+                );
+                chunk_resumes += 1;
+            }
             final_folders_are_complete(&out);
             match finished {
                 Some(s) => {
@@ -401,6 +494,7 @@ fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
                 None => {
                     kills += 1;
                     expected_resume = newest_checkpoints(&out);
+                    expected_chunks = complete_chunks(&out);
                     let running = text
                         .lines()
                         .rev()
@@ -426,7 +520,7 @@ fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
     eprintln!(
-        "{kills} kills in {pass} passes, {attempts} runs, {resumes} resumed trainings; kills per stage: {killed_in:?}"
+        "{kills} kills in {pass} passes, {attempts} runs, {resumes} resumed trainings, {chunk_resumes} resumed label stages; kills per stage: {killed_in:?}"
     );
     assert!(kills >= kills_wanted, "only {kills} kills");
 }

@@ -104,8 +104,15 @@ impl Loader {
 
     /// Streams the batches of `epoch` from batch `start` on.
     pub fn epoch(&self, epoch: u64, start: usize) -> EpochIter {
+        self.epoch_range(epoch, start..self.batches_per_epoch())
+    }
+
+    /// Streams the batches `batches` of `epoch` (numbered as in the whole epoch), building none
+    /// beyond them.
+    pub fn epoch_range(&self, epoch: u64, batches: std::ops::Range<usize>) -> EpochIter {
         let order = Arc::new(self.order(epoch));
-        let total = self.batches_per_epoch();
+        let start = batches.start;
+        let total = batches.end.min(self.batches_per_epoch());
         let workers = self
             .config
             .workers

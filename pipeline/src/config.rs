@@ -11,7 +11,7 @@
 //!
 //! [[stage]]
 //! name = "data"
-//! kind = "prepare"           # prepare | train | label | evaluate | report
+//! kind = "prepare"           # prepare | import | train | label | evaluate | report
 //! needs = []                 # upstream stages this one reads
 //! source = "synthetic"       # ... and the kind's own parameters
 //! ```
@@ -726,6 +726,7 @@ fn cell_params(
     let err = |e| loc.toml(e, &format!("stage `{shown}` (kind {kind}): "), span.clone());
     let mut params = match kind {
         Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
+        Kind::Import => StageParams::Import(Deserialize::deserialize(de).map_err(err)?),
         Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
         Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
         Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
@@ -748,6 +749,14 @@ fn cell_params(
         }
     }
     params.resolve(run.seed);
+    let base_dir = loc.file.parent().unwrap_or(Path::new("."));
+    if let Err((key, message)) = params.resolve_files(base_dir) {
+        let at = key_spans.get(key).cloned().unwrap_or(span.clone());
+        return Err(loc.at(
+            at,
+            format!("stage `{shown}` (kind {kind}): key `{key}`: {message}"),
+        ));
+    }
     Ok((own_name, params))
 }
 

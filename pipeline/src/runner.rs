@@ -115,6 +115,7 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
             for key in StageParams::OPERATIONAL_KEYS
                 .iter()
                 .chain(s.params.presentation_keys())
+                .chain(s.params.located_keys())
             {
                 obj.remove(*key);
             }
@@ -511,8 +512,11 @@ fn run_stage(
     let started = now();
     let outputs = match s.params.run(&ctx) {
         Ok(o) => o,
-        // Stopped on request: the partial folder holds its checkpoint, for the next run.
-        Err(e @ StageError::Interrupted(_)) => return Err(anyhow!(e)),
+        // Stopped on request, or a file it resumes from is damaged: the partial folder holds
+        // its checkpoint or chunks, for the next run.
+        Err(e @ (StageError::Interrupted(_) | StageError::Damaged { .. })) => {
+            return Err(anyhow!(e))
+        }
         Err(e) => {
             let _ = fs::remove_dir_all(&partial);
             return Err(anyhow!(e));

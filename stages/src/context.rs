@@ -1,7 +1,7 @@
 //! What the runner hands a stage: its working folder, its inputs' folders, the run's seed, the
 //! device and a progress-bar factory.
 
-use crate::artifacts::Kind;
+use crate::artifacts::{Artifact, Kind};
 use crate::error::StageError;
 use engine::device::DeviceSpec;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -77,6 +77,20 @@ impl Context {
     /// The single input of kind `kind` (the runner has checked there is exactly one).
     pub fn input(&self, kind: Kind) -> &Input {
         self.inputs_of(kind)
+            .next()
+            .expect("the runner checked the stage's inputs")
+    }
+
+    /// The inputs that are models (train and import stages), in the order of `needs`.
+    pub fn model_inputs(&self) -> impl Iterator<Item = &Input> {
+        self.inputs
+            .iter()
+            .filter(|i| i.kind.produces() == Artifact::Model)
+    }
+
+    /// The single model input (the runner has checked there is exactly one).
+    pub fn model_input(&self) -> &Input {
+        self.model_inputs()
             .next()
             .expect("the runner checked the stage's inputs")
     }

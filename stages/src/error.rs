@@ -39,6 +39,17 @@ pub enum StageError {
     /// Training diverged or produced non-finite values.
     #[error("{0}")]
     Numeric(String),
+    /// A file the stage left in its folder to resume from (a label chunk) is damaged: the runner
+    /// keeps the folder, so that removing that one file resumes the rest.
+    #[error("{path}: {place}: {message}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Where in it.
+        place: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// The stage stopped because the process was asked to (a signal), leaving a checkpoint to
     /// resume from.
     #[error("{0}")]

@@ -7,7 +7,8 @@
 //! 3. [`artifacts`]: what flows between stages — a prepared dataset, a trained model, a label
 //!    store, an evaluation — and the vocabulary of stage kinds;
 //! 4. [`context`]: what the runner hands a stage;
-//! 5. [`kinds`]: one module per stage kind (`prepare`, `train`, `label`, `evaluate`, `report`),
+//! 5. [`kinds`]: one module per stage kind (`prepare`, `import`, `train`, `label`, `evaluate`,
+//!    `report`),
 //!    each with its `Params` (its stages.toml keys) and a `run` function; kinds never import
 //!    each other;
 //! 6. [`registry`]: [`StageParams`], the parameters of any kind, which the runner validates,

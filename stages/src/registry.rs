@@ -5,7 +5,7 @@
 use crate::artifacts::{Artifact, Kind, Multiplicity};
 use crate::context::{Context, Settings};
 use crate::error::Result;
-use crate::kinds::{evaluate, label, prepare, report, train};
+use crate::kinds::{evaluate, import, label, prepare, report, train};
 use crate::params::{ParamDefaults, RangeError};
 use serde::Serialize;
 
@@ -43,6 +43,8 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Settings) {
 pub enum StageParams {
     /// `kind = "prepare"`.
     Prepare(prepare::Params),
+    /// `kind = "import"`.
+    Import(import::Params),
     /// `kind = "train"`.
     Train(train::Params),
     /// `kind = "label"`.
@@ -58,6 +60,7 @@ impl StageParams {
     pub fn kind(&self) -> Kind {
         match self {
             StageParams::Prepare(_) => Kind::Prepare,
+            StageParams::Import(_) => Kind::Import,
             StageParams::Train(_) => Kind::Train,
             StageParams::Label(_) => Kind::Label,
             StageParams::Evaluate(_) => Kind::Evaluate,
@@ -70,7 +73,7 @@ impl StageParams {
         use Artifact::*;
         use Multiplicity as M;
         match (self, artifact) {
-            (StageParams::Prepare(_), _) => M::None,
+            (StageParams::Prepare(_) | StageParams::Import(_), _) => M::None,
             (StageParams::Train(_), Dataset) => M::One,
             (StageParams::Train(p), Labels) if p.method.reads_labels() => M::One,
             (StageParams::Train(p), Model) if p.method.uses_teachers() => M::OneOrMore,
@@ -84,15 +87,28 @@ impl StageParams {
 
     /// Keys that change how a stage runs but not what it produces; the runner leaves them out of
     /// the fingerprint, so checkpointing can be changed on a half-done run without restarting it.
-    pub const OPERATIONAL_KEYS: &'static [&'static str] =
-        &["checkpoint_every", "keep_checkpoints", "prefetch"];
+    pub const OPERATIONAL_KEYS: &'static [&'static str] = &[
+        "checkpoint_every",
+        "keep_checkpoints",
+        "prefetch",
+        "chunk_size",
+    ];
 
     /// Keys that only name the stage's results in reports (a train stage's `label`): left out
     /// of its fingerprint like the operational keys, but kept in its [`settings`](Self::settings),
     /// and fingerprinted by the reports that show them.
     pub fn presentation_keys(&self) -> &'static [&'static str] {
         match self {
-            StageParams::Train(_) => &["label"],
+            StageParams::Train(_) | StageParams::Import(_) => &["label"],
+            _ => &[],
+        }
+    }
+
+    /// Keys that say where an input file lives, whose content hash is fingerprinted instead
+    /// (an import's `path`, beside its `file_blake3`): moving the file reruns nothing.
+    pub fn located_keys(&self) -> &'static [&'static str] {
+        match self {
+            StageParams::Import(_) => &["path"],
             _ => &[],
         }
     }
@@ -125,8 +141,8 @@ impl StageParams {
             let role = match (kind, own) {
                 (Kind::Prepare, _) => "data",
                 (Kind::Label, _) => "labels",
-                (Kind::Train, Kind::Evaluate) => "model",
-                (Kind::Train, _) => "teacher",
+                (Kind::Train | Kind::Import, Kind::Evaluate) => "model",
+                (Kind::Train | Kind::Import, _) => "teacher",
                 (Kind::Evaluate, _) => "evaluation",
                 (Kind::Report, _) => "report",
             };
@@ -149,6 +165,7 @@ impl StageParams {
     pub fn validate(&self) -> std::result::Result<(), RangeError> {
         match self {
             StageParams::Prepare(p) => p.validate(),
+            StageParams::Import(p) => p.validate(),
             StageParams::Train(p) => p.validate(),
             StageParams::Label(p) => p.validate(),
             StageParams::Evaluate(p) => p.validate(),
@@ -159,6 +176,7 @@ impl StageParams {
     /// The keys a stage of `kind` must set.
     pub fn required(kind: Kind) -> &'static [&'static str] {
         match kind {
+            Kind::Import => &["path", "model"],
             Kind::Train => <train::Params as ParamDefaults>::REQUIRED,
             _ => &[],
         }
@@ -174,10 +192,24 @@ impl StageParams {
         }
     }
 
+    /// Reads what the stage's parameters name outside stages.toml into them: an import's file
+    /// hash (relative paths are resolved against `base_dir`, the stages.toml's folder). On error
+    /// returns the key and what is wrong.
+    pub fn resolve_files(
+        &mut self,
+        base_dir: &std::path::Path,
+    ) -> std::result::Result<(), RangeError> {
+        match self {
+            StageParams::Import(p) => p.hash_file(base_dir),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs the stage; returns the output files it wrote, relative to its folder.
     pub fn run(&self, ctx: &Context) -> Result<Vec<String>> {
         match self {
             StageParams::Prepare(p) => prepare::run(ctx, p),
+            StageParams::Import(p) => import::run(ctx, p),
             StageParams::Train(p) => train::run(ctx, p),
             StageParams::Label(p) => label::run(ctx, p),
             StageParams::Evaluate(p) => evaluate::run(ctx, p),

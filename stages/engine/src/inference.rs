@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor, D};
 use datasets::augment::{Augment, Normalize};
 use datasets::{Loader, LoaderConfig, PackedStore};
 use indicatif::ProgressBar;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// How to run a model over a split.
@@ -36,7 +37,7 @@ pub trait Progress {
 }
 
 /// Per-sample summary of S Monte-Carlo dropout passes, each `N × K` or `N` row-major.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct McSummary {
     /// Mean of the S softmax distributions.
     pub mean: Vec<f32>,
@@ -84,7 +85,21 @@ impl Inference<'_> {
         seed: u64,
         what: &str,
     ) -> Result<McSummary> {
-        let (n, k) = (store.len(), store.info().k());
+        self.predict_mc_batches(store, 0..self.batches(store), samples, seed, what)
+    }
+
+    /// [`predict_mc`](Self::predict_mc) over the batches `batches` of the split only: the
+    /// images of those batches, with the masks of those batch numbers, so that any partition of
+    /// the batches gives, concatenated, the whole split's result bit for bit.
+    pub fn predict_mc_batches(
+        &self,
+        store: &Arc<PackedStore>,
+        batches: Range<usize>,
+        samples: usize,
+        seed: u64,
+        what: &str,
+    ) -> Result<McSummary> {
+        let (n, k) = (self.images_in(store, &batches), store.info().k());
         let mut out = McSummary {
             mean: Vec::with_capacity(n * k),
             std: Vec::with_capacity(n * k),
@@ -92,7 +107,7 @@ impl Inference<'_> {
             mutual_information: Vec::with_capacity(n),
         };
         let s = samples.max(1);
-        self.for_each_batch(store, what, |batch, x| {
+        self.for_each_batch_in(store, batches, what, |batch, x| {
             let b = batch.len();
             let features = self.model.net.features_t(x, false)?;
             let mut sum = vec![0f64; b * k];
@@ -145,12 +160,35 @@ impl Inference<'_> {
         &self,
         store: &Arc<PackedStore>,
         what: &str,
+        f: impl FnMut(&datasets::Batch, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        self.for_each_batch_in(store, 0..self.batches(store), what, f)
+    }
+
+    /// The number of batches of `store`: the last one may be short.
+    pub fn batches(&self, store: &Arc<PackedStore>) -> usize {
+        self.loader(store).batches_per_epoch()
+    }
+
+    /// The number of images in the batches `batches` of `store`.
+    pub fn images_in(&self, store: &Arc<PackedStore>, batches: &Range<usize>) -> usize {
+        let b = self.batch_size.max(1);
+        (batches.end * b).min(store.len()) - (batches.start * b).min(store.len())
+    }
+
+    /// [`for_each_batch`](Self::for_each_batch) over the batches `batches` only (numbered as
+    /// in the whole split).
+    pub fn for_each_batch_in(
+        &self,
+        store: &Arc<PackedStore>,
+        batches: Range<usize>,
+        what: &str,
         mut f: impl FnMut(&datasets::Batch, &Tensor) -> Result<()>,
     ) -> Result<()> {
         let info = store.info().clone();
         let loader = self.loader(store);
-        let bar = self.progress.bar(loader.batches_per_epoch() as u64, what);
-        let mut it = loader.epoch(0, 0);
+        let bar = self.progress.bar(batches.len() as u64, what);
+        let mut it = loader.epoch_range(0, batches);
         while let Some(batch) = it.next() {
             let x = Tensor::from_slice(
                 &batch.images,
@@ -180,8 +218,18 @@ impl Inference<'_> {
     /// Softmax probabilities at temperature τ of every image of `store`, `N × K` row-major, in
     /// store order; `what` labels the progress bar.
     pub fn predict(&self, store: &Arc<PackedStore>, what: &str) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(store.len() * store.info().k());
-        self.for_each_batch(store, what, |_, x| {
+        self.predict_batches(store, 0..self.batches(store), what)
+    }
+
+    /// [`predict`](Self::predict) over the batches `batches` of the split only.
+    pub fn predict_batches(
+        &self,
+        store: &Arc<PackedStore>,
+        batches: Range<usize>,
+        what: &str,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.images_in(store, &batches) * store.info().k());
+        self.for_each_batch_in(store, batches, what, |_, x| {
             let logits = self.model.net.forward_t(x, false)?;
             let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?;
             out.extend(probs.flatten_all()?.to_vec1::<f32>()?);

@@ -5,7 +5,8 @@
 //! - `gpu` (feature `cuda`): cuDNN convolutions, fused BatchNorm and the other CUDA kernels;
 //! - [`optim`] and [`schedule`]: SGD and learning-rate schedules;
 //! - [`losses`]: the loss functions the methods combine;
-//! - [`checkpoint`]: resumable training state on disk;
+//! - [`checkpoint`]: resumable training state on disk; [`import`]: models saved by PyTorch or
+//!   as safetensors;
 //! - [`feed`]: batches onto the device; [`inference`]: a model over a whole packed split;
 //! - [`device`]: device and arithmetic selection; [`profile`]: per-kernel timers.
 //!
@@ -18,6 +19,7 @@ pub mod error;
 pub mod feed;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod import;
 pub mod inference;
 pub mod json;
 pub mod losses;

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub enum Kind {
     /// Turns a dataset into packed splits.
     Prepare,
+    /// Turns a model trained elsewhere (a PyTorch or safetensors file) into a model artifact.
+    Import,
     /// Trains a model (teacher or student).
     Train,
     /// Runs teachers over a split and stores their label distributions.
@@ -33,8 +35,9 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in pipeline order.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Prepare,
+        Kind::Import,
         Kind::Train,
         Kind::Label,
         Kind::Evaluate,
@@ -45,6 +48,7 @@ impl Kind {
     pub fn as_str(&self) -> &'static str {
         match self {
             Kind::Prepare => "prepare",
+            Kind::Import => "import",
             Kind::Train => "train",
             Kind::Label => "label",
             Kind::Evaluate => "evaluate",
@@ -56,7 +60,7 @@ impl Kind {
     pub fn produces(&self) -> Artifact {
         match self {
             Kind::Prepare => Artifact::Dataset,
-            Kind::Train => Artifact::Model,
+            Kind::Import | Kind::Train => Artifact::Model,
             Kind::Label => Artifact::Labels,
             Kind::Evaluate => Artifact::Metrics,
             Kind::Report => Artifact::Report,
@@ -71,7 +75,11 @@ impl std::str::FromStr for Kind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown stage kind `{s}`, expected one of prepare, train, label, evaluate, report")
+                let names: Vec<&str> = Kind::ALL.iter().map(Kind::as_str).collect();
+                format!(
+                    "unknown stage kind `{s}`, expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -87,7 +95,7 @@ impl std::fmt::Display for Kind {
 pub enum Artifact {
     /// Packed splits (`prepare`).
     Dataset,
-    /// A trained model (`train`).
+    /// A model (`train`, `import`).
     Model,
     /// A label store (`label`).
     Labels,
@@ -101,7 +109,7 @@ impl std::fmt::Display for Artifact {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Artifact::Dataset => "a dataset (kind prepare)",
-            Artifact::Model => "a model (kind train)",
+            Artifact::Model => "a model (kind train or import)",
             Artifact::Labels => "a label store (kind label)",
             Artifact::Metrics => "metrics (kind evaluate)",
             Artifact::Report => "a report (kind report)",

@@ -1,32 +1,71 @@
 //! A trained model: `model.json` (architecture, method, seed) beside `model.safetensors`, as a
-//! `train` stage writes them and `label`, `evaluate` and the online methods load them.
+//! `train` or `import` stage writes them and `label`, `evaluate` and the online methods load
+//! them.
 
 use crate::error::{Result, StageError};
 use crate::science::methods::Method;
 use candle_core::Device;
+use datasets::augment::Normalize;
+use engine::import::{Format, Naming};
 use engine::models::{Model, ModelSpec};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// `model.json`: what a train stage produced.
+/// Where an imported model came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Imported {
+    /// The file, as the import stage read it.
+    pub file: String,
+    /// Its blake3.
+    pub blake3: String,
+    /// Its format.
+    pub format: Format,
+    /// The entry of the checkpoint dict the state dict was under, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The naming scheme its tensors were written in.
+    pub naming: Naming,
+    /// Whether its names carried DataParallel's `module.` prefix.
+    pub data_parallel: bool,
+}
+
+/// `model.json`: what a train or import stage produced. The keys added for imported models
+/// are left out when unset, so that a trained model's file is what it always was.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainedModel {
     /// The architecture.
     pub spec: ModelSpec,
-    /// The method it was trained by.
-    pub method: Method,
-    /// Its seed.
+    /// The method it was trained by; `None` for an imported model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
+    /// Its seed (0 for an imported model).
     pub seed: u64,
-    /// Epochs trained.
+    /// Epochs trained (0 for an imported model).
     pub epochs: usize,
     /// What else distinguishes the training in a table row: the mixing augmentation, Cutout,
     /// MC-dropout teachers (e.g. `cutmix, MCDO-T`); empty for none.
     #[serde(default)]
     pub variant: String,
+    /// Where the model was imported from (an `import` stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<Imported>,
+    /// The input normalisation the model expects, when not its dataset's (an imported model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalize>,
 }
 
 impl TrainedModel {
-    /// Loads the model a train stage wrote into `dir`, checking that it predicts `classes`
+    /// The method's name in `metrics.json`: the method's, or `imported`.
+    pub fn method_name(&self) -> &'static str {
+        self.method.map_or("imported", |m| m.as_str())
+    }
+
+    /// The normalisation to feed the model images with: its own, else the dataset's.
+    pub fn normalize<'a>(&'a self, dataset: &'a Normalize) -> &'a Normalize {
+        self.normalize.as_ref().unwrap_or(dataset)
+    }
+
+    /// Loads the model a train or import stage wrote into `dir`, checking that it predicts `classes`
     /// classes.
     pub fn load(dir: &Path, device: &Device, classes: usize) -> Result<(TrainedModel, Model)> {
         let path = dir.join("model.json");

@@ -279,13 +279,13 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     }
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
-    let input = ctx.input(Kind::Train);
+    let input = ctx.model_input();
     let k = data.info.classes.len();
     let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
     let inference = Inference {
         model: &model,
         device: &device,
-        normalize: &data.info.normalize,
+        normalize: meta.normalize(&data.info.normalize),
         batch_size: p.batch_size,
         temperature: 1.0,
         workers: ctx.threads,
@@ -363,7 +363,7 @@ fn evaluate(
     let e = Evaluation {
         model_stage: input.name.clone(),
         model: meta.spec.arch.clone(),
-        method: meta.method.as_str().into(),
+        method: meta.method_name().into(),
         variant,
         seed: meta.seed,
         metrics: m,

@@ -3,6 +3,7 @@
 //! [`artifacts`](crate::artifacts); it never imports another kind.
 
 pub mod evaluate;
+pub mod import;
 pub mod label;
 pub mod prepare;
 pub mod report;

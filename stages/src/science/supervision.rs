@@ -71,10 +71,24 @@ impl Default for SupervisionConfig {
 
 /// A teacher run on every batch, in eval mode and without gradient.
 pub struct Teacher {
-    /// Its train stage.
+    /// Its train or import stage.
     pub name: String,
     /// The model.
     pub model: Model,
+    /// For a teacher that expects another input normalisation than the student's (an imported
+    /// model): the per-channel `(scale, shift)`, each `1 × C × 1 × 1`, that turn the student's
+    /// normalised images into the teacher's, `x·scale + shift`.
+    pub renormalize: Option<(Tensor, Tensor)>,
+}
+
+impl Teacher {
+    /// The teacher's view of the student's batch `x`.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.renormalize {
+            None => x.clone(),
+            Some((scale, shift)) => x.broadcast_mul(scale)?.broadcast_add(shift)?,
+        })
+    }
 }
 
 /// What supervises a student: the method's stored labels or teachers, its per-class weights,
@@ -173,7 +187,8 @@ impl Supervision {
 
     /// Teacher `n`'s logits on the batch's (augmented, mixed) images, eval mode, detached.
     fn teacher_logits(&self, n: usize, x: &Tensor) -> Result<Tensor> {
-        Ok(self.teachers[n].model.net.forward_t(x, false)?.detach())
+        let t = &self.teachers[n];
+        Ok(t.model.net.forward_t(&t.input(x)?, false)?.detach())
     }
 
     /// Teacher `n`'s distribution on the batch's images: its softmax, or with `teacher_mc = N`
@@ -187,7 +202,7 @@ impl Supervision {
                 D::Minus1,
             )?);
         }
-        let features = net.features_t(x, false)?.detach();
+        let features = net.features_t(&self.teachers[n].input(x)?, false)?.detach();
         let mut sum: Option<Tensor> = None;
         for pass in 0..self.p.teacher_mc {
             let seed = derive_seed(&[
@@ -358,6 +373,7 @@ mod tests {
         Teacher {
             name: "t".into(),
             model: Model::new(&spec, &Device::Cpu, seed).unwrap(),
+            renormalize: None,
         }
     }
 

@@ -165,20 +165,29 @@ impl Model {
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
             EngineError::invalid(path, "safetensors header", format!("cannot parse: {e}"))
         })?;
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)?;
+            tensors.insert(name, t.to_dtype(DType::F32)?);
+        }
+        self.set_tensors(path, &tensors)
+    }
+
+    /// Sets every variable from `tensors` (read from `origin`, which errors name), checking
+    /// that the names are exactly the model's and each shape is the variable's.
+    pub fn set_tensors(
+        &self,
+        origin: &std::path::Path,
+        tensors: &std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         let data = self.vars.data().lock().expect("var map lock");
         // Extra tensors mean another architecture whose names happen to include ours (a deeper
         // ResNet of the same width): refuse it rather than load part of it.
-        let mut extra: Vec<String> = st
-            .names()
-            .into_iter()
-            .filter(|n| !data.contains_key(*n))
-            .map(str::to_owned)
-            .collect();
-        if !extra.is_empty() {
-            extra.sort();
+        let extra: Vec<&String> = tensors.keys().filter(|n| !data.contains_key(*n)).collect();
+        if let Some(first) = extra.first() {
             return Err(EngineError::invalid(
-                path,
-                format!("tensor `{}`", extra[0]),
+                origin,
+                format!("tensor `{first}`"),
                 format!(
                     "not in this model: the checkpoint is not a {} model ({} tensors more than it has)",
                     self.spec.arch,
@@ -190,26 +199,21 @@ impl Model {
         let mut vars: Vec<_> = data.iter().collect();
         vars.sort_by(|a, b| a.0.cmp(b.0));
         for (name, var) in vars {
-            let view = st.tensor(name).map_err(|_| {
+            let t = tensors.get(name).ok_or_else(|| {
                 EngineError::invalid(
-                    path,
+                    origin,
                     format!("tensor `{name}`"),
                     format!("missing: the checkpoint is not a {} model", self.spec.arch),
                 )
             })?;
-            if view.shape() != var.dims() {
+            if t.dims() != var.dims() {
                 return Err(EngineError::invalid(
-                    path,
+                    origin,
                     format!("tensor `{name}`"),
-                    format!(
-                        "shape {:?}, the model expects {:?}",
-                        view.shape(),
-                        var.dims()
-                    ),
+                    format!("shape {:?}, the model expects {:?}", t.dims(), var.dims()),
                 ));
             }
-            let t = candle_core::safetensors::Load::load(&view, var.device())?;
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&t.to_device(var.device())?.to_dtype(DType::F32)?)?;
         }
         Ok(())
     }

@@ -20,10 +20,12 @@ impl Trainer<'_> {
             &dir.join("model.json"),
             &TrainedModel {
                 spec: self.spec.clone(),
-                method: self.p.method,
+                method: Some(self.p.method),
                 seed: self.seed,
                 epochs: self.p.epochs,
                 variant: self.p.variant(),
+                imported: None,
+                normalize: None,
             },
         )?;
         self.write_logs()?;

@@ -11,8 +11,8 @@ use crate::label_store::{self, SoftLabels};
 use crate::science::methods::Method;
 use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
 use crate::science::supervision::{Supervision, Teacher};
-use candle_core::{DType, Device};
-use datasets::augment::Augment;
+use candle_core::{DType, Device, Tensor};
+use datasets::augment::{Augment, Normalize};
 use datasets::loader::Batch;
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, LoaderConfig, PackedStore};
@@ -98,7 +98,7 @@ impl<'a> Trainer<'a> {
             },
         );
         let stored = stored_labels(ctx, p, &data)?;
-        let teachers = teachers(ctx, p, &device, k)?;
+        let teachers = teachers(ctx, p, &device, k, &data.info.normalize)?;
         let ogr_sets = ogr_sets(ctx, p, &data)?;
         let supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
         let loader = loader(ctx, p, &data, seed);
@@ -458,13 +458,39 @@ fn stored_labels(ctx: &Context, p: &Params, data: &Dataset) -> Result<Vec<SoftLa
     Ok(out)
 }
 
-/// The teachers an online method runs on every batch (its train-stage inputs).
-fn teachers(ctx: &Context, p: &Params, device: &Device, k: usize) -> Result<Vec<Teacher>> {
+/// The per-channel `(scale, shift)` turning images normalised by `from` into images
+/// normalised by `to`: `(x·σ_from + μ_from − μ_to) / σ_to`.
+fn renormalization(from: &Normalize, to: &Normalize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let c = to.mean.len();
+    if from.mean.len() != c {
+        return Err(StageError::Config(format!(
+            "a teacher expects {c}-channel images, the dataset has {}",
+            from.mean.len()
+        )));
+    }
+    let scale: Vec<f32> = (0..c).map(|i| from.std[i] / to.std[i]).collect();
+    let shift: Vec<f32> = (0..c)
+        .map(|i| (from.mean[i] - to.mean[i]) / to.std[i])
+        .collect();
+    Ok((
+        Tensor::from_vec(scale, (1, c, 1, 1), device)?,
+        Tensor::from_vec(shift, (1, c, 1, 1), device)?,
+    ))
+}
+
+/// The teachers an online method runs on every batch (its model inputs).
+fn teachers(
+    ctx: &Context,
+    p: &Params,
+    device: &Device,
+    k: usize,
+    dataset: &Normalize,
+) -> Result<Vec<Teacher>> {
     let mut teachers = Vec::new();
     if !p.method.uses_teachers() {
         return Ok(teachers);
     }
-    for input in ctx.inputs_of(Kind::Train) {
+    for input in ctx.model_inputs() {
         let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
         if p.teacher_mc > 0 && meta.spec.dropout == 0.0 {
             return Err(StageError::Config(format!(
@@ -473,9 +499,14 @@ fn teachers(ctx: &Context, p: &Params, device: &Device, k: usize) -> Result<Vec<
                 ctx.name, p.teacher_mc, input.name
             )));
         }
+        let renormalize = match &meta.normalize {
+            Some(own) if own != dataset => Some(renormalization(dataset, own, device)?),
+            _ => None,
+        };
         teachers.push(Teacher {
             name: input.name.clone(),
             model,
+            renormalize,
         });
     }
     Ok(teachers)
@@ -523,4 +554,58 @@ fn loader(ctx: &Context, p: &Params, data: &Dataset, seed: u64) -> Loader {
             seed,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pixel normalised by the dataset's statistics, renormalised, is the pixel normalised by
+    /// the teacher's: (u − μ_t)/σ_t, computed here by hand for u = 0.25, 0.5, 0.75.
+    #[test]
+    fn renormalisation_turns_the_datasets_normalisation_into_the_teachers() {
+        let from = Normalize {
+            mean: vec![0.5, 0.4, 0.3],
+            std: vec![0.25, 0.2, 0.1],
+        };
+        let to = Normalize {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        };
+        let (scale, shift) = renormalization(&from, &to, &Device::Cpu).unwrap();
+        let u = [0.25f32, 0.5, 0.75];
+        let x: Vec<f32> = (0..3)
+            .flat_map(|c| {
+                u.iter()
+                    .map(move |v| (v - [0.5, 0.4, 0.3][c]) / [0.25, 0.2, 0.1][c])
+            })
+            .collect();
+        let x = Tensor::from_vec(x, (1, 3, 1, 3), &Device::Cpu).unwrap();
+        let got = x
+            .broadcast_mul(&scale)
+            .unwrap()
+            .broadcast_add(&shift)
+            .unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = [
+            // (0.25 − 0.485)/0.229, (0.5 − 0.485)/0.229, (0.75 − 0.485)/0.229, ...
+            -1.026_200_9,
+            0.065_502_18,
+            1.157_205_2,
+            -0.919_642_86,
+            0.196_428_57,
+            1.312_5,
+            -0.693_333_3,
+            0.417_777_8,
+            1.528_889,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        let four = Normalize {
+            mean: vec![0.5; 4],
+            std: vec![0.25; 4],
+        };
+        assert!(renormalization(&four, &to, &Device::Cpu).is_err());
+    }
 }

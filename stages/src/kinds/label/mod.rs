@@ -4,6 +4,11 @@
 //! (schema in [`crate::label_store`]). A teacher trained with dropout also gets a Monte-Carlo
 //! dropout source `<teacher>.mc`: the mean of `mc_samples` stochastic passes with its per-class
 //! standard deviation, entropy and mutual information.
+//!
+//! Inference runs chunk by chunk ([`chunks`]), each chunk stored as soon as it is computed, so
+//! that a killed or stopped stage resumes with the first chunk it lacks.
+
+mod chunks;
 
 use crate::artifacts::labels::file_for;
 use crate::artifacts::{Dataset, Kind, Split, TrainedModel};
@@ -40,6 +45,9 @@ pub struct Params {
     pub splits: Vec<Split>,
     /// Seed of the Monte-Carlo dropout masks (default: each teacher's training seed).
     pub seed: Option<u64>,
+    /// Images per resumable chunk, rounded down to whole batches (at least one): a killed
+    /// stage redoes at most one chunk. Not fingerprinted: the labels do not depend on it.
+    pub chunk_size: usize,
 }
 
 impl Default for Params {
@@ -52,13 +60,20 @@ impl Default for Params {
             dtype: StoreDtype::F32,
             splits: vec![Split::Train],
             seed: None,
+            chunk_size: 10_000,
         }
     }
 }
 
 impl ParamDefaults for Params {
-    const OMITTED_AT_DEFAULT: &'static [&'static str] =
-        &["mc_samples", "top_k", "dtype", "splits", "seed"];
+    const OMITTED_AT_DEFAULT: &'static [&'static str] = &[
+        "mc_samples",
+        "top_k",
+        "dtype",
+        "splits",
+        "seed",
+        "chunk_size",
+    ];
     fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         Params::serialize(self, s)
     }
@@ -90,6 +105,7 @@ impl Params {
                 "must list distinct splits among \"train\", \"val\" and \"test\"".into(),
             ));
         }
+        at_least("chunk_size", self.chunk_size, 1)?;
         at_least("batch_size", self.batch_size, 1)
     }
 }
@@ -115,7 +131,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut teachers = Vec::new();
     let mut fingerprints = BTreeMap::new();
     let mut checkpoints = BTreeMap::new();
-    for input in ctx.inputs_of(Kind::Train) {
+    for input in ctx.model_inputs() {
         let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
         let weights = input.dir.join("model.safetensors");
         let bytes = std::fs::read(&weights).map_err(|e| StageError::io(&weights, e))?;
@@ -149,6 +165,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         };
         files.push(write_split(ctx, split, &store, &meta, &labels)?);
     }
+    // The stores are written: the chunks they were assembled from are not outputs.
+    let folder = chunks::folder(&ctx.dir);
+    if folder.exists() {
+        std::fs::remove_dir_all(&folder).map_err(|e| StageError::io(&folder, e))?;
+    }
     Ok(files)
 }
 
@@ -176,7 +197,7 @@ struct SplitLabels {
     mc_dropout: BTreeMap<String, f64>,
 }
 
-/// Runs every teacher over `store`.
+/// Runs every teacher over `store`, chunk by chunk, reusing the chunks a killed run stored.
 fn label_split(
     ctx: &Context,
     p: &Params,
@@ -187,35 +208,144 @@ fn label_split(
     store: &Arc<PackedStore>,
 ) -> Result<SplitLabels> {
     let (n, k) = (store.len(), data.info.classes.len());
-    let mut out = SplitLabels {
-        sources: Vec::new(),
-        mc: Vec::new(),
-        mc_dropout: BTreeMap::new(),
+    let plan = chunks::Plan::new(n, p.batch_size, p.chunk_size);
+    let names: Vec<String> = teachers.iter().map(|t| t.name.clone()).collect();
+    let mc: Vec<bool> = teachers.iter().map(|t| has_mc(p, t)).collect();
+    let expect = chunks::Expect {
+        stage: &ctx.fingerprint,
+        split: split.as_str(),
+        teachers: &names,
+        mc: &mc,
+        k,
     };
-    for Teacher { name, meta, model } in teachers {
+    let done = (0..plan.count())
+        .filter(|&c| chunks::path(&ctx.dir, split.as_str(), &plan, c).exists())
+        .count();
+    if done > 0 {
+        tracing::info!(
+            "{}: {} split: resuming with {done} of {} chunks labelled",
+            ctx.name,
+            split.as_str(),
+            plan.count()
+        );
+    }
+    let mut parts = Vec::with_capacity(plan.count());
+    for c in 0..plan.count() {
+        let chunk = if chunks::path(&ctx.dir, split.as_str(), &plan, c).exists() {
+            chunks::read(&ctx.dir, &expect, &plan, c)?
+        } else {
+            let chunk = label_chunk(ctx, p, data, device, teachers, split, store, &plan, c)?;
+            chunks::write(&ctx.dir, &expect, &plan, c, &chunk)?;
+            chunk
+        };
+        parts.push(chunk);
+        if ctx.stop_requested() && c + 1 < plan.count() {
+            return Err(ctx.interrupted(&format!(
+                "chunk {} of {} of the {} split",
+                c + 1,
+                plan.count(),
+                split.as_str()
+            )));
+        }
+    }
+    Ok(assemble(teachers, &mc, parts, n, k))
+}
+
+/// Whether teacher `t` gets a Monte-Carlo dropout source.
+fn has_mc(p: &Params, t: &Teacher) -> bool {
+    t.model.spec.dropout > 0.0 && p.mc_samples > 0
+}
+
+/// Every teacher's outputs on the images of chunk `c`.
+#[allow(clippy::too_many_arguments)]
+fn label_chunk(
+    ctx: &Context,
+    p: &Params,
+    data: &Dataset,
+    device: &Device,
+    teachers: &[Teacher],
+    split: Split,
+    store: &Arc<PackedStore>,
+    plan: &chunks::Plan,
+    c: usize,
+) -> Result<chunks::Chunk> {
+    let batches = plan.batches_of(c);
+    let mut chunk = chunks::Chunk {
+        probs: Vec::new(),
+        mc: Vec::new(),
+    };
+    for t in teachers {
         let inference = Inference {
-            model,
+            model: &t.model,
             device,
-            normalize: &data.info.normalize,
+            normalize: t.meta.normalize(&data.info.normalize),
             batch_size: p.batch_size,
             temperature: p.temperature,
             workers: ctx.threads,
             progress: ctx,
         };
-        let what = format!("labelling {} with {name}", split.as_str());
-        let probs = inference.predict(store, &what)?;
-        if model.spec.dropout > 0.0 && p.mc_samples > 0 {
-            let summary = inference.predict_mc(
+        let what = format!(
+            "labelling {} with {} (chunk {}/{})",
+            split.as_str(),
+            t.name,
+            c + 1,
+            plan.count()
+        );
+        chunk
+            .probs
+            .push(inference.predict_batches(store, batches.clone(), &what)?);
+        chunk.mc.push(if has_mc(p, t) {
+            Some(inference.predict_mc_batches(
                 store,
+                batches.clone(),
                 p.mc_samples,
                 // Each split has its own mask stream.
-                datasets::rng::derive_seed(&[p.seed.unwrap_or(meta.seed), split as u64]),
-                &format!("MC dropout on {} with {name}", split.as_str()),
-            )?;
-            out.mc.push((format!("{name}.mc"), summary));
-            out.mc_dropout.insert(name.clone(), model.spec.dropout);
+                datasets::rng::derive_seed(&[p.seed.unwrap_or(t.meta.seed), split as u64]),
+                &format!("MC dropout on {} with {}", split.as_str(), t.name),
+            )?)
+        } else {
+            None
+        });
+    }
+    Ok(chunk)
+}
+
+/// The split's sources from its chunks, in order: each teacher's softmax, the ensemble mean
+/// with several teachers, and the Monte-Carlo summaries.
+fn assemble(
+    teachers: &[Teacher],
+    mc: &[bool],
+    parts: Vec<chunks::Chunk>,
+    n: usize,
+    k: usize,
+) -> SplitLabels {
+    let mut out = SplitLabels {
+        sources: Vec::new(),
+        mc: Vec::new(),
+        mc_dropout: BTreeMap::new(),
+    };
+    let mut probs: Vec<Vec<f32>> = vec![Vec::with_capacity(n * k); teachers.len()];
+    let mut summaries: Vec<McSummary> = vec![McSummary::default(); teachers.len()];
+    for part in parts {
+        for (t, p) in part.probs.into_iter().enumerate() {
+            probs[t].extend(p);
         }
-        out.sources.push((name.clone(), probs));
+        for (t, m) in part.mc.into_iter().enumerate() {
+            if let Some(m) = m {
+                let s = &mut summaries[t];
+                s.mean.extend(m.mean);
+                s.std.extend(m.std);
+                s.entropy.extend(m.entropy);
+                s.mutual_information.extend(m.mutual_information);
+            }
+        }
+    }
+    for ((t, p), m) in teachers.iter().zip(probs).zip(summaries) {
+        out.sources.push((t.name.clone(), p));
+        if mc[out.sources.len() - 1] {
+            out.mc.push((format!("{}.mc", t.name), m));
+            out.mc_dropout.insert(t.name.clone(), t.model.spec.dropout);
+        }
     }
     if out.sources.len() > 1 {
         let mut mean = vec![0f32; n * k];
@@ -226,7 +356,7 @@ fn label_split(
         }
         out.sources.push(("ensemble".into(), mean));
     }
-    Ok(out)
+    out
 }
 
 /// Writes one split's label store; returns its file name.

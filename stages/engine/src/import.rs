@@ -1,0 +1,479 @@
+//! Models trained elsewhere: reads the state dict of a PyTorch checkpoint (`torch.save`'s zip
+//! format, `.pth`/`.pt`, PyTorch ≥ 1.6) or of a safetensors file, maps the common naming
+//! schemes onto ours, infers the shape keys of the [`ModelSpec`] from the tensors, and loads
+//! it into a [`Model`], checking every tensor's name and shape.
+//!
+//! Naming schemes (detected from the names, recorded as [`Naming`]):
+//! - ours = torchvision = RepDistiller's CIFAR ResNets (`conv1`, `bn1`, `layerL.B.conv1`,
+//!   `downsample.0`, `fc`): taken as they are;
+//! - kuangliu/pytorch-cifar (`shortcut.0`, `shortcut.1`, `linear`): renamed to
+//!   `downsample.0`, `downsample.1`, `fc`;
+//! - a `module.` prefix on every name (a model wrapped in `DataParallel` or
+//!   `DistributedDataParallel` when saved) is removed.
+//!
+//! BatchNorm's `num_batches_tracked` counters are dropped (our BatchNorm uses a fixed momentum
+//! and never reads them); every other tensor must be one the model has, of its shape.
+
+use crate::error::{EngineError, Result};
+use crate::models::{Arch, Model, ModelSpec, Shortcut, Stem};
+use candle_core::pickle::{Object, PthTensors, Stack};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+/// The file format of a checkpoint, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `torch.save`'s zip archive holding a pickle (`data.pkl`) and the tensors' storages.
+    Pth,
+    /// A safetensors file.
+    Safetensors,
+}
+
+/// The naming scheme a state dict was written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Naming {
+    /// Ours, torchvision's and RepDistiller's (the same names).
+    Torchvision,
+    /// kuangliu/pytorch-cifar's (`shortcut.N`, `linear`).
+    Kuangliu,
+}
+
+/// A state dict read from a file, names mapped onto ours.
+#[derive(Debug)]
+pub struct StateDict {
+    /// The file's format.
+    pub format: Format,
+    /// The entry of the checkpoint's top-level dict the state dict was under (`model`,
+    /// `state_dict`, ...), `None` for a bare state dict.
+    pub key: Option<String>,
+    /// The naming scheme found.
+    pub naming: Naming,
+    /// Whether every name carried a `module.` prefix.
+    pub data_parallel: bool,
+    /// The tensors, by our names, in the dtype stored (f32, f16, bf16, f64).
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Entries of a checkpoint dict searched, in this order, for the state dict when no `key` is
+/// given: RepDistiller saves `{'model': ..., 'epoch': ...}`, many training scripts
+/// `{'state_dict': ...}` or `{'net': ...}`.
+pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict", "net"];
+
+/// Reads the state dict of `path`; `key` names the entry of a checkpoint dict holding it.
+pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict> {
+    let format = sniff(path)?;
+    let (raw, key) = match format {
+        Format::Pth => read_pth(path, key)?,
+        Format::Safetensors => {
+            if let Some(k) = key {
+                return Err(EngineError::invalid(
+                    path,
+                    format!("key `{k}`"),
+                    "a safetensors file holds tensors only, not a checkpoint dict: leave `key` out",
+                ));
+            }
+            let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+                EngineError::invalid(path, "safetensors header", format!("cannot parse: {e}"))
+            })?;
+            (tensors.into_iter().collect(), None)
+        }
+    };
+    let (tensors, naming, data_parallel) = rename(path, raw)?;
+    Ok(StateDict {
+        format,
+        key,
+        naming,
+        data_parallel,
+        tensors,
+    })
+}
+
+/// The format of `path` by its first bytes: a zip archive is a PyTorch checkpoint, an 8-byte
+/// header length followed by `{` a safetensors file; a bare pickle (PyTorch < 1.6, or
+/// `_use_new_zipfile_serialization=False`) is refused with what to do.
+fn sniff(path: &Path) -> Result<Format> {
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let n = f.read(&mut head).map_err(|e| EngineError::io(path, e))?;
+    if n >= 4 && head[..4] == *b"PK\x03\x04" {
+        return Ok(Format::Pth);
+    }
+    if n == 9 && head[8] == b'{' {
+        return Ok(Format::Safetensors);
+    }
+    if n >= 1 && head[0] == 0x80 {
+        return Err(EngineError::invalid(
+            path,
+            "file header",
+            "a bare pickle (PyTorch < 1.6 or `_use_new_zipfile_serialization=False`): load it \
+             in PyTorch and save it again with `torch.save(state_dict, path)`",
+        ));
+    }
+    Err(EngineError::invalid(
+        path,
+        "file header",
+        "neither a PyTorch checkpoint (a zip archive, as `torch.save` writes) nor a safetensors \
+         file",
+    ))
+}
+
+/// The tensors of a `.pth` file and the dict key they were under.
+fn read_pth(path: &Path, key: Option<&str>) -> Result<(BTreeMap<String, Tensor>, Option<String>)> {
+    let top = read_pickle(path)?;
+    let key = state_dict_key(path, &top, key)?;
+    let pth = PthTensors::new(path, key.as_deref())
+        .map_err(|e| EngineError::invalid(path, "data.pkl", format!("cannot read: {e}")))?;
+    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+    names.sort();
+    let mut out = BTreeMap::new();
+    for name in names {
+        let t = pth
+            .get(name)
+            .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e.to_string()))?
+            .expect("listed by the archive");
+        out.insert(name.clone(), t);
+    }
+    Ok((out, key))
+}
+
+/// The top-level object of the archive's `data.pkl`.
+fn read_pickle(path: &Path) -> Result<Object> {
+    let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
+    let name = zip
+        .file_names()
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with("data.pkl"))
+        .map(|n| n.into_owned())
+        .ok_or_else(|| {
+            EngineError::invalid(
+                path,
+                "zip archive",
+                "no `data.pkl`: not a checkpoint written by `torch.save`",
+            )
+        })?;
+    let entry = zip
+        .by_name(&name)
+        .map_err(|e| EngineError::invalid(path, &name, e.to_string()))?;
+    let mut stack = Stack::empty();
+    stack
+        .read_loop(&mut std::io::BufReader::new(entry))
+        .map_err(|e| EngineError::invalid(path, &name, format!("cannot unpickle: {e}")))?;
+    stack
+        .finalize()
+        .map_err(|e| EngineError::invalid(path, &name, format!("cannot unpickle: {e}")))
+}
+
+/// Whether a pickled object is a tensor (or an `nn.Parameter`).
+fn is_tensor(o: &Object) -> bool {
+    let Object::Reduce { callable, .. } = o else {
+        return false;
+    };
+    matches!(&**callable, Object::Class { module_name, class_name }
+        if (module_name == "torch._utils"
+            && (class_name == "_rebuild_tensor_v2" || class_name == "_rebuild_parameter"))
+            || (module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2"))
+}
+
+/// A dict's string keys.
+fn dict_keys(entries: &[(Object, Object)]) -> Vec<String> {
+    entries
+        .iter()
+        .filter_map(|(k, _)| match k {
+            Object::Unicode(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where the state dict is: `None` for the top level (a dict of tensors), else the entry of
+/// the top-level dict named by `key` or found among [`STATE_DICT_KEYS`].
+fn state_dict_key(path: &Path, top: &Object, key: Option<&str>) -> Result<Option<String>> {
+    let not_state_dict = |what: &str| {
+        EngineError::invalid(
+            path,
+            "data.pkl",
+            format!(
+                "not a state dict: the pickle's top level is {what}; save `model.state_dict()` \
+                 (a whole pickled `nn.Module` needs its Python class to load)"
+            ),
+        )
+    };
+    let Object::Dict(entries) = top else {
+        return Err(not_state_dict(match top {
+            Object::Build { .. } | Object::Reduce { .. } => "a Python object",
+            Object::List(_) => "a list",
+            Object::Tuple(_) => "a tuple",
+            _ => "a plain value",
+        }));
+    };
+    let entry = |k: &str| {
+        entries
+            .iter()
+            .find(|(n, _)| *n == Object::Unicode(k.to_owned()))
+            .map(|(_, v)| v)
+    };
+    let holds_tensors =
+        |o: &Object| matches!(o, Object::Dict(d) if d.iter().any(|(_, v)| is_tensor(v)));
+    if let Some(k) = key {
+        return match entry(k) {
+            Some(v) if holds_tensors(v) => Ok(Some(k.to_owned())),
+            Some(_) => Err(EngineError::invalid(
+                path,
+                format!("key `{k}`"),
+                "holds no tensors: not a state dict",
+            )),
+            None => Err(EngineError::invalid(
+                path,
+                format!("key `{k}`"),
+                format!(
+                    "not in the checkpoint, whose top-level keys are {:?}",
+                    dict_keys(entries)
+                ),
+            )),
+        };
+    }
+    if entries.iter().any(|(_, v)| is_tensor(v)) {
+        return Ok(None);
+    }
+    if let Some(k) = STATE_DICT_KEYS
+        .into_iter()
+        .find(|k| entry(k).is_some_and(holds_tensors))
+    {
+        return Ok(Some(k.to_owned()));
+    }
+    Err(not_state_dict(&format!(
+        "a dict of keys {:?} with no tensors and no state dict under {STATE_DICT_KEYS:?}; \
+         name the entry holding it with `key`",
+        dict_keys(entries)
+    )))
+}
+
+/// Maps names onto ours: drops a `module.` prefix present on every name and the
+/// `num_batches_tracked` counters, and renames kuangliu/pytorch-cifar's layers.
+fn rename(
+    path: &Path,
+    raw: BTreeMap<String, Tensor>,
+) -> Result<(BTreeMap<String, Tensor>, Naming, bool)> {
+    if raw.is_empty() {
+        return Err(EngineError::invalid(path, "state dict", "holds no tensors"));
+    }
+    let data_parallel = raw.keys().all(|n| n.starts_with("module."));
+    let kuangliu = raw.keys().any(|n| {
+        n.contains(".shortcut.") || n.starts_with("linear.") || n.starts_with("module.linear.")
+    });
+    let mut out = BTreeMap::new();
+    for (name, t) in raw {
+        if name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let mut ours = if data_parallel {
+            name["module.".len()..].to_owned()
+        } else {
+            name.clone()
+        };
+        if kuangliu {
+            ours = ours.replace(".shortcut.", ".downsample.");
+            if let Some(rest) = ours.strip_prefix("linear.") {
+                ours = format!("fc.{rest}");
+            }
+        }
+        if out.insert(ours.clone(), t).is_some() {
+            return Err(EngineError::invalid(
+                path,
+                format!("tensor `{name}`"),
+                format!("maps to `{ours}`, which another tensor maps to as well"),
+            ));
+        }
+    }
+    let naming = if kuangliu {
+        Naming::Kuangliu
+    } else {
+        Naming::Torchvision
+    };
+    Ok((out, naming, data_parallel))
+}
+
+impl StateDict {
+    /// The spec of architecture `arch` these tensors are for: classes and input channels from
+    /// the classifier and the first convolution, width from the first convolution, the stem from
+    /// its kernel size, the shortcut of a CIFAR ResNet from whether projections are present.
+    /// `dropout` cannot be seen in the weights and is given.
+    pub fn spec(&self, path: &Path, arch: &str, dropout: f64) -> Result<ModelSpec> {
+        let parsed = Arch::parse(arch)?;
+        let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
+            let t = self.tensors.get(name).ok_or_else(|| {
+                EngineError::invalid(
+                    path,
+                    format!("tensor `{name}`"),
+                    format!("missing: the checkpoint is not a {arch} model"),
+                )
+            })?;
+            if t.rank() != rank {
+                return Err(EngineError::invalid(
+                    path,
+                    format!("tensor `{name}`"),
+                    format!("shape {:?}, expected a rank-{rank} tensor", t.dims()),
+                ));
+            }
+            Ok(t.dims().to_vec())
+        };
+        let conv1 = dims("conv1.weight", 4)?;
+        let fc = dims("fc.weight", 2)?;
+        let stem = match conv1[2] {
+            7 => Stem::Imagenet,
+            _ => Stem::Cifar,
+        };
+        let shortcut = match parsed {
+            Arch::Cifar { .. } if !self.tensors.contains_key("layer2.0.downsample.0.weight") => {
+                Shortcut::A
+            }
+            _ => Shortcut::B,
+        };
+        Ok(ModelSpec {
+            arch: arch.to_owned(),
+            width: conv1[0],
+            shortcut,
+            classes: fc[0],
+            in_channels: conv1[1],
+            stem,
+            dropout,
+        })
+    }
+
+    /// Builds the model of `spec` on `device` and loads these tensors into it, every one
+    /// checked by name and shape (see [`Model::set_tensors`]).
+    pub fn into_model(self, path: &Path, spec: &ModelSpec, device: &Device) -> Result<Model> {
+        let model = Model::new(spec, device, 0)?;
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        model.set_tensors(path, &tensors)?;
+        Ok(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/import")
+            .join(name)
+    }
+
+    /// kuangliu/pytorch-cifar's names (`shortcut`, `linear`) map onto ours, and the model then
+    /// computes the logits PyTorch recorded for a fixed input.
+    #[test]
+    fn a_kuangliu_resnet18_maps_and_matches_pytorchs_logits() {
+        let path = fixture("kuangliu_resnet18_w2.pth");
+        let state = read(&path, None).unwrap();
+        assert_eq!(
+            (state.naming, state.key.as_deref(), state.data_parallel),
+            (Naming::Kuangliu, None, false)
+        );
+        assert!(state.tensors.contains_key("layer2.0.downsample.0.weight"));
+        assert!(state.tensors.contains_key("fc.bias"));
+        let spec = state.spec(&path, "resnet18", 0.0).unwrap();
+        assert_eq!(
+            (spec.width, spec.classes, spec.in_channels, spec.stem),
+            (2, 10, 3, Stem::Cifar)
+        );
+        let model = state.into_model(&path, &spec, &Device::Cpu).unwrap();
+        let n = 2 * 3 * 32 * 32;
+        // torch.linspace(-2, 2, n): start + i·step, with the upper half counted from the end.
+        let step = 4.0 / (n - 1) as f64;
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                if i < n / 2 {
+                    (-2.0 + step * i as f64) as f32
+                } else {
+                    (2.0 - step * (n - 1 - i) as f64) as f32
+                }
+            })
+            .collect();
+        let x = Tensor::from_vec(x, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let got = model
+            .net
+            .forward_t(&x, false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let want: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixture("kuangliu_resnet18_w2_logits.json")).unwrap(),
+        )
+        .unwrap();
+        for (r, row) in got.iter().enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                let w = want["logits"][r][k].as_f64().unwrap();
+                assert!(
+                    (*v as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{r},{k}: {v} vs {w}"
+                );
+            }
+        }
+    }
+
+    /// RepDistiller's `{'model': state_dict, ...}` is found without a key, the safetensors copy
+    /// with DataParallel's prefix maps to the same tensors, and both infer a resnet8 of width 16.
+    #[test]
+    fn a_checkpoint_dict_and_a_prefixed_safetensors_file_hold_the_same_state() {
+        let pth_path = fixture("resnet8.pth");
+        let pth = read(&pth_path, None).unwrap();
+        assert_eq!(
+            (pth.format, pth.key.as_deref()),
+            (Format::Pth, Some("model"))
+        );
+        let st = read(&fixture("resnet8.safetensors"), None).unwrap();
+        assert_eq!((st.format, st.data_parallel), (Format::Safetensors, true));
+        assert_eq!(
+            pth.tensors.keys().collect::<Vec<_>>(),
+            st.tensors.keys().collect::<Vec<_>>()
+        );
+        assert!(!pth
+            .tensors
+            .keys()
+            .any(|k| k.contains("num_batches_tracked")));
+        for (name, t) in &pth.tensors {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = st.tensors[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(a, b, "{name}");
+        }
+        let spec = pth.spec(&pth_path, "resnet8", 0.0).unwrap();
+        assert_eq!(spec, ModelSpec::new("resnet8", 10, 3).unwrap());
+        // An explicit key works too; a safetensors file has no keys.
+        assert_eq!(
+            read(&pth_path, Some("model")).unwrap().tensors.len(),
+            pth.tensors.len()
+        );
+        let e = read(&fixture("resnet8.safetensors"), Some("model")).unwrap_err();
+        assert!(e.to_string().contains("holds tensors only"), "{e}");
+    }
+
+    /// A file that is neither format is refused by its header.
+    #[test]
+    fn other_files_are_refused_by_their_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("notes.pth");
+        std::fs::write(&p, "hello, world").unwrap();
+        let e = read(&p, None).unwrap_err().to_string();
+        assert!(
+            e.contains("notes.pth") && e.contains("neither a PyTorch checkpoint"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! The `import` stage: a model trained elsewhere — a PyTorch checkpoint (`.pth`/`.pt`) or a
+//! safetensors file — turned into the artifact a `train` stage produces (`model.json` beside
+//! `model.safetensors`), so that `label`, `evaluate` and the online methods use it unchanged.
+//!
+//! The file's names are mapped onto ours and every tensor checked ([`engine::import`]); the
+//! spec's shape keys (classes, input channels, width, stem, shortcut) are read off the tensors.
+//! The stage is fingerprinted by the file's content hash, computed where stages.toml is read
+//! ([`Params::hash_file`]), not by its path: moving the file reruns nothing, changing it
+//! reruns the stage and everything downstream.
+
+use crate::artifacts::model::Imported;
+use crate::artifacts::TrainedModel;
+use crate::context::Context;
+use crate::error::{Result, StageError};
+use crate::params::RangeError;
+use candle_core::Device;
+use datasets::augment::Normalize;
+use engine::json;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+/// Parameters of an `import` stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The checkpoint, relative to the stages.toml's folder: a `torch.save` file (zip format,
+    /// PyTorch ≥ 1.6) of a state dict or of a dict holding one, or a safetensors file.
+    pub path: String,
+    /// The architecture, as a train stage names it (`resnet110`, `resnet50_imagenet`, ...).
+    pub model: String,
+    /// The entry of a checkpoint dict holding the state dict (default: the top level when it
+    /// holds tensors, else the first of `state_dict`, `model`, `model_state_dict`, `net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Rate of the dropout before the classifier the model was trained with (not visible in its
+    /// weights; needed for Monte-Carlo dropout labels or evaluation).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f64,
+    /// The input normalisation the model was trained with, e.g. torchvision's ImageNet
+    /// statistics `{ mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] }`; label,
+    /// evaluate and the online methods feed it images normalised so (default: the dataset's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalize>,
+    /// The file's expected blake3 (hex): any other content is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    /// The row name of the model in reports. Not fingerprinted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The file's blake3, computed where stages.toml is read; fingerprinted in place of `path`.
+    #[serde(default, skip_deserializing)]
+    pub file_blake3: String,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+impl Params {
+    /// Checks the keys' values.
+    pub fn validate(&self) -> std::result::Result<(), RangeError> {
+        engine::models::Arch::parse(&self.model).map_err(|e| ("model", e.to_string()))?;
+        crate::params::below_one("dropout", self.dropout)?;
+        if let Some(n) = &self.normalize {
+            if n.mean.is_empty() || n.mean.len() != n.std.len() {
+                return Err((
+                    "normalize",
+                    format!(
+                        "needs `mean` and `std` of one value per input channel, found {} and {}",
+                        n.mean.len(),
+                        n.std.len()
+                    ),
+                ));
+            }
+            if let Some(s) = n.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(("normalize", format!("`std` must be positive, found {s}")));
+            }
+        }
+        if let Some(h) = &self.blake3 {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(("blake3", format!("must be 64 hex digits, found `{h}`")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hashes the file (`path` relative to `base_dir`) into `file_blake3`; refuses a missing
+    /// file or one whose hash is not the pinned `blake3`.
+    pub fn hash_file(&mut self, base_dir: &Path) -> std::result::Result<(), RangeError> {
+        let file = base_dir.join(&self.path);
+        let hash =
+            hash(&file).map_err(|e| ("path", format!("cannot read {}: {e}", file.display())))?;
+        if let Some(pin) = &self.blake3 {
+            if !pin.eq_ignore_ascii_case(&hash) {
+                return Err((
+                    "blake3",
+                    format!("{} has blake3 {hash}, not the pinned {pin}", file.display()),
+                ));
+            }
+        }
+        self.file_blake3 = hash;
+        Ok(())
+    }
+}
+
+/// The blake3 of a file, streamed.
+fn hash(file: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(file)?)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Runs an `import` stage: reads, maps and checks the checkpoint, writes the model.
+pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
+    let t0 = Instant::now();
+    let file = ctx.base_dir.join(&p.path);
+    let now = hash(&file).map_err(|e| StageError::io(&file, e))?;
+    if now != p.file_blake3 {
+        return Err(StageError::invalid(
+            &file,
+            "content",
+            format!(
+                "changed since stages.toml was read (blake3 {now}, was {}): run again",
+                p.file_blake3
+            ),
+        ));
+    }
+    let state = engine::import::read(&file, p.key.as_deref())?;
+    let spec = state.spec(&file, &p.model, p.dropout)?;
+    if let Some(n) = &p.normalize {
+        if n.mean.len() != spec.in_channels {
+            return Err(StageError::Config(format!(
+                "{}: `normalize` has {} channels, the model reads {}",
+                ctx.name,
+                n.mean.len(),
+                spec.in_channels
+            )));
+        }
+    }
+    let imported = Imported {
+        file: file.display().to_string(),
+        blake3: now,
+        format: state.format,
+        key: state.key.clone(),
+        naming: state.naming,
+        data_parallel: state.data_parallel,
+    };
+    let model = state.into_model(&file, &spec, &Device::Cpu)?;
+    datasets::atomic::write_bytes(&ctx.dir.join("model.safetensors"), &model.to_safetensors()?)?;
+    json::write(
+        &ctx.dir.join("model.json"),
+        &TrainedModel {
+            spec: spec.clone(),
+            method: None,
+            seed: 0,
+            epochs: 0,
+            variant: String::new(),
+            imported: Some(imported),
+            normalize: p.normalize.clone(),
+        },
+    )?;
+    tracing::info!(
+        "{}: imported {} ({} parameters, {} classes) from {} in {:.2} s",
+        ctx.name,
+        spec.arch,
+        model.parameter_count(),
+        spec.classes,
+        file.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(vec!["model.safetensors".into(), "model.json".into()])
+}

@@ -1,0 +1,438 @@
+//! The `import` stage through the binary: a ResNet-8 written by PyTorch (the committed fixtures
+//! of tests/fixtures/import, made by its make_fixtures.py) evaluates to PyTorch's own
+//! predictions of the same images, from the `.pth` and from the `.safetensors`; an imported
+//! teacher labels and teaches online unchanged; the fingerprint follows the file's content, not
+//! its path; malformed checkpoints fail with errors naming the file and the tensor.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/import")
+}
+
+/// A run over the fixture CIFAR-10 (16 training, 64 test images) importing `checkpoint`.
+fn config(checkpoint: &str, extra: &str) -> String {
+    let f = fixtures();
+    format!(
+        r#"
+[run]
+output = "out"
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "cifar10"
+path = "{data}"
+batches = [1]
+
+[[stage]]
+name = "teacher"
+kind = "import"
+path = "{checkpoint}"
+model = "resnet8"
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "teacher"]
+batch_size = 16
+{extra}"#,
+        data = f.join("cifar10").display(),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    accuracy: f64,
+    predicted: Vec<usize>,
+    logits: Vec<Vec<f64>>,
+}
+
+fn expected() -> Expected {
+    serde_json::from_slice(&std::fs::read(fixtures().join("resnet8_predictions.json")).unwrap())
+        .unwrap()
+}
+
+/// The logits column of `predictions.parquet`, row by row.
+fn logits(path: &Path) -> Vec<Vec<f32>> {
+    use arrow::array::{Array, FixedSizeListArray, Float32Array};
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = batch.column_by_name("logits").unwrap();
+        let list = col.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+        for r in 0..list.len() {
+            let v = list.value(r);
+            let v = v.as_any().downcast_ref::<Float32Array>().unwrap();
+            rows.push(v.values().to_vec());
+        }
+    }
+    rows
+}
+
+/// `evaluate` on the imported model reproduces PyTorch's logits, predictions and accuracy.
+fn check_against_pytorch(out: &Path) {
+    let want = expected();
+    let got = logits(&out.join("eval/predictions.parquet"));
+    assert_eq!(got.len(), want.logits.len());
+    for (i, (g, w)) in got.iter().zip(&want.logits).enumerate() {
+        for (k, (a, b)) in g.iter().zip(w).enumerate() {
+            let tol = 1e-4 * (1.0 + b.abs());
+            assert!(
+                (*a as f64 - b).abs() <= tol,
+                "image {i} class {k}: {a} here, {b} in PyTorch"
+            );
+        }
+        let argmax = (0..g.len()).max_by(|&a, &b| g[a].total_cmp(&g[b])).unwrap();
+        assert_eq!(argmax, want.predicted[i], "image {i}");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval/metrics.json")).unwrap()).unwrap();
+    assert_eq!(
+        metrics["metrics"]["accuracy"].as_f64().unwrap(),
+        want.accuracy
+    );
+    assert_eq!(metrics["method"], "imported");
+}
+
+#[test]
+fn a_pytorch_resnet8_evaluates_to_pytorchs_predictions_from_pth_and_safetensors() {
+    let dir = scratch();
+    let pth = fixtures().join("resnet8.pth");
+    write(
+        dir.path(),
+        "p.toml",
+        &config(&pth.display().to_string(), ""),
+    );
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    check_against_pytorch(&out);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
+    assert_eq!(meta["imported"]["key"], "model");
+    assert_eq!(meta["imported"]["format"], "pth");
+    assert_eq!(meta["spec"]["classes"], 10);
+    assert_eq!(meta["spec"]["width"], 16);
+    assert_eq!(
+        meta["imported"]["blake3"],
+        blake3::hash(&std::fs::read(&pth).unwrap())
+            .to_hex()
+            .as_str()
+    );
+
+    // The same weights in safetensors, with DataParallel's `module.` prefix.
+    let st = fixtures().join("resnet8.safetensors");
+    let dir2 = scratch();
+    write(
+        dir2.path(),
+        "p.toml",
+        &config(&st.display().to_string(), ""),
+    );
+    let o = pipeline(dir2.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_against_pytorch(&dir2.path().join("out"));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir2.path().join("out/teacher/model.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["imported"]["data_parallel"], true);
+    // Both imports hold the same weights.
+    assert_eq!(
+        std::fs::read(out.join("teacher/model.safetensors")).unwrap(),
+        std::fs::read(dir2.path().join("out/teacher/model.safetensors")).unwrap()
+    );
+}
+
+/// A copy of the checkpoint at another path is the same stage; other content is not.
+#[test]
+fn the_fingerprint_is_the_files_content_not_its_path() {
+    let dir = scratch();
+    let a = dir.path().join("a.pth");
+    std::fs::copy(fixtures().join("resnet8.pth"), &a).unwrap();
+    write(dir.path(), "p.toml", &config("a.pth", ""));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ran(&o), ["data", "teacher", "eval"]);
+
+    std::fs::rename(&a, dir.path().join("moved.pth")).unwrap();
+    write(dir.path(), "p.toml", &config("moved.pth", ""));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(ran(&o).is_empty(), "{}", stderr(&o));
+
+    // The safetensors file holds the same weights but is another file: a new import.
+    std::fs::copy(
+        fixtures().join("resnet8.safetensors"),
+        dir.path().join("moved.pth"),
+    )
+    .unwrap();
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ran(&o), ["teacher", "eval"]);
+
+    // A pinned hash refuses any other content, at the key's line.
+    let pin = "0".repeat(64);
+    let cfg = config("moved.pth", "").replace(
+        "model = \"resnet8\"",
+        &format!("model = \"resnet8\"\nblake3 = \"{pin}\""),
+    );
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    let line = cfg.lines().position(|l| l.starts_with("blake3")).unwrap() + 1;
+    assert!(
+        e.contains(&format!("p.toml:{line}:"))
+            && e.contains("key `blake3`")
+            && e.contains("moved.pth"),
+        "{e}"
+    );
+    // So does a missing file, at `path`.
+    write(dir.path(), "p.toml", &config("nowhere.pth", ""));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("key `path`") && stderr(&o).contains("nowhere.pth"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// An imported teacher feeds a label stage and an online student as a trained one does.
+#[test]
+fn an_imported_teacher_labels_and_teaches_online() {
+    let dir = scratch();
+    let pth = fixtures().join("resnet8.pth");
+    let extra = r#"
+[[stage]]
+name = "labels"
+kind = "label"
+needs = ["data", "teacher"]
+splits = ["test"]
+
+[[stage]]
+name = "student"
+kind = "train"
+needs = ["data", "teacher"]
+model = "resnet8"
+width = 4
+method = "on-ldl"
+epochs = 1
+batch_size = 8
+"#;
+    write(
+        dir.path(),
+        "p.toml",
+        &config(&pth.display().to_string(), extra),
+    );
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    // The stored distributions are the softmax of PyTorch's logits.
+    let want = expected();
+    let store = out.join("labels/labels-test.parquet");
+    let meta = stages::label_store::read_meta(&store).unwrap();
+    assert_eq!(meta.teachers.len(), 1);
+    let test = datasets::PackedStore::open(&out.join("data/test.pack")).unwrap();
+    let labels =
+        stages::label_store::read(&store, "teacher", 64, &test.info().classes, &test.hash())
+            .unwrap()
+            .to_dense();
+    for (i, w) in want.logits.iter().enumerate() {
+        let max = w.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = w.iter().map(|v| (v - max).exp()).sum();
+        for (k, v) in w.iter().enumerate() {
+            let p = (v - max).exp() / z;
+            let got = labels[i * 10 + k] as f64;
+            assert!((got - p).abs() < 1e-4, "image {i} class {k}: {got} vs {p}");
+        }
+    }
+    assert!(out.join("student/model.safetensors").exists());
+}
+
+/// Malformed checkpoints: each a clear error naming the file and the tensor or key, exit ≠ 0,
+/// and nothing of the earlier import lost.
+#[test]
+fn malformed_checkpoints_fail_naming_the_file_and_the_tensor() {
+    let dir = scratch();
+    let bad = fixtures().join("bad");
+    let cases = [
+        (
+            "missing.pth",
+            "tensor `layer2.0.bn2.running_var`",
+            "missing",
+        ),
+        (
+            "wrong_shape.pth",
+            "tensor `layer3.0.conv2.weight`",
+            "shape [8, 8, 1, 1], the model expects [8, 8, 3, 3]",
+        ),
+        (
+            "extra.pth",
+            "tensor `layer4.0.conv1.weight`",
+            "not in this model",
+        ),
+        ("no_state_dict.pth", "data.pkl", "not a state dict"),
+        ("list.pth", "data.pkl", "a list"),
+        ("legacy.pth", "file header", "bare pickle"),
+    ];
+    // A good import first: a failed one must leave it in place.
+    write(
+        dir.path(),
+        "p.toml",
+        &config(&fixtures().join("resnet8.pth").display().to_string(), ""),
+    );
+    assert!(pipeline(dir.path(), &["run", "p.toml"]).status.success());
+    let good = std::fs::read(dir.path().join("out/teacher/model.safetensors")).unwrap();
+    for (file, place, what) in cases {
+        let path = bad.join(file);
+        write(
+            dir.path(),
+            "p.toml",
+            &config(&path.display().to_string(), ""),
+        );
+        let o = pipeline(dir.path(), &["run", "p.toml"]);
+        assert!(!o.status.success(), "{file} was accepted");
+        let e = stderr(&o);
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains(place) && e.contains(what),
+            "{file}: {e}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("out/teacher/model.safetensors")).unwrap(),
+            good,
+            "{file}"
+        );
+    }
+    // A `key` that is not in the checkpoint names the keys that are.
+    let cfg = config(&fixtures().join("resnet8.pth").display().to_string(), "").replace(
+        "model = \"resnet8\"",
+        "model = \"resnet8\"\nkey = \"state_dict\"",
+    );
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("key `state_dict`") && e.contains("\"model\"") && e.contains("\"epoch\""),
+        "{e}"
+    );
+    // Another architecture's checkpoint: resnet8 weights are not a resnet14.
+    let cfg = config(&fixtures().join("resnet8.pth").display().to_string(), "")
+        .replace("model = \"resnet8\"", "model = \"resnet14\"");
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("tensor `layer1.1.bn1.bias`") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+/// Writes the fixture's CIFAR-10 test images as an ImageFolder tree (`val/<class>/NNN.png`, and
+/// again under `train/`, which must hold every class), whose `prepare` fits its own
+/// normalisation.
+fn image_folder(root: &Path) {
+    let f = fixtures().join("cifar10");
+    let classes: Vec<String> = std::fs::read_to_string(f.join("batches.meta.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for split in ["train", "val"] {
+        let file = "test_batch.bin";
+        let bytes = std::fs::read(f.join(file)).unwrap();
+        for (i, rec) in bytes.chunks_exact(3073).enumerate() {
+            let dir = root.join(split).join(&classes[rec[0] as usize]);
+            std::fs::create_dir_all(&dir).unwrap();
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let p = (y * 32 + x) as usize;
+                image::Rgb([rec[1 + p], rec[1 + 1024 + p], rec[1 + 2048 + p]])
+            });
+            // Zero-padded so that the folder order is the record order.
+            img.save(dir.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+}
+
+/// An imported model's own normalisation (`normalize`) is what it is fed, whatever the
+/// dataset's: over an ImageFolder copy of the images, whose statistics `prepare` fits, the
+/// import stating CIFAR-10's statistics still reproduces PyTorch's logits; without it, it
+/// does not.
+#[test]
+fn an_imported_models_own_normalisation_is_what_it_is_fed() {
+    let dir = scratch();
+    image_folder(&dir.path().join("images"));
+    let pth = fixtures().join("resnet8.pth");
+    let cfg = |normalize: &str| {
+        format!(
+            r#"
+[run]
+output = "out"
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "imagefolder"
+path = "images"
+image_size = 32
+
+[[stage]]
+name = "teacher"
+kind = "import"
+path = "{}"
+model = "resnet8"
+{normalize}
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "teacher"]
+"#,
+            pth.display()
+        )
+    };
+    write(
+        dir.path(),
+        "p.toml",
+        &cfg("normalize = { mean = [0.4914, 0.4822, 0.4465], std = [0.2470, 0.2435, 0.2616] }"),
+    );
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("data/dataset.json")).unwrap()).unwrap();
+    assert_ne!(
+        info["normalize"]["mean"][0].as_f64().unwrap() as f32,
+        0.4914f32
+    );
+    // The ImageFolder test split is in class-folder order, the fixture in record order: match
+    // them through the labels, which take 0..9 in turn in the fixture.
+    let got = logits(&out.join("eval/predictions.parquet"));
+    let want = expected();
+    let order: Vec<usize> = (0..10).flat_map(|c| (c..64).step_by(10)).collect();
+    for (row, &i) in order.iter().enumerate() {
+        for (a, b) in got[row].iter().zip(&want.logits[i]) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "image {i}: {a} vs {b}"
+            );
+        }
+    }
+    // Fed the dataset's own statistics, the model computes other logits.
+    write(dir.path(), "p.toml", &cfg(""));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let other = logits(&out.join("eval/predictions.parquet"));
+    assert!((other[0][0] as f64 - want.logits[0][0]).abs() > 1e-2);
+}
