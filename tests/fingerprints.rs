@@ -121,6 +121,14 @@ fn cells_shared_by_tables_1_and_3_are_the_same_runs() {
             ));
         }
     }
+    for seed in 0..3 {
+        for teacher in ["110", "200"] {
+            pairs.push((
+                format!("replay{teacher}.mix=cutmix.seed={seed}"),
+                format!("replay{teacher}.mix=cutmix.seed={seed}"),
+            ));
+        }
+    }
     for (a, b) in pairs {
         let (x, y) = (&t1[&a], &t3[&b]);
         assert_eq!(x, y, "table 1 `{a}` and table 3 `{b}` differ");

@@ -11,7 +11,7 @@
 //!
 //! [[stage]]
 //! name = "data"
-//! kind = "prepare"           # prepare | import | train | label | evaluate | report
+//! kind = "prepare"           # prepare | import | train | label | replay | evaluate | report
 //! needs = []                 # upstream stages this one reads
 //! source = "synthetic"       # ... and the kind's own parameters
 //! ```
@@ -575,6 +575,12 @@ struct Expansion {
     need_spans: Vec<Vec<Range<usize>>>,
     grids: Vec<(String, Vec<String>)>,
     kinds: HashMap<String, Kind>,
+    /// Each grid's `matrix` keys (none for a grid made by following another).
+    grid_keys: HashMap<String, Vec<String>>,
+    /// Each stage's resolved parameters, as JSON, by name.
+    resolved: HashMap<String, serde_json::Value>,
+    /// The name segments (`key`, `value`) of each cell made by a `matrix`.
+    segments: HashMap<String, Vec<(String, String)>>,
 }
 
 impl Expansion {
@@ -595,10 +601,38 @@ impl Expansion {
                 Some(j) => {
                     let grid = &tpl.needs[j].0;
                     let (_, cells) = self.grids.iter().find(|(g, _)| g == grid).expect("found");
+                    // The grid's matrix keys that this stage sets itself (in its own matrix
+                    // or its table) pair cells: it follows only the cells of the grid that
+                    // hold its own values of them (students follow the replay store of their
+                    // seed and mixing).
+                    let shared: Vec<&String> = self
+                        .grid_keys
+                        .get(grid)
+                        .into_iter()
+                        .flatten()
+                        .filter(|k| {
+                            cell.iter().any(|c| &&c.key == k) || tpl.table.contains_key(k.as_str())
+                        })
+                        .collect();
+                    let own = serde_json::to_value(&params).expect("parameters serialise");
                     cells
                         .iter()
+                        .filter(|c| {
+                            shared
+                                .iter()
+                                .all(|k| self.resolved[*c].get(k.as_str()) == own.get(k.as_str()))
+                        })
                         .map(|c| {
-                            let suffix = c.strip_prefix(grid.as_str()).unwrap_or(c);
+                            // The followed cell's name segments, less those this cell's name
+                            // already has.
+                            let suffix: String = match self.segments.get(c) {
+                                Some(segs) => segs
+                                    .iter()
+                                    .filter(|(k, _)| !shared.contains(&k))
+                                    .map(|(k, v)| format!(".{k}={v}"))
+                                    .collect(),
+                                None => c.strip_prefix(grid.as_str()).unwrap_or(c).to_string(),
+                            };
                             (format!("{own_name}{suffix}"), Some(c.clone()))
                         })
                         .collect()
@@ -637,6 +671,14 @@ impl Expansion {
                     ));
                 }
                 self.kinds.insert(stage_name.clone(), tpl.kind);
+                self.resolved.insert(
+                    stage_name.clone(),
+                    serde_json::to_value(&params).expect("parameters serialise"),
+                );
+                if follow.is_none() && tpl.cells.is_some() {
+                    let segs = cell.iter().map(|c| (c.key.clone(), c.segment.clone()));
+                    self.segments.insert(stage_name.clone(), segs.collect());
+                }
                 cell_names.push(stage_name.clone());
                 self.stages.push(StageDecl {
                     name: stage_name,
@@ -649,6 +691,10 @@ impl Expansion {
             }
         }
         if tpl.cells.is_some() || cell_names.len() > 1 || cell_names.first() != Some(&tpl.name) {
+            if let Some(first) = tpl.cells.as_ref().and_then(|c| c.first()) {
+                let keys = first.iter().map(|c| c.key.clone()).collect();
+                self.grid_keys.insert(tpl.name.clone(), keys);
+            }
             self.grids.push((tpl.name.clone(), cell_names));
         }
         Ok(())
@@ -729,6 +775,7 @@ fn cell_params(
         Kind::Import => StageParams::Import(Deserialize::deserialize(de).map_err(err)?),
         Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
         Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
+        Kind::Replay => StageParams::Replay(Deserialize::deserialize(de).map_err(err)?),
         Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
         Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
     };
@@ -931,6 +978,7 @@ fn validate_graph(
             Artifact::Dataset,
             Artifact::Model,
             Artifact::Labels,
+            Artifact::Replay,
             Artifact::Metrics,
         ] {
             let n = counts.get(&artifact).copied().unwrap_or(0);
@@ -1004,6 +1052,7 @@ fn reads(p: &StageParams) -> String {
         Artifact::Dataset,
         Artifact::Model,
         Artifact::Labels,
+        Artifact::Replay,
         Artifact::Metrics,
     ] {
         match p.needs(a) {

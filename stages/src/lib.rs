@@ -2,6 +2,8 @@
 //! depend only downwards (checked by `tests/layers.rs`; docs/architecture.md has the picture):
 //!
 //! 1. [`label_store`]: the Parquet label store format (schema, writer, reader, validation);
+//!    [`stream`]: a training's batch stream; [`replay_store`]: teachers' outputs on every
+//!    batch of a stream, stored for replay;
 //! 2. [`science`]: the paper's methods (supervision of a student), OGR, metrics, calibration
 //!    and figures;
 //! 3. [`artifacts`]: what flows between stages — a prepared dataset, a trained model, a label
@@ -25,7 +27,9 @@ pub mod kinds;
 pub mod label_store;
 pub mod params;
 pub mod registry;
+pub mod replay_store;
 pub mod science;
+pub mod stream;
 
 pub use artifacts::{Artifact, Kind, Multiplicity};
 pub use context::{Context, Input, Settings};

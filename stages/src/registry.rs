@@ -5,7 +5,7 @@
 use crate::artifacts::{Artifact, Kind, Multiplicity};
 use crate::context::{Context, Settings};
 use crate::error::Result;
-use crate::kinds::{evaluate, import, label, prepare, report, train};
+use crate::kinds::{evaluate, import, label, prepare, replay, report, train};
 use crate::params::{ParamDefaults, RangeError};
 use serde::Serialize;
 
@@ -49,6 +49,8 @@ pub enum StageParams {
     Train(train::Params),
     /// `kind = "label"`.
     Label(label::Params),
+    /// `kind = "replay"`.
+    Replay(replay::Params),
     /// `kind = "evaluate"`.
     Evaluate(evaluate::Params),
     /// `kind = "report"`.
@@ -63,6 +65,7 @@ impl StageParams {
             StageParams::Import(_) => Kind::Import,
             StageParams::Train(_) => Kind::Train,
             StageParams::Label(_) => Kind::Label,
+            StageParams::Replay(_) => Kind::Replay,
             StageParams::Evaluate(_) => Kind::Evaluate,
             StageParams::Report(_) => Kind::Report,
         }
@@ -77,6 +80,9 @@ impl StageParams {
             (StageParams::Train(_), Dataset) => M::One,
             (StageParams::Train(p), Labels) if p.method.reads_labels() => M::One,
             (StageParams::Train(p), Model) if p.method.uses_teachers() => M::OneOrMore,
+            (StageParams::Train(p), Replay) if p.method.uses_teachers() && p.replay => M::One,
+            (StageParams::Replay(_), Dataset) => M::One,
+            (StageParams::Replay(_), Model) => M::OneOrMore,
             (StageParams::Label(_), Dataset) => M::One,
             (StageParams::Label(_), Model) => M::OneOrMore,
             (StageParams::Evaluate(_), Dataset | Model) => M::One,
@@ -141,6 +147,7 @@ impl StageParams {
             let role = match (kind, own) {
                 (Kind::Prepare, _) => "data",
                 (Kind::Label, _) => "labels",
+                (Kind::Replay, _) => "replay",
                 (Kind::Train | Kind::Import, Kind::Evaluate) => "model",
                 (Kind::Train | Kind::Import, _) => "teacher",
                 (Kind::Evaluate, _) => "evaluation",
@@ -168,6 +175,7 @@ impl StageParams {
             StageParams::Import(p) => p.validate(),
             StageParams::Train(p) => p.validate(),
             StageParams::Label(p) => p.validate(),
+            StageParams::Replay(p) => p.validate(),
             StageParams::Evaluate(p) => p.validate(),
             StageParams::Report(_) => Ok(()),
         }
@@ -188,6 +196,7 @@ impl StageParams {
         match self {
             StageParams::Prepare(p) => p.resolve(run_seed),
             StageParams::Train(p) => p.resolve(run_seed),
+            StageParams::Replay(p) => p.resolve(run_seed),
             _ => {}
         }
     }
@@ -212,6 +221,7 @@ impl StageParams {
             StageParams::Import(p) => import::run(ctx, p),
             StageParams::Train(p) => train::run(ctx, p),
             StageParams::Label(p) => label::run(ctx, p),
+            StageParams::Replay(p) => replay::run(ctx, p),
             StageParams::Evaluate(p) => evaluate::run(ctx, p),
             StageParams::Report(p) => report::run(ctx, p),
         }

@@ -22,6 +22,8 @@ const LAYERS: &[(&str, usize)] = &[
     ("error", 0),
     ("params", 0),
     ("label_store", 1),
+    ("stream", 1),
+    ("replay_store", 1),
     ("science", 2),
     ("artifacts", 3),
     ("context", 4),

@@ -27,6 +27,8 @@ pub enum Kind {
     Train,
     /// Runs teachers over a split and stores their label distributions.
     Label,
+    /// Runs teachers over every batch of a training's batch stream and stores their outputs.
+    Replay,
     /// Runs a model over the test split and computes metrics.
     Evaluate,
     /// Tabulates evaluations.
@@ -35,11 +37,12 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in pipeline order.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Prepare,
         Kind::Import,
         Kind::Train,
         Kind::Label,
+        Kind::Replay,
         Kind::Evaluate,
         Kind::Report,
     ];
@@ -51,6 +54,7 @@ impl Kind {
             Kind::Import => "import",
             Kind::Train => "train",
             Kind::Label => "label",
+            Kind::Replay => "replay",
             Kind::Evaluate => "evaluate",
             Kind::Report => "report",
         }
@@ -62,6 +66,7 @@ impl Kind {
             Kind::Prepare => Artifact::Dataset,
             Kind::Import | Kind::Train => Artifact::Model,
             Kind::Label => Artifact::Labels,
+            Kind::Replay => Artifact::Replay,
             Kind::Evaluate => Artifact::Metrics,
             Kind::Report => Artifact::Report,
         }
@@ -99,6 +104,8 @@ pub enum Artifact {
     Model,
     /// A label store (`label`).
     Labels,
+    /// A replay store (`replay`).
+    Replay,
     /// Metrics of one model (`evaluate`).
     Metrics,
     /// Tables (`report`): nothing reads them.
@@ -111,6 +118,7 @@ impl std::fmt::Display for Artifact {
             Artifact::Dataset => "a dataset (kind prepare)",
             Artifact::Model => "a model (kind train or import)",
             Artifact::Labels => "a label store (kind label)",
+            Artifact::Replay => "a replay store (kind replay)",
             Artifact::Metrics => "metrics (kind evaluate)",
             Artifact::Report => "a report (kind report)",
         })

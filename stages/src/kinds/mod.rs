@@ -6,5 +6,6 @@ pub mod evaluate;
 pub mod import;
 pub mod label;
 pub mod prepare;
+pub mod replay;
 pub mod report;
 pub mod train;

@@ -23,7 +23,7 @@
 //! row passes on the way in) and [`soft_labels`] (the rows in memory).
 
 pub mod read;
-mod schema;
+pub(crate) mod schema;
 pub mod soft_labels;
 pub mod validate;
 pub mod write;

@@ -13,7 +13,7 @@ pub(super) const ROWS_PER_GROUP: usize = 8192;
 
 impl StoreDtype {
     /// The Arrow type of a vector's items.
-    pub(super) fn arrow(&self) -> DataType {
+    pub(crate) fn arrow(&self) -> DataType {
         match self {
             StoreDtype::F32 => DataType::Float32,
             StoreDtype::F16 => DataType::Float16,
@@ -73,7 +73,7 @@ pub(super) fn required(top_k: Option<usize>) -> &'static [&'static str] {
 }
 
 /// A `FixedSizeList<dtype, width>` of `values` (rounded to nearest for `float16`).
-pub(super) fn float_list(
+pub(crate) fn float_list(
     values: &[f32],
     width: usize,
     dtype: StoreDtype,
@@ -90,7 +90,7 @@ pub(super) fn float_list(
 }
 
 /// The float values of a `FixedSizeList<float32|float16>` column as f32 (converted for float16).
-pub(super) fn floats_of(list: &FixedSizeListArray) -> std::borrow::Cow<'_, [f32]> {
+pub(crate) fn floats_of(list: &FixedSizeListArray) -> std::borrow::Cow<'_, [f32]> {
     let values = list.values();
     if let Some(v) = values.as_any().downcast_ref::<Float32Array>() {
         std::borrow::Cow::Borrowed(v.values())

@@ -8,9 +8,11 @@
 
 use super::methods::{Method, TeacherReduction};
 use super::ogr::{ogr_distribution_base, ogr_target};
-use crate::error::Result;
+use crate::error::{Result, StageError};
 use crate::label_store::SoftLabels;
+use crate::replay_store::Output;
 use candle_core::{Device, Tensor, D};
+use datasets::augment::Normalize;
 use datasets::loader::Batch;
 use datasets::mix::MixRecord;
 use datasets::rng::{derive_seed, stream};
@@ -46,7 +48,7 @@ pub struct SupervisionConfig {
     pub teacher_mc: usize,
     /// `ogr-ldl`: the mass α spread by the OGR weights.
     pub ogr_alpha: f64,
-    /// Seed of the teachers' Monte-Carlo dropout masks (the student's seed).
+    /// Seed of the teachers' Monte-Carlo dropout masks (the student's data seed).
     pub seed: u64,
 }
 
@@ -82,6 +84,26 @@ pub struct Teacher {
 }
 
 impl Teacher {
+    /// The teacher `name` with `model`, expecting images normalised by `own` (an imported
+    /// model's statistics) when they differ from the student's `dataset` normalisation.
+    pub fn new(
+        name: &str,
+        model: Model,
+        own: Option<&Normalize>,
+        dataset: &Normalize,
+        device: &Device,
+    ) -> Result<Teacher> {
+        let renormalize = match own {
+            Some(own) if own != dataset => Some(renormalization(dataset, own, device)?),
+            _ => None,
+        };
+        Ok(Teacher {
+            name: name.to_owned(),
+            model,
+            renormalize,
+        })
+    }
+
     /// The teacher's view of the student's batch `x`.
     fn input(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.renormalize {
@@ -89,6 +111,30 @@ impl Teacher {
             Some((scale, shift)) => x.broadcast_mul(scale)?.broadcast_add(shift)?,
         })
     }
+}
+
+/// The per-channel `(scale, shift)` turning images normalised by `from` into images
+/// normalised by `to`: `(x·σ_from + μ_from − μ_to) / σ_to`.
+pub fn renormalization(
+    from: &Normalize,
+    to: &Normalize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let c = to.mean.len();
+    if from.mean.len() != c {
+        return Err(StageError::Config(format!(
+            "a teacher expects {c}-channel images, the dataset has {}",
+            from.mean.len()
+        )));
+    }
+    let scale: Vec<f32> = (0..c).map(|i| from.std[i] / to.std[i]).collect();
+    let shift: Vec<f32> = (0..c)
+        .map(|i| (from.mean[i] - to.mean[i]) / to.std[i])
+        .collect();
+    Ok((
+        Tensor::from_vec(scale, (1, c, 1, 1), device)?,
+        Tensor::from_vec(shift, (1, c, 1, 1), device)?,
+    ))
 }
 
 /// What supervises a student: the method's stored labels or teachers, its per-class weights,
@@ -99,8 +145,10 @@ pub struct Supervision {
     device: Device,
     /// Stored distributions: one source (off-ldl, off-en-ldl) or one per teacher (off-mt-ldl).
     pub stored: Vec<SoftLabels>,
-    /// Teachers run online (kd, wsl, on-*).
+    /// Teachers run online (kd, wsl, on-*); none when their outputs are replayed.
     pub teachers: Vec<Teacher>,
+    /// The teachers' outputs on the current batch, read from a replay store, and what they are.
+    replayed: Option<(Vec<Tensor>, Output)>,
     /// Per-class weights of the OGR methods (`K` values, mean 1; all 1 until measured).
     pub class_weights: Vec<f32>,
     rows: Vec<f32>,
@@ -125,6 +173,7 @@ impl Supervision {
             device: device.clone(),
             stored,
             teachers,
+            replayed: None,
             class_weights: vec![1.0; k],
             rows: Vec::new(),
             mixed: Vec::new(),
@@ -185,8 +234,42 @@ impl Supervision {
         t
     }
 
+    /// Sets the teachers' outputs on the next batch, `b × K` each on the device, read from a
+    /// replay store instead of running the teachers.
+    pub fn set_replayed(&mut self, outputs: Vec<Tensor>, output: Output) {
+        self.replayed = Some((outputs, output));
+    }
+
+    /// How many teachers supervise the student (run or replayed).
+    fn teacher_count(&self) -> usize {
+        match &self.replayed {
+            Some((r, _)) => r.len(),
+            None => self.teachers.len(),
+        }
+    }
+
+    /// What a replay store keeps of teacher `n` on the batch: its logits, or its
+    /// distribution (Monte-Carlo mean or softmax) — exactly what the student would compute.
+    pub fn teacher_output(
+        &self,
+        n: usize,
+        x: &Tensor,
+        epoch: usize,
+        batch: &Batch,
+        output: Output,
+    ) -> Result<Tensor> {
+        match output {
+            Output::Logits => self.teacher_logits(n, x),
+            Output::Probs => self.teacher_probs(n, x, epoch, batch),
+        }
+    }
+
     /// Teacher `n`'s logits on the batch's (augmented, mixed) images, eval mode, detached.
     fn teacher_logits(&self, n: usize, x: &Tensor) -> Result<Tensor> {
+        if let Some((r, output)) = &self.replayed {
+            debug_assert_eq!(*output, Output::Logits, "the store was checked");
+            return Ok(r[n].clone());
+        }
         let t = &self.teachers[n];
         Ok(t.model.net.forward_t(&t.input(x)?, false)?.detach())
     }
@@ -195,13 +278,16 @@ impl Supervision {
     /// the mean of N Monte-Carlo dropout passes (features computed once; pass masks from
     /// (seed, MC stream, teacher, epoch, batch, pass)). Detached.
     fn teacher_probs(&self, n: usize, x: &Tensor, epoch: usize, batch: &Batch) -> Result<Tensor> {
-        let net = &self.teachers[n].model.net;
+        if let Some((r, Output::Probs)) = &self.replayed {
+            return Ok(r[n].clone());
+        }
         if self.p.teacher_mc == 0 {
             return Ok(candle_nn::ops::softmax(
                 &self.teacher_logits(n, x)?,
                 D::Minus1,
             )?);
         }
+        let net = &self.teachers[n].model.net;
         let features = net.features_t(&self.teachers[n].input(x)?, false)?.detach();
         let mut sum: Option<Tensor> = None;
         for pass in 0..self.p.teacher_mc {
@@ -286,7 +372,7 @@ impl Supervision {
                 soft_cross_entropy_per_sample(logits, &z)?
             }
             Method::OnEnLdl => {
-                let n = self.teachers.len();
+                let n = self.teacher_count();
                 let mut sum = self.teacher_probs(0, x, epoch, batch)?;
                 for t in 1..n {
                     sum = (sum + self.teacher_probs(t, x, epoch, batch)?)?;
@@ -295,8 +381,8 @@ impl Supervision {
                 soft_cross_entropy_per_sample(logits, &z)?
             }
             Method::OnMtLdl => {
-                let mut terms = Vec::with_capacity(self.teachers.len());
-                for t in 0..self.teachers.len() {
+                let mut terms = Vec::with_capacity(self.teacher_count());
+                for t in 0..self.teacher_count() {
                     let z = self.teacher_probs(t, x, epoch, batch)?;
                     terms.push(soft_cross_entropy_per_sample(logits, &z)?);
                 }
@@ -577,5 +663,54 @@ mod tests {
                 "{got:?} vs {want_mt:?}"
             );
         }
+    }
+
+    /// A pixel normalised by the dataset's statistics, renormalised, is the pixel normalised by
+    /// the teacher's: (u − μ_t)/σ_t, computed here by hand for u = 0.25, 0.5, 0.75.
+    #[test]
+    fn renormalisation_turns_the_datasets_normalisation_into_the_teachers() {
+        let from = Normalize {
+            mean: vec![0.5, 0.4, 0.3],
+            std: vec![0.25, 0.2, 0.1],
+        };
+        let to = Normalize {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        };
+        let (scale, shift) = renormalization(&from, &to, &Device::Cpu).unwrap();
+        let u = [0.25f32, 0.5, 0.75];
+        let x: Vec<f32> = (0..3)
+            .flat_map(|c| {
+                u.iter()
+                    .map(move |v| (v - [0.5, 0.4, 0.3][c]) / [0.25, 0.2, 0.1][c])
+            })
+            .collect();
+        let x = Tensor::from_vec(x, (1, 3, 1, 3), &Device::Cpu).unwrap();
+        let got = x
+            .broadcast_mul(&scale)
+            .unwrap()
+            .broadcast_add(&shift)
+            .unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = [
+            // (0.25 − 0.485)/0.229, (0.5 − 0.485)/0.229, (0.75 − 0.485)/0.229, ...
+            -1.026_200_9,
+            0.065_502_18,
+            1.157_205_2,
+            -0.919_642_86,
+            0.196_428_57,
+            1.312_5,
+            -0.693_333_3,
+            0.417_777_8,
+            1.528_889,
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        let four = Normalize {
+            mean: vec![0.5; 4],
+            std: vec![0.25; 4],
+        };
+        assert!(renormalization(&four, &to, &Device::Cpu).is_err());
     }
 }

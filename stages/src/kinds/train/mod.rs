@@ -50,7 +50,8 @@ impl Params {
             mt_reduction: self.mt_reduction,
             teacher_mc: self.teacher_mc,
             ogr_alpha: self.ogr_alpha,
-            seed: self.seed.unwrap_or_default(),
+            // The Monte-Carlo teacher masks are part of the batch stream's labels.
+            seed: self.data_seed(),
         }
     }
 }

@@ -10,15 +10,8 @@ use engine::models::{Arch, Shortcut, Stem};
 use engine::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
-/// Per-image training augmentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AugmentName {
-    /// None.
-    None,
-    /// Random crop with 4 pixels of zero padding and horizontal flip.
-    CropFlip,
-}
+pub use crate::stream::AugmentName;
+use crate::stream::BatchStream;
 
 /// Parameters of a `train` stage; defaults (the paper's CIFAR settings) are in its `Default`
 /// impl.
@@ -99,8 +92,16 @@ pub struct Params {
     pub keep_checkpoints: usize,
     /// Batches each loader worker may build ahead of the trainer (loader workers = `[run].threads`).
     pub prefetch: usize,
-    /// Seed of initialisation, order and augmentation (default: the run's seed).
+    /// Seed of initialisation and of dropout (default: the run's seed); also of the batch stream
+    /// unless `data_seed` is set.
     pub seed: Option<u64>,
+    /// Seed of the batch stream — order, augmentation, mixing, Monte-Carlo teacher masks —
+    /// (default: `seed`): students of different seeds with one `data_seed` see the same
+    /// batches, and can share one replay store.
+    pub data_seed: Option<u64>,
+    /// Read the teachers' outputs from the `replay` stage in `needs` instead of running the
+    /// teachers (`kd`, `wsl`, `on-*`): it must hold this training's batch stream.
+    pub replay: bool,
     /// Arithmetic of the convolutions and activations: `"f32"`, or `"bf16"` (CUDA only) with f32
     /// master weights, optimizer state, BatchNorm statistics, classifier and loss.
     pub dtype: Precision,
@@ -153,6 +154,8 @@ impl Default for Params {
             keep_checkpoints: 1,
             prefetch: 2,
             seed: None,
+            data_seed: None,
+            replay: false,
             dtype: Precision::default(),
             label: None,
         }
@@ -185,6 +188,8 @@ impl ParamDefaults for Params {
         "prefetch",
         "dtype",
         "label",
+        "data_seed",
+        "replay",
     ];
     const REQUIRED: &'static [&'static str] = &["method"];
     fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -205,6 +210,22 @@ impl<'de> Deserialize<'de> for Params {
 }
 
 impl Params {
+    /// The seed of the batch stream: `data_seed`, else `seed`.
+    pub fn data_seed(&self) -> u64 {
+        self.data_seed.or(self.seed).unwrap_or_default()
+    }
+
+    /// The training's batch stream.
+    pub fn stream(&self) -> BatchStream {
+        BatchStream {
+            batch_size: self.batch_size,
+            augment: self.augment,
+            cutout: self.cutout,
+            mix: self.mix,
+            data_seed: self.data_seed(),
+        }
+    }
+
     /// The training's distinguishing options, for table rows: mixing, Cutout, MC teachers.
     pub fn variant(&self) -> String {
         let mut tags = Vec::new();
@@ -249,6 +270,9 @@ impl Params {
         }
         if !m.uses_ogr() {
             self.ogr_every = d.ogr_every;
+        }
+        if !m.uses_teachers() {
+            self.replay = d.replay;
         }
         if m != Method::OgrLdl {
             self.ogr_alpha = d.ogr_alpha;

@@ -2,20 +2,21 @@
 //! from the stage's inputs, resumption from the newest checkpoint, and the epochs of steps with
 //! their periodic loss reads, logging and checkpoints.
 
-use super::params::{AugmentName, Params};
+use super::params::Params;
 use super::state::{CheckpointState, EpochRow, EpochSums, Pending, READ_EVERY};
 use crate::artifacts::{Dataset, Kind, TrainedModel};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::{self, SoftLabels};
+use crate::replay_store::{self, EpochReader, ReplayMeta, TeacherRef, Want};
 use crate::science::methods::Method;
 use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
 use crate::science::supervision::{Supervision, Teacher};
-use candle_core::{DType, Device, Tensor};
-use datasets::augment::{Augment, Normalize};
+use candle_core::{DType, Device};
+use datasets::augment::Normalize;
 use datasets::loader::Batch;
 use datasets::rng::{derive_seed, stream};
-use datasets::{Loader, LoaderConfig, PackedStore};
+use datasets::{Loader, PackedStore};
 use engine::checkpoint::Checkpoints;
 use engine::feed::Feeder;
 use engine::inference::Inference;
@@ -35,6 +36,14 @@ struct Waits {
     read: f64,
 }
 
+/// A replay store being read: its folder, description, the epoch open and the uploads.
+struct Replay {
+    dir: std::path::PathBuf,
+    meta: ReplayMeta,
+    epoch: Option<EpochReader>,
+    feeds: Vec<Feeder>,
+}
+
 /// Everything a training run holds between its steps.
 pub(super) struct Trainer<'a> {
     pub(super) ctx: &'a Context,
@@ -51,6 +60,8 @@ pub(super) struct Trainer<'a> {
     /// The training and validation splits the OGR methods measure per-class losses on.
     ogr_sets: Option<(Arc<PackedStore>, Arc<PackedStore>)>,
     loader: Loader,
+    /// The replay store the teachers' outputs are read from, if any.
+    replay: Option<Replay>,
     /// Batches per epoch.
     steps: usize,
     feeder: Feeder,
@@ -98,10 +109,17 @@ impl<'a> Trainer<'a> {
             },
         );
         let stored = stored_labels(ctx, p, &data)?;
-        let teachers = teachers(ctx, p, &device, k, &data.info.normalize)?;
+        let replay = replay(ctx, p, &data, k)?;
+        let teachers = if replay.is_some() {
+            Vec::new()
+        } else {
+            teachers(ctx, p, &device, k, &data.info.normalize)?
+        };
         let ogr_sets = ogr_sets(ctx, p, &data)?;
         let supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
-        let loader = loader(ctx, p, &data, seed);
+        let loader = p
+            .stream()
+            .loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
         let steps = loader.batches_per_epoch();
         Ok(Trainer {
             ctx,
@@ -116,6 +134,7 @@ impl<'a> Trainer<'a> {
             ogr_sets,
             steps,
             loader,
+            replay,
             feeder: Feeder::new(),
             checkpoints: Checkpoints::new(&ctx.dir, p.keep_checkpoints),
             step: 0,
@@ -171,6 +190,9 @@ impl<'a> Trainer<'a> {
         self.sums.class_seen.resize(self.k, 0);
         let t0 = Instant::now();
         let (mut timed_images, secs_before) = (0usize, self.sums.seconds);
+        if let Some(r) = &mut self.replay {
+            r.epoch = Some(EpochReader::open(&r.dir, &r.meta, epoch, first)?);
+        }
         let mut it = self.loader.epoch(epoch as u64, first);
         let mut pending = Pending::default();
         let mut waits = Waits::default();
@@ -273,6 +295,17 @@ impl<'a> Trainer<'a> {
                 .net
                 .forward_mode(&x.to_dtype(self.compute)?, mode)?
         };
+        if let Some(r) = &mut self.replay {
+            let rows = r.epoch.as_mut().expect("opened").next_step(batch)?;
+            if r.feeds.len() < rows.len() {
+                r.feeds.resize_with(rows.len(), Feeder::new);
+            }
+            let mut outputs = Vec::with_capacity(rows.len());
+            for (feed, v) in r.feeds.iter_mut().zip(&rows) {
+                outputs.push(feed.upload(v, (batch.len(), self.k), &self.device)?);
+            }
+            self.supervision.set_replayed(outputs, r.meta.output);
+        }
         let per_sample = self
             .supervision
             .per_sample_loss(&logits, &x, batch, epoch)?;
@@ -458,26 +491,6 @@ fn stored_labels(ctx: &Context, p: &Params, data: &Dataset) -> Result<Vec<SoftLa
     Ok(out)
 }
 
-/// The per-channel `(scale, shift)` turning images normalised by `from` into images
-/// normalised by `to`: `(x·σ_from + μ_from − μ_to) / σ_to`.
-fn renormalization(from: &Normalize, to: &Normalize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let c = to.mean.len();
-    if from.mean.len() != c {
-        return Err(StageError::Config(format!(
-            "a teacher expects {c}-channel images, the dataset has {}",
-            from.mean.len()
-        )));
-    }
-    let scale: Vec<f32> = (0..c).map(|i| from.std[i] / to.std[i]).collect();
-    let shift: Vec<f32> = (0..c)
-        .map(|i| (from.mean[i] - to.mean[i]) / to.std[i])
-        .collect();
-    Ok((
-        Tensor::from_vec(scale, (1, c, 1, 1), device)?,
-        Tensor::from_vec(shift, (1, c, 1, 1), device)?,
-    ))
-}
-
 /// The teachers an online method runs on every batch (its model inputs).
 fn teachers(
     ctx: &Context,
@@ -499,15 +512,13 @@ fn teachers(
                 ctx.name, p.teacher_mc, input.name
             )));
         }
-        let renormalize = match &meta.normalize {
-            Some(own) if own != dataset => Some(renormalization(dataset, own, device)?),
-            _ => None,
-        };
-        teachers.push(Teacher {
-            name: input.name.clone(),
+        teachers.push(Teacher::new(
+            &input.name,
             model,
-            renormalize,
-        });
+            meta.normalize.as_ref(),
+            dataset,
+            device,
+        )?);
     }
     Ok(teachers)
 }
@@ -532,80 +543,48 @@ fn ogr_sets(
     }
 }
 
-/// The shuffled, augmented (and mixed) batches of the training split.
-fn loader(ctx: &Context, p: &Params, data: &Dataset, seed: u64) -> Loader {
-    Loader::new(
-        data.train.clone(),
-        LoaderConfig {
-            batch_size: p.batch_size,
-            shuffle: true,
-            drop_last: false,
-            augment: Augment {
-                cutout: p.cutout,
-                ..match p.augment {
-                    AugmentName::None => Augment::NONE,
-                    AugmentName::CropFlip => Augment::CROP_FLIP,
-                }
-            },
-            normalize: data.info.normalize.clone(),
-            mix: p.mix,
-            workers: ctx.threads.max(1),
-            prefetch: p.prefetch,
-            seed,
-        },
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A pixel normalised by the dataset's statistics, renormalised, is the pixel normalised by
-    /// the teacher's: (u − μ_t)/σ_t, computed here by hand for u = 0.25, 0.5, 0.75.
-    #[test]
-    fn renormalisation_turns_the_datasets_normalisation_into_the_teachers() {
-        let from = Normalize {
-            mean: vec![0.5, 0.4, 0.3],
-            std: vec![0.25, 0.2, 0.1],
-        };
-        let to = Normalize {
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
-        };
-        let (scale, shift) = renormalization(&from, &to, &Device::Cpu).unwrap();
-        let u = [0.25f32, 0.5, 0.75];
-        let x: Vec<f32> = (0..3)
-            .flat_map(|c| {
-                u.iter()
-                    .map(move |v| (v - [0.5, 0.4, 0.3][c]) / [0.25, 0.2, 0.1][c])
-            })
-            .collect();
-        let x = Tensor::from_vec(x, (1, 3, 1, 3), &Device::Cpu).unwrap();
-        let got = x
-            .broadcast_mul(&scale)
-            .unwrap()
-            .broadcast_add(&shift)
-            .unwrap();
-        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = [
-            // (0.25 − 0.485)/0.229, (0.5 − 0.485)/0.229, (0.75 − 0.485)/0.229, ...
-            -1.026_200_9,
-            0.065_502_18,
-            1.157_205_2,
-            -0.919_642_86,
-            0.196_428_57,
-            1.312_5,
-            -0.693_333_3,
-            0.417_777_8,
-            1.528_889,
-        ];
-        for (g, w) in got.iter().zip(want) {
-            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
-        }
-        let four = Normalize {
-            mean: vec![0.5; 4],
-            std: vec![0.25; 4],
-        };
-        assert!(renormalization(&four, &to, &Device::Cpu).is_err());
+/// The replay store of `p.replay`, checked against this training's stream, data, teachers and
+/// K; `None` when the teachers run online.
+fn replay(ctx: &Context, p: &Params, data: &Dataset, k: usize) -> Result<Option<Replay>> {
+    if !p.replay {
+        return Ok(None);
     }
+    let input = ctx.input(Kind::Replay);
+    let name = &input.name;
+    let meta = replay_store::read_meta(&input.dir)?;
+    // kd, wsl and on-ldl run their first teacher only; the ensembles all of them.
+    let used = match p.method {
+        Method::OnEnLdl | Method::OnMtLdl => usize::MAX,
+        _ => 1,
+    };
+    let teachers: Vec<TeacherRef> = ctx
+        .model_inputs()
+        .take(used)
+        .map(|i| TeacherRef {
+            name: i.name.clone(),
+            fingerprint: i.fingerprint.clone(),
+        })
+        .collect();
+    meta.check(
+        &input.dir,
+        &Want {
+            stream: &p.stream(),
+            epochs: p.epochs,
+            dataset: &data.train.hash(),
+            classes: k,
+            teachers: &teachers,
+            teacher_mc: p.teacher_mc,
+            logits: matches!(p.method, Method::Kd | Method::Wsl),
+        },
+    )?;
+    tracing::info!(
+        "{}: reading the teachers' outputs from the replay store `{name}`",
+        ctx.name
+    );
+    Ok(Some(Replay {
+        dir: input.dir.clone(),
+        meta,
+        epoch: None,
+        feeds: Vec::new(),
+    }))
 }

@@ -1,0 +1,291 @@
+//! The `replay` stage: runs the teachers once over every batch of a training's batch stream —
+//! the same shuffled, augmented, mixed batches a student with these settings sees — and stores
+//! their outputs in a replay store ([`crate::replay_store`]), which every such student reads
+//! (`replay = true`, this stage in `needs`) instead of running the teachers on each step.
+//!
+//! Students of different models, schedules, learning rates or initialisation seeds share one
+//! store when their streams are equal: the same dataset, `batch_size`, `augment`, `cutout`,
+//! `mix` and `data_seed`. Each epoch is written atomically as soon as it is computed, so a
+//! killed stage redoes at most one epoch.
+
+use crate::artifacts::{Dataset, Kind, TrainedModel};
+use crate::context::Context;
+use crate::error::{Result, StageError};
+use crate::label_store::StoreDtype;
+use crate::params::{self, at_least, ParamDefaults, RangeError};
+use crate::replay_store::{self, Output, ReplayMeta, StepRows, TeacherRef};
+use crate::science::methods::Method;
+use crate::science::supervision::{Supervision, SupervisionConfig, Teacher};
+use crate::stream::{AugmentName, BatchStream};
+use datasets::mix::Mix;
+use engine::feed::Feeder;
+use serde::{Deserialize, Serialize};
+
+/// Parameters of a `replay` stage: the batch stream of the students it serves, and how their
+/// teachers' outputs are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", default, deny_unknown_fields)]
+pub struct Params {
+    /// Epochs to store (students may train fewer).
+    pub epochs: usize,
+    /// The students' `batch_size`.
+    pub batch_size: usize,
+    /// The students' `augment`.
+    pub augment: AugmentName,
+    /// The students' `cutout`.
+    pub cutout: usize,
+    /// The students' `mix`.
+    pub mix: Mix,
+    /// The seed of the students' batch stream: their `data_seed`, else their `seed` (default:
+    /// the run's seed). Named `seed` so that a replay grid over seeds pairs with the student
+    /// grids over the same seeds.
+    pub seed: Option<u64>,
+    /// Monte-Carlo dropout passes of the teachers (the students' `teacher_mc`; 0: none).
+    pub teacher_mc: usize,
+    /// Storage of the vectors: `"f32"` (bitwise the online results) or `"f16"`.
+    pub dtype: StoreDtype,
+    /// Store each teacher distribution as its `top_k` largest probabilities and the rest's mass
+    /// (for the `on-*` students only: `kd` and `wsl` need logits).
+    pub top_k: Option<usize>,
+    /// Batches each loader worker builds ahead.
+    pub prefetch: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            epochs: 240,
+            batch_size: 64,
+            augment: AugmentName::CropFlip,
+            cutout: 0,
+            mix: Mix::None,
+            seed: None,
+            teacher_mc: 0,
+            dtype: StoreDtype::F32,
+            top_k: None,
+            prefetch: 2,
+        }
+    }
+}
+
+impl ParamDefaults for Params {
+    const OMITTED_AT_DEFAULT: &'static [&'static str] =
+        &["cutout", "mix", "teacher_mc", "dtype", "top_k", "prefetch"];
+    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Params::serialize(self, s)
+    }
+}
+
+impl Serialize for Params {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        params::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Params::deserialize(d)
+    }
+}
+
+impl Params {
+    /// Checks value ranges that the types alone do not.
+    pub fn validate(&self) -> std::result::Result<(), RangeError> {
+        at_least("epochs", self.epochs, 1)?;
+        at_least("batch_size", self.batch_size, 1)?;
+        at_least("prefetch", self.prefetch, 1)?;
+        at_least("top_k", self.top_k.unwrap_or(1), 1)?;
+        self.mix
+            .validate()
+            .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))
+    }
+
+    /// Fills the data seed left to the run.
+    pub fn resolve(&mut self, run_seed: u64) {
+        self.seed.get_or_insert(run_seed);
+    }
+
+    /// The batch stream stored.
+    pub fn stream(&self) -> BatchStream {
+        BatchStream {
+            batch_size: self.batch_size,
+            augment: self.augment,
+            cutout: self.cutout,
+            mix: self.mix,
+            data_seed: self.seed.unwrap_or_default(),
+        }
+    }
+
+    /// What is stored: logits, unless the teachers are Monte-Carlo or the storage top-k.
+    fn output(&self) -> Output {
+        if self.teacher_mc > 0 || self.top_k.is_some() {
+            Output::Probs
+        } else {
+            Output::Logits
+        }
+    }
+}
+
+/// Runs a `replay` stage: every epoch not yet stored, then `replay.json`.
+pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
+    let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
+    let device = ctx.device.open()?;
+    let k = data.info.classes.len();
+    if let Some(t) = p.top_k {
+        if t > k || k > u16::MAX as usize + 1 {
+            return Err(StageError::Config(format!(
+                "{}: top_k = {t} must be at most K = {k} (and K at most 65536)",
+                ctx.name
+            )));
+        }
+    }
+    let (teachers, refs) = load_teachers(ctx, p, &data, &device)?;
+    let stream = p.stream();
+    let meta = ReplayMeta {
+        format: replay_store::FORMAT,
+        stream: stream.clone(),
+        epochs: p.epochs,
+        dataset: data.train.hash(),
+        images: data.train.len(),
+        classes: k,
+        teachers: refs,
+        teacher_mc: p.teacher_mc,
+        output: p.output(),
+        dtype: p.dtype,
+        top_k: p.top_k,
+    };
+    let supervision = Supervision::new(
+        SupervisionConfig {
+            method: Method::OnLdl,
+            teacher_mc: p.teacher_mc,
+            seed: stream.data_seed,
+            ..SupervisionConfig::default()
+        },
+        k,
+        &device,
+        Vec::new(),
+        teachers,
+    );
+    let loader = stream.loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
+    let steps = loader.batches_per_epoch();
+    let done = (0..p.epochs)
+        .filter(|&e| replay_store::epoch_done(&ctx.dir, e, &ctx.fingerprint))
+        .count();
+    if done > 0 {
+        tracing::info!(
+            "{}: resuming with {done} of {} epochs stored",
+            ctx.name,
+            p.epochs
+        );
+    }
+    let bar = ctx.bar((p.epochs * steps) as u64, "replaying the teachers");
+    let mut outputs = Vec::new();
+    for epoch in 0..p.epochs {
+        if replay_store::epoch_done(&ctx.dir, epoch, &ctx.fingerprint) {
+            bar.inc(steps as u64);
+        } else {
+            let shape = data.info.shape;
+            write_epoch(
+                ctx,
+                &meta,
+                &supervision,
+                &loader,
+                shape,
+                &device,
+                epoch,
+                &bar,
+            )?;
+        }
+        outputs.push(file_name(epoch));
+        if ctx.stop_requested() && epoch + 1 < p.epochs {
+            return Err(ctx.interrupted(&format!("epoch {} of {}", epoch + 1, p.epochs)));
+        }
+    }
+    bar.finish_and_clear();
+    engine::json::write(&ctx.dir.join(replay_store::META_FILE), &meta)?;
+    outputs.push(replay_store::META_FILE.into());
+    tracing::info!(
+        "{}: {} epochs × {steps} steps of {} teacher(s) stored ({:?}, {:?}{})",
+        ctx.name,
+        p.epochs,
+        meta.teachers.len(),
+        meta.output,
+        meta.dtype,
+        p.top_k.map_or(String::new(), |t| format!(", top-{t}"))
+    );
+    Ok(outputs)
+}
+
+/// The teachers (the model inputs), and their names and fingerprints for the store.
+fn load_teachers(
+    ctx: &Context,
+    p: &Params,
+    data: &Dataset,
+    device: &candle_core::Device,
+) -> Result<(Vec<Teacher>, Vec<TeacherRef>)> {
+    let k = data.info.classes.len();
+    let (mut teachers, mut refs) = (Vec::new(), Vec::new());
+    for input in ctx.model_inputs() {
+        let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
+        if p.teacher_mc > 0 && meta.spec.dropout == 0.0 {
+            return Err(StageError::Config(format!(
+                "{}: teacher_mc = {} needs teachers with dropout; `{}` has none",
+                ctx.name, p.teacher_mc, input.name
+            )));
+        }
+        teachers.push(Teacher::new(
+            &input.name,
+            model,
+            meta.normalize.as_ref(),
+            &data.info.normalize,
+            device,
+        )?);
+        refs.push(TeacherRef {
+            name: input.name.clone(),
+            fingerprint: input.fingerprint.clone(),
+        });
+    }
+    Ok((teachers, refs))
+}
+
+/// Runs the teachers over every batch of `epoch` and stores their outputs.
+#[allow(clippy::too_many_arguments)]
+fn write_epoch(
+    ctx: &Context,
+    meta: &ReplayMeta,
+    supervision: &Supervision,
+    loader: &datasets::Loader,
+    [c, h, w]: [usize; 3],
+    device: &candle_core::Device,
+    epoch: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let mut feeder = Feeder::new();
+    let mut it = loader.epoch(epoch as u64, 0);
+    meta.write_epoch(&ctx.dir, epoch, &ctx.fingerprint, |spent| {
+        if let Some(b) = spent {
+            it.recycle(b);
+        }
+        let Some(batch) = it.next() else {
+            return Ok(None);
+        };
+        let x = feeder.upload(&batch.images, (batch.len(), c, h, w), device)?;
+        let mut rows = Vec::with_capacity(meta.teachers.len());
+        for n in 0..meta.teachers.len() {
+            let t = supervision.teacher_output(n, &x, epoch, &batch, meta.output)?;
+            rows.push(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+        bar.inc(1);
+        Ok(Some(StepRows {
+            batch,
+            outputs: rows,
+        }))
+    })
+}
+
+/// The epoch file's name in the stage folder.
+fn file_name(epoch: usize) -> String {
+    replay_store::epoch_file(std::path::Path::new(""), epoch)
+        .display()
+        .to_string()
+}

@@ -1,0 +1,81 @@
+//! A training's batch stream: which shuffled, augmented and mixed batches a student sees, as
+//! settings and a data seed. Two trainings with the same stream see the same images in the same
+//! batches, whatever their models, schedules or initialisation seeds, which is what lets a
+//! replay store ([`crate::replay_store`]) computed once stand in for a teacher run on every step.
+
+use datasets::augment::{Augment, Normalize};
+use datasets::mix::Mix;
+use datasets::{Batch, Loader, LoaderConfig, PackedStore};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// Per-image training augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AugmentName {
+    /// None.
+    None,
+    /// Random crop with 4 pixels of zero padding and horizontal flip.
+    CropFlip,
+}
+
+/// The settings that fix a training's batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchStream {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Per-image augmentation.
+    pub augment: AugmentName,
+    /// Side of a Cutout square (0: none).
+    pub cutout: usize,
+    /// Batch-level mixing.
+    pub mix: Mix,
+    /// Seed of the order, the augmentation and the mixing.
+    pub data_seed: u64,
+}
+
+impl BatchStream {
+    /// The loader of the stream over `split`, normalised by `normalize`, with `workers` threads
+    /// each building up to `prefetch` batches ahead.
+    pub fn loader(
+        &self,
+        split: &Arc<PackedStore>,
+        normalize: &Normalize,
+        workers: usize,
+        prefetch: usize,
+    ) -> Loader {
+        Loader::new(
+            split.clone(),
+            LoaderConfig {
+                batch_size: self.batch_size,
+                shuffle: true,
+                drop_last: false,
+                augment: Augment {
+                    cutout: self.cutout,
+                    ..match self.augment {
+                        AugmentName::None => Augment::NONE,
+                        AugmentName::CropFlip => Augment::CROP_FLIP,
+                    }
+                },
+                normalize: normalize.clone(),
+                mix: self.mix,
+                workers: workers.max(1),
+                prefetch,
+                seed: self.data_seed,
+            },
+        )
+    }
+}
+
+/// A batch's digest: blake3 of its number, its images' positions in the split and its pixels
+/// as the model receives them (augmented, mixed, normalised), as 32 hex digits. Equal digests
+/// mean the same images, so a replayed teacher output belongs to the batch it is used for.
+pub fn digest(batch: &Batch) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&(batch.index as u64).to_le_bytes());
+    for i in &batch.indices {
+        h.update(&i.to_le_bytes());
+    }
+    h.update(bytemuck::cast_slice(&batch.images));
+    h.finalize().to_hex()[..32].to_string()
+}
