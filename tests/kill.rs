@@ -1,5 +1,6 @@
 //! The kill-and-resume harness: `pipeline run` on a multi-stage experiment (prepare → teacher
-//! with dropout → label with MC dropout → two students, offline and online → evaluate → report)
+//! with dropout → label with MC dropout, replay of the teacher on the online student's batches
+//! → two students, offline and online (replayed) → evaluate → report)
 //! is killed with SIGKILL at moments drawn from a seed, rerun, and killed again, until a run
 //! completes. After every kill it checks that every final stage folder is complete (no partial
 //! file at a final path) and that the next run resumes each training from its newest complete
@@ -56,10 +57,19 @@ batch_size = 32
 chunk_size = 64
 
 [[stage]]
+name = "replay"
+kind = "replay"
+needs = ["data", "teacher"]
+epochs = 2
+batch_size = 16
+mix = { type = "cutmix", p = 0.5 }
+
+[[stage]]
 name = "student"
 kind = "train"
-needs = ["data", "labels", "teacher"]
+needs = ["data", "labels", "teacher", "replay"]
 matrix = { method = ["off-ldl", "on-ldl"] }
+replay = true
 label_source = "teacher.mc"
 model = "resnet8"
 width = 4
@@ -274,6 +284,8 @@ fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
         ("model.safetensors", 3_000),
         // The second of the label stage's three chunks (batches 2..4 of 6).
         ("train-b2-4", 1_000),
+        // The replay store's second epoch.
+        ("epoch-00001.parquet", 500),
         ("labels.parquet", 500),
         ("predictions.parquet", 200),
         ("table.md", 50),
@@ -309,6 +321,13 @@ fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
         }
         let resumed = pipeline(dir.path(), &["run", "k.toml", "--output", &out_name]);
         assert!(resumed.status.success(), "{text}: {}", stderr(&resumed));
+        if text.starts_with("epoch-") {
+            assert!(
+                stderr(&resumed).contains("replay: resuming with 1 of 2 epochs stored"),
+                "the replay stage did not resume from its first epoch:\n{}",
+                stderr(&resumed)
+            );
+        }
         if text.starts_with("train-b") {
             assert!(
                 stderr(&resumed)

@@ -249,3 +249,48 @@ fn check(py: &Path, store: &Path, expected_path: &Path, chosen: usize) {
         );
     }
 }
+
+/// A replay store's epoch files open in pyarrow, DuckDB and Polars: one row per image per step,
+/// keyed by step and position, the teacher's vectors of K values, and the footer's digests.
+#[test]
+fn pyarrow_duckdb_and_polars_read_a_replay_store() {
+    let py = python();
+    let dir = scratch();
+    let upto_labels = TINY
+        .find("[[stage]]\nname = \"labels\"")
+        .expect("TINY has a `labels` stage after its teacher");
+    let cfg = format!(
+        "{}[[stage]]\nname = \"replay\"\nkind = \"replay\"\nneeds = [\"data\", \"teacher\"]\nepochs = 2\nbatch_size = 32\nmix = {{ type = \"mixup\", alpha = 1.0 }}\n",
+        &TINY[..upto_labels]
+    );
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = dir.path().join("out/replay/epoch-00001.parquet");
+    let script = r#"
+import json, sys
+import duckdb, polars as pl, pyarrow.parquet as pq
+path = sys.argv[1]
+t = pq.read_table(path)
+meta = pq.read_metadata(path).metadata
+digests = json.loads(meta[b"ldl.replay.digests"])
+print("pyarrow", t.num_rows, ",".join(t.column_names), len(t.column("teacher")[0]), len(digests), meta[b"ldl.replay.epoch"].decode())
+n, steps, k = duckdb.sql(f"SELECT count(*), count(DISTINCT step), max(len(teacher)) FROM '{path}'").fetchall()[0]
+print("duckdb", n, steps, k)
+df = pl.read_parquet(path)
+print("polars", df.height, df.filter(pl.col("step") == 4).height)
+"#;
+    let o = Command::new(&py)
+        .args(["-c", script, file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    // 160 images in batches of 32: 5 steps, the last of 32 too; K = 4.
+    assert!(
+        out.contains("pyarrow 160 step,position,index,teacher 4 5 1"),
+        "{out}"
+    );
+    assert!(out.contains("duckdb 160 5 4"), "{out}");
+    assert!(out.contains("polars 160 32"), "{out}");
+}

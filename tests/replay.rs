@@ -263,3 +263,45 @@ fn table1_students_follow_the_replay_of_their_seed_and_mix() {
     let dropped: usize = teacher_epochs(&online) - 18 * 350;
     assert_eq!(dropped, 12_840);
 }
+
+/// An ensemble's store: `on-en-ldl` and `on-mt-ldl` students reading it equal the online ones,
+/// and an `on-ldl` student reads its first teacher from it.
+#[test]
+fn an_ensembles_store_serves_the_ensemble_methods_and_its_first_teacher() {
+    let dir = scratch();
+    let two = BASE
+        .replace(
+            "[[stage]]\nname = \"replay\"",
+            "[[stage]]\nname = \"teacher2\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\nseed = 8\n\n[[stage]]\nname = \"replay\"",
+        )
+        .replace(
+            "needs = [\"data\", \"teacher\"]\nepochs = 2",
+            "needs = [\"data\", \"teacher\", \"teacher2\"]\nepochs = 2",
+        );
+    let with2 = |s: String| s.replace("\"teacher\"", "\"teacher\", \"teacher2\"");
+    let cfg = [
+        two,
+        with2(student("en-online", "on-en-ldl", 1, "")),
+        with2(student("en-replayed", "on-en-ldl", 1, "replay = true")),
+        with2(student("mt-online", "on-mt-ldl", 1, "")),
+        with2(student("mt-replayed", "on-mt-ldl", 1, "replay = true")),
+        student("on-online", "on-ldl", 1, ""),
+        with2(student("on-first", "on-ldl", 1, "replay = true")),
+    ]
+    .concat();
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    for (a, b) in [
+        ("en-online", "en-replayed"),
+        ("mt-online", "mt-replayed"),
+        ("on-online", "on-first"),
+    ] {
+        assert!(
+            read(&out, &format!("{a}/model.safetensors"))
+                == read(&out, &format!("{b}/model.safetensors")),
+            "{b} differs from {a}"
+        );
+    }
+}

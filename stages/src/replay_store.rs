@@ -27,9 +27,10 @@ use parquet::arrow::arrow_reader::{
     ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +39,8 @@ use std::sync::Arc;
 pub const FORMAT: u32 = 1;
 /// The description's file name.
 pub const META_FILE: &str = "replay.json";
+/// Rows per Parquet row group of an epoch file.
+const ROWS_PER_GROUP: usize = 8192;
 
 /// What a replay store holds of each teacher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +99,7 @@ pub struct Want<'a> {
     pub dataset: &'a str,
     /// Its K.
     pub classes: usize,
-    /// Its teachers, in order.
+    /// The teachers its method runs, in order: the store's first ones.
     pub teachers: &'a [TeacherRef],
     /// Its `teacher_mc`.
     pub teacher_mc: usize,
@@ -175,7 +178,9 @@ impl ReplayMeta {
                 ),
             );
         }
-        if self.teachers != want.teachers {
+        // A store of more teachers serves a student of its first ones (an `on-ldl` student
+        // reads the first teacher of an ensemble's store).
+        if !self.teachers.starts_with(want.teachers) {
             let names = |t: &[TeacherRef]| {
                 t.iter()
                     .map(|t| {
@@ -325,12 +330,27 @@ impl ReplayMeta {
     ) -> Result<()> {
         let path = epoch_file(dir, epoch);
         let schema = Arc::new(self.schema());
-        let props = WriterProperties::builder()
+        // Bounded row groups: the writer holds one in memory (8,192 rows of K = 1000 f32 are
+        // 32 MB), whatever the epoch's size.
+        let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(
                 ZstdLevel::try_new(3).expect("valid level"),
             ))
             .set_dictionary_enabled(false)
-            .build();
+            .set_max_row_group_row_count(Some(ROWS_PER_GROUP));
+        // float32 vectors compress better split into byte planes (as in the label store);
+        // float16 ones stay PLAIN, which every reader takes.
+        if self.dtype == StoreDtype::F32 {
+            for t in &self.teachers {
+                let column = match self.top_k {
+                    None => t.name.clone(),
+                    Some(_) => format!("{}.topk_probs", t.name),
+                };
+                let leaf = ColumnPath::new(vec![column, "list".into(), "item".into()]);
+                props = props.set_column_encoding(leaf, Encoding::BYTE_STREAM_SPLIT);
+            }
+        }
+        let props = props.build();
         let mut failed: Option<StageError> = None;
         let written = datasets::atomic::write_with(&path, |w| {
             let mut writer = ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(to_io)?;

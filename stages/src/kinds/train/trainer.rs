@@ -40,6 +40,8 @@ struct Waits {
 struct Replay {
     dir: std::path::PathBuf,
     meta: ReplayMeta,
+    /// How many of the store's teachers the method runs (its first ones).
+    used: usize,
     epoch: Option<EpochReader>,
     feeds: Vec<Feeder>,
 }
@@ -296,7 +298,8 @@ impl<'a> Trainer<'a> {
                 .forward_mode(&x.to_dtype(self.compute)?, mode)?
         };
         if let Some(r) = &mut self.replay {
-            let rows = r.epoch.as_mut().expect("opened").next_step(batch)?;
+            let mut rows = r.epoch.as_mut().expect("opened").next_step(batch)?;
+            rows.truncate(r.used);
             if r.feeds.len() < rows.len() {
                 r.feeds.resize_with(rows.len(), Feeder::new);
             }
@@ -584,6 +587,7 @@ fn replay(ctx: &Context, p: &Params, data: &Dataset, k: usize) -> Result<Option<
     Ok(Some(Replay {
         dir: input.dir.clone(),
         meta,
+        used: teachers.len(),
         epoch: None,
         feeds: Vec::new(),
     }))
