@@ -127,6 +127,17 @@ fn replayed_students_equal_online_ones_and_share_one_store() {
         .map(|b| b.unwrap().num_rows())
         .sum();
     assert_eq!(rows, 160);
+    // `pipeline inspect` describes the store and its first epoch.
+    let o = pipeline(dir.path(), &["inspect", "out/replay", "--rows", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("replay store: 2 of 2 epochs stored")
+            && text.contains("160 images, K = 4, teachers [\"teacher\"]")
+            && text.contains("160 rows in 5 steps")
+            && text.contains("step     0 position    1"),
+        "{text}"
+    );
 }
 
 /// Each mismatch between a student and a store is refused before training, naming the key.

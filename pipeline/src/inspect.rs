@@ -1,6 +1,8 @@
 //! `pipeline inspect PATH`: a quick look at a label store (`.parquet`), a packed split (`.pack`)
 //! or every such file of a stage folder, in the terminal and without Python: schema, metadata,
-//! row counts per source and the first rows with their most probable classes.
+//! row counts per source and the first rows with their most probable classes. A replay store's
+//! folder shows its `replay.json` and its first epoch file; an epoch file its steps and first
+//! rows.
 
 use anyhow::{bail, Context as _, Result};
 use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
@@ -23,6 +25,9 @@ pub struct InspectArgs {
 /// Runs `pipeline inspect`.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     let path = &args.path;
+    if path.join(stages::replay_store::META_FILE).exists() {
+        return replay_folder(path, args.rows);
+    }
     if path.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -147,10 +152,16 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
             }
         }
     }
+    let is_replay = fm
+        .key_value_metadata()
+        .is_some_and(|kv| kv.iter().any(|e| e.key == "ldl.replay.epoch"));
     let reader = builder
         .with_batch_size(8192)
         .build()
         .with_context(|| format!("{}: cannot read rows", path.display()))?;
+    if is_replay {
+        return replay_rows(path, reader, rows);
+    }
     let mut per_source: BTreeMap<String, usize> = BTreeMap::new();
     let mut shown = Vec::new();
     for batch in reader {
@@ -242,5 +253,133 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
             println!("{l}");
         }
     }
+    Ok(())
+}
+
+/// A replay store's folder: its description, its epoch files, and the first of them.
+fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
+    let meta = stages::replay_store::read_meta(dir)?;
+    let mut epochs: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| ext(p) == "parquet")
+        .collect();
+    epochs.sort();
+    let bytes: u64 = epochs
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let s = &meta.stream;
+    println!(
+        "{} — replay store: {} of {} epochs stored, {bytes} bytes ({:.1} per view)",
+        dir.display(),
+        epochs.len(),
+        meta.epochs,
+        bytes as f64 / (epochs.len().max(1) * meta.images) as f64
+    );
+    println!(
+        "  stream: batch_size {}, augment {:?}, cutout {}, mix {:?}, data seed {}",
+        s.batch_size, s.augment, s.cutout, s.mix, s.data_seed
+    );
+    let teachers: Vec<&str> = meta.teachers.iter().map(|t| t.name.as_str()).collect();
+    println!(
+        "  {} images, K = {}, teachers {teachers:?}, teacher_mc {}, {:?} stored as {:?}{}",
+        meta.images,
+        meta.classes,
+        meta.teacher_mc,
+        meta.output,
+        meta.dtype,
+        meta.top_k.map_or(String::new(), |k| format!(", top-{k}"))
+    );
+    match epochs.first() {
+        Some(first) => {
+            println!();
+            label_store(first, rows)
+        }
+        None => Ok(()),
+    }
+}
+
+/// The largest value of each row of a `FixedSizeList<float32|float16>` column, with its class.
+fn row_max(list: &FixedSizeListArray, r: usize) -> Option<(usize, f32)> {
+    let v = list.value(r);
+    let values: Vec<f32> = if let Some(f) = v.as_any().downcast_ref::<Float32Array>() {
+        f.values().to_vec()
+    } else {
+        let h = v.as_any().downcast_ref::<arrow::array::Float16Array>()?;
+        h.values().iter().map(|x| x.to_f32()).collect()
+    };
+    values
+        .into_iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// An epoch file of a replay store: its steps, and its first rows with each teacher's largest
+/// output (a logit, or a probability) and its class.
+fn replay_rows(
+    path: &Path,
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    rows: usize,
+) -> Result<()> {
+    let (mut n, mut steps, mut shown) = (0usize, 0usize, 0usize);
+    for batch in reader {
+        let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+                .cloned()
+        };
+        let (Some(step), Some(position), Some(index)) =
+            (col("step"), col("position"), col("index"))
+        else {
+            bail!(
+                "{}: not a replay epoch (columns step, position, index)",
+                path.display()
+            );
+        };
+        n += batch.num_rows();
+        steps = steps.max(step.values().iter().max().map_or(0, |s| *s as usize + 1));
+        for r in 0..batch.num_rows() {
+            if shown >= rows {
+                break;
+            }
+            shown += 1;
+            let mut line = format!(
+                "    step {:>5} position {:>4} index {:>7}",
+                step.value(r),
+                position.value(r),
+                index.value(r)
+            );
+            for f in batch.schema().fields().iter().skip(3) {
+                let list = batch
+                    .column_by_name(f.name())
+                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
+                let Some((at, v)) = list.and_then(|l| row_max(l, r)) else {
+                    continue;
+                };
+                if let Some(teacher) = f.name().strip_suffix(".topk_probs") {
+                    // A top-k row's class is in its `topk_classes` at the same position.
+                    let class = batch
+                        .column_by_name(&format!("{teacher}.topk_classes"))
+                        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                        .and_then(|l| {
+                            let v = l.value(r);
+                            let v = v.as_any().downcast_ref::<arrow::array::UInt16Array>()?;
+                            Some(v.value(at))
+                        });
+                    if let Some(class) = class {
+                        line.push_str(&format!("  {teacher}: top {v:.4} at class {class}"));
+                    }
+                } else if !f.name().ends_with(".topk_classes") {
+                    line.push_str(&format!("  {}: max {v:.4} at class {at}", f.name()));
+                }
+            }
+            println!("{line}");
+        }
+    }
+    println!("  {n} rows in {steps} steps");
     Ok(())
 }
