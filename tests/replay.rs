@@ -316,3 +316,70 @@ fn an_ensembles_store_serves_the_ensemble_methods_and_its_first_teacher() {
         );
     }
 }
+
+/// In every example, each replaying student reads one replay stage of its own stream, with
+/// enough epochs, whose teachers are the first of the student's.
+#[test]
+fn every_examples_replaying_students_read_a_store_of_their_stream() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let config = pipeline::config::load(&path, None).unwrap();
+        let kind = |n: &str| config.stage(n).unwrap().params.kind();
+        for s in &config.stages {
+            let stages::StageParams::Train(p) = &s.params else {
+                continue;
+            };
+            if !(p.replay && p.method.uses_teachers()) {
+                continue;
+            }
+            let replays: Vec<&String> = s
+                .needs
+                .iter()
+                .filter(|n| kind(n) == stages::Kind::Replay)
+                .collect();
+            assert_eq!(replays.len(), 1, "{}: {}", path.display(), s.name);
+            let r = config.stage(replays[0]).unwrap();
+            let stages::StageParams::Replay(rp) = &r.params else {
+                unreachable!()
+            };
+            assert_eq!(
+                rp.stream(),
+                p.stream(),
+                "{}: {} reads {}",
+                path.display(),
+                s.name,
+                r.name
+            );
+            assert!(rp.epochs >= p.epochs, "{}: {}", path.display(), s.name);
+            let models = |d: &pipeline::config::StageDecl| -> Vec<String> {
+                d.needs
+                    .iter()
+                    .filter(|n| matches!(kind(n), stages::Kind::Train | stages::Kind::Import))
+                    .cloned()
+                    .collect()
+            };
+            let (mine, theirs) = (models(s), models(r));
+            let used = if matches!(p.method.as_str(), "on-en-ldl" | "on-mt-ldl") {
+                mine.len()
+            } else {
+                1
+            };
+            assert!(
+                theirs.starts_with(&mine[..used]),
+                "{}: {} {mine:?} vs {} {theirs:?}",
+                path.display(),
+                s.name,
+                r.name
+            );
+            checked += 1;
+        }
+    }
+    // Table 1: 48 online; Table 3: 2 × 18 kd/wsl + 27 online; Table 2 (CIFAR-10, STL-10): 6 kd
+    // + 36 online each.
+    assert_eq!(checked, 48 + 63 + 2 * 42);
+}
