@@ -1,8 +1,12 @@
 //! What the runner hands a stage: its working folder, its inputs' folders, the run's seed, the
 //! device and a progress-bar factory.
 
-use crate::artifacts::{Artifact, Kind};
-use crate::error::StageError;
+use crate::artifacts::{Artifact, Kind, TrainedModel};
+use crate::error::{Result, StageError};
+use crate::replay_store::TeacherRef;
+use crate::science::supervision::Teacher;
+use candle_core::Device;
+use datasets::augment::Normalize;
 use engine::device::DeviceSpec;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
@@ -93,6 +97,41 @@ impl Context {
         self.model_inputs()
             .next()
             .expect("the runner checked the stage's inputs")
+    }
+
+    /// The model inputs as teachers run on a student's batches (normalised by `dataset`), on
+    /// `device`, for a `k`-class dataset; with `teacher_mc > 0` each must have dropout.
+    pub fn teachers(
+        &self,
+        device: &Device,
+        k: usize,
+        dataset: &Normalize,
+        teacher_mc: usize,
+    ) -> Result<Vec<Teacher>> {
+        let mut teachers = Vec::new();
+        for input in self.model_inputs() {
+            let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
+            if teacher_mc > 0 && meta.spec.dropout == 0.0 {
+                return Err(StageError::Config(format!(
+                    "{}: teacher_mc = {teacher_mc} needs teachers trained with dropout; `{}` has \
+                     none (train it with `dropout = 0.2`)",
+                    self.name, input.name
+                )));
+            }
+            let own = meta.normalize.as_ref();
+            teachers.push(Teacher::new(&input.name, model, own, dataset, device)?);
+        }
+        Ok(teachers)
+    }
+
+    /// The model inputs' names and fingerprints, in order, as a replay store records them.
+    pub fn teacher_refs(&self) -> Vec<TeacherRef> {
+        self.model_inputs()
+            .map(|i| TeacherRef {
+                name: i.name.clone(),
+                fingerprint: i.fingerprint.clone(),
+            })
+            .collect()
     }
 
     /// A progress bar of `len` steps, labelled with the stage name and `what`.

@@ -107,9 +107,14 @@ pub struct Want<'a> {
     pub logits: bool,
 }
 
+/// The file name of epoch `epoch` in the store's folder.
+pub fn epoch_file_name(epoch: usize) -> String {
+    format!("epoch-{epoch:05}.parquet")
+}
+
 /// The file of epoch `epoch`.
 pub fn epoch_file(dir: &Path, epoch: usize) -> PathBuf {
-    dir.join(format!("epoch-{epoch:05}.parquet"))
+    dir.join(epoch_file_name(epoch))
 }
 
 /// Reads `replay.json` of the store in `dir`.

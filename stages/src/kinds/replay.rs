@@ -8,14 +8,14 @@
 //! `mix` and `data_seed`. Each epoch is written atomically as soon as it is computed, so a
 //! killed stage redoes at most one epoch.
 
-use crate::artifacts::{Dataset, Kind, TrainedModel};
+use crate::artifacts::{Dataset, Kind};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::StoreDtype;
 use crate::params::{self, at_least, ParamDefaults, RangeError};
-use crate::replay_store::{self, Output, ReplayMeta, StepRows, TeacherRef};
+use crate::replay_store::{self, Output, ReplayMeta, StepRows};
 use crate::science::methods::Method;
-use crate::science::supervision::{Supervision, SupervisionConfig, Teacher};
+use crate::science::supervision::{Supervision, SupervisionConfig};
 use crate::stream::{AugmentName, BatchStream};
 use datasets::mix::Mix;
 use engine::feed::Feeder;
@@ -139,7 +139,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             )));
         }
     }
-    let (teachers, refs) = load_teachers(ctx, p, &data, &device)?;
+    let teachers = ctx.teachers(&device, k, &data.info.normalize, p.teacher_mc)?;
     let stream = p.stream();
     let meta = ReplayMeta {
         format: replay_store::FORMAT,
@@ -148,7 +148,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         dataset: data.train.hash(),
         images: data.train.len(),
         classes: k,
-        teachers: refs,
+        teachers: ctx.teacher_refs(),
         teacher_mc: p.teacher_mc,
         output: p.output(),
         dtype: p.dtype,
@@ -196,7 +196,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                 &bar,
             )?;
         }
-        outputs.push(file_name(epoch));
+        outputs.push(replay_store::epoch_file_name(epoch));
         if ctx.stop_requested() && epoch + 1 < p.epochs {
             return Err(ctx.interrupted(&format!("epoch {} of {}", epoch + 1, p.epochs)));
         }
@@ -214,38 +214,6 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         p.top_k.map_or(String::new(), |t| format!(", top-{t}"))
     );
     Ok(outputs)
-}
-
-/// The teachers (the model inputs), and their names and fingerprints for the store.
-fn load_teachers(
-    ctx: &Context,
-    p: &Params,
-    data: &Dataset,
-    device: &candle_core::Device,
-) -> Result<(Vec<Teacher>, Vec<TeacherRef>)> {
-    let k = data.info.classes.len();
-    let (mut teachers, mut refs) = (Vec::new(), Vec::new());
-    for input in ctx.model_inputs() {
-        let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
-        if p.teacher_mc > 0 && meta.spec.dropout == 0.0 {
-            return Err(StageError::Config(format!(
-                "{}: teacher_mc = {} needs teachers with dropout; `{}` has none",
-                ctx.name, p.teacher_mc, input.name
-            )));
-        }
-        teachers.push(Teacher::new(
-            &input.name,
-            model,
-            meta.normalize.as_ref(),
-            &data.info.normalize,
-            device,
-        )?);
-        refs.push(TeacherRef {
-            name: input.name.clone(),
-            fingerprint: input.fingerprint.clone(),
-        });
-    }
-    Ok((teachers, refs))
 }
 
 /// Runs the teachers over every batch of `epoch` and stores their outputs.
@@ -281,11 +249,4 @@ fn write_epoch(
             outputs: rows,
         }))
     })
-}
-
-/// The epoch file's name in the stage folder.
-fn file_name(epoch: usize) -> String {
-    replay_store::epoch_file(std::path::Path::new(""), epoch)
-        .display()
-        .to_string()
 }

@@ -340,9 +340,9 @@ fn assemble(
             }
         }
     }
-    for ((t, p), m) in teachers.iter().zip(probs).zip(summaries) {
+    for (((t, p), m), &has_mc) in teachers.iter().zip(probs).zip(summaries).zip(mc) {
         out.sources.push((t.name.clone(), p));
-        if mc[out.sources.len() - 1] {
+        if has_mc {
             out.mc.push((format!("{}.mc", t.name), m));
             out.mc_dropout.insert(t.name.clone(), t.model.spec.dropout);
         }

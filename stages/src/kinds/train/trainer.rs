@@ -4,16 +4,15 @@
 
 use super::params::Params;
 use super::state::{CheckpointState, EpochRow, EpochSums, Pending, READ_EVERY};
-use crate::artifacts::{Dataset, Kind, TrainedModel};
+use crate::artifacts::{Dataset, Kind};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::{self, SoftLabels};
-use crate::replay_store::{self, EpochReader, ReplayMeta, TeacherRef, Want};
+use crate::replay_store::{self, EpochReader, ReplayMeta, Want};
 use crate::science::methods::Method;
 use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
-use crate::science::supervision::{Supervision, Teacher};
+use crate::science::supervision::Supervision;
 use candle_core::{DType, Device};
-use datasets::augment::Normalize;
 use datasets::loader::Batch;
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, PackedStore};
@@ -112,10 +111,10 @@ impl<'a> Trainer<'a> {
         );
         let stored = stored_labels(ctx, p, &data)?;
         let replay = replay(ctx, p, &data, k)?;
-        let teachers = if replay.is_some() {
+        let teachers = if replay.is_some() || !p.method.uses_teachers() {
             Vec::new()
         } else {
-            teachers(ctx, p, &device, k, &data.info.normalize)?
+            ctx.teachers(&device, k, &data.info.normalize, p.teacher_mc)?
         };
         let ogr_sets = ogr_sets(ctx, p, &data)?;
         let supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
@@ -494,38 +493,6 @@ fn stored_labels(ctx: &Context, p: &Params, data: &Dataset) -> Result<Vec<SoftLa
     Ok(out)
 }
 
-/// The teachers an online method runs on every batch (its model inputs).
-fn teachers(
-    ctx: &Context,
-    p: &Params,
-    device: &Device,
-    k: usize,
-    dataset: &Normalize,
-) -> Result<Vec<Teacher>> {
-    let mut teachers = Vec::new();
-    if !p.method.uses_teachers() {
-        return Ok(teachers);
-    }
-    for input in ctx.model_inputs() {
-        let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
-        if p.teacher_mc > 0 && meta.spec.dropout == 0.0 {
-            return Err(StageError::Config(format!(
-                "{}: teacher_mc = {} needs teachers trained with dropout; `{}` has none \
-                 (train it with `dropout = 0.2`)",
-                ctx.name, p.teacher_mc, input.name
-            )));
-        }
-        teachers.push(Teacher::new(
-            &input.name,
-            model,
-            meta.normalize.as_ref(),
-            dataset,
-            device,
-        )?);
-    }
-    Ok(teachers)
-}
-
 /// The OGR methods' splits: training and validation.
 fn ogr_sets(
     ctx: &Context,
@@ -560,14 +527,8 @@ fn replay(ctx: &Context, p: &Params, data: &Dataset, k: usize) -> Result<Option<
         Method::OnEnLdl | Method::OnMtLdl => usize::MAX,
         _ => 1,
     };
-    let teachers: Vec<TeacherRef> = ctx
-        .model_inputs()
-        .take(used)
-        .map(|i| TeacherRef {
-            name: i.name.clone(),
-            fingerprint: i.fingerprint.clone(),
-        })
-        .collect();
+    let mut teachers = ctx.teacher_refs();
+    teachers.truncate(used);
     meta.check(
         &input.dir,
         &Want {
