@@ -233,7 +233,19 @@ fn out_of_range_values() {
         format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n{extra}\n")
     };
     let e = fails(&train("model = \"resnet9\""));
-    assert_at(&e, 14, 1, &["key `model`", "unknown model `resnet9`"]);
+    // The message lists the known models, the new families included.
+    assert_at(
+        &e,
+        14,
+        1,
+        &[
+            "key `model`",
+            "unknown model `resnet9`",
+            "resnext29_4x64d",
+            "densenet121",
+            "dla",
+        ],
+    );
     let e = fails(&train("lr = -0.1"));
     assert_at(&e, 14, 1, &["key `lr`", "positive"]);
     let e = fails(&train("batch_size = 0"));

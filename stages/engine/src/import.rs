@@ -6,8 +6,9 @@
 //! Naming schemes (detected from the names, recorded as [`Naming`]):
 //! - ours = torchvision = RepDistiller's CIFAR ResNets (`conv1`, `bn1`, `layerL.B.conv1`,
 //!   `downsample.0`, `fc`): taken as they are;
-//! - kuangliu/pytorch-cifar (`shortcut.0`, `shortcut.1`, `linear`): renamed to
-//!   `downsample.0`, `downsample.1`, `fc`;
+//! - kuangliu/pytorch-cifar (`shortcut.0`, `shortcut.1`, `linear`): for a ResNet renamed to
+//!   `downsample.0`, `downsample.1`, `fc`; ResNeXt, DenseNet and DLA have kuangliu's names
+//!   already and take them as they are;
 //! - a `module.` prefix on every name (a model wrapped in `DataParallel` or
 //!   `DistributedDataParallel` when saved) is removed.
 //!
@@ -15,7 +16,7 @@
 //! and never reads them); every other tensor must be one the model has, of its shape.
 
 use crate::error::{EngineError, Result};
-use crate::models::{Arch, Model, ModelSpec, Shortcut, Stem};
+use crate::models::{Arch, Model, ModelSpec, ResNetArch, Shortcut, Stem};
 use candle_core::pickle::{Object, PthTensors, Stack};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -64,8 +65,9 @@ pub struct StateDict {
 /// `{'state_dict': ...}` or `{'net': ...}`.
 pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict", "net"];
 
-/// Reads the state dict of `path`; `key` names the entry of a checkpoint dict holding it.
-pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict> {
+/// Reads the state dict of `path` for a model of architecture `arch` (which decides how names
+/// are mapped); `key` names the entry of a checkpoint dict holding it.
+pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
     let format = sniff(path)?;
     let (raw, key) = match format {
         Format::Pth => read_pth(path, key)?,
@@ -83,7 +85,7 @@ pub fn read(path: &Path, key: Option<&str>) -> Result<StateDict> {
             (tensors.into_iter().collect(), None)
         }
     };
-    let (tensors, naming, data_parallel) = rename(path, raw)?;
+    let (tensors, naming, data_parallel) = rename(path, raw, arch.is_resnet())?;
     Ok(StateDict {
         format,
         key,
@@ -260,6 +262,7 @@ fn state_dict_key(path: &Path, top: &Object, key: Option<&str>) -> Result<Option
 fn rename(
     path: &Path,
     raw: BTreeMap<String, Tensor>,
+    resnet: bool,
 ) -> Result<(BTreeMap<String, Tensor>, Naming, bool)> {
     if raw.is_empty() {
         return Err(EngineError::invalid(path, "state dict", "holds no tensors"));
@@ -278,7 +281,7 @@ fn rename(
         } else {
             name.clone()
         };
-        if kuangliu {
+        if kuangliu && resnet {
             ours = ours.replace(".shortcut.", ".downsample.");
             if let Some(rest) = ours.strip_prefix("linear.") {
                 ours = format!("fc.{rest}");
@@ -302,9 +305,11 @@ fn rename(
 
 impl StateDict {
     /// The spec of architecture `arch` these tensors are for: classes and input channels from
-    /// the classifier and the first convolution, width from the first convolution, the stem from
-    /// its kernel size, the shortcut of a CIFAR ResNet from whether projections are present.
-    /// `dropout` cannot be seen in the weights and is given.
+    /// the classifier and the first convolution; the width from the first convolution (a
+    /// ResNet's or DLA's channels, twice a DenseNet's growth rate) or, for ResNeXt, from the
+    /// first block's channels per group; a ResNet's stem from its kernel size and a CIFAR
+    /// ResNet's shortcut from whether projections are present. `dropout` cannot be seen in the
+    /// weights and is given.
     pub fn spec(&self, path: &Path, arch: &str, dropout: f64) -> Result<ModelSpec> {
         let parsed = Arch::parse(arch)?;
         let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
@@ -324,24 +329,38 @@ impl StateDict {
             }
             Ok(t.dims().to_vec())
         };
-        let conv1 = dims("conv1.weight", 4)?;
-        let fc = dims("fc.weight", 2)?;
-        let stem = match conv1[2] {
-            7 => Stem::Imagenet,
-            _ => Stem::Cifar,
-        };
-        let shortcut = match parsed {
-            Arch::Cifar { .. } if !self.tensors.contains_key("layer2.0.downsample.0.weight") => {
-                Shortcut::A
+        let first = dims(
+            if parsed == Arch::Dla {
+                "base.0.weight"
+            } else {
+                "conv1.weight"
+            },
+            4,
+        )?;
+        let classes = dims(&format!("{}.weight", parsed.classifier_name()), 2)?[0];
+        let (mut stem, mut shortcut) = (Stem::Cifar, Shortcut::B);
+        let width = match parsed {
+            Arch::ResNet(r) => {
+                if first[2] == 7 {
+                    stem = Stem::Imagenet;
+                }
+                if matches!(r, ResNetArch::Cifar { .. })
+                    && !self.tensors.contains_key("layer2.0.downsample.0.weight")
+                {
+                    shortcut = Shortcut::A;
+                }
+                first[0]
             }
-            _ => Shortcut::B,
+            Arch::ResNeXt { cardinality, .. } => dims("layer1.0.conv1.weight", 4)?[0] / cardinality,
+            Arch::DenseNet { .. } => first[0] / 2,
+            Arch::Dla => first[0],
         };
         Ok(ModelSpec {
             arch: arch.to_owned(),
-            width: conv1[0],
+            width,
             shortcut,
-            classes: fc[0],
-            in_channels: conv1[1],
+            classes,
+            in_channels: first[1],
             stem,
             dropout,
         })
@@ -366,6 +385,10 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    fn resnet() -> Arch {
+        Arch::parse("resnet8").unwrap()
+    }
+
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/import")
@@ -377,7 +400,7 @@ mod tests {
     #[test]
     fn a_kuangliu_resnet18_maps_and_matches_pytorchs_logits() {
         let path = fixture("kuangliu_resnet18_w2.pth");
-        let state = read(&path, None).unwrap();
+        let state = read(&path, None, resnet()).unwrap();
         assert_eq!(
             (state.naming, state.key.as_deref(), state.data_parallel),
             (Naming::Kuangliu, None, false)
@@ -429,12 +452,12 @@ mod tests {
     #[test]
     fn a_checkpoint_dict_and_a_prefixed_safetensors_file_hold_the_same_state() {
         let pth_path = fixture("resnet8.pth");
-        let pth = read(&pth_path, None).unwrap();
+        let pth = read(&pth_path, None, resnet()).unwrap();
         assert_eq!(
             (pth.format, pth.key.as_deref()),
             (Format::Pth, Some("model"))
         );
-        let st = read(&fixture("resnet8.safetensors"), None).unwrap();
+        let st = read(&fixture("resnet8.safetensors"), None, resnet()).unwrap();
         assert_eq!((st.format, st.data_parallel), (Format::Safetensors, true));
         assert_eq!(
             pth.tensors.keys().collect::<Vec<_>>(),
@@ -457,10 +480,13 @@ mod tests {
         assert_eq!(spec, ModelSpec::new("resnet8", 10, 3).unwrap());
         // An explicit key works too; a safetensors file has no keys.
         assert_eq!(
-            read(&pth_path, Some("model")).unwrap().tensors.len(),
+            read(&pth_path, Some("model"), resnet())
+                .unwrap()
+                .tensors
+                .len(),
             pth.tensors.len()
         );
-        let e = read(&fixture("resnet8.safetensors"), Some("model")).unwrap_err();
+        let e = read(&fixture("resnet8.safetensors"), Some("model"), resnet()).unwrap_err();
         assert!(e.to_string().contains("holds tensors only"), "{e}");
     }
 
@@ -470,10 +496,79 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("notes.pth");
         std::fs::write(&p, "hello, world").unwrap();
-        let e = read(&p, None).unwrap_err().to_string();
+        let e = read(&p, None, resnet()).unwrap_err().to_string();
         assert!(
             e.contains("notes.pth") && e.contains("neither a PyTorch checkpoint"),
             "{e}"
         );
+    }
+
+    /// The input of the kuangliu fixtures: torch.linspace(-2, 2, n) as 2×3×32×32 (start + i·step,
+    /// the upper half counted from the end, as PyTorch computes it).
+    fn linspace_input() -> Tensor {
+        let n = 2 * 3 * 32 * 32;
+        let step = 4.0 / (n - 1) as f64;
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                if i < n / 2 {
+                    (-2.0 + step * i as f64) as f32
+                } else {
+                    (2.0 - step * (n - 1 - i) as f64) as f32
+                }
+            })
+            .collect();
+        Tensor::from_vec(x, (2, 3, 32, 32), &Device::Cpu).unwrap()
+    }
+
+    /// kuangliu/pytorch-cifar's ResNeXt-29, DenseNet-121 and DLA, written by PyTorch from
+    /// kuangliu's own definitions (tests/fixtures/models/make_fixtures.py, small widths), load
+    /// by their names as they are, their widths are inferred, and the models compute the logits
+    /// PyTorch recorded, with running statistics and with batch statistics.
+    #[test]
+    fn kuangliu_resnext_densenet_and_dla_match_pytorchs_logits() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        let want: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("kuangliu_logits.json")).unwrap())
+                .unwrap();
+        for (arch, file) in [
+            ("resnext29_4x64d", "resnext29_4x64d_w2"),
+            ("densenet121", "densenet121_w2"),
+            ("dla", "dla_w2"),
+        ] {
+            let path = dir.join(format!("kuangliu_{file}.pth"));
+            let state = read(&path, None, Arch::parse(arch).unwrap()).unwrap();
+            assert_eq!(state.naming, Naming::Kuangliu, "{arch}");
+            assert!(state.tensors.contains_key("linear.weight"), "{arch}");
+            let spec = state.spec(&path, arch, 0.0).unwrap();
+            assert_eq!(
+                (spec.width, spec.classes, spec.in_channels),
+                (2, 5, 3),
+                "{arch}"
+            );
+            let model = state.into_model(&path, &spec, &Device::Cpu).unwrap();
+            assert_eq!(
+                model.parameter_count() as u64,
+                want[file]["parameters"].as_u64().unwrap(),
+                "{arch}"
+            );
+            // Inference first: a training-mode forward moves the running statistics.
+            for (mode, train) in [("eval", false), ("train", true)] {
+                let got = model
+                    .net
+                    .forward_t(&linspace_input(), train)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                for (r, row) in got.iter().enumerate() {
+                    for (k, v) in row.iter().enumerate() {
+                        let w = want[file][mode][r][k].as_f64().unwrap();
+                        assert!(
+                            (*v as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                            "{arch} {mode} {r},{k}: {v} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

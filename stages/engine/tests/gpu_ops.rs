@@ -77,20 +77,22 @@ fn convolution_matches_cpu_forward_and_gradients() {
     let Some(gpu) = cuda("convolution") else {
         return;
     };
-    // (n, c, h, w, cout, k, stride, pad)
+    // (n, c, h, w, cout, k, stride, pad, groups); the grouped ones are ResNeXt's 3×3.
     let shapes = [
-        (4, 3, 32, 32, 16, 3, 1, 1),
-        (8, 16, 16, 16, 32, 3, 2, 1),
-        (8, 16, 16, 16, 32, 1, 2, 0),
-        (2, 64, 8, 8, 64, 3, 1, 1),
-        (3, 5, 7, 9, 6, 3, 1, 1),
-        (2, 8, 9, 9, 8, 1, 1, 0),
+        (4, 3, 32, 32, 16, 3, 1, 1, 1),
+        (8, 16, 16, 16, 32, 3, 2, 1, 1),
+        (8, 16, 16, 16, 32, 1, 2, 0, 1),
+        (2, 64, 8, 8, 64, 3, 1, 1, 1),
+        (3, 5, 7, 9, 6, 3, 1, 1, 1),
+        (2, 8, 9, 9, 8, 1, 1, 0, 1),
+        (4, 64, 16, 16, 64, 3, 1, 1, 4),
+        (4, 32, 16, 16, 32, 3, 2, 1, 8),
     ];
     for dtype in [DType::F32, DType::BF16] {
-        for (i, &(n, c, h, w, cout, k, stride, pad)) in shapes.iter().enumerate() {
+        for (i, &(n, c, h, w, cout, k, stride, pad, groups)) in shapes.iter().enumerate() {
             let seed = 10 * i as u64;
             let x = rounded(&random(&[n, c, h, w], seed), dtype);
-            let wt = rounded(&random(&[cout, c, k, k], seed + 1), dtype);
+            let wt = rounded(&random(&[cout, c / groups, k, k], seed + 1), dtype);
             let dy = rounded(
                 &random(
                     &[
@@ -105,7 +107,8 @@ fn convolution_matches_cpu_forward_and_gradients() {
             );
             let run = |device: &Device, dtype: DType| {
                 let weights = HashMap::from([("weight".to_string(), wt.clone())]);
-                let conv = Conv2d::new(c, cout, k, stride, pad, vb(&weights, device)).unwrap();
+                let conv =
+                    Conv2d::grouped(c, cout, k, stride, pad, groups, vb(&weights, device)).unwrap();
                 let xv = Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap())
                     .unwrap();
                 let y = candle_core::Module::forward(&conv, xv.as_tensor()).unwrap();

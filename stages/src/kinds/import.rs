@@ -126,7 +126,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             ),
         ));
     }
-    let state = engine::import::read(&file, p.key.as_deref())?;
+    let arch = engine::models::Arch::parse(&p.model)?;
+    let state = engine::import::read(&file, p.key.as_deref(), arch)?;
     let spec = state.spec(&file, &p.model, p.dropout)?;
     if let Some(n) = &p.normalize {
         if n.mean.len() != spec.in_channels {

@@ -37,6 +37,8 @@ pub struct Geometry {
     /// Stride and zero padding (both dimensions).
     pub stride: usize,
     pub pad: usize,
+    /// Channel groups (1 for an ordinary convolution); the weight is `cout × c/groups × kh × kw`.
+    pub groups: usize,
     /// Whether activations and weights are bf16 (else f32).
     pub bf16: bool,
 }
@@ -148,7 +150,8 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             workspace: [0; 3],
         };
         result::set_tensor4d_descriptor(plan.x, nchw, t, [i(g.n), i(g.c), i(g.h), i(g.w)])?;
-        result::set_filter4d_descriptor(plan.w, t, nchw, [i(g.cout), i(g.c), i(g.kh), i(g.kw)])?;
+        let cg = i(g.c / g.groups);
+        result::set_filter4d_descriptor(plan.w, t, nchw, [i(g.cout), cg, i(g.kh), i(g.kw)])?;
         result::set_tensor4d_descriptor(plan.y, nchw, t, [i(g.n), i(g.cout), i(ho), i(wo)])?;
         for c in plan.conv {
             result::set_convolution2d_descriptor(
@@ -162,6 +165,7 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
                 sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )?;
+            sys::cudnnSetConvolutionGroupCount(c, i(g.groups)).result()?;
             result::set_convolution_math_type(
                 c,
                 if g.bf16 {
@@ -393,8 +397,15 @@ fn run(dev: &CudaDevice, g: &Geometry, dir: Direction, a: u64, b: u64, out: u64)
     })
 }
 
-/// The geometry of `x` (`N × C × H × W`) under weights `cout × C × kh × kw`.
-pub fn geometry(x: &[usize], w: &[usize], stride: usize, pad: usize, dtype: DType) -> Geometry {
+/// The geometry of `x` (`N × C × H × W`) under weights `cout × C/groups × kh × kw`.
+pub fn geometry(
+    x: &[usize],
+    w: &[usize],
+    stride: usize,
+    pad: usize,
+    groups: usize,
+    dtype: DType,
+) -> Geometry {
     Geometry {
         n: x[0],
         c: x[1],
@@ -405,6 +416,7 @@ pub fn geometry(x: &[usize], w: &[usize], stride: usize, pad: usize, dtype: DTyp
         kw: w[3],
         stride,
         pad,
+        groups,
         bf16: dtype == DType::BF16,
     }
 }
@@ -451,13 +463,14 @@ pub fn backward_data(g: &Geometry, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
     Ok(dx)
 }
 
-/// The weight gradient `cout × C × kh × kw` from the input and the output gradient `dy`.
+/// The weight gradient `cout × C/groups × kh × kw` from the input and the output gradient `dy`.
 pub fn backward_filter(g: &Geometry, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     check_type(g, dy.dtype(), "the output gradient")?;
     let (x, dy) = (x.contiguous()?, dy.contiguous()?);
     let (dev, px) = tensor_ptr(&x, "conv2d input")?;
     let (_, pd) = tensor_ptr(&dy, "conv2d output gradient")?;
-    let (dw, pw) = alloc_tensor(&dev, g.dtype(), (g.cout, g.c, g.kh, g.kw))?;
+    let dims = (g.cout, g.c / g.groups, g.kh, g.kw);
+    let (dw, pw) = alloc_tensor(&dev, g.dtype(), dims)?;
     run(&dev, g, Direction::BackwardFilter, px, pd, pw)?;
     Ok(dw)
 }

@@ -49,9 +49,21 @@ impl Projection {
     /// A projection whose variables are torchvision's `downsample.0.weight` and
     /// `downsample.1.*` under `vb`.
     pub(super) fn b(cin: usize, cout: usize, stride: usize, vb: &VarBuilder) -> Result<Self> {
+        Self::named(cin, cout, stride, vb, "downsample")
+    }
+
+    /// An option-B projection whose variables are `<name>.0.weight` and `<name>.1.*` (kuangliu's
+    /// `shortcut`).
+    pub(super) fn named(
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        vb: &VarBuilder,
+        name: &str,
+    ) -> Result<Self> {
         Ok(Projection::B(
-            conv(cin, cout, 1, stride, vb.pp("downsample.0"))?,
-            bn(cout, vb.pp("downsample.1"))?,
+            conv(cin, cout, 1, stride, vb.pp(format!("{name}.0")))?,
+            bn(cout, vb.pp(format!("{name}.1")))?,
         ))
     }
 
@@ -98,6 +110,26 @@ impl BasicBlock {
                 Shortcut::B => Projection::b(cin, cout, stride, &vb)?,
             }
         };
+        Self::with_shortcut(cin, cout, stride, shortcut, vb)
+    }
+
+    /// kuangliu/pytorch-cifar's basic block (DLA's): the projection is `shortcut.0`/`shortcut.1`.
+    pub(super) fn kuangliu(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let shortcut = if stride == 1 && cin == cout {
+            Projection::None
+        } else {
+            Projection::named(cin, cout, stride, &vb, "shortcut")?
+        };
+        Self::with_shortcut(cin, cout, stride, shortcut, vb)
+    }
+
+    fn with_shortcut(
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        shortcut: Projection,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(BasicBlock {
             conv1: conv(cin, cout, 3, stride, vb.pp("conv1"))?,
             bn1: bn(cout, vb.pp("bn1"))?,

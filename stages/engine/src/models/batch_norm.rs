@@ -33,20 +33,21 @@ fn lanes(v: &[f32]) -> (impl Iterator<Item = &[f32; LANES]>, &[f32]) {
     (chunks.map(|c| c.try_into().expect("LANES long")), tail)
 }
 
-/// `(Σ v, Σ v²)` over a slice, in `LANES` partial sums.
-fn sum_and_squares(v: &[f32]) -> (f32, f32) {
+/// `(Σ (v − k), Σ (v − k)²)` over a slice, in `LANES` partial sums.
+fn sum_and_squares(v: &[f32], k: f32) -> (f32, f32) {
     let (mut s, mut s2) = ([0f32; LANES], [0f32; LANES]);
     let (chunks, tail) = lanes(v);
     for c in chunks {
         for l in 0..LANES {
-            s[l] += c[l];
-            s2[l] += c[l] * c[l];
+            let d = c[l] - k;
+            s[l] += d;
+            s2[l] += d * d;
         }
     }
     let (mut a, mut b) = (s.iter().sum::<f32>(), s2.iter().sum::<f32>());
     for &t in tail {
-        a += t;
-        b += t * t;
+        a += t - k;
+        b += (t - k) * (t - k);
     }
     (a, b)
 }
@@ -92,20 +93,28 @@ fn grad_sums(dy: &[f32], x: &[f32], y: Option<&[f32]>, mu: f32) -> (f32, f32) {
 }
 
 /// Per-channel mean and biased variance of an `N × C × H × W` slice (f64 accumulation across
-/// planes).
+/// planes). One pass, shifted by the channel's first value: `E[x²] − E[x]²` in f32 loses the
+/// variance to cancellation when the mean is large next to the spread (a convolution's output
+/// without bias, a deep layer at small batches), while the moments of `x − k` for any k near
+/// the mean do not.
 fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     (0..c)
         .into_par_iter()
         .map(|ch| {
+            let k = x[ch * hw];
             let (mut s, mut s2) = (0f64, 0f64);
             for i in 0..n {
-                let (ps, ps2) = sum_and_squares(&x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
+                let plane = &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+                let (ps, ps2) = sum_and_squares(plane, k);
                 s += ps as f64;
                 s2 += ps2 as f64;
             }
             let m = (n * hw) as f64;
-            let mean = s / m;
-            ((mean) as f32, (s2 / m - mean * mean).max(0.0) as f32)
+            let shifted_mean = s / m;
+            (
+                (k as f64 + shifted_mean) as f32,
+                (s2 / m - shifted_mean * shifted_mean).max(0.0) as f32,
+            )
         })
         .unzip()
 }

@@ -38,6 +38,9 @@ struct Geometry {
     kw: usize,
     stride: usize,
     pad: usize,
+    /// Channel groups (ResNeXt): input and output channels split into `groups` equal parts,
+    /// output part g seeing only input part g; 1 for an ordinary convolution.
+    groups: usize,
 }
 
 impl Geometry {
@@ -50,6 +53,14 @@ impl Geometry {
     /// Rows of the unfolded matrix.
     fn k(&self) -> usize {
         self.c * self.kh * self.kw
+    }
+    /// Rows of the unfolded matrix that one group's output channels see (and the weight's
+    /// row length): the unfolding is ordered by channel, so group g's rows are the g-th block.
+    fn k_group(&self) -> usize {
+        self.k() / self.groups
+    }
+    fn cout_group(&self) -> usize {
+        self.cout / self.groups
     }
     /// Output pixels per image (columns of the unfolded matrix).
     fn l(&self) -> usize {
@@ -256,6 +267,62 @@ impl Geometry {
     }
 }
 
+impl Geometry {
+    /// `y (Cout×L) = W (Cout×Kg) · cols (K×L)`, one product per group: group g's output rows
+    /// g·Cout/G.. from its weight rows and its block of Kg unfolded rows.
+    fn forward_gemms(&self, w: &[f32], cols: &[f32], y: &mut [f32]) {
+        let (kg, cg, l) = (self.k_group(), self.cout_group(), self.l());
+        for gi in 0..self.groups {
+            gemm_nn(
+                (cg, l, kg),
+                &w[gi * cg * kg..],
+                (kg, 1),
+                &cols[gi * kg * l..],
+                l,
+                &mut y[gi * cg * l..],
+                l,
+                false,
+            );
+        }
+    }
+
+    /// `dWᵀ (Kg×Cout) += cols (K×L) · dYᵀ (L×Cout)` per group: group g's block of unfolded
+    /// rows against its columns g·Cout/G.. of `dyt`, into the same columns of `dwt`.
+    fn weight_grad_gemms(&self, cols: &[f32], dyt: &[f32], dwt: &mut [f32]) {
+        let (kg, cg, l) = (self.k_group(), self.cout_group(), self.l());
+        for gi in 0..self.groups {
+            gemm_nn(
+                (kg, cg, l),
+                &cols[gi * kg * l..],
+                (l, 1),
+                &dyt[gi * cg..],
+                self.cout,
+                &mut dwt[gi * cg..],
+                self.cout,
+                true,
+            );
+        }
+    }
+
+    /// `dcols (K×L) = Wᵀ · dY (Cout×L)` per group: group g's Kg rows from its weight block
+    /// (transposed through the strides) and its output rows.
+    fn input_grad_gemms(&self, w: &[f32], dy: &[f32], dcols: &mut [f32]) {
+        let (kg, cg, l) = (self.k_group(), self.cout_group(), self.l());
+        for gi in 0..self.groups {
+            gemm_nn(
+                (kg, l, cg),
+                &w[gi * cg * kg..],
+                (1, kg),
+                &dy[gi * cg * l..],
+                l,
+                &mut dcols[gi * kg * l..],
+                l,
+                false,
+            );
+        }
+    }
+}
+
 thread_local! {
     /// Per-thread scratch (unfolded image, unfolded gradient), grown on demand and kept, so a
     /// training step allocates no unfolding buffers after the first.
@@ -300,9 +367,10 @@ impl ConvOp {
         let g = self.0;
         crate::gpu::conv::geometry(
             &[g.n, g.c, g.h, g.w],
-            &[g.cout, g.c, g.kh, g.kw],
+            &[g.cout, g.c / g.groups, g.kh, g.kw],
             g.stride,
             g.pad,
+            g.groups,
             dtype,
         )
     }
@@ -316,14 +384,15 @@ impl ConvOp {
                 .enumerate()
                 .for_each(|(i, y_i)| {
                     let x_i = &x[i * img..(i + 1) * img];
-                    // Y_i (Cout×L) = W (Cout×K) · cols_i (K×L); a pointwise x_i is its own cols.
+                    // Y_i (Cout×L) = W (Cout×K) · cols_i (K×L), one product per group; a
+                    // pointwise x_i is its own cols.
                     if g.pointwise() {
-                        gemm_nn((g.cout, l, k), w, (k, 1), x_i, l, y_i, l, false);
+                        g.forward_gemms(w, x_i, y_i);
                         return;
                     }
                     with_scratch(k * l, |cols, _| {
                         g.im2col(x_i, cols);
-                        gemm_nn((g.cout, l, k), w, (k, 1), cols, l, y_i, l, false);
+                        g.forward_gemms(w, cols, y_i);
                     });
                 });
         })
@@ -339,7 +408,7 @@ impl ConvOp {
     ) -> (Option<Vec<f32>>, Vec<f32>) {
         let _t = timer(Section::ConvBackward);
         let g = self.0;
-        let (k, l, img) = (g.k(), g.l(), g.image_len());
+        let (k, kg, l, img) = (g.k(), g.k_group(), g.l(), g.image_len());
         let threads = rayon::current_num_threads().max(1);
         let per = g.n.div_ceil(threads).max(1);
         // One contiguous run of images per task: each task accumulates its own dW, so the
@@ -350,7 +419,7 @@ impl ConvOp {
         // its contiguous rows, which the fast kernel wants; `dY_i · cols_iᵀ` would need dot
         // products reduced across lanes, slow for the short rows of the deeper layers.
         let task = |t: usize, mut dx: Option<&mut [f32]>| -> Vec<f32> {
-            let mut dwt = vec![0f32; k * g.cout];
+            let mut dwt = vec![0f32; kg * g.cout];
             for (j, i) in images(t).enumerate() {
                 let x_i = &x[i * img..(i + 1) * img];
                 let dy_i = &dy[i * g.cout * l..(i + 1) * g.cout * l];
@@ -366,23 +435,14 @@ impl ConvOp {
                     // it is needed for the input gradient.
                     let dyt = &mut dcols[..l * g.cout];
                     transpose(dy_i, g.cout, l, dyt);
-                    gemm_nn(
-                        (k, g.cout, l),
-                        lhs,
-                        (l, 1),
-                        dyt,
-                        g.cout,
-                        &mut dwt,
-                        g.cout,
-                        true,
-                    );
+                    g.weight_grad_gemms(lhs, dyt, &mut dwt);
                     let Some(dx_i) = dx_i else { return };
                     // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
                     // (the fold is the identity for a pointwise convolution).
                     if g.pointwise() {
-                        gemm_nn((k, l, g.cout), w, (1, k), dy_i, l, dx_i, l, false);
+                        g.input_grad_gemms(w, dy_i, dx_i);
                     } else {
-                        gemm_nn((k, l, g.cout), w, (1, k), dy_i, l, dcols, l, false);
+                        g.input_grad_gemms(w, dy_i, dcols);
                         g.col2im(dcols, dx_i);
                     }
                 });
@@ -407,14 +467,16 @@ impl ConvOp {
             )
         };
         let mut parts = partial.into_iter();
-        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; g.cout * k]);
+        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; g.cout * kg]);
         for p in parts {
             for (a, b) in dwt.iter_mut().zip(&p) {
                 *a += *b;
             }
         }
-        let mut dw = vec![0f32; g.cout * k];
-        transpose(&dwt, k, g.cout, &mut dw);
+        // dWᵀ is Kg×Cout (group g in columns g·Cout/G..), so its transpose is the weight's
+        // Cout × (C/G·kh·kw) layout.
+        let mut dw = vec![0f32; g.cout * kg];
+        transpose(&dwt, kg, g.cout, &mut dw);
         (dx, dw)
     }
 }
@@ -491,17 +553,22 @@ impl CustomOp2 for ConvOp {
         Ok((
             dx.map(|d| Tensor::from_vec(d, (g.n, g.c, g.h, g.w), dev))
                 .transpose()?,
-            Some(Tensor::from_vec(dw, (g.cout, g.c, g.kh, g.kw), dev)?),
+            Some(Tensor::from_vec(
+                dw,
+                (g.cout, g.c / g.groups, g.kh, g.kw),
+                dev,
+            )?),
         ))
     }
 }
 
-/// A bias-free 2-D convolution with square kernel, stride and zero padding.
+/// A bias-free 2-D convolution with square kernel, stride, zero padding and channel groups.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     stride: usize,
     pad: usize,
+    groups: usize,
 }
 
 impl Conv2d {
@@ -514,8 +581,27 @@ impl Conv2d {
         pad: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
+        Self::grouped(cin, cout, k, stride, pad, 1, vb)
+    }
+
+    /// A grouped convolution (PyTorch's `groups`): weight `cout × cin/groups × k × k`; both
+    /// channel counts must be multiples of `groups`.
+    pub fn grouped(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if groups == 0 || !cin.is_multiple_of(groups) || !cout.is_multiple_of(groups) {
+            candle_core::bail!(
+                "conv2d: {cin} input and {cout} output channels do not split into {groups} groups"
+            )
+        }
         let weight = vb.get_with_hints(
-            (cout, cin, k, k),
+            (cout, cin / groups, k, k),
             "weight",
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
         )?;
@@ -523,6 +609,7 @@ impl Conv2d {
             weight,
             stride,
             pad,
+            groups,
         })
     }
 }
@@ -535,18 +622,20 @@ impl Module for Conv2d {
             let cfg = candle_nn::Conv2dConfig {
                 padding: self.pad,
                 stride: self.stride,
+                groups: self.groups,
                 ..Default::default()
             };
             return candle_nn::Conv2d::new(self.weight.clone(), None, cfg).forward(x);
         }
         let (n, c, h, w) = x.dims4()?;
         let (cout, cin, kh, kw) = self.weight.dims4()?;
-        if cin != c || h + 2 * self.pad < kh || w + 2 * self.pad < kw {
+        if cin * self.groups != c || h + 2 * self.pad < kh || w + 2 * self.pad < kw {
             candle_core::bail!(
-                "conv2d: input {:?} does not fit weight {:?} (padding {})",
+                "conv2d: input {:?} does not fit weight {:?} (padding {}, {} groups)",
                 x.dims(),
                 self.weight.dims(),
-                self.pad
+                self.pad,
+                self.groups
             )
         }
         let g = Geometry {
@@ -559,6 +648,7 @@ impl Module for Conv2d {
             kw,
             stride: self.stride,
             pad: self.pad,
+            groups: self.groups,
         };
         // Master weights stay f32; a bf16 input computes in bf16 (the cast is differentiable, so
         // the weight gradient arrives in f32).
@@ -607,6 +697,7 @@ mod tests {
                 weight: wt.as_tensor().clone(),
                 stride,
                 pad,
+                groups: 1,
             };
             let y = ours.forward(x.as_tensor()).unwrap();
             let reference = x
@@ -643,6 +734,7 @@ mod tests {
             weight: wt.as_tensor().clone(),
             stride: 1,
             pad: 1,
+            groups: 1,
         };
         let grads = ours
             .forward(&x)
@@ -664,5 +756,62 @@ mod tests {
             reference.get(wt.as_tensor()).unwrap(),
         );
         assert!(max_rel(a, b) < 1e-5);
+    }
+
+    /// Grouped convolutions (ResNeXt's 3×3 with cardinality 4 and 32, pointwise and strided
+    /// ones, one channel per group) equal candle's reference, which runs one convolution per
+    /// group and concatenates: forward and both gradients.
+    #[test]
+    fn grouped_matches_candle_reference() {
+        for (i, &(n, c, h, w, cout, k, stride, pad, groups)) in [
+            (2, 8, 8, 8, 8, 3, 1, 1, 4),
+            (3, 12, 9, 7, 6, 3, 2, 1, 3),
+            (2, 8, 6, 6, 16, 1, 1, 0, 2),
+            (2, 6, 7, 5, 12, 1, 2, 0, 3),
+            (2, 4, 5, 5, 4, 3, 1, 1, 4),
+            (4, 64, 8, 8, 64, 3, 1, 1, 32),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = Var::from_tensor(&random(&[n, c, h, w], -1.0..1.0, 30 + i as u64)).unwrap();
+            let wt = Var::from_tensor(&random(
+                &[cout, c / groups, k, k],
+                -1.0..1.0,
+                130 + i as u64,
+            ))
+            .unwrap();
+            let ours = Conv2d {
+                weight: wt.as_tensor().clone(),
+                stride,
+                pad,
+                groups,
+            };
+            let y = ours.forward(x.as_tensor()).unwrap();
+            let reference = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), pad, stride, 1, groups)
+                .unwrap();
+            assert_eq!(y.dims(), reference.dims());
+            assert!(max_rel(&y, &reference) < 1e-5, "forward case {i}");
+            let m = random(y.dims(), -1.0..1.0, 230 + i as u64);
+            let g1 = (&y * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&reference * &m)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let (a, b) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!(a.dims(), v.dims());
+                assert!(max_rel(a, b) < 1e-5, "gradient case {i}: {}", max_rel(a, b));
+            }
+        }
+        let vb = VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu);
+        assert!(Conv2d::grouped(6, 8, 3, 1, 1, 4, vb).is_err());
     }
 }

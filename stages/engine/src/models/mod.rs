@@ -1,27 +1,36 @@
 //! Models, selected by name in stages.toml. Each model maps NCHW `f32` images to logits and
 //! exposes its penultimate features; weights live in a candle `VarMap` whose names follow
-//! PyTorch's conventions (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...), so a
-//! checkpoint loads in PyTorch by name. [`resnet`] lists the architectures.
+//! the PyTorch definitions they come from (torchvision's for the ResNets: `conv1.weight`,
+//! `layer1.0.bn1.running_mean`, `fc.bias`; kuangliu/pytorch-cifar's for ResNeXt, DenseNet and
+//! DLA), so a checkpoint loads in PyTorch by name. [`arch`] lists the architectures; [`net`]
+//! is what they share (pooling, dropout, classifier).
 
 pub mod add_relu;
+pub mod arch;
 mod basic;
 pub mod batch_norm;
 mod bottleneck;
 pub mod conv;
 pub(crate) mod cpu;
+pub mod densenet;
+pub mod dla;
 pub mod dropout;
+pub mod net;
 pub mod pool;
 pub mod resnet;
+pub mod resnext;
 pub mod sgemm;
 pub mod testing;
 
 use crate::error::{EngineError, Result};
+pub use arch::{Arch, KNOWN_MODELS};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 pub use dropout::Mode;
+pub use net::Net;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
-pub use resnet::{Arch, ResNet, Shortcut, Stem};
+pub use resnet::{ResNet, ResNetArch, Shortcut, Stem};
 use serde::{Deserialize, Serialize};
 
 /// Everything needed to rebuild a model: written next to its weights as `model.json`.
@@ -31,11 +40,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Architecture name, e.g. `resnet20`, `resnet50`, `resnet18_imagenet` (see [`Arch`]).
+    /// Architecture name, e.g. `resnet20`, `resnet18_imagenet`, `densenet121` (see [`Arch`]).
     pub arch: String,
-    /// Channels of the stem and of the first stage, doubled at each later stage; the reference
-    /// networks have [`Arch::default_width`] (16 for `resnet<6n+2>`, 64 for resnet18 …
-    /// resnet200).
+    /// The architecture's scale ([`Arch::default_width`] for the reference network): a ResNet's
+    /// stem and first-stage channels (16 for `resnet<6n+2>`, 64 for resnet18 … resnet200),
+    /// ResNeXt's bottleneck width, DenseNet's growth rate, DLA's base channels.
     pub width: usize,
     /// Shortcut type of the CIFAR ResNets `resnet<6n+2>`; the others need `B`.
     pub shortcut: Shortcut,
@@ -79,7 +88,7 @@ impl ModelSpec {
 /// A classifier built from a [`ModelSpec`].
 pub struct Model {
     /// The network.
-    pub net: ResNet,
+    pub net: Net,
     /// Its variables (weights and BatchNorm statistics).
     pub vars: VarMap,
     /// The spec it was built from.
@@ -93,7 +102,7 @@ impl Model {
     pub fn new(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Model> {
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
-        let net = ResNet::new(spec, vb)?;
+        let net = arch::build(spec, &vb)?;
         let model = Model {
             net,
             vars,
@@ -104,6 +113,7 @@ impl Model {
     }
 
     fn init(&self, seed: u64) -> Result<()> {
+        let classifier = format!("{}.", self.net.classifier_name());
         let data = self.vars.data().lock().expect("var map lock");
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
@@ -116,8 +126,8 @@ impl Model {
                 let fan_out = dims[0] * dims[2] * dims[3];
                 let normal = Normal::new(0.0, (2.0 / fan_out as f32).sqrt()).expect("std > 0");
                 Some((0..n).map(|_| normal.sample(&mut rng)).collect())
-            } else if name.starts_with("fc.") {
-                let fan_in = data["fc.weight"].dims()[1];
+            } else if name.starts_with(&classifier) {
+                let fan_in = data[&format!("{classifier}weight")].dims()[1];
                 let bound = 1.0 / (fan_in as f32).sqrt();
                 Some((0..n).map(|_| rng.random_range(-bound..bound)).collect())
             } else {

@@ -11,20 +11,20 @@
 //!   max-pool) or, with `stem = "imagenet"` or the `_imagenet` suffix, torchvision's (7×7
 //!   stride-2 convolution, 3×3 stride-2 max-pool). Their shortcuts are always projections.
 //!
-//! All end with global average pooling, an optional dropout and a linear classifier, and name
-//! their variables as torchvision does.
+//! As backbones of a [`Net`](super::net::Net) they end with global average pooling, an optional
+//! dropout and the classifier `fc`, and name their variables as torchvision does.
 
 pub use super::basic::Shortcut;
 use super::basic::{bn, conv, BasicBlock};
 use super::batch_norm::BatchNorm;
 use super::bottleneck::{Bottleneck, EXPANSION};
 use super::conv::Conv2d;
-use super::dropout::{Dropout, Mode};
+use super::net::Backbone;
 use super::pool::max_pool2d;
 use super::ModelSpec;
 use crate::error::{EngineError, Result};
-use candle_core::{Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 /// The first layers of resnet18 … resnet200.
@@ -48,9 +48,9 @@ pub enum BlockKind {
     Bottleneck,
 }
 
-/// An architecture name, parsed.
+/// A ResNet name, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
+pub enum ResNetArch {
     /// `resnet<depth>` with depth = 6n+2: He et al.'s CIFAR ResNet, n basic blocks per stage.
     Cifar {
         /// 6n+2.
@@ -79,17 +79,17 @@ const LARGE: [(usize, BlockKind, [usize; 4]); 6] = [
     (200, BlockKind::Bottleneck, [3, 24, 36, 3]),
 ];
 
-/// What [`Arch::parse`] accepts, for error messages.
-pub const KNOWN_MODELS: &str = "a CIFAR ResNet resnet<6n+2> (resnet8, resnet14, resnet20, \
+/// What [`ResNetArch::parse`] accepts, for error messages.
+pub const KNOWN_RESNETS: &str = "a CIFAR ResNet resnet<6n+2> (resnet8, resnet14, resnet20, \
 resnet32, resnet44, resnet56, resnet110, ...), resnet18, resnet34, resnet50, resnet101, \
 resnet152, resnet200, or one of these six with `_imagenet` (resnet18_imagenet, ...)";
 
-impl Arch {
+impl ResNetArch {
     /// Parses a model name. Depths 50, 152 and 200 are of the form 6n+2 too, but name the
     /// bottleneck ResNets, as everywhere else.
-    pub fn parse(name: &str) -> Result<Arch> {
+    pub fn parse(name: &str) -> Result<ResNetArch> {
         let unknown =
-            || EngineError::Config(format!("unknown model `{name}`: expected {KNOWN_MODELS}"));
+            || EngineError::Config(format!("unknown model `{name}`: expected {KNOWN_RESNETS}"));
         let (base, imagenet) = match name.strip_suffix("_imagenet") {
             Some(base) => (base, true),
             None => (name, false),
@@ -103,7 +103,7 @@ impl Arch {
             return Err(unknown());
         }
         if let Some(&(_, block, layers)) = LARGE.iter().find(|l| l.0 == depth) {
-            return Ok(Arch::Large {
+            return Ok(ResNetArch::Large {
                 depth,
                 block,
                 layers,
@@ -111,7 +111,7 @@ impl Arch {
             });
         }
         if !imagenet && depth >= 8 && (depth - 2).is_multiple_of(6) {
-            return Ok(Arch::Cifar { depth });
+            return Ok(ResNetArch::Cifar { depth });
         }
         Err(unknown())
     }
@@ -119,18 +119,18 @@ impl Arch {
     /// The `width` of the reference network: 16 for the CIFAR ResNets, 64 for the others.
     pub fn default_width(&self) -> usize {
         match self {
-            Arch::Cifar { .. } => 16,
-            Arch::Large { .. } => 64,
+            ResNetArch::Cifar { .. } => 16,
+            ResNetArch::Large { .. } => 64,
         }
     }
 }
 
 /// Depth of a CIFAR ResNet name `resnet<6n+2>` such as `resnet20`; `None` for any other name,
 /// including resnet50, resnet152 and resnet200, which are bottleneck ResNets. To check any
-/// model name, use [`Arch::parse`].
+/// model name, use [`super::Arch::parse`].
 pub fn cifar_depth(arch: &str) -> Option<usize> {
-    match Arch::parse(arch) {
-        Ok(Arch::Cifar { depth }) => Some(depth),
+    match ResNetArch::parse(arch) {
+        Ok(ResNetArch::Cifar { depth }) => Some(depth),
         _ => None,
     }
 }
@@ -149,43 +149,28 @@ impl Block {
     }
 }
 
-/// A ResNet of any of the families above.
+/// A ResNet of any of the families above, up to its last feature maps.
 pub struct ResNet {
     conv1: Conv2d,
     bn1: BatchNorm,
     max_pool: bool,
     blocks: Vec<Block>,
-    dropout: Dropout,
-    fc: Linear,
     feature_dim: usize,
 }
 
 impl ResNet {
-    /// Builds the network described by `spec` under `vb`.
+    /// Builds the network `arch` of `spec` under `vb` (the spec's stem and shortcut already
+    /// checked against the architecture).
     ///
     /// `spec.width` is the number of channels of the stem and of the first stage; the later
     /// stages double it each time (CIFAR ResNets: width·{1, 2, 4}; the others: width·{1, 2, 4,
     /// 8} planes, times 4 at the output of a bottleneck). The reference networks have
-    /// [`Arch::default_width`]: 16 and 64.
-    pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
-        let arch = Arch::parse(&spec.arch)?;
-        let refuse = |what: String| EngineError::Config(format!("model `{}`: {what}", spec.arch));
-        if spec.width == 0 || spec.classes == 0 || spec.in_channels == 0 {
-            return Err(refuse(format!(
-                "width {}, classes {} and in_channels {} must all be at least 1",
-                spec.width, spec.classes, spec.in_channels
-            )));
-        }
-        let dropout = Dropout::new(spec.dropout).map_err(|e| refuse(e.to_string()))?;
+    /// [`ResNetArch::default_width`]: 16 and 64.
+    pub fn new(arch: ResNetArch, spec: &ModelSpec, vb: &VarBuilder) -> Result<Self> {
         let w = spec.width;
         let mut blocks = Vec::new();
         let (stem, feature_dim) = match arch {
-            Arch::Cifar { depth } => {
-                if spec.stem != Stem::Cifar {
-                    return Err(refuse(
-                        "the ImageNet stem applies to resnet18 … resnet200, not to the CIFAR ResNets resnet<6n+2>".into(),
-                    ));
-                }
+            ResNetArch::Cifar { depth } => {
                 let n = (depth - 2) / 6;
                 let mut cin = w;
                 for (stage, cout) in [w, 2 * w, 4 * w].into_iter().enumerate() {
@@ -204,17 +189,12 @@ impl ResNet {
                 }
                 (Stem::Cifar, cin)
             }
-            Arch::Large {
+            ResNetArch::Large {
                 block,
                 layers,
                 imagenet,
                 ..
             } => {
-                if spec.shortcut == Shortcut::A {
-                    return Err(refuse(
-                        "shortcut option A applies to the CIFAR ResNets resnet<6n+2> only; resnet18 … resnet200 use projections (option B)".into(),
-                    ));
-                }
                 let mut cin = w;
                 for (stage, &n) in layers.iter().enumerate() {
                     let planes = w << stage;
@@ -248,29 +228,18 @@ impl ResNet {
             bn1: bn(w, vb.pp("bn1"))?,
             max_pool: stem == Stem::Imagenet,
             blocks,
-            dropout,
-            fc: linear(feature_dim, spec.classes, vb.pp("fc"))?,
             feature_dim,
         })
     }
 
-    /// Length D of the penultimate features.
+    /// Channels of the last feature maps.
     pub fn feature_dim(&self) -> usize {
         self.feature_dim
     }
+}
 
-    /// The classifier's weight `K × D`: row k is class k's template (Müller et al. 2019).
-    pub fn classifier_weight(&self) -> &Tensor {
-        self.fc.weight()
-    }
-
-    /// Rate of the dropout before the classifier.
-    pub fn dropout_rate(&self) -> f64 {
-        self.dropout.rate()
-    }
-
-    /// Penultimate features `N × D`, after global average pooling and before dropout.
-    pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+impl Backbone for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if self.max_pool {
             y = max_pool2d(&y, 3, 2, 1)?;
@@ -278,76 +247,13 @@ impl ResNet {
         for b in &self.blocks {
             y = b.forward_t(&y, train)?;
         }
-        // Reduced-precision (bf16) activations end here: pooling, the classifier and the loss
-        // run in f32.
-        if y.dtype() != candle_core::DType::F32 {
-            y = y.to_dtype(candle_core::DType::F32)?;
-        }
-        y.mean(D::Minus1)?.mean(D::Minus1)
-    }
-
-    /// Logits from penultimate features (the classifier alone, no dropout).
-    pub fn head(&self, features: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc.forward(features)
-    }
-
-    /// Logits from penultimate features through the dropout (active when `seed` is given, masks
-    /// drawn from it) and the classifier: Monte-Carlo dropout resamples only this part, so the
-    /// features of a batch are computed once for all of its passes.
-    pub fn head_with_dropout(
-        &self,
-        features: &Tensor,
-        seed: Option<u64>,
-    ) -> candle_core::Result<Tensor> {
-        self.head(&self.dropout.forward(features, seed)?)
-    }
-
-    /// Penultimate features `N × D` (before dropout) and logits `N × K`; the logits are
-    /// `dropout(features)·Wᵀ + b`, so `features·Wᵀ + b` whenever dropout is inactive.
-    pub fn features_and_logits(
-        &self,
-        x: &Tensor,
-        mode: Mode,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let features = self.features_t(x, mode.train)?;
-        let logits = self.head(&self.dropout.forward(&features, mode.dropout_seed)?)?;
-        Ok((features, logits))
-    }
-
-    /// Logits `N × K` in `mode`.
-    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        Ok(self.features_and_logits(x, mode)?.1)
-    }
-
-    /// Logits `N × K`; `train` selects batch statistics (and updates the running ones). Dropout
-    /// is inactive; training a model with dropout needs a seed for its masks, so there it is an
-    /// error: use [`ResNet::forward_mode`] with [`Mode::train`].
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if train && self.dropout.rate() > 0.0 {
-            candle_core::bail!(
-                "this model has dropout {}: training it needs a seed for the masks (forward_mode with Mode::train(seed))",
-                self.dropout.rate()
-            )
-        }
-        self.forward_mode(
-            x,
-            Mode {
-                train,
-                dropout_seed: None,
-            },
-        )
-    }
-
-    /// Logits `N × K` with Monte-Carlo dropout: running statistics, dropout active with masks
-    /// drawn from `seed` (one seed per sample of the MC estimate).
-    pub fn forward_mc(&self, x: &Tensor, seed: u64) -> candle_core::Result<Tensor> {
-        self.forward_mode(x, Mode::mc(seed))
+        Ok(y)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Model, ModelSpec};
+    use super::super::{Mode, Model, ModelSpec};
     use super::*;
     use crate::losses::cross_entropy;
     use crate::models::testing::{max_rel, random};
@@ -449,11 +355,17 @@ mod tests {
 
     #[test]
     fn names_parse() {
-        assert_eq!(Arch::parse("resnet20").unwrap(), Arch::Cifar { depth: 20 });
-        assert_eq!(Arch::parse("resnet8").unwrap(), Arch::Cifar { depth: 8 });
         assert_eq!(
-            Arch::parse("resnet50").unwrap(),
-            Arch::Large {
+            ResNetArch::parse("resnet20").unwrap(),
+            ResNetArch::Cifar { depth: 20 }
+        );
+        assert_eq!(
+            ResNetArch::parse("resnet8").unwrap(),
+            ResNetArch::Cifar { depth: 8 }
+        );
+        assert_eq!(
+            ResNetArch::parse("resnet50").unwrap(),
+            ResNetArch::Large {
                 depth: 50,
                 block: BlockKind::Bottleneck,
                 layers: [3, 4, 6, 3],
@@ -461,16 +373,16 @@ mod tests {
             }
         );
         assert!(matches!(
-            Arch::parse("resnet34_imagenet").unwrap(),
-            Arch::Large {
+            ResNetArch::parse("resnet34_imagenet").unwrap(),
+            ResNetArch::Large {
                 block: BlockKind::Basic,
                 imagenet: true,
                 ..
             }
         ));
         assert!(matches!(
-            Arch::parse("resnet200").unwrap(),
-            Arch::Large {
+            ResNetArch::parse("resnet200").unwrap(),
+            ResNetArch::Large {
                 layers: [3, 24, 36, 3],
                 ..
             }
@@ -484,13 +396,13 @@ mod tests {
             "vgg16",
             "resnet18_imagenet_imagenet",
         ] {
-            let e = Arch::parse(bad).unwrap_err().to_string();
+            let e = ResNetArch::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("resnet152"), "{bad}: {e}");
         }
         assert_eq!(cifar_depth("resnet110"), Some(110));
         assert_eq!(cifar_depth("resnet50"), None);
-        assert_eq!(Arch::parse("resnet56").unwrap().default_width(), 16);
-        assert_eq!(Arch::parse("resnet101").unwrap().default_width(), 64);
+        assert_eq!(ResNetArch::parse("resnet56").unwrap().default_width(), 16);
+        assert_eq!(ResNetArch::parse("resnet101").unwrap().default_width(), 64);
     }
 
     #[test]

@@ -18,11 +18,12 @@ use crate::stream::BatchStream;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(remote = "Self", default, deny_unknown_fields)]
 pub struct Params {
-    /// Architecture: a CIFAR ResNet `resnet<6n+2>`, `resnet18` … `resnet200`, or an `_imagenet`
-    /// variant (see [`engine::models::Arch`]).
+    /// Architecture: a CIFAR ResNet `resnet<6n+2>`, `resnet18` … `resnet200`, an `_imagenet`
+    /// variant, `resnext29_<C>x<d>d`, a DenseNet (`densenet121`, ...) or `dla` (see
+    /// [`engine::models::Arch`]).
     pub model: String,
-    /// Channels of the first stage (default: the architecture's, 16 or 64; filled in by
-    /// `resolve`).
+    /// The architecture's scale (default: the reference network's, filled in by `resolve`;
+    /// see [`engine::models::Arch::default_width`]).
     pub width: Option<usize>,
     /// Shortcut option of the CIFAR ResNets.
     pub shortcut: Shortcut,
@@ -296,21 +297,8 @@ impl Params {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         use params::{at_least, below_one, positive};
         let arch = Arch::parse(&self.model).map_err(|e| ("model", e.to_string()))?;
-        match arch {
-            Arch::Cifar { .. } if self.stem != Stem::Cifar => {
-                return Err((
-                    "stem",
-                    format!(
-                        "the ImageNet stem applies to resnet18 … resnet200, not to `{}`",
-                        self.model
-                    ),
-                ));
-            }
-            Arch::Large { .. } if self.shortcut == Shortcut::A => {
-                return Err(("shortcut", format!("option A applies to the CIFAR ResNets resnet<6n+2> only; `{}` uses projections (B)", self.model)));
-            }
-            _ => {}
-        }
+        arch.check(self.stem, self.shortcut)
+            .map_err(|(key, why)| (key, format!("`{}`: {why}", self.model)))?;
         below_one("dropout", self.dropout)?;
         at_least("width", self.width.unwrap_or(1), 1)?;
         at_least("checkpoint_every", self.checkpoint_every.unwrap_or(1), 1)?;

@@ -1,0 +1,138 @@
+//! A classifier: a backbone (any architecture of [`super::Arch`]) up to its last feature maps,
+//! then global average pooling, an optional dropout and a linear classifier. Everything the
+//! stages ask of a model (features, logits, Monte-Carlo dropout, the classifier's templates)
+//! is here once, whatever the backbone.
+
+use super::dropout::{Dropout, Mode};
+use crate::error::Result;
+use candle_core::{Module, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+/// The part of a network that differs between architectures: images `N × C × H × W` to the
+/// last feature maps `N × D × h × w` (in the activations' type), BatchNorm in batch statistics
+/// when `train`.
+pub trait Backbone: Send + Sync {
+    /// The last feature maps.
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+}
+
+/// A classifier built from a [`ModelSpec`].
+pub struct Net {
+    body: Box<dyn Backbone>,
+    dropout: Dropout,
+    fc: Linear,
+    classifier: &'static str,
+    feature_dim: usize,
+}
+
+impl Net {
+    /// A classifier over `body`, whose features have `feature_dim` channels: `dropout`, then
+    /// a `feature_dim → classes` linear layer whose variables are `<classifier>.weight` and
+    /// `<classifier>.bias` under `vb` (see [`super::arch::build`]).
+    pub fn new(
+        body: Box<dyn Backbone>,
+        feature_dim: usize,
+        dropout: Dropout,
+        classes: usize,
+        classifier: &'static str,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        Ok(Net {
+            body,
+            dropout,
+            fc: linear(feature_dim, classes, vb.pp(classifier))?,
+            classifier,
+            feature_dim,
+        })
+    }
+
+    /// Length D of the penultimate features.
+    pub fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
+    /// The classifier's variable prefix: `fc` (torchvision's ResNets) or `linear`
+    /// (kuangliu/pytorch-cifar's ResNeXt, DenseNet and DLA).
+    pub fn classifier_name(&self) -> &'static str {
+        self.classifier
+    }
+
+    /// The classifier's weight `K × D`: row k is class k's template (Müller et al. 2019).
+    pub fn classifier_weight(&self) -> &Tensor {
+        self.fc.weight()
+    }
+
+    /// Rate of the dropout before the classifier.
+    pub fn dropout_rate(&self) -> f64 {
+        self.dropout.rate()
+    }
+
+    /// Penultimate features `N × D`, after global average pooling and before dropout.
+    pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut y = self.body.forward_t(x, train)?;
+        // Reduced-precision (bf16) activations end here: pooling, the classifier and the loss
+        // run in f32.
+        if y.dtype() != candle_core::DType::F32 {
+            y = y.to_dtype(candle_core::DType::F32)?;
+        }
+        y.mean(D::Minus1)?.mean(D::Minus1)
+    }
+
+    /// Logits from penultimate features (the classifier alone, no dropout).
+    pub fn head(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc.forward(features)
+    }
+
+    /// Logits from penultimate features through the dropout (active when `seed` is given, masks
+    /// drawn from it) and the classifier: Monte-Carlo dropout resamples only this part, so the
+    /// features of a batch are computed once for all of its passes.
+    pub fn head_with_dropout(
+        &self,
+        features: &Tensor,
+        seed: Option<u64>,
+    ) -> candle_core::Result<Tensor> {
+        self.head(&self.dropout.forward(features, seed)?)
+    }
+
+    /// Penultimate features `N × D` (before dropout) and logits `N × K`; the logits are
+    /// `dropout(features)·Wᵀ + b`, so `features·Wᵀ + b` whenever dropout is inactive.
+    pub fn features_and_logits(
+        &self,
+        x: &Tensor,
+        mode: Mode,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let features = self.features_t(x, mode.train)?;
+        let logits = self.head(&self.dropout.forward(&features, mode.dropout_seed)?)?;
+        Ok((features, logits))
+    }
+
+    /// Logits `N × K` in `mode`.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        Ok(self.features_and_logits(x, mode)?.1)
+    }
+
+    /// Logits `N × K`; `train` selects batch statistics (and updates the running ones). Dropout
+    /// is inactive; training a model with dropout needs a seed for its masks, so there it is an
+    /// error: use [`Net::forward_mode`] with [`Mode::train`].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train && self.dropout.rate() > 0.0 {
+            candle_core::bail!(
+                "this model has dropout {}: training it needs a seed for the masks (forward_mode with Mode::train(seed))",
+                self.dropout.rate()
+            )
+        }
+        self.forward_mode(
+            x,
+            Mode {
+                train,
+                dropout_seed: None,
+            },
+        )
+    }
+
+    /// Logits `N × K` with Monte-Carlo dropout: running statistics, dropout active with masks
+    /// drawn from `seed` (one seed per sample of the MC estimate).
+    pub fn forward_mc(&self, x: &Tensor, seed: u64) -> candle_core::Result<Tensor> {
+        self.forward_mode(x, Mode::mc(seed))
+    }
+}
