@@ -39,6 +39,10 @@ pub mod stream {
     pub const MIX: u64 = 7;
     /// Monte-Carlo dropout passes of the label stage.
     pub const MC_DROPOUT: u64 = 8;
+    /// CRD's embedding heads and memory banks at initialisation.
+    pub const CRD_INIT: u64 = 9;
+    /// CRD's per-batch draws of negatives.
+    pub const CRD_NEGATIVES: u64 = 10;
 }
 
 #[cfg(test)]

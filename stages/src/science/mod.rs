@@ -4,6 +4,7 @@
 //! docs/metrics.md.
 
 pub mod calibration;
+pub mod crd;
 pub mod figures;
 pub mod methods;
 pub mod metrics;
