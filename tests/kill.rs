@@ -1,6 +1,7 @@
 //! The kill-and-resume harness: `pipeline run` on a multi-stage experiment (prepare → teacher
 //! with dropout → label with MC dropout, replay of the teacher on the online student's batches
-//! → two students, offline and online (replayed) → evaluate → report)
+//! → two students, offline and online (replayed), and a CRD+KD student whose checkpoints carry
+//! its heads and memory banks → evaluate → report)
 //! is killed with SIGKILL at moments drawn from a seed, rerun, and killed again, until a run
 //! completes. After every kill it checks that every final stage folder is complete (no partial
 //! file at a final path) and that the next run resumes each training from its newest complete
@@ -77,6 +78,18 @@ epochs = 2
 batch_size = 16
 checkpoint_every = 2
 mix = { type = "cutmix", p = 0.5 }
+
+[[stage]]
+name = "crd"
+kind = "train"
+needs = ["data", "teacher"]
+method = "crd-kd"
+crd_negatives = 32
+model = "resnet8"
+width = 4
+epochs = 2
+batch_size = 16
+checkpoint_every = 2
 
 [[stage]]
 name = "eval"

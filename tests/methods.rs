@@ -14,7 +14,7 @@ fn root() -> std::path::PathBuf {
 }
 
 /// Every method of docs/methods.md, as `method = "..."`.
-const METHODS: [&str; 12] = [
+const METHODS: [&str; 14] = [
     "vanilla",
     "ls",
     "kd",
@@ -27,10 +27,12 @@ const METHODS: [&str; 12] = [
     "on-mt-ldl",
     "ogr-loss",
     "ogr-ldl",
+    "crd",
+    "crd-kd",
 ];
 
 /// Their names in the paper's tables, as reports label their rows.
-const PAPER_NAMES: [&str; 12] = [
+const PAPER_NAMES: [&str; 14] = [
     "Vanilla",
     "LS",
     "KD",
@@ -43,6 +45,8 @@ const PAPER_NAMES: [&str; 12] = [
     "On-MT-LDL",
     "OGR",
     "OGR-LDL",
+    "CRD",
+    "CRD+KD",
 ];
 
 #[test]

@@ -2,7 +2,8 @@
 //! a run killed at any instant resumes from the newest complete one.
 //!
 //! Layout, inside the stage's (partial) folder: `checkpoints/step-<global step, 10 digits>/` holding
-//! `model.safetensors`, `optimizer.safetensors` and `state.json`. A checkpoint is written into
+//! `model.safetensors`, `optimizer.safetensors`, `state.json` and, for a method with state of its
+//! own besides the model (CRD's heads and memory banks), `extra.safetensors`. A checkpoint is written into
 //! `checkpoints/.tmp-step-N/`, its files and the folder fsynced, then renamed into place, so a
 //! folder named `step-*` is always complete. After a new one lands, all but the newest `keep` are
 //! removed. Nothing else is stateful: every random draw of training derives from (seed, epoch,
@@ -12,7 +13,7 @@ use crate::error::{EngineError, Result};
 use crate::json::{read as read_json, write as write_json};
 use crate::models::Model;
 use crate::optim::Sgd;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -25,6 +26,29 @@ pub struct Checkpoints {
 }
 
 const PREFIX: &str = "step-";
+/// The file of a checkpoint's extra tensors.
+const EXTRA: &str = "extra.safetensors";
+
+/// A restored checkpoint: its state and the method's extra tensors.
+pub struct Restored<S> {
+    /// `state.json`.
+    pub state: S,
+    /// `extra.safetensors` (empty when the checkpoint has none).
+    pub extra: BTreeMap<String, Tensor>,
+    /// Where the extra tensors were read from, for errors about them.
+    pub extra_path: PathBuf,
+}
+
+fn load_tensors(
+    st: &safetensors::SafeTensors,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        out.insert(name, candle_core::safetensors::Load::load(&view, device)?);
+    }
+    Ok(out)
+}
 
 impl Checkpoints {
     /// Checkpoints under `stage_dir/checkpoints`, keeping the newest `keep` (at least 1).
@@ -52,8 +76,16 @@ impl Checkpoints {
         Ok(out)
     }
 
-    /// Writes the checkpoint of global step `step`, then prunes to the newest `keep`.
-    pub fn save<S: Serialize>(&self, step: u64, model: &Model, opt: &Sgd, state: &S) -> Result<()> {
+    /// Writes the checkpoint of global step `step` (with the method's `extra` tensors, if any),
+    /// then prunes to the newest `keep`.
+    pub fn save<S: Serialize>(
+        &self,
+        step: u64,
+        model: &Model,
+        opt: &Sgd,
+        state: &S,
+        extra: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         let io = |p: &Path, e| EngineError::io(p, e);
         std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
         let tmp = self.dir.join(format!(".tmp-{PREFIX}{step:010}"));
@@ -65,6 +97,11 @@ impl Checkpoints {
         let opt_bytes = safetensors::serialize(opt.state()?, None)
             .map_err(|e| EngineError::Numeric(e.to_string()))?;
         datasets::atomic::write_bytes(&tmp.join("optimizer.safetensors"), &opt_bytes)?;
+        if !extra.is_empty() {
+            let bytes = safetensors::serialize(extra, None)
+                .map_err(|e| EngineError::Numeric(e.to_string()))?;
+            datasets::atomic::write_bytes(&tmp.join(EXTRA), &bytes)?;
+        }
         write_json(&tmp.join("state.json"), state)?;
         datasets::atomic::sync_dir(&tmp).map_err(|e| io(&tmp, e))?;
         let dst = self.dir.join(format!("{PREFIX}{step:010}"));
@@ -82,14 +119,15 @@ impl Checkpoints {
     }
 
     /// Restores the newest checkpoint whose state `accept`s (e.g. its fingerprint matches) into
-    /// `model` and `opt`, and returns its state; `None` when there is none.
+    /// `model` and `opt`, and returns its state and its extra tensors (empty when it has none)
+    /// with the file they came from; `None` when there is none.
     pub fn restore<S: DeserializeOwned>(
         &self,
         device: &Device,
         model: &Model,
         opt: &mut Sgd,
         accept: impl Fn(&S) -> bool,
-    ) -> Result<Option<S>> {
+    ) -> Result<Option<Restored<S>>> {
         for (step, ck) in self.list()?.into_iter().rev() {
             let state: S = match read_json(&ck.join("state.json")) {
                 Ok(s) => s,
@@ -107,12 +145,23 @@ impl Checkpoints {
             let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
                 EngineError::invalid(&opt_path, "safetensors header", e.to_string())
             })?;
-            let mut buffers = BTreeMap::new();
-            for (name, view) in st.tensors() {
-                buffers.insert(name, candle_core::safetensors::Load::load(&view, device)?);
-            }
-            opt.load_state(buffers)?;
-            return Ok(Some(state));
+            opt.load_state(load_tensors(&st, device)?)?;
+            let extra_path = ck.join(EXTRA);
+            let extra = if extra_path.exists() {
+                let bytes =
+                    std::fs::read(&extra_path).map_err(|e| EngineError::io(&extra_path, e))?;
+                let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                    EngineError::invalid(&extra_path, "safetensors header", e.to_string())
+                })?;
+                load_tensors(&st, device)?
+            } else {
+                BTreeMap::new()
+            };
+            return Ok(Some(Restored {
+                state,
+                extra,
+                extra_path,
+            }));
         }
         Ok(None)
     }

@@ -33,11 +33,15 @@ pub enum Method {
     OgrLoss,
     /// OGR as a label distribution built from the one-hot label (supplement §6).
     OgrLdl,
+    /// Contrastive representation distillation (Tian et al., ICLR 2020): CE + β·CRD.
+    Crd,
+    /// CRD with the KD term: CE + α·τ²·KL + β·CRD (RepDistiller's `-a 1 -b 0.8`).
+    CrdKd,
 }
 
 impl Method {
     /// Every method, in the order of docs/methods.md.
-    pub const ALL: [Method; 12] = [
+    pub const ALL: [Method; 14] = [
         Method::Vanilla,
         Method::Ls,
         Method::Kd,
@@ -50,6 +54,8 @@ impl Method {
         Method::OnMtLdl,
         Method::OgrLoss,
         Method::OgrLdl,
+        Method::Crd,
+        Method::CrdKd,
     ];
 
     /// The method's name in stages.toml.
@@ -67,6 +73,8 @@ impl Method {
             Method::OnMtLdl => "on-mt-ldl",
             Method::OgrLoss => "ogr-loss",
             Method::OgrLdl => "ogr-ldl",
+            Method::Crd => "crd",
+            Method::CrdKd => "crd-kd",
         }
     }
 
@@ -91,6 +99,8 @@ impl Method {
             Method::OnMtLdl => "On-MT-LDL",
             Method::OgrLoss => "OGR",
             Method::OgrLdl => "OGR-LDL",
+            Method::Crd => "CRD",
+            Method::CrdKd => "CRD+KD",
         }
     }
 
@@ -99,14 +109,28 @@ impl Method {
         matches!(self, Method::OffLdl | Method::OffEnLdl | Method::OffMtLdl)
     }
 
-    /// Whether the method runs teacher models (train stages in `needs`). `kd`, `wsl` and
-    /// `on-ldl` run one teacher, the first train stage in `needs` (so that one grid over methods
-    /// can list the teachers of its ensemble cells); the ensemble methods run all of them.
+    /// Whether the method runs teacher models (train stages in `needs`). `kd`, `wsl`, `on-ldl`,
+    /// `crd` and `crd-kd` run one teacher, the first train stage in `needs` (so that one grid
+    /// over methods can list the teachers of its ensemble cells); the ensemble methods run all
+    /// of them.
     pub fn uses_teachers(&self) -> bool {
         matches!(
             self,
-            Method::Kd | Method::Wsl | Method::OnLdl | Method::OnEnLdl | Method::OnMtLdl
+            Method::Kd
+                | Method::Wsl
+                | Method::OnLdl
+                | Method::OnEnLdl
+                | Method::OnMtLdl
+                | Method::Crd
+                | Method::CrdKd
         )
+    }
+
+    /// Whether the method distils the teacher's penultimate features (CRD), not only its
+    /// outputs: it needs the student's features, the dataset index of every image, unmixed
+    /// batches, and the teacher itself (a replay store keeps outputs only).
+    pub fn uses_features(&self) -> bool {
+        matches!(self, Method::Crd | Method::CrdKd)
     }
 
     /// Whether the method needs per-class OGR weights (and so a validation split).

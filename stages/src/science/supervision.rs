@@ -6,6 +6,7 @@
 //! the mix of its sources' targets with the images' weights (ŷ = Σ λ_p y_p), while online
 //! teachers label the mixed images themselves and ŷ is not used.
 
+use super::crd::{Crd, CrdConfig};
 use super::methods::{Method, TeacherReduction};
 use super::ogr::{ogr_distribution_base, ogr_target};
 use crate::error::{Result, StageError};
@@ -48,6 +49,14 @@ pub struct SupervisionConfig {
     pub teacher_mc: usize,
     /// `ogr-ldl`: the mass α spread by the OGR weights.
     pub ogr_alpha: f64,
+    /// `crd`, `crd-kd`: the contrastive objective's settings.
+    pub crd: CrdConfig,
+    /// `crd`, `crd-kd`: weight β of the contrastive term.
+    pub crd_beta: f64,
+    /// `crd-kd`: weight α of the KD term.
+    pub crd_kd_alpha: f64,
+    /// `crd-kd`: temperature τ of the KD term.
+    pub crd_kd_tau: f64,
     /// Seed of the teachers' Monte-Carlo dropout masks (the student's data seed).
     pub seed: u64,
 }
@@ -66,6 +75,10 @@ impl Default for SupervisionConfig {
             mt_reduction: TeacherReduction::default(),
             teacher_mc: 0,
             ogr_alpha: 0.1,
+            crd: CrdConfig::default(),
+            crd_beta: 0.8,
+            crd_kd_alpha: 1.0,
+            crd_kd_tau: 4.0,
             seed: 0,
         }
     }
@@ -151,6 +164,8 @@ pub struct Supervision {
     replayed: Option<(Vec<Tensor>, Output)>,
     /// Per-class weights of the OGR methods (`K` values, mean 1; all 1 until measured).
     pub class_weights: Vec<f32>,
+    /// CRD's heads and memories (`crd`, `crd-kd`; set by the train stage).
+    pub crd: Option<Crd>,
     rows: Vec<f32>,
     mixed: Vec<f32>,
     /// Uploads of the per-batch targets and labels (pinned and asynchronous on CUDA).
@@ -175,6 +190,7 @@ impl Supervision {
             teachers,
             replayed: None,
             class_weights: vec![1.0; k],
+            crd: None,
             rows: Vec::new(),
             mixed: Vec::new(),
             targets_feed: Feeder::new(),
@@ -310,6 +326,40 @@ impl Supervision {
         Ok((sum / self.p.teacher_mc as f64)?.detach())
     }
 
+    /// CE + β·CRD, plus α·τ²·KL(teacher ‖ student) for `crd-kd` (RepDistiller's
+    /// `gamma·loss_cls + alpha·loss_div + beta·loss_kd`).
+    fn crd_loss(
+        &mut self,
+        logits: &Tensor,
+        f_s: &Tensor,
+        x: &Tensor,
+        batch: &Batch,
+        epoch: usize,
+    ) -> Result<Tensor> {
+        let p = self.p;
+        let teacher = self
+            .teachers
+            .first()
+            .ok_or_else(|| StageError::Config(format!("{} needs a teacher", p.method.as_str())))?;
+        let t_in = teacher.input(x)?;
+        let (f_t, t_logits) = teacher
+            .model
+            .net
+            .features_and_logits(&t_in, engine::models::Mode::EVAL)?;
+        let (f_t, t_logits) = (f_t.detach(), t_logits.detach());
+        let crd = self.crd.as_mut().ok_or_else(|| {
+            StageError::Config(format!("{}: CRD was not set up", p.method.as_str()))
+        })?;
+        let contrast = crd.contrast_indices(&batch.indices, &batch.labels, epoch, batch.index);
+        let contrastive = crd.per_sample_loss(f_s, &f_t, &batch.indices, &contrast)?;
+        let mut total = (self.hard_loss(logits, batch)? + (contrastive * p.crd_beta)?)?;
+        if p.method == Method::CrdKd {
+            let kd = kd_per_sample(logits, &t_logits, p.crd_kd_tau, KdReduction::Batchmean)?;
+            total = (total + (kd * p.crd_kd_alpha)?)?;
+        }
+        Ok(total)
+    }
+
     fn reduce(&self, terms: Vec<Tensor>) -> Result<Tensor> {
         let n = terms.len();
         let mut it = terms.into_iter();
@@ -324,16 +374,27 @@ impl Supervision {
     }
 
     /// The per-sample loss (`b` values) of the student's `logits` on `batch`, whose images on the
-    /// device are `x`; the stage minimises its mean.
+    /// device are `x`; the stage minimises its mean. `features`, the student's penultimate
+    /// features, are needed by the methods that [`Method::uses_features`].
     pub fn per_sample_loss(
         &mut self,
         logits: &Tensor,
+        features: Option<&Tensor>,
         x: &Tensor,
         batch: &Batch,
         epoch: usize,
     ) -> Result<Tensor> {
         let p = self.p;
         let out = match p.method {
+            Method::Crd | Method::CrdKd => {
+                let f_s = features.ok_or_else(|| {
+                    StageError::Config(format!(
+                        "{}: needs the student's features",
+                        p.method.as_str()
+                    ))
+                })?;
+                self.crd_loss(logits, f_s, x, batch, epoch)?
+            }
             Method::Vanilla => self.hard_loss(logits, batch)?,
             Method::Ls => {
                 let (alpha, conv) = (p.ls_alpha as f32, p.ls_convention);
@@ -484,7 +545,7 @@ mod tests {
         // The teacher's output depends on its input: the two differ.
         assert!(!close(&on_mixed, &on_unmixed));
         let mut sup = Supervision::new(p, k, d, Vec::new(), vec![teacher(k)]);
-        let got = sup.per_sample_loss(&student, &x, &batch, 0).unwrap();
+        let got = sup.per_sample_loss(&student, None, &x, &batch, 0).unwrap();
         assert!(close(&got, &on_mixed), "{got} vs {on_mixed}");
         // ... and the mixed hard label ŷ is not what it learns from.
         let mut hard = Supervision::new(p, k, d, Vec::new(), Vec::new());
@@ -573,7 +634,7 @@ mod tests {
         // −(0.645 ln 1/6 + 0.305 ln 1/3 + 0.05 ln 1/2) = 1.525419; image 2 (uniform p) ln 3.
         let x = Tensor::from_slice(&batch.images, (4, 3, 8, 8), d).unwrap();
         let loss = sup
-            .per_sample_loss(&hand_logits(d), &x, &batch, 0)
+            .per_sample_loss(&hand_logits(d), None, &x, &batch, 0)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
@@ -631,7 +692,7 @@ mod tests {
             })
             .collect();
         let mut sup = Supervision::new(params("kd"), k, d, Vec::new(), vec![teacher(k)]);
-        let got = sup.per_sample_loss(&s, &x, &batch, 0).unwrap();
+        let got = sup.per_sample_loss(&s, None, &x, &batch, 0).unwrap();
         let got = got.to_vec1::<f32>().unwrap();
         for (a, b) in got.iter().zip(&want_kd) {
             assert!(
@@ -653,7 +714,7 @@ mod tests {
             })
             .collect();
         let got = Supervision::new(params("on-mt-ldl"), k, d, Vec::new(), vec![ta, tb])
-            .per_sample_loss(&s, &x, &batch, 0)
+            .per_sample_loss(&s, None, &x, &batch, 0)
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();

@@ -50,6 +50,15 @@ impl Params {
             mt_reduction: self.mt_reduction,
             teacher_mc: self.teacher_mc,
             ogr_alpha: self.ogr_alpha,
+            crd: crate::science::crd::CrdConfig {
+                dim: self.crd_dim,
+                negatives: self.crd_negatives,
+                temperature: self.crd_temperature,
+                momentum: self.crd_momentum,
+            },
+            crd_beta: self.crd_beta,
+            crd_kd_alpha: self.crd_kd_alpha,
+            crd_kd_tau: self.crd_kd_tau,
             // The Monte-Carlo teacher masks are part of the batch stream's labels.
             seed: self.data_seed(),
         }

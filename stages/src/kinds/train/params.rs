@@ -60,6 +60,20 @@ pub struct Params {
     pub ogr_every: usize,
     /// `ogr-ldl`: the mass α spread by the OGR weights.
     pub ogr_alpha: f64,
+    /// `crd`, `crd-kd`: weight β of the contrastive term (RepDistiller's `-b`).
+    pub crd_beta: f64,
+    /// `crd-kd`: weight α of the KD term (RepDistiller's `-a`).
+    pub crd_kd_alpha: f64,
+    /// `crd-kd`: temperature τ of the KD term (RepDistiller's `--kd_T`).
+    pub crd_kd_tau: f64,
+    /// `crd`, `crd-kd`: embedding dimension (`--feat_dim`).
+    pub crd_dim: usize,
+    /// `crd`, `crd-kd`: negatives per image (`--nce_k`).
+    pub crd_negatives: usize,
+    /// `crd`, `crd-kd`: temperature of the scores (`--nce_t`).
+    pub crd_temperature: f64,
+    /// `crd`, `crd-kd`: momentum of the memory update (`--nce_m`).
+    pub crd_momentum: f64,
     /// After training, fit a temperature T on the validation split (minimising NLL) and store
     /// it with the model (`temperature.json`); evaluate then reports calibrated metrics too.
     pub temperature_scaling: bool,
@@ -136,6 +150,13 @@ impl Default for Params {
             teacher_mc: m.teacher_mc,
             ogr_every: 10,
             ogr_alpha: m.ogr_alpha,
+            crd_beta: m.crd_beta,
+            crd_kd_alpha: m.crd_kd_alpha,
+            crd_kd_tau: m.crd_kd_tau,
+            crd_dim: m.crd.dim,
+            crd_negatives: m.crd.negatives,
+            crd_temperature: m.crd.temperature,
+            crd_momentum: m.crd.momentum,
             temperature_scaling: false,
             epochs: 240,
             batch_size: 64,
@@ -191,6 +212,13 @@ impl ParamDefaults for Params {
         "label",
         "data_seed",
         "replay",
+        "crd_beta",
+        "crd_kd_alpha",
+        "crd_kd_tau",
+        "crd_dim",
+        "crd_negatives",
+        "crd_temperature",
+        "crd_momentum",
     ];
     const REQUIRED: &'static [&'static str] = &["method"];
     fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -278,6 +306,17 @@ impl Params {
         if m != Method::OgrLdl {
             self.ogr_alpha = d.ogr_alpha;
         }
+        if !m.uses_features() {
+            self.crd_beta = d.crd_beta;
+            self.crd_dim = d.crd_dim;
+            self.crd_negatives = d.crd_negatives;
+            self.crd_temperature = d.crd_temperature;
+            self.crd_momentum = d.crd_momentum;
+        }
+        if m != Method::CrdKd {
+            self.crd_kd_alpha = d.crd_kd_alpha;
+            self.crd_kd_tau = d.crd_kd_tau;
+        }
     }
 
     /// Fills what is left to the run (the seed) and the architecture's width, and clears the
@@ -345,6 +384,42 @@ impl Params {
         if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
             return Err(("label", "must not be empty".into()));
         }
+        self.validate_crd()?;
         at_least("ogr_every", self.ogr_every, 1)
+    }
+
+    /// CRD's keys, and what CRD cannot train with: mixed batches (its memories are indexed by
+    /// image) and a replay store (which keeps the teacher's outputs, not its features).
+    fn validate_crd(&self) -> Result<(), (&'static str, String)> {
+        use params::{at_least, below_one, positive};
+        if !self.method.uses_features() {
+            return Ok(());
+        }
+        let m = self.method.as_str();
+        if self.mix != Mix::None {
+            return Err((
+                "mix",
+                format!("`{m}` trains on unmixed batches: its memory banks hold one row per training image"),
+            ));
+        }
+        if self.replay {
+            return Err((
+                "replay",
+                format!("`{m}` distils the teacher's penultimate features, which a replay store does not keep: run the teacher (leave `replay` out)"),
+            ));
+        }
+        for (key, v) in [
+            ("crd_beta", self.crd_beta),
+            ("crd_kd_alpha", self.crd_kd_alpha),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err((key, format!("must be ≥ 0, found {v}")));
+            }
+        }
+        positive("crd_kd_tau", self.crd_kd_tau)?;
+        positive("crd_temperature", self.crd_temperature)?;
+        below_one("crd_momentum", self.crd_momentum)?;
+        at_least("crd_dim", self.crd_dim, 1)?;
+        at_least("crd_negatives", self.crd_negatives, 1)
     }
 }

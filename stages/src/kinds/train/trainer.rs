@@ -9,6 +9,7 @@ use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::{self, SoftLabels};
 use crate::replay_store::{self, EpochReader, ReplayMeta, Want};
+use crate::science::crd::Crd;
 use crate::science::methods::Method;
 use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
 use crate::science::supervision::Supervision;
@@ -16,7 +17,7 @@ use candle_core::{DType, Device};
 use datasets::loader::Batch;
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, PackedStore};
-use engine::checkpoint::Checkpoints;
+use engine::checkpoint::{Checkpoints, Restored};
 use engine::feed::Feeder;
 use engine::inference::Inference;
 use engine::models::{Arch, Mode, Model, ModelSpec};
@@ -101,14 +102,6 @@ impl<'a> Trainer<'a> {
             dropout: p.dropout,
         };
         let model = Model::new(&spec, &device, derive_seed(&[seed, stream::INIT]))?;
-        let opt = Sgd::new(
-            model.trainable(),
-            SgdConfig {
-                momentum: p.momentum,
-                weight_decay: p.weight_decay,
-                nesterov: p.nesterov,
-            },
-        );
         let stored = stored_labels(ctx, p, &data)?;
         let replay = replay(ctx, p, &data, k)?;
         let teachers = if replay.is_some() || !p.method.uses_teachers() {
@@ -117,7 +110,20 @@ impl<'a> Trainer<'a> {
             ctx.teachers(&device, k, &data.info.normalize, p.teacher_mc)?
         };
         let ogr_sets = ogr_sets(ctx, p, &data)?;
-        let supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
+        let mut supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
+        supervision.crd = crd(p, &model, &supervision, &data, seed, &device)?;
+        let mut trainable = model.trainable();
+        if let Some(c) = &supervision.crd {
+            trainable.extend(c.trainable());
+        }
+        let opt = Sgd::new(
+            trainable,
+            SgdConfig {
+                momentum: p.momentum,
+                weight_decay: p.weight_decay,
+                nesterov: p.nesterov,
+            },
+        );
         let loader = p
             .stream()
             .loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
@@ -152,14 +158,22 @@ impl<'a> Trainer<'a> {
     /// progress and its next batch.
     pub(super) fn resume(&mut self) -> Result<(usize, usize)> {
         let fingerprint = &self.ctx.fingerprint;
-        let restored: Option<CheckpointState> = self.checkpoints.restore(
+        let restored: Option<Restored<CheckpointState>> = self.checkpoints.restore(
             &self.device,
             &self.model,
             &mut self.opt,
             |s: &CheckpointState| &s.fingerprint == fingerprint,
         )?;
         let mut at = (0, 0);
-        if let Some(st) = restored {
+        if let Some(Restored {
+            state: st,
+            extra,
+            extra_path,
+        }) = restored
+        {
+            if let Some(c) = &mut self.supervision.crd {
+                c.load_state(&extra_path, &extra)?;
+            }
             tracing::info!(
                 "{}: resuming from the checkpoint of step {} (epoch {}, batch {})",
                 self.ctx.name,
@@ -289,12 +303,16 @@ impl<'a> Trainer<'a> {
             epoch as u64,
             batch.index as u64,
         ]));
-        let logits = if self.compute == DType::F32 {
-            self.model.net.forward_mode(&x, mode)?
+        let input = if self.compute == DType::F32 {
+            x.clone()
         } else {
-            self.model
-                .net
-                .forward_mode(&x.to_dtype(self.compute)?, mode)?
+            x.to_dtype(self.compute)?
+        };
+        let (features, logits) = if p.method.uses_features() {
+            let (f, l) = self.model.net.features_and_logits(&input, mode)?;
+            (Some(f), l)
+        } else {
+            (None, self.model.net.forward_mode(&input, mode)?)
         };
         if let Some(r) = &mut self.replay {
             let mut rows = r.epoch.as_mut().expect("opened").next_step(batch)?;
@@ -308,9 +326,9 @@ impl<'a> Trainer<'a> {
             }
             self.supervision.set_replayed(outputs, r.meta.output);
         }
-        let per_sample = self
-            .supervision
-            .per_sample_loss(&logits, &x, batch, epoch)?;
+        let per_sample =
+            self.supervision
+                .per_sample_loss(&logits, features.as_ref(), &x, batch, epoch)?;
         let grads = per_sample.mean_all()?.backward()?;
         self.opt.step(&grads, self.sums.lr)?;
         pending.push(
@@ -390,6 +408,10 @@ impl<'a> Trainer<'a> {
                 sums,
                 log: self.log.clone(),
                 ogr: self.ogr_points.clone(),
+            },
+            &match &self.supervision.crd {
+                Some(c) => c.state()?,
+                None => Default::default(),
             },
         )?)
     }
@@ -552,4 +574,32 @@ fn replay(ctx: &Context, p: &Params, data: &Dataset, k: usize) -> Result<Option<
         epoch: None,
         feeds: Vec::new(),
     }))
+}
+
+/// CRD's heads and memories for a `crd` or `crd-kd` student (`None` for the other methods):
+/// over the training split's images, between the student's and the first teacher's features.
+fn crd(
+    p: &Params,
+    model: &Model,
+    supervision: &Supervision,
+    data: &Dataset,
+    seed: u64,
+    device: &Device,
+) -> Result<Option<Crd>> {
+    if !p.method.uses_features() {
+        return Ok(None);
+    }
+    let teacher = supervision
+        .teachers
+        .first()
+        .ok_or_else(|| StageError::Config(format!("`{}` needs a teacher", p.method.as_str())))?;
+    Ok(Some(Crd::new(
+        p.supervision().crd,
+        model.net.feature_dim(),
+        teacher.model.net.feature_dim(),
+        &data.train.labels(),
+        data.info.classes.len(),
+        seed,
+        device,
+    )?))
 }
