@@ -252,6 +252,44 @@ fn out_of_range_values() {
     assert_at(&e, 14, 1, &["key `batch_size`", "at least 1"]);
 }
 
+/// CRD without a teacher, on mixed batches or from a replay store (which holds no features), and
+/// a key that does not apply to a Table 5 architecture: each refused at its line.
+#[test]
+fn crd_and_the_new_architectures_refuse_what_cannot_work() {
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"crd\"\n"
+    ));
+    assert_at(&e, 10, 8, &["stage `s` (kind train)", "model", "found 0"]);
+    let student = |extra: &str| {
+        format!(
+            "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\", \"t\", \"r\"]\nmethod = \"crd-kd\"\n{extra}\n\n\
+             [[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n\n\
+             [[stage]]\nname = \"r\"\nkind = \"replay\"\nneeds = [\"data\", \"t\"]\n"
+        )
+    };
+    let e = fails(&student("mix = { type = \"cutmix\", p = 1.0 }"));
+    assert_at(
+        &e,
+        14,
+        1,
+        &["key `mix`", "`crd-kd` trains on unmixed batches"],
+    );
+    let e = fails(&student("replay = true"));
+    assert_at(&e, 14, 1, &["key `replay`", "penultimate features"]);
+    let train = |extra: &str| {
+        format!("{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n{extra}\n")
+    };
+    let e = fails(&train("model = \"dla\"\nstem = \"imagenet\""));
+    assert_at(
+        &e,
+        15,
+        1,
+        &["key `stem`", "`dla`", "resnet18 … resnet200 only"],
+    );
+    let e = fails(&train("model = \"densenet121\"\nshortcut = \"A\""));
+    assert_at(&e, 15, 1, &["key `shortcut`", "option A"]);
+}
+
 #[test]
 fn keys_that_do_not_apply_to_the_source() {
     let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar10\"\npath = \"c\"\ntrain_size = 5\n");

@@ -157,12 +157,12 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         ],
     );
     assert!(
-        stdout(&st).contains("grid student: 12 cells, 12 up to date"),
+        stdout(&st).contains("grid student: 14 cells, 14 up to date"),
         "{}",
         stdout(&st)
     );
     assert!(
-        stdout(&st).contains("grid eval: 12 cells, 12 up to date"),
+        stdout(&st).contains("grid eval: 14 cells, 14 up to date"),
         "{}",
         stdout(&st)
     );
