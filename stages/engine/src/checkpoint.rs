@@ -39,10 +39,18 @@ pub struct Restored<S> {
     pub extra_path: PathBuf,
 }
 
-fn load_tensors(
-    st: &safetensors::SafeTensors,
-    device: &Device,
-) -> Result<BTreeMap<String, Tensor>> {
+/// Writes `tensors` to the safetensors file `path` (atomically).
+fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let bytes =
+        safetensors::serialize(tensors, None).map_err(|e| EngineError::Numeric(e.to_string()))?;
+    Ok(datasets::atomic::write_bytes(path, &bytes)?)
+}
+
+/// Every tensor of the safetensors file `path`, on `device`.
+fn read_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| EngineError::invalid(path, "safetensors header", e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         out.insert(name, candle_core::safetensors::Load::load(&view, device)?);
@@ -94,13 +102,9 @@ impl Checkpoints {
         }
         std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
         datasets::atomic::write_bytes(&tmp.join("model.safetensors"), &model.to_safetensors()?)?;
-        let opt_bytes = safetensors::serialize(opt.state()?, None)
-            .map_err(|e| EngineError::Numeric(e.to_string()))?;
-        datasets::atomic::write_bytes(&tmp.join("optimizer.safetensors"), &opt_bytes)?;
+        write_tensors(&tmp.join("optimizer.safetensors"), &opt.state()?)?;
         if !extra.is_empty() {
-            let bytes = safetensors::serialize(extra, None)
-                .map_err(|e| EngineError::Numeric(e.to_string()))?;
-            datasets::atomic::write_bytes(&tmp.join(EXTRA), &bytes)?;
+            write_tensors(&tmp.join(EXTRA), extra)?;
         }
         write_json(&tmp.join("state.json"), state)?;
         datasets::atomic::sync_dir(&tmp).map_err(|e| io(&tmp, e))?;
@@ -140,20 +144,10 @@ impl Checkpoints {
                 continue;
             }
             model.load(&ck.join("model.safetensors"))?;
-            let opt_path = ck.join("optimizer.safetensors");
-            let bytes = std::fs::read(&opt_path).map_err(|e| EngineError::io(&opt_path, e))?;
-            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-                EngineError::invalid(&opt_path, "safetensors header", e.to_string())
-            })?;
-            opt.load_state(load_tensors(&st, device)?)?;
+            opt.load_state(read_tensors(&ck.join("optimizer.safetensors"), device)?)?;
             let extra_path = ck.join(EXTRA);
             let extra = if extra_path.exists() {
-                let bytes =
-                    std::fs::read(&extra_path).map_err(|e| EngineError::io(&extra_path, e))?;
-                let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-                    EngineError::invalid(&extra_path, "safetensors header", e.to_string())
-                })?;
-                load_tensors(&st, device)?
+                read_tensors(&extra_path, device)?
             } else {
                 BTreeMap::new()
             };

@@ -413,22 +413,9 @@ mod tests {
             (2, 10, 3, Stem::Cifar)
         );
         let model = state.into_model(&path, &spec, &Device::Cpu).unwrap();
-        let n = 2 * 3 * 32 * 32;
-        // torch.linspace(-2, 2, n): start + i·step, with the upper half counted from the end.
-        let step = 4.0 / (n - 1) as f64;
-        let x: Vec<f32> = (0..n)
-            .map(|i| {
-                if i < n / 2 {
-                    (-2.0 + step * i as f64) as f32
-                } else {
-                    (2.0 - step * (n - 1 - i) as f64) as f32
-                }
-            })
-            .collect();
-        let x = Tensor::from_vec(x, (2, 3, 32, 32), &Device::Cpu).unwrap();
         let got = model
             .net
-            .forward_t(&x, false)
+            .forward_t(&linspace_input(), false)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -503,8 +490,9 @@ mod tests {
         );
     }
 
-    /// The input of the kuangliu fixtures: torch.linspace(-2, 2, n) as 2×3×32×32 (start + i·step,
-    /// the upper half counted from the end, as PyTorch computes it).
+    /// The input of the kuangliu fixtures (here and in tests/fixtures/models):
+    /// torch.linspace(-2, 2, n) as 2×3×32×32 (start + i·step, the upper half counted from the
+    /// end, as PyTorch computes it).
     fn linspace_input() -> Tensor {
         let n = 2 * 3 * 32 * 32;
         let step = 4.0 / (n - 1) as f64;

@@ -250,10 +250,10 @@ impl Crd {
         labels: &[u32],
         epoch: usize,
         batch: usize,
-    ) -> Vec<u32> {
+    ) -> &[u32] {
         let k = self.cfg.negatives;
         let mut rng = rng_for(&[self.seed, stream::CRD_NEGATIVES, epoch as u64, batch as u64]);
-        let mut rows = std::mem::take(&mut self.rows);
+        let rows = &mut self.rows;
         rows.clear();
         for (&i, &y) in indices.iter().zip(labels) {
             rows.push(i);
@@ -280,9 +280,24 @@ impl Crd {
                 *r = self.by_class.negative(y as usize, *r as usize);
             }
         }
-        let out = rows.clone();
-        self.rows = rows;
-        out
+        &self.rows
+    }
+
+    /// The CRD loss of each image of a batch (its dataset `indices` and `labels`, batch `batch`
+    /// of `epoch`): [`Crd::contrast_indices`] then [`Crd::per_sample_loss`].
+    pub fn batch_loss(
+        &mut self,
+        f_s: &Tensor,
+        f_t: &Tensor,
+        indices: &[u32],
+        labels: &[u32],
+        (epoch, batch): (usize, usize),
+    ) -> Result<Tensor> {
+        self.contrast_indices(indices, labels, epoch, batch);
+        let contrast = std::mem::take(&mut self.rows);
+        let loss = self.per_sample_loss(f_s, f_t, indices, &contrast);
+        self.rows = contrast;
+        loss
     }
 
     /// The CRD loss of each image (`b` values; RepDistiller's loss is their mean) from the
@@ -550,7 +565,7 @@ mod tests {
         };
         let mut crd = Crd::new(cfg, 3, 3, &labels, 4, 7, &Device::Cpu).unwrap();
         let (idx, ys) = ([5u32, 10, 39], [1u32, 2, 3]);
-        let rows = crd.contrast_indices(&idx, &ys, 2, 3);
+        let rows = crd.contrast_indices(&idx, &ys, 2, 3).to_vec();
         assert_eq!(rows.len(), 3 * 26);
         for (r, row) in rows.chunks(26).enumerate() {
             assert_eq!(row[0], idx[r]);

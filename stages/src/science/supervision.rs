@@ -350,8 +350,8 @@ impl Supervision {
         let crd = self.crd.as_mut().ok_or_else(|| {
             StageError::Config(format!("{}: CRD was not set up", p.method.as_str()))
         })?;
-        let contrast = crd.contrast_indices(&batch.indices, &batch.labels, epoch, batch.index);
-        let contrastive = crd.per_sample_loss(f_s, &f_t, &batch.indices, &contrast)?;
+        let at = (epoch, batch.index);
+        let contrastive = crd.batch_loss(f_s, &f_t, &batch.indices, &batch.labels, at)?;
         let mut total = (self.hard_loss(logits, batch)? + (contrastive * p.crd_beta)?)?;
         if p.method == Method::CrdKd {
             let kd = kd_per_sample(logits, &t_logits, p.crd_kd_tau, KdReduction::Batchmean)?;

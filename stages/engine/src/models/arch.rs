@@ -155,33 +155,14 @@ impl Arch {
         matches!(self, Arch::ResNet(_))
     }
 
-    /// The backbone of `spec` under `vb` and its feature dimension.
-    pub(super) fn backbone(
-        &self,
-        spec: &ModelSpec,
-        vb: &VarBuilder,
-    ) -> Result<(Box<dyn Backbone>, usize)> {
+    /// The backbone of `spec` under `vb`.
+    pub(super) fn backbone(&self, spec: &ModelSpec, vb: &VarBuilder) -> Result<Box<dyn Backbone>> {
+        let (w, c) = (spec.width, spec.in_channels);
         Ok(match *self {
-            Arch::ResNet(a) => {
-                let net = ResNet::new(a, spec, vb)?;
-                let d = net.feature_dim();
-                (Box::new(net), d)
-            }
-            Arch::ResNeXt { cardinality, .. } => {
-                let net = ResNeXt::new(cardinality, spec.width, spec.in_channels, vb)?;
-                let d = net.feature_dim();
-                (Box::new(net), d)
-            }
-            Arch::DenseNet { blocks, .. } => {
-                let net = DenseNet::new(blocks, spec.width, spec.in_channels, vb)?;
-                let d = net.feature_dim();
-                (Box::new(net), d)
-            }
-            Arch::Dla => {
-                let net = Dla::new(spec.width, spec.in_channels, vb)?;
-                let d = net.feature_dim();
-                (Box::new(net), d)
-            }
+            Arch::ResNet(a) => Box::new(ResNet::new(a, spec, vb)?),
+            Arch::ResNeXt { cardinality, .. } => Box::new(ResNeXt::new(cardinality, w, c, vb)?),
+            Arch::DenseNet { blocks, .. } => Box::new(DenseNet::new(blocks, w, c, vb)?),
+            Arch::Dla => Box::new(Dla::new(w, c, vb)?),
         })
     }
 }
@@ -200,15 +181,8 @@ pub fn build(spec: &ModelSpec, vb: &VarBuilder) -> Result<Net> {
     arch.check(spec.stem, spec.shortcut)
         .map_err(|(_, why)| refuse(why))?;
     let dropout = Dropout::new(spec.dropout).map_err(|e| refuse(e.to_string()))?;
-    let (body, feature_dim) = arch.backbone(spec, vb)?;
-    Net::new(
-        body,
-        feature_dim,
-        dropout,
-        spec.classes,
-        arch.classifier_name(),
-        vb,
-    )
+    let body = arch.backbone(spec, vb)?;
+    Net::new(body, dropout, spec.classes, arch.classifier_name(), vb)
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! convolution down to `planes` channels, a 3×3 convolution, a 1×1 convolution up to
 //! 4·`planes`, each followed by BatchNorm, with a 1×1 convolution + BatchNorm projection when the
 //! shape changes. The stride sits on the 3×3 convolution, as in torchvision and
-//! kuangliu/pytorch-cifar ("ResNet v1.5"); parameter names are torchvision's.
+//! kuangliu/pytorch-cifar ("ResNet v1.5"); parameter names are torchvision's. ResNeXt's block is
+//! the same with a grouped 3×3 convolution, other widths and kuangliu's `shortcut` name
+//! ([`Bottleneck::general`]).
 
 use super::add_relu::add_relu;
 use super::basic::{bn, conv, Projection};
@@ -30,18 +32,31 @@ impl Bottleneck {
     /// The block's variables live under `vb` (`conv1.weight`, `bn1.*`, ..., `downsample.0.weight`,
     /// `downsample.1.*`).
     pub(super) fn new(cin: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        let cout = EXPANSION * planes;
+        Self::general(cin, planes, EXPANSION * planes, stride, 1, "downsample", vb)
+    }
+
+    /// `cin` → `mid` (1×1) → `mid` (3×3 in `groups` groups, with `stride`) → `cout` (1×1), the
+    /// projection's variables named `<projection>.0`, `<projection>.1`.
+    pub(super) fn general(
+        cin: usize,
+        mid: usize,
+        cout: usize,
+        stride: usize,
+        groups: usize,
+        projection: &str,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let shortcut = if stride == 1 && cin == cout {
             Projection::None
         } else {
-            Projection::b(cin, cout, stride, &vb)?
+            Projection::named(cin, cout, stride, &vb, projection)?
         };
         Ok(Bottleneck {
-            conv1: conv(cin, planes, 1, 1, vb.pp("conv1"))?,
-            bn1: bn(planes, vb.pp("bn1"))?,
-            conv2: conv(planes, planes, 3, stride, vb.pp("conv2"))?,
-            bn2: bn(planes, vb.pp("bn2"))?,
-            conv3: conv(planes, cout, 1, 1, vb.pp("conv3"))?,
+            conv1: conv(cin, mid, 1, 1, vb.pp("conv1"))?,
+            bn1: bn(mid, vb.pp("bn1"))?,
+            conv2: Conv2d::grouped(mid, mid, 3, stride, 1, groups, vb.pp("conv2"))?,
+            bn2: bn(mid, vb.pp("bn2"))?,
+            conv3: conv(mid, cout, 1, 1, vb.pp("conv3"))?,
             bn3: bn(cout, vb.pp("bn3"))?,
             shortcut,
         })

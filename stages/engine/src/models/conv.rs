@@ -667,6 +667,62 @@ mod tests {
     use crate::models::testing::{max_rel, random};
     use candle_core::Var;
 
+    /// One case against candle's reference convolution: forward and both gradients within
+    /// 1e-5 relative, inputs drawn from `seed`, `seed + 100` and `seed + 200`.
+    fn assert_matches_reference(
+        case: usize,
+        (n, c, h, w, cout, k, stride, pad, groups): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+        seed: u64,
+    ) {
+        let x = Var::from_tensor(&random(&[n, c, h, w], -1.0..1.0, seed)).unwrap();
+        let wt =
+            Var::from_tensor(&random(&[cout, c / groups, k, k], -1.0..1.0, seed + 100)).unwrap();
+        let ours = Conv2d {
+            weight: wt.as_tensor().clone(),
+            stride,
+            pad,
+            groups,
+        };
+        let y = ours.forward(x.as_tensor()).unwrap();
+        let reference = x
+            .as_tensor()
+            .conv2d(wt.as_tensor(), pad, stride, 1, groups)
+            .unwrap();
+        assert_eq!(y.dims(), reference.dims());
+        assert!(max_rel(&y, &reference) < 1e-5, "forward case {case}");
+        // A loss that weights every output differently.
+        let m = random(y.dims(), -1.0..1.0, seed + 200);
+        let g1 = (&y * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&reference * &m)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &wt] {
+            let (a, b) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert_eq!(a.dims(), v.dims());
+            assert!(
+                max_rel(a, b) < 1e-5,
+                "gradient case {case}: {}",
+                max_rel(a, b)
+            );
+        }
+    }
+
     /// Forward and both gradients equal candle's reference convolution: strides 1 and 2,
     /// 1×1 and 3×3 kernels, with and without padding, odd and non-square sizes, one image
     /// and several.
@@ -690,38 +746,7 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let x = Var::from_tensor(&random(&[n, c, h, w], -1.0..1.0, i as u64)).unwrap();
-            let wt =
-                Var::from_tensor(&random(&[cout, c, k, k], -1.0..1.0, 100 + i as u64)).unwrap();
-            let ours = Conv2d {
-                weight: wt.as_tensor().clone(),
-                stride,
-                pad,
-                groups: 1,
-            };
-            let y = ours.forward(x.as_tensor()).unwrap();
-            let reference = x
-                .as_tensor()
-                .conv2d(wt.as_tensor(), pad, stride, 1, 1)
-                .unwrap();
-            assert_eq!(y.dims(), reference.dims());
-            assert!(max_rel(&y, &reference) < 1e-5, "forward case {i}");
-            // A loss that weights every output differently.
-            let m = random(y.dims(), -1.0..1.0, 200 + i as u64);
-            let g1 = (&y * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&reference * &m)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert!(max_rel(a, b) < 1e-5, "gradient case {i}: {}", max_rel(a, b));
-            }
+            assert_matches_reference(i, (n, c, h, w, cout, k, stride, pad, 1), i as u64);
         }
     }
 
@@ -763,7 +788,7 @@ mod tests {
     /// group and concatenates: forward and both gradients.
     #[test]
     fn grouped_matches_candle_reference() {
-        for (i, &(n, c, h, w, cout, k, stride, pad, groups)) in [
+        for (i, &shape) in [
             (2, 8, 8, 8, 8, 3, 1, 1, 4),
             (3, 12, 9, 7, 6, 3, 2, 1, 3),
             (2, 8, 6, 6, 16, 1, 1, 0, 2),
@@ -774,42 +799,7 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let x = Var::from_tensor(&random(&[n, c, h, w], -1.0..1.0, 30 + i as u64)).unwrap();
-            let wt = Var::from_tensor(&random(
-                &[cout, c / groups, k, k],
-                -1.0..1.0,
-                130 + i as u64,
-            ))
-            .unwrap();
-            let ours = Conv2d {
-                weight: wt.as_tensor().clone(),
-                stride,
-                pad,
-                groups,
-            };
-            let y = ours.forward(x.as_tensor()).unwrap();
-            let reference = x
-                .as_tensor()
-                .conv2d(wt.as_tensor(), pad, stride, 1, groups)
-                .unwrap();
-            assert_eq!(y.dims(), reference.dims());
-            assert!(max_rel(&y, &reference) < 1e-5, "forward case {i}");
-            let m = random(y.dims(), -1.0..1.0, 230 + i as u64);
-            let g1 = (&y * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&reference * &m)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert_eq!(a.dims(), v.dims());
-                assert!(max_rel(a, b) < 1e-5, "gradient case {i}: {}", max_rel(a, b));
-            }
+            assert_matches_reference(i, shape, 30 + i as u64);
         }
         let vb = VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu);
         assert!(Conv2d::grouped(6, 8, 3, 1, 1, 4, vb).is_err());

@@ -103,14 +103,13 @@ impl DenseNet {
             feature_dim: planes,
         })
     }
-
-    /// Channels of the last feature maps.
-    pub fn feature_dim(&self) -> usize {
-        self.feature_dim
-    }
 }
 
 impl Backbone for DenseNet {
+    fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.conv1.forward(x)?;
         for (layers, transition) in &self.stages {

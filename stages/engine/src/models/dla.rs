@@ -125,14 +125,13 @@ impl Dla {
             feature_dim: 32 * w,
         })
     }
-
-    /// Channels of the last feature maps: 32·w.
-    pub fn feature_dim(&self) -> usize {
-        self.feature_dim
-    }
 }
 
 impl Backbone for Dla {
+    fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.base.forward_t(x, train)?;
         y = self.layer1.forward_t(&y, train)?;

@@ -14,6 +14,8 @@ use candle_nn::{linear, Linear, VarBuilder};
 pub trait Backbone: Send + Sync {
     /// The last feature maps.
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
+    /// Their channels D: the length of the penultimate features.
+    fn feature_dim(&self) -> usize;
 }
 
 /// A classifier built from a [`ModelSpec`].
@@ -22,33 +24,31 @@ pub struct Net {
     dropout: Dropout,
     fc: Linear,
     classifier: &'static str,
-    feature_dim: usize,
 }
 
 impl Net {
-    /// A classifier over `body`, whose features have `feature_dim` channels: `dropout`, then
-    /// a `feature_dim → classes` linear layer whose variables are `<classifier>.weight` and
-    /// `<classifier>.bias` under `vb` (see [`super::arch::build`]).
+    /// A classifier over `body`: `dropout`, then a `D → classes` linear layer whose variables
+    /// are `<classifier>.weight` and `<classifier>.bias` under `vb` (see
+    /// [`super::arch::build`]).
     pub fn new(
         body: Box<dyn Backbone>,
-        feature_dim: usize,
         dropout: Dropout,
         classes: usize,
         classifier: &'static str,
         vb: &VarBuilder,
     ) -> Result<Self> {
+        let fc = linear(body.feature_dim(), classes, vb.pp(classifier))?;
         Ok(Net {
             body,
             dropout,
-            fc: linear(feature_dim, classes, vb.pp(classifier))?,
+            fc,
             classifier,
-            feature_dim,
         })
     }
 
     /// Length D of the penultimate features.
     pub fn feature_dim(&self) -> usize {
-        self.feature_dim
+        self.body.feature_dim()
     }
 
     /// The classifier's variable prefix: `fc` (torchvision's ResNets) or `linear`

@@ -231,14 +231,13 @@ impl ResNet {
             feature_dim,
         })
     }
-
-    /// Channels of the last feature maps.
-    pub fn feature_dim(&self) -> usize {
-        self.feature_dim
-    }
 }
 
 impl Backbone for ResNet {
+    fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if self.max_pool {

@@ -5,9 +5,9 @@
 //! 2·C·d, BatchNorm after each, and a 1×1 convolution + BatchNorm projection (`shortcut`) when
 //! the shape changes; d doubles after every stage. Variable names are kuangliu's.
 
-use super::add_relu::add_relu;
-use super::basic::{bn, conv, Projection};
+use super::basic::{bn, conv};
 use super::batch_norm::BatchNorm;
+use super::bottleneck::Bottleneck;
 use super::conv::Conv2d;
 use super::net::Backbone;
 use crate::error::Result;
@@ -19,63 +19,11 @@ const EXPANSION: usize = 2;
 /// Channels of the stem, fixed whatever the cardinality and width (as in the reference).
 const STEM: usize = 64;
 
-struct Block {
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    conv2: Conv2d,
-    bn2: BatchNorm,
-    conv3: Conv2d,
-    bn3: BatchNorm,
-    shortcut: Projection,
-}
-
-impl Block {
-    fn new(
-        cin: usize,
-        cardinality: usize,
-        width: usize,
-        stride: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let group_width = cardinality * width;
-        let cout = EXPANSION * group_width;
-        let shortcut = if stride == 1 && cin == cout {
-            Projection::None
-        } else {
-            Projection::named(cin, cout, stride, &vb, "shortcut")?
-        };
-        Ok(Block {
-            conv1: conv(cin, group_width, 1, 1, vb.pp("conv1"))?,
-            bn1: bn(group_width, vb.pp("bn1"))?,
-            conv2: Conv2d::grouped(
-                group_width,
-                group_width,
-                3,
-                stride,
-                1,
-                cardinality,
-                vb.pp("conv2"),
-            )?,
-            bn2: bn(group_width, vb.pp("bn2"))?,
-            conv3: conv(group_width, cout, 1, 1, vb.pp("conv3"))?,
-            bn3: bn(cout, vb.pp("bn3"))?,
-            shortcut,
-        })
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
-        let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
-        let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
-        add_relu(&y, &self.shortcut.forward_t(x, train)?)
-    }
-}
-
 /// ResNeXt-29 up to its last feature maps.
 pub struct ResNeXt {
     conv1: Conv2d,
     bn1: BatchNorm,
-    blocks: Vec<Block>,
+    blocks: Vec<Bottleneck>,
     feature_dim: usize,
 }
 
@@ -94,8 +42,18 @@ impl ResNeXt {
             for i in 0..3 {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                 let vb = vb.pp(format!("layer{}.{}", stage + 1, i));
-                blocks.push(Block::new(cin, cardinality, w, stride, vb)?);
-                cin = EXPANSION * cardinality * w;
+                let group_width = cardinality * w;
+                let cout = EXPANSION * group_width;
+                blocks.push(Bottleneck::general(
+                    cin,
+                    group_width,
+                    cout,
+                    stride,
+                    cardinality,
+                    "shortcut",
+                    vb,
+                )?);
+                cin = cout;
             }
             w *= 2;
         }
@@ -106,14 +64,13 @@ impl ResNeXt {
             feature_dim: cin,
         })
     }
-
-    /// Channels of the last feature maps: 8·C·d.
-    pub fn feature_dim(&self) -> usize {
-        self.feature_dim
-    }
 }
 
 impl Backbone for ResNeXt {
+    fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         for b in &self.blocks {
