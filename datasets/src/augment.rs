@@ -135,10 +135,57 @@ pub fn augment_into<R: Rng>(
     }
 }
 
+/// `dst` = square image `src` (CHW `u8`, `c` channels of `n`×`n`) flipped horizontally when
+/// `flip`, then rotated by `r`·90° counter-clockwise: numpy's `rot90(img[:, ::-1], r)` of the HWC
+/// image, as SSKD's reference builds its views.
+pub fn rotate_into(src: &[u8], dst: &mut [u8], (c, n): (usize, usize), r: usize, flip: bool) {
+    let plane = n * n;
+    for (sp, dp) in src
+        .chunks_exact(plane)
+        .zip(dst.chunks_exact_mut(plane))
+        .take(c)
+    {
+        for (y, row) in dp.chunks_exact_mut(n).enumerate() {
+            for (x, o) in row.iter_mut().enumerate() {
+                let (sy, sx) = match r % 4 {
+                    0 => (y, x),
+                    1 => (x, n - 1 - y),
+                    2 => (n - 1 - y, n - 1 - x),
+                    _ => (n - 1 - x, y),
+                };
+                let sx = if flip { n - 1 - sx } else { sx };
+                *o = sp[sy * n + sx];
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// numpy: `rot90([[1, 2], [3, 4]], r)` is [[2, 4], [1, 3]], [[4, 3], [2, 1]], [[3, 1], [4, 2]]
+    /// for r = 1, 2, 3; `[:, ::-1]` first gives [[2, 1], [4, 3]] and its rotations.
+    #[test]
+    fn rotations_match_numpys_rot90() {
+        let img = [1u8, 2, 3, 4, 10, 20, 30, 40];
+        let want = [[1, 2, 3, 4], [2, 4, 1, 3], [4, 3, 2, 1], [3, 1, 4, 2]];
+        let want_flipped = [[2, 1, 4, 3], [1, 3, 2, 4], [3, 4, 1, 2], [4, 2, 3, 1]];
+        let mut out = [0u8; 8];
+        for r in 0..4 {
+            for (flip, w) in [(false, want[r]), (true, want_flipped[r])] {
+                rotate_into(&img, &mut out, (2, 2), r, flip);
+                let w10: Vec<u8> = w.iter().map(|v| v * 10).collect();
+                assert_eq!(&out[..4], &w[..], "r = {r}, flip = {flip}");
+                assert_eq!(
+                    &out[4..],
+                    &w10[..],
+                    "second channel, r = {r}, flip = {flip}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn identity_without_augmentation() {

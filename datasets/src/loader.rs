@@ -7,9 +7,11 @@
 //! number of workers, and an epoch can be started at any batch to resume a killed run. Batch `b`
 //! is built by worker `b mod W` and read from that worker's channel, which keeps order without a
 //! reorder buffer. Mixing (mixup, CutMix, RICAP) draws from its own stream (seed, epoch, batch)
-//! after the per-image augmentation, and its record travels with the batch.
+//! after the per-image augmentation, and its record travels with the batch. With `rotations`
+//! (SSKD's self-supervision) each image comes in its four rotations, view-major: the batch's B
+//! images as augmented, then the same B rotated by 90°, then by 180°, then by 270°.
 
-use crate::augment::{augment_into, Augment, Normalize};
+use crate::augment::{augment_into, rotate_into, Augment, Normalize};
 use crate::mix::{Mix, MixRecord};
 use crate::packed::PackedStore;
 use crate::rng::{rng_for, stream};
@@ -39,15 +41,23 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Seed of the permutation and augmentation streams.
     pub seed: u64,
+    /// Emit every image in its [`ROTATIONS`] rotations (SSKD), `ROTATIONS × B` images per batch
+    /// (square images only; no mixing).
+    pub rotations: bool,
 }
+
+/// Views of each image in a batch with [`LoaderConfig::rotations`]: 0°, 90°, 180°, 270°.
+pub const ROTATIONS: usize = 4;
 
 /// One batch: images as `f32` NCHW, their labels and their positions in the split.
 #[derive(Debug, Default)]
 pub struct Batch {
     /// Position of the batch in its epoch.
     pub index: usize,
-    /// `len × C × H × W` normalised pixels.
+    /// `views × len × C × H × W` normalised pixels, view-major.
     pub images: Vec<f32>,
+    /// Images per sample: 1, or [`ROTATIONS`] with [`LoaderConfig::rotations`].
+    pub views: usize,
     /// Hard labels.
     pub labels: Vec<u32>,
     /// Positions of the images in the packed split.
@@ -127,9 +137,10 @@ impl Loader {
             let (store, config, order) = (self.store.clone(), self.config.clone(), order.clone());
             handles.push(std::thread::spawn(move || {
                 let mut b = start + w;
+                let mut scratch = Vec::new();
                 while b < total {
                     let mut batch = rrx.try_recv().unwrap_or_default();
-                    fill_batch(&store, &config, &order, epoch, b, &mut batch);
+                    fill_batch(&store, &config, &order, epoch, b, &mut batch, &mut scratch);
                     if tx.send(batch).is_err() {
                         return; // the trainer dropped the epoch
                     }
@@ -150,6 +161,8 @@ impl Loader {
     }
 }
 
+/// Builds batch `b` of `epoch` into `batch`; `scratch` is the worker's buffer for rotated
+/// images.
 fn fill_batch(
     store: &PackedStore,
     config: &LoaderConfig,
@@ -157,6 +170,7 @@ fn fill_batch(
     epoch: u64,
     b: usize,
     batch: &mut Batch,
+    scratch: &mut Vec<u8>,
 ) {
     let info = store.info();
     let (c, h, w) = (info.c, info.h, info.w);
@@ -165,20 +179,35 @@ fn fill_batch(
     let hi = (lo + config.batch_size).min(order.len());
     let idx = &order[lo..hi];
     batch.index = b;
-    batch.images.resize(idx.len() * len, 0.0);
+    batch.views = if config.rotations { ROTATIONS } else { 1 };
+    batch.images.resize(batch.views * idx.len() * len, 0.0);
     batch.labels.clear();
     batch.indices.clear();
     let mut rng = rng_for(&[config.seed, stream::AUGMENT, epoch, b as u64]);
     for (slot, &i) in idx.iter().enumerate() {
-        let dst = &mut batch.images[slot * len..(slot + 1) * len];
-        augment_into(
-            store.image(i as usize),
-            dst,
-            (c, h, w),
-            &config.augment,
-            &config.normalize,
-            &mut rng,
-        );
+        let src = store.image(i as usize);
+        if config.rotations {
+            rotated_views(
+                src,
+                batch,
+                slot,
+                idx.len(),
+                (c, h, w),
+                config,
+                &mut rng,
+                scratch,
+            );
+        } else {
+            let dst = &mut batch.images[slot * len..(slot + 1) * len];
+            augment_into(
+                src,
+                dst,
+                (c, h, w),
+                &config.augment,
+                &config.normalize,
+                &mut rng,
+            );
+        }
         batch.labels.push(store.label(i as usize));
         batch.indices.push(i);
     }
@@ -197,6 +226,39 @@ fn fill_batch(
         batch
             .mix
             .apply(&batch.unmixed, &mut batch.images, (c, h, w));
+    }
+}
+
+/// SSKD's four views of image `src` (its reference `cifar.py`): one flip coin shared by the
+/// views, then each rotation (counter-clockwise, numpy's `rot90`) cropped and cut out with its
+/// own draws, into the batch's slot `slot` of every view (`b` images per view).
+#[allow(clippy::too_many_arguments)]
+fn rotated_views(
+    src: &[u8],
+    batch: &mut Batch,
+    slot: usize,
+    b: usize,
+    (c, h, w): (usize, usize, usize),
+    config: &LoaderConfig,
+    rng: &mut impl rand::Rng,
+    scratch: &mut Vec<u8>,
+) {
+    assert_eq!(
+        h, w,
+        "rotations need square images (checked by the trainer)"
+    );
+    let len = c * h * w;
+    let flip = config.augment.flip && rng.random_bool(0.5);
+    let each = Augment {
+        flip: false,
+        ..config.augment
+    };
+    scratch.resize(len, 0);
+    for r in 0..ROTATIONS {
+        rotate_into(src, scratch, (c, h), r, flip);
+        let at = (r * b + slot) * len;
+        let dst = &mut batch.images[at..at + len];
+        augment_into(scratch, dst, (c, h, w), &each, &config.normalize, rng);
     }
 }
 
@@ -278,6 +340,7 @@ mod tests {
             workers,
             prefetch: 2,
             seed: 3,
+            rotations: false,
         }
     }
 
@@ -289,6 +352,69 @@ mod tests {
             it.recycle(b);
         }
         out
+    }
+
+    /// Without crops, view r of an image is view 0 rotated r·90° counter-clockwise, and view 0
+    /// is the image or its mirror (one flip coin for the four views); a view-major layout.
+    #[test]
+    fn rotated_views_share_the_flip_and_rotate_counter_clockwise() {
+        let s = store();
+        let loader = Loader::new(
+            s.clone(),
+            LoaderConfig {
+                augment: Augment {
+                    crop_padding: 0,
+                    flip: true,
+                    cutout: 0,
+                },
+                normalize: Normalize {
+                    mean: vec![0.0; 3],
+                    std: vec![1.0 / 255.0; 3],
+                },
+                rotations: true,
+                ..config(2)
+            },
+        );
+        let n = 8;
+        let len = 3 * n * n;
+        let (mut flipped, mut plain) = (0, 0);
+        let mut it = loader.epoch(0, 0);
+        while let Some(batch) = it.next() {
+            let b = batch.len();
+            assert_eq!((batch.views, batch.images.len()), (4, 4 * b * len));
+            for (slot, &i) in batch.indices.iter().enumerate() {
+                let img = s.image(i as usize);
+                let view = |r: usize| -> Vec<u8> {
+                    let at = (r * b + slot) * len;
+                    batch.images[at..at + len]
+                        .iter()
+                        .map(|&v| v.round() as u8)
+                        .collect()
+                };
+                // Hand mirror: column x reads column n-1-x.
+                let mirror: Vec<u8> = (0..len).map(|p| img[p - p % n + (n - 1 - p % n)]).collect();
+                let v0 = view(0);
+                if v0 == img {
+                    plain += 1;
+                } else {
+                    assert_eq!(v0, mirror, "view 0 of image {i}");
+                    flipped += 1;
+                }
+                // Hand rotation by 90° counter-clockwise: out[y][x] = in[x][n-1-y].
+                let mut want = v0;
+                for r in 1..4 {
+                    want = (0..len)
+                        .map(|p| {
+                            let (ch, y, x) = (p / (n * n), (p / n) % n, p % n);
+                            want[ch * n * n + x * n + (n - 1 - y)]
+                        })
+                        .collect();
+                    assert_eq!(view(r), want, "view {r} of image {i}");
+                }
+            }
+            it.recycle(batch);
+        }
+        assert!(flipped > 0 && plain > 0, "{flipped} flipped, {plain} not");
     }
 
     #[test]
