@@ -290,6 +290,73 @@ fn crd_and_the_new_architectures_refuse_what_cannot_work() {
     assert_at(&e, 15, 1, &["key `shortcut`", "option A"]);
 }
 
+/// SSKD without a teacher, from a teacher that has no trained self-supervised head, on mixed
+/// batches, from a replay store, and with a keep ratio out of range: each refused at its line.
+#[test]
+fn sskd_refuses_what_cannot_work() {
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"sskd\"\n"
+    ));
+    assert_at(&e, 10, 8, &["stage `s` (kind train)", "model", "found 0"]);
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"h\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"sskd-head\"\n"
+    ));
+    assert_at(&e, 10, 8, &["stage `h` (kind train)", "model", "found 0"]);
+    // A plain teacher in place of the `sskd-head` stage: named at its entry in `needs`.
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\", \"t\"]\nmethod = \"sskd\"\n\n\
+         [[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n"
+    ));
+    assert_at(
+        &e,
+        12,
+        18,
+        &[
+            "key `needs` names `t`",
+            "trained by `vanilla`",
+            "method = \"sskd-head\"",
+        ],
+    );
+    let student = |extra: &str| {
+        format!(
+            "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\", \"h\"]\nmethod = \"sskd\"\n{extra}\n\n\
+             [[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n\n\
+             [[stage]]\nname = \"h\"\nkind = \"train\"\nneeds = [\"data\", \"t\"]\nmethod = \"sskd-head\"\n"
+        )
+    };
+    let e = fails(&student("mix = { type = \"mixup\", alpha = 0.2 }"));
+    assert_at(
+        &e,
+        14,
+        1,
+        &["key `mix`", "`sskd` trains on unmixed batches"],
+    );
+    let e = fails(&student("replay = true"));
+    assert_at(&e, 14, 1, &["key `replay`", "penultimate features"]);
+    let e = fails(&student("sskd_ratio_ss = 1.5"));
+    assert_at(
+        &e,
+        14,
+        1,
+        &["key `sskd_ratio_ss`", "must be in [0, 1], found 1.5"],
+    );
+    let e = fails(&student("sskd_ss_tau = 0.0"));
+    assert_at(&e, 14, 1, &["key `sskd_ss_tau`"]);
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"h\"\nkind = \"train\"\nneeds = [\"data\", \"t\"]\nmethod = \"sskd-head\"\ntemperature_scaling = true\n\n\
+         [[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n"
+    ));
+    assert_at(
+        &e,
+        14,
+        1,
+        &[
+            "key `temperature_scaling`",
+            "`sskd-head` trains a projection head",
+        ],
+    );
+}
+
 #[test]
 fn keys_that_do_not_apply_to_the_source() {
     let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar10\"\npath = \"c\"\ntrain_size = 5\n");

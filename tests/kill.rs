@@ -1,7 +1,8 @@
 //! The kill-and-resume harness: `pipeline run` on a multi-stage experiment (prepare → teacher
 //! with dropout → label with MC dropout, replay of the teacher on the online student's batches
-//! → two students, offline and online (replayed), and a CRD+KD student whose checkpoints carry
-//! its heads and memory banks → evaluate → report)
+//! → two students, offline and online (replayed), a CRD+KD student whose checkpoints carry
+//! its heads and memory banks, and SSKD's two phases (a teacher's head, then a student whose
+//! checkpoints carry its own head) → evaluate → report)
 //! is killed with SIGKILL at moments drawn from a seed, rerun, and killed again, until a run
 //! completes. After every kill it checks that every final stage folder is complete (no partial
 //! file at a final path) and that the next run resumes each training from its newest complete
@@ -85,6 +86,27 @@ kind = "train"
 needs = ["data", "teacher"]
 method = "crd-kd"
 crd_negatives = 32
+model = "resnet8"
+width = 4
+epochs = 2
+batch_size = 16
+checkpoint_every = 2
+
+[[stage]]
+name = "sskd-head"
+kind = "train"
+needs = ["data", "teacher"]
+method = "sskd-head"
+epochs = 2
+batch_size = 16
+checkpoint_every = 2
+
+[[stage]]
+name = "sskd"
+kind = "train"
+needs = ["data", "sskd-head"]
+method = "sskd"
+sskd_ratio_tf = 0.5
 model = "resnet8"
 width = 4
 epochs = 2
@@ -282,8 +304,8 @@ fn temp_files(dir: &Path) -> Vec<PathBuf> {
 /// Deterministic kills inside the writes that random kills only hit by chance: the
 /// fault-injection hook (`LDL_FAULT_WRITE=<text>@<bytes>`) aborts the process once that many
 /// bytes of a file whose path contains `<text>` reached its temporary file, in a checkpoint
-/// (model and optimizer state), the label store's Parquet file, the predictions' Parquet file
-/// and a final model. Each time the partial file exists only at its temporary path, every final
+/// (model and optimizer state; one of an SSKD student, whose head must be restored), the label
+/// store's Parquet file, the predictions' Parquet file and a final model. Each time the partial file exists only at its temporary path, every final
 /// folder is complete, and the rerun completes with outputs bitwise equal to an uninterrupted
 /// run's.
 #[test]
@@ -302,6 +324,9 @@ fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
         ("labels.parquet", 500),
         ("predictions.parquet", 200),
         ("table.md", 50),
+        // The SSKD student's checkpoint of step 8 (its first file): the rerun resumes from
+        // step 6 and must restore the head it had trained there, not draw a new one.
+        (".sskd.partial/checkpoints/.tmp-step-0000000008/", 200),
     ];
     for (i, (text, bytes)) in faults.iter().enumerate() {
         let out_name = format!("fault-{i}");
@@ -346,6 +371,13 @@ fn aborted_inside_each_kind_of_write_the_run_resumes_bitwise_equal() {
                 stderr(&resumed)
                     .contains("labels: train split: resuming with 1 of 3 chunks labelled"),
                 "the label stage did not resume from its first chunk:\n{}",
+                stderr(&resumed)
+            );
+        }
+        if text.starts_with(".sskd.partial") {
+            assert!(
+                stderr(&resumed).contains("sskd: resuming from the checkpoint of step 6"),
+                "the SSKD student did not resume from step 6:\n{}",
                 stderr(&resumed)
             );
         }

@@ -147,6 +147,8 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         needs("student.method=on-en-ldl"),
         ["data", "teacher-a", "teacher-b"]
     );
+    assert_eq!(needs("student-sskd"), ["data", "teacher-a-sskd"]);
+    check_sskd(&out, &report);
     let st = pipeline(
         dir.path(),
         &[
@@ -165,6 +167,58 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         stdout(&st).contains("grid eval: 14 cells, 14 up to date"),
         "{}",
         stdout(&st)
+    );
+}
+
+/// SSKD's two stages of the smoke grid: the head stage keeps its teacher's weights bit for bit
+/// and adds the head's four tensors; the student is an ordinary classifier (its head is not in
+/// its model), evaluated and reported as "SSKD", calibrated too.
+fn check_sskd(out: &Path, report: &str) {
+    use candle_core::{safetensors, Device};
+    let load = |p: std::path::PathBuf| safetensors::load(&p, &Device::Cpu).unwrap();
+    let teacher = load(out.join("teacher-a/model.safetensors"));
+    let head_stage = load(out.join("teacher-a-sskd/model.safetensors"));
+    assert_eq!(
+        teacher.keys().collect::<std::collections::BTreeSet<_>>(),
+        head_stage.keys().collect()
+    );
+    for (name, t) in &teacher {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = head_stage[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(a == b, "the sskd-head stage changed the teacher's `{name}`");
+    }
+    let head = load(out.join("teacher-a-sskd/sskd_head.safetensors"));
+    let mut names: Vec<_> = head.keys().cloned().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "proj_head.0.bias",
+            "proj_head.0.weight",
+            "proj_head.2.bias",
+            "proj_head.2.weight"
+        ]
+    );
+    // A square head over the teacher's pooled features (resnet8 of width 8: 32 channels).
+    assert_eq!(head["proj_head.0.weight"].dims(), [32, 32]);
+    let student = load(out.join("student-sskd/model.safetensors"));
+    assert!(student.keys().all(|k| !k.contains("proj_head")));
+    let model: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("student-sskd/model.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(model["method"], "sskd");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval-sskd/metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(e["model_stage"], "student-sskd");
+    assert!(
+        report.contains("| SSKD | resnet8 |") && report.contains("| SSKD + TS | resnet8 |"),
+        "SSKD missing from the report:\n{report}"
     );
 }
 

@@ -43,6 +43,8 @@ pub mod stream {
     pub const CRD_INIT: u64 = 9;
     /// CRD's per-batch draws of negatives.
     pub const CRD_NEGATIVES: u64 = 10;
+    /// SSKD's projection heads at initialisation.
+    pub const SSKD_INIT: u64 = 11;
 }
 
 #[cfg(test)]

@@ -127,6 +127,7 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
                 workers: workers.max(1),
                 prefetch: 2,
                 seed: 0,
+                rotations: false,
             };
             let rate = time_loader(&store, config, args.epochs);
             println!("| {name} | {workers} | {rate:.0} |");

@@ -18,6 +18,7 @@
 
 use engine::device::DeviceSpec;
 use serde::Deserialize;
+use stages::science::methods::Method;
 use stages::{Artifact, Kind, Multiplicity, StageParams};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -972,6 +973,12 @@ fn validate_graph(
                     ),
                 ));
             }
+            if let Some(why) = sskd_teacher_mismatch(&s.params, &stages[u].params) {
+                return Err(loc.at(
+                    span,
+                    format!("stage `{}`: key `needs` names `{need}`, {why}", s.name),
+                ));
+            }
             *counts.entry(produced).or_default() += 1;
         }
         for artifact in [
@@ -1044,6 +1051,28 @@ fn validate_graph(
         }
     }
     Ok(())
+}
+
+/// Why `needed` cannot be the teacher of an `sskd` student `p`: SSKD distils the teacher's
+/// trained self-supervised head, which only an `sskd-head` stage has.
+fn sskd_teacher_mismatch(p: &StageParams, needed: &StageParams) -> Option<String> {
+    let StageParams::Train(p) = p else {
+        return None;
+    };
+    if p.method != Method::Sskd || needed.kind().produces() != Artifact::Model {
+        return None;
+    }
+    match needed {
+        StageParams::Train(t) if t.method == Method::SskdHead => None,
+        StageParams::Train(t) => Some(format!(
+            "a teacher trained by `{}`: an `sskd` student needs the `sskd-head` stage that trained its teacher's self-supervised head (method = \"sskd-head\", needs = [teacher])",
+            t.method.as_str()
+        )),
+        _ => Some(format!(
+            "a {} stage: an `sskd` student needs the `sskd-head` stage that trained its teacher's self-supervised head (method = \"sskd-head\", needs = [teacher])",
+            needed.kind()
+        )),
+    }
 }
 
 fn reads(p: &StageParams) -> String {

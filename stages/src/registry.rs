@@ -79,6 +79,7 @@ impl StageParams {
             (StageParams::Prepare(_) | StageParams::Import(_), _) => M::None,
             (StageParams::Train(_), Dataset) => M::One,
             (StageParams::Train(p), Labels) if p.method.reads_labels() => M::One,
+            (StageParams::Train(p), Model) if p.method.uses_rotations() => M::One,
             (StageParams::Train(p), Model) if p.method.uses_teachers() => M::OneOrMore,
             (StageParams::Train(p), Replay) if p.method.uses_teachers() && p.replay => M::One,
             (StageParams::Replay(_), Dataset) => M::One,

@@ -582,6 +582,7 @@ mod tests {
                 cutout: 0,
                 mix: Mix::None,
                 data_seed: 1,
+                rotations: false,
             },
             epochs: 1,
             dataset: "d".into(),

@@ -32,6 +32,9 @@ pub struct BatchStream {
     pub mix: Mix,
     /// Seed of the order, the augmentation and the mixing.
     pub data_seed: u64,
+    /// Each image in its four rotations (SSKD's batches; see [`datasets::loader::ROTATIONS`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotations: bool,
 }
 
 impl BatchStream {
@@ -62,6 +65,7 @@ impl BatchStream {
                 workers: workers.max(1),
                 prefetch,
                 seed: self.data_seed,
+                rotations: self.rotations,
             },
         )
     }

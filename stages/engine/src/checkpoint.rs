@@ -40,14 +40,14 @@ pub struct Restored<S> {
 }
 
 /// Writes `tensors` to the safetensors file `path` (atomically).
-fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let bytes =
         safetensors::serialize(tensors, None).map_err(|e| EngineError::Numeric(e.to_string()))?;
     Ok(datasets::atomic::write_bytes(path, &bytes)?)
 }
 
 /// Every tensor of the safetensors file `path`, on `device`.
-fn read_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+pub fn read_tensors(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| EngineError::invalid(path, "safetensors header", e.to_string()))?;

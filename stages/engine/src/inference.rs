@@ -71,6 +71,7 @@ impl Inference<'_> {
                 workers: self.workers.max(1),
                 prefetch: 2,
                 seed: 0,
+                rotations: false,
             },
         )
     }

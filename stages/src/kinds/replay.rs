@@ -113,6 +113,7 @@ impl Params {
             cutout: self.cutout,
             mix: self.mix,
             data_seed: self.seed.unwrap_or_default(),
+            rotations: false,
         }
     }
 

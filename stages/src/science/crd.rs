@@ -373,13 +373,7 @@ impl Crd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// sin(a·i + b·j + 0.3): the fixed matrices of tests/fixtures/crd/reference.py.
-    fn grid(rows: usize, cols: usize, a: f64, b: f64) -> Vec<f32> {
-        (0..rows)
-            .flat_map(|i| (0..cols).map(move |j| (a * i as f64 + b * j as f64 + 0.3).sin() as f32))
-            .collect()
-    }
+    use crate::science::reference_values::{assert_close, grid};
 
     fn t(v: Vec<f32>, dims: (usize, usize)) -> Tensor {
         Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
@@ -387,16 +381,6 @@ mod tests {
 
     fn scaled(v: Vec<f32>, s: f32) -> Vec<f32> {
         v.into_iter().map(|x| x * s).collect()
-    }
-
-    fn assert_close(got: &[f32], want: &[f64], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (*g as f64 - w).abs() < 2e-5 * (1.0 + w.abs()),
-                "{what}[{i}]: {g} vs {w}"
-            );
-        }
     }
 
     /// Two batches through CRD with the weights, memories and contrast rows of

@@ -37,11 +37,16 @@ pub enum Method {
     Crd,
     /// CRD with the KD term: CE + α·τ²·KL + β·CRD (RepDistiller's `-a 1 -b 0.8`).
     CrdKd,
+    /// SSKD's first phase: trains the self-supervised projection head of a frozen teacher on
+    /// the four rotations of each image (its output is the teacher with the head).
+    SskdHead,
+    /// Self-supervised knowledge distillation (Xu et al., ECCV 2020) from an `sskd-head` stage.
+    Sskd,
 }
 
 impl Method {
     /// Every method, in the order of docs/methods.md.
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 16] = [
         Method::Vanilla,
         Method::Ls,
         Method::Kd,
@@ -56,6 +61,8 @@ impl Method {
         Method::OgrLdl,
         Method::Crd,
         Method::CrdKd,
+        Method::SskdHead,
+        Method::Sskd,
     ];
 
     /// The method's name in stages.toml.
@@ -75,6 +82,8 @@ impl Method {
             Method::OgrLdl => "ogr-ldl",
             Method::Crd => "crd",
             Method::CrdKd => "crd-kd",
+            Method::SskdHead => "sskd-head",
+            Method::Sskd => "sskd",
         }
     }
 
@@ -101,6 +110,8 @@ impl Method {
             Method::OgrLdl => "OGR-LDL",
             Method::Crd => "CRD",
             Method::CrdKd => "CRD+KD",
+            Method::SskdHead => "SSKD head",
+            Method::Sskd => "SSKD",
         }
     }
 
@@ -110,9 +121,9 @@ impl Method {
     }
 
     /// Whether the method runs teacher models (train stages in `needs`). `kd`, `wsl`, `on-ldl`,
-    /// `crd` and `crd-kd` run one teacher, the first train stage in `needs` (so that one grid
-    /// over methods can list the teachers of its ensemble cells); the ensemble methods run all
-    /// of them.
+    /// `crd`, `crd-kd` and `sskd` run one teacher, the first train stage in `needs` (so that one
+    /// grid over methods can list the teachers of its ensemble cells); the ensemble methods run
+    /// all of them; `sskd-head` needs exactly one, the teacher it trains a head for.
     pub fn uses_teachers(&self) -> bool {
         matches!(
             self,
@@ -123,14 +134,26 @@ impl Method {
                 | Method::OnMtLdl
                 | Method::Crd
                 | Method::CrdKd
+                | Method::SskdHead
+                | Method::Sskd
         )
     }
 
-    /// Whether the method distils the teacher's penultimate features (CRD), not only its
-    /// outputs: it needs the student's features, the dataset index of every image, unmixed
-    /// batches, and the teacher itself (a replay store keeps outputs only).
+    /// Whether the method distils the teacher's penultimate features (CRD, SSKD), not only its
+    /// outputs: it needs the student's features, unmixed batches, and the teacher itself (a
+    /// replay store keeps outputs only).
     pub fn uses_features(&self) -> bool {
+        matches!(self, Method::Crd | Method::CrdKd | Method::Sskd)
+    }
+
+    /// Whether the method is CRD (with or without KD): a memory bank indexed by dataset image.
+    pub fn is_crd(&self) -> bool {
         matches!(self, Method::Crd | Method::CrdKd)
+    }
+
+    /// Whether the method trains on each image's four rotations (SSKD's two phases).
+    pub fn uses_rotations(&self) -> bool {
+        matches!(self, Method::SskdHead | Method::Sskd)
     }
 
     /// Whether the method needs per-class OGR weights (and so a validation split).

@@ -9,6 +9,7 @@
 use super::crd::{Crd, CrdConfig};
 use super::methods::{Method, TeacherReduction};
 use super::ogr::{ogr_distribution_base, ogr_target};
+use super::sskd::{Sskd, SskdConfig};
 use crate::error::{Result, StageError};
 use crate::label_store::SoftLabels;
 use crate::replay_store::Output;
@@ -57,6 +58,8 @@ pub struct SupervisionConfig {
     pub crd_kd_alpha: f64,
     /// `crd-kd`: temperature τ of the KD term.
     pub crd_kd_tau: f64,
+    /// `sskd`: its weights, temperatures and keep ratios.
+    pub sskd: SskdConfig,
     /// Seed of the teachers' Monte-Carlo dropout masks (the student's data seed).
     pub seed: u64,
 }
@@ -79,6 +82,7 @@ impl Default for SupervisionConfig {
             crd_beta: 0.8,
             crd_kd_alpha: 1.0,
             crd_kd_tau: 4.0,
+            sskd: SskdConfig::default(),
             seed: 0,
         }
     }
@@ -166,6 +170,8 @@ pub struct Supervision {
     pub class_weights: Vec<f32>,
     /// CRD's heads and memories (`crd`, `crd-kd`; set by the train stage).
     pub crd: Option<Crd>,
+    /// SSKD's heads (`sskd`; set by the train stage).
+    pub sskd: Option<Sskd>,
     rows: Vec<f32>,
     mixed: Vec<f32>,
     /// Uploads of the per-batch targets and labels (pinned and asynchronous on CUDA).
@@ -191,6 +197,7 @@ impl Supervision {
             replayed: None,
             class_weights: vec![1.0; k],
             crd: None,
+            sskd: None,
             rows: Vec::new(),
             mixed: Vec::new(),
             targets_feed: Feeder::new(),
@@ -360,6 +367,34 @@ impl Supervision {
         Ok(total)
     }
 
+    /// SSKD's loss of each original image from the student's logits and features on the `4B`
+    /// views of `x` (view-major) and the teacher's.
+    fn sskd_loss(
+        &mut self,
+        logits: &Tensor,
+        f_s: &Tensor,
+        x: &Tensor,
+        batch: &Batch,
+    ) -> Result<Tensor> {
+        let teacher = self
+            .teachers
+            .first()
+            .ok_or_else(|| StageError::Config("sskd needs a teacher".into()))?;
+        let (f_t, t_logits) = teacher
+            .model
+            .net
+            .features_and_logits(&teacher.input(x)?, engine::models::Mode::EVAL)?;
+        let (f_t, t_logits) = (f_t.detach(), t_logits.detach());
+        let y = self
+            .labels_feed
+            .upload_u32(&batch.labels, batch.len(), &self.device)?;
+        let sskd = self
+            .sskd
+            .as_ref()
+            .ok_or_else(|| StageError::Config("sskd: its heads were not set up".into()))?;
+        sskd.per_sample_loss(logits, f_s, &t_logits, &f_t, &y)
+    }
+
     fn reduce(&self, terms: Vec<Tensor>) -> Result<Tensor> {
         let n = terms.len();
         let mut it = terms.into_iter();
@@ -385,16 +420,16 @@ impl Supervision {
         epoch: usize,
     ) -> Result<Tensor> {
         let p = self.p;
-        let out = match p.method {
+        Ok(match p.method {
             Method::Crd | Method::CrdKd => {
-                let f_s = features.ok_or_else(|| {
-                    StageError::Config(format!(
-                        "{}: needs the student's features",
-                        p.method.as_str()
-                    ))
-                })?;
+                let f_s = student_features(p.method, features)?;
                 self.crd_loss(logits, f_s, x, batch, epoch)?
             }
+            Method::Sskd => {
+                let f_s = student_features(p.method, features)?;
+                self.sskd_loss(logits, f_s, x, batch)?
+            }
+            Method::SskdHead => return Err(StageError::Config(SSKD_HEAD_HAS_NO_STUDENT.into())),
             Method::Vanilla => self.hard_loss(logits, batch)?,
             Method::Ls => {
                 let (alpha, conv) = (p.ls_alpha as f32, p.ls_convention);
@@ -462,9 +497,20 @@ impl Supervision {
                 })?;
                 soft_cross_entropy_per_sample(logits, &z)?
             }
-        };
-        Ok(out)
+        })
     }
+}
+
+/// Why [`Supervision::per_sample_loss`] has nothing to compute for `sskd-head`.
+const SSKD_HEAD_HAS_NO_STUDENT: &str =
+    "sskd-head trains a teacher's head, not a student: its loss is the trainer's";
+
+/// The student's penultimate features, which `method` (one that [`Method::uses_features`])
+/// cannot do without.
+fn student_features(method: Method, features: Option<&Tensor>) -> Result<&Tensor> {
+    features.ok_or_else(|| {
+        StageError::Config(format!("{}: needs the student's features", method.as_str()))
+    })
 }
 
 #[cfg(test)]
@@ -506,6 +552,7 @@ mod tests {
             images,
             labels: vec![0, 1, 2, 0],
             indices: vec![0, 1, 2, 3],
+            views: 1,
             mix,
             unmixed,
         }
@@ -570,6 +617,7 @@ mod tests {
             images,
             labels: vec![0, 1, 2, 0],
             indices: vec![0, 1, 2, 3],
+            views: 1,
             mix: MixRecord::Mixup {
                 lambda: 0.7,
                 partner: vec![1, 0, 3, 2],

@@ -8,8 +8,10 @@
 //! [`engine::checkpoint`]); the runner keeps it across a kill when the fingerprint is unchanged.
 //!
 //! [`params`] holds the stage's keys, [`trainer`] the set-up and the loop, `state` what a
-//! checkpoint keeps, `outputs` what a finished run writes.
+//! checkpoint keeps, `outputs` what a finished run writes, `head` SSKD's first phase (a frozen
+//! teacher's head trained in place of a student).
 
+mod head;
 mod outputs;
 pub mod params;
 mod state;
@@ -59,6 +61,17 @@ impl Params {
             crd_beta: self.crd_beta,
             crd_kd_alpha: self.crd_kd_alpha,
             crd_kd_tau: self.crd_kd_tau,
+            sskd: crate::science::sskd::SskdConfig {
+                ce_weight: self.sskd_ce_weight,
+                kd_weight: self.sskd_kd_weight,
+                tf_weight: self.sskd_tf_weight,
+                ss_weight: self.sskd_ss_weight,
+                kd_tau: self.sskd_kd_tau,
+                tf_tau: self.sskd_tf_tau,
+                ss_tau: self.sskd_ss_tau,
+                ratio_tf: self.sskd_ratio_tf,
+                ratio_ss: self.sskd_ratio_ss,
+            },
             // The Monte-Carlo teacher masks are part of the batch stream's labels.
             seed: self.data_seed(),
         }

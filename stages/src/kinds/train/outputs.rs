@@ -6,6 +6,7 @@ use crate::artifacts::TrainedModel;
 use crate::error::{Result, StageError};
 use crate::science::calibration;
 use crate::science::ogr::{ogr, ogr_weights};
+use crate::science::sskd;
 use engine::json;
 
 impl Trainer<'_> {
@@ -16,6 +17,9 @@ impl Trainer<'_> {
             &dir.join("model.safetensors"),
             &self.model.to_safetensors()?,
         )?;
+        // An `sskd-head` stage's model is its teacher, which keeps its own normalisation and
+        // origin; its head lies beside it.
+        let teacher = self.head.as_ref().map(|h| &h.teacher);
         json::write(
             &dir.join("model.json"),
             &TrainedModel {
@@ -24,8 +28,8 @@ impl Trainer<'_> {
                 seed: self.seed,
                 epochs: self.p.epochs,
                 variant: self.p.variant(),
-                imported: None,
-                normalize: None,
+                imported: teacher.and_then(|t| t.imported.clone()),
+                normalize: teacher.and_then(|t| t.normalize.clone()),
             },
         )?;
         self.write_logs()?;
@@ -35,6 +39,10 @@ impl Trainer<'_> {
             "train_log.csv".into(),
             "class_loss.csv".into(),
         ];
+        if let Some(h) = &self.head {
+            engine::checkpoint::write_tensors(&dir.join(sskd::HEAD_FILE), &h.head.state())?;
+            outputs.push(sskd::HEAD_FILE.into());
+        }
         if !self.ogr_points.is_empty() {
             self.write_ogr()?;
             outputs.push("ogr.csv".into());

@@ -74,6 +74,24 @@ pub struct Params {
     pub crd_temperature: f64,
     /// `crd`, `crd-kd`: momentum of the memory update (`--nce_m`).
     pub crd_momentum: f64,
+    /// `sskd`: weight of the cross-entropy on the originals (the reference's `--ce-weight`).
+    pub sskd_ce_weight: f64,
+    /// `sskd`: weight of the KD term on the originals (`--kd-weight`).
+    pub sskd_kd_weight: f64,
+    /// `sskd`: weight of the KD term on the rotated views (`--tf-weight`).
+    pub sskd_tf_weight: f64,
+    /// `sskd`: weight of the self-supervised similarity term (`--ss-weight`).
+    pub sskd_ss_weight: f64,
+    /// `sskd`: temperature of the KD term (`--kd-T`).
+    pub sskd_kd_tau: f64,
+    /// `sskd`: temperature of the rotated views' term (`--tf-T`).
+    pub sskd_tf_tau: f64,
+    /// `sskd`: temperature of the similarity term (`--ss-T`).
+    pub sskd_ss_tau: f64,
+    /// `sskd`: fraction of the rotated views the teacher misclassifies that are kept (`--ratio-tf`).
+    pub sskd_ratio_tf: f64,
+    /// `sskd`: fraction of the similarity rows the teacher ranks wrongly that are kept (`--ratio-ss`).
+    pub sskd_ratio_ss: f64,
     /// After training, fit a temperature T on the validation split (minimising NLL) and store
     /// it with the model (`temperature.json`); evaluate then reports calibrated metrics too.
     pub temperature_scaling: bool,
@@ -157,6 +175,15 @@ impl Default for Params {
             crd_negatives: m.crd.negatives,
             crd_temperature: m.crd.temperature,
             crd_momentum: m.crd.momentum,
+            sskd_ce_weight: m.sskd.ce_weight,
+            sskd_kd_weight: m.sskd.kd_weight,
+            sskd_tf_weight: m.sskd.tf_weight,
+            sskd_ss_weight: m.sskd.ss_weight,
+            sskd_kd_tau: m.sskd.kd_tau,
+            sskd_tf_tau: m.sskd.tf_tau,
+            sskd_ss_tau: m.sskd.ss_tau,
+            sskd_ratio_tf: m.sskd.ratio_tf,
+            sskd_ratio_ss: m.sskd.ratio_ss,
             temperature_scaling: false,
             epochs: 240,
             batch_size: 64,
@@ -219,6 +246,15 @@ impl ParamDefaults for Params {
         "crd_negatives",
         "crd_temperature",
         "crd_momentum",
+        "sskd_ce_weight",
+        "sskd_kd_weight",
+        "sskd_tf_weight",
+        "sskd_ss_weight",
+        "sskd_kd_tau",
+        "sskd_tf_tau",
+        "sskd_ss_tau",
+        "sskd_ratio_tf",
+        "sskd_ratio_ss",
     ];
     const REQUIRED: &'static [&'static str] = &["method"];
     fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -252,6 +288,7 @@ impl Params {
             cutout: self.cutout,
             mix: self.mix,
             data_seed: self.data_seed(),
+            rotations: self.method.uses_rotations(),
         }
     }
 
@@ -306,7 +343,7 @@ impl Params {
         if m != Method::OgrLdl {
             self.ogr_alpha = d.ogr_alpha;
         }
-        if !m.uses_features() {
+        if !m.is_crd() {
             self.crd_beta = d.crd_beta;
             self.crd_dim = d.crd_dim;
             self.crd_negatives = d.crd_negatives;
@@ -317,6 +354,28 @@ impl Params {
             self.crd_kd_alpha = d.crd_kd_alpha;
             self.crd_kd_tau = d.crd_kd_tau;
         }
+        if m != Method::Sskd {
+            self.clear_sskd();
+        }
+        if m == Method::SskdHead {
+            // The head's network is its teacher, whose model.json says what it is.
+            (self.model, self.width) = (d.model, d.width);
+            (self.shortcut, self.stem, self.dropout) = (d.shortcut, d.stem, d.dropout);
+        }
+    }
+
+    /// Puts SSKD's keys back to their defaults.
+    fn clear_sskd(&mut self) {
+        let d = Params::default();
+        self.sskd_ce_weight = d.sskd_ce_weight;
+        self.sskd_kd_weight = d.sskd_kd_weight;
+        self.sskd_tf_weight = d.sskd_tf_weight;
+        self.sskd_ss_weight = d.sskd_ss_weight;
+        self.sskd_kd_tau = d.sskd_kd_tau;
+        self.sskd_tf_tau = d.sskd_tf_tau;
+        self.sskd_ss_tau = d.sskd_ss_tau;
+        self.sskd_ratio_tf = d.sskd_ratio_tf;
+        self.sskd_ratio_ss = d.sskd_ratio_ss;
     }
 
     /// Fills what is left to the run (the seed) and the architecture's width, and clears the
@@ -324,7 +383,7 @@ impl Params {
     pub fn resolve(&mut self, run_seed: u64) {
         self.seed.get_or_insert(run_seed);
         self.clear_unused();
-        if self.width.is_none() {
+        if self.width.is_none() && self.method != Method::SskdHead {
             if let Ok(arch) = Arch::parse(&self.model) {
                 self.width = Some(arch.default_width());
             }
@@ -347,12 +406,7 @@ impl Params {
         at_least("batch_size", self.batch_size, 1)?;
         positive("lr", self.lr)?;
         below_one("momentum", self.momentum)?;
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err((
-                "weight_decay",
-                format!("must be ≥ 0, found {}", self.weight_decay),
-            ));
-        }
+        non_negative("weight_decay", self.weight_decay)?;
         if self.warmup_epochs > self.epochs {
             return Err((
                 "warmup_epochs",
@@ -375,31 +429,26 @@ impl Params {
         }
         positive("kd_tau", self.kd_tau)?;
         positive("wsl_tau", self.wsl_tau)?;
-        if !(self.wsl_alpha >= 0.0 && self.wsl_alpha.is_finite()) {
-            return Err((
-                "wsl_alpha",
-                format!("must be ≥ 0, found {}", self.wsl_alpha),
-            ));
-        }
+        non_negative("wsl_alpha", self.wsl_alpha)?;
         if self.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
             return Err(("label", "must not be empty".into()));
         }
-        self.validate_crd()?;
+        self.validate_features()?;
         at_least("ogr_every", self.ogr_every, 1)
     }
 
-    /// CRD's keys, and what CRD cannot train with: mixed batches (its memories are indexed by
-    /// image) and a replay store (which keeps the teacher's outputs, not its features).
-    fn validate_crd(&self) -> Result<(), (&'static str, String)> {
-        use params::{at_least, below_one, positive};
-        if !self.method.uses_features() {
+    /// What CRD and SSKD cannot train with — mixed batches (CRD's memories are indexed by image,
+    /// SSKD's similarities by original) and a replay store (which keeps the teacher's outputs,
+    /// not its features) — and their keys' ranges.
+    fn validate_features(&self) -> Result<(), (&'static str, String)> {
+        let m = self.method.as_str();
+        if !(self.method.uses_features() || self.method.uses_rotations()) {
             return Ok(());
         }
-        let m = self.method.as_str();
         if self.mix != Mix::None {
             return Err((
                 "mix",
-                format!("`{m}` trains on unmixed batches: its memory banks hold one row per training image"),
+                format!("`{m}` trains on unmixed batches: its losses compare each training image with its own rows"),
             ));
         }
         if self.replay {
@@ -408,18 +457,67 @@ impl Params {
                 format!("`{m}` distils the teacher's penultimate features, which a replay store does not keep: run the teacher (leave `replay` out)"),
             ));
         }
+        if self.method == Method::SskdHead && self.temperature_scaling {
+            return Err((
+                "temperature_scaling",
+                "`sskd-head` trains a projection head, not a classifier: scale the student's temperature".into(),
+            ));
+        }
+        if self.method.is_crd() {
+            self.validate_crd()?;
+        }
+        if self.method == Method::Sskd {
+            self.validate_sskd()?;
+        }
+        Ok(())
+    }
+
+    /// CRD's keys.
+    fn validate_crd(&self) -> Result<(), (&'static str, String)> {
+        use params::{at_least, below_one, positive};
         for (key, v) in [
             ("crd_beta", self.crd_beta),
             ("crd_kd_alpha", self.crd_kd_alpha),
         ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err((key, format!("must be ≥ 0, found {v}")));
-            }
+            non_negative(key, v)?;
         }
         positive("crd_kd_tau", self.crd_kd_tau)?;
         positive("crd_temperature", self.crd_temperature)?;
         below_one("crd_momentum", self.crd_momentum)?;
         at_least("crd_dim", self.crd_dim, 1)?;
         at_least("crd_negatives", self.crd_negatives, 1)
+    }
+
+    /// SSKD's keys.
+    fn validate_sskd(&self) -> Result<(), (&'static str, String)> {
+        for (key, v) in [
+            ("sskd_ce_weight", self.sskd_ce_weight),
+            ("sskd_kd_weight", self.sskd_kd_weight),
+            ("sskd_tf_weight", self.sskd_tf_weight),
+            ("sskd_ss_weight", self.sskd_ss_weight),
+        ] {
+            non_negative(key, v)?;
+        }
+        params::positive("sskd_kd_tau", self.sskd_kd_tau)?;
+        params::positive("sskd_tf_tau", self.sskd_tf_tau)?;
+        params::positive("sskd_ss_tau", self.sskd_ss_tau)?;
+        for (key, v) in [
+            ("sskd_ratio_tf", self.sskd_ratio_tf),
+            ("sskd_ratio_ss", self.sskd_ratio_ss),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err((key, format!("must be in [0, 1], found {v}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `key`'s value must be finite and ≥ 0.
+fn non_negative(key: &'static str, v: f64) -> Result<(), (&'static str, String)> {
+    if v >= 0.0 && v.is_finite() {
+        Ok(())
+    } else {
+        Err((key, format!("must be ≥ 0, found {v}")))
     }
 }

@@ -2,6 +2,7 @@
 //! from the stage's inputs, resumption from the newest checkpoint, and the epochs of steps with
 //! their periodic loss reads, logging and checkpoints.
 
+use super::head::HeadPhase;
 use super::params::Params;
 use super::state::{CheckpointState, EpochRow, EpochSums, Pending, READ_EVERY};
 use crate::artifacts::{Dataset, Kind};
@@ -12,8 +13,9 @@ use crate::replay_store::{self, EpochReader, ReplayMeta, Want};
 use crate::science::crd::Crd;
 use crate::science::methods::Method;
 use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
+use crate::science::sskd::Sskd;
 use crate::science::supervision::Supervision;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use datasets::loader::Batch;
 use datasets::rng::{derive_seed, stream};
 use datasets::{Loader, PackedStore};
@@ -59,6 +61,8 @@ pub(super) struct Trainer<'a> {
     pub(super) model: Model,
     opt: Sgd,
     supervision: Supervision,
+    /// `sskd-head`: the frozen teacher's head being trained (`model` is the teacher).
+    pub(super) head: Option<HeadPhase>,
     /// The training and validation splits the OGR methods measure per-class losses on.
     ogr_sets: Option<(Arc<PackedStore>, Arc<PackedStore>)>,
     loader: Loader,
@@ -89,22 +93,11 @@ impl<'a> Trainer<'a> {
             .check(ctx.device)
             .map_err(|m| StageError::Config(format!("{}: key `dtype`: {m}", ctx.name)))?;
         let k = data.info.classes.len();
-        let spec = ModelSpec {
-            arch: p.model.clone(),
-            width: match p.width {
-                Some(w) => w,
-                None => Arch::parse(&p.model)?.default_width(),
-            },
-            shortcut: p.shortcut,
-            classes: k,
-            in_channels: data.info.shape[0],
-            stem: p.stem,
-            dropout: p.dropout,
-        };
-        let model = Model::new(&spec, &device, derive_seed(&[seed, stream::INIT]))?;
+        check_rotations(ctx, p, &data)?;
+        let (spec, model, head) = model_to_train(ctx, p, &data, seed, &device)?;
         let stored = stored_labels(ctx, p, &data)?;
         let replay = replay(ctx, p, &data, k)?;
-        let teachers = if replay.is_some() || !p.method.uses_teachers() {
+        let teachers = if replay.is_some() || !p.method.uses_teachers() || head.is_some() {
             Vec::new()
         } else {
             ctx.teachers(&device, k, &data.info.normalize, p.teacher_mc)?
@@ -112,10 +105,16 @@ impl<'a> Trainer<'a> {
         let ogr_sets = ogr_sets(ctx, p, &data)?;
         let mut supervision = Supervision::new(p.supervision(), k, &device, stored, teachers);
         supervision.crd = crd(p, &model, &supervision, &data, seed, &device)?;
-        let mut trainable = model.trainable();
-        if let Some(c) = &supervision.crd {
-            trainable.extend(c.trainable());
-        }
+        supervision.sskd = sskd(ctx, p, &model, &supervision, seed, &device)?;
+        let trainable = match &head {
+            Some(h) => h.head.trainable(),
+            None => {
+                let mut t = model.trainable();
+                t.extend(supervision.crd.iter().flat_map(Crd::trainable));
+                t.extend(supervision.sskd.iter().flat_map(Sskd::trainable));
+                t
+            }
+        };
         let opt = Sgd::new(
             trainable,
             SgdConfig {
@@ -138,6 +137,7 @@ impl<'a> Trainer<'a> {
             model,
             opt,
             supervision,
+            head,
             ogr_sets,
             steps,
             loader,
@@ -173,6 +173,12 @@ impl<'a> Trainer<'a> {
         {
             if let Some(c) = &mut self.supervision.crd {
                 c.load_state(&extra_path, &extra)?;
+            }
+            if let Some(s) = &self.supervision.sskd {
+                s.load_state(&extra_path, &extra)?;
+            }
+            if let Some(h) = &self.head {
+                h.head.load_state(&extra_path, &extra)?;
             }
             tracing::info!(
                 "{}: resuming from the checkpoint of step {} (epoch {}, batch {})",
@@ -292,10 +298,37 @@ impl<'a> Trainer<'a> {
             batch.index as f64 / self.steps as f64,
         );
         let t_upload = Instant::now();
+        let images = batch.len() * batch.views.max(1);
         let x = self
             .feeder
-            .upload(&batch.images, (batch.len(), c, h, w), &self.device)?;
+            .upload(&batch.images, (images, c, h, w), &self.device)?;
         waits.upload += t_upload.elapsed().as_secs_f64();
+        let (per_sample, predictions) = match &mut self.head {
+            Some(phase) => phase.loss(&self.model, &x, batch, self.k)?,
+            None => self.student_loss(&x, batch, epoch)?,
+        };
+        let grads = per_sample.mean_all()?.backward()?;
+        self.opt.step(&grads, self.sums.lr)?;
+        pending.push(
+            per_sample.detach().to_dtype(DType::F32)?,
+            predictions,
+            &batch.labels,
+            batch.index,
+        );
+        self.step += 1;
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// The student's forward pass and the method's loss of each image of the batch (`x`, all
+    /// its views), with the student's predictions on the batch's originals.
+    fn student_loss(
+        &mut self,
+        x: &Tensor,
+        batch: &Batch,
+        epoch: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let p = self.p;
         // Dropout masks from (seed, epoch, batch): a resumed run draws the same ones.
         let mode = Mode::train(derive_seed(&[
             self.seed,
@@ -328,18 +361,9 @@ impl<'a> Trainer<'a> {
         }
         let per_sample =
             self.supervision
-                .per_sample_loss(&logits, features.as_ref(), &x, batch, epoch)?;
-        let grads = per_sample.mean_all()?.backward()?;
-        self.opt.step(&grads, self.sums.lr)?;
-        pending.push(
-            per_sample.detach().to_dtype(DType::F32)?,
-            logits.detach().argmax(1)?,
-            &batch.labels,
-            batch.index,
-        );
-        self.step += 1;
-        self.bar.inc(1);
-        Ok(())
+                .per_sample_loss(&logits, features.as_ref(), x, batch, epoch)?;
+        let originals = logits.detach().narrow(0, 0, batch.len())?;
+        Ok((per_sample, originals.argmax(1)?))
     }
 
     /// Reads the pending steps' results into the epoch's sums (one wait for the device).
@@ -409,11 +433,20 @@ impl<'a> Trainer<'a> {
                 log: self.log.clone(),
                 ogr: self.ogr_points.clone(),
             },
-            &match &self.supervision.crd {
-                Some(c) => c.state()?,
-                None => Default::default(),
-            },
+            &self.extra_state()?,
         )?)
+    }
+
+    /// What a checkpoint keeps besides the model and the optimiser: CRD's heads and memories,
+    /// the SSKD student's head, or the `sskd-head` stage's head.
+    fn extra_state(&self) -> Result<std::collections::BTreeMap<String, Tensor>> {
+        let s = &self.supervision;
+        Ok(match (&s.crd, &s.sskd, &self.head) {
+            (Some(c), _, _) => c.state()?,
+            (_, Some(s), _) => s.state(),
+            (_, _, Some(h)) => h.head.state(),
+            _ => Default::default(),
+        })
     }
 
     /// OGR: per-class losses every `ogr_every` epochs, and the class weights from the last two
@@ -586,7 +619,7 @@ fn crd(
     seed: u64,
     device: &Device,
 ) -> Result<Option<Crd>> {
-    if !p.method.uses_features() {
+    if !p.method.is_crd() {
         return Ok(None);
     }
     let teacher = supervision
@@ -602,4 +635,75 @@ fn crd(
         seed,
         device,
     )?))
+}
+
+/// SSKD's heads for an `sskd` student (`None` for the other methods): the teacher's, trained by
+/// the `sskd-head` stage in `needs`, and the student's own, drawn from `seed`.
+fn sskd(
+    ctx: &Context,
+    p: &Params,
+    model: &Model,
+    supervision: &Supervision,
+    seed: u64,
+    device: &Device,
+) -> Result<Option<Sskd>> {
+    if p.method != Method::Sskd {
+        return Ok(None);
+    }
+    let teacher = supervision
+        .teachers
+        .first()
+        .ok_or_else(|| StageError::Config("`sskd` needs a teacher".into()))?;
+    Ok(Some(Sskd::new(
+        p.supervision().sskd,
+        &ctx.model_input().dir,
+        teacher.model.net.feature_dim(),
+        model.net.feature_dim(),
+        seed,
+        device,
+    )?))
+}
+
+/// The network the stage trains, and its description: a new student of `p`'s architecture, or
+/// for `sskd-head` the teacher in `needs` (frozen) with the head being trained.
+fn model_to_train(
+    ctx: &Context,
+    p: &Params,
+    data: &Dataset,
+    seed: u64,
+    device: &Device,
+) -> Result<(ModelSpec, Model, Option<HeadPhase>)> {
+    let k = data.info.classes.len();
+    if p.method == Method::SskdHead {
+        let (phase, model) = HeadPhase::new(ctx, k, &data.info.normalize, seed, device)?;
+        return Ok((phase.teacher.spec.clone(), model, Some(phase)));
+    }
+    let spec = ModelSpec {
+        arch: p.model.clone(),
+        width: match p.width {
+            Some(w) => w,
+            None => Arch::parse(&p.model)?.default_width(),
+        },
+        shortcut: p.shortcut,
+        classes: k,
+        in_channels: data.info.shape[0],
+        stem: p.stem,
+        dropout: p.dropout,
+    };
+    let model = Model::new(&spec, device, derive_seed(&[seed, stream::INIT]))?;
+    Ok((spec, model, None))
+}
+
+/// SSKD rotates every image by quarter turns: its images must be square.
+fn check_rotations(ctx: &Context, p: &Params, data: &Dataset) -> Result<()> {
+    let [_, h, w] = data.info.shape;
+    if p.method.uses_rotations() && h != w {
+        return Err(StageError::Config(format!(
+            "{}: `{}` trains on the four rotations of each image, which needs square images; \
+             the prepared dataset's are {h}×{w}",
+            ctx.name,
+            p.method.as_str()
+        )));
+    }
+    Ok(())
 }
