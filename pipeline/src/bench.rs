@@ -169,6 +169,10 @@ pub struct TrainArgs {
     /// candle's own work (gradient accumulation, the loss, the classifier head, pooling).
     #[arg(long)]
     pub profile: bool,
+    /// Take the CPU step through candle's autograd instead of the backbone's planned program
+    /// (as before it existed), for comparisons.
+    #[arg(long)]
+    pub no_plan: bool,
 }
 
 /// Runs `pipeline bench train`: images/s of forward + cross-entropy + backward + SGD-momentum
@@ -192,7 +196,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     if let Some(w) = args.width {
         spec.width = w;
     }
-    let model = Model::new(&spec, &device, 0)?;
+    let mut model = Model::new(&spec, &device, 0)?;
+    let planned = model.net.plan_training(device.is_cpu() && !args.no_plan);
     let mut opt = Sgd::new(
         model.trainable(),
         SgdConfig {
@@ -217,7 +222,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             device.synchronize()?;
         }
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = model.net.backward(&loss)?;
         if args.profile {
             device.synchronize()?;
         }
@@ -264,8 +269,14 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!(
-        "training benchmark: {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), {}, {} warm-up + {} timed steps",
-        spec.arch, spec.width, args.batch, args.dtype, args.warmup, args.steps
+        "training benchmark: {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), {}, {}, {} warm-up + {} timed steps",
+        spec.arch,
+        spec.width,
+        args.batch,
+        args.dtype,
+        if planned { "planned step" } else { "autograd step" },
+        args.warmup,
+        args.steps
     );
     println!();
     println!(

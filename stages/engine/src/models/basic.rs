@@ -5,6 +5,7 @@
 use super::add_relu::add_relu;
 use super::batch_norm::BatchNorm;
 use super::conv::Conv2d;
+use super::plan::{Block, Skip, Unit};
 use crate::error::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -81,6 +82,27 @@ impl Projection {
             Projection::B(c, b) => b.forward_t(&c.forward(x)?, train),
         }
     }
+
+    /// The shortcut as a step of a planned program.
+    pub(super) fn skip(&self) -> Skip {
+        match self {
+            Projection::None => Skip::Identity,
+            Projection::A { pad, stride } => Skip::Subsample {
+                pad: *pad,
+                stride: *stride,
+            },
+            Projection::B(c, b) => Skip::Project(unit(c, b, false)),
+        }
+    }
+}
+
+/// A convolution, its BatchNorm and maybe a ReLU as a unit of a planned program.
+pub(super) fn unit(conv: &Conv2d, bn: &BatchNorm, relu: bool) -> Unit {
+    Unit {
+        conv: conv.clone(),
+        bn: bn.clone(),
+        relu,
+    }
 }
 
 pub(super) struct BasicBlock {
@@ -143,5 +165,16 @@ impl BasicBlock {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         add_relu(&y, &self.shortcut.forward_t(x, train)?)
+    }
+
+    /// The block as a step of a planned program.
+    pub(super) fn program(&self) -> Block {
+        Block {
+            main: vec![
+                unit(&self.conv1, &self.bn1, true),
+                unit(&self.conv2, &self.bn2, false),
+            ],
+            skip: self.shortcut.skip(),
+        }
     }
 }

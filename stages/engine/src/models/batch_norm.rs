@@ -119,6 +119,104 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32
         .unzip()
 }
 
+/// Writes `y = γ·(x − μ)·inv_std + β` (then `max(y, 0)` when `relu`) for NCHW `x` with `c`
+/// channels of `hw` values, every element of `y`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalize_into(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    relu: bool,
+    c: usize,
+    hw: usize,
+    y: &mut [f32],
+) {
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(p, (out, inp))| {
+            let ch = p % c;
+            let scale = gamma[ch] * inv_std[ch];
+            let shift = beta[ch] - mean[ch] * scale;
+            if relu {
+                for (o, &v) in out.iter_mut().zip(inp) {
+                    *o = (v * scale + shift).max(0.0);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(inp) {
+                    *o = v * scale + shift;
+                }
+            }
+        });
+}
+
+/// The BatchNorm backward over NCHW `x` (`[n, c, hw]`): writes every element of `dx` and
+/// returns `(dγ, dβ)`. The incoming gradient `dy` is masked to 0 where `mask ≤ 0` when a mask
+/// is given (the output of a fused ReLU, or of the ReLU the layer feeds); `train` differentiates
+/// through the batch statistics μ and inv_std.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_into(
+    x: &[f32],
+    dy: &[f32],
+    mask: Option<&[f32]>,
+    gamma: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    train: bool,
+    [n, c, hw]: [usize; 3],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let _t = timer(Section::BatchNormBackward);
+    let m = (n * hw) as f32;
+    // Per channel: Σ dy and Σ dy·x̂.
+    let (sum_dy, sum_dy_xhat): (Vec<f32>, Vec<f32>) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mu, is) = (mean[ch], inv_std[ch]);
+            let (mut a, mut b) = (0f64, 0f64);
+            for i in 0..n {
+                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                let y = mask.map(|y| &y[r.clone()]);
+                let (pa, pb) = grad_sums(&dy[r.clone()], &x[r], y, mu);
+                a += pa as f64;
+                b += pb as f64 * is as f64;
+            }
+            (a as f32, b as f32)
+        })
+        .unzip();
+    dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+        let ch = p % c;
+        let r = p * hw..(p + 1) * hw;
+        let (dy, x) = (&dy[r.clone()], &x[r.clone()]);
+        let (mu, is, g) = (mean[ch], inv_std[ch], gamma[ch]);
+        let k = g * is;
+        // dx = k·(g − mean(g) − x̂·mean(g·x̂)) in training (k·g in eval), written as
+        // k·g − (k·mean(g) + (x − μ)·k·is·mean(g·x̂)).
+        let (mdy, mdyx) = if train {
+            (sum_dy[ch] / m, sum_dy_xhat[ch] / m)
+        } else {
+            (0.0, 0.0)
+        };
+        let (c0, c1) = (k * mdy, k * is * mdyx);
+        match mask {
+            Some(y) => {
+                for (((o, &d), &v), &y) in out.iter_mut().zip(dy).zip(x).zip(&y[r]) {
+                    let d = if y > 0.0 { d } else { 0.0 };
+                    *o = k * d - c0 - (v - mu) * c1;
+                }
+            }
+            None => {
+                for ((o, &d), &v) in out.iter_mut().zip(dy).zip(x) {
+                    *o = k * d - c0 - (v - mu) * c1;
+                }
+            }
+        }
+    });
+    (sum_dy_xhat, sum_dy)
+}
+
 /// `y = γ·(x − μ)·inv_std + β` with fixed per-channel μ and inv_std, then `max(y, 0)` when
 /// `relu`; in training mode the backward also differentiates through the batch statistics.
 struct Normalize {
@@ -148,25 +246,18 @@ impl CustomOp3 for Normalize {
             f32_slice(s3, l3, BN)?,
         );
         let (_, c, h, w) = l1.shape().dims4()?;
-        let hw = h * w;
         let y = written_vec(x.len(), |y| {
-            y.par_chunks_mut(hw)
-                .zip(x.par_chunks(hw))
-                .enumerate()
-                .for_each(|(p, (out, inp))| {
-                    let ch = p % c;
-                    let scale = gamma[ch] * self.inv_std[ch];
-                    let shift = beta[ch] - self.mean[ch] * scale;
-                    if self.relu {
-                        for (o, &v) in out.iter_mut().zip(inp) {
-                            *o = (v * scale + shift).max(0.0);
-                        }
-                    } else {
-                        for (o, &v) in out.iter_mut().zip(inp) {
-                            *o = v * scale + shift;
-                        }
-                    }
-                });
+            normalize_into(
+                x,
+                gamma,
+                beta,
+                &self.mean,
+                &self.inv_std,
+                self.relu,
+                c,
+                h * w,
+                y,
+            )
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -179,10 +270,8 @@ impl CustomOp3 for Normalize {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _t = timer(Section::BatchNormBackward);
         let (n, c, h, w) = x.dims4()?;
         let hw = h * w;
-        let m = (n * hw) as f32;
         let gamma = gamma.to_vec1::<f32>()?;
         // With the fused ReLU, the gradient reaching the normalisation is dy where the output
         // is positive and 0 elsewhere (PyTorch's convention at exactly 0).
@@ -194,55 +283,21 @@ impl CustomOp3 for Normalize {
         let (dx, dgamma, dbeta) = with_f32(x, BN, |x| {
             with_f32(grad, BN, |dy| {
                 let body = |y: Option<&[f32]>| {
-                    // Per channel: Σ dy and Σ dy·x̂.
-                    let (sum_dy, sum_dy_xhat): (Vec<f32>, Vec<f32>) = (0..c)
-                        .into_par_iter()
-                        .map(|ch| {
-                            let (mu, is) = (self.mean[ch], self.inv_std[ch]);
-                            let (mut a, mut b) = (0f64, 0f64);
-                            for i in 0..n {
-                                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                                let y = y.map(|y| &y[r.clone()]);
-                                let (pa, pb) = grad_sums(&dy[r.clone()], &x[r], y, mu);
-                                a += pa as f64;
-                                b += pb as f64 * is as f64;
-                            }
-                            (a as f32, b as f32)
-                        })
-                        .unzip();
+                    let mut sums = (Vec::new(), Vec::new());
                     let dx = written_vec(x.len(), |dx| {
-                        dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-                            let ch = p % c;
-                            let r = p * hw..(p + 1) * hw;
-                            let (dy, x) = (&dy[r.clone()], &x[r.clone()]);
-                            let (mu, is, g) = (self.mean[ch], self.inv_std[ch], gamma[ch]);
-                            let k = g * is;
-                            // dx = k·(g − mean(g) − x̂·mean(g·x̂)) in training (k·g in eval),
-                            // written as k·g − (k·mean(g) + (x − μ)·k·is·mean(g·x̂)).
-                            let (mdy, mdyx) = if self.train {
-                                (sum_dy[ch] / m, sum_dy_xhat[ch] / m)
-                            } else {
-                                (0.0, 0.0)
-                            };
-                            let (c0, c1) = (k * mdy, k * is * mdyx);
-                            match y {
-                                Some(y) => {
-                                    for (((o, &d), &v), &y) in
-                                        out.iter_mut().zip(dy).zip(x).zip(&y[r])
-                                    {
-                                        let d = if y > 0.0 { d } else { 0.0 };
-                                        *o = k * d - c0 - (v - mu) * c1;
-                                    }
-                                }
-                                None => {
-                                    for ((o, &d), &v) in out.iter_mut().zip(dy).zip(x) {
-                                        *o = k * d - c0 - (v - mu) * c1;
-                                    }
-                                }
-                            }
-                        });
+                        sums = backward_into(
+                            x,
+                            dy,
+                            y,
+                            &gamma,
+                            &self.mean,
+                            &self.inv_std,
+                            self.train,
+                            [n, c, hw],
+                            dx,
+                        );
                     });
-                    (dx, sum_dy_xhat, sum_dy)
+                    (dx, sums.0, sums.1)
                 };
                 match &res {
                     Some(r) => with_f32(r, BN, |y| body(Some(y))),
@@ -325,41 +380,9 @@ impl BatchNorm {
         let _t = timer(Section::BatchNormForward);
         let x = x.contiguous()?;
         let (mean, inv_std) = if train {
-            let (mean, var) = with_f32(&x, BN, |d| channel_stats(d, n, c, h * w))?;
-            let m = (n * h * w) as f64;
-            let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
-            let mo = self.momentum;
-            let rm = self.running_mean.as_tensor().to_vec1::<f32>()?;
-            let rv = self.running_var.as_tensor().to_vec1::<f32>()?;
-            let rm: Vec<f32> = rm
-                .iter()
-                .zip(&mean)
-                .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * *b as f64) as f32)
-                .collect();
-            let rv: Vec<f32> = rv
-                .iter()
-                .zip(&var)
-                .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * unbias * *b as f64) as f32)
-                .collect();
-            self.running_mean
-                .set(&Tensor::from_vec(rm, c, x.device())?)?;
-            self.running_var
-                .set(&Tensor::from_vec(rv, c, x.device())?)?;
-            let inv: Vec<f32> = var
-                .iter()
-                .map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32)
-                .collect();
-            (mean, inv)
+            with_f32(&x, BN, |d| self.batch_statistics(d, [n, c, h * w]))??
         } else {
-            let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
-            let inv = self
-                .running_var
-                .as_tensor()
-                .to_vec1::<f32>()?
-                .iter()
-                .map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32)
-                .collect();
-            (mean, inv)
+            self.running_statistics()?
         };
         x.apply_op3(
             &self.weight,
@@ -371,6 +394,53 @@ impl BatchNorm {
                 relu,
             },
         )
+    }
+
+    /// γ and β.
+    pub(crate) fn affine(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
+    /// The batch's per-channel mean and `1/√(var + eps)` of NCHW `x` (`[n, c, hw]`), after
+    /// updating the running statistics with them (momentum, unbiased variance) as PyTorch does.
+    pub(crate) fn batch_statistics(
+        &self,
+        x: &[f32],
+        [n, c, hw]: [usize; 3],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mean, var) = channel_stats(x, n, c, hw);
+        let m = (n * hw) as f64;
+        let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+        let mo = self.momentum;
+        let rm = self.running_mean.as_tensor().to_vec1::<f32>()?;
+        let rv = self.running_var.as_tensor().to_vec1::<f32>()?;
+        let rm: Vec<f32> = rm
+            .iter()
+            .zip(&mean)
+            .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * *b as f64) as f32)
+            .collect();
+        let rv: Vec<f32> = rv
+            .iter()
+            .zip(&var)
+            .map(|(r, b)| ((1.0 - mo) * *r as f64 + mo * unbias * *b as f64) as f32)
+            .collect();
+        let dev = self.running_mean.device();
+        self.running_mean.set(&Tensor::from_vec(rm, c, dev)?)?;
+        self.running_var.set(&Tensor::from_vec(rv, c, dev)?)?;
+        Ok((mean, self.inv_std(&var)))
+    }
+
+    /// The running mean and `1/√(running var + eps)` (evaluation mode).
+    fn running_statistics(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
+        let var = self.running_var.as_tensor().to_vec1::<f32>()?;
+        Ok((mean, self.inv_std(&var)))
+    }
+
+    fn inv_std(&self, var: &[f32]) -> Vec<f32> {
+        var.iter()
+            .map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32)
+            .collect()
     }
 
     fn forward_generic(&self, x: &Tensor, train: bool) -> Result<Tensor> {

@@ -7,9 +7,10 @@
 //! ([`Bottleneck::general`]).
 
 use super::add_relu::add_relu;
-use super::basic::{bn, conv, Projection};
+use super::basic::{bn, conv, unit, Projection};
 use super::batch_norm::BatchNorm;
 use super::conv::Conv2d;
+use super::plan::Block;
 use crate::error::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -67,5 +68,17 @@ impl Bottleneck {
         let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
         add_relu(&y, &self.shortcut.forward_t(x, train)?)
+    }
+
+    /// The block as a step of a planned program.
+    pub(super) fn program(&self) -> Block {
+        Block {
+            main: vec![
+                unit(&self.conv1, &self.bn1, true),
+                unit(&self.conv2, &self.bn2, true),
+                unit(&self.conv3, &self.bn3, false),
+            ],
+            skip: self.shortcut.skip(),
+        }
     }
 }

@@ -28,7 +28,7 @@ use std::cell::RefCell;
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
+pub(crate) struct Geometry {
     n: usize,
     c: usize,
     h: usize,
@@ -44,7 +44,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn out_hw(&self) -> (usize, usize) {
+    pub(crate) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.pad - self.kh) / self.stride + 1,
             (self.w + 2 * self.pad - self.kw) / self.stride + 1,
@@ -67,7 +67,7 @@ impl Geometry {
         let (ho, wo) = self.out_hw();
         ho * wo
     }
-    fn image_len(&self) -> usize {
+    pub(crate) fn image_len(&self) -> usize {
         self.c * self.h * self.w
     }
     /// The unfolding is the identity: the image itself is the `C × (H·W)` matrix.
@@ -323,6 +323,133 @@ impl Geometry {
     }
 }
 
+impl Geometry {
+    /// The geometry of input `x` (`N×C×H×W`) under weight `w` (`Cout×C/groups×kh×kw`).
+    pub(crate) fn new(
+        x: [usize; 4],
+        w: [usize; 4],
+        stride: usize,
+        pad: usize,
+        groups: usize,
+    ) -> Self {
+        let [n, c, h, wd] = x;
+        Geometry {
+            n,
+            c,
+            h,
+            w: wd,
+            cout: w[0],
+            kh: w[2],
+            kw: w[3],
+            stride,
+            pad,
+            groups,
+        }
+    }
+
+    /// Output values of the whole batch (`N × Cout × H' × W'`).
+    pub(crate) fn output_len(&self) -> usize {
+        self.n * self.cout * self.l()
+    }
+
+    /// Writes the convolution of `x` with `w` into `y` (every element).
+    pub(crate) fn forward_into(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
+        let _t = timer(Section::ConvForward);
+        let g = *self;
+        let (k, l, img) = (g.k(), g.l(), g.image_len());
+        y.par_chunks_mut(g.cout * l)
+            .enumerate()
+            .for_each(|(i, y_i)| {
+                let x_i = &x[i * img..(i + 1) * img];
+                // Y_i (Cout×L) = W (Cout×K) · cols_i (K×L), one product per group; a
+                // pointwise x_i is its own cols.
+                if g.pointwise() {
+                    g.forward_gemms(w, x_i, y_i);
+                    return;
+                }
+                with_scratch(k * l, |cols, _| {
+                    g.im2col(x_i, cols);
+                    g.forward_gemms(w, cols, y_i);
+                });
+            });
+    }
+
+    /// The weight gradient (`Cout × C/groups × kh × kw`) from the output gradient `dy`, and
+    /// the input gradient written into `dx` (every element) when given.
+    pub(crate) fn backward_into(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+    ) -> Vec<f32> {
+        let _t = timer(Section::ConvBackward);
+        let g = *self;
+        let (k, kg, l, img) = (g.k(), g.k_group(), g.l(), g.image_len());
+        let threads = rayon::current_num_threads().max(1);
+        let per = g.n.div_ceil(threads).max(1);
+        // One contiguous run of images per task: each task accumulates its own dW, so the
+        // reduction is over a handful of Cout×K matrices, in a fixed order (deterministic).
+        let images = |t: usize| t * per..((t + 1) * per).min(g.n);
+        // Each task accumulates dWᵀ (K×Cout): as `cols_i · dY_iᵀ` the product has the
+        // unfolded image as its broadcast side and the (transposed, small) output gradient as
+        // its contiguous rows, which the fast kernel wants; `dY_i · cols_iᵀ` would need dot
+        // products reduced across lanes, slow for the short rows of the deeper layers.
+        let task = |t: usize, mut dx: Option<&mut [f32]>| -> Vec<f32> {
+            let mut dwt = vec![0f32; kg * g.cout];
+            for (j, i) in images(t).enumerate() {
+                let x_i = &x[i * img..(i + 1) * img];
+                let dy_i = &dy[i * g.cout * l..(i + 1) * g.cout * l];
+                let dx_i = dx.as_deref_mut().map(|d| &mut d[j * img..(j + 1) * img]);
+                with_scratch((k * l).max(g.cout * l), |cols, dcols| {
+                    let lhs = if g.pointwise() {
+                        x_i
+                    } else {
+                        g.im2col(x_i, cols);
+                        &*cols
+                    };
+                    // dWᵀ (K×Cout) += cols_i (K×L) · dY_iᵀ (L×Cout); dcols holds dY_iᵀ until
+                    // it is needed for the input gradient.
+                    let dyt = &mut dcols[..l * g.cout];
+                    transpose(dy_i, g.cout, l, dyt);
+                    g.weight_grad_gemms(lhs, dyt, &mut dwt);
+                    let Some(dx_i) = dx_i else { return };
+                    // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
+                    // (the fold is the identity for a pointwise convolution).
+                    if g.pointwise() {
+                        g.input_grad_gemms(w, dy_i, dx_i);
+                    } else {
+                        g.input_grad_gemms(w, dy_i, dcols);
+                        g.col2im(dcols, dx_i);
+                    }
+                });
+            }
+            dwt
+        };
+        let tasks = g.n.div_ceil(per);
+        let partial: Vec<Vec<f32>> = match dx {
+            Some(dx) => dx
+                .par_chunks_mut(per * img)
+                .enumerate()
+                .map(|(t, chunk)| task(t, Some(chunk)))
+                .collect(),
+            None => (0..tasks).into_par_iter().map(|t| task(t, None)).collect(),
+        };
+        let mut parts = partial.into_iter();
+        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; g.cout * kg]);
+        for p in parts {
+            for (a, b) in dwt.iter_mut().zip(&p) {
+                *a += *b;
+            }
+        }
+        // dWᵀ is Kg×Cout (group g in columns g·Cout/G..), so its transpose is the weight's
+        // Cout × (C/G·kh·kw) layout.
+        let mut dw = vec![0f32; g.cout * kg];
+        transpose(&dwt, kg, g.cout, &mut dw);
+        dw
+    }
+}
+
 thread_local! {
     /// Per-thread scratch (unfolded image, unfolded gradient), grown on demand and kept, so a
     /// training step allocates no unfolding buffers after the first.
@@ -376,26 +503,8 @@ impl ConvOp {
     }
 
     fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let _t = timer(Section::ConvForward);
         let g = self.0;
-        let (k, l, img) = (g.k(), g.l(), g.image_len());
-        written_vec(g.n * g.cout * l, |y| {
-            y.par_chunks_mut(g.cout * l)
-                .enumerate()
-                .for_each(|(i, y_i)| {
-                    let x_i = &x[i * img..(i + 1) * img];
-                    // Y_i (Cout×L) = W (Cout×K) · cols_i (K×L), one product per group; a
-                    // pointwise x_i is its own cols.
-                    if g.pointwise() {
-                        g.forward_gemms(w, x_i, y_i);
-                        return;
-                    }
-                    with_scratch(k * l, |cols, _| {
-                        g.im2col(x_i, cols);
-                        g.forward_gemms(w, cols, y_i);
-                    });
-                });
-        })
+        written_vec(g.n * g.cout * g.l(), |y| g.forward_into(x, w, y))
     }
 
     /// `(dx, dw)` from the output gradient `dy`; `dx` only when `want_dx`.
@@ -406,78 +515,15 @@ impl ConvOp {
         dy: &[f32],
         want_dx: bool,
     ) -> (Option<Vec<f32>>, Vec<f32>) {
-        let _t = timer(Section::ConvBackward);
         let g = self.0;
-        let (k, kg, l, img) = (g.k(), g.k_group(), g.l(), g.image_len());
-        let threads = rayon::current_num_threads().max(1);
-        let per = g.n.div_ceil(threads).max(1);
-        // One contiguous run of images per task: each task accumulates its own dW, so the
-        // reduction is over a handful of Cout×K matrices, in a fixed order (deterministic).
-        let images = |t: usize| t * per..((t + 1) * per).min(g.n);
-        // Each task accumulates dWᵀ (K×Cout): as `cols_i · dY_iᵀ` the product has the
-        // unfolded image as its broadcast side and the (transposed, small) output gradient as
-        // its contiguous rows, which the fast kernel wants; `dY_i · cols_iᵀ` would need dot
-        // products reduced across lanes, slow for the short rows of the deeper layers.
-        let task = |t: usize, mut dx: Option<&mut [f32]>| -> Vec<f32> {
-            let mut dwt = vec![0f32; kg * g.cout];
-            for (j, i) in images(t).enumerate() {
-                let x_i = &x[i * img..(i + 1) * img];
-                let dy_i = &dy[i * g.cout * l..(i + 1) * g.cout * l];
-                let dx_i = dx.as_deref_mut().map(|d| &mut d[j * img..(j + 1) * img]);
-                with_scratch((k * l).max(g.cout * l), |cols, dcols| {
-                    let lhs = if g.pointwise() {
-                        x_i
-                    } else {
-                        g.im2col(x_i, cols);
-                        &*cols
-                    };
-                    // dWᵀ (K×Cout) += cols_i (K×L) · dY_iᵀ (L×Cout); dcols holds dY_iᵀ until
-                    // it is needed for the input gradient.
-                    let dyt = &mut dcols[..l * g.cout];
-                    transpose(dy_i, g.cout, l, dyt);
-                    g.weight_grad_gemms(lhs, dyt, &mut dwt);
-                    let Some(dx_i) = dx_i else { return };
-                    // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
-                    // (the fold is the identity for a pointwise convolution).
-                    if g.pointwise() {
-                        g.input_grad_gemms(w, dy_i, dx_i);
-                    } else {
-                        g.input_grad_gemms(w, dy_i, dcols);
-                        g.col2im(dcols, dx_i);
-                    }
-                });
-            }
-            dwt
-        };
-        let tasks = g.n.div_ceil(per);
-        let (dx, partial): (Option<Vec<f32>>, Vec<Vec<f32>>) = if want_dx {
-            let mut parts = Vec::new();
-            let dx = written_vec(g.n * img, |dx| {
-                parts = dx
-                    .par_chunks_mut(per * img)
-                    .enumerate()
-                    .map(|(t, chunk)| task(t, Some(chunk)))
-                    .collect();
-            });
-            (Some(dx), parts)
-        } else {
-            (
-                None,
-                (0..tasks).into_par_iter().map(|t| task(t, None)).collect(),
-            )
-        };
-        let mut parts = partial.into_iter();
-        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; g.cout * kg]);
-        for p in parts {
-            for (a, b) in dwt.iter_mut().zip(&p) {
-                *a += *b;
-            }
+        if !want_dx {
+            return (None, g.backward_into(x, w, dy, None));
         }
-        // dWᵀ is Kg×Cout (group g in columns g·Cout/G..), so its transpose is the weight's
-        // Cout × (C/G·kh·kw) layout.
-        let mut dw = vec![0f32; g.cout * kg];
-        transpose(&dwt, kg, g.cout, &mut dw);
-        (dx, dw)
+        let mut dw = Vec::new();
+        let dx = written_vec(g.n * g.image_len(), |dx| {
+            dw = g.backward_into(x, w, dy, Some(dx));
+        });
+        (Some(dx), dw)
     }
 }
 
@@ -612,6 +658,34 @@ impl Conv2d {
             groups,
         })
     }
+
+    /// The weight variable, `cout × cin/groups × k × k`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The geometry of this convolution over an input of shape `x`; fails when it does not fit
+    /// the weight.
+    pub(crate) fn geometry(&self, x: [usize; 4]) -> Result<Geometry> {
+        let [_, c, h, w] = x;
+        let (_, cin, kh, kw) = self.weight.dims4()?;
+        if cin * self.groups != c || h + 2 * self.pad < kh || w + 2 * self.pad < kw {
+            candle_core::bail!(
+                "conv2d: input {:?} does not fit weight {:?} (padding {}, {} groups)",
+                x,
+                self.weight.dims(),
+                self.pad,
+                self.groups
+            )
+        }
+        Ok(Geometry::new(
+            x,
+            self.weight.dims4()?.into(),
+            self.stride,
+            self.pad,
+            self.groups,
+        ))
+    }
 }
 
 impl Module for Conv2d {
@@ -627,29 +701,7 @@ impl Module for Conv2d {
             };
             return candle_nn::Conv2d::new(self.weight.clone(), None, cfg).forward(x);
         }
-        let (n, c, h, w) = x.dims4()?;
-        let (cout, cin, kh, kw) = self.weight.dims4()?;
-        if cin * self.groups != c || h + 2 * self.pad < kh || w + 2 * self.pad < kw {
-            candle_core::bail!(
-                "conv2d: input {:?} does not fit weight {:?} (padding {}, {} groups)",
-                x.dims(),
-                self.weight.dims(),
-                self.pad,
-                self.groups
-            )
-        }
-        let g = Geometry {
-            n,
-            c,
-            h,
-            w,
-            cout,
-            kh,
-            kw,
-            stride: self.stride,
-            pad: self.pad,
-            groups: self.groups,
-        };
+        let g = self.geometry(x.dims4()?.into())?;
         // Master weights stay f32; a bf16 input computes in bf16 (the cast is differentiable, so
         // the weight gradient arrives in f32).
         let w = if self.weight.dtype() != x.dtype() && x.device().is_cuda() {

@@ -16,6 +16,7 @@ pub mod densenet;
 pub mod dla;
 pub mod dropout;
 pub mod net;
+pub mod plan;
 pub mod pool;
 pub mod resnet;
 pub mod resnext;

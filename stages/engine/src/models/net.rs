@@ -4,9 +4,12 @@
 //! is here once, whatever the backbone.
 
 use super::dropout::{Dropout, Mode};
+use super::plan::{Plan, Program};
 use crate::error::Result;
+use candle_core::backprop::GradStore;
 use candle_core::{Module, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
+use std::sync::Mutex;
 
 /// The part of a network that differs between architectures: images `N × C × H × W` to the
 /// last feature maps `N × D × h × w` (in the activations' type), BatchNorm in batch statistics
@@ -16,11 +19,18 @@ pub trait Backbone: Send + Sync {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
     /// Their channels D: the length of the penultimate features.
     fn feature_dim(&self) -> usize;
+    /// The backbone as a planned program for CPU training steps ([`super::plan`]), when it
+    /// has one.
+    fn program(&self) -> Option<Program> {
+        None
+    }
 }
 
 /// A classifier built from a [`ModelSpec`].
 pub struct Net {
     body: Box<dyn Backbone>,
+    /// The backbone's planned training step, when switched on ([`Net::plan_training`]).
+    plan: Option<Mutex<Plan>>,
     dropout: Dropout,
     fc: Linear,
     classifier: &'static str,
@@ -40,10 +50,34 @@ impl Net {
         let fc = linear(body.feature_dim(), classes, vb.pp(classifier))?;
         Ok(Net {
             body,
+            plan: None,
             dropout,
             fc,
             classifier,
         })
+    }
+
+    /// Runs training-mode forward passes on CPU `f32` images through the backbone's planned
+    /// program when `on` and the backbone has one (the ResNets with the CIFAR stem, ResNeXt);
+    /// whoever switches it on must take gradients with [`Net::backward`]. Returns whether the
+    /// plan is in use.
+    pub fn plan_training(&mut self, on: bool) -> bool {
+        self.plan = if on {
+            self.body.program().map(|p| Mutex::new(Plan::new(p)))
+        } else {
+            None
+        };
+        self.plan.is_some()
+    }
+
+    /// The gradients of `loss`, through the planned backbone for the forward passes that ran
+    /// on it. Without a plan, `loss.backward()`.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some(plan) = &self.plan {
+            plan.lock().expect("plan lock").backward(&mut grads)?;
+        }
+        Ok(grads)
     }
 
     /// Length D of the penultimate features.
@@ -69,7 +103,11 @@ impl Net {
 
     /// Penultimate features `N × D`, after global average pooling and before dropout.
     pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut y = self.body.forward_t(x, train)?;
+        let planned = train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+        let mut y = match (&self.plan, planned) {
+            (Some(plan), true) => plan.lock().expect("plan lock").forward(x)?,
+            _ => self.body.forward_t(x, train)?,
+        };
         // Reduced-precision (bf16) activations end here: pooling, the classifier and the loss
         // run in f32.
         if y.dtype() != candle_core::DType::F32 {

@@ -15,11 +15,12 @@
 //! dropout and the classifier `fc`, and name their variables as torchvision does.
 
 pub use super::basic::Shortcut;
-use super::basic::{bn, conv, BasicBlock};
+use super::basic::{bn, conv, unit, BasicBlock};
 use super::batch_norm::BatchNorm;
 use super::bottleneck::{Bottleneck, EXPANSION};
 use super::conv::Conv2d;
 use super::net::Backbone;
+use super::plan;
 use super::pool::max_pool2d;
 use super::ModelSpec;
 use crate::error::{EngineError, Result};
@@ -147,6 +148,13 @@ impl Block {
             Block::Bottleneck(b) => b.forward_t(x, train),
         }
     }
+
+    fn program(&self) -> plan::Block {
+        match self {
+            Block::Basic(b) => b.program(),
+            Block::Bottleneck(b) => b.program(),
+        }
+    }
 }
 
 /// A ResNet of any of the families above, up to its last feature maps.
@@ -247,6 +255,14 @@ impl Backbone for ResNet {
             y = b.forward_t(&y, train)?;
         }
         Ok(y)
+    }
+
+    /// The CIFAR-stem ResNets (the ImageNet stem's max-pool has no planned step).
+    fn program(&self) -> Option<plan::Program> {
+        (!self.max_pool).then(|| plan::Program {
+            stem: unit(&self.conv1, &self.bn1, true),
+            blocks: self.blocks.iter().map(Block::program).collect(),
+        })
     }
 }
 

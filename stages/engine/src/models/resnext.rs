@@ -5,11 +5,12 @@
 //! 2·C·d, BatchNorm after each, and a 1×1 convolution + BatchNorm projection (`shortcut`) when
 //! the shape changes; d doubles after every stage. Variable names are kuangliu's.
 
-use super::basic::{bn, conv};
+use super::basic::{bn, conv, unit};
 use super::batch_norm::BatchNorm;
 use super::bottleneck::Bottleneck;
 use super::conv::Conv2d;
 use super::net::Backbone;
+use super::plan::Program;
 use crate::error::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
@@ -77,5 +78,12 @@ impl Backbone for ResNeXt {
             y = b.forward_t(&y, train)?;
         }
         Ok(y)
+    }
+
+    fn program(&self) -> Option<Program> {
+        Some(Program {
+            stem: unit(&self.conv1, &self.bn1, true),
+            blocks: self.blocks.iter().map(Bottleneck::program).collect(),
+        })
     }
 }

@@ -307,7 +307,7 @@ impl<'a> Trainer<'a> {
             Some(phase) => phase.loss(&self.model, &x, batch, self.k)?,
             None => self.student_loss(&x, batch, epoch)?,
         };
-        let grads = per_sample.mean_all()?.backward()?;
+        let grads = self.model.net.backward(&per_sample.mean_all()?)?;
         self.opt.step(&grads, self.sums.lr)?;
         pending.push(
             per_sample.detach().to_dtype(DType::F32)?,
@@ -690,7 +690,10 @@ fn model_to_train(
         stem: p.stem,
         dropout: p.dropout,
     };
-    let model = Model::new(&spec, device, derive_seed(&[seed, stream::INIT]))?;
+    let mut model = Model::new(&spec, device, derive_seed(&[seed, stream::INIT]))?;
+    // The planned step gives the autograd path's results bitwise (engine::models::plan); the
+    // trainer takes every gradient through Net::backward, as the plan requires.
+    model.net.plan_training(device.is_cpu());
     Ok((spec, model, None))
 }
 
