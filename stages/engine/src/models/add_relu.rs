@@ -6,7 +6,7 @@
 //! gradient with the sign of the op's own output and hands the same tensor to both inputs. On
 //! CUDA the same two passes are kernels of `gpu`.
 
-use super::cpu::{f32_slice, with_f32, written_vec};
+use super::cpu::{f32_slice, relu_grad, with_f32, written_vec};
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -81,7 +81,7 @@ impl CustomOp2 for AddRelu {
                         .for_each(|(o, (y, dy))| {
                             for ((o, &y), &d) in o.iter_mut().zip(y).zip(dy) {
                                 // PyTorch's convention: no gradient where the output is exactly 0.
-                                *o = if y > 0.0 { d } else { 0.0 };
+                                *o = relu_grad(d, y);
                             }
                         });
                 })

@@ -12,7 +12,7 @@
 //! the same computation runs as CUDA kernels (`gpu::norm`), for f32 or bf16 activations with f32
 //! statistics and parameters; other devices use the equivalent candle ops.
 
-use super::cpu::{f32_slice, with_f32, written_vec};
+use super::cpu::{f32_slice, relu_grad, with_f32, written_vec};
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -65,13 +65,13 @@ fn grad_sums(dy: &[f32], x: &[f32], y: Option<&[f32]>, mu: f32) -> (f32, f32) {
             let (yc, _) = lanes(&y[..n]);
             for ((d, x), y) in dc.zip(xc).zip(yc) {
                 for l in 0..LANES {
-                    let g = if y[l] > 0.0 { d[l] } else { 0.0 };
+                    let g = relu_grad(d[l], y[l]);
                     s[l] += g;
                     s2[l] += g * (x[l] - mu);
                 }
             }
             for j in n..dy.len() {
-                let g = if y[j] > 0.0 { dy[j] } else { 0.0 };
+                let g = relu_grad(dy[j], y[j]);
                 a += g;
                 b += g * (x[j] - mu);
             }
@@ -203,7 +203,7 @@ pub(crate) fn backward_into(
         match mask {
             Some(y) => {
                 for (((o, &d), &v), &y) in out.iter_mut().zip(dy).zip(x).zip(&y[r]) {
-                    let d = if y > 0.0 { d } else { 0.0 };
+                    let d = relu_grad(d, y);
                     *o = k * d - c0 - (v - mu) * c1;
                 }
             }

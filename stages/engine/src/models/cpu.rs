@@ -1,5 +1,6 @@
 //! What the CPU kernels (convolution, BatchNorm, add + ReLU, the SGD update) share: borrowing a
-//! candle tensor's `f32` values in place, and allocating output buffers without zeroing them.
+//! candle tensor's `f32` values in place, allocating output buffers without zeroing them, and
+//! the ReLU's gradient mask.
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
@@ -48,4 +49,42 @@ pub(crate) fn written_vec(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32>
     // SAFETY: capacity is at least `len`, and every element was written by `fill`.
     unsafe { v.set_len(len) };
     v
+}
+
+/// `d` where `y > 0`, else `+0.0`: the gradient through a ReLU whose output is `y` (PyTorch's
+/// convention at exactly 0), bitwise the same as `if y > 0.0 { d } else { 0.0 }`. Written as a
+/// bit mask because the sign of an activation is unpredictable: as a branch, the compiler kept
+/// it one in the BatchNorm backward's reduction, whose mispredictions cost more than the pass.
+#[inline(always)]
+pub(crate) fn relu_grad(d: f32, y: f32) -> f32 {
+    f32::from_bits(d.to_bits() & (-((y > 0.0) as i32)) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relu_grad;
+
+    /// The mask gives bitwise what the branch gives, signed zeros, infinities and NaNs included.
+    #[test]
+    fn relu_grad_is_the_branch() {
+        let special = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::MIN_POSITIVE / 2.0,
+            -f32::MIN_POSITIVE / 2.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            3.5e-20,
+            -7.25e12,
+        ];
+        for &d in &special {
+            for &y in &special {
+                let branch = if y > 0.0 { d } else { 0.0 };
+                assert_eq!(relu_grad(d, y).to_bits(), branch.to_bits(), "d {d}, y {y}");
+            }
+        }
+    }
 }

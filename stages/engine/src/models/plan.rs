@@ -18,7 +18,7 @@
 
 use super::batch_norm::{backward_into as bn_backward, normalize_into, BatchNorm};
 use super::conv::Conv2d;
-use super::cpu::with_f32;
+use super::cpu::{relu_grad, with_f32};
 use crate::profile::{timer, Section};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -256,7 +256,7 @@ fn add_masked(dx: &mut [f32], dy: &[f32], out: &[f32]) {
         .for_each(|(d, (g, y))| {
             for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
                 // candle's accumulation adds an exact 0 where the mask is off: the same sum.
-                *d += if y > 0.0 { g } else { 0.0 };
+                *d += relu_grad(g, y);
             }
         });
 }
@@ -307,7 +307,7 @@ fn subsample_backward(
                 for oy in 0..ho {
                     for ox in 0..wo {
                         let j = oy * wo + ox;
-                        plane[oy * stride * w + ox * stride] += if y[j] > 0.0 { g[j] } else { 0.0 };
+                        plane[oy * stride * w + ox * stride] += relu_grad(g[j], y[j]);
                     }
                 }
             }
