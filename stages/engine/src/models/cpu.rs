@@ -51,6 +51,33 @@ pub(crate) fn written_vec(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32>
     v
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Set by whole-model tests: this thread's layers run candle's own ops instead of ours.
+    pub(crate) static REFERENCE_OPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the layers run candle's reference ops instead of the kernels here: only in tests
+/// that compare whole models against them ([`REFERENCE_OPS`]).
+#[inline(always)]
+pub(crate) fn reference_ops() -> bool {
+    #[cfg(test)]
+    return REFERENCE_OPS.with(|r| r.get());
+    #[cfg(not(test))]
+    false
+}
+
+/// `max(t, 0)` as candle ops, for the paths without kernels of ours. candle's own ReLU passes
+/// the gradient where its input is exactly 0; on the reference path of whole-model tests the
+/// ReLU is written as `t · [t > 0]` instead, PyTorch's convention and our kernels' (a BatchNorm
+/// channel that is constant over the batch normalises to exactly β, 0 at initialisation).
+pub(crate) fn relu(t: &Tensor) -> Result<Tensor> {
+    if reference_ops() {
+        return t * t.gt(0f32)?.to_dtype(t.dtype())?;
+    }
+    t.relu()
+}
+
 /// `d` where `y > 0`, else `+0.0`: the gradient through a ReLU whose output is `y` (PyTorch's
 /// convention at exactly 0), bitwise the same as `if y > 0.0 { d } else { 0.0 }`. Written as a
 /// bit mask because the sign of an activation is unpredictable: as a branch, the compiler kept
