@@ -304,6 +304,53 @@ impl Geometry {
         }
     }
 
+    /// [`Geometry::weight_grad_gemms`] of a stride-1 "same" convolution without the
+    /// unfolding: row (c, ki, kj) of the unfolded image is plane c shifted by the tap's offset,
+    /// which is a contiguous stretch of the image itself over the output pixels whose source
+    /// row lies inside the plane ([`Geometry::shifted`]). So each tap is one product over all
+    /// channels, reading the image where it lies; the pixels whose source column wrapped
+    /// around a plane edge (the unfolding's zeros) are zeroed in a copy of `dyt` instead
+    /// (`masked`, at least L×Cout). The sums are the unfolded product's, less its terms that
+    /// are exactly zero.
+    fn weight_grad_taps(&self, x: &[f32], dyt: &[f32], masked: &mut [f32], dwt: &mut [f32]) {
+        let (hw, cout, taps) = (self.h * self.w, self.cout, self.kh * self.kw);
+        for kj in 0..self.kw {
+            let shift = kj as isize - self.pad as isize;
+            let b: &[f32] = if shift == 0 {
+                dyt
+            } else {
+                let m = &mut masked[..hw * cout];
+                m.copy_from_slice(dyt);
+                let wrapped = if shift < 0 {
+                    0..(-shift as usize).min(self.w)
+                } else {
+                    self.w - (shift as usize).min(self.w)..self.w
+                };
+                for row in m.chunks_exact_mut(self.w * cout) {
+                    row[wrapped.start * cout..wrapped.end * cout].fill(0.0);
+                }
+                m
+            };
+            for ki in 0..self.kh {
+                let (r, off) = self.shifted(ki, kj);
+                if r.is_empty() {
+                    continue;
+                }
+                let src = (r.start as isize + off) as usize;
+                gemm_nn(
+                    (self.c, cout, r.len()),
+                    &x[src..],
+                    (hw, 1),
+                    &b[r.start * cout..],
+                    cout,
+                    &mut dwt[(ki * self.kw + kj) * cout..],
+                    taps * cout,
+                    true,
+                );
+            }
+        }
+    }
+
     /// `dcols (K×L) = Wᵀ · dY (Cout×L)` per group: group g's Kg rows from its weight block
     /// (transposed through the strides) and its output rows.
     fn input_grad_gemms(&self, w: &[f32], dy: &[f32], dcols: &mut [f32]) {
@@ -402,17 +449,18 @@ impl Geometry {
                 let dy_i = &dy[i * g.cout * l..(i + 1) * g.cout * l];
                 let dx_i = dx.as_deref_mut().map(|d| &mut d[j * img..(j + 1) * img]);
                 with_scratch((k * l).max(g.cout * l), |cols, dcols| {
-                    let lhs = if g.pointwise() {
-                        x_i
-                    } else {
-                        g.im2col(x_i, cols);
-                        &*cols
-                    };
                     // dWᵀ (K×Cout) += cols_i (K×L) · dY_iᵀ (L×Cout); dcols holds dY_iᵀ until
                     // it is needed for the input gradient.
                     let dyt = &mut dcols[..l * g.cout];
                     transpose(dy_i, g.cout, l, dyt);
-                    g.weight_grad_gemms(lhs, dyt, &mut dwt);
+                    if g.pointwise() {
+                        g.weight_grad_gemms(x_i, dyt, &mut dwt);
+                    } else if g.same_stride1() && g.groups == 1 {
+                        g.weight_grad_taps(x_i, dyt, cols, &mut dwt);
+                    } else {
+                        g.im2col(x_i, cols);
+                        g.weight_grad_gemms(cols, dyt, &mut dwt);
+                    }
                     let Some(dx_i) = dx_i else { return };
                     // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
                     // (the fold is the identity for a pointwise convolution).
