@@ -304,6 +304,111 @@ impl Geometry {
         }
     }
 
+    /// The taps of a stride-1 "same" convolution, `(ki, kj)` in the order the products by tap
+    /// run: the centre first (its shift is zero, so it covers every output pixel and
+    /// initialises the result), then the others column by column.
+    fn taps_centre_first(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let (ci, cj) = (self.kh / 2, self.kw / 2);
+        std::iter::once((ci, cj)).chain(
+            (0..self.kw)
+                .flat_map(move |kj| (0..self.kh).map(move |ki| (ki, kj)))
+                .filter(move |&t| t != (ci, cj)),
+        )
+    }
+
+    /// The output columns (within a row) whose source column, shifted by `kj − pad`, wraps
+    /// around a plane edge; equivalently the source columns that only such outputs read.
+    fn wrapped_outputs(&self, kj: usize) -> std::ops::Range<usize> {
+        let shift = kj as isize - self.pad as isize;
+        if shift < 0 {
+            0..(-shift as usize).min(self.w)
+        } else {
+            self.w - (shift as usize).min(self.w)..self.w
+        }
+    }
+
+    /// [`Geometry::forward_gemms`] of a stride-1 "same" convolution without the unfolding:
+    /// `Y[:, r] (+)= W[:, :, ki, kj] · X shifted`, one product per tap over all channels,
+    /// reading the planes where they lie (see [`Geometry::weight_grad_taps`]). For a tap that
+    /// shifts columns, the source columns that only wrapped-around outputs read are zeroed in
+    /// a copy of the image (`masked`, at least C×H×W), which leaves those outputs the zero
+    /// padding's contribution.
+    fn forward_taps(&self, x: &[f32], w: &[f32], masked: &mut [f32], y: &mut [f32]) {
+        let (hw, taps, l) = (self.h * self.w, self.kh * self.kw, self.l());
+        let mut masked_for = None;
+        for (n, (ki, kj)) in self.taps_centre_first().enumerate() {
+            let (r, off) = self.shifted(ki, kj);
+            if r.is_empty() {
+                continue;
+            }
+            let src: &[f32] = if kj == self.pad {
+                x
+            } else {
+                if masked_for != Some(kj) {
+                    let m = &mut masked[..x.len()];
+                    m.copy_from_slice(x);
+                    let cols = self.wrapped_outputs(2 * self.pad - kj);
+                    for row in m.chunks_exact_mut(self.w) {
+                        row[cols.clone()].fill(0.0);
+                    }
+                    masked_for = Some(kj);
+                }
+                &masked[..x.len()]
+            };
+            let at = (r.start as isize + off) as usize;
+            gemm_nn(
+                (self.cout, r.len(), self.c),
+                &w[ki * self.kw + kj..],
+                (self.c * taps, taps),
+                &src[at..],
+                hw,
+                &mut y[r.start..],
+                l,
+                n > 0,
+            );
+        }
+    }
+
+    /// [`Geometry::input_grad_gemms`] + [`Geometry::col2im`] of a stride-1 "same"
+    /// convolution without the unfolded gradient: `dX shifted (+)= W[:, :, ki, kj]ᵀ · dY[:, r]`,
+    /// one product per tap, the wrapped-around output pixels zeroed in a copy of `dy`
+    /// (`masked`, at least Cout×L) so that nothing lands on the pixels they wrapped onto.
+    fn input_grad_taps(&self, w: &[f32], dy: &[f32], masked: &mut [f32], dx: &mut [f32]) {
+        let (hw, taps, l) = (self.h * self.w, self.kh * self.kw, self.l());
+        let mut masked_for = None;
+        for (n, (ki, kj)) in self.taps_centre_first().enumerate() {
+            let (r, off) = self.shifted(ki, kj);
+            if r.is_empty() {
+                continue;
+            }
+            let b: &[f32] = if kj == self.pad {
+                dy
+            } else {
+                if masked_for != Some(kj) {
+                    let m = &mut masked[..dy.len()];
+                    m.copy_from_slice(dy);
+                    let cols = self.wrapped_outputs(kj);
+                    for row in m.chunks_exact_mut(self.w) {
+                        row[cols.clone()].fill(0.0);
+                    }
+                    masked_for = Some(kj);
+                }
+                &masked[..dy.len()]
+            };
+            let at = (r.start as isize + off) as usize;
+            gemm_nn(
+                (self.c, r.len(), self.cout),
+                &w[ki * self.kw + kj..],
+                (taps, self.c * taps),
+                &b[r.start..],
+                l,
+                &mut dx[at..],
+                hw,
+                n > 0,
+            );
+        }
+    }
+
     /// [`Geometry::weight_grad_gemms`] of a stride-1 "same" convolution without the
     /// unfolding: row (c, ki, kj) of the unfolded image is plane c shifted by the tap's offset,
     /// which is a contiguous stretch of the image itself over the output pixels whose source
@@ -415,8 +520,12 @@ impl Geometry {
                     return;
                 }
                 with_scratch(k * l, |cols, _| {
-                    g.im2col(x_i, cols);
-                    g.forward_gemms(w, cols, y_i);
+                    if g.same_stride1() && g.groups == 1 {
+                        g.forward_taps(x_i, w, cols, y_i);
+                    } else {
+                        g.im2col(x_i, cols);
+                        g.forward_gemms(w, cols, y_i);
+                    }
                 });
             });
     }
@@ -466,6 +575,8 @@ impl Geometry {
                     // (the fold is the identity for a pointwise convolution).
                     if g.pointwise() {
                         g.input_grad_gemms(w, dy_i, dx_i);
+                    } else if g.same_stride1() && g.groups == 1 {
+                        g.input_grad_taps(w, dy_i, cols, dx_i);
                     } else {
                         g.input_grad_gemms(w, dy_i, dcols);
                         g.col2im(dcols, dx_i);
