@@ -1,4 +1,5 @@
-//! 2-D convolution on CPU as per-image im2col + GEMM, forward and backward, as one candle op.
+//! 2-D convolution on CPU as per-image GEMMs (over the im2col unfolding, or over the image itself
+//! where the unfolding is only shifted copies), forward and backward, as one candle op.
 //!
 //! candle's CPU convolution computes its input gradient with a direct, naive transposed
 //! convolution and its weight gradient as a convolution over transposed tensors, which made
@@ -13,7 +14,12 @@
 //! batch are split across rayon's threads, each running single-threaded GEMMs ([`super::sgemm`]:
 //! AVX-512 kernels, or the `gemm` crate candle uses) over scratch buffers kept per thread and
 //! reused across calls.
-//! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether. On a CUDA
+//! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether, and so do
+//! stride-1 "same" convolutions (the 3×3 layers that make up most of a ResNet): each row of
+//! their unfolding is an image plane shifted by a fixed offset, a contiguous stretch of the
+//! image itself, so forward, weight gradient and input gradient run as one product per kernel
+//! tap reading the planes where they lie, with the few pixels whose shift wraps around a row
+//! edge zeroed in a copy instead (`*_taps`). On a CUDA
 //! device the same op runs cuDNN's forward, backward-data and backward-filter (`gpu::conv`),
 //! in f32 or bf16 (the weights, kept in f32, are cast to the input's type); elsewhere the layer
 //! uses candle's own convolution.
