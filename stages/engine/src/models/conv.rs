@@ -16,16 +16,17 @@
 //! reused across calls.
 //! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether, and so do
 //! stride-1 "same" convolutions (the 3×3 layers that make up most of a ResNet): each row of
-//! their unfolding is an image plane shifted by a fixed offset, a contiguous stretch of the
-//! image itself, so forward, weight gradient and input gradient run as one product per kernel
-//! tap reading the planes where they lie, with the few pixels whose shift wraps around a row
-//! edge zeroed in a copy instead (`*_taps`). On a CUDA
+//! their unfolding is an image plane shifted by a fixed offset, so the forward and the input
+//! gradient are implicit GEMMs ([`super::sgemm::gemm_rows`]) whose B rows point into
+//! zero-padded copies of the image (or of dY), one per kernel column, with the pixels whose
+//! shift wraps around a row edge zeroed (`*_implicit`), and the weight gradient is one product
+//! per tap reading the image where it lies (`weight_grad_taps`). On a CUDA
 //! device the same op runs cuDNN's forward, backward-data and backward-filter (`gpu::conv`),
 //! in f32 or bf16 (the weights, kept in f32, are cast to the input's type); elsewhere the layer
 //! uses candle's own convolution.
 
 use super::cpu::{f32_slice, with_f32, written_vec};
-use super::sgemm::gemm_nn;
+use super::sgemm::{gemm_nn, gemm_rows};
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -310,18 +311,6 @@ impl Geometry {
         }
     }
 
-    /// The taps of a stride-1 "same" convolution, `(ki, kj)` in the order the products by tap
-    /// run: the centre first (its shift is zero, so it covers every output pixel and
-    /// initialises the result), then the others column by column.
-    fn taps_centre_first(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let (ci, cj) = (self.kh / 2, self.kw / 2);
-        std::iter::once((ci, cj)).chain(
-            (0..self.kw)
-                .flat_map(move |kj| (0..self.kh).map(move |ki| (ki, kj)))
-                .filter(move |&t| t != (ci, cj)),
-        )
-    }
-
     /// The output columns (within a row) whose source column, shifted by `kj − pad`, wraps
     /// around a plane edge; equivalently the source columns that only such outputs read.
     fn wrapped_outputs(&self, kj: usize) -> std::ops::Range<usize> {
@@ -333,86 +322,155 @@ impl Geometry {
         }
     }
 
-    /// [`Geometry::forward_gemms`] of a stride-1 "same" convolution without the unfolding:
-    /// `Y[:, r] (+)= W[:, :, ki, kj] · X shifted`, one product per tap over all channels,
-    /// reading the planes where they lie (see [`Geometry::weight_grad_taps`]). For a tap that
-    /// shifts columns, the source columns that only wrapped-around outputs read are zeroed in
-    /// a copy of the image (`masked`, at least C×H×W), which leaves those outputs the zero
-    /// padding's contribution.
-    fn forward_taps(&self, x: &[f32], w: &[f32], masked: &mut [f32], y: &mut [f32]) {
-        let (hw, taps, l) = (self.h * self.w, self.kh * self.kw, self.l());
-        let mut masked_for = None;
-        for (n, (ki, kj)) in self.taps_centre_first().enumerate() {
-            let (r, off) = self.shifted(ki, kj);
-            if r.is_empty() {
-                continue;
-            }
-            let src: &[f32] = if kj == self.pad {
-                x
-            } else {
-                if masked_for != Some(kj) {
-                    let m = &mut masked[..x.len()];
-                    m.copy_from_slice(x);
-                    let cols = self.wrapped_outputs(2 * self.pad - kj);
-                    for row in m.chunks_exact_mut(self.w) {
+    /// Values of [`Geometry::pad_variants`] for `channels` planes.
+    fn padded_len(&self, channels: usize) -> usize {
+        let plane = (self.h + 2 * self.pad) * self.w;
+        2 * self.pad + self.kw * channels * plane
+    }
+
+    /// Writes into `out` one copy of `src` (`channels` planes of H×W) per kernel column kj,
+    /// each plane with `pad` zero rows above and below, the columns `masked(kj)` of every row
+    /// zeroed, and `pad` zeros before the first copy and after the last: an implicit GEMM's B
+    /// rows ([`Geometry::forward_rows`], [`Geometry::input_grad_rows`]) are then plain
+    /// stretches of it, reading zeros wherever the unfolding has them.
+    fn pad_variants(
+        &self,
+        src: &[f32],
+        channels: usize,
+        masked: impl Fn(usize) -> std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (w, hw, pad) = (self.w, self.h * self.w, self.pad);
+        let plane = (self.h + 2 * pad) * w;
+        let out = &mut out[..self.padded_len(channels)];
+        out[..pad].fill(0.0);
+        let end = out.len();
+        out[end - pad..].fill(0.0);
+        for kj in 0..self.kw {
+            let cols = if kj == pad { 0..0 } else { masked(kj) };
+            let base = pad + kj * channels * plane;
+            for c in 0..channels {
+                let dst = &mut out[base + c * plane..base + (c + 1) * plane];
+                dst[..pad * w].fill(0.0);
+                dst[pad * w + hw..].fill(0.0);
+                let body = &mut dst[pad * w..pad * w + hw];
+                body.copy_from_slice(&src[c * hw..(c + 1) * hw]);
+                if !cols.is_empty() {
+                    for row in body.chunks_exact_mut(w) {
                         row[cols.clone()].fill(0.0);
                     }
-                    masked_for = Some(kj);
                 }
-                &masked[..x.len()]
-            };
-            let at = (r.start as isize + off) as usize;
-            gemm_nn(
-                (self.cout, r.len(), self.c),
-                &w[ki * self.kw + kj..],
-                (self.c * taps, taps),
-                &src[at..],
-                hw,
-                &mut y[r.start..],
-                l,
-                n > 0,
-            );
+            }
         }
     }
 
-    /// [`Geometry::input_grad_gemms`] + [`Geometry::col2im`] of a stride-1 "same"
-    /// convolution without the unfolded gradient: `dX shifted (+)= W[:, :, ki, kj]ᵀ · dY[:, r]`,
-    /// one product per tap, the wrapped-around output pixels zeroed in a copy of `dy`
-    /// (`masked`, at least Cout×L) so that nothing lands on the pixels they wrapped onto.
-    fn input_grad_taps(&self, w: &[f32], dy: &[f32], masked: &mut [f32], dx: &mut [f32]) {
-        let (hw, taps, l) = (self.h * self.w, self.kh * self.kw, self.l());
-        let mut masked_for = None;
-        for (n, (ki, kj)) in self.taps_centre_first().enumerate() {
-            let (r, off) = self.shifted(ki, kj);
-            if r.is_empty() {
-                continue;
-            }
-            let b: &[f32] = if kj == self.pad {
-                dy
-            } else {
-                if masked_for != Some(kj) {
-                    let m = &mut masked[..dy.len()];
-                    m.copy_from_slice(dy);
-                    let cols = self.wrapped_outputs(kj);
-                    for row in m.chunks_exact_mut(self.w) {
-                        row[cols.clone()].fill(0.0);
-                    }
-                    masked_for = Some(kj);
+    /// Where unfolded row (c, ki, kj) of a stride-1 "same" convolution starts in the image's
+    /// [`Geometry::pad_variants`] (masked by the source columns only wrapped outputs read).
+    fn forward_rows(&self) -> Vec<usize> {
+        let plane = (self.h + 2 * self.pad) * self.w;
+        let mut rows = Vec::with_capacity(self.k());
+        for c in 0..self.c {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    rows.push(
+                        self.pad + kj * self.c * plane + c * plane + ki * self.w + kj - self.pad,
+                    );
                 }
-                &masked[..dy.len()]
-            };
-            let at = (r.start as isize + off) as usize;
-            gemm_nn(
-                (self.c, r.len(), self.cout),
-                &w[ki * self.kw + kj..],
-                (taps, self.c * taps),
-                &b[r.start..],
-                l,
-                &mut dx[at..],
-                hw,
-                n > 0,
-            );
+            }
         }
+        rows
+    }
+
+    /// Where row (co, ki, kj) of the input gradient's implicit product starts in dY's
+    /// [`Geometry::pad_variants`] (masked by the wrapped outputs): input pixel q receives
+    /// dY at q − shift(ki, kj).
+    fn input_grad_rows(&self) -> Vec<usize> {
+        let plane = (self.h + 2 * self.pad) * self.w;
+        let mut rows = Vec::with_capacity(self.cout * self.kh * self.kw);
+        for co in 0..self.cout {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    rows.push(
+                        self.pad
+                            + kj * self.cout * plane
+                            + co * plane
+                            + (2 * self.pad - ki) * self.w
+                            + self.pad
+                            - kj,
+                    );
+                }
+            }
+        }
+        rows
+    }
+
+    /// The forward of a stride-1 "same" convolution as one implicit GEMM: `Y = W · cols`
+    /// with the rows of cols read from zero-padded, masked copies of the image (`padded`, at
+    /// least [`Geometry::padded_len`] of C) through `rows` ([`Geometry::forward_rows`]).
+    fn forward_implicit(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        rows: &[usize],
+        padded: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let k = self.k();
+        self.pad_variants(
+            x,
+            self.c,
+            |kj| self.wrapped_outputs(2 * self.pad - kj),
+            padded,
+        );
+        gemm_rows(
+            (self.cout, self.l(), k),
+            w,
+            (k, 1),
+            padded,
+            rows,
+            y,
+            self.l(),
+            false,
+        );
+    }
+
+    /// The input gradient of a stride-1 "same" convolution as one implicit GEMM:
+    /// `dX = Wt · dY shifted`, `wt` the weight as `C × (Cout·kh·kw)` ([`Geometry::weight_t`]),
+    /// dY's rows read from its zero-padded, masked copies (`padded`, at least
+    /// [`Geometry::padded_len`] of Cout) through `rows` ([`Geometry::input_grad_rows`]).
+    fn input_grad_implicit(
+        &self,
+        wt: &[f32],
+        dy: &[f32],
+        rows: &[usize],
+        padded: &mut [f32],
+        dx: &mut [f32],
+    ) {
+        let k = self.cout * self.kh * self.kw;
+        self.pad_variants(dy, self.cout, |kj| self.wrapped_outputs(kj), padded);
+        gemm_rows(
+            (self.c, self.h * self.w, k),
+            wt,
+            (k, 1),
+            padded,
+            rows,
+            dx,
+            self.h * self.w,
+            false,
+        );
+    }
+
+    /// The weight `Cout × C × kh × kw` rearranged as `C × (Cout·kh·kw)`.
+    fn weight_t(&self, w: &[f32]) -> Vec<f32> {
+        let taps = self.kh * self.kw;
+        let mut wt = vec![0f32; w.len()];
+        for co in 0..self.cout {
+            for c in 0..self.c {
+                let src = &w[(co * self.c + c) * taps..(co * self.c + c + 1) * taps];
+                wt[c * self.cout * taps + co * taps..][..taps].copy_from_slice(src);
+            }
+        }
+        wt
     }
 
     /// [`Geometry::weight_grad_gemms`] of a stride-1 "same" convolution without the
@@ -515,6 +573,17 @@ impl Geometry {
         let _t = timer(Section::ConvForward);
         let g = *self;
         let (k, l, img) = (g.k(), g.l(), g.image_len());
+        let implicit = g.same_stride1() && g.groups == 1 && !g.pointwise();
+        let rows = if implicit {
+            g.forward_rows()
+        } else {
+            Vec::new()
+        };
+        let scratch = if implicit {
+            (k * l).max(g.padded_len(g.c))
+        } else {
+            k * l
+        };
         y.par_chunks_mut(g.cout * l)
             .enumerate()
             .for_each(|(i, y_i)| {
@@ -525,9 +594,9 @@ impl Geometry {
                     g.forward_gemms(w, x_i, y_i);
                     return;
                 }
-                with_scratch(k * l, |cols, _| {
-                    if g.same_stride1() && g.groups == 1 {
-                        g.forward_taps(x_i, w, cols, y_i);
+                with_scratch(scratch, |cols, _| {
+                    if implicit {
+                        g.forward_implicit(x_i, w, &rows, cols, y_i);
                     } else {
                         g.im2col(x_i, cols);
                         g.forward_gemms(w, cols, y_i);
@@ -557,13 +626,22 @@ impl Geometry {
         // unfolded image as its broadcast side and the (transposed, small) output gradient as
         // its contiguous rows, which the fast kernel wants; `dY_i · cols_iᵀ` would need dot
         // products reduced across lanes, slow for the short rows of the deeper layers.
+        let implicit = g.same_stride1() && g.groups == 1 && !g.pointwise() && dx.is_some();
+        let (rows, wt) = if implicit {
+            (g.input_grad_rows(), g.weight_t(w))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let scratch = (k * l)
+            .max(g.cout * l)
+            .max(if implicit { g.padded_len(g.cout) } else { 0 });
         let task = |t: usize, mut dx: Option<&mut [f32]>| -> Vec<f32> {
             let mut dwt = vec![0f32; kg * g.cout];
             for (j, i) in images(t).enumerate() {
                 let x_i = &x[i * img..(i + 1) * img];
                 let dy_i = &dy[i * g.cout * l..(i + 1) * g.cout * l];
                 let dx_i = dx.as_deref_mut().map(|d| &mut d[j * img..(j + 1) * img]);
-                with_scratch((k * l).max(g.cout * l), |cols, dcols| {
+                with_scratch(scratch, |cols, dcols| {
                     // dWᵀ (K×Cout) += cols_i (K×L) · dY_iᵀ (L×Cout); dcols holds dY_iᵀ until
                     // it is needed for the input gradient.
                     let dyt = &mut dcols[..l * g.cout];
@@ -581,8 +659,8 @@ impl Geometry {
                     // (the fold is the identity for a pointwise convolution).
                     if g.pointwise() {
                         g.input_grad_gemms(w, dy_i, dx_i);
-                    } else if g.same_stride1() && g.groups == 1 {
-                        g.input_grad_taps(w, dy_i, cols, dx_i);
+                    } else if implicit {
+                        g.input_grad_implicit(&wt, dy_i, &rows, cols, dx_i);
                     } else {
                         g.input_grad_gemms(w, dy_i, dcols);
                         g.col2im(dcols, dx_i);

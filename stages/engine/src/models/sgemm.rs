@@ -11,6 +11,9 @@
 //!   The weight gradient is computed in the same form, as `dWᵀ = cols · dYᵀ`. When C is at
 //!   most 16 columns wide (16 output channels), tiles are 24 rows × 1 vector instead.
 //!
+//! * [`gemm_rows`]: the same product with each row of B anywhere in one slice (a table of
+//!   offsets), for the implicit-GEMM convolution.
+//!
 //! Without AVX-512 (checked once at run time) it falls back to the `gemm` crate, so results
 //! match to rounding on every machine. Column remainders use masked loads and stores.
 
@@ -94,6 +97,52 @@ pub fn gemm_nn(
     }
 }
 
+/// [`gemm_nn`] with B's rows anywhere in `b`: row p is `b[rows[p]..rows[p] + n]` (the
+/// implicit-GEMM convolution points them into shifted, zero-padded copies of an image, so the
+/// unfolded matrix is never written). `rows.len()` is k.
+///
+/// # Panics
+/// If a slice is too short for the shapes and strides given.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_rows(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    rows: &[usize],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert_eq!(rows.len(), k, "gemm_rows: one row offset per k");
+    assert!(
+        k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
+        "gemm_rows: A too short"
+    );
+    assert!(
+        rows.iter().all(|&r| r + n <= b.len()),
+        "gemm_rows: a row of B runs past its end"
+    );
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm_rows: C too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F is present; the bounds were checked above.
+        unsafe {
+            avx512::nn_rows(m, n, k, a, a_rs, a_cs, b, rows, c, ldc, accumulate);
+        }
+        return;
+    }
+    // Portable: gather the rows, then the plain product.
+    let mut packed = Vec::with_capacity(k * n);
+    for &r in rows {
+        packed.extend_from_slice(&b[r..r + n]);
+    }
+    gemm_nn((m, n, k), a, (a_rs, a_cs), &packed, n, c, ldc, accumulate);
+}
+
 // Register tiles are indexed by row and column, as in the algebra they implement.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
@@ -105,14 +154,44 @@ mod avx512 {
     macro_rules! seq {
         ($rows:expr; $tile:ident; $args:expr; $($r:literal),*) => {
             match $rows {
-                $($r => $tile::<$r>($args),)*
-                _ => $tile::<1>($args),
+                $($r => $tile::<$r, R>($args),)*
+                _ => $tile::<1, R>($args),
             }
         };
     }
 
     /// Lanes of a 512-bit f32 vector.
     const V: usize = 16;
+
+    /// Where row p of B starts, as an offset from B's base: a fixed stride, or a table.
+    pub(super) trait Rows: Copy {
+        /// # Safety
+        /// `p` is below k (the table, when there is one, has k entries).
+        unsafe fn at(self, p: usize) -> usize;
+    }
+
+    /// Row p at `p · ldb`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Strided(pub usize);
+
+    impl Rows for Strided {
+        #[inline(always)]
+        unsafe fn at(self, p: usize) -> usize {
+            p * self.0
+        }
+    }
+
+    /// Row p at `table[p]`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Table(pub *const usize);
+
+    impl Rows for Table {
+        #[inline(always)]
+        unsafe fn at(self, p: usize) -> usize {
+            // SAFETY: the caller keeps p below the table's length.
+            unsafe { *self.0.add(p) }
+        }
+    }
     /// Columns of C per `nn` tile (two vectors).
     const NR: usize = 2 * V;
 
@@ -138,6 +217,46 @@ mod avx512 {
         a_cs: usize,
         b: &[f32],
         ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        acc: bool,
+    ) {
+        // SAFETY: as the caller's.
+        unsafe { nn_with(m, n, k, a, a_rs, a_cs, b, Strided(ldb), c, ldc, acc) }
+    }
+
+    /// See [`super::gemm_rows`]; the caller has checked the bounds and AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nn_rows(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+        rows: &[usize],
+        c: &mut [f32],
+        ldc: usize,
+        acc: bool,
+    ) {
+        // SAFETY: as the caller's; the table has k entries.
+        unsafe { nn_with(m, n, k, a, a_rs, a_cs, b, Table(rows.as_ptr()), c, ldc, acc) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn nn_with<R: Rows>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+        ldb: R,
         c: &mut [f32],
         ldc: usize,
         acc: bool,
@@ -181,20 +300,7 @@ mod avx512 {
                 unsafe {
                     let (ap, bp, cp) = (a.add(i * a_rs), b.add(j), c.add(i * ldc + j));
                     let args = (ap, a_rs, a_cs, bp, ldb, cp, ldc, k, m0, m1, acc);
-                    match rows {
-                        12 => tile_nn::<12>(args),
-                        11 => tile_nn::<11>(args),
-                        10 => tile_nn::<10>(args),
-                        9 => tile_nn::<9>(args),
-                        8 => tile_nn::<8>(args),
-                        7 => tile_nn::<7>(args),
-                        6 => tile_nn::<6>(args),
-                        5 => tile_nn::<5>(args),
-                        4 => tile_nn::<4>(args),
-                        3 => tile_nn::<3>(args),
-                        2 => tile_nn::<2>(args),
-                        _ => tile_nn::<1>(args),
-                    }
+                    seq!(rows; tile_nn; args; 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
                 }
                 i += rows;
             }
@@ -202,12 +308,12 @@ mod avx512 {
         }
     }
 
-    type NnArgs = (
+    type NnArgs<R> = (
         *const f32,
         usize,
         usize,
         *const f32,
-        usize,
+        R,
         *mut f32,
         usize,
         usize,
@@ -219,7 +325,9 @@ mod avx512 {
     /// One `MR × 16` tile of C (columns past the mask untouched).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_nn1<const MR: usize>((a, a_rs, a_cs, b, ldb, c, ldc, k, m0, _, acc): NnArgs) {
+    unsafe fn tile_nn1<const MR: usize, R: Rows>(
+        (a, a_rs, a_cs, b, ldb, c, ldc, k, m0, _, acc): NnArgs<R>,
+    ) {
         // SAFETY: as in `tile_nn`, for one vector per row.
         unsafe {
             let mut r0 = [_mm512_setzero_ps(); MR];
@@ -229,7 +337,7 @@ mod avx512 {
                 }
             }
             for p in 0..k {
-                let b0 = _mm512_maskz_loadu_ps(m0, b.add(p * ldb));
+                let b0 = _mm512_maskz_loadu_ps(m0, b.add(ldb.at(p)));
                 let ap = a.add(p * a_cs);
                 for r in 0..MR {
                     r0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r * a_rs)), b0, r0[r]);
@@ -244,7 +352,9 @@ mod avx512 {
     /// One `MR × 32` tile of C (columns past the masks untouched).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_nn<const MR: usize>((a, a_rs, a_cs, b, ldb, c, ldc, k, m0, m1, acc): NnArgs) {
+    unsafe fn tile_nn<const MR: usize, R: Rows>(
+        (a, a_rs, a_cs, b, ldb, c, ldc, k, m0, m1, acc): NnArgs<R>,
+    ) {
         // SAFETY: every address below is inside the tile the caller checked; masked lanes are
         // neither read nor written.
         unsafe {
@@ -257,7 +367,7 @@ mod avx512 {
                 }
             }
             for p in 0..k {
-                let bp = b.add(p * ldb);
+                let bp = b.add(ldb.at(p));
                 let b0 = _mm512_maskz_loadu_ps(m0, bp);
                 let b1 = _mm512_maskz_loadu_ps(m1, bp.add(V));
                 let ap = a.add(p * a_cs);
@@ -330,6 +440,39 @@ mod tests {
                             assert!(
                                 (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
                                 "nn {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
+                            );
+                        }
+                    }
+                    // The same with B's rows scattered (overlapping, out of order) in a pool.
+                    let pool = values(k * n + 3 * n + 7, 4);
+                    let rows: Vec<usize> = (0..k)
+                        .map(|p| (p * 7919 + 5) % (pool.len() - n + 1))
+                        .collect();
+                    let mut c = c0.clone();
+                    gemm_rows(
+                        (m, n, k),
+                        &a,
+                        (a_rs, a_cs),
+                        &pool,
+                        &rows,
+                        &mut c,
+                        n,
+                        accumulate,
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut s = if accumulate {
+                                c0[i * n + j] as f64
+                            } else {
+                                0.0
+                            };
+                            for p in 0..k {
+                                s += a[i * a_rs + p * a_cs] as f64 * pool[rows[p] + j] as f64;
+                            }
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
+                                "rows {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
                             );
                         }
                     }
