@@ -15,6 +15,18 @@ use rayon::prelude::*;
 /// CIFAR activation across cores.
 const CHUNK: usize = 1 << 15;
 
+/// Writes `out = max(a + b, 0)` elementwise (every element).
+pub(crate) fn add_relu_into(a: &[f32], b: &[f32], out: &mut [f32]) {
+    let _t = timer(Section::AddReluForward);
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &p), &q) in o.iter_mut().zip(a).zip(b) {
+                *o = (p + q).max(0.0);
+            }
+        });
+}
+
 struct AddRelu;
 
 impl CustomOp2 for AddRelu {
@@ -29,20 +41,11 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let _t = timer(Section::AddReluForward);
         let (a, b) = (
             f32_slice(s1, l1, "add-relu")?,
             f32_slice(s2, l2, "add-relu")?,
         );
-        let y = written_vec(a.len(), |y| {
-            y.par_chunks_mut(CHUNK)
-                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-                .for_each(|(y, (a, b))| {
-                    for ((o, &p), &q) in y.iter_mut().zip(a).zip(b) {
-                        *o = (p + q).max(0.0);
-                    }
-                });
-        });
+        let y = written_vec(a.len(), |y| add_relu_into(a, b, y));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

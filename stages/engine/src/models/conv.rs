@@ -133,17 +133,11 @@ impl Geometry {
     /// plane edge under a shift of `kj − pad` columns.
     #[inline]
     fn zero_wrapped(&self, kj: usize, row: &mut [f32]) {
-        let dx = kj as isize - self.pad as isize;
-        let w = self.w;
-        let cols = if dx < 0 {
-            0..(-dx) as usize
-        } else {
-            w - (dx as usize).min(w)..w
-        };
+        let cols = self.wrapped_outputs(kj);
         if cols.is_empty() {
             return;
         }
-        for line in row.chunks_exact_mut(w) {
+        for line in row.chunks_exact_mut(self.w) {
             line[cols.clone()].fill(0.0);
         }
     }
@@ -347,7 +341,7 @@ impl Geometry {
         let end = out.len();
         out[end - pad..].fill(0.0);
         for kj in 0..self.kw {
-            let cols = if kj == pad { 0..0 } else { masked(kj) };
+            let cols = masked(kj);
             let base = pad + kj * channels * plane;
             for c in 0..channels {
                 let dst = &mut out[base + c * plane..base + (c + 1) * plane];
@@ -484,17 +478,12 @@ impl Geometry {
     fn weight_grad_taps(&self, x: &[f32], dyt: &[f32], masked: &mut [f32], dwt: &mut [f32]) {
         let (hw, cout, taps) = (self.h * self.w, self.cout, self.kh * self.kw);
         for kj in 0..self.kw {
-            let shift = kj as isize - self.pad as isize;
-            let b: &[f32] = if shift == 0 {
+            let wrapped = self.wrapped_outputs(kj);
+            let b: &[f32] = if wrapped.is_empty() {
                 dyt
             } else {
                 let m = &mut masked[..hw * cout];
                 m.copy_from_slice(dyt);
-                let wrapped = if shift < 0 {
-                    0..(-shift as usize).min(self.w)
-                } else {
-                    self.w - (shift as usize).min(self.w)..self.w
-                };
                 for row in m.chunks_exact_mut(self.w * cout) {
                     row[wrapped.start * cout..wrapped.end * cout].fill(0.0);
                 }

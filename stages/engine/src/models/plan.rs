@@ -16,6 +16,7 @@
 //! in the same `GradStore`. The kernels and their order are the autograd path's, so the
 //! results are bitwise the same (tested in `tests`).
 
+use super::add_relu::add_relu_into;
 use super::batch_norm::{backward_into as bn_backward, normalize_into, BatchNorm};
 use super::conv::Conv2d;
 use super::cpu::{relu_grad, with_f32};
@@ -234,18 +235,6 @@ fn accumulate(grads: &mut GradStore, var: &Tensor, grad: Tensor) -> Result<()> {
     };
     grads.insert(var, sum);
     Ok(())
-}
-
-/// `out = max(a + b, 0)` elementwise.
-fn add_relu_into(a: &[f32], b: &[f32], out: &mut [f32]) {
-    let _t = timer(Section::AddReluForward);
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &p), &q) in o.iter_mut().zip(a).zip(b) {
-                *o = (p + q).max(0.0);
-            }
-        });
 }
 
 /// `dx += dy` where `out > 0` (the residual ReLU's gradient reaching an identity shortcut).

@@ -408,6 +408,30 @@ mod tests {
         PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// `c` (m×n) equals `c0 + Σ_p a(i, p)·b(p, j)` summed in f64, within f32 rounding.
+    fn assert_naive(
+        what: &str,
+        (m, n, k): (usize, usize, usize),
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+        c0: impl Fn(usize, usize) -> f32,
+        c: &[f32],
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = c0(i, j) as f64;
+                for p in 0..k {
+                    s += a(i, p) as f64 * b(p, j) as f64;
+                }
+                let got = c[i * n + j] as f64;
+                assert!(
+                    (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
+                    "{what} {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
+                );
+            }
+        }
+    }
+
     fn check_products() {
         for &(m, n, k) in &[
             (1, 1, 1),
@@ -426,23 +450,9 @@ mod tests {
                 for accumulate in [false, true] {
                     let mut c = c0.clone();
                     gemm_nn((m, n, k), &a, (a_rs, a_cs), &b, n, &mut c, n, accumulate);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let mut s = if accumulate {
-                                c0[i * n + j] as f64
-                            } else {
-                                0.0
-                            };
-                            for p in 0..k {
-                                s += a[i * a_rs + p * a_cs] as f64 * b[p * n + j] as f64;
-                            }
-                            let got = c[i * n + j] as f64;
-                            assert!(
-                                (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
-                                "nn {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
-                            );
-                        }
-                    }
+                    let a_at = |i: usize, p: usize| a[i * a_rs + p * a_cs];
+                    let c0_at = |i: usize, j: usize| if accumulate { c0[i * n + j] } else { 0.0 };
+                    assert_naive("nn", (m, n, k), a_at, |p, j| b[p * n + j], c0_at, &c);
                     // The same with B's rows scattered (overlapping, out of order) in a pool.
                     let pool = values(k * n + 3 * n + 7, 4);
                     let rows: Vec<usize> = (0..k)
@@ -459,23 +469,8 @@ mod tests {
                         n,
                         accumulate,
                     );
-                    for i in 0..m {
-                        for j in 0..n {
-                            let mut s = if accumulate {
-                                c0[i * n + j] as f64
-                            } else {
-                                0.0
-                            };
-                            for p in 0..k {
-                                s += a[i * a_rs + p * a_cs] as f64 * pool[rows[p] + j] as f64;
-                            }
-                            let got = c[i * n + j] as f64;
-                            assert!(
-                                (got - s).abs() <= 1e-5 * (1.0 + s.abs()) * (k as f64).sqrt(),
-                                "rows {m}x{n}x{k} at ({i},{j}): {got} vs {s}"
-                            );
-                        }
-                    }
+                    let b_at = |p: usize, j: usize| pool[rows[p] + j];
+                    assert_naive("rows", (m, n, k), a_at, b_at, c0_at, &c);
                 }
             }
         }
