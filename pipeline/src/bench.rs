@@ -169,7 +169,7 @@ pub struct TrainArgs {
     /// candle's own work (gradient accumulation, the loss, the classifier head, pooling).
     #[arg(long)]
     pub profile: bool,
-    /// Take the CPU step through candle's autograd instead of the backbone's planned program
+    /// Take the step through candle's autograd instead of the backbone's planned program
     /// (as before it existed), for comparisons.
     #[arg(long)]
     pub no_plan: bool,
@@ -197,7 +197,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         spec.width = w;
     }
     let mut model = Model::new(&spec, &device, 0)?;
-    let planned = model.net.plan_training(device.is_cpu() && !args.no_plan);
+    let planned = model.net.plan_training(
+        (engine::models::plan::wanted(&device) && !args.no_plan).then_some(precision.dtype()),
+    );
     let mut opt = Sgd::new(
         model.trainable(),
         SgdConfig {

@@ -17,6 +17,7 @@ pub mod dla;
 pub mod dropout;
 pub mod net;
 pub mod plan;
+pub mod plan_cpu;
 pub mod pool;
 pub mod resnet;
 pub mod resnext;

@@ -4,7 +4,7 @@
 //! is here once, whatever the backbone.
 
 use super::dropout::{Dropout, Mode};
-use super::plan::{Plan, Program};
+use super::plan::{plan, Planned, Program};
 use crate::error::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Module, Tensor, D};
@@ -19,8 +19,8 @@ pub trait Backbone: Send + Sync {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor>;
     /// Their channels D: the length of the penultimate features.
     fn feature_dim(&self) -> usize;
-    /// The backbone as a planned program for CPU training steps ([`super::plan`]), when it
-    /// has one.
+    /// The backbone as a planned program for training steps ([`super::plan`]), when it has
+    /// one.
     fn program(&self) -> Option<Program> {
         None
     }
@@ -30,7 +30,7 @@ pub trait Backbone: Send + Sync {
 pub struct Net {
     body: Box<dyn Backbone>,
     /// The backbone's planned training step, when switched on ([`Net::plan_training`]).
-    plan: Option<Mutex<Plan>>,
+    plan: Option<Mutex<Box<dyn Planned>>>,
     dropout: Dropout,
     fc: Linear,
     classifier: &'static str,
@@ -57,16 +57,17 @@ impl Net {
         })
     }
 
-    /// Runs training-mode forward passes on CPU `f32` images through the backbone's planned
-    /// program when `on` and the backbone has one (the ResNets with the CIFAR stem, ResNeXt);
-    /// whoever switches it on must take gradients with [`Net::backward`]. Returns whether the
-    /// plan is in use.
-    pub fn plan_training(&mut self, on: bool) -> bool {
-        self.plan = if on {
-            self.body.program().map(|p| Mutex::new(Plan::new(p)))
-        } else {
-            None
-        };
+    /// Runs training-mode forward passes on images of type `dtype` through the backbone's
+    /// planned program when `dtype` is given, the backbone has a program (the ResNets with the
+    /// CIFAR stem, ResNeXt) and its device has planned kernels (the CPU in f32; CUDA in f32 or
+    /// bf16); whoever switches it on must take gradients with [`Net::backward`]. `None` switches
+    /// it off. Returns whether the plan is in use.
+    pub fn plan_training(&mut self, dtype: Option<candle_core::DType>) -> bool {
+        self.plan = dtype.and_then(|dtype| {
+            let program = self.body.program()?;
+            let device = program.stem.conv.weight().device().clone();
+            plan(program, &device, dtype).map(Mutex::new)
+        });
         self.plan.is_some()
     }
 
@@ -103,10 +104,16 @@ impl Net {
 
     /// Penultimate features `N × D`, after global average pooling and before dropout.
     pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let planned = train && x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
-        let mut y = match (&self.plan, planned) {
-            (Some(plan), true) => plan.lock().expect("plan lock").forward(x)?,
-            _ => self.body.forward_t(x, train)?,
+        let planned = match &self.plan {
+            Some(plan) if train => {
+                let mut plan = plan.lock().expect("plan lock");
+                plan.accepts(x).then(|| plan.forward(x)).transpose()?
+            }
+            _ => None,
+        };
+        let mut y = match planned {
+            Some(y) => y,
+            None => self.body.forward_t(x, train)?,
         };
         // Reduced-precision (bf16) activations end here: pooling, the classifier and the loss
         // run in f32.
@@ -232,9 +239,9 @@ mod tests {
             let mut m = Model::new(&spec, &Device::Cpu, 3).unwrap();
             let x = random(&[8, 3, hw, hw], -2.0..2.0, 12);
             let y = Tensor::new(&[0u32, 1, 2, 4, 3, 1, 0, 2], &Device::Cpu).unwrap();
-            m.net.plan_training(true);
+            m.net.plan_training(Some(candle_core::DType::F32));
             let (ours_logits, ours) = step(&m, &x, &y);
-            m.net.plan_training(false);
+            m.net.plan_training(None);
             REFERENCE_OPS.with(|r| r.set(true));
             let (ref_logits, reference) = step(&m, &x, &y);
             REFERENCE_OPS.with(|r| r.set(false));

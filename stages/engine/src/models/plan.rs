@@ -1,4 +1,4 @@
-//! The training step of the residual networks as one planned program on the CPU.
+//! The training step of the residual networks as one planned program.
 //!
 //! Through candle's autograd, every op of a training step allocates its output, every
 //! gradient reaching a tensor is accumulated as `zeros_like` + `add` (three passes over the
@@ -6,27 +6,26 @@
 //! is a fixed sequence of the same few kernels, so here it runs as a program: the forward pass
 //! writes each activation the backward needs into a buffer of a tape that lives across steps
 //! (no allocation after the first step), and the backward walks the blocks in reverse with the
-//! same kernels ([`super::conv`], [`super::batch_norm`]), fusing what candle runs as separate
-//! ops: the residual ReLU's mask goes into the BatchNorm backward passes, and the shortcut's
-//! gradient is added in place instead of accumulated through zero tensors.
+//! same kernels, fusing what candle runs as separate ops: the residual ReLU's mask goes into
+//! the BatchNorm backward passes, and the shortcut's gradient is added in place instead of
+//! accumulated through zero tensors.
+//!
+//! The program's control flow is written once, here, over the [`Kernels`] of a device: the CPU's
+//! ([`super::plan_cpu`]: our convolution and BatchNorm kernels over host vectors) and, in a
+//! build with the `cuda` feature, CUDA's (`gpu::plan`: cuDNN and the fused kernels over device
+//! buffers, f32 or bf16). Fixed buffers and no host work inside the step are also what
+//! capturing the step as a CUDA graph needs.
 //!
 //! Candle stays at the boundaries: the weights are the model's `Var`s, the backbone's output is
 //! a `Var` that the rest of the network (pooling, classifier, the method's loss) differentiates
-//! as usual, and [`Plan::backward`] turns that output's gradient into the parameters' gradients
-//! in the same `GradStore`. The kernels and their order are the autograd path's, so the
-//! results are bitwise the same (tested in `tests`).
+//! as usual, and [`Planned::backward`] turns that output's gradient into the parameters'
+//! gradients in the same `GradStore`. On the CPU the kernels and their order are the autograd
+//! path's, so the results are bitwise the same (tested in `tests`).
 
-use super::add_relu::add_relu_into;
-use super::batch_norm::{backward_into as bn_backward, normalize_into, BatchNorm};
+use super::batch_norm::BatchNorm;
 use super::conv::Conv2d;
-use super::cpu::{relu_grad, with_f32};
-use crate::profile::{timer, Section};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use rayon::prelude::*;
-
-/// Elements per parallel task of the elementwise passes.
-const CHUNK: usize = 1 << 15;
 
 /// Forward passes whose backward has not run; more means a caller never differentiates them.
 const MAX_PENDING: usize = 8;
@@ -76,63 +75,241 @@ pub struct Program {
     pub blocks: Vec<Block>,
 }
 
+/// The kernels a device runs the program with. Buffers hold NCHW activations or their
+/// gradients in the device's activation type; parameters stay the model's `Var`s (f32), and
+/// their gradients are added to a `GradStore`.
+pub trait Kernels: Send {
+    /// An activation or gradient buffer, reused across steps.
+    type Buf: Default + Send;
+    /// The batch statistics a BatchNorm's backward needs.
+    type Stats: Default + Send;
+
+    /// Makes `b` hold `len` elements (their values unspecified), allocating only to grow.
+    fn fit(&mut self, b: &mut Self::Buf, len: usize) -> Result<()>;
+    /// Copies the values of `t` (any shape, on this device) into `b`.
+    fn load(&mut self, t: &Tensor, b: &mut Self::Buf) -> Result<()>;
+    /// A new variable of shape `dims` holding the values of `b`: the backbone's output.
+    fn output(&mut self, b: &Self::Buf, dims: [usize; 4]) -> Result<Var>;
+    /// `y = conv(x)` for input shape `dims`.
+    fn conv_forward(
+        &mut self,
+        conv: &Conv2d,
+        x: &Self::Buf,
+        dims: [usize; 4],
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `y = bn(x)` in batch statistics (kept in `stats`; the running ones updated), then a
+    /// ReLU when `relu`.
+    fn bn_forward(
+        &mut self,
+        bn: &BatchNorm,
+        x: &Self::Buf,
+        dims: [usize; 4],
+        relu: bool,
+        stats: &mut Self::Stats,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// BatchNorm's backward from `dy` (zeroed where `mask` is not positive, when given) to
+    /// `dx`; adds γ's and β's gradients to `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward(
+        &mut self,
+        bn: &BatchNorm,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        mask: Option<&Self::Buf>,
+        stats: &Self::Stats,
+        dims: [usize; 4],
+        dx: &mut Self::Buf,
+        grads: &mut GradStore,
+    ) -> Result<()>;
+    /// The convolution's backward for input `x` of shape `dims`: the input gradient into `dx`
+    /// when given (fitted here), the weight's gradient added to `grads`.
+    fn conv_backward(
+        &mut self,
+        conv: &Conv2d,
+        x: &Self::Buf,
+        dims: [usize; 4],
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        grads: &mut GradStore,
+    ) -> Result<()>;
+    /// `y = max(a + b, 0)`.
+    fn add_relu(&mut self, a: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    /// `y = max(y + a, 0)`.
+    fn add_relu_in_place(&mut self, y: &mut Self::Buf, a: &Self::Buf) -> Result<()>;
+    /// `dx += dy` where `out > 0`.
+    fn add_masked(&mut self, dx: &mut Self::Buf, dy: &Self::Buf, out: &Self::Buf) -> Result<()>;
+    /// `dx += d`.
+    fn add(&mut self, dx: &mut Self::Buf, d: &Self::Buf) -> Result<()>;
+    /// Option A's shortcut of `x` (shape `dims`): every `stride`-th pixel, channels placed
+    /// after `pad / 2` zero channels, `pad` zero channels in all.
+    fn subsample(
+        &mut self,
+        x: &Self::Buf,
+        dims: [usize; 4],
+        pad: usize,
+        stride: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// The adjoint of [`Kernels::subsample`], masked by the residual ReLU: `dx[sub] += dy`
+    /// where `out > 0`, for the channels that came from `x` (shape `dims`).
+    #[allow(clippy::too_many_arguments)]
+    fn subsample_backward(
+        &mut self,
+        dx: &mut Self::Buf,
+        dims: [usize; 4],
+        dy: &Self::Buf,
+        out: &Self::Buf,
+        pad: usize,
+        stride: usize,
+    ) -> Result<()>;
+}
+
+/// A planned backbone as the network holds it, whatever its device.
+pub trait Planned: Send {
+    /// The backbone's output on images `x` in training mode, as a variable whose gradient
+    /// [`Planned::backward`] carries into the parameters.
+    fn forward(&mut self, x: &Tensor) -> Result<Tensor>;
+    /// Adds to `grads` the parameters' gradients of every forward pass since the last call
+    /// whose output received a gradient (the others did not reach the loss and are dropped).
+    fn backward(&mut self, grads: &mut GradStore) -> Result<()>;
+    /// Whether images `x` run through the plan (its device and activation type).
+    fn accepts(&self, x: &Tensor) -> bool;
+}
+
+/// The environment variable that opts CUDA training into the planned step (`LDL_GPU_PLAN=1`).
+/// Until the CUDA kernels of the plan have been checked on a GPU (`tests/gpu_ops.rs`), CUDA
+/// training keeps candle's autograd unless asked.
+pub const GPU_PLAN_ENV: &str = "LDL_GPU_PLAN";
+
+/// Whether training on `device` should take the planned step: always on the CPU; on CUDA when
+/// [`GPU_PLAN_ENV`] is `1`.
+pub fn wanted(device: &Device) -> bool {
+    device.is_cpu()
+        || (device.is_cuda() && std::env::var(GPU_PLAN_ENV).is_ok_and(|v| v.trim() == "1"))
+}
+
+/// The plan of `program` for training on `device` with activations of `dtype`, where that
+/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build).
+pub fn plan(program: Program, device: &Device, dtype: DType) -> Option<Box<dyn Planned>> {
+    match device {
+        Device::Cpu if dtype == DType::F32 => Some(Box::new(Plan::new(
+            program,
+            super::plan_cpu::CpuKernels,
+            device.clone(),
+            dtype,
+        ))),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) if matches!(dtype, DType::F32 | DType::BF16) => {
+            Some(Box::new(Plan::new(
+                program,
+                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype),
+                device.clone(),
+                dtype,
+            )))
+        }
+        _ => None,
+    }
+}
+
 /// What the backward needs of one unit: its input's shape, the convolution's output, the unit's
 /// output (also the ReLU's mask) and the batch statistics.
-#[derive(Default)]
-struct UnitTape {
+struct UnitTape<K: Kernels> {
     input: [usize; 4],
     output: [usize; 4],
-    conv_out: Vec<f32>,
-    act: Vec<f32>,
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+    conv_out: K::Buf,
+    act: K::Buf,
+    stats: K::Stats,
+}
+
+impl<K: Kernels> Default for UnitTape<K> {
+    fn default() -> Self {
+        UnitTape {
+            input: [0; 4],
+            output: [0; 4],
+            conv_out: K::Buf::default(),
+            act: K::Buf::default(),
+            stats: K::Stats::default(),
+        }
+    }
 }
 
 /// One block's tape: its units', the projection's, and the block's output.
-#[derive(Default)]
-struct BlockTape {
-    main: Vec<UnitTape>,
-    skip: Option<UnitTape>,
-    out: Vec<f32>,
+struct BlockTape<K: Kernels> {
+    main: Vec<UnitTape<K>>,
+    skip: Option<UnitTape<K>>,
+    out: K::Buf,
+}
+
+impl<K: Kernels> Default for BlockTape<K> {
+    fn default() -> Self {
+        BlockTape {
+            main: Vec::new(),
+            skip: None,
+            out: K::Buf::default(),
+        }
+    }
 }
 
 /// The activations of one forward pass, and the `Var` that carries its output into candle.
-#[derive(Default)]
-struct Tape {
-    images: Option<Tensor>,
-    stem: UnitTape,
-    blocks: Vec<BlockTape>,
+struct Tape<K: Kernels> {
+    images: K::Buf,
+    stem: UnitTape<K>,
+    blocks: Vec<BlockTape<K>>,
     output: Option<Var>,
 }
 
+impl<K: Kernels> Default for Tape<K> {
+    fn default() -> Self {
+        Tape {
+            images: K::Buf::default(),
+            stem: UnitTape::default(),
+            blocks: Vec::new(),
+            output: None,
+        }
+    }
+}
+
 /// Gradient buffers of the backward, reused across steps.
-#[derive(Default)]
-struct Scratch {
+struct Scratch<K: Kernels> {
     /// Gradient at the current block's output; becomes the next (earlier) block's.
-    dout: Vec<f32>,
+    dout: K::Buf,
     /// Gradient at the current block's input.
-    dx: Vec<f32>,
+    dx: K::Buf,
     /// Gradient at a convolution's output (after the BatchNorm backward).
-    dconv: Vec<f32>,
+    dconv: K::Buf,
     /// Gradient at a unit's output inside the residual branch.
-    dact: Vec<f32>,
+    dact: K::Buf,
     /// The next gradient of [`Scratch::dact`], while that one is read.
-    dnext: Vec<f32>,
+    dnext: K::Buf,
     /// Gradient the projection sends to the block's input.
-    dskip: Vec<f32>,
+    dskip: K::Buf,
 }
 
-/// A program with its tapes: forward passes in training mode, then one backward per loss.
-pub struct Plan {
+impl<K: Kernels> Default for Scratch<K> {
+    fn default() -> Self {
+        Scratch {
+            dout: K::Buf::default(),
+            dx: K::Buf::default(),
+            dconv: K::Buf::default(),
+            dact: K::Buf::default(),
+            dnext: K::Buf::default(),
+            dskip: K::Buf::default(),
+        }
+    }
+}
+
+/// A program with its tapes on one device: forward passes in training mode, then one backward
+/// per loss.
+pub struct Plan<K: Kernels> {
     program: Program,
-    pending: Vec<Tape>,
-    free: Vec<Tape>,
-    scratch: Scratch,
-}
-
-/// Makes `v` exactly `len` long, allocating only when it grows.
-fn fit(v: &mut Vec<f32>, len: usize) {
-    v.resize(len, 0.0);
+    kernels: K,
+    device: Device,
+    dtype: DType,
+    pending: Vec<Tape<K>>,
+    free: Vec<Tape<K>>,
+    scratch: Scratch<K>,
 }
 
 /// The output shape of `conv` over an input of shape `x`.
@@ -144,192 +321,89 @@ fn conv_output(conv: &Conv2d, x: [usize; 4]) -> Result<[usize; 4]> {
 
 impl Unit {
     /// The unit over `x` (shape `dims`), its activations written into `tape`.
-    fn forward(&self, x: &[f32], dims: [usize; 4], tape: &mut UnitTape) -> Result<()> {
-        let g = self.conv.geometry(dims)?;
+    fn forward<K: Kernels>(
+        &self,
+        k: &mut K,
+        x: &K::Buf,
+        dims: [usize; 4],
+        tape: &mut UnitTape<K>,
+    ) -> Result<()> {
         let out = conv_output(&self.conv, dims)?;
-        let [n, c, h, w] = out;
         tape.input = dims;
         tape.output = out;
-        fit(&mut tape.conv_out, g.output_len());
-        fit(&mut tape.act, g.output_len());
-        with_f32(self.conv.weight(), "conv2d weight", |wt| {
-            g.forward_into(x, wt, &mut tape.conv_out)
-        })?;
-        let _t = timer(Section::BatchNormForward);
-        let (mean, inv_std) = self.bn.batch_statistics(&tape.conv_out, [n, c, h * w])?;
-        let (gamma, beta) = self.bn.affine();
-        with_f32(gamma, "batch norm", |gamma| {
-            with_f32(beta, "batch norm", |beta| {
-                normalize_into(
-                    &tape.conv_out,
-                    gamma,
-                    beta,
-                    &mean,
-                    &inv_std,
-                    self.relu,
-                    c,
-                    h * w,
-                    &mut tape.act,
-                )
-            })
-        })??;
-        tape.mean = mean;
-        tape.inv_std = inv_std;
-        Ok(())
+        k.conv_forward(&self.conv, x, dims, &mut tape.conv_out)?;
+        k.bn_forward(
+            &self.bn,
+            &tape.conv_out,
+            out,
+            self.relu,
+            &mut tape.stats,
+            &mut tape.act,
+        )
     }
 
     /// The unit's backward: `dy` at its output (masked by `mask > 0` when given), the unit's
     /// input `x`; writes the input gradient into `dx` when given (`dconv` is scratch) and adds
     /// the parameters' gradients to `grads`.
     #[allow(clippy::too_many_arguments)]
-    fn backward(
+    fn backward<K: Kernels>(
         &self,
-        tape: &UnitTape,
-        x: &[f32],
-        dy: &[f32],
-        mask: Option<&[f32]>,
-        dconv: &mut Vec<f32>,
-        dx: Option<&mut Vec<f32>>,
+        k: &mut K,
+        tape: &UnitTape<K>,
+        x: &K::Buf,
+        dy: &K::Buf,
+        mask: Option<&K::Buf>,
+        dconv: &mut K::Buf,
+        dx: Option<&mut K::Buf>,
         grads: &mut GradStore,
     ) -> Result<()> {
-        let [n, c, h, w] = tape.output;
-        fit(dconv, tape.conv_out.len());
-        let (gamma, beta) = self.bn.affine();
-        let (dgamma, dbeta) = with_f32(gamma, "batch norm", |g| {
-            bn_backward(
-                &tape.conv_out,
-                dy,
-                mask,
-                g,
-                &tape.mean,
-                &tape.inv_std,
-                true,
-                [n, c, h * w],
-                dconv,
-            )
-        })?;
-        accumulate(grads, gamma, Tensor::from_vec(dgamma, c, &Device::Cpu)?)?;
-        accumulate(grads, beta, Tensor::from_vec(dbeta, c, &Device::Cpu)?)?;
-        let g = self.conv.geometry(tape.input)?;
-        let dx = dx.map(|d| {
-            fit(d, tape.input.iter().product());
-            d.as_mut_slice()
-        });
-        let weight = self.conv.weight();
-        let dw = with_f32(weight, "conv2d weight", |wt| {
-            g.backward_into(x, wt, dconv, dx)
-        })?;
-        accumulate(
+        k.bn_backward(
+            &self.bn,
+            &tape.conv_out,
+            dy,
+            mask,
+            &tape.stats,
+            tape.output,
+            dconv,
             grads,
-            weight,
-            Tensor::from_vec(dw, weight.shape(), &Device::Cpu)?,
-        )
+        )?;
+        k.conv_backward(&self.conv, x, tape.input, dconv, dx, grads)
     }
-}
-
-/// Adds `grad` to the gradient of `var` in `grads` (sets it when there is none yet).
-fn accumulate(grads: &mut GradStore, var: &Tensor, grad: Tensor) -> Result<()> {
-    let sum = match grads.get(var) {
-        Some(g) => (g + grad)?,
-        None => grad,
-    };
-    grads.insert(var, sum);
-    Ok(())
-}
-
-/// `dx += dy` where `out > 0` (the residual ReLU's gradient reaching an identity shortcut).
-fn add_masked(dx: &mut [f32], dy: &[f32], out: &[f32]) {
-    let _t = timer(Section::AddReluBackward);
-    dx.par_chunks_mut(CHUNK)
-        .zip(dy.par_chunks(CHUNK).zip(out.par_chunks(CHUNK)))
-        .for_each(|(d, (g, y))| {
-            for ((d, &g), &y) in d.iter_mut().zip(g).zip(y) {
-                // candle's accumulation adds an exact 0 where the mask is off: the same sum.
-                *d += relu_grad(g, y);
-            }
-        });
-}
-
-/// Option A's shortcut of `x` (`[n, c, h, w]`): every `stride`-th pixel, channels placed after
-/// `pad / 2` zero channels, `pad` zero channels in all.
-fn subsample_into(x: &[f32], [_, c, h, w]: [usize; 4], pad: usize, stride: usize, y: &mut [f32]) {
-    let (ho, wo) = (h.div_ceil(stride), w.div_ceil(stride));
-    let co = c + pad;
-    y.par_chunks_mut(co * ho * wo)
-        .enumerate()
-        .for_each(|(i, yi)| {
-            yi.fill(0.0);
-            for ch in 0..c {
-                let plane = &x[(i * c + ch) * h * w..(i * c + ch + 1) * h * w];
-                let dst = &mut yi[(pad / 2 + ch) * ho * wo..(pad / 2 + ch + 1) * ho * wo];
-                for (oy, row) in dst.chunks_exact_mut(wo).enumerate() {
-                    let src = &plane[oy * stride * w..];
-                    for (ox, o) in row.iter_mut().enumerate() {
-                        *o = src[ox * stride];
-                    }
-                }
-            }
-        });
-}
-
-/// The adjoint of [`subsample_into`], masked by the residual ReLU: `dx[sub] += dy` where
-/// `out > 0`, for the channels that came from `x`.
-fn subsample_backward(
-    dx: &mut [f32],
-    [n, c, h, w]: [usize; 4],
-    dy: &[f32],
-    out: &[f32],
-    pad: usize,
-    stride: usize,
-) {
-    let _t = timer(Section::AddReluBackward);
-    let (ho, wo) = (h.div_ceil(stride), w.div_ceil(stride));
-    let co = c + pad;
-    debug_assert_eq!(dx.len(), n * c * h * w);
-    dx.par_chunks_mut(c * h * w)
-        .enumerate()
-        .for_each(|(i, dxi)| {
-            for ch in 0..c {
-                let at = (i * co + pad / 2 + ch) * ho * wo;
-                let (g, y) = (&dy[at..at + ho * wo], &out[at..at + ho * wo]);
-                let plane = &mut dxi[ch * h * w..(ch + 1) * h * w];
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let j = oy * wo + ox;
-                        plane[oy * stride * w + ox * stride] += relu_grad(g[j], y[j]);
-                    }
-                }
-            }
-        });
 }
 
 impl Block {
     /// The block over `x` (shape `dims`) into `tape`; returns the output's shape.
-    fn forward(&self, x: &[f32], dims: [usize; 4], tape: &mut BlockTape) -> Result<[usize; 4]> {
+    fn forward<K: Kernels>(
+        &self,
+        k: &mut K,
+        x: &K::Buf,
+        dims: [usize; 4],
+        tape: &mut BlockTape<K>,
+    ) -> Result<[usize; 4]> {
         tape.main.resize_with(self.main.len(), UnitTape::default);
         let mut d = dims;
         for (i, unit) in self.main.iter().enumerate() {
             let (done, rest) = tape.main.split_at_mut(i);
-            let input: &[f32] = match done.last() {
+            let input = match done.last() {
                 Some(u) => &u.act,
                 None => x,
             };
-            unit.forward(input, d, &mut rest[0])?;
+            unit.forward(k, input, d, &mut rest[0])?;
             d = rest[0].output;
         }
         let last = tape.main.last().expect("a block has units");
-        fit(&mut tape.out, last.act.len());
+        k.fit(&mut tape.out, d.iter().product())?;
         match &self.skip {
-            Skip::Identity => add_relu_into(&last.act, x, &mut tape.out),
+            Skip::Identity => k.add_relu(&last.act, x, &mut tape.out)?,
             Skip::Subsample { pad, stride } => {
                 // The shortcut is built in the output buffer, then the sum written over it.
-                subsample_into(x, dims, *pad, *stride, &mut tape.out);
-                add_relu_in_place(&mut tape.out, &last.act);
+                k.subsample(x, dims, *pad, *stride, &mut tape.out)?;
+                k.add_relu_in_place(&mut tape.out, &last.act)?;
             }
             Skip::Project(unit) => {
                 let skip = tape.skip.get_or_insert_with(UnitTape::default);
-                unit.forward(x, dims, skip)?;
-                add_relu_into(&last.act, &skip.act, &mut tape.out);
+                unit.forward(k, x, dims, skip)?;
+                k.add_relu(&last.act, &skip.act, &mut tape.out)?;
             }
         }
         Ok(d)
@@ -338,26 +412,28 @@ impl Block {
     /// The block's backward from the gradient at its output (`s.dout`): writes the gradient
     /// at its input `x` (shape `dims`) into `s.dx` and adds the parameters' gradients to
     /// `grads`.
-    fn backward(
+    fn backward<K: Kernels>(
         &self,
-        tape: &BlockTape,
-        x: &[f32],
+        k: &mut K,
+        tape: &BlockTape<K>,
+        x: &K::Buf,
         dims: [usize; 4],
-        s: &mut Scratch,
+        s: &mut Scratch<K>,
         grads: &mut GradStore,
     ) -> Result<()> {
         let units = self.main.len();
         for i in (0..units).rev() {
-            let input: &[f32] = if i == 0 { x } else { &tape.main[i - 1].act };
+            let input = if i == 0 { x } else { &tape.main[i - 1].act };
             // The last unit's output gradient is the block's, masked by the residual ReLU; the
             // others' is the next unit's input gradient, masked by their own ReLU.
-            let (dy, mask): (&[f32], &[f32]) = if i + 1 == units {
+            let (dy, mask) = if i + 1 == units {
                 (&s.dout, &tape.out)
             } else {
                 (&s.dact, &tape.main[i].act)
             };
             let into = if i == 0 { &mut s.dx } else { &mut s.dnext };
             self.main[i].backward(
+                k,
                 &tape.main[i],
                 input,
                 dy,
@@ -371,13 +447,14 @@ impl Block {
             }
         }
         match &self.skip {
-            Skip::Identity => add_masked(&mut s.dx, &s.dout, &tape.out),
+            Skip::Identity => k.add_masked(&mut s.dx, &s.dout, &tape.out),
             Skip::Subsample { pad, stride } => {
-                subsample_backward(&mut s.dx, dims, &s.dout, &tape.out, *pad, *stride)
+                k.subsample_backward(&mut s.dx, dims, &s.dout, &tape.out, *pad, *stride)
             }
             Skip::Project(unit) => {
                 let skip = tape.skip.as_ref().expect("the projection's tape");
                 unit.backward(
+                    k,
                     skip,
                     x,
                     &s.dout,
@@ -386,124 +463,116 @@ impl Block {
                     Some(&mut s.dskip),
                     grads,
                 )?;
-                let _t = timer(Section::AddReluBackward);
-                s.dx.par_chunks_mut(CHUNK)
-                    .zip(s.dskip.par_chunks(CHUNK))
-                    .for_each(|(d, g)| {
-                        for (d, &g) in d.iter_mut().zip(g) {
-                            *d += g;
-                        }
-                    });
+                k.add(&mut s.dx, &s.dskip)
             }
         }
-        Ok(())
     }
 }
 
-/// `out = max(out + a, 0)` elementwise.
-fn add_relu_in_place(out: &mut [f32], a: &[f32]) {
-    let _t = timer(Section::AddReluForward);
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .for_each(|(o, a)| {
-            for (o, &p) in o.iter_mut().zip(a) {
-                *o = (p + *o).max(0.0);
-            }
-        });
-}
-
-impl Plan {
-    /// A plan of `program`, with no tape yet.
-    pub fn new(program: Program) -> Self {
+impl<K: Kernels> Plan<K> {
+    /// A plan of `program` over `kernels`, for images on `device` of type `dtype`; no tape yet.
+    pub fn new(program: Program, kernels: K, device: Device, dtype: DType) -> Self {
         Plan {
             program,
+            kernels,
+            device,
+            dtype,
             pending: Vec::new(),
             free: Vec::new(),
             scratch: Scratch::default(),
         }
     }
 
-    /// The backbone's output on images `x` (CPU, `f32`) in training mode, as a variable whose
-    /// gradient [`Plan::backward`] carries into the parameters.
-    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
-        if self.pending.len() >= MAX_PENDING {
-            candle_core::bail!(
-                "planned training step: {MAX_PENDING} forward passes without a backward (Net::backward)"
-            )
-        }
-        let dims: [usize; 4] = x.dims4()?.into();
-        let mut tape = self.free.pop().unwrap_or_default();
-        tape.images = Some(x.clone());
-        with_f32(x, "planned forward input", |x| {
-            self.program.stem.forward(x, dims, &mut tape.stem)
-        })??;
-        tape.blocks
-            .resize_with(self.program.blocks.len(), BlockTape::default);
-        let mut d = tape.stem.output;
-        for (i, block) in self.program.blocks.iter().enumerate() {
-            let (before, rest) = tape.blocks.split_at_mut(i);
-            let x: &[f32] = match before.last() {
-                Some(b) => &b.out,
-                None => &tape.stem.act,
-            };
-            d = block.forward(x, d, &mut rest[0])?;
-        }
-        let out = match tape.blocks.last() {
-            Some(b) => &b.out,
-            None => &tape.stem.act,
-        };
-        let var = Var::from_vec(out.clone(), d.to_vec(), &Device::Cpu)?;
-        let t = var.as_tensor().clone();
-        tape.output = Some(var);
-        self.pending.push(tape);
-        Ok(t)
-    }
-
-    /// Adds to `grads` the parameters' gradients of every forward pass since the last call
-    /// whose output received a gradient (the others did not reach the loss and are dropped).
-    pub fn backward(&mut self, grads: &mut GradStore) -> Result<()> {
-        for mut tape in std::mem::take(&mut self.pending) {
-            let var = tape.output.take().expect("a pending tape has its output");
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                let s = &mut self.scratch;
-                fit(&mut s.dout, g.elem_count());
-                with_f32(&g, "planned backward", |g| s.dout.copy_from_slice(g))?;
-                self.backward_tape(&tape, grads)?;
-            }
-            tape.images = None;
-            self.free.push(tape);
-        }
-        Ok(())
-    }
-
-    fn backward_tape(&mut self, tape: &Tape, grads: &mut GradStore) -> Result<()> {
-        let s = &mut self.scratch;
+    fn backward_tape(&mut self, tape: &Tape<K>, grads: &mut GradStore) -> Result<()> {
+        let (k, s) = (&mut self.kernels, &mut self.scratch);
         for (i, block) in self.program.blocks.iter().enumerate().rev() {
-            let (x, dims): (&[f32], [usize; 4]) = match i {
+            let (x, dims) = match i {
                 0 => (&tape.stem.act, tape.stem.output),
                 _ => (
                     &tape.blocks[i - 1].out,
                     tape.blocks[i - 1].main.last().expect("units").output,
                 ),
             };
-            fit(&mut s.dx, x.len());
-            block.backward(&tape.blocks[i], x, dims, s, grads)?;
+            k.fit(&mut s.dx, dims.iter().product())?;
+            block.backward(k, &tape.blocks[i], x, dims, s, grads)?;
             std::mem::swap(&mut s.dout, &mut s.dx);
         }
         // The stem: its input is the images, which get no gradient.
-        let images = tape.images.as_ref().expect("a pending tape has its images");
-        with_f32(images, "planned backward input", |x| {
-            self.program.stem.backward(
-                &tape.stem,
-                x,
-                &s.dout,
-                Some(&tape.stem.act),
-                &mut s.dconv,
-                None,
-                grads,
+        self.program.stem.backward(
+            k,
+            &tape.stem,
+            &tape.images,
+            &s.dout,
+            Some(&tape.stem.act),
+            &mut s.dconv,
+            None,
+            grads,
+        )
+    }
+}
+
+impl<K: Kernels> Planned for Plan<K> {
+    fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.pending.len() >= MAX_PENDING {
+            candle_core::bail!(
+                "planned training step: {MAX_PENDING} forward passes without a backward (Net::backward)"
             )
-        })?
+        }
+        if !self.accepts(x) {
+            candle_core::bail!(
+                "planned training step: images of type {:?} on {:?}, the plan runs {:?} on {:?}",
+                x.dtype(),
+                x.device().location(),
+                self.dtype,
+                self.device.location()
+            )
+        }
+        let dims: [usize; 4] = x.dims4()?.into();
+        let k = &mut self.kernels;
+        let mut tape = self.free.pop().unwrap_or_default();
+        k.load(x, &mut tape.images)?;
+        self.program
+            .stem
+            .forward(k, &tape.images, dims, &mut tape.stem)?;
+        tape.blocks
+            .resize_with(self.program.blocks.len(), BlockTape::default);
+        let mut d = tape.stem.output;
+        for (i, block) in self.program.blocks.iter().enumerate() {
+            let (before, rest) = tape.blocks.split_at_mut(i);
+            let x = match before.last() {
+                Some(b) => &b.out,
+                None => &tape.stem.act,
+            };
+            d = block.forward(k, x, d, &mut rest[0])?;
+        }
+        let out = match tape.blocks.last() {
+            Some(b) => &b.out,
+            None => &tape.stem.act,
+        };
+        let var = k.output(out, d)?;
+        let t = var.as_tensor().clone();
+        tape.output = Some(var);
+        self.pending.push(tape);
+        Ok(t)
+    }
+
+    fn backward(&mut self, grads: &mut GradStore) -> Result<()> {
+        for mut tape in std::mem::take(&mut self.pending) {
+            let var = tape.output.take().expect("a pending tape has its output");
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                let g = g.to_dtype(self.dtype)?;
+                let s = &mut self.scratch;
+                self.kernels.fit(&mut s.dout, g.elem_count())?;
+                self.kernels.load(&g, &mut s.dout)?;
+                self.backward_tape(&tape, grads)?;
+            }
+            self.free.push(tape);
+        }
+        Ok(())
+    }
+
+    fn accepts(&self, x: &Tensor) -> bool {
+        x.dtype() == self.dtype && x.device().same_device(&self.device)
     }
 }
 
@@ -513,7 +582,7 @@ mod tests {
     use crate::losses::cross_entropy;
     use crate::models::testing::random;
     use crate::optim::{Sgd, SgdConfig};
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     fn spec(arch: &str, width: usize, shortcut: Shortcut) -> ModelSpec {
         ModelSpec {
@@ -552,7 +621,7 @@ mod tests {
             .map(|planned| {
                 let mut m = Model::new(spec, &Device::Cpu, 7).unwrap();
                 assert_eq!(
-                    m.net.plan_training(planned == 1),
+                    m.net.plan_training((planned == 1).then_some(DType::F32)),
                     planned == 1,
                     "{}",
                     spec.arch
@@ -619,7 +688,7 @@ mod tests {
     fn only_programs_are_planned() {
         for arch in ["resnet18_imagenet", "densenet_cifar", "dla"] {
             let mut m = Model::new(&ModelSpec::new(arch, 5, 3).unwrap(), &Device::Cpu, 0).unwrap();
-            assert!(!m.net.plan_training(true), "{arch}");
+            assert!(!m.net.plan_training(Some(DType::F32)), "{arch}");
         }
     }
 }

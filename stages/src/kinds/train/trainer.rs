@@ -693,7 +693,8 @@ fn model_to_train(
     let mut model = Model::new(&spec, device, derive_seed(&[seed, stream::INIT]))?;
     // The planned step gives the autograd path's results bitwise (engine::models::plan); the
     // trainer takes every gradient through Net::backward, as the plan requires.
-    model.net.plan_training(device.is_cpu());
+    let planned = engine::models::plan::wanted(device).then_some(p.dtype.dtype());
+    model.net.plan_training(planned);
     Ok((spec, model, None))
 }
 
