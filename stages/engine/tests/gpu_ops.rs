@@ -424,3 +424,119 @@ fn resnet_training_steps_follow_the_cpu() {
         "the loss falls over 8 steps"
     );
 }
+
+/// The planned step on CUDA (`models::plan` over `gpu::plan`) against the planned step on the
+/// CPU (itself bitwise the autograd path): every parameter's gradient of one step, with two
+/// forward passes (half-batches) into one loss and a third pass that never reaches it; then
+/// three SGD steps' losses and the weights and running statistics after them. Option A and B
+/// shortcuts, bottlenecks and a grouped convolution; f32 (1e-3) and bf16 (5e-2).
+#[test]
+fn planned_steps_follow_the_cpu() {
+    use engine::losses::cross_entropy;
+    use engine::models::{Mode, Model, ModelSpec, Shortcut};
+    use engine::optim::{Sgd, SgdConfig};
+    let Some(gpu) = cuda("planned steps") else {
+        return;
+    };
+    let cases = [
+        ("resnet8", 16, Shortcut::A, 16),
+        ("resnet14", 8, Shortcut::B, 16),
+        ("resnet50", 4, Shortcut::B, 32),
+        ("resnext29_2x4d", 4, Shortcut::B, 16),
+    ];
+    for (arch, width, shortcut, hw) in cases {
+        let spec = ModelSpec {
+            width,
+            shortcut,
+            ..ModelSpec::new(arch, 10, 3).unwrap()
+        };
+        let x = random(&[12, 3, hw, hw], 50);
+        let y = Tensor::from_vec((0..12u32).map(|i| i % 10).collect(), 12, &Device::Cpu).unwrap();
+        // (gradients of step 0 by name, losses, values after the steps by name)
+        type Run = (Vec<(String, Tensor)>, Vec<f32>, Vec<(String, Tensor)>);
+        let run = |device: &Device, dtype: DType, x: &Tensor| -> Run {
+            let mut m = Model::new(&spec, device, 7).unwrap();
+            assert!(
+                m.net.plan_training(Some(dtype)),
+                "{arch}: planned on {device:?}"
+            );
+            let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
+            let (x, y) = (
+                x.to_device(device).unwrap().to_dtype(dtype).unwrap(),
+                y.to_device(device).unwrap(),
+            );
+            let (mut first, mut losses) = (Vec::new(), Vec::new());
+            for step in 0..3u64 {
+                let mode = Mode::train(step);
+                let a = m
+                    .net
+                    .forward_mode(&x.narrow(0, 0, 8).unwrap(), mode)
+                    .unwrap();
+                let b = m
+                    .net
+                    .forward_mode(&x.narrow(0, 8, 4).unwrap(), mode)
+                    .unwrap();
+                let _unused = m.net.forward_mode(&x, mode).unwrap();
+                let logits = Tensor::cat(&[&a, &b], 0).unwrap();
+                let loss = cross_entropy(&logits, &y).unwrap();
+                let grads = m.net.backward(&loss).unwrap();
+                if step == 0 {
+                    first = m
+                        .trainable()
+                        .into_iter()
+                        .map(|(name, v)| {
+                            let g = grads
+                                .get(v.as_tensor())
+                                .expect("every parameter has a gradient");
+                            (name, g.to_device(&Device::Cpu).unwrap())
+                        })
+                        .collect();
+                }
+                opt.step(&grads, 0.05).unwrap();
+                losses.push(loss.to_scalar::<f32>().unwrap());
+            }
+            let data = m.vars.data().lock().unwrap();
+            let mut after: Vec<(String, Tensor)> = data
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().to_device(&Device::Cpu).unwrap()))
+                .collect();
+            after.sort_by(|a, b| a.0.cmp(&b.0));
+            first.sort_by(|a, b| a.0.cmp(&b.0));
+            (first, losses, after)
+        };
+        for (dtype, tol) in [(DType::F32, 1e-3f32), (DType::BF16, 5e-2)] {
+            // bf16 against the CPU on the same bf16-rounded images.
+            let cpu = run(&Device::Cpu, DType::F32, &rounded(&x, dtype));
+            let gpu_run = run(&gpu, dtype, &x);
+            let mut worst = (0f32, String::new());
+            for ((name, g), (_, c)) in gpu_run.0.iter().zip(&cpu.0) {
+                let e = max_rel(g, c);
+                if e > worst.0 {
+                    worst = (e, name.clone());
+                }
+                assert!(
+                    e <= tol,
+                    "{arch} {dtype:?}: gradient of `{name}` off by {e}"
+                );
+            }
+            eprintln!(
+                "{arch} {dtype:?}: largest gradient error {} (`{}`)",
+                worst.0, worst.1
+            );
+            for (s, (a, b)) in gpu_run.1.iter().zip(&cpu.1).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol * b.abs().max(1.0),
+                    "{arch} {dtype:?} step {s}: loss {a} on CUDA, {b} on the CPU"
+                );
+            }
+            for ((name, v), (_, c)) in gpu_run.2.iter().zip(&cpu.2) {
+                let e = max_rel(v, c);
+                assert!(
+                    e <= tol,
+                    "{arch} {dtype:?}: `{name}` after 3 steps off by {e}"
+                );
+            }
+            eprintln!("{arch} {dtype:?}: losses {:?} (CPU {:?})", gpu_run.1, cpu.1);
+        }
+    }
+}

@@ -285,7 +285,7 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
 
 /// Which of the three operations to run.
 #[derive(Clone, Copy)]
-enum Direction {
+pub(crate) enum Direction {
     Forward,
     BackwardData,
     BackwardFilter,
@@ -293,7 +293,14 @@ enum Direction {
 
 /// Runs `dir` for geometry `g` with the plan (made on first use) and the thread's workspace:
 /// `a` and `b` are the two inputs (x and w; dy and w; x and dy) and `out` the output.
-fn run(dev: &CudaDevice, g: &Geometry, dir: Direction, a: u64, b: u64, out: u64) -> Result<()> {
+pub(crate) fn run(
+    dev: &CudaDevice,
+    g: &Geometry,
+    dir: Direction,
+    a: u64,
+    b: u64,
+    out: u64,
+) -> Result<()> {
     let key = dev.id();
     STATE.with(|state| -> Result<()> {
         let mut state = state.borrow_mut();

@@ -189,6 +189,73 @@ __device__ void relu_bwd(const T* y, const T* dy, T* g, long long total) {
     }
 }
 
+// The planned step's residual passes (gpu/plan.rs; the CPU's are in models/plan_cpu.rs).
+
+// dx += dy where out > 0: the residual ReLU's gradient reaching an identity shortcut, added in
+// place instead of accumulated through a zero tensor.
+template <typename T>
+__device__ void add_masked(T* dx, const T* dy, const T* out, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        if (load(out, i) > 0.f) store(dx, i, load(dx, i) + load(dy, i));
+    }
+}
+
+// dx += d.
+template <typename T>
+__device__ void add_into(T* dx, const T* d, long long total) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        store(dx, i, load(dx, i) + load(d, i));
+    }
+}
+
+// Option A's shortcut: y[i, pad/2 + ch, oy, ox] = x[i, ch, oy·stride, ox·stride], the other
+// pad channels 0; one thread per output value of y (n × (c + pad) × ho × wo).
+template <typename T>
+__device__ void subsample(const T* x, T* y, int n, int c, int h, int w, int pad, int stride) {
+    const int ho = (h + stride - 1) / stride, wo = (w + stride - 1) / stride, co = c + pad;
+    const long long total = (long long)n * co * ho * wo;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        const int ox = (int)(j % wo), oy = (int)((j / wo) % ho), oc = (int)((j / ((long long)wo * ho)) % co);
+        const long long i = j / ((long long)wo * ho * co);
+        const int ch = oc - pad / 2;
+        float v = 0.f;
+        if (ch >= 0 && ch < c) v = load(x, (size_t)(((i * c + ch) * h + (long long)oy * stride) * w + (long long)ox * stride));
+        store(y, j, v);
+    }
+}
+
+// The adjoint of subsample, masked by the residual ReLU's output: dx[i, ch, oy·s, ox·s] +=
+// dy[i, pad/2 + ch, oy, ox] where out there is positive; one thread per subsampled input value.
+template <typename T>
+__device__ void subsample_bwd(T* dx, const T* dy, const T* out, int n, int c, int h, int w, int pad,
+                              int stride) {
+    const int ho = (h + stride - 1) / stride, wo = (w + stride - 1) / stride, co = c + pad;
+    const long long total = (long long)n * c * ho * wo;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        const int ox = (int)(j % wo), oy = (int)((j / wo) % ho), ch = (int)((j / ((long long)wo * ho)) % c);
+        const long long i = j / ((long long)wo * ho * c);
+        const size_t at = (size_t)(((i * co + pad / 2 + ch) * ho + oy) * wo + ox);
+        if (load(out, at) > 0.f) {
+            const size_t to = (size_t)(((i * c + ch) * h + (long long)oy * stride) * w + (long long)ox * stride);
+            store(dx, to, load(dx, to) + load(dy, at));
+        }
+    }
+}
+
+// A parameter's f32 gradient from a computed one of the activations' type: g = d, or g += d
+// when accumulate (a second forward pass of the same step).
+template <typename T>
+__device__ void grad_add(float* g, const T* d, long long total, int accumulate) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        g[i] = (accumulate ? g[i] : 0.f) + load(d, i);
+    }
+}
+
 #define FOR_TYPES(F) F(f32, float) F(bf16, bf16)
 
 #define INSTANTIATE(SUF, T)                                                                    \
@@ -225,6 +292,25 @@ __device__ void relu_bwd(const T* y, const T* dy, T* g, long long total) {
     }                                                                                          \
     extern "C" __global__ void relu_bwd_##SUF(const T* y, const T* dy, T* g, long long total) { \
         relu_bwd<T>(y, dy, g, total);                                                          \
+    }                                                                                          \
+    extern "C" __global__ void add_masked_##SUF(T* dx, const T* dy, const T* out,              \
+                                                long long total) {                             \
+        add_masked<T>(dx, dy, out, total);                                                     \
+    }                                                                                          \
+    extern "C" __global__ void add_into_##SUF(T* dx, const T* d, long long total) {             \
+        add_into<T>(dx, d, total);                                                             \
+    }                                                                                          \
+    extern "C" __global__ void subsample_##SUF(const T* x, T* y, int n, int c, int h, int w,    \
+                                               int pad, int stride) {                          \
+        subsample<T>(x, y, n, c, h, w, pad, stride);                                           \
+    }                                                                                          \
+    extern "C" __global__ void subsample_bwd_##SUF(T* dx, const T* dy, const T* out, int n,     \
+                                                   int c, int h, int w, int pad, int stride) { \
+        subsample_bwd<T>(dx, dy, out, n, c, h, w, pad, stride);                                \
+    }                                                                                          \
+    extern "C" __global__ void grad_add_##SUF(float* g, const T* d, long long total,            \
+                                              int accumulate) {                                \
+        grad_add<T>(g, d, total, accumulate);                                                  \
     }
 
 FOR_TYPES(INSTANTIATE)
@@ -245,5 +331,13 @@ extern "C" __global__ void sgd_step_f32(float* w, const float* grad, float* buf,
             d = nesterov ? g + momentum * b : b;
         }
         w[i] -= lr * d;
+    }
+}
+
+// dst = bf16(src): the bf16 copy of an f32 master weight for a bf16 convolution.
+extern "C" __global__ void cast_f32_bf16(const float* src, bf16* dst, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        dst[i] = __float2bfloat16(src[i]);
     }
 }

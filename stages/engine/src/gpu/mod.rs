@@ -1,6 +1,7 @@
 //! The CUDA training path (a build with the `cuda` feature): cuDNN convolutions ([`conv`]), fused
 //! BatchNorm kernels ([`norm`]), the fused residual add + ReLU and the SGD update (this file),
-//! and pinned, asynchronous host-to-device copies of batches ([`feed`]).
+//! the planned step's kernels over fixed device buffers ([`plan`]), and pinned, asynchronous
+//! host-to-device copies of batches ([`feed`]).
 //!
 //! candle's CUDA backend computes a convolution's input gradient with a naive kernel, runs
 //! BatchNorm as a chain of about ten unfused ops (and fails in bf16 training), and updates each
@@ -14,6 +15,7 @@
 pub mod conv;
 pub mod feed;
 pub mod norm;
+pub mod plan;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{

@@ -12,14 +12,16 @@ use super::{
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 /// Threads of a reduction block.
 const REDUCE_THREADS: u32 = 512;
 
 /// Parts each channel's reduction is split into: enough blocks to fill the GPU (about four
 /// per multiprocessor of an H100 in all) while each block still sums a few thousand values.
-fn parts(c: usize, m: usize) -> usize {
+pub(crate) fn parts(c: usize, m: usize) -> usize {
     let want = 528usize.div_ceil(c.max(1));
     want.min(m / 4096).clamp(1, 256)
 }
@@ -30,6 +32,176 @@ fn reduce_grid(c: usize, parts: usize) -> LaunchConfig {
         block_dim: (REDUCE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Device addresses of one BatchNorm's operands (f32 unless said otherwise), for the
+/// pointer-level launches shared by the candle op here and the planned step (`gpu::plan`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Operands {
+    /// The input `N × C × H × W` (activation type).
+    pub x: u64,
+    /// Per-channel batch mean and `1/√(var + eps)`.
+    pub mean: u64,
+    pub invstd: u64,
+    /// γ.
+    pub gamma: u64,
+    /// Partial sums, `c × parts × 2` (see [`parts`]).
+    pub partial: u64,
+    /// `[n, c, h·w]`.
+    pub dims: [usize; 3],
+}
+
+/// The batch statistics of `o.x` into `o.mean` and `o.invstd`, and the running statistics at
+/// `running_mean` and `running_var` updated in place.
+pub(crate) fn statistics(
+    dev: &CudaDevice,
+    dtype: DType,
+    o: &Operands,
+    running_mean: u64,
+    running_var: u64,
+    eps: f64,
+    momentum: f64,
+) -> Result<()> {
+    let [n, c, hw] = o.dims;
+    let parts = parts(c, n * hw);
+    launch(
+        dev,
+        kernel!(dtype, "bn_stats_partial"),
+        reduce_grid(c, parts),
+        &[
+            Arg::Ptr(o.x),
+            Arg::Ptr(o.partial),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+        ],
+    )?;
+    launch(
+        dev,
+        kernel!(dtype, "bn_stats_finalize"),
+        per_channel(c),
+        &[
+            Arg::Ptr(o.x),
+            Arg::Ptr(o.partial),
+            Arg::Ptr(o.mean),
+            Arg::Ptr(o.invstd),
+            Arg::Ptr(running_mean),
+            Arg::Ptr(running_var),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+            Arg::I32(parts as i32),
+            Arg::F32(eps as f32),
+            Arg::F32(momentum as f32),
+        ],
+    )
+}
+
+/// `y = γ·(x − μ)·invstd + β` (then ReLU when `relu`) with β at `beta`.
+pub(crate) fn apply(
+    dev: &CudaDevice,
+    dtype: DType,
+    o: &Operands,
+    beta: u64,
+    relu: bool,
+    y: u64,
+) -> Result<()> {
+    let [n, c, hw] = o.dims;
+    let total = n * c * hw;
+    launch(
+        dev,
+        kernel!(dtype, "bn_apply"),
+        elementwise(total),
+        &[
+            Arg::Ptr(o.x),
+            Arg::Ptr(y),
+            Arg::Ptr(o.mean),
+            Arg::Ptr(o.invstd),
+            Arg::Ptr(o.gamma),
+            Arg::Ptr(beta),
+            Arg::I64(total as i64),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+            Arg::I32(relu as i32),
+        ],
+    )
+}
+
+/// Where the backward writes: the input gradient (activation type), dγ and dβ, and the
+/// `3 × c` coefficients it computes on the way.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gradients {
+    pub dx: u64,
+    pub dgamma: u64,
+    pub dbeta: u64,
+    pub coef: u64,
+}
+
+/// The backward from `dy`, zeroed where `mask` (when non-zero: an activation-type buffer) is
+/// not positive; through the batch statistics when `train`.
+pub(crate) fn backward(
+    dev: &CudaDevice,
+    dtype: DType,
+    o: &Operands,
+    dy: u64,
+    mask: u64,
+    train: bool,
+    g: &Gradients,
+) -> Result<()> {
+    let [n, c, hw] = o.dims;
+    let (total, parts) = (n * c * hw, parts(c, n * hw));
+    let relu = (mask != 0) as i32;
+    launch(
+        dev,
+        kernel!(dtype, "bn_bwd_partial"),
+        reduce_grid(c, parts),
+        &[
+            Arg::Ptr(o.x),
+            Arg::Ptr(mask),
+            Arg::Ptr(dy),
+            Arg::Ptr(o.mean),
+            Arg::Ptr(o.partial),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+            Arg::I32(relu),
+        ],
+    )?;
+    launch(
+        dev,
+        "bn_bwd_finalize",
+        per_channel(c),
+        &[
+            Arg::Ptr(o.partial),
+            Arg::Ptr(o.invstd),
+            Arg::Ptr(o.gamma),
+            Arg::Ptr(g.dgamma),
+            Arg::Ptr(g.dbeta),
+            Arg::Ptr(g.coef),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+            Arg::I32(parts as i32),
+            Arg::I32(train as i32),
+        ],
+    )?;
+    launch(
+        dev,
+        kernel!(dtype, "bn_bwd_apply"),
+        elementwise(total),
+        &[
+            Arg::Ptr(o.x),
+            Arg::Ptr(mask),
+            Arg::Ptr(dy),
+            Arg::Ptr(o.mean),
+            Arg::Ptr(g.coef),
+            Arg::Ptr(g.dx),
+            Arg::I64(total as i64),
+            Arg::I32(c as i32),
+            Arg::I32(hw as i32),
+            Arg::I32(relu),
+        ],
+    )
 }
 
 /// `y = γ·(x − μ)·invstd + β` (then ReLU when `relu`), with per-channel f32 `mean` and `invstd`
@@ -68,35 +240,21 @@ impl CustomOp3 for Normalize {
         beta: &CudaStorage,
         lb: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (_, c, h, w) = lx.shape().dims4()?;
-        let name = kernel!(x.dtype(), "bn_apply");
+        let (n, c, h, w) = lx.shape().dims4()?;
         if gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
             candle_core::bail!("batch norm on CUDA: weight and bias must be f32")
         }
-        let total = lx.shape().elem_count();
-        let px = storage_ptr(x, lx, "batch norm input")?;
-        let pg = storage_ptr(gamma, lg, "batch norm weight")?;
+        let o = Operands {
+            x: storage_ptr(x, lx, "batch norm input")?,
+            mean: tensor_ptr(&self.mean, "batch norm mean")?.1,
+            invstd: tensor_ptr(&self.invstd, "batch norm invstd")?.1,
+            gamma: storage_ptr(gamma, lg, "batch norm weight")?,
+            partial: 0,
+            dims: [n, c, h * w],
+        };
         let pb = storage_ptr(beta, lb, "batch norm bias")?;
-        let (_, pm) = tensor_ptr(&self.mean, "batch norm mean")?;
-        let (_, pi) = tensor_ptr(&self.invstd, "batch norm invstd")?;
-        let (y, py) = alloc(&x.device, x.dtype(), total)?;
-        launch(
-            &x.device,
-            name,
-            elementwise(total),
-            &[
-                Arg::Ptr(px),
-                Arg::Ptr(py),
-                Arg::Ptr(pm),
-                Arg::Ptr(pi),
-                Arg::Ptr(pg),
-                Arg::Ptr(pb),
-                Arg::I64(total as i64),
-                Arg::I32(c as i32),
-                Arg::I32((h * w) as i32),
-                Arg::I32(self.relu as i32),
-            ],
-        )?;
+        let (y, py) = alloc(&x.device, x.dtype(), lx.shape().elem_count())?;
+        apply(&x.device, x.dtype(), &o, pb, self.relu, py)?;
         Ok((y, lx.shape().clone()))
     }
 
@@ -109,75 +267,32 @@ impl CustomOp3 for Normalize {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
-        let (hw, total) = (h * w, x.elem_count());
-        let (partial_name, apply_name) = (
-            kernel!(x.dtype(), "bn_bwd_partial"),
-            kernel!(x.dtype(), "bn_bwd_apply"),
-        );
         let dy = grad.contiguous()?;
         let (dev, px) = tensor_ptr(x, "batch norm input")?;
-        let (_, py) = tensor_ptr(res, "batch norm output")?;
-        let (_, pd) = tensor_ptr(&dy, "batch norm output gradient")?;
-        let (_, pm) = tensor_ptr(&self.mean, "batch norm mean")?;
-        let (_, pi) = tensor_ptr(&self.invstd, "batch norm invstd")?;
-        let (_, pg) = tensor_ptr(gamma, "batch norm weight")?;
-        let parts = parts(c, n * hw);
-        let (_partial, pp) = alloc(&dev, DType::F32, c * parts * 2)?;
-        launch(
-            &dev,
-            partial_name,
-            reduce_grid(c, parts),
-            &[
-                Arg::Ptr(px),
-                Arg::Ptr(py),
-                Arg::Ptr(pd),
-                Arg::Ptr(pm),
-                Arg::Ptr(pp),
-                Arg::I32(n as i32),
-                Arg::I32(c as i32),
-                Arg::I32(hw as i32),
-                Arg::I32(self.relu as i32),
-            ],
-        )?;
+        let (_partial, pp) = alloc(&dev, DType::F32, c * parts(c, n * h * w) * 2)?;
+        let o = Operands {
+            x: px,
+            mean: tensor_ptr(&self.mean, "batch norm mean")?.1,
+            invstd: tensor_ptr(&self.invstd, "batch norm invstd")?.1,
+            gamma: tensor_ptr(gamma, "batch norm weight")?.1,
+            partial: pp,
+            dims: [n, c, h * w],
+        };
+        let py = tensor_ptr(res, "batch norm output")?.1;
+        let pd = tensor_ptr(&dy, "batch norm output gradient")?.1;
         let (dgamma, pdg) = alloc_tensor(&dev, DType::F32, c)?;
         let (dbeta, pdb) = alloc_tensor(&dev, DType::F32, c)?;
         let (_coef, pc) = alloc(&dev, DType::F32, 3 * c)?;
-        launch(
-            &dev,
-            "bn_bwd_finalize",
-            per_channel(c),
-            &[
-                Arg::Ptr(pp),
-                Arg::Ptr(pi),
-                Arg::Ptr(pg),
-                Arg::Ptr(pdg),
-                Arg::Ptr(pdb),
-                Arg::Ptr(pc),
-                Arg::I32(n as i32),
-                Arg::I32(c as i32),
-                Arg::I32(hw as i32),
-                Arg::I32(parts as i32),
-                Arg::I32(self.train as i32),
-            ],
-        )?;
         let (dx, pdx) = alloc_tensor(&dev, x.dtype(), x.shape())?;
-        launch(
-            &dev,
-            apply_name,
-            elementwise(total),
-            &[
-                Arg::Ptr(px),
-                Arg::Ptr(py),
-                Arg::Ptr(pd),
-                Arg::Ptr(pm),
-                Arg::Ptr(pc),
-                Arg::Ptr(pdx),
-                Arg::I64(total as i64),
-                Arg::I32(c as i32),
-                Arg::I32(hw as i32),
-                Arg::I32(self.relu as i32),
-            ],
-        )?;
+        let g = Gradients {
+            dx: pdx,
+            dgamma: pdg,
+            dbeta: pdb,
+            coef: pc,
+        };
+        // The op's own output masks the gradient when it fused a ReLU.
+        let mask = if self.relu { py } else { 0 };
+        backward(&dev, x.dtype(), &o, pd, mask, self.train, &g)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
@@ -201,10 +316,6 @@ pub fn batch_norm(
     let x = x.contiguous()?;
     let (n, c, h, w) = x.dims4()?;
     let hw = h * w;
-    let (stats_name, finalize_name) = (
-        kernel!(x.dtype(), "bn_stats_partial"),
-        kernel!(x.dtype(), "bn_stats_finalize"),
-    );
     for (t, what) in [
         (gamma, "weight"),
         (beta, "bias"),
@@ -219,45 +330,22 @@ pub fn batch_norm(
     }
     let (dev, px) = tensor_ptr(&x, "batch norm input")?;
     let (mean, invstd) = if train {
-        let parts = parts(c, n * hw);
-        let (_partial, pp) = alloc(&dev, DType::F32, c * parts * 2)?;
-        launch(
-            &dev,
-            stats_name,
-            reduce_grid(c, parts),
-            &[
-                Arg::Ptr(px),
-                Arg::Ptr(pp),
-                Arg::I32(n as i32),
-                Arg::I32(c as i32),
-                Arg::I32(hw as i32),
-            ],
-        )?;
+        let (_partial, pp) = alloc(&dev, DType::F32, c * parts(c, n * hw) * 2)?;
         let (mean, pm) = alloc_tensor(&dev, DType::F32, c)?;
         let (invstd, pi) = alloc_tensor(&dev, DType::F32, c)?;
-        let (_, prm) = tensor_ptr(running_mean, "running mean")?;
-        let (_, prv) = tensor_ptr(running_var, "running variance")?;
+        let o = Operands {
+            x: px,
+            mean: pm,
+            invstd: pi,
+            gamma: 0,
+            partial: pp,
+            dims: [n, c, hw],
+        };
         // The running statistics are updated in place, in stream order: the variables keep
         // their storage, so checkpoints and evaluation read the new values.
-        launch(
-            &dev,
-            finalize_name,
-            per_channel(c),
-            &[
-                Arg::Ptr(px),
-                Arg::Ptr(pp),
-                Arg::Ptr(pm),
-                Arg::Ptr(pi),
-                Arg::Ptr(prm),
-                Arg::Ptr(prv),
-                Arg::I32(n as i32),
-                Arg::I32(c as i32),
-                Arg::I32(hw as i32),
-                Arg::I32(parts as i32),
-                Arg::F32(eps as f32),
-                Arg::F32(momentum as f32),
-            ],
-        )?;
+        let (_, prm) = tensor_ptr(running_mean, "running mean")?;
+        let (_, prv) = tensor_ptr(running_var, "running variance")?;
+        statistics(&dev, x.dtype(), &o, prm, prv, eps, momentum)?;
         (mean, invstd)
     } else {
         let (_, prv) = tensor_ptr(running_var, "running variance")?;

@@ -396,6 +396,18 @@ impl BatchNorm {
         )
     }
 
+    /// The running mean and variance, and eps and momentum (for the planned CUDA step, which
+    /// updates the running statistics on the device).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn running(&self) -> (&Tensor, &Tensor, f64, f64) {
+        (
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+            self.eps,
+            self.momentum,
+        )
+    }
+
     /// γ and β.
     pub(crate) fn affine(&self) -> (&Tensor, &Tensor) {
         (&self.weight, &self.bias)

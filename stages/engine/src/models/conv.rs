@@ -51,6 +51,19 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// The same convolution as the cuDNN path keys its plans, for activations of `dtype`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self, dtype: candle_core::DType) -> crate::gpu::conv::Geometry {
+        crate::gpu::conv::geometry(
+            &[self.n, self.c, self.h, self.w],
+            &[self.cout, self.c / self.groups, self.kh, self.kw],
+            self.stride,
+            self.pad,
+            self.groups,
+            dtype,
+        )
+    }
+
     pub(crate) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.pad - self.kh) / self.stride + 1,
@@ -723,15 +736,7 @@ impl ConvOp {
     /// The geometry as the cuDNN path keys its plans.
     #[cfg(feature = "cuda")]
     fn gpu(&self, dtype: candle_core::DType) -> crate::gpu::conv::Geometry {
-        let g = self.0;
-        crate::gpu::conv::geometry(
-            &[g.n, g.c, g.h, g.w],
-            &[g.cout, g.c / g.groups, g.kh, g.kw],
-            g.stride,
-            g.pad,
-            g.groups,
-            dtype,
-        )
+        self.0.cuda(dtype)
     }
 
     fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {

@@ -1,0 +1,390 @@
+//! CUDA's [`Kernels`] for the planned training step (`models::plan`): device buffers of the
+//! activation type (f32 or bf16) that live across steps, cuDNN convolutions and the fused
+//! BatchNorm kernels called on raw addresses, and the residual passes of `kernels.cu`.
+//!
+//! What candle's autograd does per op on the GPU (allocate the output, record the graph,
+//! accumulate each gradient through a zero tensor, cast the f32 weight to bf16 as a graph op)
+//! is replaced by launches on fixed buffers: after the first step of a shape nothing is
+//! allocated. Parameter gradients are f32 tensors owned here, one per parameter, written (or
+//! added to, for a second forward pass of the same step) by the backward and handed to the
+//! `GradStore`; the next step's backward overwrites them, so a caller must not keep a step's
+//! gradients past the next one. The conv weights of a bf16 step are cast once per forward pass
+//! into bf16 copies kept here.
+//!
+//! Nothing here reads a value back to the host: the step runs in stream order on candle's
+//! stream, which is also what capturing it as a CUDA graph needs.
+
+use super::conv::{run, Direction};
+use super::norm::{self, Gradients, Operands};
+use super::{alloc, alloc_tensor, elementwise, kernel, launch, tensor_ptr, Arg};
+use crate::models::batch_norm::BatchNorm;
+use crate::models::conv::Conv2d;
+use crate::models::plan::Kernels;
+use candle_core::backprop::GradStore;
+use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, Tensor, Var};
+use std::collections::HashMap;
+
+/// A device buffer that grows and is never shrunk; its values are unspecified until written.
+#[derive(Default)]
+pub struct DeviceBuf {
+    storage: Option<CudaStorage>,
+    ptr: u64,
+    len: usize,
+    cap: usize,
+}
+
+impl DeviceBuf {
+    /// Makes the buffer hold `len` elements of `dtype` (its type never changes).
+    fn fit(&mut self, dev: &CudaDevice, dtype: DType, len: usize) -> Result<u64> {
+        if self.cap < len || self.storage.is_none() {
+            let (s, p) = alloc(dev, dtype, len)?;
+            // The old storage is freed in stream order, after the work queued on it.
+            self.storage = Some(s);
+            self.ptr = p;
+            self.cap = len;
+        }
+        self.len = len;
+        Ok(self.ptr)
+    }
+}
+
+/// A BatchNorm's batch mean and `1/√(var + eps)`, f32 on the device.
+#[derive(Default)]
+pub struct DeviceStats {
+    mean: DeviceBuf,
+    invstd: DeviceBuf,
+}
+
+/// The CUDA kernels of one plan: its device, activation type, and the buffers it owns besides
+/// the tapes (parameter gradients, bf16 weights, the BatchNorm's scratch).
+pub struct CudaKernels {
+    dev: CudaDevice,
+    dtype: DType,
+    /// f32 gradient tensors by their parameter's device address.
+    grads: HashMap<u64, Tensor>,
+    /// bf16 copies of the conv weights by the f32 weight's address (bf16 plans only).
+    weights: HashMap<u64, DeviceBuf>,
+    /// A weight gradient of the activation type, before it joins the parameter's f32 one.
+    dw: DeviceBuf,
+    /// dγ, dβ, the BatchNorm backward's coefficients, and the partial sums of its reductions.
+    dgamma: DeviceBuf,
+    dbeta: DeviceBuf,
+    coef: DeviceBuf,
+    partial: DeviceBuf,
+}
+
+impl CudaKernels {
+    /// Kernels on `dev` for activations of `dtype` (f32 or bf16).
+    pub fn new(dev: CudaDevice, dtype: DType) -> Self {
+        CudaKernels {
+            dev,
+            dtype,
+            grads: HashMap::new(),
+            weights: HashMap::new(),
+            dw: DeviceBuf::default(),
+            dgamma: DeviceBuf::default(),
+            dbeta: DeviceBuf::default(),
+            coef: DeviceBuf::default(),
+            partial: DeviceBuf::default(),
+        }
+    }
+
+    /// The address of `w` (an f32 conv weight) in the activation type: `w` itself, or its bf16
+    /// copy, cast now when `cast` (the forward pass) or when there is none yet.
+    fn weight(&mut self, w: &Tensor, cast: bool) -> Result<u64> {
+        let (_, pw) = tensor_ptr(w, "conv2d weight")?;
+        if self.dtype == DType::F32 {
+            return Ok(pw);
+        }
+        let n = w.elem_count();
+        let fresh = !self.weights.contains_key(&pw);
+        let copy = self.weights.entry(pw).or_default();
+        let p = copy.fit(&self.dev, DType::BF16, n)?;
+        if cast || fresh {
+            launch(
+                &self.dev,
+                "cast_f32_bf16",
+                elementwise(n),
+                &[Arg::Ptr(pw), Arg::Ptr(p), Arg::I64(n as i64)],
+            )?;
+        }
+        Ok(p)
+    }
+
+    /// Sets or adds the gradient of `var` from `len` values of type `dtype` at `src`: into the
+    /// f32 tensor kept for `var`, which `grads` then holds.
+    fn accumulate(
+        &mut self,
+        grads: &mut GradStore,
+        var: &Tensor,
+        src: u64,
+        dtype: DType,
+    ) -> Result<()> {
+        let (_, pv) = tensor_ptr(var, "parameter")?;
+        if !self.grads.contains_key(&pv) {
+            let (t, _) = alloc_tensor(&self.dev, DType::F32, var.shape())?;
+            self.grads.insert(pv, t);
+        }
+        let own = self.grads[&pv].clone();
+        let (_, po) = tensor_ptr(&own, "parameter gradient")?;
+        let add = match grads.get(var) {
+            None => false,
+            Some(g) if tensor_ptr(g, "parameter gradient")?.1 == po => true,
+            Some(g) => {
+                // A gradient from outside the plan (the parameter also used in candle's graph):
+                // ours starts from it.
+                let g = g.to_dtype(DType::F32)?.contiguous()?;
+                let (_, pg) = tensor_ptr(&g, "parameter gradient")?;
+                self.copy(pg, po, DType::F32, var.elem_count())?;
+                true
+            }
+        };
+        let n = var.elem_count();
+        launch(
+            &self.dev,
+            kernel!(dtype, "grad_add"),
+            elementwise(n),
+            &[
+                Arg::Ptr(po),
+                Arg::Ptr(src),
+                Arg::I64(n as i64),
+                Arg::I32(add as i32),
+            ],
+        )?;
+        grads.insert(var, own);
+        Ok(())
+    }
+
+    /// Copies `len` values of `dtype` from `src` to `dst`, in stream order.
+    fn copy(&self, src: u64, dst: u64, dtype: DType, len: usize) -> Result<()> {
+        let stream = self.dev.cuda_stream();
+        // SAFETY: both addresses are of live device buffers of at least `len` values.
+        unsafe { memcpy_dtod_async(dst, src, len * dtype.size_in_bytes(), stream.cu_stream()) }
+            .map_err(candle_core::Error::wrap)
+    }
+
+    /// Launches the elementwise kernel `name` over `total` values with `args`.
+    fn each(&self, name: &'static str, total: usize, args: &[Arg]) -> Result<()> {
+        launch(&self.dev, name, elementwise(total), args)
+    }
+}
+
+/// A CUDA tensor's values as the plan's type: `t` itself when it already is, else converted.
+fn as_type(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    t.to_dtype(dtype)?.contiguous()
+}
+
+impl Kernels for CudaKernels {
+    type Buf = DeviceBuf;
+    type Stats = DeviceStats;
+
+    fn fit(&mut self, b: &mut DeviceBuf, len: usize) -> Result<()> {
+        b.fit(&self.dev, self.dtype, len).map(|_| ())
+    }
+
+    fn load(&mut self, t: &Tensor, b: &mut DeviceBuf) -> Result<()> {
+        let t = as_type(t, self.dtype)?;
+        let (_, p) = tensor_ptr(&t, "planned step input")?;
+        let dst = b.fit(&self.dev, self.dtype, t.elem_count())?;
+        self.copy(p, dst, self.dtype, t.elem_count())
+    }
+
+    fn output(&mut self, b: &DeviceBuf, dims: [usize; 4]) -> Result<Var> {
+        let (s, p) = alloc(&self.dev, self.dtype, b.len)?;
+        self.copy(b.ptr, p, self.dtype, b.len)?;
+        let t = Tensor::from_storage(Storage::Cuda(s), dims.to_vec(), BackpropOp::none(), true);
+        Var::from_tensor(&t)
+    }
+
+    fn conv_forward(
+        &mut self,
+        conv: &Conv2d,
+        x: &DeviceBuf,
+        dims: [usize; 4],
+        y: &mut DeviceBuf,
+    ) -> Result<()> {
+        let g = conv.geometry(dims)?;
+        let pw = self.weight(conv.weight(), true)?;
+        let py = y.fit(&self.dev, self.dtype, g.output_len())?;
+        run(
+            &self.dev,
+            &g.cuda(self.dtype),
+            Direction::Forward,
+            x.ptr,
+            pw,
+            py,
+        )
+    }
+
+    fn bn_forward(
+        &mut self,
+        bn: &BatchNorm,
+        x: &DeviceBuf,
+        [n, c, h, w]: [usize; 4],
+        relu: bool,
+        stats: &mut DeviceStats,
+        y: &mut DeviceBuf,
+    ) -> Result<()> {
+        let (gamma, beta) = bn.affine();
+        let (running_mean, running_var, eps, momentum) = bn.running();
+        let o = Operands {
+            x: x.ptr,
+            mean: stats.mean.fit(&self.dev, DType::F32, c)?,
+            invstd: stats.invstd.fit(&self.dev, DType::F32, c)?,
+            gamma: tensor_ptr(gamma, "batch norm weight")?.1,
+            partial: self
+                .partial
+                .fit(&self.dev, DType::F32, c * norm::parts(c, n * h * w) * 2)?,
+            dims: [n, c, h * w],
+        };
+        let (_, prm) = tensor_ptr(running_mean, "running mean")?;
+        let (_, prv) = tensor_ptr(running_var, "running variance")?;
+        norm::statistics(&self.dev, self.dtype, &o, prm, prv, eps, momentum)?;
+        let py = y.fit(&self.dev, self.dtype, x.len)?;
+        let pb = tensor_ptr(beta, "batch norm bias")?.1;
+        norm::apply(&self.dev, self.dtype, &o, pb, relu, py)
+    }
+
+    fn bn_backward(
+        &mut self,
+        bn: &BatchNorm,
+        x: &DeviceBuf,
+        dy: &DeviceBuf,
+        mask: Option<&DeviceBuf>,
+        stats: &DeviceStats,
+        [n, c, h, w]: [usize; 4],
+        dx: &mut DeviceBuf,
+        grads: &mut GradStore,
+    ) -> Result<()> {
+        let (gamma, beta) = bn.affine();
+        let o = Operands {
+            x: x.ptr,
+            mean: stats.mean.ptr,
+            invstd: stats.invstd.ptr,
+            gamma: tensor_ptr(gamma, "batch norm weight")?.1,
+            partial: self
+                .partial
+                .fit(&self.dev, DType::F32, c * norm::parts(c, n * h * w) * 2)?,
+            dims: [n, c, h * w],
+        };
+        let g = Gradients {
+            dx: dx.fit(&self.dev, self.dtype, x.len)?,
+            dgamma: self.dgamma.fit(&self.dev, DType::F32, c)?,
+            dbeta: self.dbeta.fit(&self.dev, DType::F32, c)?,
+            coef: self.coef.fit(&self.dev, DType::F32, 3 * c)?,
+        };
+        let mask = mask.map_or(0, |m| m.ptr);
+        norm::backward(&self.dev, self.dtype, &o, dy.ptr, mask, true, &g)?;
+        self.accumulate(grads, gamma, g.dgamma, DType::F32)?;
+        self.accumulate(grads, beta, g.dbeta, DType::F32)
+    }
+
+    fn conv_backward(
+        &mut self,
+        conv: &Conv2d,
+        x: &DeviceBuf,
+        dims: [usize; 4],
+        dy: &DeviceBuf,
+        dx: Option<&mut DeviceBuf>,
+        grads: &mut GradStore,
+    ) -> Result<()> {
+        let g = conv.geometry(dims)?.cuda(self.dtype);
+        let weight = conv.weight();
+        let pw = self.weight(weight, false)?;
+        if let Some(dx) = dx {
+            let pdx = dx.fit(&self.dev, self.dtype, dims.iter().product())?;
+            run(&self.dev, &g, Direction::BackwardData, dy.ptr, pw, pdx)?;
+        }
+        let pdw = self.dw.fit(&self.dev, self.dtype, weight.elem_count())?;
+        run(&self.dev, &g, Direction::BackwardFilter, x.ptr, dy.ptr, pdw)?;
+        self.accumulate(grads, weight, pdw, self.dtype)
+    }
+
+    fn add_relu(&mut self, a: &DeviceBuf, b: &DeviceBuf, y: &mut DeviceBuf) -> Result<()> {
+        let py = y.fit(&self.dev, self.dtype, a.len)?;
+        self.each(
+            kernel!(self.dtype, "add_relu_fwd"),
+            a.len,
+            &[
+                Arg::Ptr(a.ptr),
+                Arg::Ptr(b.ptr),
+                Arg::Ptr(py),
+                Arg::I64(a.len as i64),
+            ],
+        )
+    }
+
+    fn add_relu_in_place(&mut self, y: &mut DeviceBuf, a: &DeviceBuf) -> Result<()> {
+        // Each thread reads y[i] before writing it: the output may alias an operand.
+        self.each(
+            kernel!(self.dtype, "add_relu_fwd"),
+            y.len,
+            &[
+                Arg::Ptr(a.ptr),
+                Arg::Ptr(y.ptr),
+                Arg::Ptr(y.ptr),
+                Arg::I64(y.len as i64),
+            ],
+        )
+    }
+
+    fn add_masked(&mut self, dx: &mut DeviceBuf, dy: &DeviceBuf, out: &DeviceBuf) -> Result<()> {
+        self.each(
+            kernel!(self.dtype, "add_masked"),
+            dx.len,
+            &[
+                Arg::Ptr(dx.ptr),
+                Arg::Ptr(dy.ptr),
+                Arg::Ptr(out.ptr),
+                Arg::I64(dx.len as i64),
+            ],
+        )
+    }
+
+    fn add(&mut self, dx: &mut DeviceBuf, d: &DeviceBuf) -> Result<()> {
+        self.each(
+            kernel!(self.dtype, "add_into"),
+            dx.len,
+            &[Arg::Ptr(dx.ptr), Arg::Ptr(d.ptr), Arg::I64(dx.len as i64)],
+        )
+    }
+
+    fn subsample(
+        &mut self,
+        x: &DeviceBuf,
+        [n, c, h, w]: [usize; 4],
+        pad: usize,
+        stride: usize,
+        y: &mut DeviceBuf,
+    ) -> Result<()> {
+        let total = n * (c + pad) * h.div_ceil(stride) * w.div_ceil(stride);
+        let py = y.fit(&self.dev, self.dtype, total)?;
+        let [n, c, h, w, pad, stride] = [n, c, h, w, pad, stride].map(|v| Arg::I32(v as i32));
+        self.each(
+            kernel!(self.dtype, "subsample"),
+            total,
+            &[Arg::Ptr(x.ptr), Arg::Ptr(py), n, c, h, w, pad, stride],
+        )
+    }
+
+    fn subsample_backward(
+        &mut self,
+        dx: &mut DeviceBuf,
+        [n, c, h, w]: [usize; 4],
+        dy: &DeviceBuf,
+        out: &DeviceBuf,
+        pad: usize,
+        stride: usize,
+    ) -> Result<()> {
+        let total = n * c * h.div_ceil(stride) * w.div_ceil(stride);
+        let (pdx, pdy, pout) = (Arg::Ptr(dx.ptr), Arg::Ptr(dy.ptr), Arg::Ptr(out.ptr));
+        let [n, c, h, w, pad, stride] = [n, c, h, w, pad, stride].map(|v| Arg::I32(v as i32));
+        self.each(
+            kernel!(self.dtype, "subsample_bwd"),
+            total,
+            &[pdx, pdy, pout, n, c, h, w, pad, stride],
+        )
+    }
+}
