@@ -7,7 +7,8 @@
 //! On CPU the update runs in place, one pass over each parameter that reads the gradient and
 //! writes the momentum buffer and the weights, with no allocation; as candle tensor ops it would
 //! be seven elementwise passes, each allocating a parameter-sized tensor. On CUDA the same pass
-//! is one kernel per parameter (`gpu::sgd_step`), with the momentum buffers in device memory.
+//! runs over up to 64 parameters per kernel (`gpu::sgd_multi`), with the momentum buffers and
+//! the learning rate in device memory.
 //! Other devices use the tensor ops.
 
 use crate::error::{EngineError, Result};
@@ -52,6 +53,9 @@ pub struct Sgd {
     params: Vec<(String, Var)>,
     buffers: BTreeMap<String, Buffer>,
     config: SgdConfig,
+    /// The learning rate in device memory, which the CUDA update reads.
+    #[cfg(feature = "cuda")]
+    lr_on_device: Option<Tensor>,
 }
 
 /// Whether a parameter takes the in-place CPU update.
@@ -67,6 +71,8 @@ impl Sgd {
             params,
             buffers: BTreeMap::new(),
             config,
+            #[cfg(feature = "cuda")]
+            lr_on_device: None,
         }
     }
 
@@ -74,6 +80,8 @@ impl Sgd {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let _t = timer(Section::OptimizerStep);
         let (params, buffers, config) = (&self.params, &mut self.buffers, self.config);
+        #[cfg(feature = "cuda")]
+        let mut on_gpu = Vec::new();
         for (name, var) in params {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -81,7 +89,7 @@ impl Sgd {
             let w = var.as_tensor();
             #[cfg(feature = "cuda")]
             if on_cuda(w) {
-                step_on_cuda(config, buffers, name, w, g, lr)?;
+                on_gpu.push((name.as_str(), w, g));
                 continue;
             }
             if on_host(w) {
@@ -89,6 +97,10 @@ impl Sgd {
             } else {
                 step_with_tensor_ops(config, buffers, name, var, g, lr)?;
             }
+        }
+        #[cfg(feature = "cuda")]
+        if !on_gpu.is_empty() {
+            step_on_cuda(config, buffers, &mut self.lr_on_device, &on_gpu, lr)?;
         }
         Ok(())
     }
@@ -147,37 +159,72 @@ fn on_cuda(w: &Tensor) -> bool {
     w.device().is_cuda() && w.dtype() == DType::F32 && w.is_contiguous()
 }
 
-/// The CUDA update of one parameter: one kernel over w, g and the momentum buffer, in place.
+/// The CUDA update of `params` (name, weights, gradient): the multi-tensor kernel over the
+/// weights, gradients and momentum buffers, in place, the learning rate written to the device.
 #[cfg(feature = "cuda")]
 fn step_on_cuda(
     c: SgdConfig,
     buffers: &mut BTreeMap<String, Buffer>,
-    name: &str,
-    w: &Tensor,
-    g: &Tensor,
+    lr_on_device: &mut Option<Tensor>,
+    params: &[(&str, &Tensor, &Tensor)],
     lr: f64,
 ) -> Result<()> {
-    let buf = if c.momentum != 0.0 {
-        let b = match buffers.remove(name) {
-            Some(Buffer::Device(t)) if t.is_contiguous() && t.dtype() == DType::F32 => t,
-            Some(Buffer::Device(t)) => t.to_dtype(DType::F32)?.contiguous()?.copy()?,
-            Some(Buffer::Host(v)) => Tensor::from_slice(&v, w.shape(), w.device())?,
-            None => Tensor::zeros(w.shape(), DType::F32, w.device())?,
-        };
-        buffers.insert(name.to_string(), Buffer::Device(b.clone()));
-        Some(b)
-    } else {
-        None
+    use crate::gpu::{sgd_multi, set_f32, tensor_ptr, SgdParam};
+    let device = params[0].1.device();
+    let candle_core::Device::Cuda(dev) = device else {
+        unreachable!("on_cuda checked the device")
     };
-    Ok(crate::gpu::sgd_step(
-        w,
-        g,
-        buf.as_ref(),
-        lr as f32,
+    let lr_t = match lr_on_device {
+        Some(t) if t.device().same_device(device) => t.clone(),
+        _ => lr_on_device
+            .insert(Tensor::zeros(1, DType::F32, device)?)
+            .clone(),
+    };
+    let (_, lr_at) = tensor_ptr(&lr_t, "learning rate")?;
+    set_f32(dev, lr_at, lr as f32)?;
+    // The contiguous f32 gradients live until the launches are queued (freed in stream order).
+    let mut kept = Vec::with_capacity(params.len());
+    let mut table = Vec::with_capacity(params.len());
+    for &(name, w, g) in params {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        if g.elem_count() != w.elem_count() {
+            return Err(EngineError::Numeric(format!(
+                "the gradient of `{name}` has {} values, the parameter {}",
+                g.elem_count(),
+                w.elem_count()
+            )));
+        }
+        let buf = if c.momentum != 0.0 {
+            let b = match buffers.remove(name) {
+                Some(Buffer::Device(t)) if t.is_contiguous() && t.dtype() == DType::F32 => t,
+                Some(Buffer::Device(t)) => t.to_dtype(DType::F32)?.contiguous()?.copy()?,
+                Some(Buffer::Host(v)) => Tensor::from_slice(&v, w.shape(), device)?,
+                None => Tensor::zeros(w.shape(), DType::F32, device)?,
+            };
+            let at = tensor_ptr(&b, "SGD momentum buffer")?.1;
+            buffers.insert(name.to_string(), Buffer::Device(b));
+            at
+        } else {
+            0
+        };
+        table.push(SgdParam {
+            w: tensor_ptr(w, "SGD parameter")?.1,
+            g: tensor_ptr(&g, "SGD gradient")?.1,
+            buf,
+            n: w.elem_count(),
+        });
+        kept.push(g);
+    }
+    sgd_multi(
+        dev,
+        &table,
+        lr_at,
         c.momentum as f32,
         c.weight_decay as f32,
         c.nesterov,
-    )?)
+    )?;
+    drop(kept);
+    Ok(())
 }
 
 /// The CPU update of one parameter: one pass over w, g and the momentum buffer.

@@ -540,3 +540,52 @@ fn planned_steps_follow_the_cpu() {
         }
     }
 }
+
+/// The multi-tensor update (64 parameters per launch) over 70 parameters of different lengths,
+/// one of them longer than a launch's grid covers in one stride, with a learning rate that
+/// changes every step (it is read from device memory): weights and momentum buffers as on
+/// the CPU.
+#[test]
+fn sgd_over_many_parameters_matches_cpu() {
+    use engine::optim::{Sgd, SgdConfig};
+    let Some(gpu) = cuda("sgd over many parameters") else {
+        return;
+    };
+    let sizes: Vec<usize> = (0..70)
+        .map(|i| if i == 5 { 20_000_000 } else { 1 + (i * 37) % 500 })
+        .collect();
+    let run = |device: &Device| {
+        let vars: Vec<(String, Var)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let w = random(&[n], 100 + i as u64).to_device(device).unwrap();
+                (format!("p{i:02}"), Var::from_tensor(&w).unwrap())
+            })
+            .collect();
+        let mut opt = Sgd::new(vars.clone(), SgdConfig::default());
+        for (s, lr) in [0.1, 0.05, 0.01].into_iter().enumerate() {
+            let mut loss = Tensor::zeros((), DType::F32, device).unwrap();
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let target = random(v.dims(), 1000 + (s * 100 + i) as u64)
+                    .to_device(device)
+                    .unwrap();
+                let l = (v.as_tensor() - target).unwrap().sqr().unwrap().sum_all().unwrap();
+                loss = (loss + l).unwrap();
+            }
+            opt.step(&loss.backward().unwrap(), lr).unwrap();
+        }
+        let state = opt.state().unwrap();
+        vars.into_iter()
+            .map(|(name, v)| {
+                let b = state[&name].clone();
+                (name, v.as_tensor().clone(), b)
+            })
+            .collect::<Vec<_>>()
+    };
+    let (c, g) = (run(&Device::Cpu), run(&gpu));
+    for ((name, wg, bg), (_, wc, bc)) in g.iter().zip(&c) {
+        assert!(max_rel(wg, wc) < 1e-5, "`{name}`: weights after 3 steps");
+        assert!(max_rel(bg, bc) < 1e-5, "`{name}`: momentum buffer after 3 steps");
+    }
+}

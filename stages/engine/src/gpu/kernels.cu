@@ -315,22 +315,43 @@ __device__ void grad_add(float* g, const T* d, long long total, int accumulate) 
 
 FOR_TYPES(INSTANTIATE)
 
-// One SGD step of one f32 parameter, in place, with PyTorch's semantics (see optim.rs):
-// g ← g + wd·w; b ← μ·b + g (b starts at 0, so b = g on the first step); d ← g + μ·b with
-// Nesterov, else b; w ← w − lr·d. With μ = 0 there is no buffer (b may be null).
-extern "C" __global__ void sgd_step_f32(float* w, const float* grad, float* buf, long long n,
-                                        float lr, float momentum, float weight_decay,
-                                        int nesterov) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float g = grad[i] + weight_decay * w[i];
-        float d = g;
-        if (momentum != 0.f) {
-            const float b = momentum * buf[i] + g;
-            buf[i] = b;
-            d = nesterov ? g + momentum * b : b;
+// Parameters per launch of the multi-tensor SGD. The table travels as a kernel argument
+// (4 × 64 × 8 + 8 bytes, inside the 4 KiB every architecture accepts), so a step is
+// ⌈parameters / 64⌉ launches and no host-to-device copy. Layout shared with gpu/mod.rs.
+#define SGD_TABLE 64
+struct SgdTable {
+    float* w[SGD_TABLE];
+    const float* g[SGD_TABLE];
+    float* b[SGD_TABLE];
+    long long n[SGD_TABLE];
+    int count;
+};
+
+// One SGD step of up to SGD_TABLE f32 parameters, in place, with PyTorch's semantics (see
+// optim.rs): g ← g + wd·w; b ← μ·b + g (b starts at 0, so b = g on the first step); d ← g + μ·b
+// with Nesterov, else b; w ← w − lr·d. With μ = 0 there are no buffers (b may be null). The
+// learning rate is read from device memory, so a replayed CUDA graph follows the schedule.
+// Every block walks every parameter, grid-striding inside each, so the threads of a warp
+// always read the same table entry.
+extern "C" __global__ void sgd_multi_f32(const SgdTable t, const float* lr_at, float momentum,
+                                         float weight_decay, int nesterov) {
+    const float lr = *lr_at;
+    for (int s = 0; s < t.count; ++s) {
+        float* w = t.w[s];
+        const float* grad = t.g[s];
+        float* buf = t.b[s];
+        const long long n = t.n[s];
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+             i += (long long)gridDim.x * blockDim.x) {
+            float g = grad[i] + weight_decay * w[i];
+            float d = g;
+            if (momentum != 0.f) {
+                const float b = momentum * buf[i] + g;
+                buf[i] = b;
+                d = nesterov ? g + momentum * b : b;
+            }
+            w[i] -= lr * d;
         }
-        w[i] -= lr * d;
     }
 }
 

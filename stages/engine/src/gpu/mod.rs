@@ -1,5 +1,6 @@
 //! The CUDA training path (a build with the `cuda` feature): cuDNN convolutions ([`conv`]), fused
-//! BatchNorm kernels ([`norm`]), the fused residual add + ReLU and the SGD update (this file),
+//! BatchNorm kernels ([`norm`]), the fused residual add + ReLU and the multi-tensor SGD update
+//! (this file),
 //! the planned step's kernels over fixed device buffers ([`plan`]), and pinned, asynchronous
 //! host-to-device copies of batches ([`feed`]).
 //!
@@ -19,7 +20,7 @@ pub mod plan;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, DevicePtr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, DeviceId};
 use candle_core::op::BackpropOp;
@@ -71,6 +72,17 @@ pub(crate) fn launch(
     cfg: LaunchConfig,
     args: &[Arg],
 ) -> Result<()> {
+    launch_with_table(dev, name, cfg, None, args)
+}
+
+/// [`launch`] of a kernel whose first parameter is an [`SgdTable`].
+fn launch_with_table(
+    dev: &CudaDevice,
+    name: &'static str,
+    cfg: LaunchConfig,
+    table: Option<&SgdTable>,
+    args: &[Arg],
+) -> Result<()> {
     FUNCTIONS.with(|cache| -> Result<()> {
         let mut cache = cache.borrow_mut();
         let key = (dev.id(), name);
@@ -80,6 +92,9 @@ pub(crate) fn launch(
         }
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&cache[&key]);
+        if let Some(t) = table {
+            b.arg(t);
+        }
         for a in args {
             match a {
                 Arg::Ptr(v) => b.arg(v),
@@ -213,44 +228,79 @@ pub(crate) fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     Ok(g)
 }
 
-/// One in-place SGD step of an f32 parameter `w` (contiguous, on CUDA) with gradient `g` and
-/// momentum buffer `buf` (same length; unused when `momentum` is 0). See `optim.rs`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgd_step(
-    w: &Tensor,
-    g: &Tensor,
-    buf: Option<&Tensor>,
-    lr: f32,
+/// Parameters per launch of `sgd_multi_f32` (`SGD_TABLE` in `kernels.cu`).
+const SGD_TABLE: usize = 64;
+
+/// The kernel argument of `sgd_multi_f32`: `struct SgdTable` of `kernels.cu`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SgdTable {
+    w: [u64; SGD_TABLE],
+    g: [u64; SGD_TABLE],
+    b: [u64; SGD_TABLE],
+    n: [i64; SGD_TABLE],
+    count: i32,
+}
+
+// SAFETY: a plain C struct of integers, passed by value as the kernel's first parameter.
+unsafe impl DeviceRepr for SgdTable {}
+
+/// One parameter of a multi-tensor SGD step: device addresses of its f32 weights, gradient and
+/// momentum buffer (0 without momentum), each of `n` values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SgdParam {
+    pub w: u64,
+    pub g: u64,
+    pub buf: u64,
+    pub n: usize,
+}
+
+/// One in-place SGD step of every parameter in `params` (see `optim.rs`), the learning rate
+/// read from the f32 at device address `lr`: ⌈len / 64⌉ launches instead of one per parameter.
+pub(crate) fn sgd_multi(
+    dev: &CudaDevice,
+    params: &[SgdParam],
+    lr: u64,
     momentum: f32,
     weight_decay: f32,
     nesterov: bool,
 ) -> Result<()> {
-    let g = g.contiguous()?;
-    let (dev, pw) = tensor_ptr(w, "SGD parameter")?;
-    let (_, pg) = tensor_ptr(&g, "SGD gradient")?;
-    let pb = match buf {
-        Some(b) => tensor_ptr(b, "SGD momentum buffer")?.1,
-        None => 0,
-    };
-    if g.elem_count() != w.elem_count() || buf.is_some_and(|b| b.elem_count() != w.elem_count()) {
-        candle_core::bail!("SGD: parameter, gradient and momentum buffer differ in length")
+    for chunk in params.chunks(SGD_TABLE) {
+        let mut t = SgdTable {
+            w: [0; SGD_TABLE],
+            g: [0; SGD_TABLE],
+            b: [0; SGD_TABLE],
+            n: [0; SGD_TABLE],
+            count: chunk.len() as i32,
+        };
+        for (i, p) in chunk.iter().enumerate() {
+            (t.w[i], t.g[i], t.b[i], t.n[i]) = (p.w, p.g, p.buf, p.n as i64);
+        }
+        let largest = chunk.iter().map(|p| p.n).max().unwrap_or(1);
+        launch_with_table(
+            dev,
+            "sgd_multi_f32",
+            elementwise(largest),
+            Some(&t),
+            &[
+                Arg::Ptr(lr),
+                Arg::F32(momentum),
+                Arg::F32(weight_decay),
+                Arg::I32(nesterov as i32),
+            ],
+        )?;
     }
-    let n = w.elem_count();
-    launch(
-        &dev,
-        "sgd_step_f32",
-        elementwise(n),
-        &[
-            Arg::Ptr(pw),
-            Arg::Ptr(pg),
-            Arg::Ptr(pb),
-            Arg::I64(n as i64),
-            Arg::F32(lr),
-            Arg::F32(momentum),
-            Arg::F32(weight_decay),
-            Arg::I32(nesterov as i32),
-        ],
-    )
+    Ok(())
+}
+
+/// Writes `v` into the f32 at device address `at`, in stream order: a memset of its bits, so
+/// no host buffer has to outlive the call (a per-step scalar a captured graph reads).
+pub(crate) fn set_f32(dev: &CudaDevice, at: u64, v: f32) -> Result<()> {
+    let stream = dev.cuda_stream();
+    // SAFETY: `at` is the address of a live f32 in device memory.
+    unsafe { sys::cuMemsetD32Async(at, v.to_bits(), 1, stream.cu_stream()) }
+        .result()
+        .map_err(candle_core::Error::wrap)
 }
 
 /// The most device memory held by live allocations of this process since the last reset, in
@@ -259,7 +309,6 @@ pub(crate) fn sgd_step(
 /// context and library workspaces outside the pool are not counted). `reset` starts a new
 /// measurement. `None` where the device has no memory pools.
 pub fn memory_high_water(dev: &CudaDevice, reset: bool) -> Result<Option<u64>> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = dev.cuda_stream();
     let ctx = stream.context();
     if !ctx.has_async_alloc() {
