@@ -4,6 +4,7 @@
 #
 #   scripts/build-cuda.sh               # -> target/cuda/release/pipeline
 #   TESTS=1 scripts/build-cuda.sh       # also the GPU test binary (stages/engine/tests/gpu_ops.rs)
+#   CLIPPY=1 scripts/build-cuda.sh      # also clippy over the `cuda` code (-D warnings)
 #
 # Environment: TK (toolkit folder, default ~/.cache/cuda13-pip), CUDA_COMPUTE_CAP (default 90,
 # the H100/H200; 80 for A100, 89 for L4/L40/RTX 40xx), JOBS (cargo -j, default: all cores).
@@ -76,4 +77,9 @@ if [ "${TESTS:-0}" = 1 ]; then
   cargo test --release -p engine --features cuda --target-dir target/cuda --test gpu_ops --no-run \
     ${JOBS:+-j "$JOBS"} 2>&1 | tee /dev/stderr | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' > target/cuda/gpu_ops.path
   echo "built $(cat target/cuda/gpu_ops.path)"
+fi
+if [ "${CLIPPY:-0}" = 1 ]; then
+  cargo clippy --release -p engine --features cuda --target-dir target/cuda --all-targets \
+    ${JOBS:+-j "$JOBS"} -- -D warnings
+  echo "clippy: the cuda feature's code is clean"
 fi

@@ -169,7 +169,7 @@ fn step_on_cuda(
     params: &[(&str, &Tensor, &Tensor)],
     lr: f64,
 ) -> Result<()> {
-    use crate::gpu::{sgd_multi, set_f32, tensor_ptr, SgdParam};
+    use crate::gpu::{set_f32, sgd_multi, tensor_ptr, SgdParam};
     let device = params[0].1.device();
     let candle_core::Device::Cuda(dev) = device else {
         unreachable!("on_cuda checked the device")

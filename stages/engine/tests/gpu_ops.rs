@@ -552,7 +552,13 @@ fn sgd_over_many_parameters_matches_cpu() {
         return;
     };
     let sizes: Vec<usize> = (0..70)
-        .map(|i| if i == 5 { 20_000_000 } else { 1 + (i * 37) % 500 })
+        .map(|i| {
+            if i == 5 {
+                20_000_000
+            } else {
+                1 + (i * 37) % 500
+            }
+        })
         .collect();
     let run = |device: &Device| {
         let vars: Vec<(String, Var)> = sizes
@@ -570,7 +576,12 @@ fn sgd_over_many_parameters_matches_cpu() {
                 let target = random(v.dims(), 1000 + (s * 100 + i) as u64)
                     .to_device(device)
                     .unwrap();
-                let l = (v.as_tensor() - target).unwrap().sqr().unwrap().sum_all().unwrap();
+                let l = (v.as_tensor() - target)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
                 loss = (loss + l).unwrap();
             }
             opt.step(&loss.backward().unwrap(), lr).unwrap();
@@ -586,6 +597,102 @@ fn sgd_over_many_parameters_matches_cpu() {
     let (c, g) = (run(&Device::Cpu), run(&gpu));
     for ((name, wg, bg), (_, wc, bc)) in g.iter().zip(&c) {
         assert!(max_rel(wg, wc) < 1e-5, "`{name}`: weights after 3 steps");
-        assert!(max_rel(bg, bc) < 1e-5, "`{name}`: momentum buffer after 3 steps");
+        assert!(
+            max_rel(bg, bc) < 1e-5,
+            "`{name}`: momentum buffer after 3 steps"
+        );
+    }
+}
+
+/// The planned step with its passes recorded as CUDA graphs and replayed (`LDL_GPU_GRAPH`)
+/// against the same step run launch by launch: the same kernels on the same buffers, so the
+/// logits of every step and the weights, momentum buffers and running statistics after them
+/// are bitwise equal. Eight steps of two forward passes into one loss plus one whose output is
+/// unused, a learning rate that changes every step, and a smaller batch at steps 4 and 6 (the
+/// partial last batch of an epoch: unrecorded the first time, recorded when it recurs).
+#[test]
+fn recorded_steps_equal_unrecorded_bitwise() {
+    use engine::losses::cross_entropy;
+    use engine::models::{Mode, Model, ModelSpec, Shortcut};
+    use engine::optim::{Sgd, SgdConfig};
+    let Some(gpu) = cuda("recorded steps") else {
+        return;
+    };
+    for (arch, shortcut) in [("resnet8", Shortcut::A), ("resnet14", Shortcut::B)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let spec = ModelSpec {
+                width: 8,
+                shortcut,
+                ..ModelSpec::new(arch, 10, 3).unwrap()
+            };
+            let run = |graphs: bool| {
+                let mut m = Model::new(&spec, &gpu, 5).unwrap();
+                assert!(m.net.plan_training_with(Some(dtype), graphs));
+                let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
+                let mut logits = Vec::new();
+                for step in 0..8u64 {
+                    let n = if step == 4 || step == 6 { 10 } else { 16 };
+                    let x = random(&[n, 3, 16, 16], 60 + step)
+                        .to_device(&gpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let y =
+                        Tensor::from_vec((0..n as u32).map(|i| i % 10).collect(), n, &gpu).unwrap();
+                    let mode = Mode::train(step);
+                    let a = m
+                        .net
+                        .forward_mode(&x.narrow(0, 0, 6).unwrap(), mode)
+                        .unwrap();
+                    let b = m
+                        .net
+                        .forward_mode(&x.narrow(0, 6, n - 6).unwrap(), mode)
+                        .unwrap();
+                    let _unused = m.net.forward_mode(&x, mode).unwrap();
+                    let l = Tensor::cat(&[&a, &b], 0).unwrap();
+                    let loss = cross_entropy(&l, &y).unwrap();
+                    opt.step(&m.net.backward(&loss).unwrap(), 0.1 / (1 + step) as f64)
+                        .unwrap();
+                    logits.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+                let data = m.vars.data().lock().unwrap();
+                let mut after: Vec<(String, Vec<f32>)> = data
+                    .iter()
+                    .map(|(k, v)| {
+                        let v = v.as_tensor().flatten_all().unwrap();
+                        (k.clone(), v.to_vec1::<f32>().unwrap())
+                    })
+                    .collect();
+                after.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut state: Vec<(String, Vec<f32>)> = opt
+                    .state()
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                    .collect();
+                state.sort_by(|a, b| a.0.cmp(&b.0));
+                (logits, after, state)
+            };
+            let plain = run(false);
+            let before = engine::models::plan::graph_replays();
+            let recorded = run(true);
+            // Per step 2 forward passes + 1 backward, and the unused pass: of 8 steps, the
+            // first of each shape runs unrecorded (steps 0 and 4).
+            let replays = engine::models::plan::graph_replays() - before;
+            eprintln!("{arch} {dtype:?}: {replays} recorded passes replayed");
+            assert!(
+                replays >= 20,
+                "{arch} {dtype:?}: only {replays} passes replayed"
+            );
+            for (s, (a, b)) in recorded.0.iter().zip(&plain.0).enumerate() {
+                assert_eq!(a, b, "{arch} {dtype:?} step {s}: logits");
+            }
+            for ((name, a), (_, b)) in recorded.1.iter().zip(&plain.1) {
+                assert_eq!(a, b, "{arch} {dtype:?}: `{name}` after 8 steps");
+            }
+            for ((name, a), (_, b)) in recorded.2.iter().zip(&plain.2) {
+                assert_eq!(a, b, "{arch} {dtype:?}: momentum of `{name}` after 8 steps");
+            }
+        }
     }
 }

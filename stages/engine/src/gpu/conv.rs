@@ -100,7 +100,18 @@ impl Drop for Plan {
 struct State {
     handle: sys::cudnnHandle_t,
     plans: HashMap<Geometry, Plan>,
-    workspace: Option<CudaSlice<u8>>,
+    /// The workspace and its device address (taken once: asking the slice for it on every
+    /// call would also record events, which a stream being captured into a graph refuses).
+    workspace: Option<(CudaSlice<u8>, u64)>,
+}
+
+/// How many times a workspace was (re)allocated in this process: a CUDA graph recorded before
+/// the last time addresses a freed one (`gpu::plan`).
+static WORKSPACE_ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`WORKSPACE_ALLOCATIONS`].
+pub(crate) fn workspace_allocations() -> u64 {
+    WORKSPACE_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 thread_local! {
@@ -323,15 +334,17 @@ pub(crate) fn run(
         }
         let plan = &st.plans[g];
         let need = plan.workspace[dir as usize];
-        if need > 0 && st.workspace.as_ref().is_none_or(|w| w.len() < need) {
+        if need > 0 && st.workspace.as_ref().is_none_or(|w| w.0.len() < need) {
             // Grown, never shrunk: the largest plan's workspace serves every call. The old one
             // is freed in stream order, after the work queued on it.
             // SAFETY: cuDNN only writes scratch data to it.
-            st.workspace = Some(unsafe { dev.alloc::<u8>(need)? });
+            let w = unsafe { dev.alloc::<u8>(need)? };
+            let at = w.device_ptr(&dev.cuda_stream()).0;
+            st.workspace = Some((w, at));
+            WORKSPACE_ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let stream = dev.cuda_stream();
         let (ws, ws_len) = match (&st.workspace, need) {
-            (Some(w), n) if n > 0 => (w.device_ptr(&stream).0 as *mut std::ffi::c_void, w.len()),
+            (Some((w, at)), n) if n > 0 => (*at as *mut std::ffi::c_void, w.len()),
             _ => (std::ptr::null_mut(), 0),
         };
         let (one, zero) = (1f32, 0f32);

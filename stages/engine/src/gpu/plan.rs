@@ -12,7 +12,16 @@
 //! into bf16 copies kept here.
 //!
 //! Nothing here reads a value back to the host: the step runs in stream order on candle's
-//! stream, which is also what capturing it as a CUDA graph needs.
+//! stream. With `LDL_GPU_GRAPH=1` (and the plan, `LDL_GPU_PLAN=1`) each tape's forward and
+//! backward pass, once warm, is recorded as a CUDA graph by stream capture and replayed as one
+//! launch (`models::plan` decides when). What makes that sound here: buffers only grow, and
+//! every allocation bumps a process-wide count that retires the graphs recorded before it (a
+//! cuDNN workspace grown too, `conv::workspace_allocations`); parameters, gradients and their
+//! device addresses are fixed (SGD and BatchNorm's running statistics update in place), and
+//! those addresses are looked up once, so no slice is asked for its address (which records
+//! events) while a stream is being captured; a parameter gradient that comes from outside the
+//! plan (a candle tensor at a new address every step) makes that pass unrecordable. The
+//! `GradStore` entries a recorded backward made are made again after each replay.
 
 use super::conv::{run, Direction};
 use super::norm::{self, Gradients, Operands};
@@ -22,9 +31,34 @@ use crate::models::conv::Conv2d;
 use crate::models::plan::Kernels;
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, Tensor, Var};
+use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, Tensor, TensorId, Var};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Device buffers the plans of this process have allocated: a graph recorded at another count
+/// may address freed memory.
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Recorded passes replayed by this process.
+static REPLAYS: AtomicU64 = AtomicU64::new(0);
+
+/// How many recorded passes this process has replayed.
+pub fn replays() -> u64 {
+    REPLAYS.load(Ordering::Relaxed)
+}
+
+/// A recorded pass: the graph, and the gradients it writes as (parameter, gradient) pairs for
+/// the `GradStore`.
+pub struct Graph {
+    exec: CudaGraph,
+    grads: Vec<(Tensor, Tensor)>,
+}
+
+// SAFETY: a graph is not internally synchronised; it is only launched or dropped by the plan
+// that owns it, behind the network's mutex, so never from two threads at once.
+unsafe impl Send for Graph {}
 
 /// A device buffer that grows and is never shrunk; its values are unspecified until written.
 #[derive(Default)]
@@ -40,6 +74,7 @@ impl DeviceBuf {
     fn fit(&mut self, dev: &CudaDevice, dtype: DType, len: usize) -> Result<u64> {
         if self.cap < len || self.storage.is_none() {
             let (s, p) = alloc(dev, dtype, len)?;
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             // The old storage is freed in stream order, after the work queued on it.
             self.storage = Some(s);
             self.ptr = p;
@@ -62,6 +97,14 @@ pub struct DeviceStats {
 pub struct CudaKernels {
     dev: CudaDevice,
     dtype: DType,
+    /// Whether passes are recorded as graphs.
+    graphs: bool,
+    /// Device addresses of the parameters and their gradient tensors, looked up once.
+    addresses: HashMap<TensorId, u64>,
+    /// While recording: the gradients the pass hands to the `GradStore`.
+    recording: Option<Vec<(Tensor, Tensor)>>,
+    /// While recording: whether the pass met a gradient it cannot replay.
+    unrecordable: bool,
     /// f32 gradient tensors by their parameter's device address.
     grads: HashMap<u64, Tensor>,
     /// bf16 copies of the conv weights by the f32 weight's address (bf16 plans only).
@@ -76,11 +119,16 @@ pub struct CudaKernels {
 }
 
 impl CudaKernels {
-    /// Kernels on `dev` for activations of `dtype` (f32 or bf16).
-    pub fn new(dev: CudaDevice, dtype: DType) -> Self {
+    /// Kernels on `dev` for activations of `dtype` (f32 or bf16), recording graphs when
+    /// `graphs`.
+    pub fn new(dev: CudaDevice, dtype: DType, graphs: bool) -> Self {
         CudaKernels {
             dev,
             dtype,
+            graphs,
+            addresses: HashMap::new(),
+            recording: None,
+            unrecordable: false,
             grads: HashMap::new(),
             weights: HashMap::new(),
             dw: DeviceBuf::default(),
@@ -94,13 +142,14 @@ impl CudaKernels {
     /// The address of `w` (an f32 conv weight) in the activation type: `w` itself, or its bf16
     /// copy, cast now when `cast` (the forward pass) or when there is none yet.
     fn weight(&mut self, w: &Tensor, cast: bool) -> Result<u64> {
-        let (_, pw) = tensor_ptr(w, "conv2d weight")?;
+        let pw = self.address(w, "conv2d weight")?;
         if self.dtype == DType::F32 {
             return Ok(pw);
         }
         let n = w.elem_count();
         let fresh = !self.weights.contains_key(&pw);
         let copy = self.weights.entry(pw).or_default();
+        // (a new copy's allocation is counted by `DeviceBuf::fit`)
         let p = copy.fit(&self.dev, DType::BF16, n)?;
         if cast || fresh {
             launch(
@@ -113,7 +162,18 @@ impl CudaKernels {
         Ok(p)
     }
 
-    /// Sets or adds the gradient of `var` from `len` values of type `dtype` at `src`: into the
+    /// The device address of a parameter or gradient tensor (contiguous, on this device),
+    /// looked up on first use: their storage never moves.
+    fn address(&mut self, t: &Tensor, what: &str) -> Result<u64> {
+        if let Some(&p) = self.addresses.get(&t.id()) {
+            return Ok(p);
+        }
+        let (_, p) = tensor_ptr(t, what)?;
+        self.addresses.insert(t.id(), p);
+        Ok(p)
+    }
+
+    /// Sets or adds the gradient of `var` from its values of type `dtype` at `src`: into the
     /// f32 tensor kept for `var`, which `grads` then holds.
     fn accumulate(
         &mut self,
@@ -122,16 +182,22 @@ impl CudaKernels {
         src: u64,
         dtype: DType,
     ) -> Result<()> {
-        let (_, pv) = tensor_ptr(var, "parameter")?;
+        let pv = self.address(var, "parameter")?;
         if !self.grads.contains_key(&pv) {
             let (t, _) = alloc_tensor(&self.dev, DType::F32, var.shape())?;
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             self.grads.insert(pv, t);
         }
         let own = self.grads[&pv].clone();
-        let (_, po) = tensor_ptr(&own, "parameter gradient")?;
+        let po = self.address(&own, "parameter gradient")?;
         let add = match grads.get(var) {
             None => false,
-            Some(g) if tensor_ptr(g, "parameter gradient")?.1 == po => true,
+            Some(g) if g.id() == own.id() => true,
+            Some(_) if self.recording.is_some() => {
+                // Its address is new every step: this pass runs unrecorded.
+                self.unrecordable = true;
+                return Ok(());
+            }
             Some(g) => {
                 // A gradient from outside the plan (the parameter also used in candle's graph):
                 // ours starts from it.
@@ -153,7 +219,14 @@ impl CudaKernels {
                 Arg::I32(add as i32),
             ],
         )?;
-        grads.insert(var, own);
+        match &mut self.recording {
+            // Made by the replay, so that a pass found unrecordable leaves `grads` untouched
+            // for its unrecorded run.
+            Some(log) => log.push((var.clone(), own)),
+            None => {
+                grads.insert(var, own);
+            }
+        }
         Ok(())
     }
 
@@ -233,17 +306,17 @@ impl Kernels for CudaKernels {
             x: x.ptr,
             mean: stats.mean.fit(&self.dev, DType::F32, c)?,
             invstd: stats.invstd.fit(&self.dev, DType::F32, c)?,
-            gamma: tensor_ptr(gamma, "batch norm weight")?.1,
+            gamma: self.address(gamma, "batch norm weight")?,
             partial: self
                 .partial
                 .fit(&self.dev, DType::F32, c * norm::parts(c, n * h * w) * 2)?,
             dims: [n, c, h * w],
         };
-        let (_, prm) = tensor_ptr(running_mean, "running mean")?;
-        let (_, prv) = tensor_ptr(running_var, "running variance")?;
+        let prm = self.address(running_mean, "running mean")?;
+        let prv = self.address(running_var, "running variance")?;
         norm::statistics(&self.dev, self.dtype, &o, prm, prv, eps, momentum)?;
         let py = y.fit(&self.dev, self.dtype, x.len)?;
-        let pb = tensor_ptr(beta, "batch norm bias")?.1;
+        let pb = self.address(beta, "batch norm bias")?;
         norm::apply(&self.dev, self.dtype, &o, pb, relu, py)
     }
 
@@ -263,7 +336,7 @@ impl Kernels for CudaKernels {
             x: x.ptr,
             mean: stats.mean.ptr,
             invstd: stats.invstd.ptr,
-            gamma: tensor_ptr(gamma, "batch norm weight")?.1,
+            gamma: self.address(gamma, "batch norm weight")?,
             partial: self
                 .partial
                 .fit(&self.dev, DType::F32, c * norm::parts(c, n * h * w) * 2)?,
@@ -386,5 +459,56 @@ impl Kernels for CudaKernels {
             total,
             &[pdx, pdy, pout, n, c, h, w, pad, stride],
         )
+    }
+
+    type Graph = Graph;
+
+    fn graphs(&self) -> bool {
+        self.graphs
+    }
+
+    fn generation(&self) -> u64 {
+        // Both counts only grow, so their sum changes whenever either does.
+        ALLOCATIONS.load(Ordering::Relaxed) + super::conv::workspace_allocations()
+    }
+
+    fn capture(&mut self, f: &mut dyn FnMut(&mut Self) -> Result<()>) -> Result<Option<Graph>> {
+        let stream = self.dev.cuda_stream();
+        let before = self.generation();
+        self.recording = Some(Vec::new());
+        self.unrecordable = false;
+        // Thread-local mode: a call of this thread that is unsafe during capture (an
+        // allocation, a synchronisation) fails instead of being recorded.
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        stream
+            .begin_capture(mode)
+            .map_err(candle_core::Error::wrap)?;
+        let ran = f(self);
+        // The capture always ends, whatever happened inside it.
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let grads = self.recording.take().unwrap_or_default();
+        ran?;
+        let exec = ended.map_err(candle_core::Error::wrap)?;
+        if self.generation() != before {
+            candle_core::bail!(
+                "planned CUDA step: a buffer was allocated while a pass was being recorded as a \
+                 graph (a bug; LDL_GPU_GRAPH=0 runs without graphs)"
+            )
+        }
+        if self.unrecordable {
+            return Ok(None);
+        }
+        Ok(exec.map(|exec| Graph { exec, grads }))
+    }
+
+    fn replay(&mut self, graph: &Graph, grads: Option<&mut GradStore>) -> Result<()> {
+        graph.exec.launch().map_err(candle_core::Error::wrap)?;
+        REPLAYS.fetch_add(1, Ordering::Relaxed);
+        if let Some(store) = grads {
+            for (var, grad) in &graph.grads {
+                store.insert(var, grad.clone());
+            }
+        }
+        Ok(())
     }
 }

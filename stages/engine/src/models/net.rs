@@ -61,12 +61,18 @@ impl Net {
     /// planned program when `dtype` is given, the backbone has a program (the ResNets with the
     /// CIFAR stem, ResNeXt) and its device has planned kernels (the CPU in f32; CUDA in f32 or
     /// bf16); whoever switches it on must take gradients with [`Net::backward`]. `None` switches
-    /// it off. Returns whether the plan is in use.
+    /// it off. On CUDA the passes are recorded as CUDA graphs when `LDL_GPU_GRAPH=1`
+    /// ([`Net::plan_training_with`]). Returns whether the plan is in use.
     pub fn plan_training(&mut self, dtype: Option<candle_core::DType>) -> bool {
+        self.plan_training_with(dtype, super::plan::graphs_wanted())
+    }
+
+    /// [`Net::plan_training`], recording CUDA graphs when `graphs`.
+    pub fn plan_training_with(&mut self, dtype: Option<candle_core::DType>, graphs: bool) -> bool {
         self.plan = dtype.and_then(|dtype| {
             let program = self.body.program()?;
             let device = program.stem.conv.weight().device().clone();
-            plan(program, &device, dtype).map(Mutex::new)
+            plan(program, &device, dtype, graphs).map(Mutex::new)
         });
         self.plan.is_some()
     }

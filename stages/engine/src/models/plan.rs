@@ -164,6 +164,89 @@ pub trait Kernels: Send {
         pad: usize,
         stride: usize,
     ) -> Result<()>;
+
+    /// Recorded device work, replayed as one launch (a CUDA graph); `()` on devices without.
+    type Graph: Send;
+    /// Whether passes are recorded once warm and then replayed ([`Kernels::capture`]).
+    fn graphs(&self) -> bool {
+        false
+    }
+    /// A count that changes whenever a buffer a recorded graph may address is allocated: a
+    /// graph recorded at another count is stale.
+    fn generation(&self) -> u64 {
+        0
+    }
+    /// Records the work `f` queues as a graph, without running it. `None` when that work cannot
+    /// be replayed as recorded (then nothing ran, and the caller runs `f` again unrecorded).
+    fn capture(
+        &mut self,
+        f: &mut dyn FnMut(&mut Self) -> Result<()>,
+    ) -> Result<Option<Self::Graph>> {
+        let _ = f;
+        Ok(None)
+    }
+    /// Runs a recorded graph, and adds to `grads` (a backward's) the gradients it writes.
+    fn replay(&mut self, graph: &Self::Graph, grads: Option<&mut GradStore>) -> Result<()> {
+        let _ = (graph, grads);
+        candle_core::bail!("this device records no graphs")
+    }
+}
+
+/// What a recorded pass depends on besides its buffers: the input's shape and, for a backward,
+/// whether an earlier pass of the same step already wrote the parameters' gradients (then it
+/// adds to them).
+type Key = ([usize; 4], bool);
+
+/// The recorded passes of one tape. A pass is recorded the second time it runs with the same
+/// key and no buffer allocated since the first (which sized every buffer and chose every
+/// algorithm), and replayed while both stay; a partial last batch (another shape) runs
+/// unrecorded, or gets its own graph when it recurs.
+struct Recorder<G> {
+    graphs: Vec<(Key, u64, G)>,
+    warm: Vec<(Key, u64)>,
+}
+
+impl<G> Default for Recorder<G> {
+    fn default() -> Self {
+        Recorder {
+            graphs: Vec::new(),
+            warm: Vec::new(),
+        }
+    }
+}
+
+/// Runs `pass` for `key` on `k`: replays its graph, records and replays it once warm, or runs
+/// it. `grads` goes to the pass (a backward's) and to the replay.
+fn run_pass<K: Kernels>(
+    k: &mut K,
+    rec: &mut Recorder<K::Graph>,
+    key: Key,
+    mut grads: Option<&mut GradStore>,
+    pass: &mut dyn FnMut(&mut K, Option<&mut GradStore>) -> Result<()>,
+) -> Result<()> {
+    if k.graphs() {
+        let gen = k.generation();
+        // Graphs of buffers since reallocated address freed memory: never replayed again.
+        rec.graphs.retain(|(_, g, _)| *g == gen);
+        if let Some((_, _, graph)) = rec.graphs.iter().find(|(k2, _, _)| *k2 == key) {
+            return k.replay(graph, grads);
+        }
+        if rec.warm.contains(&(key, gen)) {
+            if let Some(graph) = k.capture(&mut |k| pass(k, grads.as_deref_mut()))? {
+                // Recording ran nothing: the replay is this pass's run.
+                k.replay(&graph, grads)?;
+                rec.graphs.push((key, gen, graph));
+                return Ok(());
+            }
+        }
+    }
+    pass(k, grads)?;
+    if k.graphs() {
+        let gen = k.generation();
+        rec.warm.retain(|(k2, _)| *k2 != key);
+        rec.warm.push((key, gen));
+    }
+    Ok(())
 }
 
 /// A planned backbone as the network holds it, whatever its device.
@@ -190,9 +273,33 @@ pub fn wanted(device: &Device) -> bool {
         || (device.is_cuda() && std::env::var(GPU_PLAN_ENV).is_ok_and(|v| v.trim() == "1"))
 }
 
+/// The environment variable that records the planned CUDA passes as CUDA graphs and replays
+/// them (`LDL_GPU_GRAPH=1`, with [`GPU_PLAN_ENV`]); unverified on a GPU so far, as the plan.
+pub const GPU_GRAPH_ENV: &str = "LDL_GPU_GRAPH";
+
+/// Whether [`GPU_GRAPH_ENV`] asks for graphs.
+pub fn graphs_wanted() -> bool {
+    std::env::var(GPU_GRAPH_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// How many recorded passes this process has replayed (0 without CUDA): for tests and logs.
+pub fn graph_replays() -> u64 {
+    #[cfg(feature = "cuda")]
+    return crate::gpu::plan::replays();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// The plan of `program` for training on `device` with activations of `dtype`, where that
-/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build).
-pub fn plan(program: Program, device: &Device, dtype: DType) -> Option<Box<dyn Planned>> {
+/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build), its
+/// passes recorded as CUDA graphs when `graphs`.
+pub fn plan(
+    program: Program,
+    device: &Device,
+    dtype: DType,
+    graphs: bool,
+) -> Option<Box<dyn Planned>> {
+    let _ = graphs;
     match device {
         Device::Cpu if dtype == DType::F32 => Some(Box::new(Plan::new(
             program,
@@ -204,7 +311,7 @@ pub fn plan(program: Program, device: &Device, dtype: DType) -> Option<Box<dyn P
         Device::Cuda(dev) if matches!(dtype, DType::F32 | DType::BF16) => {
             Some(Box::new(Plan::new(
                 program,
-                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype),
+                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype, graphs),
                 device.clone(),
                 dtype,
             )))
@@ -252,21 +359,33 @@ impl<K: Kernels> Default for BlockTape<K> {
     }
 }
 
-/// The activations of one forward pass, and the `Var` that carries its output into candle.
-struct Tape<K: Kernels> {
+/// The activations of one forward pass, its input included.
+struct Activations<K: Kernels> {
     images: K::Buf,
     stem: UnitTape<K>,
     blocks: Vec<BlockTape<K>>,
+}
+
+/// One forward pass's activations, the `Var` that carries its output into candle, and the
+/// recorded passes over these buffers.
+struct Tape<K: Kernels> {
+    acts: Activations<K>,
     output: Option<Var>,
+    forward: Recorder<K::Graph>,
+    backward: Recorder<K::Graph>,
 }
 
 impl<K: Kernels> Default for Tape<K> {
     fn default() -> Self {
         Tape {
-            images: K::Buf::default(),
-            stem: UnitTape::default(),
-            blocks: Vec::new(),
+            acts: Activations {
+                images: K::Buf::default(),
+                stem: UnitTape::default(),
+                blocks: Vec::new(),
+            },
             output: None,
+            forward: Recorder::default(),
+            backward: Recorder::default(),
         }
     }
 }
@@ -446,6 +565,10 @@ impl Block {
                 std::mem::swap(&mut s.dact, &mut s.dnext);
             }
         }
+        // Back to the roles the pass found them in (see `backward_pass`).
+        if units.is_multiple_of(2) {
+            std::mem::swap(&mut s.dact, &mut s.dnext);
+        }
         match &self.skip {
             Skip::Identity => k.add_masked(&mut s.dx, &s.dout, &tape.out),
             Skip::Subsample { pad, stride } => {
@@ -482,33 +605,68 @@ impl<K: Kernels> Plan<K> {
             scratch: Scratch::default(),
         }
     }
+}
 
-    fn backward_tape(&mut self, tape: &Tape<K>, grads: &mut GradStore) -> Result<()> {
-        let (k, s) = (&mut self.kernels, &mut self.scratch);
-        for (i, block) in self.program.blocks.iter().enumerate().rev() {
-            let (x, dims) = match i {
-                0 => (&tape.stem.act, tape.stem.output),
-                _ => (
-                    &tape.blocks[i - 1].out,
-                    tape.blocks[i - 1].main.last().expect("units").output,
-                ),
-            };
-            k.fit(&mut s.dx, dims.iter().product())?;
-            block.backward(k, &tape.blocks[i], x, dims, s, grads)?;
-            std::mem::swap(&mut s.dout, &mut s.dx);
-        }
-        // The stem: its input is the images, which get no gradient.
-        self.program.stem.backward(
-            k,
-            &tape.stem,
-            &tape.images,
-            &s.dout,
-            Some(&tape.stem.act),
-            &mut s.dconv,
-            None,
-            grads,
-        )
+/// The forward pass over images already in `tape.images` (shape `dims`).
+fn forward_pass<K: Kernels>(
+    k: &mut K,
+    program: &Program,
+    tape: &mut Activations<K>,
+    dims: [usize; 4],
+) -> Result<()> {
+    program
+        .stem
+        .forward(k, &tape.images, dims, &mut tape.stem)?;
+    tape.blocks
+        .resize_with(program.blocks.len(), BlockTape::default);
+    let mut d = tape.stem.output;
+    for (i, block) in program.blocks.iter().enumerate() {
+        let (before, rest) = tape.blocks.split_at_mut(i);
+        let x = match before.last() {
+            Some(b) => &b.out,
+            None => &tape.stem.act,
+        };
+        d = block.forward(k, x, d, &mut rest[0])?;
     }
+    Ok(())
+}
+
+/// The backward pass from the gradient at the output in `s.dout`. Leaves the scratch buffers
+/// in the roles it found them in, as a replayed graph (which does not swap them) does.
+fn backward_pass<K: Kernels>(
+    k: &mut K,
+    program: &Program,
+    tape: &Activations<K>,
+    s: &mut Scratch<K>,
+    grads: &mut GradStore,
+) -> Result<()> {
+    for (i, block) in program.blocks.iter().enumerate().rev() {
+        let (x, dims) = match i {
+            0 => (&tape.stem.act, tape.stem.output),
+            _ => (
+                &tape.blocks[i - 1].out,
+                tape.blocks[i - 1].main.last().expect("units").output,
+            ),
+        };
+        k.fit(&mut s.dx, dims.iter().product())?;
+        block.backward(k, &tape.blocks[i], x, dims, s, grads)?;
+        std::mem::swap(&mut s.dout, &mut s.dx);
+    }
+    // The stem: its input is the images, which get no gradient.
+    program.stem.backward(
+        k,
+        &tape.stem,
+        &tape.images,
+        &s.dout,
+        Some(&tape.stem.act),
+        &mut s.dconv,
+        None,
+        grads,
+    )?;
+    if program.blocks.len() % 2 == 1 {
+        std::mem::swap(&mut s.dout, &mut s.dx);
+    }
+    Ok(())
 }
 
 impl<K: Kernels> Planned for Plan<K> {
@@ -528,28 +686,24 @@ impl<K: Kernels> Planned for Plan<K> {
             )
         }
         let dims: [usize; 4] = x.dims4()?.into();
-        let k = &mut self.kernels;
-        let mut tape = self.free.pop().unwrap_or_default();
-        k.load(x, &mut tape.images)?;
-        self.program
-            .stem
-            .forward(k, &tape.images, dims, &mut tape.stem)?;
-        tape.blocks
-            .resize_with(self.program.blocks.len(), BlockTape::default);
-        let mut d = tape.stem.output;
-        for (i, block) in self.program.blocks.iter().enumerate() {
-            let (before, rest) = tape.blocks.split_at_mut(i);
-            let x = match before.last() {
-                Some(b) => &b.out,
-                None => &tape.stem.act,
-            };
-            d = block.forward(k, x, d, &mut rest[0])?;
-        }
-        let out = match tape.blocks.last() {
-            Some(b) => &b.out,
-            None => &tape.stem.act,
+        let (k, program) = (&mut self.kernels, &self.program);
+        // The i-th forward pass of a step takes the tape the i-th took last step, so that each
+        // tape keeps one shape (and its recorded graphs stay valid).
+        let mut tape = match self.free.is_empty() {
+            true => Tape::default(),
+            false => self.free.remove(0),
         };
-        let var = k.output(out, d)?;
+        k.load(x, &mut tape.acts.images)?;
+        let acts = &mut tape.acts;
+        run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
+            forward_pass(k, program, acts, dims)
+        })?;
+        let out_dims = output_dims(program, dims)?;
+        let out = match tape.acts.blocks.last() {
+            Some(b) => &b.out,
+            None => &tape.acts.stem.act,
+        };
+        let var = k.output(out, out_dims)?;
         let t = var.as_tensor().clone();
         tape.output = Some(var);
         self.pending.push(tape);
@@ -557,14 +711,28 @@ impl<K: Kernels> Planned for Plan<K> {
     }
 
     fn backward(&mut self, grads: &mut GradStore) -> Result<()> {
+        // Whether an earlier pass of this step has written the parameters' gradients.
+        let mut written = false;
         for mut tape in std::mem::take(&mut self.pending) {
             let var = tape.output.take().expect("a pending tape has its output");
             if let Some(g) = grads.remove(var.as_tensor()) {
                 let g = g.to_dtype(self.dtype)?;
-                let s = &mut self.scratch;
-                self.kernels.fit(&mut s.dout, g.elem_count())?;
-                self.kernels.load(&g, &mut s.dout)?;
-                self.backward_tape(&tape, grads)?;
+                let (k, s, program) = (&mut self.kernels, &mut self.scratch, &self.program);
+                k.fit(&mut s.dout, g.elem_count())?;
+                k.load(&g, &mut s.dout)?;
+                let dims = tape.acts.stem.input;
+                let acts = &tape.acts;
+                run_pass(
+                    k,
+                    &mut tape.backward,
+                    (dims, written),
+                    Some(grads),
+                    &mut |k, grads| {
+                        let grads = grads.expect("a backward pass has its gradients");
+                        backward_pass(k, program, acts, s, grads)
+                    },
+                )?;
+                written = true;
             }
             self.free.push(tape);
         }
@@ -574,6 +742,18 @@ impl<K: Kernels> Planned for Plan<K> {
     fn accepts(&self, x: &Tensor) -> bool {
         x.dtype() == self.dtype && x.device().same_device(&self.device)
     }
+}
+
+/// The backbone's output shape for input `dims` (a replayed pass runs no host code that
+/// would tell it).
+fn output_dims(program: &Program, dims: [usize; 4]) -> Result<[usize; 4]> {
+    let mut d = conv_output(&program.stem.conv, dims)?;
+    for block in &program.blocks {
+        for unit in &block.main {
+            d = conv_output(&unit.conv, d)?;
+        }
+    }
+    Ok(d)
 }
 
 #[cfg(test)]

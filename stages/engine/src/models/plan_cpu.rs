@@ -44,6 +44,7 @@ fn accumulate(grads: &mut GradStore, var: &Tensor, grad: Tensor) -> Result<()> {
 impl Kernels for CpuKernels {
     type Buf = Vec<f32>;
     type Stats = CpuStats;
+    type Graph = ();
 
     fn fit(&mut self, b: &mut Vec<f32>, len: usize) -> Result<()> {
         fit(b, len);
