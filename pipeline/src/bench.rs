@@ -256,6 +256,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     engine::profile::reset();
     engine::profile::set_enabled(args.profile);
+    let replays_before = engine::models::net::graph_replays();
     let t0 = Instant::now();
     let mut last = None;
     for _ in 0..args.steps {
@@ -276,7 +277,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         spec.width,
         args.batch,
         args.dtype,
-        if planned { "planned step" } else { "autograd step" },
+        match (planned, engine::models::net::graph_replays() - replays_before) {
+            (false, _) => "autograd step".to_string(),
+            (true, 0) => "planned step".to_string(),
+            (true, r) => format!("planned step, {r} recorded passes replayed (CUDA graphs)"),
+        },
         args.warmup,
         args.steps
     );

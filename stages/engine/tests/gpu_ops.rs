@@ -674,11 +674,11 @@ fn recorded_steps_equal_unrecorded_bitwise() {
                 (logits, after, state)
             };
             let plain = run(false);
-            let before = engine::models::plan::graph_replays();
+            let before = engine::models::net::graph_replays();
             let recorded = run(true);
             // Per step 2 forward passes + 1 backward, and the unused pass: of 8 steps, the
             // first of each shape runs unrecorded (steps 0 and 4).
-            let replays = engine::models::plan::graph_replays() - before;
+            let replays = engine::models::net::graph_replays() - before;
             eprintln!("{arch} {dtype:?}: {replays} recorded passes replayed");
             assert!(
                 replays >= 20,

@@ -31,11 +31,12 @@ use crate::models::conv::Conv2d;
 use crate::models::plan::Kernels;
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Device buffers the plans of this process have allocated: a graph recorded at another count
 /// may address freed memory.
@@ -54,6 +55,17 @@ pub fn replays() -> u64 {
 pub struct Graph {
     exec: CudaGraph,
     grads: Vec<(Tensor, Tensor)>,
+    stream: Arc<CudaStream>,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // A graph is retired after an allocation, possibly while its last replay still runs:
+        // the stream finishes first (rare: once per new shape, and at the end of training).
+        if let Err(e) = self.stream.synchronize() {
+            tracing::warn!("retiring a recorded pass: {e}");
+        }
+    }
 }
 
 // SAFETY: a graph is not internally synchronised; it is only launched or dropped by the plan
@@ -265,8 +277,15 @@ impl Kernels for CudaKernels {
     }
 
     fn output(&mut self, b: &DeviceBuf, dims: [usize; 4]) -> Result<Var> {
-        let (s, p) = alloc(&self.dev, self.dtype, b.len)?;
-        self.copy(b.ptr, p, self.dtype, b.len)?;
+        let n = dims.iter().product();
+        if n > b.len {
+            candle_core::bail!(
+                "planned step: output of shape {dims:?} from {} values",
+                b.len
+            )
+        }
+        let (s, p) = alloc(&self.dev, self.dtype, n)?;
+        self.copy(b.ptr, p, self.dtype, n)?;
         let t = Tensor::from_storage(Storage::Cuda(s), dims.to_vec(), BackpropOp::none(), true);
         Var::from_tensor(&t)
     }
@@ -498,7 +517,11 @@ impl Kernels for CudaKernels {
         if self.unrecordable {
             return Ok(None);
         }
-        Ok(exec.map(|exec| Graph { exec, grads }))
+        Ok(exec.map(|exec| Graph {
+            exec,
+            grads,
+            stream,
+        }))
     }
 
     fn replay(&mut self, graph: &Graph, grads: Option<&mut GradStore>) -> Result<()> {

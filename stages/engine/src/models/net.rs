@@ -1,13 +1,14 @@
 //! A classifier: a backbone (any architecture of [`super::Arch`]) up to its last feature maps,
 //! then global average pooling, an optional dropout and a linear classifier. Everything the
 //! stages ask of a model (features, logits, Monte-Carlo dropout, the classifier's templates)
-//! is here once, whatever the backbone.
+//! is here once, whatever the backbone, and so is the choice of the planned training step's
+//! kernels for the device the network lives on ([`plan`]).
 
 use super::dropout::{Dropout, Mode};
-use super::plan::{plan, Planned, Program};
+use super::plan::{Plan, Planned, Program};
 use crate::error::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 use std::sync::Mutex;
 
@@ -23,6 +24,44 @@ pub trait Backbone: Send + Sync {
     /// one.
     fn program(&self) -> Option<Program> {
         None
+    }
+}
+
+/// How many recorded passes this process has replayed (0 without CUDA): for tests and logs.
+pub fn graph_replays() -> u64 {
+    #[cfg(feature = "cuda")]
+    return crate::gpu::plan::replays();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// The plan of `program` for training on `device` with activations of `dtype`, where that
+/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build), its
+/// passes recorded as CUDA graphs when `graphs`.
+pub fn plan(
+    program: Program,
+    device: &Device,
+    dtype: DType,
+    graphs: bool,
+) -> Option<Box<dyn Planned>> {
+    let _ = graphs;
+    match device {
+        Device::Cpu if dtype == DType::F32 => Some(Box::new(Plan::new(
+            program,
+            super::plan_cpu::CpuKernels,
+            device.clone(),
+            dtype,
+        ))),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) if matches!(dtype, DType::F32 | DType::BF16) => {
+            Some(Box::new(Plan::new(
+                program,
+                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype, graphs),
+                device.clone(),
+                dtype,
+            )))
+        }
+        _ => None,
     }
 }
 

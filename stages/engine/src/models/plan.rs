@@ -13,7 +13,7 @@
 //! The program's control flow is written once, here, over the [`Kernels`] of a device: the CPU's
 //! ([`super::plan_cpu`]: our convolution and BatchNorm kernels over host vectors) and, in a
 //! build with the `cuda` feature, CUDA's (`gpu::plan`: cuDNN and the fused kernels over device
-//! buffers, f32 or bf16). Fixed buffers and no host work inside the step are also what
+//! buffers, f32 or bf16); [`super::net`] picks them for the network's device. Fixed buffers and no host work inside the step are also what
 //! capturing the step as a CUDA graph needs.
 //!
 //! Candle stays at the boundaries: the weights are the model's `Var`s, the backbone's output is
@@ -280,44 +280,6 @@ pub const GPU_GRAPH_ENV: &str = "LDL_GPU_GRAPH";
 /// Whether [`GPU_GRAPH_ENV`] asks for graphs.
 pub fn graphs_wanted() -> bool {
     std::env::var(GPU_GRAPH_ENV).is_ok_and(|v| v.trim() == "1")
-}
-
-/// How many recorded passes this process has replayed (0 without CUDA): for tests and logs.
-pub fn graph_replays() -> u64 {
-    #[cfg(feature = "cuda")]
-    return crate::gpu::plan::replays();
-    #[cfg(not(feature = "cuda"))]
-    0
-}
-
-/// The plan of `program` for training on `device` with activations of `dtype`, where that
-/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build), its
-/// passes recorded as CUDA graphs when `graphs`.
-pub fn plan(
-    program: Program,
-    device: &Device,
-    dtype: DType,
-    graphs: bool,
-) -> Option<Box<dyn Planned>> {
-    let _ = graphs;
-    match device {
-        Device::Cpu if dtype == DType::F32 => Some(Box::new(Plan::new(
-            program,
-            super::plan_cpu::CpuKernels,
-            device.clone(),
-            dtype,
-        ))),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) if matches!(dtype, DType::F32 | DType::BF16) => {
-            Some(Box::new(Plan::new(
-                program,
-                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype, graphs),
-                device.clone(),
-                dtype,
-            )))
-        }
-        _ => None,
-    }
 }
 
 /// What the backward needs of one unit: its input's shape, the convolution's output, the unit's
@@ -694,11 +656,11 @@ impl<K: Kernels> Planned for Plan<K> {
             false => self.free.remove(0),
         };
         k.load(x, &mut tape.acts.images)?;
+        let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
             forward_pass(k, program, acts, dims)
         })?;
-        let out_dims = output_dims(program, dims)?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
             None => &tape.acts.stem.act,
@@ -744,14 +706,38 @@ impl<K: Kernels> Planned for Plan<K> {
     }
 }
 
-/// The backbone's output shape for input `dims` (a replayed pass runs no host code that
-/// would tell it).
-fn output_dims(program: &Program, dims: [usize; 4]) -> Result<[usize; 4]> {
-    let mut d = conv_output(&program.stem.conv, dims)?;
-    for block in &program.blocks {
-        for unit in &block.main {
-            d = conv_output(&unit.conv, d)?;
+/// Sizes the tape for input `dims` without running anything: every unit's shapes, and every
+/// buffer fitted to them. The forward pass does the same as it runs; a replayed one runs no
+/// host code, and what follows it (the output, an unrecorded backward) reads these. Returns
+/// the output's shape.
+fn shape_forward<K: Kernels>(
+    k: &mut K,
+    program: &Program,
+    tape: &mut Activations<K>,
+    dims: [usize; 4],
+) -> Result<[usize; 4]> {
+    fn unit<K: Kernels>(k: &mut K, u: &Unit, t: &mut UnitTape<K>, x: [usize; 4]) -> Result<()> {
+        t.input = x;
+        t.output = conv_output(&u.conv, x)?;
+        let len = t.output.iter().product();
+        k.fit(&mut t.conv_out, len)?;
+        k.fit(&mut t.act, len)
+    }
+    unit(k, &program.stem, &mut tape.stem, dims)?;
+    tape.blocks
+        .resize_with(program.blocks.len(), BlockTape::default);
+    let mut d = tape.stem.output;
+    for (block, bt) in program.blocks.iter().zip(&mut tape.blocks) {
+        let x = d;
+        bt.main.resize_with(block.main.len(), UnitTape::default);
+        for (u, ut) in block.main.iter().zip(&mut bt.main) {
+            unit(k, u, ut, d)?;
+            d = ut.output;
         }
+        if let Skip::Project(u) = &block.skip {
+            unit(k, u, bt.skip.get_or_insert_with(UnitTape::default), x)?;
+        }
+        k.fit(&mut bt.out, d.iter().product())?;
     }
     Ok(d)
 }
