@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9, on one card in one run (about 4 minutes on an H100):
+# The GPU checks, on one card in one run (about 4 minutes on an H100 before issue 23's variants
+# were added; budget 8–10):
 #  1. the GPU op tests (stages/engine/tests/gpu_ops.rs: cuDNN convolutions, BatchNorm, add-ReLU, SGD and
 #     a few ResNet steps against the CPU, f32 and bf16);
 #  2. the side-by-side training benchmark: `pipeline bench train` (f32 and bf16) against
@@ -8,13 +9,14 @@
 #  3. end to end: two epochs of a CIFAR-10-shaped student (50,000 images, crop + flip) through
 #     `pipeline run`, loader included, whose second-epoch images/s compare with the pure step
 #     rate of 2.;
-#  4. a short pipeline run on the GPU and on the CPU, same seed, to compare their loss curves
-#     (SKIP_CURVES=1 leaves it out);
-#  5. resume on CUDA: a planned bf16 training killed (SIGKILL) after its first checkpoint and
-#     rerun, against an uninterrupted run: the final weights compared byte for byte
-#     (SKIP_RESUME=1 leaves it out).
-# Steps 2 and 3 run both CUDA steps: candle's autograd (the default) and the planned step over
-# fixed buffers (LDL_GPU_PLAN=1, models/plan.rs + gpu/plan.rs), each with its per-phase profile.
+#  4. resume on CUDA: a planned bf16 training with CUDA graphs killed (SIGKILL) after a
+#     checkpoint and rerun, against an uninterrupted run: the final weights compared byte for
+#     byte (scripts/resume-check.sh; SKIP_RESUME=1 leaves it out);
+#  5. with CURVES=1, a short pipeline run on the GPU and on the CPU, same seed, to compare their
+#     loss curves.
+# Steps 2 and 3 run the CUDA steps side by side: candle's autograd (the default), the planned
+# step over fixed buffers (LDL_GPU_PLAN=1, models/plan.rs + gpu/plan.rs) and the planned step
+# with its passes replayed as CUDA graphs (LDL_GPU_GRAPH=1), with per-phase profiles.
 #
 #   scripts/gpu-bench.sh [PIPELINE_BINARY] [GPU_OPS_TEST_BINARY] [OUTPUT_FOLDER]
 #
@@ -52,7 +54,8 @@ for spec in "resnet18 256" "resnet56 64"; do
   set -- $spec
   for dt in bf16 f32; do
     run "ours $1 batch $2 $dt (autograd)" 120 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
-    run "ours $1 batch $2 $dt (planned)" 120 env LDL_GPU_PLAN=1 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
+    [ "$dt" = bf16 ] && run "ours $1 batch $2 $dt (planned)" 120 env LDL_GPU_PLAN=1 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
+    run "ours $1 batch $2 $dt (planned + CUDA graphs)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
   done
   run "torch $1 batch $2" 180 python3 benches/torch_train.py --model "$1" --batch "$2" --device cuda --warmup 10 --steps 50
   for plan in 0 1; do
@@ -90,14 +93,14 @@ for spec in "resnet18 256 bf16" "resnet56 64 bf16"; do
   set -- $spec
   for plan in 0 1; do
     e2e "$@" | sed "s/^output = \"e2e-/output = \"e2e-plan$plan-/" > "$OUT/e2e-$1-plan$plan.toml"
-    run "pipeline run: 2 epochs of $1 batch $2 $3, LDL_GPU_PLAN=$plan (loader included)" 150 env LDL_GPU_PLAN=$plan "$BIN" run "$OUT/e2e-$1-plan$plan.toml"
+    run "pipeline run: 2 epochs of $1 batch $2 $3, LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan (loader included)" 150 env LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan "$BIN" run "$OUT/e2e-$1-plan$plan.toml"
     cat "$OUT/e2e-plan$plan-$1-$3/student/train_log.csv" 2>/dev/null | cut -c1-200 | tee -a "$OUT/bench.md"
   done
 done
 
-[ "${SKIP_RESUME:-0}" = 1 ] || RESUME_DEVICE=cuda LDL_GPU_PLAN=1 scripts/resume-check.sh "$BIN" "$OUT/resume" 2>&1 | tee -a "$OUT/bench.md"
+[ "${SKIP_RESUME:-0}" = 1 ] || RESUME_DEVICE=cuda LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 scripts/resume-check.sh "$BIN" "$OUT/resume" 2>&1 | tee -a "$OUT/bench.md"
 
-[ "${SKIP_CURVES:-0}" = 1 ] && exit 0
+[ "${CURVES:-0}" = 1 ] || exit 0
 # A short pipeline on synthetic data, on the GPU (f32 and bf16) and on the CPU: same stages, seed.
 cfg() { # device dtype
   cat <<EOF
