@@ -112,7 +112,8 @@ impl Sgd {
         for (name, var) in &self.params {
             let t = match self.buffers.get(name) {
                 None => continue,
-                Some(Buffer::Device(t)) => t.clone(),
+                // A copy: the CUDA update changes the live buffer in place.
+                Some(Buffer::Device(t)) => t.copy()?,
                 Some(Buffer::Host(v)) => {
                     Tensor::from_slice(v, var.shape(), &candle_core::Device::Cpu)?
                 }
@@ -144,7 +145,9 @@ impl Sgd {
             let b = if on_host(var.as_tensor()) {
                 Buffer::Host(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
             } else {
-                Buffer::Device(t.to_device(var.device())?)
+                // A copy (`to_device` to the same device shares the storage, which the CUDA
+                // update would then change under the caller).
+                Buffer::Device(t.to_device(var.device())?.copy()?)
             };
             buffers.insert(name, b);
         }

@@ -56,6 +56,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         / s(b.abs().unwrap().max_all().unwrap()).max(1e-6)
 }
 
+/// Held by the tests that read the process-wide counters of planned and replayed passes, so
+/// that tests running in parallel do not move them.
+static COUNTERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tolerance(dtype: DType) -> f32 {
     if dtype == DType::BF16 {
         1e-2
@@ -438,10 +442,12 @@ fn planned_steps_follow_the_cpu() {
     let Some(gpu) = cuda("planned steps") else {
         return;
     };
+    let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     let cases = [
         ("resnet8", 16, Shortcut::A, 16),
         ("resnet14", 8, Shortcut::B, 16),
-        ("resnet50", 4, Shortcut::B, 32),
+        // Width 8: narrower, nearly constant BatchNorm channels amplify rounding (net.rs).
+        ("resnet50", 8, Shortcut::B, 32),
         ("resnext29_2x4d", 4, Shortcut::B, 16),
     ];
     for (arch, width, shortcut, hw) in cases {
@@ -507,7 +513,13 @@ fn planned_steps_follow_the_cpu() {
         for (dtype, tol) in [(DType::F32, 1e-3f32), (DType::BF16, 5e-2)] {
             // bf16 against the CPU on the same bf16-rounded images.
             let cpu = run(&Device::Cpu, DType::F32, &rounded(&x, dtype));
+            let before = engine::models::net::planned_forwards();
             let gpu_run = run(&gpu, dtype, &x);
+            assert_eq!(
+                engine::models::net::planned_forwards() - before,
+                9,
+                "{arch} {dtype:?}: every forward pass on CUDA took the plan"
+            );
             let mut worst = (0f32, String::new());
             for ((name, g), (_, c)) in gpu_run.0.iter().zip(&cpu.0) {
                 let e = max_rel(g, c);
@@ -618,6 +630,7 @@ fn recorded_steps_equal_unrecorded_bitwise() {
     let Some(gpu) = cuda("recorded steps") else {
         return;
     };
+    let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
     for (arch, shortcut) in [("resnet8", Shortcut::A), ("resnet14", Shortcut::B)] {
         for dtype in [DType::F32, DType::BF16] {
             let spec = ModelSpec {

@@ -105,13 +105,15 @@ struct State {
     workspace: Option<(CudaSlice<u8>, u64)>,
 }
 
-/// How many times a workspace was (re)allocated in this process: a CUDA graph recorded before
-/// the last time addresses a freed one (`gpu::plan`).
-static WORKSPACE_ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    /// How many times this thread's workspace was (re)allocated: a CUDA graph recorded before
+    /// the last time addresses a freed one (`gpu::plan`).
+    static WORKSPACE_ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// See [`WORKSPACE_ALLOCATIONS`].
 pub(crate) fn workspace_allocations() -> u64 {
-    WORKSPACE_ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+    WORKSPACE_ALLOCATIONS.with(|c| c.get())
 }
 
 thread_local! {
@@ -341,7 +343,7 @@ pub(crate) fn run(
             let w = unsafe { dev.alloc::<u8>(need)? };
             let at = w.device_ptr(&dev.cuda_stream()).0;
             st.workspace = Some((w, at));
-            WORKSPACE_ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            WORKSPACE_ALLOCATIONS.with(|c| c.set(c.get() + 1));
         }
         let (ws, ws_len) = match (&st.workspace, need) {
             (Some((w, at)), n) if n > 0 => (*at as *mut std::ffi::c_void, w.len()),

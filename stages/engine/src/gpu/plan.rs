@@ -34,13 +34,10 @@ use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, Tensor, TensorId, Var};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Device buffers the plans of this process have allocated: a graph recorded at another count
-/// may address freed memory.
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Recorded passes replayed by this process.
 static REPLAYS: AtomicU64 = AtomicU64::new(0);
@@ -82,11 +79,18 @@ pub struct DeviceBuf {
 }
 
 impl DeviceBuf {
-    /// Makes the buffer hold `len` elements of `dtype` (its type never changes).
-    fn fit(&mut self, dev: &CudaDevice, dtype: DType, len: usize) -> Result<u64> {
+    /// Makes the buffer hold `len` elements of `dtype` (its type never changes), counting an
+    /// allocation in `allocations`.
+    fn fit(
+        &mut self,
+        dev: &CudaDevice,
+        dtype: DType,
+        len: usize,
+        allocations: &Cell<u64>,
+    ) -> Result<u64> {
         if self.cap < len || self.storage.is_none() {
             let (s, p) = alloc(dev, dtype, len)?;
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            allocations.set(allocations.get() + 1);
             // The old storage is freed in stream order, after the work queued on it.
             self.storage = Some(s);
             self.ptr = p;
@@ -111,6 +115,10 @@ pub struct CudaKernels {
     dtype: DType,
     /// Whether passes are recorded as graphs.
     graphs: bool,
+    /// Buffers this plan has allocated: a graph recorded at another count may address freed
+    /// memory. (Per plan, not per process: another plan or thread allocating does not move
+    /// this one's buffers.)
+    allocations: Cell<u64>,
     /// Device addresses of the parameters and their gradient tensors, looked up once.
     addresses: HashMap<TensorId, u64>,
     /// While recording: the gradients the pass hands to the `GradStore`.
@@ -138,6 +146,7 @@ impl CudaKernels {
             dev,
             dtype,
             graphs,
+            allocations: Cell::new(0),
             addresses: HashMap::new(),
             recording: None,
             unrecordable: false,
@@ -162,7 +171,7 @@ impl CudaKernels {
         let fresh = !self.weights.contains_key(&pw);
         let copy = self.weights.entry(pw).or_default();
         // (a new copy's allocation is counted by `DeviceBuf::fit`)
-        let p = copy.fit(&self.dev, DType::BF16, n)?;
+        let p = copy.fit(&self.dev, DType::BF16, n, &self.allocations)?;
         if cast || fresh {
             launch(
                 &self.dev,
@@ -197,7 +206,7 @@ impl CudaKernels {
         let pv = self.address(var, "parameter")?;
         if !self.grads.contains_key(&pv) {
             let (t, _) = alloc_tensor(&self.dev, DType::F32, var.shape())?;
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            self.allocations.set(self.allocations.get() + 1);
             self.grads.insert(pv, t);
         }
         let own = self.grads[&pv].clone();
@@ -266,13 +275,14 @@ impl Kernels for CudaKernels {
     type Stats = DeviceStats;
 
     fn fit(&mut self, b: &mut DeviceBuf, len: usize) -> Result<()> {
-        b.fit(&self.dev, self.dtype, len).map(|_| ())
+        b.fit(&self.dev, self.dtype, len, &self.allocations)
+            .map(|_| ())
     }
 
     fn load(&mut self, t: &Tensor, b: &mut DeviceBuf) -> Result<()> {
         let t = as_type(t, self.dtype)?;
         let (_, p) = tensor_ptr(&t, "planned step input")?;
-        let dst = b.fit(&self.dev, self.dtype, t.elem_count())?;
+        let dst = b.fit(&self.dev, self.dtype, t.elem_count(), &self.allocations)?;
         self.copy(p, dst, self.dtype, t.elem_count())
     }
 
@@ -299,7 +309,7 @@ impl Kernels for CudaKernels {
     ) -> Result<()> {
         let g = conv.geometry(dims)?;
         let pw = self.weight(conv.weight(), true)?;
-        let py = y.fit(&self.dev, self.dtype, g.output_len())?;
+        let py = y.fit(&self.dev, self.dtype, g.output_len(), &self.allocations)?;
         run(
             &self.dev,
             &g.cuda(self.dtype),
@@ -323,18 +333,25 @@ impl Kernels for CudaKernels {
         let (running_mean, running_var, eps, momentum) = bn.running();
         let o = Operands {
             x: x.ptr,
-            mean: stats.mean.fit(&self.dev, DType::F32, c)?,
-            invstd: stats.invstd.fit(&self.dev, DType::F32, c)?,
+            mean: stats
+                .mean
+                .fit(&self.dev, DType::F32, c, &self.allocations)?,
+            invstd: stats
+                .invstd
+                .fit(&self.dev, DType::F32, c, &self.allocations)?,
             gamma: self.address(gamma, "batch norm weight")?,
-            partial: self
-                .partial
-                .fit(&self.dev, DType::F32, c * norm::parts(c, n * h * w) * 2)?,
+            partial: self.partial.fit(
+                &self.dev,
+                DType::F32,
+                c * norm::parts(c, n * h * w) * 2,
+                &self.allocations,
+            )?,
             dims: [n, c, h * w],
         };
         let prm = self.address(running_mean, "running mean")?;
         let prv = self.address(running_var, "running variance")?;
         norm::statistics(&self.dev, self.dtype, &o, prm, prv, eps, momentum)?;
-        let py = y.fit(&self.dev, self.dtype, x.len)?;
+        let py = y.fit(&self.dev, self.dtype, x.len, &self.allocations)?;
         let pb = self.address(beta, "batch norm bias")?;
         norm::apply(&self.dev, self.dtype, &o, pb, relu, py)
     }
@@ -356,16 +373,25 @@ impl Kernels for CudaKernels {
             mean: stats.mean.ptr,
             invstd: stats.invstd.ptr,
             gamma: self.address(gamma, "batch norm weight")?,
-            partial: self
-                .partial
-                .fit(&self.dev, DType::F32, c * norm::parts(c, n * h * w) * 2)?,
+            partial: self.partial.fit(
+                &self.dev,
+                DType::F32,
+                c * norm::parts(c, n * h * w) * 2,
+                &self.allocations,
+            )?,
             dims: [n, c, h * w],
         };
         let g = Gradients {
-            dx: dx.fit(&self.dev, self.dtype, x.len)?,
-            dgamma: self.dgamma.fit(&self.dev, DType::F32, c)?,
-            dbeta: self.dbeta.fit(&self.dev, DType::F32, c)?,
-            coef: self.coef.fit(&self.dev, DType::F32, 3 * c)?,
+            dx: dx.fit(&self.dev, self.dtype, x.len, &self.allocations)?,
+            dgamma: self
+                .dgamma
+                .fit(&self.dev, DType::F32, c, &self.allocations)?,
+            dbeta: self
+                .dbeta
+                .fit(&self.dev, DType::F32, c, &self.allocations)?,
+            coef: self
+                .coef
+                .fit(&self.dev, DType::F32, 3 * c, &self.allocations)?,
         };
         let mask = mask.map_or(0, |m| m.ptr);
         norm::backward(&self.dev, self.dtype, &o, dy.ptr, mask, true, &g)?;
@@ -386,16 +412,26 @@ impl Kernels for CudaKernels {
         let weight = conv.weight();
         let pw = self.weight(weight, false)?;
         if let Some(dx) = dx {
-            let pdx = dx.fit(&self.dev, self.dtype, dims.iter().product())?;
+            let pdx = dx.fit(
+                &self.dev,
+                self.dtype,
+                dims.iter().product(),
+                &self.allocations,
+            )?;
             run(&self.dev, &g, Direction::BackwardData, dy.ptr, pw, pdx)?;
         }
-        let pdw = self.dw.fit(&self.dev, self.dtype, weight.elem_count())?;
+        let pdw = self.dw.fit(
+            &self.dev,
+            self.dtype,
+            weight.elem_count(),
+            &self.allocations,
+        )?;
         run(&self.dev, &g, Direction::BackwardFilter, x.ptr, dy.ptr, pdw)?;
         self.accumulate(grads, weight, pdw, self.dtype)
     }
 
     fn add_relu(&mut self, a: &DeviceBuf, b: &DeviceBuf, y: &mut DeviceBuf) -> Result<()> {
-        let py = y.fit(&self.dev, self.dtype, a.len)?;
+        let py = y.fit(&self.dev, self.dtype, a.len, &self.allocations)?;
         self.each(
             kernel!(self.dtype, "add_relu_fwd"),
             a.len,
@@ -452,7 +488,7 @@ impl Kernels for CudaKernels {
         y: &mut DeviceBuf,
     ) -> Result<()> {
         let total = n * (c + pad) * h.div_ceil(stride) * w.div_ceil(stride);
-        let py = y.fit(&self.dev, self.dtype, total)?;
+        let py = y.fit(&self.dev, self.dtype, total, &self.allocations)?;
         let [n, c, h, w, pad, stride] = [n, c, h, w, pad, stride].map(|v| Arg::I32(v as i32));
         self.each(
             kernel!(self.dtype, "subsample"),
@@ -487,8 +523,9 @@ impl Kernels for CudaKernels {
     }
 
     fn generation(&self) -> u64 {
-        // Both counts only grow, so their sum changes whenever either does.
-        ALLOCATIONS.load(Ordering::Relaxed) + super::conv::workspace_allocations()
+        // Both counts only grow, so their sum changes whenever either does. The workspace is
+        // this thread's, the one the plan's convolutions use.
+        self.allocations.get() + super::conv::workspace_allocations()
     }
 
     fn capture(&mut self, f: &mut dyn FnMut(&mut Self) -> Result<()>) -> Result<Option<Graph>> {
@@ -496,8 +533,9 @@ impl Kernels for CudaKernels {
         let before = self.generation();
         self.recording = Some(Vec::new());
         self.unrecordable = false;
-        // Thread-local mode: a call of this thread that is unsafe during capture (an
-        // allocation, a synchronisation) fails instead of being recorded.
+        // Thread-local mode: a call of this thread that is unsafe during capture (a
+        // synchronisation) fails instead of being recorded. A stream-ordered allocation would
+        // be recorded as a graph memory node, so the count below catches it.
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         stream
             .begin_capture(mode)
@@ -509,6 +547,7 @@ impl Kernels for CudaKernels {
         ran?;
         let exec = ended.map_err(candle_core::Error::wrap)?;
         if self.generation() != before {
+            // The buffer holds memory of the (discarded) graph: nothing can use it safely.
             candle_core::bail!(
                 "planned CUDA step: a buffer was allocated while a pass was being recorded as a \
                  graph (a bug; LDL_GPU_GRAPH=0 runs without graphs)"
@@ -524,7 +563,18 @@ impl Kernels for CudaKernels {
         }))
     }
 
-    fn replay(&mut self, graph: &Graph, grads: Option<&mut GradStore>) -> Result<()> {
+    fn replay(&mut self, graph: &Graph, grads: Option<&mut GradStore>) -> Result<bool> {
+        if let Some(store) = &grads {
+            // The recording wrote or added to our own gradients only; a gradient from outside
+            // the plan would be lost (the unrecorded pass adds to it).
+            let foreign = graph
+                .grads
+                .iter()
+                .any(|(var, own)| store.get(var).is_some_and(|g| g.id() != own.id()));
+            if foreign {
+                return Ok(false);
+            }
+        }
         graph.exec.launch().map_err(candle_core::Error::wrap)?;
         REPLAYS.fetch_add(1, Ordering::Relaxed);
         if let Some(store) = grads {
@@ -532,6 +582,6 @@ impl Kernels for CudaKernels {
                 store.insert(var, grad.clone());
             }
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -27,6 +27,15 @@ pub trait Backbone: Send + Sync {
     }
 }
 
+/// Forward passes this process ran through a plan.
+static PLANNED_FORWARDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many forward passes this process ran through a planned backbone: for tests and logs
+/// (a plan falls back to the autograd path for images it does not accept).
+pub fn planned_forwards() -> u64 {
+    PLANNED_FORWARDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How many recorded passes this process has replayed (0 without CUDA): for tests and logs.
 pub fn graph_replays() -> u64 {
     #[cfg(feature = "cuda")]
@@ -152,7 +161,11 @@ impl Net {
         let planned = match &self.plan {
             Some(plan) if train => {
                 let mut plan = plan.lock().expect("plan lock");
-                plan.accepts(x).then(|| plan.forward(x)).transpose()?
+                let y = plan.accepts(x).then(|| plan.forward(x)).transpose()?;
+                if y.is_some() {
+                    PLANNED_FORWARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                y
             }
             _ => None,
         };

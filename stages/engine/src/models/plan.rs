@@ -186,7 +186,9 @@ pub trait Kernels: Send {
         Ok(None)
     }
     /// Runs a recorded graph, and adds to `grads` (a backward's) the gradients it writes.
-    fn replay(&mut self, graph: &Self::Graph, grads: Option<&mut GradStore>) -> Result<()> {
+    /// `false` when `grads` holds what the recording did not expect (a gradient from outside
+    /// the plan): then nothing ran, and the caller runs the pass unrecorded.
+    fn replay(&mut self, graph: &Self::Graph, grads: Option<&mut GradStore>) -> Result<bool> {
         let _ = (graph, grads);
         candle_core::bail!("this device records no graphs")
     }
@@ -204,6 +206,8 @@ type Key = ([usize; 4], bool);
 struct Recorder<G> {
     graphs: Vec<(Key, u64, G)>,
     warm: Vec<(Key, u64)>,
+    /// Keys whose pass could not be recorded: not tried again.
+    never: Vec<Key>,
 }
 
 impl<G> Default for Recorder<G> {
@@ -211,6 +215,7 @@ impl<G> Default for Recorder<G> {
         Recorder {
             graphs: Vec::new(),
             warm: Vec::new(),
+            never: Vec::new(),
         }
     }
 }
@@ -229,14 +234,20 @@ fn run_pass<K: Kernels>(
         // Graphs of buffers since reallocated address freed memory: never replayed again.
         rec.graphs.retain(|(_, g, _)| *g == gen);
         if let Some((_, _, graph)) = rec.graphs.iter().find(|(k2, _, _)| *k2 == key) {
-            return k.replay(graph, grads);
-        }
-        if rec.warm.contains(&(key, gen)) {
-            if let Some(graph) = k.capture(&mut |k| pass(k, grads.as_deref_mut()))? {
-                // Recording ran nothing: the replay is this pass's run.
-                k.replay(&graph, grads)?;
-                rec.graphs.push((key, gen, graph));
+            if k.replay(graph, grads.as_deref_mut())? {
                 return Ok(());
+            }
+        } else if rec.warm.contains(&(key, gen)) && !rec.never.contains(&key) {
+            match k.capture(&mut |k| pass(k, grads.as_deref_mut()))? {
+                Some(graph) => {
+                    // Recording ran nothing: the replay is this pass's run.
+                    let ran = k.replay(&graph, grads.as_deref_mut())?;
+                    rec.graphs.push((key, gen, graph));
+                    if ran {
+                        return Ok(());
+                    }
+                }
+                None => rec.never.push(key),
             }
         }
     }
@@ -675,6 +686,9 @@ impl<K: Kernels> Planned for Plan<K> {
     fn backward(&mut self, grads: &mut GradStore) -> Result<()> {
         // Whether an earlier pass of this step has written the parameters' gradients.
         let mut written = false;
+        // This step's tapes go back first, in pass order, so the i-th pass of the next step
+        // takes the i-th tape of this one (the tapes a shorter step left unused follow).
+        let mut used = Vec::with_capacity(self.pending.len() + self.free.len());
         for mut tape in std::mem::take(&mut self.pending) {
             let var = tape.output.take().expect("a pending tape has its output");
             if let Some(g) = grads.remove(var.as_tensor()) {
@@ -696,8 +710,10 @@ impl<K: Kernels> Planned for Plan<K> {
                 )?;
                 written = true;
             }
-            self.free.push(tape);
+            used.push(tape);
         }
+        used.append(&mut self.free);
+        self.free = used;
         Ok(())
     }
 
