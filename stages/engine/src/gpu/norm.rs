@@ -97,6 +97,27 @@ pub(crate) fn statistics(
     )
 }
 
+/// `invstd[c] = 1/√(running_var[c] + eps)` for the `c` channels at the two addresses.
+pub(crate) fn running_invstd(
+    dev: &CudaDevice,
+    running_var: u64,
+    invstd: u64,
+    c: usize,
+    eps: f64,
+) -> Result<()> {
+    launch(
+        dev,
+        "bn_invstd",
+        per_channel(c),
+        &[
+            Arg::Ptr(running_var),
+            Arg::Ptr(invstd),
+            Arg::I32(c as i32),
+            Arg::F32(eps as f32),
+        ],
+    )
+}
+
 /// `y = γ·(x − μ)·invstd + β` (then ReLU when `relu`) with β at `beta`.
 pub(crate) fn apply(
     dev: &CudaDevice,
@@ -350,17 +371,7 @@ pub fn batch_norm(
     } else {
         let (_, prv) = tensor_ptr(running_var, "running variance")?;
         let (invstd, pi) = alloc_tensor(&dev, DType::F32, c)?;
-        launch(
-            &dev,
-            "bn_invstd",
-            per_channel(c),
-            &[
-                Arg::Ptr(prv),
-                Arg::Ptr(pi),
-                Arg::I32(c as i32),
-                Arg::F32(eps as f32),
-            ],
-        )?;
+        running_invstd(&dev, prv, pi, c, eps)?;
         (running_mean.clone(), invstd)
     };
     x.apply_op3(

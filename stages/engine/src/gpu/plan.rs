@@ -326,31 +326,39 @@ impl Kernels for CudaKernels {
         x: &DeviceBuf,
         [n, c, h, w]: [usize; 4],
         relu: bool,
+        train: bool,
         stats: &mut DeviceStats,
         y: &mut DeviceBuf,
     ) -> Result<()> {
         let (gamma, beta) = bn.affine();
         let (running_mean, running_var, eps, momentum) = bn.running();
-        let o = Operands {
+        let prm = self.address(running_mean, "running mean")?;
+        let prv = self.address(running_var, "running variance")?;
+        let invstd = stats
+            .invstd
+            .fit(&self.dev, DType::F32, c, &self.allocations)?;
+        let mut o = Operands {
             x: x.ptr,
-            mean: stats
-                .mean
-                .fit(&self.dev, DType::F32, c, &self.allocations)?,
-            invstd: stats
-                .invstd
-                .fit(&self.dev, DType::F32, c, &self.allocations)?,
+            mean: prm,
+            invstd,
             gamma: self.address(gamma, "batch norm weight")?,
-            partial: self.partial.fit(
+            partial: 0,
+            dims: [n, c, h * w],
+        };
+        if train {
+            o.mean = stats
+                .mean
+                .fit(&self.dev, DType::F32, c, &self.allocations)?;
+            o.partial = self.partial.fit(
                 &self.dev,
                 DType::F32,
                 c * norm::parts(c, n * h * w) * 2,
                 &self.allocations,
-            )?,
-            dims: [n, c, h * w],
-        };
-        let prm = self.address(running_mean, "running mean")?;
-        let prv = self.address(running_var, "running variance")?;
-        norm::statistics(&self.dev, self.dtype, &o, prm, prv, eps, momentum)?;
+            )?;
+            norm::statistics(&self.dev, self.dtype, &o, prm, prv, eps, momentum)?;
+        } else {
+            norm::running_invstd(&self.dev, prv, invstd, c, eps)?;
+        }
         let py = y.fit(&self.dev, self.dtype, x.len, &self.allocations)?;
         let pb = self.address(beta, "batch norm bias")?;
         norm::apply(&self.dev, self.dtype, &o, pb, relu, py)

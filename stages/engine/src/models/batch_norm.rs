@@ -443,7 +443,7 @@ impl BatchNorm {
     }
 
     /// The running mean and `1/√(running var + eps)` (evaluation mode).
-    fn running_statistics(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn running_statistics(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
         let var = self.running_var.as_tensor().to_vec1::<f32>()?;
         Ok((mean, self.inv_std(&var)))

@@ -79,6 +79,9 @@ pub struct Net {
     body: Box<dyn Backbone>,
     /// The backbone's planned training step, when switched on ([`Net::plan_training`]).
     plan: Option<Mutex<Box<dyn Planned>>>,
+    /// The backbone's planned evaluation-mode passes, when switched on
+    /// ([`Net::plan_inference`]): made for the first images' type, remade if it changes.
+    inference: Option<Mutex<Option<Box<dyn Planned>>>>,
     dropout: Dropout,
     fc: Linear,
     classifier: &'static str,
@@ -99,6 +102,7 @@ impl Net {
         Ok(Net {
             body,
             plan: None,
+            inference: None,
             dropout,
             fc,
             classifier,
@@ -123,6 +127,44 @@ impl Net {
             plan(program, &device, dtype, graphs).map(Mutex::new)
         });
         self.plan.is_some()
+    }
+
+    /// Runs evaluation-mode forward passes through the backbone's planned program when `on`
+    /// and the backbone has one (a teacher applied to every batch: the same results as the
+    /// layers give, on buffers reused from batch to batch, recorded as CUDA graphs under
+    /// `LDL_GPU_GRAPH=1`). Images of a type or device without planned kernels take the layers.
+    /// Returns whether it is on.
+    pub fn plan_inference(&mut self, on: bool) -> bool {
+        self.inference = (on && self.body.program().is_some()).then(|| Mutex::new(None));
+        self.inference.is_some()
+    }
+
+    /// The backbone's output through a plan, when one takes `x` in this mode.
+    fn planned_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
+        let y = match (&self.plan, &self.inference) {
+            (Some(plan), _) if train => {
+                let mut plan = plan.lock().expect("plan lock");
+                plan.accepts(x).then(|| plan.forward(x)).transpose()?
+            }
+            (_, Some(inference)) if !train => {
+                let mut slot = inference.lock().expect("plan lock");
+                if slot.as_ref().is_none_or(|p| !p.accepts(x)) {
+                    *slot = self.body.program().and_then(|program| {
+                        let device = program.stem.conv.weight().device().clone();
+                        plan(program, &device, x.dtype(), super::plan::graphs_wanted())
+                    });
+                }
+                match slot.as_mut() {
+                    Some(p) if p.accepts(x) => Some(p.infer(x)?),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if y.is_some() {
+            PLANNED_FORWARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(y)
     }
 
     /// The gradients of `loss`, through the planned backbone for the forward passes that ran
@@ -158,18 +200,7 @@ impl Net {
 
     /// Penultimate features `N × D`, after global average pooling and before dropout.
     pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let planned = match &self.plan {
-            Some(plan) if train => {
-                let mut plan = plan.lock().expect("plan lock");
-                let y = plan.accepts(x).then(|| plan.forward(x)).transpose()?;
-                if y.is_some() {
-                    PLANNED_FORWARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                y
-            }
-            _ => None,
-        };
-        let mut y = match planned {
+        let mut y = match self.planned_features(x, train)? {
             Some(y) => y,
             None => self.body.forward_t(x, train)?,
         };
@@ -313,6 +344,58 @@ mod tests {
                     "{arch}: gradient of `{name}` differs by {e:e} relative"
                 );
             }
+        }
+    }
+
+    /// Evaluation-mode passes through the planned program give bitwise what the layers give,
+    /// after two training steps have moved the weights and running statistics: batches of 5, 3
+    /// and 5 images in turn (buffers sized, reused smaller, reused again), every one through
+    /// the plan. Architectures without a program keep the layers.
+    #[test]
+    fn planned_inference_equals_the_layers_bitwise() {
+        use crate::optim::{Sgd, SgdConfig};
+        let cases = [
+            ("resnet8", 4, Shortcut::A, 8),
+            ("resnet14", 4, Shortcut::B, 8),
+            ("resnet50", 2, Shortcut::B, 16),
+            ("resnext29_2x4d", 2, Shortcut::B, 8),
+        ];
+        for (arch, width, shortcut, hw) in cases {
+            let spec = ModelSpec {
+                width,
+                shortcut,
+                ..ModelSpec::new(arch, 5, 3).unwrap()
+            };
+            let mut m = Model::new(&spec, &Device::Cpu, 9).unwrap();
+            let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
+            let y = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &Device::Cpu).unwrap();
+            for s in 0..2 {
+                let x = random(&[6, 3, hw, hw], -2.0..2.0, 40 + s);
+                let loss = cross_entropy(&m.net.forward_t(&x, true).unwrap(), &y).unwrap();
+                opt.step(&m.net.backward(&loss).unwrap(), 0.1).unwrap();
+            }
+            let batches: Vec<Tensor> = [5, 3, 5]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| random(&[n, 3, hw, hw], -2.0..2.0, 50 + i as u64))
+                .collect();
+            let logits = |m: &Model, x: &Tensor| {
+                let l = m.net.forward_t(x, false).unwrap();
+                l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let layers: Vec<Vec<f32>> = batches.iter().map(|x| logits(&m, x)).collect();
+            assert!(m.net.plan_inference(true), "{arch}");
+            for (i, x) in batches.iter().enumerate() {
+                assert!(
+                    m.net.planned_features(x, false).unwrap().is_some(),
+                    "{arch}: batch {i} through the plan"
+                );
+                assert_eq!(logits(&m, x), layers[i], "{arch}: batch {i}");
+            }
+        }
+        for arch in ["densenet_cifar", "dla"] {
+            let mut m = Model::new(&ModelSpec::new(arch, 5, 3).unwrap(), &Device::Cpu, 0).unwrap();
+            assert!(!m.net.plan_inference(true), "{arch}");
         }
     }
 }

@@ -98,14 +98,16 @@ pub trait Kernels: Send {
         dims: [usize; 4],
         y: &mut Self::Buf,
     ) -> Result<()>;
-    /// `y = bn(x)` in batch statistics (kept in `stats`; the running ones updated), then a
-    /// ReLU when `relu`.
+    /// `y = bn(x)`, then a ReLU when `relu`: in training, in batch statistics (kept in
+    /// `stats`; the running ones updated), else in the running statistics.
+    #[allow(clippy::too_many_arguments)]
     fn bn_forward(
         &mut self,
         bn: &BatchNorm,
         x: &Self::Buf,
         dims: [usize; 4],
         relu: bool,
+        train: bool,
         stats: &mut Self::Stats,
         y: &mut Self::Buf,
     ) -> Result<()>;
@@ -268,6 +270,9 @@ pub trait Planned: Send {
     /// Adds to `grads` the parameters' gradients of every forward pass since the last call
     /// whose output received a gradient (the others did not reach the loss and are dropped).
     fn backward(&mut self, grads: &mut GradStore) -> Result<()>;
+    /// The backbone's output on images `x` in evaluation mode (BatchNorm in its running
+    /// statistics), with no gradient: a teacher's forward pass.
+    fn infer(&mut self, x: &Tensor) -> Result<Tensor>;
     /// Whether images `x` run through the plan (its device and activation type).
     fn accepts(&self, x: &Tensor) -> bool;
 }
@@ -402,6 +407,8 @@ pub struct Plan<K: Kernels> {
     pending: Vec<Tape<K>>,
     free: Vec<Tape<K>>,
     scratch: Scratch<K>,
+    /// The tape of evaluation-mode passes (no backward reads it).
+    inference: Option<Tape<K>>,
 }
 
 /// The output shape of `conv` over an input of shape `x`.
@@ -412,12 +419,14 @@ fn conv_output(conv: &Conv2d, x: [usize; 4]) -> Result<[usize; 4]> {
 }
 
 impl Unit {
-    /// The unit over `x` (shape `dims`), its activations written into `tape`.
+    /// The unit over `x` (shape `dims`), its activations written into `tape`; BatchNorm in
+    /// batch statistics when `train`.
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
         dims: [usize; 4],
+        train: bool,
         tape: &mut UnitTape<K>,
     ) -> Result<()> {
         let out = conv_output(&self.conv, dims)?;
@@ -429,6 +438,7 @@ impl Unit {
             &tape.conv_out,
             out,
             self.relu,
+            train,
             &mut tape.stats,
             &mut tape.act,
         )
@@ -470,6 +480,7 @@ impl Block {
         k: &mut K,
         x: &K::Buf,
         dims: [usize; 4],
+        train: bool,
         tape: &mut BlockTape<K>,
     ) -> Result<[usize; 4]> {
         tape.main.resize_with(self.main.len(), UnitTape::default);
@@ -480,7 +491,7 @@ impl Block {
                 Some(u) => &u.act,
                 None => x,
             };
-            unit.forward(k, input, d, &mut rest[0])?;
+            unit.forward(k, input, d, train, &mut rest[0])?;
             d = rest[0].output;
         }
         let last = tape.main.last().expect("a block has units");
@@ -494,7 +505,7 @@ impl Block {
             }
             Skip::Project(unit) => {
                 let skip = tape.skip.get_or_insert_with(UnitTape::default);
-                unit.forward(k, x, dims, skip)?;
+                unit.forward(k, x, dims, train, skip)?;
                 k.add_relu(&last.act, &skip.act, &mut tape.out)?;
             }
         }
@@ -576,20 +587,37 @@ impl<K: Kernels> Plan<K> {
             pending: Vec::new(),
             free: Vec::new(),
             scratch: Scratch::default(),
+            inference: None,
         }
+    }
+
+    /// Fails unless the plan runs images like `x`.
+    fn check(&self, x: &Tensor) -> Result<()> {
+        if !self.accepts(x) {
+            candle_core::bail!(
+                "planned step: images of type {:?} on {:?}, the plan runs {:?} on {:?}",
+                x.dtype(),
+                x.device().location(),
+                self.dtype,
+                self.device.location()
+            )
+        }
+        Ok(())
     }
 }
 
-/// The forward pass over images already in `tape.images` (shape `dims`).
+/// The forward pass over images already in `tape.images` (shape `dims`), in training mode
+/// when `train`.
 fn forward_pass<K: Kernels>(
     k: &mut K,
     program: &Program,
     tape: &mut Activations<K>,
     dims: [usize; 4],
+    train: bool,
 ) -> Result<()> {
     program
         .stem
-        .forward(k, &tape.images, dims, &mut tape.stem)?;
+        .forward(k, &tape.images, dims, train, &mut tape.stem)?;
     tape.blocks
         .resize_with(program.blocks.len(), BlockTape::default);
     let mut d = tape.stem.output;
@@ -599,7 +627,7 @@ fn forward_pass<K: Kernels>(
             Some(b) => &b.out,
             None => &tape.stem.act,
         };
-        d = block.forward(k, x, d, &mut rest[0])?;
+        d = block.forward(k, x, d, train, &mut rest[0])?;
     }
     Ok(())
 }
@@ -649,15 +677,7 @@ impl<K: Kernels> Planned for Plan<K> {
                 "planned training step: {MAX_PENDING} forward passes without a backward (Net::backward)"
             )
         }
-        if !self.accepts(x) {
-            candle_core::bail!(
-                "planned training step: images of type {:?} on {:?}, the plan runs {:?} on {:?}",
-                x.dtype(),
-                x.device().location(),
-                self.dtype,
-                self.device.location()
-            )
-        }
+        self.check(x)?;
         let dims: [usize; 4] = x.dims4()?.into();
         let (k, program) = (&mut self.kernels, &self.program);
         // The i-th forward pass of a step takes the tape the i-th took last step, so that each
@@ -670,7 +690,7 @@ impl<K: Kernels> Planned for Plan<K> {
         let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, dims)
+            forward_pass(k, program, acts, dims, true)
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
@@ -715,6 +735,24 @@ impl<K: Kernels> Planned for Plan<K> {
         used.append(&mut self.free);
         self.free = used;
         Ok(())
+    }
+
+    fn infer(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.check(x)?;
+        let dims: [usize; 4] = x.dims4()?.into();
+        let (k, program) = (&mut self.kernels, &self.program);
+        let tape = self.inference.get_or_insert_with(Tape::default);
+        k.load(x, &mut tape.acts.images)?;
+        let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
+        let acts = &mut tape.acts;
+        run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
+            forward_pass(k, program, acts, dims, false)
+        })?;
+        let out = match tape.acts.blocks.last() {
+            Some(b) => &b.out,
+            None => &tape.acts.stem.act,
+        };
+        Ok(k.output(out, out_dims)?.as_tensor().detach())
     }
 
     fn accepts(&self, x: &Tensor) -> bool {

@@ -80,12 +80,16 @@ impl Kernels for CpuKernels {
         x: &Vec<f32>,
         [n, c, h, w]: [usize; 4],
         relu: bool,
+        train: bool,
         stats: &mut CpuStats,
         y: &mut Vec<f32>,
     ) -> Result<()> {
         let _t = timer(Section::BatchNormForward);
         fit(y, x.len());
-        let (mean, inv_std) = bn.batch_statistics(x, [n, c, h * w])?;
+        let (mean, inv_std) = match train {
+            true => bn.batch_statistics(x, [n, c, h * w])?,
+            false => bn.running_statistics()?,
+        };
         let (gamma, beta) = bn.affine();
         with_f32(gamma, "batch norm", |gamma| {
             with_f32(beta, "batch norm", |beta| {
