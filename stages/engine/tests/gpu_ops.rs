@@ -709,3 +709,89 @@ fn recorded_steps_equal_unrecorded_bitwise() {
         }
     }
 }
+
+/// Planned evaluation-mode passes on CUDA (a teacher's): against the layers on the CPU after
+/// two training steps there (f32 1e-4, bf16 2e-2 on bf16-rounded images), every pass through
+/// the plan; recorded as graphs and replayed, bitwise the unrecorded passes, over batches of
+/// 16, 10 and 16 images repeated.
+#[test]
+fn planned_inference_follows_the_cpu() {
+    use engine::losses::cross_entropy;
+    use engine::models::{Model, ModelSpec, Shortcut};
+    use engine::optim::{Sgd, SgdConfig};
+    let Some(gpu) = cuda("planned inference") else {
+        return;
+    };
+    let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = ModelSpec {
+        width: 8,
+        shortcut: Shortcut::B,
+        ..ModelSpec::new("resnet14", 10, 3).unwrap()
+    };
+    // Two CPU training steps move the weights and running statistics off their initial values;
+    // the GPU model loads the same tensors.
+    let cpu_model = Model::new(&spec, &Device::Cpu, 4).unwrap();
+    let mut opt = Sgd::new(cpu_model.trainable(), SgdConfig::default());
+    let y = Tensor::from_vec((0..16u32).map(|i| i % 10).collect(), 16, &Device::Cpu).unwrap();
+    for s in 0..2 {
+        let x = random(&[16, 3, 16, 16], 80 + s);
+        let loss = cross_entropy(&cpu_model.net.forward_t(&x, true).unwrap(), &y).unwrap();
+        opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+    }
+    let tensors: HashMap<String, Tensor> = cpu_model
+        .vars
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let batches: Vec<Tensor> = [16, 10, 16, 10, 16]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| random(&[n, 3, 16, 16], 90 + i as u64))
+        .collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
+        let run = |graphs: bool| -> Vec<Vec<f32>> {
+            let mut m = Model::new(&spec, &gpu, 4).unwrap();
+            for (k, v) in m.vars.data().lock().unwrap().iter() {
+                v.set(&tensors[k].to_device(&gpu).unwrap()).unwrap();
+            }
+            assert!(m.net.plan_inference_with(true, graphs));
+            let before = engine::models::net::planned_forwards();
+            let out = batches
+                .iter()
+                .map(|x| {
+                    let x = x.to_device(&gpu).unwrap().to_dtype(dtype).unwrap();
+                    let l = m.net.forward_t(&x, false).unwrap();
+                    l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                })
+                .collect();
+            let planned = engine::models::net::planned_forwards() - before;
+            assert_eq!(
+                planned,
+                batches.len() as u64,
+                "{dtype:?}: every pass planned"
+            );
+            out
+        };
+        let plain = run(false);
+        let replays = engine::models::net::graph_replays();
+        let recorded = run(true);
+        eprintln!(
+            "inference {dtype:?}: {} recorded passes replayed",
+            engine::models::net::graph_replays() - replays
+        );
+        assert_eq!(
+            recorded, plain,
+            "{dtype:?}: recorded passes equal unrecorded ones"
+        );
+        for (i, x) in batches.iter().enumerate() {
+            let reference = cpu_model.net.forward_t(&rounded(x, dtype), false).unwrap();
+            let got = Tensor::from_vec(plain[i].clone(), reference.dims(), &Device::Cpu).unwrap();
+            let e = max_rel(&got, &reference);
+            assert!(e <= tol, "{dtype:?} batch {i}: logits off by {e}");
+        }
+    }
+}

@@ -74,14 +74,18 @@ pub fn plan(
     }
 }
 
+/// A plan made on first use (`None` until then, or when the images have no planned kernels).
+type PlanSlot = Option<Box<dyn Planned>>;
+
 /// A classifier built from a [`ModelSpec`].
 pub struct Net {
     body: Box<dyn Backbone>,
     /// The backbone's planned training step, when switched on ([`Net::plan_training`]).
     plan: Option<Mutex<Box<dyn Planned>>>,
     /// The backbone's planned evaluation-mode passes, when switched on
-    /// ([`Net::plan_inference`]): made for the first images' type, remade if it changes.
-    inference: Option<Mutex<Option<Box<dyn Planned>>>>,
+    /// ([`Net::plan_inference`]): whether they record CUDA graphs, and the plan, made for the
+    /// first images' type and remade if it changes.
+    inference: Option<(bool, Mutex<PlanSlot>)>,
     dropout: Dropout,
     fc: Linear,
     classifier: &'static str,
@@ -135,7 +139,12 @@ impl Net {
     /// `LDL_GPU_GRAPH=1`). Images of a type or device without planned kernels take the layers.
     /// Returns whether it is on.
     pub fn plan_inference(&mut self, on: bool) -> bool {
-        self.inference = (on && self.body.program().is_some()).then(|| Mutex::new(None));
+        self.plan_inference_with(on, super::plan::graphs_wanted())
+    }
+
+    /// [`Net::plan_inference`], recording CUDA graphs when `graphs`.
+    pub fn plan_inference_with(&mut self, on: bool, graphs: bool) -> bool {
+        self.inference = (on && self.body.program().is_some()).then(|| (graphs, Mutex::new(None)));
         self.inference.is_some()
     }
 
@@ -146,12 +155,12 @@ impl Net {
                 let mut plan = plan.lock().expect("plan lock");
                 plan.accepts(x).then(|| plan.forward(x)).transpose()?
             }
-            (_, Some(inference)) if !train => {
+            (_, Some((graphs, inference))) if !train => {
                 let mut slot = inference.lock().expect("plan lock");
                 if slot.as_ref().is_none_or(|p| !p.accepts(x)) {
                     *slot = self.body.program().and_then(|program| {
                         let device = program.stem.conv.weight().device().clone();
-                        plan(program, &device, x.dtype(), super::plan::graphs_wanted())
+                        plan(program, &device, x.dtype(), *graphs)
                     });
                 }
                 match slot.as_mut() {
