@@ -6,10 +6,13 @@ of random CIFAR-shaped images (3x32x32, 10 classes) already on the device. After
 untimed steps, --steps steps are timed, synchronising the device before reading the clock.
 Modes: eager f32, and bf16 autocast + channels_last (the fast PyTorch recipe). Models match the
 Rust ones layer for layer: CIFAR ResNet-18/34/50 (3x3 stem, no max-pool; kuangliu/RepDistiller)
-and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B).
+and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B). With --teacher, the
+On-LDL step of `pipeline bench train --teacher`: the teacher in eval mode under no_grad on the
+same batch, its softmax the student's target (soft cross-entropy).
 
     python3 benches/torch_train.py --model resnet18 --batch 256 --device cuda
     python3 benches/torch_train.py --model resnet20 --batch 64 --device cpu --modes f32
+    python3 benches/torch_train.py --model resnet20 --teacher resnet110 --batch 64 --device cuda
 """
 
 import argparse
@@ -116,10 +119,20 @@ def bench(args, mode):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
+    teacher = None
+    if args.teacher:
+        teacher = build(args.teacher, 10).to(device).eval()
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
-            loss = F.cross_entropy(model(x), y)
+            if teacher is None:
+                loss = F.cross_entropy(model(x), y)
+            else:
+                with torch.no_grad():
+                    q = F.softmax(teacher(x).float(), dim=1)
+                loss = F.cross_entropy(model(x).float(), q)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -143,6 +156,7 @@ def bench(args, mode):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--teacher", default=None, help="an On-LDL step with this teacher")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="f32,bf16", help="f32 (eager) and/or bf16 (autocast + channels_last)")
@@ -154,7 +168,8 @@ def main():
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
-    print(f"PyTorch {torch.__version__} training benchmark: {args.model}, batch {args.batch}, {where}, "
+    step = f"On-LDL step with teacher {args.teacher}" if args.teacher else "cross-entropy step"
+    print(f"PyTorch {torch.__version__} training benchmark ({step}): {args.model}, batch {args.batch}, {where}, "
           f"{args.warmup} warm-up + {args.steps} timed steps\n")
     print("| model | mode | params | images/s | peak memory (MiB) |")
     print("|---|---|---:|---:|---:|")

@@ -5,7 +5,8 @@
 #     a few ResNet steps against the CPU, f32 and bf16);
 #  2. the side-by-side training benchmark: `pipeline bench train` (f32 and bf16) against
 #     benches/torch_train.py (eager f32; bf16 autocast + channels_last) for ResNet-18 at batch 256
-#     and ResNet-56 at batch 64, images/s and peak memory;
+#     and ResNet-56 at batch 64, and the On-LDL step (ResNet-20 student, ResNet-110 teacher,
+#     batch 64), images/s and peak memory;
 #  3. end to end: two epochs of a CIFAR-10-shaped student (50,000 images, crop + flip) through
 #     `pipeline run`, loader included, whose second-epoch images/s compare with the pure step
 #     rate of 2.;
@@ -62,6 +63,11 @@ for spec in "resnet18 256" "resnet56 64"; do
     run "profile: ours $1 batch $2 bf16, LDL_GPU_PLAN=$plan" 120 env LDL_GPU_PLAN=$plan "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype bf16 --warmup 5 --steps 20 --profile
   done
 done
+
+# The On-LDL step of issue 23: a ResNet-20 student, a ResNet-110 teacher applied to every batch.
+run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (autograd)" 120 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
+run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (planned + CUDA graphs)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
+run "torch On-LDL resnet20 + teacher resnet110, batch 64" 180 python3 benches/torch_train.py --model resnet20 --teacher resnet110 --batch 64 --device cuda --warmup 10 --steps 50
 
 # End to end: prepare a CIFAR-10-shaped synthetic set, train two epochs, read the log.
 e2e() { # model batch dtype

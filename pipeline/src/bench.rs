@@ -173,6 +173,11 @@ pub struct TrainArgs {
     /// (as before it existed), for comparisons.
     #[arg(long)]
     pub no_plan: bool,
+    /// An On-LDL step instead: this architecture as the teacher, applied in evaluation mode to
+    /// every batch, its softmax the student's target (soft cross-entropy), as an `on-ldl`
+    /// student trains; `benches/torch_train.py --teacher` is the same step in PyTorch.
+    #[arg(long)]
+    pub teacher: Option<String>,
 }
 
 /// Runs `pipeline bench train`: images/s of forward + cross-entropy + backward + SGD-momentum
@@ -200,6 +205,15 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let planned = model.net.plan_training(
         (engine::models::plan::wanted(&device) && !args.no_plan).then_some(precision.dtype()),
     );
+    let teacher = match &args.teacher {
+        Some(arch) => {
+            let mut t = Model::new(&ModelSpec::new(arch, args.classes, 3)?, &device, 1)?;
+            t.net
+                .plan_inference(engine::models::plan::wanted(&device) && !args.no_plan);
+            Some(t)
+        }
+        None => None,
+    };
     let mut opt = Sgd::new(
         model.trainable(),
         SgdConfig {
@@ -218,8 +232,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let mut phases = [0f64; 3];
     let mut step = |phases: &mut [f64; 3]| -> Result<Tensor> {
         let t = Instant::now();
+        let target = match &teacher {
+            Some(teacher) => Some(candle_nn::ops::softmax_last_dim(
+                &teacher.net.forward_t(&x, false)?.detach(),
+            )?),
+            None => None,
+        };
         let logits = model.net.forward_t(&x, true)?;
-        let loss = cross_entropy(&logits, &y)?;
+        let loss = match &target {
+            Some(q) => engine::losses::soft_cross_entropy(&logits, q)?,
+            None => cross_entropy(&logits, &y)?,
+        };
         if args.profile {
             device.synchronize()?;
         }
@@ -271,8 +294,12 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         None => f32::NAN,
     };
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    let what = match &args.teacher {
+        Some(t) => format!("On-LDL step with teacher {t}"),
+        None => "cross-entropy step".to_string(),
+    };
     println!(
-        "training benchmark: {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), {}, {}, {} warm-up + {} timed steps",
+        "training benchmark ({what}): {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), {}, {}, {} warm-up + {} timed steps",
         spec.arch,
         spec.width,
         args.batch,
