@@ -207,7 +207,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     );
     let teacher = match &args.teacher {
         Some(arch) => {
-            let mut t = Model::new(&ModelSpec::new(arch, args.classes, 3)?, &device, 1)?;
+            let spec = ModelSpec::new(arch, args.classes, 3)
+                .with_context(|| format!("--teacher {arch}"))?;
+            let mut t = Model::new(&spec, &device, 1)?;
             t.net
                 .plan_inference(engine::models::plan::wanted(&device) && !args.no_plan);
             Some(t)

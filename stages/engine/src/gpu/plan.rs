@@ -125,8 +125,8 @@ pub struct CudaKernels {
     recording: Option<Vec<(Tensor, Tensor)>>,
     /// While recording: whether the pass met a gradient it cannot replay.
     unrecordable: bool,
-    /// f32 gradient tensors by their parameter's device address.
-    grads: HashMap<u64, Tensor>,
+    /// f32 gradient tensors by their parameter.
+    grads: HashMap<TensorId, Tensor>,
     /// bf16 copies of the conv weights by the f32 weight's address (bf16 plans only).
     weights: HashMap<u64, DeviceBuf>,
     /// A weight gradient of the activation type, before it joins the parameter's f32 one.
@@ -168,15 +168,13 @@ impl CudaKernels {
             return Ok(pw);
         }
         let n = w.elem_count();
-        let fresh = !self.weights.contains_key(&pw);
         let copy = self.weights.entry(pw).or_default();
-        // (a new copy's allocation is counted by `DeviceBuf::fit`)
+        let fresh = copy.storage.is_none();
         let p = copy.fit(&self.dev, DType::BF16, n, &self.allocations)?;
         if cast || fresh {
-            launch(
-                &self.dev,
+            self.each(
                 "cast_f32_bf16",
-                elementwise(n),
+                n,
                 &[Arg::Ptr(pw), Arg::Ptr(p), Arg::I64(n as i64)],
             )?;
         }
@@ -203,13 +201,12 @@ impl CudaKernels {
         src: u64,
         dtype: DType,
     ) -> Result<()> {
-        let pv = self.address(var, "parameter")?;
-        if !self.grads.contains_key(&pv) {
+        if !self.grads.contains_key(&var.id()) {
             let (t, _) = alloc_tensor(&self.dev, DType::F32, var.shape())?;
             self.allocations.set(self.allocations.get() + 1);
-            self.grads.insert(pv, t);
+            self.grads.insert(var.id(), t);
         }
-        let own = self.grads[&pv].clone();
+        let own = self.grads[&var.id()].clone();
         let po = self.address(&own, "parameter gradient")?;
         let add = match grads.get(var) {
             None => false,
@@ -229,10 +226,9 @@ impl CudaKernels {
             }
         };
         let n = var.elem_count();
-        launch(
-            &self.dev,
+        self.each(
             kernel!(dtype, "grad_add"),
-            elementwise(n),
+            n,
             &[
                 Arg::Ptr(po),
                 Arg::Ptr(src),
@@ -265,11 +261,6 @@ impl CudaKernels {
     }
 }
 
-/// A CUDA tensor's values as the plan's type: `t` itself when it already is, else converted.
-fn as_type(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    t.to_dtype(dtype)?.contiguous()
-}
-
 impl Kernels for CudaKernels {
     type Buf = DeviceBuf;
     type Stats = DeviceStats;
@@ -280,7 +271,7 @@ impl Kernels for CudaKernels {
     }
 
     fn load(&mut self, t: &Tensor, b: &mut DeviceBuf) -> Result<()> {
-        let t = as_type(t, self.dtype)?;
+        let t = t.to_dtype(self.dtype)?.contiguous()?;
         let (_, p) = tensor_ptr(&t, "planned step input")?;
         let dst = b.fit(&self.dev, self.dtype, t.elem_count(), &self.allocations)?;
         self.copy(p, dst, self.dtype, t.elem_count())

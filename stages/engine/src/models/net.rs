@@ -53,6 +53,7 @@ pub fn plan(
     dtype: DType,
     graphs: bool,
 ) -> Option<Box<dyn Planned>> {
+    // Only CUDA records graphs.
     let _ = graphs;
     match device {
         Device::Cpu if dtype == DType::F32 => Some(Box::new(Plan::new(
@@ -119,18 +120,24 @@ impl Net {
     /// bf16); whoever switches it on must take gradients with [`Net::backward`]. `None` switches
     /// it off. On CUDA the passes are recorded as CUDA graphs when `LDL_GPU_GRAPH=1`
     /// ([`Net::plan_training_with`]). Returns whether the plan is in use.
-    pub fn plan_training(&mut self, dtype: Option<candle_core::DType>) -> bool {
+    pub fn plan_training(&mut self, dtype: Option<DType>) -> bool {
         self.plan_training_with(dtype, super::plan::graphs_wanted())
     }
 
     /// [`Net::plan_training`], recording CUDA graphs when `graphs`.
-    pub fn plan_training_with(&mut self, dtype: Option<candle_core::DType>, graphs: bool) -> bool {
-        self.plan = dtype.and_then(|dtype| {
-            let program = self.body.program()?;
-            let device = program.stem.conv.weight().device().clone();
-            plan(program, &device, dtype, graphs).map(Mutex::new)
-        });
+    pub fn plan_training_with(&mut self, dtype: Option<DType>, graphs: bool) -> bool {
+        self.plan = dtype
+            .and_then(|dtype| self.new_plan(dtype, graphs))
+            .map(Mutex::new);
         self.plan.is_some()
+    }
+
+    /// A plan of the backbone on its weights' device for activations of `dtype`, where both
+    /// exist.
+    fn new_plan(&self, dtype: DType, graphs: bool) -> Option<Box<dyn Planned>> {
+        let program = self.body.program()?;
+        let device = program.stem.conv.weight().device().clone();
+        plan(program, &device, dtype, graphs)
     }
 
     /// Runs evaluation-mode forward passes through the backbone's planned program when `on`
@@ -158,10 +165,7 @@ impl Net {
             (_, Some((graphs, inference))) if !train => {
                 let mut slot = inference.lock().expect("plan lock");
                 if slot.as_ref().is_none_or(|p| !p.accepts(x)) {
-                    *slot = self.body.program().and_then(|program| {
-                        let device = program.stem.conv.weight().device().clone();
-                        plan(program, &device, x.dtype(), *graphs)
-                    });
+                    *slot = self.new_plan(x.dtype(), *graphs);
                 }
                 match slot.as_mut() {
                     Some(p) if p.accepts(x) => Some(p.infer(x)?),

@@ -419,24 +419,20 @@ fn conv_output(conv: &Conv2d, x: [usize; 4]) -> Result<[usize; 4]> {
 }
 
 impl Unit {
-    /// The unit over `x` (shape `dims`), its activations written into `tape`; BatchNorm in
-    /// batch statistics when `train`.
+    /// The unit over `x`, its activations written into `tape` (shaped by `shape_forward`);
+    /// BatchNorm in batch statistics when `train`.
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
-        dims: [usize; 4],
         train: bool,
         tape: &mut UnitTape<K>,
     ) -> Result<()> {
-        let out = conv_output(&self.conv, dims)?;
-        tape.input = dims;
-        tape.output = out;
-        k.conv_forward(&self.conv, x, dims, &mut tape.conv_out)?;
+        k.conv_forward(&self.conv, x, tape.input, &mut tape.conv_out)?;
         k.bn_forward(
             &self.bn,
             &tape.conv_out,
-            out,
+            tape.output,
             self.relu,
             train,
             &mut tape.stats,
@@ -474,42 +470,40 @@ impl Unit {
 }
 
 impl Block {
-    /// The block over `x` (shape `dims`) into `tape`; returns the output's shape.
+    /// The block over `x` into `tape` (shaped by `shape_forward`).
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
-        dims: [usize; 4],
         train: bool,
         tape: &mut BlockTape<K>,
-    ) -> Result<[usize; 4]> {
-        tape.main.resize_with(self.main.len(), UnitTape::default);
-        let mut d = dims;
-        for (i, unit) in self.main.iter().enumerate() {
+    ) -> Result<()> {
+        for i in 0..self.main.len() {
             let (done, rest) = tape.main.split_at_mut(i);
             let input = match done.last() {
                 Some(u) => &u.act,
                 None => x,
             };
-            unit.forward(k, input, d, train, &mut rest[0])?;
-            d = rest[0].output;
+            self.main[i].forward(k, input, train, &mut rest[0])?;
         }
+        let dims = tape.main[0].input;
         let last = tape.main.last().expect("a block has units");
-        k.fit(&mut tape.out, d.iter().product())?;
         match &self.skip {
-            Skip::Identity => k.add_relu(&last.act, x, &mut tape.out)?,
+            Skip::Identity => k.add_relu(&last.act, x, &mut tape.out),
             Skip::Subsample { pad, stride } => {
                 // The shortcut is built in the output buffer, then the sum written over it.
                 k.subsample(x, dims, *pad, *stride, &mut tape.out)?;
-                k.add_relu_in_place(&mut tape.out, &last.act)?;
+                k.add_relu_in_place(&mut tape.out, &last.act)
             }
             Skip::Project(unit) => {
-                let skip = tape.skip.get_or_insert_with(UnitTape::default);
-                unit.forward(k, x, dims, train, skip)?;
-                k.add_relu(&last.act, &skip.act, &mut tape.out)?;
+                let skip = tape
+                    .skip
+                    .as_mut()
+                    .expect("shape_forward made the projection's tape");
+                unit.forward(k, x, train, skip)?;
+                k.add_relu(&last.act, &skip.act, &mut tape.out)
             }
         }
-        Ok(d)
     }
 
     /// The block's backward from the gradient at its output (`s.dout`): writes the gradient
@@ -606,28 +600,24 @@ impl<K: Kernels> Plan<K> {
     }
 }
 
-/// The forward pass over images already in `tape.images` (shape `dims`), in training mode
-/// when `train`.
+/// The forward pass over images already in `tape.images`, the tape shaped by
+/// `shape_forward`; in training mode when `train`.
 fn forward_pass<K: Kernels>(
     k: &mut K,
     program: &Program,
     tape: &mut Activations<K>,
-    dims: [usize; 4],
     train: bool,
 ) -> Result<()> {
     program
         .stem
-        .forward(k, &tape.images, dims, train, &mut tape.stem)?;
-    tape.blocks
-        .resize_with(program.blocks.len(), BlockTape::default);
-    let mut d = tape.stem.output;
+        .forward(k, &tape.images, train, &mut tape.stem)?;
     for (i, block) in program.blocks.iter().enumerate() {
         let (before, rest) = tape.blocks.split_at_mut(i);
         let x = match before.last() {
             Some(b) => &b.out,
             None => &tape.stem.act,
         };
-        d = block.forward(k, x, d, train, &mut rest[0])?;
+        block.forward(k, x, train, &mut rest[0])?;
     }
     Ok(())
 }
@@ -690,7 +680,7 @@ impl<K: Kernels> Planned for Plan<K> {
         let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, dims, true)
+            forward_pass(k, program, acts, true)
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
@@ -746,7 +736,7 @@ impl<K: Kernels> Planned for Plan<K> {
         let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, dims, false)
+            forward_pass(k, program, acts, false)
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
@@ -761,9 +751,9 @@ impl<K: Kernels> Planned for Plan<K> {
 }
 
 /// Sizes the tape for input `dims` without running anything: every unit's shapes, and every
-/// buffer fitted to them. The forward pass does the same as it runs; a replayed one runs no
-/// host code, and what follows it (the output, an unrecorded backward) reads these. Returns
-/// the output's shape.
+/// buffer fitted to them. The forward pass reads them, and so does what follows a replayed
+/// one (which runs no host code): the output and an unrecorded backward. Returns the output's
+/// shape.
 fn shape_forward<K: Kernels>(
     k: &mut K,
     program: &Program,
