@@ -10,14 +10,15 @@
 #  3. end to end: two epochs of a CIFAR-10-shaped student (50,000 images, crop + flip) through
 #     `pipeline run`, loader included, whose second-epoch images/s compare with the pure step
 #     rate of 2.;
-#  4. resume on CUDA: a planned bf16 training with CUDA graphs killed (SIGKILL) after a
+#  4. resume on CUDA: a planned bf16 training with CUDA graphs and NHWC killed (SIGKILL) after a
 #     checkpoint and rerun, against an uninterrupted run: the final weights compared byte for
 #     byte (scripts/resume-check.sh; SKIP_RESUME=1 leaves it out);
 #  5. with CURVES=1, a short pipeline run on the GPU and on the CPU, same seed, to compare their
 #     loss curves.
 # Steps 2 and 3 run the CUDA steps side by side: candle's autograd (the default), the planned
-# step over fixed buffers (LDL_GPU_PLAN=1, models/plan.rs + gpu/plan.rs) and the planned step
-# with its passes replayed as CUDA graphs (LDL_GPU_GRAPH=1), with per-phase profiles.
+# step over fixed buffers (LDL_GPU_PLAN=1, models/plan.rs + gpu/plan.rs), the planned step
+# with its passes replayed as CUDA graphs (LDL_GPU_GRAPH=1), and that with channels-last
+# activations (LDL_GPU_NHWC=1), with per-phase profiles.
 #
 #   scripts/gpu-bench.sh [PIPELINE_BINARY] [GPU_OPS_TEST_BINARY] [OUTPUT_FOLDER]
 #
@@ -57,16 +58,18 @@ for spec in "resnet18 256" "resnet56 64"; do
     run "ours $1 batch $2 $dt (autograd)" 120 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
     [ "$dt" = bf16 ] && run "ours $1 batch $2 $dt (planned)" 120 env LDL_GPU_PLAN=1 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
     run "ours $1 batch $2 $dt (planned + CUDA graphs)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
+    [ "$dt" = bf16 ] && run "ours $1 batch $2 $dt (planned + CUDA graphs + NHWC)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 LDL_GPU_NHWC=1 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
   done
   run "torch $1 batch $2" 180 python3 benches/torch_train.py --model "$1" --batch "$2" --device cuda --warmup 10 --steps 50
   for plan in 0 1; do
-    run "profile: ours $1 batch $2 bf16, LDL_GPU_PLAN=$plan" 120 env LDL_GPU_PLAN=$plan "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype bf16 --warmup 5 --steps 20 --profile
+    run "profile: ours $1 batch $2 bf16, LDL_GPU_PLAN=$plan LDL_GPU_NHWC=$plan" 120 env LDL_GPU_PLAN=$plan LDL_GPU_NHWC=$plan "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype bf16 --warmup 5 --steps 20 --profile
   done
 done
 
 # The On-LDL step of issue 23: a ResNet-20 student, a ResNet-110 teacher applied to every batch.
 run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (autograd)" 120 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
 run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (planned + CUDA graphs)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
+run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (planned + CUDA graphs + NHWC)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 LDL_GPU_NHWC=1 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
 run "torch On-LDL resnet20 + teacher resnet110, batch 64" 180 python3 benches/torch_train.py --model resnet20 --teacher resnet110 --batch 64 --device cuda --warmup 10 --steps 50
 
 # End to end: prepare a CIFAR-10-shaped synthetic set, train two epochs, read the log.
@@ -99,12 +102,12 @@ for spec in "resnet18 256 bf16" "resnet56 64 bf16"; do
   set -- $spec
   for plan in 0 1; do
     e2e "$@" | sed "s/^output = \"e2e-/output = \"e2e-plan$plan-/" > "$OUT/e2e-$1-plan$plan.toml"
-    run "pipeline run: 2 epochs of $1 batch $2 $3, LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan (loader included)" 150 env LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan "$BIN" run "$OUT/e2e-$1-plan$plan.toml"
+    run "pipeline run: 2 epochs of $1 batch $2 $3, LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan LDL_GPU_NHWC=$plan (loader included)" 150 env LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan LDL_GPU_NHWC=$plan "$BIN" run "$OUT/e2e-$1-plan$plan.toml"
     cat "$OUT/e2e-plan$plan-$1-$3/student/train_log.csv" 2>/dev/null | cut -c1-200 | tee -a "$OUT/bench.md"
   done
 done
 
-[ "${SKIP_RESUME:-0}" = 1 ] || RESUME_DEVICE=cuda LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 scripts/resume-check.sh "$BIN" "$OUT/resume" 2>&1 | tee -a "$OUT/bench.md"
+[ "${SKIP_RESUME:-0}" = 1 ] || RESUME_DEVICE=cuda LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 LDL_GPU_NHWC=1 scripts/resume-check.sh "$BIN" "$OUT/resume" 2>&1 | tee -a "$OUT/bench.md"
 
 [ "${CURVES:-0}" = 1 ] || exit 0
 # A short pipeline on synthetic data, on the GPU (f32 and bf16) and on the CPU: same stages, seed.

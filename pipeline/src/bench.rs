@@ -308,8 +308,17 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         args.dtype,
         match (planned, engine::models::net::graph_replays() - replays_before) {
             (false, _) => "autograd step".to_string(),
-            (true, 0) => "planned step".to_string(),
-            (true, r) => format!("planned step, {r} recorded passes replayed (CUDA graphs)"),
+            (true, r) => {
+                let mut s = "planned step".to_string();
+                let options = engine::models::plan::PlanOptions::from_env();
+                if device.is_cuda() && options.channels_last {
+                    s += ", channels-last (NHWC)";
+                }
+                if r > 0 {
+                    s += &format!(", {r} recorded passes replayed (CUDA graphs)");
+                }
+                s
+            }
         },
         args.warmup,
         args.steps

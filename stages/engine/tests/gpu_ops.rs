@@ -433,10 +433,12 @@ fn resnet_training_steps_follow_the_cpu() {
 /// CPU (itself bitwise the autograd path): every parameter's gradient of one step, with two
 /// forward passes (half-batches) into one loss and a third pass that never reaches it; then
 /// three SGD steps' losses and the weights and running statistics after them. Option A and B
-/// shortcuts, bottlenecks and a grouped convolution; f32 (1e-3) and bf16 (5e-2).
+/// shortcuts, bottlenecks and a grouped convolution; f32 (1e-3) and bf16 (5e-2); NCHW and
+/// channels-last (NHWC activations, KRSC weight copies).
 #[test]
 fn planned_steps_follow_the_cpu() {
     use engine::losses::cross_entropy;
+    use engine::models::plan::PlanOptions;
     use engine::models::{Mode, Model, ModelSpec, Shortcut};
     use engine::optim::{Sgd, SgdConfig};
     let Some(gpu) = cuda("planned steps") else {
@@ -460,10 +462,14 @@ fn planned_steps_follow_the_cpu() {
         let y = Tensor::from_vec((0..12u32).map(|i| i % 10).collect(), 12, &Device::Cpu).unwrap();
         // (gradients of step 0 by name, losses, values after the steps by name)
         type Run = (Vec<(String, Tensor)>, Vec<f32>, Vec<(String, Tensor)>);
-        let run = |device: &Device, dtype: DType, x: &Tensor| -> Run {
+        let run = |device: &Device, dtype: DType, nhwc: bool, x: &Tensor| -> Run {
             let mut m = Model::new(&spec, device, 7).unwrap();
+            let options = PlanOptions {
+                graphs: false,
+                channels_last: nhwc,
+            };
             assert!(
-                m.net.plan_training(Some(dtype)),
+                m.net.plan_training_with(Some(dtype), options),
                 "{arch}: planned on {device:?}"
             );
             let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
@@ -512,43 +518,37 @@ fn planned_steps_follow_the_cpu() {
         };
         for (dtype, tol) in [(DType::F32, 1e-3f32), (DType::BF16, 5e-2)] {
             // bf16 against the CPU on the same bf16-rounded images.
-            let cpu = run(&Device::Cpu, DType::F32, &rounded(&x, dtype));
-            let before = engine::models::net::planned_forwards();
-            let gpu_run = run(&gpu, dtype, &x);
-            assert_eq!(
-                engine::models::net::planned_forwards() - before,
-                9,
-                "{arch} {dtype:?}: every forward pass on CUDA took the plan"
-            );
-            let mut worst = (0f32, String::new());
-            for ((name, g), (_, c)) in gpu_run.0.iter().zip(&cpu.0) {
-                let e = max_rel(g, c);
-                if e > worst.0 {
-                    worst = (e, name.clone());
+            let cpu = run(&Device::Cpu, DType::F32, false, &rounded(&x, dtype));
+            for nhwc in [false, true] {
+                let case = format!("{arch} {dtype:?}{}", if nhwc { " NHWC" } else { "" });
+                let before = engine::models::net::planned_forwards();
+                let gpu_run = run(&gpu, dtype, nhwc, &x);
+                assert_eq!(
+                    engine::models::net::planned_forwards() - before,
+                    9,
+                    "{case}: every forward pass on CUDA took the plan"
+                );
+                let mut worst = (0f32, String::new());
+                for ((name, g), (_, c)) in gpu_run.0.iter().zip(&cpu.0) {
+                    let e = max_rel(g, c);
+                    if e > worst.0 {
+                        worst = (e, name.clone());
+                    }
+                    assert!(e <= tol, "{case}: gradient of `{name}` off by {e}");
                 }
-                assert!(
-                    e <= tol,
-                    "{arch} {dtype:?}: gradient of `{name}` off by {e}"
-                );
+                eprintln!("{case}: largest gradient error {} (`{}`)", worst.0, worst.1);
+                for (s, (a, b)) in gpu_run.1.iter().zip(&cpu.1).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol * b.abs().max(1.0),
+                        "{case} step {s}: loss {a} on CUDA, {b} on the CPU"
+                    );
+                }
+                for ((name, v), (_, c)) in gpu_run.2.iter().zip(&cpu.2) {
+                    let e = max_rel(v, c);
+                    assert!(e <= tol, "{case}: `{name}` after 3 steps off by {e}");
+                }
+                eprintln!("{case}: losses {:?} (CPU {:?})", gpu_run.1, cpu.1);
             }
-            eprintln!(
-                "{arch} {dtype:?}: largest gradient error {} (`{}`)",
-                worst.0, worst.1
-            );
-            for (s, (a, b)) in gpu_run.1.iter().zip(&cpu.1).enumerate() {
-                assert!(
-                    (a - b).abs() <= tol * b.abs().max(1.0),
-                    "{arch} {dtype:?} step {s}: loss {a} on CUDA, {b} on the CPU"
-                );
-            }
-            for ((name, v), (_, c)) in gpu_run.2.iter().zip(&cpu.2) {
-                let e = max_rel(v, c);
-                assert!(
-                    e <= tol,
-                    "{arch} {dtype:?}: `{name}` after 3 steps off by {e}"
-                );
-            }
-            eprintln!("{arch} {dtype:?}: losses {:?} (CPU {:?})", gpu_run.1, cpu.1);
         }
     }
 }
@@ -621,91 +621,96 @@ fn sgd_over_many_parameters_matches_cpu() {
 /// logits of every step and the weights, momentum buffers and running statistics after them
 /// are bitwise equal. Eight steps of two forward passes into one loss plus one whose output is
 /// unused, a learning rate that changes every step, and a smaller batch at steps 4 and 6 (the
-/// partial last batch of an epoch: unrecorded the first time, recorded when it recurs).
+/// partial last batch of an epoch: unrecorded the first time, recorded when it recurs). NCHW
+/// and channels-last.
 #[test]
 fn recorded_steps_equal_unrecorded_bitwise() {
     use engine::losses::cross_entropy;
+    use engine::models::plan::PlanOptions;
     use engine::models::{Mode, Model, ModelSpec, Shortcut};
     use engine::optim::{Sgd, SgdConfig};
     let Some(gpu) = cuda("recorded steps") else {
         return;
     };
     let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
-    for (arch, shortcut) in [("resnet8", Shortcut::A), ("resnet14", Shortcut::B)] {
-        for dtype in [DType::F32, DType::BF16] {
-            let spec = ModelSpec {
-                width: 8,
-                shortcut,
-                ..ModelSpec::new(arch, 10, 3).unwrap()
+    let cases = [("resnet8", Shortcut::A), ("resnet14", Shortcut::B)]
+        .into_iter()
+        .flat_map(|a| [DType::F32, DType::BF16].map(|d| (a, d)))
+        .flat_map(|c| [false, true].map(|nhwc| (c, nhwc)));
+    for (((arch, shortcut), dtype), nhwc) in cases {
+        let spec = ModelSpec {
+            width: 8,
+            shortcut,
+            ..ModelSpec::new(arch, 10, 3).unwrap()
+        };
+        let run = |graphs: bool| {
+            let mut m = Model::new(&spec, &gpu, 5).unwrap();
+            let options = PlanOptions {
+                graphs,
+                channels_last: nhwc,
             };
-            let run = |graphs: bool| {
-                let mut m = Model::new(&spec, &gpu, 5).unwrap();
-                assert!(m.net.plan_training_with(Some(dtype), graphs));
-                let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
-                let mut logits = Vec::new();
-                for step in 0..8u64 {
-                    let n = if step == 4 || step == 6 { 10 } else { 16 };
-                    let x = random(&[n, 3, 16, 16], 60 + step)
-                        .to_device(&gpu)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap();
-                    let y =
-                        Tensor::from_vec((0..n as u32).map(|i| i % 10).collect(), n, &gpu).unwrap();
-                    let mode = Mode::train(step);
-                    let a = m
-                        .net
-                        .forward_mode(&x.narrow(0, 0, 6).unwrap(), mode)
-                        .unwrap();
-                    let b = m
-                        .net
-                        .forward_mode(&x.narrow(0, 6, n - 6).unwrap(), mode)
-                        .unwrap();
-                    let _unused = m.net.forward_mode(&x, mode).unwrap();
-                    let l = Tensor::cat(&[&a, &b], 0).unwrap();
-                    let loss = cross_entropy(&l, &y).unwrap();
-                    opt.step(&m.net.backward(&loss).unwrap(), 0.1 / (1 + step) as f64)
-                        .unwrap();
-                    logits.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                }
-                let data = m.vars.data().lock().unwrap();
-                let mut after: Vec<(String, Vec<f32>)> = data
-                    .iter()
-                    .map(|(k, v)| {
-                        let v = v.as_tensor().flatten_all().unwrap();
-                        (k.clone(), v.to_vec1::<f32>().unwrap())
-                    })
-                    .collect();
-                after.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut state: Vec<(String, Vec<f32>)> = opt
-                    .state()
+            assert!(m.net.plan_training_with(Some(dtype), options));
+            let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
+            let mut logits = Vec::new();
+            for step in 0..8u64 {
+                let n = if step == 4 || step == 6 { 10 } else { 16 };
+                let x = random(&[n, 3, 16, 16], 60 + step)
+                    .to_device(&gpu)
                     .unwrap()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-                    .collect();
-                state.sort_by(|a, b| a.0.cmp(&b.0));
-                (logits, after, state)
-            };
-            let plain = run(false);
-            let before = engine::models::net::graph_replays();
-            let recorded = run(true);
-            // Per step 2 forward passes + 1 backward, and the unused pass: of 8 steps, the
-            // first of each shape runs unrecorded (steps 0 and 4).
-            let replays = engine::models::net::graph_replays() - before;
-            eprintln!("{arch} {dtype:?}: {replays} recorded passes replayed");
-            assert!(
-                replays >= 20,
-                "{arch} {dtype:?}: only {replays} passes replayed"
-            );
-            for (s, (a, b)) in recorded.0.iter().zip(&plain.0).enumerate() {
-                assert_eq!(a, b, "{arch} {dtype:?} step {s}: logits");
+                    .to_dtype(dtype)
+                    .unwrap();
+                let y = Tensor::from_vec((0..n as u32).map(|i| i % 10).collect(), n, &gpu).unwrap();
+                let mode = Mode::train(step);
+                let a = m
+                    .net
+                    .forward_mode(&x.narrow(0, 0, 6).unwrap(), mode)
+                    .unwrap();
+                let b = m
+                    .net
+                    .forward_mode(&x.narrow(0, 6, n - 6).unwrap(), mode)
+                    .unwrap();
+                let _unused = m.net.forward_mode(&x, mode).unwrap();
+                let l = Tensor::cat(&[&a, &b], 0).unwrap();
+                let loss = cross_entropy(&l, &y).unwrap();
+                opt.step(&m.net.backward(&loss).unwrap(), 0.1 / (1 + step) as f64)
+                    .unwrap();
+                logits.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
-            for ((name, a), (_, b)) in recorded.1.iter().zip(&plain.1) {
-                assert_eq!(a, b, "{arch} {dtype:?}: `{name}` after 8 steps");
-            }
-            for ((name, a), (_, b)) in recorded.2.iter().zip(&plain.2) {
-                assert_eq!(a, b, "{arch} {dtype:?}: momentum of `{name}` after 8 steps");
-            }
+            let data = m.vars.data().lock().unwrap();
+            let mut after: Vec<(String, Vec<f32>)> = data
+                .iter()
+                .map(|(k, v)| {
+                    let v = v.as_tensor().flatten_all().unwrap();
+                    (k.clone(), v.to_vec1::<f32>().unwrap())
+                })
+                .collect();
+            after.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut state: Vec<(String, Vec<f32>)> = opt
+                .state()
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect();
+            state.sort_by(|a, b| a.0.cmp(&b.0));
+            (logits, after, state)
+        };
+        let plain = run(false);
+        let before = engine::models::net::graph_replays();
+        let recorded = run(true);
+        // Per step 2 forward passes + 1 backward, and the unused pass: of 8 steps, the
+        // first of each shape runs unrecorded (steps 0 and 4).
+        let replays = engine::models::net::graph_replays() - before;
+        let case = format!("{arch} {dtype:?} nhwc={nhwc}");
+        eprintln!("{case}: {replays} recorded passes replayed");
+        assert!(replays >= 20, "{case}: only {replays} passes replayed");
+        for (s, (a, b)) in recorded.0.iter().zip(&plain.0).enumerate() {
+            assert_eq!(a, b, "{case} step {s}: logits");
+        }
+        for ((name, a), (_, b)) in recorded.1.iter().zip(&plain.1) {
+            assert_eq!(a, b, "{case}: `{name}` after 8 steps");
+        }
+        for ((name, a), (_, b)) in recorded.2.iter().zip(&plain.2) {
+            assert_eq!(a, b, "{case}: momentum of `{name}` after 8 steps");
         }
     }
 }
@@ -713,10 +718,11 @@ fn recorded_steps_equal_unrecorded_bitwise() {
 /// Planned evaluation-mode passes on CUDA (a teacher's): against the layers on the CPU after
 /// two training steps there (f32 1e-4, bf16 2e-2 on bf16-rounded images), every pass through
 /// the plan; recorded as graphs and replayed, bitwise the unrecorded passes, over batches of
-/// 16, 10 and 16 images repeated.
+/// 16, 10 and 16 images repeated; NCHW and channels-last.
 #[test]
 fn planned_inference_follows_the_cpu() {
     use engine::losses::cross_entropy;
+    use engine::models::plan::PlanOptions;
     use engine::models::{Model, ModelSpec, Shortcut};
     use engine::optim::{Sgd, SgdConfig};
     let Some(gpu) = cuda("planned inference") else {
@@ -751,14 +757,21 @@ fn planned_inference_follows_the_cpu() {
         .enumerate()
         .map(|(i, &n)| random(&[n, 3, 16, 16], 90 + i as u64))
         .collect();
-    for dtype in [DType::F32, DType::BF16] {
+    let cases = [DType::F32, DType::BF16]
+        .into_iter()
+        .flat_map(|d| [false, true].map(|nhwc| (d, nhwc)));
+    for (dtype, nhwc) in cases {
         let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
         let run = |graphs: bool| -> Vec<Vec<f32>> {
             let mut m = Model::new(&spec, &gpu, 4).unwrap();
             for (k, v) in m.vars.data().lock().unwrap().iter() {
                 v.set(&tensors[k].to_device(&gpu).unwrap()).unwrap();
             }
-            assert!(m.net.plan_inference_with(true, graphs));
+            let options = PlanOptions {
+                graphs,
+                channels_last: nhwc,
+            };
+            assert!(m.net.plan_inference_with(true, options));
             let before = engine::models::net::planned_forwards();
             let out = batches
                 .iter()
@@ -772,7 +785,7 @@ fn planned_inference_follows_the_cpu() {
             assert_eq!(
                 planned,
                 batches.len() as u64,
-                "{dtype:?}: every pass planned"
+                "{dtype:?} nhwc={nhwc}: every pass planned"
             );
             out
         };
@@ -780,18 +793,21 @@ fn planned_inference_follows_the_cpu() {
         let replays = engine::models::net::graph_replays();
         let recorded = run(true);
         eprintln!(
-            "inference {dtype:?}: {} recorded passes replayed",
+            "inference {dtype:?} nhwc={nhwc}: {} recorded passes replayed",
             engine::models::net::graph_replays() - replays
         );
         assert_eq!(
             recorded, plain,
-            "{dtype:?}: recorded passes equal unrecorded ones"
+            "{dtype:?} nhwc={nhwc}: recorded passes equal unrecorded ones"
         );
         for (i, x) in batches.iter().enumerate() {
             let reference = cpu_model.net.forward_t(&rounded(x, dtype), false).unwrap();
             let got = Tensor::from_vec(plain[i].clone(), reference.dims(), &Device::Cpu).unwrap();
             let e = max_rel(&got, &reference);
-            assert!(e <= tol, "{dtype:?} batch {i}: logits off by {e}");
+            assert!(
+                e <= tol,
+                "{dtype:?} nhwc={nhwc} batch {i}: logits off by {e}"
+            );
         }
     }
 }

@@ -11,7 +11,9 @@
 //! run on the GPU gives the same weights when repeated or resumed (the nondeterministic ones
 //! accumulate with atomics). bf16 convolutions run on tensor cores with f32 accumulation; f32
 //! ones use plain FMA arithmetic (no TF32), so they agree with the CPU path to ~1e-5.
-//! Tensors are NCHW, the layout of every other op of the models.
+//! Tensors are NCHW, the layout of every other op of the models, or NHWC (channels-last, with
+//! KRSC filters: `Geometry::nhwc`) for the planned step's channels-last option, the layout
+//! cuDNN's bf16 tensor-core kernels work in (NCHW bf16 convolutions transpose internally).
 
 use super::{alloc, alloc_tensor, storage_ptr, tensor_ptr};
 use candle_core::backend::BackendStorage;
@@ -41,6 +43,8 @@ pub struct Geometry {
     pub groups: usize,
     /// Whether activations and weights are bf16 (else f32).
     pub bf16: bool,
+    /// Whether activations are NHWC and filters KRSC (else NCHW and KCRS).
+    pub nhwc: bool,
 }
 
 impl Geometry {
@@ -143,7 +147,11 @@ fn search() -> bool {
 fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Plan, CudnnError> {
     let (ho, wo) = g.out_hw();
     let t = g.cudnn_type();
-    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let format = if g.nhwc {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+    } else {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+    };
     let i = |v: usize| v as std::ffi::c_int;
     // SAFETY: descriptors are created before use and owned by the returned plan (dropped on
     // every early return through `Plan`'s destructor once it exists).
@@ -162,10 +170,11 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
             workspace: [0; 3],
         };
-        result::set_tensor4d_descriptor(plan.x, nchw, t, [i(g.n), i(g.c), i(g.h), i(g.w)])?;
+        // Dimensions are given as N, C, H, W (K, C, R, S) whatever the format.
+        result::set_tensor4d_descriptor(plan.x, format, t, [i(g.n), i(g.c), i(g.h), i(g.w)])?;
         let cg = i(g.c / g.groups);
-        result::set_filter4d_descriptor(plan.w, t, nchw, [i(g.cout), cg, i(g.kh), i(g.kw)])?;
-        result::set_tensor4d_descriptor(plan.y, nchw, t, [i(g.n), i(g.cout), i(ho), i(wo)])?;
+        result::set_filter4d_descriptor(plan.w, t, format, [i(g.cout), cg, i(g.kh), i(g.kw)])?;
+        result::set_tensor4d_descriptor(plan.y, format, t, [i(g.n), i(g.cout), i(ho), i(wo)])?;
         for c in plan.conv {
             result::set_convolution2d_descriptor(
                 c,
@@ -440,6 +449,7 @@ pub fn geometry(
         pad,
         groups,
         bf16: dtype == DType::BF16,
+        nhwc: false,
     }
 }
 

@@ -2,8 +2,9 @@
 // residual add + ReLU, and the SGD-momentum update. Compiled to PTX by stages/build.rs (nvcc) in a
 // build with the `cuda` feature, and loaded by candle's device on first use.
 //
-// Activations are `T` (float or __nv_bfloat16); everything accumulated (batch statistics, their
-// gradients) and every parameter is float. Reductions over a channel are split over a grid of
+// Activations are `T` (float or __nv_bfloat16), NCHW or, for the planned step's channels-last
+// option, NHWC (`nhwc` arguments; the kernels of a layout-free operation take none); everything
+// accumulated (batch statistics, their gradients) and every parameter is float. Reductions over a channel are split over a grid of
 // (channel, part) blocks writing partial sums, combined by a per-channel finalise kernel: one
 // block per channel alone would leave most of the GPU idle for the wide-and-shallow layers
 // (64 channels × 262,144 values at ResNet-18's first stage, batch 256).
@@ -17,6 +18,11 @@ __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float load(const bf16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(bf16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// The channel of value i of an n × c × hw activation: NCHW, or NHWC when nhwc.
+__device__ __forceinline__ int channel_of(long long i, int c, int hw, int nhwc) {
+    return nhwc ? (int)(i % c) : (int)((i / hw) % c);
+}
 
 // Sums `a` and `b` over the block; the result is valid in thread 0. blockDim.x is a multiple
 // of 32 and at most 1024.
@@ -64,13 +70,56 @@ __device__ void bn_stats_partial(const T* x, float* partial, int n, int c, int h
     }
 }
 
+// Sums `a` and `b` over the threads of a block column (the same threadIdx.x); the result is
+// valid in row threadIdx.y == 0. blockDim.x · blockDim.y is at most 512.
+__device__ __forceinline__ void column_sum2(float& a, float& b) {
+    __shared__ float sa[512], sb[512];
+    const int at = threadIdx.y * blockDim.x + threadIdx.x;
+    sa[at] = a;
+    sb[at] = b;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+        for (unsigned r = 1; r < blockDim.y; ++r) {
+            a += sa[r * blockDim.x + threadIdx.x];
+            b += sb[r * blockDim.x + threadIdx.x];
+        }
+    }
+}
+
+// bn_stats_partial for NHWC activations: channels are the fastest dimension, so a block takes
+// blockDim.x adjacent channels (threadIdx.x; a warp reads consecutive addresses) over
+// blockDim.y interleaved rows of part blockIdx.y of the n·hw rows. The shift is x[0, 0, ch].
+template <typename T>
+__device__ void bn_stats_partial_nhwc(const T* x, float* partial, int n, int c, int hw) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x, part = blockIdx.y, parts = gridDim.y;
+    const long long m = (long long)n * hw;
+    const long long chunk = (m + parts - 1) / parts;
+    const long long lo = part * chunk, hi = min(m, lo + chunk);
+    float s = 0.f, s2 = 0.f;
+    if (ch < c) {
+        const float shift = load(x, (size_t)ch);
+        for (long long j = lo + threadIdx.y; j < hi; j += blockDim.y) {
+            const float d = load(x, (size_t)(j * c + ch)) - shift;
+            s += d;
+            s2 += d * d;
+        }
+    }
+    column_sum2(s, s2);
+    if (threadIdx.y == 0 && ch < c) {
+        partial[(ch * parts + part) * 2] = s;
+        partial[(ch * parts + part) * 2 + 1] = s2;
+    }
+}
+
 // Per channel: mean and 1/sqrt(var + eps) of the batch (biased variance) into save_mean and
 // save_invstd, and the running statistics updated in place with PyTorch's rule (unbiased
-// variance, `momentum` the weight of the batch).
+// variance, `momentum` the weight of the batch). The shift is the partial kernels' (x[0, ch, 0]
+// in either layout).
 template <typename T>
 __device__ void bn_stats_finalize(const T* x, const float* partial, float* save_mean,
                                   float* save_invstd, float* running_mean, float* running_var,
-                                  int n, int c, int hw, int parts, float eps, float momentum) {
+                                  int n, int c, int hw, int parts, float eps, float momentum,
+                                  int nhwc) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
     double s = 0.0, s2 = 0.0;
@@ -81,7 +130,7 @@ __device__ void bn_stats_finalize(const T* x, const float* partial, float* save_
     const double m = (double)n * hw;
     const double dm = s / m;
     const double var = fmax(s2 / m - dm * dm, 0.0);
-    const double mean = (double)load(x, (size_t)ch * hw) + dm;
+    const double mean = (double)load(x, nhwc ? (size_t)ch : (size_t)ch * hw) + dm;
     save_mean[ch] = (float)mean;
     save_invstd[ch] = (float)(1.0 / sqrt(var + (double)eps));
     const double unbias = m > 1.0 ? m / (m - 1.0) : 1.0;
@@ -99,10 +148,10 @@ extern "C" __global__ void bn_invstd(const float* var, float* invstd, int c, flo
 template <typename T>
 __device__ void bn_apply(const T* x, T* y, const float* mean, const float* invstd,
                          const float* gamma, const float* beta, long long total, int c, int hw,
-                         int relu) {
+                         int relu, int nhwc) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
-        const int ch = (int)((i / hw) % c);
+        const int ch = channel_of(i, c, hw, nhwc);
         const float scale = gamma[ch] * invstd[ch];
         float v = (load(x, i) - mean[ch]) * scale + beta[ch];
         if (relu) v = fmaxf(v, 0.f);
@@ -136,6 +185,32 @@ __device__ void bn_bwd_partial(const T* x, const T* y, const T* dy, const float*
     }
 }
 
+// bn_bwd_partial for NHWC activations, over the blocks of bn_stats_partial_nhwc.
+template <typename T>
+__device__ void bn_bwd_partial_nhwc(const T* x, const T* y, const T* dy, const float* mean,
+                                    float* partial, int n, int c, int hw, int relu) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x, part = blockIdx.y, parts = gridDim.y;
+    const long long m = (long long)n * hw;
+    const long long chunk = (m + parts - 1) / parts;
+    const long long lo = part * chunk, hi = min(m, lo + chunk);
+    float s = 0.f, s2 = 0.f;
+    if (ch < c) {
+        const float mu = mean[ch];
+        for (long long j = lo + threadIdx.y; j < hi; j += blockDim.y) {
+            const size_t at = (size_t)(j * c + ch);
+            float g = load(dy, at);
+            if (relu && !(load(y, at) > 0.f)) g = 0.f;
+            s += g;
+            s2 += g * (load(x, at) - mu);
+        }
+    }
+    column_sum2(s, s2);
+    if (threadIdx.y == 0 && ch < c) {
+        partial[(ch * parts + part) * 2] = s;
+        partial[(ch * parts + part) * 2 + 1] = s2;
+    }
+}
+
 // Per channel: dγ = Σg·x̂, dβ = Σg, and the coefficients of dx = k·g − c0 − (x − μ)·c1 with
 // k = γ·invstd; in training c0 = k·Σg/m and c1 = k·invstd²·Σg(x − μ)/m (the gradient through
 // the batch statistics), in inference both 0. coef: [3][c] = k, c0, c1.
@@ -161,10 +236,11 @@ extern "C" __global__ void bn_bwd_finalize(const float* partial, const float* in
 
 template <typename T>
 __device__ void bn_bwd_apply(const T* x, const T* y, const T* dy, const float* mean,
-                             const float* coef, T* dx, long long total, int c, int hw, int relu) {
+                             const float* coef, T* dx, long long total, int c, int hw, int relu,
+                             int nhwc) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
-        const int ch = (int)((i / hw) % c);
+        const int ch = channel_of(i, c, hw, nhwc);
         float g = load(dy, i);
         if (relu && !(load(y, i) > 0.f)) g = 0.f;
         store(dx, i, coef[ch] * g - coef[c + ch] - (load(x, i) - mean[ch]) * coef[2 * c + ch]);
@@ -211,18 +287,30 @@ __device__ void add_into(T* dx, const T* d, long long total) {
 }
 
 // Option A's shortcut: y[i, pad/2 + ch, oy, ox] = x[i, ch, oy·stride, ox·stride], the other
-// pad channels 0; one thread per output value of y (n × (c + pad) × ho × wo).
+// pad channels 0; one thread per output value of y (n × (c + pad) × ho × wo), NCHW or NHWC.
 template <typename T>
-__device__ void subsample(const T* x, T* y, int n, int c, int h, int w, int pad, int stride) {
+__device__ void subsample(const T* x, T* y, int n, int c, int h, int w, int pad, int stride,
+                          int nhwc) {
     const int ho = (h + stride - 1) / stride, wo = (w + stride - 1) / stride, co = c + pad;
     const long long total = (long long)n * co * ho * wo;
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
          j += (long long)gridDim.x * blockDim.x) {
-        const int ox = (int)(j % wo), oy = (int)((j / wo) % ho), oc = (int)((j / ((long long)wo * ho)) % co);
-        const long long i = j / ((long long)wo * ho * co);
+        int oc, oy, ox;
+        long long i;
+        if (nhwc) {
+            oc = (int)(j % co), ox = (int)((j / co) % wo), oy = (int)((j / ((long long)co * wo)) % ho);
+            i = j / ((long long)co * wo * ho);
+        } else {
+            ox = (int)(j % wo), oy = (int)((j / wo) % ho), oc = (int)((j / ((long long)wo * ho)) % co);
+            i = j / ((long long)wo * ho * co);
+        }
         const int ch = oc - pad / 2;
+        const long long sy = (long long)oy * stride, sx = (long long)ox * stride;
         float v = 0.f;
-        if (ch >= 0 && ch < c) v = load(x, (size_t)(((i * c + ch) * h + (long long)oy * stride) * w + (long long)ox * stride));
+        if (ch >= 0 && ch < c) {
+            v = load(x, (size_t)(nhwc ? ((i * h + sy) * w + sx) * c + ch
+                                      : ((i * c + ch) * h + sy) * w + sx));
+        }
         store(y, j, v);
     }
 }
@@ -231,28 +319,63 @@ __device__ void subsample(const T* x, T* y, int n, int c, int h, int w, int pad,
 // dy[i, pad/2 + ch, oy, ox] where out there is positive; one thread per subsampled input value.
 template <typename T>
 __device__ void subsample_bwd(T* dx, const T* dy, const T* out, int n, int c, int h, int w, int pad,
-                              int stride) {
+                              int stride, int nhwc) {
     const int ho = (h + stride - 1) / stride, wo = (w + stride - 1) / stride, co = c + pad;
     const long long total = (long long)n * c * ho * wo;
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
          j += (long long)gridDim.x * blockDim.x) {
-        const int ox = (int)(j % wo), oy = (int)((j / wo) % ho), ch = (int)((j / ((long long)wo * ho)) % c);
-        const long long i = j / ((long long)wo * ho * c);
-        const size_t at = (size_t)(((i * co + pad / 2 + ch) * ho + oy) * wo + ox);
+        int ch, oy, ox;
+        long long i;
+        if (nhwc) {
+            ch = (int)(j % c), ox = (int)((j / c) % wo), oy = (int)((j / ((long long)c * wo)) % ho);
+            i = j / ((long long)c * wo * ho);
+        } else {
+            ox = (int)(j % wo), oy = (int)((j / wo) % ho), ch = (int)((j / ((long long)wo * ho)) % c);
+            i = j / ((long long)wo * ho * c);
+        }
+        const long long sy = (long long)oy * stride, sx = (long long)ox * stride;
+        const size_t at = (size_t)(nhwc ? ((i * ho + oy) * wo + ox) * co + pad / 2 + ch
+                                        : ((i * co + pad / 2 + ch) * ho + oy) * wo + ox);
         if (load(out, at) > 0.f) {
-            const size_t to = (size_t)(((i * c + ch) * h + (long long)oy * stride) * w + (long long)ox * stride);
+            const size_t to = (size_t)(nhwc ? ((i * h + sy) * w + sx) * c + ch
+                                            : ((i * c + ch) * h + sy) * w + sx);
             store(dx, to, load(dx, to) + load(dy, at));
         }
     }
 }
 
-// A parameter's f32 gradient from a computed one of the activations' type: g = d, or g += d
-// when accumulate (a second forward pass of the same step).
+// dst[i, b, a] = src[i, a, b] for src of n × rows × cols: NCHW to NHWC with (rows, cols) =
+// (c, h·w), NHWC to NCHW with (h·w, c). One thread per value of dst.
 template <typename T>
-__device__ void grad_add(float* g, const T* d, long long total, int accumulate) {
+__device__ void transpose(const T* src, T* dst, int n, int rows, int cols) {
+    const long long total = (long long)n * rows * cols;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(j % rows), col = (int)((j / rows) % cols);
+        const long long i = j / ((long long)rows * cols);
+        dst[j] = src[(i * rows + r) * cols + col];
+    }
+}
+
+// Index in a KRSC (channels-last) filter of value i of the same filter in KCRS (PyTorch's
+// cout × cin × kh × kw) order, with cin input channels (per group) and taps = kh·kw.
+__device__ __forceinline__ long long krsc_index(long long i, int cin, int taps) {
+    const long long per = (long long)cin * taps;
+    const long long o = i / per;
+    const int rem = (int)(i - o * per), ci = rem / taps, tap = rem - ci * taps;
+    return o * per + (long long)tap * cin + ci;
+}
+
+// A parameter's f32 gradient from a computed one of the activations' type: g = d, or g += d
+// when accumulate (a second forward pass of the same step). With krsc, d is a conv weight's
+// gradient in KRSC order (cin channels per group, taps = kh·kw) and g in KCRS order.
+template <typename T>
+__device__ void grad_add(float* g, const T* d, long long total, int accumulate, int krsc,
+                         int cin, int taps) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
-        g[i] = (accumulate ? g[i] : 0.f) + load(d, i);
+        const float v = load(d, krsc ? krsc_index(i, cin, taps) : i);
+        g[i] = (accumulate ? g[i] : 0.f) + v;
     }
 }
 
@@ -263,28 +386,38 @@ __device__ void grad_add(float* g, const T* d, long long total, int accumulate) 
                                                       int hw) {                                \
         bn_stats_partial<T>(x, partial, n, c, hw);                                             \
     }                                                                                          \
+    extern "C" __global__ void bn_stats_partial_nhwc_##SUF(const T* x, float* partial, int n,  \
+                                                           int c, int hw) {                    \
+        bn_stats_partial_nhwc<T>(x, partial, n, c, hw);                                        \
+    }                                                                                          \
     extern "C" __global__ void bn_stats_finalize_##SUF(                                        \
         const T* x, const float* partial, float* save_mean, float* save_invstd,                \
         float* running_mean, float* running_var, int n, int c, int hw, int parts, float eps,   \
-        float momentum) {                                                                      \
+        float momentum, int nhwc) {                                                            \
         bn_stats_finalize<T>(x, partial, save_mean, save_invstd, running_mean, running_var, n, \
-                             c, hw, parts, eps, momentum);                                     \
+                             c, hw, parts, eps, momentum, nhwc);                               \
     }                                                                                          \
     extern "C" __global__ void bn_apply_##SUF(const T* x, T* y, const float* mean,              \
                                               const float* invstd, const float* gamma,         \
                                               const float* beta, long long total, int c,       \
-                                              int hw, int relu) {                              \
-        bn_apply<T>(x, y, mean, invstd, gamma, beta, total, c, hw, relu);                      \
+                                              int hw, int relu, int nhwc) {                    \
+        bn_apply<T>(x, y, mean, invstd, gamma, beta, total, c, hw, relu, nhwc);                \
     }                                                                                          \
     extern "C" __global__ void bn_bwd_partial_##SUF(const T* x, const T* y, const T* dy,        \
                                                     const float* mean, float* partial, int n,  \
                                                     int c, int hw, int relu) {                 \
         bn_bwd_partial<T>(x, y, dy, mean, partial, n, c, hw, relu);                            \
     }                                                                                          \
+    extern "C" __global__ void bn_bwd_partial_nhwc_##SUF(const T* x, const T* y, const T* dy,   \
+                                                         const float* mean, float* partial,    \
+                                                         int n, int c, int hw, int relu) {     \
+        bn_bwd_partial_nhwc<T>(x, y, dy, mean, partial, n, c, hw, relu);                       \
+    }                                                                                          \
     extern "C" __global__ void bn_bwd_apply_##SUF(const T* x, const T* y, const T* dy,          \
                                                   const float* mean, const float* coef, T* dx, \
-                                                  long long total, int c, int hw, int relu) {  \
-        bn_bwd_apply<T>(x, y, dy, mean, coef, dx, total, c, hw, relu);                         \
+                                                  long long total, int c, int hw, int relu,    \
+                                                  int nhwc) {                                  \
+        bn_bwd_apply<T>(x, y, dy, mean, coef, dx, total, c, hw, relu, nhwc);                   \
     }                                                                                          \
     extern "C" __global__ void add_relu_fwd_##SUF(const T* a, const T* b, T* y,                 \
                                                   long long total) {                           \
@@ -301,16 +434,21 @@ __device__ void grad_add(float* g, const T* d, long long total, int accumulate) 
         add_into<T>(dx, d, total);                                                             \
     }                                                                                          \
     extern "C" __global__ void subsample_##SUF(const T* x, T* y, int n, int c, int h, int w,    \
-                                               int pad, int stride) {                          \
-        subsample<T>(x, y, n, c, h, w, pad, stride);                                           \
+                                               int pad, int stride, int nhwc) {                \
+        subsample<T>(x, y, n, c, h, w, pad, stride, nhwc);                                     \
     }                                                                                          \
     extern "C" __global__ void subsample_bwd_##SUF(T* dx, const T* dy, const T* out, int n,     \
-                                                   int c, int h, int w, int pad, int stride) { \
-        subsample_bwd<T>(dx, dy, out, n, c, h, w, pad, stride);                                \
+                                                   int c, int h, int w, int pad, int stride,   \
+                                                   int nhwc) {                                 \
+        subsample_bwd<T>(dx, dy, out, n, c, h, w, pad, stride, nhwc);                          \
+    }                                                                                          \
+    extern "C" __global__ void transpose_##SUF(const T* src, T* dst, int n, int rows,           \
+                                               int cols) {                                     \
+        transpose<T>(src, dst, n, rows, cols);                                                 \
     }                                                                                          \
     extern "C" __global__ void grad_add_##SUF(float* g, const T* d, long long total,            \
-                                              int accumulate) {                                \
-        grad_add<T>(g, d, total, accumulate);                                                  \
+                                              int accumulate, int krsc, int cin, int taps) {   \
+        grad_add<T>(g, d, total, accumulate, krsc, cin, taps);                                 \
     }
 
 FOR_TYPES(INSTANTIATE)
@@ -355,10 +493,39 @@ extern "C" __global__ void sgd_multi_f32(const SgdTable t, const float* lr_at, f
     }
 }
 
-// dst = bf16(src): the bf16 copy of an f32 master weight for a bf16 convolution.
-extern "C" __global__ void cast_f32_bf16(const float* src, bf16* dst, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        dst[i] = __float2bfloat16(src[i]);
+// Conv weights per launch of cast_weights. Like SgdTable, the table travels as a kernel
+// argument (64 × (8 + 8 + 8 + 4 + 4) + 4 bytes, padded to 2,056). Layout shared with gpu/mod.rs.
+#define CAST_TABLE 64
+struct CastTable {
+    const float* src[CAST_TABLE];
+    void* dst[CAST_TABLE];
+    long long n[CAST_TABLE];
+    int cin[CAST_TABLE];
+    int taps[CAST_TABLE];
+    int count;
+};
+
+// The copies of up to CAST_TABLE f32 conv weights (KCRS) that a planned forward pass convolves
+// with: of type T, and in KRSC order when krsc (channels-last convolutions). Every block walks
+// every entry, grid-striding over the destination's values.
+template <typename T>
+__device__ void cast_weights(const CastTable& t, int krsc) {
+    for (int s = 0; s < t.count; ++s) {
+        const float* src = t.src[s];
+        T* dst = (T*)t.dst[s];
+        const long long n = t.n[s];
+        const int cin = t.cin[s], taps = t.taps[s];
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+             i += (long long)gridDim.x * blockDim.x) {
+            store(dst, krsc ? krsc_index(i, cin, taps) : i, src[i]);
+        }
     }
+}
+
+extern "C" __global__ void cast_weights_f32(const CastTable t, int krsc) {
+    cast_weights<float>(t, krsc);
+}
+
+extern "C" __global__ void cast_weights_bf16(const CastTable t, int krsc) {
+    cast_weights<bf16>(t, krsc);
 }

@@ -72,15 +72,16 @@ pub(crate) fn launch(
     cfg: LaunchConfig,
     args: &[Arg],
 ) -> Result<()> {
-    launch_with_table(dev, name, cfg, None, args)
+    launch_with_table::<SgdTable>(dev, name, cfg, None, args)
 }
 
-/// [`launch`] of a kernel whose first parameter is an [`SgdTable`].
-fn launch_with_table(
+/// [`launch`] of a kernel whose first parameter is a table passed by value ([`SgdTable`],
+/// [`CastTable`]).
+fn launch_with_table<T: DeviceRepr>(
     dev: &CudaDevice,
     name: &'static str,
     cfg: LaunchConfig,
-    table: Option<&SgdTable>,
+    table: Option<&T>,
     args: &[Arg],
 ) -> Result<()> {
     FUNCTIONS.with(|cache| -> Result<()> {
@@ -288,6 +289,78 @@ pub(crate) fn sgd_multi(
                 Arg::F32(weight_decay),
                 Arg::I32(nesterov as i32),
             ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Conv weights per launch of `cast_weights_*` (`CAST_TABLE` in `kernels.cu`).
+const CAST_TABLE: usize = 64;
+
+/// The kernel argument of `cast_weights_*`: `struct CastTable` of `kernels.cu`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CastTable {
+    src: [u64; CAST_TABLE],
+    dst: [u64; CAST_TABLE],
+    n: [i64; CAST_TABLE],
+    cin: [i32; CAST_TABLE],
+    taps: [i32; CAST_TABLE],
+    count: i32,
+}
+
+// SAFETY: a plain C struct of integers, passed by value as the kernel's first parameter.
+unsafe impl DeviceRepr for CastTable {}
+
+// The layout nvcc gives the two structs (`.param .align 8 .b8 [2056]` in the PTX; the offsets
+// are asserted on the C side too, tests/kernels_on_cpu/check.cpp).
+const _: () = assert!(std::mem::size_of::<SgdTable>() == 2056);
+const _: () = assert!(std::mem::offset_of!(SgdTable, count) == 2048);
+const _: () = assert!(std::mem::size_of::<CastTable>() == 2056);
+const _: () = assert!(std::mem::offset_of!(CastTable, n) == 1024);
+const _: () = assert!(std::mem::offset_of!(CastTable, cin) == 1536);
+const _: () = assert!(std::mem::offset_of!(CastTable, count) == 2048);
+
+/// One conv weight to copy: device addresses of the f32 KCRS weight and of its copy, `n` values,
+/// `cin` input channels per group and `taps` = kh·kw.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WeightCopy {
+    pub src: u64,
+    pub dst: u64,
+    pub n: usize,
+    pub cin: usize,
+    pub taps: usize,
+}
+
+/// Writes the copies of `weights` in `dtype` (f32 or bf16), in KRSC order when `krsc`:
+/// ⌈len / 64⌉ launches for a whole network instead of one per convolution.
+pub(crate) fn cast_weights(
+    dev: &CudaDevice,
+    dtype: DType,
+    weights: &[WeightCopy],
+    krsc: bool,
+) -> Result<()> {
+    let name = kernel!(dtype, "cast_weights");
+    for chunk in weights.chunks(CAST_TABLE) {
+        let mut t = CastTable {
+            src: [0; CAST_TABLE],
+            dst: [0; CAST_TABLE],
+            n: [0; CAST_TABLE],
+            cin: [0; CAST_TABLE],
+            taps: [0; CAST_TABLE],
+            count: chunk.len() as i32,
+        };
+        for (i, w) in chunk.iter().enumerate() {
+            (t.src[i], t.dst[i], t.n[i]) = (w.src, w.dst, w.n as i64);
+            (t.cin[i], t.taps[i]) = (w.cin as i32, w.taps as i32);
+        }
+        let largest = chunk.iter().map(|w| w.n).max().unwrap_or(1);
+        launch_with_table(
+            dev,
+            name,
+            elementwise(largest),
+            Some(&t),
+            &[Arg::I32(krsc as i32)],
         )?;
     }
     Ok(())

@@ -21,12 +21,37 @@ const REDUCE_THREADS: u32 = 512;
 
 /// Parts each channel's reduction is split into: enough blocks to fill the GPU (about four
 /// per multiprocessor of an H100 in all) while each block still sums a few thousand values.
-pub(crate) fn parts(c: usize, m: usize) -> usize {
-    let want = 528usize.div_ceil(c.max(1));
-    want.min(m / 4096).clamp(1, 256)
+/// A block of an NCHW reduction sums one channel, one of an NHWC reduction
+/// [`nhwc_channels`] of them.
+pub(crate) fn parts(c: usize, m: usize, nhwc: bool) -> usize {
+    let c = c.max(1);
+    if nhwc {
+        let width = nhwc_channels(c);
+        let per_part = REDUCE_THREADS as usize * 8 / width;
+        528usize
+            .div_ceil(c.div_ceil(width))
+            .min(m / per_part)
+            .clamp(1, 512)
+    } else {
+        528usize.div_ceil(c).min(m / 4096).clamp(1, 256)
+    }
 }
 
-fn reduce_grid(c: usize, parts: usize) -> LaunchConfig {
+/// Adjacent channels one block of an NHWC reduction takes (its threads' x dimension): a warp's
+/// loads stay contiguous, and few threads idle on narrow layers.
+fn nhwc_channels(c: usize) -> usize {
+    c.next_power_of_two().clamp(8, 32)
+}
+
+fn reduce_grid(c: usize, parts: usize, nhwc: bool) -> LaunchConfig {
+    if nhwc {
+        let width = nhwc_channels(c);
+        return LaunchConfig {
+            grid_dim: (c.div_ceil(width) as u32, parts as u32, 1),
+            block_dim: (width as u32, REDUCE_THREADS / width as u32, 1),
+            shared_mem_bytes: 0,
+        };
+    }
     LaunchConfig {
         grid_dim: (c as u32, parts as u32, 1),
         block_dim: (REDUCE_THREADS, 1, 1),
@@ -49,6 +74,8 @@ pub(crate) struct Operands {
     pub partial: u64,
     /// `[n, c, h·w]`.
     pub dims: [usize; 3],
+    /// Whether activations are NHWC (channels-last) rather than NCHW.
+    pub nhwc: bool,
 }
 
 /// The batch statistics of `o.x` into `o.mean` and `o.invstd`, and the running statistics at
@@ -63,11 +90,16 @@ pub(crate) fn statistics(
     momentum: f64,
 ) -> Result<()> {
     let [n, c, hw] = o.dims;
-    let parts = parts(c, n * hw);
+    let parts = parts(c, n * hw, o.nhwc);
+    let partial = if o.nhwc {
+        kernel!(dtype, "bn_stats_partial_nhwc")
+    } else {
+        kernel!(dtype, "bn_stats_partial")
+    };
     launch(
         dev,
-        kernel!(dtype, "bn_stats_partial"),
-        reduce_grid(c, parts),
+        partial,
+        reduce_grid(c, parts, o.nhwc),
         &[
             Arg::Ptr(o.x),
             Arg::Ptr(o.partial),
@@ -93,6 +125,7 @@ pub(crate) fn statistics(
             Arg::I32(parts as i32),
             Arg::F32(eps as f32),
             Arg::F32(momentum as f32),
+            Arg::I32(o.nhwc as i32),
         ],
     )
 }
@@ -144,6 +177,7 @@ pub(crate) fn apply(
             Arg::I32(c as i32),
             Arg::I32(hw as i32),
             Arg::I32(relu as i32),
+            Arg::I32(o.nhwc as i32),
         ],
     )
 }
@@ -170,12 +204,17 @@ pub(crate) fn backward(
     g: &Gradients,
 ) -> Result<()> {
     let [n, c, hw] = o.dims;
-    let (total, parts) = (n * c * hw, parts(c, n * hw));
+    let (total, parts) = (n * c * hw, parts(c, n * hw, o.nhwc));
     let relu = (mask != 0) as i32;
+    let partial = if o.nhwc {
+        kernel!(dtype, "bn_bwd_partial_nhwc")
+    } else {
+        kernel!(dtype, "bn_bwd_partial")
+    };
     launch(
         dev,
-        kernel!(dtype, "bn_bwd_partial"),
-        reduce_grid(c, parts),
+        partial,
+        reduce_grid(c, parts, o.nhwc),
         &[
             Arg::Ptr(o.x),
             Arg::Ptr(mask),
@@ -221,6 +260,7 @@ pub(crate) fn backward(
             Arg::I32(c as i32),
             Arg::I32(hw as i32),
             Arg::I32(relu),
+            Arg::I32(o.nhwc as i32),
         ],
     )
 }
@@ -272,6 +312,7 @@ impl CustomOp3 for Normalize {
             gamma: storage_ptr(gamma, lg, "batch norm weight")?,
             partial: 0,
             dims: [n, c, h * w],
+            nhwc: false,
         };
         let pb = storage_ptr(beta, lb, "batch norm bias")?;
         let (y, py) = alloc(&x.device, x.dtype(), lx.shape().elem_count())?;
@@ -290,7 +331,7 @@ impl CustomOp3 for Normalize {
         let (n, c, h, w) = x.dims4()?;
         let dy = grad.contiguous()?;
         let (dev, px) = tensor_ptr(x, "batch norm input")?;
-        let (_partial, pp) = alloc(&dev, DType::F32, c * parts(c, n * h * w) * 2)?;
+        let (_partial, pp) = alloc(&dev, DType::F32, c * parts(c, n * h * w, false) * 2)?;
         let o = Operands {
             x: px,
             mean: tensor_ptr(&self.mean, "batch norm mean")?.1,
@@ -298,6 +339,7 @@ impl CustomOp3 for Normalize {
             gamma: tensor_ptr(gamma, "batch norm weight")?.1,
             partial: pp,
             dims: [n, c, h * w],
+            nhwc: false,
         };
         let py = tensor_ptr(res, "batch norm output")?.1;
         let pd = tensor_ptr(&dy, "batch norm output gradient")?.1;
@@ -351,7 +393,7 @@ pub fn batch_norm(
     }
     let (dev, px) = tensor_ptr(&x, "batch norm input")?;
     let (mean, invstd) = if train {
-        let (_partial, pp) = alloc(&dev, DType::F32, c * parts(c, n * hw) * 2)?;
+        let (_partial, pp) = alloc(&dev, DType::F32, c * parts(c, n * hw, false) * 2)?;
         let (mean, pm) = alloc_tensor(&dev, DType::F32, c)?;
         let (invstd, pi) = alloc_tensor(&dev, DType::F32, c)?;
         let o = Operands {
@@ -361,6 +403,7 @@ pub fn batch_norm(
             gamma: 0,
             partial: pp,
             dims: [n, c, hw],
+            nhwc: false,
         };
         // The running statistics are updated in place, in stream order: the variables keep
         // their storage, so checkpoints and evaluation read the new values.

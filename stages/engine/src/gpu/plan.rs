@@ -8,8 +8,14 @@
 //! allocated. Parameter gradients are f32 tensors owned here, one per parameter, written (or
 //! added to, for a second forward pass of the same step) by the backward and handed to the
 //! `GradStore`; the next step's backward overwrites them, so a caller must not keep a step's
-//! gradients past the next one. The conv weights of a bf16 step are cast once per forward pass
-//! into bf16 copies kept here.
+//! gradients past the next one.
+//!
+//! With the channels-last option (`PlanOptions::channels_last`, `LDL_GPU_NHWC=1`) the buffers
+//! hold NHWC activations and the convolutions take KRSC filters, cuDNN's layout for bf16 tensor
+//! cores; the images and the output's gradient are transposed on the way in, the output on the
+//! way out, and each weight gradient on its way into the parameter's (KCRS) one. Where the
+//! convolutions need weights of another type (bf16) or layout (KRSC), every forward pass first
+//! writes all the copies with one launch per 64 convolutions (`begin_forward`).
 //!
 //! Nothing here reads a value back to the host: the step runs in stream order on candle's
 //! stream. With `LDL_GPU_GRAPH=1` (and the plan, `LDL_GPU_PLAN=1`) each tape's forward and
@@ -25,10 +31,11 @@
 
 use super::conv::{run, Direction};
 use super::norm::{self, Gradients, Operands};
-use super::{alloc, alloc_tensor, elementwise, kernel, launch, tensor_ptr, Arg};
+use super::WeightCopy;
+use super::{alloc, alloc_tensor, cast_weights, elementwise, kernel, launch, tensor_ptr, Arg};
 use crate::models::batch_norm::BatchNorm;
 use crate::models::conv::Conv2d;
-use crate::models::plan::Kernels;
+use crate::models::plan::{Kernels, PlanOptions, Program};
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
@@ -115,6 +122,8 @@ pub struct CudaKernels {
     dtype: DType,
     /// Whether passes are recorded as graphs.
     graphs: bool,
+    /// Whether activations are NHWC and the convolutions' weights KRSC copies.
+    nhwc: bool,
     /// Buffers this plan has allocated: a graph recorded at another count may address freed
     /// memory. (Per plan, not per process: another plan or thread allocating does not move
     /// this one's buffers.)
@@ -127,8 +136,11 @@ pub struct CudaKernels {
     unrecordable: bool,
     /// f32 gradient tensors by their parameter.
     grads: HashMap<TensorId, Tensor>,
-    /// bf16 copies of the conv weights by the f32 weight's address (bf16 plans only).
+    /// The copies the convolutions take of their f32 KCRS weights (bf16 or channels-last plans
+    /// only), by the weight's address.
     weights: HashMap<u64, DeviceBuf>,
+    /// What `begin_forward` writes: every weight copy of the program, made on its first call.
+    casts: Vec<WeightCopy>,
     /// A weight gradient of the activation type, before it joins the parameter's f32 one.
     dw: DeviceBuf,
     /// dγ, dβ, the BatchNorm backward's coefficients, and the partial sums of its reductions.
@@ -139,19 +151,20 @@ pub struct CudaKernels {
 }
 
 impl CudaKernels {
-    /// Kernels on `dev` for activations of `dtype` (f32 or bf16), recording graphs when
-    /// `graphs`.
-    pub fn new(dev: CudaDevice, dtype: DType, graphs: bool) -> Self {
+    /// Kernels on `dev` for activations of `dtype` (f32 or bf16), run as `options` say.
+    pub fn new(dev: CudaDevice, dtype: DType, options: PlanOptions) -> Self {
         CudaKernels {
             dev,
             dtype,
-            graphs,
+            graphs: options.graphs,
+            nhwc: options.channels_last,
             allocations: Cell::new(0),
             addresses: HashMap::new(),
             recording: None,
             unrecordable: false,
             grads: HashMap::new(),
             weights: HashMap::new(),
+            casts: Vec::new(),
             dw: DeviceBuf::default(),
             dgamma: DeviceBuf::default(),
             dbeta: DeviceBuf::default(),
@@ -160,25 +173,64 @@ impl CudaKernels {
         }
     }
 
-    /// The address of `w` (an f32 conv weight) in the activation type: `w` itself, or its bf16
-    /// copy, cast now when `cast` (the forward pass) or when there is none yet.
-    fn weight(&mut self, w: &Tensor, cast: bool) -> Result<u64> {
+    /// Whether the convolutions take copies of the f32 KCRS weights.
+    fn copies_weights(&self) -> bool {
+        self.dtype != DType::F32 || self.nhwc
+    }
+
+    /// What writing the copy of conv weight `w` takes (the copy made here on first use).
+    fn weight_copy(&mut self, w: &Tensor) -> Result<WeightCopy> {
+        let src = self.address(w, "conv2d weight")?;
+        let (_, cin, kh, kw) = w.dims4()?;
+        let n = w.elem_count();
+        let copy = self.weights.entry(src).or_default();
+        let dst = copy.fit(&self.dev, self.dtype, n, &self.allocations)?;
+        Ok(WeightCopy {
+            src,
+            dst,
+            n,
+            cin,
+            taps: kh * kw,
+        })
+    }
+
+    /// The address of what the convolutions take for `w` (an f32 conv weight): `w` itself, or
+    /// the copy `begin_forward` wrote (written now if there is none yet).
+    fn weight(&mut self, w: &Tensor) -> Result<u64> {
         let pw = self.address(w, "conv2d weight")?;
-        if self.dtype == DType::F32 {
+        if !self.copies_weights() {
             return Ok(pw);
         }
-        let n = w.elem_count();
-        let copy = self.weights.entry(pw).or_default();
-        let fresh = copy.storage.is_none();
-        let p = copy.fit(&self.dev, DType::BF16, n, &self.allocations)?;
-        if cast || fresh {
-            self.each(
-                "cast_f32_bf16",
-                n,
-                &[Arg::Ptr(pw), Arg::Ptr(p), Arg::I64(n as i64)],
-            )?;
+        if let Some(copy) = self.weights.get(&pw) {
+            return Ok(copy.ptr);
         }
-        Ok(p)
+        let copy = self.weight_copy(w)?;
+        cast_weights(&self.dev, self.dtype, &[copy], self.nhwc)?;
+        Ok(copy.dst)
+    }
+
+    /// The element count and the `[n, rows, cols]` of a transpose between NCHW and NHWC for a
+    /// tensor of shape `dims`: NCHW → NHWC when `to_nhwc`.
+    fn transposed(dims: [usize; 4], to_nhwc: bool) -> (usize, [usize; 3]) {
+        let [n, c, h, w] = dims;
+        let rc = if to_nhwc { [c, h * w] } else { [h * w, c] };
+        (n * c * h * w, [n, rc[0], rc[1]])
+    }
+
+    /// `dst` = `src` transposed between NCHW and NHWC (see [`CudaKernels::transposed`]).
+    fn transpose(&self, src: u64, dst: u64, dims: [usize; 4], to_nhwc: bool) -> Result<()> {
+        let (total, [n, rows, cols]) = Self::transposed(dims, to_nhwc);
+        self.each(
+            kernel!(self.dtype, "transpose"),
+            total,
+            &[
+                Arg::Ptr(src),
+                Arg::Ptr(dst),
+                Arg::I32(n as i32),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+            ],
+        )
     }
 
     /// The device address of a parameter or gradient tensor (contiguous, on this device),
@@ -193,13 +245,15 @@ impl CudaKernels {
     }
 
     /// Sets or adds the gradient of `var` from its values of type `dtype` at `src`: into the
-    /// f32 tensor kept for `var`, which `grads` then holds.
+    /// f32 tensor kept for `var`, which `grads` then holds. `krsc`: `src` is a conv weight's
+    /// gradient in KRSC order, with these input channels (per group) and taps.
     fn accumulate(
         &mut self,
         grads: &mut GradStore,
         var: &Tensor,
         src: u64,
         dtype: DType,
+        krsc: Option<(usize, usize)>,
     ) -> Result<()> {
         if !self.grads.contains_key(&var.id()) {
             let (t, _) = alloc_tensor(&self.dev, DType::F32, var.shape())?;
@@ -226,6 +280,7 @@ impl CudaKernels {
             }
         };
         let n = var.elem_count();
+        let (cin, taps) = krsc.unwrap_or((1, 1));
         self.each(
             kernel!(dtype, "grad_add"),
             n,
@@ -234,6 +289,9 @@ impl CudaKernels {
                 Arg::Ptr(src),
                 Arg::I64(n as i64),
                 Arg::I32(add as i32),
+                Arg::I32(krsc.is_some() as i32),
+                Arg::I32(cin as i32),
+                Arg::I32(taps as i32),
             ],
         )?;
         match &mut self.recording {
@@ -259,6 +317,13 @@ impl CudaKernels {
     fn each(&self, name: &'static str, total: usize, args: &[Arg]) -> Result<()> {
         launch(&self.dev, name, elementwise(total), args)
     }
+
+    /// cuDNN's geometry of `conv` over an input of shape `dims`, in this plan's type and layout.
+    fn geometry(&self, conv: &Conv2d, dims: [usize; 4]) -> Result<super::conv::Geometry> {
+        let mut g = conv.geometry(dims)?.cuda(self.dtype);
+        g.nhwc = self.nhwc;
+        Ok(g)
+    }
 }
 
 impl Kernels for CudaKernels {
@@ -274,6 +339,10 @@ impl Kernels for CudaKernels {
         let t = t.to_dtype(self.dtype)?.contiguous()?;
         let (_, p) = tensor_ptr(&t, "planned step input")?;
         let dst = b.fit(&self.dev, self.dtype, t.elem_count(), &self.allocations)?;
+        if self.nhwc {
+            let dims: [usize; 4] = t.dims4()?.into();
+            return self.transpose(p, dst, dims, true);
+        }
         self.copy(p, dst, self.dtype, t.elem_count())
     }
 
@@ -286,9 +355,28 @@ impl Kernels for CudaKernels {
             )
         }
         let (s, p) = alloc(&self.dev, self.dtype, n)?;
-        self.copy(b.ptr, p, self.dtype, n)?;
+        if self.nhwc {
+            self.transpose(b.ptr, p, dims, false)?;
+        } else {
+            self.copy(b.ptr, p, self.dtype, n)?;
+        }
         let t = Tensor::from_storage(Storage::Cuda(s), dims.to_vec(), BackpropOp::none(), true);
         Var::from_tensor(&t)
+    }
+
+    fn begin_forward(&mut self, program: &Program) -> Result<()> {
+        if !self.copies_weights() {
+            return Ok(());
+        }
+        if self.casts.is_empty() {
+            // Made once: the weights' and the copies' addresses never change.
+            self.casts = program
+                .convs()
+                .into_iter()
+                .map(|c| self.weight_copy(c.weight()))
+                .collect::<Result<_>>()?;
+        }
+        cast_weights(&self.dev, self.dtype, &self.casts, self.nhwc)
     }
 
     fn conv_forward(
@@ -299,11 +387,11 @@ impl Kernels for CudaKernels {
         y: &mut DeviceBuf,
     ) -> Result<()> {
         let g = conv.geometry(dims)?;
-        let pw = self.weight(conv.weight(), true)?;
+        let pw = self.weight(conv.weight())?;
         let py = y.fit(&self.dev, self.dtype, g.output_len(), &self.allocations)?;
         run(
             &self.dev,
-            &g.cuda(self.dtype),
+            &self.geometry(conv, dims)?,
             Direction::Forward,
             x.ptr,
             pw,
@@ -335,6 +423,7 @@ impl Kernels for CudaKernels {
             gamma: self.address(gamma, "batch norm weight")?,
             partial: 0,
             dims: [n, c, h * w],
+            nhwc: self.nhwc,
         };
         if train {
             o.mean = stats
@@ -343,7 +432,7 @@ impl Kernels for CudaKernels {
             o.partial = self.partial.fit(
                 &self.dev,
                 DType::F32,
-                c * norm::parts(c, n * h * w) * 2,
+                c * norm::parts(c, n * h * w, self.nhwc) * 2,
                 &self.allocations,
             )?;
             norm::statistics(&self.dev, self.dtype, &o, prm, prv, eps, momentum)?;
@@ -375,10 +464,11 @@ impl Kernels for CudaKernels {
             partial: self.partial.fit(
                 &self.dev,
                 DType::F32,
-                c * norm::parts(c, n * h * w) * 2,
+                c * norm::parts(c, n * h * w, self.nhwc) * 2,
                 &self.allocations,
             )?,
             dims: [n, c, h * w],
+            nhwc: self.nhwc,
         };
         let g = Gradients {
             dx: dx.fit(&self.dev, self.dtype, x.len, &self.allocations)?,
@@ -394,8 +484,8 @@ impl Kernels for CudaKernels {
         };
         let mask = mask.map_or(0, |m| m.ptr);
         norm::backward(&self.dev, self.dtype, &o, dy.ptr, mask, true, &g)?;
-        self.accumulate(grads, gamma, g.dgamma, DType::F32)?;
-        self.accumulate(grads, beta, g.dbeta, DType::F32)
+        self.accumulate(grads, gamma, g.dgamma, DType::F32, None)?;
+        self.accumulate(grads, beta, g.dbeta, DType::F32, None)
     }
 
     fn conv_backward(
@@ -407,9 +497,9 @@ impl Kernels for CudaKernels {
         dx: Option<&mut DeviceBuf>,
         grads: &mut GradStore,
     ) -> Result<()> {
-        let g = conv.geometry(dims)?.cuda(self.dtype);
+        let g = self.geometry(conv, dims)?;
         let weight = conv.weight();
-        let pw = self.weight(weight, false)?;
+        let pw = self.weight(weight)?;
         if let Some(dx) = dx {
             let pdx = dx.fit(
                 &self.dev,
@@ -426,7 +516,9 @@ impl Kernels for CudaKernels {
             &self.allocations,
         )?;
         run(&self.dev, &g, Direction::BackwardFilter, x.ptr, dy.ptr, pdw)?;
-        self.accumulate(grads, weight, pdw, self.dtype)
+        let (_, cin, kh, kw) = weight.dims4()?;
+        let krsc = self.nhwc.then_some((cin, kh * kw));
+        self.accumulate(grads, weight, pdw, self.dtype, krsc)
     }
 
     fn add_relu(&mut self, a: &DeviceBuf, b: &DeviceBuf, y: &mut DeviceBuf) -> Result<()> {
@@ -489,10 +581,11 @@ impl Kernels for CudaKernels {
         let total = n * (c + pad) * h.div_ceil(stride) * w.div_ceil(stride);
         let py = y.fit(&self.dev, self.dtype, total, &self.allocations)?;
         let [n, c, h, w, pad, stride] = [n, c, h, w, pad, stride].map(|v| Arg::I32(v as i32));
+        let nhwc = Arg::I32(self.nhwc as i32);
         self.each(
             kernel!(self.dtype, "subsample"),
             total,
-            &[Arg::Ptr(x.ptr), Arg::Ptr(py), n, c, h, w, pad, stride],
+            &[Arg::Ptr(x.ptr), Arg::Ptr(py), n, c, h, w, pad, stride, nhwc],
         )
     }
 
@@ -508,10 +601,11 @@ impl Kernels for CudaKernels {
         let total = n * c * h.div_ceil(stride) * w.div_ceil(stride);
         let (pdx, pdy, pout) = (Arg::Ptr(dx.ptr), Arg::Ptr(dy.ptr), Arg::Ptr(out.ptr));
         let [n, c, h, w, pad, stride] = [n, c, h, w, pad, stride].map(|v| Arg::I32(v as i32));
+        let nhwc = Arg::I32(self.nhwc as i32);
         self.each(
             kernel!(self.dtype, "subsample_bwd"),
             total,
-            &[pdx, pdy, pout, n, c, h, w, pad, stride],
+            &[pdx, pdy, pout, n, c, h, w, pad, stride, nhwc],
         )
     }
 

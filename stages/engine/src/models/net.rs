@@ -5,7 +5,7 @@
 //! kernels for the device the network lives on ([`plan`]).
 
 use super::dropout::{Dropout, Mode};
-use super::plan::{Plan, Planned, Program};
+use super::plan::{Plan, PlanOptions, Planned, Program};
 use crate::error::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -45,16 +45,16 @@ pub fn graph_replays() -> u64 {
 }
 
 /// The plan of `program` for training on `device` with activations of `dtype`, where that
-/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build), its
-/// passes recorded as CUDA graphs when `graphs`.
+/// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build), run as
+/// `options` say.
 pub fn plan(
     program: Program,
     device: &Device,
     dtype: DType,
-    graphs: bool,
+    options: PlanOptions,
 ) -> Option<Box<dyn Planned>> {
-    // Only CUDA records graphs.
-    let _ = graphs;
+    // Only CUDA reads the options.
+    let _ = options;
     match device {
         Device::Cpu if dtype == DType::F32 => Some(Box::new(Plan::new(
             program,
@@ -66,7 +66,7 @@ pub fn plan(
         Device::Cuda(dev) if matches!(dtype, DType::F32 | DType::BF16) => {
             Some(Box::new(Plan::new(
                 program,
-                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype, graphs),
+                crate::gpu::plan::CudaKernels::new(dev.clone(), dtype, options),
                 device.clone(),
                 dtype,
             )))
@@ -84,9 +84,9 @@ pub struct Net {
     /// The backbone's planned training step, when switched on ([`Net::plan_training`]).
     plan: Option<Mutex<Box<dyn Planned>>>,
     /// The backbone's planned evaluation-mode passes, when switched on
-    /// ([`Net::plan_inference`]): whether they record CUDA graphs, and the plan, made for the
-    /// first images' type and remade if it changes.
-    inference: Option<(bool, Mutex<PlanSlot>)>,
+    /// ([`Net::plan_inference`]): how they run, and the plan, made for the first images' type
+    /// and remade if it changes.
+    inference: Option<(PlanOptions, Mutex<PlanSlot>)>,
     dropout: Dropout,
     fc: Linear,
     classifier: &'static str,
@@ -118,40 +118,41 @@ impl Net {
     /// planned program when `dtype` is given, the backbone has a program (the ResNets with the
     /// CIFAR stem, ResNeXt) and its device has planned kernels (the CPU in f32; CUDA in f32 or
     /// bf16); whoever switches it on must take gradients with [`Net::backward`]. `None` switches
-    /// it off. On CUDA the passes are recorded as CUDA graphs when `LDL_GPU_GRAPH=1`
-    /// ([`Net::plan_training_with`]). Returns whether the plan is in use.
+    /// it off. On CUDA the environment chooses how the passes run ([`PlanOptions::from_env`]:
+    /// CUDA graphs under `LDL_GPU_GRAPH=1`, channels-last under `LDL_GPU_NHWC=1`). Returns
+    /// whether the plan is in use.
     pub fn plan_training(&mut self, dtype: Option<DType>) -> bool {
-        self.plan_training_with(dtype, super::plan::graphs_wanted())
+        self.plan_training_with(dtype, PlanOptions::from_env())
     }
 
-    /// [`Net::plan_training`], recording CUDA graphs when `graphs`.
-    pub fn plan_training_with(&mut self, dtype: Option<DType>, graphs: bool) -> bool {
+    /// [`Net::plan_training`], run as `options` say.
+    pub fn plan_training_with(&mut self, dtype: Option<DType>, options: PlanOptions) -> bool {
         self.plan = dtype
-            .and_then(|dtype| self.new_plan(dtype, graphs))
+            .and_then(|dtype| self.new_plan(dtype, options))
             .map(Mutex::new);
         self.plan.is_some()
     }
 
     /// A plan of the backbone on its weights' device for activations of `dtype`, where both
     /// exist.
-    fn new_plan(&self, dtype: DType, graphs: bool) -> Option<Box<dyn Planned>> {
+    fn new_plan(&self, dtype: DType, options: PlanOptions) -> Option<Box<dyn Planned>> {
         let program = self.body.program()?;
         let device = program.stem.conv.weight().device().clone();
-        plan(program, &device, dtype, graphs)
+        plan(program, &device, dtype, options)
     }
 
     /// Runs evaluation-mode forward passes through the backbone's planned program when `on`
     /// and the backbone has one (a teacher applied to every batch: the same results as the
-    /// layers give, on buffers reused from batch to batch, recorded as CUDA graphs under
-    /// `LDL_GPU_GRAPH=1`). Images of a type or device without planned kernels take the layers.
-    /// Returns whether it is on.
+    /// layers give, on buffers reused from batch to batch; on CUDA run as
+    /// [`PlanOptions::from_env`] says). Images of a type or device without planned kernels take
+    /// the layers. Returns whether it is on.
     pub fn plan_inference(&mut self, on: bool) -> bool {
-        self.plan_inference_with(on, super::plan::graphs_wanted())
+        self.plan_inference_with(on, PlanOptions::from_env())
     }
 
-    /// [`Net::plan_inference`], recording CUDA graphs when `graphs`.
-    pub fn plan_inference_with(&mut self, on: bool, graphs: bool) -> bool {
-        self.inference = (on && self.body.program().is_some()).then(|| (graphs, Mutex::new(None)));
+    /// [`Net::plan_inference`], run as `options` say.
+    pub fn plan_inference_with(&mut self, on: bool, options: PlanOptions) -> bool {
+        self.inference = (on && self.body.program().is_some()).then(|| (options, Mutex::new(None)));
         self.inference.is_some()
     }
 
@@ -162,10 +163,10 @@ impl Net {
                 let mut plan = plan.lock().expect("plan lock");
                 plan.accepts(x).then(|| plan.forward(x)).transpose()?
             }
-            (_, Some((graphs, inference))) if !train => {
+            (_, Some((options, inference))) if !train => {
                 let mut slot = inference.lock().expect("plan lock");
                 if slot.as_ref().is_none_or(|p| !p.accepts(x)) {
-                    *slot = self.new_plan(x.dtype(), *graphs);
+                    *slot = self.new_plan(x.dtype(), *options);
                 }
                 match slot.as_mut() {
                     Some(p) if p.accepts(x) => Some(p.infer(x)?),

@@ -75,9 +75,24 @@ pub struct Program {
     pub blocks: Vec<Block>,
 }
 
-/// The kernels a device runs the program with. Buffers hold NCHW activations or their
-/// gradients in the device's activation type; parameters stay the model's `Var`s (f32), and
-/// their gradients are added to a `GradStore`.
+impl Program {
+    /// Every convolution of the program, stem first, in the order the forward pass runs them.
+    pub fn convs(&self) -> Vec<&Conv2d> {
+        let mut convs = vec![&self.stem.conv];
+        for b in &self.blocks {
+            convs.extend(b.main.iter().map(|u| &u.conv));
+            if let Skip::Project(u) = &b.skip {
+                convs.push(&u.conv);
+            }
+        }
+        convs
+    }
+}
+
+/// The kernels a device runs the program with. Buffers hold activations or their gradients in
+/// the device's activation type and layout (NCHW; NHWC for CUDA's channels-last option), while
+/// what crosses to candle (`load`, `output`) is NCHW; parameters stay the model's `Var`s (f32),
+/// and their gradients are added to a `GradStore`.
 pub trait Kernels: Send {
     /// An activation or gradient buffer, reused across steps.
     type Buf: Default + Send;
@@ -90,6 +105,13 @@ pub trait Kernels: Send {
     fn load(&mut self, t: &Tensor, b: &mut Self::Buf) -> Result<()>;
     /// A new variable of shape `dims` holding the values of `b`: the backbone's output.
     fn output(&mut self, b: &Self::Buf, dims: [usize; 4]) -> Result<Var>;
+    /// Called at the start of every forward pass of `program`, before its first kernel: where
+    /// a device convolves with copies of the weights (another type or layout), it makes them
+    /// here, all at once.
+    fn begin_forward(&mut self, program: &Program) -> Result<()> {
+        let _ = program;
+        Ok(())
+    }
     /// `y = conv(x)` for input shape `dims`.
     fn conv_forward(
         &mut self,
@@ -296,6 +318,31 @@ pub const GPU_GRAPH_ENV: &str = "LDL_GPU_GRAPH";
 /// Whether [`GPU_GRAPH_ENV`] asks for graphs.
 pub fn graphs_wanted() -> bool {
     std::env::var(GPU_GRAPH_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// The environment variable that keeps the planned CUDA step's activations channels-last
+/// (`LDL_GPU_NHWC=1`, with [`GPU_PLAN_ENV`]): NHWC activations, KRSC weight copies, the layout
+/// of cuDNN's bf16 tensor-core kernels. Unverified on a GPU so far, as the plan.
+pub const GPU_NHWC_ENV: &str = "LDL_GPU_NHWC";
+
+/// How a device runs a plan, beyond its activation type. Only CUDA reads these; the CPU plan
+/// ignores them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Record each warm pass as a CUDA graph and replay it ([`GPU_GRAPH_ENV`]).
+    pub graphs: bool,
+    /// NHWC activations and KRSC weight copies ([`GPU_NHWC_ENV`]).
+    pub channels_last: bool,
+}
+
+impl PlanOptions {
+    /// The options the environment asks for ([`GPU_GRAPH_ENV`], [`GPU_NHWC_ENV`]).
+    pub fn from_env() -> Self {
+        PlanOptions {
+            graphs: graphs_wanted(),
+            channels_last: std::env::var(GPU_NHWC_ENV).is_ok_and(|v| v.trim() == "1"),
+        }
+    }
 }
 
 /// What the backward needs of one unit: its input's shape, the convolution's output, the unit's
@@ -608,6 +655,7 @@ fn forward_pass<K: Kernels>(
     tape: &mut Activations<K>,
     train: bool,
 ) -> Result<()> {
+    k.begin_forward(program)?;
     program
         .stem
         .forward(k, &tape.images, train, &mut tape.stem)?;
