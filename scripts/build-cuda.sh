@@ -5,6 +5,9 @@
 #   scripts/build-cuda.sh               # -> target/cuda/release/pipeline
 #   TESTS=1 scripts/build-cuda.sh       # also the GPU test binary (stages/engine/tests/gpu_ops.rs)
 #   CLIPPY=1 scripts/build-cuda.sh      # also clippy over the `cuda` code (-D warnings)
+#   HOST_TESTS=1 scripts/build-cuda.sh  # also the cuda build's engine unit tests, run here: those
+#                                       # needing a GPU skip (the driver is the stub); the others,
+#                                       # e.g. launches checked against the PTX, run
 #
 # Environment: TK (toolkit folder, default ~/.cache/cuda13-pip), CUDA_COMPUTE_CAP (default 90,
 # the H100/H200; 80 for A100, 89 for L4/L40/RTX 40xx), JOBS (cargo -j, default: all cores).
@@ -77,6 +80,13 @@ if [ "${TESTS:-0}" = 1 ]; then
   cargo test --release -p engine --features cuda --target-dir target/cuda --test gpu_ops --no-run \
     ${JOBS:+-j "$JOBS"} 2>&1 | tee /dev/stderr | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' > target/cuda/gpu_ops.path
   echo "built $(cat target/cuda/gpu_ops.path)"
+fi
+if [ "${HOST_TESTS:-0}" = 1 ]; then
+  # The stub under its runtime name, in a folder of its own: never on a GPU machine's path.
+  mkdir -p "$TK/stub-runtime"
+  ln -sf "$TK/link/lib/libcuda.so" "$TK/stub-runtime/libcuda.so.1"
+  LD_LIBRARY_PATH=$TK/stub-runtime:$LD_LIBRARY_PATH cargo test --release -p engine --features cuda \
+    --target-dir target/cuda --lib ${JOBS:+-j "$JOBS"}
 fi
 if [ "${CLIPPY:-0}" = 1 ]; then
   cargo clippy --release -p engine --features cuda --target-dir target/cuda --all-targets \

@@ -91,6 +91,7 @@ fn launch_with_table<T: DeviceRepr>(
             let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
             e.insert(f.into_cuda_function());
         }
+        check_arguments(name, table.map(|_| std::mem::size_of::<T>()), args)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&cache[&key]);
         if let Some(t) = table {
@@ -109,6 +110,76 @@ fn launch_with_table<T: DeviceRepr>(
         unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
         Ok(())
     })
+}
+
+/// A kernel parameter as the PTX declares it: `.u64` (a pointer or `long long`), `.u32` (an
+/// `int`), `.f32`, or a by-value struct of so many bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Param {
+    U64,
+    U32,
+    F32,
+    Bytes(usize),
+}
+
+/// The parameters of every kernel in `ptx`, by name, from its `.entry` declarations.
+fn parse_signatures(ptx: &str) -> std::collections::HashMap<String, Vec<Param>> {
+    let mut out = std::collections::HashMap::new();
+    let mut lines = ptx.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.trim().strip_prefix(".visible .entry ") else {
+            continue;
+        };
+        let name = rest.trim_end_matches('(').trim().to_string();
+        let mut params = Vec::new();
+        for p in lines.by_ref() {
+            let p = p.trim();
+            if p.starts_with(')') {
+                break;
+            }
+            let kind = if p.contains(".u64") || p.contains(".s64") {
+                Param::U64
+            } else if p.contains(".u32") || p.contains(".s32") {
+                Param::U32
+            } else if p.contains(".f32") {
+                Param::F32
+            } else {
+                // `.param .align 8 .b8 name[2056]`
+                let bytes = p
+                    .rsplit_once('[')
+                    .and_then(|(_, n)| n.trim_end_matches([']', ',']).parse().ok())
+                    .unwrap_or(0);
+                Param::Bytes(bytes)
+            };
+            params.push(kind);
+        }
+        out.insert(name, params);
+    }
+    out
+}
+
+/// Fails unless `args` (after a by-value table of `table` bytes) match the parameters the PTX
+/// declares for kernel `name`: a wrong argument list would otherwise run the kernel on garbage.
+fn check_arguments(name: &str, table: Option<usize>, args: &[Arg]) -> Result<()> {
+    static SIGNATURES: std::sync::OnceLock<std::collections::HashMap<String, Vec<Param>>> =
+        std::sync::OnceLock::new();
+    let signatures = SIGNATURES.get_or_init(|| parse_signatures(PTX));
+    let given: Vec<Param> = table
+        .map(Param::Bytes)
+        .into_iter()
+        .chain(args.iter().map(|a| match a {
+            Arg::Ptr(_) | Arg::I64(_) => Param::U64,
+            Arg::I32(_) => Param::U32,
+            Arg::F32(_) => Param::F32,
+        }))
+        .collect();
+    match signatures.get(name) {
+        Some(want) if *want == given => Ok(()),
+        Some(want) => candle_core::bail!(
+            "kernel `{name}` launched with arguments {given:?}, its PTX declares {want:?} (a bug)"
+        ),
+        None => candle_core::bail!("kernel `{name}` is not in kernels.cu's PTX (a bug)"),
+    }
 }
 
 /// A one-dimensional grid-stride launch over `total` elements.
@@ -406,5 +477,38 @@ pub fn memory_high_water(dev: &CudaDevice, reset: bool) -> Result<Option<u64>> {
             .result()
             .map_err(candle_core::Error::wrap)?;
         Ok(Some(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_arguments, parse_signatures, Arg, Param};
+
+    #[test]
+    fn kernel_signatures_are_read_from_the_ptx() {
+        let ptx = ".visible .entry f(\n\t.param .align 8 .b8 f_param_0[2056],\n\t.param .u64 \
+                   f_param_1,\n\t.param .f32 f_param_2,\n\t.param .u32 f_param_3\n)\n{\n}\n";
+        let s = parse_signatures(ptx);
+        assert_eq!(
+            s["f"],
+            [Param::Bytes(2056), Param::U64, Param::F32, Param::U32]
+        );
+    }
+
+    #[test]
+    fn launches_are_checked_against_the_built_ptx() {
+        // The PTX this build embeds: a right and a wrong argument list of real kernels.
+        let add = [Arg::Ptr(0), Arg::Ptr(0), Arg::I64(1)];
+        assert!(check_arguments("add_into_f32", None, &add).is_ok());
+        let err = check_arguments("add_into_f32", None, &add[..2]).unwrap_err();
+        assert!(err.to_string().contains("add_into_f32"), "{err}");
+        assert!(check_arguments(
+            "sgd_multi_f32",
+            Some(2056),
+            &[Arg::Ptr(0), Arg::F32(0.9), Arg::F32(0.0), Arg::I32(0)]
+        )
+        .is_ok());
+        assert!(check_arguments("cast_weights_bf16", Some(2056), &[Arg::I32(1)]).is_ok());
+        assert!(check_arguments("no_such_kernel", None, &[]).is_err());
     }
 }
