@@ -130,6 +130,46 @@ fn err(e: CudnnError, what: &str, g: &Geometry) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuDNN {what} of convolution {g:?}: {e:?}"))
 }
 
+/// Why no plan could be made for a geometry.
+#[derive(Debug)]
+enum PlanError {
+    Cudnn(CudnnError),
+    /// Of the algorithms cuDNN ranked for a direction, `usable` report success and none is
+    /// deterministic (or none at all is usable).
+    NoDeterministic {
+        direction: &'static str,
+        ranked: usize,
+        usable: usize,
+    },
+}
+
+impl From<CudnnError> for PlanError {
+    fn from(e: CudnnError) -> Self {
+        PlanError::Cudnn(e)
+    }
+}
+
+impl PlanError {
+    fn into_error(self, g: &Geometry) -> candle_core::Error {
+        let hint = if g.nhwc {
+            " (channels-last: LDL_GPU_NHWC=0 runs NCHW)"
+        } else {
+            ""
+        };
+        match self {
+            PlanError::Cudnn(e) => err(e, "algorithm choice", g),
+            PlanError::NoDeterministic {
+                direction,
+                ranked,
+                usable,
+            } => candle_core::Error::Msg(format!(
+                "cuDNN has no deterministic {direction} algorithm for convolution {g:?}: \
+                 {ranked} ranked, {usable} usable{hint}"
+            )),
+        }
+    }
+}
+
 /// The environment variable that turns on timed algorithm search.
 pub const SEARCH_ENV: &str = "LDL_CUDNN_SEARCH";
 
@@ -144,7 +184,7 @@ fn search() -> bool {
 
 /// Builds the plan of `g`: descriptors and, for each direction, the first deterministic
 /// algorithm in the heuristics' order that reports success.
-fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Plan, CudnnError> {
+fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Plan, PlanError> {
     let (ho, wo) = g.out_hw();
     let t = g.cudnn_type();
     let format = if g.nhwc {
@@ -210,14 +250,19 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             };
         }
         macro_rules! first_deterministic {
-            ($perf:expr, $count:expr) => {
-                $perf[..$count.max(0) as usize]
+            ($perf:expr, $count:expr, $direction:literal) => {{
+                let ranked = &$perf[..$count.max(0) as usize];
+                let success = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+                let usable = ranked.iter().filter(|p| p.status == success).count();
+                ranked
                     .iter()
-                    .find(|p| {
-                        p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.determinism == det
-                    })
-                    .ok_or(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED))?
-            };
+                    .find(|p| p.status == success && p.determinism == det)
+                    .ok_or(PlanError::NoDeterministic {
+                        direction: $direction,
+                        ranked: ranked.len(),
+                        usable,
+                    })?
+            }};
         }
         let mut count = 0;
 
@@ -234,7 +279,7 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             &mut count,
             fwd.as_mut_ptr(),
         );
-        let f = first_deterministic!(fwd, count);
+        let f = first_deterministic!(fwd, count, "forward");
         plan.fwd = f.algo;
         if g.bf16 {
             result::set_convolution_math_type(plan.conv[0], f.mathType)?;
@@ -261,7 +306,7 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             &mut count,
             bd.as_mut_ptr(),
         );
-        let d = first_deterministic!(bd, count);
+        let d = first_deterministic!(bd, count, "backward-data");
         plan.bwd_data = d.algo;
         if g.bf16 {
             result::set_convolution_math_type(plan.conv[1], d.mathType)?;
@@ -288,7 +333,7 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             &mut count,
             bf.as_mut_ptr(),
         );
-        let fl = first_deterministic!(bf, count);
+        let fl = first_deterministic!(bf, count, "backward-filter");
         plan.bwd_filter = fl.algo;
         if g.bf16 {
             result::set_convolution_math_type(plan.conv[2], fl.mathType)?;
@@ -340,7 +385,7 @@ pub(crate) fn run(
         }
         let st = state.get_mut(&key).expect("inserted above");
         if !st.plans.contains_key(g) {
-            let plan = make_plan(st.handle, g).map_err(|e| err(e, "algorithm choice", g))?;
+            let plan = make_plan(st.handle, g).map_err(|e| e.into_error(g))?;
             st.plans.insert(*g, plan);
         }
         let plan = &st.plans[g];

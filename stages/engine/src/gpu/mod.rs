@@ -164,19 +164,19 @@ fn check_arguments(name: &str, table: Option<usize>, args: &[Arg]) -> Result<()>
     static SIGNATURES: std::sync::OnceLock<std::collections::HashMap<String, Vec<Param>>> =
         std::sync::OnceLock::new();
     let signatures = SIGNATURES.get_or_init(|| parse_signatures(PTX));
-    let given: Vec<Param> = table
+    let given = table
         .map(Param::Bytes)
         .into_iter()
         .chain(args.iter().map(|a| match a {
             Arg::Ptr(_) | Arg::I64(_) => Param::U64,
             Arg::I32(_) => Param::U32,
             Arg::F32(_) => Param::F32,
-        }))
-        .collect();
+        }));
     match signatures.get(name) {
-        Some(want) if *want == given => Ok(()),
+        Some(want) if want.iter().copied().eq(given.clone()) => Ok(()),
         Some(want) => candle_core::bail!(
-            "kernel `{name}` launched with arguments {given:?}, its PTX declares {want:?} (a bug)"
+            "kernel `{name}` launched with arguments {:?}, its PTX declares {want:?} (a bug)",
+            given.collect::<Vec<_>>()
         ),
         None => candle_core::bail!("kernel `{name}` is not in kernels.cu's PTX (a bug)"),
     }

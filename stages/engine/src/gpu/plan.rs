@@ -183,11 +183,15 @@ impl CudaKernels {
         let src = self.address(w, "conv2d weight")?;
         let (_, cin, kh, kw) = w.dims4()?;
         let n = w.elem_count();
-        let copy = self.weights.entry(src).or_default();
-        let dst = copy.fit(&self.dev, self.dtype, n, &self.allocations)?;
+        if !self.weights.contains_key(&src) {
+            // Inserted only once allocated: a failed allocation leaves no entry behind.
+            let mut copy = DeviceBuf::default();
+            copy.fit(&self.dev, self.dtype, n, &self.allocations)?;
+            self.weights.insert(src, copy);
+        }
         Ok(WeightCopy {
             src,
-            dst,
+            dst: self.weights[&src].ptr,
             n,
             cin,
             taps: kh * kw,
@@ -195,18 +199,20 @@ impl CudaKernels {
     }
 
     /// The address of what the convolutions take for `w` (an f32 conv weight): `w` itself, or
-    /// the copy `begin_forward` wrote (written now if there is none yet).
+    /// the copy `begin_forward` wrote this forward pass.
     fn weight(&mut self, w: &Tensor) -> Result<u64> {
         let pw = self.address(w, "conv2d weight")?;
         if !self.copies_weights() {
             return Ok(pw);
         }
-        if let Some(copy) = self.weights.get(&pw) {
-            return Ok(copy.ptr);
+        match self.weights.get(&pw) {
+            Some(copy) => Ok(copy.ptr),
+            // A copy made anywhere else would never be written again.
+            None => candle_core::bail!(
+                "planned CUDA step: a conv weight of shape {:?} outside Program::convs (a bug)",
+                w.dims()
+            ),
         }
-        let copy = self.weight_copy(w)?;
-        cast_weights(&self.dev, self.dtype, &[copy], self.nhwc)?;
-        Ok(copy.dst)
     }
 
     /// The element count and the `[n, rows, cols]` of a transpose between NCHW and NHWC for a

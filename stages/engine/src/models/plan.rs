@@ -346,7 +346,9 @@ impl PlanOptions {
 }
 
 /// What the backward needs of one unit: its input's shape, the convolution's output, the unit's
-/// output (also the ReLU's mask) and the batch statistics.
+/// output (also the ReLU's mask) and the batch statistics. The output of a block's last unit and
+/// of its projection is only read by the residual sum, so it goes to a [`Transient`] buffer
+/// instead and `act` stays empty.
 struct UnitTape<K: Kernels> {
     input: [usize; 4],
     output: [usize; 4],
@@ -363,6 +365,24 @@ impl<K: Kernels> Default for UnitTape<K> {
             conv_out: K::Buf::default(),
             act: K::Buf::default(),
             stats: K::Stats::default(),
+        }
+    }
+}
+
+/// Outputs a forward pass reads right after writing them and no backward reads: a block's last
+/// BatchNorm output and its projection's, before the residual sum. One pair serves every block
+/// of every pass (sized for the largest), instead of a buffer per block in each tape, the
+/// memory PyTorch's autograd also frees after the forward.
+struct Transient<K: Kernels> {
+    main: K::Buf,
+    skip: K::Buf,
+}
+
+impl<K: Kernels> Default for Transient<K> {
+    fn default() -> Self {
+        Transient {
+            main: K::Buf::default(),
+            skip: K::Buf::default(),
         }
     }
 }
@@ -454,6 +474,7 @@ pub struct Plan<K: Kernels> {
     pending: Vec<Tape<K>>,
     free: Vec<Tape<K>>,
     scratch: Scratch<K>,
+    transient: Transient<K>,
     /// The tape of evaluation-mode passes (no backward reads it).
     inference: Option<Tape<K>>,
 }
@@ -466,25 +487,27 @@ fn conv_output(conv: &Conv2d, x: [usize; 4]) -> Result<[usize; 4]> {
 }
 
 impl Unit {
-    /// The unit over `x`, its activations written into `tape` (shaped by `shape_forward`);
-    /// BatchNorm in batch statistics when `train`.
+    /// The unit over `x`, its activations written into `tape` (shaped by `shape_forward`), its
+    /// output into `into` when given (a [`Transient`]) instead of `tape.act`; BatchNorm in batch
+    /// statistics when `train`.
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
         train: bool,
         tape: &mut UnitTape<K>,
+        into: Option<&mut K::Buf>,
     ) -> Result<()> {
-        k.conv_forward(&self.conv, x, tape.input, &mut tape.conv_out)?;
-        k.bn_forward(
-            &self.bn,
-            &tape.conv_out,
-            tape.output,
-            self.relu,
-            train,
-            &mut tape.stats,
-            &mut tape.act,
-        )
+        let UnitTape {
+            input,
+            output,
+            conv_out,
+            act,
+            stats,
+        } = tape;
+        k.conv_forward(&self.conv, x, *input, conv_out)?;
+        let y = into.unwrap_or(act);
+        k.bn_forward(&self.bn, conv_out, *output, self.relu, train, stats, y)
     }
 
     /// The unit's backward: `dy` at its output (masked by `mask > 0` when given), the unit's
@@ -517,38 +540,41 @@ impl Unit {
 }
 
 impl Block {
-    /// The block over `x` into `tape` (shaped by `shape_forward`).
+    /// The block over `x` into `tape` (shaped by `shape_forward`), with the transient buffers
+    /// `t`.
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
         train: bool,
         tape: &mut BlockTape<K>,
+        t: &mut Transient<K>,
     ) -> Result<()> {
-        for i in 0..self.main.len() {
+        let units = self.main.len();
+        for i in 0..units {
             let (done, rest) = tape.main.split_at_mut(i);
             let input = match done.last() {
                 Some(u) => &u.act,
                 None => x,
             };
-            self.main[i].forward(k, input, train, &mut rest[0])?;
+            let into = (i + 1 == units).then_some(&mut t.main);
+            self.main[i].forward(k, input, train, &mut rest[0], into)?;
         }
         let dims = tape.main[0].input;
-        let last = tape.main.last().expect("a block has units");
         match &self.skip {
-            Skip::Identity => k.add_relu(&last.act, x, &mut tape.out),
+            Skip::Identity => k.add_relu(&t.main, x, &mut tape.out),
             Skip::Subsample { pad, stride } => {
                 // The shortcut is built in the output buffer, then the sum written over it.
                 k.subsample(x, dims, *pad, *stride, &mut tape.out)?;
-                k.add_relu_in_place(&mut tape.out, &last.act)
+                k.add_relu_in_place(&mut tape.out, &t.main)
             }
             Skip::Project(unit) => {
                 let skip = tape
                     .skip
                     .as_mut()
                     .expect("shape_forward made the projection's tape");
-                unit.forward(k, x, train, skip)?;
-                k.add_relu(&last.act, &skip.act, &mut tape.out)
+                unit.forward(k, x, train, skip, Some(&mut t.skip))?;
+                k.add_relu(&t.main, &t.skip, &mut tape.out)
             }
         }
     }
@@ -628,6 +654,7 @@ impl<K: Kernels> Plan<K> {
             pending: Vec::new(),
             free: Vec::new(),
             scratch: Scratch::default(),
+            transient: Transient::default(),
             inference: None,
         }
     }
@@ -653,19 +680,20 @@ fn forward_pass<K: Kernels>(
     k: &mut K,
     program: &Program,
     tape: &mut Activations<K>,
+    transient: &mut Transient<K>,
     train: bool,
 ) -> Result<()> {
     k.begin_forward(program)?;
     program
         .stem
-        .forward(k, &tape.images, train, &mut tape.stem)?;
+        .forward(k, &tape.images, train, &mut tape.stem, None)?;
     for (i, block) in program.blocks.iter().enumerate() {
         let (before, rest) = tape.blocks.split_at_mut(i);
         let x = match before.last() {
             Some(b) => &b.out,
             None => &tape.stem.act,
         };
-        block.forward(k, x, train, &mut rest[0])?;
+        block.forward(k, x, train, &mut rest[0], transient)?;
     }
     Ok(())
 }
@@ -717,7 +745,7 @@ impl<K: Kernels> Planned for Plan<K> {
         }
         self.check(x)?;
         let dims: [usize; 4] = x.dims4()?.into();
-        let (k, program) = (&mut self.kernels, &self.program);
+        let (k, program, transient) = (&mut self.kernels, &self.program, &mut self.transient);
         // The i-th forward pass of a step takes the tape the i-th took last step, so that each
         // tape keeps one shape (and its recorded graphs stay valid).
         let mut tape = match self.free.is_empty() {
@@ -725,10 +753,10 @@ impl<K: Kernels> Planned for Plan<K> {
             false => self.free.remove(0),
         };
         k.load(x, &mut tape.acts.images)?;
-        let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
+        let out_dims = shape_forward(k, program, &mut tape.acts, transient, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, true)
+            forward_pass(k, program, acts, transient, true)
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
@@ -778,13 +806,13 @@ impl<K: Kernels> Planned for Plan<K> {
     fn infer(&mut self, x: &Tensor) -> Result<Tensor> {
         self.check(x)?;
         let dims: [usize; 4] = x.dims4()?.into();
-        let (k, program) = (&mut self.kernels, &self.program);
+        let (k, program, transient) = (&mut self.kernels, &self.program, &mut self.transient);
         let tape = self.inference.get_or_insert_with(Tape::default);
         k.load(x, &mut tape.acts.images)?;
-        let out_dims = shape_forward(k, program, &mut tape.acts, dims)?;
+        let out_dims = shape_forward(k, program, &mut tape.acts, transient, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, false)
+            forward_pass(k, program, acts, transient, false)
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
@@ -806,30 +834,54 @@ fn shape_forward<K: Kernels>(
     k: &mut K,
     program: &Program,
     tape: &mut Activations<K>,
+    transient: &mut Transient<K>,
     dims: [usize; 4],
 ) -> Result<[usize; 4]> {
-    fn unit<K: Kernels>(k: &mut K, u: &Unit, t: &mut UnitTape<K>, x: [usize; 4]) -> Result<()> {
+    // Shapes the unit's tape; its output buffer too unless it goes to a transient one. Returns
+    // the output's length.
+    fn unit<K: Kernels>(
+        k: &mut K,
+        u: &Unit,
+        t: &mut UnitTape<K>,
+        x: [usize; 4],
+        keep: bool,
+    ) -> Result<usize> {
         t.input = x;
         t.output = conv_output(&u.conv, x)?;
         let len = t.output.iter().product();
         k.fit(&mut t.conv_out, len)?;
-        k.fit(&mut t.act, len)
+        if keep {
+            k.fit(&mut t.act, len)?;
+        }
+        Ok(len)
     }
-    unit(k, &program.stem, &mut tape.stem, dims)?;
+    unit(k, &program.stem, &mut tape.stem, dims, true)?;
     tape.blocks
         .resize_with(program.blocks.len(), BlockTape::default);
     let mut d = tape.stem.output;
+    let (mut main, mut skip) = (0, 0);
     for (block, bt) in program.blocks.iter().zip(&mut tape.blocks) {
         let x = d;
-        bt.main.resize_with(block.main.len(), UnitTape::default);
-        for (u, ut) in block.main.iter().zip(&mut bt.main) {
-            unit(k, u, ut, d)?;
+        let units = block.main.len();
+        bt.main.resize_with(units, UnitTape::default);
+        for (i, (u, ut)) in block.main.iter().zip(&mut bt.main).enumerate() {
+            let len = unit(k, u, ut, d, i + 1 < units)?;
+            if i + 1 == units {
+                main = main.max(len);
+            }
             d = ut.output;
         }
         if let Skip::Project(u) = &block.skip {
-            unit(k, u, bt.skip.get_or_insert_with(UnitTape::default), x)?;
+            let t = bt.skip.get_or_insert_with(UnitTape::default);
+            skip = skip.max(unit(k, u, t, x, false)?);
         }
         k.fit(&mut bt.out, d.iter().product())?;
+    }
+    // Sized for the largest use here, so a recorded pass never grows them.
+    for (b, len) in [(&mut transient.main, main), (&mut transient.skip, skip)] {
+        if len > 0 {
+            k.fit(b, len)?;
+        }
     }
     Ok(d)
 }
