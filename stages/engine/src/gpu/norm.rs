@@ -19,7 +19,7 @@ use candle_core::{
 /// Threads of a reduction block.
 const REDUCE_THREADS: u32 = 512;
 // The kernels' block sums take whole warps, and `column_sum2` (NHWC) at most 512 threads.
-const _: () = assert!(REDUCE_THREADS % 32 == 0 && REDUCE_THREADS <= 512);
+const _: () = assert!(REDUCE_THREADS.is_multiple_of(32) && REDUCE_THREADS <= 512);
 
 /// Parts each channel's reduction is split into: enough blocks to fill the GPU (about four
 /// per multiprocessor of an H100 in all) while each block still sums a few thousand values.
