@@ -286,6 +286,28 @@ __device__ void add_into(T* dx, const T* d, long long total) {
     }
 }
 
+// Position (i, ch, y, x) of value j of an n × c × h × w activation, NCHW or NHWC.
+struct Pos {
+    long long i;
+    int ch, y, x;
+};
+
+__device__ __forceinline__ Pos position(long long j, int c, int h, int w, int nhwc) {
+    Pos p;
+    if (nhwc) {
+        p.ch = (int)(j % c), j /= c, p.x = (int)(j % w), j /= w, p.y = (int)(j % h), p.i = j / h;
+    } else {
+        p.x = (int)(j % w), j /= w, p.y = (int)(j % h), j /= h, p.ch = (int)(j % c), p.i = j / c;
+    }
+    return p;
+}
+
+// Index of (i, ch, y, x) in an n × c × h × w activation, NCHW or NHWC.
+__device__ __forceinline__ size_t offset(long long i, int ch, long long y, long long x, int c,
+                                         int h, int w, int nhwc) {
+    return (size_t)(nhwc ? ((i * h + y) * w + x) * c + ch : ((i * c + ch) * h + y) * w + x);
+}
+
 // Option A's shortcut: y[i, pad/2 + ch, oy, ox] = x[i, ch, oy·stride, ox·stride], the other
 // pad channels 0; one thread per output value of y (n × (c + pad) × ho × wo), NCHW or NHWC.
 template <typename T>
@@ -295,21 +317,12 @@ __device__ void subsample(const T* x, T* y, int n, int c, int h, int w, int pad,
     const long long total = (long long)n * co * ho * wo;
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
          j += (long long)gridDim.x * blockDim.x) {
-        int oc, oy, ox;
-        long long i;
-        if (nhwc) {
-            oc = (int)(j % co), ox = (int)((j / co) % wo), oy = (int)((j / ((long long)co * wo)) % ho);
-            i = j / ((long long)co * wo * ho);
-        } else {
-            ox = (int)(j % wo), oy = (int)((j / wo) % ho), oc = (int)((j / ((long long)wo * ho)) % co);
-            i = j / ((long long)wo * ho * co);
-        }
-        const int ch = oc - pad / 2;
-        const long long sy = (long long)oy * stride, sx = (long long)ox * stride;
+        const Pos p = position(j, co, ho, wo, nhwc);
+        const int ch = p.ch - pad / 2;
         float v = 0.f;
         if (ch >= 0 && ch < c) {
-            v = load(x, (size_t)(nhwc ? ((i * h + sy) * w + sx) * c + ch
-                                      : ((i * c + ch) * h + sy) * w + sx));
+            v = load(x, offset(p.i, ch, (long long)p.y * stride, (long long)p.x * stride, c, h, w,
+                               nhwc));
         }
         store(y, j, v);
     }
@@ -324,21 +337,11 @@ __device__ void subsample_bwd(T* dx, const T* dy, const T* out, int n, int c, in
     const long long total = (long long)n * c * ho * wo;
     for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
          j += (long long)gridDim.x * blockDim.x) {
-        int ch, oy, ox;
-        long long i;
-        if (nhwc) {
-            ch = (int)(j % c), ox = (int)((j / c) % wo), oy = (int)((j / ((long long)c * wo)) % ho);
-            i = j / ((long long)c * wo * ho);
-        } else {
-            ox = (int)(j % wo), oy = (int)((j / wo) % ho), ch = (int)((j / ((long long)wo * ho)) % c);
-            i = j / ((long long)wo * ho * c);
-        }
-        const long long sy = (long long)oy * stride, sx = (long long)ox * stride;
-        const size_t at = (size_t)(nhwc ? ((i * ho + oy) * wo + ox) * co + pad / 2 + ch
-                                        : ((i * co + pad / 2 + ch) * ho + oy) * wo + ox);
+        const Pos p = position(j, c, ho, wo, nhwc);
+        const size_t at = offset(p.i, pad / 2 + p.ch, p.y, p.x, co, ho, wo, nhwc);
         if (load(out, at) > 0.f) {
-            const size_t to = (size_t)(nhwc ? ((i * h + sy) * w + sx) * c + ch
-                                            : ((i * c + ch) * h + sy) * w + sx);
+            const size_t to =
+                offset(p.i, p.ch, (long long)p.y * stride, (long long)p.x * stride, c, h, w, nhwc);
             store(dx, to, load(dx, to) + load(dy, at));
         }
     }
