@@ -313,6 +313,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
                 let options = engine::models::plan::PlanOptions::from_env();
                 if device.is_cuda() && options.channels_last {
                     s += ", channels-last (NHWC)";
+                    let t = engine::models::net::transposed_convolutions();
+                    if t > 0 {
+                        s += &format!(", {t} convolution shapes run transposed (no cuDNN NHWC plan)");
+                    }
                 }
                 if r > 0 {
                     s += &format!(", {r} recorded passes replayed (CUDA graphs)");

@@ -548,6 +548,11 @@ fn planned_steps_follow_the_cpu() {
                     assert!(e <= tol, "{case}: `{name}` after 3 steps off by {e}");
                 }
                 eprintln!("{case}: losses {:?} (CPU {:?})", gpu_run.1, cpu.1);
+                eprintln!(
+                    "{case}: {} channels-last geometries so far cuDNN could not plan (run \
+                     transposed)",
+                    engine::models::net::transposed_convolutions()
+                );
             }
         }
     }

@@ -13,7 +13,8 @@
 //! ones use plain FMA arithmetic (no TF32), so they agree with the CPU path to ~1e-5.
 //! Tensors are NCHW, the layout of every other op of the models, or NHWC (channels-last, with
 //! KRSC filters: `Geometry::nhwc`) for the planned step's channels-last option, the layout
-//! cuDNN's bf16 tensor-core kernels work in (NCHW bf16 convolutions transpose internally).
+//! cuDNN's bf16 tensor-core kernels work in (NCHW bf16 convolutions transpose internally). A
+//! channels-last shape cuDNN cannot plan runs as NCHW between transposes (`run_transposed`).
 
 use super::{alloc, alloc_tensor, storage_ptr, tensor_ptr};
 use candle_core::backend::BackendStorage;
@@ -107,6 +108,10 @@ struct State {
     /// The workspace and its device address (taken once: asking the slice for it on every
     /// call would also record events, which a stream being captured into a graph refuses).
     workspace: Option<(CudaSlice<u8>, u64)>,
+    /// Channels-last geometries cuDNN could not plan, run transposed ([`run_transposed`]).
+    unsupported: std::collections::HashSet<Geometry>,
+    /// The transposed operands of those: grown, never shrunk, like the workspace.
+    temps: [Option<(CudaSlice<u8>, u64)>; 3],
 }
 
 thread_local! {
@@ -118,6 +123,29 @@ thread_local! {
 /// See [`WORKSPACE_ALLOCATIONS`].
 pub(crate) fn workspace_allocations() -> u64 {
     WORKSPACE_ALLOCATIONS.with(|c| c.get())
+}
+
+/// Channels-last geometries this process ran transposed: for tests and logs.
+static TRANSPOSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many channels-last geometries cuDNN could not plan, so that they ran as NCHW with
+/// transposed operands.
+pub fn transposed_geometries() -> u64 {
+    TRANSPOSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A device buffer of at least `bytes` bytes in `slot`, grown (and counted as a workspace
+/// allocation, which retires recorded graphs) when smaller. Returns its address.
+fn grown(dev: &CudaDevice, slot: &mut Option<(CudaSlice<u8>, u64)>, bytes: usize) -> Result<u64> {
+    if slot.as_ref().is_none_or(|w| w.0.len() < bytes) {
+        // The old one is freed in stream order, after the work queued on it.
+        // SAFETY: only kernels write it before anything reads it.
+        let w = unsafe { dev.alloc::<u8>(bytes.max(1))? };
+        let at = w.device_ptr(&dev.cuda_stream()).0;
+        *slot = Some((w, at));
+        WORKSPACE_ALLOCATIONS.with(|c| c.set(c.get() + 1));
+    }
+    Ok(slot.as_ref().expect("set above").1)
 }
 
 thread_local! {
@@ -358,19 +386,16 @@ pub(crate) enum Direction {
     BackwardFilter,
 }
 
-/// Runs `dir` for geometry `g` with the plan (made on first use) and the thread's workspace:
-/// `a` and `b` are the two inputs (x and w; dy and w; x and dy) and `out` the output.
-pub(crate) fn run(
+/// Runs `f` on this thread's cuDNN state for `dev`, made (a handle on the device's stream) on
+/// first use.
+fn with_state<R>(
     dev: &CudaDevice,
     g: &Geometry,
-    dir: Direction,
-    a: u64,
-    b: u64,
-    out: u64,
-) -> Result<()> {
-    let key = dev.id();
-    STATE.with(|state| -> Result<()> {
+    f: impl FnOnce(&mut State) -> Result<R>,
+) -> Result<R> {
+    STATE.with(|state| {
         let mut state = state.borrow_mut();
+        let key = dev.id();
         if let std::collections::hash_map::Entry::Vacant(e) = state.entry(key) {
             let handle = result::create_handle().map_err(|e| err(e, "handle", g))?;
             let stream = dev.cuda_stream();
@@ -381,27 +406,138 @@ pub(crate) fn run(
                 handle,
                 plans: HashMap::new(),
                 workspace: None,
+                unsupported: Default::default(),
+                temps: [None, None, None],
             });
         }
-        let st = state.get_mut(&key).expect("inserted above");
+        f(state.get_mut(&key).expect("inserted above"))
+    })
+}
+
+/// Runs `dir` for geometry `g` with the plan (made on first use) and the thread's workspace:
+/// `a` and `b` are the two inputs (x and w; dy and w; x and dy) and `out` the output. A
+/// channels-last geometry cuDNN has no (deterministic) algorithm for runs as NCHW with its
+/// operands transposed around the call ([`run_transposed`]).
+pub(crate) fn run(
+    dev: &CudaDevice,
+    g: &Geometry,
+    dir: Direction,
+    a: u64,
+    b: u64,
+    out: u64,
+) -> Result<()> {
+    let direct = with_state(dev, g, |st| {
+        if st.plans.contains_key(g) {
+            return Ok(true);
+        }
+        if st.unsupported.contains(g) {
+            return Ok(false);
+        }
+        match make_plan(st.handle, g) {
+            Ok(plan) => {
+                st.plans.insert(*g, plan);
+                Ok(true)
+            }
+            Err(e) if g.nhwc => {
+                tracing::warn!(
+                    "{}; running it as NCHW with transposed operands",
+                    e.into_error(g)
+                );
+                TRANSPOSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                st.unsupported.insert(*g);
+                Ok(false)
+            }
+            Err(e) => Err(e.into_error(g)),
+        }
+    })?;
+    if direct {
+        run_planned(dev, g, dir, a, b, out)
+    } else {
+        run_transposed(dev, g, dir, a, b, out)
+    }
+}
+
+/// The `[n, rows, cols]` of the transposes (`kernels.cu`'s `transpose`: `n × rows × cols` to
+/// `n × cols × rows`) that turn the channels-last operands of `dir` into NCHW / KCRS ones
+/// (`a`, `b`), and the NCHW / KCRS result into the channels-last output.
+fn transposes(g: &Geometry, dir: Direction) -> [[usize; 3]; 3] {
+    let (ho, wo) = g.out_hw();
+    let (hw, ohw, taps, cin) = (g.h * g.w, ho * wo, g.kh * g.kw, g.c / g.groups);
+    let x = [g.n, hw, g.c]; // NHWC x → NCHW
+    let dy = [g.n, ohw, g.cout]; // NHWC dy → NCHW
+    let w = [g.cout, taps, cin]; // KRSC w → KCRS
+    match dir {
+        Direction::Forward => [x, w, [g.n, g.cout, ohw]],
+        Direction::BackwardData => [dy, w, [g.n, g.c, hw]],
+        Direction::BackwardFilter => [x, dy, [g.cout, cin, taps]],
+    }
+}
+
+/// [`run`] of a channels-last geometry cuDNN could not plan: its operands transposed into this
+/// thread's temporary buffers, the NCHW convolution, its result transposed into `out`.
+fn run_transposed(
+    dev: &CudaDevice,
+    g: &Geometry,
+    dir: Direction,
+    a: u64,
+    b: u64,
+    out: u64,
+) -> Result<()> {
+    let dtype = g.dtype();
+    let [ta, tb, to] = transposes(g, dir);
+    let len = |t: [usize; 3]| t.iter().product::<usize>();
+    let bytes = [len(ta), len(tb), len(to)].map(|l| l * dtype.size_in_bytes());
+    let [pa, pb, po] = with_state(dev, g, |st| {
+        let mut at = [0u64; 3];
+        for (i, slot) in st.temps.iter_mut().enumerate() {
+            at[i] = grown(dev, slot, bytes[i])?;
+        }
+        Ok(at)
+    })?;
+    let transpose = |src: u64, dst: u64, [n, rows, cols]: [usize; 3]| {
+        super::launch(
+            dev,
+            super::kernel!(dtype, "transpose"),
+            super::elementwise(n * rows * cols),
+            &[
+                super::Arg::Ptr(src),
+                super::Arg::Ptr(dst),
+                super::Arg::I32(n as i32),
+                super::Arg::I32(rows as i32),
+                super::Arg::I32(cols as i32),
+            ],
+        )
+    };
+    transpose(a, pa, ta)?;
+    transpose(b, pb, tb)?;
+    let nchw = Geometry { nhwc: false, ..*g };
+    run_planned(dev, &nchw, dir, pa, pb, po)?;
+    transpose(po, out, to)
+}
+
+/// [`run`] with the plan of `g`, made here if there is none yet.
+fn run_planned(
+    dev: &CudaDevice,
+    g: &Geometry,
+    dir: Direction,
+    a: u64,
+    b: u64,
+    out: u64,
+) -> Result<()> {
+    with_state(dev, g, |st| {
         if !st.plans.contains_key(g) {
             let plan = make_plan(st.handle, g).map_err(|e| e.into_error(g))?;
             st.plans.insert(*g, plan);
         }
         let plan = &st.plans[g];
         let need = plan.workspace[dir as usize];
-        if need > 0 && st.workspace.as_ref().is_none_or(|w| w.0.len() < need) {
-            // Grown, never shrunk: the largest plan's workspace serves every call. The old one
-            // is freed in stream order, after the work queued on it.
-            // SAFETY: cuDNN only writes scratch data to it.
-            let w = unsafe { dev.alloc::<u8>(need)? };
-            let at = w.device_ptr(&dev.cuda_stream()).0;
-            st.workspace = Some((w, at));
-            WORKSPACE_ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        }
-        let (ws, ws_len) = match (&st.workspace, need) {
-            (Some((w, at)), n) if n > 0 => (*at as *mut std::ffi::c_void, w.len()),
-            _ => (std::ptr::null_mut(), 0),
+        // Grown, never shrunk: the largest plan's workspace serves every call.
+        let (ws, ws_len) = if need > 0 {
+            let at = grown(dev, &mut st.workspace, need)?;
+            let len = st.workspace.as_ref().map_or(0, |w| w.0.len());
+            (at as *mut std::ffi::c_void, len)
+        } else {
+            (std::ptr::null_mut(), 0)
         };
         let (one, zero) = (1f32, 0f32);
         let alpha = &one as *const f32 as *const std::ffi::c_void;
@@ -550,4 +686,105 @@ pub fn backward_filter(g: &Geometry, x: &Tensor, dy: &Tensor) -> Result<Tensor> 
     let (dw, pw) = alloc_tensor(&dev, g.dtype(), dims)?;
     run(&dev, g, Direction::BackwardFilter, px, pd, pw)?;
     Ok(dw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{transposes, Direction, Geometry};
+
+    /// `kernels.cu`'s `transpose`: `n × rows × cols` to `n × cols × rows`.
+    fn transpose(v: &[f32], [n, rows, cols]: [usize; 3]) -> Vec<f32> {
+        let mut out = vec![0.0; v.len()];
+        for i in 0..n {
+            for r in 0..rows {
+                for c in 0..cols {
+                    out[(i * cols + c) * rows + r] = v[(i * rows + r) * cols + c];
+                }
+            }
+        }
+        out
+    }
+
+    /// NCHW `v` (n × c × hw) in NHWC.
+    fn nhwc(v: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+        let mut out = vec![0.0; v.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                for k in 0..hw {
+                    out[(i * hw + k) * c + ch] = v[(i * c + ch) * hw + k];
+                }
+            }
+        }
+        out
+    }
+
+    /// KCRS `w` (k × cin × taps) in KRSC: NHWC's rule with taps as the pixels.
+    fn krsc(w: &[f32], k: usize, cin: usize, taps: usize) -> Vec<f32> {
+        nhwc(w, k, cin, taps)
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn transposed_operands_are_the_nchw_ones() {
+        let g = Geometry {
+            n: 2,
+            c: 6,
+            h: 5,
+            w: 4,
+            cout: 8,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+            groups: 2,
+            bf16: true,
+            nhwc: true,
+        };
+        let (ho, wo) = g.out_hw();
+        let (hw, ohw, cin, taps) = (g.h * g.w, ho * wo, g.c / g.groups, g.kh * g.kw);
+        let x = values(g.n * g.c * hw, 1);
+        let dy = values(g.n * g.cout * ohw, 2);
+        let w = values(g.cout * cin * taps, 3);
+        let (x_cl, dy_cl, w_cl) = (
+            nhwc(&x, g.n, g.c, hw),
+            nhwc(&dy, g.n, g.cout, ohw),
+            krsc(&w, g.cout, cin, taps),
+        );
+        // (direction, channels-last operands, their NCHW / KCRS forms, the NCHW / KCRS result
+        // and its channels-last form)
+        let cases = [
+            (
+                Direction::Forward,
+                [&x_cl, &w_cl],
+                [&x, &w],
+                dy.clone(),
+                dy_cl.clone(),
+            ),
+            (
+                Direction::BackwardData,
+                [&dy_cl, &w_cl],
+                [&dy, &w],
+                x.clone(),
+                x_cl.clone(),
+            ),
+            (
+                Direction::BackwardFilter,
+                [&x_cl, &dy_cl],
+                [&x, &dy],
+                w.clone(),
+                w_cl.clone(),
+            ),
+        ];
+        for (dir, given, want, result, result_cl) in cases {
+            let [ta, tb, to] = transposes(&g, dir);
+            assert_eq!(&transpose(given[0], ta), want[0], "first operand");
+            assert_eq!(&transpose(given[1], tb), want[1], "second operand");
+            assert_eq!(transpose(&result, to), result_cl, "result");
+        }
+    }
 }

@@ -44,6 +44,15 @@ pub fn graph_replays() -> u64 {
     0
 }
 
+/// How many channels-last convolution geometries cuDNN could not plan, so that the planned CUDA
+/// step ran them as NCHW with transposed operands (0 without CUDA): for tests and logs.
+pub fn transposed_convolutions() -> u64 {
+    #[cfg(feature = "cuda")]
+    return crate::gpu::conv::transposed_geometries();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// The plan of `program` for training on `device` with activations of `dtype`, where that
 /// device has planned kernels: the CPU in f32; CUDA in f32 or bf16 (a `cuda` build), run as
 /// `options` say.
