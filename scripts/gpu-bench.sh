@@ -1,40 +1,58 @@
 #!/usr/bin/env bash
-# The GPU checks, on one card in one run (about 4 minutes on an H100 before issue 23's variants
-# were added; budget 8–10):
-#  1. the GPU op tests (stages/engine/tests/gpu_ops.rs: cuDNN convolutions, BatchNorm, add-ReLU, SGD and
-#     a few ResNet steps against the CPU, f32 and bf16);
-#  2. the side-by-side training benchmark: `pipeline bench train` (f32 and bf16) against
-#     benches/torch_train.py (eager f32; bf16 autocast + channels_last) for ResNet-18 at batch 256
-#     and ResNet-56 at batch 64, and the On-LDL step (ResNet-20 student, ResNet-110 teacher,
-#     batch 64), images/s and peak memory;
-#  3. end to end: two epochs of a CIFAR-10-shaped student (50,000 images, crop + flip) through
-#     `pipeline run`, loader included, whose second-epoch images/s compare with the pure step
-#     rate of 2.;
-#  4. resume on CUDA: a planned bf16 training with CUDA graphs and NHWC killed (SIGKILL) after a
-#     checkpoint and rerun, against an uninterrupted run: the final weights compared byte for
-#     byte (scripts/resume-check.sh; SKIP_RESUME=1 leaves it out);
-#  5. with CURVES=1, a short pipeline run on the GPU and on the CPU, same seed, to compare their
-#     loss curves.
-# Steps 2 and 3 run the CUDA steps side by side: candle's autograd (the default), the planned
-# step over fixed buffers (LDL_GPU_PLAN=1, models/plan.rs + gpu/plan.rs), the planned step
-# with its passes replayed as CUDA graphs (LDL_GPU_GRAPH=1), and that with channels-last
-# activations (LDL_GPU_NHWC=1), with per-phase profiles.
+# The GPU checks, on one card, in parts that each fit one call of the device tool (10 minutes a
+# command, 15 minutes of device time a session):
+#   tests   the GPU op tests (stages/engine/tests/gpu_ops.rs: cuDNN convolutions, BatchNorm,
+#           add-ReLU, SGD, the planned step NCHW and NHWC, recorded graphs, planned inference,
+#           all against the CPU);
+#   pairs   the side-by-side training benchmark: `pipeline bench train` against
+#           benches/torch_train.py (eager f32; bf16 autocast + channels_last) for ResNet-18 at
+#           batch 256 and ResNet-56 at batch 64, images/s and peak memory, and per-phase
+#           profiles: candle's autograd (the default), the planned step (LDL_GPU_PLAN=1), with its
+#           passes replayed as CUDA graphs (LDL_GPU_GRAPH=1), and channels-last (LDL_GPU_NHWC=1);
+#   online  the On-LDL step (ResNet-20 student, ResNet-110 teacher on every batch, batch 64);
+#   e2e     two epochs of a CIFAR-10-shaped student (50,000 images, crop + flip) through
+#           `pipeline run`, loader included, against the step rate of `pairs`;
+#   resume  a planned bf16 training with graphs and NHWC killed (SIGKILL) after a checkpoint and
+#           rerun, its final weights compared byte for byte with an uninterrupted run's
+#           (scripts/resume-check.sh);
+#   curves  a short pipeline run on the GPU (f32, bf16) and on the CPU, same seed, loss curves.
 #
-#   scripts/gpu-bench.sh [PIPELINE_BINARY] [GPU_OPS_TEST_BINARY] [OUTPUT_FOLDER]
+#   PARTS="tests pairs" scripts/gpu-bench.sh [PIPELINE_BINARY | PACK_FOLDER] [GPU_OPS_TEST_BINARY] [OUTPUT_FOLDER]
 #
-# Binaries: scripts/build-cuda.sh (TESTS=1 for the test binary). Needs on the GPU machine: the
-# NVIDIA driver, python3 with PyTorch (CUDA), and the CUDA 13 + cuDNN 9 libraries the binary links
-# (found in PyTorch's cu13x wheels or a system CUDA).
+# PARTS defaults to "tests pairs online e2e resume". With no GPU session's time to spare: first
+# call PARTS="tests pairs" (about 6–8 minutes), then PARTS="online e2e resume".
+# Binaries: scripts/build-cuda.sh (TESTS=1 for the test binary), carried to the GPU machine by
+# scripts/gpu-pack.sh: pass its folder as the first argument (the test binary comes with it).
+# Needs on the GPU machine: the NVIDIA driver, python3 with PyTorch (CUDA), and the CUDA 13 +
+# cuDNN 9 libraries the binary links (found in PyTorch's cu13x wheels or a system CUDA). Only
+# bench.md (and last.log) go to the output folder; runs and configs go to $WORK (/tmp/gpu-work).
 set -u
 BIN=${1:-target/cuda/release/pipeline}
 TESTBIN=${2:-}
 OUT=${3:-gpu-bench-out}
-mkdir -p "$OUT"
+PARTS=${PARTS:-tests pairs online e2e resume}
+WORK=${WORK:-/tmp/gpu-work}
+mkdir -p "$OUT" "$WORK"
+if [ -d "$BIN" ]; then
+  # A pack from scripts/gpu-pack.sh: unpack once per machine.
+  PACK=$BIN
+  mkdir -p "$WORK/bin"
+  for f in pipeline gpu_ops; do
+    # Python's lzma: xz itself may be missing there.
+    [ -x "$WORK/bin/$f" ] || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$PACK/$f.xz" "$WORK/bin/$f"
+    chmod +x "$WORK/bin/$f"
+  done
+  BIN=$WORK/bin/pipeline
+  TESTBIN=${TESTBIN:-$WORK/bin/gpu_ops}
+fi
+want() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 SP=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
 for d in "$SP"/nvidia/cu13/lib "$SP"/nvidia/cudnn/lib /usr/local/cuda/lib64; do
   [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 done
 export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-/tmp/cuda-cache}
+COMMIT=$(cat "${PACK:-/nonexistent}/commit" 2>/dev/null || git rev-parse HEAD 2>/dev/null)
+echo "# gpu-bench.sh: $PARTS (binaries of ${COMMIT:-an unknown commit})" | tee -a "$OUT/bench.md"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/bench.md"
 python3 -c 'import torch; print("torch", torch.__version__, "cudnn", torch.backends.cudnn.version())' | tee -a "$OUT/bench.md"
 
@@ -48,11 +66,14 @@ run() { # label, timeout, command...
   echo "(exit $rc, $((SECONDS - t0)) s)" | tee -a "$OUT/bench.md"
 }
 
-if [ -n "$TESTBIN" ]; then
-  run "GPU op tests" 240 "$TESTBIN" --test-threads 1 --nocapture
+if want tests && [ -n "$TESTBIN" ]; then
+  run "GPU op tests" 300 "$TESTBIN" --test-threads 1 --nocapture
+  # Every test's own lines (errors, largest deviations, replay counts), not only the tail.
+  grep -E "^test |error|off by|largest|replayed|could not plan|panicked" "$OUT/last.log" | head -n 120 >> "$OUT/bench.md"
+  cp "$OUT/last.log" "$OUT/gpu_ops.log"
 fi
 
-for spec in "resnet18 256" "resnet56 64"; do
+want pairs && for spec in "resnet18 256" "resnet56 64"; do
   set -- $spec
   for dt in bf16 f32; do
     run "ours $1 batch $2 $dt (autograd)" 120 "$BIN" bench train --model "$1" --batch "$2" --device cuda --dtype "$dt" --warmup 10 --steps 50
@@ -67,10 +88,12 @@ for spec in "resnet18 256" "resnet56 64"; do
 done
 
 # The On-LDL step of issue 23: a ResNet-20 student, a ResNet-110 teacher applied to every batch.
+if want online; then
 run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (autograd)" 120 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
 run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (planned + CUDA graphs)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
 run "ours On-LDL resnet20 + teacher resnet110, batch 64 bf16 (planned + CUDA graphs + NHWC)" 120 env LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 LDL_GPU_NHWC=1 "$BIN" bench train --model resnet20 --teacher resnet110 --batch 64 --device cuda --dtype bf16 --warmup 10 --steps 50
 run "torch On-LDL resnet20 + teacher resnet110, batch 64" 180 python3 benches/torch_train.py --model resnet20 --teacher resnet110 --batch 64 --device cuda --warmup 10 --steps 50
+fi
 
 # End to end: prepare a CIFAR-10-shaped synthetic set, train two epochs, read the log.
 e2e() { # model batch dtype
@@ -98,18 +121,18 @@ dtype = "$3"
 schedule = { type = "cosine" }
 EOF
 }
-for spec in "resnet18 256 bf16" "resnet56 64 bf16"; do
+want e2e && for spec in "resnet18 256 bf16" "resnet56 64 bf16"; do
   set -- $spec
   for plan in 0 1; do
-    e2e "$@" | sed "s/^output = \"e2e-/output = \"e2e-plan$plan-/" > "$OUT/e2e-$1-plan$plan.toml"
-    run "pipeline run: 2 epochs of $1 batch $2 $3, LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan LDL_GPU_NHWC=$plan (loader included)" 150 env LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan LDL_GPU_NHWC=$plan "$BIN" run "$OUT/e2e-$1-plan$plan.toml"
-    cat "$OUT/e2e-plan$plan-$1-$3/student/train_log.csv" 2>/dev/null | cut -c1-200 | tee -a "$OUT/bench.md"
+    e2e "$@" | sed "s/^output = \"e2e-/output = \"e2e-plan$plan-/" > "$WORK/e2e-$1-plan$plan.toml"
+    run "pipeline run: 2 epochs of $1 batch $2 $3, LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan LDL_GPU_NHWC=$plan (loader included)" 150 env LDL_GPU_PLAN=$plan LDL_GPU_GRAPH=$plan LDL_GPU_NHWC=$plan "$BIN" run "$WORK/e2e-$1-plan$plan.toml"
+    cat "$WORK/e2e-plan$plan-$1-$3/student/train_log.csv" 2>/dev/null | cut -c1-200 | tee -a "$OUT/bench.md"
   done
 done
 
-[ "${SKIP_RESUME:-0}" = 1 ] || RESUME_DEVICE=cuda LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 LDL_GPU_NHWC=1 scripts/resume-check.sh "$BIN" "$OUT/resume" 2>&1 | tee -a "$OUT/bench.md"
+want resume && RESUME_DEVICE=cuda LDL_GPU_PLAN=1 LDL_GPU_GRAPH=1 LDL_GPU_NHWC=1 scripts/resume-check.sh "$BIN" "$WORK/resume" 2>&1 | tee -a "$OUT/bench.md"
 
-[ "${CURVES:-0}" = 1 ] || exit 0
+want curves || exit 0
 # A short pipeline on synthetic data, on the GPU (f32 and bf16) and on the CPU: same stages, seed.
 cfg() { # device dtype
   cat <<EOF
@@ -142,7 +165,7 @@ EOF
 }
 for dd in "cuda f32" "cuda bf16" "cpu f32"; do
   set -- $dd
-  cfg "$1" "$2" > "$OUT/stages-$1-$2.toml"
-  run "pipeline run on $1 ($2)" 150 "$BIN" -q run "$OUT/stages-$1-$2.toml"
-  cat "$OUT/run-$1-$2/teacher/train_log.csv" "$OUT/run-$1-$2/eval/metrics.md" 2>/dev/null | cut -c1-160 | tee -a "$OUT/bench.md"
+  cfg "$1" "$2" > "$WORK/stages-$1-$2.toml"
+  run "pipeline run on $1 ($2)" 150 "$BIN" -q run "$WORK/stages-$1-$2.toml"
+  cat "$WORK/run-$1-$2/teacher/train_log.csv" "$WORK/run-$1-$2/eval/metrics.md" 2>/dev/null | cut -c1-160 | tee -a "$OUT/bench.md"
 done
