@@ -2,7 +2,7 @@
 # Packs what the GPU machine needs from this one for scripts/gpu-bench.sh: the CUDA `pipeline`
 # binary and the GPU test binary (scripts/build-cuda.sh with TESTS=1), stripped and
 # xz-compressed into gpu-pack/ (ignored by git). The device tool carries at most 64 MiB with the
-# working tree; the two stripped binaries alone are ~130 MB, packed ~30 MB.
+# working tree; the two binaries without debug info are ~135 MB, packed ~18 MB.
 #
 #   TESTS=1 scripts/build-cuda.sh && scripts/gpu-pack.sh
 #   device run, carry ["gpu-pack"]:  PARTS="tests pairs" scripts/gpu-bench.sh gpu-pack "" $OUT
