@@ -15,7 +15,9 @@
 #   resume  a planned bf16 training with graphs and NHWC killed (SIGKILL) after a checkpoint and
 #           rerun, its final weights compared byte for byte with an uninterrupted run's
 #           (scripts/resume-check.sh);
-#   curves  a short pipeline run on the GPU (f32, bf16) and on the CPU, same seed, loss curves.
+#   curves  a short pipeline run on the GPU (f32, bf16) and on the CPU, same seed, loss curves;
+#   sanitize  the planned-step GPU tests under compute-sanitizer's memcheck (out-of-bounds and
+#           misaligned accesses of our kernels; slow, only when a test shows garbage).
 #
 #   PARTS="tests pairs" scripts/gpu-bench.sh [PIPELINE_BINARY | PACK_FOLDER] [GPU_OPS_TEST_BINARY] [OUTPUT_FOLDER]
 #
@@ -71,6 +73,12 @@ if want tests && [ -n "$TESTBIN" ]; then
   # Every test's own lines (errors, largest deviations, replay counts), not only the tail.
   grep -E "^test |error|off by|largest|replayed|could not plan|panicked" "$OUT/last.log" | head -n 120 >> "$OUT/bench.md"
   cp "$OUT/last.log" "$OUT/gpu_ops.log"
+fi
+
+if want sanitize && [ -n "$TESTBIN" ]; then
+  run "GPU planned-step tests under compute-sanitizer memcheck" 540 compute-sanitizer --tool memcheck --error-exitcode 9 "$TESTBIN" --test-threads 1 --nocapture planned recorded
+  grep -E "=========|^test |panicked" "$OUT/last.log" | head -n 80 >> "$OUT/bench.md"
+  cp "$OUT/last.log" "$OUT/sanitize.log"
 fi
 
 want pairs && for spec in "resnet18 256" "resnet56 64"; do
