@@ -1,7 +1,8 @@
 // The kernels of src/gpu/kernels.cu on the CPU (cuda_shim.h), against plain loops written here
 // from the definitions: NCHW and NHWC BatchNorm statistics, normalisation and backward, the
 // option-A shortcut and its adjoint in both layouts, the NCHW <-> NHWC transpose, the KRSC
-// weight copies and the gradient that comes back from them, and the multi-tensor SGD. Run by
+// weight copies and the gradient that comes back from them, the residual passes of the planned
+// backward (add_masked, add_into, grad_add), bn_invstd and the multi-tensor SGD. Run by
 // tests/kernels_on_cpu.rs; prints one line per check and exits non-zero on the first failure.
 #include "cuda_shim.h"
 
@@ -342,6 +343,46 @@ void weight_copies() {
     expect_equal("grad_add KRSC into KCRS, setting", g, src[1]);
 }
 
+// The residual passes of the planned backward, and the plain parameter-gradient copy.
+void residual_passes() {
+    const size_t n = 1000;
+    const auto dy = random(n, 101), out = random(n, 102), d = random(n, 103);
+    auto dx = random(n, 104);
+    std::vector<float> want_masked(n), want_added(n);
+    for (size_t i = 0; i < n; ++i) {
+        want_masked[i] = out[i] > 0 ? dx[i] + dy[i] : dx[i];
+        want_added[i] = want_masked[i] + d[i];
+    }
+    launch_serial(elementwise(n), dim3{256, 1, 1},
+                  [&] { add_masked_f32(dx.data(), dy.data(), out.data(), (long long)n); });
+    expect_equal("add_masked", dx, want_masked);
+    launch_serial(elementwise(n), dim3{256, 1, 1},
+                  [&] { add_into_f32(dx.data(), d.data(), (long long)n); });
+    expect_equal("add_into", dx, want_added);
+    // bf16 activations into an f32 gradient: set, then accumulate.
+    std::vector<__nv_bfloat16> g16(n);
+    std::vector<float> g(n, 5.0f), rounded(n), twice(n);
+    for (size_t i = 0; i < n; ++i) {
+        g16[i] = __float2bfloat16(d[i]);
+        rounded[i] = __bfloat162float(g16[i]);
+        twice[i] = rounded[i] + rounded[i];
+    }
+    launch_serial(elementwise(n), dim3{256, 1, 1},
+                  [&] { grad_add_bf16(g.data(), g16.data(), (long long)n, 0, 0, 1, 1); });
+    expect_equal("grad_add bf16, setting", g, rounded);
+    launch_serial(elementwise(n), dim3{256, 1, 1},
+                  [&] { grad_add_bf16(g.data(), g16.data(), (long long)n, 1, 0, 1, 1); });
+    expect_equal("grad_add bf16, accumulating", g, twice);
+    // 1/sqrt(var + eps) of the running variance, for evaluation mode.
+    const auto var = random(40, 105, 0.5f, 1.0f);
+    std::vector<float> invstd(40);
+    std::vector<double> want(40);
+    for (int c = 0; c < 40; ++c) want[c] = 1.0 / std::sqrt(double(var[c]) + 1e-5);
+    launch_serial(dim3{1, 1, 1}, dim3{128, 1, 1},
+                  [&] { bn_invstd(var.data(), invstd.data(), 40, 1e-5f); });
+    expect_close("bn_invstd", invstd, want, 1e-6);
+}
+
 // PyTorch's SGD with momentum, weight decay and Nesterov over a table of three parameters.
 void multi_tensor_sgd() {
     const size_t sizes[] = {5, 700, 33};
@@ -399,6 +440,7 @@ int main() {
     transposes(3, 5, 12);
     transposes(2, 16, 49);
     weight_copies();
+    residual_passes();
     multi_tensor_sgd();
     std::printf("%d checks passed\n", checks);
     return 0;
