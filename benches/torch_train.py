@@ -4,7 +4,8 @@
 One step = forward + cross-entropy + backward + SGD (momentum 0.9, weight decay 5e-4) on a batch
 of random CIFAR-shaped images (3x32x32, 10 classes) already on the device. After --warmup
 untimed steps, --steps steps are timed, synchronising the device before reading the clock.
-Modes: eager f32, and bf16 autocast + channels_last (the fast PyTorch recipe). Models match the
+Modes: eager f32, bf16 autocast + channels_last (the fast PyTorch recipe), and that with the
+model compiled by torch.compile (`compile`; its compilation falls in the warm-up steps). Models match the
 Rust ones layer for layer: CIFAR ResNet-18/34/50 (3x3 stem, no max-pool; kuangliu/RepDistiller)
 and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B). With --teacher, the
 On-LDL step of `pipeline bench train --teacher`: the teacher in eval mode under no_grad on the
@@ -111,7 +112,7 @@ def bench(args, mode):
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build(args.model, 10).to(device)
-    channels_last = mode == "bf16"
+    channels_last = mode in ("bf16", "compile")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -125,14 +126,16 @@ def bench(args, mode):
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
 
+    net = torch.compile(model) if mode == "compile" else model
+
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode != "f32"):
             if teacher is None:
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(net(x), y)
             else:
                 with torch.no_grad():
                     q = F.softmax(teacher(x).float(), dim=1)
-                loss = F.cross_entropy(model(x).float(), q)
+                loss = F.cross_entropy(net(x).float(), q)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -159,7 +162,8 @@ def main():
     ap.add_argument("--teacher", default=None, help="an On-LDL step with this teacher")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--modes", default="f32,bf16", help="f32 (eager) and/or bf16 (autocast + channels_last)")
+    ap.add_argument("--modes", default="f32,bf16",
+                    help="f32 (eager), bf16 (autocast + channels_last), compile (bf16 + torch.compile)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -175,7 +179,8 @@ def main():
     print("|---|---|---:|---:|---:|")
     for mode in args.modes.split(","):
         rate, peak, params = bench(args, mode)
-        label = "eager f32" if mode == "f32" else "bf16 autocast + channels_last"
+        label = {"f32": "eager f32", "bf16": "bf16 autocast + channels_last",
+                 "compile": "bf16 autocast + channels_last + torch.compile"}[mode]
         print(f"| {args.model} | {label} | {params:,} | {rate:.0f} | {peak:.0f} |", flush=True)
 
 

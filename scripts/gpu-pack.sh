@@ -20,9 +20,10 @@ for pair in "pipeline target/cuda/release/pipeline" "gpu_ops $TESTBIN"; do
   strip --strip-debug -o "$PACK/$1" "$2"
   xz -T0 -6 "$PACK/$1"
 done
-git rev-parse HEAD > "$PACK/commit"
+git describe --always --dirty > "$PACK/commit"
 du -ch "$PACK"/* | tail -n 1
-tree=$(git ls-files -z | du -cb --files0-from=- | tail -n 1 | cut -f1)
+# What the device tool carries besides: tracked and untracked-but-not-ignored files.
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1 || true)
 pack=$(du -cb "$PACK"/* | tail -n 1 | cut -f1)
 echo "gpu-pack.sh: $((pack / 1048576)) MiB packed + $((tree / 1048576)) MiB tracked tree (limit 64 MiB)"
 [ $((pack + tree)) -lt $((64 * 1048576)) ] || { echo "gpu-pack.sh: over the device tool's 64 MiB" >&2; exit 1; }
