@@ -440,9 +440,9 @@ pub(crate) fn run(
             }
             // Only "cuDNN cannot do this" switches layout; any other error is a bug to show.
             Err(e @ PlanError::NoDeterministic { .. })
-            | Err(e @ PlanError::Cudnn(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED)))
-                if g.nhwc =>
-            {
+            | Err(
+                e @ PlanError::Cudnn(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED)),
+            ) if g.nhwc => {
                 tracing::warn!(
                     "{}; running it as NCHW with transposed operands",
                     e.into_error(g)
