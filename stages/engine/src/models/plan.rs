@@ -475,8 +475,47 @@ pub struct Plan<K: Kernels> {
     free: Vec<Tape<K>>,
     scratch: Scratch<K>,
     transient: Transient<K>,
-    /// The tape of evaluation-mode passes (no backward reads it).
-    inference: Option<Tape<K>>,
+    /// The buffers and recorded passes of evaluation-mode passes.
+    inference: Option<Inference<K>>,
+}
+
+/// The buffers of evaluation-mode passes (a teacher's): nothing is kept for a backward, so a
+/// block's input and output alternate between two buffers and its units' outputs between two
+/// more, with one convolution output and the plan's [`Transient`]s — a few activations in all,
+/// where a training tape holds two per unit.
+struct Pool<K: Kernels> {
+    images: K::Buf,
+    io: [K::Buf; 2],
+    units: [K::Buf; 2],
+    conv: K::Buf,
+    stats: K::Stats,
+}
+
+impl<K: Kernels> Default for Pool<K> {
+    fn default() -> Self {
+        Pool {
+            images: K::Buf::default(),
+            io: [K::Buf::default(), K::Buf::default()],
+            units: [K::Buf::default(), K::Buf::default()],
+            conv: K::Buf::default(),
+            stats: K::Stats::default(),
+        }
+    }
+}
+
+/// A plan's evaluation-mode passes: their buffers, and the passes recorded over them.
+struct Inference<K: Kernels> {
+    pool: Pool<K>,
+    recorder: Recorder<K::Graph>,
+}
+
+impl<K: Kernels> Default for Inference<K> {
+    fn default() -> Self {
+        Inference {
+            pool: Pool::default(),
+            recorder: Recorder::default(),
+        }
+    }
 }
 
 /// The output shape of `conv` over an input of shape `x`.
@@ -487,14 +526,31 @@ fn conv_output(conv: &Conv2d, x: [usize; 4]) -> Result<[usize; 4]> {
 }
 
 impl Unit {
-    /// The unit over `x`, its activations written into `tape` (shaped by `shape_forward`), its
-    /// output into `into` when given (a [`Transient`]) instead of `tape.act`; BatchNorm in batch
-    /// statistics when `train`.
+    /// The unit in evaluation mode over `x` of shape `dims`: the convolution into `conv`, the
+    /// output into `y`. Returns the output's shape.
+    #[allow(clippy::too_many_arguments)]
+    fn infer<K: Kernels>(
+        &self,
+        k: &mut K,
+        x: &K::Buf,
+        dims: [usize; 4],
+        conv: &mut K::Buf,
+        stats: &mut K::Stats,
+        y: &mut K::Buf,
+    ) -> Result<[usize; 4]> {
+        let out = conv_output(&self.conv, dims)?;
+        k.conv_forward(&self.conv, x, dims, conv)?;
+        k.bn_forward(&self.bn, conv, out, self.relu, false, stats, y)?;
+        Ok(out)
+    }
+
+    /// The unit in training mode over `x`, its activations written into `tape` (shaped by
+    /// `shape_forward`), its output into `into` when given (a [`Transient`]) instead of
+    /// `tape.act`.
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
-        train: bool,
         tape: &mut UnitTape<K>,
         into: Option<&mut K::Buf>,
     ) -> Result<()> {
@@ -507,7 +563,7 @@ impl Unit {
         } = tape;
         k.conv_forward(&self.conv, x, *input, conv_out)?;
         let y = into.unwrap_or(act);
-        k.bn_forward(&self.bn, conv_out, *output, self.relu, train, stats, y)
+        k.bn_forward(&self.bn, conv_out, *output, self.relu, true, stats, y)
     }
 
     /// The unit's backward: `dy` at its output (masked by `mask > 0` when given), the unit's
@@ -540,13 +596,12 @@ impl Unit {
 }
 
 impl Block {
-    /// The block over `x` into `tape` (shaped by `shape_forward`), with the transient buffers
-    /// `t`.
+    /// The block in training mode over `x` into `tape` (shaped by `shape_forward`), with the
+    /// transient buffers `t`.
     fn forward<K: Kernels>(
         &self,
         k: &mut K,
         x: &K::Buf,
-        train: bool,
         tape: &mut BlockTape<K>,
         t: &mut Transient<K>,
     ) -> Result<()> {
@@ -558,7 +613,7 @@ impl Block {
                 None => x,
             };
             let into = (i + 1 == units).then_some(&mut t.main);
-            self.main[i].forward(k, input, train, &mut rest[0], into)?;
+            self.main[i].forward(k, input, &mut rest[0], into)?;
         }
         let dims = tape.main[0].input;
         match &self.skip {
@@ -573,10 +628,55 @@ impl Block {
                     .skip
                     .as_mut()
                     .expect("shape_forward made the projection's tape");
-                unit.forward(k, x, train, skip, Some(&mut t.skip))?;
+                unit.forward(k, x, skip, Some(&mut t.skip))?;
                 k.add_relu(&t.main, &t.skip, &mut tape.out)
             }
         }
+    }
+
+    /// The block in evaluation mode over `x` of shape `dims` into `out`, its units' outputs
+    /// alternating between `p.units` (the last one's and the projection's in `t`). Returns the
+    /// output's shape.
+    #[allow(clippy::too_many_arguments)]
+    fn infer<K: Kernels>(
+        &self,
+        k: &mut K,
+        x: &K::Buf,
+        dims: [usize; 4],
+        units: &mut [K::Buf; 2],
+        conv: &mut K::Buf,
+        stats: &mut K::Stats,
+        t: &mut Transient<K>,
+        out: &mut K::Buf,
+    ) -> Result<[usize; 4]> {
+        let n = self.main.len();
+        let [u0, u1] = units;
+        let mut d = dims;
+        for (i, u) in self.main.iter().enumerate() {
+            // Unit i reads unit i − 1's output, in u0 when i is odd, and writes the other.
+            let (input, y): (&K::Buf, &mut K::Buf) = match (i == 0, i + 1 == n, i % 2 == 1) {
+                (true, true, _) => (x, &mut t.main),
+                (true, false, _) => (x, &mut *u0),
+                (false, true, true) => (&*u0, &mut t.main),
+                (false, true, false) => (&*u1, &mut t.main),
+                (false, false, true) => (&*u0, &mut *u1),
+                (false, false, false) => (&*u1, &mut *u0),
+            };
+            d = u.infer(k, input, d, conv, stats, y)?;
+        }
+        k.fit(out, d.iter().product())?;
+        match &self.skip {
+            Skip::Identity => k.add_relu(&t.main, x, out)?,
+            Skip::Subsample { pad, stride } => {
+                k.subsample(x, dims, *pad, *stride, out)?;
+                k.add_relu_in_place(out, &t.main)?;
+            }
+            Skip::Project(unit) => {
+                unit.infer(k, x, dims, conv, stats, &mut t.skip)?;
+                k.add_relu(&t.main, &t.skip, out)?;
+            }
+        }
+        Ok(d)
     }
 
     /// The block's backward from the gradient at its output (`s.dout`): writes the gradient
@@ -674,28 +774,69 @@ impl<K: Kernels> Plan<K> {
     }
 }
 
-/// The forward pass over images already in `tape.images`, the tape shaped by
-/// `shape_forward`; in training mode when `train`.
+/// The training-mode forward pass over images already in `tape.images`, the tape shaped by
+/// `shape_forward`.
 fn forward_pass<K: Kernels>(
     k: &mut K,
     program: &Program,
     tape: &mut Activations<K>,
     transient: &mut Transient<K>,
-    train: bool,
 ) -> Result<()> {
     k.begin_forward(program)?;
     program
         .stem
-        .forward(k, &tape.images, train, &mut tape.stem, None)?;
+        .forward(k, &tape.images, &mut tape.stem, None)?;
     for (i, block) in program.blocks.iter().enumerate() {
         let (before, rest) = tape.blocks.split_at_mut(i);
         let x = match before.last() {
             Some(b) => &b.out,
             None => &tape.stem.act,
         };
-        block.forward(k, x, train, &mut rest[0], transient)?;
+        block.forward(k, x, &mut rest[0], transient)?;
     }
     Ok(())
+}
+
+/// An evaluation-mode pass over the images in `p.images` (shape `dims`): the output ends in
+/// `p.io[program.blocks.len() % 2]` ([`infer_shape`]).
+fn infer_pass<K: Kernels>(
+    k: &mut K,
+    program: &Program,
+    p: &mut Pool<K>,
+    t: &mut Transient<K>,
+    dims: [usize; 4],
+) -> Result<()> {
+    k.begin_forward(program)?;
+    let Pool {
+        images,
+        io,
+        units,
+        conv,
+        stats,
+    } = p;
+    let [a, z] = io;
+    let mut d = program.stem.infer(k, images, dims, conv, stats, a)?;
+    for (b, block) in program.blocks.iter().enumerate() {
+        let (x, out) = if b % 2 == 0 {
+            (&*a, &mut *z)
+        } else {
+            (&*z, &mut *a)
+        };
+        d = block.infer(k, x, d, units, conv, stats, t, out)?;
+    }
+    Ok(())
+}
+
+/// The output shape of an evaluation-mode pass over images of shape `dims`, and the index of
+/// the pool's `io` buffer it ends in.
+fn infer_shape(program: &Program, dims: [usize; 4]) -> Result<([usize; 4], usize)> {
+    let mut d = conv_output(&program.stem.conv, dims)?;
+    for block in &program.blocks {
+        for u in &block.main {
+            d = conv_output(&u.conv, d)?;
+        }
+    }
+    Ok((d, program.blocks.len() % 2))
 }
 
 /// The backward pass from the gradient at the output in `s.dout`. Leaves the scratch buffers
@@ -756,7 +897,7 @@ impl<K: Kernels> Planned for Plan<K> {
         let out_dims = shape_forward(k, program, &mut tape.acts, transient, dims)?;
         let acts = &mut tape.acts;
         run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, transient, true)
+            forward_pass(k, program, acts, transient)
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
@@ -807,18 +948,17 @@ impl<K: Kernels> Planned for Plan<K> {
         self.check(x)?;
         let dims: [usize; 4] = x.dims4()?.into();
         let (k, program, transient) = (&mut self.kernels, &self.program, &mut self.transient);
-        let tape = self.inference.get_or_insert_with(Tape::default);
-        k.load(x, &mut tape.acts.images)?;
-        let out_dims = shape_forward(k, program, &mut tape.acts, transient, dims)?;
-        let acts = &mut tape.acts;
-        run_pass(k, &mut tape.forward, (dims, false), None, &mut |k, _| {
-            forward_pass(k, program, acts, transient, false)
+        let inference = self.inference.get_or_insert_with(Inference::default);
+        let Inference { pool, recorder } = inference;
+        k.load(x, &mut pool.images)?;
+        let (out_dims, last) = infer_shape(program, dims)?;
+        // The output's length, as `output` reads it also after a replayed pass (which runs no
+        // host code, so sets no length).
+        k.fit(&mut pool.io[last], out_dims.iter().product())?;
+        run_pass(k, recorder, (dims, false), None, &mut |k, _| {
+            infer_pass(k, program, pool, transient, dims)
         })?;
-        let out = match tape.acts.blocks.last() {
-            Some(b) => &b.out,
-            None => &tape.acts.stem.act,
-        };
-        Ok(k.output(out, out_dims)?.as_tensor().detach())
+        Ok(k.output(&pool.io[last], out_dims)?.as_tensor().detach())
     }
 
     fn accepts(&self, x: &Tensor) -> bool {
