@@ -13,7 +13,8 @@
 //! hundred KB and stays in the core's cache between the unfolding and the GEMM. The images of a
 //! batch are split across rayon's threads, each running single-threaded GEMMs ([`super::sgemm`]:
 //! AVX-512 kernels, or the `gemm` crate candle uses) over scratch buffers kept per thread and
-//! reused across calls.
+//! reused across calls. The weight gradient, a sum over the batch, is split by the batch size
+//! only and its parts added in a fixed order, so it is bitwise the same on any number of threads.
 //! Pointwise (1×1, stride 1, unpadded) convolutions skip the unfolding altogether, and so do
 //! stride-1 "same" convolutions (the 3×3 layers that make up most of a ResNet): each row of
 //! their unfolding is an image plane shifted by a fixed offset, so the forward and the input
@@ -619,12 +620,12 @@ impl Geometry {
         let _t = timer(Section::ConvBackward);
         let g = *self;
         let (k, kg, l, img) = (g.k(), g.k_group(), g.l(), g.image_len());
-        let threads = rayon::current_num_threads().max(1);
-        let per = g.n.div_ceil(threads).max(1);
-        // One contiguous run of images per task: each task accumulates its own dW, so the
-        // reduction is over a handful of Cout×K matrices, in a fixed order (deterministic).
+        // The batch is cut into at most GRAD_LEAVES runs of images by its size alone; each run
+        // accumulates its own dW and the runs' sums are added in a fixed tree
+        // (`weight_grad_tree`), so the result is the same on any number of threads.
+        let per = g.n.div_ceil(GRAD_LEAVES).max(1);
         let images = |t: usize| t * per..((t + 1) * per).min(g.n);
-        // Each task accumulates dWᵀ (K×Cout): as `cols_i · dY_iᵀ` the product has the
+        // Each run accumulates dWᵀ (K×Cout): as `cols_i · dY_iᵀ` the product has the
         // unfolded image as its broadcast side and the (transposed, small) output gradient as
         // its contiguous rows, which the fast kernel wants; `dY_i · cols_iᵀ` would need dot
         // products reduced across lanes, slow for the short rows of the deeper layers.
@@ -671,28 +672,58 @@ impl Geometry {
             }
             dwt
         };
-        let tasks = g.n.div_ceil(per);
-        let partial: Vec<Vec<f32>> = match dx {
-            Some(dx) => dx
-                .par_chunks_mut(per * img)
-                .enumerate()
-                .map(|(t, chunk)| task(t, Some(chunk)))
-                .collect(),
-            None => (0..tasks).into_par_iter().map(|t| task(t, None)).collect(),
+        let leaves = g.n.div_ceil(per);
+        let dwt = if leaves == 0 {
+            vec![0f32; g.cout * kg]
+        } else {
+            weight_grad_tree(0..leaves, dx, per * img, &task)
         };
-        let mut parts = partial.into_iter();
-        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; g.cout * kg]);
-        for p in parts {
-            for (a, b) in dwt.iter_mut().zip(&p) {
-                *a += *b;
-            }
-        }
         // dWᵀ is Kg×Cout (group g in columns g·Cout/G..), so its transpose is the weight's
         // Cout × (C/G·kh·kw) layout.
         let mut dw = vec![0f32; g.cout * kg];
         transpose(&dwt, kg, g.cout, &mut dw);
         dw
     }
+}
+
+/// Most runs of images a convolution's weight gradient is split into (fewer when the batch is
+/// smaller): enough to keep 16 threads busy, few enough that the partial sums (one `Cout × K`
+/// matrix each, at most about one per thread and tree level alive at once) stay small.
+const GRAD_LEAVES: usize = 16;
+
+/// The sum of `leaf(t, dx_t)` over the runs `t` in `leaves`, added pairwise in a binary tree
+/// whose shape depends only on the number of runs: the two halves run as a `rayon::join`, so
+/// the threads share the work while every addition happens in the same order whatever their
+/// number. `dx`, when given, is the input gradient of the runs, `stride` values per run (the
+/// last run may be shorter), and each leaf gets its own run's part.
+fn weight_grad_tree<F>(
+    leaves: std::ops::Range<usize>,
+    dx: Option<&mut [f32]>,
+    stride: usize,
+    leaf: &F,
+) -> Vec<f32>
+where
+    F: Fn(usize, Option<&mut [f32]>) -> Vec<f32> + Sync,
+{
+    if leaves.len() == 1 {
+        return leaf(leaves.start, dx);
+    }
+    let mid = leaves.start + leaves.len() / 2;
+    let (left, right) = match dx {
+        Some(d) => {
+            let (a, b) = d.split_at_mut((mid - leaves.start) * stride);
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    };
+    let (mut sum, other) = rayon::join(
+        || weight_grad_tree(leaves.start..mid, left, stride, leaf),
+        || weight_grad_tree(mid..leaves.end, right, stride, leaf),
+    );
+    for (a, b) in sum.iter_mut().zip(&other) {
+        *a += *b;
+    }
+    sum
 }
 
 thread_local! {
@@ -1071,6 +1102,52 @@ mod tests {
             reference.get(wt.as_tensor()).unwrap(),
         );
         assert!(max_rel(a, b) < 1e-5);
+    }
+
+    /// Both gradients are bitwise the same on 1, 2, 3 and 5 threads, on each path of the
+    /// backward (3×3 "same" taps, pointwise, strided im2col, grouped), and the weight
+    /// gradient is the same with and without the input gradient. 37 images split into
+    /// different runs on each of those thread counts under a per-thread split.
+    #[test]
+    fn gradients_do_not_depend_on_the_thread_count() {
+        let vec = |dims: &[usize], seed| {
+            random(dims, -1.0..1.0, seed)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for (case, &(c, h, cout, k, stride, pad, groups)) in [
+            (4, 6, 8, 3, 1, 1, 1),
+            (4, 6, 8, 1, 1, 0, 1),
+            (4, 7, 8, 3, 2, 1, 1),
+            (8, 6, 8, 3, 1, 1, 4),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let n = 37;
+            let g = Geometry::new([n, c, h, h], [cout, c / groups, k, k], stride, pad, groups);
+            let x = vec(&[n, c, h, h], 1 + case as u64);
+            let w = vec(&[cout, c / groups, k, k], 11 + case as u64);
+            let dy = vec(&[n, cout, g.l()], 21 + case as u64);
+            let run = |threads: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| {
+                        let mut dx = vec![f32::NAN; n * g.image_len()];
+                        let dw = g.backward_into(&x, &w, &dy, Some(&mut dx));
+                        (dw, dx, g.backward_into(&x, &w, &dy, None))
+                    })
+            };
+            let one = run(1);
+            assert_eq!(one.0, one.2, "case {case}: dW without dx");
+            for threads in [2, 3, 5] {
+                assert!(run(threads) == one, "case {case}: {threads} threads");
+            }
+        }
     }
 
     /// Grouped convolutions (ResNeXt's 3×3 with cardinality 4 and 32, pointwise and strided
