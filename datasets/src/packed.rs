@@ -167,86 +167,8 @@ impl PackedStore {
         // SAFETY: the store is written once by an atomic rename and never modified in place;
         // a concurrent truncation by another program is outside what we can guard against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| DatasetError::io(path, e))?;
-        let bad = |place: &str, msg: String| DatasetError::format(path, place, msg);
-        if map.len() < NAMES_OFFSET + 4 {
-            return Err(bad(
-                "header",
-                format!(
-                    "file is {} bytes, shorter than the {}-byte header",
-                    map.len(),
-                    NAMES_OFFSET + 4
-                ),
-            ));
-        }
-        if &map[..8] != MAGIC {
-            return Err(bad(
-                "magic (bytes 0..8)",
-                format!("found {:?}, expected {:?}", &map[..8], MAGIC),
-            ));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().expect("4 bytes"));
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(bad(
-                "version (bytes 8..12)",
-                format!("found version {version}, this program reads version {VERSION}"),
-            ));
-        }
-        let n = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes")) as usize;
-        let (h, w, c, k) = (
-            u32_at(24) as usize,
-            u32_at(28) as usize,
-            u32_at(32) as usize,
-            u32_at(36) as usize,
-        );
-        let names_len = u32_at(NAMES_OFFSET) as usize;
-        if NAMES_OFFSET + 4 + names_len > map.len() {
-            return Err(bad(
-                "class names (byte 72)",
-                format!(
-                    "block of {names_len} bytes runs past the end of the {}-byte file",
-                    map.len()
-                ),
-            ));
-        }
-        let names = std::str::from_utf8(&map[NAMES_OFFSET + 4..NAMES_OFFSET + 4 + names_len])
-            .map_err(|e| bad("class names (byte 76)", format!("not UTF-8: {e}")))?;
-        let classes: Vec<String> = if names.is_empty() {
-            Vec::new()
-        } else {
-            names.split('\n').map(str::to_owned).collect()
-        };
-        if classes.len() != k || k == 0 {
-            return Err(bad(
-                "class names (byte 76)",
-                format!(
-                    "{} names for K = {k} classes (expected K ≥ 1 names)",
-                    classes.len()
-                ),
-            ));
-        }
-        let info = StoreInfo {
-            n,
-            h,
-            w,
-            c,
-            classes,
-        };
-        let expected = n
-            .checked_mul(c)
-            .and_then(|x| x.checked_mul(h))
-            .and_then(|x| x.checked_mul(w))
-            .map(|_| info.layout().2);
-        if expected != Some(map.len()) {
-            return Err(bad(
-                "size",
-                format!(
-                    "file is {} bytes, but N={n}, H={h}, W={w}, C={c}, K={k} need {} bytes (truncated or corrupt)",
-                    map.len(),
-                    expected.map_or("an impossible number of".into(), |e| e.to_string())
-                ),
-            ));
-        }
+        let info = read_header(&map, path)?;
+        let (n, k) = (info.n, info.k());
         let (labels_at, pixels_at, _) = info.layout();
         let store = PackedStore {
             path: path.to_owned(),
@@ -258,8 +180,9 @@ impl PackedStore {
         for i in 0..n {
             let l = store.label(i);
             if l as usize >= k {
-                return Err(bad(
-                    &format!("label of record {i}"),
+                return Err(DatasetError::format(
+                    path,
+                    format!("label of record {i}"),
                     format!("label {l} is outside 0..{k}"),
                 ));
             }
@@ -326,6 +249,92 @@ impl PackedStore {
         let o = self.pixels_at + i * len;
         &self.map[o..o + len]
     }
+}
+
+/// The header of a mapped store (`map`, read from `path`): magic, version, sizes and class names,
+/// checked against each other and against the file's length.
+fn read_header(map: &[u8], path: &Path) -> Result<StoreInfo> {
+    let bad = |place: &str, msg: String| DatasetError::format(path, place, msg);
+    if map.len() < NAMES_OFFSET + 4 {
+        return Err(bad(
+            "header",
+            format!(
+                "file is {} bytes, shorter than the {}-byte header",
+                map.len(),
+                NAMES_OFFSET + 4
+            ),
+        ));
+    }
+    if &map[..8] != MAGIC {
+        return Err(bad(
+            "magic (bytes 0..8)",
+            format!("found {:?}, expected {:?}", &map[..8], MAGIC),
+        ));
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().expect("4 bytes"));
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(bad(
+            "version (bytes 8..12)",
+            format!("found version {version}, this program reads version {VERSION}"),
+        ));
+    }
+    let n = u64::from_le_bytes(map[16..24].try_into().expect("8 bytes")) as usize;
+    let (h, w, c, k) = (
+        u32_at(24) as usize,
+        u32_at(28) as usize,
+        u32_at(32) as usize,
+        u32_at(36) as usize,
+    );
+    let names_len = u32_at(NAMES_OFFSET) as usize;
+    if NAMES_OFFSET + 4 + names_len > map.len() {
+        return Err(bad(
+            "class names (byte 72)",
+            format!(
+                "block of {names_len} bytes runs past the end of the {}-byte file",
+                map.len()
+            ),
+        ));
+    }
+    let names = std::str::from_utf8(&map[NAMES_OFFSET + 4..NAMES_OFFSET + 4 + names_len])
+        .map_err(|e| bad("class names (byte 76)", format!("not UTF-8: {e}")))?;
+    let classes: Vec<String> = if names.is_empty() {
+        Vec::new()
+    } else {
+        names.split('\n').map(str::to_owned).collect()
+    };
+    if classes.len() != k || k == 0 {
+        return Err(bad(
+            "class names (byte 76)",
+            format!(
+                "{} names for K = {k} classes (expected K ≥ 1 names)",
+                classes.len()
+            ),
+        ));
+    }
+    let info = StoreInfo {
+        n,
+        h,
+        w,
+        c,
+        classes,
+    };
+    let expected = n
+        .checked_mul(c)
+        .and_then(|x| x.checked_mul(h))
+        .and_then(|x| x.checked_mul(w))
+        .map(|_| info.layout().2);
+    if expected != Some(map.len()) {
+        return Err(bad(
+            "size",
+            format!(
+                "file is {} bytes, but N={n}, H={h}, W={w}, C={c}, K={k} need {} bytes (truncated or corrupt)",
+                map.len(),
+                expected.map_or("an impossible number of".into(), |e| e.to_string())
+            ),
+        ));
+    }
+    Ok(info)
 }
 
 #[cfg(test)]

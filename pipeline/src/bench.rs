@@ -186,8 +186,6 @@ pub struct TrainArgs {
 pub fn train(args: &TrainArgs) -> Result<()> {
     use candle_core::{DType, Tensor};
     use engine::device::DeviceSpec;
-    use engine::losses::cross_entropy;
-    use engine::models::{Model, ModelSpec};
     use engine::optim::{Sgd, SgdConfig};
 
     let spec_dev: DeviceSpec = args.device.parse().map_err(anyhow::Error::msg)?;
@@ -197,25 +195,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         .parse()
         .map_err(|m| anyhow::anyhow!("--dtype: {m}"))?;
     precision.check(spec_dev).map_err(anyhow::Error::msg)?;
-    let mut spec = ModelSpec::new(&args.model, args.classes, 3)?;
-    if let Some(w) = args.width {
-        spec.width = w;
-    }
-    let mut model = Model::new(&spec, &device, 0)?;
-    let planned = model.net.plan_training(
-        (engine::models::plan::wanted(&device) && !args.no_plan).then_some(precision.dtype()),
-    );
-    let teacher = match &args.teacher {
-        Some(arch) => {
-            let spec = ModelSpec::new(arch, args.classes, 3)
-                .with_context(|| format!("--teacher {arch}"))?;
-            let mut t = Model::new(&spec, &device, 1)?;
-            t.net
-                .plan_inference(engine::models::plan::wanted(&device) && !args.no_plan);
-            Some(t)
-        }
-        None => None,
-    };
+    let (spec, model, planned, teacher) = bench_models(args, &device, precision.dtype())?;
     let mut opt = Sgd::new(
         model.trainable(),
         SgdConfig {
@@ -224,72 +204,40 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             nesterov: false,
         },
     );
+    // A random CIFAR-shaped batch with every class in turn as its labels.
     let x =
         Tensor::randn(0f32, 1.0, (args.batch, 3, 32, 32), &device)?.to_dtype(precision.dtype())?;
     let labels: Vec<u32> = (0..args.batch as u32)
         .map(|i| i % args.classes as u32)
         .collect();
     let y = Tensor::from_vec(labels, args.batch, &device)?;
-    // Wall time of the forward pass (with the loss), the backward pass and the optimizer step.
-    let mut phases = [0f64; 3];
-    let mut step = |phases: &mut [f64; 3]| -> Result<Tensor> {
-        let t = Instant::now();
-        let target = match &teacher {
-            Some(teacher) => Some(candle_nn::ops::softmax_last_dim(
-                &teacher.net.forward_t(&x, false)?.detach(),
-            )?),
-            None => None,
-        };
-        let logits = model.net.forward_t(&x, true)?;
-        let loss = match &target {
-            Some(q) => engine::losses::soft_cross_entropy(&logits, q)?,
-            None => cross_entropy(&logits, &y)?,
-        };
-        if args.profile {
-            device.synchronize()?;
-        }
-        let t1 = Instant::now();
-        let grads = model.net.backward(&loss)?;
-        if args.profile {
-            device.synchronize()?;
-        }
-        let t2 = Instant::now();
-        opt.step(&grads, 0.05)?;
-        if args.profile {
-            device.synchronize()?;
-        }
-        phases[0] += (t1 - t).as_secs_f64();
-        phases[1] += (t2 - t1).as_secs_f64();
-        phases[2] += t2.elapsed().as_secs_f64();
-        Ok(loss)
+    let mut step = Step {
+        model: &model,
+        teacher: teacher.as_ref(),
+        opt: &mut opt,
+        x: &x,
+        y: &y,
+        device: &device,
+        profile: args.profile,
+        phases: [0.0; 3],
     };
     for _ in 0..args.warmup {
-        step(&mut phases)?;
+        step.run()?;
     }
     device.synchronize()?;
-    phases = [0.0; 3];
-    let memory = || -> Result<Option<u64>> {
-        #[cfg(feature = "cuda")]
-        if let candle_core::Device::Cuda(d) = &device {
-            return Ok(engine::gpu::memory_high_water(d, false)?);
-        }
-        Ok(None)
-    };
-    #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(d) = &device {
-        engine::gpu::memory_high_water(d, true)?;
-    }
+    step.phases = [0.0; 3];
+    peak_memory(&device, true)?;
     engine::profile::reset();
     engine::profile::set_enabled(args.profile);
     let replays_before = engine::models::net::graph_replays();
     let t0 = Instant::now();
     let mut last = None;
     for _ in 0..args.steps {
-        last = Some(step(&mut phases)?);
+        last = Some(step.run()?);
     }
     device.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
-    let peak = memory()?;
+    let peak = peak_memory(&device, false)?;
     engine::profile::set_enabled(false);
     let loss = match last {
         Some(l) => l.to_dtype(DType::F32)?.to_scalar::<f32>()?,
@@ -306,36 +254,88 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         spec.width,
         args.batch,
         args.dtype,
-        match (planned, engine::models::net::graph_replays() - replays_before) {
-            (false, _) => "autograd step".to_string(),
-            (true, r) => {
-                let mut s = "planned step".to_string();
-                let options = engine::models::plan::PlanOptions::from_env();
-                if device.is_cuda() && options.channels_last {
-                    s += ", channels-last (NHWC)";
-                    let t = engine::models::net::transposed_convolutions();
-                    if t > 0 {
-                        s += &format!(", {t} convolution shapes run transposed (no cuDNN NHWC plan)");
-                    }
-                }
-                if r > 0 {
-                    s += &format!(", {r} recorded passes replayed (CUDA graphs)");
-                }
-                s
-            }
-        },
+        step_kind(
+            planned,
+            engine::models::net::graph_replays() - replays_before,
+            &device
+        ),
         args.warmup,
         args.steps
     );
+    print_result(
+        args,
+        &format!("{} | {} | {spec_dev}", spec.arch, model.parameter_count()),
+        secs,
+        peak,
+        loss,
+    );
+    if args.profile {
+        print_profile(&step.phases, secs, args.steps.max(1));
+    }
+    Ok(())
+}
+
+/// One benchmark step: the teacher's softmax (`--teacher`) or the labels as the target, the
+/// student's forward pass and loss, its backward pass, an SGD step at a fixed rate.
+struct Step<'a> {
+    model: &'a engine::models::Model,
+    teacher: Option<&'a engine::models::Model>,
+    opt: &'a mut engine::optim::Sgd,
+    x: &'a candle_core::Tensor,
+    y: &'a candle_core::Tensor,
+    device: &'a candle_core::Device,
+    /// Synchronise the device between phases, so each is timed whole.
+    profile: bool,
+    /// Wall time of the forward pass (with the loss), the backward pass and the optimizer step.
+    phases: [f64; 3],
+}
+
+impl Step<'_> {
+    /// Runs one step and returns its loss.
+    fn run(&mut self) -> Result<candle_core::Tensor> {
+        let t = Instant::now();
+        let target = match self.teacher {
+            Some(teacher) => Some(candle_nn::ops::softmax_last_dim(
+                &teacher.net.forward_t(self.x, false)?.detach(),
+            )?),
+            None => None,
+        };
+        let logits = self.model.net.forward_t(self.x, true)?;
+        let loss = match &target {
+            Some(q) => engine::losses::soft_cross_entropy(&logits, q)?,
+            None => engine::losses::cross_entropy(&logits, self.y)?,
+        };
+        self.sync()?;
+        let t1 = Instant::now();
+        let grads = self.model.net.backward(&loss)?;
+        self.sync()?;
+        let t2 = Instant::now();
+        self.opt.step(&grads, 0.05)?;
+        self.sync()?;
+        self.phases[0] += (t1 - t).as_secs_f64();
+        self.phases[1] += (t2 - t1).as_secs_f64();
+        self.phases[2] += t2.elapsed().as_secs_f64();
+        Ok(loss)
+    }
+
+    fn sync(&self) -> Result<()> {
+        if self.profile {
+            self.device.synchronize()?;
+        }
+        Ok(())
+    }
+}
+
+/// The result table: `model | params | device` (given as `who`), then the dtype, images/s,
+/// ms per step, peak device memory (`–` where unknown) and the last step's loss.
+fn print_result(args: &TrainArgs, who: &str, secs: f64, peak: Option<u64>, loss: f32) {
     println!();
     println!(
         "| model | params | device | dtype | images/s | ms/step | peak memory (MiB) | last loss |"
     );
     println!("|---|---:|---|---|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {spec_dev} | {} | {:.0} | {:.1} | {} | {loss:.3} |",
-        spec.arch,
-        model.parameter_count(),
+        "| {who} | {} | {:.0} | {:.1} | {} | {loss:.3} |",
         args.dtype,
         (args.steps * args.batch) as f64 / secs,
         1000.0 * secs / args.steps.max(1) as f64,
@@ -344,10 +344,71 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             b as f64 / (1u64 << 20) as f64
         ))
     );
-    if args.profile {
-        print_profile(&phases, secs, args.steps.max(1));
+}
+
+/// The benchmark's student (planned unless `--no-plan` or the device does not plan), whether its
+/// step is planned, and the `--teacher` (planned inference likewise), from fixed seeds.
+fn bench_models(
+    args: &TrainArgs,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<(
+    engine::models::ModelSpec,
+    engine::models::Model,
+    bool,
+    Option<engine::models::Model>,
+)> {
+    use engine::models::{Model, ModelSpec};
+    let plan = engine::models::plan::wanted(device) && !args.no_plan;
+    let mut spec = ModelSpec::new(&args.model, args.classes, 3)?;
+    if let Some(w) = args.width {
+        spec.width = w;
     }
-    Ok(())
+    let mut model = Model::new(&spec, device, 0)?;
+    let planned = model.net.plan_training(plan.then_some(dtype));
+    let teacher = match &args.teacher {
+        Some(arch) => {
+            let spec = ModelSpec::new(arch, args.classes, 3)
+                .with_context(|| format!("--teacher {arch}"))?;
+            let mut t = Model::new(&spec, device, 1)?;
+            t.net.plan_inference(plan);
+            Some(t)
+        }
+        None => None,
+    };
+    Ok((spec, model, planned, teacher))
+}
+
+/// The device's peak memory in bytes since the last reset (CUDA; `None` elsewhere), resetting
+/// the mark when `reset`.
+fn peak_memory(device: &candle_core::Device, reset: bool) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        return Ok(engine::gpu::memory_high_water(d, reset)?);
+    }
+    let _ = (device, reset);
+    Ok(None)
+}
+
+/// How the step ran, for the header: autograd or planned, with the planned step's CUDA options
+/// (channels-last and the shapes it had to transpose) and the graph replays seen.
+fn step_kind(planned: bool, replays: u64, device: &candle_core::Device) -> String {
+    if !planned {
+        return "autograd step".to_string();
+    }
+    let mut s = "planned step".to_string();
+    let options = engine::models::plan::PlanOptions::from_env();
+    if device.is_cuda() && options.channels_last {
+        s += ", channels-last (NHWC)";
+        let t = engine::models::net::transposed_convolutions();
+        if t > 0 {
+            s += &format!(", {t} convolution shapes run transposed (no cuDNN NHWC plan)");
+        }
+    }
+    if replays > 0 {
+        s += &format!(", {replays} recorded passes replayed (CUDA graphs)");
+    }
+    s
 }
 
 /// The `--profile` table: each phase of a step, the timed kernels within it, and the rest.

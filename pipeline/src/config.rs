@@ -585,7 +585,8 @@ struct Expansion {
 }
 
 impl Expansion {
-    /// Adds the stages of `tpl`.
+    /// Adds the stages of `tpl`: one per cell of its matrix (or one), times the cells of a grid
+    /// it follows.
     fn expand(
         &mut self,
         loc: &Locator,
@@ -597,74 +598,13 @@ impl Expansion {
         for cell in own {
             let (own_name, params) = cell_params(loc, run, &tpl, &cell)?;
             let follow = self.followed_grid(loc, &tpl, &own_name, &params)?;
-            let variants: Vec<(String, Option<String>)> = match follow {
+            let variants = match follow {
                 None => vec![(own_name.clone(), None)],
-                Some(j) => {
-                    let grid = &tpl.needs[j].0;
-                    let (_, cells) = self.grids.iter().find(|(g, _)| g == grid).expect("found");
-                    // The grid's matrix keys that this stage sets itself (in its own matrix
-                    // or its table) pair cells: it follows only the cells of the grid that
-                    // hold its own values of them (students follow the replay store of their
-                    // seed and mixing).
-                    let shared: Vec<&String> = self
-                        .grid_keys
-                        .get(grid)
-                        .into_iter()
-                        .flatten()
-                        .filter(|k| {
-                            cell.iter().any(|c| &&c.key == k) || tpl.table.contains_key(k.as_str())
-                        })
-                        .collect();
-                    let own = serde_json::to_value(&params).expect("parameters serialise");
-                    cells
-                        .iter()
-                        .filter(|c| {
-                            shared
-                                .iter()
-                                .all(|k| self.resolved[*c].get(k.as_str()) == own.get(k.as_str()))
-                        })
-                        .map(|c| {
-                            // The followed cell's name segments, less those this cell's name
-                            // already has.
-                            let suffix: String = match self.segments.get(c) {
-                                Some(segs) => segs
-                                    .iter()
-                                    .filter(|(k, _)| !shared.contains(&k))
-                                    .map(|(k, v)| format!(".{k}={v}"))
-                                    .collect(),
-                                None => c.strip_prefix(grid.as_str()).unwrap_or(c).to_string(),
-                            };
-                            (format!("{own_name}{suffix}"), Some(c.clone()))
-                        })
-                        .collect()
-                }
+                Some(j) => self.following_variants(&tpl, j, &cell, &own_name, &params),
             };
             let in_grid = tpl.cells.is_some() || follow.is_some();
             for (stage_name, followed) in variants {
-                let mut needs = Vec::new();
-                let mut spans = Vec::new();
-                for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
-                    let expanded: Vec<String> = if Some(j) == follow {
-                        vec![followed.clone().expect("following")]
-                    } else if let Some((_, cells)) = self.grids.iter().find(|(g, _)| g == need) {
-                        cells.clone()
-                    } else {
-                        vec![need.clone()]
-                    };
-                    for n in expanded {
-                        // A grid cell drops what its own parameters do not read (a `vanilla`
-                        // cell of a method grid, the label store its `off-ldl` cells read).
-                        if in_grid {
-                            if let Some(k) = self.kinds.get(&n) {
-                                if params.needs(k.produces()) == Multiplicity::None {
-                                    continue;
-                                }
-                            }
-                        }
-                        needs.push(n);
-                        spans.push(nspan.clone());
-                    }
-                }
+                let (needs, spans) = self.expanded_needs(&tpl, follow, followed, in_grid, &params);
                 if self.kinds.contains_key(&stage_name) {
                     return Err(loc.at(
                         tpl.name_span.clone(),
@@ -699,6 +639,88 @@ impl Expansion {
             self.grids.push((tpl.name.clone(), cell_names));
         }
         Ok(())
+    }
+
+    /// The stages one cell (`own_name`, `params`) of `tpl` becomes when it follows the grid of
+    /// its need `j`: a name and the followed grid cell for each cell of that grid it pairs with.
+    fn following_variants(
+        &self,
+        tpl: &Template,
+        j: usize,
+        cell: &[CellValue],
+        own_name: &str,
+        params: &StageParams,
+    ) -> Vec<(String, Option<String>)> {
+        let grid = &tpl.needs[j].0;
+        let (_, cells) = self.grids.iter().find(|(g, _)| g == grid).expect("found");
+        // The grid's matrix keys that this stage sets itself (in its own matrix or its table)
+        // pair cells: it follows only the cells of the grid that hold its own values of them
+        // (students follow the replay store of their seed and mixing).
+        let shared: Vec<&String> = self
+            .grid_keys
+            .get(grid)
+            .into_iter()
+            .flatten()
+            .filter(|k| cell.iter().any(|c| &&c.key == k) || tpl.table.contains_key(k.as_str()))
+            .collect();
+        let own = serde_json::to_value(params).expect("parameters serialise");
+        cells
+            .iter()
+            .filter(|c| {
+                shared
+                    .iter()
+                    .all(|k| self.resolved[*c].get(k.as_str()) == own.get(k.as_str()))
+            })
+            .map(|c| {
+                // The followed cell's name segments, less those this cell's name already has.
+                let suffix: String = match self.segments.get(c) {
+                    Some(segs) => segs
+                        .iter()
+                        .filter(|(k, _)| !shared.contains(&k))
+                        .map(|(k, v)| format!(".{k}={v}"))
+                        .collect(),
+                    None => c.strip_prefix(grid.as_str()).unwrap_or(c).to_string(),
+                };
+                (format!("{own_name}{suffix}"), Some(c.clone()))
+            })
+            .collect()
+    }
+
+    /// A stage's needs with grids replaced by their cells (the followed one by the cell
+    /// `followed`), and the span of the `needs` entry each came from.
+    fn expanded_needs(
+        &self,
+        tpl: &Template,
+        follow: Option<usize>,
+        followed: Option<String>,
+        in_grid: bool,
+        params: &StageParams,
+    ) -> (Vec<String>, Vec<Range<usize>>) {
+        let mut needs = Vec::new();
+        let mut spans = Vec::new();
+        for (j, (need, nspan)) in tpl.needs.iter().enumerate() {
+            let expanded: Vec<String> = if Some(j) == follow {
+                vec![followed.clone().expect("following")]
+            } else if let Some((_, cells)) = self.grids.iter().find(|(g, _)| g == need) {
+                cells.clone()
+            } else {
+                vec![need.clone()]
+            };
+            for n in expanded {
+                // A grid cell drops what its own parameters do not read (a `vanilla` cell of
+                // a method grid, the label store its `off-ldl` cells read).
+                if in_grid {
+                    if let Some(k) = self.kinds.get(&n) {
+                        if params.needs(k.produces()) == Multiplicity::None {
+                            continue;
+                        }
+                    }
+                }
+                needs.push(n);
+                spans.push(nspan.clone());
+            }
+        }
+        (needs, spans)
     }
 
     /// Which of `tpl`'s needs is a grid this cell follows (it takes one stage of what the grid
@@ -872,40 +894,7 @@ fn matrix_cells<'i>(
         }
         let mut segments: Vec<String> = Vec::new();
         for item in values.iter() {
-            let segment = match item.get_ref() {
-                DeValue::String(s) => s.to_string(),
-                DeValue::Integer(i) => i.to_string(),
-                DeValue::Float(f) => f.to_string(),
-                DeValue::Boolean(b) => b.to_string(),
-                DeValue::Table(tt) => match tt.get("type").map(|t| t.get_ref()) {
-                    Some(DeValue::String(s)) => s.to_string(),
-                    _ => {
-                        return Err(loc.at(
-                            item.span(),
-                            format!("stage `{stage}`: key `matrix.{key}`: a table value needs a `type` string to name its cells"),
-                        ))
-                    }
-                },
-                other => {
-                    return Err(loc.at(
-                        item.span(),
-                        format!(
-                            "stage `{stage}`: key `matrix.{key}`: {} cannot name a grid cell",
-                            type_name(other)
-                        ),
-                    ))
-                }
-            };
-            if segment.is_empty()
-                || !segment
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-            {
-                return Err(loc.at(
-                    item.span(),
-                    format!("stage `{stage}`: key `matrix.{key}`: the value `{segment}` cannot be part of a stage name (letters, digits, `-`, `_`, `.`, `+`)"),
-                ));
-            }
+            let segment = cell_segment(loc, stage, &key, item)?;
             if segments.contains(&segment) {
                 return Err(loc.at(
                     item.span(),
@@ -931,6 +920,53 @@ fn matrix_cells<'i>(
     Ok(cells)
 }
 
+/// The name segment of one `matrix.KEY` value of `stage` (`seed=1`'s `1`; a table by its
+/// `type`): a string, number or boolean made of letters, digits, `-`, `_`, `.` and `+`.
+fn cell_segment(
+    loc: &Locator,
+    stage: &str,
+    key: &str,
+    item: &Spanned<DeValue<'_>>,
+) -> Result<String, ConfigError> {
+    let segment = match item.get_ref() {
+        DeValue::String(s) => s.to_string(),
+        DeValue::Integer(i) => i.to_string(),
+        DeValue::Float(f) => f.to_string(),
+        DeValue::Boolean(b) => b.to_string(),
+        DeValue::Table(tt) => match tt.get("type").map(|t| t.get_ref()) {
+            Some(DeValue::String(s)) => s.to_string(),
+            _ => {
+                return Err(loc.at(
+                    item.span(),
+                    format!("stage `{stage}`: key `matrix.{key}`: a table value needs a `type` string to name its cells"),
+                ))
+            }
+        },
+        other => {
+            return Err(loc.at(
+                item.span(),
+                format!(
+                    "stage `{stage}`: key `matrix.{key}`: {} cannot name a grid cell",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    if segment.is_empty()
+        || !segment
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+    {
+        return Err(loc.at(
+            item.span(),
+            format!("stage `{stage}`: key `matrix.{key}`: the value `{segment}` cannot be part of a stage name (letters, digits, `-`, `_`, `.`, `+`)"),
+        ));
+    }
+    Ok(segment)
+}
+
+/// Every stage's needs name stages of this file, once each, of kinds it reads, as many of each
+/// artifact as its kind wants; and the stages form no cycle.
 fn validate_graph(
     loc: &Locator,
     stages: &[StageDecl],
@@ -943,75 +979,111 @@ fn validate_graph(
         .map(|(i, s)| (s.name.as_str(), i))
         .collect();
     for (i, s) in stages.iter().enumerate() {
-        let kind = s.params.kind();
-        let mut counts: HashMap<Artifact, usize> = HashMap::new();
-        for (j, need) in s.needs.iter().enumerate() {
-            let span = need_spans[i][j].clone();
-            let Some(&u) = index.get(need.as_str()) else {
-                return Err(loc.at(
-                    span,
-                    format!(
-                        "stage `{}`: key `needs` names `{need}`, which is not a stage in this file",
-                        s.name
-                    ),
-                ));
-            };
-            if s.needs[..j].contains(need) {
-                return Err(loc.at(
-                    span,
-                    format!("stage `{}`: key `needs` lists `{need}` twice", s.name),
-                ));
-            }
-            let produced = stages[u].params.kind().produces();
-            if s.params.needs(produced) == Multiplicity::None {
-                return Err(loc.at(
-                    span,
-                    format!(
-                        "stage `{}` (kind {kind}): key `needs` names `{need}`, which produces {produced}; a {kind} stage {}",
-                        s.name,
-                        reads(&s.params)
-                    ),
-                ));
-            }
-            if let Some(why) = sskd_teacher_mismatch(&s.params, &stages[u].params) {
-                return Err(loc.at(
-                    span,
-                    format!("stage `{}`: key `needs` names `{need}`, {why}", s.name),
-                ));
-            }
-            *counts.entry(produced).or_default() += 1;
+        let counts = validate_needs(loc, stages, &index, s, &need_spans[i])?;
+        validate_counts(loc, s, &counts, &name_spans[i])?;
+    }
+    if let Some(cycle) = find_cycle(stages, &index) {
+        let names: Vec<&str> = cycle.iter().map(|&i| stages[i].name.as_str()).collect();
+        return Err(loc.at(
+            name_spans[cycle[0]].clone(),
+            format!("key `needs`: stages form a cycle: {}", names.join(" → ")),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks each of `s`'s needs (at `spans`): a stage of this file, listed once, producing what
+/// `s` reads; returns how many of each artifact they produce.
+fn validate_needs(
+    loc: &Locator,
+    stages: &[StageDecl],
+    index: &HashMap<&str, usize>,
+    s: &StageDecl,
+    spans: &[Range<usize>],
+) -> Result<HashMap<Artifact, usize>, ConfigError> {
+    let kind = s.params.kind();
+    let mut counts: HashMap<Artifact, usize> = HashMap::new();
+    for (j, need) in s.needs.iter().enumerate() {
+        let span = spans[j].clone();
+        let Some(&u) = index.get(need.as_str()) else {
+            return Err(loc.at(
+                span,
+                format!(
+                    "stage `{}`: key `needs` names `{need}`, which is not a stage in this file",
+                    s.name
+                ),
+            ));
+        };
+        if s.needs[..j].contains(need) {
+            return Err(loc.at(
+                span,
+                format!("stage `{}`: key `needs` lists `{need}` twice", s.name),
+            ));
         }
-        for artifact in [
-            Artifact::Dataset,
-            Artifact::Model,
-            Artifact::Labels,
-            Artifact::Replay,
-            Artifact::Metrics,
-        ] {
-            let n = counts.get(&artifact).copied().unwrap_or(0);
-            let ok = match s.params.needs(artifact) {
-                Multiplicity::One => n == 1,
-                Multiplicity::OneOrMore => n >= 1,
-                Multiplicity::None => n == 0,
+        let produced = stages[u].params.kind().produces();
+        if s.params.needs(produced) == Multiplicity::None {
+            return Err(loc.at(
+                span,
+                format!(
+                    "stage `{}` (kind {kind}): key `needs` names `{need}`, which produces {produced}; a {kind} stage {}",
+                    s.name,
+                    reads(&s.params)
+                ),
+            ));
+        }
+        if let Some(why) = sskd_teacher_mismatch(&s.params, &stages[u].params) {
+            return Err(loc.at(
+                span,
+                format!("stage `{}`: key `needs` names `{need}`, {why}", s.name),
+            ));
+        }
+        *counts.entry(produced).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// `s`'s needs give each artifact as many times as its kind wants (`counts`, from
+/// [`validate_needs`]); an error points at the stage's name (`span`).
+fn validate_counts(
+    loc: &Locator,
+    s: &StageDecl,
+    counts: &HashMap<Artifact, usize>,
+    span: &Range<usize>,
+) -> Result<(), ConfigError> {
+    for artifact in [
+        Artifact::Dataset,
+        Artifact::Model,
+        Artifact::Labels,
+        Artifact::Replay,
+        Artifact::Metrics,
+    ] {
+        let n = counts.get(&artifact).copied().unwrap_or(0);
+        let ok = match s.params.needs(artifact) {
+            Multiplicity::One => n == 1,
+            Multiplicity::OneOrMore => n >= 1,
+            Multiplicity::None => n == 0,
+        };
+        if !ok {
+            let want = match s.params.needs(artifact) {
+                Multiplicity::One => "exactly one",
+                _ => "at least one",
             };
-            if !ok {
-                let want = match s.params.needs(artifact) {
-                    Multiplicity::One => "exactly one",
-                    _ => "at least one",
-                };
-                return Err(loc.at(
-                    name_spans[i].clone(),
-                    format!(
-                        "stage `{}` (kind {kind}): key `needs` must name {want} stage producing {artifact}, found {n}",
-                        s.name
-                    ),
-                ));
-            }
+            let kind = s.params.kind();
+            return Err(loc.at(
+                span.clone(),
+                format!(
+                    "stage `{}` (kind {kind}): key `needs` must name {want} stage producing {artifact}, found {n}",
+                    s.name
+                ),
+            ));
         }
     }
-    // Cycles: depth-first search with colours; report the cycle's path.
-    let mut colour = vec![0u8; stages.len()];
-    let mut path = Vec::new();
+    Ok(())
+}
+
+/// A cycle of needs, as stage indices from a stage back to itself, if there is one: a
+/// depth-first search with colours (0 unseen, 1 on the path, 2 done).
+fn find_cycle(stages: &[StageDecl], index: &HashMap<&str, usize>) -> Option<Vec<usize>> {
     fn visit(
         v: usize,
         stages: &[StageDecl],
@@ -1039,18 +1111,15 @@ fn validate_graph(
         colour[v] = 2;
         None
     }
-    for v in 0..stages.len() {
+    let mut colour = vec![0u8; stages.len()];
+    let mut path = Vec::new();
+    (0..stages.len()).find_map(|v| {
         if colour[v] == 0 {
-            if let Some(cycle) = visit(v, stages, &index, &mut colour, &mut path) {
-                let names: Vec<&str> = cycle.iter().map(|&i| stages[i].name.as_str()).collect();
-                return Err(loc.at(
-                    name_spans[cycle[0]].clone(),
-                    format!("key `needs`: stages form a cycle: {}", names.join(" → ")),
-                ));
-            }
+            visit(v, stages, index, &mut colour, &mut path)
+        } else {
+            None
         }
-    }
-    Ok(())
+    })
 }
 
 /// Why `needed` cannot be the teacher of an `sskd` student `p`: SSKD distils the teacher's

@@ -7,7 +7,8 @@
 use anyhow::{bail, Context as _, Result};
 use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
 use datasets::PackedStore;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::metadata::{FileMetaData, ParquetMetaData};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -93,6 +94,8 @@ fn pack(path: &Path, rows: usize) -> Result<()> {
     Ok(())
 }
 
+/// A label store (or one epoch file of a replay store): its Parquet layout, its `ldl.*`
+/// metadata, the rows of each source and the first `rows` rows with their top classes.
 fn label_store(path: &Path, rows: usize) -> Result<()> {
     // Refuses damaged footers before the parquet crate's reader (which panics on some).
     stages::label_store::open_parquet(path)?;
@@ -112,8 +115,25 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
     );
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    print_columns(builder.schema(), meta);
+    let classes = print_metadata(fm);
+    let is_replay = fm
+        .key_value_metadata()
+        .is_some_and(|kv| kv.iter().any(|e| e.key == "ldl.replay.epoch"));
+    let reader = builder
+        .with_batch_size(8192)
+        .build()
+        .with_context(|| format!("{}: cannot read rows", path.display()))?;
+    if is_replay {
+        return replay_rows(path, reader, rows);
+    }
+    label_rows(path, reader, rows, &classes)
+}
+
+/// Each column's type, with the codec and encodings of its first row group's chunk.
+fn print_columns(schema: &arrow::datatypes::Schema, meta: &ParquetMetaData) {
     println!("  columns:");
-    for f in builder.schema().fields() {
+    for f in schema.fields() {
         let chunk = meta.row_groups().first().and_then(|rg| {
             rg.columns()
                 .iter()
@@ -130,40 +150,48 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
             .unwrap_or_default();
         println!("    {:<10} {}{how}", f.name(), f.data_type());
     }
+}
+
+/// The `ldl.*` key-value metadata, long values cut at 100 characters; returns the class names
+/// of `ldl.classes` (empty without it).
+fn print_metadata(fm: &FileMetaData) -> Vec<String> {
     let mut classes: Vec<String> = Vec::new();
-    if let Some(kv) = fm.key_value_metadata() {
-        println!("  metadata:");
-        for e in kv {
-            let v = e.value.clone().unwrap_or_default();
-            if e.key == "ldl.classes" {
-                classes = serde_json::from_str(&v).unwrap_or_default();
-            }
-            let shown = if v.chars().count() > 100 {
-                format!(
-                    "{}… ({} chars)",
-                    v.chars().take(100).collect::<String>(),
-                    v.len()
-                )
-            } else {
-                v
-            };
-            if e.key.starts_with("ldl.") {
-                println!("    {:<26} {shown}", e.key);
-            }
+    let Some(kv) = fm.key_value_metadata() else {
+        return classes;
+    };
+    println!("  metadata:");
+    for e in kv {
+        let v = e.value.clone().unwrap_or_default();
+        if e.key == "ldl.classes" {
+            classes = serde_json::from_str(&v).unwrap_or_default();
+        }
+        let shown = if v.chars().count() > 100 {
+            format!(
+                "{}… ({} chars)",
+                v.chars().take(100).collect::<String>(),
+                v.len()
+            )
+        } else {
+            v
+        };
+        if e.key.starts_with("ldl.") {
+            println!("    {:<26} {shown}", e.key);
         }
     }
-    let is_replay = fm
-        .key_value_metadata()
-        .is_some_and(|kv| kv.iter().any(|e| e.key == "ldl.replay.epoch"));
-    let reader = builder
-        .with_batch_size(8192)
-        .build()
-        .with_context(|| format!("{}: cannot read rows", path.display()))?;
-    if is_replay {
-        return replay_rows(path, reader, rows);
-    }
+    classes
+}
+
+/// A label store's rows: how many per source, and the first `rows` (source, index, label and
+/// the three most probable classes, named by `classes` where it has them).
+fn label_rows(
+    path: &Path,
+    reader: ParquetRecordBatchReader,
+    rows: usize,
+    classes: &[String],
+) -> Result<()> {
     let mut per_source: BTreeMap<String, usize> = BTreeMap::new();
     let mut shown = Vec::new();
+    let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| c.to_string());
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
         let (Some(src), Some(index), Some(label)) = (
@@ -188,47 +216,14 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
                 .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
                 .cloned()
         };
-        let full = list("probs");
-        let top = (list("topk_classes"), list("topk_probs"));
+        let (full, top) = (list("probs"), (list("topk_classes"), list("topk_probs")));
         for r in 0..batch.num_rows() {
             *per_source.entry(src.value(r).to_owned()).or_default() += 1;
             if shown.len() >= rows {
                 continue;
             }
-            // (class, probability) pairs, most probable first.
-            let mut best: Vec<(usize, f32)> = match (&full, &top) {
-                (Some(p), _) => {
-                    let v = p.value(r);
-                    let v = v
-                        .as_any()
-                        .downcast_ref::<Float32Array>()
-                        .context("float32 probs")?;
-                    v.values().iter().copied().enumerate().collect()
-                }
-                (None, (Some(c), Some(p))) => {
-                    let c = c.value(r);
-                    let c = c
-                        .as_any()
-                        .downcast_ref::<arrow::array::UInt16Array>()
-                        .context("uint16 topk_classes")?;
-                    let p = p.value(r);
-                    let p = p
-                        .as_any()
-                        .downcast_ref::<Float32Array>()
-                        .context("float32 topk_probs")?;
-                    c.values()
-                        .iter()
-                        .map(|&c| c as usize)
-                        .zip(p.values().iter().copied())
-                        .collect()
-                }
-                _ => bail!(
-                    "{}: not a label store (no `probs`, nor `topk_classes` and `topk_probs`)",
-                    path.display()
-                ),
-            };
+            let mut best = row_distribution(path, &full, &top, r)?;
             best.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| c.to_string());
             let best: Vec<String> = best
                 .iter()
                 .take(3)
@@ -254,6 +249,47 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Row `r`'s (class, probability) pairs: every class from the dense `probs` column, or the
+/// stored ones from `topk_classes` and `topk_probs`.
+fn row_distribution(
+    path: &Path,
+    full: &Option<FixedSizeListArray>,
+    top: &(Option<FixedSizeListArray>, Option<FixedSizeListArray>),
+    r: usize,
+) -> Result<Vec<(usize, f32)>> {
+    Ok(match (full, top) {
+        (Some(p), _) => {
+            let v = p.value(r);
+            let v = v
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .context("float32 probs")?;
+            v.values().iter().copied().enumerate().collect()
+        }
+        (None, (Some(c), Some(p))) => {
+            let c = c.value(r);
+            let c = c
+                .as_any()
+                .downcast_ref::<arrow::array::UInt16Array>()
+                .context("uint16 topk_classes")?;
+            let p = p.value(r);
+            let p = p
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .context("float32 topk_probs")?;
+            c.values()
+                .iter()
+                .map(|&c| c as usize)
+                .zip(p.values().iter().copied())
+                .collect()
+        }
+        _ => bail!(
+            "{}: not a label store (no `probs`, nor `topk_classes` and `topk_probs`)",
+            path.display()
+        ),
+    })
 }
 
 /// A replay store's folder: its description, its epoch files, and the first of them.
@@ -318,11 +354,7 @@ fn row_max(list: &FixedSizeListArray, r: usize) -> Option<(usize, f32)> {
 
 /// An epoch file of a replay store: its steps, and its first rows with each teacher's largest
 /// output (a logit, or a probability) and its class.
-fn replay_rows(
-    path: &Path,
-    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
-    rows: usize,
-) -> Result<()> {
+fn replay_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Result<()> {
     let (mut n, mut steps, mut shown) = (0usize, 0usize, 0usize);
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;

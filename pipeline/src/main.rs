@@ -187,21 +187,7 @@ fn keep_freed_memory() {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let progress = (!cli.quiet && std::io::stderr().is_terminal()).then(MultiProgress::new);
-    let level = match (cli.quiet, cli.verbose) {
-        (true, _) => tracing::Level::WARN,
-        (false, 0) => tracing::Level::INFO,
-        (false, 1) => tracing::Level::DEBUG,
-        _ => tracing::Level::TRACE,
-    };
-    let writer = LogWriter(progress.clone());
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(move || writer.clone())
-        .init();
-
+    let progress = init_logging(&cli);
     let result: Result<()> = match &cli.command {
         Command::Run(args) => return run(args, progress),
         Command::Status { file, output } => {
@@ -209,41 +195,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let states = runner::status(&config);
-            let width = states.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-            let submitted = pipeline::slurm::submitted(&config);
-            let ids: Vec<&str> = submitted.stages.values().map(String::as_str).collect();
-            let queue = pipeline::slurm::queue_states(&ids).unwrap_or_default();
-            for (name, state) in &states {
-                let kind = config.stage(name).expect("listed").params.kind();
-                let job = match (state, submitted.stages.get(name)) {
-                    (runner::StageState::UpToDate, _) | (_, None) => String::new(),
-                    (_, Some(id)) => format!(
-                        "  (Slurm job {id}: {})",
-                        queue.get(id).map_or("not queued", String::as_str)
-                    ),
-                };
-                println!("{name:width$}  {:<8}  {state}{job}", kind.as_str());
-            }
-            // One line per grid: how many of its cells are done.
-            for (grid, cells) in &config.grids {
-                let (mut done, mut partial, mut stale) = (0, 0, 0);
-                for (name, state) in &states {
-                    if cells.contains(name) {
-                        match state {
-                            runner::StageState::UpToDate => done += 1,
-                            runner::StageState::Incomplete(_) => partial += 1,
-                            runner::StageState::Stale(_) => stale += 1,
-                            runner::StageState::NeverRun => {}
-                        }
-                    }
-                }
-                let n = cells.len();
-                println!(
-                    "grid {grid}: {n} cells, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
-                    n - done - partial - stale
-                );
-            }
+            status(&config);
             Ok(())
         }
         Command::Clean {
@@ -268,24 +220,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let opts = pipeline::slurm::SubmitOptions {
-                dry_run: args.dry_run,
-                overrides: config::SlurmResources {
-                    partition: args.partition.clone(),
-                    account: args.account.clone(),
-                    time: args.time.clone(),
-                    gpus: args.gpus,
-                    cpus: args.cpus,
-                    mem: args.mem.clone(),
-                    throttle: args.throttle,
-                    ..Default::default()
-                },
-            };
-            pipeline::slurm::submit(&config, &opts).map(|jobs| {
-                if !args.dry_run {
-                    println!("{} stage(s) submitted", jobs.len());
-                }
-            })
+            submit(args, &config)
         }
         Command::Bench { what } => match what {
             BenchCommand::Loader(args) => bench::loader(args),
@@ -296,6 +231,87 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report_error(&e, &progress),
     }
+}
+
+/// Progress bars when stderr is a terminal (and not `--quiet`), and the log's level and writer
+/// (through the bars, so log lines do not tear them).
+fn init_logging(cli: &Cli) -> Option<MultiProgress> {
+    let progress = (!cli.quiet && std::io::stderr().is_terminal()).then(MultiProgress::new);
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => tracing::Level::WARN,
+        (false, 0) => tracing::Level::INFO,
+        (false, 1) => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let writer = LogWriter(progress.clone());
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(move || writer.clone())
+        .init();
+    progress
+}
+
+/// `pipeline status`: each stage's kind and state (with its Slurm job where one is queued for
+/// it), then one line per grid counting its cells by state.
+fn status(config: &config::Config) {
+    let states = runner::status(config);
+    let width = states.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let submitted = pipeline::slurm::submitted(config);
+    let ids: Vec<&str> = submitted.stages.values().map(String::as_str).collect();
+    let queue = pipeline::slurm::queue_states(&ids).unwrap_or_default();
+    for (name, state) in &states {
+        let kind = config.stage(name).expect("listed").params.kind();
+        let job = match (state, submitted.stages.get(name)) {
+            (runner::StageState::UpToDate, _) | (_, None) => String::new(),
+            (_, Some(id)) => format!(
+                "  (Slurm job {id}: {})",
+                queue.get(id).map_or("not queued", String::as_str)
+            ),
+        };
+        println!("{name:width$}  {:<8}  {state}{job}", kind.as_str());
+    }
+    for (grid, cells) in &config.grids {
+        let (mut done, mut partial, mut stale) = (0, 0, 0);
+        for (name, state) in &states {
+            if cells.contains(name) {
+                match state {
+                    runner::StageState::UpToDate => done += 1,
+                    runner::StageState::Incomplete(_) => partial += 1,
+                    runner::StageState::Stale(_) => stale += 1,
+                    runner::StageState::NeverRun => {}
+                }
+            }
+        }
+        let n = cells.len();
+        println!(
+            "grid {grid}: {n} cells, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
+            n - done - partial - stale
+        );
+    }
+}
+
+/// `pipeline submit`: the file's unfinished stages as Slurm jobs, the flags over `[slurm]`.
+fn submit(args: &SubmitArgs, config: &config::Config) -> Result<()> {
+    let opts = pipeline::slurm::SubmitOptions {
+        dry_run: args.dry_run,
+        overrides: config::SlurmResources {
+            partition: args.partition.clone(),
+            account: args.account.clone(),
+            time: args.time.clone(),
+            gpus: args.gpus,
+            cpus: args.cpus,
+            mem: args.mem.clone(),
+            throttle: args.throttle,
+            ..Default::default()
+        },
+    };
+    pipeline::slurm::submit(config, &opts).map(|jobs| {
+        if !args.dry_run {
+            println!("{} stage(s) submitted", jobs.len());
+        }
+    })
 }
 
 /// Exit status of a run stopped on request (a signal) with its work checkpointed: BSD's

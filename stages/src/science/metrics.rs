@@ -234,50 +234,24 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
     let mut brier_top = 0.0f64;
     let mut confs = Vec::with_capacity(n);
     let mut hits = Vec::with_capacity(n);
-    let (mut tp, mut predicted, mut support) = (vec![0usize; k], vec![0usize; k], vec![0usize; k]);
-    let mut true_conf = vec![0f64; k];
-    let log_k = (k as f64).ln();
+    let mut counts = ClassCounts::new(k);
     for (row, &y) in probs.chunks_exact(k).zip(labels) {
         let y = y as usize;
         let (pred, conf) = argmax(row);
         let hit = pred == y;
         correct += hit as usize;
-        // Top-5: fewer than 5 classes score at least as high as the label's (ties counted
-        // against it, so a tie at the cut does not count as a hit).
-        let py = row[y];
-        let above = row
-            .iter()
-            .enumerate()
-            .filter(|&(c, &p)| c != y && (p > py || (p == py && c < y)))
-            .count();
-        top5 += (above < 5) as usize;
-        nll -= (py as f64).max(1e-12).ln();
-        brier += row
-            .iter()
-            .enumerate()
-            .map(|(c, &p)| {
-                let t = if c == y { 1.0 } else { 0.0 };
-                (p as f64 - t).powi(2)
-            })
-            .sum::<f64>();
+        top5 += in_top5(row, y) as usize;
+        nll -= (row[y] as f64).max(1e-12).ln();
+        brier += squared_error(row, y);
         brier_top += (conf as f64 - hit as u8 as f64).powi(2);
         conf_bins.add(conf, hit as u8 as f64);
-        let entropy: f64 = -row
-            .iter()
-            .filter(|&&p| p > 0.0)
-            .map(|&p| p as f64 * (p as f64).ln())
-            .sum::<f64>();
-        let u = if k > 1 { entropy / log_k } else { 0.0 };
-        unc_bins.add(u as f32, (!hit) as u8 as f64);
+        unc_bins.add(normalized_entropy(row) as f32, (!hit) as u8 as f64);
         for (c, &p) in row.iter().enumerate() {
             class_bins[c].add(p, (c == y) as u8 as f64);
         }
         confs.push(conf);
         hits.push(hit);
-        support[y] += 1;
-        predicted[pred] += 1;
-        tp[y] += hit as usize;
-        true_conf[y] += py as f64;
+        counts.add(y, pred, row[y]);
     }
     let nf = n.max(1) as f64;
     let bins = conf_bins.bins();
@@ -287,37 +261,6 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
     } else {
         class_bins.iter().map(|b| gap(&b.bins(), n)).sum::<f64>() / k as f64
     };
-    let classes = (0..k)
-        .map(|c| {
-            let precision = if predicted[c] == 0 {
-                0.0
-            } else {
-                tp[c] as f64 / predicted[c] as f64
-            };
-            let (recall, confidence) = if support[c] == 0 {
-                (f64::NAN, f64::NAN)
-            } else {
-                (
-                    tp[c] as f64 / support[c] as f64,
-                    true_conf[c] / support[c] as f64,
-                )
-            };
-            let f1 = if recall.is_nan() {
-                f64::NAN
-            } else if precision + recall == 0.0 {
-                0.0
-            } else {
-                2.0 * precision * recall / (precision + recall)
-            };
-            ClassStats {
-                support: support[c],
-                precision,
-                recall,
-                f1,
-                confidence,
-            }
-        })
-        .collect();
     Metrics {
         n,
         accuracy: correct as f64 / nf,
@@ -332,7 +275,112 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
         brier_top_label: brier_top / nf,
         bins,
         uncertainty_bins,
-        classes,
+        classes: counts.stats(),
+    }
+}
+
+/// Whether label `y` is among the top 5 of `row`: fewer than 5 classes score at least as high
+/// as the label's (ties counted against it, so a tie at the cut does not count as a hit).
+fn in_top5(row: &[f32], y: usize) -> bool {
+    let py = row[y];
+    let above = row
+        .iter()
+        .enumerate()
+        .filter(|&(c, &p)| c != y && (p > py || (p == py && c < y)))
+        .count();
+    above < 5
+}
+
+/// `Σ_c (p_c − 1[c = y])²`, the row's term of the (summed) Brier score.
+fn squared_error(row: &[f32], y: usize) -> f64 {
+    row.iter()
+        .enumerate()
+        .map(|(c, &p)| {
+            let t = if c == y { 1.0 } else { 0.0 };
+            (p as f64 - t).powi(2)
+        })
+        .sum::<f64>()
+}
+
+/// The row's entropy over `ln K`, in [0, 1] (0 for a single class): the uncertainty UCE bins.
+fn normalized_entropy(row: &[f32]) -> f64 {
+    let k = row.len();
+    if k <= 1 {
+        return 0.0;
+    }
+    let entropy: f64 = -row
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| p as f64 * (p as f64).ln())
+        .sum::<f64>();
+    entropy / (k as f64).ln()
+}
+
+/// Per-class counts gathered row by row, for the per-class table.
+struct ClassCounts {
+    /// Rows of the class predicted correctly.
+    tp: Vec<usize>,
+    /// Rows predicted as the class.
+    predicted: Vec<usize>,
+    /// Rows whose label is the class.
+    support: Vec<usize>,
+    /// Sum of the probability given to the label, over the class's rows.
+    true_conf: Vec<f64>,
+}
+
+impl ClassCounts {
+    fn new(k: usize) -> Self {
+        ClassCounts {
+            tp: vec![0; k],
+            predicted: vec![0; k],
+            support: vec![0; k],
+            true_conf: vec![0.0; k],
+        }
+    }
+
+    /// One row with label `y`, predicted class `pred` and probability `py` on the label.
+    fn add(&mut self, y: usize, pred: usize, py: f32) {
+        self.support[y] += 1;
+        self.predicted[pred] += 1;
+        self.tp[y] += (pred == y) as usize;
+        self.true_conf[y] += py as f64;
+    }
+
+    /// Precision (0 when never predicted), recall, F1 and mean label confidence (NaN without
+    /// support) of each class.
+    fn stats(&self) -> Vec<ClassStats> {
+        (0..self.tp.len())
+            .map(|c| {
+                let (tp, predicted, support) = (self.tp[c], self.predicted[c], self.support[c]);
+                let precision = if predicted == 0 {
+                    0.0
+                } else {
+                    tp as f64 / predicted as f64
+                };
+                let (recall, confidence) = if support == 0 {
+                    (f64::NAN, f64::NAN)
+                } else {
+                    (
+                        tp as f64 / support as f64,
+                        self.true_conf[c] / support as f64,
+                    )
+                };
+                let f1 = if recall.is_nan() {
+                    f64::NAN
+                } else if precision + recall == 0.0 {
+                    0.0
+                } else {
+                    2.0 * precision * recall / (precision + recall)
+                };
+                ClassStats {
+                    support,
+                    precision,
+                    recall,
+                    f1,
+                    confidence,
+                }
+            })
+            .collect()
     }
 }
 
