@@ -112,7 +112,7 @@ impl Context {
         for input in self.model_inputs() {
             let (meta, model) = TrainedModel::load(&input.dir, device, k)?;
             if teacher_mc > 0 && meta.spec.dropout == 0.0 {
-                return Err(StageError::Config(format!(
+                return Err(StageError::config(format!(
                     "{}: teacher_mc = {teacher_mc} needs teachers trained with dropout; `{}` has \
                      none (train it with `dropout = 0.2`)",
                     self.name, input.name

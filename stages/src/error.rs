@@ -1,44 +1,16 @@
 //! The error type of the stages crate.
 
+use engine::EngineError;
 use std::path::PathBuf;
 
 /// Errors raised while running a stage.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    /// The engine failed (a model, a checkpoint, a device).
+    /// The engine failed, or a file, a setting or a value was wrong: everything a stage shares
+    /// with the engine (datasets, tensors, I/O, invalid files, configuration, divergence) is
+    /// an [`engine::EngineError`], with the same messages.
     #[error(transparent)]
     Engine(#[from] engine::EngineError),
-    /// A dataset could not be read or written.
-    #[error(transparent)]
-    Dataset(#[from] datasets::DatasetError),
-    /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
-    /// An I/O operation on `path` failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or folder involved.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file does not hold what it should.
-    #[error("{path}: {place}: {message}")]
-    Invalid {
-        /// The file involved.
-        path: PathBuf,
-        /// Where in the file (a row, a column, a key).
-        place: String,
-        /// What was found and what was expected.
-        message: String,
-    },
-    /// The stage's parameters or inputs do not fit together.
-    #[error("{0}")]
-    Config(String),
-    /// Training diverged or produced non-finite values.
-    #[error("{0}")]
-    Numeric(String),
     /// A file the stage left in its folder to resume from (a label chunk) is damaged: the runner
     /// keeps the folder, so that removing that one file resumes the rest.
     #[error("{path}: {place}: {message}")]
@@ -56,25 +28,38 @@ pub enum StageError {
     Interrupted(String),
 }
 
+impl From<datasets::DatasetError> for StageError {
+    fn from(e: datasets::DatasetError) -> Self {
+        StageError::Engine(e.into())
+    }
+}
+
+impl From<candle_core::Error> for StageError {
+    fn from(e: candle_core::Error) -> Self {
+        StageError::Engine(e.into())
+    }
+}
+
 impl StageError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        StageError::Io {
-            path: path.into(),
-            source,
-        }
+        StageError::Engine(EngineError::io(path, source))
     }
-    /// A content error at `place` in `path`.
+    /// A content error at `place` (a row, a column, a key) in `path`.
     pub fn invalid(
         path: impl Into<PathBuf>,
         place: impl Into<String>,
         message: impl Into<String>,
     ) -> Self {
-        StageError::Invalid {
-            path: path.into(),
-            place: place.into(),
-            message: message.into(),
-        }
+        StageError::Engine(EngineError::invalid(path, place, message))
+    }
+    /// The stage's parameters or inputs do not fit together.
+    pub fn config(message: impl Into<String>) -> Self {
+        StageError::Engine(EngineError::Config(message.into()))
+    }
+    /// Training diverged or produced non-finite values.
+    pub fn numeric(message: impl Into<String>) -> Self {
+        StageError::Engine(EngineError::Numeric(message.into()))
     }
 }
 

@@ -272,7 +272,7 @@ pub fn plane_projection(x: &[f32], w: &[f32], d: usize) -> Vec<(f64, f64)> {
 /// Runs an `evaluate` stage: predictions and metrics, the files that hold them, figures.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     if p.bins == 0 {
-        return Err(StageError::Config(format!(
+        return Err(StageError::config(format!(
             "{}: bins must be at least 1",
             ctx.name
         )));
@@ -330,7 +330,7 @@ fn evaluate(
     let mut variant = meta.variant.clone();
     let (probs, logits) = if p.mc_samples > 0 {
         if meta.spec.dropout == 0.0 {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: mc_samples = {} averages Monte-Carlo dropout passes, but `{}` was trained \
                  without dropout",
                 ctx.name, p.mc_samples, input.name
@@ -518,7 +518,7 @@ fn projection(
     let k = e.classes.len();
     let chosen = p.projection_classes.unwrap_or([0, 1, 2]);
     if let Some(bad) = chosen.iter().find(|&&c| c >= k) {
-        return Err(StageError::Config(format!(
+        return Err(StageError::config(format!(
             "{}: projection_classes names class {bad}, the dataset has {k}",
             ctx.name
         )));

@@ -131,7 +131,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let spec = state.spec(&file, &p.model, p.dropout)?;
     if let Some(n) = &p.normalize {
         if n.mean.len() != spec.in_channels {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: `normalize` has {} channels, the model reads {}",
                 ctx.name,
                 n.mean.len(),

@@ -134,7 +134,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let k = data.info.classes.len();
     if let Some(t) = p.top_k {
         if t > k || k > u16::MAX as usize + 1 {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: top_k = {t} must be at most K = {k} (and K at most 65536)",
                 ctx.name
             )));

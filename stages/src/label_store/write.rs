@@ -21,7 +21,7 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
     let k = meta.classes.len();
     if let Some(t) = meta.top_k {
         if t == 0 || t > k || k > u16::MAX as usize + 1 {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: top_k = {t} must be in 1..={k} (and K at most 65536)",
                 path.display()
             )));

@@ -107,7 +107,7 @@ impl ProjectionHead {
     pub fn read(dir: &Path, dim: usize, device: &Device) -> Result<Self> {
         let path = dir.join(HEAD_FILE);
         if !path.exists() {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: no trained SSKD head: `sskd` learns from a train stage with \
                  method = \"sskd-head\"",
                 path.display()

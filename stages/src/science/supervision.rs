@@ -145,7 +145,7 @@ pub fn renormalization(
 ) -> Result<(Tensor, Tensor)> {
     let c = to.mean.len();
     if from.mean.len() != c {
-        return Err(StageError::Config(format!(
+        return Err(StageError::config(format!(
             "a teacher expects {c}-channel images, the dataset has {}",
             from.mean.len()
         )));
@@ -353,7 +353,7 @@ impl Supervision {
         let teacher = self
             .teachers
             .first()
-            .ok_or_else(|| StageError::Config(format!("{} needs a teacher", p.method.as_str())))?;
+            .ok_or_else(|| StageError::config(format!("{} needs a teacher", p.method.as_str())))?;
         let t_in = teacher.input(x)?;
         let (f_t, t_logits) = teacher
             .model
@@ -361,7 +361,7 @@ impl Supervision {
             .features_and_logits(&t_in, engine::models::Mode::EVAL)?;
         let (f_t, t_logits) = (f_t.detach(), t_logits.detach());
         let crd = self.crd.as_mut().ok_or_else(|| {
-            StageError::Config(format!("{}: CRD was not set up", p.method.as_str()))
+            StageError::config(format!("{}: CRD was not set up", p.method.as_str()))
         })?;
         let at = (epoch, batch.index);
         let contrastive = crd.batch_loss(f_s, &f_t, &batch.indices, &batch.labels, at)?;
@@ -385,7 +385,7 @@ impl Supervision {
         let teacher = self
             .teachers
             .first()
-            .ok_or_else(|| StageError::Config("sskd needs a teacher".into()))?;
+            .ok_or_else(|| StageError::config("sskd needs a teacher"))?;
         let (f_t, t_logits) = teacher
             .model
             .net
@@ -397,7 +397,7 @@ impl Supervision {
         let sskd = self
             .sskd
             .as_ref()
-            .ok_or_else(|| StageError::Config("sskd: its heads were not set up".into()))?;
+            .ok_or_else(|| StageError::config("sskd: its heads were not set up"))?;
         sskd.per_sample_loss(logits, f_s, &t_logits, &f_t, &y)
     }
 
@@ -435,7 +435,7 @@ impl Supervision {
                 let f_s = student_features(p.method, features)?;
                 self.sskd_loss(logits, f_s, x, batch)?
             }
-            Method::SskdHead => return Err(StageError::Config(SSKD_HEAD_HAS_NO_STUDENT.into())),
+            Method::SskdHead => return Err(StageError::config(SSKD_HEAD_HAS_NO_STUDENT)),
             Method::Vanilla => self.hard_loss(logits, batch)?,
             Method::Ls => {
                 let (alpha, conv) = (p.ls_alpha as f32, p.ls_convention);
@@ -515,7 +515,7 @@ const SSKD_HEAD_HAS_NO_STUDENT: &str =
 /// cannot do without.
 fn student_features(method: Method, features: Option<&Tensor>) -> Result<&Tensor> {
     features.ok_or_else(|| {
-        StageError::Config(format!("{}: needs the student's features", method.as_str()))
+        StageError::config(format!("{}: needs the student's features", method.as_str()))
     })
 }
 

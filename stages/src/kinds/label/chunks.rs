@@ -154,7 +154,7 @@ pub fn write(dir: &Path, e: &Expect, plan: &Plan, c: usize, chunk: &Chunk) -> Re
         ("blake3".to_string(), hasher.finalize().to_hex().to_string()),
     ]);
     let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|err| StageError::Numeric(format!("{}: {err}", file.display())))?;
+        .map_err(|err| StageError::numeric(format!("{}: {err}", file.display())))?;
     std::fs::create_dir_all(folder(dir)).map_err(|err| StageError::io(folder(dir), err))?;
     datasets::atomic::write_bytes(&file, &bytes)?;
     Ok(())

@@ -120,7 +120,7 @@ struct Teacher {
 /// Runs a `label` stage: loads the teachers, then labels each split asked for.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     if !(p.temperature > 0.0 && p.temperature.is_finite()) {
-        return Err(StageError::Config(format!(
+        return Err(StageError::config(format!(
             "{}: temperature must be a positive number, got {}",
             ctx.name, p.temperature
         )));
@@ -179,7 +179,7 @@ fn split_store(ctx: &Context, data: &Dataset, split: Split) -> Result<Arc<Packed
         Split::Train => data.train.clone(),
         Split::Test => data.test.clone(),
         Split::Val => data.val.clone().ok_or_else(|| {
-            StageError::Config(format!(
+            StageError::config(format!(
                 "{}: split `val` asked for, but the prepare stage held no validation split out (set its `val` key)",
                 ctx.name
             ))

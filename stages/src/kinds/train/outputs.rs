@@ -101,7 +101,7 @@ impl Trainer<'_> {
     /// Fits the temperature T on the validation split and writes `temperature.json`.
     fn fit_temperature(&self) -> Result<()> {
         let Some(val) = &self.data.val else {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: temperature_scaling fits T on the validation split: the prepare stage must \
                  hold out one (`val = N`)",
                 self.ctx.name

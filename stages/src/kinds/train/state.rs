@@ -97,7 +97,7 @@ impl Pending {
             at += b;
             let l: f64 = ls.iter().map(|&v| v as f64).sum::<f64>() / b as f64;
             if !l.is_finite() {
-                return Err(StageError::Numeric(format!(
+                return Err(StageError::numeric(format!(
                     "{name}: the loss became {l} at epoch {}, batch {index}; lower the learning rate",
                     epoch + 1
                 )));

@@ -91,7 +91,7 @@ impl<'a> Trainer<'a> {
         let device = ctx.device.open()?;
         p.dtype
             .check(ctx.device)
-            .map_err(|m| StageError::Config(format!("{}: key `dtype`: {m}", ctx.name)))?;
+            .map_err(|m| StageError::config(format!("{}: key `dtype`: {m}", ctx.name)))?;
         let k = data.info.classes.len();
         check_rotations(ctx, p, &data)?;
         let (spec, model, head) = model_to_train(ctx, p, &data, seed, &device)?;
@@ -516,7 +516,7 @@ fn stored_labels(ctx: &Context, p: &Params, data: &Dataset) -> Result<Vec<SoftLa
             (Some(s), _) => s.clone(),
             (None, [only]) => only.clone(),
             (None, _) => {
-                return Err(StageError::Config(format!(
+                return Err(StageError::config(format!(
                     "{}: {} holds the labels of teachers {teachers:?}: name the one to learn from \
                      with `label_source`, or use `off-en-ldl` (their mean) or `off-mt-ldl` (all of them)",
                     ctx.name,
@@ -525,7 +525,7 @@ fn stored_labels(ctx: &Context, p: &Params, data: &Dataset) -> Result<Vec<SoftLa
             }
         }],
         Method::OffEnLdl if teachers.len() < 2 => {
-            return Err(StageError::Config(format!(
+            return Err(StageError::config(format!(
                 "{}: off-en-ldl learns from the `ensemble` source, which a label stage writes \
                  only with two or more teachers; {} has {teachers:?}",
                 ctx.name,
@@ -559,7 +559,7 @@ fn ogr_sets(
     }
     match &data.val {
         Some(val) => Ok(Some((data.train.clone(), val.clone()))),
-        None => Err(StageError::Config(format!(
+        None => Err(StageError::config(format!(
             "{}: method `{}` measures per-class validation losses: the prepare stage \
              must hold out a validation split (`val = N`)",
             ctx.name,
@@ -625,7 +625,7 @@ fn crd(
     let teacher = supervision
         .teachers
         .first()
-        .ok_or_else(|| StageError::Config(format!("`{}` needs a teacher", p.method.as_str())))?;
+        .ok_or_else(|| StageError::config(format!("`{}` needs a teacher", p.method.as_str())))?;
     Ok(Some(Crd::new(
         p.supervision().crd,
         model.net.feature_dim(),
@@ -653,7 +653,7 @@ fn sskd(
     let teacher = supervision
         .teachers
         .first()
-        .ok_or_else(|| StageError::Config("`sskd` needs a teacher".into()))?;
+        .ok_or_else(|| StageError::config("`sskd` needs a teacher"))?;
     Ok(Some(Sskd::new(
         p.supervision().sskd,
         &ctx.model_input().dir,
@@ -702,7 +702,7 @@ fn model_to_train(
 fn check_rotations(ctx: &Context, p: &Params, data: &Dataset) -> Result<()> {
     let [_, h, w] = data.info.shape;
     if p.method.uses_rotations() && h != w {
-        return Err(StageError::Config(format!(
+        return Err(StageError::config(format!(
             "{}: `{}` trains on the four rotations of each image, which needs square images; \
              the prepared dataset's are {h}×{w}",
             ctx.name,
