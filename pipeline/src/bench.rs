@@ -262,13 +262,8 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         args.warmup,
         args.steps
     );
-    print_result(
-        args,
-        &format!("{} | {} | {spec_dev}", spec.arch, model.parameter_count()),
-        secs,
-        peak,
-        loss,
-    );
+    let model_row = (spec.arch.as_str(), model.parameter_count(), spec_dev);
+    print_result(args, model_row, secs, peak, loss);
     if args.profile {
         print_profile(&step.phases, secs, args.steps.max(1));
     }
@@ -326,16 +321,22 @@ impl Step<'_> {
     }
 }
 
-/// The result table: `model | params | device` (given as `who`), then the dtype, images/s,
-/// ms per step, peak device memory (`–` where unknown) and the last step's loss.
-fn print_result(args: &TrainArgs, who: &str, secs: f64, peak: Option<u64>, loss: f32) {
+/// The result table: the model's architecture, parameter count and device, then the dtype,
+/// images/s, ms per step, peak device memory (`–` where unknown) and the last step's loss.
+fn print_result(
+    args: &TrainArgs,
+    (arch, params, device): (&str, usize, engine::device::DeviceSpec),
+    secs: f64,
+    peak: Option<u64>,
+    loss: f32,
+) {
     println!();
     println!(
         "| model | params | device | dtype | images/s | ms/step | peak memory (MiB) | last loss |"
     );
     println!("|---|---:|---|---|---:|---:|---:|---:|");
     println!(
-        "| {who} | {} | {:.0} | {:.1} | {} | {loss:.3} |",
+        "| {arch} | {params} | {device} | {} | {:.0} | {:.1} | {} | {loss:.3} |",
         args.dtype,
         (args.steps * args.batch) as f64 / secs,
         1000.0 * secs / args.steps.max(1) as f64,

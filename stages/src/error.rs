@@ -8,9 +8,9 @@ use std::path::PathBuf;
 pub enum StageError {
     /// The engine failed, or a file, a setting or a value was wrong: everything a stage shares
     /// with the engine (datasets, tensors, I/O, invalid files, configuration, divergence) is
-    /// an [`engine::EngineError`], with the same messages.
+    /// an [`EngineError`], with the same messages.
     #[error(transparent)]
-    Engine(#[from] engine::EngineError),
+    Engine(#[from] EngineError),
     /// A file the stage left in its folder to resume from (a label chunk) is damaged: the runner
     /// keeps the folder, so that removing that one file resumes the rest.
     #[error("{path}: {place}: {message}")]
