@@ -5,7 +5,8 @@
 //!
 //! A kind derives `Serialize` and `Deserialize` with `#[serde(remote = "Self")]`, which turns
 //! the derived code into the inherent functions `Params::serialize` and `Params::deserialize`,
-//! and implements the traits through [`serialize`] and its own derived deserializer. Missing
+//! and [`stage_params!`] implements the traits through [`serialize`] and the derived
+//! deserializer (and [`ParamDefaults`] from the lists it is given). Missing
 //! keys take the `Default` impl's values (`#[serde(default)]` on the struct); keys without a
 //! meaningful default are listed in [`ParamDefaults::REQUIRED`] and checked where stages.toml is
 //! read.
@@ -42,6 +43,51 @@ pub fn serialize<P: ParamDefaults, S: Serializer>(p: &P, s: S) -> Result<S::Ok, 
     }
     value.serialize(s)
 }
+
+/// Implements [`ParamDefaults`], `Serialize` (through [`serialize`]) and `Deserialize` (the
+/// derived deserializer) for a kind's `Params`, which derives both with
+/// `#[serde(remote = "Self")]`:
+///
+/// ```ignore
+/// params::stage_params! {
+///     Params,
+///     omitted: ["seed", "top_k"],
+///     required: ["method"], // optional
+/// }
+/// ```
+macro_rules! stage_params {
+    (
+        $ty:ident,
+        omitted: [$($omitted:literal),* $(,)?]
+        $(, required: [$($required:literal),* $(,)?])? $(,)?
+    ) => {
+        impl $crate::params::ParamDefaults for $ty {
+            const OMITTED_AT_DEFAULT: &'static [&'static str] = &[$($omitted),*];
+            $(const REQUIRED: &'static [&'static str] = &[$($required),*];)?
+            fn serialize_all<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                $ty::serialize(self, s)
+            }
+        }
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                $crate::params::serialize(self, s)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                $ty::deserialize(d)
+            }
+        }
+    };
+}
+pub(crate) use stage_params;
 
 /// A key's value out of range: the key and what was expected.
 pub type RangeError = (&'static str, String);

@@ -13,7 +13,7 @@
 use crate::artifacts::{Calibrated, Dataset, Evaluation, Kind, TrainedModel};
 use crate::context::{Context, Input};
 use crate::error::{Result, StageError};
-use crate::params::{self, at_least, ParamDefaults, RangeError};
+use crate::params::{self, at_least, RangeError};
 use crate::science::calibration::Temperature;
 use crate::science::figures::{self, ConfidenceHistogram, Plot, Reliability, Series};
 use crate::science::metrics::{self, Metrics};
@@ -56,24 +56,13 @@ impl Default for Params {
     }
 }
 
-impl ParamDefaults for Params {
-    const OMITTED_AT_DEFAULT: &'static [&'static str] =
-        &["mc_samples", "seed", "projection_classes"];
-    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Params::serialize(self, s)
-    }
-}
-
-impl Serialize for Params {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        params::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Params {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Params::deserialize(d)
-    }
+params::stage_params! {
+    Params,
+    omitted: [
+        "mc_samples",
+        "seed",
+        "projection_classes",
+    ],
 }
 
 impl Params {

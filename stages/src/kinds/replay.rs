@@ -12,7 +12,7 @@ use crate::artifacts::{Dataset, Kind};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::StoreDtype;
-use crate::params::{self, at_least, ParamDefaults, RangeError};
+use crate::params::{self, at_least, RangeError};
 use crate::replay_store::{self, Output, ReplayMeta, StepRows};
 use crate::science::methods::Method;
 use crate::science::supervision::{Supervision, SupervisionConfig};
@@ -68,24 +68,16 @@ impl Default for Params {
     }
 }
 
-impl ParamDefaults for Params {
-    const OMITTED_AT_DEFAULT: &'static [&'static str] =
-        &["cutout", "mix", "teacher_mc", "dtype", "top_k", "prefetch"];
-    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Params::serialize(self, s)
-    }
-}
-
-impl Serialize for Params {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        params::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Params {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Params::deserialize(d)
-    }
+params::stage_params! {
+    Params,
+    omitted: [
+        "cutout",
+        "mix",
+        "teacher_mc",
+        "dtype",
+        "top_k",
+        "prefetch",
+    ],
 }
 
 impl Params {

@@ -15,7 +15,7 @@ use crate::artifacts::{Dataset, Kind, Split, TrainedModel};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::{self, LabelMeta, McMeta, McRows, SourceRows, StoreDtype};
-use crate::params::{self, at_least, positive, ParamDefaults, RangeError};
+use crate::params::{self, at_least, positive, RangeError};
 use candle_core::Device;
 use datasets::PackedStore;
 use engine::inference::{Inference, McSummary};
@@ -65,30 +65,16 @@ impl Default for Params {
     }
 }
 
-impl ParamDefaults for Params {
-    const OMITTED_AT_DEFAULT: &'static [&'static str] = &[
+params::stage_params! {
+    Params,
+    omitted: [
         "mc_samples",
         "top_k",
         "dtype",
         "splits",
         "seed",
         "chunk_size",
-    ];
-    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Params::serialize(self, s)
-    }
-}
-
-impl Serialize for Params {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        params::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Params {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Params::deserialize(d)
-    }
+    ],
 }
 
 impl Params {

@@ -1,7 +1,7 @@
 //! The parameters of a `train` stage: every key of its stages.toml table, their defaults, the
 //! checks of their ranges, and what a grid cell's method leaves unused.
 
-use crate::params::{self, ParamDefaults};
+use crate::params;
 use crate::science::methods::{Method, TeacherReduction};
 use crate::science::supervision::SupervisionConfig;
 use datasets::mix::Mix;
@@ -211,10 +211,11 @@ impl Default for Params {
     }
 }
 
-impl ParamDefaults for Params {
-    // Keys added after the first release, left out at their defaults so that adding them
-    // changed no existing stage's fingerprint.
-    const OMITTED_AT_DEFAULT: &'static [&'static str] = &[
+// Keys added after the first release, left out at their defaults so that adding them
+// changed no existing stage's fingerprint.
+params::stage_params! {
+    Params,
+    omitted: [
         "width",
         "stem",
         "dropout",
@@ -255,23 +256,8 @@ impl ParamDefaults for Params {
         "sskd_ss_tau",
         "sskd_ratio_tf",
         "sskd_ratio_ss",
-    ];
-    const REQUIRED: &'static [&'static str] = &["method"];
-    fn serialize_all<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        Params::serialize(self, s)
-    }
-}
-
-impl Serialize for Params {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        params::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Params {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Params::deserialize(d)
-    }
+    ],
+    required: ["method"],
 }
 
 impl Params {
