@@ -137,6 +137,21 @@ fn tiny_pipeline_produces_every_output() {
         "{text}"
     );
     assert!(text.contains("images 80 "), "{text}");
+    // An evaluation's folder: its predictions, with the accuracy its metrics.json reports.
+    let o = pipeline(dir.path(), &["inspect", "out/eval-vanilla", "--rows", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let json: serde_json::Value =
+        serde_json::from_str(&read(&out.join("eval-vanilla/metrics.json"))).unwrap();
+    let accuracy = json["metrics"]["accuracy"].as_f64().unwrap();
+    let want = format!("80 predictions: accuracy {:.2}%", 100.0 * accuracy);
+    assert!(text.contains(&want), "missing `{want}` in:\n{text}");
+    let first_rows = text.split("first rows (index, label, top classes):").nth(1);
+    assert_eq!(
+        first_rows.map(|t| t.trim().lines().count()),
+        Some(2),
+        "{text}"
+    );
     let o = pipeline(dir.path(), &["inspect", "tiny.toml"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(

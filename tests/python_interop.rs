@@ -178,6 +178,24 @@ fn pyarrow_duckdb_and_polars_read_the_store_as_documented_and_as_rust_does() {
             assert!(a == b || pa != pb, "sources `{a}` and `{b}` are equal");
         }
     }
+    // `pipeline inspect` reads the float16 store: every source's rows, and the first row's most
+    // probable class with its half-precision probability.
+    let o = pipeline(dir.path(), &["inspect", "out/labels-f16", "--rows", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for source in sources {
+        assert!(text.contains(&format!("    {source:<26} {n}")), "{text}");
+    }
+    let first = &rows_f16[0];
+    let probs: Vec<f64> = serde_json::from_value(first["probs"].clone()).unwrap();
+    let (top, p) = probs
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap();
+    let want = format!("{} {p:.3}", classes[top]);
+    let row = text.split("first rows").nth(1).unwrap_or_default();
+    assert!(row.contains(&want), "missing `{want}` in:\n{text}");
     let expected = |dtype: &str, rows: Vec<serde_json::Value>| {
         serde_json::json!({
         "k": k,

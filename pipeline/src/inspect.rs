@@ -1,5 +1,5 @@
-//! `pipeline inspect PATH`: a quick look at a label store (`.parquet`), a packed split (`.pack`)
-//! or every such file of a stage folder, in the terminal and without Python: schema, metadata,
+//! `pipeline inspect PATH`: a quick look at a label store (`.parquet`), an evaluation's
+//! `predictions.parquet`, a packed split (`.pack`) or every such file of a stage folder, in the terminal and without Python: schema, metadata,
 //! row counts per source and the first rows with their most probable classes. A replay store's
 //! folder shows its `replay.json` and its first epoch file; an epoch file its steps and first
 //! rows.
@@ -120,12 +120,18 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
     let is_replay = fm
         .key_value_metadata()
         .is_some_and(|kv| kv.iter().any(|e| e.key == "ldl.replay.epoch"));
+    // An evaluation's predictions: `probs` per image, and no `source`.
+    let is_predictions = builder.schema().column_with_name("source").is_none()
+        && builder.schema().column_with_name("probs").is_some();
     let reader = builder
         .with_batch_size(8192)
         .build()
         .with_context(|| format!("{}: cannot read rows", path.display()))?;
     if is_replay {
         return replay_rows(path, reader, rows);
+    }
+    if is_predictions {
+        return prediction_rows(path, reader, rows);
     }
     label_rows(path, reader, rows, &classes)
 }
@@ -222,19 +228,13 @@ fn label_rows(
             if shown.len() >= rows {
                 continue;
             }
-            let mut best = row_distribution(path, &full, &top, r)?;
-            best.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let best: Vec<String> = best
-                .iter()
-                .take(3)
-                .map(|(c, v)| format!("{} {:.3}", name(*c), v))
-                .collect();
+            let best = row_distribution(path, &full, &top, r)?;
             shown.push(format!(
                 "    {:<14} {:>7} {:<14} {}",
                 src.value(r),
                 index.value(r),
                 name(label.value(r) as usize),
-                best.join(", ")
+                top_three(best, name)
             ));
         }
     }
@@ -251,6 +251,84 @@ fn label_rows(
     Ok(())
 }
 
+/// The three most probable classes of a row's (class, probability) pairs, named by `name`.
+fn top_three(mut pairs: Vec<(usize, f32)>, name: impl Fn(usize) -> String) -> String {
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let best: Vec<String> = pairs
+        .iter()
+        .take(3)
+        .map(|(c, v)| format!("{} {:.3}", name(*c), v))
+        .collect();
+    best.join(", ")
+}
+
+/// An evaluate stage's `predictions.parquet`: how many rows, their accuracy and mean confidence,
+/// and the first `rows` (index, label and the three most probable classes).
+fn prediction_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Result<()> {
+    let (mut n, mut correct, mut confidence) = (0usize, 0usize, 0f64);
+    let mut shown = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
+        let (Some(index), Some(label), Some(probs)) = (
+            batch
+                .column_by_name("index")
+                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
+            batch
+                .column_by_name("label")
+                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
+            batch
+                .column_by_name("probs")
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>()),
+        ) else {
+            bail!(
+                "{}: not a label store (columns index, label, source) nor predictions \
+                 (columns index, label, probs)",
+                path.display()
+            );
+        };
+        for r in 0..batch.num_rows() {
+            let p = floats(probs.value(r).as_ref()).with_context(|| {
+                format!(
+                    "{}: row {}: probs: expected float32 or float16 values",
+                    path.display(),
+                    n
+                )
+            })?;
+            let (top, max) = p
+                .iter()
+                .copied()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap_or((0, 0.0));
+            n += 1;
+            correct += usize::from(top == label.value(r) as usize);
+            confidence += f64::from(max);
+            if shown.len() < rows {
+                let pairs = p.into_iter().enumerate().collect();
+                shown.push(format!(
+                    "    {:>7} {:>5}   {}",
+                    index.value(r),
+                    label.value(r),
+                    top_three(pairs, |c| c.to_string())
+                ));
+            }
+        }
+    }
+    let share = |x: f64| if n == 0 { 0.0 } else { x / n as f64 };
+    println!(
+        "  {n} predictions: accuracy {:.2}%, mean confidence {:.4}",
+        100.0 * share(correct as f64),
+        share(confidence)
+    );
+    if !shown.is_empty() {
+        println!("  first rows (index, label, top classes):");
+        for l in shown {
+            println!("{l}");
+        }
+    }
+    Ok(())
+}
+
 /// Row `r`'s (class, probability) pairs: every class from the dense `probs` column, or the
 /// stored ones from `topk_classes` and `topk_probs`.
 fn row_distribution(
@@ -260,30 +338,20 @@ fn row_distribution(
     r: usize,
 ) -> Result<Vec<(usize, f32)>> {
     Ok(match (full, top) {
-        (Some(p), _) => {
-            let v = p.value(r);
-            let v = v
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .context("float32 probs")?;
-            v.values().iter().copied().enumerate().collect()
-        }
+        (Some(p), _) => floats(p.value(r).as_ref())
+            .context("probs: expected float32 or float16 values")?
+            .into_iter()
+            .enumerate()
+            .collect(),
         (None, (Some(c), Some(p))) => {
             let c = c.value(r);
             let c = c
                 .as_any()
                 .downcast_ref::<arrow::array::UInt16Array>()
                 .context("uint16 topk_classes")?;
-            let p = p.value(r);
-            let p = p
-                .as_any()
-                .downcast_ref::<Float32Array>()
-                .context("float32 topk_probs")?;
-            c.values()
-                .iter()
-                .map(|&c| c as usize)
-                .zip(p.values().iter().copied())
-                .collect()
+            let p = floats(p.value(r).as_ref())
+                .context("topk_probs: expected float32 or float16 values")?;
+            c.values().iter().map(|&c| c as usize).zip(p).collect()
         }
         _ => bail!(
             "{}: not a label store (no `probs`, nor `topk_classes` and `topk_probs`)",
@@ -339,17 +407,20 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
 
 /// The largest value of each row of a `FixedSizeList<float32|float16>` column, with its class.
 fn row_max(list: &FixedSizeListArray, r: usize) -> Option<(usize, f32)> {
-    let v = list.value(r);
-    let values: Vec<f32> = if let Some(f) = v.as_any().downcast_ref::<Float32Array>() {
-        f.values().to_vec()
-    } else {
-        let h = v.as_any().downcast_ref::<arrow::array::Float16Array>()?;
-        h.values().iter().map(|x| x.to_f32()).collect()
-    };
-    values
+    floats(list.value(r).as_ref())?
         .into_iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The values of one list row, from a float32 or a float16 column (stores written with
+/// `dtype = "f16"`); `None` for any other type.
+fn floats(v: &dyn Array) -> Option<Vec<f32>> {
+    if let Some(f) = v.as_any().downcast_ref::<Float32Array>() {
+        return Some(f.values().to_vec());
+    }
+    let h = v.as_any().downcast_ref::<arrow::array::Float16Array>()?;
+    Some(h.values().iter().map(|x| x.to_f32()).collect())
 }
 
 /// An epoch file of a replay store: its steps, and its first rows with each teacher's largest
