@@ -119,6 +119,109 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     );
 }
 
+/// A finished stage reaches its final folder whatever stops the run on the way: on a file
+/// system without `renameat2(RENAME_EXCHANGE)` (NFS; simulated by `LDL_FAULT_EXCHANGE`) the
+/// folder is replaced by two renames; a kill between them, or after the record is written, costs
+/// no training: the next run moves the finished folder into place, or resumes from the
+/// checkpoint of the last step.
+#[test]
+fn a_finished_stage_is_moved_into_place_after_any_stop_and_without_rename_exchange() {
+    let dir = scratch();
+    let cfg = |epochs: usize| {
+        format!(
+            "[run]\noutput = \"out\"\n\n\
+             [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+             [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = {epochs}\nbatch_size = 32\n"
+        )
+    };
+    let run = |epochs: usize, fault: Option<(&str, &str)>| {
+        write(dir.path(), "f.toml", &cfg(epochs));
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"));
+        c.args(["run", "f.toml"]).current_dir(dir.path());
+        if let Some((k, v)) = fault {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = dir.path().join("out");
+    let epochs_logged = || {
+        std::fs::read_to_string(out.join("model/train_log.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            - 1
+    };
+    let only_recorded = || {
+        let rec = record(&out, "model");
+        let mut listed: Vec<String> = rec["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["path"].as_str().unwrap().to_string())
+            .chain(["stage.json".to_string()])
+            .collect();
+        listed.sort();
+        let mut present: Vec<String> = std::fs::read_dir(out.join("model"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        present.sort();
+        assert_eq!(present, listed);
+        let hidden: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".model"))
+            .collect();
+        assert!(hidden.is_empty(), "{hidden:?}");
+    };
+    assert!(run(1, None).status.success());
+
+    // Without the exchange, a changed stage still replaces its folder.
+    let o = run(2, Some(("LDL_FAULT_EXCHANGE", "unsupported")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(epochs_logged(), 2);
+    only_recorded();
+
+    // Killed between the two renames: no final folder for now, the finished one still partial.
+    let o = run(3, Some(("LDL_FAULT_EXCHANGE", "unsupported-abort")));
+    assert!(!o.status.success() && stderr(&o).contains("aborting between the renames"));
+    assert!(!out.join("model").exists() && out.join(".model.partial/stage.json").exists());
+    let st = pipeline(dir.path(), &["status", "f.toml"]);
+    assert!(
+        stdout(&st).contains("finished, but stopped before its folder was moved into place"),
+        "{}",
+        stdout(&st)
+    );
+    let o = run(3, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("model: finished by an earlier run"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("epoch 1/3"),
+        "trained again:\n{}",
+        stderr(&o)
+    );
+    assert_eq!(epochs_logged(), 3);
+    only_recorded();
+
+    // Killed while writing the record: the outputs are there but not recorded; the checkpoint
+    // of the last step is still there too, so nothing is trained again.
+    let o = run(4, Some(("LDL_FAULT_WRITE", ".model.partial/stage.json@10")));
+    assert!(!o.status.success() && stderr(&o).contains("LDL_FAULT_WRITE: aborting"));
+    let o = run(4, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("model: resuming from the checkpoint of step 8 "),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(epochs_logged(), 4);
+    only_recorded();
+}
+
 #[test]
 fn a_failing_stage_leaves_no_partial_output_and_keeps_the_previous_one() {
     let dir = scratch();

@@ -122,22 +122,73 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |w| w.write_all(bytes))
 }
 
-/// Moves folder `src` to `dst` atomically, replacing `dst` if it exists: a reader (or a process
-/// restarted after a kill) sees the old complete folder or the new one, never a mix or nothing.
-/// An existing `dst` is swapped with `src` in one `renameat2(RENAME_EXCHANGE)` and the old
-/// contents, now at `src`, are deleted.
+/// The environment variable of the fault-injection hook of [`replace_dir`]: `unsupported` makes
+/// its atomic exchange fail with EINVAL, as it does on NFS, so that the fallback runs;
+/// `unsupported-abort` also aborts the process between the fallback's two renames (to the file
+/// system, the same as SIGKILL there).
+pub const FAULT_EXCHANGE_ENV: &str = "LDL_FAULT_EXCHANGE";
+
+/// Moves folder `src` to `dst`, replacing `dst` if it exists. An existing `dst` is swapped with
+/// `src` in one `renameat2(RENAME_EXCHANGE)`, so that a reader (or a process restarted after a
+/// kill) sees the old complete folder or the new one, never a mix or nothing, and the old
+/// contents, now at `src`, are deleted. File systems without the exchange (NFS, and others that
+/// refuse rename flags) get two renames instead: the old folder aside to `.<name>.replaced`,
+/// then `src` into place; a kill between the two leaves no `dst` for the moment, with `src`
+/// still complete for the caller to move again (the runner does, on its next run).
 pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
     let result = (|| {
+        let aside = aside_path(dst);
+        if aside.exists() {
+            // Left by a run killed inside the fallback.
+            fs::remove_dir_all(&aside)?;
+        }
         if dst.exists() {
-            renameat_with(CWD, src, CWD, dst, RenameFlags::EXCHANGE)?;
-            fs::remove_dir_all(src)?;
+            match exchange(src, dst) {
+                Ok(()) => fs::remove_dir_all(src)?,
+                Err(e) if exchange_unsupported(&e) => {
+                    fs::rename(dst, &aside)?;
+                    if std::env::var(FAULT_EXCHANGE_ENV).is_ok_and(|v| v == "unsupported-abort") {
+                        eprintln!(
+                            "{FAULT_EXCHANGE_ENV}: aborting between the renames of {}",
+                            dst.display()
+                        );
+                        std::process::abort();
+                    }
+                    fs::rename(src, dst)?;
+                    fs::remove_dir_all(&aside)?;
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             fs::rename(src, dst)?;
         }
         sync_dir(dst.parent().unwrap_or(Path::new(".")))
     })();
     result.map_err(|e| DatasetError::io(dst, e))
+}
+
+/// Where [`replace_dir`]'s fallback puts the old `dst` while it moves the new one in.
+fn aside_path(dst: &Path) -> PathBuf {
+    let name = dst.file_name().unwrap_or_default().to_string_lossy();
+    dst.with_file_name(format!(".{name}.replaced"))
+}
+
+/// Swaps `src` and `dst` in one step (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    if std::env::var(FAULT_EXCHANGE_ENV).is_ok_and(|v| v.starts_with("unsupported")) {
+        return Err(rustix::io::Errno::INVAL.into());
+    }
+    Ok(renameat_with(CWD, src, CWD, dst, RenameFlags::EXCHANGE)?)
+}
+
+/// Whether the file system refused the exchange itself (rather than failed it): NFS answers
+/// EINVAL to any rename flag, other file systems and older kernels EOPNOTSUPP or ENOSYS.
+fn exchange_unsupported(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    [Errno::INVAL, Errno::OPNOTSUPP, Errno::NOSYS]
+        .iter()
+        .any(|n| e.raw_os_error() == Some(n.raw_os_error()))
 }
 
 /// Fsyncs a folder so that a rename inside it is durable.

@@ -192,6 +192,15 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
     let s = &config.stages[i];
     let dir = stage_dir(config, &s.name);
     let can_resume = resumable(config, &s.name, &fps[i]);
+    let finished = |r: &StageRecord| r.status == "complete" && r.fingerprint == fps[i];
+    if read_record(&partial_dir(config, &s.name)).is_some_and(|r| finished(&r))
+        && !read_record(&dir).is_some_and(|r| finished(&r))
+    {
+        return StageState::Incomplete(
+            "finished, but stopped before its folder was moved into place; the next run moves it"
+                .into(),
+        );
+    }
     let Some(record) = read_record(&dir) else {
         if can_resume {
             return StageState::Incomplete("interrupted; the next run resumes it".into());
@@ -473,6 +482,13 @@ fn run_stage(
     let final_dir = stage_dir(config, &s.name);
     let partial = partial_dir(config, &s.name);
     let tag = serde_json::json!({ "fingerprint": fps[i], "pid": std::process::id() });
+    if let Some(record) = finished_partial(&partial, &fps[i]) {
+        tracing::info!(
+            "{}: finished by an earlier run that stopped before moving it into place; moving it now",
+            s.name
+        );
+        return move_into_place(&partial, &final_dir, &record);
+    }
     if partial.exists() && !resumable(config, &s.name, &fps[i]) {
         fs::remove_dir_all(&partial)
             .with_context(|| format!("cannot remove stale {}", partial.display()))?;
@@ -512,53 +528,97 @@ fn run_stage(
     let started = now();
     let outputs = match s.params.run(&ctx) {
         Ok(o) => o,
-        // Stopped on request, or a file it resumes from is damaged: the partial folder holds
-        // its checkpoint or chunks, for the next run.
-        Err(e @ (StageError::Interrupted(_) | StageError::Damaged { .. })) => {
-            return Err(anyhow!(e))
+        // Stopped on request, a file it resumes from is damaged, or an I/O error the next run
+        // may not meet (a full disk): the partial folder keeps its checkpoints or chunks.
+        Err(e) if e.keeps_partial() => {
+            tracing::warn!(
+                "{}: {} is kept for the next run to resume from (`pipeline clean` discards it)",
+                s.name,
+                partial.display()
+            );
+            return Err(anyhow!(e));
         }
+        // What the same inputs would meet again (a setting, an invalid file, divergence).
         Err(e) => {
             let _ = fs::remove_dir_all(&partial);
             return Err(anyhow!(e));
         }
     };
-    let finish = || -> Result<()> {
-        let mut files = Vec::new();
-        for o in &outputs {
-            let (bytes, blake3) = hash_file(&partial.join(o))?;
-            files.push(OutputFile {
-                path: o.clone(),
-                bytes,
-                blake3,
-            });
-        }
-        let record = StageRecord {
-            name: s.name.clone(),
-            kind: s.params.kind().as_str().into(),
-            params: params_json(&s.params),
-            fingerprint: fps[i].clone(),
-            inputs: inputs
-                .iter()
-                .map(|x| (x.name.clone(), x.fingerprint.clone()))
-                .collect(),
-            started: started.clone(),
-            finished: now(),
-            status: "complete".into(),
-            program_version: PROGRAM_VERSION.into(),
-            format_version: FORMAT_VERSION,
-            device: config.run.device.to_string(),
-            outputs: files,
-        };
-        let mut json = serde_json::to_vec_pretty(&record)?;
-        json.push(b'\n');
-        datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
-        fs::remove_file(partial.join(PARTIAL_TAG))?;
-        datasets::atomic::sync_dir(&partial)?;
-        Ok(datasets::atomic::replace_dir(&partial, &final_dir)?)
+    let mut files = Vec::new();
+    for o in &outputs {
+        let (bytes, blake3) = hash_file(&partial.join(o))?;
+        files.push(OutputFile {
+            path: o.clone(),
+            bytes,
+            blake3,
+        });
+    }
+    let record = StageRecord {
+        name: s.name.clone(),
+        kind: s.params.kind().as_str().into(),
+        params: params_json(&s.params),
+        fingerprint: fps[i].clone(),
+        inputs: inputs
+            .iter()
+            .map(|x| (x.name.clone(), x.fingerprint.clone()))
+            .collect(),
+        started,
+        finished: now(),
+        status: "complete".into(),
+        program_version: PROGRAM_VERSION.into(),
+        format_version: FORMAT_VERSION,
+        device: config.run.device.to_string(),
+        outputs: files,
     };
-    finish().inspect_err(|_| {
-        let _ = fs::remove_dir_all(&partial);
-    })
+    let mut json = serde_json::to_vec_pretty(&record)?;
+    json.push(b'\n');
+    // From here on the partial folder is complete: a run stopped before it is in place finds
+    // the record and only moves it (so a kill here never costs a training).
+    datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
+    move_into_place(&partial, &final_dir, &record)
+}
+
+/// The record of a partial folder that a run finished (outputs written and recorded) but did not
+/// move into place, when it is for fingerprint `fp` and every output has its recorded size and
+/// hash.
+fn finished_partial(partial: &Path, fp: &str) -> Option<StageRecord> {
+    let record = read_record(partial)?;
+    let intact = record.status == "complete"
+        && record.fingerprint == fp
+        && record.outputs.iter().all(|o| {
+            hash_file(&partial.join(&o.path))
+                .is_ok_and(|(bytes, blake3)| bytes == o.bytes && blake3 == o.blake3)
+        });
+    intact.then_some(record)
+}
+
+/// Moves a finished partial folder into place: first removes what is not one of its recorded
+/// outputs (the resume tag, checkpoints, label chunks), then replaces the final folder.
+fn move_into_place(partial: &Path, final_dir: &Path, record: &StageRecord) -> Result<()> {
+    for entry in
+        fs::read_dir(partial).with_context(|| format!("cannot read {}", partial.display()))?
+    {
+        let entry = entry.with_context(|| format!("cannot read {}", partial.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let recorded = name == RECORD
+            || record.outputs.iter().any(|o| {
+                Path::new(&o.path).components().next()
+                    == Some(std::path::Component::Normal(name.as_ref()))
+            });
+        if recorded {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    datasets::atomic::sync_dir(partial)
+        .with_context(|| format!("cannot sync {}", partial.display()))?;
+    Ok(datasets::atomic::replace_dir(partial, final_dir)?)
 }
 
 /// Prints where every stage stands, in dependency order.

@@ -61,6 +61,23 @@ impl StageError {
     pub fn numeric(message: impl Into<String>) -> Self {
         StageError::Engine(EngineError::Numeric(message.into()))
     }
+
+    /// Whether the stage's partial folder is worth keeping after this error: a stop, a damaged
+    /// file to resume from, or an I/O error that the next run may not meet (a full disk, a
+    /// network file system's hiccup), so that it resumes from the checkpoints and chunks
+    /// already written. What the same inputs would meet again (a setting, an invalid file,
+    /// divergence) makes the folder worthless.
+    pub fn keeps_partial(&self) -> bool {
+        matches!(
+            self,
+            StageError::Interrupted(_)
+                | StageError::Damaged { .. }
+                | StageError::Engine(
+                    EngineError::Io { .. }
+                        | EngineError::Dataset(datasets::DatasetError::Io { .. })
+                )
+        )
+    }
 }
 
 /// Result alias of the stages crate.

@@ -111,20 +111,36 @@ impl Checkpoints {
         let dst = self.dir.join(format!("{PREFIX}{step:010}"));
         if dst.exists() {
             // Only after a resume that replays to an already saved step: same contents.
-            std::fs::remove_dir_all(&dst).map_err(|e| io(&dst, e))?;
+            self.discard(&dst)?;
         }
         std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
         datasets::atomic::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
         let all = self.list()?;
         for (_, old) in &all[..all.len().saturating_sub(self.keep)] {
-            std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+            self.discard(old)?;
         }
         Ok(())
     }
 
+    /// Deletes checkpoint folder `ck`, first renaming it out of the `step-N` names, so that a
+    /// kill in the middle of the deletion leaves no half-deleted checkpoint that a resume
+    /// would take for a complete one.
+    fn discard(&self, ck: &Path) -> Result<()> {
+        let io = |p: &Path, e| EngineError::io(p, e);
+        let name = ck.file_name().unwrap_or_default().to_string_lossy();
+        let doomed = self.dir.join(format!(".discarded-{name}"));
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed).map_err(|e| io(&doomed, e))?;
+        }
+        std::fs::rename(ck, &doomed).map_err(|e| io(ck, e))?;
+        std::fs::remove_dir_all(&doomed).map_err(|e| io(&doomed, e))
+    }
+
     /// Restores the newest checkpoint whose state `accept`s (e.g. its fingerprint matches) into
     /// `model` and `opt`, and returns its state and its extra tensors (empty when it has none)
-    /// with the file they came from; `None` when there is none.
+    /// with the file they came from; `None` when there is none. A checkpoint that cannot be read
+    /// is skipped with a warning for the next older one; when none of those can be read either,
+    /// the first error is returned (the model may hold part of a checkpoint by then).
     pub fn restore<S: DeserializeOwned>(
         &self,
         device: &Device,
@@ -132,6 +148,7 @@ impl Checkpoints {
         opt: &mut Sgd,
         accept: impl Fn(&S) -> bool,
     ) -> Result<Option<Restored<S>>> {
+        let mut unreadable = None;
         for (step, ck) in self.list()?.into_iter().rev() {
             let state: S = match read_json(&ck.join("state.json")) {
                 Ok(s) => s,
@@ -143,28 +160,39 @@ impl Checkpoints {
             if !accept(&state) {
                 continue;
             }
-            model.load(&ck.join("model.safetensors"))?;
-            opt.load_state(read_tensors(&ck.join("optimizer.safetensors"), device)?)?;
-            let extra_path = ck.join(EXTRA);
-            let extra = if extra_path.exists() {
-                read_tensors(&extra_path, device)?
-            } else {
-                BTreeMap::new()
-            };
-            return Ok(Some(Restored {
-                state,
-                extra,
-                extra_path,
-            }));
+            match load_into(&ck, device, model, opt) {
+                Ok((extra, extra_path)) => {
+                    return Ok(Some(Restored {
+                        state,
+                        extra,
+                        extra_path,
+                    }))
+                }
+                Err(e) => {
+                    tracing::warn!("skipping checkpoint of step {step}: {e}");
+                    unreadable.get_or_insert(e);
+                }
+            }
         }
-        Ok(None)
+        unreadable.map_or(Ok(None), Err)
     }
+}
 
-    /// Removes every checkpoint (the stage finished).
-    pub fn remove(&self) -> Result<()> {
-        if self.dir.exists() {
-            std::fs::remove_dir_all(&self.dir).map_err(|e| EngineError::io(&self.dir, e))?;
-        }
-        Ok(())
-    }
+/// Loads checkpoint folder `ck` into `model` and `opt`; returns its extra tensors (empty when it
+/// has none) and the file they came from.
+fn load_into(
+    ck: &Path,
+    device: &Device,
+    model: &Model,
+    opt: &mut Sgd,
+) -> Result<(BTreeMap<String, Tensor>, PathBuf)> {
+    model.load(&ck.join("model.safetensors"))?;
+    opt.load_state(read_tensors(&ck.join("optimizer.safetensors"), device)?)?;
+    let extra_path = ck.join(EXTRA);
+    let extra = if extra_path.exists() {
+        read_tensors(&extra_path, device)?
+    } else {
+        BTreeMap::new()
+    };
+    Ok((extra, extra_path))
 }

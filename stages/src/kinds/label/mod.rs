@@ -151,11 +151,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         };
         files.push(write_split(ctx, split, &store, &meta, &labels)?);
     }
-    // The stores are written: the chunks they were assembled from are not outputs.
-    let folder = chunks::folder(&ctx.dir);
-    if folder.exists() {
-        std::fs::remove_dir_all(&folder).map_err(|e| StageError::io(&folder, e))?;
-    }
+    // The chunks the stores were assembled from are not outputs: the runner removes them once
+    // it has recorded the stores, so that a kill before that does not label again.
     Ok(files)
 }
 

@@ -51,7 +51,8 @@ impl Trainer<'_> {
             self.fit_temperature()?;
             outputs.push("temperature.json".into());
         }
-        self.checkpoints.remove()?;
+        // The checkpoints stay until the runner has recorded these outputs: a kill before that
+        // resumes from them instead of training again.
         Ok(outputs)
     }
 
