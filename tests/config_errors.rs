@@ -419,3 +419,49 @@ fn matrix_cannot_vary_needs() {
     ));
     assert_at(&e, 14, 12, &["`needs` cannot vary in a grid"]);
 }
+
+/// A follower pairs with the cells of the grid it follows only on keys that mean the same in
+/// both kinds: an evaluation's `batch_size` (its inference batch) and `seed` (its Monte-Carlo
+/// seed) are not its model's, so it evaluates every cell; a replayed student with a `seed` that
+/// no cell of its replay grid has is an error naming the stage, not a panic.
+#[test]
+fn a_follower_pairs_only_on_keys_of_the_same_meaning() {
+    let grid = format!(
+        "{HEAD}{STUDENT}matrix = {{ batch_size = [32, 64], seed = [0, 1] }}\n\n\
+         [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"s\"]\nbatch_size = 64\nseed = 7\n\n\
+         [[stage]]\nname = \"report\"\nkind = \"report\"\nneeds = [\"eval\"]\n"
+    );
+    let path = std::path::Path::new("grid.toml");
+    let config = pipeline::config::parse(path, &grid, None).unwrap_or_else(|e| panic!("{e}"));
+    let mut evals: Vec<&str> = config
+        .stages
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| n.starts_with("eval"))
+        .collect();
+    evals.sort();
+    assert_eq!(
+        evals,
+        [
+            "eval.batch_size=32.seed=0",
+            "eval.batch_size=32.seed=1",
+            "eval.batch_size=64.seed=0",
+            "eval.batch_size=64.seed=1"
+        ]
+    );
+    // A replayed student pairs with the replay cell of its own `seed`: there is none.
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n\n\
+         [[stage]]\nname = \"r\"\nkind = \"replay\"\nneeds = [\"data\", \"s\"]\nmatrix = {{ seed = [0, 1] }}\n\n\
+         [[stage]]\nname = \"on\"\nkind = \"train\"\nneeds = [\"data\", \"s\", \"r\"]\nmethod = \"on-ldl\"\nreplay = true\nseed = 7\n"
+    ));
+    assert_at(
+        &e,
+        21,
+        1,
+        &[
+            "stage `on` follows the grid `r`",
+            "no cell of `r` has its `seed = 7`",
+        ],
+    );
+}

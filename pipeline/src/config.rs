@@ -600,7 +600,7 @@ impl Expansion {
             let follow = self.followed_grid(loc, &tpl, &own_name, &params)?;
             let variants = match follow {
                 None => vec![(own_name.clone(), None)],
-                Some(j) => self.following_variants(&tpl, j, &cell, &own_name, &params),
+                Some(j) => self.following_variants(loc, &tpl, j, &cell, &own_name, &params)?,
             };
             let in_grid = tpl.cells.is_some() || follow.is_some();
             for (stage_name, followed) in variants {
@@ -645,32 +645,57 @@ impl Expansion {
     /// its need `j`: a name and the followed grid cell for each cell of that grid it pairs with.
     fn following_variants(
         &self,
+        loc: &Locator,
         tpl: &Template,
         j: usize,
         cell: &[CellValue],
         own_name: &str,
         params: &StageParams,
-    ) -> Vec<(String, Option<String>)> {
+    ) -> Result<Vec<(String, Option<String>)>, ConfigError> {
         let grid = &tpl.needs[j].0;
         let (_, cells) = self.grids.iter().find(|(g, _)| g == grid).expect("found");
-        // The grid's matrix keys that this stage sets itself (in its own matrix or its table)
-        // pair cells: it follows only the cells of the grid that hold its own values of them
-        // (students follow the replay store of their seed and mixing).
+        let followed_kind = self.kinds[&cells[0]];
+        // The grid's matrix keys that this stage sets itself (in its own matrix or its table),
+        // and that mean the same in both kinds, pair cells: it follows only the cells of the
+        // grid that hold its own values of them (students follow the replay store of their seed
+        // and mixing; an evaluation's `seed` and `batch_size` are not its model's).
         let shared: Vec<&String> = self
             .grid_keys
             .get(grid)
             .into_iter()
             .flatten()
             .filter(|k| cell.iter().any(|c| &&c.key == k) || tpl.table.contains_key(k.as_str()))
+            .filter(|k| same_meaning(tpl.kind, followed_kind, k))
             .collect();
         let own = serde_json::to_value(params).expect("parameters serialise");
-        cells
+        let paired: Vec<&String> = cells
             .iter()
             .filter(|c| {
                 shared
                     .iter()
                     .all(|k| self.resolved[*c].get(k.as_str()) == own.get(k.as_str()))
             })
+            .collect();
+        if paired.is_empty() {
+            let values: Vec<String> = shared
+                .iter()
+                .map(|k| {
+                    format!(
+                        "`{k} = {}`",
+                        own.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                    )
+                })
+                .collect();
+            return Err(loc.at(
+                tpl.span.clone(),
+                format!(
+                    "stage `{own_name}` follows the grid `{grid}`, but no cell of `{grid}` has its {}",
+                    values.join(", ")
+                ),
+            ));
+        }
+        Ok(paired
+            .into_iter()
             .map(|c| {
                 // The followed cell's name segments, less those this cell's name already has.
                 let suffix: String = match self.segments.get(c) {
@@ -683,7 +708,7 @@ impl Expansion {
                 };
                 (format!("{own_name}{suffix}"), Some(c.clone()))
             })
-            .collect()
+            .collect())
     }
 
     /// A stage's needs with grids replaced by their cells (the followed one by the cell
@@ -753,6 +778,22 @@ impl Expansion {
         }
         Ok(follow)
     }
+}
+
+/// Whether matrix key `key` of a grid of kind `followed` means the same in a stage of kind
+/// `follower` that follows it, so that it pairs their cells: every key between stages of one
+/// kind; between a student and a replay store, the keys of the batch stream they share.
+fn same_meaning(follower: Kind, followed: Kind, key: &str) -> bool {
+    const STREAM: [&str; 6] = [
+        "seed",
+        "batch_size",
+        "augment",
+        "cutout",
+        "mix",
+        "teacher_mc",
+    ];
+    follower == followed
+        || (follower == Kind::Train && followed == Kind::Replay && STREAM.contains(&key))
 }
 
 /// One cell's stage name and parameters: the template's keys with the cell's values, checked
