@@ -178,6 +178,16 @@ impl From<CudnnError> for PlanError {
 }
 
 impl PlanError {
+    /// Whether cuDNN declined the shape rather than failed: no deterministic algorithm, or a
+    /// status of the "not supported" family (`CUDNN_STATUS_NOT_SUPPORTED` = 3000 and, from
+    /// cuDNN 9, its refinements 3001–3999: `_SHAPE`, `_LAYOUT`, `_DATA_TYPE`, …).
+    fn is_unsupported(&self) -> bool {
+        match self {
+            PlanError::NoDeterministic { .. } => true,
+            PlanError::Cudnn(CudnnError(status)) => (3000..4000).contains(&(*status as u32)),
+        }
+    }
+
     fn into_error(self, g: &Geometry) -> candle_core::Error {
         let hint = if g.nhwc {
             " (channels-last: LDL_GPU_NHWC=0 runs NCHW)"
@@ -439,10 +449,7 @@ pub(crate) fn run(
                 Ok(true)
             }
             // Only "cuDNN cannot do this" switches layout; any other error is a bug to show.
-            Err(e @ PlanError::NoDeterministic { .. })
-            | Err(
-                e @ PlanError::Cudnn(CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED)),
-            ) if g.nhwc => {
+            Err(e) if g.nhwc && e.is_unsupported() => {
                 tracing::warn!(
                     "{}; running it as NCHW with transposed operands",
                     e.into_error(g)

@@ -3,10 +3,14 @@
 //! A copy from pageable memory may make the driver wait for the stream before staging it, which
 //! would drain the GPU's queue at every batch; from pinned memory the copy is queued like a
 //! kernel and the host goes on. A ring of buffers lets the loader's next batch be written while
-//! earlier copies are still in flight: a buffer is reused only after the copy that last read it
-//! has finished (each buffer carries a CUDA event), by when a ring of three is long idle.
+//! earlier copies are still in flight: a buffer is rewritten (or freed) only after the copy that
+//! last read it has finished, by when a ring of three is long idle. Each slot records its own CUDA
+//! event after its copy: the event inside cudarc's `PinnedHostSlice` is recorded only when cudarc
+//! manages several streams, which candle's device never does, so waiting on it returns at once.
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Result, Shape, Storage, Tensor};
@@ -14,9 +18,10 @@ use candle_core::{CudaDevice, CudaStorage, Result, Shape, Storage, Tensor};
 /// Buffers in the ring.
 const RING: usize = 3;
 
-/// A ring of pinned buffers of `T` for one device.
+/// A ring of pinned buffers of `T` for one device, each with the event recorded after the copy
+/// that last read it.
 pub struct PinnedRing<T> {
-    buffers: Vec<PinnedHostSlice<T>>,
+    buffers: Vec<(PinnedHostSlice<T>, CudaEvent)>,
     next: usize,
 }
 
@@ -35,28 +40,33 @@ impl<T: DeviceRepr + ValidAsZeroBits + CudaDType + Copy> PinnedRing<T> {
         if shape.elem_count() != data.len() {
             candle_core::bail!("upload: {} values for shape {shape:?}", data.len())
         }
+        let wrap = candle_core::Error::wrap;
         let stream = dev.cuda_stream();
         let slot = self.next % RING;
         self.next = self.next.wrapping_add(1);
-        if self.buffers.len() <= slot || self.buffers[slot].len() != data.len() {
+        // Waits for the copy that last read this slot's buffer (RING batches ago), before the
+        // buffer is rewritten or freed.
+        if let Some((_, copied)) = self.buffers.get(slot) {
+            copied.synchronize().map_err(wrap)?;
+        }
+        if self.buffers.len() <= slot || self.buffers[slot].0.len() != data.len().max(1) {
             // SAFETY: written in full below before any copy reads it. Write-combined memory:
             // the host only writes it (sequentially), the device only reads it.
-            let b = unsafe { stream.context().alloc_pinned::<T>(data.len().max(1)) }
-                .map_err(candle_core::Error::wrap)?;
+            let b =
+                unsafe { stream.context().alloc_pinned::<T>(data.len().max(1)) }.map_err(wrap)?;
+            let copied = stream.context().new_event(None).map_err(wrap)?;
             if self.buffers.len() <= slot {
-                self.buffers.push(b);
+                self.buffers.push((b, copied));
             } else {
-                self.buffers[slot] = b;
+                self.buffers[slot] = (b, copied);
             }
         }
-        let buf = &mut self.buffers[slot];
-        // Waits for the copy that last read this buffer (RING batches ago).
-        buf.as_mut_slice().map_err(candle_core::Error::wrap)?[..data.len()].copy_from_slice(data);
+        let (buf, copied) = &mut self.buffers[slot];
+        buf.as_mut_slice().map_err(wrap)?[..data.len()].copy_from_slice(data);
         // SAFETY: the copy below writes every element.
         let mut dst = unsafe { dev.alloc::<T>(data.len().max(1))? };
-        stream
-            .memcpy_htod(&*buf, &mut dst)
-            .map_err(candle_core::Error::wrap)?;
+        stream.memcpy_htod(&*buf, &mut dst).map_err(wrap)?;
+        copied.record(&stream).map_err(wrap)?;
         Ok(Tensor::from_storage(
             Storage::Cuda(CudaStorage::wrap_cuda_slice(dst, dev.clone())),
             shape,
