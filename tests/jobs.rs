@@ -270,3 +270,42 @@ fn ctrl_c_stops_every_child_cleanly_and_the_next_run_resumes() {
     );
     assert_eq!(artifacts(&out), artifacts(&dir.path().join("one")));
 }
+
+/// A stop request while only short stages run (two evaluations, which finish before they stop,
+/// and a third waiting for a slot): no further stage starts, and the run says it was
+/// interrupted (status 75), not done.
+#[test]
+fn a_stop_while_evaluations_run_leaves_the_rest_for_the_next_run_with_status_75() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let dir = scratch();
+    write(dir.path(), "g.toml", GRID);
+    let first = pipeline(dir.path(), &["run", "g.toml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let out = dir.path().join("out");
+    for s in ["eval.seed=0", "eval.seed=1", "eval.seed=2"] {
+        std::fs::remove_dir_all(out.join(s)).unwrap();
+    }
+    let parent = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "g.toml", "--jobs", "2"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join(".eval.seed=0.partial").exists() && !out.join("eval.seed=0").exists() {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "the evaluations did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    kill_process(Pid::from_child(&parent), Signal::TERM).unwrap();
+    let o = parent.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("stopped on request"), "{err}");
+    assert!(!out.join("eval.seed=2").exists(), "{err}");
+    let rest = pipeline(dir.path(), &["run", "g.toml", "--jobs", "2"]);
+    assert!(rest.status.success(), "{}", stderr(&rest));
+    assert!(out.join("eval.seed=2/metrics.json").exists());
+}

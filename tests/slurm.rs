@@ -317,3 +317,93 @@ fn bad_input_submits_nothing() {
         "nothing may be written"
     );
 }
+
+/// A training that fails leaves its evaluation waiting on a dependency that is never satisfied:
+/// `pipeline status` says so, and submitting again (with the failure fixed) cancels that job and
+/// submits the evaluation anew on the new training job. A job cancelled with `scancel` (SIGTERM)
+/// checkpoints and stays cancelled: it does not requeue itself.
+#[test]
+fn a_job_stuck_on_a_failed_upstream_is_replaced_and_a_cancelled_job_stays_cancelled() {
+    cluster();
+    let _serial = serial();
+    let dir = scratch();
+    let cfg = |lr: &str, epochs: usize| {
+        format!(
+            "[run]\noutput = \"out\"\nseed = 3\nthreads = 1\n\n\
+             [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
+             [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = {epochs}\nbatch_size = 16\nlr = {lr}\n\n\
+             [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model\"]\n"
+        )
+    };
+    write(dir.path(), "f.toml", &cfg("1e30", 2));
+    let o = pipeline(dir.path(), &["submit", "f.toml", "--slurm"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let first = jobs_json(&out);
+    let job = |j: &serde_json::Value, s: &str| j["stages"][s].as_str().unwrap().to_string();
+    let (model, eval) = (job(&first, "model"), job(&first, "eval"));
+    wait_for(std::slice::from_ref(&model));
+    let t0 = Instant::now();
+    loop {
+        let o = Command::new("squeue")
+            .args(["-h", "-o", "%r", "--jobs", &eval])
+            .output()
+            .expect("squeue");
+        if String::from_utf8_lossy(&o.stdout).contains("DependencyNeverSatisfied") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "eval job {eval} not stuck: {}",
+            show(&eval)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let st = pipeline(dir.path(), &["status", "f.toml"]);
+    assert!(
+        stdout(&st).contains(&format!(
+            "(Slurm job {eval}: PENDING (DependencyNeverSatisfied): never starts"
+        )),
+        "{}",
+        stdout(&st)
+    );
+    write(dir.path(), "f.toml", &cfg("0.1", 2));
+    let o = pipeline(dir.path(), &["submit", "f.toml", "--slurm"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let second = jobs_json(&out);
+    let (model2, eval2) = (job(&second, "model"), job(&second, "eval"));
+    assert!(model2 != model && eval2 != eval, "{second}");
+    assert!(
+        show(&eval).contains("JobState=CANCELLED"),
+        "{}",
+        show(&eval)
+    );
+    wait_for(&[model2, eval2]);
+    assert!(out.join("eval/metrics.json").exists());
+
+    // scancel: SIGTERM to the training, which checkpoints and does not requeue.
+    write(dir.path(), "f.toml", &cfg("0.1", 400));
+    let o = pipeline(dir.path(), &["submit", "f.toml", "--slurm"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model3 = job(&jobs_json(&out), "model");
+    let t0 = Instant::now();
+    while !out.join(".model.partial/checkpoints").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = Command::new("scancel").arg(&model3).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for(std::slice::from_ref(&model3));
+    let record = show(&model3);
+    assert!(
+        record.contains("JobState=CANCELLED") && record.contains("Restarts=0"),
+        "{record}"
+    );
+    let cancel_all = Command::new("scancel")
+        .arg(job(&jobs_json(&out), "eval"))
+        .output();
+    assert!(cancel_all.is_ok());
+}

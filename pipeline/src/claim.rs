@@ -19,6 +19,7 @@ use rustix::fs::{flock, FlockOperation};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A held claim on one stage; released when dropped or when the process exits.
 pub struct StageClaim {
@@ -86,14 +87,27 @@ impl StageClaim {
         )
     }
 
-    /// Blocks until no process holds the claim on `stage`.
-    pub fn wait_released(root: &Path, stage: &str) -> Result<()> {
+    /// Waits until no process holds the claim on `stage` (`Ok(true)`), or until `stop` is set
+    /// (`Ok(false)`): a stop request must not wait for another process's training to end.
+    pub fn wait_released(root: &Path, stage: &str, stop: &AtomicBool) -> Result<bool> {
         let (file, path) = open(root, stage)?;
         // A shared lock is granted once the exclusive holder is gone; it is dropped at once.
-        flock(&file, FlockOperation::LockShared)
-            .with_context(|| format!("cannot wait for the claim {}", path.display()))?;
+        loop {
+            match flock(&file, FlockOperation::NonBlockingLockShared) {
+                Ok(()) => break,
+                Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot wait for the claim {}", path.display()))
+                }
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         flock(&file, FlockOperation::Unlock)?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -202,8 +216,12 @@ mod tests {
         assert!(
             StageClaim::holder(dir.path(), "s").contains(&format!("PID {}", std::process::id()))
         );
+        // Waiting on a held claim ends with a stop request, not with the claim.
+        let stop = AtomicBool::new(true);
+        assert!(!StageClaim::wait_released(dir.path(), "s", &stop).unwrap());
         drop(a);
-        StageClaim::wait_released(dir.path(), "s").unwrap();
+        stop.store(false, Ordering::Relaxed);
+        assert!(StageClaim::wait_released(dir.path(), "s", &stop).unwrap());
         assert!(StageClaim::try_claim(dir.path(), "s").unwrap().is_some());
     }
 }

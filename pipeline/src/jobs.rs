@@ -163,6 +163,11 @@ pub fn run(
             }
         }
         if running.is_empty() {
+            // Stopped on request with stages left to run: the run is interrupted, even when the
+            // children that were running (evaluations, reports) finished first.
+            if stopping && todo.iter().any(|&i| !settled[i]) {
+                out.interrupted = true;
+            }
             break;
         }
         // Show the children's latest lines; then reap those that ended.
@@ -283,6 +288,8 @@ fn spawn(
         .args(["--threads", &jobs.threads.to_string()])
         .env("RAYON_NUM_THREADS", jobs.threads.to_string())
         .env(CHILD_ENV, std::process::id().to_string())
+        // Only this process requeues its Slurm job, once, after its children stopped.
+        .env_remove(crate::slurm::REQUEUE_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -265,10 +265,16 @@ fn status(config: &config::Config) {
         let kind = config.stage(name).expect("listed").params.kind();
         let job = match (state, submitted.stages.get(name)) {
             (runner::StageState::UpToDate, _) | (_, None) => String::new(),
-            (_, Some(id)) => format!(
-                "  (Slurm job {id}: {})",
-                queue.get(id).map_or("not queued", String::as_str)
-            ),
+            (_, Some(id)) => match queue.get(id) {
+                Some(st) if !pipeline::slurm::can_still_run(st) => format!(
+                    "  (Slurm job {id}: {st}: never starts, an upstream job failed; submitting \
+                     again replaces it)"
+                ),
+                st => format!(
+                    "  (Slurm job {id}: {})",
+                    st.map_or("not queued", String::as_str)
+                ),
+            },
         };
         println!("{name:width$}  {:<8}  {state}{job}", kind.as_str());
     }
@@ -446,6 +452,7 @@ fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
         signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, stop.clone())?;
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    pipeline::slurm::requeue_on_usr2()?;
     Ok(stop)
 }
 

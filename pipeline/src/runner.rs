@@ -363,7 +363,11 @@ pub fn run(
             "{name}: being run by another process ({}); waiting for it",
             StageClaim::holder(root, name)
         );
-        StageClaim::wait_released(root, name)?;
+        if !StageClaim::wait_released(root, name, &runner.opts.stop)? {
+            return Err(anyhow!(StageError::Interrupted(format!(
+                "stopped on request while waiting for stage `{name}`, which another process runs"
+            ))));
+        }
     }
     Ok(runner.summary)
 }

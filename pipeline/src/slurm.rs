@@ -5,14 +5,15 @@
 //! that two grids that follow each other cell by cell have corresponding task ids); a grid
 //! that follows another cell by cell depends on it with `aftercorr` (task i starts once task i
 //! of the other succeeded), any other need with `afterok` on the whole upstream job. Arrays
-//! longer than the cluster's `MaxArraySize` are cut into chunks whose scripts add an offset to
-//! the task id. Each task `exec`s `pipeline run FILE --only STAGE`, so the binary itself
+//! longer than the cluster's `MaxArraySize` are cut into chunks, each with task ids from 0 and
+//! its own task → stage table in its script. Each task `exec`s `pipeline run FILE --only STAGE`, so the binary itself
 //! receives Slurm's signals: jobs are submitted with `--requeue` and
-//! `--signal=B:USR2@<lead>`; on USR2 (or SIGTERM) a training checkpoints, and the process
-//! requeues its own job (`scontrol requeue`) before exiting with status 75, so the requeued task
-//! resumes from that checkpoint.
+//! `--signal=B:USR2@<lead>`; on USR2 a training checkpoints, and the process requeues its own
+//! job (`scontrol requeue`) before exiting with status 75, so the requeued task resumes from that
+//! checkpoint. SIGTERM (`scancel`, a preemption) checkpoints too but does not requeue: a
+//! cancelled job stays cancelled, and Slurm requeues a preempted one itself.
 //!
-//! Scripts, task lists and Slurm's logs go to `<output>/.slurm/`; `jobs.json` there records
+//! Scripts and Slurm's logs go to `<output>/.slurm/`; `jobs.json` there records
 //! which job runs which stage, for `pipeline status` (which asks `squeue`; `sacct` needs
 //! accounting, which many clusters lack) and for resubmitting: a stage that is queued or
 //! running is not submitted again.
@@ -44,8 +45,6 @@ struct Job {
     tasks: Vec<(usize, usize)>,
     /// Whether it is an array.
     array: bool,
-    /// Added to the task id to find the stage's line in the task list.
-    offset: usize,
     /// The grid, or the stage, whose resources apply.
     key: String,
 }
@@ -69,7 +68,17 @@ pub fn submitted(config: &Config) -> Submitted {
         .unwrap_or_default()
 }
 
-/// The Slurm state of every job `squeue` knows among `ids` (arrays expanded: `123_4`).
+/// The pending reason of a job whose dependency failed: it will never start (Slurm keeps it
+/// queued unless `kill_on_invalid_dep` is set).
+const DEAD_DEPENDENCY: &str = "DependencyNeverSatisfied";
+
+/// Whether a job in `state` (from [`queue_states`]) can still run.
+pub fn can_still_run(state: &str) -> bool {
+    !state.contains(DEAD_DEPENDENCY)
+}
+
+/// The Slurm state of every job `squeue` knows among `ids` (arrays expanded: `123_4`), with the
+/// reason of one that waits on a failed dependency: `PENDING (DependencyNeverSatisfied)`.
 pub fn queue_states(ids: &[&str]) -> Result<BTreeMap<String, String>> {
     if ids.is_empty() {
         return Ok(BTreeMap::new());
@@ -79,15 +88,21 @@ pub fn queue_states(ids: &[&str]) -> Result<BTreeMap<String, String>> {
         .map(|i| i.split('_').next().unwrap_or(i).to_string())
         .collect();
     let o = Command::new("squeue")
-        .args(["-h", "-r", "-o", "%i %T", "--jobs", &jobs.join(",")])
+        .args(["-h", "-r", "-o", "%i %T %r", "--jobs", &jobs.join(",")])
         .output()
         .context("cannot run squeue (is Slurm's client on PATH?)")?;
     // squeue fails on ids it no longer knows (finished long ago): then nothing is queued.
     let text = String::from_utf8_lossy(&o.stdout);
     Ok(text
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(id, state)| (id.to_string(), state.to_string()))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (id, state) = (words.next()?, words.next()?);
+            Some(match words.next() {
+                Some(DEAD_DEPENDENCY) => (id.into(), format!("{state} ({DEAD_DEPENDENCY})")),
+                _ => (id.into(), state.into()),
+            })
+        })
         .collect())
 }
 
@@ -135,11 +150,25 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
     } else {
         queue_states(&ids)?
     };
+    // Jobs waiting on a dependency that failed never start: cancelled, and their stages
+    // submitted again (on the upstream jobs of this submission).
+    let dead: Vec<&String> = queued
+        .iter()
+        .filter(|(_, st)| !can_still_run(st))
+        .map(|(id, _)| id)
+        .collect();
+    if !dead.is_empty() && !opts.dry_run {
+        let ids: Vec<&str> = dead.iter().map(|s| s.as_str()).collect();
+        let o = Command::new("scancel").args(&ids).status();
+        if !o.is_ok_and(|s| s.success()) {
+            eprintln!("warning: scancel {} failed", ids.join(" "));
+        }
+    }
     // Stage → job id of stages queued or running from an earlier submission.
     let mut job_of: BTreeMap<String, String> = previous
         .stages
         .iter()
-        .filter(|(_, id)| queued.contains_key(*id))
+        .filter(|(_, id)| queued.get(*id).is_some_and(|st| can_still_run(st)))
         .map(|(s, id)| (s.clone(), id.clone()))
         .collect();
     let todo: Vec<usize> = config
@@ -162,7 +191,7 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
     let mut new = BTreeMap::new();
     for job in &jobs {
         let dependency = dependency(config, job, &job_of);
-        let (script, tasks) = script(config, opts, job, &exe, &file, &root, &dir)?;
+        let script = script(config, opts, job, &exe, &file, &root, &dir)?;
         let path = dir.join(format!("{}.sbatch", job.name));
         let id = if opts.dry_run {
             println!(
@@ -176,10 +205,6 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             format!("<{}>", job.name)
         } else {
             datasets::atomic::write_bytes(&path, script.as_bytes())?;
-            if let Some(list) = &tasks {
-                let list_path = dir.join(format!("{}.tasks", job.name));
-                datasets::atomic::write_bytes(&list_path, list.as_bytes())?;
-            }
             sbatch(&path, job, dependency.as_deref())?
         };
         for &(task, i) in &job.tasks {
@@ -248,7 +273,6 @@ fn plan(config: &Config, todo: &[usize], max_array: usize) -> Vec<Job> {
                 name: format!("ldl-{}", s.name),
                 tasks: vec![(0, i)],
                 array: false,
-                offset: 0,
                 key: s.name.clone(),
             });
             continue;
@@ -286,7 +310,6 @@ fn plan(config: &Config, todo: &[usize], max_array: usize) -> Vec<Job> {
                     },
                     tasks: mine.iter().map(|&(p, j)| (p - lo, j)).collect(),
                     array: true,
-                    offset: lo,
                     key: grid.clone(),
                 });
             }
@@ -368,8 +391,7 @@ fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources
     r.over(&opts.overrides)
 }
 
-/// The sbatch script of `job`, and for an array its task list (line `offset + id + 1` names
-/// the stage of task `id`).
+/// The sbatch script of `job` (an array's names the stage of each task id in a table).
 fn script(
     config: &Config,
     opts: &SubmitOptions,
@@ -378,7 +400,7 @@ fn script(
     file: &Path,
     root: &Path,
     dir: &Path,
-) -> Result<(String, Option<String>)> {
+) -> Result<String> {
     let r = resources(config, opts, job);
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let mut s = String::from("#!/bin/bash\n");
@@ -420,25 +442,26 @@ fn script(
     for line in r.extra.iter().flatten() {
         writeln!(s, "#SBATCH {line}")?;
     }
-    let tasks = dir.join(format!("{}.tasks", job.name));
-    let mut list = String::new();
-    let width = job.tasks.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
-    let mut lines = vec![String::new(); job.offset + width];
-    for &(t, i) in &job.tasks {
-        lines[job.offset + t] = config.stages[i].name.clone();
-    }
-    for l in &lines {
-        list.push_str(l);
-        list.push('\n');
-    }
     s.push_str("set -euo pipefail\n");
     if job.array {
-        writeln!(
-            s,
-            "STAGE=$(sed -n \"$((SLURM_ARRAY_TASK_ID + {} + 1))p\" {})",
-            job.offset,
-            q(&tasks)
-        )?;
+        // The task → stage table is part of the script, which sbatch copies when it submits:
+        // a later submission (rewriting this file) cannot change what a queued task runs.
+        let width = job.tasks.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
+        let mut names = vec![String::new(); width];
+        for &(t, i) in &job.tasks {
+            names[t] = config.stages[i].name.clone();
+        }
+        s.push_str("STAGES=(\n");
+        for n in &names {
+            let quoted = if n.is_empty() {
+                "''".into()
+            } else {
+                shell_quote(n)
+            };
+            writeln!(s, "  {quoted}")?;
+        }
+        s.push_str(")\n");
+        s.push_str("STAGE=${STAGES[SLURM_ARRAY_TASK_ID]}\n");
     } else {
         writeln!(
             s,
@@ -451,8 +474,10 @@ fn script(
     } else {
         ""
     };
-    s.push_str("# On a stop request the binary checkpoints and requeues this job itself.\n");
-    s.push_str("export LDL_SLURM_REQUEUE=1\n");
+    s.push_str(
+        "# On USR2 (the time limit is near) the binary checkpoints and requeues this job.\n",
+    );
+    writeln!(s, "export {REQUEUE_ENV}=1")?;
     writeln!(
         s,
         "exec {} run {} --output {} --only \"$STAGE\"{threads}",
@@ -460,7 +485,7 @@ fn script(
         q(file),
         q(root)
     )?;
-    Ok((s, job.array.then_some(list)))
+    Ok(s)
 }
 
 fn shell_quote(s: &str) -> String {
@@ -473,10 +498,29 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// In a Slurm job submitted by `submit`, after a stop request: requeue this job (task), so that
-/// it runs again and resumes from the checkpoint just written.
+/// Set in the scripts of `submit`: a process stopped by SIGUSR2 requeues its own job.
+pub const REQUEUE_ENV: &str = "LDL_SLURM_REQUEUE";
+
+/// Set by SIGUSR2, the signal `submit`'s jobs get `signal_lead` seconds before their time limit.
+static REQUEUE_ASKED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+/// Registers SIGUSR2 as a request to requeue (beside the stop it also requests). SIGTERM, what
+/// `scancel` and a preemption send, only stops: a cancelled job stays cancelled, and a preempted
+/// one is requeued by Slurm itself (jobs are submitted with `--requeue`).
+pub fn requeue_on_usr2() -> Result<()> {
+    let flag = REQUEUE_ASKED.get_or_init(Default::default);
+    signal_hook::flag::register(signal_hook::consts::SIGUSR2, flag.clone())?;
+    Ok(())
+}
+
+/// In a Slurm job submitted by `submit`, after SIGUSR2 stopped the run: requeue this job (task),
+/// so that it runs again and resumes from the checkpoint just written.
 pub fn requeue_self() {
-    if std::env::var_os("LDL_SLURM_REQUEUE").is_none() {
+    let asked = REQUEUE_ASKED
+        .get()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+    if std::env::var_os(REQUEUE_ENV).is_none() || !asked {
         return;
     }
     let id = match (
