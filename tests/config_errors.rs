@@ -58,6 +58,16 @@ fn unknown_top_level_key() {
 fn wrong_type() {
     let e = fails(&format!("{HEAD}train_size = \"many\"\n"));
     assert_at(&e, 8, 14, &["stage `data`", "invalid type", "string"]);
+    // The message names the key and the type in words.
+    let e = fails(&format!("{HEAD}{STUDENT}epochs = \"ten\"\n"));
+    assert_at(
+        &e,
+        14,
+        10,
+        &[
+            "stage `s` (kind train): key `epochs`: invalid type: string \"ten\", expected a whole number",
+        ],
+    );
 }
 
 #[test]
@@ -200,6 +210,16 @@ fn missing_method_of_a_train_stage() {
         1,
         &["stage `t` (kind train)", "missing key `method`"],
     );
+    // Misspelt, it is an unknown key, with the keys expected.
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethd = \"vanilla\"\n"
+    ));
+    assert_at(
+        &e,
+        13,
+        1,
+        &["unknown key `methd`, expected one of", "`method`"],
+    );
 }
 
 #[test]
@@ -214,7 +234,7 @@ fn missing_file() {
     let o = pipeline(dir.path(), &["run", "absent.toml"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("absent.toml") && stderr(&o).contains("cannot read"),
+        stderr(&o).contains("error: absent.toml: cannot read: No such file"),
         "{}",
         stderr(&o)
     );

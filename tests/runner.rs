@@ -91,7 +91,13 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     let dry = pipeline(dir.path(), &["run", "p.toml", "--dry-run"]);
     assert_eq!(
         stdout(&dry).matches("would run").count(),
-        3,
+        4,
+        "{}",
+        stdout(&dry)
+    );
+    assert_eq!(
+        stdout(&dry).lines().last(),
+        Some("would run 3 stages: 1 train, 1 evaluate, 1 report"),
         "{}",
         stdout(&dry)
     );
@@ -573,4 +579,44 @@ fn a_signal_checkpoints_the_training_and_the_next_run_resumes_from_it() {
         weights("out") == weights("reference"),
         "resumed weights differ"
     );
+}
+
+/// `--only`, `--force` and `clean` take a grid's name for all its cells; a name the file does not
+/// have is a usage error (status 2) that lists what it has.
+#[test]
+fn command_lines_name_grids_for_their_cells() {
+    let dir = scratch();
+    let cfg = "[run]\noutput = \"out\"\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+        [[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmatrix = { seed = [0, 1] }\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n";
+    write(dir.path(), "g.toml", cfg);
+    let dry = pipeline(dir.path(), &["run", "g.toml", "--force", "s", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert_eq!(
+        stdout(&dry).lines().last(),
+        Some("would run 3 stages: 1 prepare, 2 train"),
+        "{}",
+        stdout(&dry)
+    );
+    for args in [
+        &["run", "g.toml", "--only", "t"][..],
+        &["run", "g.toml", "--force", "s.seed=2"],
+        &["clean", "g.toml", "t"],
+    ] {
+        let o = pipeline(dir.path(), args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("(stages: data; grids: s)"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    for cell in ["s.seed=0", "s.seed=1", "data"] {
+        std::fs::create_dir_all(dir.path().join("out").join(cell)).unwrap();
+    }
+    let o = pipeline(dir.path(), &["clean", "g.toml", "s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    assert!(!out.join("s.seed=0").exists() && !out.join("s.seed=1").exists());
+    assert!(out.join("data").exists());
 }

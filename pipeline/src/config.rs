@@ -44,6 +44,10 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            // Not a place in the file: the file itself (it cannot be read).
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",
@@ -208,7 +212,12 @@ impl Locator<'_> {
             .message()
             .trim()
             .replace("unknown field", "unknown key")
-            .replace("missing field", "missing key");
+            .replace("missing field", "missing key")
+            .replace("expected usize", "expected a whole number")
+            .replace("expected u64", "expected a whole number")
+            .replace("expected u32", "expected a whole number")
+            .replace("expected f64", "expected a number")
+            .replace("expected f32", "expected a number");
         self.at(e.span().unwrap_or(fallback), format!("{context}{msg}"))
     }
 }
@@ -822,27 +831,43 @@ fn cell_params(
     let kind = tpl.kind;
     let span = tpl.span.clone();
     // Keys without a default (their kinds fill missing keys from `Default`).
-    if let Some(key) = StageParams::required(kind)
+    let missing = StageParams::required(kind)
         .iter()
-        .find(|k| !t.contains_key(**k))
-    {
+        .find(|k| !t.contains_key(**k));
+    let body = Spanned::new(span.clone(), DeValue::Table(t));
+    let parsed = deserialize_params(kind, ValueDeserializer::from(body));
+    let err = |e: toml::de::Error| {
+        // A value of the wrong type: name its key (serde's message names only the types).
+        let key = e
+            .message()
+            .starts_with("invalid")
+            .then(|| e.span())
+            .flatten()
+            .and_then(|at| {
+                key_spans
+                    .iter()
+                    .find(|(_, r)| r.start <= at.start && at.end <= r.end)
+            })
+            .map_or(String::new(), |(k, _)| format!("key `{k}`: "));
+        loc.toml(
+            e,
+            &format!("stage `{shown}` (kind {kind}): {key}"),
+            span.clone(),
+        )
+    };
+    if let Some(key) = missing {
+        // A misspelt key is the likelier cause of a missing one: its error names it.
+        if let Err(e) = parsed.as_ref().map(|_| ()) {
+            if e.message().starts_with("unknown field") {
+                return Err(err(e.clone()));
+            }
+        }
         return Err(loc.at(
             span,
             format!("stage `{shown}` (kind {kind}): missing key `{key}`"),
         ));
     }
-    let body = Spanned::new(span.clone(), DeValue::Table(t));
-    let de = ValueDeserializer::from(body);
-    let err = |e| loc.toml(e, &format!("stage `{shown}` (kind {kind}): "), span.clone());
-    let mut params = match kind {
-        Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de).map_err(err)?),
-        Kind::Import => StageParams::Import(Deserialize::deserialize(de).map_err(err)?),
-        Kind::Train => StageParams::Train(Deserialize::deserialize(de).map_err(err)?),
-        Kind::Label => StageParams::Label(Deserialize::deserialize(de).map_err(err)?),
-        Kind::Replay => StageParams::Replay(Deserialize::deserialize(de).map_err(err)?),
-        Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de).map_err(err)?),
-        Kind::Report => StageParams::Report(Deserialize::deserialize(de).map_err(err)?),
-    };
+    let mut params = parsed.map_err(err)?;
     if let Err((key, message)) = params.validate() {
         let at = key_spans.get(key).cloned().unwrap_or(span.clone());
         return Err(loc.at(
@@ -869,6 +894,19 @@ fn cell_params(
         ));
     }
     Ok((own_name, params))
+}
+
+/// A stage table's parameters, as its kind reads them.
+fn deserialize_params(kind: Kind, de: ValueDeserializer) -> Result<StageParams, toml::de::Error> {
+    Ok(match kind {
+        Kind::Prepare => StageParams::Prepare(Deserialize::deserialize(de)?),
+        Kind::Import => StageParams::Import(Deserialize::deserialize(de)?),
+        Kind::Train => StageParams::Train(Deserialize::deserialize(de)?),
+        Kind::Label => StageParams::Label(Deserialize::deserialize(de)?),
+        Kind::Replay => StageParams::Replay(Deserialize::deserialize(de)?),
+        Kind::Evaluate => StageParams::Evaluate(Deserialize::deserialize(de)?),
+        Kind::Report => StageParams::Report(Deserialize::deserialize(de)?),
+    })
 }
 
 /// One key of a grid cell: its value and the name segment it gives.
@@ -1239,5 +1277,38 @@ impl Config {
     /// The stage named `name`.
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
         self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The stages `names` name on a command line: a stage, or a grid (all its cells). An
+    /// unknown name is an error that says what the file has.
+    pub fn select(&self, names: &[String]) -> Result<Vec<String>, String> {
+        let mut out: Vec<String> = Vec::new();
+        for n in names {
+            let cells = match self.grids.iter().find(|(g, _)| g == n) {
+                Some((_, cells)) => cells.clone(),
+                None if self.stage(n).is_some() => vec![n.clone()],
+                None => {
+                    let grids: Vec<&str> = self.grids.iter().map(|(g, _)| g.as_str()).collect();
+                    let plain = self.stages.iter().filter(|s| s.grid.is_none());
+                    let names: Vec<&str> = plain.map(|s| s.name.as_str()).collect();
+                    return Err(format!(
+                        "{}: no stage or grid named `{n}` (stages: {}; grids: {})",
+                        self.path.display(),
+                        names.join(", "),
+                        if grids.is_empty() {
+                            "none".into()
+                        } else {
+                            grids.join(", ")
+                        }
+                    ));
+                }
+            };
+            for c in cells {
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -43,17 +43,18 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Remove the outputs of STAGE, or of every stage of FILE.
+    /// Remove the outputs of STAGE (a stage, or a grid's cells), or of every stage of FILE.
     Clean {
         /// The stages.toml whose outputs to remove.
         file: PathBuf,
-        /// The stage to clean (default: all).
+        /// The stage or grid to clean (default: all).
         stage: Option<String>,
         /// Output root (overrides `[run].output`).
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Show a label store's schema, metadata and first rows, or a packed split's summary.
+    /// Show a label store's schema, metadata and first rows, an evaluation's predictions, or a
+    /// packed split's summary.
     Inspect(inspect::InspectArgs),
     /// Submit the stages of FILE that are not up to date to a cluster (`--slurm`): a grid as
     /// one job array, chained by the DAG's dependencies.
@@ -110,10 +111,10 @@ struct RunArgs {
     /// Output root (overrides `[run].output`).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Run only this stage (repeatable); its inputs must be up to date.
+    /// Run only this stage, or a grid's cells (repeatable); its inputs must be up to date.
     #[arg(long, value_name = "STAGE")]
     only: Vec<String>,
-    /// Re-run this stage even if it is up to date (repeatable).
+    /// Re-run this stage, or a grid's cells, even if up to date (repeatable).
     #[arg(long, value_name = "STAGE")]
     force: Vec<String>,
     /// Print what would run, and why, without running anything.
@@ -162,6 +163,12 @@ impl Write for LogWriter {
     }
 }
 
+/// A command line that names what the file does not have: exit status 2, like a bad file.
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
 fn load(file: &Path, output: Option<&Path>) -> Result<config::Config, ExitCode> {
     config::load(file, output).map_err(|e| {
         eprintln!("error: {e}");
@@ -207,9 +214,19 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let stages = match stage
+                .as_ref()
+                .map(|s| config.select(std::slice::from_ref(s)))
+            {
+                Some(Err(e)) => return usage_error(&e),
+                Some(Ok(cells)) => cells.into_iter().map(Some).collect(),
+                None => vec![None],
+            };
             (|| {
-                for removed in runner::clean(&config, stage.as_deref())? {
-                    println!("removed {removed}");
+                for stage in &stages {
+                    for removed in runner::clean(&config, stage.as_deref())? {
+                        println!("removed {removed}");
+                    }
                 }
                 Ok(())
             })()
@@ -330,6 +347,10 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let (only, force) = match (config.select(&args.only), config.select(&args.force)) {
+        (Ok(only), Ok(force)) => (only, force),
+        (Err(e), _) | (_, Err(e)) => return usage_error(&e),
+    };
     if let Some(t) = args.threads {
         config.run.threads = t as usize;
         config.run.threads_set = true;
@@ -353,19 +374,22 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
     let result = (|| -> Result<ExitCode> {
         let t0 = std::time::Instant::now();
         let opts = runner::RunOptions {
-            only: args.only.clone(),
-            force: args.force.clone(),
+            only: only.clone(),
+            force: force.clone(),
             dry_run: args.dry_run,
             stop: stop_on_signals()?,
         };
-        let (summary, code) = if parallel {
-            if !args.devices.is_empty() && config.run.device == engine::device::DeviceSpec::Cpu {
+        // Checked before a dry run too: it says what the real run would do.
+        if !args.devices.is_empty() {
+            if config.run.device == engine::device::DeviceSpec::Cpu {
                 anyhow::bail!(
                     "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
                     config.path.display()
                 );
             }
             pipeline::jobs::check_devices(&args.devices)?;
+        }
+        let (summary, code) = if parallel {
             let job_opts = pipeline::jobs::JobOptions {
                 jobs,
                 devices: args.devices.clone(),
@@ -401,7 +425,9 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
                 ExitCode::SUCCESS,
             )
         };
-        if !args.dry_run {
+        if args.dry_run {
+            println!("{}", dry_run_summary(&config, &summary.ran));
+        } else {
             tracing::info!(
                 "{} stage(s) run, {} up to date, {} completed by other processes, in {:.1}s; outputs in {}",
                 summary.ran.len(),
@@ -432,12 +458,50 @@ fn report_error(e: &anyhow::Error, progress: &Option<MultiProgress>) -> ExitCode
         )
     });
     if interrupted {
-        eprintln!("stopped: {e:#}");
+        eprintln!("stopped: {}", chain_text(e));
         pipeline::slurm::requeue_self();
         return ExitCode::from(EXIT_INTERRUPTED);
     }
-    eprintln!("error: {e:#}");
+    eprintln!("error: {}", chain_text(e));
     ExitCode::FAILURE
+}
+
+/// The last line of a dry run: how many stages would run, by kind
+/// (`would run 38 stages: 1 prepare, 19 train, 1 label, 16 evaluate, 1 report`).
+fn dry_run_summary(config: &config::Config, would_run: &[String]) -> String {
+    let count = |kind: stages::Kind| {
+        would_run
+            .iter()
+            .filter(|n| config.stage(n).is_some_and(|s| s.params.kind() == kind))
+            .count()
+    };
+    let by_kind: Vec<String> = stages::Kind::ALL
+        .into_iter()
+        .map(|k| (k, count(k)))
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{n} {}", k.as_str()))
+        .collect();
+    match would_run.len() {
+        0 => "would run nothing: every stage is up to date".into(),
+        n => format!("would run {n} stages: {}", by_kind.join(", ")),
+    }
+}
+
+/// `e` and its causes, joined by ": " as `{:#}` does, but each cause only once: an I/O error
+/// names its path and its OS error, which is also its source.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// The flag SIGTERM, SIGUSR2 (Slurm's warning before a time limit or preemption; USR1 is NCCL's)

@@ -534,7 +534,7 @@ fn run_stage(
         Ok(o) => o,
         // Stopped on request, a file it resumes from is damaged, or an I/O error the next run
         // may not meet (a full disk): the partial folder keeps its checkpoints or chunks.
-        Err(e) if e.keeps_partial() => {
+        Err(e) if e.keeps_partial() && has_progress(&partial) => {
             tracing::warn!(
                 "{}: {} is kept for the next run to resume from (`pipeline clean` discards it)",
                 s.name,
@@ -580,6 +580,13 @@ fn run_stage(
     // the record and only moves it (so a kill here never costs a training).
     datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
     move_into_place(&partial, &final_dir, &record)
+}
+
+/// Whether a partial folder holds anything besides its resume tag (checkpoints, chunks, epochs
+/// of a replay store): what a stopped or failed stage's next run would resume from.
+fn has_progress(partial: &Path) -> bool {
+    fs::read_dir(partial)
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != PARTIAL_TAG)))
 }
 
 /// The record of a partial folder that a run finished (outputs written and recorded) but did not
