@@ -270,6 +270,18 @@ fn out_of_range_values() {
     assert_at(&e, 14, 1, &["key `lr`", "positive"]);
     let e = fails(&train("batch_size = 0"));
     assert_at(&e, 14, 1, &["key `batch_size`", "at least 1"]);
+    let e = fails(&train(
+        "schedule = { type = \"multi-step\", milestones = [20, 10], gamma = 0.1 }",
+    ));
+    assert_at(
+        &e,
+        14,
+        1,
+        &[
+            "key `schedule`",
+            "`milestones` must increase, found [20, 10]",
+        ],
+    );
 }
 
 /// CRD without a teacher, on mixed batches or from a replay store (which holds no features), and
@@ -483,5 +495,69 @@ fn a_follower_pairs_only_on_keys_of_the_same_meaning() {
             "stage `on` follows the grid `r`",
             "no cell of `r` has its `seed = 7`",
         ],
+    );
+}
+
+/// What a stage reads from its inputs is checked with the file, not when the stage starts
+/// (after days of upstream training in a grid): a validation split, a teacher's dropout, a
+/// replay store's epochs, a held-out split the training set can afford.
+#[test]
+fn what_a_stage_reads_from_its_inputs_is_checked_before_anything_runs() {
+    let teacher =
+        "\n[[stage]]\nname = \"t\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n";
+    let e = fails(&format!("{HEAD}{STUDENT}temperature_scaling = true\n"));
+    assert_at(
+        &e,
+        12,
+        10,
+        &[
+            "stage `s`: key `needs` names `data`",
+            "no validation split",
+            "`temperature_scaling`",
+        ],
+    );
+    let e = fails(&format!(
+        "{HEAD}{teacher}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\", \"t\"]\nmethod = \"on-ldl\"\nteacher_mc = 4\n"
+    ));
+    assert_at(
+        &e,
+        18,
+        18,
+        &[
+            "stage `s`: key `needs` names `t`",
+            "teacher_mc = 4 needs teachers trained with dropout",
+        ],
+    );
+    let e = fails(&format!(
+        "{HEAD}{teacher}\n[[stage]]\nname = \"e\"\nkind = \"evaluate\"\nneeds = [\"data\", \"t\"]\nmc_samples = 8\n"
+    ));
+    assert_at(
+        &e,
+        18,
+        18,
+        &[
+            "names `t`",
+            "mc_samples = 8 averages Monte-Carlo dropout passes",
+        ],
+    );
+    let e = fails(&format!(
+        "{HEAD}{teacher}\n[[stage]]\nname = \"r\"\nkind = \"replay\"\nneeds = [\"data\", \"t\"]\nepochs = 2\n\n\
+         [[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\", \"t\", \"r\"]\nmethod = \"on-ldl\"\nreplay = true\nepochs = 3\n"
+    ));
+    assert_at(
+        &e,
+        24,
+        23,
+        &[
+            "names `r`",
+            "which stores 2 epochs, fewer than this stage's 3",
+        ],
+    );
+    let e = fails(&format!("{HEAD}train_size = 100\nval = 100\n"));
+    assert_at(
+        &e,
+        9,
+        1,
+        &["key `val`", "holding out 100 of the 100 training images"],
     );
 }

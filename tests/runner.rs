@@ -185,6 +185,14 @@ fn a_finished_stage_is_moved_into_place_after_any_stop_and_without_rename_exchan
     // Without the exchange, a changed stage still replaces its folder.
     let o = run(2, Some(("LDL_FAULT_EXCHANGE", "unsupported")));
     assert!(o.status.success(), "{}", stderr(&o));
+    // (The default schedule's milestones are for the paper's 240 epochs: said, not refused.)
+    assert!(
+        stderr(&o).contains(
+            "model: the learning rate never drops at milestone(s) [150, 180, 210]: the run has 2 epochs"
+        ),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(epochs_logged(), 2);
     only_recorded();
 

@@ -1110,7 +1110,9 @@ fn validate_needs(
                 ),
             ));
         }
-        if let Some(why) = sskd_teacher_mismatch(&s.params, &stages[u].params) {
+        if let Some(why) = sskd_teacher_mismatch(&s.params, &stages[u].params)
+            .or_else(|| input_mismatch(&s.params, &stages[u].params))
+        {
             return Err(loc.at(
                 span,
                 format!("stage `{}`: key `needs` names `{need}`, {why}", s.name),
@@ -1220,6 +1222,45 @@ fn sskd_teacher_mismatch(p: &StageParams, needed: &StageParams) -> Option<String
             "a {} stage: an `sskd` student needs the `sskd-head` stage that trained its teacher's self-supervised head (method = \"sskd-head\", needs = [teacher])",
             needed.kind()
         )),
+    }
+}
+
+/// What stage `needed` lacks that `p` reads from it, found here rather than when `p` starts
+/// (in a grid, after days of its upstream trainings): a validation split, a teacher's dropout,
+/// a replay store's epochs.
+fn input_mismatch(p: &StageParams, needed: &StageParams) -> Option<String> {
+    match (p, needed) {
+        (StageParams::Train(t), StageParams::Prepare(d))
+            if (t.temperature_scaling || t.method.uses_ogr()) && d.val.unwrap_or(0) == 0 =>
+        {
+            let what = if t.temperature_scaling {
+                "`temperature_scaling`".to_string()
+            } else {
+                format!("method `{}`", t.method.as_str())
+            };
+            Some(format!(
+                "which holds out no validation split, which {what} needs (set its `val`)"
+            ))
+        }
+        (StageParams::Train(t), StageParams::Train(teacher))
+            if t.method.uses_teachers() && !t.replay && t.teacher_mc > 0 && teacher.dropout == 0.0 =>
+        {
+            Some(format!(
+                "a teacher without dropout: teacher_mc = {} needs teachers trained with dropout (train it with `dropout = 0.2`)",
+                t.teacher_mc
+            ))
+        }
+        (StageParams::Evaluate(e), StageParams::Train(m)) if e.mc_samples > 0 && m.dropout == 0.0 => {
+            Some(format!(
+                "a model without dropout: mc_samples = {} averages Monte-Carlo dropout passes (train it with `dropout = 0.2`)",
+                e.mc_samples
+            ))
+        }
+        (StageParams::Train(t), StageParams::Replay(r)) if t.replay && r.epochs < t.epochs => Some(format!(
+            "which stores {} epochs, fewer than this stage's {} (raise the replay stage's `epochs`)",
+            r.epochs, t.epochs
+        )),
+        _ => None,
     }
 }
 

@@ -548,8 +548,29 @@ fn run_stage(
             return Err(anyhow!(e));
         }
     };
+    let record = finished_record(config, fps, i, &inputs, started, &partial, &outputs)?;
+    let mut json = serde_json::to_vec_pretty(&record)?;
+    json.push(b'\n');
+    // From here on the partial folder is complete: a run stopped before it is in place finds
+    // the record and only moves it (so a kill here never costs a training).
+    datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
+    move_into_place(&partial, &final_dir, &record)
+}
+
+/// The record of stage `i`, run from `started` until now into `partial`, with the size and hash
+/// of each of its `outputs`.
+fn finished_record(
+    config: &Config,
+    fps: &[String],
+    i: usize,
+    inputs: &[Input],
+    started: String,
+    partial: &Path,
+    outputs: &[String],
+) -> Result<StageRecord> {
+    let s = &config.stages[i];
     let mut files = Vec::new();
-    for o in &outputs {
+    for o in outputs {
         let (bytes, blake3) = hash_file(&partial.join(o))?;
         files.push(OutputFile {
             path: o.clone(),
@@ -557,7 +578,7 @@ fn run_stage(
             blake3,
         });
     }
-    let record = StageRecord {
+    Ok(StageRecord {
         name: s.name.clone(),
         kind: s.params.kind().as_str().into(),
         params: params_json(&s.params),
@@ -573,13 +594,7 @@ fn run_stage(
         format_version: FORMAT_VERSION,
         device: config.run.device.to_string(),
         outputs: files,
-    };
-    let mut json = serde_json::to_vec_pretty(&record)?;
-    json.push(b'\n');
-    // From here on the partial folder is complete: a run stopped before it is in place finds
-    // the record and only moves it (so a kill here never costs a training).
-    datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
-    move_into_place(&partial, &final_dir, &record)
+    })
 }
 
 /// Whether a partial folder holds anything besides its resume tag (checkpoints, chunks, epochs

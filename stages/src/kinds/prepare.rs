@@ -168,6 +168,18 @@ impl Params {
                 return Err((key, "must be at least 1, found 0".into()));
             }
         }
+        let kept = match self.source {
+            Source::Synthetic => Some(self.train_size.unwrap_or(5000)),
+            _ => None,
+        };
+        if let (Some(n), Some(v), None) = (kept, self.val, self.limit) {
+            if v >= n {
+                return Err((
+                    "val",
+                    format!("holding out {v} of the {n} training images leaves none to train on"),
+                ));
+            }
+        }
         if let (Some(l), Some(v)) = (self.limit, self.val) {
             if v >= l {
                 return Err((

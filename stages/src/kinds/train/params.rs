@@ -402,6 +402,14 @@ impl Params {
                 ),
             ));
         }
+        if let Schedule::MultiStep { milestones, .. } = &self.schedule {
+            if milestones.windows(2).any(|w| w[0] >= w[1]) {
+                return Err((
+                    "schedule",
+                    format!("`milestones` must increase, found {milestones:?}"),
+                ));
+            }
+        }
         self.mix
             .validate()
             .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))?;

@@ -25,6 +25,7 @@ use engine::inference::Inference;
 use engine::models::{Arch, Mode, Model, ModelSpec};
 use engine::optim::{Sgd, SgdConfig};
 use engine::schedule::lr_at;
+use engine::schedule::Schedule;
 use indicatif::ProgressBar;
 use std::sync::Arc;
 use std::time::Instant;
@@ -127,6 +128,17 @@ impl<'a> Trainer<'a> {
             .stream()
             .loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
         let steps = loader.batches_per_epoch();
+        if let Schedule::MultiStep { milestones, .. } = &p.schedule {
+            // Easily left at the paper's default when `epochs` is cut for a quick run.
+            let late: Vec<&usize> = milestones.iter().filter(|&&m| m >= p.epochs).collect();
+            if !late.is_empty() {
+                tracing::warn!(
+                    "{}: the learning rate never drops at milestone(s) {late:?}: the run has {} epochs (set `schedule`)",
+                    ctx.name,
+                    p.epochs
+                );
+            }
+        }
         Ok(Trainer {
             ctx,
             p,
