@@ -415,9 +415,13 @@ fn slurm_table(
         .map_err(|e| loc.toml(e, "[slurm]: ", span.clone()))?;
     for k in raw.kind.keys() {
         if k.parse::<Kind>().is_err() {
+            let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
             return Err(loc.at(
                 span.clone(),
-                format!("[slurm.kind.{k}]: unknown stage kind `{k}`, expected one of prepare, train, label, evaluate, report"),
+                format!(
+                    "[slurm.kind.{k}]: unknown stage kind `{k}`, expected one of {}",
+                    kinds.join(", ")
+                ),
             ));
         }
     }

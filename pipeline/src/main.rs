@@ -331,7 +331,9 @@ fn submit(args: &SubmitArgs, config: &config::Config) -> Result<()> {
         },
     };
     pipeline::slurm::submit(config, &opts).map(|jobs| {
-        if !args.dry_run {
+        if jobs.is_empty() {
+            println!("nothing to submit: every stage is up to date or queued");
+        } else if !args.dry_run {
             println!("{} stage(s) submitted", jobs.len());
         }
     })
