@@ -561,3 +561,57 @@ fn what_a_stage_reads_from_its_inputs_is_checked_before_anything_runs() {
         &["key `val`", "holding out 100 of the 100 training images"],
     );
 }
+
+/// An offline student reading a source its label store will not hold is refused with the file:
+/// an unknown `label_source`, one teacher of several unnamed, the ensemble of one teacher,
+/// Monte-Carlo labels of a teacher without dropout.
+#[test]
+fn a_label_source_the_store_will_not_hold_is_refused_before_anything_runs() {
+    let teachers =
+        "\n[[stage]]\nname = \"a\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n\n\
+         [[stage]]\nname = \"b\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n";
+    let labels = |needs: &str| {
+        format!("\n[[stage]]\nname = \"l\"\nkind = \"label\"\nneeds = [\"data\", {needs}]\nmc_samples = 4\n")
+    };
+    let student = |extra: &str| {
+        format!("\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\", \"l\"]\n{extra}\n")
+    };
+    let e = fails(&format!(
+        "{HEAD}{teachers}{}{}",
+        labels("\"a\", \"b\""),
+        student("method = \"off-ldl\"\nlabel_source = \"nope\"")
+    ));
+    assert_at(
+        &e,
+        30,
+        18,
+        &[
+            "stage `s`: key `needs` names `l`",
+            "[\"a\", \"b\", \"ensemble\"]",
+            "not the `label_source = \"nope\"`",
+        ],
+    );
+    let e = fails(&format!(
+        "{HEAD}{teachers}{}{}",
+        labels("\"a\", \"b\""),
+        student("method = \"off-ldl\"")
+    ));
+    assert_at(
+        &e,
+        30,
+        18,
+        &["teachers [\"a\", \"b\"]: name the one to learn from"],
+    );
+    let e = fails(&format!(
+        "{HEAD}{teachers}{}{}",
+        labels("\"a\""),
+        student("method = \"off-en-ldl\"")
+    ));
+    assert_at(&e, 30, 18, &["no `ensemble` source", "it has [\"a\"]"]);
+    let e = fails(&format!(
+        "{HEAD}{teachers}{}{}",
+        labels("\"a\""),
+        student("method = \"off-ldl\"\nlabel_source = \"a.mc\"")
+    ));
+    assert_at(&e, 30, 18, &["not the `label_source = \"a.mc\"`"]);
+}

@@ -295,6 +295,9 @@ fn a_label_store_of_other_classes_is_refused() {
     assert!(!dir.path().join("out/student3").exists());
 }
 
+/// A `label_source` the label stage's store does not hold is refused with the file (exit 2),
+/// from the label stage's teachers, before anything runs or changes (the store's own check,
+/// `no rows for source`, is tested in `label_store::tests`).
 #[test]
 fn a_label_source_that_is_not_in_the_store_is_refused() {
     let dir = scratch();
@@ -305,16 +308,18 @@ fn a_label_source_that_is_not_in_the_store_is_refused() {
         1,
     );
     write(dir.path(), "src.toml", &cfg);
-    refused_unchanged(
-        dir.path(),
-        &["run", "src.toml"],
-        &[
-            "labels.parquet",
-            "column `source`",
-            "no rows for source `nobody`",
-            "teacher",
-        ],
+    let out = dir.path().join("out");
+    let before = snapshot(&out);
+    let o = pipeline(dir.path(), &["run", "src.toml"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "names `labels`, whose store will hold the sources [\"teacher\"], not the `label_source = \"nobody\"`"
+        ),
+        "{}",
+        stderr(&o)
     );
+    assert!(snapshot(&out) == before, "outputs changed");
 }
 
 /// A training killed after its first checkpoint: returns the newest checkpoint folder.

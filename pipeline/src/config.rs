@@ -1116,6 +1116,7 @@ fn validate_needs(
         }
         if let Some(why) = sskd_teacher_mismatch(&s.params, &stages[u].params)
             .or_else(|| input_mismatch(&s.params, &stages[u].params))
+            .or_else(|| label_source_mismatch(&s.params, &stages[u], stages, index))
         {
             return Err(loc.at(
                 span,
@@ -1263,6 +1264,54 @@ fn input_mismatch(p: &StageParams, needed: &StageParams) -> Option<String> {
         (StageParams::Train(t), StageParams::Replay(r)) if t.replay && r.epochs < t.epochs => Some(format!(
             "which stores {} epochs, fewer than this stage's {} (raise the replay stage's `epochs`)",
             r.epochs, t.epochs
+        )),
+        _ => None,
+    }
+}
+
+/// What an offline student reads from label stage `label` that its store will not hold: a
+/// `label_source` that is none of its sources, one teacher's labels from a store of several
+/// without naming which, or the ensemble of a single teacher.
+fn label_source_mismatch(
+    p: &StageParams,
+    label: &StageDecl,
+    stages: &[StageDecl],
+    index: &HashMap<&str, usize>,
+) -> Option<String> {
+    let (StageParams::Train(t), StageParams::Label(l)) = (p, &label.params) else {
+        return None;
+    };
+    let teachers: Vec<&StageDecl> = label
+        .needs
+        .iter()
+        .filter_map(|n| index.get(n.as_str()).map(|&i| &stages[i]))
+        .filter(|d| d.params.kind().produces() == Artifact::Model)
+        .collect();
+    let names: Vec<&str> = teachers.iter().map(|d| d.name.as_str()).collect();
+    let mut sources: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    if teachers.len() > 1 {
+        sources.push("ensemble".into());
+    }
+    for d in &teachers {
+        // A trained teacher has Monte-Carlo labels only with dropout; an imported one's
+        // dropout is in its file, so its `.mc` source is taken on trust here.
+        let dropout = match &d.params {
+            StageParams::Train(tp) => tp.dropout > 0.0,
+            _ => true,
+        };
+        if l.mc_samples > 0 && dropout {
+            sources.push(format!("{}.mc", d.name));
+        }
+    }
+    match (t.method, &t.label_source) {
+        (Method::OffLdl, Some(src)) if !sources.contains(src) => Some(format!(
+            "whose store will hold the sources {sources:?}, not the `label_source = \"{src}\"` this stage reads"
+        )),
+        (Method::OffLdl, None) if names.len() > 1 => Some(format!(
+            "whose store will hold the labels of teachers {names:?}: name the one to learn from with `label_source`, or use `off-en-ldl` (their mean) or `off-mt-ldl` (all of them)"
+        )),
+        (Method::OffEnLdl, _) if names.len() < 2 => Some(format!(
+            "whose store will hold no `ensemble` source: off-en-ldl needs a label stage of two or more teachers, it has {names:?}"
         )),
         _ => None,
     }

@@ -307,8 +307,12 @@ fn spawn(
         .spawn()
         .with_context(|| format!("cannot start the child of stage `{}`", s.name))?;
     let stderr = child.stderr.take().expect("piped");
-    let mut file =
-        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    // Appended to: the log of a stage resumed after a stop or a failure keeps its earlier runs.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let tx = lines.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {

@@ -643,8 +643,8 @@ impl Kernels for CudaKernels {
         // The capture always ends, whatever happened inside it.
         let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         let grads = self.recording.take().unwrap_or_default();
-        ran?;
-        let exec = ended.map_err(candle_core::Error::wrap)?;
+        // Checked first: freeing a buffer's old memory inside the capture also invalidates it,
+        // and the CUDA error that follows would hide the cause.
         if self.generation() != before {
             // The buffer holds memory of the (discarded) graph: nothing can use it safely.
             candle_core::bail!(
@@ -652,6 +652,8 @@ impl Kernels for CudaKernels {
                  graph (a bug; LDL_GPU_GRAPH=0 runs without graphs)"
             )
         }
+        ran?;
+        let exec = ended.map_err(candle_core::Error::wrap)?;
         if self.unrecordable {
             return Ok(None);
         }
