@@ -861,7 +861,7 @@ fn cell_params(
     };
     if let Some(key) = missing {
         // A misspelt key is the likelier cause of a missing one: its error names it.
-        if let Err(e) = parsed.as_ref().map(|_| ()) {
+        if let Err(e) = &parsed {
             if e.message().starts_with("unknown field") {
                 return Err(err(e.clone()));
             }

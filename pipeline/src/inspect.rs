@@ -5,7 +5,9 @@
 //! rows.
 
 use anyhow::{bail, Context as _, Result};
-use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
+use arrow::array::{
+    Array, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
+};
 use datasets::PackedStore;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::file::metadata::{FileMetaData, ParquetMetaData};
@@ -201,27 +203,16 @@ fn label_rows(
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
         let (Some(src), Some(index), Some(label)) = (
-            batch
-                .column_by_name("source")
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>()),
-            batch
-                .column_by_name("index")
-                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
-            batch
-                .column_by_name("label")
-                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
+            column::<StringArray>(&batch, "source"),
+            column::<UInt32Array>(&batch, "index"),
+            column::<UInt32Array>(&batch, "label"),
         ) else {
             bail!(
                 "{}: not a label store (columns index, label, source)",
                 path.display()
             );
         };
-        let list = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-                .cloned()
-        };
+        let list = |name: &str| column::<FixedSizeListArray>(&batch, name).cloned();
         let (full, top) = (list("probs"), (list("topk_classes"), list("topk_probs")));
         for r in 0..batch.num_rows() {
             *per_source.entry(src.value(r).to_owned()).or_default() += 1;
@@ -270,15 +261,9 @@ fn prediction_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
         let (Some(index), Some(label), Some(probs)) = (
-            batch
-                .column_by_name("index")
-                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
-            batch
-                .column_by_name("label")
-                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>()),
-            batch
-                .column_by_name("probs")
-                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>()),
+            column::<UInt32Array>(&batch, "index"),
+            column::<UInt32Array>(&batch, "label"),
+            column::<FixedSizeListArray>(&batch, "probs"),
         ) else {
             bail!(
                 "{}: not a label store (columns index, label, source) nor predictions \
@@ -413,6 +398,11 @@ fn row_max(list: &FixedSizeListArray, r: usize) -> Option<(usize, f32)> {
         .max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
+/// Column `name` of `batch` as an array of type `T`, if it has one of that type.
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Option<&'a T> {
+    batch.column_by_name(name)?.as_any().downcast_ref::<T>()
+}
+
 /// The values of one list row, from a float32 or a float16 column (stores written with
 /// `dtype = "f16"`); `None` for any other type.
 fn floats(v: &dyn Array) -> Option<Vec<f32>> {
@@ -429,12 +419,7 @@ fn replay_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Re
     let (mut n, mut steps, mut shown) = (0usize, 0usize, 0usize);
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
-        let col = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
-                .cloned()
-        };
+        let col = |name: &str| column::<UInt32Array>(&batch, name).cloned();
         let (Some(step), Some(position), Some(index)) =
             (col("step"), col("position"), col("index"))
         else {
@@ -457,22 +442,19 @@ fn replay_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Re
                 index.value(r)
             );
             for f in batch.schema().fields().iter().skip(3) {
-                let list = batch
-                    .column_by_name(f.name())
-                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>());
+                let list = column::<FixedSizeListArray>(&batch, f.name());
                 let Some((at, v)) = list.and_then(|l| row_max(l, r)) else {
                     continue;
                 };
                 if let Some(teacher) = f.name().strip_suffix(".topk_probs") {
                     // A top-k row's class is in its `topk_classes` at the same position.
-                    let class = batch
-                        .column_by_name(&format!("{teacher}.topk_classes"))
-                        .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
-                        .and_then(|l| {
-                            let v = l.value(r);
-                            let v = v.as_any().downcast_ref::<arrow::array::UInt16Array>()?;
-                            Some(v.value(at))
-                        });
+                    let class =
+                        column::<FixedSizeListArray>(&batch, &format!("{teacher}.topk_classes"))
+                            .and_then(|l| {
+                                let v = l.value(r);
+                                let v = v.as_any().downcast_ref::<arrow::array::UInt16Array>()?;
+                                Some(v.value(at))
+                            });
                     if let Some(class) = class {
                         line.push_str(&format!("  {teacher}: top {v:.4} at class {class}"));
                     }

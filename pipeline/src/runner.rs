@@ -61,6 +61,13 @@ pub struct StageRecord {
     pub outputs: Vec<OutputFile>,
 }
 
+impl StageRecord {
+    /// Whether this is the record of a complete run of fingerprint `fp`.
+    fn completes(&self, fp: &str) -> bool {
+        self.status == "complete" && self.fingerprint == fp
+    }
+}
+
 const RECORD: &str = "stage.json";
 const PARTIAL_TAG: &str = ".partial.json";
 
@@ -192,9 +199,9 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
     let s = &config.stages[i];
     let dir = stage_dir(config, &s.name);
     let can_resume = resumable(config, &s.name, &fps[i]);
-    let finished = |r: &StageRecord| r.status == "complete" && r.fingerprint == fps[i];
-    if read_record(&partial_dir(config, &s.name)).is_some_and(|r| finished(&r))
-        && !read_record(&dir).is_some_and(|r| finished(&r))
+    let finished = |r: StageRecord| r.completes(&fps[i]);
+    if read_record(&partial_dir(config, &s.name)).is_some_and(finished)
+        && !read_record(&dir).is_some_and(finished)
     {
         return StageState::Incomplete(
             "finished, but stopped before its folder was moved into place; the next run moves it"
@@ -609,8 +616,7 @@ fn has_progress(partial: &Path) -> bool {
 /// hash.
 fn finished_partial(partial: &Path, fp: &str) -> Option<StageRecord> {
     let record = read_record(partial)?;
-    let intact = record.status == "complete"
-        && record.fingerprint == fp
+    let intact = record.completes(fp)
         && record.outputs.iter().all(|o| {
             hash_file(&partial.join(&o.path))
                 .is_ok_and(|(bytes, blake3)| bytes == o.bytes && blake3 == o.blake3)

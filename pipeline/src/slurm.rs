@@ -6,8 +6,8 @@
 //! that follows another cell by cell depends on it with `aftercorr` (task i starts once task i
 //! of the other succeeded), any other need with `afterok` on the whole upstream job. Arrays
 //! longer than the cluster's `MaxArraySize` are cut into chunks, each with task ids from 0 and
-//! its own task → stage table in its script. Each task `exec`s `pipeline run FILE --only STAGE`, so the binary itself
-//! receives Slurm's signals: jobs are submitted with `--requeue` and
+//! its own task → stage table in its script. Each task `exec`s `pipeline run FILE --only
+//! STAGE`, so the binary itself receives Slurm's signals: jobs are submitted with `--requeue` and
 //! `--signal=B:USR2@<lead>`; on USR2 a training checkpoints, and the process requeues its own
 //! job (`scontrol requeue`) before exiting with status 75, so the requeued task resumes from that
 //! checkpoint. SIGTERM (`scancel`, a preemption) checkpoints too but does not requeue: a
