@@ -120,6 +120,60 @@ fn a_damaged_cifar_file_is_refused_with_its_name_and_record() {
 }
 
 #[test]
+fn a_moved_dataset_reruns_nothing_and_one_changed_in_place_reruns_its_stages() {
+    let dir = scratch();
+    fixture(&dir.path().join("cifar-10-batches-bin"), 20);
+    write(dir.path(), "c.toml", CONFIG);
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state = |name: &str| {
+        let o = pipeline(dir.path(), &["status", "c.toml"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .to_string();
+        line
+    };
+    // Moved to another folder (and renamed): both stages stay up to date.
+    std::fs::rename(
+        dir.path().join("cifar-10-batches-bin"),
+        dir.path().join("moved"),
+    )
+    .unwrap();
+    let moved = CONFIG.replace("cifar-10-batches-bin", "moved");
+    write(dir.path(), "c.toml", &moved);
+    assert!(state("cifar").contains("up to date"), "{}", state("cifar"));
+    assert!(state("model").contains("up to date"), "{}", state("model"));
+    // One pixel changed in place, length unchanged: the source's digest says so.
+    let file = dir.path().join("moved/data_batch_1.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let cifar = state("cifar");
+    assert!(
+        cifar.contains("stale") && cifar.contains("`source_digest`") && !cifar.contains("`path`"),
+        "{cifar}"
+    );
+    assert!(state("model").contains("stale"), "{}", state("model"));
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2 stage(s) run"), "{}", stderr(&o));
+    let train = PackedStore::open(&dir.path().join("out/cifar/train.pack")).unwrap();
+    assert_eq!(train.image(0)[99], bytes[100]);
+    // Gone: a warning at load, and the stage it must run fails naming the file.
+    std::fs::remove_dir_all(dir.path().join("moved")).unwrap();
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    let e = stderr(&o);
+    assert!(e.contains("its source cannot be read now"), "{e}");
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("moved/batches.meta.txt"), "{e}");
+    assert!(dir.path().join("out/cifar/train.pack").exists());
+}
+
+#[test]
 fn prepares_stl10_transposing_its_column_major_planes() {
     let dir = scratch();
     let data = dir.path().join("stl10_binary");

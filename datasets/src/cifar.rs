@@ -98,6 +98,28 @@ fn split(classes: Vec<String>, labels: Vec<u32>, pixels: Vec<u8>) -> Split {
     (info, labels, pixels)
 }
 
+/// The files [`cifar10`] reads, in its order (for [`crate::digest`]).
+pub fn cifar10_files(dir: &Path, batches: Option<&[u32]>) -> Vec<std::path::PathBuf> {
+    let mut files = vec![dir.join("batches.meta.txt")];
+    for b in batches.unwrap_or(&[1, 2, 3, 4, 5]) {
+        files.push(dir.join(format!("data_batch_{b}.bin")));
+    }
+    files.push(dir.join("test_batch.bin"));
+    files
+}
+
+/// The files [`cifar100`] reads, in its order (for [`crate::digest`]).
+pub fn cifar100_files(dir: &Path, label: Cifar100Label) -> Vec<std::path::PathBuf> {
+    let names = match label {
+        Cifar100Label::Fine => "fine_label_names.txt",
+        Cifar100Label::Coarse => "coarse_label_names.txt",
+    };
+    ["train.bin", "test.bin", names]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect()
+}
+
 /// Reads CIFAR-10 from `dir`: the training batches listed in `batches` (1..=5; all five when
 /// `None`) and the test batch.
 pub fn cifar10(dir: &Path, batches: Option<&[u32]>) -> Result<(Split, Split)> {

@@ -105,15 +105,10 @@ pub fn load(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads split `split` of the ImageFolder at `root`, labelled by `classes` (the training split's
-/// class folders, so every split shares one class order); every image becomes `3 × size × size`.
-pub fn read(root: &Path, split: &str, classes: &[String], size: usize) -> Result<Split> {
-    if size == 0 {
-        return Err(DatasetError::Param {
-            name: "image_size",
-            message: "must be at least 1, found 0".into(),
-        });
-    }
+/// The image files of split `split` of the ImageFolder at `root` with their labels, in the
+/// order [`read`] packs them; `classes` are the training split's class folders, so every split
+/// shares one class order.
+pub fn split_files(root: &Path, split: &str, classes: &[String]) -> Result<Vec<(PathBuf, u32)>> {
     let dir = root.join(split);
     let here = self::classes(root, split)?;
     if let Some(extra) = here.iter().find(|c| !classes.contains(c)) {
@@ -143,6 +138,30 @@ pub fn read(root: &Path, split: &str, classes: &[String], size: usize) -> Result
         }
         files.extend(images.into_iter().map(|p| (p, label as u32)));
     }
+    Ok(files)
+}
+
+/// Every image file a `prepare` of the ImageFolder at `root` reads: the training split's, then
+/// the test split's (for [`crate::digest`]).
+pub fn files(root: &Path, train_split: &str, test_split: &str) -> Result<Vec<PathBuf>> {
+    let classes = classes(root, train_split)?;
+    let mut out = Vec::new();
+    for split in [train_split, test_split] {
+        out.extend(split_files(root, split, &classes)?.into_iter().map(|f| f.0));
+    }
+    Ok(out)
+}
+
+/// Reads split `split` of the ImageFolder at `root`, labelled by `classes` (the training split's
+/// class folders, so every split shares one class order); every image becomes `3 × size × size`.
+pub fn read(root: &Path, split: &str, classes: &[String], size: usize) -> Result<Split> {
+    if size == 0 {
+        return Err(DatasetError::Param {
+            name: "image_size",
+            message: "must be at least 1, found 0".into(),
+        });
+    }
+    let files = split_files(root, split, classes)?;
     let info = StoreInfo {
         n: files.len(),
         h: size,

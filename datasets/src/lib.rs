@@ -9,6 +9,7 @@
 pub mod atomic;
 pub mod augment;
 pub mod cifar;
+pub mod digest;
 pub mod error;
 pub mod fetch;
 pub mod holdout;

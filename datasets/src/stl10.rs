@@ -75,6 +75,20 @@ fn split(dir: &Path, name: &str, classes: &[String]) -> Result<Split> {
     Ok((info, labels, pixels))
 }
 
+/// The files [`stl10`] reads (for [`crate::digest`]).
+pub fn stl10_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    [
+        "class_names.txt",
+        "train_X.bin",
+        "train_y.bin",
+        "test_X.bin",
+        "test_y.bin",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect()
+}
+
 /// Reads the labelled train and test splits of STL-10 from `dir`.
 pub fn stl10(dir: &Path) -> Result<(Split, Split)> {
     let classes = read_names(&dir.join("class_names.txt"), 10)?;

@@ -890,12 +890,19 @@ fn cell_params(
     }
     params.resolve(run.seed);
     let base_dir = loc.file.parent().unwrap_or(Path::new("."));
-    if let Err((key, message)) = params.resolve_files(base_dir) {
-        let at = key_spans.get(key).cloned().unwrap_or(span.clone());
-        return Err(loc.at(
-            at,
-            format!("stage `{shown}` (kind {kind}): key `{key}`: {message}"),
-        ));
+    match params.resolve_files(base_dir) {
+        Ok(None) => {}
+        Ok(Some(why)) => tracing::warn!(
+            "stage `{shown}`: its source cannot be read now ({why}); it is identified by its \
+             `path` until it can, and fails if it must run"
+        ),
+        Err((key, message)) => {
+            let at = key_spans.get(key).cloned().unwrap_or(span.clone());
+            return Err(loc.at(
+                at,
+                format!("stage `{shown}` (kind {kind}): key `{key}`: {message}"),
+            ));
+        }
     }
     Ok((own_name, params))
 }

@@ -229,8 +229,16 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
                 old.into_iter().chain(new).flat_map(|m| m.keys()).collect();
             keys.sort();
             keys.dedup();
+            // Only keys the fingerprint holds: a moved dataset's `path` is not why it reruns.
+            let unprinted: Vec<&str> = StageParams::OPERATIONAL_KEYS
+                .iter()
+                .chain(s.params.presentation_keys())
+                .chain(s.params.located_keys())
+                .copied()
+                .collect();
             let changed: Vec<String> = keys
                 .into_iter()
+                .filter(|k| !unprinted.contains(&k.as_str()))
                 .filter(|k| old.and_then(|m| m.get(*k)) != new.and_then(|m| m.get(*k)))
                 .map(|k| format!("`{k}`"))
                 .collect();

@@ -112,10 +112,12 @@ impl StageParams {
     }
 
     /// Keys that say where an input file lives, whose content hash is fingerprinted instead
-    /// (an import's `path`, beside its `file_blake3`): moving the file reruns nothing.
+    /// (an import's `path`, beside its `file_blake3`; a prepare's `path`, `cache` and mirror,
+    /// beside its `source_digest`): moving the files reruns nothing.
     pub fn located_keys(&self) -> &'static [&'static str] {
         match self {
             StageParams::Import(_) => &["path"],
+            StageParams::Prepare(p) => p.located_keys(),
             _ => &[],
         }
     }
@@ -203,15 +205,21 @@ impl StageParams {
     }
 
     /// Reads what the stage's parameters name outside stages.toml into them: an import's file
-    /// hash (relative paths are resolved against `base_dir`, the stages.toml's folder). On error
-    /// returns the key and what is wrong.
+    /// hash, a prepare's source digest (relative paths are resolved against `base_dir`, the
+    /// stages.toml's folder). An import's unreadable file is an error (the key and what is
+    /// wrong); a prepare's unreadable source is a warning returned, as its data may be put in
+    /// place before it runs.
     pub fn resolve_files(
         &mut self,
         base_dir: &std::path::Path,
-    ) -> std::result::Result<(), RangeError> {
+    ) -> std::result::Result<Option<String>, RangeError> {
         match self {
-            StageParams::Import(p) => p.hash_file(base_dir),
-            _ => Ok(()),
+            StageParams::Import(p) => p.hash_file(base_dir).map(|()| None),
+            StageParams::Prepare(p) => {
+                let cache = datasets::digest::default_cache();
+                Ok(p.digest_source(base_dir, cache.as_deref()))
+            }
+            _ => Ok(None),
         }
     }
 

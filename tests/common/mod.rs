@@ -19,6 +19,8 @@ pub fn pipeline(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env("RAYON_NUM_THREADS", "2")
+        // Source digests and downloads are cached per test, not in the user's home.
+        .env("LDL_CACHE", dir.join(".ldl-cache"))
         .output()
         .expect("run pipeline")
 }

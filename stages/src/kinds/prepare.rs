@@ -13,6 +13,7 @@ use datasets::cifar::Split;
 use datasets::synthetic::SyntheticSpec;
 use datasets::PackedWriter;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 /// Where the images come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +95,12 @@ pub struct Params {
     /// Synthetic: per-image hue jitter in turns of the colour wheel (default 0.035).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hue_jitter: Option<f32>,
+    /// What the files read from `path` hold (their [`datasets::digest`]), computed where
+    /// stages.toml is read and fingerprinted in place of `path`. Empty for `synthetic`, for
+    /// `fetch` (the archive's md5 identifies it), and while `path` cannot be read (the stage is
+    /// then identified by its `path`, and fails if it must run).
+    #[serde(default, skip_deserializing, skip_serializing_if = "String::is_empty")]
+    pub source_digest: String,
 }
 
 /// Per-channel statistics conventionally used for CIFAR-10 (as in the reference code bases).
@@ -304,6 +311,71 @@ impl Params {
     }
 }
 
+impl Params {
+    /// Fills [`source_digest`](Self::source_digest) from the files under `path` (relative to
+    /// `base_dir`), digests cached in `cache`. A source that cannot be read is left without a
+    /// digest and the reason returned: the caller warns, and the stage fails if it must run.
+    pub fn digest_source(&mut self, base_dir: &Path, cache: Option<&Path>) -> Option<String> {
+        match self.current_digest(base_dir, cache) {
+            Ok(Some((digest, _))) => {
+                self.source_digest = digest;
+                None
+            }
+            Ok(None) => None,
+            Err(e) => Some(e),
+        }
+    }
+
+    /// Keys that only say where the source lives: `path` once its digest stands in for it,
+    /// a fetch's `cache` and mirror `url` (its `md5`, or the source's official one, says what
+    /// the archive holds).
+    pub fn located_keys(&self) -> &'static [&'static str] {
+        if self.fetch == Some(true) {
+            &["cache", "url"]
+        } else if self.source_digest.is_empty() {
+            &[]
+        } else {
+            &["path"]
+        }
+    }
+
+    /// The digest of the files under `path` now and a line saying what was hashed; `None` for
+    /// the sources not read from `path` (`synthetic`, `fetch`).
+    fn current_digest(
+        &self,
+        base_dir: &Path,
+        cache: Option<&Path>,
+    ) -> std::result::Result<Option<(String, String)>, String> {
+        if self.source == Source::Synthetic || self.fetch == Some(true) {
+            return Ok(None);
+        }
+        let dir = base_dir.join(self.path.as_deref().unwrap_or_default());
+        let files = match self.source {
+            Source::Cifar10 => datasets::cifar::cifar10_files(&dir, self.batches.as_deref()),
+            Source::Cifar100 => {
+                datasets::cifar::cifar100_files(&dir, self.label.unwrap_or(Cifar100Label::Fine))
+            }
+            Source::Stl10 => datasets::stl10::stl10_files(&dir),
+            Source::Imagefolder => datasets::imagefolder::files(
+                &dir,
+                self.train_split.as_deref().unwrap_or("train"),
+                self.test_split.as_deref().unwrap_or("val"),
+            )
+            .map_err(|e| e.to_string())?,
+            Source::Synthetic => return Ok(None),
+        };
+        let d = datasets::digest::digest(&dir, &files, cache).map_err(|e| e.to_string())?;
+        let how = if d.cached { "cached" } else { "hashed" };
+        let line = format!(
+            "{} files, {:.1} MB of {} ({how})",
+            d.files,
+            d.bytes as f64 / 1e6,
+            dir.display()
+        );
+        Ok(Some((d.hex, line)))
+    }
+}
+
 impl Source {
     /// The source's name in stages.toml.
     pub fn as_str(&self) -> &'static str {
@@ -351,6 +423,12 @@ fn source_dir(ctx: &Context, p: &Params) -> Result<std::path::PathBuf> {
 
 /// Runs a `prepare` stage.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
+    check_unchanged(
+        &ctx.name,
+        &ctx.base_dir,
+        p,
+        datasets::digest::default_cache().as_deref(),
+    )?;
     let bar = ctx.bar(2, "reading splits");
     let (train, test, normalize) = read_source(ctx, p, &bar)?;
     let (train, val) =
@@ -377,6 +455,35 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     outputs.extend(info.val.as_ref().map(|v| v.file.clone()));
     outputs.push("dataset.json".into());
     Ok(outputs)
+}
+
+/// Refuses to pack a source that changed since stages.toml was read: the output would be
+/// recorded under the digest of other contents. A source unreadable then and now fails here,
+/// where the reader's error names the file.
+fn check_unchanged(name: &str, base_dir: &Path, p: &Params, cache: Option<&Path>) -> Result<()> {
+    let now = match p.current_digest(base_dir, cache) {
+        Ok(now) => now,
+        Err(_) if p.source_digest.is_empty() => return Ok(()),
+        Err(e) => return Err(StageError::config(format!("{name}: {e}"))),
+    };
+    let Some((now, line)) = now else {
+        return Ok(());
+    };
+    if now != p.source_digest {
+        let dir = base_dir.join(p.path.as_deref().unwrap_or_default());
+        let was = if p.source_digest.is_empty() {
+            "unreadable"
+        } else {
+            &p.source_digest
+        };
+        return Err(StageError::invalid(
+            &dir,
+            "content",
+            format!("changed since stages.toml was read (digest {now}, was {was}): run again"),
+        ));
+    }
+    tracing::info!("{name}: source {line}, digest {now}");
+    Ok(())
 }
 
 /// The training and test splits of the source, and its fixed normalisation if it has one.
@@ -475,4 +582,38 @@ fn write_splits(
         normalize,
     };
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_changed_after_stages_toml_was_read_is_refused() {
+        let (base, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let data = base.path().join("stl");
+        std::fs::create_dir_all(&data).unwrap();
+        for f in datasets::stl10::stl10_files(&data) {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let mut p: Params =
+            serde_json::from_str(r#"{"source": "stl10", "path": "stl"}"#).expect("parameters");
+        assert_eq!(p.digest_source(base.path(), Some(cache.path())), None);
+        assert!(p.source_digest.starts_with("blake3:"));
+        assert_eq!(p.located_keys(), ["path"]);
+        check_unchanged("d", base.path(), &p, Some(cache.path())).unwrap();
+        std::fs::write(data.join("test_y.bin"), b"y").unwrap();
+        let e = check_unchanged("d", base.path(), &p, Some(cache.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed since stages.toml was read"), "{e}");
+        // Unreadable when read and now: identified by `path`, the reader's error comes later.
+        std::fs::remove_dir_all(&data).unwrap();
+        let mut gone: Params =
+            serde_json::from_str(r#"{"source": "stl10", "path": "stl"}"#).expect("parameters");
+        let why = gone.digest_source(base.path(), Some(cache.path())).unwrap();
+        assert!(why.contains("class_names.txt"), "{why}");
+        assert!(gone.source_digest.is_empty() && gone.located_keys().is_empty());
+        check_unchanged("d", base.path(), &gone, Some(cache.path())).unwrap();
+    }
 }
