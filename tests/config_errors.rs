@@ -422,6 +422,34 @@ fn matrix_with_an_empty_list() {
 }
 
 #[test]
+fn matrix_cells_that_are_the_same_run() {
+    // Equal numbers written differently.
+    let e = fails(&format!(
+        "{HEAD}{STUDENT}model = \"resnet8\"\nmatrix = {{ lr = [0.1, 0.05, 1e-1] }}\n"
+    ));
+    assert_at(
+        &e,
+        9,
+        1,
+        &[
+            "cells `s.lr=0.1` and `s.lr=1e-1` are the same run",
+            "`lr = 0.1` and `1e-1`",
+        ],
+    );
+    // A method's key varied on a method that does not use it: `vanilla` has no `ls_alpha`.
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\n\
+         matrix = {{ method = [\"ls\", \"vanilla\"], ls_alpha = [0.1, 0.2] }}\n"
+    ));
+    assert_at(
+        &e,
+        9,
+        1,
+        &["cells `s.ls_alpha=0.1.method=vanilla` and `s.ls_alpha=0.2.method=vanilla` are the same run"],
+    );
+}
+
+#[test]
 fn matrix_value_that_cannot_name_a_cell() {
     let e = fails(&format!(
         "{HEAD}{STUDENT}matrix = {{ mix = [{{ alpha = 1.0 }}] }}\n"

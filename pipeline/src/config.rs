@@ -644,12 +644,70 @@ impl Expansion {
                 self.need_spans.push(spans);
             }
         }
+        self.check_distinct_cells(loc, &tpl, &cell_names)?;
         if tpl.cells.is_some() || cell_names.len() > 1 || cell_names.first() != Some(&tpl.name) {
             if let Some(first) = tpl.cells.as_ref().and_then(|c| c.first()) {
                 let keys = first.iter().map(|c| c.key.clone()).collect();
                 self.grid_keys.insert(tpl.name.clone(), keys);
             }
             self.grids.push((tpl.name.clone(), cell_names));
+        }
+        Ok(())
+    }
+
+    /// Refuses two cells of `tpl`'s own matrix that are the same run: equal resolved parameters
+    /// (operational and presentation keys aside) and equal needs, as `lr = [0.1, 0.10]` or a
+    /// method's key varied on a method that does not use it (reset to its default) give. Both
+    /// would train alike, and a report would count them as two seeds.
+    fn check_distinct_cells(
+        &self,
+        loc: &Locator,
+        tpl: &Template,
+        cells: &[String],
+    ) -> Result<(), ConfigError> {
+        if tpl.cells.is_none() {
+            return Ok(());
+        }
+        let run_of = |name: &String| {
+            let mut v = self.resolved[name].clone();
+            if let Some(obj) = v.as_object_mut() {
+                for key in StageParams::OPERATIONAL_KEYS.iter().chain(&["label"]) {
+                    obj.remove(*key);
+                }
+            }
+            let needs = &self
+                .stages
+                .iter()
+                .find(|s| &s.name == name)
+                .expect("added")
+                .needs;
+            (v, needs.clone())
+        };
+        let runs: Vec<_> = cells.iter().map(run_of).collect();
+        for (b, run) in runs.iter().enumerate() {
+            let Some(a) = runs[..b].iter().position(|r| r == run) else {
+                continue;
+            };
+            let segments = |i: usize| self.segments.get(&cells[i]).cloned().unwrap_or_default();
+            let (sa, sb) = (segments(a), segments(b));
+            let differ: Vec<String> = sa
+                .iter()
+                .zip(&sb)
+                .filter(|(x, y)| x.1 != y.1)
+                .map(|(x, y)| format!("`{} = {}` and `{}`", x.0, x.1, y.1))
+                .collect();
+            return Err(loc.at(
+                tpl.span.clone(),
+                format!(
+                    "stage `{}`: cells `{}` and `{}` are the same run: their {} resolve to the same \
+                     parameters (equal values, or a key their method does not use, reset to its \
+                     default); list each value once, or split the grid by method",
+                    tpl.name,
+                    cells[a],
+                    cells[b],
+                    differ.join(", ")
+                ),
+            ));
         }
         Ok(())
     }
