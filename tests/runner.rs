@@ -88,6 +88,34 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     let status = stdout(&st);
     assert!(status.contains("parameters changed (`epochs`)"), "{status}");
     assert!(status.contains("upstream `vanilla` changed"), "{status}");
+    // --exit-code: 1 while a stage shown is not up to date, 0 when every one shown is.
+    let code = |args: &[&str]| pipeline(dir.path(), args).status.code();
+    assert_eq!(code(&["status", "p.toml", "--exit-code"]), Some(1));
+    assert_eq!(code(&["status", "p.toml"]), Some(0));
+    let only = pipeline(
+        dir.path(),
+        &[
+            "status",
+            "p.toml",
+            "--only",
+            "teacher",
+            "--only",
+            "labels",
+            "--exit-code",
+        ],
+    );
+    assert_eq!(only.status.code(), Some(0), "{}", stderr(&only));
+    let shown = stdout(&only);
+    let names: Vec<&str> = shown
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["teacher", "labels"], "{shown}");
+    assert_eq!(
+        code(&["status", "p.toml", "--only", "report", "--exit-code"]),
+        Some(1)
+    );
+    assert_eq!(code(&["status", "p.toml", "--only", "nosuch"]), Some(2));
     let dry = pipeline(dir.path(), &["run", "p.toml", "--dry-run"]);
     assert_eq!(
         stdout(&dry).matches("would run").count(),

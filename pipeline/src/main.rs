@@ -42,6 +42,13 @@ enum Command {
         /// Output root (overrides `[run].output`).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Show only this stage or grid (repeatable).
+        #[arg(long, value_name = "STAGE|GRID")]
+        only: Vec<String>,
+        /// Exit with status 1 when a stage shown is not up to date (0 when all are), for
+        /// scripts, as `git diff --exit-code`.
+        #[arg(long)]
+        exit_code: bool,
     },
     /// Remove the outputs of STAGE (a stage, or a grid's cells), or of every stage of FILE.
     Clean {
@@ -197,12 +204,24 @@ fn main() -> ExitCode {
     let progress = init_logging(&cli);
     let result: Result<()> = match &cli.command {
         Command::Run(args) => return run(args, progress),
-        Command::Status { file, output } => {
+        Command::Status {
+            file,
+            output,
+            only,
+            exit_code,
+        } => {
             let config = match load(file, output.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            status(&config);
+            let shown = match config.select(only) {
+                Ok(shown) => shown,
+                Err(e) => return usage_error(&e),
+            };
+            let all_done = status(&config, &shown);
+            if *exit_code && !all_done {
+                return ExitCode::from(1);
+            }
             Ok(())
         }
         Command::Clean {
@@ -271,9 +290,13 @@ fn init_logging(cli: &Cli) -> Option<MultiProgress> {
 }
 
 /// `pipeline status`: each stage's kind and state (with its Slurm job where one is queued for
-/// it), then one line per grid counting its cells by state.
-fn status(config: &config::Config) {
-    let states = runner::status(config);
+/// it), then one line per grid counting its cells by state; only the stages `shown` when any
+/// are named. Returns whether every stage shown is up to date.
+fn status(config: &config::Config, shown: &[String]) -> bool {
+    let mut states = runner::status(config);
+    if !shown.is_empty() {
+        states.retain(|(name, _)| shown.contains(name));
+    }
     let width = states.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let submitted = pipeline::slurm::submitted(config);
     let ids: Vec<&str> = submitted.stages.values().map(String::as_str).collect();
@@ -296,6 +319,9 @@ fn status(config: &config::Config) {
         println!("{name:width$}  {:<8}  {state}{job}", kind.as_str());
     }
     for (grid, cells) in &config.grids {
+        if !shown.is_empty() && !cells.iter().any(|c| shown.contains(c)) {
+            continue;
+        }
         let (mut done, mut partial, mut stale) = (0, 0, 0);
         for (name, state) in &states {
             if cells.contains(name) {
@@ -307,12 +333,18 @@ fn status(config: &config::Config) {
                 }
             }
         }
-        let n = cells.len();
+        let n = states
+            .iter()
+            .filter(|(name, _)| cells.contains(name))
+            .count();
         println!(
             "grid {grid}: {n} cells, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
             n - done - partial - stale
         );
     }
+    states
+        .iter()
+        .all(|(_, s)| matches!(s, runner::StageState::UpToDate))
 }
 
 /// `pipeline submit`: the file's unfinished stages as Slurm jobs, the flags over `[slurm]`.
