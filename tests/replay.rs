@@ -133,7 +133,10 @@ fn replayed_students_equal_online_ones_and_share_one_store() {
     let text = stdout(&o);
     assert!(
         text.contains("replay store: 2 of 2 epochs stored")
-            && text.contains("160 images, K = 4, teachers [\"teacher\"]")
+            && text.contains("160 images, K = 4, teachers teacher, teacher_mc = 0, logits stored as f32")
+            && text.contains(
+                "augment = \"crop-flip\", cutout = 0, mix = { beta = 1.0, p = 0.5, type = \"cutmix\" }"
+            )
             && text.contains("160 rows in 5 steps")
             && text.contains("step     0 position    1"),
         "{text}"

@@ -368,17 +368,22 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
         bytes as f64 / (epochs.len().max(1) * meta.images) as f64
     );
     println!(
-        "  stream: batch_size {}, augment {:?}, cutout {}, mix {:?}, data seed {}",
-        s.batch_size, s.augment, s.cutout, s.mix, s.data_seed
+        "  stream: batch_size = {}, augment = {}, cutout = {}, mix = {}, data seed {}",
+        s.batch_size,
+        as_toml(&s.augment),
+        s.cutout,
+        as_toml(&s.mix),
+        s.data_seed
     );
     let teachers: Vec<&str> = meta.teachers.iter().map(|t| t.name.as_str()).collect();
     println!(
-        "  {} images, K = {}, teachers {teachers:?}, teacher_mc {}, {:?} stored as {:?}{}",
+        "  {} images, K = {}, teachers {}, teacher_mc = {}, {} stored as {}{}",
         meta.images,
         meta.classes,
+        teachers.join(", "),
         meta.teacher_mc,
-        meta.output,
-        meta.dtype,
+        as_toml(&meta.output).trim_matches('"'),
+        as_toml(&meta.dtype).trim_matches('"'),
         meta.top_k.map_or(String::new(), |k| format!(", top-{k}"))
     );
     match epochs.first() {
@@ -388,6 +393,12 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
         }
         None => Ok(()),
     }
+}
+
+/// A value as stages.toml writes it (`"crop-flip"`, `{ type = "cutmix", p = 1.0 }`), from its
+/// serde form; `none` for a value TOML cannot hold.
+fn as_toml<T: serde::Serialize>(v: &T) -> String {
+    toml::Value::try_from(v).map_or_else(|_| "none".into(), |v| v.to_string())
 }
 
 /// The largest value of each row of a `FixedSizeList<float32|float16>` column, with its class.
