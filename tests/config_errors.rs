@@ -282,6 +282,9 @@ fn out_of_range_values() {
             "`milestones` must increase, found [20, 10]",
         ],
     );
+    // A key of another schedule (cosine has no `gamma`) is refused at its table.
+    let e = fails(&train("schedule = { type = \"cosine\", gamma = 0.1 }"));
+    assert_at(&e, 14, 12, &["unknown key `gamma`"]);
 }
 
 /// CRD without a teacher, on mixed batches or from a replay store (which holds no features), and

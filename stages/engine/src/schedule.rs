@@ -13,10 +13,12 @@ pub enum Schedule {
         /// Factor of each drop.
         gamma: f64,
     },
-    /// Cosine annealing from the base rate to 0 over the run.
-    Cosine,
+    /// Cosine annealing from the base rate to 0 over the run. (Braced, as `Constant`, so that
+    /// serde's `deny_unknown_fields` refuses keys such as `gamma` on it: an internally tagged
+    /// unit variant ignores them. Both serialise as `{ type = … }` alone either way.)
+    Cosine {},
     /// A constant rate.
-    Constant,
+    Constant {},
 }
 
 /// Learning rate at `epoch` + `frac` (frac in [0, 1)) of `epochs`, with `warmup` epochs of
@@ -34,10 +36,10 @@ pub fn lr_at(
         Schedule::MultiStep { milestones, gamma } => {
             base * gamma.powi(milestones.iter().filter(|&&m| epoch >= m).count() as i32)
         }
-        Schedule::Cosine => {
+        Schedule::Cosine {} => {
             base * 0.5 * (1.0 + (std::f64::consts::PI * t / epochs.max(1) as f64).cos())
         }
-        Schedule::Constant => base,
+        Schedule::Constant {} => base,
     };
     if warmup > 0 && t < warmup as f64 {
         lr * t / warmup as f64
@@ -59,9 +61,31 @@ mod tests {
         assert_eq!(lr_at(0.05, &s, 240, 0, 149, 0.9), 0.05);
         assert!((lr_at(0.05, &s, 240, 0, 150, 0.0) - 0.005).abs() < 1e-12);
         assert!((lr_at(0.05, &s, 240, 0, 239, 0.0) - 0.00005).abs() < 1e-12);
-        assert!((lr_at(1.0, &Schedule::Cosine, 10, 0, 5, 0.0) - 0.5).abs() < 1e-12);
-        assert!(lr_at(1.0, &Schedule::Cosine, 10, 0, 9, 0.99) < 0.01);
-        assert!((lr_at(1.0, &Schedule::Constant, 10, 2, 1, 0.0) - 0.5).abs() < 1e-12);
+        assert!((lr_at(1.0, &Schedule::Cosine {}, 10, 0, 5, 0.0) - 0.5).abs() < 1e-12);
+        assert!(lr_at(1.0, &Schedule::Cosine {}, 10, 0, 9, 0.99) < 0.01);
+        assert!((lr_at(1.0, &Schedule::Constant {}, 10, 2, 1, 0.0) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn keys_of_another_schedule_are_refused_and_the_form_is_unchanged() {
+        let e = serde_json::from_str::<Schedule>(r#"{"type": "cosine", "gamma": 0.1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `gamma`"), "{e}");
+        assert!(
+            serde_json::from_str::<Schedule>(r#"{"type": "constant", "milestones": []}"#).is_err()
+        );
+        let cosine: Schedule = serde_json::from_str(r#"{"type": "cosine"}"#).unwrap();
+        assert_eq!(cosine, Schedule::Cosine {});
+        // What fingerprints hash: the type alone, as when these were unit variants.
+        assert_eq!(
+            serde_json::to_string(&cosine).unwrap(),
+            r#"{"type":"cosine"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Schedule::Constant {}).unwrap(),
+            r#"{"type":"constant"}"#
+        );
     }
 
     #[test]
