@@ -285,6 +285,8 @@ fn out_of_range_values() {
     // A key of another schedule (cosine has no `gamma`) is refused at its table.
     let e = fails(&train("schedule = { type = \"cosine\", gamma = 0.1 }"));
     assert_at(&e, 14, 12, &["unknown key `gamma`"]);
+    let e = fails(&train("mix = { type = \"none\", p = 0.5 }"));
+    assert_at(&e, 14, 7, &["unknown key `p`"]);
 }
 
 /// CRD without a teacher, on mixed batches or from a replay store (which holds no features), and

@@ -212,7 +212,7 @@ fn fill_batch(
         batch.indices.push(i);
     }
     batch.mix = match config.mix {
-        Mix::None => MixRecord::None,
+        Mix::None {} => MixRecord::None,
         ref mix => {
             let mut rng = rng_for(&[config.seed, stream::MIX, epoch, b as u64]);
             crate::mix::draw(mix, idx.len(), (h, w), &mut rng)
@@ -336,7 +336,7 @@ mod tests {
                 mean: vec![0.5; 3],
                 std: vec![0.25; 3],
             },
-            mix: Mix::None,
+            mix: Mix::None {},
             workers,
             prefetch: 2,
             seed: 3,

@@ -13,12 +13,13 @@ use rand_distr::{Beta, Distribution};
 use serde::{Deserialize, Serialize};
 
 /// A batch-level mixing augmentation, configured in stages.toml as a table with a `type`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Mix {
-    /// No mixing.
-    #[default]
-    None,
+    /// No mixing. (Braced, so that `deny_unknown_fields` refuses `p` or `alpha` on it: serde
+    /// ignores unknown keys on an internally tagged unit variant. Serialised as `{ type = "none" }`
+    /// either way.)
+    None {},
     /// mixup (Zhang et al. 2018): `λ·x + (1−λ)·x[perm]`, λ ~ Beta(α, α).
     Mixup {
         /// Beta parameter (1 in the reference).
@@ -42,6 +43,12 @@ pub enum Mix {
     },
 }
 
+impl Default for Mix {
+    fn default() -> Self {
+        Mix::None {}
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -63,7 +70,7 @@ impl Mix {
             }
         };
         match *self {
-            Mix::None => Ok(()),
+            Mix::None {} => Ok(()),
             Mix::Mixup { alpha } => positive("alpha", alpha),
             Mix::Cutmix { beta, p } => {
                 positive("beta", beta)?;
@@ -80,7 +87,7 @@ impl Mix {
     /// The name used in stages.toml.
     pub fn as_str(&self) -> &'static str {
         match self {
-            Mix::None => "none",
+            Mix::None {} => "none",
             Mix::Mixup { .. } => "mixup",
             Mix::Cutmix { .. } => "cutmix",
             Mix::Ricap { .. } => "ricap",
@@ -246,7 +253,7 @@ fn permutation<R: Rng>(rng: &mut R, n: usize) -> Vec<u32> {
 /// Draws the mixing of a batch of `n` images of `h × w` pixels.
 pub fn draw<R: Rng>(mix: &Mix, n: usize, (h, w): (usize, usize), rng: &mut R) -> MixRecord {
     match *mix {
-        Mix::None => MixRecord::None,
+        Mix::None {} => MixRecord::None,
         Mix::Mixup { alpha } => {
             let lambda = beta(rng, alpha) as f32;
             MixRecord::Mixup {

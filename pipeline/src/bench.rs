@@ -109,7 +109,7 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
         std: vec![0.2470, 0.2435, 0.2616],
     };
     let setups = [
-        ("crop+flip+normalise", Mix::None),
+        ("crop+flip+normalise", Mix::None {}),
         (
             "crop+flip+normalise+CutMix (p = 1)",
             Mix::Cutmix { beta: 1.0, p: 1.0 },

@@ -580,7 +580,7 @@ mod tests {
                 batch_size: 2,
                 augment: AugmentName::None,
                 cutout: 0,
-                mix: Mix::None,
+                mix: Mix::None {},
                 data_seed: 1,
                 rotations: false,
             },

@@ -67,7 +67,7 @@ impl Inference<'_> {
                 drop_last: false,
                 augment: Augment::NONE,
                 normalize: self.normalize.clone(),
-                mix: datasets::mix::Mix::None,
+                mix: datasets::mix::Mix::None {},
                 workers: self.workers.max(1),
                 prefetch: 2,
                 seed: 0,

@@ -58,7 +58,7 @@ impl Default for Params {
             batch_size: 64,
             augment: AugmentName::CropFlip,
             cutout: 0,
-            mix: Mix::None,
+            mix: Mix::None {},
             seed: None,
             teacher_mc: 0,
             dtype: StoreDtype::F32,

@@ -198,7 +198,7 @@ impl Default for Params {
             warmup_epochs: 0,
             augment: AugmentName::CropFlip,
             cutout: 0,
-            mix: Mix::None,
+            mix: Mix::None {},
             checkpoint_every: None,
             keep_checkpoints: 1,
             prefetch: 2,
@@ -281,7 +281,7 @@ impl Params {
     /// The training's distinguishing options, for table rows: mixing, Cutout, MC teachers.
     pub fn variant(&self) -> String {
         let mut tags = Vec::new();
-        if self.mix != Mix::None {
+        if self.mix != (Mix::None {}) {
             tags.push(self.mix.as_str().to_string());
         }
         if self.cutout > 0 {
@@ -439,7 +439,7 @@ impl Params {
         if !(self.method.uses_features() || self.method.uses_rotations()) {
             return Ok(());
         }
-        if self.mix != Mix::None {
+        if self.mix != (Mix::None {}) {
             return Err((
                 "mix",
                 format!("`{m}` trains on unmixed batches: its losses compare each training image with its own rows"),
