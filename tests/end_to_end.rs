@@ -378,3 +378,76 @@ fn the_label_stage_labels_every_split_asked_for() {
         stderr(&o)
     );
 }
+
+/// `eval_every` logs the held-out split's NLL, accuracy and ECE in `train_log.csv` after every
+/// that many epochs and the last, without changing the training: the weights are bitwise those
+/// of the same training without it, and the last row agrees with the evaluate stage.
+#[test]
+fn eval_every_logs_held_out_metrics_and_trains_the_same() {
+    let dir = scratch();
+    let training = |name: &str, extra: &str| {
+        format!(
+            "\n[[stage]]\nname = \"{name}\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\n\
+             width = 4\nmethod = \"vanilla\"\nepochs = 3\nbatch_size = 32\nschedule = {{ type = \"cosine\" }}\n{extra}\n"
+        )
+    };
+    let cfg = format!(
+        "[run]\noutput = \"out\"\nseed = 3\nthreads = 2\n\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\n\
+         source = \"synthetic\"\ntrain_size = 160\ntest_size = 80\nclasses = 4\nimage_size = 16\n{}{}\n\
+         [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"logged\"]\n",
+        training("plain", ""),
+        training("logged", "eval_every = 2"),
+    );
+    write(dir.path(), "e.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "e.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let bytes = |p: &str| std::fs::read(out.join(p)).unwrap();
+    assert!(bytes("plain/model.safetensors") == bytes("logged/model.safetensors"));
+    let plain = read(&out.join("plain/train_log.csv"));
+    assert!(
+        plain.starts_with("epoch,lr,loss,accuracy,images_per_s,seconds\n"),
+        "{plain}"
+    );
+    let log = read(&out.join("logged/train_log.csv"));
+    let rows: Vec<Vec<&str>> = log.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(
+        rows[0],
+        [
+            "epoch",
+            "lr",
+            "loss",
+            "accuracy",
+            "images_per_s",
+            "seconds",
+            "test_nll",
+            "test_accuracy",
+            "test_ece"
+        ]
+    );
+    // Epoch 1 not evaluated; 2 (every 2) and 3 (the last) evaluated.
+    assert_eq!(&rows[1][6..], ["", "", ""], "{log}");
+    for r in &rows[2..] {
+        assert!(r[6..].iter().all(|v| v.parse::<f64>().is_ok()), "{log}");
+    }
+    // The training columns are the plain training's.
+    for (a, b) in plain.lines().zip(log.lines()).skip(1) {
+        let (a, b): (Vec<&str>, Vec<&str>) = (a.split(',').collect(), b.split(',').collect());
+        assert_eq!(a[..4], b[..4]);
+    }
+    // The last row agrees with the evaluate stage on the same model and split.
+    let json: serde_json::Value =
+        serde_json::from_str(&read(&out.join("eval/metrics.json"))).unwrap();
+    let m = &json["metrics"];
+    let last = &rows[3];
+    let num = |s: &str| s.parse::<f64>().unwrap();
+    assert_eq!(num(last[7]), m["accuracy"].as_f64().unwrap(), "{log}");
+    assert!(
+        (num(last[6]) - m["nll"].as_f64().unwrap()).abs() < 1e-5,
+        "{log}"
+    );
+    assert!(
+        (num(last[8]) - m["ece"].as_f64().unwrap()).abs() < 1e-5,
+        "{log}"
+    );
+}

@@ -49,6 +49,7 @@ epochs = 3
 batch_size = 16
 checkpoint_every = 2
 keep_checkpoints = 2
+eval_every = 2
 
 [[stage]]
 name = "labels"
@@ -247,11 +248,17 @@ fn complete_chunks(out: &Path) -> usize {
     })
 }
 
-/// `train_log.csv` without its timing columns (images/s, seconds).
+/// `train_log.csv` without its timing columns (images/s, seconds; the held-out evaluation's
+/// columns of `eval_every` after them are kept).
 fn without_timing(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes)
         .lines()
-        .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            [&cells[..4.min(cells.len())], cells.get(6..).unwrap_or(&[])]
+                .concat()
+                .join(",")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -57,14 +57,27 @@ impl Trainer<'_> {
     }
 
     /// `train_log.csv` (one row per epoch) and `class_loss.csv` (per class per epoch).
+    /// With `eval_every`, three more columns named for the held-out split (`val_nll,
+    /// val_accuracy, val_ece` or `test_…`), empty in the epochs not evaluated.
     fn write_logs(&self) -> Result<()> {
-        let mut csv = String::from("epoch,lr,loss,accuracy,images_per_s,seconds\n");
+        let mut csv = String::from("epoch,lr,loss,accuracy,images_per_s,seconds");
+        let split = (self.p.eval_every > 0).then(|| self.eval_split().0);
+        if let Some(s) = split {
+            csv.push_str(&format!(",{s}_nll,{s}_accuracy,{s}_ece"));
+        }
+        csv.push('\n');
         let mut class_csv = String::from("epoch,class,loss\n");
         for r in &self.log {
             csv.push_str(&format!(
-                "{},{},{},{},{:.1},{:.3}\n",
+                "{},{},{},{},{:.1},{:.3}",
                 r.epoch, r.lr, r.loss, r.accuracy, r.images_per_s, r.seconds
             ));
+            match (&r.eval, split) {
+                (Some(e), Some(_)) => csv.push_str(&format!(",{},{},{}", e.nll, e.accuracy, e.ece)),
+                (None, Some(_)) => csv.push_str(",,,"),
+                _ => {}
+            }
+            csv.push('\n');
             for (class, l) in r.class_loss.iter().enumerate() {
                 class_csv.push_str(&format!("{},{class},{l}\n", r.epoch));
             }

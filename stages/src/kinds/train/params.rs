@@ -95,6 +95,10 @@ pub struct Params {
     /// After training, fit a temperature T on the validation split (minimising NLL) and store
     /// it with the model (`temperature.json`); evaluate then reports calibrated metrics too.
     pub temperature_scaling: bool,
+    /// Every this many epochs (and after the last), evaluate the model on the held-out split
+    /// (`val` when the dataset has one, else `test`) and log its NLL, accuracy and ECE in
+    /// `train_log.csv` (0: never). Training is unaffected: the weights are the same either way.
+    pub eval_every: usize,
     /// Epochs.
     pub epochs: usize,
     /// Images per batch.
@@ -185,6 +189,7 @@ impl Default for Params {
             sskd_ratio_tf: m.sskd.ratio_tf,
             sskd_ratio_ss: m.sskd.ratio_ss,
             temperature_scaling: false,
+            eval_every: 0,
             epochs: 240,
             batch_size: 64,
             lr: 0.05,
@@ -231,6 +236,7 @@ params::stage_params! {
         "ogr_every",
         "ogr_alpha",
         "temperature_scaling",
+        "eval_every",
         "cutout",
         "mix",
         "checkpoint_every",
@@ -449,6 +455,13 @@ impl Params {
             return Err((
                 "replay",
                 format!("`{m}` distils the teacher's penultimate features, which a replay store does not keep: run the teacher (leave `replay` out)"),
+            ));
+        }
+        if self.method == Method::SskdHead && self.eval_every > 0 {
+            return Err((
+                "eval_every",
+                "`sskd-head` trains a projection head, not a classifier: evaluate the student"
+                    .into(),
             ));
         }
         if self.method == Method::SskdHead && self.temperature_scaling {

@@ -18,6 +18,20 @@ pub(super) struct EpochRow {
     /// Mean training loss of the images of each class (by their own label), for the loss-curve
     /// figure; written to `class_loss.csv`.
     pub(super) class_loss: Vec<f64>,
+    /// The held-out evaluation after this epoch (`eval_every`), if one was due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) eval: Option<EpochEval>,
+}
+
+/// The model evaluated on a held-out split after an epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct EpochEval {
+    /// Mean negative log-likelihood (nats).
+    pub(super) nll: f64,
+    /// Top-1 accuracy in [0, 1].
+    pub(super) accuracy: f64,
+    /// ECE over 10 equal-width bins (the evaluate stage's default).
+    pub(super) ece: f64,
 }
 
 /// Sums over the part of an epoch done so far; kept in checkpoints so a resumed epoch logs the

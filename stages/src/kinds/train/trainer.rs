@@ -4,7 +4,7 @@
 
 use super::head::HeadPhase;
 use super::params::Params;
-use super::state::{CheckpointState, EpochRow, EpochSums, Pending, READ_EVERY};
+use super::state::{CheckpointState, EpochEval, EpochRow, EpochSums, Pending, READ_EVERY};
 use crate::artifacts::{Dataset, Kind};
 use crate::context::Context;
 use crate::error::{Result, StageError};
@@ -12,6 +12,7 @@ use crate::label_store::{self, SoftLabels};
 use crate::replay_store::{self, EpochReader, ReplayMeta, Want};
 use crate::science::crd::Crd;
 use crate::science::methods::Method;
+use crate::science::metrics;
 use crate::science::ogr::{ogr, ogr_weights, OgrPoint};
 use crate::science::sskd::Sskd;
 use crate::science::supervision::Supervision;
@@ -29,6 +30,9 @@ use engine::schedule::Schedule;
 use indicatif::ProgressBar;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Bins of the ECE that `eval_every` logs (the evaluate stage's default).
+const EVAL_BINS: usize = 10;
 
 /// Where the host's time goes in an epoch, for its log line: waiting for the loader, handing
 /// batches to the device, and waiting for the device at loss reads.
@@ -278,6 +282,7 @@ impl<'a> Trainer<'a> {
             t0.elapsed().as_secs_f64()
         );
         self.log_epoch(epoch);
+        self.evaluate_epoch(epoch)?;
         self.save(epoch + 1, 0, EpochSums::default())?;
         if self.ctx.stop_requested() && epoch + 1 < self.p.epochs {
             return Err(self.ctx.interrupted(&format!(
@@ -415,6 +420,7 @@ impl<'a> Trainer<'a> {
                 .zip(&sums.class_seen)
                 .map(|(l, n)| if *n == 0 { f64::NAN } else { l / *n as f64 })
                 .collect(),
+            eval: None,
         };
         tracing::info!(
             "{}: epoch {}/{} loss {:.4} train acc {:.2}% lr {:.4} {:.0} img/s",
@@ -459,6 +465,45 @@ impl<'a> Trainer<'a> {
             (_, _, Some(h)) => h.head.state(),
             _ => Default::default(),
         })
+    }
+
+    /// `eval_every`: the model on the held-out split after every that many epochs and the last,
+    /// into the epoch's log row (before its checkpoint, so a resumed run logs the same).
+    fn evaluate_epoch(&mut self, epoch: usize) -> Result<()> {
+        let every = self.p.eval_every;
+        let done = epoch + 1;
+        if every == 0 || !(done.is_multiple_of(every) || done == self.p.epochs) {
+            return Ok(());
+        }
+        let (split, store) = self.eval_split();
+        let probs = self
+            .inference()
+            .predict(store, &format!("evaluating epoch {done} on {split}"))?;
+        let m = metrics::compute(&probs, &store.labels(), self.k, EVAL_BINS);
+        tracing::info!(
+            "{}: epoch {done}/{}: {split} acc {:.2}% NLL {:.4} ECE {:.4}",
+            self.ctx.name,
+            self.p.epochs,
+            100.0 * m.accuracy,
+            m.nll,
+            m.ece
+        );
+        if let Some(row) = self.log.last_mut() {
+            row.eval = Some(EpochEval {
+                nll: m.nll,
+                accuracy: m.accuracy,
+                ece: m.ece,
+            });
+        }
+        Ok(())
+    }
+
+    /// The split `eval_every` evaluates on: `val` when the dataset holds one out, else `test`.
+    pub(super) fn eval_split(&self) -> (&'static str, &Arc<PackedStore>) {
+        match &self.data.val {
+            Some(v) => ("val", v),
+            None => ("test", &self.data.test),
+        }
     }
 
     /// OGR: per-class losses every `ogr_every` epochs, and the class weights from the last two
