@@ -137,6 +137,10 @@ fn tiny_pipeline_produces_every_output() {
         "{text}"
     );
     assert!(text.contains("images 80 "), "{text}");
+    assert!(
+        text.contains("source records of the packed images: train 160, test 80"),
+        "{text}"
+    );
     // An evaluation's folder: its predictions, with the accuracy its metrics.json reports.
     let o = pipeline(dir.path(), &["inspect", "out/eval-vanilla", "--rows", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -186,9 +190,12 @@ fn same_seed_same_artifacts() {
 #[test]
 fn prepare_holds_out_a_seeded_validation_split() {
     let dir = scratch();
-    let cfg = "[run]\noutput = \"out\"\nseed = 4\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n\
-               train_size = 100\ntest_size = 10\nimage_size = 8\nlimit = 80\nval = 20\n";
-    write(dir.path(), "v.toml", cfg);
+    let spec = "kind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 100\ntest_size = 10\nimage_size = 8\n";
+    let cfg = format!(
+        "[run]\noutput = \"out\"\nseed = 4\n[[stage]]\nname = \"data\"\n{spec}limit = 80\nval = 20\n\
+         [[stage]]\nname = \"full\"\n{spec}"
+    );
+    write(dir.path(), "v.toml", &cfg);
     let o = pipeline(dir.path(), &["run", "v.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out/data");
@@ -207,6 +214,25 @@ fn prepare_holds_out_a_seeded_validation_split() {
         .unwrap()
         .iter()
         .any(|f| f["path"] == "val.pack"));
+    // records.parquet maps each packed image to its place among the 100 generated ones: the
+    // same image in the stage that keeps them all.
+    let full = PackedStore::open(&dir.path().join("out/full/train.pack")).unwrap();
+    let rows = records(&out.join("records.parquet"));
+    assert_eq!(rows.len(), 60 + 10 + 20);
+    let mut seen = std::collections::HashSet::new();
+    for (split, index, record, file) in &rows {
+        assert_eq!(file, &None);
+        let (i, r) = (*index as usize, *record as usize);
+        match split.as_str() {
+            "train" => assert_eq!(train.image(i), full.image(r), "train {i} ← {r}"),
+            "val" => assert_eq!(val.image(i), full.image(r), "val {i} ← {r}"),
+            "test" => assert_eq!(i, r),
+            other => panic!("split {other}"),
+        }
+        if split != "test" {
+            assert!(seen.insert(r), "record {r} packed twice");
+        }
+    }
 }
 
 /// A teacher trained with dropout gets a Monte-Carlo dropout source with its uncertainty columns;

@@ -252,6 +252,21 @@ fn prepares_an_image_folder_in_sorted_class_order() {
     assert!(img[32..].iter().all(|p| *p == 9));
     let test = PackedStore::open(&dir.path().join("out/data/test.pack")).unwrap();
     assert_eq!((test.len(), test.label(0), test.image(0)[0]), (1, 0, 40));
+    // records.parquet names each packed image's file.
+    let rows = records(&dir.path().join("out/data/records.parquet"));
+    let named: Vec<(&str, u32, u32, Option<&str>)> = rows
+        .iter()
+        .map(|(s, i, r, f)| (s.as_str(), *i, *r, f.as_deref()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("train", 0, 0, Some("train/ant/1.PNG")),
+            ("train", 1, 1, Some("train/cat/1.png")),
+            ("train", 2, 2, Some("train/cat/2.png")),
+            ("test", 0, 0, Some("val/ant/1.png")),
+        ]
+    );
 }
 
 /// Serves `body` at any path over HTTP/1.1 on 127.0.0.1, counting the requests.

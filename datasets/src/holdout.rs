@@ -23,14 +23,18 @@ pub fn subset(split: &Split, indices: &[usize]) -> Split {
     )
 }
 
+/// A split with, for each of its images, the image's index in the split it was drawn from.
+pub type Drawn = (Split, Vec<usize>);
+
 /// Keeps a seeded random `limit` of the training images (all when `None`), then holds `val` of
-/// them out as a validation split. Both selections keep the images' original order.
+/// them out as a validation split. Both selections keep the images' original order; each comes
+/// with the indices of its images in `train`.
 pub fn limit_and_hold_out(
     train: Split,
     limit: Option<usize>,
     val: Option<usize>,
     seed: u64,
-) -> Result<(Split, Option<Split>)> {
+) -> Result<(Drawn, Option<Drawn>)> {
     let n = train.0.n;
     let keep = limit.unwrap_or(n);
     if keep == 0 || keep > n {
@@ -49,7 +53,7 @@ pub fn limit_and_hold_out(
         });
     }
     if keep == n && v == 0 {
-        return Ok((train, None));
+        return Ok(((train, (0..n).collect()), None));
     }
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng_for(&[seed, stream::HOLDOUT]));
@@ -57,8 +61,8 @@ pub fn limit_and_hold_out(
     let mut train_idx = order[v..keep].to_vec();
     val_idx.sort_unstable();
     train_idx.sort_unstable();
-    let val_split = (v > 0).then(|| subset(&train, &val_idx));
-    Ok((subset(&train, &train_idx), val_split))
+    let val_split = (v > 0).then(|| (subset(&train, &val_idx), val_idx));
+    Ok(((subset(&train, &train_idx), train_idx), val_split))
 }
 
 #[cfg(test)]
@@ -73,8 +77,9 @@ mod tests {
             ..Default::default()
         };
         let full = spec.generate(1, 0, 50).unwrap();
-        let (train, val) = limit_and_hold_out(full.clone(), Some(40), Some(10), 7).unwrap();
-        let val = val.unwrap();
+        let ((train, train_idx), val) =
+            limit_and_hold_out(full.clone(), Some(40), Some(10), 7).unwrap();
+        let (val, val_idx) = val.unwrap();
         assert_eq!((train.0.n, val.0.n), (30, 10));
         let len = full.0.image_len();
         // Every kept image is an original image; no image is in both splits.
@@ -87,14 +92,20 @@ mod tests {
         let vi: Vec<usize> = val.2.chunks(len).map(find).collect();
         assert!(ti.windows(2).all(|w| w[0] < w[1]) && vi.windows(2).all(|w| w[0] < w[1]));
         assert!(ti.iter().all(|i| !vi.contains(i)));
+        // The indices returned are the images' places in the full split.
+        assert_eq!((ti.clone(), vi.clone()), (train_idx, val_idx));
         for (k, &i) in ti.iter().enumerate() {
             assert_eq!(train.1[k], full.1[i]);
         }
         // Same seed, same selection; another seed, another one.
-        let (again, _) = limit_and_hold_out(full.clone(), Some(40), Some(10), 7).unwrap();
+        let ((again, _), _) = limit_and_hold_out(full.clone(), Some(40), Some(10), 7).unwrap();
         assert_eq!(again.2, train.2);
-        let (other, _) = limit_and_hold_out(full.clone(), Some(40), Some(10), 8).unwrap();
+        let ((other, _), _) = limit_and_hold_out(full.clone(), Some(40), Some(10), 8).unwrap();
         assert_ne!(other.2, train.2);
+        // Nothing drawn: every image, in order.
+        let ((all, idx), none) = limit_and_hold_out(full.clone(), None, None, 7).unwrap();
+        assert_eq!((all.0.n, idx), (50, (0..50).collect::<Vec<_>>()));
+        assert!(none.is_none());
         let e = limit_and_hold_out(full.clone(), Some(40), Some(40), 7)
             .unwrap_err()
             .to_string();

@@ -155,13 +155,18 @@ pub fn files(root: &Path, train_split: &str, test_split: &str) -> Result<Vec<Pat
 /// Reads split `split` of the ImageFolder at `root`, labelled by `classes` (the training split's
 /// class folders, so every split shares one class order); every image becomes `3 × size × size`.
 pub fn read(root: &Path, split: &str, classes: &[String], size: usize) -> Result<Split> {
+    read_listed(&split_files(root, split, classes)?, classes, size)
+}
+
+/// Decodes `files` (a [`split_files`] list: paths and labels) into a split of `classes`, every
+/// image `3 × size × size`.
+pub fn read_listed(files: &[(PathBuf, u32)], classes: &[String], size: usize) -> Result<Split> {
     if size == 0 {
         return Err(DatasetError::Param {
             name: "image_size",
             message: "must be at least 1, found 0".into(),
         });
     }
-    let files = split_files(root, split, classes)?;
     let info = StoreInfo {
         n: files.len(),
         h: size,

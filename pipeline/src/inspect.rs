@@ -1,5 +1,6 @@
 //! `pipeline inspect PATH`: a quick look at a label store (`.parquet`), an evaluation's
-//! `predictions.parquet`, a packed split (`.pack`) or every such file of a stage folder, in the terminal and without Python: schema, metadata,
+//! `predictions.parquet`, a prepare stage's `records.parquet`, a packed split (`.pack`) or every
+//! such file of a stage folder, in the terminal and without Python: schema, metadata,
 //! row counts per source and the first rows with their most probable classes. A replay store's
 //! folder shows its `replay.json` and its first epoch file; an epoch file its steps and first
 //! rows.
@@ -125,6 +126,8 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
     // An evaluation's predictions: `probs` per image, and no `source`.
     let is_predictions = builder.schema().column_with_name("source").is_none()
         && builder.schema().column_with_name("probs").is_some();
+    // A prepare stage's records.parquet: where each packed image came from.
+    let is_records = builder.schema().column_with_name("record").is_some();
     let reader = builder
         .with_batch_size(8192)
         .build()
@@ -134,6 +137,9 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
     }
     if is_predictions {
         return prediction_rows(path, reader, rows);
+    }
+    if is_records {
+        return record_rows(path, reader, rows);
     }
     label_rows(path, reader, rows, &classes)
 }
@@ -251,6 +257,54 @@ fn top_three(mut pairs: Vec<(usize, f32)>, name: impl Fn(usize) -> String) -> St
         .map(|(c, v)| format!("{} {:.3}", name(*c), v))
         .collect();
     best.join(", ")
+}
+
+/// A prepare stage's `records.parquet`: images per split, and the first `rows` (split, index,
+/// record, file).
+fn record_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Result<()> {
+    let mut per_split: Vec<(String, usize)> = Vec::new();
+    let mut shown = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("{}: cannot read rows", path.display()))?;
+        let (Some(split), Some(index), Some(record), Some(file)) = (
+            column::<StringArray>(&batch, "split"),
+            column::<UInt32Array>(&batch, "index"),
+            column::<UInt32Array>(&batch, "record"),
+            column::<StringArray>(&batch, "file"),
+        ) else {
+            bail!(
+                "{}: not a records file (columns split, index, record, file)",
+                path.display()
+            );
+        };
+        for r in 0..batch.num_rows() {
+            let s = split.value(r);
+            match per_split.last_mut() {
+                Some((name, n)) if name == s => *n += 1,
+                _ => per_split.push((s.to_string(), 1)),
+            }
+            if shown.len() < rows {
+                let f = if file.is_null(r) { "" } else { file.value(r) };
+                shown.push(format!(
+                    "    {s:<5} {:>7} {:>7}   {f}",
+                    index.value(r),
+                    record.value(r)
+                ));
+            }
+        }
+    }
+    let counts: Vec<String> = per_split.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!(
+        "  source records of the packed images: {}",
+        counts.join(", ")
+    );
+    if !shown.is_empty() {
+        println!("  first rows (split, index, record, file):");
+        for l in shown {
+            println!("{l}");
+        }
+    }
+    Ok(())
 }
 
 /// An evaluate stage's `predictions.parquet`: how many rows, their accuracy and mean confidence,

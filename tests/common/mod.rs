@@ -186,3 +186,32 @@ pub fn artifacts_of<'a>(
     }
     files
 }
+
+/// The rows of a prepare stage's `records.parquet`: (split, index, record, file).
+pub fn records(path: &Path) -> Vec<(String, u32, u32, Option<String>)> {
+    use arrow::array::{Array, StringArray, UInt32Array};
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let (split, index, record, file) = (col("split"), col("index"), col("record"), col("file"));
+        let split = split.as_any().downcast_ref::<StringArray>().unwrap();
+        let index = index.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let record = record.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let file = file.as_any().downcast_ref::<StringArray>().unwrap();
+        for r in 0..batch.num_rows() {
+            rows.push((
+                split.value(r).to_string(),
+                index.value(r),
+                record.value(r),
+                (!file.is_null(r)).then(|| file.value(r).to_string()),
+            ));
+        }
+    }
+    rows
+}

@@ -3,7 +3,7 @@
 //! ImageFolder tree) into packed splits (`train.pack`, `test.pack`, optionally `val.pack`) and a
 //! `dataset.json` describing them (classes, sizes, hashes, normalisation statistics).
 
-use crate::artifacts::{DatasetInfo, SplitInfo};
+use crate::artifacts::{records, DatasetInfo, SplitInfo};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::params::RangeError;
@@ -430,14 +430,29 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         datasets::digest::default_cache().as_deref(),
     )?;
     let bar = ctx.bar(2, "reading splits");
-    let (train, test, normalize) = read_source(ctx, p, &bar)?;
-    let (train, val) =
-        datasets::holdout::limit_and_hold_out(train, p.limit, p.val, p.seed.unwrap_or_default())?;
-    let normalize = normalize
+    let read = read_source(ctx, p, &bar)?;
+    let ((train, train_records), val) = datasets::holdout::limit_and_hold_out(
+        read.train,
+        p.limit,
+        p.val,
+        p.seed.unwrap_or_default(),
+    )?;
+    let normalize = read
+        .normalize
         .unwrap_or_else(|| Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len())));
-    let mut named = vec![("train", train), ("test", test)];
-    named.extend(val.map(|v| ("val", v)));
+    let test_records: Vec<usize> = (0..read.test.0.n).collect();
+    let (train_files, test_files) = read.files.unzip();
+    let mut records = vec![
+        provenance("train", train_records, train_files.as_deref()),
+        provenance("test", test_records, test_files.as_deref()),
+    ];
+    let mut named = vec![("train", train), ("test", read.test)];
+    if let Some((v, val_records)) = val {
+        records.push(provenance("val", val_records, train_files.as_deref()));
+        named.push(("val", v));
+    }
     let info = write_splits(ctx, named, normalize)?;
+    records::write(&ctx.dir.join(records::FILE), &records)?;
     bar.inc(1);
     bar.finish_and_clear();
     engine::json::write(&ctx.dir.join("dataset.json"), &info)?;
@@ -454,7 +469,23 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut outputs = vec![info.train.file.clone(), info.test.file.clone()];
     outputs.extend(info.val.as_ref().map(|v| v.file.clone()));
     outputs.push("dataset.json".into());
+    outputs.push(records::FILE.into());
     Ok(outputs)
+}
+
+/// The provenance of a packed split whose images are the source split's `records`; `files`
+/// names every image of that source split (ImageFolder).
+fn provenance(
+    split: &'static str,
+    records: Vec<usize>,
+    files: Option<&[String]>,
+) -> records::SplitRecords {
+    let files = files.map(|f| records.iter().map(|&r| f[r].clone()).collect());
+    records::SplitRecords {
+        split,
+        records,
+        files,
+    }
 }
 
 /// Refuses to pack a source that changed since stages.toml was read: the output would be
@@ -486,12 +517,24 @@ fn check_unchanged(name: &str, base_dir: &Path, p: &Params, cache: Option<&Path>
     Ok(())
 }
 
-/// The training and test splits of the source, and its fixed normalisation if it has one.
-fn read_source(
-    ctx: &Context,
-    p: &Params,
-    bar: &indicatif::ProgressBar,
-) -> Result<(Split, Split, Option<Normalize>)> {
+/// What the source holds: its training and test splits, its fixed normalisation if it has
+/// one, and for an ImageFolder every image's file (training split's, test split's), relative to
+/// the source folder.
+struct SourceSplits {
+    train: Split,
+    test: Split,
+    normalize: Option<Normalize>,
+    files: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// Reads the source's training and test splits.
+fn read_source(ctx: &Context, p: &Params, bar: &indicatif::ProgressBar) -> Result<SourceSplits> {
+    let plain = |(train, test): (Split, Split), normalize: Option<Normalize>| SourceSplits {
+        train,
+        test,
+        normalize,
+        files: None,
+    };
     Ok(match p.source {
         Source::Synthetic => {
             let spec = p.synthetic_spec();
@@ -500,31 +543,19 @@ fn read_source(
             let train = spec.generate(seed, 0, p.train_size.unwrap_or(5000))?;
             bar.inc(1);
             let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
-            (train, test, None)
+            plain((train, test), None)
         }
-        Source::Imagefolder => {
-            let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
-            let size = p.image_size.unwrap_or_default();
-            let (train_split, test_split) = (
-                p.train_split.as_deref().unwrap_or("train"),
-                p.test_split.as_deref().unwrap_or("val"),
-            );
-            let classes = datasets::imagefolder::classes(&root, train_split)?;
-            let train = datasets::imagefolder::read(&root, train_split, &classes, size)?;
-            bar.inc(1);
-            let test = datasets::imagefolder::read(&root, test_split, &classes, size)?;
-            (train, test, None)
-        }
+        Source::Imagefolder => read_image_folder(ctx, p, bar)?,
         Source::Stl10 => {
             let dir = source_dir(ctx, p)?;
-            let (train, test) = datasets::stl10::stl10(&dir)?;
+            let splits = datasets::stl10::stl10(&dir)?;
             bar.inc(1);
             // No statistics are fixed by the paper's code for STL-10: fitted on the train split.
-            (train, test, None)
+            plain(splits, None)
         }
         Source::Cifar10 | Source::Cifar100 => {
             let dir = source_dir(ctx, p)?;
-            let ((train, test), (mean, std)) = if p.source == Source::Cifar10 {
+            let (splits, (mean, std)) = if p.source == Source::Cifar10 {
                 (
                     datasets::cifar::cifar10(&dir, p.batches.as_deref())?,
                     CIFAR10_NORMALIZE,
@@ -540,8 +571,45 @@ fn read_source(
                 mean: mean.to_vec(),
                 std: std.to_vec(),
             };
-            (train, test, Some(fixed))
+            plain(splits, Some(fixed))
         }
+    })
+}
+
+/// An ImageFolder's two splits, with their files.
+fn read_image_folder(
+    ctx: &Context,
+    p: &Params,
+    bar: &indicatif::ProgressBar,
+) -> Result<SourceSplits> {
+    use datasets::imagefolder as folder;
+    let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+    let size = p.image_size.unwrap_or_default();
+    let (train_split, test_split) = (
+        p.train_split.as_deref().unwrap_or("train"),
+        p.test_split.as_deref().unwrap_or("val"),
+    );
+    let classes = folder::classes(&root, train_split)?;
+    let train_files = folder::split_files(&root, train_split, &classes)?;
+    let train = folder::read_listed(&train_files, &classes, size)?;
+    bar.inc(1);
+    let test_files = folder::split_files(&root, test_split, &classes)?;
+    let test = folder::read_listed(&test_files, &classes, size)?;
+    let names = |files: &[(std::path::PathBuf, u32)]| -> Vec<String> {
+        files
+            .iter()
+            .map(|(f, _)| {
+                let rel = f.strip_prefix(&root).unwrap_or(f);
+                let parts: Vec<_> = rel.iter().map(|c| c.to_string_lossy()).collect();
+                parts.join("/")
+            })
+            .collect()
+    };
+    Ok(SourceSplits {
+        files: Some((names(&train_files), names(&test_files))),
+        train,
+        test,
+        normalize: None,
     })
 }
 
