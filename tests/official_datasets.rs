@@ -163,14 +163,29 @@ fn a_moved_dataset_reruns_nothing_and_one_changed_in_place_reruns_its_stages() {
     assert!(stderr(&o).contains("2 stage(s) run"), "{}", stderr(&o));
     let train = PackedStore::open(&dir.path().join("out/cifar/train.pack")).unwrap();
     assert_eq!(train.image(0)[99], bytes[100]);
-    // Gone: a warning at load, and the stage it must run fails naming the file.
+    // Gone (deleted after packing, or not visible from this node): the digest its last run
+    // recorded for this `path` is kept, so nothing is stale; a forced run fails naming the file.
     std::fs::remove_dir_all(dir.path().join("moved")).unwrap();
-    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(state("cifar").contains("up to date"), "{}", state("cifar"));
+    assert!(state("model").contains("up to date"), "{}", state("model"));
+    let o = pipeline(dir.path(), &["run", "c.toml", "--force", "cifar"]);
     let e = stderr(&o);
-    assert!(e.contains("its source cannot be read now"), "{e}");
+    assert!(e.contains("keeps the digest its last run recorded"), "{e}");
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("moved/batches.meta.txt"), "{e}");
     assert!(dir.path().join("out/cifar/train.pack").exists());
+    // Unreadable at another `path`: identified by that path, so stale, and failing if run.
+    write(
+        dir.path(),
+        "c.toml",
+        &CONFIG.replace("cifar-10-batches-bin", "elsewhere"),
+    );
+    assert!(state("cifar").contains("stale"), "{}", state("cifar"));
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    let e = stderr(&o);
+    assert!(e.contains("identified by its `path`"), "{e}");
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("elsewhere/batches.meta.txt"), "{e}");
 }
 
 #[test]

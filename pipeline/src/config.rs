@@ -950,10 +950,16 @@ fn cell_params(
     let base_dir = loc.file.parent().unwrap_or(Path::new("."));
     match params.resolve_files(base_dir) {
         Ok(None) => {}
-        Ok(Some(why)) => tracing::warn!(
-            "stage `{shown}`: its source cannot be read now ({why}); it is identified by its \
-             `path` until it can, and fails if it must run"
-        ),
+        Ok(Some(why)) => match adopt_recorded_digest(&run.output, &own_name, &mut params) {
+            true => tracing::warn!(
+                "stage `{shown}`: its source cannot be read now ({why}); it keeps the digest \
+                 its last run recorded for this `path`, and fails if it must run"
+            ),
+            false => tracing::warn!(
+                "stage `{shown}`: its source cannot be read now ({why}); it is identified by its \
+                 `path` until it can, and fails if it must run"
+            ),
+        },
         Err((key, message)) => {
             let at = key_spans.get(key).cloned().unwrap_or(span.clone());
             return Err(loc.at(
@@ -963,6 +969,30 @@ fn cell_params(
         }
     }
     Ok((own_name, params))
+}
+
+/// For a prepare stage whose source cannot be read here (a login node without the compute
+/// nodes' data, raw files deleted after packing), the source digest that its finished run
+/// recorded (`<output>/<stage>/stage.json`) when it read from the same `path`: the stage keeps
+/// its fingerprint, so it and everything downstream stay up to date. Whether one was adopted.
+fn adopt_recorded_digest(output: &Path, stage: &str, params: &mut StageParams) -> bool {
+    let StageParams::Prepare(p) = params else {
+        return false;
+    };
+    let record = std::fs::read(output.join(stage).join("stage.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let Some(recorded) = record.as_ref().map(|r| &r["params"]) else {
+        return false;
+    };
+    let same_place = recorded["path"].as_str() == p.path.as_deref();
+    match recorded["source_digest"].as_str() {
+        Some(d) if same_place && !d.is_empty() => {
+            p.source_digest = d.to_string();
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A stage table's parameters, as its kind reads them.
