@@ -298,8 +298,23 @@ pub struct RunSummary {
     pub elsewhere: Vec<String>,
 }
 
+/// The time now in RFC 3339 with milliseconds (records' `started` and `finished`): `--force`
+/// tells a stage re-run by another process since this invocation started from one run just
+/// before it, which seconds could not within the same second.
 fn now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Whether RFC 3339 time `a` is before `b`, compared as times (records written before
+/// milliseconds were recorded have whole seconds); an unreadable time counts as before.
+fn earlier(a: &str, b: &str) -> bool {
+    match (
+        humantime::parse_rfc3339_weak(a),
+        humantime::parse_rfc3339_weak(b),
+    ) {
+        (Ok(a), Ok(b)) => a < b,
+        _ => true,
+    }
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String)> {
@@ -411,7 +426,7 @@ impl Runner<'_> {
         let state = state_of(self.config, &self.fps, i);
         let forced = self.opts.force.contains(&s.name)
             && read_record(&stage_dir(self.config, &s.name))
-                .is_none_or(|r| r.started < self.started);
+                .is_none_or(|r| earlier(&r.started, &self.started));
         (state, forced)
     }
 
@@ -703,4 +718,30 @@ pub fn clean(config: &Config, stage: Option<&str>) -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_times_compare_as_times_across_precisions() {
+        // A record of whole seconds (before milliseconds were recorded) against now.
+        assert!(earlier("2026-12-06T03:28:26Z", "2026-12-06T03:28:26.500Z"));
+        assert!(!earlier("2026-12-06T03:28:26.500Z", "2026-12-06T03:28:26Z"));
+        // Within one second, as a run and a `--force` right after it.
+        assert!(earlier(
+            "2026-12-06T03:28:26.400Z",
+            "2026-12-06T03:28:26.401Z"
+        ));
+        assert!(!earlier(
+            "2026-12-06T03:28:26.401Z",
+            "2026-12-06T03:28:26.400Z"
+        ));
+        let t = now();
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && t.as_bytes()[19] == b'.',
+            "{t}"
+        );
+    }
 }
