@@ -147,6 +147,14 @@ fn a_moved_dataset_reruns_nothing_and_one_changed_in_place_reruns_its_stages() {
     write(dir.path(), "c.toml", &moved);
     assert!(state("cifar").contains("up to date"), "{}", state("cifar"));
     assert!(state("model").contains("up to date"), "{}", state("model"));
+    // A run skips both, and the record names where the data is now.
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(stderr(&o).contains("0 stage(s) run"), "{}", stderr(&o));
+    let record = |stage: &str| -> serde_json::Value {
+        let p = dir.path().join("out").join(stage).join("stage.json");
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    assert_eq!(record("cifar")["params"]["path"], "moved");
     // One pixel changed in place, length unchanged: the source's digest says so.
     let file = dir.path().join("moved/data_batch_1.bin");
     let mut bytes = std::fs::read(&file).unwrap();
@@ -186,6 +194,55 @@ fn a_moved_dataset_reruns_nothing_and_one_changed_in_place_reruns_its_stages() {
     assert!(e.contains("identified by its `path`"), "{e}");
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("elsewhere/batches.meta.txt"), "{e}");
+}
+
+/// A prepare stage finished before source digests existed (its record identifies it by `path`,
+/// without `source_digest`) stays up to date, and so does what follows it: upgrading reruns
+/// nothing. Its records are rewritten here as that version wrote them.
+#[test]
+fn a_prepare_finished_before_source_digests_stays_up_to_date() {
+    let dir = scratch();
+    fixture(&dir.path().join("cifar-10-batches-bin"), 20);
+    let file = write(dir.path(), "c.toml", CONFIG);
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The fingerprints the earlier version computed: `path` in place of the digest.
+    let mut config = pipeline::config::load(&file, None).unwrap();
+    if let stages::StageParams::Prepare(p) = &mut config.stages[0].params {
+        assert!(p.source_digest.starts_with("blake3:"));
+        p.source_digest.clear();
+    }
+    let fps = pipeline::runner::fingerprints(&config);
+    let out = dir.path().join("out");
+    let edit = |stage: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let p = out.join(stage).join("stage.json");
+        let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut r);
+        std::fs::write(&p, serde_json::to_vec_pretty(&r).unwrap()).unwrap();
+    };
+    edit("cifar", &|r| {
+        r["params"].as_object_mut().unwrap().remove("source_digest");
+        r["fingerprint"] = fps[0].clone().into();
+    });
+    edit("model", &|r| {
+        r["fingerprint"] = fps[1].clone().into();
+        r["inputs"]["cifar"] = fps[0].clone().into();
+    });
+    let o = pipeline(dir.path(), &["status", "c.toml", "--exit-code"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // Forced, it packs again under the same identity: what follows stays up to date.
+    let o = pipeline(dir.path(), &["run", "c.toml", "--force", "cifar"]);
+    assert!(
+        stderr(&o).contains("1 stage(s) run, 1 up to date"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.join("cifar/records.parquet").exists());
+    // Cleaned, it is identified by its digest: it and what follows run again.
+    let o = pipeline(dir.path(), &["clean", "c.toml", "cifar"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = pipeline(dir.path(), &["status", "c.toml"]);
+    assert!(stdout(&o).contains("stale"), "{}", stdout(&o));
 }
 
 #[test]

@@ -5,11 +5,12 @@
 //! A digest is blake3 over, for each file in the reader's order, its path relative to the
 //! dataset's root, its length and its own blake3. Hashing a large tree (an ImageNet-sized
 //! ImageFolder) at every read of stages.toml would take minutes, so a digest is remembered in a
-//! cache folder under the files' *stat signature* (relative path, length, modification time
-//! and inode of each file), as DVC and make decide what changed: a file rewritten to the same
-//! length within one timestamp tick (a few milliseconds on Linux) would go unnoticed. As git
-//! does for its index ("racy git"), a digest is not cached while any file was modified in the
-//! last [`SETTLED`]: a file rewritten in the same tick as it was hashed is hashed again.
+//! cache folder under the files' *stat signature* (relative path, length, modification and
+//! status-change times, device and inode of each file), as DVC and make decide what changed: a
+//! file rewritten to the same length within one timestamp tick (a few milliseconds on Linux)
+//! would go unnoticed. As git does for its index ("racy git"), a digest is cached only when
+//! every file was [`SETTLED`] old before it was looked at and its stat is unchanged after it
+//! was read: a file rewritten in the tick it was hashed in is hashed again.
 //! One cache entry is one small file named by the signature, written atomically, so that
 //! concurrent processes (Slurm tasks, `--jobs` children) never conflict.
 
@@ -46,46 +47,73 @@ pub struct SourceDigest {
 /// looked up in (and added to) `cache` when given. A file that cannot be read is an error
 /// naming it; a cache that cannot be written is skipped, as a cache.
 pub fn digest(root: &Path, files: &[PathBuf], cache: Option<&Path>) -> Result<SourceDigest> {
-    let mut signature = blake3::Hasher::new();
-    signature.update(VERSION);
-    let mut bytes = 0u64;
-    let mut newest = std::time::SystemTime::UNIX_EPOCH;
-    for file in files {
-        let meta = std::fs::metadata(file).map_err(|e| DatasetError::io(file, e))?;
-        let name = relative(root, file);
-        signature.update(name.as_bytes());
-        signature.update(&[0]);
-        for v in [
-            meta.len(),
-            meta.mtime() as u64,
-            meta.mtime_nsec() as u64,
-            meta.ino(),
-        ] {
-            signature.update(&v.to_le_bytes());
-        }
-        bytes += meta.len();
-        newest = newest.max(meta.modified().map_err(|e| DatasetError::io(file, e))?);
-    }
-    let entry = cache.map(|c| c.join(signature.finalize().to_hex().as_str()));
+    let before = std::time::SystemTime::now();
+    let stat = signature(root, files)?;
+    let entry = cache.map(|c| c.join(&stat.hex));
     if let Some(hex) = entry.as_deref().and_then(read_entry) {
         return Ok(SourceDigest {
             hex,
             files: files.len(),
-            bytes,
+            bytes: stat.bytes,
             cached: true,
         });
     }
     let hex = hash_contents(root, files)?;
-    let settled = newest.elapsed().is_ok_and(|age| age >= SETTLED);
+    // Cached only when every file was already SETTLED old before it was looked at (a file
+    // rewritten in the tick it was read keeps its timestamp), and unchanged while it was read.
+    let settled = before
+        .duration_since(stat.newest)
+        .is_ok_and(|age| age >= SETTLED);
     if let (Some(entry), true) = (&entry, settled) {
-        // A read-only or full cache only costs the next read of stages.toml a rehash.
-        let _ = write_entry(entry, &hex);
+        if signature(root, files).is_ok_and(|again| again.hex == stat.hex) {
+            // A read-only or full cache only costs the next read of stages.toml a rehash.
+            let _ = write_entry(entry, &hex);
+        }
     }
     Ok(SourceDigest {
         hex,
         files: files.len(),
-        bytes,
+        bytes: stat.bytes,
         cached: false,
+    })
+}
+
+/// The files' stat signature, their total size and newest modification time.
+struct Signature {
+    hex: String,
+    bytes: u64,
+    newest: std::time::SystemTime,
+}
+
+/// Relative path, length, modification and status-change times, device and inode of every
+/// file: a rewrite, a restored modification time (`touch -r`, `cp -p` over it, `tar`) or a copy
+/// onto another file system gives another signature.
+fn signature(root: &Path, files: &[PathBuf]) -> Result<Signature> {
+    let mut h = blake3::Hasher::new();
+    h.update(VERSION);
+    let (mut bytes, mut newest) = (0u64, std::time::SystemTime::UNIX_EPOCH);
+    for file in files {
+        let meta = std::fs::metadata(file).map_err(|e| DatasetError::io(file, e))?;
+        h.update(relative(root, file).as_bytes());
+        h.update(&[0]);
+        for v in [
+            meta.len(),
+            meta.mtime() as u64,
+            meta.mtime_nsec() as u64,
+            meta.ctime() as u64,
+            meta.ctime_nsec() as u64,
+            meta.dev(),
+            meta.ino(),
+        ] {
+            h.update(&v.to_le_bytes());
+        }
+        bytes += meta.len();
+        newest = newest.max(meta.modified().map_err(|e| DatasetError::io(file, e))?);
+    }
+    Ok(Signature {
+        hex: h.finalize().to_hex().to_string(),
+        bytes,
+        newest,
     })
 }
 

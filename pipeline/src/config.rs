@@ -670,18 +670,14 @@ impl Expansion {
         }
         let run_of = |name: &String| {
             let mut v = self.resolved[name].clone();
+            let stage = self.stages.iter().find(|s| &s.name == name).expect("added");
             if let Some(obj) = v.as_object_mut() {
-                for key in StageParams::OPERATIONAL_KEYS.iter().chain(&["label"]) {
+                let presentation = stage.params.presentation_keys();
+                for key in StageParams::OPERATIONAL_KEYS.iter().chain(presentation) {
                     obj.remove(*key);
                 }
             }
-            let needs = &self
-                .stages
-                .iter()
-                .find(|s| &s.name == name)
-                .expect("added")
-                .needs;
-            (v, needs.clone())
+            (v, stage.needs.clone())
         };
         let runs: Vec<_> = cells.iter().map(run_of).collect();
         for (b, run) in runs.iter().enumerate() {
@@ -699,13 +695,17 @@ impl Expansion {
             return Err(loc.at(
                 tpl.span.clone(),
                 format!(
-                    "stage `{}`: cells `{}` and `{}` are the same run: their {} resolve to the same \
+                    "stage `{}`: cells `{}` and `{}` are the same run: {} resolve to the same \
                      parameters (equal values, or a key their method does not use, reset to its \
                      default); list each value once, or split the grid by method",
                     tpl.name,
                     cells[a],
                     cells[b],
-                    differ.join(", ")
+                    if differ.is_empty() {
+                        "their matrix values".to_string()
+                    } else {
+                        format!("their {}", differ.join(", "))
+                    }
                 ),
             ));
         }
@@ -948,18 +948,8 @@ fn cell_params(
     }
     params.resolve(run.seed);
     let base_dir = loc.file.parent().unwrap_or(Path::new("."));
-    match params.resolve_files(base_dir) {
-        Ok(None) => {}
-        Ok(Some(why)) => match adopt_recorded_digest(&run.output, &own_name, &mut params) {
-            true => tracing::warn!(
-                "stage `{shown}`: its source cannot be read now ({why}); it keeps the digest \
-                 its last run recorded for this `path`, and fails if it must run"
-            ),
-            false => tracing::warn!(
-                "stage `{shown}`: its source cannot be read now ({why}); it is identified by its \
-                 `path` until it can, and fails if it must run"
-            ),
-        },
+    let unreadable = match params.resolve_files(base_dir) {
+        Ok(why) => why,
         Err((key, message)) => {
             let at = key_spans.get(key).cloned().unwrap_or(span.clone());
             return Err(loc.at(
@@ -967,31 +957,64 @@ fn cell_params(
                 format!("stage `{shown}` (kind {kind}): key `{key}`: {message}"),
             ));
         }
+    };
+    if let StageParams::Prepare(p) = &mut params {
+        reconcile_with_record(&run.output, &own_name, p, unreadable);
     }
     Ok((own_name, params))
 }
 
-/// For a prepare stage whose source cannot be read here (a login node without the compute
-/// nodes' data, raw files deleted after packing), the source digest that its finished run
-/// recorded (`<output>/<stage>/stage.json`) when it read from the same `path`: the stage keeps
-/// its fingerprint, so it and everything downstream stay up to date. Whether one was adopted.
-fn adopt_recorded_digest(output: &Path, stage: &str, params: &mut StageParams) -> bool {
-    let StageParams::Prepare(p) = params else {
-        return false;
-    };
+/// Squares a prepare stage's source digest with its finished run's record
+/// (`<output>/<stage>/stage.json`), so that its fingerprint stays what that run recorded where
+/// the digest alone would change it for nothing:
+///
+/// - a run finished before source digests existed, with these very parameters, keeps being
+///   identified by its `path` (upgrading reruns nothing; cleaning the stage switches it);
+/// - a source that cannot be read here (`unreadable`: a login node without the compute nodes'
+///   data, raw files deleted after packing) keeps the digest recorded for the same `path`;
+///   otherwise it is identified by its `path`. Either way the stage fails if it must run.
+fn reconcile_with_record(
+    output: &Path,
+    stage: &str,
+    p: &mut stages::kinds::prepare::Params,
+    unreadable: Option<String>,
+) {
     let record = std::fs::read(output.join(stage).join("stage.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-    let Some(recorded) = record.as_ref().map(|r| &r["params"]) else {
-        return false;
-    };
-    let same_place = recorded["path"].as_str() == p.path.as_deref();
-    match recorded["source_digest"].as_str() {
-        Some(d) if same_place && !d.is_empty() => {
-            p.source_digest = d.to_string();
-            true
+    let recorded = record.as_ref().map(|r| &r["params"]);
+    let same_place = recorded.is_some_and(|r| r["path"].as_str() == p.path.as_deref());
+    let digest = recorded.and_then(|r| r["source_digest"].as_str());
+    if let Some(why) = unreadable {
+        match digest {
+            Some(d) if same_place && !d.is_empty() => {
+                p.source_digest = d.to_string();
+                tracing::warn!(
+                    "stage `{stage}`: its source cannot be read now ({why}); it keeps the digest \
+                     its last run recorded for this `path`, and fails if it must run"
+                );
+            }
+            _ => tracing::warn!(
+                "stage `{stage}`: its source cannot be read now ({why}); it is identified by its \
+                 `path` until it can, and fails if it must run"
+            ),
         }
-        _ => false,
+        return;
+    }
+    if p.source_digest.is_empty() || digest.is_some() || !same_place {
+        return;
+    }
+    let by_path = stages::kinds::prepare::Params {
+        source_digest: String::new(),
+        ..p.clone()
+    };
+    let unchanged = recorded == Some(&serde_json::to_value(&by_path).expect("serialise"));
+    if unchanged {
+        *p = by_path;
+        tracing::debug!(
+            "stage `{stage}`: finished before source digests, so identified by its `path` \
+             (`pipeline clean` it to switch to its digest, rerunning what follows)"
+        );
     }
 }
 

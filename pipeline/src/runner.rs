@@ -242,7 +242,9 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
                 .filter(|k| old.and_then(|m| m.get(*k)) != new.and_then(|m| m.get(*k)))
                 .map(|k| format!("`{k}`"))
                 .collect();
-            why.push(format!("parameters changed ({})", changed.join(", ")));
+            if !changed.is_empty() {
+                why.push(format!("parameters changed ({})", changed.join(", ")));
+            }
         }
         for n in &s.needs {
             let j = config.index_of(n);
@@ -296,6 +298,33 @@ pub struct RunSummary {
     pub skipped: Vec<String>,
     /// Stages that another process completed while this one waited for them.
     pub elsewhere: Vec<String>,
+}
+
+/// Rewrites the parameters in an up-to-date stage's record when they differ from its current
+/// ones (which, with an equal fingerprint, differ only in keys it does not hold: a prepare's
+/// `path` after its data moved), so the record says where its data is now; a node that cannot
+/// read the data then finds the digest recorded for that `path`. A failure only warns.
+fn refresh_record(config: &Config, i: usize) {
+    let s = &config.stages[i];
+    if s.params.located_keys().is_empty() {
+        return;
+    }
+    let dir = stage_dir(config, &s.name);
+    let Some(mut record) = read_record(&dir) else {
+        return;
+    };
+    let now = params_json(&s.params);
+    if record.params == now {
+        return;
+    }
+    record.params = now;
+    let mut json = serde_json::to_vec_pretty(&record).expect("a record serialises");
+    json.push(b'\n');
+    let written = datasets::atomic::write_bytes(&dir.join(RECORD), &json);
+    match written {
+        Ok(()) => tracing::info!("{}: its record now names where its data is", s.name),
+        Err(e) => tracing::warn!("{}: cannot update its record: {e}", s.name),
+    }
 }
 
 /// The time now in RFC 3339 with milliseconds (records' `started` and `finished`): `--force`
@@ -437,6 +466,9 @@ impl Runner<'_> {
         let s = &config.stages[i];
         let (mut state, forced) = self.current(i);
         if state == StageState::UpToDate && !forced {
+            if !opts.dry_run {
+                refresh_record(config, i);
+            }
             tracing::info!("{} ({}): up to date, skipped", s.name, s.params.kind());
             self.summary.skipped.push(s.name.clone());
             return Ok(Settled::Done);

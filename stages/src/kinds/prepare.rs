@@ -489,12 +489,15 @@ fn provenance(
 }
 
 /// Refuses to pack a source that changed since stages.toml was read: the output would be
-/// recorded under the digest of other contents. A source unreadable then and now fails here,
-/// where the reader's error names the file.
+/// recorded under the digest of other contents. A stage identified by its `path` (a source
+/// unreadable when stages.toml was read, a run from before digests) has nothing to compare: an
+/// unreadable source then fails below, where the reader's error names the file.
 fn check_unchanged(name: &str, base_dir: &Path, p: &Params, cache: Option<&Path>) -> Result<()> {
+    if p.source_digest.is_empty() {
+        return Ok(());
+    }
     let now = match p.current_digest(base_dir, cache) {
         Ok(now) => now,
-        Err(_) if p.source_digest.is_empty() => return Ok(()),
         Err(e) => return Err(StageError::config(format!("{name}: {e}"))),
     };
     let Some((now, line)) = now else {
@@ -502,15 +505,13 @@ fn check_unchanged(name: &str, base_dir: &Path, p: &Params, cache: Option<&Path>
     };
     if now != p.source_digest {
         let dir = base_dir.join(p.path.as_deref().unwrap_or_default());
-        let was = if p.source_digest.is_empty() {
-            "unreadable"
-        } else {
-            &p.source_digest
-        };
         return Err(StageError::invalid(
             &dir,
             "content",
-            format!("changed since stages.toml was read (digest {now}, was {was}): run again"),
+            format!(
+                "changed since stages.toml was read (digest {now}, was {}): run again",
+                p.source_digest
+            ),
         ));
     }
     tracing::info!("{name}: source {line}, digest {now}");
