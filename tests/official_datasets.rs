@@ -171,6 +171,41 @@ fn a_moved_dataset_reruns_nothing_and_one_changed_in_place_reruns_its_stages() {
     assert!(stderr(&o).contains("2 stage(s) run"), "{}", stderr(&o));
     let train = PackedStore::open(&dir.path().join("out/cifar/train.pack")).unwrap();
     assert_eq!(train.image(0)[99], bytes[100]);
+    // The digests a `--jobs` parent or a Slurm script hands down are used as given (the
+    // sbatch script exports them), and a prepare stage checks them against its files.
+    pipeline(dir.path(), &["clean", "c.toml", "model"]);
+    let o = pipeline(dir.path(), &["submit", "c.toml", "--slurm", "--dry-run"]);
+    let script = stdout(&o);
+    assert!(
+        script.contains("export LDL_SOURCE_DIGESTS='{\"cifar\":\"blake3:"),
+        "{script}"
+    );
+    let bogus = format!("{{\"cifar\": \"blake3:{}\"}}", "0".repeat(64));
+    let handed = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("LDL_CACHE", dir.path().join(".ldl-cache"))
+            .env("LDL_SOURCE_DIGESTS", &bogus)
+            .output()
+            .unwrap()
+    };
+    let o = handed(&["status", "c.toml"]);
+    assert!(stdout(&o).contains("`source_digest`"), "{}", stdout(&o));
+    let o = handed(&["run", "c.toml", "--only", "cifar"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("changed since stages.toml was read"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(state("cifar").contains("up to date"), "{}", state("cifar"));
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(
+        stderr(&o).contains("1 stage(s) run, 1 up to date"),
+        "{}",
+        stderr(&o)
+    );
     // Gone (deleted after packing, or not visible from this node): the digest its last run
     // recorded for this `path` is kept, so nothing is stale; a forced run fails naming the file.
     std::fs::remove_dir_all(dir.path().join("moved")).unwrap();

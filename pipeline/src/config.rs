@@ -948,7 +948,11 @@ fn cell_params(
     }
     params.resolve(run.seed);
     let base_dir = loc.file.parent().unwrap_or(Path::new("."));
-    let unreadable = match params.resolve_files(base_dir) {
+    let given = match &mut params {
+        StageParams::Prepare(p) => given_digest(&own_name).map(|d| p.source_digest = d),
+        _ => None,
+    };
+    let unreadable = match given.map_or_else(|| params.resolve_files(base_dir), |()| Ok(None)) {
         Ok(why) => why,
         Err((key, message)) => {
             let at = key_spans.get(key).cloned().unwrap_or(span.clone());
@@ -962,6 +966,37 @@ fn cell_params(
         reconcile_with_record(&run.output, &own_name, p, unreadable);
     }
     Ok((own_name, params))
+}
+
+/// The environment variable through which a `--jobs` parent or a Slurm script hands the
+/// processes it starts the source digests it computed (a JSON object, prepare stage name →
+/// digest), so they do not stat an ImageNet-sized tree again each. Only a prepare stage reads
+/// its source, and it checks the digest against the files when it runs.
+pub const SOURCE_DIGESTS_ENV: &str = "LDL_SOURCE_DIGESTS";
+
+/// The digest of prepare stage `stage` handed down in [`SOURCE_DIGESTS_ENV`], if any.
+fn given_digest(stage: &str) -> Option<String> {
+    let text = std::env::var(SOURCE_DIGESTS_ENV).ok()?;
+    let map: std::collections::BTreeMap<String, String> = serde_json::from_str(&text).ok()?;
+    map.get(stage).filter(|d| d.starts_with("blake3:")).cloned()
+}
+
+impl Config {
+    /// The source digests of this file's prepare stages, as [`SOURCE_DIGESTS_ENV`] hands them
+    /// down (`None` when there are none).
+    pub fn source_digests(&self) -> Option<String> {
+        let map: std::collections::BTreeMap<&str, &str> = self
+            .stages
+            .iter()
+            .filter_map(|s| match &s.params {
+                StageParams::Prepare(p) if !p.source_digest.is_empty() => {
+                    Some((s.name.as_str(), p.source_digest.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        (!map.is_empty()).then(|| serde_json::to_string(&map).expect("a map serialises"))
+    }
 }
 
 /// Squares a prepare stage's source digest with its finished run's record

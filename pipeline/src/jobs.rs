@@ -297,6 +297,9 @@ fn spawn(
     if forced {
         cmd.args(["--force", &s.name]);
     }
+    if let Some(digests) = config.source_digests() {
+        cmd.env(crate::config::SOURCE_DIGESTS_ENV, digests);
+    }
     if opts.dry_run {
         bail!("--dry-run does not start children");
     }

@@ -478,6 +478,16 @@ fn script(
         "# On USR2 (the time limit is near) the binary checkpoints and requeues this job.\n",
     );
     writeln!(s, "export {REQUEUE_ENV}=1")?;
+    if let Some(digests) = config.source_digests() {
+        // Computed at submission: a task skips statting the source again (its prepare stage
+        // still checks the files when it runs).
+        writeln!(
+            s,
+            "export {}={}",
+            crate::config::SOURCE_DIGESTS_ENV,
+            shell_quote(&digests)
+        )?;
+    }
     writeln!(
         s,
         "exec {} run {} --output {} --only \"$STAGE\"{threads}",
