@@ -31,7 +31,8 @@ pub enum Mix {
         /// Beta parameter of λ (1 in the reference).
         #[serde(default = "one")]
         beta: f64,
-        /// Probability of mixing a batch (0.5 in CutMix's CIFAR runs; the paper's code uses 1).
+        /// Probability of mixing a batch (0.5 in CutMix's CIFAR runs, the paper's stated default;
+        /// its supplement's pseudocode mixes every batch, 1).
         #[serde(default = "half")]
         p: f64,
     },
