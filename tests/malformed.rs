@@ -475,3 +475,33 @@ fn a_disk_that_fills_mid_write_leaves_the_previous_output_intact() {
     let o = pipeline(dir.path(), &["run", "d.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// A model whose output is not finite (NaN weights, as a diverged or damaged import gives) is
+/// refused by the evaluation, naming the model and the first image, instead of a finite NLL.
+#[test]
+fn an_evaluation_of_a_model_with_nan_outputs_is_refused() {
+    let dir = scratch();
+    tiny(dir.path());
+    // fc.bias's floats set to NaN, in place (same size).
+    damage(&dir.path().join("out/vanilla/model.safetensors"), |b| {
+        let len = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&b[8..8 + len]).unwrap();
+        let at = &header["fc.bias"]["data_offsets"];
+        let (lo, hi) = (
+            at[0].as_u64().unwrap() as usize,
+            at[1].as_u64().unwrap() as usize,
+        );
+        for chunk in b[8 + len + lo..8 + len + hi].chunks_exact_mut(4) {
+            chunk.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    });
+    let cfg = format!(
+        "{TINY}\n[[stage]]\nname = \"eval-nan\"\nkind = \"evaluate\"\nneeds = [\"data\", \"vanilla\"]\n"
+    );
+    write(dir.path(), "tiny2.toml", &cfg);
+    refused_unchanged(
+        dir.path(),
+        &["run", "tiny2.toml", "--only", "eval-nan"],
+        &["vanilla/model.safetensors", "test image 0", "not finite"],
+    );
+}

@@ -336,6 +336,14 @@ fn evaluate(
         let logits = inference.logits(&data.test, "evaluating")?;
         (softmax_rows(&logits, k, 1.0), Some(logits))
     };
+    // A NaN would pass as a finite NLL (its floor) and an arbitrary argmax: refused by name.
+    if let Some(i) = probs.iter().position(|v| !v.is_finite()) {
+        return Err(StageError::invalid(
+            input.dir.join("model.safetensors"),
+            format!("test image {} (class {})", i / k, i % k),
+            "the model's output is not finite (NaN or infinite): it cannot be evaluated",
+        ));
+    }
     let m = metrics::compute(&probs, &labels, k, p.bins);
     let temperature_file = input.dir.join("temperature.json");
     let calibrated = match (&logits, temperature_file.exists()) {

@@ -12,13 +12,13 @@ pub enum Method {
     Vanilla,
     /// Label smoothing, eq. (2) (#2).
     Ls,
-    /// Knowledge distillation (Hinton et al.): (1 − λ)·CE + λ·τ²·KL.
+    /// Knowledge distillation (Hinton et al.): (1 − λ)·CE + λ·τ²·KL (#3).
     Kd,
     /// Weighted soft labels (Zhou et al., ICLR 2021).
     Wsl,
-    /// Offline LDL: soft cross-entropy on one stored teacher distribution (#3).
+    /// Offline LDL: soft cross-entropy on one stored teacher distribution (#4).
     OffLdl,
-    /// Offline ensemble LDL: on the stored mean of the teachers (#4).
+    /// Offline ensemble LDL: on the stored mean of the teachers (#5).
     OffEnLdl,
     /// Offline multi-teacher LDL: the sum of the soft cross-entropies with each stored teacher
     /// distribution (#6).

@@ -279,8 +279,9 @@ pub fn compute(probs: &[f32], labels: &[u32], k: usize, m: usize) -> Metrics {
     }
 }
 
-/// Whether label `y` is among the top 5 of `row`: fewer than 5 classes score at least as high
-/// as the label's (ties counted against it, so a tie at the cut does not count as a hit).
+/// Whether label `y` is among the top 5 of `row`: fewer than 5 classes rank above it, a class
+/// ranking above when it scores higher or ties with a lower index (the order a stable sort by
+/// descending score gives, as the top-1 argmax does).
 fn in_top5(row: &[f32], y: usize) -> bool {
     let py = row[y];
     let above = row
