@@ -948,24 +948,38 @@ fn cell_params(
     }
     params.resolve(run.seed);
     let base_dir = loc.file.parent().unwrap_or(Path::new("."));
-    let given = match &mut params {
-        StageParams::Prepare(p) => given_digest(&own_name).map(|d| p.source_digest = d),
-        _ => None,
-    };
-    let unreadable = match given.map_or_else(|| params.resolve_files(base_dir), |()| Ok(None)) {
-        Ok(why) => why,
-        Err((key, message)) => {
-            let at = key_spans.get(key).cloned().unwrap_or(span.clone());
-            return Err(loc.at(
-                at,
-                format!("stage `{shown}` (kind {kind}): key `{key}`: {message}"),
-            ));
-        }
-    };
-    if let StageParams::Prepare(p) = &mut params {
-        reconcile_with_record(&run.output, &own_name, p, unreadable);
+    if let Err((key, message)) = read_files(&mut params, base_dir, &run.output, &own_name) {
+        let at = key_spans.get(key).cloned().unwrap_or(span.clone());
+        return Err(loc.at(
+            at,
+            format!("stage `{shown}` (kind {kind}): key `{key}`: {message}"),
+        ));
     }
     Ok((own_name, params))
+}
+
+/// Reads what `params` name outside stages.toml into them (relative paths against `base_dir`):
+/// an import's file hash; a prepare's source digest, handed down by a parent process or
+/// computed, then squared with the stage's record under `output` (see
+/// [`reconcile_with_record`]). On error, the key and what is wrong.
+fn read_files(
+    params: &mut StageParams,
+    base_dir: &Path,
+    output: &Path,
+    stage: &str,
+) -> Result<(), (&'static str, String)> {
+    if let StageParams::Prepare(p) = params {
+        if let Some(d) = given_digest(stage) {
+            p.source_digest = d;
+            reconcile_with_record(output, stage, p, None);
+            return Ok(());
+        }
+    }
+    let unreadable = params.resolve_files(base_dir)?;
+    if let StageParams::Prepare(p) = params {
+        reconcile_with_record(output, stage, p, unreadable);
+    }
+    Ok(())
 }
 
 /// The environment variable through which a `--jobs` parent or a Slurm script hands the

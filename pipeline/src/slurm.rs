@@ -18,7 +18,7 @@
 //! accounting, which many clusters lack) and for resubmitting: a stage that is queued or
 //! running is not submitted again.
 
-use crate::config::{Config, SlurmResources};
+use crate::config::{Config, SlurmResources, SOURCE_DIGESTS_ENV};
 use crate::runner::{fingerprints, state_of, StageState};
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -478,15 +478,10 @@ fn script(
         "# On USR2 (the time limit is near) the binary checkpoints and requeues this job.\n",
     );
     writeln!(s, "export {REQUEUE_ENV}=1")?;
+    // Computed at submission: a task skips statting the source again (its prepare stage still
+    // checks the files when it runs).
     if let Some(digests) = config.source_digests() {
-        // Computed at submission: a task skips statting the source again (its prepare stage
-        // still checks the files when it runs).
-        writeln!(
-            s,
-            "export {}={}",
-            crate::config::SOURCE_DIGESTS_ENV,
-            shell_quote(&digests)
-        )?;
+        writeln!(s, "export {SOURCE_DIGESTS_ENV}={}", shell_quote(&digests))?;
     }
     writeln!(
         s,
