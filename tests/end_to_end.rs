@@ -476,4 +476,10 @@ fn eval_every_logs_held_out_metrics_and_trains_the_same() {
         (num(last[8]) - m["ece"].as_f64().unwrap()).abs() < 1e-5,
         "{log}"
     );
+    // Not fingerprinted: set on the finished plain training, it reruns nothing.
+    let plain_cfg = cfg.replacen("name = \"plain\"", "name = \"plain\"\neval_every = 1", 1);
+    assert_ne!(plain_cfg, cfg);
+    write(dir.path(), "e.toml", &plain_cfg);
+    let o = pipeline(dir.path(), &["status", "e.toml", "--exit-code"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
 }

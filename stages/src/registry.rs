@@ -94,11 +94,14 @@ impl StageParams {
 
     /// Keys that change how a stage runs but not what it produces; the runner leaves them out of
     /// the fingerprint, so checkpointing can be changed on a half-done run without restarting it.
+    /// `eval_every` only adds columns to a training's log (its weights are the same): adding it
+    /// to a finished teacher must not retrain it and everything downstream.
     pub const OPERATIONAL_KEYS: &'static [&'static str] = &[
         "checkpoint_every",
         "keep_checkpoints",
         "prefetch",
         "chunk_size",
+        "eval_every",
     ];
 
     /// Keys that only name the stage's results in reports (a train stage's `label`): left out
