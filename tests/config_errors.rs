@@ -454,6 +454,32 @@ fn matrix_cells_that_are_the_same_run() {
     );
 }
 
+/// Tables of one `type` in a matrix list are named by the keys that tell them apart; a table
+/// whose type is unique keeps its type alone (existing cells keep their names).
+#[test]
+fn matrix_tables_of_one_type_are_named_apart() {
+    let text = format!(
+        "{HEAD}{STUDENT}model = \"resnet8\"\nmatrix = {{ mix = [{{ type = \"cutmix\", p = 1.0 }}, \
+         {{ type = \"cutmix\", p = 0.5 }}, {{ type = \"mixup\" }}] }}\n"
+    );
+    let c = pipeline::config::parse(std::path::Path::new("t.toml"), &text, None).unwrap();
+    let names: Vec<&str> = c.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "data",
+            "s.mix=cutmix_p1.0",
+            "s.mix=cutmix_p0.5",
+            "s.mix=mixup"
+        ]
+    );
+    let e = fails(&format!(
+        "{HEAD}{STUDENT}model = \"resnet8\"\nmatrix = {{ mix = [{{ type = \"cutmix\", p = 1.0 }}, \
+         {{ type = \"cutmix\", p = 1.0 }}] }}\n"
+    ));
+    assert!(e.contains("`matrix.mix` lists `cutmix` twice"), "{e}");
+}
+
 #[test]
 fn matrix_value_that_cannot_name_a_cell() {
     let e = fails(&format!(

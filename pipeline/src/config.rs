@@ -1142,16 +1142,28 @@ fn matrix_cells<'i>(
                 ),
             ));
         }
-        let mut segments: Vec<String> = Vec::new();
-        for item in values.iter() {
-            let segment = cell_segment(loc, stage, &key, item)?;
-            if segments.contains(&segment) {
+        let mut segments: Vec<String> = values
+            .iter()
+            .map(|item| cell_segment(loc, stage, &key, item))
+            .collect::<Result<_, _>>()?;
+        name_tables_apart(&mut segments, values);
+        for (i, item) in values.iter().enumerate() {
+            let segment = &segments[i];
+            if segments[..i].contains(segment) {
                 return Err(loc.at(
                     item.span(),
                     format!("stage `{stage}`: key `matrix.{key}` lists `{segment}` twice"),
                 ));
             }
-            segments.push(segment);
+            if !segment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            {
+                return Err(loc.at(
+                    item.span(),
+                    format!("stage `{stage}`: key `matrix.{key}`: the value `{segment}` cannot be part of a stage name (letters, digits, `-`, `_`, `.`, `+`)"),
+                ));
+            }
         }
         let mut next = Vec::with_capacity(cells.len() * values.len());
         for cell in &cells {
@@ -1168,6 +1180,63 @@ fn matrix_cells<'i>(
         cells = next;
     }
     Ok(cells)
+}
+
+/// Tables of one `type` in a matrix list (`mix = [{ type = "cutmix", p = 1.0 }, { type =
+/// "cutmix", p = 0.5 }]`) are named by their type and the keys that tell them apart, each as
+/// `_<key><value>` (`cutmix_p1.0`, `cutmix_p0.5`; an array's values joined by `-`); a table
+/// whose type is unique in the list keeps its type alone, so existing cells keep their names.
+fn name_tables_apart(segments: &mut [String], values: &[Spanned<DeValue<'_>>]) {
+    let table = |i: usize| match values[i].get_ref() {
+        DeValue::Table(t) => Some(t),
+        _ => None,
+    };
+    let bases = segments.to_vec();
+    for (i, base) in bases.iter().enumerate() {
+        let group: Vec<usize> = (0..bases.len())
+            .filter(|&j| &bases[j] == base && table(j).is_some())
+            .collect();
+        if group.len() < 2 || table(i).is_none() {
+            continue;
+        }
+        let mut keys: Vec<String> = group
+            .iter()
+            .flat_map(|&j| table(j).into_iter().flat_map(|t| t.iter()))
+            .map(|(k, _)| k.get_ref().to_string())
+            .filter(|k| k != "type")
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let text = |j: usize, k: &str| {
+            let t = table(j)?;
+            let (_, v) = t.iter().find(|(name, _)| name.get_ref() == k)?;
+            value_text(v.get_ref())
+        };
+        for k in keys {
+            let first = text(group[0], &k);
+            if group.iter().all(|&j| text(j, &k) == first) {
+                continue;
+            }
+            if let Some(v) = text(i, &k) {
+                segments[i].push_str(&format!("_{k}{v}"));
+            }
+        }
+    }
+}
+
+/// A scalar or an array of scalars as text in a cell name (`0.5`, `150-180-210`).
+fn value_text(v: &DeValue<'_>) -> Option<String> {
+    Some(match v {
+        DeValue::String(s) => s.to_string(),
+        DeValue::Integer(i) => i.to_string(),
+        DeValue::Float(f) => f.to_string(),
+        DeValue::Boolean(b) => b.to_string(),
+        DeValue::Array(a) => {
+            let parts: Option<Vec<String>> = a.iter().map(|x| value_text(x.get_ref())).collect();
+            parts?.join("-")
+        }
+        _ => return None,
+    })
 }
 
 /// The name segment of one `matrix.KEY` value of `stage` (`seed=1`'s `1`; a table by its
