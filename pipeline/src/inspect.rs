@@ -58,6 +58,9 @@ fn ext(p: &Path) -> &str {
 }
 
 fn one(path: &Path, rows: usize) -> Result<()> {
+    if !path.exists() {
+        bail!("{}: no such file or folder", path.display());
+    }
     match ext(path) {
         "parquet" => label_store(path, rows),
         "pack" => pack(path, rows),

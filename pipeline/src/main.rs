@@ -338,7 +338,8 @@ fn status(config: &config::Config, shown: &[String]) -> bool {
             .filter(|(name, _)| cells.contains(name))
             .count();
         println!(
-            "grid {grid}: {n} cells, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
+            "grid {grid}: {n} cell{}, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
+            if n == 1 { "" } else { "s" },
             n - done - partial - stale
         );
     }
