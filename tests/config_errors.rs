@@ -284,7 +284,12 @@ fn out_of_range_values() {
     );
     // A key of another schedule (cosine has no `gamma`) is refused at its table.
     let e = fails(&train("schedule = { type = \"cosine\", gamma = 0.1 }"));
-    assert_at(&e, 14, 12, &["unknown key `gamma`"]);
+    assert_at(
+        &e,
+        14,
+        12,
+        &["unknown key `gamma`: this `type` takes no other keys"],
+    );
     let e = fails(&train("mix = { type = \"none\", p = 0.5 }"));
     assert_at(&e, 14, 7, &["unknown key `p`"]);
 }

@@ -212,6 +212,8 @@ impl Locator<'_> {
             .message()
             .trim()
             .replace("unknown field", "unknown key")
+            // serde's words for a table variant without keys (`schedule = { type = "cosine" }`).
+            .replace(", there are no fields", ": this `type` takes no other keys")
             .replace("missing field", "missing key")
             .replace("expected usize", "expected a whole number")
             .replace("expected u64", "expected a whole number")

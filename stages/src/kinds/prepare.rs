@@ -590,6 +590,14 @@ fn read_image_folder(
         p.train_split.as_deref().unwrap_or("train"),
         p.test_split.as_deref().unwrap_or("val"),
     );
+    if train_split == test_split {
+        tracing::warn!(
+            "{}: train_split and test_split are both `{train_split}`: the test images are the \
+             training images, so evaluations measure how well they were learnt, not how well the \
+             model generalises",
+            ctx.name
+        );
+    }
     let classes = folder::classes(&root, train_split)?;
     let train_files = folder::split_files(&root, train_split, &classes)?;
     let train = folder::read_listed(&train_files, &classes, size)?;
