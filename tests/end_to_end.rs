@@ -279,14 +279,8 @@ fn a_dropout_teacher_gets_monte_carlo_labels() {
         meta.checkpoints["teacher"],
         blake3::hash(&weights).to_hex().as_str()
     );
-    let file = std::fs::File::open(&path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
     let (mut mc_rows, mut positive_mi) = (0, 0);
-    for batch in reader {
-        let batch = batch.unwrap();
+    for batch in parquet_batches(&path) {
         let col = |n: &str| batch.column_by_name(n).unwrap().clone();
         let source = col("source");
         let source = source.as_any().downcast_ref::<StringArray>().unwrap();

@@ -59,14 +59,8 @@ fn expected() -> Expected {
 /// The logits column of `predictions.parquet`, row by row.
 fn logits(path: &Path) -> Vec<Vec<f32>> {
     use arrow::array::{Array, FixedSizeListArray, Float32Array};
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
     let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
+    for batch in parquet_batches(path) {
         let col = batch.column_by_name("logits").unwrap();
         let list = col.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
         for r in 0..list.len() {

@@ -119,12 +119,9 @@ fn replayed_students_equal_online_ones_and_share_one_store() {
         serde_json::from_slice(&read(&out, "replay/replay.json")).unwrap();
     assert_eq!(meta["output"], "logits");
     assert_eq!(meta["stream"]["data_seed"], 5);
-    let file = std::fs::File::open(out.join("replay/epoch-00001.parquet")).unwrap();
-    let rows: usize = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(|b| b.unwrap().num_rows())
+    let rows: usize = parquet_batches(&out.join("replay/epoch-00001.parquet"))
+        .iter()
+        .map(|b| b.num_rows())
         .sum();
     assert_eq!(rows, 160);
     // `pipeline inspect` describes the store and its first epoch.

@@ -86,6 +86,18 @@ fn wait_for(jobs: &[String]) {
     }
 }
 
+/// Waits (up to 5 minutes) until the `model` training under `out` has written a checkpoint.
+fn training_started(out: &Path) {
+    let t0 = Instant::now();
+    while !out.join(".model.partial/checkpoints").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `scontrol show job -o ID`: one line per job (per task of an array).
 fn show(id: &str) -> String {
     let o = Command::new("scontrol")
@@ -235,14 +247,7 @@ fn a_preempted_training_requeues_itself_and_resumes_bitwise() {
         .as_str()
         .unwrap()
         .to_string();
-    let t0 = Instant::now();
-    while !out.join(".model.partial/checkpoints").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "the training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    training_started(&out);
     // What Slurm sends before a time limit or a preemption: USR2 to the batch step.
     let sig = Command::new("scancel")
         .args(["--signal=USR2", "--batch", &job])
@@ -386,14 +391,7 @@ fn a_job_stuck_on_a_failed_upstream_is_replaced_and_a_cancelled_job_stays_cancel
     let o = pipeline(dir.path(), &["submit", "f.toml", "--slurm"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let model3 = job(&jobs_json(&out), "model");
-    let t0 = Instant::now();
-    while !out.join(".model.partial/checkpoints").exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "the training did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    training_started(&out);
     let o = Command::new("scancel").arg(&model3).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     wait_for(std::slice::from_ref(&model3));

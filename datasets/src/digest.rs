@@ -139,8 +139,9 @@ fn hash_contents(root: &Path, files: &[PathBuf]) -> Result<String> {
     Ok(format!("blake3:{}", all.finalize().to_hex()))
 }
 
-/// `file`'s path below `root` with `/` separators (the whole path if it is not below).
-fn relative(root: &Path, file: &Path) -> String {
+/// `file`'s path below `root` with `/` separators (the whole path if it is not below): how a
+/// digest and `records.parquet` name a source file.
+pub fn relative(root: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(root).unwrap_or(file);
     let parts: Vec<_> = rel.iter().map(|p| p.to_string_lossy()).collect();
     parts.join("/")

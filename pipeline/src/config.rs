@@ -1151,19 +1151,20 @@ fn matrix_cells<'i>(
         name_tables_apart(&mut segments, values);
         for (i, item) in values.iter().enumerate() {
             let segment = &segments[i];
-            if segments[..i].contains(segment) {
-                return Err(loc.at(
-                    item.span(),
-                    format!("stage `{stage}`: key `matrix.{key}` lists `{segment}` twice"),
-                ));
-            }
-            if !segment
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+            if segment.is_empty()
+                || !segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
             {
                 return Err(loc.at(
                     item.span(),
                     format!("stage `{stage}`: key `matrix.{key}`: the value `{segment}` cannot be part of a stage name (letters, digits, `-`, `_`, `.`, `+`)"),
+                ));
+            }
+            if segments[..i].contains(segment) {
+                return Err(loc.at(
+                    item.span(),
+                    format!("stage `{stage}`: key `matrix.{key}` lists `{segment}` twice"),
                 ));
             }
         }
@@ -1242,7 +1243,8 @@ fn value_text(v: &DeValue<'_>) -> Option<String> {
 }
 
 /// The name segment of one `matrix.KEY` value of `stage` (`seed=1`'s `1`; a table by its
-/// `type`): a string, number or boolean made of letters, digits, `-`, `_`, `.` and `+`.
+/// `type`): a string, number or boolean (its characters are checked by [`matrix_cells`], after
+/// [`name_tables_apart`]).
 fn cell_segment(
     loc: &Locator,
     stage: &str,
@@ -1273,16 +1275,6 @@ fn cell_segment(
             ))
         }
     };
-    if segment.is_empty()
-        || !segment
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-    {
-        return Err(loc.at(
-            item.span(),
-            format!("stage `{stage}`: key `matrix.{key}`: the value `{segment}` cannot be part of a stage name (letters, digits, `-`, `_`, `.`, `+`)"),
-        ));
-    }
     Ok(segment)
 }
 

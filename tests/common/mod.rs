@@ -187,17 +187,22 @@ pub fn artifacts_of<'a>(
     files
 }
 
+/// Every record batch of the Parquet file at `path`.
+pub fn parquet_batches(path: &Path) -> Vec<arrow::array::RecordBatch> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
 /// The rows of a prepare stage's `records.parquet`: (split, index, record, file).
 pub fn records(path: &Path) -> Vec<(String, u32, u32, Option<String>)> {
     use arrow::array::{Array, StringArray, UInt32Array};
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap();
     let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
+    for batch in parquet_batches(path) {
         let col = |name: &str| batch.column_by_name(name).unwrap().clone();
         let (split, index, record, file) = (col("split"), col("index"), col("record"), col("file"));
         let split = split.as_any().downcast_ref::<StringArray>().unwrap();

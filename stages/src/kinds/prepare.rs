@@ -607,11 +607,7 @@ fn read_image_folder(
     let names = |files: &[(std::path::PathBuf, u32)]| -> Vec<String> {
         files
             .iter()
-            .map(|(f, _)| {
-                let rel = f.strip_prefix(&root).unwrap_or(f);
-                let parts: Vec<_> = rel.iter().map(|c| c.to_string_lossy()).collect();
-                parts.join("/")
-            })
+            .map(|(f, _)| datasets::digest::relative(&root, f))
             .collect()
     };
     Ok(SourceSplits {
