@@ -119,12 +119,8 @@ pub fn fingerprints(config: &Config) -> Vec<String> {
             .collect();
         let mut params = params_json(&s.params);
         if let Some(obj) = params.as_object_mut() {
-            for key in StageParams::OPERATIONAL_KEYS
-                .iter()
-                .chain(s.params.presentation_keys())
-                .chain(s.params.located_keys())
-            {
-                obj.remove(*key);
+            for key in s.params.unfingerprinted_keys() {
+                obj.remove(key);
             }
         }
         let mut doc = serde_json::json!({
@@ -190,6 +186,13 @@ fn resumable(config: &Config, name: &str, fp: &str) -> bool {
         .is_some_and(|v| v["fingerprint"] == fp)
 }
 
+/// Writes `stage.json` into `dir` atomically.
+fn write_record(dir: &Path, record: &StageRecord) -> datasets::Result<()> {
+    let mut json = serde_json::to_vec_pretty(record).expect("a record serialises");
+    json.push(b'\n');
+    datasets::atomic::write_bytes(&dir.join(RECORD), &json)
+}
+
 fn read_record(dir: &Path) -> Option<StageRecord> {
     serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
 }
@@ -230,12 +233,7 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
             keys.sort();
             keys.dedup();
             // Only keys the fingerprint holds: a moved dataset's `path` is not why it reruns.
-            let unprinted: Vec<&str> = StageParams::OPERATIONAL_KEYS
-                .iter()
-                .chain(s.params.presentation_keys())
-                .chain(s.params.located_keys())
-                .copied()
-                .collect();
+            let unprinted: Vec<&str> = s.params.unfingerprinted_keys().collect();
             let changed: Vec<String> = keys
                 .into_iter()
                 .filter(|k| !unprinted.contains(&k.as_str()))
@@ -318,10 +316,7 @@ fn refresh_record(config: &Config, i: usize) {
         return;
     }
     record.params = now;
-    let mut json = serde_json::to_vec_pretty(&record).expect("a record serialises");
-    json.push(b'\n');
-    let written = datasets::atomic::write_bytes(&dir.join(RECORD), &json);
-    match written {
+    match write_record(&dir, &record) {
         Ok(()) => tracing::info!("{}: its record now names where its data is", s.name),
         Err(e) => tracing::warn!("{}: cannot update its record: {e}", s.name),
     }
@@ -611,11 +606,9 @@ fn run_stage(
         }
     };
     let record = finished_record(config, fps, i, &inputs, started, &partial, &outputs)?;
-    let mut json = serde_json::to_vec_pretty(&record)?;
-    json.push(b'\n');
     // From here on the partial folder is complete: a run stopped before it is in place finds
     // the record and only moves it (so a kill here never costs a training).
-    datasets::atomic::write_bytes(&partial.join(RECORD), &json)?;
+    write_record(&partial, &record)?;
     move_into_place(&partial, &final_dir, &record)
 }
 

@@ -125,6 +125,15 @@ impl StageParams {
         }
     }
 
+    /// Every key left out of the fingerprint: the operational, presentation and located keys.
+    pub fn unfingerprinted_keys(&self) -> impl Iterator<Item = &'static str> + '_ {
+        Self::OPERATIONAL_KEYS
+            .iter()
+            .chain(self.presentation_keys())
+            .chain(self.located_keys())
+            .copied()
+    }
+
     /// The version of what a stage of this kind (with these parameters) writes. The runner
     /// fingerprints it when above 1, so that a change of what a kind computes reruns exactly
     /// the stages it affects: evaluate 2 (`brier_top_label`, `parameters`), report 2 (rows by
