@@ -166,7 +166,7 @@ fn image_folder_with_an_empty_class() {
     refused_unchanged(
         dir.path(),
         &["run", "f.toml"],
-        &["imgs/train/c", "holds no .jpg, .jpeg or .png image"],
+        &["imgs/train/c", "holds no image (.jpg, .jpeg, .png"],
     );
 }
 

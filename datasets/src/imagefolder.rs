@@ -4,9 +4,12 @@
 //! centre-cropped to `size × size`, like torchvision's `Resize(size)` + `CenterCrop(size)`.
 //!
 //! Classes are the split's sub-folders in sorted order (their names become the class names);
-//! files are taken in sorted path order, so the packed result is the same on every machine.
+//! files are taken in the order of torchvision's `make_dataset`, so that an image's index is its
+//! index in torchvision's `ImageFolder` and the packed result is the same on every machine.
 //! Class folders are searched recursively (Tiny-ImageNet's train split keeps its images in
-//! `<class>/images/`); files with other extensions are skipped.
+//! `<class>/images/`); files with other extensions than torchvision's `IMG_EXTENSIONS` are
+//! skipped. Unlike torchvision, names starting with `.` are skipped too: a `.ipynb_checkpoints`
+//! folder is not a class and a macOS `._x.jpg` is not an image.
 
 use crate::cifar::Split;
 use crate::error::{DatasetError, Result};
@@ -15,7 +18,10 @@ use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
-const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+/// torchvision's `IMG_EXTENSIONS`, compared without case.
+const EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
+];
 
 fn is_image(path: &Path) -> bool {
     path.extension()
@@ -40,14 +46,32 @@ fn entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
     Ok(out)
 }
 
+/// The image files under `dir` in torchvision's order: `sorted(os.walk(dir))` sorts folders by
+/// their path as a string, so a folder's own files come before its sub-folders' and `a b/`
+/// before `a/x/` (a space sorts before `/`); each folder's files are sorted by name.
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut folders = Vec::new();
+    walk(dir, &mut folders)?;
+    folders.sort_by(|a, b| {
+        a.0.as_os_str()
+            .as_encoded_bytes()
+            .cmp(b.0.as_os_str().as_encoded_bytes())
+    });
+    out.extend(folders.into_iter().flat_map(|f| f.1));
+    Ok(())
+}
+
+/// Every folder under `dir` (itself included) with its image files, sorted by name.
+fn walk(dir: &Path, folders: &mut Vec<(PathBuf, Vec<PathBuf>)>) -> Result<()> {
+    let mut images = Vec::new();
     for (_, path, is_dir) in entries(dir)? {
         if is_dir {
-            collect_images(&path, out)?;
+            walk(&path, folders)?;
         } else if is_image(&path) {
-            out.push(path);
+            images.push(path);
         }
     }
+    folders.push((dir.to_path_buf(), images));
     Ok(())
 }
 
@@ -133,7 +157,7 @@ pub fn split_files(root: &Path, split: &str, classes: &[String]) -> Result<Vec<(
             return Err(DatasetError::format(
                 &class_dir,
                 "class folder",
-                "holds no .jpg, .jpeg or .png image",
+                "holds no image (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff or .webp)",
             ));
         }
         files.extend(images.into_iter().map(|p| (p, label as u32)));
@@ -221,6 +245,55 @@ mod tests {
     }
 
     #[test]
+    fn files_come_in_torchvision_order() {
+        // torchvision's make_dataset walks `sorted(os.walk(class_dir))`: the folder `c` first,
+        // then `c/a`, `c/a b` (a space sorts before `/`) and `c/a/deep`; by name within each.
+        // (Checked with Python's own `sorted(os.walk(...))` on this tree.)
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let tiny = RgbImage::new(2, 2);
+        for f in [
+            "z.png",
+            "b.bmp",
+            "a/y.png",
+            "a b/x.png",
+            "a/deep/w.png",
+            "a/v.tiff",
+        ] {
+            write(&root.join("train/c").join(f), &tiny);
+        }
+        write(&root.join("train/c/q.ppm"), &tiny);
+        std::fs::create_dir_all(root.join("train/.ipynb_checkpoints")).unwrap();
+        std::fs::write(root.join("train/c/._z.png"), b"macOS metadata").unwrap();
+        let classes = classes(root, "train").unwrap();
+        assert_eq!(classes, ["c"]);
+        let files = split_files(root, "train", &classes).unwrap();
+        let names: Vec<String> = files
+            .iter()
+            .map(|(p, _)| {
+                p.strip_prefix(root.join("train/c"))
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "b.bmp",
+                "q.ppm",
+                "z.png",
+                "a/v.tiff",
+                "a/y.png",
+                "a b/x.png",
+                "a/deep/w.png"
+            ]
+        );
+        let (info, _, _) = read_listed(&files, &classes, 2).unwrap();
+        assert_eq!(info.n, 7);
+    }
+
+    #[test]
     fn resizes_the_shorter_side_and_crops_the_centre() {
         let dir = tempfile::tempdir().unwrap();
         // 20 wide, 4 high: red, green and blue vertical bands.
@@ -251,7 +324,10 @@ mod tests {
         std::fs::create_dir_all(root.join("train/b/sub")).unwrap();
         let classes = classes(root, "train").unwrap();
         let err = read(root, "train", &classes, 2).unwrap_err().to_string();
-        assert!(err.contains("train/b") && err.contains("no .jpg"), "{err}");
+        assert!(
+            err.contains("train/b") && err.contains("holds no image (.jpg"),
+            "{err}"
+        );
 
         std::fs::write(root.join("train/b/broken.jpg"), b"not a jpeg").unwrap();
         let err = read(root, "train", &classes, 2).unwrap_err().to_string();

@@ -2,9 +2,9 @@
 //! store's `index` (and a replay store's, and the position in a `.pack`) is the image's place in
 //! its packed split, which `limit` and `val` draw from the source's training images; this file
 //! maps it back to the source: `record`, the image's place in the source's own split as read
-//! (for CIFAR and STL-10 the index torchvision's dataset gives it; for an ImageFolder the same
-//! unless a class folder holds both images and sub-folders, which torchvision orders files
-//! first), and for an ImageFolder its file, the reliable key. Users join it on (`split`,
+//! (for CIFAR and STL-10 the index torchvision's dataset gives it; for an ImageFolder too,
+//! unless it holds names starting with `.`, which torchvision takes and we skip), and for an
+//! ImageFolder its file, the surest key. Users join it on (`split`,
 //! `index`) in pyarrow, DuckDB or Polars.
 
 use crate::error::Result;
