@@ -413,10 +413,14 @@ fn eval_every_logs_held_out_metrics_and_trains_the_same() {
     };
     let cfg = format!(
         "[run]\noutput = \"out\"\nseed = 3\nthreads = 2\n\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\n\
-         source = \"synthetic\"\ntrain_size = 160\ntest_size = 80\nclasses = 4\nimage_size = 16\n{}{}\n\
-         [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"logged\"]\n",
+         source = \"synthetic\"\ntrain_size = 160\ntest_size = 80\nclasses = 4\nimage_size = 16\n{}{}{}\n\
+         [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"logged\"]\n\n\
+         [[stage]]\nname = \"eval_seed4\"\nkind = \"evaluate\"\nneeds = [\"data\", \"seed4\"]\n\n\
+         [[stage]]\nname = \"eval_plain\"\nkind = \"evaluate\"\nneeds = [\"data\", \"plain\"]\n\n\
+         [[stage]]\nname = \"report\"\nkind = \"report\"\nneeds = [\"eval\", \"eval_seed4\", \"eval_plain\"]\n",
         training("plain", ""),
         training("logged", "eval_every = 2"),
+        training("seed4", "eval_every = 2\nseed = 4"),
     );
     write(dir.path(), "e.toml", &cfg);
     let o = pipeline(dir.path(), &["run", "e.toml"]);
@@ -470,6 +474,29 @@ fn eval_every_logs_held_out_metrics_and_trains_the_same() {
         (num(last[8]) - m["ece"].as_f64().unwrap()).abs() < 1e-5,
         "{log}"
     );
+    // The evaluate stage copies the evaluated rows' columns into curve.csv and draws them; the
+    // report draws every row's curve. A training without eval_every has none.
+    // (The header row names the same columns.)
+    let curve: Vec<String> = rows
+        .iter()
+        .filter(|r| !r[6].is_empty())
+        .map(|r| [r[0], r[2], r[3], r[6], r[7], r[8]].join(","))
+        .collect();
+    assert_eq!(
+        read(&out.join("eval/curve.csv")),
+        format!("{}\n", curve.join("\n"))
+    );
+    assert!(out.join("eval/training-curve.png").exists());
+    assert!(!out.join("eval_plain/curve.csv").exists());
+    assert!(!out.join("eval_plain/training-curve.png").exists());
+    for f in ["training-curves.png", "training-curves.svg"] {
+        assert!(out.join("report").join(f).exists(), "{f}");
+    }
+    assert!(read(&out.join("report/report.md")).contains("](training-curves.png)"));
+    let html = read(&out.join("report/index.html"));
+    assert!(html.contains("src=\"training-curves.svg\""));
+    assert!(html.contains("src=\"../eval_seed4/training-curve.svg\""));
+    assert!(!html.contains("src=\"../eval_plain/training-curve.svg\""));
     // Not fingerprinted: set on the finished plain training, it reruns nothing.
     let plain_cfg = cfg.replacen("name = \"plain\"", "name = \"plain\"\neval_every = 1", 1);
     assert_ne!(plain_cfg, cfg);

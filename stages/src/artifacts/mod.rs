@@ -1,14 +1,16 @@
 //! What flows between stages: the kinds of stage, the artifact each produces, and the types
 //! that read them — a prepared dataset ([`Dataset`]), a trained model ([`TrainedModel`]), a
-//! label store's files ([`labels`]), an evaluation ([`Evaluation`]) and where a prepared
-//! image came from ([`records`]). Stage kinds pass nothing else to each other.
+//! label store's files ([`labels`]), an evaluation ([`Evaluation`]), a training curve
+//! ([`Curve`]) and where a prepared image came from ([`records`]). Stage kinds pass nothing else to each other.
 
+pub mod curve;
 pub mod dataset;
 pub mod evaluation;
 pub mod labels;
 pub mod model;
 pub mod records;
 
+pub use curve::{Curve, CurvePoint};
 pub use dataset::{Dataset, DatasetInfo, SplitInfo};
 pub use evaluation::{Calibrated, Evaluation};
 pub use labels::Split;

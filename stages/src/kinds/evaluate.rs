@@ -8,9 +8,11 @@
 //!   temperature-scaled (`temperature.json`), the calibrated metrics as well;
 //! - figures, PNG and SVG: `reliability` (and `reliability-ts`), `confidence`, `class-loss` (the
 //!   training loss per epoch of the 5 best and 5 worst classes by test F1) and `projection` (the
-//!   penultimate activations of three classes on the plane of their classifier templates).
+//!   penultimate activations of three classes on the plane of their classifier templates);
+//! - when the training logged held-out metrics (`eval_every`), `curve.csv` (its evaluated
+//!   epochs, see [`crate::artifacts::curve`]) and the `training-curve` figure.
 
-use crate::artifacts::{Calibrated, Dataset, Evaluation, Kind, TrainedModel};
+use crate::artifacts::{Calibrated, Curve, CurvePoint, Dataset, Evaluation, Kind, TrainedModel};
 use crate::context::{Context, Input};
 use crate::error::{Result, StageError};
 use crate::params::{self, at_least, RangeError};
@@ -284,6 +286,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let (e, probs, logits) = evaluate(ctx, p, &data, input, &meta, &inference)?;
     let mut outputs = write_tables(ctx, &e, &labels, &probs, logits.as_deref())?;
     outputs.extend(reliability_figures(ctx, &e, &input.dir)?);
+    outputs.extend(training_curve(ctx, &e, &input.dir)?);
     if k >= 3 {
         outputs.extend(projection(ctx, p, &e, &model, &inference, &data)?);
     }
@@ -499,6 +502,43 @@ fn reliability_figures(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Resul
             (760, 520),
         )?);
     }
+    Ok(out)
+}
+
+/// `curve.csv` and the `training-curve` figure, when the model's training logged held-out
+/// metrics (`eval_every`): held-out accuracy, ECE and NLL by epoch, beside the training
+/// accuracy and loss (nothing for an imported model or a training without `eval_every`).
+fn training_curve(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Result<Vec<String>> {
+    let Some(curve) = Curve::read(&train_dir.join("train_log.csv"))? else {
+        return Ok(Vec::new());
+    };
+    curve.write(&ctx.dir.join("curve.csv"))?;
+    let line = |label: &str, f: fn(&CurvePoint) -> f64| Series {
+        label: label.into(),
+        points: curve
+            .points
+            .iter()
+            .map(|p| (p.epoch as f64, f(p)))
+            .collect(),
+    };
+    let split = curve.split.as_str();
+    let panels = figures::curve_panels(
+        format!("{} — during training", e.model_stage),
+        split,
+        vec![
+            line("training", |p| 100.0 * p.accuracy),
+            line(split, |p| 100.0 * p.held_out_accuracy),
+        ],
+        vec![line(split, |p| 100.0 * p.ece)],
+        vec![line("training loss", |p| p.loss), line(split, |p| p.nll)],
+    );
+    let mut out = vec!["curve.csv".to_string()];
+    out.extend(figures::save(
+        &panels,
+        &ctx.dir,
+        "training-curve",
+        (1200, 420),
+    )?);
     Ok(out)
 }
 

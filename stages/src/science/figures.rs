@@ -292,6 +292,33 @@ impl Figure for Panels {
     }
 }
 
+/// Training curves, one panel each: accuracy (%), ECE (%) and NLL (nats) by epoch, measured on
+/// the held-out split `split` (the series are the caller's: one model's, or one per report row).
+pub fn curve_panels(
+    title: String,
+    split: &str,
+    accuracy: Vec<Series>,
+    ece: Vec<Series>,
+    nll: Vec<Series>,
+) -> Panels {
+    let plot = |what: &str, y: &str, series: Vec<Series>| Plot {
+        title: format!("{what} by epoch"),
+        x: "epoch".into(),
+        y: y.into(),
+        series,
+        lines: true,
+        square: false,
+    };
+    Panels {
+        title,
+        panels: vec![
+            plot("accuracy", "accuracy (%)", accuracy),
+            plot(&format!("{split} ECE"), "ECE (%)", ece),
+            plot(&format!("{split} NLL"), "NLL (nats)", nll),
+        ],
+    }
+}
+
 fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for v in values.filter(|v| v.is_finite()) {

@@ -13,6 +13,8 @@
 //!
 //! - `vanilla-difference` (Fig. 3): accuracy and ECE difference from Vanilla against the
 //!   student's parameter count, one line per method.
+//! - `training-curves`: every row's held-out accuracy, ECE and NLL by epoch (mean over seeds),
+//!   when its trainings logged them (`eval_every`).
 //!
 //! A row is one distinct run, whatever its seeds ([`rows`]: how rows are told apart and named).
 //! A temperature-scaled model gives two rows: as trained, and `<label> + TS`.
@@ -21,7 +23,7 @@ mod rows;
 
 pub use rows::{group, Group};
 
-use crate::artifacts::{Evaluation, Kind};
+use crate::artifacts::{Curve, CurvePoint, Evaluation, Kind};
 use crate::context::Context;
 use crate::error::Result;
 use crate::science::figures::{self, Plot, Series};
@@ -247,11 +249,18 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
          equal-mass bins); NLL in nats; Brier (sum) is summed over classes, Brier (top label) is \
          the paper's (Table 7). Conventions: docs/metrics.md."
     );
+    let figures = figures_of(ctx, &title, &groups)?;
+    let curves = training_curves(ctx, &title, &groups, &stages)?;
+    let curves_md = if curves.is_empty() {
+        ""
+    } else {
+        "\n![held-out metrics during training](training-curves.png)\n"
+    };
     let md = format!(
         "# {title}\n\n## Accuracy (%) ± std / ECE, per method and model\n\n{paper_md}\n\
          ## Every metric\n\n{conventions}\n\n{long_md}\n\
          ![accuracy against ECE](accuracy-vs-ece.png)\n\n![per-class F1 against confidence](f1-vs-confidence.png)\n\n\
-         ![difference from Vanilla against parameters](vanilla-difference.png)\n"
+         ![difference from Vanilla against parameters](vanilla-difference.png)\n{curves_md}"
     );
     let mut outputs = Vec::new();
     for (name, text) in [
@@ -263,8 +272,18 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         datasets::atomic::write_bytes(&ctx.dir.join(name), text.as_bytes())?;
         outputs.push(name.to_string());
     }
-    outputs.extend(figures_of(ctx, &title, &groups)?);
-    let html = index_html(&title, &paper_md, &long_md, &conventions, &stages, &groups);
+    let with_curves = !curves.is_empty();
+    outputs.extend(figures);
+    outputs.extend(curves);
+    let html = index_html(
+        &title,
+        &paper_md,
+        &long_md,
+        &conventions,
+        &stages,
+        &groups,
+        with_curves,
+    );
     datasets::atomic::write_bytes(&ctx.dir.join("index.html"), html.as_bytes())?;
     outputs.push("index.html".into());
     Ok(outputs)
@@ -343,6 +362,83 @@ fn figures_of(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<String
         (1200, 520),
     )?);
     Ok(outputs)
+}
+
+/// `training-curves`: every row's held-out accuracy, ECE and NLL by epoch (see
+/// [`curve_series`]), from the evaluate stages' `curve.csv` (trainings with `eval_every`);
+/// nothing when no evaluation has one.
+fn training_curves(
+    ctx: &Context,
+    title: &str,
+    groups: &[Group],
+    stages: &[(String, PathBuf, Evaluation)],
+) -> Result<Vec<String>> {
+    let mut curves: Vec<(&Evaluation, Curve)> = Vec::new();
+    for (_, dir, e) in stages {
+        if let Some(c) = Curve::read(&dir.join("curve.csv"))? {
+            curves.push((e, c));
+        }
+    }
+    let Some((split, [acc, ece, nll])) = curve_series(groups, &curves) else {
+        return Ok(Vec::new());
+    };
+    let panels = figures::curve_panels(
+        format!("{title}: {split} metrics during training (mean over seeds)"),
+        &split,
+        acc,
+        ece,
+        nll,
+    );
+    figures::save(&panels, &ctx.dir, "training-curves", (1500, 520))
+}
+
+/// One line per row, for held-out accuracy (%), ECE (%) and NLL: the mean over the row's
+/// evaluations that have a curve, at the epochs all of them evaluated. `+ TS` rows are left out
+/// (their temperature is fitted after training). Also the split measured on (`held-out` when
+/// rows differ); `None` without a curve.
+fn curve_series(
+    groups: &[Group],
+    curves: &[(&Evaluation, Curve)],
+) -> Option<(String, [Vec<Series>; 3])> {
+    let mut lines: [Vec<Series>; 3] = Default::default();
+    let mut splits: Vec<&str> = Vec::new();
+    for g in groups.iter().filter(|g| !g.settings.contains_key("ts")) {
+        let of_group: Vec<&Curve> = curves
+            .iter()
+            .filter(|(e, _)| g.evals.iter().any(|x| x == *e))
+            .map(|(_, c)| c)
+            .collect();
+        let Some(first) = of_group.first() else {
+            continue;
+        };
+        if !splits.contains(&first.split.as_str()) {
+            splits.push(&first.split);
+        }
+        let metrics: [fn(&CurvePoint) -> f64; 3] = [
+            |p| 100.0 * p.held_out_accuracy,
+            |p| 100.0 * p.ece,
+            |p| p.nll,
+        ];
+        for (series, f) in lines.iter_mut().zip(metrics) {
+            let points = first.points.iter().filter_map(|p| {
+                let at: Vec<f64> = of_group
+                    .iter()
+                    .filter_map(|c| c.points.iter().find(|q| q.epoch == p.epoch).map(f))
+                    .collect();
+                (at.len() == of_group.len()).then(|| (p.epoch as f64, mean_std(&at).0))
+            });
+            series.push(Series {
+                label: format!("{} / {}", g.method, g.model),
+                points: points.collect(),
+            });
+        }
+    }
+    let split = match splits[..] {
+        [] => return None,
+        [one] => one.to_string(),
+        _ => "held-out".to_string(),
+    };
+    Some((split, lines))
 }
 
 /// The reference of the Vanilla differences on `model`: the row named `Vanilla`, else the
@@ -429,6 +525,7 @@ fn index_html(
     conventions: &str,
     stages: &[(String, PathBuf, Evaluation)],
     groups: &[Group],
+    with_curves: bool,
 ) -> String {
     let mut html = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>\
@@ -438,10 +535,15 @@ fn index_html(
          <h1>{t}</h1>\n<h2>Accuracy (%) ± std / ECE</h2>\n{}\n<h2>Every metric</h2>\n<p>{}</p>\n{}\n\
          <h2>Figures</h2>\n<img src=\"accuracy-vs-ece.svg\" alt=\"accuracy against ECE\">\
          <img src=\"f1-vs-confidence.svg\" alt=\"per-class F1 against confidence\">\
-         <img src=\"vanilla-difference.svg\" alt=\"difference from Vanilla against parameters\">\n",
+         <img src=\"vanilla-difference.svg\" alt=\"difference from Vanilla against parameters\">\n{}",
         html_table(paper_md),
         html_escape(conventions),
         html_table(long_md),
+        if with_curves {
+            "<img src=\"training-curves.svg\" alt=\"held-out metrics during training\">\n"
+        } else {
+            ""
+        },
         t = html_escape(title)
     );
     for (name, dir, e) in stages {
@@ -458,6 +560,7 @@ fn index_html(
             "reliability-ts",
             "confidence",
             "class-loss",
+            "training-curve",
             "projection",
         ] {
             if dir.join(format!("{fig}.svg")).exists() {
@@ -476,6 +579,7 @@ fn index_html(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::artifacts::Calibrated;
     use crate::context::Settings;
     use crate::science::metrics::compute;
 
@@ -500,6 +604,71 @@ mod tests {
             classes: vec!["a".into(), "b".into()],
             parameters: 0,
         }
+    }
+
+    fn point(epoch: u32, acc: f64, ece: f64, nll: f64) -> CurvePoint {
+        CurvePoint {
+            epoch,
+            loss: 9.0,
+            accuracy: 0.9,
+            nll,
+            held_out_accuracy: acc,
+            ece,
+        }
+    }
+
+    #[test]
+    fn training_curves_average_seeds_at_their_common_epochs() {
+        let labels = [0, 1];
+        let (a0, a1) = (
+            eval("vanilla", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels),
+            eval("vanilla", "resnet8", 1, &[0.6, 0.4, 0.3, 0.7], &labels),
+        );
+        let b = eval("kd", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels);
+        let mut calibrated = b.clone();
+        calibrated.calibrated = Some(Calibrated {
+            temperature: 1.5,
+            metrics: b.metrics.clone(),
+        });
+        let no_curve = eval("ls", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels);
+        let evals: Vec<(Evaluation, Settings)> = [&a0, &a1, &calibrated, &no_curve]
+            .into_iter()
+            .map(|e| (e.clone(), Settings::new()))
+            .collect();
+        let groups = group(&evals);
+        let curve = |points| Curve {
+            split: "val".into(),
+            points,
+        };
+        // Seed 1 was not evaluated at epoch 2: the row's line has epochs 1 and 3 only.
+        let curves = vec![
+            (
+                &a0,
+                curve(vec![
+                    point(1, 0.5, 0.25, 2.0),
+                    point(2, 0.6, 0.2, 1.5),
+                    point(3, 0.75, 0.125, 1.0),
+                ]),
+            ),
+            (
+                &a1,
+                curve(vec![point(1, 0.25, 0.05, 3.0), point(3, 0.5, 0.075, 2.0)]),
+            ),
+            (&calibrated, curve(vec![point(4, 0.5, 0.5, 0.5)])),
+        ];
+        let (split, [acc, ece, nll]) = curve_series(&groups, &curves).unwrap();
+        assert_eq!(split, "val");
+        // Rows Vanilla and KD; KD + TS and LS (no curve) have none.
+        let labels: Vec<&str> = acc.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["Vanilla / resnet8", "KD / resnet8"]);
+        assert_eq!(acc[0].points, [(1.0, 37.5), (3.0, 62.5)]);
+        assert_eq!(ece[0].points, [(1.0, 15.0), (3.0, 10.0)]);
+        assert_eq!(nll[0].points, [(1.0, 2.5), (3.0, 1.5)]);
+        assert_eq!(acc[1].points, [(4.0, 50.0)]);
+        assert!(curve_series(&groups, &[]).is_none());
+        let mut test_split = curves.clone();
+        test_split[2].1.split = "test".into();
+        assert_eq!(curve_series(&groups, &test_split).unwrap().0, "held-out");
     }
 
     #[test]
