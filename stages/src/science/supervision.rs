@@ -40,6 +40,9 @@ pub struct SupervisionConfig {
     pub kd_tau: f64,
     /// `kd`: how the KL divergence is reduced over classes.
     pub kd_reduction: KdReduction,
+    /// `kd`: whether the KL term is multiplied by τ² (Hinton et al.) or not (the paper's §3.1
+    /// formula as printed).
+    pub kd_tau_squared: bool,
     /// `wsl`: weight α of the soft term.
     pub wsl_alpha: f64,
     /// `wsl`: temperature τ.
@@ -73,6 +76,7 @@ impl Default for SupervisionConfig {
             kd_lambda: 0.1,
             kd_tau: 3.0,
             kd_reduction: KdReduction::default(),
+            kd_tau_squared: true,
             wsl_alpha: 2.5,
             wsl_tau: 2.0,
             mt_reduction: TeacherReduction::default(),
@@ -447,7 +451,10 @@ impl Supervision {
             Method::Kd => {
                 let t = self.teacher_logits(0, x)?;
                 let ce = self.hard_loss(logits, batch)?;
-                let kd = kd_per_sample(logits, &t, p.kd_tau, p.kd_reduction)?;
+                let mut kd = kd_per_sample(logits, &t, p.kd_tau, p.kd_reduction)?;
+                if !p.kd_tau_squared {
+                    kd = (kd / (p.kd_tau * p.kd_tau))?;
+                }
                 ((ce * (1.0 - p.kd_lambda))? + (kd * p.kd_lambda)?)?
             }
             Method::Wsl => {
@@ -735,24 +742,31 @@ mod tests {
         let (la, lb) = (logits_of(&ta), logits_of(&tb));
         // kd (λ = 0.1, τ = 3, batchmean): 0.9·CE(ŷ, p_s) + 0.1·τ²·Σ_k q_k (ln q_k − ln p_k) with
         // q = softmax(t/τ), p = softmax(s/τ).
+        // With kd_tau_squared = false, the paper's §3.1 formula: the KL term without τ².
         let tau = 3.0;
-        let want_kd: Vec<f64> = (0..4)
-            .map(|i| {
-                let p1 = softmax64(&srows[i], 1.0);
-                let ce: f64 = (0..k).map(|c| -hard[i][c] * p1[c].ln()).sum();
-                let (q, p) = (softmax64(&la[i], tau), softmax64(&srows[i], tau));
-                let kl: f64 = (0..k).map(|c| q[c] * (q[c].ln() - p[c].ln())).sum();
-                0.9 * ce + 0.1 * tau * tau * kl
-            })
-            .collect();
-        let mut sup = Supervision::new(params("kd"), k, d, Vec::new(), vec![teacher(k)]);
-        let got = sup.per_sample_loss(&s, None, &x, &batch, 0).unwrap();
-        let got = got.to_vec1::<f32>().unwrap();
-        for (a, b) in got.iter().zip(&want_kd) {
-            assert!(
-                (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
-                "{got:?} vs {want_kd:?}"
-            );
+        for (tau_squared, scale) in [(true, tau * tau), (false, 1.0)] {
+            let want_kd: Vec<f64> = (0..4)
+                .map(|i| {
+                    let p1 = softmax64(&srows[i], 1.0);
+                    let ce: f64 = (0..k).map(|c| -hard[i][c] * p1[c].ln()).sum();
+                    let (q, p) = (softmax64(&la[i], tau), softmax64(&srows[i], tau));
+                    let kl: f64 = (0..k).map(|c| q[c] * (q[c].ln() - p[c].ln())).sum();
+                    0.9 * ce + 0.1 * scale * kl
+                })
+                .collect();
+            let config = SupervisionConfig {
+                kd_tau_squared: tau_squared,
+                ..params("kd")
+            };
+            let mut sup = Supervision::new(config, k, d, Vec::new(), vec![teacher(k)]);
+            let got = sup.per_sample_loss(&s, None, &x, &batch, 0).unwrap();
+            let got = got.to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&want_kd) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
+                    "τ² {tau_squared}: {got:?} vs {want_kd:?}"
+                );
+            }
         }
         // on-mt-ldl (sum): Σ_n −Σ_k softmax(t_n)_k ln softmax(s)_k over two different teachers.
         let want_mt: Vec<f64> = (0..4)

@@ -47,6 +47,7 @@ impl Params {
             kd_lambda: self.kd_lambda,
             kd_tau: self.kd_tau,
             kd_reduction: self.kd_reduction,
+            kd_tau_squared: self.kd_tau_squared,
             wsl_alpha: self.wsl_alpha,
             wsl_tau: self.wsl_tau,
             mt_reduction: self.mt_reduction,

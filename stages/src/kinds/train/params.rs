@@ -47,6 +47,9 @@ pub struct Params {
     /// `kd`: `"batchmean"` (KL summed over classes) or `"mean"` (averaged over classes, as the
     /// paper's code did).
     pub kd_reduction: engine::losses::KdReduction,
+    /// `kd`: multiply the KL term by τ² (Hinton et al.; RepDistiller), or not (`false`: the
+    /// paper's §3.1 formula as printed).
+    pub kd_tau_squared: bool,
     /// `wsl`: weight α of the soft term.
     pub wsl_alpha: f64,
     /// `wsl`: temperature τ.
@@ -166,6 +169,7 @@ impl Default for Params {
             kd_lambda: m.kd_lambda,
             kd_tau: m.kd_tau,
             kd_reduction: m.kd_reduction,
+            kd_tau_squared: m.kd_tau_squared,
             wsl_alpha: m.wsl_alpha,
             wsl_tau: m.wsl_tau,
             mt_reduction: m.mt_reduction,
@@ -229,6 +233,7 @@ params::stage_params! {
         "kd_lambda",
         "kd_tau",
         "kd_reduction",
+        "kd_tau_squared",
         "wsl_alpha",
         "wsl_tau",
         "mt_reduction",
@@ -315,6 +320,7 @@ impl Params {
             self.kd_lambda = d.kd_lambda;
             self.kd_tau = d.kd_tau;
             self.kd_reduction = d.kd_reduction;
+            self.kd_tau_squared = d.kd_tau_squared;
         }
         if m != Method::Wsl {
             self.wsl_alpha = d.wsl_alpha;
