@@ -437,6 +437,136 @@ fn the_label_store_does_not_depend_on_the_chunk_size() {
     assert!(!dir.path().join("a/labels/chunks").exists());
 }
 
+/// A training of 3 epochs of 12 steps, checkpointed every 4 steps, keeping 2.
+const SMALL: &str = r#"
+[run]
+output = "out"
+seed = 5
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+train_size = 192
+test_size = 64
+classes = 4
+image_size = 12
+
+[[stage]]
+name = "net"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+epochs = 3
+batch_size = 16
+schedule = { type = "cosine" }
+checkpoint_every = 4
+keep_checkpoints = 2
+"#;
+
+/// The bytes of every file under `dir`, by relative path.
+fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A write that fails with a real I/O error (EFBIG: the process's file-size limit, standing in
+/// for a full disk) in the middle of a training keeps the partial folder and its checkpoints
+/// untouched, and the error names the file; a newest checkpoint found damaged on the next run
+/// is skipped for the older one; the training then ends bitwise equal to an uninterrupted one.
+#[test]
+fn a_failed_write_keeps_the_checkpoints_and_a_damaged_newest_one_falls_back() {
+    let dir = scratch();
+    write(dir.path(), "f.toml", SMALL);
+    let reference = pipeline(dir.path(), &["run", "f.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    // Stopped inside the checkpoint of step 16: steps 8 and 12 are kept.
+    let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "f.toml"])
+        .current_dir(dir.path())
+        .env("LDL_FAULT_WRITE", ".tmp-step-0000000016/@100")
+        .output()
+        .unwrap();
+    assert!(!aborted.status.success(), "{}", stderr(&aborted));
+    let partial = dir.path().join("out/.net.partial");
+    let checkpoints = partial.join("checkpoints");
+    let kept = contents(&checkpoints.join("step-0000000012"));
+    assert_eq!(newest_checkpoints(&dir.path().join("out"))["net"], 12);
+
+    // Resumed under a file-size limit of 8 KiB, below a checkpoint file's size: the checkpoint
+    // of step 16 cannot be written. `trap "" XFSZ` makes the kernel return EFBIG instead of
+    // killing the process (an ignored signal stays ignored across exec).
+    let limited = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f 8; exec {} run f.toml",
+            env!("CARGO_BIN_EXE_pipeline")
+        ))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = stderr(&limited);
+    assert_eq!(limited.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("resuming from the checkpoint of step 12"),
+        "{err}"
+    );
+    assert!(
+        err.contains("checkpoints/.tmp-step-0000000016/model.safetensors")
+            && err.contains("File too large"),
+        "the error does not name the file and the cause:\n{err}"
+    );
+    assert!(
+        err.contains(".net.partial is kept for the next run to resume from"),
+        "{err}"
+    );
+    assert_eq!(
+        contents(&checkpoints.join("step-0000000012")),
+        kept,
+        "the newest checkpoint changed"
+    );
+    assert!(checkpoints
+        .join("step-0000000008/model.safetensors")
+        .exists());
+    assert!(
+        temp_files(&partial).is_empty(),
+        "{:?}",
+        temp_files(&partial)
+    );
+
+    // The newest checkpoint damaged: the next run skips it for step 8's.
+    let model = checkpoints.join("step-0000000012/model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..1000]).unwrap();
+    let resumed = pipeline(dir.path(), &["run", "f.toml"]);
+    let err = stderr(&resumed);
+    assert!(resumed.status.success(), "{err}");
+    assert!(
+        err.contains("skipping checkpoint of step 12")
+            && err.contains("step-0000000012/model.safetensors")
+            && err.contains("resuming from the checkpoint of step 8"),
+        "{err}"
+    );
+    final_folders_are_complete(&dir.path().join("out"));
+    same_outputs(&dir.path().join("out"), &dir.path().join("reference"));
+    assert!(temp_files(&dir.path().join("out")).is_empty());
+}
+
 #[test]
 fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
     let kills_wanted: usize = std::env::var("LDL_KILLS")
