@@ -184,7 +184,7 @@ fn bad_jobs_and_devices_are_refused_before_anything_runs() {
     assert!(stderr(&zero).contains("--jobs"), "{}", stderr(&zero));
     // This CPU build has no CUDA device; and the file runs on the CPU anyway.
     let cpu = pipeline(dir.path(), &["run", "g.toml", "--devices", "0"]);
-    assert_eq!(cpu.status.code(), Some(1), "{}", stderr(&cpu));
+    assert_eq!(cpu.status.code(), Some(2), "{}", stderr(&cpu));
     assert!(stderr(&cpu).contains("--devices"), "{}", stderr(&cpu));
     let cuda = GRID.replace("seed = 2\n", "seed = 2\ndevice = \"cuda\"\n");
     write(dir.path(), "c.toml", &cuda);

@@ -390,6 +390,18 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
         config.run.threads = t as usize;
         config.run.threads_set = true;
     }
+    // Checked before a dry run too: it says what the real run would do.
+    if !args.devices.is_empty() {
+        if config.run.device == engine::device::DeviceSpec::Cpu {
+            return usage_error(&format!(
+                "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
+                config.path.display()
+            ));
+        }
+        if let Err(e) = pipeline::jobs::check_devices(&args.devices) {
+            return usage_error(&format!("{e:#}"));
+        }
+    }
     let slots = args.devices.len() * args.per_device as usize;
     let jobs = args.jobs.map_or(slots.max(1), |j| j as usize);
     let parallel = (jobs > 1 || !args.devices.is_empty()) && !args.dry_run;
@@ -414,16 +426,6 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
             dry_run: args.dry_run,
             stop: stop_on_signals()?,
         };
-        // Checked before a dry run too: it says what the real run would do.
-        if !args.devices.is_empty() {
-            if config.run.device == engine::device::DeviceSpec::Cpu {
-                anyhow::bail!(
-                    "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
-                    config.path.display()
-                );
-            }
-            pipeline::jobs::check_devices(&args.devices)?;
-        }
         let (summary, code) = if parallel {
             let job_opts = pipeline::jobs::JobOptions {
                 jobs,
