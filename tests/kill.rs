@@ -513,10 +513,8 @@ fn a_failed_write_keeps_the_checkpoints_and_a_damaged_newest_one_falls_back() {
     // killing the process (an ignored signal stays ignored across exec).
     let limited = Command::new("bash")
         .arg("-c")
-        .arg(format!(
-            "trap '' XFSZ; ulimit -f 8; exec {} run f.toml",
-            env!("CARGO_BIN_EXE_pipeline")
-        ))
+        .arg("trap '' XFSZ; ulimit -f 8; exec \"$0\" run f.toml")
+        .arg(env!("CARGO_BIN_EXE_pipeline"))
         .current_dir(dir.path())
         .output()
         .unwrap();

@@ -106,6 +106,8 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "f1-vs-confidence.png",
         "vanilla-difference.png",
         "vanilla-difference.svg",
+        "best-classes.png",
+        "best-classes.svg",
     ] {
         assert!(out.join("report").join(f).exists(), "report/{f}");
     }
@@ -124,9 +126,12 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "class-loss.png",
         "projection.svg",
         "projection.csv",
+        "best-class.png",
+        "best_class.json",
     ] {
         assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
     }
+    best_class_agrees_with_the_predictions(&out.join("eval.method=ls"));
     // The OGR cells measured per-class losses every epoch.
     let ogr = std::fs::read_to_string(out.join("student.method=ogr-loss/ogr.csv")).unwrap();
     assert_eq!(ogr.lines().count(), 1 + 3 * 10, "{ogr}");
@@ -168,6 +173,97 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "{}",
         stdout(&st)
     );
+}
+
+/// `best_class.json` against the evaluation's own predictions, recomputed here: the class with
+/// the highest F1 of the argmax predictions (ties: lowest index), and the mean probability
+/// vector over its test images, its largest entries first.
+fn best_class_agrees_with_the_predictions(eval: &Path) {
+    use arrow::array::{Array, FixedSizeListArray, Float32Array, UInt32Array};
+    let (mut labels, mut probs) = (Vec::new(), Vec::new());
+    for batch in parquet_batches(&eval.join("predictions.parquet")) {
+        let l = batch.column_by_name("label").unwrap();
+        labels.extend(
+            l.as_any()
+                .downcast_ref::<UInt32Array>()
+                .unwrap()
+                .values()
+                .iter()
+                .map(|&y| y as usize),
+        );
+        let list = batch.column_by_name("probs").unwrap();
+        let list = list.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+        for r in 0..list.len() {
+            let v = list.value(r);
+            probs.push(
+                v.as_any()
+                    .downcast_ref::<Float32Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec(),
+            );
+        }
+    }
+    let k = probs[0].len();
+    let (mut tp, mut fp, mut fn_) = (vec![0f64; k], vec![0f64; k], vec![0f64; k]);
+    for (p, &y) in probs.iter().zip(&labels) {
+        let pred = (0..k).fold(0, |b, c| if p[c] > p[b] { c } else { b });
+        if pred == y {
+            tp[y] += 1.0;
+        } else {
+            fp[pred] += 1.0;
+            fn_[y] += 1.0;
+        }
+    }
+    let f1: Vec<f64> = (0..k)
+        .map(|c| {
+            if tp[c] + fn_[c] == 0.0 {
+                f64::NAN
+            } else {
+                2.0 * tp[c] / (2.0 * tp[c] + fp[c] + fn_[c])
+            }
+        })
+        .collect();
+    let best = (0..k)
+        .filter(|&c| f1[c].is_finite())
+        .fold(None, |b: Option<usize>, c| match b {
+            Some(b) if f1[b] >= f1[c] => Some(b),
+            _ => Some(c),
+        })
+        .unwrap();
+    let rows: Vec<&Vec<f32>> = probs
+        .iter()
+        .zip(&labels)
+        .filter(|(_, &y)| y == best)
+        .map(|(p, _)| p)
+        .collect();
+    let mut mean: Vec<(usize, f64)> = (0..k)
+        .map(|c| {
+            (
+                c,
+                rows.iter().map(|p| p[c] as f64).sum::<f64>() / rows.len() as f64,
+            )
+        })
+        .collect();
+    mean.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    mean.truncate(10);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("best_class.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["class"].as_u64(), Some(best as u64), "{json}");
+    assert!(
+        (json["f1"].as_f64().unwrap() - f1[best]).abs() < 1e-9,
+        "{json} vs {f1:?}"
+    );
+    let top = json["top"].as_array().unwrap();
+    assert_eq!(top.len(), mean.len(), "{json}");
+    for (got, (c, m)) in top.iter().zip(&mean) {
+        assert_eq!(got[0].as_u64(), Some(*c as u64), "{json} vs {mean:?}");
+        assert!(
+            (got[1].as_f64().unwrap() - m).abs() < 1e-9,
+            "{json} vs {mean:?}"
+        );
+    }
 }
 
 /// SSKD's two stages of the smoke grid: the head stage keeps its teacher's weights bit for bit

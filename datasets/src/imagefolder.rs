@@ -1,4 +1,4 @@
-//! Reader of the ImageFolder layout (`root/<split>/<class>/**/*.{jpg,jpeg,png}`, as torchvision's
+//! Reader of the ImageFolder layout (`root/<split>/<class>/**/<image file>`, as torchvision's
 //! `ImageFolder` and the ImageNet and Tiny-ImageNet downloads use): images are decoded with the
 //! `image` crate in parallel, converted to RGB, resized so the shorter side is `size` and
 //! centre-cropped to `size × size`, like torchvision's `Resize(size)` + `CenterCrop(size)`.
@@ -16,6 +16,7 @@ use crate::error::{DatasetError, Result};
 use crate::packed::StoreInfo;
 use image::imageops::FilterType;
 use rayon::prelude::*;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 /// torchvision's `IMG_EXTENSIONS`, compared without case.
@@ -29,12 +30,24 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
-fn entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+/// The order of Python's `sorted` over names read by `os` functions on Linux: by code point, an
+/// undecodable byte b counting as the code point U+DC00 + b (`surrogateescape`).
+fn python_order(name: &OsStr) -> Vec<u32> {
+    let mut key = Vec::new();
+    for chunk in name.as_encoded_bytes().utf8_chunks() {
+        key.extend(chunk.valid().chars().map(u32::from));
+        key.extend(chunk.invalid().iter().map(|&b| 0xDC00 + u32::from(b)));
+    }
+    key
+}
+
+/// The entries of `dir` but hidden ones (name, path, whether a folder), in Python's order.
+fn entries(dir: &Path) -> Result<Vec<(OsString, PathBuf, bool)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| DatasetError::io(dir, e))? {
         let entry = entry.map_err(|e| DatasetError::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
+        let name = entry.file_name();
+        if name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
         // Follows symbolic links, as torchvision does.
@@ -42,7 +55,7 @@ fn entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
         let is_dir = path.is_dir();
         out.push((name, path, is_dir));
     }
-    out.sort();
+    out.sort_by_cached_key(|e| python_order(&e.0));
     Ok(out)
 }
 
@@ -52,11 +65,7 @@ fn entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut folders = Vec::new();
     walk(dir, &mut folders)?;
-    folders.sort_by(|a, b| {
-        a.0.as_os_str()
-            .as_encoded_bytes()
-            .cmp(b.0.as_os_str().as_encoded_bytes())
-    });
+    folders.sort_by_cached_key(|f| python_order(f.0.as_os_str()));
     out.extend(folders.into_iter().flat_map(|f| f.1));
     Ok(())
 }
@@ -78,11 +87,15 @@ fn walk(dir: &Path, folders: &mut Vec<(PathBuf, Vec<PathBuf>)>) -> Result<()> {
 /// The class folders of `root/<split>`, sorted: the class names.
 pub fn classes(root: &Path, split: &str) -> Result<Vec<String>> {
     let dir = root.join(split);
-    let classes: Vec<String> = entries(&dir)?
-        .into_iter()
-        .filter(|e| e.2)
-        .map(|e| e.0)
-        .collect();
+    let mut classes = Vec::new();
+    for (name, path, is_dir) in entries(&dir)? {
+        if is_dir {
+            // Class names are text (dataset.json, the label store, figures).
+            classes.push(name.into_string().map_err(|_| {
+                DatasetError::format(&path, "class folder", "name is not valid UTF-8: rename it")
+            })?);
+        }
+    }
     if classes.is_empty() {
         return Err(DatasetError::format(
             &dir,
@@ -291,6 +304,45 @@ mod tests {
         );
         let (info, _, _) = read_listed(&files, &classes, 2).unwrap();
         assert_eq!(info.n, 7);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_sort_as_python_sorts_them() {
+        use std::os::unix::ffi::OsStrExt;
+        // Python reads byte 0x80 as U+DC80, after `ü` (U+00FC), though its byte sorts first:
+        // sorted(os.walk(...)) lists a.png, ü.png, \udc80.png, üd/y.png, \udc80d/x.png.
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path().join("train/c");
+        let tiny = RgbImage::new(2, 2);
+        let raw = |b: &[u8]| c.join(OsStr::from_bytes(b));
+        for p in [
+            c.join("a.png"),
+            c.join("ü.png"),
+            raw(b"\x80.png"),
+            c.join("üd/y.png"),
+            raw(b"\x80d").join("x.png"),
+        ] {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            tiny.save_with_format(&p, image::ImageFormat::Png).unwrap();
+        }
+        let files = split_files(dir.path(), "train", &["c".to_string()]).unwrap();
+        let got: Vec<Vec<u8>> = files
+            .iter()
+            .map(|(p, _)| p.strip_prefix(&c).unwrap().as_os_str().as_bytes().to_vec())
+            .collect();
+        let want: [&[u8]; 5] = [
+            b"a.png",
+            "ü.png".as_bytes(),
+            b"\x80.png",
+            "üd/y.png".as_bytes(),
+            b"\x80d/x.png",
+        ];
+        assert_eq!(got, want);
+        // A class name must be text: a folder whose name is not is refused, naming it.
+        std::fs::create_dir_all(dir.path().join("train").join(OsStr::from_bytes(b"b\xff")))
+            .unwrap();
+        let err = classes(dir.path(), "train").unwrap_err().to_string();
+        assert!(err.contains("not valid UTF-8"), "{err}");
     }
 
     #[test]

@@ -376,6 +376,20 @@ fn submit(args: &SubmitArgs, config: &config::Config) -> Result<()> {
 /// EX_TEMPFAIL, "try again later". A Slurm job requeues itself on it.
 const EXIT_INTERRUPTED: u8 = pipeline::jobs::EXIT_INTERRUPTED as u8;
 
+/// Whether `--devices` can be handed out: the file runs on CUDA and the devices exist.
+fn devices_fit(config: &config::Config, devices: &[usize]) -> Result<(), String> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    if config.run.device == engine::device::DeviceSpec::Cpu {
+        return Err(format!(
+            "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
+            config.path.display()
+        ));
+    }
+    pipeline::jobs::check_devices(devices).map_err(|e| format!("{e:#}"))
+}
+
 /// `pipeline run`: in this process, or with `--jobs`/`--devices` in children.
 fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
     let mut config = match load(&args.file, args.output.as_deref()) {
@@ -391,16 +405,8 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
         config.run.threads_set = true;
     }
     // Checked before a dry run too: it says what the real run would do.
-    if !args.devices.is_empty() {
-        if config.run.device == engine::device::DeviceSpec::Cpu {
-            return usage_error(&format!(
-                "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
-                config.path.display()
-            ));
-        }
-        if let Err(e) = pipeline::jobs::check_devices(&args.devices) {
-            return usage_error(&format!("{e:#}"));
-        }
+    if let Err(message) = devices_fit(&config, &args.devices) {
+        return usage_error(&message);
     }
     let slots = args.devices.len() * args.per_device as usize;
     let jobs = args.jobs.map_or(slots.max(1), |j| j as usize);

@@ -9,6 +9,8 @@
 //! - figures, PNG and SVG: `reliability` (and `reliability-ts`), `confidence`, `class-loss` (the
 //!   training loss per epoch of the 5 best and 5 worst classes by test F1) and `projection` (the
 //!   penultimate activations of three classes on the plane of their classifier templates);
+//! - `best_class.json` and the `best-class` figure: the class with the best test F1 and the ten
+//!   classes its test images get the most probability on average (the paper's Fig. 5);
 //! - when the training logged held-out metrics (`eval_every`), `curve.csv` (its evaluated
 //!   epochs, see [`crate::artifacts::curve`]) and the `training-curve` figure.
 
@@ -17,7 +19,7 @@ use crate::context::{Context, Input};
 use crate::error::{Result, StageError};
 use crate::params::{self, at_least, RangeError};
 use crate::science::calibration::Temperature;
-use crate::science::figures::{self, ConfidenceHistogram, Plot, Reliability, Series};
+use crate::science::figures::{self, ClassBars, ConfidenceHistogram, Plot, Reliability, Series};
 use crate::science::metrics::{self, Metrics};
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array};
 use arrow::buffer::NullBuffer;
@@ -287,6 +289,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut outputs = write_tables(ctx, &e, &labels, &probs, logits.as_deref())?;
     outputs.extend(reliability_figures(ctx, &e, &input.dir)?);
     outputs.extend(training_curve(ctx, &e, &input.dir)?);
+    outputs.extend(best_class(ctx, &e, &probs, &labels)?);
     if k >= 3 {
         outputs.extend(projection(ctx, p, &e, &model, &inference, &data)?);
     }
@@ -531,6 +534,7 @@ fn training_curve(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Result<Vec
         ],
         vec![line(split, |p| 100.0 * p.ece)],
         vec![line("training loss", |p| p.loss), line(split, |p| p.nll)],
+        true,
     );
     let mut out = vec!["curve.csv".to_string()];
     out.extend(figures::save(
@@ -539,6 +543,33 @@ fn training_curve(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Result<Vec
         "training-curve",
         (1200, 420),
     )?);
+    Ok(out)
+}
+
+/// The number of classes [`best_class`] shows, as the paper's Fig. 5.
+pub const BEST_CLASS_TOP: usize = 10;
+
+/// `best_class.json` and the `best-class` figure: the class with the best test F1 and the
+/// classes its test images get the most probability on average (the paper's Fig. 5); nothing
+/// when no class has a test image.
+fn best_class(ctx: &Context, e: &Evaluation, probs: &[f32], labels: &[u32]) -> Result<Vec<String>> {
+    let Some(best) = metrics::best_class(probs, labels, &e.metrics.classes, BEST_CLASS_TOP) else {
+        return Ok(Vec::new());
+    };
+    json::write(&ctx.dir.join("best_class.json"), &best)?;
+    let name = e.classes.get(best.class).cloned().unwrap_or_default();
+    let bars = ClassBars::of_best(
+        format!(
+            "{} (accuracy {:.2}%): mean output on `{name}` (F1 {:.2})",
+            e.model_stage,
+            100.0 * e.metrics.accuracy,
+            best.f1
+        ),
+        &best,
+        &e.classes,
+    );
+    let mut out = vec!["best_class.json".to_string()];
+    out.extend(figures::save(&bars, &ctx.dir, "best-class", (560, 420))?);
     Ok(out)
 }
 
@@ -666,6 +697,9 @@ fn write_summary(ctx: &Context, p: &Params, e: &Evaluation) -> Result<()> {
     md.push_str(
         "\n![reliability diagram](reliability.png)\n\n![confidence histogram](confidence.png)\n",
     );
+    if ctx.dir.join("best-class.png").exists() {
+        md.push_str("\n![mean output on the best class](best-class.png)\n");
+    }
     md.push_str("\n| class | name | support | precision | recall | F1 | mean true-class confidence |\n|---|---|---|---|---|---|---|\n");
     for (c, s) in m.classes.iter().enumerate() {
         md.push_str(&format!(

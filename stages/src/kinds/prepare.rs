@@ -27,7 +27,8 @@ pub enum Source {
     Cifar100,
     /// STL-10, binary version (labelled train and test splits), from `path`.
     Stl10,
-    /// An ImageFolder tree `path/<split>/<class>/*.{jpg,jpeg,png}`, resized to `image_size`.
+    /// An ImageFolder tree `path/<split>/<class>/**/<image file>` (torchvision's extensions),
+    /// resized to `image_size`.
     Imagefolder,
 }
 

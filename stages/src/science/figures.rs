@@ -2,15 +2,17 @@
 //! reliability diagram and confidence histogram of a model (the paper's Figs. 11–14), its
 //! per-class training-loss curves (Fig. 8) and penultimate-layer projection (Fig. 7), and the
 //! report's accuracy-against-ECE scatter (Fig. 10), per-class F1 against confidence (Fig. 4) and
-//! the difference from Vanilla against the student's size (Fig. 3, as [`Panels`] of plots).
+//! the difference from Vanilla against the student's size (Fig. 3, as [`Panels`] of plots),
+//! and a model's mean output over the images of its best class ([`ClassBars`], Fig. 5).
 //!
 //! Text is drawn with the DejaVu Sans font embedded in the binary (`assets/`, Bitstream Vera
 //! licence), so figures look the same on every machine and need no system fonts.
 
-use super::metrics::Bin;
+use super::metrics::{BestClass, Bin};
 use crate::error::{Result, StageError};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
@@ -292,14 +294,115 @@ impl Figure for Panels {
     }
 }
 
+/// Horizontal bars of labelled values in [0, 1], the first at the top, each bar's label and value
+/// written beside it: a model's mean output distribution over the images of one class (the
+/// paper's Fig. 5).
+pub struct ClassBars {
+    /// Title.
+    pub title: String,
+    /// (label, value), drawn top to bottom.
+    pub bars: Vec<(String, f64)>,
+    /// The bar drawn in the second colour (the class whose images were averaged), if shown.
+    pub highlight: Option<usize>,
+}
+
+impl ClassBars {
+    /// The bars of `best` (classes named by `names`, their index when missing), the best class
+    /// highlighted.
+    pub fn of_best(title: String, best: &BestClass, names: &[String]) -> Self {
+        let name = |c: usize| names.get(c).cloned().unwrap_or_else(|| c.to_string());
+        ClassBars {
+            title,
+            bars: best.top.iter().map(|&(c, p)| (name(c), p)).collect(),
+            highlight: best.top.iter().position(|&(c, _)| c == best.class),
+        }
+    }
+}
+
+impl Figure for ClassBars {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let n = self.bars.len().max(1) as f64;
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, (SANS, 14))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(10)
+            .build_cartesian_2d(0f64..1f64, 0f64..n)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("mean probability")
+            .label_style((SANS, 12))
+            .disable_y_axis()
+            .disable_mesh()
+            .draw()
+            .map_err(err)?;
+        for (i, (label, v)) in self.bars.iter().enumerate() {
+            let top = n - i as f64;
+            let colour = if self.highlight == Some(i) {
+                PALETTE[1]
+            } else {
+                PALETTE[0]
+            };
+            chart
+                .draw_series([Rectangle::new(
+                    [(0.0, top - 0.85), (v.clamp(0.0, 1.0), top - 0.15)],
+                    colour.mix(0.85).filled(),
+                )])
+                .map_err(err)?;
+            // Beside the bar, or inside it when it reaches the right edge.
+            let x = if *v < 0.6 { v + 0.01 } else { 0.01 };
+            chart
+                .draw_series([Text::new(
+                    format!("{label} ({v:.2})"),
+                    (x, top - 0.5),
+                    TextStyle::from((SANS, 12).into_font()).pos(Pos::new(HPos::Left, VPos::Center)),
+                )])
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Figures in a grid of `columns` columns under one title, row by row.
+pub struct Grid<F> {
+    /// Title over all panels.
+    pub title: String,
+    /// The panels.
+    pub panels: Vec<F>,
+    /// Panels per row.
+    pub columns: usize,
+}
+
+impl<F: Figure> Figure for Grid<F> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let body = root.titled(&self.title, (SANS, 18)).map_err(err)?;
+        let columns = self.columns.max(1);
+        let rows = self.panels.len().div_ceil(columns).max(1);
+        let areas = body.split_evenly((rows, columns));
+        for (panel, area) in self.panels.iter().zip(&areas) {
+            panel.draw(area)?;
+        }
+        Ok(())
+    }
+}
+
 /// Training curves, one panel each: accuracy (%), ECE (%) and NLL (nats) by epoch, measured on
-/// the held-out split `split` (the series are the caller's: one model's, or one per report row).
+/// the held-out split `split` (the series are the caller's: one model's, or one per report row;
+/// `with_loss` when the last panel also holds the method's training loss).
 pub fn curve_panels(
     title: String,
     split: &str,
     accuracy: Vec<Series>,
     ece: Vec<Series>,
     nll: Vec<Series>,
+    with_loss: bool,
 ) -> Panels {
     let plot = |what: &str, y: &str, series: Vec<Series>| Plot {
         title: format!("{what} by epoch"),
@@ -314,7 +417,11 @@ pub fn curve_panels(
         panels: vec![
             plot("accuracy", "accuracy (%)", accuracy),
             plot(&format!("{split} ECE"), "ECE (%)", ece),
-            plot(&format!("{split} NLL"), "NLL (nats)", nll),
+            if with_loss {
+                plot(&format!("training loss and {split} NLL"), "nats", nll)
+            } else {
+                plot(&format!("{split} NLL"), "NLL (nats)", nll)
+            },
         ],
     }
 }

@@ -366,12 +366,12 @@ impl ClassCounts {
                         self.true_conf[c] / support as f64,
                     )
                 };
+                // 2PR/(P + R) as one quotient of counts, 2TP/(TP + FP + TP + FN): equal F1s are
+                // equal floats, so ties (the best class) do not hang on rounding.
                 let f1 = if recall.is_nan() {
                     f64::NAN
-                } else if precision + recall == 0.0 {
-                    0.0
                 } else {
-                    2.0 * precision * recall / (precision + recall)
+                    2.0 * tp as f64 / (predicted + support) as f64
                 };
                 ClassStats {
                     support,
@@ -385,9 +385,89 @@ impl ClassCounts {
     }
 }
 
+/// The class a model classifies best and what it outputs for it (the paper's Fig. 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestClass {
+    /// The class with the highest F1 (ties: the lowest index).
+    pub class: usize,
+    /// Its F1.
+    pub f1: f64,
+    /// The most probable classes of the mean predicted distribution over its samples, with
+    /// their mean probability, most probable first (ties: the lowest index).
+    pub top: Vec<(usize, f64)>,
+}
+
+/// The class of `stats` with the highest F1 and the `top` largest entries of the mean of `probs`
+/// (N × K) over the samples labelled with it; `None` when no class has a sample.
+pub fn best_class(
+    probs: &[f32],
+    labels: &[u32],
+    stats: &[ClassStats],
+    top: usize,
+) -> Option<BestClass> {
+    let k = stats.len();
+    let class = (0..k).filter(|&c| stats[c].f1.is_finite()).fold(
+        None,
+        |best: Option<usize>, c| match best {
+            Some(b) if stats[b].f1 >= stats[c].f1 => Some(b),
+            _ => Some(c),
+        },
+    )?;
+    let mut mean = vec![0f64; k];
+    let mut n = 0usize;
+    for (row, _) in probs
+        .chunks_exact(k)
+        .zip(labels)
+        .filter(|(_, &y)| y as usize == class)
+    {
+        for (m, &p) in mean.iter_mut().zip(row) {
+            *m += p as f64;
+        }
+        n += 1;
+    }
+    let mut ranked: Vec<(usize, f64)> =
+        mean.into_iter().map(|m| m / n as f64).enumerate().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(top);
+    Some(BestClass {
+        class,
+        f1: stats[class].f1,
+        top: ranked,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_class_and_its_mean_output_by_hand() {
+        // 3 classes. Class 0: 2 samples, both right → with no false positive F1 = 1.
+        // Class 1: 2 samples, one predicted as 2; class 2: 1 sample, right, plus that false
+        // positive → F1(1) = 2/3 (P 1, R ½), F1(2) = 2/3 (P ½, R 1).
+        let probs = [
+            0.5, 0.25, 0.25, //
+            0.75, 0.0, 0.25, //
+            0.0, 1.0, 0.0, //
+            0.25, 0.25, 0.5, //
+            0.0, 0.25, 0.75, //
+        ];
+        let labels = [0, 0, 1, 1, 2];
+        let m = compute(&probs, &labels, 3, 10);
+        let best = best_class(&probs, &labels, &m.classes, 2).unwrap();
+        assert_eq!((best.class, best.f1), (0, 1.0));
+        // Mean over class 0's rows: (0.625, 0.125, 0.25); the top 2, most probable first.
+        assert_eq!(best.top, [(0, 0.625), (2, 0.25)]);
+        // Classes 1 and 2 tie at F1 2/3 once class 0 is out: the lower index wins. Mean over
+        // class 1's rows: (0.125, 0.625, 0.25).
+        let mut no_zero = m.classes.clone();
+        no_zero[0].f1 = f64::NAN;
+        let best = best_class(&probs, &labels, &no_zero, 3).unwrap();
+        assert_eq!(best.class, 1);
+        assert_eq!(best.top, [(1, 0.625), (2, 0.25), (0, 0.125)]);
+        no_zero.iter_mut().for_each(|c| c.f1 = f64::NAN);
+        assert!(best_class(&probs, &labels, &no_zero, 3).is_none());
+    }
 
     #[test]
     fn bin_edges_follow_lo_exclusive_hi_inclusive() {

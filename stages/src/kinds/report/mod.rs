@@ -13,6 +13,8 @@
 //!
 //! - `vanilla-difference` (Fig. 3): accuracy and ECE difference from Vanilla against the
 //!   student's parameter count, one line per method.
+//! - `best-classes` (Fig. 5): for each row and model (its lowest seed), the mean output over the
+//!   test images of its best class by F1.
 //! - `training-curves`: every row's held-out accuracy, ECE and NLL by epoch (mean over seeds),
 //!   when its trainings logged them (`eval_every`).
 //!
@@ -26,7 +28,8 @@ pub use rows::{group, Group};
 use crate::artifacts::{Curve, CurvePoint, Evaluation, Kind};
 use crate::context::Context;
 use crate::error::Result;
-use crate::science::figures::{self, Plot, Series};
+use crate::science::figures::{self, ClassBars, Plot, Series};
+use crate::science::metrics::BestClass;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -249,18 +252,35 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
          equal-mass bins); NLL in nats; Brier (sum) is summed over classes, Brier (top label) is \
          the paper's (Table 7). Conventions: docs/metrics.md."
     );
-    let figures = figures_of(ctx, &title, &groups)?;
-    let curves = training_curves(ctx, &title, &groups, &stages)?;
-    let curves_md = if curves.is_empty() {
-        ""
-    } else {
-        "\n![held-out metrics during training](training-curves.png)\n"
-    };
+    let mut figures = figures_of(ctx, &title, &groups)?;
+    // Figures drawn only when their evaluations have the data: (stem, description).
+    let mut optional = Vec::new();
+    for (drawn, stem, alt) in [
+        (
+            training_curves(ctx, &title, &groups, &stages)?,
+            "training-curves",
+            "held-out metrics during training",
+        ),
+        (
+            best_classes(ctx, &title, &groups, &stages)?,
+            "best-classes",
+            "mean output on each model's best class",
+        ),
+    ] {
+        if !drawn.is_empty() {
+            optional.push((stem, alt));
+            figures.extend(drawn);
+        }
+    }
+    let optional_md: String = optional
+        .iter()
+        .map(|(stem, alt)| format!("\n![{alt}]({stem}.png)\n"))
+        .collect();
     let md = format!(
         "# {title}\n\n## Accuracy (%) ± std / ECE, per method and model\n\n{paper_md}\n\
          ## Every metric\n\n{conventions}\n\n{long_md}\n\
          ![accuracy against ECE](accuracy-vs-ece.png)\n\n![per-class F1 against confidence](f1-vs-confidence.png)\n\n\
-         ![difference from Vanilla against parameters](vanilla-difference.png)\n{curves_md}"
+         ![difference from Vanilla against parameters](vanilla-difference.png)\n{optional_md}"
     );
     let mut outputs = Vec::new();
     for (name, text) in [
@@ -272,9 +292,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         datasets::atomic::write_bytes(&ctx.dir.join(name), text.as_bytes())?;
         outputs.push(name.to_string());
     }
-    let with_curves = !curves.is_empty();
     outputs.extend(figures);
-    outputs.extend(curves);
     let html = index_html(
         &title,
         &paper_md,
@@ -282,7 +300,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         &conventions,
         &stages,
         &groups,
-        with_curves,
+        &optional,
     );
     datasets::atomic::write_bytes(&ctx.dir.join("index.html"), html.as_bytes())?;
     outputs.push("index.html".into());
@@ -388,13 +406,66 @@ fn training_curves(
         acc,
         ece,
         nll,
+        false,
     );
     figures::save(&panels, &ctx.dir, "training-curves", (1500, 520))
 }
 
+/// `best-classes` (the paper's Fig. 5): for each row and model, the mean output over the test
+/// images of its best class (`best_class.json`), from the evaluation of its lowest seed: the
+/// best class differs between seeds, so seeds are not averaged. `+ TS` rows are left out (they
+/// have no `best_class.json` of their own). Nothing when no evaluation has the file.
+fn best_classes(
+    ctx: &Context,
+    title: &str,
+    groups: &[Group],
+    stages: &[(String, PathBuf, Evaluation)],
+) -> Result<Vec<String>> {
+    let mut panels = Vec::new();
+    for g in groups.iter().filter(|g| !g.settings.contains_key("ts")) {
+        let Some(e) = g.evals.iter().min_by_key(|e| e.seed) else {
+            continue;
+        };
+        let Some((_, dir, _)) = stages.iter().find(|(_, _, x)| same_evaluation(x, e)) else {
+            continue;
+        };
+        let path = dir.join("best_class.json");
+        if !path.exists() {
+            continue;
+        }
+        let best: BestClass = engine::json::read(&path)?;
+        let name = e.classes.get(best.class).cloned().unwrap_or_default();
+        panels.push(ClassBars::of_best(
+            format!(
+                "{} / {} (seed {}, {:.2}%): {name}, F1 {:.2}",
+                g.method,
+                g.model,
+                e.seed,
+                100.0 * e.metrics.accuracy,
+                best.f1
+            ),
+            &best,
+            &e.classes,
+        ));
+    }
+    if panels.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = panels.len().min(4);
+    let rows = panels.len().div_ceil(columns);
+    let grid = figures::Grid {
+        title: format!("{title}: mean output on each model's best class by test F1"),
+        panels,
+        columns,
+    };
+    let size = (460 * columns as u32, 360 * rows as u32 + 40);
+    figures::save(&grid, &ctx.dir, "best-classes", size)
+}
+
 /// One line per row, for held-out accuracy (%), ECE (%) and NLL: the mean over the row's
-/// evaluations that have a curve, at the epochs all of them evaluated. `+ TS` rows are left out
-/// (their temperature is fitted after training). Also the split measured on (`held-out` when
+/// evaluations that have a curve (`(n = k)` when not all of them), at the epochs all of them
+/// evaluated. `+ TS` rows are left out (their temperature is fitted after training), and so is
+/// a row of the same trainings as one drawn (an `MCDO-S` evaluation of them). Also the split measured on (`held-out` when
 /// rows differ); `None` without a curve.
 fn curve_series(
     groups: &[Group],
@@ -402,15 +473,21 @@ fn curve_series(
 ) -> Option<(String, [Vec<Series>; 3])> {
     let mut lines: [Vec<Series>; 3] = Default::default();
     let mut splits: Vec<&str> = Vec::new();
+    let mut drawn: Vec<&str> = Vec::new();
     for g in groups.iter().filter(|g| !g.settings.contains_key("ts")) {
-        let of_group: Vec<&Curve> = curves
+        let (stages, of_group): (Vec<&str>, Vec<&Curve>) = curves
             .iter()
-            .filter(|(e, _)| g.evals.iter().any(|x| x == *e))
-            .map(|(_, c)| c)
-            .collect();
+            .filter(|(e, _)| g.evals.iter().any(|x| same_evaluation(x, e)))
+            .map(|(e, c)| (e.model_stage.as_str(), c))
+            .unzip();
+        // Trainings drawn already, evaluated another way (an `MCDO-S` row): the same curves.
+        if stages.iter().all(|s| drawn.contains(s)) {
+            continue;
+        }
         let Some(first) = of_group.first() else {
             continue;
         };
+        drawn.extend(stages);
         if !splits.contains(&first.split.as_str()) {
             splits.push(&first.split);
         }
@@ -427,8 +504,14 @@ fn curve_series(
                     .collect();
                 (at.len() == of_group.len()).then(|| (p.epoch as f64, mean_std(&at).0))
             });
+            // Seeds trained without eval_every have no curve: say how many are averaged.
+            let count = if of_group.len() == g.evals.len() {
+                String::new()
+            } else {
+                format!(" (n = {})", of_group.len())
+            };
             series.push(Series {
-                label: format!("{} / {}", g.method, g.model),
+                label: format!("{} / {}{count}", g.method, g.model),
                 points: points.collect(),
             });
         }
@@ -439,6 +522,12 @@ fn curve_series(
         _ => "held-out".to_string(),
     };
     Some((split, lines))
+}
+
+/// Whether two evaluations are one evaluate stage's (compared by what names it, not by its
+/// metrics, which may be NaN).
+fn same_evaluation(a: &Evaluation, b: &Evaluation) -> bool {
+    (&a.model_stage, &a.variant, a.seed) == (&b.model_stage, &b.variant, b.seed)
 }
 
 /// The reference of the Vanilla differences on `model`: the row named `Vanilla`, else the
@@ -525,7 +614,7 @@ fn index_html(
     conventions: &str,
     stages: &[(String, PathBuf, Evaluation)],
     groups: &[Group],
-    with_curves: bool,
+    optional: &[(&str, &str)],
 ) -> String {
     let mut html = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>\n<style>\
@@ -539,11 +628,10 @@ fn index_html(
         html_table(paper_md),
         html_escape(conventions),
         html_table(long_md),
-        if with_curves {
-            "<img src=\"training-curves.svg\" alt=\"held-out metrics during training\">\n"
-        } else {
-            ""
-        },
+        optional
+            .iter()
+            .map(|(stem, alt)| format!("<img src=\"{stem}.svg\" alt=\"{alt}\">\n"))
+            .collect::<String>(),
         t = html_escape(title)
     );
     for (name, dir, e) in stages {
@@ -561,6 +649,7 @@ fn index_html(
             "confidence",
             "class-loss",
             "training-curve",
+            "best-class",
             "projection",
         ] {
             if dir.join(format!("{fig}.svg")).exists() {
@@ -620,18 +709,25 @@ mod tests {
     #[test]
     fn training_curves_average_seeds_at_their_common_epochs() {
         let labels = [0, 1];
-        let (a0, a1) = (
+        let (a0, mut a1) = (
             eval("vanilla", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels),
             eval("vanilla", "resnet8", 1, &[0.6, 0.4, 0.3, 0.7], &labels),
         );
+        // A NaN metric (a diverged model, a class without test images) must not lose the curve.
+        a1.metrics.nll = f64::NAN;
+        // Seed 0's model evaluated by MC dropout: another row, the same training's curve.
+        let mut mc = a0.clone();
+        mc.variant = "MCDO-S".into();
+        // A KD row of two seeds, one trained without eval_every.
         let b = eval("kd", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels);
+        let b1 = eval("kd", "resnet8", 1, &[0.9, 0.1, 0.2, 0.8], &labels);
         let mut calibrated = b.clone();
         calibrated.calibrated = Some(Calibrated {
             temperature: 1.5,
             metrics: b.metrics.clone(),
         });
         let no_curve = eval("ls", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels);
-        let evals: Vec<(Evaluation, Settings)> = [&a0, &a1, &calibrated, &no_curve]
+        let evals: Vec<(Evaluation, Settings)> = [&a0, &a1, &calibrated, &b1, &no_curve, &mc]
             .into_iter()
             .map(|e| (e.clone(), Settings::new()))
             .collect();
@@ -655,12 +751,21 @@ mod tests {
                 curve(vec![point(1, 0.25, 0.05, 3.0), point(3, 0.5, 0.075, 2.0)]),
             ),
             (&calibrated, curve(vec![point(4, 0.5, 0.5, 0.5)])),
+            (
+                &mc,
+                curve(vec![
+                    point(1, 0.5, 0.25, 2.0),
+                    point(2, 0.6, 0.2, 1.5),
+                    point(3, 0.75, 0.125, 1.0),
+                ]),
+            ),
         ];
         let (split, [acc, ece, nll]) = curve_series(&groups, &curves).unwrap();
         assert_eq!(split, "val");
-        // Rows Vanilla and KD; KD + TS and LS (no curve) have none.
+        // Rows Vanilla and KD (one of its two seeds has a curve); KD + TS, LS (no curve) and
+        // Vanilla (MCDO-S) (Vanilla's trainings again) have none.
         let labels: Vec<&str> = acc.iter().map(|s| s.label.as_str()).collect();
-        assert_eq!(labels, ["Vanilla / resnet8", "KD / resnet8"]);
+        assert_eq!(labels, ["Vanilla / resnet8", "KD / resnet8 (n = 1)"]);
         assert_eq!(acc[0].points, [(1.0, 37.5), (3.0, 62.5)]);
         assert_eq!(ece[0].points, [(1.0, 15.0), (3.0, 10.0)]);
         assert_eq!(nll[0].points, [(1.0, 2.5), (3.0, 1.5)]);
@@ -668,6 +773,7 @@ mod tests {
         assert!(curve_series(&groups, &[]).is_none());
         let mut test_split = curves.clone();
         test_split[2].1.split = "test".into();
+        test_split.pop();
         assert_eq!(curve_series(&groups, &test_split).unwrap().0, "held-out");
     }
 
