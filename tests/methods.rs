@@ -132,6 +132,19 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
     }
     best_class_agrees_with_the_predictions(&out.join("eval.method=ls"));
+    // Students taught by teachers on their batches show what the first images were taught.
+    for m in METHODS {
+        let dir = out.join(format!("student.method={m}"));
+        let online = ["kd", "wsl", "on-ldl", "on-en-ldl", "on-mt-ldl"].contains(&m);
+        assert_eq!(dir.join("supervision.png").exists(), online, "{m}");
+        if online {
+            supervision_examples_are_distributions(&dir.join("supervision.json"), 10);
+        }
+    }
+    // On CutMix batches (p = 1) the labels are mixed.
+    let mixed =
+        supervision_examples_are_distributions(&out.join("student-mcdo/supervision.json"), 10);
+    assert!(mixed > 0, "no example of the CutMix student is mixed");
     // The OGR cells measured per-class losses every epoch.
     let ogr = std::fs::read_to_string(out.join("student.method=ogr-loss/ogr.csv")).unwrap();
     assert_eq!(ogr.lines().count(), 1 + 3 * 10, "{ogr}");
@@ -173,6 +186,50 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "{}",
         stdout(&st)
     );
+}
+
+/// Each example of `supervision.json`: a mixed hard label whose weights sum to 1 and include the
+/// image's own class (CutMix keeps part of every image), and the teachers' three most probable
+/// classes, most probable first, their probabilities summing to at most 1.
+/// Returns how many examples are mixed (two classes or more).
+fn supervision_examples_are_distributions(path: &Path, k: u64) -> usize {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let examples = json.as_array().unwrap();
+    assert_eq!(examples.len(), 8, "{json}");
+    let pairs = |v: &serde_json::Value| -> Vec<(u64, f64)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect()
+    };
+    for e in examples {
+        let mixed = pairs(&e["mixed_label"]);
+        let total: f64 = mixed.iter().map(|m| m.1).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{e}");
+        assert!(
+            mixed.iter().any(|m| m.0 == e["label"].as_u64().unwrap()),
+            "{e}"
+        );
+        let teachers = pairs(&e["teachers"]);
+        assert_eq!(teachers.len(), 3, "{e}");
+        assert!(
+            teachers
+                .iter()
+                .all(|t| t.0 < k && (0.0..=1.0).contains(&t.1)),
+            "{e}"
+        );
+        assert!(teachers.windows(2).all(|w| w[0].1 >= w[1].1), "{e}");
+        assert!(
+            teachers.iter().map(|t| t.1).sum::<f64>() <= 1.0 + 1e-5,
+            "{e}"
+        );
+    }
+    examples
+        .iter()
+        .filter(|e| e["mixed_label"].as_array().unwrap().len() > 1)
+        .count()
 }
 
 /// `best_class.json` against the evaluation's own predictions, recomputed here: the class with

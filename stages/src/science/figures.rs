@@ -3,7 +3,8 @@
 //! per-class training-loss curves (Fig. 8) and penultimate-layer projection (Fig. 7), and the
 //! report's accuracy-against-ECE scatter (Fig. 10), per-class F1 against confidence (Fig. 4) and
 //! the difference from Vanilla against the student's size (Fig. 3, as [`Panels`] of plots),
-//! and a model's mean output over the images of its best class ([`ClassBars`], Fig. 5).
+//! a model's mean output over the images of its best class ([`ClassBars`], Fig. 5), and training
+//! images with the labels they were taught ([`ImageGrid`], PNG only, Fig. 6).
 //!
 //! Text is drawn with the DejaVu Sans font embedded in the binary (`assets/`, Bitstream Vera
 //! licence), so figures look the same on every machine and need no system fonts.
@@ -67,22 +68,37 @@ pub fn save<F: Figure>(fig: &F, dir: &Path, stem: &str, size: (u32, u32)) -> Res
         fig.draw(&root).map_err(|e| fail("svg", e))?;
         root.present().map_err(|e| fail("svg", err(e)))?;
     }
+    let png_name = save_png(fig, dir, stem, size)?.remove(0);
+    let svg_name = format!("{stem}.svg");
+    datasets::atomic::write_bytes(&dir.join(&svg_name), svg.as_bytes())?;
+    Ok(vec![png_name, svg_name])
+}
+
+/// Renders `fig` to `<dir>/<stem>.png` only (a figure of images: as SVG they would be a
+/// rectangle per pixel), written atomically; returns the file name.
+pub fn save_png<F: Figure>(
+    fig: &F,
+    dir: &Path,
+    stem: &str,
+    size: (u32, u32),
+) -> Result<Vec<String>> {
+    register_font();
+    let png_name = format!("{stem}.png");
+    let fail = |e: String| StageError::invalid(dir.join(&png_name), "figure", e);
     let mut rgb = vec![255u8; (size.0 * size.1 * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| fail("png", err(e)))?;
-        fig.draw(&root).map_err(|e| fail("png", e))?;
-        root.present().map_err(|e| fail("png", err(e)))?;
+        root.fill(&WHITE).map_err(|e| fail(err(e)))?;
+        fig.draw(&root).map_err(fail)?;
+        root.present().map_err(|e| fail(err(e)))?;
     }
     let image = image::RgbImage::from_raw(size.0, size.1, rgb).expect("buffer of w × h × 3");
     let mut png = std::io::Cursor::new(Vec::new());
     image
         .write_to(&mut png, image::ImageFormat::Png)
-        .map_err(|e| fail("png", e.to_string()))?;
-    let (svg_name, png_name) = (format!("{stem}.svg"), format!("{stem}.png"));
-    datasets::atomic::write_bytes(&dir.join(&svg_name), svg.as_bytes())?;
+        .map_err(|e| fail(e.to_string()))?;
     datasets::atomic::write_bytes(&dir.join(&png_name), &png.into_inner())?;
-    Ok(vec![png_name, svg_name])
+    Ok(vec![png_name])
 }
 
 /// A reliability diagram: accuracy per confidence bin against the diagonal, the gap to each
@@ -367,6 +383,80 @@ impl Figure for ClassBars {
     }
 }
 
+/// Images in a grid, each with lines of text beside it (the paper's Fig. 6: mixed training
+/// images with the labels they were taught). Meant for [`save_png`].
+pub struct ImageGrid {
+    /// Title over all cells.
+    pub title: String,
+    /// The cells.
+    pub cells: Vec<ImageCell>,
+    /// Cells per row.
+    pub columns: usize,
+}
+
+/// One image of an [`ImageGrid`] and its text.
+#[derive(Debug, Clone)]
+pub struct ImageCell {
+    /// RGB pixels, row-major, 3 bytes a pixel.
+    pub pixels: Vec<u8>,
+    /// Width and height.
+    pub size: (u32, u32),
+    /// Lines of text beside the image.
+    pub lines: Vec<String>,
+}
+
+/// `pixels` (`w × h` RGB) resized to `tw × th` by nearest neighbour, so pixels stay sharp.
+fn nearest(pixels: &[u8], (w, h): (u32, u32), (tw, th): (u32, u32)) -> Vec<u8> {
+    let mut out = Vec::with_capacity((tw * th * 3) as usize);
+    for y in 0..th {
+        for x in 0..tw {
+            let (sx, sy) = (x * w / tw, y * h / th);
+            let at = ((sy * w + sx) * 3) as usize;
+            out.extend_from_slice(&pixels[at..at + 3]);
+        }
+    }
+    out
+}
+
+impl Figure for ImageGrid {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let body = root.titled(&self.title, (SANS, 16)).map_err(err)?;
+        let columns = self.columns.max(1);
+        let rows = self.cells.len().div_ceil(columns).max(1);
+        let areas = body.split_evenly((rows, columns));
+        for (cell, area) in self.cells.iter().zip(&areas) {
+            let (pixels, (w, h), lines) = (&cell.pixels, &cell.size, &cell.lines);
+            let (aw, ah) = area.dim_in_pixel();
+            // The image takes the left half of its cell, the text the right.
+            let f = ((aw / 2).saturating_sub(8) as f64 / *w as f64)
+                .min(ah.saturating_sub(8) as f64 / *h as f64);
+            let (tw, th) = (
+                (*w as f64 * f).max(1.0) as u32,
+                (*h as f64 * f).max(1.0) as u32,
+            );
+            let image: BitMapElement<_> = BitMapElement::with_owned_buffer(
+                (4, 4),
+                (tw, th),
+                nearest(pixels, (*w, *h), (tw, th)),
+            )
+            .ok_or("image buffer smaller than its size")?;
+            area.draw(&image).map_err(err)?;
+            for (i, line) in lines.iter().enumerate() {
+                area.draw(&Text::new(
+                    line.clone(),
+                    (tw as i32 + 12, 6 + 16 * i as i32),
+                    (SANS, 13).into_font(),
+                ))
+                .map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Figures in a grid of `columns` columns under one title, row by row.
 pub struct Grid<F> {
     /// Title over all panels.
@@ -558,6 +648,42 @@ mod tests {
             root[at..].split('"').next().unwrap().parse().unwrap()
         };
         (attr("width"), attr("height"))
+    }
+
+    #[test]
+    fn image_grids_show_the_pixels_sharp_and_scaled() {
+        // A 2 × 2 image: red, green / blue, white; scaled ×2 by nearest neighbour.
+        let px = vec![255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255];
+        let big = nearest(&px, (2, 2), (4, 4));
+        let at = |x: usize, y: usize| &big[(y * 4 + x) * 3..(y * 4 + x) * 3 + 3];
+        assert_eq!(
+            (at(0, 0), at(1, 1), at(2, 0), at(3, 1)),
+            (&px[0..3], &px[0..3], &px[3..6], &px[3..6])
+        );
+        assert_eq!((at(0, 3), at(3, 3)), (&px[6..9], &px[9..12]));
+        let dir = tempfile::tempdir().unwrap();
+        let grid = ImageGrid {
+            title: "examples".into(),
+            cells: vec![
+                ImageCell {
+                    pixels: px.clone(),
+                    size: (2, 2),
+                    lines: vec!["label".into(), "  a 1.00".into()],
+                };
+                3
+            ],
+            columns: 2,
+        };
+        let files = save_png(&grid, dir.path(), "grid", (400, 300)).unwrap();
+        assert_eq!(files, ["grid.png"]);
+        let png = image::open(dir.path().join("grid.png")).unwrap().to_rgb8();
+        assert_eq!(png.dimensions(), (400, 300));
+        // Each cell's image fills the left half of its 200 × ~140 cell: pure red, green and blue
+        // blocks of many pixels each.
+        for colour in [[255, 0, 0], [0, 255, 0], [0, 0, 255]] {
+            let n = png.pixels().filter(|p| p.0 == colour).count();
+            assert!(n > 3 * 40 * 40, "{colour:?}: {n} pixels");
+        }
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl Trainer<'_> {
             "train_log.csv".into(),
             "class_loss.csv".into(),
         ];
+        outputs.extend(self.write_supervision_examples()?);
         if let Some(h) = &self.head {
             engine::checkpoint::write_tensors(&dir.join(sskd::HEAD_FILE), &h.head.state())?;
             outputs.push(sskd::HEAD_FILE.into());

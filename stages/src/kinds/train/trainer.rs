@@ -65,12 +65,12 @@ pub(super) struct Trainer<'a> {
     pub(super) spec: ModelSpec,
     pub(super) model: Model,
     opt: Sgd,
-    supervision: Supervision,
+    pub(super) supervision: Supervision,
     /// `sskd-head`: the frozen teacher's head being trained (`model` is the teacher).
     pub(super) head: Option<HeadPhase>,
     /// The training and validation splits the OGR methods measure per-class losses on.
     ogr_sets: Option<(Arc<PackedStore>, Arc<PackedStore>)>,
-    loader: Loader,
+    pub(super) loader: Loader,
     /// The replay store the teachers' outputs are read from, if any.
     replay: Option<Replay>,
     /// Batches per epoch.
