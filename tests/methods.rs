@@ -108,6 +108,8 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "vanilla-difference.svg",
         "best-classes.png",
         "best-classes.svg",
+        "reliability-diagrams.png",
+        "reliability-diagrams.svg",
     ] {
         assert!(out.join("report").join(f).exists(), "report/{f}");
     }
@@ -132,19 +134,7 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
     }
     best_class_agrees_with_the_predictions(&out.join("eval.method=ls"));
-    // Students taught by teachers on their batches show what the first images were taught.
-    for m in METHODS {
-        let dir = out.join(format!("student.method={m}"));
-        let online = ["kd", "wsl", "on-ldl", "on-en-ldl", "on-mt-ldl"].contains(&m);
-        assert_eq!(dir.join("supervision.png").exists(), online, "{m}");
-        if online {
-            supervision_examples_are_distributions(&dir.join("supervision.json"), 10);
-        }
-    }
-    // On CutMix batches (p = 1) the labels are mixed.
-    let mixed =
-        supervision_examples_are_distributions(&out.join("student-mcdo/supervision.json"), 10);
-    assert!(mixed > 0, "no example of the CutMix student is mixed");
+    check_supervision_examples(&out);
     // The OGR cells measured per-class losses every epoch.
     let ogr = std::fs::read_to_string(out.join("student.method=ogr-loss/ogr.csv")).unwrap();
     assert_eq!(ogr.lines().count(), 1 + 3 * 10, "{ogr}");
@@ -188,6 +178,43 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
     );
 }
 
+/// Students taught by teachers on their batches show what the first images were taught: the
+/// same images for every cell of the grid (one seed, no mixing), so `kd`, `wsl` and `on-ldl`,
+/// which run the first teacher, show the same distributions, and the two ensembles theirs.
+fn check_supervision_examples(out: &Path) {
+    let mut teachers = std::collections::BTreeMap::new();
+    for m in METHODS {
+        let dir = out.join(format!("student.method={m}"));
+        let online = ["kd", "wsl", "on-ldl", "on-en-ldl", "on-mt-ldl"].contains(&m);
+        assert_eq!(dir.join("supervision.png").exists(), online, "{m}");
+        if online {
+            supervision_examples_are_distributions(&dir.join("supervision.json"), 10);
+            let json: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("supervision.json")).unwrap(),
+            )
+            .unwrap();
+            let of: Vec<serde_json::Value> = json
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["teachers"].clone())
+                .collect();
+            teachers.insert(m, of);
+        }
+    }
+    assert_eq!(teachers["kd"], teachers["on-ldl"]);
+    assert_eq!(teachers["wsl"], teachers["on-ldl"]);
+    assert_eq!(teachers["on-en-ldl"], teachers["on-mt-ldl"]);
+    assert_ne!(
+        teachers["on-en-ldl"], teachers["on-ldl"],
+        "the ensemble shows one teacher"
+    );
+    // On CutMix batches (p = 1) the labels are mixed.
+    let mixed =
+        supervision_examples_are_distributions(&out.join("student-mcdo/supervision.json"), 10);
+    assert!(mixed > 0, "no example of the CutMix student is mixed");
+}
+
 /// Each example of `supervision.json`: a mixed hard label whose weights sum to 1 and include the
 /// image's own class (CutMix keeps part of every image), and the teachers' three most probable
 /// classes, most probable first, their probabilities summing to at most 1.
@@ -212,7 +239,20 @@ fn supervision_examples_are_distributions(path: &Path, k: u64) -> usize {
             mixed.iter().any(|m| m.0 == e["label"].as_u64().unwrap()),
             "{e}"
         );
+        // The teachers' probability of each class of the label, and of their top 3.
+        let on_label = pairs(&e["teachers_on_label"]);
+        assert_eq!(
+            on_label.iter().map(|t| t.0).collect::<Vec<_>>(),
+            mixed.iter().map(|m| m.0).collect::<Vec<_>>(),
+            "{e}"
+        );
         let teachers = pairs(&e["teachers"]);
+        for (c, p) in &on_label {
+            assert!((0.0..=1.0).contains(p), "{e}");
+            if let Some(t) = teachers.iter().find(|t| t.0 == *c) {
+                assert_eq!(t.1, *p, "{e}");
+            }
+        }
         assert_eq!(teachers.len(), 3, "{e}");
         assert!(
             teachers

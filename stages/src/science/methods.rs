@@ -120,6 +120,15 @@ impl Method {
         matches!(self, Method::OffLdl | Method::OffEnLdl | Method::OffMtLdl)
     }
 
+    /// How many of its `available` teachers the method runs: all for the ensembles, else the
+    /// first (see [`Method::uses_teachers`]).
+    pub fn teachers_run(&self, available: usize) -> usize {
+        match self {
+            Method::OnEnLdl | Method::OnMtLdl => available,
+            _ => available.min(1),
+        }
+    }
+
     /// Whether the method runs teacher models (train stages in `needs`). `kd`, `wsl`, `on-ldl`,
     /// `crd`, `crd-kd` and `sskd` run one teacher, the first train stage in `needs` (so that one
     /// grid over methods can list the teachers of its ensemble cells); the ensemble methods run

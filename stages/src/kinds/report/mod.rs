@@ -13,6 +13,8 @@
 //!
 //! - `vanilla-difference` (Fig. 3): accuracy and ECE difference from Vanilla against the
 //!   student's parameter count, one line per method.
+//! - `reliability-diagrams` (Figs. 11–14): every row's and model's reliability diagram, its
+//!   seeds pooled.
 //! - `best-classes` (Fig. 5): for each row and model (its lowest seed), the mean output over the
 //!   test images of its best class by F1.
 //! - `training-curves`: every row's held-out accuracy, ECE and NLL by epoch (mean over seeds),
@@ -28,8 +30,8 @@ pub use rows::{group, Group};
 use crate::artifacts::{Curve, CurvePoint, Evaluation, Kind};
 use crate::context::Context;
 use crate::error::Result;
-use crate::science::figures::{self, ClassBars, Plot, Series};
-use crate::science::metrics::BestClass;
+use crate::science::figures::{self, ClassBars, Plot, Reliability, Series};
+use crate::science::metrics::{BestClass, Bin};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -266,6 +268,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             "best-classes",
             "mean output on each model's best class",
         ),
+        (
+            reliability_grid(ctx, &title, &groups)?,
+            "reliability-diagrams",
+            "reliability diagram of every row and model",
+        ),
     ] {
         if !drawn.is_empty() {
             optional.push((stem, alt));
@@ -451,15 +458,99 @@ fn best_classes(
     if panels.is_empty() {
         return Ok(Vec::new());
     }
-    let columns = panels.len().min(4);
-    let rows = panels.len().div_ceil(columns);
+    let (columns, size) = grid_shape(panels.len(), (460, 360));
     let grid = figures::Grid {
         title: format!("{title}: mean output on each model's best class by test F1"),
         panels,
         columns,
     };
-    let size = (460 * columns as u32, 360 * rows as u32 + 40);
     figures::save(&grid, &ctx.dir, "best-classes", size)
+}
+
+/// Columns and pixel size of a grid of `n` panels of `panel` pixels: about square, at most 6
+/// columns, with room for the title.
+fn grid_shape(n: usize, panel: (u32, u32)) -> (usize, (u32, u32)) {
+    let columns = ((n as f64).sqrt().ceil() as usize)
+        .clamp(1, 6)
+        .min(n.max(1));
+    let rows = n.div_ceil(columns).max(1);
+    (
+        columns,
+        (panel.0 * columns as u32, panel.1 * rows as u32 + 40),
+    )
+}
+
+/// `reliability-diagrams` (the paper's Figs. 11–14): one reliability diagram per row and model, its
+/// seeds' bins pooled (counts summed; accuracy and confidence averaged with the counts as
+/// weights), titled with the row's mean accuracy and ECE. A `+ TS` row shows the calibrated
+/// bins. Nothing when there is no evaluation, or when the evaluations' bins differ.
+fn reliability_grid(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<String>> {
+    let Some(pooled) = groups
+        .iter()
+        .map(pooled_bins)
+        .collect::<Option<Vec<Vec<Bin>>>>()
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(Vec::new());
+    };
+    let panels: Vec<Reliability> = groups
+        .iter()
+        .zip(&pooled)
+        .map(|(g, bins)| Reliability {
+            title: format!(
+                "{} / {}: {:.2}%, ECE {:.2}%",
+                g.method,
+                g.model,
+                100.0 * g.stat(|e| e.metrics.accuracy).0,
+                100.0 * g.stat(|e| e.metrics.ece).0
+            ),
+            bins,
+        })
+        .collect();
+    let (columns, size) = grid_shape(panels.len(), (420, 380));
+    let grid = figures::Grid {
+        title: format!("{title}: reliability diagrams (test split, seeds pooled)"),
+        panels,
+        columns,
+    };
+    figures::save(&grid, &ctx.dir, "reliability-diagrams", size)
+}
+
+/// The bins of a row's evaluations pooled; `None` when their bin edges differ.
+fn pooled_bins(g: &Group) -> Option<Vec<Bin>> {
+    let first = &g.evals.first()?.metrics.bins;
+    let same = |b: &[Bin]| {
+        b.len() == first.len()
+            && b.iter()
+                .zip(first)
+                .all(|(x, y)| (x.lo, x.hi) == (y.lo, y.hi))
+    };
+    if !g.evals.iter().all(|e| same(&e.metrics.bins)) {
+        return None;
+    }
+    Some(
+        (0..first.len())
+            .map(|i| {
+                let of = || g.evals.iter().map(|e| &e.metrics.bins[i]);
+                let count: usize = of().map(|b| b.count).sum();
+                let weighted = |f: fn(&Bin) -> f64| {
+                    let sum: f64 = of().map(|b| f(b) * b.count as f64).sum();
+                    if count == 0 {
+                        0.0
+                    } else {
+                        sum / count as f64
+                    }
+                };
+                Bin {
+                    lo: first[i].lo,
+                    hi: first[i].hi,
+                    count,
+                    accuracy: weighted(|b| b.accuracy),
+                    confidence: weighted(|b| b.confidence),
+                }
+            })
+            .collect(),
+    )
 }
 
 /// One line per row, for held-out accuracy (%), ECE (%) and NLL: the mean over the row's
@@ -775,6 +866,37 @@ mod tests {
         test_split[2].1.split = "test".into();
         test_split.pop();
         assert_eq!(curve_series(&groups, &test_split).unwrap().0, "held-out");
+    }
+
+    #[test]
+    fn reliability_bins_of_seeds_are_pooled_by_count() {
+        let labels = [0, 1];
+        let mut a = eval("vanilla", "resnet8", 0, &[0.9, 0.1, 0.2, 0.8], &labels);
+        let mut b = eval("vanilla", "resnet8", 1, &[0.9, 0.1, 0.2, 0.8], &labels);
+        let bin = |count, accuracy, confidence| Bin {
+            lo: 0.5,
+            hi: 1.0,
+            count,
+            accuracy,
+            confidence,
+        };
+        a.metrics.bins = vec![bin(2, 0.5, 0.625), bin(0, 0.0, 0.0)];
+        b.metrics.bins = vec![bin(6, 1.0, 0.75), bin(0, 0.0, 0.0)];
+        let groups = group(&[(a.clone(), Settings::new()), (b.clone(), Settings::new())]);
+        // Bin 0: 8 samples; accuracy (2·0.5 + 6·1)/8 = 0.875, confidence (1.25 + 4.5)/8.
+        let pooled = pooled_bins(&groups[0]).unwrap();
+        assert_eq!(pooled[0], bin(8, 0.875, 0.71875));
+        assert_eq!(pooled[1], bin(0, 0.0, 0.0));
+        b.metrics.bins[0].lo = 0.25;
+        let groups = group(&[(a, Settings::new()), (b, Settings::new())]);
+        assert!(pooled_bins(&groups[0]).is_none(), "different edges");
+    }
+
+    #[test]
+    fn grids_are_about_square_and_at_most_six_wide() {
+        assert_eq!(grid_shape(1, (10, 10)), (1, (10, 50)));
+        assert_eq!(grid_shape(5, (10, 10)), (3, (30, 60)));
+        assert_eq!(grid_shape(60, (10, 10)), (6, (60, 140)));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `supervision.json` and the `supervision` figure (the paper's Fig. 6): what a student with
 //! online teachers (`kd`, `wsl`, `on-ldl`, `on-en-ldl`, `on-mt-ldl`) is taught, on the first
 //! images of its first batch: the (mixed) hard label beside the teachers' distribution on the
-//! same augmented, mixed image. The loader redraws that batch from the seed, so the files are
-//! the same whether the run was interrupted or not; they cost one teacher pass of one batch.
+//! same augmented, mixed image, and the teachers' probability of the label's classes (Fig. 6's
+//! pairs). The loader redraws that batch from the seed, so the files are the same whether the
+//! run was interrupted or not; they cost one batch and one teacher pass over it.
 //! A replayed training has no teacher loaded and writes none.
 
 use super::trainer::Trainer;
@@ -11,6 +12,7 @@ use crate::replay_store::Output;
 use crate::science::figures::{self, ImageCell, ImageGrid};
 use crate::science::methods::Method;
 use candle_core::Tensor;
+use datasets::loader::Batch;
 use datasets::mix::MixRecord;
 use serde::Serialize;
 
@@ -28,13 +30,15 @@ struct Example {
     label: u32,
     /// The mixed hard label: (class, weight), heaviest first.
     mixed_label: Vec<(u32, f32)>,
+    /// The teachers' probability of each class of `mixed_label` (the paper's Fig. 6 pairs).
+    teachers_on_label: Vec<(u32, f32)>,
     /// The teachers' distribution on the mixed image (their mean, MC means with `teacher_mc`),
     /// its `TOP` largest entries: (class, probability).
     teachers: Vec<(u32, f32)>,
 }
 
 /// Image `i`'s hard label after mixing: its classes with their summed weights, heaviest first
-/// (ties: the lower class).
+/// (ties: the lower class); classes of weight 0 (a box that covers nothing) are left out.
 fn mixed_label(mix: &MixRecord, labels: &[u32], i: usize) -> Vec<(u32, f32)> {
     let mut mixed: Vec<(u32, f32)> = Vec::new();
     for (slot, weight) in mix.components(i) {
@@ -44,8 +48,18 @@ fn mixed_label(mix: &MixRecord, labels: &[u32], i: usize) -> Vec<(u32, f32)> {
             None => mixed.push((class, weight)),
         }
     }
+    mixed.retain(|m| m.1 > 0.0);
     mixed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     mixed
+}
+
+/// A class name cut to 18 characters, so that it fits its cell.
+fn short(name: &str) -> String {
+    if name.chars().count() <= 18 {
+        name.to_string()
+    } else {
+        format!("{}…", name.chars().take(17).collect::<String>())
+    }
 }
 
 /// The `n` largest entries of a distribution, largest first (ties: the lower class).
@@ -63,52 +77,50 @@ impl Trainer<'_> {
             self.p.method,
             Method::Kd | Method::Wsl | Method::OnLdl | Method::OnEnLdl | Method::OnMtLdl
         );
-        let teachers = &self.supervision.teachers;
-        if !online || teachers.is_empty() {
+        let run = self.p.method.teachers_run(self.supervision.teachers.len());
+        if !online || run == 0 {
             return Ok(Vec::new());
         }
-        let Some(batch) = self.loader.epoch(0, 0).next() else {
+        // Only the first batch: an open-ended epoch would set every worker building batches.
+        let Some(batch) = self.loader.epoch_range(0, 0..1).next() else {
             return Ok(Vec::new());
         };
-        let [c, h, w] = self.data.info.shape;
-        let n = batch.len();
-        let x = Tensor::from_slice(&batch.images[..n * c * h * w], (n, c, h, w), &self.device)?;
-        let mut mean: Option<Tensor> = None;
-        for t in 0..teachers.len() {
-            let p = self
-                .supervision
-                .teacher_output(t, &x, 0, &batch, Output::Probs)?;
-            mean = Some(match mean {
-                None => p,
-                Some(m) => (m + p)?,
-            });
-        }
-        let probs = (mean.expect("a teacher") / teachers.len() as f64)?.to_vec2::<f32>()?;
+        let probs = self.teachers_on(&batch, run)?;
         let classes = &self.data.info.classes;
-        let name = |(c, v): &(u32, f32)| format!("  {} {v:.2}", classes[*c as usize]);
-        let teacher = if teachers.len() == 1 {
-            "teacher".to_string()
-        } else {
-            format!("mean of {} teachers", teachers.len())
-        };
+        let class = |c: u32| short(&classes[c as usize]);
         let mut examples = Vec::new();
         let mut cells = Vec::new();
         for (i, row) in probs.iter().enumerate().take(SHOWN) {
             let mixed = mixed_label(&batch.mix, &batch.labels, i);
+            let on_label: Vec<(u32, f32)> =
+                mixed.iter().map(|m| (m.0, row[m.0 as usize])).collect();
             let top = largest(row, TOP);
-            let mut lines = vec!["label".to_string()];
-            lines.extend(mixed.iter().map(name));
-            lines.push(teacher.clone());
-            lines.extend(top.iter().map(name));
+            let mut lines = vec!["label (teacher)".to_string()];
+            lines.extend(
+                mixed
+                    .iter()
+                    .zip(&on_label)
+                    .map(|(m, t)| format!("  {} {:.2} ({:.2})", class(m.0), m.1, t.1)),
+            );
+            lines.push(if run == 1 {
+                "teacher's top 3".into()
+            } else {
+                format!("{run} teachers' mean, top 3")
+            });
+            lines.extend(top.iter().map(|t| format!("  {} {:.2}", class(t.0), t.1)));
             cells.push(ImageCell {
                 pixels: self.rgb(&batch.images, i),
-                size: (w as u32, h as u32),
+                size: (
+                    self.data.info.shape[2] as u32,
+                    self.data.info.shape[1] as u32,
+                ),
                 lines,
             });
             examples.push(Example {
                 index: batch.indices[i],
                 label: batch.labels[i],
                 mixed_label: mixed,
+                teachers_on_label: on_label,
                 teachers: top,
             });
         }
@@ -131,6 +143,25 @@ impl Trainer<'_> {
             (1200, 400),
         )?);
         Ok(out)
+    }
+
+    /// The mean distribution of the first `run` teachers on the batch's (first-view) images,
+    /// as the method computes it: softmax at temperature 1, or Monte-Carlo means.
+    fn teachers_on(&self, batch: &Batch, run: usize) -> Result<Vec<Vec<f32>>> {
+        let [c, h, w] = self.data.info.shape;
+        let n = batch.len();
+        let x = Tensor::from_slice(&batch.images[..n * c * h * w], (n, c, h, w), &self.device)?;
+        let mut sum: Option<Tensor> = None;
+        for t in 0..run {
+            let p = self
+                .supervision
+                .teacher_output(t, &x, 0, batch, Output::Probs)?;
+            sum = Some(match sum {
+                None => p,
+                Some(s) => (s + p)?,
+            });
+        }
+        Ok((sum.expect("a teacher") / run as f64)?.to_vec2::<f32>()?)
     }
 
     /// Image `i` of a batch's normalised CHW pixels as row-major RGB bytes (grey images are
@@ -180,6 +211,15 @@ mod tests {
             [(3, 0.625), (0, 0.25), (1, 0.125)]
         );
         assert_eq!(mixed_label(&MixRecord::None, &labels, 3), [(0, 1.0)]);
+        // A box that covers nothing: the partner's class has weight 0 and is left out.
+        let empty = MixRecord::Cutmix {
+            lambda: 1.0,
+            partner: vec![1, 0, 3, 2],
+            rect: Rect::default(),
+        };
+        assert_eq!(mixed_label(&empty, &labels, 0), [(3, 1.0)]);
+        assert_eq!(short("a_rather_long_class_name"), "a_rather_long_cla…");
+        assert_eq!(short("cat"), "cat");
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //!
 //! Outputs: `model.safetensors` (weights and BatchNorm statistics, PyTorch names), `model.json`
 //! (architecture, method, seed), `train_log.csv` (one row per epoch) and `class_loss.csv` (mean
-//! training loss per class per epoch); with online teachers, `supervision.json`/`.png` (what the
-//! first images were taught, `examples`). While training, the stage folder holds `checkpoints/` (see
-//! [`engine::checkpoint`]); the runner keeps it across a kill when the fingerprint is unchanged.
+//! training loss per class per epoch); with online teachers, `supervision.json`/`.png` (what
+//! the first images were taught, `examples`). While training, the stage folder holds
+//! `checkpoints/` (see [`engine::checkpoint`]); the runner keeps it across a kill when the
+//! fingerprint is unchanged.
 //!
 //! [`params`] holds the stage's keys, [`trainer`] the set-up and the loop, `state` what a
-//! checkpoint keeps, `outputs` what a finished run writes, `examples` the supervision examples, `head` SSKD's first phase (a frozen
-//! teacher's head trained in place of a student).
+//! checkpoint keeps, `outputs` what a finished run writes, `examples` the supervision examples,
+//! `head` SSKD's first phase (a frozen teacher's head trained in place of a student).
 
 mod examples;
 mod head;

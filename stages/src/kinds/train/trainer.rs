@@ -635,12 +635,8 @@ fn replay(ctx: &Context, p: &Params, data: &Dataset, k: usize) -> Result<Option<
     let name = &input.name;
     let meta = replay_store::read_meta(&input.dir)?;
     // kd, wsl and on-ldl run their first teacher only; the ensembles all of them.
-    let used = match p.method {
-        Method::OnEnLdl | Method::OnMtLdl => usize::MAX,
-        _ => 1,
-    };
     let mut teachers = ctx.teacher_refs();
-    teachers.truncate(used);
+    teachers.truncate(p.method.teachers_run(teachers.len()));
     meta.check(
         &input.dir,
         &Want {
