@@ -156,6 +156,14 @@ fn tiny_pipeline_produces_every_output() {
         Some(2),
         "{text}"
     );
+    // Labels and top classes are named by the evaluation's classes.
+    let classes: Vec<String> = serde_json::from_value(json["classes"].clone()).unwrap();
+    for line in first_rows.unwrap().trim().lines() {
+        let label = line.split_whitespace().nth(1).unwrap();
+        assert!(classes.iter().any(|c| c == label), "{label}: {text}");
+        let top = line.split_whitespace().nth(2).unwrap();
+        assert!(classes.iter().any(|c| c == top), "{top}: {text}");
+    }
     let o = pipeline(dir.path(), &["inspect", "tiny.toml"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(

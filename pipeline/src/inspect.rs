@@ -139,7 +139,7 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
         return replay_rows(path, reader, rows);
     }
     if is_predictions {
-        return prediction_rows(path, reader, rows);
+        return prediction_rows(path, reader, rows, &evaluation_classes(path));
     }
     if is_records {
         return record_rows(path, reader, rows);
@@ -310,9 +310,27 @@ fn record_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Re
     Ok(())
 }
 
+/// The class names of the evaluation beside `predictions` (its `metrics.json`); none when it is
+/// missing or unreadable (the rows then show class indices).
+fn evaluation_classes(predictions: &Path) -> Vec<String> {
+    let metrics = predictions.with_file_name("metrics.json");
+    std::fs::read(metrics)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| serde_json::from_value(v["classes"].clone()).ok())
+        .unwrap_or_default()
+}
+
 /// An evaluate stage's `predictions.parquet`: how many rows, their accuracy and mean confidence,
-/// and the first `rows` (index, label and the three most probable classes).
-fn prediction_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Result<()> {
+/// and the first `rows` (index, label and the three most probable classes, named by `classes`
+/// where known).
+fn prediction_rows(
+    path: &Path,
+    reader: ParquetRecordBatchReader,
+    rows: usize,
+    classes: &[String],
+) -> Result<()> {
+    let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| c.to_string());
     let (mut n, mut correct, mut confidence) = (0usize, 0usize, 0f64);
     let mut shown = Vec::new();
     for batch in reader {
@@ -348,10 +366,10 @@ fn prediction_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -
             if shown.len() < rows {
                 let pairs = p.into_iter().enumerate().collect();
                 shown.push(format!(
-                    "    {:>7} {:>5}   {}",
+                    "    {:>7} {:<14} {}",
                     index.value(r),
-                    label.value(r),
-                    top_three(pairs, |c| c.to_string())
+                    name(label.value(r) as usize),
+                    top_three(pairs, name)
                 ));
             }
         }
