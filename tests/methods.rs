@@ -96,43 +96,7 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         report.contains("| On-LDL (CutMix, MCDO-T, MCDO-S) | resnet8 |"),
         "{report}"
     );
-    // The report's page and figures, and each evaluation's.
-    for f in [
-        "index.html",
-        "table.md",
-        "table.csv",
-        "accuracy-vs-ece.png",
-        "accuracy-vs-ece.svg",
-        "f1-vs-confidence.png",
-        "vanilla-difference.png",
-        "vanilla-difference.svg",
-        "best-classes.png",
-        "best-classes.svg",
-        "reliability-diagrams.png",
-        "reliability-diagrams.svg",
-    ] {
-        assert!(out.join("report").join(f).exists(), "report/{f}");
-    }
-    let index = std::fs::read_to_string(out.join("report/index.html")).unwrap();
-    assert!(
-        index.contains("<img src=\"../eval.method=kd/reliability.svg\""),
-        "{index}"
-    );
-    for f in [
-        "predictions.parquet",
-        "class_metrics.csv",
-        "reliability.png",
-        "reliability.svg",
-        "reliability-ts.png",
-        "confidence.svg",
-        "class-loss.png",
-        "projection.svg",
-        "projection.csv",
-        "best-class.png",
-        "best_class.json",
-    ] {
-        assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
-    }
+    check_figures(&out);
     best_class_agrees_with_the_predictions(&out.join("eval.method=ls"));
     check_supervision_examples(&out);
     // The OGR cells measured per-class losses every epoch.
@@ -176,6 +140,46 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "{}",
         stdout(&st)
     );
+}
+
+/// The report's page and figures, and each evaluation's.
+fn check_figures(out: &Path) {
+    for f in [
+        "index.html",
+        "table.md",
+        "table.csv",
+        "accuracy-vs-ece.png",
+        "accuracy-vs-ece.svg",
+        "f1-vs-confidence.png",
+        "vanilla-difference.png",
+        "vanilla-difference.svg",
+        "best-classes.png",
+        "best-classes.svg",
+        "reliability-diagrams.png",
+        "reliability-diagrams.svg",
+    ] {
+        assert!(out.join("report").join(f).exists(), "report/{f}");
+    }
+    let index = std::fs::read_to_string(out.join("report/index.html")).unwrap();
+    assert!(
+        index.contains("<img src=\"../eval.method=kd/reliability.svg\""),
+        "{index}"
+    );
+    for f in [
+        "predictions.parquet",
+        "class_metrics.csv",
+        "reliability.png",
+        "reliability.svg",
+        "reliability-ts.png",
+        "confidence.svg",
+        "class-loss.png",
+        "projection.svg",
+        "projection.csv",
+        "best-class.png",
+        "best_class.json",
+    ] {
+        assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
+    }
 }
 
 /// Students taught by teachers on their batches show what the first images were taught: the
