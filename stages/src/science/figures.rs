@@ -2,7 +2,7 @@
 //! reliability diagram and confidence histogram of a model (the paper's Figs. 11–14), its
 //! per-class training-loss curves (Fig. 8) and penultimate-layer projection (Fig. 7), and the
 //! report's accuracy-against-ECE scatter (Fig. 10), per-class F1 against confidence (Fig. 4) and
-//! the difference from Vanilla against the student's size (Fig. 3, as [`Panels`] of plots),
+//! the difference from Vanilla against the student's size (Fig. 3, as a [`Grid`] of plots),
 //! a model's mean output over the images of its best class ([`ClassBars`], Fig. 5), and training
 //! images with the labels they were taught ([`ImageGrid`], PNG only, Fig. 6).
 //!
@@ -288,28 +288,6 @@ pub struct Plot {
     pub square: bool,
 }
 
-/// Plots side by side under one title.
-pub struct Panels {
-    /// Title over all panels.
-    pub title: String,
-    /// The plots, left to right.
-    pub panels: Vec<Plot>,
-}
-
-impl Figure for Panels {
-    fn draw<DB: DrawingBackend>(
-        &self,
-        root: &DrawingArea<DB, Shift>,
-    ) -> std::result::Result<(), String> {
-        let body = root.titled(&self.title, (SANS, 18)).map_err(err)?;
-        let areas = body.split_evenly((1, self.panels.len().max(1)));
-        for (plot, area) in self.panels.iter().zip(&areas) {
-            plot.draw(area)?;
-        }
-        Ok(())
-    }
-}
-
 /// Horizontal bars of labelled values in [0, 1], the first at the top, each bar's label and value
 /// written beside it: a model's mean output distribution over the images of one class (the
 /// paper's Fig. 5).
@@ -467,6 +445,18 @@ pub struct Grid<F> {
     pub columns: usize,
 }
 
+impl<F> Grid<F> {
+    /// `panels` side by side, in one row.
+    pub fn row(title: String, panels: Vec<F>) -> Self {
+        let columns = panels.len();
+        Grid {
+            title,
+            panels,
+            columns,
+        }
+    }
+}
+
 impl<F: Figure> Figure for Grid<F> {
     fn draw<DB: DrawingBackend>(
         &self,
@@ -493,7 +483,7 @@ pub fn curve_panels(
     ece: Vec<Series>,
     nll: Vec<Series>,
     with_loss: bool,
-) -> Panels {
+) -> Grid<Plot> {
     let plot = |what: &str, y: &str, series: Vec<Series>| Plot {
         title: format!("{what} by epoch"),
         x: "epoch".into(),
@@ -502,9 +492,9 @@ pub fn curve_panels(
         lines: true,
         square: false,
     };
-    Panels {
+    Grid::row(
         title,
-        panels: vec![
+        vec![
             plot("accuracy", "accuracy (%)", accuracy),
             plot(&format!("{split} ECE"), "ECE (%)", ece),
             if with_loss {
@@ -513,7 +503,7 @@ pub fn curve_panels(
                 plot(&format!("{split} NLL"), "NLL (nats)", nll)
             },
         ],
-    }
+    )
 }
 
 fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {

@@ -343,6 +343,22 @@ impl Supervision {
         Ok((sum / self.p.teacher_mc as f64)?.detach())
     }
 
+    /// The mean of the first `n` (≥ 1) teachers' distributions on the batch's images
+    /// (`on-en-ldl`'s target; see `teacher_probs`).
+    pub fn mean_teacher_probs(
+        &self,
+        n: usize,
+        x: &Tensor,
+        epoch: usize,
+        batch: &Batch,
+    ) -> Result<Tensor> {
+        let mut sum = self.teacher_probs(0, x, epoch, batch)?;
+        for t in 1..n {
+            sum = (sum + self.teacher_probs(t, x, epoch, batch)?)?;
+        }
+        Ok((sum / n as f64)?)
+    }
+
     /// CE + β·CRD, plus α·τ²·KL(teacher ‖ student) for `crd-kd` (RepDistiller's
     /// `gamma·loss_cls + alpha·loss_div + beta·loss_kd`).
     fn crd_loss(
@@ -481,12 +497,7 @@ impl Supervision {
                 soft_cross_entropy_per_sample(logits, &z)?
             }
             Method::OnEnLdl => {
-                let n = self.teacher_count();
-                let mut sum = self.teacher_probs(0, x, epoch, batch)?;
-                for t in 1..n {
-                    sum = (sum + self.teacher_probs(t, x, epoch, batch)?)?;
-                }
-                let z = (sum / n as f64)?;
+                let z = self.mean_teacher_probs(self.teacher_count(), x, epoch, batch)?;
                 soft_cross_entropy_per_sample(logits, &z)?
             }
             Method::OnMtLdl => {

@@ -458,13 +458,30 @@ fn best_classes(
     if panels.is_empty() {
         return Ok(Vec::new());
     }
-    let (columns, size) = grid_shape(panels.len(), (460, 360));
+    save_grid(
+        ctx,
+        format!("{title}: mean output on each model's best class by test F1"),
+        panels,
+        (460, 360),
+        "best-classes",
+    )
+}
+
+/// Saves `panels` of `panel` pixels each as figure `stem`, in a grid of [`grid_shape`].
+fn save_grid<F: figures::Figure>(
+    ctx: &Context,
+    title: String,
+    panels: Vec<F>,
+    panel: (u32, u32),
+    stem: &str,
+) -> Result<Vec<String>> {
+    let (columns, size) = grid_shape(panels.len(), panel);
     let grid = figures::Grid {
-        title: format!("{title}: mean output on each model's best class by test F1"),
+        title,
         panels,
         columns,
     };
-    figures::save(&grid, &ctx.dir, "best-classes", size)
+    figures::save(&grid, &ctx.dir, stem, size)
 }
 
 /// Columns and pixel size of a grid of `n` panels of `panel` pixels: about square, at most 6
@@ -507,13 +524,13 @@ fn reliability_grid(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<
             bins,
         })
         .collect();
-    let (columns, size) = grid_shape(panels.len(), (420, 380));
-    let grid = figures::Grid {
-        title: format!("{title}: reliability diagrams (test split, seeds pooled)"),
+    save_grid(
+        ctx,
+        format!("{title}: reliability diagrams (test split, seeds pooled)"),
         panels,
-        columns,
-    };
-    figures::save(&grid, &ctx.dir, "reliability-diagrams", size)
+        (420, 380),
+        "reliability-diagrams",
+    )
 }
 
 /// The bins of a row's evaluations pooled; `None` when their bin edges differ.
@@ -638,7 +655,7 @@ fn vanilla_of<'a>(groups: &'a [Group], model: &str) -> Option<&'a Group> {
 /// The paper's Fig. 3: per row (method), the difference of its mean accuracy and mean ECE from
 /// the Vanilla row's ([`vanilla_of`]) on the same model, against that model's parameter count;
 /// models without a Vanilla row (or without a recorded parameter count) are left out.
-fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Panels {
+fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Grid<Plot> {
     let mut acc: Vec<Series> = Vec::new();
     let mut ece: Vec<Series> = Vec::new();
     for g in groups {
@@ -677,10 +694,10 @@ fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Panels {
         lines: true,
         square: false,
     };
-    figures::Panels {
-        title: format!("{title}: difference from Vanilla by student size"),
-        panels: vec![plot("accuracy", acc), plot("ECE", ece)],
-    }
+    figures::Grid::row(
+        format!("{title}: difference from Vanilla by student size"),
+        vec![plot("accuracy", acc), plot("ECE", ece)],
+    )
 }
 
 /// The row label of evaluation `e` as trained (not its `+ TS` row).

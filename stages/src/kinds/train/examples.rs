@@ -8,7 +8,6 @@
 
 use super::trainer::Trainer;
 use crate::error::Result;
-use crate::replay_store::Output;
 use crate::science::figures::{self, ImageCell, ImageGrid};
 use crate::science::methods::Method;
 use candle_core::Tensor;
@@ -151,17 +150,8 @@ impl Trainer<'_> {
         let [c, h, w] = self.data.info.shape;
         let n = batch.len();
         let x = Tensor::from_slice(&batch.images[..n * c * h * w], (n, c, h, w), &self.device)?;
-        let mut sum: Option<Tensor> = None;
-        for t in 0..run {
-            let p = self
-                .supervision
-                .teacher_output(t, &x, 0, batch, Output::Probs)?;
-            sum = Some(match sum {
-                None => p,
-                Some(s) => (s + p)?,
-            });
-        }
-        Ok((sum.expect("a teacher") / run as f64)?.to_vec2::<f32>()?)
+        let mean = self.supervision.mean_teacher_probs(run, &x, 0, batch)?;
+        Ok(mean.to_vec2::<f32>()?)
     }
 
     /// Image `i` of a batch's normalised CHW pixels as row-major RGB bytes (grey images are
