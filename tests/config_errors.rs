@@ -437,10 +437,11 @@ fn matrix_cells_that_are_the_same_run() {
     let e = fails(&format!(
         "{HEAD}{STUDENT}model = \"resnet8\"\nmatrix = {{ lr = [0.1, 0.05, 1e-1] }}\n"
     ));
+    // At the repeated value: `1e-1`, the third of `lr`.
     assert_at(
         &e,
-        9,
-        1,
+        15,
+        29,
         &[
             "cells `s.lr=0.1` and `s.lr=1e-1` are the same run",
             "`lr = 0.1` and `1e-1`",
@@ -451,10 +452,11 @@ fn matrix_cells_that_are_the_same_run() {
         "{HEAD}\n[[stage]]\nname = \"s\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\n\
          matrix = {{ method = [\"ls\", \"vanilla\"], ls_alpha = [0.1, 0.2] }}\n"
     ));
+    // At the value that makes the second cell: `ls_alpha`'s `0.2`.
     assert_at(
         &e,
-        9,
-        1,
+        14,
+        57,
         &["cells `s.ls_alpha=0.1.method=vanilla` and `s.ls_alpha=0.2.method=vanilla` are the same run"],
     );
 }

@@ -595,8 +595,9 @@ struct Expansion {
     grid_keys: HashMap<String, Vec<String>>,
     /// Each stage's resolved parameters, as JSON, by name.
     resolved: HashMap<String, serde_json::Value>,
-    /// The name segments (`key`, `value`) of each cell made by a `matrix`.
-    segments: HashMap<String, Vec<(String, String)>>,
+    /// The name segments (`key`, `value`) of each cell made by a `matrix`, with the span of
+    /// the value in the file.
+    segments: HashMap<String, Vec<(String, String, Range<usize>)>>,
 }
 
 impl Expansion {
@@ -632,7 +633,9 @@ impl Expansion {
                     serde_json::to_value(&params).expect("parameters serialise"),
                 );
                 if follow.is_none() && tpl.cells.is_some() {
-                    let segs = cell.iter().map(|c| (c.key.clone(), c.segment.clone()));
+                    let segs = cell
+                        .iter()
+                        .map(|c| (c.key.clone(), c.segment.clone(), c.value.span()));
                     self.segments.insert(stage_name.clone(), segs.collect());
                 }
                 cell_names.push(stage_name.clone());
@@ -688,14 +691,17 @@ impl Expansion {
             };
             let segments = |i: usize| self.segments.get(&cells[i]).cloned().unwrap_or_default();
             let (sa, sb) = (segments(a), segments(b));
-            let differ: Vec<String> = sa
+            let differing: Vec<_> = sa.iter().zip(&sb).filter(|(x, y)| x.1 != y.1).collect();
+            let differ: Vec<String> = differing
                 .iter()
-                .zip(&sb)
-                .filter(|(x, y)| x.1 != y.1)
                 .map(|(x, y)| format!("`{} = {}` and `{}`", x.0, x.1, y.1))
                 .collect();
+            // The second cell's first value that differs is where the repetition is written.
+            let span = differing
+                .first()
+                .map_or(tpl.span.clone(), |(_, y)| y.2.clone());
             return Err(loc.at(
-                tpl.span.clone(),
+                span,
                 format!(
                     "stage `{}`: cells `{}` and `{}` are the same run: {} resolve to the same \
                      parameters (equal values, or a key their method does not use, reset to its \
@@ -774,8 +780,8 @@ impl Expansion {
                 let suffix: String = match self.segments.get(c) {
                     Some(segs) => segs
                         .iter()
-                        .filter(|(k, _)| !shared.contains(&k))
-                        .map(|(k, v)| format!(".{k}={v}"))
+                        .filter(|(k, _, _)| !shared.contains(&k))
+                        .map(|(k, v, _)| format!(".{k}={v}"))
                         .collect(),
                     None => c.strip_prefix(grid.as_str()).unwrap_or(c).to_string(),
                 };
