@@ -137,10 +137,13 @@ impl StageParams {
     /// The version of what a stage of this kind (with these parameters) writes. The runner
     /// fingerprints it when above 1, so that a change of what a kind computes reruns exactly
     /// the stages it affects: evaluate 2 (`brier_top_label`, `parameters`), report 2 (rows by
-    /// run), train 2 for the OGR methods (bounded OGR weights).
+    /// run), train 2 for the OGR methods (bounded OGR weights); evaluate 3 (`best_class.json`,
+    /// `curve.csv` and their figures) and report 3 (`training-curves`, `best-classes`,
+    /// `reliability-diagrams`), so a finished grid gets them at its next run, at the cost of
+    /// its evaluations (not its trainings).
     pub fn output_version(&self) -> u32 {
         match self {
-            StageParams::Evaluate(_) | StageParams::Report(_) => 2,
+            StageParams::Evaluate(_) | StageParams::Report(_) => 3,
             StageParams::Train(p) if p.method.uses_ogr() => 2,
             _ => 1,
         }
