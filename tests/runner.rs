@@ -36,6 +36,54 @@ fn runs_in_dependency_order_whatever_the_file_order() {
     assert_eq!(e["inputs"]["data"], d["fingerprint"]);
 }
 
+/// An evaluation finished by a program whose evaluate stages wrote less (an older output
+/// version: same parameters and inputs, another fingerprint, no `best_class.json`) is stale,
+/// says why, and reruns alone, writing what this program writes.
+#[test]
+fn an_evaluation_of_an_older_output_version_reruns_alone() {
+    let dir = scratch();
+    let cfg = "[run]\noutput = \"out\"\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n\n\
+        [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model\"]\n";
+    write(dir.path(), "p.toml", cfg);
+    assert!(pipeline(dir.path(), &["run", "p.toml"]).status.success());
+    let eval = dir.path().join("out/eval");
+    let edit_record = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut r = record(&dir.path().join("out"), "eval");
+        f(&mut r);
+        std::fs::write(eval.join("stage.json"), r.to_string()).unwrap();
+    };
+    edit_record(&|r| {
+        r["fingerprint"] = "0".repeat(64).into();
+        let outputs = r["outputs"].as_array_mut().unwrap();
+        outputs.retain(|o| o["path"] != "best_class.json");
+    });
+    std::fs::remove_file(eval.join("best_class.json")).unwrap();
+    let line = |name: &str| {
+        let st = stdout(&pipeline(dir.path(), &["status", "p.toml"]));
+        let found = st.lines().find(|l| l.starts_with(name)).map(str::to_owned);
+        found.unwrap_or_else(|| panic!("{st}"))
+    };
+    assert!(line("model").ends_with("up to date"), "{}", line("model"));
+    assert!(
+        line("eval").contains(
+            "stale: this program computes or writes the outputs of a stage of kind `evaluate` differently"
+        ),
+        "{}",
+        line("eval")
+    );
+    edit_record(&|r| r["format_version"] = 0.into());
+    assert!(
+        line("eval").contains("stale: format version changed (0 → 1)"),
+        "{}",
+        line("eval")
+    );
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert_eq!(ran(&o), ["eval"], "{}", stderr(&o));
+    assert!(eval.join("best_class.json").exists());
+}
+
 #[test]
 fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     let dir = scratch();

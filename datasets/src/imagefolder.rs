@@ -127,9 +127,9 @@ pub fn load(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
     } else {
         image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle)
     };
-    // torchvision's CenterCrop rounds the offset of the centred window.
-    let top = ((nh - size) as f64 / 2.0).round() as usize;
-    let left = ((nw - size) as f64 / 2.0).round() as usize;
+    // torchvision's CenterCrop: `int(round((h - size) / 2.0))`, Python's round, halves to even.
+    let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
     let plane = size * size;
     for y in 0..size {
         for x in 0..size {
@@ -366,6 +366,28 @@ mod tests {
         assert!(out[..4].iter().all(|p| *p < 40), "{out:?}");
         assert!(out[4..8].iter().all(|p| *p > 215), "{out:?}");
         assert!(out[8..].iter().all(|p| *p < 40), "{out:?}");
+    }
+
+    /// The crop offset is Python's `round`, halves to even, as torchvision's `CenterCrop`:
+    /// `int(round((9 - 4) / 2.0)) == 2` and `int(round((11 - 4) / 2.0)) == 4`, so a 9 × 4
+    /// image keeps columns 2..6 (not 3..7) and an 11 × 4 image columns 4..8.
+    #[test]
+    fn the_centre_crop_rounds_half_offsets_to_even() {
+        let dir = tempfile::tempdir().unwrap();
+        for (width, first) in [(9u32, 2u8), (11, 4), (10, 3)] {
+            // Already 4 high: no resize, each pixel holds its column.
+            let img = RgbImage::from_fn(width, 4, |x, y| Rgb([x as u8, y as u8, 0]));
+            let path = dir.path().join(format!("w{width}.png"));
+            img.save(&path).unwrap();
+            let mut out = vec![0u8; 3 * 16];
+            load(&path, 4, &mut out).unwrap();
+            let columns: Vec<u8> = out[..4].to_vec();
+            assert_eq!(columns, [first, first + 1, first + 2, first + 3], "{width}");
+            assert_eq!(
+                out[16..32].iter().step_by(4).copied().collect::<Vec<_>>(),
+                [0, 1, 2, 3]
+            );
+        }
     }
 
     #[test]

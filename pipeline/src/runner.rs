@@ -250,8 +250,23 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
                 why.push(format!("upstream `{n}` changed"));
             }
         }
+        if why.is_empty() && record.format_version != FORMAT_VERSION {
+            why.push(format!(
+                "format version changed ({} → {FORMAT_VERSION})",
+                record.format_version
+            ));
+        }
+        if why.is_empty() && s.params.kind() == stages::Kind::Report {
+            why.push(
+                "its rows' `label`s changed, or this program draws reports differently".into(),
+            );
+        }
         if why.is_empty() {
-            why.push("format version or program changed".into());
+            why.push(format!(
+                "this program computes or writes the outputs of a stage of kind `{}` differently from \
+                 the one that ran it (its output version changed)",
+                record.kind
+            ));
         }
         return StageState::Stale(why.join("; "));
     }

@@ -140,10 +140,12 @@ impl StageParams {
     /// run), train 2 for the OGR methods (bounded OGR weights); evaluate 3 (`best_class.json`,
     /// `curve.csv` and their figures) and report 3 (`training-curves`, `best-classes`,
     /// `reliability-diagrams`), so a finished grid gets them at its next run, at the cost of
-    /// its evaluations (not its trainings).
+    /// its evaluations (not its trainings); prepare 2 for ImageFolder trees (centre crops
+    /// offset as torchvision's, halves rounded to even).
     pub fn output_version(&self) -> u32 {
         match self {
             StageParams::Evaluate(_) | StageParams::Report(_) => 3,
+            StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
             StageParams::Train(p) if p.method.uses_ogr() => 2,
             _ => 1,
         }
