@@ -7,6 +7,7 @@ use crate::context::{Context, Settings};
 use crate::error::Result;
 use crate::kinds::{evaluate, import, label, prepare, replay, report, train};
 use crate::params::{ParamDefaults, RangeError};
+use crate::science::methods::Method;
 use serde::Serialize;
 
 /// Flattens `value` into `out` under `prefix`: objects by key (joined with `.`), anything else
@@ -137,7 +138,8 @@ impl StageParams {
     /// The version of what a stage of this kind (with these parameters) writes. The runner
     /// fingerprints it when above 1, so that a change of what a kind computes reruns exactly
     /// the stages it affects: evaluate 2 (`brier_top_label`, `parameters`), report 2 (rows by
-    /// run), train 2 for the OGR methods (bounded OGR weights); evaluate 3 (`best_class.json`,
+    /// run), train 2 for the OGR methods (bounded OGR weights) and for `wsl` (defaults α = 2.25,
+    /// τ = 4, WSL's CIFAR-100 settings, were 2.5 and 2); evaluate 3 (`best_class.json`,
     /// `curve.csv` and their figures) and report 3 (`training-curves`, `best-classes`,
     /// `reliability-diagrams`), so a finished grid gets them at its next run, at the cost of
     /// its evaluations (not its trainings); prepare 2 for ImageFolder trees (centre crops
@@ -146,7 +148,7 @@ impl StageParams {
         match self {
             StageParams::Evaluate(_) | StageParams::Report(_) => 3,
             StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
-            StageParams::Train(p) if p.method.uses_ogr() => 2,
+            StageParams::Train(p) if p.method.uses_ogr() || p.method == Method::Wsl => 2,
             _ => 1,
         }
     }
@@ -156,11 +158,19 @@ impl StageParams {
     /// dataset, `labels.` for a label store, `teacher.`, `teacher2.` … for the models a
     /// training or labelling reads, `model.` for the model an evaluation reads). Keys are
     /// flattened JSON paths (`schedule.milestones`, `mix.p`), values JSON text (strings
-    /// unquoted); seeds and operational keys are left out, `label` kept. A report keeps runs with different
-    /// settings in different rows.
+    /// unquoted); seeds and operational keys are left out, `label` kept, an evaluation's
+    /// Monte-Carlo dropout seed kept as `mc_seed`. A report keeps runs with different settings
+    /// in different rows.
     pub fn settings(&self, params: &serde_json::Value, inputs: &[(Kind, &Settings)]) -> Settings {
         let mut out = Settings::new();
         flatten("", params, &mut out);
+        // An evaluation's own seed draws Monte-Carlo dropout masks, not a run: two of one model
+        // with other masks are two rows, not two seeds of one.
+        if let StageParams::Evaluate(e) = self {
+            if let (true, Some(seed)) = (e.mc_samples > 0, e.seed) {
+                out.insert("mc_seed".into(), seed.to_string());
+            }
+        }
         let own = self.kind();
         let mut seen: Vec<&str> = Vec::new();
         for (kind, settings) in inputs {
@@ -251,5 +261,37 @@ impl StageParams {
             StageParams::Evaluate(p) => evaluate::run(ctx, p),
             StageParams::Report(p) => report::run(ctx, p),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings_of(p: StageParams) -> Settings {
+        let json = serde_json::to_value(&p).unwrap();
+        p.settings(&json, &[])
+    }
+
+    /// Seeds are left out of what tells runs apart, except the Monte-Carlo dropout seed of an
+    /// evaluation that draws masks with it.
+    #[test]
+    fn only_an_evaluations_mask_seed_tells_runs_apart() {
+        let mc = |mc_samples, seed| {
+            settings_of(StageParams::Evaluate(evaluate::Params {
+                mc_samples,
+                seed,
+                ..Default::default()
+            }))
+        };
+        let drawn = mc(8, Some(3));
+        assert_eq!(drawn.get("mc_seed").map(String::as_str), Some("3"));
+        assert_eq!(drawn.get("mc_samples").map(String::as_str), Some("8"));
+        assert!(!drawn.contains_key("seed"));
+        // No masks drawn, or the default seed (the model's): nothing to tell apart.
+        assert!(!mc(0, Some(3)).contains_key("mc_seed"));
+        assert!(!mc(8, None).contains_key("mc_seed"));
+        assert_ne!(mc(8, Some(3)), mc(8, Some(4)));
+        assert_eq!(mc(0, Some(3)), mc(0, Some(4)));
     }
 }

@@ -74,8 +74,8 @@ pub enum KdReduction {
     /// PyTorch `KLDivLoss(reduction="batchmean")`).
     #[default]
     Batchmean,
-    /// Averaged over classes and batch (PyTorch `KLDivLoss()`'s default `"mean"`, which the
-    /// paper's code used): K times weaker.
+    /// Averaged over classes and batch (PyTorch `KLDivLoss()`'s default `"mean"`, reportedly
+    /// what the paper's code used): K times weaker.
     Mean,
 }
 

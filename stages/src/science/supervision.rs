@@ -25,7 +25,9 @@ use engine::losses::{
 };
 use engine::models::Model;
 
-/// A method and its settings (the method keys of a train stage); the defaults are the paper's.
+/// A method and its settings (the method keys of a train stage). The defaults are the paper's
+/// where it gives them (LS α, KD λ and τ) and otherwise the methods' own papers' CIFAR-100
+/// settings (WSL, CRD, SSKD).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SupervisionConfig {
     /// The method.
@@ -77,8 +79,9 @@ impl Default for SupervisionConfig {
             kd_tau: 3.0,
             kd_reduction: KdReduction::default(),
             kd_tau_squared: true,
-            wsl_alpha: 2.5,
-            wsl_tau: 2.0,
+            // WSL's CIFAR-100 settings (its §5; the paper's WSL rows are CIFAR-100).
+            wsl_alpha: 2.25,
+            wsl_tau: 4.0,
             mt_reduction: TeacherReduction::default(),
             teacher_mc: 0,
             ogr_alpha: 0.1,

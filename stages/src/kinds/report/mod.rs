@@ -4,7 +4,8 @@
 //! - `table.md` / `table.csv`: one row per method, one column per model, cells
 //!   "accuracy ± std / ECE" over seeds (the paper's Tables 1–3);
 //! - `report.md` / `report.csv`: the long table, one row per (method, model), every metric as
-//!   mean ± std (the supplement's Table 7), with the paper table above it in report.md;
+//!   mean ± std (the supplement's Table 7), with the paper table above it in report.md; the
+//!   CSV's columns are metrics.json's names and units (fractions), the Markdown's are in %;
 //! - figures (PNG and SVG): `accuracy-vs-ece` (every model, Fig. 10) and `f1-vs-confidence`
 //!   (per class, Fig. 4);
 //! - `index.html`: one static page with the tables, these figures and every evaluated model's
@@ -162,8 +163,10 @@ pub fn long_table(groups: &[Group]) -> (String, String) {
         let mut cells = Vec::new();
         let mut values = Vec::new();
         for (_, f, scale, digits) in shown {
-            let (mean, std) = g.stat(|e| f(e) * scale);
-            cells.push(format!("{mean:.digits$} ± {std:.digits$}"));
+            // The CSV in metrics.json's units (fractions), the Markdown in %.
+            let (mean, std) = g.stat(f);
+            let (shown_mean, shown_std) = (mean * scale, std * scale);
+            cells.push(format!("{shown_mean:.digits$} ± {shown_std:.digits$}"));
             values.push(format!("{mean:.6},{std:.6}"));
         }
         md.push_str(&format!(
@@ -243,7 +246,18 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     }
     let groups = group(&evals);
     let title = p.title.clone().unwrap_or_else(|| ctx.name.clone());
-    let bins = evals.first().map_or(10, |(e, _)| e.metrics.bins.len());
+    // Evaluations with other bin counts are other rows (`bins` is a setting); name them all.
+    let mut counts: Vec<usize> = evals.iter().map(|(e, _)| e.metrics.bins.len()).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let bins = match counts.as_slice() {
+        [] => "10".to_string(),
+        [one] => one.to_string(),
+        many => {
+            let all: Vec<String> = many.iter().map(|n| n.to_string()).collect();
+            format!("{} (by row)", all.join(" or "))
+        }
+    };
     let (paper_md, paper_csv) = paper_table(&groups);
     let (long_md, long_csv) = long_table(&groups);
     let seeds = usual_seeds(&groups);
@@ -974,7 +988,9 @@ mod tests {
             .position(|h| *h == "brier_top_label_mean")
             .unwrap();
         let row: Vec<&str> = long_csv.lines().nth(1).unwrap().split(',').collect();
-        assert_eq!(row[3..5], ["87.500000", "17.677670"]);
+        // In metrics.json's units, as its column names say: accuracy 1 and 0.75 over two seeds,
+        // sample std 0.125·√2.
+        assert_eq!(row[3..5], ["0.875000", "0.176777"]);
         assert_eq!((row[brier], row[top]), ("0.220000", "0.110000"));
     }
 }

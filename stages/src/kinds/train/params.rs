@@ -44,8 +44,8 @@ pub struct Params {
     pub kd_lambda: f64,
     /// `kd`: temperature τ.
     pub kd_tau: f64,
-    /// `kd`: `"batchmean"` (KL summed over classes) or `"mean"` (averaged over classes, as the
-    /// paper's code did).
+    /// `kd`: `"batchmean"` (KL summed over classes) or `"mean"` (averaged over classes, as
+    /// PyTorch's `KLDivLoss()` default; reportedly the paper's code).
     pub kd_reduction: engine::losses::KdReduction,
     /// `kd`: multiply the KL term by τ² (Hinton et al.; RepDistiller), or not (`false`: the
     /// paper's §3.1 formula as printed).
