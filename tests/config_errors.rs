@@ -282,6 +282,17 @@ fn out_of_range_values() {
             "`milestones` must increase, found [20, 10]",
         ],
     );
+    let e = fails(&train(
+        "schedule = { type = \"multi-step\", milestones = [10, 20], gamma = 0.0 }",
+    ));
+    assert_at(
+        &e,
+        14,
+        1,
+        &["key `schedule`", "`gamma` must be a number > 0, found 0"],
+    );
+    let e = fails(&train("nesterov = true\nmomentum = 0.0"));
+    assert_at(&e, 14, 1, &["key `nesterov`", "needs `momentum` > 0"]);
     // A key of another schedule (cosine has no `gamma`) is refused at its table.
     let e = fails(&train("schedule = { type = \"cosine\", gamma = 0.1 }"));
     assert_at(

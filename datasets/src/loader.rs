@@ -289,7 +289,20 @@ impl Iterator for EpochIter {
             return None;
         }
         let w = (self.next - self.start) % self.receivers.len();
-        let batch = self.receivers[w].recv().ok()?;
+        let Ok(batch) = self.receivers[w].recv() else {
+            // A worker sends every batch it owns before it returns, so a closed channel means
+            // it panicked: pass its panic on, or the epoch would end short, as if complete.
+            self.receivers.clear();
+            for h in self.handles.drain(..) {
+                if let Err(panic) = h.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+            panic!(
+                "loader worker {w} stopped before batch {} of {}",
+                self.next, self.total
+            );
+        };
         debug_assert_eq!(batch.index, self.next);
         self.next += 1;
         Some(batch)
@@ -352,6 +365,29 @@ mod tests {
             it.recycle(b);
         }
         out
+    }
+
+    /// A worker that panics (here on a mixing parameter no stage would pass) fails the epoch
+    /// with its panic; the epoch does not end early as if it were complete.
+    #[test]
+    fn a_panicking_worker_fails_the_epoch() {
+        let loader = Loader::new(
+            store(),
+            LoaderConfig {
+                mix: Mix::Mixup { alpha: -1.0 },
+                ..config(2)
+            },
+        );
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            collect(&loader, 0, 0).len()
+        }));
+        let panic = run.expect_err("the epoch ended as if complete");
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        assert!(message.contains("validated beta parameter"), "{message}");
     }
 
     /// Without crops, view r of an image is view 0 rotated r·90° counter-clockwise, and view 0

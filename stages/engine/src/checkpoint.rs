@@ -3,7 +3,7 @@
 //!
 //! Layout, inside the stage's (partial) folder: `checkpoints/step-<global step, 10 digits>/` holding
 //! `model.safetensors`, `optimizer.safetensors`, `state.json` and, for a method with state of its
-//! own besides the model (CRD's heads and memory banks), `extra.safetensors`. A checkpoint is written into
+//! own besides the model (CRD's heads and memory banks, SSKD's heads), `extra.safetensors`. A checkpoint is written into
 //! `checkpoints/.tmp-step-N/`, its files and the folder fsynced, then renamed into place, so a
 //! folder named `step-*` is always complete. After a new one lands, all but the newest `keep` are
 //! removed. Nothing else is stateful: every random draw of training derives from (seed, epoch,

@@ -414,13 +414,26 @@ impl Params {
                 ),
             ));
         }
-        if let Schedule::MultiStep { milestones, .. } = &self.schedule {
+        if let Schedule::MultiStep { milestones, gamma } = &self.schedule {
             if milestones.windows(2).any(|w| w[0] >= w[1]) {
                 return Err((
                     "schedule",
                     format!("`milestones` must increase, found {milestones:?}"),
                 ));
             }
+            if !(gamma.is_finite() && *gamma > 0.0) {
+                return Err((
+                    "schedule",
+                    format!("`gamma` must be a number > 0, found {gamma}"),
+                ));
+            }
+        }
+        if self.nesterov && self.momentum == 0.0 {
+            return Err((
+                "nesterov",
+                "needs `momentum` > 0 (with none it would be plain SGD; PyTorch refuses it too)"
+                    .into(),
+            ));
         }
         self.mix
             .validate()
