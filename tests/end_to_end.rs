@@ -358,6 +358,48 @@ fn a_top_k_store_feeds_a_student() {
     );
 }
 
+/// A label stage refuses, before labelling, a `top_k` above K and a teacher whose name would
+/// be the name of another source (`ensemble` beside the ensemble).
+#[test]
+fn a_label_stage_refuses_top_k_above_k_and_teachers_named_as_other_sources() {
+    let dir = scratch();
+    let upto_students = TINY
+        .find("[[stage]]\nname = \"vanilla\"")
+        .expect("TINY has a `vanilla` stage after `labels`");
+    let labels = TINY[..upto_students].replacen(
+        "name = \"labels\"\nkind = \"label\"",
+        "name = \"labels\"\nkind = \"label\"\ntop_k = 5",
+        1,
+    );
+    write(dir.path(), "k.toml", &labels);
+    let o = pipeline(dir.path(), &["run", "k.toml"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("labels: top_k = 5 is more than the dataset's 4 classes"),
+        "{}",
+        stderr(&o)
+    );
+    let clash = TINY[..upto_students].replacen(
+        "name = \"labels\"\nkind = \"label\"\nneeds = [\"data\", \"teacher\"]",
+        "name = \"ensemble\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\n\
+         width = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n\n[[stage]]\n\
+         name = \"labels\"\nkind = \"label\"\nneeds = [\"data\", \"teacher\", \"ensemble\"]",
+        1,
+    );
+    assert!(clash.contains("\"ensemble\"]"), "TINY changed: {clash}");
+    write(dir.path(), "clash.toml", &clash);
+    let o = pipeline(dir.path(), &["run", "clash.toml"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(
+            "teacher `ensemble` and the ensemble of the teachers would both be source `ensemble`"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("out/labels").exists());
+}
+
 /// `splits` labels the validation and test splits too, each in its own file indexed by its own
 /// split; asking for `val` without a held-out split is a clear error.
 #[test]

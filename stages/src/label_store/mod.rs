@@ -22,6 +22,7 @@
 //! (the writer), [`read`](mod@read) (the metadata and one source's rows), [`validate`] (the checks every
 //! row passes on the way in) and [`soft_labels`] (the rows in memory).
 
+mod conform;
 pub mod read;
 pub(crate) mod schema;
 pub mod soft_labels;

@@ -6,7 +6,7 @@ use super::soft_labels::{Rows, SoftLabels};
 use super::validate::RowCheck;
 use super::{LabelMeta, StoreDtype};
 use crate::error::{Result, StageError};
-use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
+use arrow::array::{Array, AsArray, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::KeyValue;
 use std::collections::BTreeMap;
@@ -136,7 +136,9 @@ fn source_names_unguarded(path: &Path) -> Result<std::collections::BTreeSet<Stri
     {
         let batch =
             batch.map_err(|e| StageError::invalid(path, "column `source`", e.to_string()))?;
-        if let Some(src) = batch.column(0).as_any().downcast_ref::<StringArray>() {
+        // Any string representation (another tool's large strings or views) as strings.
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8);
+        if let Some(src) = column.ok().as_ref().and_then(|c| c.as_string_opt::<i32>()) {
             names.extend(src.iter().flatten().map(str::to_owned));
         }
     }
@@ -203,10 +205,12 @@ fn read_unguarded(
         .build()
         .map_err(|e| StageError::invalid(path, "file", e.to_string()))?;
     let mut sink = Sink::new(path, &meta, n, spans);
+    let documented = schema(k, meta.top_k, meta.dtype);
     for batch in reader {
         let batch = batch.map_err(|e| {
             StageError::invalid(path, "a row group", format!("cannot be read: {e}"))
         })?;
+        let batch = super::conform::conform(path, &batch, &documented, &|r| sink.peek_file_row(r))?;
         sink.take(&batch, source)?;
     }
     if !sink.found {
@@ -277,7 +281,7 @@ fn check_store(
         .filter(|f| needed.contains(&f.name().as_str()))
     {
         match arrow_schema.field_with_name(f.name()) {
-            Ok(actual) if actual.data_type() == f.data_type() => {}
+            Ok(actual) if super::conform::compatible(actual.data_type(), f.data_type()) => {}
             Ok(actual) => {
                 return Err(StageError::invalid(
                     path,
@@ -385,14 +389,29 @@ impl<'a> Sink<'a> {
 
     /// The file row of the next row read.
     fn next_file_row(&mut self) -> usize {
-        while self.span < self.spans.len() && self.offset == self.spans[self.span].1 {
-            self.span += 1;
-            self.offset = 0;
+        let (row, span, offset) = self.after(self.span, self.offset);
+        (self.span, self.offset) = (span, offset);
+        row
+    }
+
+    /// The file row of the `r`-th row (from 0) still to be read, without reading it.
+    fn peek_file_row(&self, r: usize) -> usize {
+        let (mut span, mut offset, mut row) = (self.span, self.offset, 0);
+        for _ in 0..=r {
+            (row, span, offset) = self.after(span, offset);
         }
-        self.offset += 1;
-        self.spans
-            .get(self.span)
-            .map_or(0, |s| s.0 + self.offset - 1)
+        row
+    }
+
+    /// From position (`span`, `offset`): the file row of the next row, and the position after it.
+    fn after(&self, mut span: usize, mut offset: usize) -> (usize, usize, usize) {
+        while span < self.spans.len() && offset == self.spans[span].1 {
+            span += 1;
+            offset = 0;
+        }
+        offset += 1;
+        let row = self.spans.get(span).map_or(0, |s| s.0 + offset - 1);
+        (row, span, offset)
     }
 
     /// Takes the rows of `source` in `batch`.

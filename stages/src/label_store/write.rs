@@ -27,8 +27,18 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
             )));
         }
     }
-    let schema = Arc::new(schema(k, meta.top_k, meta.dtype));
-    let props = properties(meta);
+    // The `ldl.*` keys go into the footer's key-value metadata (what readers here check) and
+    // into the Arrow schema too, so pyarrow shows them as `schema.metadata` and keeps them when
+    // it rewrites a table it read.
+    let keys = metadata(meta);
+    let in_schema = keys
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone().unwrap_or_default()));
+    let schema = Arc::new(
+        schema(k, meta.top_k, meta.dtype)
+            .with_metadata(in_schema.collect::<std::collections::HashMap<_, _>>()),
+    );
+    let props = properties(meta, keys);
     let to_io = |e: parquet::errors::ParquetError| std::io::Error::other(e.to_string());
     datasets::atomic::write_with(path, |w| {
         let mut writer = ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(to_io)?;
@@ -49,17 +59,40 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
     Ok(())
 }
 
-/// Compression, encodings, row groups and the `ldl.*` key-value metadata.
-fn properties(meta: &LabelMeta) -> WriterProperties {
-    let k = meta.classes.len();
+/// The `ldl.*` key-value metadata of a store.
+fn metadata(meta: &LabelMeta) -> Vec<KeyValue> {
     let kv = |key: &str, value: String| KeyValue::new(format!("ldl.{key}"), value);
-    let mut extra = Vec::new();
+    let mut keys = vec![
+        kv("format_version", crate::FORMAT_VERSION.to_string()),
+        kv("k", meta.classes.len().to_string()),
+        kv(
+            "classes",
+            serde_json::to_string(&meta.classes).expect("json"),
+        ),
+        kv("dataset_fingerprint", meta.dataset_fingerprint.clone()),
+        kv(
+            "teachers",
+            serde_json::to_string(&meta.teachers).expect("json"),
+        ),
+        kv("temperature", meta.temperature.to_string()),
+        kv("dtype", meta.dtype.as_str().to_string()),
+        kv(
+            "teacher_checkpoints",
+            serde_json::to_string(&meta.checkpoints).expect("json"),
+        ),
+        kv("program_version", crate::PROGRAM_VERSION.to_string()),
+    ];
     if let Some(t) = meta.top_k {
-        extra.push(kv("top_k", t.to_string()));
+        keys.push(kv("top_k", t.to_string()));
     }
     if let Some(mc) = &meta.mc {
-        extra.push(kv("mc", serde_json::to_string(mc).expect("json")));
+        keys.push(kv("mc", serde_json::to_string(mc).expect("json")));
     }
+    keys
+}
+
+/// Compression, encodings, row groups and the key-value metadata `keys`.
+fn properties(meta: &LabelMeta, keys: Vec<KeyValue>) -> WriterProperties {
     let vector_encoding = match meta.dtype {
         StoreDtype::F32 => Encoding::BYTE_STREAM_SPLIT,
         StoreDtype::F16 => Encoding::PLAIN,
@@ -80,31 +113,7 @@ fn properties(meta: &LabelMeta) -> WriterProperties {
         .set_column_encoding(leaf("topk_probs"), vector_encoding)
         .set_column_dictionary_enabled(leaf("std"), false)
         .set_column_encoding(leaf("std"), vector_encoding)
-        .set_key_value_metadata(Some(
-            vec![
-                kv("format_version", crate::FORMAT_VERSION.to_string()),
-                kv("k", k.to_string()),
-                kv(
-                    "classes",
-                    serde_json::to_string(&meta.classes).expect("json"),
-                ),
-                kv("dataset_fingerprint", meta.dataset_fingerprint.clone()),
-                kv(
-                    "teachers",
-                    serde_json::to_string(&meta.teachers).expect("json"),
-                ),
-                kv("temperature", meta.temperature.to_string()),
-                kv("dtype", meta.dtype.as_str().to_string()),
-                kv(
-                    "teacher_checkpoints",
-                    serde_json::to_string(&meta.checkpoints).expect("json"),
-                ),
-                kv("program_version", crate::PROGRAM_VERSION.to_string()),
-            ]
-            .into_iter()
-            .chain(extra)
-            .collect(),
-        ))
+        .set_key_value_metadata(Some(keys))
         .build()
 }
 

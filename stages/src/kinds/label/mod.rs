@@ -114,6 +114,12 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
     let device = ctx.device.open()?;
     let k = data.info.classes.len();
+    if let Some(t) = p.top_k.filter(|&t| t > k) {
+        return Err(StageError::config(format!(
+            "{}: top_k = {t} is more than the dataset's {k} classes",
+            ctx.name
+        )));
+    }
     let mut teachers = Vec::new();
     let mut fingerprints = BTreeMap::new();
     let mut checkpoints = BTreeMap::new();
@@ -132,6 +138,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             model,
         });
     }
+    distinct_sources(ctx, p, &teachers)?;
     let mut files = Vec::new();
     for &split in &p.splits {
         let store = split_store(ctx, &data, split)?;
@@ -154,6 +161,33 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     // The chunks the stores were assembled from are not outputs: the runner removes them once
     // it has recorded the stores, so that a kill before that does not label again.
     Ok(files)
+}
+
+/// Refuses teachers whose stage names would name two sources alike: a teacher called
+/// `ensemble` beside the ensemble, or `<t>.mc` beside teacher `t`'s Monte-Carlo source. Both
+/// would be written, and students would find every sample twice.
+fn distinct_sources(ctx: &Context, p: &Params, teachers: &[Teacher]) -> Result<()> {
+    let mut names: Vec<(String, String)> = Vec::new();
+    for t in teachers {
+        names.push((t.name.clone(), format!("teacher `{}`", t.name)));
+        if has_mc(p, t) {
+            let what = format!("the Monte-Carlo source of teacher `{}`", t.name);
+            names.push((format!("{}.mc", t.name), what));
+        }
+    }
+    if teachers.len() > 1 {
+        names.push(("ensemble".into(), "the ensemble of the teachers".into()));
+    }
+    for (i, (name, what)) in names.iter().enumerate() {
+        if let Some((_, first)) = names[..i].iter().find(|(n, _)| n == name) {
+            return Err(StageError::config(format!(
+                "{}: {first} and {what} would both be source `{name}` of the label store; \
+                 rename the teacher stage",
+                ctx.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The packed split `split` of the dataset.
