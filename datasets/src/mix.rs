@@ -1,7 +1,8 @@
 //! Batch-level augmentations that mix images: mixup, CutMix and RICAP, plus the per-image
 //! Cutout hole. They follow the reference implementations (facebookresearch/mixup-cifar10,
-//! clovaai/CutMix-PyTorch, jackryo/ricap, uoguelph-mlrg/Cutout), with height and width kept
-//! apart (the references index `size()[2]` as W, which only works for square images).
+//! clovaai/CutMix-PyTorch, jackryo/ricap, uoguelph-mlrg/Cutout), with height and width named
+//! as such (the references call the row axis, `size()[2]`, W, but use it consistently, so they
+//! too handle non-square images).
 //!
 //! A mixing augmentation returns a [`MixRecord`]: the partners, weights and boxes it drew. The
 //! trainer forms the mixed targets from it ([`MixRecord::mix_rows`]), and the same mixed batch can
