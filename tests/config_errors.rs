@@ -692,3 +692,21 @@ fn a_label_source_the_store_will_not_hold_is_refused_before_anything_runs() {
     ));
     assert_at(&e, 30, 18, &["not the `label_source = \"a.mc\"`"]);
 }
+
+/// An imported model's normalisation in 0–255 units (mmcv's) is refused at its key.
+#[test]
+fn import_normalisation_in_other_units() {
+    let checkpoint = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/import/resnet8.pth");
+    let e = fails(&format!(
+        "{HEAD}\n[[stage]]\nname = \"t\"\nkind = \"import\"\npath = \"{}\"\nmodel = \"resnet8\"\n\
+         normalize = {{ mean = [123.675, 116.28, 103.53], std = [58.395, 57.12, 57.375] }}\n",
+        checkpoint.display()
+    ));
+    assert_at(
+        &e,
+        14,
+        1,
+        &["key `normalize`", "[0, 1] units", "found 123.675"],
+    );
+}

@@ -60,7 +60,14 @@ fn read_records(
     pixels: &mut Vec<u8>,
 ) -> Result<()> {
     let bytes = read(path)?;
-    if bytes.is_empty() || bytes.len() % record != 0 {
+    if bytes.is_empty() {
+        return Err(DatasetError::format(
+            path,
+            "size",
+            format!("the file is empty, expected {record}-byte records"),
+        ));
+    }
+    if bytes.len() % record != 0 {
         return Err(DatasetError::format(
             path,
             "size",
@@ -120,6 +127,24 @@ pub fn cifar100_files(dir: &Path, label: Cifar100Label) -> Vec<std::path::PathBu
         .collect()
 }
 
+/// Refuses, with what to do instead, a folder of the Python version of a CIFAR dataset (its
+/// pickles, as torchvision downloads them: `python_file` there, `binary_file` absent); the
+/// readers take the binary version.
+fn binary_version(dir: &Path, binary_file: &str, python_file: &str, archive: &str) -> Result<()> {
+    if !dir.join(binary_file).exists() && dir.join(python_file).is_file() {
+        return Err(DatasetError::format(
+            dir,
+            python_file,
+            format!(
+                "this is the Python (pickle) version of the dataset, as torchvision downloads it; \
+                 the reader takes the binary version ({archive}, with {binary_file}), or set \
+                 fetch = true to download it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads CIFAR-10 from `dir`: the training batches listed in `batches` (1..=5; all five when
 /// `None`) and the test batch.
 pub fn cifar10(dir: &Path, batches: Option<&[u32]>) -> Result<(Split, Split)> {
@@ -131,6 +156,24 @@ pub fn cifar10(dir: &Path, batches: Option<&[u32]>) -> Result<(Split, Split)> {
             message: format!("CIFAR-10 has training batches 1..=5, not {b}"),
         });
     }
+    if let Some((i, b)) = batches
+        .iter()
+        .enumerate()
+        .find(|(i, b)| batches[..*i].contains(b))
+    {
+        return Err(DatasetError::Param {
+            name: "batches",
+            message: format!(
+                "lists batch {b} twice (again at position {i}): its images would be packed twice"
+            ),
+        });
+    }
+    binary_version(
+        dir,
+        "batches.meta.txt",
+        "batches.meta",
+        "cifar-10-binary.tar.gz",
+    )?;
     let classes = read_names(&dir.join("batches.meta.txt"), 10)?;
     let (mut labels, mut pixels) = (Vec::new(), Vec::new());
     for b in batches {
@@ -156,6 +199,7 @@ pub fn cifar100(dir: &Path, label: Cifar100Label) -> Result<(Split, Split)> {
         Cifar100Label::Fine => ("fine_label_names.txt", 100, 1),
         Cifar100Label::Coarse => ("coarse_label_names.txt", 20, 0),
     };
+    binary_version(dir, "train.bin", "train", "cifar-100-binary.tar.gz")?;
     let classes = read_names(&dir.join(names), k)?;
     let mut out = Vec::new();
     for file in ["train.bin", "test.bin"] {
@@ -248,6 +292,44 @@ mod tests {
         );
         let e = cifar10(&d, Some(&[6])).unwrap_err().to_string();
         assert!(e.contains("batches"), "{e}");
+        let e = cifar10(&d, Some(&[2, 1, 2])).unwrap_err().to_string();
+        assert!(
+            e.contains("lists batch 2 twice (again at position 2)"),
+            "{e}"
+        );
+        cifar10_fixture(&d);
+        std::fs::write(d.join("data_batch_1.bin"), b"").unwrap();
+        let e = cifar10(&d, Some(&[1])).unwrap_err().to_string();
+        assert!(
+            e.contains("data_batch_1.bin") && e.contains("the file is empty"),
+            "{e}"
+        );
+    }
+
+    /// torchvision's download (the Python version: pickles without extension) is refused with
+    /// what to use instead, not with a missing file.
+    #[test]
+    fn the_python_version_is_refused_with_what_to_use() {
+        let d = dir("c10py");
+        for f in ["batches.meta", "data_batch_1", "test_batch"] {
+            std::fs::write(d.join(f), b"pickle").unwrap();
+        }
+        let e = cifar10(&d, None).unwrap_err().to_string();
+        assert!(
+            e.contains("batches.meta")
+                && e.contains("Python (pickle) version")
+                && e.contains("cifar-10-binary.tar.gz"),
+            "{e}"
+        );
+        let d = dir("c100py");
+        for f in ["meta", "train", "test"] {
+            std::fs::write(d.join(f), b"pickle").unwrap();
+        }
+        let e = cifar100(&d, Cifar100Label::Fine).unwrap_err().to_string();
+        assert!(
+            e.contains("Python (pickle) version") && e.contains("cifar-100-binary.tar.gz"),
+            "{e}"
+        );
     }
 
     #[test]

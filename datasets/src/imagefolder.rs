@@ -10,6 +10,10 @@
 //! `<class>/images/`); files with other extensions than torchvision's `IMG_EXTENSIONS` are
 //! skipped. Unlike torchvision, names starting with `.` are skipped too: a `.ipynb_checkpoints`
 //! folder is not a class and a macOS `._x.jpg` is not an image.
+//!
+//! A split folder holding `val_annotations.txt` is Tiny-ImageNet's official validation layout
+//! instead: every image flat in `images/`, its class named by that file (`<file>\t<class>\t<box>`),
+//! taken in the file's order.
 
 use crate::cifar::Split;
 use crate::error::{DatasetError, Result};
@@ -147,6 +151,9 @@ pub fn load(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
 /// shares one class order.
 pub fn split_files(root: &Path, split: &str, classes: &[String]) -> Result<Vec<(PathBuf, u32)>> {
     let dir = root.join(split);
+    if let Some(files) = annotated(&dir, classes)? {
+        return Ok(files);
+    }
     let here = self::classes(root, split)?;
     if let Some(extra) = here.iter().find(|c| !classes.contains(c)) {
         return Err(DatasetError::format(
@@ -178,12 +185,70 @@ pub fn split_files(root: &Path, split: &str, classes: &[String]) -> Result<Vec<(
     Ok(files)
 }
 
-/// Every image file a `prepare` of the ImageFolder at `root` reads: the training split's, then
-/// the test split's (for [`crate::digest`]).
+/// The file naming the classes of Tiny-ImageNet's validation images.
+const ANNOTATIONS: &str = "val_annotations.txt";
+
+/// The images of a split folder in Tiny-ImageNet's official validation layout (`images/` and
+/// [`ANNOTATIONS`], one `<file>\t<class>\t…` line per image) with their labels among
+/// `classes`, in the file's order; `None` for a folder without the file.
+fn annotated(dir: &Path, classes: &[String]) -> Result<Option<Vec<(PathBuf, u32)>>> {
+    let list = dir.join(ANNOTATIONS);
+    if !list.is_file() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&list).map_err(|e| DatasetError::io(&list, e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| DatasetError::format(&list, "contents", format!("not UTF-8: {e}")))?;
+    let mut files = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let place = format!("line {}", i + 1);
+        let mut fields = line.split('\t');
+        let (Some(name), Some(class)) = (fields.next(), fields.next()) else {
+            return Err(DatasetError::format(
+                &list,
+                place,
+                "expected `<image file>\t<class>\t…`",
+            ));
+        };
+        let Some(label) = classes.iter().position(|c| c == class) else {
+            return Err(DatasetError::format(
+                &list,
+                place,
+                format!(
+                    "class `{class}` is not among the {} classes of the training split",
+                    classes.len()
+                ),
+            ));
+        };
+        let path = dir.join("images").join(name);
+        if !path.is_file() {
+            return Err(DatasetError::format(
+                &list,
+                place,
+                format!("lists `{name}`, but {} is not a file", path.display()),
+            ));
+        }
+        files.push((path, label as u32));
+    }
+    if files.is_empty() {
+        return Err(DatasetError::format(&list, "contents", "lists no image"));
+    }
+    Ok(Some(files))
+}
+
+/// Every file a `prepare` of the ImageFolder at `root` reads: the training split's images, then
+/// the test split's (and its [`ANNOTATIONS`], which label them), for [`crate::digest`].
 pub fn files(root: &Path, train_split: &str, test_split: &str) -> Result<Vec<PathBuf>> {
     let classes = classes(root, train_split)?;
     let mut out = Vec::new();
     for split in [train_split, test_split] {
+        let list = root.join(split).join(ANNOTATIONS);
+        if list.is_file() {
+            out.push(list);
+        }
         out.extend(split_files(root, split, &classes)?.into_iter().map(|f| f.0));
     }
     Ok(out)
@@ -366,6 +431,47 @@ mod tests {
         assert!(out[..4].iter().all(|p| *p < 40), "{out:?}");
         assert!(out[4..8].iter().all(|p| *p > 215), "{out:?}");
         assert!(out[8..].iter().all(|p| *p < 40), "{out:?}");
+    }
+
+    /// Tiny-ImageNet's official validation folder (`images/` + `val_annotations.txt`) is read
+    /// in the annotations' order with their classes, and its annotations are digested; a class
+    /// the training split lacks, or a missing image, is refused naming the line.
+    #[test]
+    fn tiny_imagenet_validation_annotations_label_a_flat_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let img = |v: u8| RgbImage::from_pixel(4, 4, Rgb([v, v, v]));
+        write(&root.join("train/n02/images/a.png"), &img(1));
+        write(&root.join("train/n01/images/b.png"), &img(2));
+        write(&root.join("val/images/val_0.png"), &img(10));
+        write(&root.join("val/images/val_1.png"), &img(11));
+        write(&root.join("val/images/val_10.png"), &img(12));
+        let list =
+            "val_1.png\tn02\t0\t0\t3\t3\nval_10.png\tn01\t0\t0\t3\t3\nval_0.png\tn02\t1\t1\t2\t2\n";
+        std::fs::write(root.join("val/val_annotations.txt"), list).unwrap();
+        let classes = classes(root, "train").unwrap();
+        assert_eq!(classes, ["n01", "n02"]);
+        let (info, labels, pixels) = read(root, "val", &classes, 4).unwrap();
+        assert_eq!(info.n, 3);
+        assert_eq!(labels, [1, 0, 1]);
+        let first: Vec<u8> = (0..3).map(|i| pixels[i * 48]).collect();
+        assert_eq!(first, [11, 12, 10]);
+        let digested = files(root, "train", "val").unwrap();
+        assert!(digested.contains(&root.join("val/val_annotations.txt")));
+        let bad = list.replace("val_0.png\tn02", "val_0.png\tn03");
+        std::fs::write(root.join("val/val_annotations.txt"), bad).unwrap();
+        let e = read(root, "val", &classes, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("line 3") && e.contains("class `n03` is not among"),
+            "{e}"
+        );
+        let missing = list.replace("val_10.png", "val_11.png");
+        std::fs::write(root.join("val/val_annotations.txt"), missing).unwrap();
+        let e = read(root, "val", &classes, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("line 2") && e.contains("lists `val_11.png`"),
+            "{e}"
+        );
     }
 
     /// The crop offset is Python's `round`, halves to even, as torchvision's `CenterCrop`:

@@ -64,11 +64,20 @@ impl StoreInfo {
         self.c * self.h * self.w
     }
     fn layout(&self) -> (usize, usize, usize) {
+        self.checked_layout()
+            .expect("a store's layout fits in memory (checked when read)")
+    }
+    /// Where the labels and pixels start and the file's length, or `None` when a header's
+    /// sizes overflow.
+    fn checked_layout(&self) -> Option<(usize, usize, usize)> {
         let names_len = self.classes.join("\n").len();
         let labels_at = align64(NAMES_OFFSET + 4 + names_len);
-        let pixels_at = align64(labels_at + 4 * self.n);
-        let total = pixels_at + self.n * self.image_len();
-        (labels_at, pixels_at, total)
+        let labels_end = labels_at.checked_add(self.n.checked_mul(4)?)?;
+        labels_end.checked_add(63)?; // room to round up
+        let pixels_at = align64(labels_end);
+        let image = self.c.checked_mul(self.h)?.checked_mul(self.w)?;
+        let total = pixels_at.checked_add(self.n.checked_mul(image)?)?;
+        Some((labels_at, pixels_at, total))
     }
 }
 
@@ -312,6 +321,12 @@ fn read_header(map: &[u8], path: &Path) -> Result<StoreInfo> {
             ),
         ));
     }
+    if h == 0 || w == 0 || c == 0 {
+        return Err(bad(
+            "image shape (bytes 24..36)",
+            format!("H={h}, W={w}, C={c}: every side must be at least 1"),
+        ));
+    }
     let info = StoreInfo {
         n,
         h,
@@ -319,11 +334,7 @@ fn read_header(map: &[u8], path: &Path) -> Result<StoreInfo> {
         c,
         classes,
     };
-    let expected = n
-        .checked_mul(c)
-        .and_then(|x| x.checked_mul(h))
-        .and_then(|x| x.checked_mul(w))
-        .map(|_| info.layout().2);
+    let expected = info.checked_layout().map(|l| l.2);
     if expected != Some(map.len()) {
         return Err(bad(
             "size",
@@ -408,5 +419,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("content hash"), "{e}");
+
+        // C = 0 with N = 2⁶²: the sizes, once multiplied, would wrap to the file's length.
+        let mut b = good.clone();
+        b[16..24].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        b[32..36].copy_from_slice(&0u32.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let e = PackedStore::open(&p).unwrap_err().to_string();
+        assert!(e.contains("image shape") && e.contains("C=0"), "{e}");
+        // N = 2⁶² with a real shape: too large, refused rather than overflowing.
+        let mut b = good.clone();
+        b[16..24].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        let e = PackedStore::open(&p).unwrap_err().to_string();
+        assert!(e.contains("an impossible number of"), "{e}");
     }
 }

@@ -134,13 +134,62 @@ fn read_pth(path: &Path, key: Option<&str>) -> Result<(BTreeMap<String, Tensor>,
     names.sort();
     let mut out = BTreeMap::new();
     for name in names {
-        let t = pth
-            .get(name)
-            .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e.to_string()))?
-            .expect("listed by the archive");
+        let info = &pth.tensor_infos()[name];
+        let t = if info.layout.is_contiguous() {
+            pth.get(name)
+                .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e.to_string()))?
+                .expect("listed by the archive")
+        } else {
+            strided(path, info)?
+        };
         out.insert(name.clone(), t);
     }
     Ok((out, key))
+}
+
+/// A tensor stored with other strides than row-major (`channels_last` weights, a transposed
+/// or sliced view saved as such), gathered from its storage into row-major order; candle reads
+/// only row- and column-major ones.
+fn strided(path: &Path, info: &candle_core::pickle::TensorInfo) -> Result<Tensor> {
+    let place = || format!("tensor `{}`", info.name);
+    let bad = |e: String| EngineError::invalid(path, place(), e);
+    let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut zip
+            .by_name(&info.path)
+            .map_err(|e| EngineError::invalid(path, &info.path, e.to_string()))?,
+        &mut bytes,
+    )
+    .map_err(|e| EngineError::io(path, e))?;
+    let size = info.dtype.size_in_bytes();
+    let stored = bytes.len() / size;
+    let layout = &info.layout;
+    let (dims, strides) = (layout.shape().dims(), layout.stride());
+    // Each element's place in the storage, in row-major order of the shape.
+    let mut at = vec![layout.start_offset() / size];
+    for (&d, &s) in dims.iter().zip(strides) {
+        at = at
+            .iter()
+            .flat_map(|&base| (0..d).map(move |i| base + i * s))
+            .collect();
+    }
+    if let Some(&last) = at.iter().max().filter(|&&m| m >= stored) {
+        return Err(bad(format!(
+            "its strides {strides:?} reach element {last} of a storage of {stored}"
+        )));
+    }
+    let storage =
+        Tensor::from_raw_buffer(&bytes[..stored * size], info.dtype, &[stored], &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
+    let at: Vec<u32> = at.into_iter().map(|i| i as u32).collect();
+    let index = Tensor::new(at.as_slice(), &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    storage
+        .index_select(&index, 0)
+        .and_then(|t| t.reshape(dims))
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// The top-level object of the archive's `data.pkl`.
@@ -241,14 +290,16 @@ fn state_dict_key(path: &Path, top: &Object, key: Option<&str>) -> Result<Option
             )),
         };
     }
-    if entries.iter().any(|(_, v)| is_tensor(v)) {
-        return Ok(None);
-    }
+    // The known entries first: a checkpoint dict may hold tensors beside the state dict
+    // (RepDistiller's `best_acc` is a 0-d tensor), a state dict never holds a dict of tensors.
     if let Some(k) = STATE_DICT_KEYS
         .into_iter()
         .find(|k| entry(k).is_some_and(holds_tensors))
     {
         return Ok(Some(k.to_owned()));
+    }
+    if entries.iter().any(|(_, v)| is_tensor(v)) {
+        return Ok(None);
     }
     Err(not_state_dict(&format!(
         "a dict of keys {:?} with no tensors and no state dict under {STATE_DICT_KEYS:?}; \
@@ -257,30 +308,50 @@ fn state_dict_key(path: &Path, top: &Object, key: Option<&str>) -> Result<Option
     )))
 }
 
-/// Maps names onto ours: drops a `module.` prefix present on every name and the
-/// `num_batches_tracked` counters, and renames kuangliu/pytorch-cifar's layers.
+/// Prefixes that training wrappers put before every name of the network's: DataParallel and
+/// DistributedDataParallel (`module.`), `torch.compile` (`_orig_mod.`), and a wrapper holding
+/// the network as `model` or `net` (a Lightning module, a distillation wrapper).
+const WRAPPER_PREFIXES: [&str; 4] = ["module.", "_orig_mod.", "model.", "net."];
+
+/// Entries that are no tensor of the network: BatchNorm's step counters (suffix) and
+/// `swa_utils.AveragedModel`'s count of averaged models (a whole name).
+fn not_a_weight(name: &str) -> bool {
+    name.ends_with("num_batches_tracked") || name == "n_averaged"
+}
+
+/// The wrapper prefixes on every name of `names`, outermost first (`module._orig_mod.`).
+fn wrapper_prefix<'a>(names: impl Iterator<Item = &'a String> + Clone) -> String {
+    let mut prefix = String::new();
+    while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
+        let mut rest = names.clone().map(|n| n.strip_prefix(prefix.as_str()));
+        rest.all(|n| n.is_some_and(|n| n.starts_with(*p)))
+    }) {
+        prefix.push_str(p);
+    }
+    prefix
+}
+
+/// Maps names onto ours: drops the wrapper prefixes present on every name and the entries that
+/// are no weights, and renames kuangliu/pytorch-cifar's layers. Also says whether DataParallel's
+/// `module.` was among the prefixes.
 fn rename(
     path: &Path,
-    raw: BTreeMap<String, Tensor>,
+    mut raw: BTreeMap<String, Tensor>,
     resnet: bool,
 ) -> Result<(BTreeMap<String, Tensor>, Naming, bool)> {
+    raw.retain(|name, _| !not_a_weight(name));
     if raw.is_empty() {
         return Err(EngineError::invalid(path, "state dict", "holds no tensors"));
     }
-    let data_parallel = raw.keys().all(|n| n.starts_with("module."));
+    let prefix = wrapper_prefix(raw.keys());
+    let data_parallel = prefix.contains("module.");
     let kuangliu = raw.keys().any(|n| {
-        n.contains(".shortcut.") || n.starts_with("linear.") || n.starts_with("module.linear.")
+        let n = &n[prefix.len()..];
+        n.contains(".shortcut.") || n.starts_with("linear.")
     });
     let mut out = BTreeMap::new();
     for (name, t) in raw {
-        if name.ends_with("num_batches_tracked") {
-            continue;
-        }
-        let mut ours = if data_parallel {
-            name["module.".len()..].to_owned()
-        } else {
-            name.clone()
-        };
+        let mut ours = name[prefix.len()..].to_owned();
         if kuangliu && resnet {
             ours = ours.replace(".shortcut.", ".downsample.");
             if let Some(rest) = ours.strip_prefix("linear.") {
@@ -475,6 +546,35 @@ mod tests {
         );
         let e = read(&fixture("resnet8.safetensors"), Some("model"), resnet()).unwrap_err();
         assert!(e.to_string().contains("holds tensors only"), "{e}");
+    }
+
+    /// Checkpoints saved by other training code (tests/fixtures/import/derive_fixtures.py
+    /// rewrites resnet8.pth): RepDistiller's `_best.pth` with its 0-d `best_acc` tensor beside
+    /// `model`, channels-last convolution weights, and `AveragedModel` of a `torch.compile`d
+    /// model (`module._orig_mod.` names and `n_averaged`) all hold resnet8.pth's weights.
+    #[test]
+    fn other_training_codes_checkpoints_hold_the_same_weights() {
+        let reference = read(&fixture("resnet8.pth"), None, resnet()).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (file, key, data_parallel) in [
+            ("repdistiller_best.pth", Some("model"), false),
+            ("channels_last.pth", None, false),
+            ("wrapped.pth", None, true),
+        ] {
+            let state =
+                read(&fixture(file), None, resnet()).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(state.key.as_deref(), key, "{file}");
+            assert_eq!(state.data_parallel, data_parallel, "{file}");
+            assert_eq!(
+                state.tensors.keys().collect::<Vec<_>>(),
+                reference.tensors.keys().collect::<Vec<_>>(),
+                "{file}"
+            );
+            for (name, t) in &reference.tensors {
+                assert_eq!(state.tensors[name].dims(), t.dims(), "{file} {name}");
+                assert_eq!(values(&state.tensors[name]), values(t), "{file} {name}");
+            }
+        }
     }
 
     /// A file that is neither format is refused by its header.

@@ -76,6 +76,22 @@ impl Params {
             if let Some(s) = n.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
                 return Err(("normalize", format!("`std` must be positive, found {s}")));
             }
+            // In [0, 1] units, as the images are: mmcv-style 0–255 statistics would pass the
+            // checks above and give garbage logits.
+            if let Some(v) = n
+                .mean
+                .iter()
+                .chain(&n.std)
+                .find(|v| !(v.is_finite() && (0.0..=1.0).contains(*v)))
+            {
+                return Err((
+                    "normalize",
+                    format!(
+                        "`mean` and `std` are in [0, 1] units (torchvision's ImageNet mean is \
+                         [0.485, 0.456, 0.406]), found {v}: divide 0–255 statistics by 255"
+                    ),
+                ));
+            }
         }
         if let Some(h) = &self.blake3 {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -280,10 +280,13 @@ impl Params {
                     ));
         }
         if let Some(b) = &self.batches {
-            if b.is_empty() || b.iter().any(|x| !(1..=5).contains(x)) {
+            let repeated = b.iter().enumerate().any(|(i, x)| b[..i].contains(x));
+            if b.is_empty() || repeated || b.iter().any(|x| !(1..=5).contains(x)) {
                 return Err((
                     "batches",
-                    format!("must list CIFAR-10 training batches among 1..=5, found {b:?}"),
+                    format!(
+                        "must list distinct CIFAR-10 training batches among 1..=5, found {b:?}"
+                    ),
                 ));
             }
         }
