@@ -389,3 +389,26 @@ fn every_examples_replaying_students_read_a_store_of_their_stream() {
     // + 36 online each; Table 5: 9 kd + 9 online. (CRD students run their teachers.)
     assert_eq!(checked, 48 + 63 + 2 * 42 + 18);
 }
+
+/// A teacher named like a key column of the store (`index`) is refused before anything is
+/// replayed: its outputs' column would take the key's name.
+#[test]
+fn a_teacher_named_like_a_key_column_is_refused() {
+    let dir = scratch();
+    let cfg = BASE
+        .replace("name = \"teacher\"", "name = \"index\"")
+        .replace(
+            "needs = [\"data\", \"teacher\"]",
+            "needs = [\"data\", \"index\"]",
+        );
+    assert!(cfg.contains("[\"data\", \"index\"]"), "BASE changed: {cfg}");
+    write(dir.path(), "r.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "r.toml"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("replay: teacher `index` has the name of a key column"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("out/replay").exists());
+}

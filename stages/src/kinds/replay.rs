@@ -132,6 +132,15 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             )));
         }
     }
+    // A teacher's column is named after its stage; these are the store's key columns.
+    let keys = ["step", "position", "index"];
+    if let Some(t) = ctx.model_inputs().find(|i| keys.contains(&i.name.as_str())) {
+        return Err(StageError::config(format!(
+            "{}: teacher `{}` has the name of a key column of the replay store (`step`, \
+             `position`, `index`), which its outputs' column would take; rename the teacher stage",
+            ctx.name, t.name
+        )));
+    }
     let teachers = ctx.teachers(&device, k, &data.info.normalize, p.teacher_mc)?;
     let stream = p.stream();
     let meta = ReplayMeta {

@@ -308,21 +308,24 @@ fn label_chunk(
             c + 1,
             plan.count()
         );
-        chunk
-            .probs
-            .push(inference.predict_batches(store, batches.clone(), &what)?);
-        chunk.mc.push(if has_mc(p, t) {
-            Some(inference.predict_mc_batches(
+        if has_mc(p, t) {
+            // The eval-mode labels and the Monte-Carlo passes from one computation of the
+            // features; each split has its own mask stream.
+            let (probs, mc) = inference.predict_with_mc_batches(
                 store,
                 batches.clone(),
                 p.mc_samples,
-                // Each split has its own mask stream.
                 datasets::rng::derive_seed(&[p.seed.unwrap_or(t.meta.seed), split as u64]),
-                &format!("MC dropout on {} with {}", split.as_str(), t.name),
-            )?)
+                &format!("{what}, with MC dropout"),
+            )?;
+            chunk.probs.push(probs);
+            chunk.mc.push(Some(mc));
         } else {
-            None
-        });
+            chunk
+                .probs
+                .push(inference.predict_batches(store, batches.clone(), &what)?);
+            chunk.mc.push(None);
+        }
     }
     Ok(chunk)
 }
