@@ -97,6 +97,7 @@ fn the_smoke_grid_trains_and_evaluates_every_method() {
         "{report}"
     );
     check_figures(&out);
+    metrics_csv_quotes_labels_with_commas(&out.join("eval-mcdo/metrics.csv"));
     best_class_agrees_with_the_predictions(&out.join("eval.method=ls"));
     check_supervision_examples(&out);
     // The OGR cells measured per-class losses every epoch.
@@ -180,6 +181,30 @@ fn check_figures(out: &Path) {
     ] {
         assert!(out.join("eval.method=vanilla").join(f).exists(), "eval/{f}");
     }
+}
+
+/// An evaluation's `metrics.csv` whose method label lists variants with commas quotes it, so
+/// every row has the header's fields (counted here by RFC 4180's rule: commas outside quotes).
+fn metrics_csv_quotes_labels_with_commas(path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let fields = |line: &str| {
+        let mut quoted = false;
+        1 + line
+            .chars()
+            .filter(|&c| {
+                quoted ^= c == '"';
+                c == ',' && !quoted
+            })
+            .count()
+    };
+    let mut lines = text.lines();
+    let header = fields(lines.next().unwrap());
+    let row = lines.next().unwrap();
+    assert!(
+        row.contains(",\"on-ldl (cutmix, MCDO-T, MCDO-S)\","),
+        "{text}"
+    );
+    assert_eq!(fields(row), header, "{text}");
 }
 
 /// Students taught by teachers on their batches show what the first images were taught: the

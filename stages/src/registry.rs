@@ -170,6 +170,10 @@ impl StageParams {
             if let (true, Some(seed)) = (e.mc_samples > 0, e.seed) {
                 out.insert("mc_seed".into(), seed.to_string());
             }
+            // How the evaluation is computed or drawn, not what it measures: seeds evaluated
+            // in other batches, or with other projection classes, are one run.
+            out.remove("batch_size");
+            out.remove("projection_classes");
         }
         let own = self.kind();
         let mut seen: Vec<&str> = Vec::new();
@@ -293,5 +297,19 @@ mod tests {
         assert!(!mc(8, None).contains_key("mc_seed"));
         assert_ne!(mc(8, Some(3)), mc(8, Some(4)));
         assert_eq!(mc(0, Some(3)), mc(0, Some(4)));
+        // The inference batch and the projection's classes draw no other run.
+        let drawn = |batch_size, projection_classes| {
+            settings_of(StageParams::Evaluate(evaluate::Params {
+                batch_size,
+                projection_classes,
+                ..Default::default()
+            }))
+        };
+        assert_eq!(drawn(64, None), drawn(256, Some([3, 4, 5])));
+        let bins = settings_of(StageParams::Evaluate(evaluate::Params {
+            bins: 15,
+            ..Default::default()
+        }));
+        assert_ne!(bins, drawn(256, None));
     }
 }

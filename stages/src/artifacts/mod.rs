@@ -138,3 +138,14 @@ pub enum Multiplicity {
     /// None allowed.
     None,
 }
+
+/// A field of the CSV tables stages write, quoted (RFC 4180) when it holds a comma, a quote or
+/// a line break: method labels list variants with commas (`on-ldl (cutmix, MCDO-T)`), and an
+/// ImageFolder's class names are folder names.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}

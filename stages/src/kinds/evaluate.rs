@@ -14,7 +14,9 @@
 //! - when the training logged held-out metrics (`eval_every`), `curve.csv` (its evaluated
 //!   epochs, see [`crate::artifacts::curve`]) and the `training-curve` figure.
 
-use crate::artifacts::{Calibrated, Curve, CurvePoint, Dataset, Evaluation, Kind, TrainedModel};
+use crate::artifacts::{
+    csv_field, Calibrated, Curve, CurvePoint, Dataset, Evaluation, Kind, TrainedModel,
+};
 use crate::context::{Context, Input};
 use crate::error::{Result, StageError};
 use crate::params::{self, at_least, RangeError};
@@ -73,6 +75,14 @@ impl Params {
     /// Checks value ranges that the types alone do not.
     pub fn validate(&self) -> Result<(), RangeError> {
         at_least("bins", self.bins, 1)?;
+        if let Some([a, b, c]) = self.projection_classes {
+            if a == b || b == c || a == c {
+                return Err((
+                    "projection_classes",
+                    format!("must name three different classes, found [{a}, {b}, {c}]"),
+                ));
+            }
+        }
         at_least("batch_size", self.batch_size, 1)
     }
 }
@@ -83,7 +93,10 @@ pub const CSV_HEADER: &str = "stage,model,method,seed,n,accuracy,ece,nll,brier,t
 
 fn csv_row(stage: &str, model: &str, method: &str, seed: u64, m: &Metrics) -> String {
     format!(
-        "{stage},{model},{method},{seed},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+        "{},{},{},{seed},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+        csv_field(stage),
+        csv_field(model),
+        csv_field(method),
         m.n,
         m.accuracy,
         m.ece,
@@ -177,8 +190,21 @@ fn write_predictions(
     Ok(())
 }
 
-/// The per-epoch training loss of the 5 best and 5 worst classes by test F1, from the train
-/// stage's `class_loss.csv` (none when the file is missing or has no rows).
+/// Of classes ranked best first, the 5 best and the 5 worst, none in both: of 10 classes or
+/// fewer, the better half (the middle one with an odd count) and the rest.
+fn best_and_worst(ranked: &[usize]) -> Vec<(usize, &'static str)> {
+    let n = ranked.len();
+    let best = n.div_ceil(2).min(5);
+    let worst = (n - best).min(5);
+    ranked[..best]
+        .iter()
+        .map(|&c| (c, "best"))
+        .chain(ranked[n - worst..].iter().map(|&c| (c, "worst")))
+        .collect()
+}
+
+/// The per-epoch training loss of the 5 best and 5 worst classes by test F1 ([`best_and_worst`]),
+/// from the train stage's `class_loss.csv` (none when the file is missing or has no rows).
 fn class_loss_curves(train_dir: &Path, m: &Metrics, classes: &[String]) -> Result<Vec<Series>> {
     let path = train_dir.join("class_loss.csv");
     let Ok(text) = std::fs::read_to_string(&path) else {
@@ -208,20 +234,7 @@ fn class_loss_curves(train_dir: &Path, m: &Metrics, classes: &[String]) -> Resul
     }
     let mut ranked: Vec<usize> = (0..k).filter(|&c| m.classes[c].f1.is_finite()).collect();
     ranked.sort_by(|&a, &b| m.classes[b].f1.total_cmp(&m.classes[a].f1).then(a.cmp(&b)));
-    let mut chosen: Vec<(usize, &str)> = ranked.iter().take(5).map(|&c| (c, "best")).collect();
-    for &c in ranked
-        .iter()
-        .rev()
-        .take(5)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-    {
-        if !chosen.iter().any(|(d, _)| *d == c) {
-            chosen.push((c, "worst"));
-        }
-    }
-    Ok(chosen
+    Ok(best_and_worst(&ranked)
         .into_iter()
         .map(|(c, which)| Series {
             label: format!(
@@ -274,6 +287,13 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let device = ctx.device.open()?;
     let input = ctx.model_input();
     let k = data.info.classes.len();
+    // Checked before the evaluation rather than at its end, where the projection is drawn.
+    if let Some(bad) = p.projection_classes.iter().flatten().find(|&&c| c >= k) {
+        return Err(StageError::config(format!(
+            "{}: projection_classes names class {bad}, the dataset has {k}",
+            ctx.name
+        )));
+    }
     let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
     let inference = Inference {
         model: &model,
@@ -412,7 +432,7 @@ fn write_tables(
     for (c, s) in m.classes.iter().enumerate() {
         class_csv.push_str(&format!(
             "{c},{},{},{},{},{},{}\n",
-            e.classes[c],
+            csv_field(&e.classes[c]),
             s.support,
             fixed(s.precision, 6),
             fixed(s.recall, 6),
@@ -431,7 +451,8 @@ fn write_tables(
     .to_vec())
 }
 
-/// `v` with `digits` decimals; empty when undefined (a class never predicted has no precision).
+/// `v` with `digits` decimals; empty when undefined (a class with no test sample has no recall,
+/// F1 or confidence).
 fn fixed(v: f64, digits: usize) -> String {
     if v.is_finite() {
         format!("{v:.digits$}")
@@ -491,7 +512,7 @@ fn reliability_figures(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Resul
         out.extend(figures::save(
             &Plot {
                 title: format!(
-                    "{} — training loss of the 5 best and 5 worst classes",
+                    "{} — training loss of the best and worst classes by test F1",
                     e.model_stage
                 ),
                 x: "epoch".into(),
@@ -583,14 +604,7 @@ fn projection(
     inference: &Inference,
     data: &Dataset,
 ) -> Result<Vec<String>> {
-    let k = e.classes.len();
     let chosen = p.projection_classes.unwrap_or([0, 1, 2]);
-    if let Some(bad) = chosen.iter().find(|&&c| c >= k) {
-        return Err(StageError::config(format!(
-            "{}: projection_classes names class {bad}, the dataset has {k}",
-            ctx.name
-        )));
-    }
     let net = &model.net;
     let w = net
         .classifier_weight()
@@ -719,6 +733,28 @@ fn write_summary(ctx: &Context, p: &Params, e: &Evaluation) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_and_worst_classes_never_overlap() {
+        let names = |v: Vec<(usize, &str)>| {
+            v.into_iter()
+                .map(|(c, w)| format!("{c}{w}"))
+                .collect::<Vec<_>>()
+        };
+        // 12 classes: 5 and 5, the middle two left out.
+        let twelve: Vec<usize> = (0..12).collect();
+        let chosen = best_and_worst(&twelve);
+        assert_eq!(chosen.len(), 10);
+        assert_eq!(chosen[4], (4, "best"));
+        assert_eq!(chosen[5], (7, "worst"));
+        // 3 classes: 2 best, 1 worst; 1 class: best only.
+        assert_eq!(
+            names(best_and_worst(&[2, 0, 1])),
+            ["2best", "0best", "1worst"]
+        );
+        assert_eq!(names(best_and_worst(&[0])), ["0best"]);
+        assert!(best_and_worst(&[]).is_empty());
+    }
 
     #[test]
     fn the_projection_plane_passes_through_the_templates() {

@@ -28,7 +28,7 @@ mod rows;
 
 pub use rows::{group, Group};
 
-use crate::artifacts::{Curve, CurvePoint, Evaluation, Kind};
+use crate::artifacts::{csv_field, Curve, CurvePoint, Evaluation, Kind};
 use crate::context::Context;
 use crate::error::Result;
 use crate::science::figures::{self, ClassBars, Plot, Reliability, Series};
@@ -187,21 +187,12 @@ pub fn long_table(groups: &[Group]) -> (String, String) {
     (md, csv)
 }
 
-/// A CSV field, quoted (RFC 4180) when it holds a comma, a quote or a line break: row labels
-/// list settings with commas.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// The CSV column stem of a long-table metric: `Brier (sum)` → `brier`, `Brier (top label)` →
 /// `brier_top_label` (the names of metrics.json), `adaptive ECE` → `adaptive_ece`.
 fn csv_key(name: &str) -> String {
     match name {
         "Brier (sum)" => "brier".into(),
+        "top-5" => "top5".into(),
         other => other
             .to_lowercase()
             .replace(['(', ')'], "")
