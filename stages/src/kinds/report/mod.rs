@@ -643,18 +643,33 @@ fn same_evaluation(a: &Evaluation, b: &Evaluation) -> bool {
     (&a.model_stage, &a.variant, a.seed) == (&b.model_stage, &b.variant, b.seed)
 }
 
-/// The reference of the Vanilla differences on `model`: the row named `Vanilla`, else the
-/// model's only row trained by `vanilla` (e.g. `Vanilla (CutMix)`, when every row mixes).
-fn vanilla_of<'a>(groups: &'a [Group], model: &str) -> Option<&'a Group> {
-    let on_model = || groups.iter().filter(move |g| g.model == model);
-    on_model().find(|g| g.method == "Vanilla").or_else(|| {
-        let mut plain =
-            on_model().filter(|g| g.evals[0].method == "vanilla" && !g.settings.contains_key("ts"));
-        match (plain.next(), plain.next()) {
-            (Some(g), None) => Some(g),
-            _ => None,
-        }
-    })
+/// The reference of row `g`'s Vanilla differences: of the rows of its model trained by
+/// `vanilla` (as trained, not `+ TS`), the one sharing most of `g`'s settings (its schedule,
+/// learning rate, mixing…); none when two share as many. A `vanilla` row itself is compared
+/// only when it has variants (`Vanilla (CutMix)`), with a row that has none.
+fn vanilla_of<'a>(groups: &'a [Group], g: &Group) -> Option<&'a Group> {
+    let plain = |v: &Group| v.evals[0].method == "vanilla" && !v.settings.contains_key("ts");
+    let g_plain = plain(g);
+    if g_plain && g.evals[0].variant.is_empty() {
+        return None;
+    }
+    let shared = |v: &Group| {
+        g.settings
+            .iter()
+            .filter(|(k, value)| v.settings.get(*k) == Some(value))
+            .count()
+    };
+    let mut candidates: Vec<(usize, &Group)> = groups
+        .iter()
+        .filter(|v| v.model == g.model && plain(v) && !std::ptr::eq(*v, g))
+        .filter(|v| !g_plain || v.evals[0].variant.is_empty())
+        .map(|v| (shared(v), v))
+        .collect();
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+    match candidates.as_slice() {
+        [(best, v), rest @ ..] if rest.first().is_none_or(|r| r.0 < *best) => Some(v),
+        _ => None,
+    }
 }
 
 /// The paper's Fig. 3: per row (method), the difference of its mean accuracy and mean ECE from
@@ -664,12 +679,9 @@ fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Grid<Plot> {
     let mut acc: Vec<Series> = Vec::new();
     let mut ece: Vec<Series> = Vec::new();
     for g in groups {
-        let Some(v) = vanilla_of(groups, &g.model) else {
+        let Some(v) = vanilla_of(groups, g) else {
             continue;
         };
-        if std::ptr::eq(v, g) {
-            continue;
-        }
         let params = g.evals[0].parameters as f64 / 1e6;
         if params == 0.0 {
             continue;
@@ -806,6 +818,52 @@ mod tests {
             classes: vec!["a".into(), "b".into()],
             parameters: 0,
         }
+    }
+
+    /// Rows are compared with the Vanilla run of their model sharing most of their settings;
+    /// a plain Vanilla row with nothing, a mixed one with the plain one; two equally close
+    /// Vanilla runs give no reference.
+    #[test]
+    fn each_row_is_compared_with_the_vanilla_run_sharing_its_settings() {
+        let p = [0.9f32, 0.1];
+        let run = |method: &str, variant: &str, lr: &str| {
+            let mut e = eval(method, "resnet8", 0, &p, &[0]);
+            e.variant = variant.into();
+            let s = [("model.lr", lr), ("model.method", method)];
+            let s: Settings = s
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (e, s)
+        };
+        let evals = vec![
+            run("vanilla", "", "0.1"),
+            run("vanilla", "", "0.05"),
+            run("kd", "", "0.05"),
+            run("vanilla", "cutmix", "0.1"),
+        ];
+        let groups = group(&evals);
+        let named = |g: &Group| vanilla_of(&groups, g).map(|v| v.method.clone());
+        let rows: Vec<Option<String>> = groups.iter().map(named).collect();
+        assert_eq!(
+            rows,
+            [
+                None,
+                None,
+                Some("Vanilla (lr=0.05)".into()),
+                Some("Vanilla (lr=0.1)".into())
+            ],
+            "{:?}",
+            groups.iter().map(|g| &g.method).collect::<Vec<_>>()
+        );
+        // A KD run at another learning rate is as close to either plain Vanilla run: none.
+        let apart = vec![
+            run("vanilla", "", "0.1"),
+            run("vanilla", "", "0.05"),
+            run("kd", "", "0.2"),
+        ];
+        let groups = group(&apart);
+        assert!(vanilla_of(&groups, &groups[2]).is_none());
     }
 
     fn point(epoch: u32, acc: f64, ece: f64, nll: f64) -> CurvePoint {

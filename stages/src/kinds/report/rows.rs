@@ -92,24 +92,28 @@ fn base(g: &Group) -> Base {
     }
 }
 
-/// Names every group: an explicit `label`, or its base and the settings that tell it apart
-/// from the groups of the same base in the same column.
+/// Names every group: its base (an explicit `label`, or the method's paper name and tags) and
+/// the settings that tell it apart from the groups of the same base in the same column — so two
+/// runs given one `label` are still told apart, by what differs between them.
 fn name_rows(groups: &mut [Group]) {
-    let bases: Vec<Base> = groups.iter().map(base).collect();
+    let bases: Vec<Base> = groups
+        .iter()
+        .map(|g| match g.settings.get(LABEL_KEY) {
+            Some(label) => Base {
+                name: label.clone(),
+                tags: Vec::new(),
+                ts: g.settings.contains_key("ts"),
+            },
+            None => base(g),
+        })
+        .collect();
     let mut done = vec![false; groups.len()];
     for i in 0..groups.len() {
         if done[i] {
             continue;
         }
-        if let Some(label) = groups[i].settings.get(LABEL_KEY).cloned() {
-            let ts = if bases[i].ts { " + TS" } else { "" };
-            groups[i].method = format!("{label}{ts}");
-            done[i] = true;
-            continue;
-        }
         let members: Vec<usize> = (i..groups.len())
             .filter(|&j| !done[j] && bases[j] == bases[i])
-            .filter(|&j| !groups[j].settings.contains_key(LABEL_KEY))
             .collect();
         let picked = distinguishing_keys(groups, &members);
         for &j in &members {
@@ -374,6 +378,31 @@ mod tests {
                 ("Vanilla (epochs=3)".into(), "resnet8".into(), 1),
                 ("my run".into(), "resnet8".into(), 1),
                 ("my run + TS".into(), "resnet8".into(), 1),
+            ]
+        );
+    }
+
+    /// Two runs given one `label` (a grid over `lr` with a label on its stage) stay two rows,
+    /// told apart by what differs; a label alone in its column stays as written.
+    #[test]
+    fn runs_sharing_a_label_are_told_apart() {
+        let run = |lr: &str, label: &str| {
+            let mut s = settings(&[("model.lr", lr)]);
+            s.insert(LABEL_KEY.into(), label.into());
+            s
+        };
+        let evals = vec![
+            (eval("vanilla", "", "resnet8", 0), run("0.1", "ours")),
+            (eval("vanilla", "", "resnet8", 1), run("0.1", "ours")),
+            (eval("vanilla", "", "resnet8", 0), run("0.05", "ours")),
+            (eval("vanilla", "", "resnet20", 0), run("0.1", "ours")),
+        ];
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                ("ours (lr=0.1)".to_string(), "resnet8".to_string(), 2),
+                ("ours (lr=0.05)".into(), "resnet8".into(), 1),
+                ("ours (lr=0.1)".into(), "resnet20".into(), 1),
             ]
         );
     }
