@@ -538,6 +538,27 @@ where
     .map_err(err)
 }
 
+/// A plot's margin, and the heights of the x axis' labels and widths of the y axis' (pixels).
+const MARGIN: u32 = 12;
+const X_LABELS: u32 = 40;
+const Y_LABELS: u32 = 60;
+
+/// The data ranges, about `x` and `y`'s centres and holding both, that a plotting area of
+/// `inner` pixels (width, height) draws at one scale on both axes: a unit as long across as up.
+fn equal_scales(
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    inner: (f64, f64),
+) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+    let (w, h) = (inner.0.max(1.0), inner.1.max(1.0));
+    let per_pixel = ((x.end - x.start) / w).max((y.end - y.start) / h);
+    let about = |r: &std::ops::Range<f64>, pixels: f64| {
+        let (centre, half) = ((r.start + r.end) / 2.0, per_pixel * pixels / 2.0);
+        (centre - half)..(centre + half)
+    };
+    (about(&x, w), about(&y, h))
+}
+
 impl Figure for Plot {
     fn draw<DB: DrawingBackend>(
         &self,
@@ -552,15 +573,17 @@ impl Figure for Plot {
         let points = || self.series.iter().flat_map(|s| s.points.iter());
         let (mut xr, mut yr) = (range(points().map(|p| p.0)), range(points().map(|p| p.1)));
         if self.square {
-            let half = ((xr.end - xr.start).max(yr.end - yr.start)) / 2.0;
-            let (cx, cy) = ((xr.start + xr.end) / 2.0, (yr.start + yr.end) / 2.0);
-            xr = (cx - half)..(cx + half);
-            yr = (cy - half)..(cy + half);
+            let (w, h) = plot_area.dim_in_pixel();
+            let inner = (
+                w as f64 - 2.0 * MARGIN as f64 - Y_LABELS as f64,
+                h as f64 - 2.0 * MARGIN as f64 - X_LABELS as f64,
+            );
+            (xr, yr) = equal_scales(xr, yr, inner);
         }
         let mut chart = ChartBuilder::on(&plot_area)
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
+            .margin(MARGIN)
+            .x_label_area_size(X_LABELS)
+            .y_label_area_size(Y_LABELS)
             .build_cartesian_2d(xr, yr)
             .map_err(err)?;
         chart
@@ -617,6 +640,20 @@ impl Figure for Plot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Equal scales: as many units per pixel across as up, both ranges kept inside.
+    #[test]
+    fn equal_scales_give_a_unit_one_length_on_both_axes() {
+        // 4 units wide, 1 high, on 300 × 100 pixels: 4/300 per pixel, so y spans 100·4/300.
+        let (x, y) = equal_scales(0.0..4.0, 10.0..11.0, (300.0, 100.0));
+        assert!((x.end - x.start - 4.0).abs() < 1e-12);
+        assert!((y.end - y.start - 4.0 / 3.0).abs() < 1e-12);
+        assert!((y.start + y.end - 21.0).abs() < 1e-12, "centred: {y:?}");
+        // 1 wide, 4 high on the same pixels: 4/100 per pixel, x spans 12.
+        let (x, y) = equal_scales(0.0..1.0, 0.0..4.0, (300.0, 100.0));
+        assert!((x.end - x.start - 12.0).abs() < 1e-12 && (y.end - y.start - 4.0).abs() < 1e-12);
+        assert!(x.start <= 0.0 && x.end >= 1.0);
+    }
 
     fn bins() -> Vec<Bin> {
         (0..10)
