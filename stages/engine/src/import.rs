@@ -209,16 +209,42 @@ fn read_pickle(path: &Path) -> Result<Object> {
                 "no `data.pkl`: not a checkpoint written by `torch.save`",
             )
         })?;
+    // The storages' byte order (PyTorch ≥ 1.10 records it; older files are little-endian):
+    // tensors are read as little-endian, so a big-endian file would load as garbage.
+    let order = name.replace("data.pkl", "byteorder");
+    if let Ok(mut entry) = zip.by_name(&order) {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut entry, &mut text);
+        if text.trim() != "little" {
+            return Err(EngineError::invalid(
+                path,
+                &order,
+                format!(
+                    "storages in `{}` byte order; only little-endian ones are read",
+                    text.trim()
+                ),
+            ));
+        }
+    }
     let entry = zip
         .by_name(&name)
         .map_err(|e| EngineError::invalid(path, &name, e.to_string()))?;
+    // torch.save writes pickle protocol 2 unless told otherwise; say so when another fails.
+    let unpickle = |e: candle_core::Error| {
+        EngineError::invalid(
+            path,
+            &name,
+            format!(
+                "cannot unpickle: {e} (torch.save's default pickle protocol 2 is read; a file \
+                 saved with another `pickle_protocol` may not be)"
+            ),
+        )
+    };
     let mut stack = Stack::empty();
     stack
         .read_loop(&mut std::io::BufReader::new(entry))
-        .map_err(|e| EngineError::invalid(path, &name, format!("cannot unpickle: {e}")))?;
-    stack
-        .finalize()
-        .map_err(|e| EngineError::invalid(path, &name, format!("cannot unpickle: {e}")))
+        .map_err(unpickle)?;
+    stack.finalize().map_err(unpickle)
 }
 
 /// Whether a pickled object is a tensor (or an `nn.Parameter`).
@@ -575,6 +601,19 @@ mod tests {
                 assert_eq!(values(&state.tensors[name]), values(t), "{file} {name}");
             }
         }
+    }
+
+    /// A checkpoint whose storages are big-endian is refused by its `byteorder` record rather
+    /// than read as garbage.
+    #[test]
+    fn big_endian_storages_are_refused() {
+        let e = read(&fixture("big_endian.pth"), None, resnet())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("big_endian/byteorder") && e.contains("`big` byte order"),
+            "{e}"
+        );
     }
 
     /// A file that is neither format is refused by its header.
