@@ -305,13 +305,23 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         progress: ctx,
     };
     let labels = data.test.labels();
-    let (e, probs, logits) = evaluate(ctx, p, &data, input, &meta, &inference)?;
+    let chosen = (k >= 3).then(|| p.projection_classes.unwrap_or([0, 1, 2]));
+    let Evaluated {
+        e,
+        probs,
+        logits,
+        features,
+    } = evaluate(ctx, p, &data, input, &meta, &inference, chosen)?;
     let mut outputs = write_tables(ctx, &e, &labels, &probs, logits.as_deref())?;
     outputs.extend(reliability_figures(ctx, &e, &input.dir)?);
     outputs.extend(training_curve(ctx, &e, &input.dir)?);
     outputs.extend(best_class(ctx, &e, &probs, &labels)?);
-    if k >= 3 {
-        outputs.extend(projection(ctx, p, &e, &model, &inference, &data)?);
+    if let Some(chosen) = chosen {
+        let features = match features {
+            Some(f) => f,
+            None => class_features(&model, &inference, &data, chosen)?,
+        };
+        outputs.extend(projection(ctx, &e, &model, chosen, &features)?);
     }
     write_summary(ctx, p, &e)?;
     outputs.push("metrics.md".into());
@@ -339,11 +349,12 @@ fn evaluate(
     input: &Input,
     meta: &TrainedModel,
     inference: &Inference,
-) -> Result<(Evaluation, Vec<f32>, Option<Vec<f32>>)> {
+    chosen: Option<[usize; 3]>,
+) -> Result<Evaluated> {
     let k = data.info.classes.len();
     let labels = data.test.labels();
     let mut variant = meta.variant.clone();
-    let (probs, logits) = if p.mc_samples > 0 {
+    let (probs, logits, features) = if p.mc_samples > 0 {
         if meta.spec.dropout == 0.0 {
             return Err(StageError::config(format!(
                 "{}: mc_samples = {} averages Monte-Carlo dropout passes, but `{}` was trained \
@@ -357,10 +368,10 @@ fn evaluate(
         variant.push_str("MCDO-S");
         let seed = p.seed.unwrap_or(meta.seed);
         let mc = inference.predict_mc(&data.test, p.mc_samples, seed, "evaluating (MC dropout)")?;
-        (mc.mean, None)
+        (mc.mean, None, None)
     } else {
-        let logits = inference.logits(&data.test, "evaluating")?;
-        (softmax_rows(&logits, k, 1.0), Some(logits))
+        let (logits, features) = logits_and_features(inference, data, chosen)?;
+        (softmax_rows(&logits, k, 1.0), Some(logits), features)
     };
     // A NaN would pass as a finite NLL (its floor) and an arbitrary argmax: refused by name.
     if let Some(i) = probs.iter().position(|v| !v.is_finite()) {
@@ -394,7 +405,93 @@ fn evaluate(
         classes: data.info.classes.clone(),
         parameters: inference.model.parameter_count(),
     };
-    Ok((e, probs, logits))
+    Ok(Evaluated {
+        e,
+        probs,
+        logits,
+        features,
+    })
+}
+
+/// What the evaluation's pass gives: its metrics, the probabilities, the logits (none under
+/// Monte-Carlo dropout) and the projection's features when they came with it.
+struct Evaluated {
+    e: Evaluation,
+    probs: Vec<f32>,
+    logits: Option<Vec<f32>>,
+    features: Option<ClassFeatures>,
+}
+
+/// The penultimate activations of the test images of three classes, in test order: their
+/// (index, label) and `D` values each.
+struct ClassFeatures {
+    d: usize,
+    samples: Vec<(u32, u32)>,
+    values: Vec<f32>,
+}
+
+impl ClassFeatures {
+    fn new(d: usize) -> Self {
+        ClassFeatures {
+            d,
+            samples: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    /// Keeps the rows of `batch` whose label is one of `chosen` from its features `all`
+    /// (`batch.len() × D`).
+    fn keep(&mut self, batch: &datasets::Batch, all: &[f32], chosen: [usize; 3]) {
+        for j in 0..batch.len() {
+            if chosen.contains(&(batch.labels[j] as usize)) {
+                self.samples.push((batch.indices[j], batch.labels[j]));
+                self.values
+                    .extend_from_slice(&all[j * self.d..(j + 1) * self.d]);
+            }
+        }
+    }
+}
+
+/// The logits of every test image (eval mode), and with `chosen` the features of those
+/// classes' images, from one pass: the logits are the classifier's on the same features, so
+/// bit for bit what [`Inference::logits`] gives.
+fn logits_and_features(
+    inference: &Inference,
+    data: &Dataset,
+    chosen: Option<[usize; 3]>,
+) -> Result<(Vec<f32>, Option<ClassFeatures>)> {
+    let net = &inference.model.net;
+    let d = net.classifier_weight().dim(1)?;
+    let mut logits = Vec::with_capacity(data.test.len() * data.info.classes.len());
+    let mut kept = chosen.map(|_| ClassFeatures::new(d));
+    inference.for_each_batch(&data.test, "evaluating", |batch, x| {
+        let features = net.features_t(x, false)?;
+        let l = net.head_with_dropout(&features, None)?;
+        logits.extend(l.flatten_all()?.to_vec1::<f32>()?);
+        if let (Some(kept), Some(chosen)) = (kept.as_mut(), chosen) {
+            kept.keep(batch, &features.flatten_all()?.to_vec1::<f32>()?, chosen);
+        }
+        Ok(())
+    })?;
+    Ok((logits, kept))
+}
+
+/// The features of the `chosen` classes' test images, in a pass of their own (an evaluation by
+/// Monte-Carlo dropout computes no plain features).
+fn class_features(
+    model: &Model,
+    inference: &Inference,
+    data: &Dataset,
+    chosen: [usize; 3],
+) -> Result<ClassFeatures> {
+    let net = &model.net;
+    let mut kept = ClassFeatures::new(net.classifier_weight().dim(1)?);
+    inference.for_each_batch(&data.test, "projecting", |batch, x| {
+        let all = net.features_t(x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        kept.keep(batch, &all, chosen);
+        Ok(())
+    })?;
+    Ok(kept)
 }
 
 /// `predictions.parquet`, `metrics.json`, `metrics.csv` and `class_metrics.csv`.
@@ -598,13 +695,11 @@ fn best_class(ctx: &Context, e: &Evaluation, probs: &[f32], labels: &[u32]) -> R
 /// their classifier templates.
 fn projection(
     ctx: &Context,
-    p: &Params,
     e: &Evaluation,
     model: &Model,
-    inference: &Inference,
-    data: &Dataset,
+    chosen: [usize; 3],
+    features: &ClassFeatures,
 ) -> Result<Vec<String>> {
-    let chosen = p.projection_classes.unwrap_or([0, 1, 2]);
     let net = &model.net;
     let w = net
         .classifier_weight()
@@ -627,28 +722,15 @@ fn projection(
         })
         .collect();
     let mut csv = String::from("index,label,x,y\n");
-    // A second pass over the test split, through the same loader (and normalisation) as
-    // the predictions, keeping only the three classes' activations.
-    inference.for_each_batch(&data.test, "projecting", |batch, x| {
-        let all = net.features_t(x, false)?.flatten_all()?.to_vec1::<f32>()?;
-        let keep: Vec<usize> = (0..batch.len())
-            .filter(|&j| chosen.contains(&(batch.labels[j] as usize)))
-            .collect();
-        let feats: Vec<f32> = keep
+    let points = plane_projection(&features.values, &w_rows, d);
+    for (&(i, label), xy) in features.samples.iter().zip(points) {
+        let s = chosen
             .iter()
-            .flat_map(|&j| all[j * d..(j + 1) * d].iter().copied())
-            .collect();
-        for (&j, xy) in keep.iter().zip(plane_projection(&feats, &w_rows, d)) {
-            let (i, label) = (batch.indices[j], batch.labels[j]);
-            let s = chosen
-                .iter()
-                .position(|&c| c == label as usize)
-                .expect("kept");
-            series[s].points.push(xy);
-            csv.push_str(&format!("{i},{label},{},{}\n", xy.0, xy.1));
-        }
-        Ok(())
-    })?;
+            .position(|&c| c == label as usize)
+            .expect("kept");
+        series[s].points.push(xy);
+        csv.push_str(&format!("{i},{label},{},{}\n", xy.0, xy.1));
+    }
     datasets::atomic::write_bytes(&ctx.dir.join("projection.csv"), csv.as_bytes())?;
     let mut out = vec!["projection.csv".to_string()];
     out.extend(figures::save(
