@@ -39,6 +39,10 @@ pub struct Evaluation {
     /// metrics.json files written before it was recorded.
     #[serde(default)]
     pub parameters: usize,
+    /// The evaluate stage that wrote it, set by the report reading it (not in metrics.json): two
+    /// evaluate stages of one model (other `bins`, other `mc_samples`) are told apart by it.
+    #[serde(skip)]
+    pub stage: String,
 }
 
 impl Evaluation {

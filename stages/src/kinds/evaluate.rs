@@ -404,6 +404,7 @@ fn evaluate(
         calibrated,
         classes: data.info.classes.clone(),
         parameters: inference.model.parameter_count(),
+        stage: ctx.name.clone(),
     };
     Ok(Evaluated {
         e,

@@ -231,7 +231,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut evals = Vec::new();
     let mut stages = Vec::new();
     for input in ctx.inputs_of(Kind::Evaluate) {
-        let e: Evaluation = engine::json::read(&input.dir.join("metrics.json"))?;
+        let mut e: Evaluation = engine::json::read(&input.dir.join("metrics.json"))?;
+        e.stage = input.name.clone();
         stages.push((input.name.clone(), input.dir.clone(), e.clone()));
         evals.push((e, input.settings.clone()));
     }
@@ -638,9 +639,9 @@ fn curve_series(
 }
 
 /// Whether two evaluations are one evaluate stage's (compared by what names it, not by its
-/// metrics, which may be NaN).
+/// metrics, which may be NaN): its stage, and the model, variant and seed it evaluated.
 fn same_evaluation(a: &Evaluation, b: &Evaluation) -> bool {
-    (&a.model_stage, &a.variant, a.seed) == (&b.model_stage, &b.variant, b.seed)
+    (&a.stage, &a.model_stage, &a.variant, a.seed) == (&b.stage, &b.model_stage, &b.variant, b.seed)
 }
 
 /// The reference of row `g`'s Vanilla differences: of the rows of its model trained by
@@ -721,12 +722,7 @@ fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Grid<Plot> {
 fn row_of(groups: &[Group], e: &Evaluation) -> String {
     groups
         .iter()
-        .find(|g| {
-            !g.settings.contains_key("ts")
-                && g.evals
-                    .iter()
-                    .any(|x| x.model_stage == e.model_stage && x.variant == e.variant)
-        })
+        .find(|g| !g.settings.contains_key("ts") && g.evals.iter().any(|x| same_evaluation(x, e)))
         .map_or_else(|| e.label(), |g| g.method.clone())
 }
 
@@ -817,6 +813,7 @@ mod tests {
             calibrated: None,
             classes: vec!["a".into(), "b".into()],
             parameters: 0,
+            stage: format!("eval-{method}-{model}-{seed}"),
         }
     }
 
@@ -864,6 +861,26 @@ mod tests {
         ];
         let groups = group(&apart);
         assert!(vanilla_of(&groups, &groups[2]).is_none());
+    }
+
+    /// Two evaluate stages of one trained model (other `bins`) are two rows, and each
+    /// evaluation is found in its own, not in the first one of its model.
+    #[test]
+    fn two_evaluations_of_one_model_keep_their_own_rows() {
+        let p = [0.9f32, 0.1];
+        let one = |stage: &str, bins: &str| {
+            let mut e = eval("vanilla", "resnet8", 0, &p, &[0]);
+            e.model_stage = "vanilla-resnet8-0".into();
+            e.stage = stage.into();
+            let s: Settings = [("bins".to_string(), bins.to_string())]
+                .into_iter()
+                .collect();
+            (e, s)
+        };
+        let evals = vec![one("eval-a", "10"), one("eval-b", "15")];
+        let groups = group(&evals);
+        let names: Vec<String> = evals.iter().map(|(e, _)| row_of(&groups, e)).collect();
+        assert_eq!(names, ["Vanilla (eval.bins=10)", "Vanilla (eval.bins=15)"]);
     }
 
     fn point(epoch: u32, acc: f64, ece: f64, nll: f64) -> CurvePoint {

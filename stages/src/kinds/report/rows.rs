@@ -121,6 +121,21 @@ fn name_rows(groups: &mut [Group]) {
             done[j] = true;
         }
     }
+    // A temperature-scaled row is its training's row, scaled: named after that row, so it
+    // keeps the settings that tell the training apart (`KD (kd_tau=4) + TS`).
+    for i in 0..groups.len() {
+        if !bases[i].ts {
+            continue;
+        }
+        let mut own = groups[i].settings.clone();
+        own.remove("ts");
+        let unscaled = groups
+            .iter()
+            .find(|g| g.settings == own && g.model == groups[i].model);
+        if let Some(name) = unscaled.map(|g| g.method.clone()) {
+            groups[i].method = format!("{name} + TS");
+        }
+    }
 }
 
 /// Rank of a displayed key: what the paper's labels show first (the schedule's length, the
@@ -260,6 +275,7 @@ mod tests {
             calibrated: None,
             classes: vec!["a".into(), "b".into()],
             parameters: 0,
+            stage: String::new(),
         }
     }
 
@@ -403,6 +419,27 @@ mod tests {
                 ("ours (lr=0.1)".to_string(), "resnet8".to_string(), 2),
                 ("ours (lr=0.05)".into(), "resnet8".into(), 1),
                 ("ours (lr=0.1)".into(), "resnet20".into(), 1),
+            ]
+        );
+    }
+
+    /// A temperature-scaled row is named after its training's row: with two KD temperatures,
+    /// `KD (kd_tau=4) + TS`, not a bare `KD + TS`.
+    #[test]
+    fn a_temperature_scaled_row_keeps_its_trainings_name() {
+        let kd = |tau: &str| settings(&[("model.kd_tau", tau)]);
+        let mut scaled = eval("kd", "", "resnet8", 0);
+        scaled.calibrated = Some(crate::artifacts::evaluation::Calibrated {
+            temperature: 1.5,
+            metrics: scaled.metrics.clone(),
+        });
+        let evals = vec![(scaled, kd("4")), (eval("kd", "", "resnet8", 0), kd("2"))];
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                ("KD (kd_tau=4)".to_string(), "resnet8".to_string(), 1),
+                ("KD (kd_tau=4) + TS".into(), "resnet8".into(), 1),
+                ("KD (kd_tau=2)".into(), "resnet8".into(), 1),
             ]
         );
     }
