@@ -492,7 +492,13 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
         .unwrap();
     let checkpoints = dir.path().join("out/.model.partial/checkpoints");
     let t0 = std::time::Instant::now();
-    while std::fs::read_dir(&checkpoints).map_or(true, |mut d| d.next().is_none()) {
+    // A complete checkpoint: `step-N`, not the `.tmp-step-N` being written (a kill before its
+    // rename left nothing to resume from, and the test failed now and then).
+    let complete = |d: std::fs::ReadDir| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+    };
+    while !std::fs::read_dir(&checkpoints).is_ok_and(complete) {
         assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }

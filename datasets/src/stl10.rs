@@ -30,8 +30,11 @@ fn split(dir: &Path, name: &str, classes: &[String]) -> Result<Split> {
             &xp,
             "size",
             format!(
-                "{} bytes is not a whole number of {IMAGE}-byte images (3×96×96)",
-                x.len()
+                "{} bytes is not a whole number of {IMAGE}-byte images (3×96×96): {} complete \
+                 images and {} bytes over",
+                x.len(),
+                x.len() / IMAGE,
+                x.len() % IMAGE
             ),
         ));
     }
@@ -40,7 +43,12 @@ fn split(dir: &Path, name: &str, classes: &[String]) -> Result<Split> {
         return Err(DatasetError::format(
             &yp,
             "size",
-            format!("{} labels for the {n} images of {}", y.len(), xp.display()),
+            format!(
+                "{} labels for the {n} images of {}: one of the two files is truncated or \
+                 from another split",
+                y.len(),
+                xp.display()
+            ),
         ));
     }
     let mut labels = Vec::with_capacity(n);
@@ -162,7 +170,9 @@ mod tests {
         std::fs::write(d.join("train_y.bin"), [1u8, 2]).unwrap();
         let e = stl10(&d).unwrap_err().to_string();
         assert!(
-            e.contains("test_X.bin") && e.contains("not a whole number"),
+            e.contains("test_X.bin")
+                && e.contains("not a whole number")
+                && e.contains(&format!("0 complete images and {} bytes over", IMAGE - 1)),
             "{e}"
         );
         std::fs::remove_file(d.join("class_names.txt")).unwrap();
