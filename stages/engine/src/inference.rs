@@ -58,6 +58,11 @@ fn entropy(p: &[f32]) -> f64 {
 }
 
 impl Inference<'_> {
+    /// The softmax of `logits` at this inference's temperature τ, row by row.
+    fn softmax(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)
+    }
+
     fn loader(&self, store: &Arc<PackedStore>) -> Loader {
         Loader::new(
             store.clone(),
@@ -145,8 +150,7 @@ impl Inference<'_> {
             let features = self.model.net.features_t(x, false)?;
             if let Some(out) = eval.as_deref_mut() {
                 let logits = self.model.net.head_with_dropout(&features, None)?;
-                let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?;
-                out.extend(probs.flatten_all()?.to_vec1::<f32>()?);
+                out.extend(self.softmax(&logits)?.flatten_all()?.to_vec1::<f32>()?);
             }
             let mut sum = vec![0f64; b * k];
             let mut sq = vec![0f64; b * k];
@@ -162,9 +166,7 @@ impl Inference<'_> {
                     .model
                     .net
                     .head_with_dropout(&features, Some(mask_seed))?;
-                let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
+                let probs = self.softmax(&logits)?.flatten_all()?.to_vec1::<f32>()?;
                 for (i, row) in probs.chunks_exact(k).enumerate() {
                     mean_entropy[i] += entropy(row) / s as f64;
                     for (c, &p) in row.iter().enumerate() {
@@ -269,8 +271,7 @@ impl Inference<'_> {
         let mut out = Vec::with_capacity(self.images_in(store, &batches) * store.info().k());
         self.for_each_batch_in(store, batches, what, |_, x| {
             let logits = self.model.net.forward_t(x, false)?;
-            let probs = candle_nn::ops::softmax(&(logits / self.temperature)?, D::Minus1)?;
-            out.extend(probs.flatten_all()?.to_vec1::<f32>()?);
+            out.extend(self.softmax(&logits)?.flatten_all()?.to_vec1::<f32>()?);
             Ok(())
         })?;
         Ok(out)

@@ -163,6 +163,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     Ok(files)
 }
 
+/// The source of the teachers' mean distribution.
+const ENSEMBLE: &str = "ensemble";
+
+/// The source of teacher `name`'s Monte-Carlo dropout mean.
+fn mc_source(name: &str) -> String {
+    format!("{name}.mc")
+}
+
 /// Refuses teachers whose stage names would name two sources alike: a teacher called
 /// `ensemble` beside the ensemble, or `<t>.mc` beside teacher `t`'s Monte-Carlo source. Both
 /// would be written, and students would find every sample twice.
@@ -172,11 +180,11 @@ fn distinct_sources(ctx: &Context, p: &Params, teachers: &[Teacher]) -> Result<(
         names.push((t.name.clone(), format!("teacher `{}`", t.name)));
         if has_mc(p, t) {
             let what = format!("the Monte-Carlo source of teacher `{}`", t.name);
-            names.push((format!("{}.mc", t.name), what));
+            names.push((mc_source(&t.name), what));
         }
     }
     if teachers.len() > 1 {
-        names.push(("ensemble".into(), "the ensemble of the teachers".into()));
+        names.push((ENSEMBLE.into(), "the ensemble of the teachers".into()));
     }
     for (i, (name, what)) in names.iter().enumerate() {
         if let Some((_, first)) = names[..i].iter().find(|(n, _)| n == name) {
@@ -363,7 +371,7 @@ fn assemble(
     for (((t, p), m), &has_mc) in teachers.iter().zip(probs).zip(summaries).zip(mc) {
         out.sources.push((t.name.clone(), p));
         if has_mc {
-            out.mc.push((format!("{}.mc", t.name), m));
+            out.mc.push((mc_source(&t.name), m));
             out.mc_dropout.insert(t.name.clone(), t.model.spec.dropout);
         }
     }
@@ -374,7 +382,7 @@ fn assemble(
                 *m += p / out.sources.len() as f32;
             }
         }
-        out.sources.push(("ensemble".into(), mean));
+        out.sources.push((ENSEMBLE.into(), mean));
     }
     out
 }
