@@ -149,6 +149,9 @@ impl StageParams {
             StageParams::Evaluate(_) | StageParams::Report(_) => 3,
             StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
             StageParams::Train(p) if p.method.uses_ogr() || p.method == Method::Wsl => 2,
+            // A top-k replay store's `rest` is the sum of the classes left out (it was 1 − the
+            // kept mass, as the label store never was).
+            StageParams::Replay(p) if p.top_k.is_some() => 2,
             _ => 1,
         }
     }

@@ -16,7 +16,8 @@
 
 use crate::error::{Result, StageError};
 use crate::label_store::schema::{float_list, floats_of};
-use crate::label_store::{expand_top_k, top_classes, StoreDtype};
+use crate::label_store::write::top_k_columns;
+use crate::label_store::{expand_top_k, StoreDtype};
 use crate::stream::{digest, BatchStream};
 use arrow::array::{
     Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt16Array, UInt32Array,
@@ -295,29 +296,7 @@ impl ReplayMeta {
         for out in &rows.outputs {
             match self.top_k {
                 None => cols.push(Arc::new(float_list(out, k, self.dtype, None)?)),
-                Some(t) => {
-                    let (mut classes, mut probs, mut rest) = (
-                        Vec::with_capacity(b * t),
-                        Vec::with_capacity(b * t),
-                        Vec::with_capacity(b),
-                    );
-                    for row in out.chunks_exact(k) {
-                        let top = top_classes(row, t);
-                        let kept: f32 = top.iter().map(|&c| row[c]).sum();
-                        classes.extend(top.iter().map(|&c| c as u16));
-                        probs.extend(top.iter().map(|&c| row[c]));
-                        rest.push((1.0 - kept).max(0.0));
-                    }
-                    let item = Arc::new(Field::new("item", DataType::UInt16, false));
-                    cols.push(Arc::new(FixedSizeListArray::try_new(
-                        item,
-                        t as i32,
-                        Arc::new(UInt16Array::from(classes)),
-                        None,
-                    )?));
-                    cols.push(Arc::new(float_list(&probs, t, self.dtype, None)?));
-                    cols.push(Arc::new(Float32Array::from(rest)));
-                }
+                Some(t) => cols.extend(top_k_columns(out, k, t, self.dtype)?),
             }
         }
         RecordBatch::try_new(schema.clone(), cols)
@@ -643,8 +622,9 @@ mod tests {
         for (top_k, dtype, tol) in [
             (None, StoreDtype::F32, 0.0),
             (None, StoreDtype::F16, 1e-3),
-            // Top-2 of 3 keeps two values; the third is the rest, 1 − their sum.
-            (Some(2), StoreDtype::F32, 1e-6),
+            // Top-2 of 3 keeps two values; the third is the rest, the sum of the classes left
+            // out: its own mass, exactly (1 − 0.7 − 0.2 is not 0.1 in f32).
+            (Some(2), StoreDtype::F32, 0.0),
         ] {
             let m = meta(top_k, dtype);
             write(dir.path(), &m);

@@ -31,7 +31,7 @@ pub mod write;
 
 pub use read::{open_parquet, read, read_meta};
 pub use soft_labels::{expand_top_k, SoftLabels};
-pub use write::{top_classes, write};
+pub use write::{top_classes, write, write_streamed, RowSink};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -503,3 +503,118 @@ fn a_footer_with_negative_offsets_is_refused_not_a_panic() {
         .to_string();
     assert!(e.contains("negative-column-offset.parquet"), "{e}");
 }
+
+/// Rows streamed in pieces of any size (crossing row groups, one row, whole groups) make the
+/// file that the whole sources make, in full-vector and top-k mode, with uncertainty columns:
+/// each source in its own row groups of 8192, every row read back as written.
+#[test]
+fn rows_streamed_in_pieces_make_the_same_store() {
+    let n = 20_000;
+    let indices: Vec<u32> = (0..n as u32).collect();
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % K as u32).collect();
+    // Rows that differ, so that a row out of place shows: (i, 2i, 3i) mod 97 + 1, normalised.
+    let probs = |salt: usize| -> Vec<f32> {
+        (0..n)
+            .flat_map(|i| {
+                let v = [1, 2, 3].map(|m| ((i * m + salt) % 97 + 1) as f32);
+                let s: f32 = v.iter().sum();
+                v.map(|x| x / s)
+            })
+            .collect()
+    };
+    let (t, u) = (probs(0), probs(11));
+    let std: Vec<f32> = (0..n * K).map(|i| (i % 13) as f32 / 100.0).collect();
+    let entropy: Vec<f32> = (0..n).map(|i| (i % 7) as f32 / 10.0).collect();
+    let mi: Vec<f32> = (0..n).map(|i| (i % 5) as f32 / 100.0).collect();
+    let whole = |lo: usize, hi: usize, source: &'static str| SourceRows {
+        source,
+        indices: &indices[lo..hi],
+        labels: &labels[lo..hi],
+        probs: if source == "t" {
+            &t[lo * K..hi * K]
+        } else {
+            &u[lo * K..hi * K]
+        },
+        mc: (source == "t.mc").then(|| McRows {
+            std: &std[lo * K..hi * K],
+            entropy: &entropy[lo..hi],
+            mutual_information: &mi[lo..hi],
+        }),
+    };
+    let cuts = [0, 3000, 3001, 11_193, 19_385, n];
+    for top_k in [None, Some(2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = LabelMeta { top_k, ..meta() };
+        let (a, b) = (dir.path().join("a.parquet"), dir.path().join("b.parquet"));
+        let sources = ["t", "u", "t.mc"];
+        let rows: Vec<SourceRows> = sources.iter().map(|s| whole(0, n, s)).collect();
+        write(&a, &m, &rows).unwrap();
+        write_streamed(&b, &m, |sink| {
+            for s in sources {
+                for w in cuts.windows(2) {
+                    sink.push(&whole(w[0], w[1], s))?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "top_k {top_k:?}: streamed pieces gave other bytes"
+        );
+        let file = std::fs::File::open(&b).unwrap();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+        let groups: Vec<i64> = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        assert_eq!(groups, [8192, 8192, 3616].repeat(3), "top_k {top_k:?}");
+        // With K = 3 and top-2, the one class left out gets the rest, which is its own mass:
+        // both modes read back every row as written.
+        let got = read(&b, "u", n, &m.classes, "fp").unwrap().to_dense();
+        let worst = got
+            .iter()
+            .zip(&u)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-6,
+            "top_k {top_k:?}: source u read back {worst} off"
+        );
+    }
+}
+
+/// A source's rows must come together, and with the same columns.
+#[test]
+fn a_source_mixing_uncertainty_columns_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, lab, p) = (vec![0u32], vec![0u32], vec![0.2f32, 0.3, 0.5]);
+    let (s, e) = (vec![0.0f32; K], vec![0.0f32]);
+    let err = write_streamed(&dir.path().join("x.parquet"), &meta(), |sink| {
+        let plain = SourceRows {
+            source: "t.mc",
+            indices: &idx,
+            labels: &lab,
+            probs: &p,
+            mc: None,
+        };
+        sink.push(&plain)?;
+        sink.push(&SourceRows {
+            mc: Some(McRows {
+                std: &s,
+                entropy: &e,
+                mutual_information: &e,
+            }),
+            ..plain
+        })
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("with and without uncertainty columns"),
+        "{err}"
+    );
+    assert!(!dir.path().join("x.parquet").exists());
+}

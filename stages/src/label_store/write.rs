@@ -1,8 +1,10 @@
 //! The writer: a whole store in one atomic write, each source in its own row groups, the float
-//! vectors BYTE_STREAM_SPLIT-encoded, no timestamps (the same inputs give the same bytes).
+//! vectors BYTE_STREAM_SPLIT-encoded, no timestamps (the same inputs give the same bytes). Rows
+//! can be given whole ([`write`]) or streamed piece by piece ([`write_streamed`]), which keeps
+//! one row group in memory instead of the store: the same rows give the same bytes either way.
 
 use super::schema::{float_list, leaf, schema, ROWS_PER_GROUP};
-use super::{LabelMeta, SourceRows, StoreDtype};
+use super::{LabelMeta, McRows, SourceRows, StoreDtype};
 use crate::error::{Result, StageError};
 use arrow::array::{
     ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray, UInt32Array,
@@ -16,8 +18,23 @@ use parquet::file::properties::WriterProperties;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Writes a label store atomically to `path`.
+/// Writes a label store atomically to `path`, holding every source's rows in memory.
 pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()> {
+    write_streamed(path, meta, |sink| {
+        for s in sources {
+            sink.push(s)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes a label store atomically to `path` from the rows that `fill` pushes into a
+/// [`RowSink`], a source's rows together, in as many pieces as it likes: the file holds the same
+/// bytes as [`write`] of the whole sources, and memory holds one row group, not the store.
+pub fn write_streamed<F>(path: &Path, meta: &LabelMeta, fill: F) -> Result<()>
+where
+    F: FnOnce(&mut RowSink<'_>) -> Result<()>,
+{
     let k = meta.classes.len();
     if let Some(t) = meta.top_k {
         if t == 0 || t > k || k > u16::MAX as usize + 1 {
@@ -39,24 +56,185 @@ pub fn write(path: &Path, meta: &LabelMeta, sources: &[SourceRows]) -> Result<()
             .with_metadata(in_schema.collect::<std::collections::HashMap<_, _>>()),
     );
     let props = properties(meta, keys);
-    let to_io = |e: parquet::errors::ParquetError| std::io::Error::other(e.to_string());
-    datasets::atomic::write_with(path, |w| {
-        let mut writer = ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(to_io)?;
-        for s in sources {
-            for lo in (0..s.indices.len()).step_by(ROWS_PER_GROUP) {
-                let hi = (lo + ROWS_PER_GROUP).min(s.indices.len());
-                writer
-                    .write(&batch(&schema, meta, s, lo..hi)?)
-                    .map_err(to_io)?;
-            }
-            // End the row group at each source, so a row group holds one source and readers
-            // filtering on `source` skip the others by the column's statistics.
-            writer.flush().map_err(to_io)?;
+    // `fill`'s own error is kept whole; the atomic writer only carries an io::Error out.
+    let mut failure = None;
+    let written = datasets::atomic::write_with(path, |w| {
+        let w: Box<dyn std::io::Write + Send + '_> = Box::new(w);
+        let writer = ArrowWriter::try_new(w, schema.clone(), Some(props)).map_err(to_io)?;
+        let mut sink = RowSink {
+            path,
+            meta,
+            schema: &schema,
+            writer,
+            source: None,
+            pending: Pending::default(),
+        };
+        if let Err(e) = fill(&mut sink).and_then(|()| sink.end_source()) {
+            let message = e.to_string();
+            failure = Some(e);
+            return Err(std::io::Error::other(message));
         }
-        writer.close().map_err(to_io)?;
+        sink.writer.close().map_err(to_io)?;
         Ok(())
-    })?;
-    Ok(())
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(written?),
+    }
+}
+
+fn to_io(e: parquet::errors::ParquetError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Where [`write_streamed`] takes rows: a source's rows must come together; a row group holds
+/// one source's rows, [`ROWS_PER_GROUP`] of them but its last.
+pub struct RowSink<'a> {
+    path: &'a Path,
+    meta: &'a LabelMeta,
+    schema: &'a Arc<arrow::datatypes::Schema>,
+    writer: ArrowWriter<Box<dyn std::io::Write + Send + 'a>>,
+    /// The source being written.
+    source: Option<String>,
+    /// Its rows not yet in a row group (fewer than [`ROWS_PER_GROUP`]).
+    pending: Pending,
+}
+
+/// Rows of one source waiting for a full row group.
+#[derive(Default)]
+struct Pending {
+    indices: Vec<u32>,
+    labels: Vec<u32>,
+    probs: Vec<f32>,
+    mc: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+}
+
+impl Pending {
+    fn clear(&mut self) {
+        self.indices.clear();
+        self.labels.clear();
+        self.probs.clear();
+        if let Some((std, entropy, mi)) = &mut self.mc {
+            std.clear();
+            entropy.clear();
+            mi.clear();
+        }
+    }
+
+    /// Appends rows `range` of `s`.
+    fn extend(&mut self, s: &SourceRows, range: std::ops::Range<usize>, k: usize) {
+        let (lo, hi) = (range.start, range.end);
+        self.indices.extend_from_slice(&s.indices[lo..hi]);
+        self.labels.extend_from_slice(&s.labels[lo..hi]);
+        self.probs.extend_from_slice(&s.probs[lo * k..hi * k]);
+        if let (Some((std, entropy, mi)), Some(m)) = (&mut self.mc, &s.mc) {
+            std.extend_from_slice(&m.std[lo * k..hi * k]);
+            entropy.extend_from_slice(&m.entropy[lo..hi]);
+            mi.extend_from_slice(&m.mutual_information[lo..hi]);
+        }
+    }
+
+    /// The pending rows as a source's rows.
+    fn rows<'a>(&'a self, source: &'a str) -> SourceRows<'a> {
+        SourceRows {
+            source,
+            indices: &self.indices,
+            labels: &self.labels,
+            probs: &self.probs,
+            mc: self.mc.as_ref().map(|(std, entropy, mi)| McRows {
+                std,
+                entropy,
+                mutual_information: mi,
+            }),
+        }
+    }
+}
+
+impl RowSink<'_> {
+    /// Appends rows of source `s.source`, after the rows pushed before; a source other than the
+    /// last one pushed starts a new source (its rows must not have been pushed before).
+    pub fn push(&mut self, s: &SourceRows) -> Result<()> {
+        let (n, k) = (s.indices.len(), self.meta.classes.len());
+        self.check(s, n, k)?;
+        if self.source.as_deref() != Some(s.source) {
+            self.end_source()?;
+            self.source = Some(s.source.to_string());
+            self.pending.mc = s.mc.as_ref().map(|_| Default::default());
+        } else if self.pending.mc.is_some() != s.mc.is_some() {
+            return Err(StageError::numeric(format!(
+                "{}: source `{}` was given rows with and without uncertainty columns",
+                self.path.display(),
+                s.source
+            )));
+        }
+        let mut lo = 0;
+        while lo < n {
+            let waiting = self.pending.indices.len();
+            if waiting == 0 && n - lo >= ROWS_PER_GROUP {
+                self.write_batch(s, lo..lo + ROWS_PER_GROUP)?;
+                lo += ROWS_PER_GROUP;
+                continue;
+            }
+            let take = (ROWS_PER_GROUP - waiting).min(n - lo);
+            self.pending.extend(s, lo..lo + take, k);
+            lo += take;
+            if self.pending.indices.len() == ROWS_PER_GROUP {
+                self.write_pending()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses rows whose columns disagree on their length.
+    fn check(&self, s: &SourceRows, n: usize, k: usize) -> Result<()> {
+        let mc_ok = s.mc.as_ref().is_none_or(|m| {
+            m.std.len() == n * k && m.entropy.len() == n && m.mutual_information.len() == n
+        });
+        if s.labels.len() != n || s.probs.len() != n * k || !mc_ok {
+            return Err(StageError::numeric(format!(
+                "{}: source `{}`: {n} indices, but {} labels and {} probabilities (K = {k})",
+                self.path.display(),
+                s.source,
+                s.labels.len(),
+                s.probs.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the pending rows and ends the row group of the source being written, so a row
+    /// group holds one source and readers filtering on `source` skip the others by the column's
+    /// statistics.
+    fn end_source(&mut self) -> Result<()> {
+        if !self.pending.indices.is_empty() {
+            self.write_pending()?;
+        }
+        if self.source.take().is_some() {
+            let path = self.path;
+            self.writer
+                .flush()
+                .map_err(|e| StageError::io(path, to_io(e)))?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let source = self.source.clone().unwrap_or_default();
+        let rows = pending.rows(&source);
+        self.write_batch(&rows, 0..rows.indices.len())?;
+        self.pending = pending;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn write_batch(&mut self, s: &SourceRows, range: std::ops::Range<usize>) -> Result<()> {
+        let path = self.path;
+        let batch = batch(self.schema, self.meta, s, range).map_err(|e| StageError::io(path, e))?;
+        self.writer
+            .write(&batch)
+            .map_err(|e| StageError::io(path, to_io(e)))
+    }
 }
 
 /// The `ldl.*` key-value metadata of a store.
@@ -135,7 +313,7 @@ fn batch(
     };
     let probs: Vec<ArrayRef> = match meta.top_k {
         None => vec![Arc::new(list(&s.probs[lo * k..hi * k], k, None)?)],
-        Some(t) => top_k_columns(&s.probs[lo * k..hi * k], k, t, meta.dtype)?,
+        Some(t) => top_k_columns(&s.probs[lo * k..hi * k], k, t, meta.dtype).map_err(arrow_io)?,
     };
     let (std, entropy, mi): (ArrayRef, ArrayRef, ArrayRef) = match &s.mc {
         Some(mc) => (
@@ -164,13 +342,14 @@ fn batch(
 }
 
 /// The top-k columns of `N × K` distributions: each row's `t` most probable classes, their
-/// probabilities, and the mass of the others.
-fn top_k_columns(
+/// probabilities, and the mass of the others (as the label store and the replay store hold
+/// them).
+pub(crate) fn top_k_columns(
     probs: &[f32],
     k: usize,
     t: usize,
     dtype: StoreDtype,
-) -> std::io::Result<Vec<ArrayRef>> {
+) -> std::result::Result<Vec<ArrayRef>, arrow::error::ArrowError> {
     let rows = probs.len() / k;
     let (mut classes, mut top, mut rest) = (
         Vec::with_capacity(rows * t),
@@ -202,9 +381,8 @@ fn top_k_columns(
         t as i32,
         Arc::new(arrow::array::UInt16Array::from(classes)),
         None,
-    )
-    .map_err(arrow_io)?;
-    let top = float_list(&top, t, dtype, None).map_err(arrow_io)?;
+    )?;
+    let top = float_list(&top, t, dtype, None)?;
     Ok(vec![
         Arc::new(classes),
         Arc::new(top),

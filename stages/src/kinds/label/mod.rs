@@ -139,24 +139,29 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         });
     }
     distinct_sources(ctx, p, &teachers)?;
+    let mc_dropout: BTreeMap<String, f64> = teachers
+        .iter()
+        .filter(|t| has_mc(p, t))
+        .map(|t| (t.name.clone(), t.model.spec.dropout))
+        .collect();
     let mut files = Vec::new();
     for &split in &p.splits {
         let store = split_store(ctx, &data, split)?;
-        let labels = label_split(ctx, p, &data, &device, &teachers, split, &store)?;
+        let chunks = label_split(ctx, p, &data, &device, &teachers, split, &store)?;
         let meta = LabelMeta {
             classes: data.info.classes.clone(),
             dataset_fingerprint: store.hash(),
             teachers: fingerprints.clone(),
             temperature: p.temperature,
             checkpoints: checkpoints.clone(),
-            mc: (!labels.mc_dropout.is_empty()).then_some(McMeta {
+            mc: (!mc_dropout.is_empty()).then(|| McMeta {
                 samples: p.mc_samples,
-                dropout: labels.mc_dropout.clone(),
+                dropout: mc_dropout.clone(),
             }),
             top_k: p.top_k,
             dtype: p.dtype,
         };
-        files.push(write_split(ctx, split, &store, &meta, &labels)?);
+        files.push(write_split(ctx, split, &store, &meta, &teachers, &chunks)?);
     }
     // The chunks the stores were assembled from are not outputs: the runner removes them once
     // it has recorded the stores, so that a kill before that does not label again.
@@ -212,36 +217,30 @@ fn split_store(ctx: &Context, data: &Dataset, split: Split) -> Result<Arc<Packed
     })
 }
 
-/// Every source's distributions over one split.
-struct SplitLabels {
-    /// Each teacher's softmax (and the ensemble mean with several teachers), `N × K`.
-    sources: Vec<(String, Vec<f32>)>,
-    /// The Monte-Carlo dropout summaries of the teachers trained with dropout.
-    mc: Vec<(String, McSummary)>,
-    /// Those teachers' dropout rates.
-    mc_dropout: BTreeMap<String, f64>,
+/// A split's chunks, all computed and stored: what the label store is assembled from.
+struct SplitChunks<'a> {
+    plan: chunks::Plan,
+    expect: chunks::Expect<'a>,
 }
 
-/// Runs every teacher over `store`, chunk by chunk, reusing the chunks a killed run stored.
-fn label_split(
-    ctx: &Context,
+/// Runs every teacher over `store`, chunk by chunk, each chunk stored as soon as it is computed
+/// and not kept in memory; the chunks a killed run stored are reused.
+fn label_split<'a>(
+    ctx: &'a Context,
     p: &Params,
     data: &Dataset,
     device: &Device,
-    teachers: &[Teacher],
+    teachers: &'a [Teacher],
     split: Split,
     store: &Arc<PackedStore>,
-) -> Result<SplitLabels> {
-    let (n, k) = (store.len(), data.info.classes.len());
-    let plan = chunks::Plan::new(n, p.batch_size, p.chunk_size);
-    let names: Vec<String> = teachers.iter().map(|t| t.name.clone()).collect();
-    let mc: Vec<bool> = teachers.iter().map(|t| has_mc(p, t)).collect();
+) -> Result<SplitChunks<'a>> {
+    let plan = chunks::Plan::new(store.len(), p.batch_size, p.chunk_size);
     let expect = chunks::Expect {
         stage: &ctx.fingerprint,
         split: split.as_str(),
-        teachers: &names,
-        mc: &mc,
-        k,
+        teachers: teachers.iter().map(|t| t.name.clone()).collect(),
+        mc: teachers.iter().map(|t| has_mc(p, t)).collect(),
+        k: data.info.classes.len(),
     };
     let done = (0..plan.count())
         .filter(|&c| chunks::path(&ctx.dir, split.as_str(), &plan, c).exists())
@@ -254,16 +253,23 @@ fn label_split(
             plan.count()
         );
     }
-    let mut parts = Vec::with_capacity(plan.count());
     for c in 0..plan.count() {
-        let chunk = if chunks::path(&ctx.dir, split.as_str(), &plan, c).exists() {
-            chunks::read(&ctx.dir, &expect, &plan, c)?
-        } else {
-            let chunk = label_chunk(ctx, p, data, device, teachers, split, store, &plan, c)?;
-            chunks::write(&ctx.dir, &expect, &plan, c, &chunk)?;
-            chunk
-        };
-        parts.push(chunk);
+        match chunks::open(&ctx.dir, &expect, &plan, c)? {
+            chunks::State::Ready(_) => {}
+            state => {
+                if matches!(state, chunks::State::Stale) {
+                    tracing::info!(
+                        "{}: chunk {} of the {} split was written by an older version of this \
+                         program: labelling it again",
+                        ctx.name,
+                        c + 1,
+                        split.as_str()
+                    );
+                }
+                let chunk = label_chunk(ctx, p, data, device, teachers, split, store, &plan, c)?;
+                chunks::write(&ctx.dir, &expect, &plan, c, &chunk)?;
+            }
+        }
         if ctx.stop_requested() && c + 1 < plan.count() {
             return Err(ctx.interrupted(&format!(
                 "chunk {} of {} of the {} split",
@@ -273,7 +279,7 @@ fn label_split(
             )));
         }
     }
-    Ok(assemble(teachers, &mc, parts, n, k))
+    Ok(SplitChunks { plan, expect })
 }
 
 /// Whether teacher `t` gets a Monte-Carlo dropout source.
@@ -338,95 +344,126 @@ fn label_chunk(
     Ok(chunk)
 }
 
-/// The split's sources from its chunks, in order: each teacher's softmax, the ensemble mean
-/// with several teachers, and the Monte-Carlo summaries.
-fn assemble(
-    teachers: &[Teacher],
-    mc: &[bool],
-    parts: Vec<chunks::Chunk>,
-    n: usize,
-    k: usize,
-) -> SplitLabels {
-    let mut out = SplitLabels {
-        sources: Vec::new(),
-        mc: Vec::new(),
-        mc_dropout: BTreeMap::new(),
-    };
-    let mut probs: Vec<Vec<f32>> = vec![Vec::with_capacity(n * k); teachers.len()];
-    let mut summaries: Vec<McSummary> = vec![McSummary::default(); teachers.len()];
-    for part in parts {
-        for (t, p) in part.probs.into_iter().enumerate() {
-            probs[t].extend(p);
-        }
-        for (t, m) in part.mc.into_iter().enumerate() {
-            if let Some(m) = m {
-                let s = &mut summaries[t];
-                s.mean.extend(m.mean);
-                s.std.extend(m.std);
-                s.entropy.extend(m.entropy);
-                s.mutual_information.extend(m.mutual_information);
-            }
-        }
+/// A source of the label store, in the order they are written: each teacher's softmax, the
+/// ensemble mean with several teachers, then the Monte-Carlo summaries.
+enum Source<'a> {
+    Teacher(&'a str),
+    Ensemble,
+    Mc(&'a str),
+}
+
+/// The sources of a store of `teachers`, in order.
+fn sources<'a>(teachers: &'a [Teacher], mc: &[bool]) -> Vec<Source<'a>> {
+    let mut out: Vec<Source> = teachers.iter().map(|t| Source::Teacher(&t.name)).collect();
+    if teachers.len() > 1 {
+        out.push(Source::Ensemble);
     }
-    for (((t, p), m), &has_mc) in teachers.iter().zip(probs).zip(summaries).zip(mc) {
-        out.sources.push((t.name.clone(), p));
-        if has_mc {
-            out.mc.push((mc_source(&t.name), m));
-            out.mc_dropout.insert(t.name.clone(), t.model.spec.dropout);
-        }
-    }
-    if out.sources.len() > 1 {
-        let mut mean = vec![0f32; n * k];
-        for (_, probs) in &out.sources {
-            for (m, p) in mean.iter_mut().zip(probs) {
-                *m += p / out.sources.len() as f32;
-            }
-        }
-        out.sources.push((ENSEMBLE.into(), mean));
-    }
+    out.extend(
+        teachers
+            .iter()
+            .zip(mc)
+            .filter(|(_, &m)| m)
+            .map(|(t, _)| Source::Mc(&t.name)),
+    );
     out
 }
 
-/// Writes one split's label store; returns its file name.
+/// Writes one split's label store, source by source and chunk by chunk, so that memory holds
+/// one chunk's rows of one source, not the split's; returns the store's file name.
 fn write_split(
     ctx: &Context,
     split: Split,
     store: &Arc<PackedStore>,
     meta: &LabelMeta,
-    labels: &SplitLabels,
+    teachers: &[Teacher],
+    chunks: &SplitChunks,
 ) -> Result<String> {
-    let n = store.len();
-    let indices: Vec<u32> = (0..n as u32).collect();
-    let classes = store.labels();
-    let mut rows: Vec<SourceRows> = labels
-        .sources
-        .iter()
-        .map(|(name, probs)| SourceRows {
-            source: name,
-            indices: &indices,
-            labels: &classes,
-            probs,
-            mc: None,
-        })
-        .collect();
-    rows.extend(labels.mc.iter().map(|(name, m)| SourceRows {
-        source: name,
-        indices: &indices,
-        labels: &classes,
-        probs: &m.mean,
-        mc: Some(McRows {
-            std: &m.std,
-            entropy: &m.entropy,
-            mutual_information: &m.mutual_information,
-        }),
-    }));
+    let (plan, expect) = (&chunks.plan, &chunks.expect);
+    let labels = store.labels();
+    let sources = sources(teachers, &expect.mc);
     let file = file_for(split);
-    label_store::write(&ctx.dir.join(&file), meta, &rows)?;
+    label_store::write_streamed(&ctx.dir.join(&file), meta, |sink| {
+        for source in &sources {
+            for c in 0..plan.count() {
+                let chunks::State::Ready(chunk) = chunks::open(&ctx.dir, expect, plan, c)? else {
+                    return Err(StageError::numeric(format!(
+                        "{}: chunk {} of the {} split disappeared while the store was written",
+                        ctx.name,
+                        c + 1,
+                        split.as_str()
+                    )));
+                };
+                let images = plan.images_of_range(c);
+                let indices: Vec<u32> = (images.start as u32..images.end as u32).collect();
+                let rows = source_chunk(&chunk, source, teachers)?;
+                sink.push(&SourceRows {
+                    source: &rows.name,
+                    indices: &indices,
+                    labels: &labels[images],
+                    probs: &rows.probs,
+                    mc: rows.mc.as_ref().map(|m| McRows {
+                        std: &m.std,
+                        entropy: &m.entropy,
+                        mutual_information: &m.mutual_information,
+                    }),
+                })?;
+            }
+        }
+        Ok(())
+    })?;
     tracing::info!(
         "{}: {file}: {} rows × {} sources written",
         ctx.name,
-        n,
-        rows.len()
+        store.len(),
+        sources.len()
     );
     Ok(file)
+}
+
+/// One source's rows of one chunk.
+struct SourceChunk {
+    name: String,
+    probs: Vec<f32>,
+    mc: Option<McSummary>,
+}
+
+/// Source `source`'s rows of `chunk`.
+fn source_chunk(
+    chunk: &chunks::ChunkFile,
+    source: &Source,
+    teachers: &[Teacher],
+) -> Result<SourceChunk> {
+    Ok(match *source {
+        Source::Teacher(name) => SourceChunk {
+            name: name.to_string(),
+            probs: chunk.probs(name)?,
+            mc: None,
+        },
+        Source::Ensemble => SourceChunk {
+            name: ENSEMBLE.to_string(),
+            probs: ensemble_mean(chunk, teachers)?,
+            mc: None,
+        },
+        Source::Mc(name) => {
+            let mut m = chunk.mc(name)?;
+            SourceChunk {
+                name: mc_source(name),
+                probs: std::mem::take(&mut m.mean),
+                mc: Some(m),
+            }
+        }
+    })
+}
+
+/// The mean of the teachers' softmax over one chunk.
+fn ensemble_mean(chunk: &chunks::ChunkFile, teachers: &[Teacher]) -> Result<Vec<f32>> {
+    let mut mean: Vec<f32> = Vec::new();
+    for t in teachers {
+        let probs = chunk.probs(&t.name)?;
+        mean.resize(probs.len(), 0.0);
+        for (m, p) in mean.iter_mut().zip(&probs) {
+            *m += p / teachers.len() as f32;
+        }
+    }
+    Ok(mean)
 }
