@@ -113,13 +113,23 @@ fn fingerprint(e: &Expect, plan: &Plan, c: usize) -> String {
     blake3::hash(doc.as_bytes()).to_hex().to_string()
 }
 
-fn bytes_of(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// The little-endian bytes of `v`: a view of it on a little-endian machine (a chunk's outputs
+/// are hundreds of MB at K = 1000; a copy would double them), a copy elsewhere.
+fn bytes_of(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(v))
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
 }
 
 /// The tensors of a chunk, by name: `<teacher>.probs`, and `<teacher>.mc.mean`, `.mc.std`
 /// (`n × K`), `.mc.entropy`, `.mc.mutual_information` (`n`) for a dropout teacher.
-fn tensors(e: &Expect, chunk: &Chunk, n: usize) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+fn tensors<'c>(
+    e: &Expect,
+    chunk: &'c Chunk,
+    n: usize,
+) -> Vec<(String, Vec<usize>, std::borrow::Cow<'c, [u8]>)> {
     let mut data = Vec::new();
     for (t, probs) in chunk.probs.iter().enumerate() {
         data.push(bytes_of(probs));
