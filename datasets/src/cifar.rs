@@ -49,13 +49,43 @@ pub(crate) fn read_names(path: &Path, k: usize) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Appends the records of one binary file: `label_at` is the offset of the label byte used,
-/// `record` the record length.
+/// A label byte of a record: its offset, its number of classes, what it is called in errors.
+#[derive(Clone, Copy)]
+struct LabelByte {
+    at: usize,
+    k: usize,
+    name: &'static str,
+}
+
+/// CIFAR-10's one label byte.
+const CIFAR10_LABEL: LabelByte = LabelByte {
+    at: 0,
+    k: 10,
+    name: "label",
+};
+
+/// CIFAR-100's coarse label byte.
+const COARSE: LabelByte = LabelByte {
+    at: 0,
+    k: 20,
+    name: "coarse label",
+};
+
+/// CIFAR-100's fine label byte.
+const FINE: LabelByte = LabelByte {
+    at: 1,
+    k: 100,
+    name: "fine label",
+};
+
+/// Appends the records of one binary file, `record` bytes each: the label of byte `label`, and
+/// the pixels. Every byte of `checked` (the label's among them) must be in its range: a file
+/// whose other label is out of range is not a CIFAR file, whichever label is used.
 fn read_records(
     path: &Path,
     record: usize,
-    label_at: usize,
-    k: usize,
+    label: LabelByte,
+    checked: &[LabelByte],
     labels: &mut Vec<u32>,
     pixels: &mut Vec<u8>,
 ) -> Result<()> {
@@ -80,15 +110,17 @@ fn read_records(
         ));
     }
     for (i, r) in bytes.chunks_exact(record).enumerate() {
-        let label = r[label_at] as usize;
-        if label >= k {
-            return Err(DatasetError::format(
-                path,
-                format!("record {i} (byte {})", i * record + label_at),
-                format!("label {label} is outside 0..{k}"),
-            ));
+        for b in checked {
+            let value = r[b.at] as usize;
+            if value >= b.k {
+                return Err(DatasetError::format(
+                    path,
+                    format!("record {i} (byte {})", i * record + b.at),
+                    format!("{} {value} is outside 0..{}", b.name, b.k),
+                ));
+            }
         }
-        labels.push(label as u32);
+        labels.push(r[label.at] as u32);
         pixels.extend_from_slice(&r[record - PIXELS..]);
     }
     Ok(())
@@ -178,15 +210,16 @@ pub fn cifar10(dir: &Path, batches: Option<&[u32]>) -> Result<(Split, Split)> {
     let (mut labels, mut pixels) = (Vec::new(), Vec::new());
     for b in batches {
         let p = dir.join(format!("data_batch_{b}.bin"));
-        read_records(&p, 1 + PIXELS, 0, 10, &mut labels, &mut pixels)?;
+        let label = CIFAR10_LABEL;
+        read_records(&p, 1 + PIXELS, label, &[label], &mut labels, &mut pixels)?;
     }
     let train = split(classes.clone(), labels, pixels);
     let (mut labels, mut pixels) = (Vec::new(), Vec::new());
     read_records(
         &dir.join("test_batch.bin"),
         1 + PIXELS,
-        0,
-        10,
+        CIFAR10_LABEL,
+        &[CIFAR10_LABEL],
         &mut labels,
         &mut pixels,
     )?;
@@ -195,16 +228,24 @@ pub fn cifar10(dir: &Path, batches: Option<&[u32]>) -> Result<(Split, Split)> {
 
 /// Reads CIFAR-100 from `dir` with fine or coarse labels.
 pub fn cifar100(dir: &Path, label: Cifar100Label) -> Result<(Split, Split)> {
-    let (names, k, at) = match label {
-        Cifar100Label::Fine => ("fine_label_names.txt", 100, 1),
-        Cifar100Label::Coarse => ("coarse_label_names.txt", 20, 0),
+    let (names, used) = match label {
+        Cifar100Label::Fine => ("fine_label_names.txt", FINE),
+        Cifar100Label::Coarse => ("coarse_label_names.txt", COARSE),
     };
     binary_version(dir, "train.bin", "train", "cifar-100-binary.tar.gz")?;
-    let classes = read_names(&dir.join(names), k)?;
+    let classes = read_names(&dir.join(names), used.k)?;
     let mut out = Vec::new();
     for file in ["train.bin", "test.bin"] {
         let (mut labels, mut pixels) = (Vec::new(), Vec::new());
-        read_records(&dir.join(file), 2 + PIXELS, at, k, &mut labels, &mut pixels)?;
+        let (path, record) = (dir.join(file), 2 + PIXELS);
+        read_records(
+            &path,
+            record,
+            used,
+            &[COARSE, FINE],
+            &mut labels,
+            &mut pixels,
+        )?;
         out.push(split(classes.clone(), labels, pixels));
     }
     let test = out.pop().expect("two splits");
@@ -352,8 +393,23 @@ mod tests {
         std::fs::write(d.join("train.bin"), &b).unwrap();
         let e = cifar100(&d, Cifar100Label::Fine).unwrap_err().to_string();
         assert!(
-            e.contains("train.bin") && e.contains("record 0 (byte 1)") && e.contains("label 100"),
+            e.contains("train.bin")
+                && e.contains("record 0 (byte 1)")
+                && e.contains("fine label 100 is outside 0..100"),
             "{e}"
         );
+        // The coarse byte is checked when the fine labels are used, and the other way round:
+        // a record with coarse label 20 is not CIFAR-100.
+        b[1] = 42;
+        b[2 + PIXELS] = 20;
+        std::fs::write(d.join("train.bin"), &b).unwrap();
+        for label in [Cifar100Label::Fine, Cifar100Label::Coarse] {
+            let e = cifar100(&d, label).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("record 1 (byte {})", 2 + PIXELS))
+                    && e.contains("coarse label 20 is outside 0..20"),
+                "{e}"
+            );
+        }
     }
 }
