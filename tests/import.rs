@@ -430,3 +430,73 @@ needs = ["data", "teacher"]
     let other = logits(&out.join("eval/predictions.parquet"));
     assert!((other[0][0] as f64 - want.logits[0][0]).abs() > 1e-2);
 }
+
+/// Two imports of one recipe given seeds are one row of a report, averaged over both; without
+/// seeds each file is a row of its own.
+#[test]
+fn imports_given_seeds_are_seeds_of_one_row() {
+    let f = fixtures();
+    let cfg = |seeds: [&str; 2]| {
+        let mut text = config(&f.join("resnet8.pth").display().to_string(), "");
+        text = text.replace(
+            "name = \"teacher\"\nkind = \"import\"",
+            &format!("name = \"teacher\"\nkind = \"import\"\n{}", seeds[0]),
+        );
+        text.push_str(&format!(
+            r#"
+[[stage]]
+name = "teacher-b"
+kind = "import"
+path = "{st}"
+model = "resnet8"
+{seed}
+
+[[stage]]
+name = "eval-b"
+kind = "evaluate"
+needs = ["data", "teacher-b"]
+batch_size = 16
+
+[[stage]]
+name = "report"
+kind = "report"
+needs = ["eval", "eval-b"]
+"#,
+            st = f.join("resnet8.safetensors").display(),
+            seed = seeds[1],
+        ));
+        text
+    };
+    // Each row's (method, seeds) columns.
+    let rows = |dir: &Path| -> Vec<(String, String)> {
+        let csv = std::fs::read_to_string(dir.join("out/report/report.csv")).unwrap();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let at = |name| header.iter().position(|h| *h == name).unwrap();
+        csv.lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[at("method")].to_owned(), f[at("seeds")].to_owned())
+            })
+            .collect()
+    };
+    let dir = scratch();
+    write(dir.path(), "p.toml", &cfg(["seed = 1", "seed = 2"]));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = rows(dir.path());
+    assert_eq!(got, [("imported".to_string(), "2".to_string())]);
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("out/teacher-b/model.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["seed"], 2);
+
+    let dir = scratch();
+    write(dir.path(), "p.toml", &cfg(["", ""]));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = rows(dir.path());
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|(_, seeds)| seeds == "1"), "{got:?}");
+}

@@ -178,6 +178,15 @@ impl StageParams {
             out.remove("batch_size");
             out.remove("projection_classes");
         }
+        // An import given a seed is one seed of a run trained elsewhere: its file names the
+        // seed's weights, as a training's seed does, not another run.
+        if let StageParams::Import(i) = self {
+            if i.seed.is_some() {
+                for key in ["path", "file_blake3", "blake3"] {
+                    out.remove(key);
+                }
+            }
+        }
         let own = self.kind();
         let mut seen: Vec<&str> = Vec::new();
         for (kind, settings) in inputs {
@@ -314,5 +323,36 @@ mod tests {
             ..Default::default()
         }));
         assert_ne!(bins, drawn(256, None));
+    }
+
+    /// Imports given seeds are seeds of one run whatever their files; without seeds, each
+    /// file is a run of its own; imports of other recipes stay apart either way.
+    #[test]
+    fn imports_with_seeds_are_seeds_of_one_run() {
+        let import = |path: &str, blake3: &str, seed, dropout| {
+            settings_of(StageParams::Import(import::Params {
+                path: path.into(),
+                model: "resnet8".into(),
+                key: None,
+                dropout,
+                normalize: None,
+                blake3: None,
+                seed,
+                label: None,
+                file_blake3: blake3.into(),
+            }))
+        };
+        let (a, b) = (
+            import("s0.pth", "aa", Some(0), 0.0),
+            import("s1.pth", "bb", Some(1), 0.0),
+        );
+        assert_eq!(a, b);
+        assert!(!a.contains_key("seed") && !a.contains_key("path"));
+        assert_eq!(a.get("model").map(String::as_str), Some("resnet8"));
+        assert_ne!(
+            import("s0.pth", "aa", None, 0.0),
+            import("s1.pth", "bb", None, 0.0)
+        );
+        assert_ne!(a, import("s1.pth", "bb", Some(1), 0.1));
     }
 }

@@ -45,6 +45,12 @@ pub struct Params {
     /// The file's expected blake3 (hex): any other content is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blake3: Option<String>,
+    /// The seed the model was trained with, where it was trained. Imports of one recipe given
+    /// distinct seeds are seeds of one run in reports (mean ± std), their files told apart by
+    /// the seed; without it each file is a run of its own. Also the default seed of the
+    /// model's Monte-Carlo dropout masks, as a trained model's seed is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// The row name of the model in reports. Not fingerprinted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
@@ -170,7 +176,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         &TrainedModel {
             spec: spec.clone(),
             method: None,
-            seed: 0,
+            seed: p.seed.unwrap_or(0),
             epochs: 0,
             variant: String::new(),
             imported: Some(imported),
