@@ -146,7 +146,9 @@ impl StageParams {
     /// offset as torchvision's, halves rounded to even).
     pub fn output_version(&self) -> u32 {
         match self {
-            StageParams::Evaluate(_) | StageParams::Report(_) => 3,
+            StageParams::Evaluate(_) => 3,
+            // 4: legends wrap their labels and grow the figure rather than run off its edge.
+            StageParams::Report(_) => 4,
             StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
             StageParams::Train(p) if p.method.uses_ogr() || p.method == Method::Wsl => 2,
             // A top-k replay store's `rest` is the sum of the classes left out (it was 1 − the

@@ -48,6 +48,12 @@ pub trait Figure {
         &self,
         root: &DrawingArea<DB, Shift>,
     ) -> std::result::Result<(), String>;
+
+    /// The height, at least `height`, that the figure needs at `width` pixels: more than asked
+    /// when its legend would not fit.
+    fn height_for(&self, _width: u32, height: u32) -> u32 {
+        height
+    }
 }
 
 fn err<E: std::fmt::Debug>(e: E) -> String {
@@ -58,6 +64,7 @@ fn err<E: std::fmt::Debug>(e: E) -> String {
 /// atomically; returns the two file names.
 pub fn save<F: Figure>(fig: &F, dir: &Path, stem: &str, size: (u32, u32)) -> Result<Vec<String>> {
     register_font();
+    let size = (size.0, fig.height_for(size.0, size.1));
     let fail = |what: &str, e: String| {
         StageError::invalid(dir.join(format!("{stem}.{what}")), "figure", e)
     };
@@ -83,6 +90,7 @@ pub fn save_png<F: Figure>(
     size: (u32, u32),
 ) -> Result<Vec<String>> {
     register_font();
+    let size = (size.0, fig.height_for(size.0, size.1));
     let png_name = format!("{stem}.png");
     let fail = |e: String| StageError::invalid(dir.join(&png_name), "figure", e);
     let mut rgb = vec![255u8; (size.0 * size.1 * 3) as usize];
@@ -471,6 +479,20 @@ impl<F: Figure> Figure for Grid<F> {
         }
         Ok(())
     }
+
+    fn height_for(&self, width: u32, height: u32) -> u32 {
+        let columns = self.columns.max(1);
+        let rows = self.panels.len().div_ceil(columns).max(1) as u32;
+        let title = title_height(&self.title, 18);
+        let panel = (height.saturating_sub(title) / rows).max(1);
+        let needed = self
+            .panels
+            .iter()
+            .map(|p| p.height_for(width / columns as u32, panel))
+            .max()
+            .unwrap_or(panel);
+        height.max(title + rows * needed)
+    }
 }
 
 /// Training curves, one panel each: accuracy (%), ECE (%) and NLL (nats) by epoch, measured on
@@ -519,6 +541,10 @@ fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
+/// Marker shapes: filled circle, triangle, cross, filled square, ring. With the ten colours,
+/// 50 series have markers of their own.
+const MARKER_SHAPES: usize = 5;
+
 /// Draws marker `i` (a colour of [`PALETTE`], then a shape per round of ten) at `p`.
 fn marker<DB: DrawingBackend, C: CoordTranslate>(
     area: &DrawingArea<DB, C>,
@@ -530,10 +556,12 @@ where
 {
     let colour = PALETTE[i % PALETTE.len()];
     let style = colour.mix(0.85).filled();
-    match (i / PALETTE.len()) % 3 {
+    match (i / PALETTE.len()) % MARKER_SHAPES {
         0 => area.draw(&Circle::new(p, 3, style)),
         1 => area.draw(&TriangleMarker::new(p, 5, style)),
-        _ => area.draw(&Cross::new(p, 4, colour.stroke_width(2))),
+        2 => area.draw(&Cross::new(p, 4, colour.stroke_width(2))),
+        3 => area.draw(&(EmptyElement::at(p) + Rectangle::new([(-3, -3), (3, 3)], style))),
+        _ => area.draw(&Circle::new(p, 4, colour.stroke_width(2))),
     }
     .map_err(err)
 }
@@ -565,11 +593,10 @@ impl Figure for Plot {
         root: &DrawingArea<DB, Shift>,
     ) -> std::result::Result<(), String> {
         // The legend gets its own column on the right, so it never hides points.
-        let labelled = self.series.len() > 1 || self.series.iter().any(|s| !s.label.is_empty());
         let body = root.titled(&self.title, (SANS, 16)).map_err(err)?;
         let (w, _) = body.dim_in_pixel();
-        let legend_w = if labelled { (w as i32 / 3).min(280) } else { 0 };
-        let (plot_area, legend_area) = body.split_horizontally(w as i32 - legend_w);
+        let legend_w = self.legend_width(w);
+        let (plot_area, legend_area) = body.split_horizontally(w as i32 - legend_w as i32);
         let points = || self.series.iter().flat_map(|s| s.points.iter());
         let (mut xr, mut yr) = (range(points().map(|p| p.0)), range(points().map(|p| p.1)));
         if self.square {
@@ -624,17 +651,111 @@ impl Figure for Plot {
                 marker(area, i, p)?;
             }
         }
-        if labelled {
-            for (i, s) in self.series.iter().enumerate() {
-                let y = 20 + 18 * i as i32;
-                marker(&legend_area, i, (10, y))?;
+        let mut y = LEGEND_TOP as i32;
+        for (i, lines) in self.legend(legend_w).iter().enumerate() {
+            marker(&legend_area, i, (10, y))?;
+            for line in lines {
                 legend_area
-                    .draw(&Text::new(s.label.clone(), (22, y - 7), (SANS, 12)))
+                    .draw(&Text::new(
+                        line.clone(),
+                        (LEGEND_TEXT as i32, y - 7),
+                        (SANS, 12),
+                    ))
                     .map_err(err)?;
+                y += LEGEND_LINE as i32;
             }
+            y += LEGEND_GAP as i32;
         }
         Ok(())
     }
+
+    fn height_for(&self, width: u32, height: u32) -> u32 {
+        let legend = self.legend(self.legend_width(width));
+        let lines: u32 = legend.iter().map(|l| l.len() as u32).sum();
+        let column = LEGEND_TOP + lines * LEGEND_LINE + legend.len() as u32 * LEGEND_GAP;
+        height.max(title_height(&self.title, 16) + column)
+    }
+}
+
+/// A legend's layout (pixels): the first entry's centre below the top of the legend column,
+/// a text line's height, the gap between entries, and where the text starts.
+const LEGEND_TOP: u32 = 20;
+const LEGEND_LINE: u32 = 15;
+const LEGEND_GAP: u32 = 3;
+const LEGEND_TEXT: u32 = 22;
+
+/// The height that plotters' `titled` takes for `title` in `size`-pixel text: the text's and
+/// a padding of half of it (at most 5 pixels) above and below.
+fn title_height(title: &str, size: u32) -> u32 {
+    register_font();
+    let h = (SANS, size as f64)
+        .into_font()
+        .box_size(title)
+        .map_or(size + 4, |(_, h)| h);
+    h + 2 * (h / 2).min(5)
+}
+
+impl Plot {
+    /// The width of the legend column at `width` pixels: none for one unlabelled series, else
+    /// a third of the figure, at most 280 pixels. The legend has its own column on the right,
+    /// so it never hides points.
+    fn legend_width(&self, width: u32) -> u32 {
+        let labelled = self.series.len() > 1 || self.series.iter().any(|s| !s.label.is_empty());
+        if labelled {
+            (width / 3).min(280)
+        } else {
+            0
+        }
+    }
+
+    /// Each series' legend text, broken into lines that fit a legend column `width` wide.
+    fn legend(&self, width: u32) -> Vec<Vec<String>> {
+        if width == 0 {
+            return Vec::new();
+        }
+        let room = width.saturating_sub(LEGEND_TEXT + 4).max(40);
+        self.series.iter().map(|s| wrap(&s.label, room)).collect()
+    }
+}
+
+/// The width of `text` in the legend's font (12-pixel DejaVu Sans), pixels.
+fn text_width(text: &str) -> u32 {
+    register_font();
+    (SANS, 12)
+        .into_font()
+        .box_size(text)
+        .map_or(7 * text.chars().count() as u32, |(w, _)| w)
+}
+
+/// `text` broken at spaces into lines at most `width` pixels wide; a word wider than that is
+/// cut where it reaches the width. An empty text is one empty line.
+fn wrap(text: &str, width: u32) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let joined = if line.is_empty() {
+            word.to_string()
+        } else {
+            format!("{line} {word}")
+        };
+        if text_width(&joined) <= width || line.is_empty() && word.is_empty() {
+            line = joined;
+            continue;
+        }
+        if !line.is_empty() {
+            lines.push(std::mem::take(&mut line));
+        }
+        // The word alone, cut into pieces that fit.
+        for c in word.chars() {
+            line.push(c);
+            if text_width(&line) > width && line.chars().count() > 1 {
+                let last = line.pop().expect("two characters");
+                lines.push(std::mem::replace(&mut line, last.to_string()));
+            }
+        }
+    }
+    lines.push(line);
+    lines
 }
 
 #[cfg(test)]
@@ -776,5 +897,83 @@ mod tests {
             assert!(svg.trim_end().ends_with("</svg>"), "{}", files[1]);
             assert!(svg.contains("<text"), "{}: no text", files[1]);
         }
+    }
+
+    /// Lines are broken at spaces, each within the width, the words kept in order; a word
+    /// wider than a line is cut into pieces that fit; a short label is one line.
+    #[test]
+    fn legend_labels_wrap_within_the_width() {
+        let label = "On-LDL (cutmix, MCDO-T, MCDO-S) (labels.teacher.model=resnet56) / resnet110";
+        assert!(text_width("(labels.teacher.model=resnet56)") < 220);
+        let lines = wrap(label, 220);
+        assert!(lines.len() >= 2, "{lines:?}");
+        assert!(lines.iter().all(|l| text_width(l) <= 220), "{lines:?}");
+        assert_eq!(lines.join(" "), label);
+        assert_eq!(wrap("KD / resnet8", 150), ["KD / resnet8"]);
+        let word = "x".repeat(80);
+        let cut = wrap(&word, 100);
+        assert!(
+            cut.len() > 1 && cut.iter().all(|l| text_width(l) <= 100),
+            "{cut:?}"
+        );
+        assert_eq!(cut.concat(), word);
+        assert_eq!(wrap("", 100), [""]);
+    }
+
+    /// A legend longer than the figure makes the figure taller, so that every entry is drawn
+    /// inside it; every word of every label is in the SVG's text, none beyond its height.
+    #[test]
+    fn a_long_legend_grows_the_figure_and_every_entry_is_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let series: Vec<Series> = (0..40)
+            .map(|i| Series {
+                label: format!("Method number {i} (kd_tau=4, mix=cutmix, label_smoothing=0.1)"),
+                points: vec![(i as f64, (i * i) as f64)],
+            })
+            .collect();
+        let plot = Plot {
+            title: "many rows".into(),
+            x: "x".into(),
+            y: "y".into(),
+            series,
+            lines: false,
+            square: false,
+        };
+        let files = save(&plot, dir.path(), "many", (760, 560)).unwrap();
+        let png = image::open(dir.path().join(&files[0])).unwrap();
+        assert_eq!(png.width(), 760);
+        // 40 entries of at least two lines each (the legend column is 253 pixels wide).
+        assert!(
+            png.height() > 40 * (2 * LEGEND_LINE + LEGEND_GAP),
+            "{}",
+            png.height()
+        );
+        let svg = std::fs::read_to_string(dir.path().join(&files[1])).unwrap();
+        let (_, h) = svg_size(&svg);
+        assert_eq!(h, png.height());
+        let texts: Vec<(f64, &str)> = svg
+            .split("<text")
+            .skip(1)
+            .map(|t| {
+                let y = t.split(" y=\"").nth(1).unwrap().split('"').next().unwrap();
+                let body = t.split('>').nth(1).unwrap().split("</text").next().unwrap();
+                (y.parse().unwrap(), body)
+            })
+            .collect();
+        for i in [0, 17, 39] {
+            let entry: Vec<&str> = texts
+                .iter()
+                .filter(|(_, t)| t.contains(&format!("number {i} ")) || t.ends_with("cutmix,"))
+                .map(|(_, t)| *t)
+                .collect();
+            assert!(!entry.is_empty(), "entry {i} not drawn");
+        }
+        let words = svg.matches("label_smoothing=0.1)").count();
+        assert_eq!(words, 40, "every label's last word is drawn");
+        let lowest = texts.iter().map(|(y, _)| *y).fold(0.0, f64::max);
+        assert!(
+            lowest < h as f64,
+            "text at y = {lowest}, below the figure's {h} pixels"
+        );
     }
 }
