@@ -237,6 +237,7 @@ fn class_loss_curves(train_dir: &Path, m: &Metrics, classes: &[String]) -> Resul
     Ok(best_and_worst(&ranked)
         .into_iter()
         .map(|(c, which)| Series {
+            marker: None,
             label: format!(
                 "{} ({which}, F1 {:.2})",
                 classes.get(c).cloned().unwrap_or_else(|| c.to_string()),
@@ -636,6 +637,7 @@ fn training_curve(ctx: &Context, e: &Evaluation, train_dir: &Path) -> Result<Vec
     };
     curve.write(&ctx.dir.join("curve.csv"))?;
     let line = |label: &str, f: fn(&CurvePoint) -> f64| Series {
+        marker: None,
         label: label.into(),
         points: curve
             .points
@@ -718,6 +720,7 @@ fn projection(
     let mut series: Vec<Series> = chosen
         .iter()
         .map(|&c| Series {
+            marker: None,
             label: e.classes[c].clone(),
             points: Vec::new(),
         })

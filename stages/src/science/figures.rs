@@ -278,6 +278,37 @@ pub struct Series {
     pub label: String,
     /// Points.
     pub points: Vec<(f64, f64)>,
+    /// Its marker; by default the series' own: series `i` gets colour `i mod 10` and shape
+    /// `i / 10` (see [`Marker`]).
+    pub marker: Option<Marker>,
+}
+
+/// A series' marker: a colour of [`PALETTE`] and a shape (filled circle, triangle, cross,
+/// filled square, ring; lines solid for even shapes, dashed for odd ones), each taken modulo
+/// their number. Series given one colour per method and one shape per model say both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marker {
+    /// Index into [`PALETTE`].
+    pub colour: usize,
+    /// Shape index.
+    pub shape: usize,
+}
+
+impl Marker {
+    /// The default marker of series `i`.
+    fn of_series(i: usize) -> Marker {
+        Marker {
+            colour: i % PALETTE.len(),
+            shape: i / PALETTE.len(),
+        }
+    }
+}
+
+impl Series {
+    /// Series `i`'s marker: its own, or the default.
+    fn marker_at(&self, i: usize) -> Marker {
+        self.marker.unwrap_or_else(|| Marker::of_series(i))
+    }
 }
 
 /// A scatter or line plot of several labelled series.
@@ -543,20 +574,20 @@ fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
 
 /// Marker shapes: filled circle, triangle, cross, filled square, ring. With the ten colours,
 /// 50 series have markers of their own.
-const MARKER_SHAPES: usize = 5;
+pub const MARKER_SHAPES: usize = 5;
 
-/// Draws marker `i` (a colour of [`PALETTE`], then a shape per round of ten) at `p`.
+/// Draws marker `m` at `p`.
 fn marker<DB: DrawingBackend, C: CoordTranslate>(
     area: &DrawingArea<DB, C>,
-    i: usize,
+    m: Marker,
     p: C::From,
 ) -> std::result::Result<(), String>
 where
     C::From: Clone,
 {
-    let colour = PALETTE[i % PALETTE.len()];
+    let colour = PALETTE[m.colour % PALETTE.len()];
     let style = colour.mix(0.85).filled();
-    match (i / PALETTE.len()) % MARKER_SHAPES {
+    match m.shape % MARKER_SHAPES {
         0 => area.draw(&Circle::new(p, 3, style)),
         1 => area.draw(&TriangleMarker::new(p, 5, style)),
         2 => area.draw(&Cross::new(p, 4, colour.stroke_width(2))),
@@ -622,7 +653,8 @@ impl Figure for Plot {
             .draw()
             .map_err(err)?;
         for (i, s) in self.series.iter().enumerate() {
-            let colour = PALETTE[i % PALETTE.len()];
+            let m = s.marker_at(i);
+            let colour = PALETTE[m.colour % PALETTE.len()];
             let finite: Vec<(f64, f64)> = s
                 .points
                 .iter()
@@ -630,7 +662,7 @@ impl Figure for Plot {
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
                 .collect();
             if self.lines {
-                let dashed = (i / PALETTE.len()) % 2 == 1;
+                let dashed = m.shape % 2 == 1;
                 if dashed {
                     chart
                         .draw_series(DashedLineSeries::new(
@@ -648,12 +680,12 @@ impl Figure for Plot {
             }
             let area = chart.plotting_area();
             for p in finite {
-                marker(area, i, p)?;
+                marker(area, m, p)?;
             }
         }
         let mut y = LEGEND_TOP as i32;
         for (i, lines) in self.legend(legend_w).iter().enumerate() {
-            marker(&legend_area, i, (10, y))?;
+            marker(&legend_area, self.series[i].marker_at(i), (10, y))?;
             for line in lines {
                 legend_area
                     .draw(&Text::new(
@@ -869,10 +901,12 @@ mod tests {
                         Series {
                             label: "a".into(),
                             points: vec![(0.5, 0.1), (0.6, 0.05), (f64::NAN, 1.0)],
+                            marker: None,
                         },
                         Series {
                             label: "b".into(),
                             points: vec![(0.7, 0.02)],
+                            marker: None,
                         },
                     ],
                     lines: false,
@@ -929,6 +963,7 @@ mod tests {
             .map(|i| Series {
                 label: format!("Method number {i} (kd_tau=4, mix=cutmix, label_smoothing=0.1)"),
                 points: vec![(i as f64, (i * i) as f64)],
+                marker: None,
             })
             .collect();
         let plot = Plot {

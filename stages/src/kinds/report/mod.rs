@@ -320,28 +320,51 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     Ok(outputs)
 }
 
-/// `accuracy-vs-ece` (one point per evaluated model, one series per method) and
-/// `f1-vs-confidence` (per class, one series per (method, model) group, each class averaged
-/// over the group's seeds).
-fn figures_of(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<String>> {
-    let mut scatter: Vec<Series> = Vec::new();
+/// The markers of series of one row and model: a colour per row (method) and a shape per
+/// model, so that a figure tells both apart; with more rows than colours or more models than
+/// shapes, each series its own marker (`None`: the series' default).
+fn markers(groups: &[Group]) -> impl Fn(&Group) -> Option<figures::Marker> {
+    let mut rows: Vec<String> = Vec::new();
+    let mut models: Vec<String> = Vec::new();
     for g in groups {
-        let s = match scatter.iter_mut().find(|s| s.label == g.method) {
-            Some(s) => s,
-            None => {
-                scatter.push(Series {
-                    label: g.method.clone(),
-                    points: Vec::new(),
-                });
-                scatter.last_mut().expect("pushed")
-            }
-        };
-        s.points.extend(
-            g.evals
-                .iter()
-                .map(|e| (100.0 * e.metrics.accuracy, 100.0 * e.metrics.ece)),
-        );
+        let row = g.method.clone();
+        if !rows.contains(&row) {
+            rows.push(row);
+        }
+        if !models.contains(&g.model) {
+            models.push(g.model.clone());
+        }
     }
+    let fits = rows.len() <= figures::PALETTE.len() && models.len() <= figures::MARKER_SHAPES;
+    move |g: &Group| {
+        let colour = rows.iter().position(|r| *r == g.method)?;
+        let shape = models.iter().position(|m| *m == g.model)?;
+        fits.then_some(figures::Marker { colour, shape })
+    }
+}
+
+/// `accuracy-vs-ece` (one point per evaluated model and seed) and `f1-vs-confidence` (per
+/// class, each class averaged over the group's seeds): one series per row and model, coloured
+/// by row and shaped by model ([`markers`]).
+fn figures_of(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<String>> {
+    let marker = markers(groups);
+    let several_models = groups.iter().any(|g| g.model != groups[0].model);
+    let scatter: Vec<Series> = groups
+        .iter()
+        .map(|g| Series {
+            label: if several_models {
+                format!("{} / {}", g.method, g.model)
+            } else {
+                g.method.clone()
+            },
+            points: g
+                .evals
+                .iter()
+                .map(|e| (100.0 * e.metrics.accuracy, 100.0 * e.metrics.ece))
+                .collect(),
+            marker: marker(g),
+        })
+        .collect();
     let mut outputs = figures::save(
         &Plot {
             title: format!("{title}: accuracy against ECE"),
@@ -368,6 +391,7 @@ fn figures_of(ctx: &Context, title: &str, groups: &[Group]) -> Result<Vec<String
                 })
                 .collect();
             Series {
+                marker: marker(g),
                 label: format!("{} / {}", g.method, g.model),
                 points,
             }
@@ -625,6 +649,7 @@ fn curve_series(
                 format!(" (n = {})", of_group.len())
             };
             series.push(Series {
+                marker: None,
                 label: format!("{} / {}{count}", g.method, g.model),
                 points: points.collect(),
             });
@@ -695,6 +720,7 @@ fn vanilla_difference(title: &str, groups: &[Group]) -> figures::Grid<Plot> {
             match list.iter_mut().find(|s| s.label == g.method) {
                 Some(s) => s.points.push((params, y)),
                 None => list.push(Series {
+                    marker: None,
                     label: g.method.clone(),
                     points: vec![(params, y)],
                 }),
@@ -1058,5 +1084,31 @@ mod tests {
         // sample std 0.125·√2.
         assert_eq!(row[3..5], ["0.875000", "0.176777"]);
         assert_eq!((row[brier], row[top]), ("0.220000", "0.110000"));
+    }
+
+    /// A colour per row and a shape per model; past ten rows (colours), each series its own.
+    #[test]
+    fn series_are_coloured_by_row_and_shaped_by_model() {
+        let group = |method: &str, model: &str| Group {
+            method: method.into(),
+            model: model.into(),
+            evals: Vec::new(),
+            settings: Settings::new(),
+        };
+        let groups = [
+            group("KD", "resnet8"),
+            group("Vanilla", "resnet8"),
+            group("KD", "resnet20"),
+            group("Vanilla", "resnet20"),
+        ];
+        let marker = markers(&groups);
+        let m = |colour, shape| Some(figures::Marker { colour, shape });
+        let got: Vec<_> = groups.iter().map(&marker).collect();
+        assert_eq!(got, [m(0, 0), m(1, 0), m(0, 1), m(1, 1)]);
+        let many: Vec<Group> = (0..11)
+            .map(|i| group(&format!("r{i}"), "resnet8"))
+            .collect();
+        let marker = markers(&many);
+        assert!(many.iter().all(|g| marker(g).is_none()));
     }
 }
