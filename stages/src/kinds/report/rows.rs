@@ -115,7 +115,25 @@ fn name_rows(groups: &mut [Group]) {
         let members: Vec<usize> = (i..groups.len())
             .filter(|&j| !done[j] && bases[j] == bases[i])
             .collect();
-        let picked = distinguishing_keys(groups, &members);
+        let mut picked = distinguishing_keys(groups, &same_model_pairs(groups, &members), |_| true);
+        if bases[i] != bases[i].trained() {
+            // Evaluations by MC dropout also show the training settings that tell their
+            // trainings apart from the method's other trainings, as those rows show them.
+            let trained = bases[i].trained();
+            let plain: Vec<usize> = (0..groups.len()).filter(|&t| bases[t] == trained).collect();
+            let pairs: Vec<(usize, usize)> = members
+                .iter()
+                .flat_map(|&m| plain.iter().map(move |&t| (m, t)))
+                .filter(|&(m, t)| groups[m].model == groups[t].model)
+                .collect();
+            let training = |k: &str| k.starts_with("model.");
+            for k in distinguishing_keys(groups, &pairs, training) {
+                if !picked.contains(&k) {
+                    picked.push(k);
+                }
+            }
+            picked.sort_by_key(|k| priority(&display_key(k)));
+        }
         for &j in &members {
             groups[j].method = label(&bases[j], &picked, groups, &members, j);
             done[j] = true;
@@ -134,6 +152,25 @@ fn name_rows(groups: &mut [Group]) {
             .find(|g| g.settings == own && g.model == groups[i].model);
         if let Some(name) = unscaled.map(|g| g.method.clone()) {
             groups[i].method = format!("{name} + TS");
+        }
+    }
+}
+
+/// The tag of an evaluation by Monte-Carlo dropout, a way of evaluating a training rather than
+/// another training.
+const EVALUATED_BY_MC: &str = "MCDO-S";
+
+impl Base {
+    /// The base of the training: without the tag of how it was evaluated.
+    fn trained(&self) -> Base {
+        Base {
+            tags: self
+                .tags
+                .iter()
+                .filter(|t| *t != EVALUATED_BY_MC)
+                .cloned()
+                .collect(),
+            ..self.clone()
         }
     }
 }
@@ -184,23 +221,37 @@ fn value<'a>(g: &'a Group, key: &str) -> &'a str {
     g.settings.get(key).map_or("none", String::as_str)
 }
 
-/// The fewest settings keys, in [`priority`] order, that tell apart every two `members` in the
-/// same column (distinct runs always differ in some key).
-fn distinguishing_keys(groups: &[Group], members: &[usize]) -> Vec<String> {
-    let mut candidates: Vec<String> = Vec::new();
+/// Every two `members` in the same column.
+fn same_model_pairs(groups: &[Group], members: &[usize]) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
     for (a, &i) in members.iter().enumerate() {
         for &j in &members[a + 1..] {
-            if groups[i].model != groups[j].model {
-                continue;
+            if groups[i].model == groups[j].model {
+                pairs.push((i, j));
             }
-            let keys = groups[i].settings.keys().chain(groups[j].settings.keys());
-            for k in keys {
-                if k != LABEL_KEY
-                    && value(&groups[i], k) != value(&groups[j], k)
-                    && !candidates.contains(k)
-                {
-                    candidates.push(k.clone());
-                }
+        }
+    }
+    pairs
+}
+
+/// The fewest settings keys among those `keep`s, in [`priority`] order, that tell apart the
+/// two groups of every pair that some of them can tell apart (distinct runs of one base always
+/// differ in some key).
+fn distinguishing_keys(
+    groups: &[Group],
+    pairs: &[(usize, usize)],
+    keep: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut candidates: Vec<String> = Vec::new();
+    for &(i, j) in pairs {
+        let keys = groups[i].settings.keys().chain(groups[j].settings.keys());
+        for k in keys {
+            if k != LABEL_KEY
+                && keep(k)
+                && value(&groups[i], k) != value(&groups[j], k)
+                && !candidates.contains(k)
+            {
+                candidates.push(k.clone());
             }
         }
     }
@@ -212,13 +263,9 @@ fn distinguishing_keys(groups: &[Group], members: &[usize]) -> Vec<String> {
             .any(|k| value(&groups[i], k) != value(&groups[j], k))
     };
     for k in candidates {
-        let needed = members.iter().enumerate().any(|(a, &i)| {
-            members[a + 1..].iter().any(|&j| {
-                groups[i].model == groups[j].model
-                    && !apart(&picked, i, j)
-                    && value(&groups[i], &k) != value(&groups[j], &k)
-            })
-        });
+        let needed = pairs
+            .iter()
+            .any(|&(i, j)| !apart(&picked, i, j) && value(&groups[i], &k) != value(&groups[j], &k));
         if needed {
             picked.push(k);
         }
@@ -440,6 +487,55 @@ mod tests {
                 ("KD (kd_tau=4)".to_string(), "resnet8".to_string(), 1),
                 ("KD (kd_tau=4) + TS".into(), "resnet8".into(), 1),
                 ("KD (kd_tau=2)".into(), "resnet8".into(), 1),
+            ]
+        );
+    }
+
+    /// An MCDO-S row keeps the settings that tell its training apart from the other rows of
+    /// its method (`KD (MCDO-S, kd_tau=4)`, not a bare `KD (MCDO-S)`), and MCDO-S rows are
+    /// still told apart among themselves; how they were evaluated is not shown twice.
+    #[test]
+    fn an_mcdo_s_row_keeps_its_trainings_name() {
+        let kd = |tau: &str, mc: Option<&str>| {
+            let mut s = settings(&[("model.kd_tau", tau), ("model.dropout", "0.2")]);
+            if let Some(n) = mc {
+                s.insert("mc_samples".into(), n.into());
+            }
+            s
+        };
+        let evals = vec![
+            (eval("kd", "", "resnet8", 0), kd("2", None)),
+            (eval("kd", "", "resnet8", 0), kd("4", None)),
+            (eval("kd", "MCDO-S", "resnet8", 0), kd("4", Some("20"))),
+        ];
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                ("KD (kd_tau=2)".to_string(), "resnet8".to_string(), 1),
+                ("KD (kd_tau=4)".into(), "resnet8".into(), 1),
+                ("KD (MCDO-S, kd_tau=4)".into(), "resnet8".into(), 1),
+            ]
+        );
+        // Two MCDO-S evaluations of one training with other passes: told apart by them.
+        let evals = vec![
+            (eval("kd", "MCDO-S", "resnet8", 0), kd("4", Some("20"))),
+            (eval("kd", "MCDO-S", "resnet8", 0), kd("4", Some("50"))),
+            (eval("kd", "", "resnet8", 0), kd("4", None)),
+        ];
+        assert_eq!(
+            labels(&group(&evals)),
+            [
+                (
+                    "KD (MCDO-S, eval.mc_samples=20)".to_string(),
+                    "resnet8".to_string(),
+                    1
+                ),
+                (
+                    "KD (MCDO-S, eval.mc_samples=50)".into(),
+                    "resnet8".into(),
+                    1
+                ),
+                ("KD".into(), "resnet8".into(), 1),
             ]
         );
     }
