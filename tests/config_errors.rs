@@ -423,6 +423,10 @@ fn keys_that_do_not_apply_to_the_source() {
     assert_at(&e, 1, 1, &["key `path`", "required"]);
     let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\nlimit = 10\nval = 10\n");
     assert_at(&e, 6, 1, &["key `val`", "leaves none to train on"]);
+    let e = fails(
+        "[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"synthetic\"\nstratify = true\n",
+    );
+    assert_at(&e, 5, 1, &["key `stratify`", "neither is set"]);
     let e = fails("[[stage]]\nname = \"d\"\nkind = \"prepare\"\nsource = \"cifar10\"\npath = \"c\"\nbatches = [0]\n");
     assert_at(&e, 6, 1, &["key `batches`", "1..=5"]);
 }

@@ -74,6 +74,10 @@ pub struct Params {
     /// Hold this many training images out as a validation split `val.pack` (default: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val: Option<usize>,
+    /// Draw `limit` and `val` per class, each class in proportion to its images (default:
+    /// uniform draws over the images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stratify: Option<bool>,
     /// Seed of the synthetic generator and of the `limit`/`val` draws (default: the run's seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -175,6 +179,12 @@ impl Params {
             if v == Some(0) {
                 return Err((key, "must be at least 1, found 0".into()));
             }
+        }
+        if self.stratify.is_some() && self.limit.is_none() && self.val.is_none() {
+            return Err((
+                "stratify",
+                "stratifies the `limit` and `val` draws, and neither is set".into(),
+            ));
         }
         let kept = match self.source {
             Source::Synthetic => Some(self.train_size.unwrap_or(5000)),
@@ -440,6 +450,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         p.limit,
         p.val,
         p.seed.unwrap_or_default(),
+        p.stratify.unwrap_or(false),
     )?;
     let normalize = read
         .normalize
