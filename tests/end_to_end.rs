@@ -554,3 +554,59 @@ fn eval_every_logs_held_out_metrics_and_trains_the_same() {
     let o = pipeline(dir.path(), &["status", "e.toml", "--exit-code"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
 }
+
+/// The supervision examples of an online student (the paper's Fig. 6) show what its teacher
+/// gives the images: with neither augmentation nor mixing, each example's top-3 is the label
+/// stage's row for that image, computed apart (another pass, in other batches).
+#[test]
+fn supervision_examples_show_the_label_stages_distributions() {
+    use arrow::array::{Array, FixedSizeListArray, Float32Array, StringArray, UInt32Array};
+    let dir = scratch();
+    let until_labels = TINY.split("[[stage]]\nname = \"vanilla\"").next().unwrap();
+    let cfg = format!(
+        "{until_labels}[[stage]]\nname = \"student\"\nkind = \"train\"\nneeds = [\"data\", \"teacher\"]\n\
+         model = \"resnet8\"\nwidth = 4\nmethod = \"on-ldl\"\naugment = \"none\"\nepochs = 1\n\
+         batch_size = 16\n"
+    );
+    write(dir.path(), "s.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "s.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let mut rows = std::collections::HashMap::new();
+    for batch in parquet_batches(&out.join("labels/labels.parquet")) {
+        let col = |n: &str| batch.column_by_name(n).unwrap().clone();
+        let (index, source, probs) = (col("index"), col("source"), col("probs"));
+        let index = index.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let source = source.as_any().downcast_ref::<StringArray>().unwrap();
+        let probs = probs.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+        for r in 0..batch.num_rows() {
+            assert_eq!(source.value(r), "teacher");
+            let row = probs.value(r);
+            let row = row.as_any().downcast_ref::<Float32Array>().unwrap();
+            rows.insert(index.value(r), row.values().to_vec());
+        }
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&read(&out.join("student/supervision.json"))).unwrap();
+    let examples = json.as_array().unwrap();
+    assert_eq!(examples.len(), 8);
+    for e in examples {
+        let row = &rows[&(e["index"].as_u64().unwrap() as u32)];
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let shown: Vec<(usize, f64)> = e["teachers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(shown.len(), 3, "{e}");
+        for (&(class, p), &want) in shown.iter().zip(&order) {
+            assert_eq!(class, want, "{e}: {row:?}");
+            assert!((p - row[want] as f64).abs() < 1e-5, "{e}: {row:?}");
+        }
+        // Unmixed: the label is the image's own, taught at weight 1.
+        assert_eq!(e["mixed_label"][0][0], e["label"]);
+        assert_eq!(e["mixed_label"][0][1].as_f64(), Some(1.0));
+    }
+}
