@@ -499,4 +499,16 @@ needs = ["eval", "eval-b"]
     let got = rows(dir.path());
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(got.iter().all(|(_, seeds)| seeds == "1"), "{got:?}");
+
+    // One seed given to two files of one recipe is refused before anything runs.
+    let dir = scratch();
+    write(dir.path(), "p.toml", &cfg(["seed = 1", "seed = 1"]));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("imports `teacher` and `teacher-b` give seed 1 to two different files"),
+        "{e}"
+    );
+    assert!(!dir.path().join("out/data").exists());
 }

@@ -61,7 +61,7 @@ pub fn limit_and_hold_out(
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng_for(&[seed, stream::HOLDOUT]));
     let (mut val_idx, mut train_idx) = if stratify {
-        stratified(&order, &train.1, train.0.k(), keep, v)
+        stratified(&order, &train.1, &train.0.classes, keep, v)?
     } else {
         (order[..v].to_vec(), order[v..keep].to_vec())
     };
@@ -72,21 +72,33 @@ pub fn limit_and_hold_out(
 }
 
 /// The stratified draws: `keep` images in proportion to the classes, `val` of them held out
-/// in proportion to the kept ones; each class's images taken in the shuffled `order`.
+/// in proportion to the kept ones; each class's images taken in the shuffled `order`. A class
+/// with images left without any to train on is refused, as scikit-learn refuses a class too
+/// small to split.
 fn stratified(
     order: &[usize],
     labels: &[u32],
-    k: usize,
+    classes: &[String],
     keep: usize,
     val: usize,
-) -> (Vec<usize>, Vec<usize>) {
-    let mut counts = vec![0usize; k];
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let mut counts = vec![0usize; classes.len()];
     for &y in labels {
         counts[y as usize] += 1;
     }
     let kept = quotas(&counts, keep);
     let mut val_left = quotas(&kept, val);
     let mut train_left: Vec<usize> = kept.iter().zip(&val_left).map(|(a, b)| a - b).collect();
+    if let Some(c) = (0..classes.len()).find(|&c| counts[c] > 0 && train_left[c] == 0) {
+        return Err(DatasetError::Param {
+            name: "stratify",
+            message: format!(
+                "class `{}` has {} training images; its share of `limit` keeps {} and its share \
+                 of `val` holds out {}, leaving none to train on",
+                classes[c], counts[c], kept[c], val_left[c]
+            ),
+        });
+    }
     let (mut val_idx, mut train_idx) = (Vec::with_capacity(val), Vec::with_capacity(keep - val));
     for &i in order {
         let c = labels[i] as usize;
@@ -98,7 +110,7 @@ fn stratified(
             train_idx.push(i);
         }
     }
-    (val_idx, train_idx)
+    Ok((val_idx, train_idx))
 }
 
 /// `take` items shared among classes of `counts` items in proportion to their sizes, by largest
@@ -231,8 +243,21 @@ mod tests {
             limit_and_hold_out(full.clone(), Some(50), Some(10), 4, true).unwrap();
         assert_ne!(other.2, train.2);
         // Without `limit`: every image kept, 10 held out in proportion.
-        let ((train, _), val) = limit_and_hold_out(full, None, Some(10), 3, true).unwrap();
+        let ((train, _), val) = limit_and_hold_out(full.clone(), None, Some(10), 3, true).unwrap();
         assert_eq!(per_class(&val.unwrap().0 .1), [6, 3, 1]);
         assert_eq!(per_class(&train.1), [54, 27, 9]);
+        // `limit` 10 keeps (6, 3, 1); `val` 9 of it has shares (5.4, 2.7, 0.9), floors
+        // (5, 2, 0) and the two left to the largest remainders, `c` then `b`: (5, 3, 1). Class
+        // `b` keeps nothing to train on (nor does `c`): refused, naming the first.
+        let e = limit_and_hold_out(full, Some(10), Some(9), 3, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`stratify`")
+                && e.contains("class `b` has 30 training images")
+                && e.contains("keeps 3")
+                && e.contains("holds out 3"),
+            "{e}"
+        );
     }
 }

@@ -19,7 +19,7 @@
 use engine::device::DeviceSpec;
 use serde::Deserialize;
 use stages::science::methods::Method;
-use stages::{Artifact, Kind, Multiplicity, StageParams};
+use stages::{Artifact, Kind, Multiplicity, Settings, StageParams};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -290,6 +290,7 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         ..
     } = expansion;
     validate_graph(&loc, &stages, &name_spans, &need_spans)?;
+    validate_import_seeds(&loc, &stages, &name_spans)?;
     if let Some((name, span)) = slurm
         .1
         .iter()
@@ -1307,6 +1308,42 @@ fn validate_graph(
             name_spans[cycle[0]].clone(),
             format!("key `needs`: stages form a cycle: {}", names.join(" → ")),
         ));
+    }
+    Ok(())
+}
+
+/// Imports of one recipe given one seed must be of one file: a report counts imports of one
+/// recipe with seeds as seeds of one run, and would average two files as two seeds.
+fn validate_import_seeds(
+    loc: &Locator,
+    stages: &[StageDecl],
+    name_spans: &[Range<usize>],
+) -> Result<(), ConfigError> {
+    let mut seen: Vec<(Settings, u64, &str, usize)> = Vec::new();
+    for (i, s) in stages.iter().enumerate() {
+        let StageParams::Import(p) = &s.params else {
+            continue;
+        };
+        let Some(seed) = p.seed else {
+            continue;
+        };
+        let json = serde_json::to_value(&s.params).expect("parameters serialise");
+        let recipe = s.params.settings(&json, &[]);
+        let other = seen.iter().find(|(r, sd, file, _)| {
+            *r == recipe && *sd == seed && *file != p.file_blake3.as_str()
+        });
+        if let Some((_, _, _, first)) = other {
+            return Err(loc.at(
+                name_spans[i].clone(),
+                format!(
+                    "stage `{}`: key `seed`: imports `{}` and `{}` give seed {seed} to two \
+                     different files of one recipe, which a report would average as two \
+                     seeds; give each file the seed it was trained with",
+                    s.name, stages[*first].name, s.name
+                ),
+            ));
+        }
+        seen.push((recipe, seed, p.file_blake3.as_str(), i));
     }
     Ok(())
 }

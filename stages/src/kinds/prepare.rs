@@ -180,7 +180,7 @@ impl Params {
                 return Err((key, "must be at least 1, found 0".into()));
             }
         }
-        if self.stratify.is_some() && self.limit.is_none() && self.val.is_none() {
+        if self.stratify == Some(true) && self.limit.is_none() && self.val.is_none() {
             return Err((
                 "stratify",
                 "stratifies the `limit` and `val` draws, and neither is set".into(),
@@ -321,6 +321,10 @@ impl Params {
         }
         if self.limit.is_some() || self.val.is_some() {
             self.seed.get_or_insert(run_seed);
+        }
+        // `stratify = false` is the default: the same stage as without the key.
+        if self.stratify == Some(false) {
+            self.stratify = None;
         }
     }
 }

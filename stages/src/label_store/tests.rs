@@ -617,4 +617,24 @@ fn a_source_mixing_uncertainty_columns_is_refused() {
         "{err}"
     );
     assert!(!dir.path().join("x.parquet").exists());
+    // `t`, `u`, then `t` again: refused.
+    let err = write_streamed(&dir.path().join("y.parquet"), &meta(), |sink| {
+        for source in ["t", "u", "t"] {
+            sink.push(&SourceRows {
+                source,
+                indices: &idx,
+                labels: &lab,
+                probs: &p,
+                mc: None,
+            })?;
+        }
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("source `t` was given rows after another"),
+        "{err}"
+    );
+    assert!(!dir.path().join("y.parquet").exists());
 }

@@ -67,6 +67,7 @@ where
             schema: &schema,
             writer,
             source: None,
+            finished: Vec::new(),
             pending: Pending::default(),
         };
         if let Err(e) = fill(&mut sink).and_then(|()| sink.end_source()) {
@@ -96,6 +97,8 @@ pub struct RowSink<'a> {
     writer: ArrowWriter<Box<dyn std::io::Write + Send + 'a>>,
     /// The source being written.
     source: Option<String>,
+    /// The sources written before it.
+    finished: Vec<String>,
     /// Its rows not yet in a row group (fewer than [`ROWS_PER_GROUP`]).
     pending: Pending,
 }
@@ -157,6 +160,14 @@ impl RowSink<'_> {
         let (n, k) = (s.indices.len(), self.meta.classes.len());
         self.check(s, n, k)?;
         if self.source.as_deref() != Some(s.source) {
+            if self.finished.iter().any(|f| f == s.source) {
+                return Err(StageError::numeric(format!(
+                    "{}: source `{}` was given rows after another source's: a source's rows \
+                     must come together",
+                    self.path.display(),
+                    s.source
+                )));
+            }
             self.end_source()?;
             self.source = Some(s.source.to_string());
             self.pending.mc = s.mc.as_ref().map(|_| Default::default());
@@ -209,7 +220,8 @@ impl RowSink<'_> {
         if !self.pending.indices.is_empty() {
             self.write_pending()?;
         }
-        if self.source.take().is_some() {
+        if let Some(done) = self.source.take() {
+            self.finished.push(done);
             let path = self.path;
             self.writer
                 .flush()
