@@ -604,8 +604,9 @@ fn run_stage(
     let started = now();
     let outputs = match s.params.run(&ctx) {
         Ok(o) => o,
-        // Stopped on request, a file it resumes from is damaged, or an I/O error the next run
-        // may not meet (a full disk): the partial folder keeps its checkpoints or chunks.
+        // Stopped on request, a file it resumes from is damaged, or an error the next run may
+        // not meet (a full disk, out of GPU memory, a missing device): the partial folder keeps
+        // its checkpoints or chunks.
         Err(e) if e.keeps_partial() && has_progress(&partial) => {
             tracing::warn!(
                 "{}: {} is kept for the next run to resume from (`pipeline clean` discards it)",
@@ -614,7 +615,7 @@ fn run_stage(
             );
             return Err(anyhow!(e));
         }
-        // What the same inputs would meet again (a setting, an invalid file, divergence).
+        // What the same inputs would meet again (an invalid file, divergence).
         Err(e) => {
             let _ = fs::remove_dir_all(&partial);
             return Err(anyhow!(e));

@@ -63,10 +63,11 @@ impl StageError {
     }
 
     /// Whether the stage's partial folder is worth keeping after this error: a stop, a damaged
-    /// file to resume from, or an I/O error that the next run may not meet (a full disk, a
-    /// network file system's hiccup), so that it resumes from the checkpoints and chunks
-    /// already written. What the same inputs would meet again (a setting, an invalid file,
-    /// divergence) makes the folder worthless.
+    /// file to resume from, an I/O error that the next run may not meet (a full disk, a
+    /// network file system's hiccup), or a device's (out of GPU memory, a GPU that fails to
+    /// start on a requeued node: tensor and device errors), so that it resumes from the
+    /// checkpoints and chunks already written. What the same inputs would meet again (an
+    /// invalid file, divergence) makes the folder worthless.
     pub fn keeps_partial(&self) -> bool {
         matches!(
             self,
@@ -75,6 +76,8 @@ impl StageError {
                 | StageError::Engine(
                     EngineError::Io { .. }
                         | EngineError::Dataset(datasets::DatasetError::Io { .. })
+                        | EngineError::Candle(_)
+                        | EngineError::Config(_)
                 )
         )
     }
@@ -82,3 +85,28 @@ impl StageError {
 
 /// Result alias of the stages crate.
 pub type Result<T, E = StageError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Days of checkpoints survive what a rerun may not meet (a device failing, out of memory,
+    /// a missing GPU, a full disk, a stop); an invalid input or divergence, which the same
+    /// inputs meet again, discards them.
+    #[test]
+    fn what_keeps_a_partial_folder() {
+        let oom = candle_core::Error::Msg("CUDA_ERROR_OUT_OF_MEMORY".into());
+        let kept = [
+            StageError::Engine(EngineError::Candle(oom)),
+            StageError::config("no CUDA device 0"),
+            StageError::io("/x", std::io::Error::other("disk full")),
+            StageError::Interrupted("stop".into()),
+        ];
+        assert!(kept.iter().all(StageError::keeps_partial));
+        let discarded = [
+            StageError::numeric("the loss is NaN at step 7"),
+            StageError::invalid("/x.pth", "tensor `fc.weight`", "shape [3, 4]"),
+        ];
+        assert!(!discarded.iter().any(StageError::keeps_partial));
+    }
+}
