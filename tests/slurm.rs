@@ -337,7 +337,8 @@ fn a_job_stuck_on_a_failed_upstream_is_replaced_and_a_cancelled_job_stays_cancel
             "[run]\noutput = \"out\"\nseed = 3\nthreads = 1\n\n\
              [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
              [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = {epochs}\nbatch_size = 16\nlr = {lr}\n\n\
-             [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model\"]\n"
+             [[stage]]\nname = \"eval\"\nkind = \"evaluate\"\nneeds = [\"data\", \"model\"]\n\n\
+             [[stage]]\nname = \"report\"\nkind = \"report\"\nneeds = [\"eval\"]\n"
         )
     };
     write(dir.path(), "f.toml", &cfg("1e30", 2));
@@ -346,7 +347,11 @@ fn a_job_stuck_on_a_failed_upstream_is_replaced_and_a_cancelled_job_stays_cancel
     let out = dir.path().join("out");
     let first = jobs_json(&out);
     let job = |j: &serde_json::Value, s: &str| j["stages"][s].as_str().unwrap().to_string();
-    let (model, eval) = (job(&first, "model"), job(&first, "eval"));
+    let (model, eval, report) = (
+        job(&first, "model"),
+        job(&first, "eval"),
+        job(&first, "report"),
+    );
     wait_for(std::slice::from_ref(&model));
     let t0 = Instant::now();
     loop {
@@ -376,15 +381,23 @@ fn a_job_stuck_on_a_failed_upstream_is_replaced_and_a_cancelled_job_stays_cancel
     let o = pipeline(dir.path(), &["submit", "f.toml", "--slurm"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let second = jobs_json(&out);
-    let (model2, eval2) = (job(&second, "model"), job(&second, "eval"));
-    assert!(model2 != model && eval2 != eval, "{second}");
-    assert!(
-        show(&eval).contains("JobState=CANCELLED"),
-        "{}",
-        show(&eval)
+    let (model2, eval2, report2) = (
+        job(&second, "model"),
+        job(&second, "eval"),
+        job(&second, "report"),
     );
-    wait_for(&[model2, eval2]);
+    assert!(
+        model2 != model && eval2 != eval && report2 != report,
+        "{second}"
+    );
+    // The report waited on the stuck evaluation (two levels below the failure): it is
+    // cancelled and submitted again after the new one, not left on the cancelled job.
+    for old in [&eval, &report] {
+        assert!(show(old).contains("JobState=CANCELLED"), "{}", show(old));
+    }
+    wait_for(&[model2, eval2, report2]);
     assert!(out.join("eval/metrics.json").exists());
+    assert!(out.join("report/report.md").exists());
 
     // scancel: SIGTERM to the training, which checkpoints and does not requeue.
     write(dir.path(), "f.toml", &cfg("0.1", 400));
@@ -401,7 +414,10 @@ fn a_job_stuck_on_a_failed_upstream_is_replaced_and_a_cancelled_job_stays_cancel
         "{record}"
     );
     let cancel_all = Command::new("scancel")
-        .arg(job(&jobs_json(&out), "eval"))
+        .args([
+            job(&jobs_json(&out), "eval"),
+            job(&jobs_json(&out), "report"),
+        ])
         .output();
     assert!(cancel_all.is_ok());
 }

@@ -83,21 +83,34 @@ pub fn queue_states(ids: &[&str]) -> Result<BTreeMap<String, String>> {
     if ids.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let jobs: Vec<String> = ids
+    let jobs: std::collections::BTreeSet<&str> = ids
         .iter()
-        .map(|i| i.split('_').next().unwrap_or(i).to_string())
+        .map(|i| i.split('_').next().unwrap_or(i))
         .collect();
+    // This user's jobs, filtered here: `--jobs` fails as a whole on an id the controller has
+    // forgotten (finished long ago), which cannot be told from a controller that does not
+    // answer; taking that for "nothing queued" would submit every queued stage twice.
     let o = Command::new("squeue")
-        .args(["-h", "-r", "-o", "%i %T %r", "--jobs", &jobs.join(",")])
+        .args(["-h", "-r", "-o", "%i %T %r", "--me"])
         .output()
         .context("cannot run squeue (is Slurm's client on PATH?)")?;
-    // squeue fails on ids it no longer knows (finished long ago): then nothing is queued.
+    if !o.status.success() {
+        bail!(
+            "squeue failed ({}): {}; nothing was submitted, as the jobs already queued are \
+             unknown",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
     let text = String::from_utf8_lossy(&o.stdout);
     Ok(text
         .lines()
         .filter_map(|l| {
             let mut words = l.split_whitespace();
             let (id, state) = (words.next()?, words.next()?);
+            if !jobs.contains(id.split('_').next().unwrap_or(id)) {
+                return None;
+            }
             Some(match words.next() {
                 Some(DEAD_DEPENDENCY) => (id.into(), format!("{state} ({DEAD_DEPENDENCY})")),
                 _ => (id.into(), state.into()),
@@ -171,15 +184,31 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         .filter(|(_, id)| queued.get(*id).is_some_and(|st| can_still_run(st)))
         .map(|(s, id)| (s.clone(), id.clone()))
         .collect();
-    let todo: Vec<usize> = config
-        .order()
-        .into_iter()
-        .filter(|&i| {
-            let s = &config.stages[i];
-            state_of(config, &fps, i) != StageState::UpToDate && !job_of.contains_key(&s.name)
-        })
-        .collect();
-    let jobs = plan(config, &todo, max_array_size());
+    let to_run = |job_of: &BTreeMap<String, String>| -> Vec<usize> {
+        config
+            .order()
+            .into_iter()
+            .filter(|&i| {
+                let s = &config.stages[i];
+                state_of(config, &fps, i) != StageState::UpToDate && !job_of.contains_key(&s.name)
+            })
+            .collect()
+    };
+    let mut todo = to_run(&job_of);
+    // A queued stage still waiting on one submitted again (its job failed, or it went stale)
+    // would wait on the old job for ever, or start before the new one: it is cancelled and
+    // submitted again after it, and so is whatever waits on it in turn.
+    let waiting = waiting_on(config, &todo, &mut job_of, &queued);
+    if !waiting.is_empty() {
+        if !opts.dry_run {
+            let o = Command::new("scancel").args(&waiting).status();
+            if !o.is_ok_and(|s| s.success()) {
+                eprintln!("warning: scancel {} failed", waiting.join(" "));
+            }
+        }
+        todo = to_run(&job_of);
+    }
+    let jobs = in_dependency_order(config, plan(config, &todo, max_array_size()))?;
     let exe = std::path::absolute(std::env::current_exe()?)?;
     let file = std::path::absolute(&config.path)?;
     let root = std::path::absolute(&config.run.output)?;
@@ -228,6 +257,35 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
     }
     Ok(new)
+}
+
+/// The queued jobs of stages still pending that need, directly or through other such stages,
+/// a stage of `todo` (to be submitted again): removed from `job_of`, their ids returned.
+/// Running jobs are left alone (their needs were met; a stale output reruns them later).
+fn waiting_on(
+    config: &Config,
+    todo: &[usize],
+    job_of: &mut BTreeMap<String, String>,
+    queued: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut again: std::collections::BTreeSet<&str> = todo
+        .iter()
+        .map(|&i| config.stages[i].name.as_str())
+        .collect();
+    let mut ids = Vec::new();
+    loop {
+        let next = config.stages.iter().find(|s| {
+            job_of.get(&s.name).is_some_and(|id| {
+                queued.get(id).is_some_and(|st| st.starts_with("PENDING"))
+                    && s.needs.iter().any(|n| again.contains(n.as_str()))
+            })
+        });
+        let Some(s) = next else {
+            return ids;
+        };
+        ids.push(job_of.remove(&s.name).expect("found in job_of"));
+        again.insert(&s.name);
+    }
 }
 
 /// Submits the script at `path`; returns the job id.
@@ -320,6 +378,55 @@ fn plan(config: &Config, todo: &[usize], max_array: usize) -> Vec<Job> {
     jobs
 }
 
+/// `jobs` reordered so that each comes after the jobs of the stages its tasks need: an array is
+/// planned at its first cell, but a later cell may need a stage declared after that cell
+/// (stages are declared in any order), whose job must exist before the array names it in its
+/// dependency. The planned order is kept where the needs allow. Cells of one array needing a
+/// stage that needs another of its cells cannot be one array: refused.
+fn in_dependency_order(config: &Config, jobs: Vec<Job>) -> Result<Vec<Job>> {
+    let owner: BTreeMap<usize, usize> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| job.tasks.iter().map(move |&(_, i)| (i, j)))
+        .collect();
+    let needs: Vec<std::collections::BTreeSet<usize>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(j, job)| {
+            job.tasks
+                .iter()
+                .flat_map(|&(_, i)| &config.stages[i].needs)
+                .filter_map(|n| owner.get(&config.index_of(n)).copied())
+                .filter(|&k| k != j)
+                .collect()
+        })
+        .collect();
+    let mut placed = vec![false; jobs.len()];
+    let mut order = Vec::with_capacity(jobs.len());
+    while order.len() < jobs.len() {
+        let Some(next) =
+            (0..jobs.len()).find(|&j| !placed[j] && needs[j].iter().all(|&k| placed[k]))
+        else {
+            let stuck: Vec<&str> = (0..jobs.len())
+                .filter(|&j| !placed[j])
+                .map(|j| jobs[j].name.as_str())
+                .collect();
+            bail!(
+                "jobs {} need each other (a grid's cells need a stage that needs another of \
+                 its cells): they cannot be submitted as arrays; run them with `pipeline run`",
+                stuck.join(", ")
+            );
+        };
+        placed[next] = true;
+        order.push(next);
+    }
+    let mut slots: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|j| slots[j].take().expect("placed once"))
+        .collect())
+}
+
 /// `--dependency` of `job`: `aftercorr` on an array it follows task by task, `afterok` on every
 /// other job its stages need.
 fn dependency(config: &Config, job: &Job, job_of: &BTreeMap<String, String>) -> Option<String> {
@@ -391,6 +498,43 @@ fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources
     r.over(&opts.overrides)
 }
 
+/// Seconds in a Slurm time limit (`minutes`, `minutes:seconds`, `hours:minutes:seconds`,
+/// `days-hours`, `days-hours:minutes`, `days-hours:minutes:seconds`); `None` for another form
+/// (`infinite`, `UNLIMITED`), which sbatch judges.
+fn time_limit_seconds(time: &str) -> Option<u64> {
+    let (days, rest) = match time.split_once('-') {
+        Some((d, rest)) => (Some(d.trim().parse::<u64>().ok()?), rest),
+        None => (None, time),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    let (h, m, sec) = match (days.is_some(), parts.as_slice()) {
+        (false, [m]) => (0, *m, 0),
+        (false, [m, s]) => (0, *m, *s),
+        (_, [h, m, s]) => (*h, *m, *s),
+        (true, [h]) => (*h, 0, 0),
+        (true, [h, m]) => (*h, *m, 0),
+        _ => return None,
+    };
+    Some(days.unwrap_or(0) * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+/// The `--output` of an sbatch script: `pattern` (of Slurm's `%` replacements) in folder
+/// `logs`, double-quoted (sbatch reads `#SBATCH` values as a shell would: a space would end the
+/// path) with the folder's own `%` written `%%` (else Slurm would replace them).
+fn output_pattern(logs: &Path, pattern: &str) -> Result<String> {
+    let folder = logs.display().to_string();
+    if folder.contains(['"', '\n']) {
+        bail!(
+            "the log folder {folder:?} holds a double quote or a line break, which an sbatch \
+             script cannot name; choose another output folder"
+        );
+    }
+    Ok(format!("\"{}/{pattern}\"", folder.replace('%', "%%")))
+}
+
 /// The sbatch script of `job` (an array's names the stage of each task id in a table).
 fn script(
     config: &Config,
@@ -413,15 +557,22 @@ fn script(
     writeln!(
         s,
         "#SBATCH --output={}",
-        dir.join("logs").join(log).display()
+        output_pattern(&dir.join("logs"), log)?
     )?;
     writeln!(s, "#SBATCH --open-mode=append")?;
     writeln!(s, "#SBATCH --requeue")?;
-    writeln!(
-        s,
-        "#SBATCH --signal=B:USR2@{}",
-        r.signal_lead.unwrap_or(120)
-    )?;
+    let lead = r.signal_lead.unwrap_or(120);
+    if let Some(limit) = r.time.as_deref().and_then(time_limit_seconds) {
+        if limit <= u64::from(lead) {
+            bail!(
+                "job {}: `time` = {:?} is not longer than `signal_lead` = {lead} s: the \
+                 warning would come at once and the job requeue itself for ever",
+                job.name,
+                r.time.as_deref().unwrap_or_default()
+            );
+        }
+    }
+    writeln!(s, "#SBATCH --signal=B:USR2@{lead}")?;
     if job.array {
         let ids: Vec<String> = job.tasks.iter().map(|(t, _)| t.to_string()).collect();
         let throttle = r.throttle.map_or(String::new(), |n| format!("%{n}"));
@@ -543,5 +694,88 @@ pub fn requeue_self() {
         }
         Ok(s) => eprintln!("warning: scontrol requeue {id} failed ({s})"),
         Err(e) => eprintln!("warning: cannot run scontrol requeue {id}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A grid whose later cells need a stage declared after its first cell: the array is
+    /// planned at its first cell, before that stage's job, and moved after it.
+    #[test]
+    fn an_array_comes_after_the_jobs_its_cells_need() {
+        let src = r#"
+[run]
+output = "out"
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+
+[[stage]]
+name = "labels"
+kind = "label"
+needs = ["data", "teacher"]
+
+[[stage]]
+name = "student"
+kind = "train"
+needs = ["data", "labels"]
+matrix = { method = ["vanilla", "off-ldl"] }
+model = "resnet8"
+
+[[stage]]
+name = "teacher"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+method = "vanilla"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::parse(&dir.path().join("s.toml"), src, None).unwrap();
+        let names = |jobs: &[Job]| -> Vec<String> { jobs.iter().map(|j| j.name.clone()).collect() };
+        let planned = plan(&config, &config.order(), 1001);
+        let at = |names: &[String], n: &str| names.iter().position(|x| x == n).unwrap();
+        let before = names(&planned);
+        assert!(
+            at(&before, "ldl-student") < at(&before, "ldl-labels"),
+            "{before:?}"
+        );
+        let after = names(&in_dependency_order(&config, planned).unwrap());
+        assert!(
+            at(&after, "ldl-teacher") < at(&after, "ldl-labels")
+                && at(&after, "ldl-labels") < at(&after, "ldl-student"),
+            "{after:?}"
+        );
+        assert_eq!(after[0], "ldl-data");
+    }
+
+    /// Every form of sbatch's `--time`, by hand.
+    #[test]
+    fn time_limits_in_seconds() {
+        for (text, want) in [
+            ("30", Some(1800)),
+            ("30:15", Some(1815)),
+            ("2:00:00", Some(7200)),
+            ("1-0", Some(86_400)),
+            ("1-2", Some(93_600)),
+            ("1-2:30", Some(95_400)),
+            ("1-2:30:05", Some(95_405)),
+            ("infinite", None),
+            ("1:2:3:4", None),
+        ] {
+            assert_eq!(time_limit_seconds(text), want, "{text}");
+        }
+    }
+
+    /// The log folder is quoted, its own `%` doubled; Slurm's patterns are kept.
+    #[test]
+    fn the_output_pattern_is_quoted_and_escaped() {
+        let got = output_pattern(Path::new("/runs/my run/100%/logs"), "%x-%A_%a.out").unwrap();
+        assert_eq!(got, "\"/runs/my run/100%%/logs/%x-%A_%a.out\"");
+        let e = output_pattern(Path::new("/a\"b"), "%x-%j.out").unwrap_err();
+        assert!(e.to_string().contains("double quote"), "{e}");
     }
 }
