@@ -131,7 +131,8 @@ pub const FAULT_EXCHANGE_ENV: &str = "LDL_FAULT_EXCHANGE";
 /// Moves folder `src` to `dst`, replacing `dst` if it exists. An existing `dst` is swapped with
 /// `src` in one `renameat2(RENAME_EXCHANGE)`, so that a reader (or a process restarted after a
 /// kill) sees the old complete folder or the new one, never a mix or nothing, and the old
-/// contents, now at `src`, are deleted. File systems without the exchange (NFS, and others that
+/// contents, now at `src`, are moved to `.<name>.replaced` and deleted there (a run killed
+/// meanwhile leaves them for the next call to delete). File systems without the exchange (NFS, and others that
 /// refuse rename flags) get two renames instead: the old folder aside to `.<name>.replaced`,
 /// then `src` into place; a kill between the two leaves no `dst` for the moment, with `src`
 /// still complete for the caller to move again (the runner does, on its next run).
@@ -144,7 +145,14 @@ pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
         }
         if dst.exists() {
             match exchange(src, dst) {
-                Ok(()) => fs::remove_dir_all(src)?,
+                Ok(()) => {
+                    // The old folder, now at `src`, is renamed aside before it is removed:
+                    // killed while removing a large folder, it would otherwise be left
+                    // complete at `src`, and a later run would take it for a finished one
+                    // (`--force` would bring the old outputs back instead of running).
+                    fs::rename(src, &aside)?;
+                    fs::remove_dir_all(&aside)?;
+                }
                 Err(e) if exchange_unsupported(&e) => {
                     fs::rename(dst, &aside)?;
                     if std::env::var(FAULT_EXCHANGE_ENV).is_ok_and(|v| v == "unsupported-abort") {
