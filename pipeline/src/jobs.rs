@@ -304,7 +304,8 @@ fn spawn(
         bail!("--dry-run does not start children");
     }
     if let Some(d) = device {
-        cmd.env("CUDA_VISIBLE_DEVICES", d.to_string());
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        cmd.env("CUDA_VISIBLE_DEVICES", child_device(visible.as_deref(), d));
     }
     let mut child = cmd
         .spawn()
@@ -381,7 +382,29 @@ fn terminate(child: &Child) -> Result<()> {
     Ok(())
 }
 
-/// Every CUDA device in `devices` must exist (a CPU-only build has none).
+/// The `CUDA_VISIBLE_DEVICES` of a child given device `d`, as this process numbers its devices:
+/// the `d`-th entry of this process's own `CUDA_VISIBLE_DEVICES` (an index, a `GPU-…` or
+/// `MIG-…` UUID) when it has one, so that a child never runs on a device this process was not
+/// given (a Slurm job's GPUs), else `d`.
+fn child_device(visible: Option<&str>, d: usize) -> String {
+    let listed: Vec<&str> = visible
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    match listed.get(d) {
+        Some(entry) => entry.to_string(),
+        None if listed.is_empty() => d.to_string(),
+        // Beyond the list: check_devices refused it already; CUDA then sees no device.
+        None => "-1".into(),
+    }
+}
+
+/// Every CUDA device in `devices` must exist, as this process numbers them (a CPU-only build
+/// has none).
 pub fn check_devices(devices: &[usize]) -> Result<()> {
     if devices.is_empty() {
         return Ok(());
@@ -409,4 +432,21 @@ fn list(devices: &[usize]) -> String {
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child's device is this process's `d`-th visible one: `--devices 0,1` under
+    /// `CUDA_VISIBLE_DEVICES=2,3` runs on physical devices 2 and 3 (or the UUIDs listed).
+    #[test]
+    fn children_get_the_devices_this_process_was_given() {
+        assert_eq!(child_device(None, 1), "1");
+        assert_eq!(child_device(Some(""), 1), "1");
+        assert_eq!(child_device(Some("2,3"), 0), "2");
+        assert_eq!(child_device(Some("2, 3"), 1), "3");
+        assert_eq!(child_device(Some("GPU-a1,MIG-b2"), 1), "MIG-b2");
+        assert_eq!(child_device(Some("2,3"), 2), "-1");
+    }
 }

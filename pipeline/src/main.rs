@@ -381,11 +381,20 @@ fn devices_fit(config: &config::Config, devices: &[usize]) -> Result<(), String>
     if devices.is_empty() {
         return Ok(());
     }
-    if config.run.device == engine::device::DeviceSpec::Cpu {
-        return Err(format!(
+    match config.run.device {
+        engine::device::DeviceSpec::Cpu => return Err(format!(
             "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
             config.path.display()
-        ));
+        )),
+        // Each child sees only its own device, as its CUDA device 0.
+        engine::device::DeviceSpec::Cuda(n) if n > 0 => {
+            return Err(format!(
+                "--devices gives each child one device, its `cuda:0`, but {} asks for cuda:{n}: \
+                 set [run].device = \"cuda\" and list the devices in --devices",
+                config.path.display()
+            ))
+        }
+        engine::device::DeviceSpec::Cuda(_) => {}
     }
     pipeline::jobs::check_devices(devices).map_err(|e| format!("{e:#}"))
 }
