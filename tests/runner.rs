@@ -635,6 +635,12 @@ fn a_signal_checkpoints_the_training_and_the_next_run_resumes_from_it() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         kill_process(Pid::from_child(&child), signal).unwrap();
+        if signal == Signal::TERM {
+            // Again at once, as when a scheduler signals every process of a job and a `--jobs`
+            // parent passes its own on: one stop, not a second signal that ends the process.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            kill_process(Pid::from_child(&child), signal).unwrap();
+        }
         let o = child.wait_with_output().unwrap();
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(75), "{signal:?}: {err}");
@@ -669,6 +675,49 @@ fn a_signal_checkpoints_the_training_and_the_next_run_resumes_from_it() {
         weights("out") == weights("reference"),
         "resumed weights differ"
     );
+}
+
+/// A second stop signal ends the process at once, with 128 + the signal, its partial folder
+/// kept: here SIGINT and SIGUSR2, pending together (which one the handlers see first is the
+/// kernel's choice; the status names the second).
+/// (A SIGTERM within two seconds of the first stop is the same stop:
+/// `a_signal_checkpoints_the_training_and_the_next_run_resumes_from_it`; after, a second one:
+/// the unit test of `ends_at_once`.)
+#[test]
+fn a_second_signal_ends_the_run_at_once() {
+    use rustix::process::{kill_process, Pid, Signal};
+    let dir = scratch();
+    let cfg = "[run]\noutput = \"out\"\nseed = 5\n\n\
+        [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 400\nbatch_size = 16\n";
+    write(dir.path(), "p.toml", cfg);
+    let partial = dir.path().join("out/.model.partial");
+    // Both signals arrive while the process is stopped (SIGSTOP), so that it has no step
+    // boundary to stop at before the second one.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "p.toml"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !partial.join("checkpoints").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "the training never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = Pid::from_child(&child);
+    kill_process(pid, Signal::STOP).unwrap();
+    kill_process(pid, Signal::INT).unwrap();
+    kill_process(pid, Signal::USR2).unwrap();
+    kill_process(pid, Signal::CONT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let code = o.status.code();
+    assert!(
+        code == Some(128 + 2) || code == Some(128 + 12),
+        "{code:?}: {}",
+        stderr(&o)
+    );
+    assert!(partial.exists(), "the partial folder was removed");
 }
 
 /// `--only`, `--force` and `clean` take a grid's name for all its cells; a name the file does not

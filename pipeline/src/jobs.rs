@@ -184,7 +184,18 @@ pub fn run(
             };
             let r = running.swap_remove(k);
             free.push(r.slot);
-            let code = status.code();
+            let mut code = status.code();
+            // A child ended by a stop signal after this process passed one on (it came before
+            // the child's handlers were in place, or twice within their grace) left its partial
+            // folder as a kill does: interrupted, not failed.
+            let signalled = std::os::unix::process::ExitStatusExt::signal(&status);
+            let stop_signal =
+                |sig: i32| [libc_sig::TERM, libc_sig::INT, libc_sig::USR2].contains(&sig);
+            let by_stop = signalled.is_some_and(stop_signal)
+                || code.is_some_and(|c| c > 128 && stop_signal(c - 128));
+            if forwarded && by_stop {
+                code = Some(EXIT_INTERRUPTED);
+            }
             settle(config, r, code, &mut settled, &mut blocked, &mut out);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -259,6 +270,13 @@ fn settle(
             blocked[r.stage] = true;
         }
     }
+}
+
+/// The stop signals' numbers.
+mod libc_sig {
+    pub const TERM: i32 = signal_hook::consts::SIGTERM;
+    pub const INT: i32 = signal_hook::consts::SIGINT;
+    pub const USR2: i32 = signal_hook::consts::SIGUSR2;
 }
 
 /// Starts the child of stage `i` in `slot`.

@@ -382,10 +382,12 @@ fn devices_fit(config: &config::Config, devices: &[usize]) -> Result<(), String>
         return Ok(());
     }
     match config.run.device {
-        engine::device::DeviceSpec::Cpu => return Err(format!(
+        engine::device::DeviceSpec::Cpu => {
+            return Err(format!(
             "--devices hands out CUDA devices, but {} runs on the CPU: set [run].device = \"cuda\"",
             config.path.display()
-        )),
+        ))
+        }
         // Each child sees only its own device, as its CUDA device 0.
         engine::device::DeviceSpec::Cuda(n) if n > 0 => {
             return Err(format!(
@@ -559,17 +561,49 @@ fn chain_text(e: &anyhow::Error) -> String {
 /// The flag SIGTERM, SIGUSR2 (Slurm's warning before a time limit or preemption; USR1 is NCCL's)
 /// and SIGINT set: the run stops at the next step boundary. A second signal ends the process at
 /// once, with the status a shell gives a signalled process (128 + 15, 12 or 2), leaving partial
-/// folders to resume from as after a kill.
+/// folders to resume from as after a kill; but a SIGTERM within [`TERM_GRACE_NS`] of the first
+/// stop is the same stop delivered twice (a scheduler signals every process of a job, and a
+/// `--jobs` parent passes its own on), not a second one.
 fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [SIGTERM, SIGUSR2, SIGINT] {
-        // Registered first, so the first signal only sets the flag and the second exits.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, stop.clone())?;
-        signal_hook::flag::register(sig, stop.clone())?;
+        let stop = stop.clone();
+        // SAFETY: the handler only reads the monotonic clock (clock_gettime), touches atomics
+        // and calls _exit: all async-signal-safe.
+        unsafe { signal_hook::low_level::register(sig, move || on_stop_signal(&stop, sig)) }?;
     }
     pipeline::slurm::requeue_on_usr2()?;
     Ok(stop)
+}
+
+/// When the first stop signal came (monotonic nanoseconds; 0: none yet).
+static FIRST_STOP_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How long after the first stop a SIGTERM is taken for the same stop.
+const TERM_GRACE_NS: u64 = 2_000_000_000;
+
+/// A stop signal: the first sets `stop`; a later one ends the process at once, but for a
+/// SIGTERM within the grace.
+fn on_stop_signal(stop: &std::sync::atomic::AtomicBool, sig: i32) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let now = (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+        .max(1);
+    match FIRST_STOP_NS.compare_exchange(0, now, SeqCst, SeqCst) {
+        Ok(_) => stop.store(true, SeqCst),
+        Err(first) if ends_at_once(sig, now.saturating_sub(first)) => {
+            signal_hook::low_level::exit(128 + sig)
+        }
+        Err(_) => {}
+    }
+}
+
+/// Whether stop signal `sig`, `since_first` nanoseconds after the first stop, ends the process.
+fn ends_at_once(sig: i32, since_first: u64) -> bool {
+    sig != signal_hook::consts::SIGTERM || since_first >= TERM_GRACE_NS
 }
 
 /// Sizes the thread pools: rayon's (data loading, decoding) and candle's CPU kernels, which read
@@ -581,4 +615,20 @@ fn configure_threads(threads: usize) {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
+
+    /// A SIGTERM within two seconds of the first stop is that stop again; after, or any other
+    /// stop signal, a second one.
+    #[test]
+    fn a_sigterm_within_the_grace_is_the_same_stop() {
+        assert!(!ends_at_once(SIGTERM, 0));
+        assert!(!ends_at_once(SIGTERM, 1_999_999_999));
+        assert!(ends_at_once(SIGTERM, 2_000_000_000));
+        assert!(ends_at_once(SIGINT, 0) && ends_at_once(SIGUSR2, 5));
+    }
 }
