@@ -278,17 +278,34 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
     for (i, v) in stage_values.into_iter().enumerate() {
         templates.push(template(&loc, i, v, &mut seen)?);
     }
+    // Expanded in the order of their needs (a stage naming a grid, or following one cell by
+    // cell, needs the grid's cells), then put back in file order: stages are declared in any
+    // order.
+    let declared: HashMap<String, usize> = templates
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
     let mut expansion = Expansion::default();
-    for tpl in templates {
+    let mut template_of: Vec<usize> = Vec::new();
+    for (i, tpl) in in_need_order(templates) {
         expansion.expand(&loc, &run, tpl)?;
+        template_of.resize(expansion.stages.len(), i);
     }
     let Expansion {
         stages,
         name_spans,
         need_spans,
-        grids,
+        mut grids,
         ..
     } = expansion;
+    let order = file_order(&template_of);
+    let (stages, name_spans, need_spans) = (
+        permuted(stages, &order),
+        permuted(name_spans, &order),
+        permuted(need_spans, &order),
+    );
+    grids.sort_by_key(|(g, _)| declared.get(g).copied().unwrap_or(usize::MAX));
     validate_graph(&loc, &stages, &name_spans, &need_spans)?;
     validate_import_seeds(&loc, &stages, &name_spans)?;
     if let Some((name, span)) = slurm
@@ -579,6 +596,57 @@ fn template<'i>(
         table: t,
         cells,
     })
+}
+
+/// `templates` (with their places in the file) in an order where each comes after those it
+/// names in `needs`, file order kept where the needs allow; templates in a cycle keep their
+/// file order (the graph's check reports the cycle).
+fn in_need_order(templates: Vec<Template<'_>>) -> Vec<(usize, Template<'_>)> {
+    let index: HashMap<&str, usize> = templates
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    let needs: Vec<Vec<usize>> = templates
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.needs
+                .iter()
+                .filter_map(|(n, _)| index.get(n.as_str()).copied())
+                .filter(|&j| j != i)
+                .collect()
+        })
+        .collect();
+    let mut placed = vec![false; templates.len()];
+    let mut order = Vec::with_capacity(templates.len());
+    while order.len() < templates.len() {
+        let next = (0..templates.len())
+            .find(|&i| !placed[i] && needs[i].iter().all(|&j| placed[j]))
+            .or_else(|| (0..templates.len()).find(|&i| !placed[i]))
+            .expect("one is left");
+        placed[next] = true;
+        order.push(next);
+    }
+    let templates = permuted(templates, &order);
+    order.into_iter().zip(templates).collect()
+}
+
+/// The order that puts expanded stages back in file order: by the place of the template each
+/// came from (`template_of`), a template's cells in their own order.
+fn file_order(template_of: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..template_of.len()).collect();
+    order.sort_by_key(|&k| template_of[k]);
+    order
+}
+
+/// The items of `items` at the places of `order`.
+fn permuted<T>(items: Vec<T>, order: &[usize]) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    order
+        .iter()
+        .map(|&k| slots[k].take().expect("each once"))
+        .collect()
 }
 
 /// Phase 2: the stages of the templates so far, in file order, with their grids. A stage with
@@ -1677,5 +1745,85 @@ impl Config {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stages are declared in any order: a report before the grid of evaluations it reads, the
+    /// evaluations (following a training grid cell by cell) before that grid, and a grid cell
+    /// dropping a need declared after it. The stages stay in file order.
+    #[test]
+    fn stages_declared_in_any_order_expand_as_in_need_order() {
+        let src = r#"
+[run]
+output = "out"
+
+[[stage]]
+name = "report"
+kind = "report"
+needs = ["eval"]
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "student"]
+
+[[stage]]
+name = "student"
+kind = "train"
+needs = ["data", "labels"]
+matrix = { method = ["vanilla", "off-ldl"] }
+model = "resnet8"
+
+[[stage]]
+name = "labels"
+kind = "label"
+needs = ["data", "teacher"]
+
+[[stage]]
+name = "teacher"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+method = "vanilla"
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let config = parse(&dir.path().join("s.toml"), src, None).unwrap();
+        let names: Vec<&str> = config.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "report",
+                "eval.method=vanilla",
+                "eval.method=off-ldl",
+                "student.method=vanilla",
+                "student.method=off-ldl",
+                "labels",
+                "teacher",
+                "data"
+            ]
+        );
+        let needs = |n: &str| config.stage(n).unwrap().needs.clone();
+        assert_eq!(
+            needs("report"),
+            ["eval.method=vanilla", "eval.method=off-ldl"]
+        );
+        assert_eq!(
+            needs("eval.method=off-ldl"),
+            ["data", "student.method=off-ldl"]
+        );
+        // The vanilla cell reads no label store; the off-ldl cell does.
+        assert_eq!(needs("student.method=vanilla"), ["data"]);
+        assert_eq!(needs("student.method=off-ldl"), ["data", "labels"]);
+        let grids: Vec<&str> = config.grids.iter().map(|(g, _)| g.as_str()).collect();
+        assert_eq!(grids, ["eval", "student"]);
     }
 }
