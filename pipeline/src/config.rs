@@ -618,16 +618,7 @@ fn in_need_order(templates: Vec<Template<'_>>) -> Vec<(usize, Template<'_>)> {
                 .collect()
         })
         .collect();
-    let mut placed = vec![false; templates.len()];
-    let mut order = Vec::with_capacity(templates.len());
-    while order.len() < templates.len() {
-        let next = (0..templates.len())
-            .find(|&i| !placed[i] && needs[i].iter().all(|&j| placed[j]))
-            .or_else(|| (0..templates.len()).find(|&i| !placed[i]))
-            .expect("one is left");
-        placed[next] = true;
-        order.push(next);
-    }
+    let (order, _in_a_cycle) = stable_order(&needs);
     let templates = permuted(templates, &order);
     order.into_iter().zip(templates).collect()
 }
@@ -640,8 +631,31 @@ fn file_order(template_of: &[usize]) -> Vec<usize> {
     order
 }
 
+/// The indices of `needs` (each with the indices it needs) in an order where each comes after
+/// those it needs, the lowest ready index first, so that the given order is kept where the
+/// needs allow. Indices that need each other are taken lowest first when nothing else is
+/// ready; the second value lists those left at the first such stall (empty without a cycle).
+pub(crate) fn stable_order(needs: &[Vec<usize>]) -> (Vec<usize>, Vec<usize>) {
+    let n = needs.len();
+    let mut placed = vec![false; n];
+    let mut order = Vec::with_capacity(n);
+    let mut stuck = Vec::new();
+    while order.len() < n {
+        let ready = (0..n).find(|&i| !placed[i] && needs[i].iter().all(|&j| placed[j]));
+        let next = ready.unwrap_or_else(|| {
+            if stuck.is_empty() {
+                stuck = (0..n).filter(|&i| !placed[i]).collect();
+            }
+            (0..n).find(|&i| !placed[i]).expect("one is left")
+        });
+        placed[next] = true;
+        order.push(next);
+    }
+    (order, stuck)
+}
+
 /// The items of `items` at the places of `order`.
-fn permuted<T>(items: Vec<T>, order: &[usize]) -> Vec<T> {
+pub(crate) fn permuted<T>(items: Vec<T>, order: &[usize]) -> Vec<T> {
     let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
     order
         .iter()
@@ -1689,15 +1703,13 @@ impl Config {
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
-        let mut done = vec![false; self.stages.len()];
-        let mut order = Vec::with_capacity(self.stages.len());
-        while order.len() < self.stages.len() {
-            let next = (0..self.stages.len())
-                .find(|&i| !done[i] && self.stages[i].needs.iter().all(|n| done[index[n.as_str()]]))
-                .expect("validated acyclic");
-            done[next] = true;
-            order.push(next);
-        }
+        let needs: Vec<Vec<usize>> = self
+            .stages
+            .iter()
+            .map(|s| s.needs.iter().map(|n| index[n.as_str()]).collect())
+            .collect();
+        let (order, stuck) = stable_order(&needs);
+        assert!(stuck.is_empty(), "validated acyclic");
         order
     }
 

@@ -189,8 +189,7 @@ pub fn run(
             // the child's handlers were in place, or twice within their grace) left its partial
             // folder as a kill does: interrupted, not failed.
             let signalled = std::os::unix::process::ExitStatusExt::signal(&status);
-            let stop_signal =
-                |sig: i32| [libc_sig::TERM, libc_sig::INT, libc_sig::USR2].contains(&sig);
+            let stop_signal = |sig: i32| STOP_SIGNALS.contains(&sig);
             let by_stop = signalled.is_some_and(stop_signal)
                 || code.is_some_and(|c| c > 128 && stop_signal(c - 128));
             if forwarded && by_stop {
@@ -272,12 +271,13 @@ fn settle(
     }
 }
 
-/// The stop signals' numbers.
-mod libc_sig {
-    pub const TERM: i32 = signal_hook::consts::SIGTERM;
-    pub const INT: i32 = signal_hook::consts::SIGINT;
-    pub const USR2: i32 = signal_hook::consts::SIGUSR2;
-}
+/// The signals that stop a run at its next step boundary: SIGTERM, SIGUSR2 (Slurm's warning
+/// before a time limit or preemption; USR1 is NCCL's) and SIGINT.
+pub const STOP_SIGNALS: [i32; 3] = [
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGUSR2,
+    signal_hook::consts::SIGINT,
+];
 
 /// Starts the child of stage `i` in `slot`.
 #[allow(clippy::too_many_arguments)]

@@ -565,9 +565,8 @@ fn chain_text(e: &anyhow::Error) -> String {
 /// stop is the same stop delivered twice (a scheduler signals every process of a job, and a
 /// `--jobs` parent passes its own on), not a second one.
 fn stop_on_signals() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [SIGTERM, SIGUSR2, SIGINT] {
+    for sig in pipeline::jobs::STOP_SIGNALS {
         let stop = stop.clone();
         // SAFETY: the handler only reads the monotonic clock (clock_gettime), touches atomics
         // and calls _exit: all async-signal-safe.

@@ -389,7 +389,7 @@ fn in_dependency_order(config: &Config, jobs: Vec<Job>) -> Result<Vec<Job>> {
         .enumerate()
         .flat_map(|(j, job)| job.tasks.iter().map(move |&(_, i)| (i, j)))
         .collect();
-    let needs: Vec<std::collections::BTreeSet<usize>> = jobs
+    let needs: Vec<Vec<usize>> = jobs
         .iter()
         .enumerate()
         .map(|(j, job)| {
@@ -401,30 +401,16 @@ fn in_dependency_order(config: &Config, jobs: Vec<Job>) -> Result<Vec<Job>> {
                 .collect()
         })
         .collect();
-    let mut placed = vec![false; jobs.len()];
-    let mut order = Vec::with_capacity(jobs.len());
-    while order.len() < jobs.len() {
-        let Some(next) =
-            (0..jobs.len()).find(|&j| !placed[j] && needs[j].iter().all(|&k| placed[k]))
-        else {
-            let stuck: Vec<&str> = (0..jobs.len())
-                .filter(|&j| !placed[j])
-                .map(|j| jobs[j].name.as_str())
-                .collect();
-            bail!(
-                "jobs {} need each other (a grid's cells need a stage that needs another of \
-                 its cells): they cannot be submitted as arrays; run them with `pipeline run`",
-                stuck.join(", ")
-            );
-        };
-        placed[next] = true;
-        order.push(next);
+    let (order, stuck) = crate::config::stable_order(&needs);
+    if !stuck.is_empty() {
+        let stuck: Vec<&str> = stuck.iter().map(|&j| jobs[j].name.as_str()).collect();
+        bail!(
+            "jobs {} need each other (a grid's cells need a stage that needs another of \
+             its cells): they cannot be submitted as arrays; run them with `pipeline run`",
+            stuck.join(", ")
+        );
     }
-    let mut slots: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
-    Ok(order
-        .into_iter()
-        .map(|j| slots[j].take().expect("placed once"))
-        .collect())
+    Ok(crate::config::permuted(jobs, &order))
 }
 
 /// `--dependency` of `job`: `aftercorr` on an array it follows task by task, `afterok` on every

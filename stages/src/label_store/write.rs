@@ -231,20 +231,26 @@ impl RowSink<'_> {
     }
 
     fn write_pending(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        let source = self.source.clone().unwrap_or_default();
-        let rows = pending.rows(&source);
-        self.write_batch(&rows, 0..rows.indices.len())?;
-        self.pending = pending;
+        let rows = self
+            .pending
+            .rows(self.source.as_deref().unwrap_or_default());
+        let batch = batch(self.schema, self.meta, &rows, 0..rows.indices.len())
+            .map_err(|e| StageError::io(self.path, e))?;
+        self.write(&batch)?;
         self.pending.clear();
         Ok(())
     }
 
     fn write_batch(&mut self, s: &SourceRows, range: std::ops::Range<usize>) -> Result<()> {
+        let batch =
+            batch(self.schema, self.meta, s, range).map_err(|e| StageError::io(self.path, e))?;
+        self.write(&batch)
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let path = self.path;
-        let batch = batch(self.schema, self.meta, s, range).map_err(|e| StageError::io(path, e))?;
         self.writer
-            .write(&batch)
+            .write(batch)
             .map_err(|e| StageError::io(path, to_io(e)))
     }
 }
