@@ -147,13 +147,21 @@ fn a_moved_dataset_reruns_nothing_and_one_changed_in_place_reruns_its_stages() {
     write(dir.path(), "c.toml", &moved);
     assert!(state("cifar").contains("up to date"), "{}", state("cifar"));
     assert!(state("model").contains("up to date"), "{}", state("model"));
-    // A run skips both, and the record names where the data is now.
-    let o = pipeline(dir.path(), &["run", "c.toml"]);
-    assert!(stderr(&o).contains("0 stage(s) run"), "{}", stderr(&o));
     let record = |stage: &str| -> serde_json::Value {
         let p = dir.path().join("out").join(stage).join("stage.json");
         serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
     };
+    // While another process holds the stage's claim (it may be re-running it with --force),
+    // the record is left to that process.
+    let claim = std::fs::File::open(dir.path().join("out/.locks/cifar.lock")).unwrap();
+    claim.lock().unwrap();
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(stderr(&o).contains("0 stage(s) run"), "{}", stderr(&o));
+    assert_eq!(record("cifar")["params"]["path"], "cifar-10-batches-bin");
+    drop(claim);
+    // A run skips both, and the record names where the data is now.
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(stderr(&o).contains("0 stage(s) run"), "{}", stderr(&o));
     assert_eq!(record("cifar")["params"]["path"], "moved");
     // One pixel changed in place, length unchanged: the source's digest says so.
     let file = dir.path().join("moved/data_batch_1.bin");

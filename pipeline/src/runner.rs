@@ -316,20 +316,34 @@ pub struct RunSummary {
 /// Rewrites the parameters in an up-to-date stage's record when they differ from its current
 /// ones (which, with an equal fingerprint, differ only in keys it does not hold: a prepare's
 /// `path` after its data moved), so the record says where its data is now; a node that cannot
-/// read the data then finds the digest recorded for that `path`. A failure only warns.
-fn refresh_record(config: &Config, i: usize) {
+/// read the data then finds the digest recorded for that `path`. The record is rewritten only
+/// under the stage's claim, and only if the stage is still up to date once claimed: a `--force`
+/// of it in another process would otherwise get the old record written over its new folder.
+/// A stage claimed elsewhere is left to its holder, and a failure only warns.
+fn refresh_record(config: &Config, fps: &[String], i: usize) {
     let s = &config.stages[i];
     if s.params.located_keys().is_empty() {
         return;
     }
     let dir = stage_dir(config, &s.name);
+    let now = params_json(&s.params);
+    if read_record(&dir).is_none_or(|r| r.params == now) {
+        return;
+    }
+    let _claim = match StageClaim::try_claim(&config.run.output, &s.name) {
+        Ok(Some(claim)) => claim,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("{}: cannot update its record: {e:#}", s.name);
+            return;
+        }
+    };
+    if state_of(config, fps, i) != StageState::UpToDate {
+        return;
+    }
     let Some(mut record) = read_record(&dir) else {
         return;
     };
-    let now = params_json(&s.params);
-    if record.params == now {
-        return;
-    }
     record.params = now;
     match write_record(&dir, &record) {
         Ok(()) => tracing::info!("{}: its record now names where its data is", s.name),
@@ -477,7 +491,7 @@ impl Runner<'_> {
         let (mut state, forced) = self.current(i);
         if state == StageState::UpToDate && !forced {
             if !opts.dry_run {
-                refresh_record(config, i);
+                refresh_record(config, &self.fps, i);
             }
             tracing::info!("{} ({}): up to date, skipped", s.name, s.params.kind());
             self.summary.skipped.push(s.name.clone());
