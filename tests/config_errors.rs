@@ -714,3 +714,41 @@ fn import_normalisation_in_other_units() {
         &["key `normalize`", "[0, 1] units", "found 123.675"],
     );
 }
+
+/// `[slurm]` errors name the sub-table and point at the key; a grid cell's own table, which
+/// its job array would ignore, is refused.
+#[test]
+fn slurm_errors_name_the_sub_table_and_key() {
+    let slurm = |table: &str| format!("[slurm]\ntime = \"1:00:00\"\n\n{table}\n\n{HEAD}");
+    let e = fails(&slurm("[slurm.kind.train]\ngpus = 1\nqueue = \"fast\""));
+    assert_at(&e, 6, 1, &["[slurm.kind.train]: unknown key `queue`"]);
+    let e = fails(&slurm("[slurm.kind.bake]\ngpus = 1"));
+    assert_at(&e, 4, 13, &["[slurm.kind.bake]: unknown stage kind `bake`"]);
+    let e = fails(&slurm("[slurm.stage.data]\ncpus = 2\nthrottle = 0"));
+    assert_at(
+        &e,
+        6,
+        12,
+        &["[slurm.stage.data] key `throttle`: must be at least 1"],
+    );
+    let e = fails(&slurm("[slurm.stage.nope]\ncpus = 2"));
+    assert_at(&e, 4, 14, &["no stage or grid named `nope`"]);
+    let e = fails(&format!(
+        "{}{STUDENT}matrix = {{ seed = [0, 1] }}\n",
+        slurm("[slurm.stage.\"s.seed=1\"]\ngpus = 1")
+    ));
+    assert_at(
+        &e,
+        4,
+        14,
+        &["`s.seed=1` is a cell of grid `s`", "[slurm.stage.s]"],
+    );
+    // The grid itself takes resources.
+    let ok = format!(
+        "{}{STUDENT}matrix = {{ seed = [0, 1] }}\n",
+        slurm("[slurm.stage.s]\ngpus = 1")
+    );
+    let config = pipeline::config::parse(std::path::Path::new("ok.toml"), &ok, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.slurm.stage["s"].gpus, Some(1));
+}

@@ -177,6 +177,13 @@ fn a_grid_on_slurm_runs_as_chained_arrays_and_gives_a_local_runs_artifacts() {
         );
     }
     assert!(model.contains("ArrayTaskThrottle=2"), "{model}");
+    // Throttled, the grid's second chunk waits for its first to end: at most 2 tasks of the
+    // grid run at once, not 2 a chunk.
+    let model_chunk = show(&base("model.seed=3"));
+    assert!(
+        model_chunk.contains(&format!("afterany:{}", base("model.seed=0"))),
+        "{model_chunk}"
+    );
     assert!(model.contains("Requeue=1"), "{model}");
     // `pipeline status` names each waiting stage's job and its state (from squeue).
     let st = pipeline(dir.path(), &["status", "g.toml"]);
@@ -184,6 +191,13 @@ fn a_grid_on_slurm_runs_as_chained_arrays_and_gives_a_local_runs_artifacts() {
         stdout(&st).contains(&format!("(Slurm job {}: PENDING)", job("model.seed=1"))),
         "{}",
         stdout(&st)
+    );
+    // A dry run looks at the queue as a submission does: everything is queued.
+    let dry = pipeline(dir.path(), &["submit", "g.toml", "--slurm", "--dry-run"]);
+    assert!(
+        stdout(&dry).contains("nothing to submit") && !stdout(&dry).contains("#SBATCH"),
+        "{}",
+        stdout(&dry)
     );
     drop(paused);
     let ids: Vec<String> = jobs["stages"]

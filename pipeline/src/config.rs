@@ -159,24 +159,6 @@ pub struct SlurmTable {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SlurmRaw {
-    partition: Option<String>,
-    account: Option<String>,
-    time: Option<String>,
-    gpus: Option<u32>,
-    cpus: Option<u32>,
-    mem: Option<String>,
-    extra: Option<Vec<String>>,
-    throttle: Option<u32>,
-    signal_lead: Option<u32>,
-    #[serde(default)]
-    kind: BTreeMap<String, SlurmResources>,
-    #[serde(default)]
-    stage: BTreeMap<String, SlurmResources>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RunRaw {
     #[serde(default)]
     output: Option<String>,
@@ -308,16 +290,7 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
     grids.sort_by_key(|(g, _)| declared.get(g).copied().unwrap_or(usize::MAX));
     validate_graph(&loc, &stages, &name_spans, &need_spans)?;
     validate_import_seeds(&loc, &stages, &name_spans)?;
-    if let Some((name, span)) = slurm
-        .1
-        .iter()
-        .find(|(n, _)| !stages.iter().any(|s| &s.name == *n) && !grids.iter().any(|(g, _)| g == *n))
-    {
-        return Err(loc.at(
-            span.clone(),
-            format!("[slurm.stage.{name}]: no stage or grid named `{name}`"),
-        ));
-    }
+    validate_slurm_names(&loc, &slurm.1, &stages, &grids)?;
     Ok(Config {
         path: file.to_owned(),
         run,
@@ -325,6 +298,38 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
         grids,
         slurm: slurm.0,
     })
+}
+
+/// Each `[slurm.stage.NAME]` names a stage or a grid. A grid's cells run as one job array with
+/// the grid's resources, so a cell's own table would be ignored: it is refused.
+fn validate_slurm_names(
+    loc: &Locator,
+    names: &BTreeMap<String, Range<usize>>,
+    stages: &[StageDecl],
+    grids: &[(String, Vec<String>)],
+) -> Result<(), ConfigError> {
+    for (name, span) in names {
+        if grids.iter().any(|(g, _)| g == name) {
+            continue;
+        }
+        if let Some((grid, _)) = grids.iter().find(|(_, cells)| cells.contains(name)) {
+            return Err(loc.at(
+                span.clone(),
+                format!(
+                    "[slurm.stage.{name}]: `{name}` is a cell of grid `{grid}`, whose cells run \
+                     as one job array with one set of resources: set them in \
+                     [slurm.stage.{grid}]"
+                ),
+            ));
+        }
+        if !stages.iter().any(|s| &s.name == name) {
+            return Err(loc.at(
+                span.clone(),
+                format!("[slurm.stage.{name}]: no stage or grid named `{name}`"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `version`, if given, must be the one this program reads.
@@ -412,8 +417,8 @@ fn run_settings(
     })
 }
 
-/// The `[slurm]` table, and the span of the table (for a `[slurm.stage.NAME]` naming no stage,
-/// checked once the stages are known).
+/// The `[slurm]` table, and for each `[slurm.stage.NAME]` the span of its name (checked once
+/// the stages are known). Errors name the sub-table and point at the key.
 fn slurm_table(
     loc: &Locator,
     v: Option<Spanned<DeValue>>,
@@ -421,62 +426,75 @@ fn slurm_table(
     let Some(v) = v else {
         return Ok(Default::default());
     };
-    let span = v.span();
-    if !matches!(v.get_ref(), DeValue::Table(_)) {
-        return Err(loc.at(
-            span,
-            format!(
-                "key `slurm` must be a table, found {}",
-                type_name(v.get_ref())
-            ),
-        ));
-    }
-    let raw = SlurmRaw::deserialize(ValueDeserializer::from(v))
-        .map_err(|e| loc.toml(e, "[slurm]: ", span.clone()))?;
-    for k in raw.kind.keys() {
-        if k.parse::<Kind>().is_err() {
-            let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
-            return Err(loc.at(
-                span.clone(),
-                format!(
-                    "[slurm.kind.{k}]: unknown stage kind `{k}`, expected one of {}",
-                    kinds.join(", ")
-                ),
-            ));
+    let (span, mut t) = slurm_subtable(loc, "key `slurm`", v)?;
+    let mut table = SlurmTable::default();
+    let mut names = BTreeMap::new();
+    if let Some(kinds) = t.remove("kind") {
+        for (k, v) in slurm_subtable(loc, "[slurm.kind]", kinds)?.1 {
+            let context = format!("[slurm.kind.{}]", k.get_ref());
+            if k.get_ref().parse::<Kind>().is_err() {
+                let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                return Err(loc.at(
+                    k.span(),
+                    format!(
+                        "{context}: unknown stage kind `{}`, expected one of {}",
+                        k.get_ref(),
+                        kinds.join(", ")
+                    ),
+                ));
+            }
+            let r = slurm_resources(loc, &context, v)?;
+            table.kind.insert(k.get_ref().to_string(), r);
         }
     }
-    let levels = std::iter::once(&raw.throttle).chain(
-        raw.kind
-            .values()
-            .chain(raw.stage.values())
-            .map(|r| &r.throttle),
-    );
-    if levels.flatten().any(|&t| t == 0) {
-        return Err(loc.at(span, "[slurm] key `throttle`: must be at least 1"));
+    if let Some(stages) = t.remove("stage") {
+        for (k, v) in slurm_subtable(loc, "[slurm.stage]", stages)?.1 {
+            let context = format!("[slurm.stage.{}]", k.get_ref());
+            let r = slurm_resources(loc, &context, v)?;
+            names.insert(k.get_ref().to_string(), k.span());
+            table.stage.insert(k.get_ref().to_string(), r);
+        }
     }
-    let names = raw
-        .stage
-        .keys()
-        .map(|k| (k.clone(), span.clone()))
-        .collect();
-    Ok((
-        SlurmTable {
-            defaults: SlurmResources {
-                partition: raw.partition,
-                account: raw.account,
-                time: raw.time,
-                gpus: raw.gpus,
-                cpus: raw.cpus,
-                mem: raw.mem,
-                extra: raw.extra,
-                throttle: raw.throttle,
-                signal_lead: raw.signal_lead,
-            },
-            kind: raw.kind,
-            stage: raw.stage,
-        },
-        names,
-    ))
+    table.defaults = slurm_resources(loc, "[slurm]", Spanned::new(span, DeValue::Table(t)))?;
+    Ok((table, names))
+}
+
+/// A table of `[slurm]`, or an error naming `what` and the type found.
+fn slurm_subtable<'i>(
+    loc: &Locator,
+    what: &str,
+    v: Spanned<DeValue<'i>>,
+) -> Result<(Range<usize>, DeTable<'i>), ConfigError> {
+    let span = v.span();
+    match v.into_inner() {
+        DeValue::Table(t) => Ok((span, t)),
+        other => Err(loc.at(
+            span,
+            format!("{what} must be a table, found {}", type_name(&other)),
+        )),
+    }
+}
+
+/// One level of `[slurm]` resources; `context` names its table in errors.
+fn slurm_resources(
+    loc: &Locator,
+    context: &str,
+    v: Spanned<DeValue>,
+) -> Result<SlurmResources, ConfigError> {
+    let span = v.span();
+    let throttle_span = match v.get_ref() {
+        DeValue::Table(t) => t.get("throttle").map(|th| th.span()),
+        _ => None,
+    };
+    let r = SlurmResources::deserialize(ValueDeserializer::from(v))
+        .map_err(|e| loc.toml(e, &format!("{context}: "), span.clone()))?;
+    if r.throttle == Some(0) {
+        return Err(loc.at(
+            throttle_span.unwrap_or(span),
+            format!("{context} key `throttle`: must be at least 1"),
+        ));
+    }
+    Ok(r)
 }
 
 /// The `[[stage]]` tables; no other top-level key is allowed.

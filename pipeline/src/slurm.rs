@@ -6,7 +6,8 @@
 //! that follows another cell by cell depends on it with `aftercorr` (task i starts once task i
 //! of the other succeeded), any other need with `afterok` on the whole upstream job. Arrays
 //! longer than the cluster's `MaxArraySize` are cut into chunks, each with task ids from 0 and
-//! its own task → stage table in its script. Each task `exec`s `pipeline run FILE --only
+//! its own task → stage table in its script; with a `throttle`, each chunk waits (`afterany`)
+//! for the one before to end, so that the throttle holds for the grid. Each task `exec`s `pipeline run FILE --only
 //! STAGE`, so the binary itself receives Slurm's signals: jobs are submitted with `--requeue` and
 //! `--signal=B:USR2@<lead>`; on USR2 a training checkpoints, and the process requeues its own
 //! job (`scontrol requeue`) before exiting with status 75, so the requeued task resumes from that
@@ -158,7 +159,16 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
     let fps = fingerprints(config);
     let previous = submitted(config);
     let ids: Vec<&str> = previous.stages.values().map(String::as_str).collect();
-    let queued = if opts.dry_run {
+    // A dry run asks the queue too (it only reads), so that it shows what a submission would
+    // do; without `squeue` it says it could not.
+    let queued = if opts.dry_run && !on_path("squeue") {
+        if !ids.is_empty() {
+            println!(
+                "# squeue is not on PATH: the {} job(s) of earlier submissions were not looked \
+                 up, so their stages are shown as if none were queued",
+                ids.len()
+            );
+        }
         BTreeMap::new()
     } else {
         queue_states(&ids)?
@@ -170,12 +180,9 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         .filter(|(_, st)| !can_still_run(st))
         .map(|(id, _)| id)
         .collect();
-    if !dead.is_empty() && !opts.dry_run {
+    if !dead.is_empty() {
         let ids: Vec<&str> = dead.iter().map(|s| s.as_str()).collect();
-        let o = Command::new("scancel").args(&ids).status();
-        if !o.is_ok_and(|s| s.success()) {
-            eprintln!("warning: scancel {} failed", ids.join(" "));
-        }
+        cancel(&ids, opts.dry_run);
     }
     // Stage → job id of stages queued or running from an earlier submission.
     let mut job_of: BTreeMap<String, String> = previous
@@ -200,12 +207,8 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
     // submitted again after it, and so is whatever waits on it in turn.
     let waiting = waiting_on(config, &todo, &mut job_of, &queued);
     if !waiting.is_empty() {
-        if !opts.dry_run {
-            let o = Command::new("scancel").args(&waiting).status();
-            if !o.is_ok_and(|s| s.success()) {
-                eprintln!("warning: scancel {} failed", waiting.join(" "));
-            }
-        }
+        let ids: Vec<&str> = waiting.iter().map(String::as_str).collect();
+        cancel(&ids, opts.dry_run);
         todo = to_run(&job_of);
     }
     let jobs = in_dependency_order(config, plan(config, &todo, max_array_size()))?;
@@ -218,8 +221,23 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let mut new = BTreeMap::new();
+    // The last chunk submitted of each throttled grid: the next waits for it to end, so that
+    // the grid, not each chunk, runs at most `throttle` tasks at once.
+    let mut last_chunk: BTreeMap<&str, String> = BTreeMap::new();
     for job in &jobs {
-        let dependency = dependency(config, job, &job_of);
+        let throttled = job.array && resources(config, opts, job).throttle.is_some();
+        let dependency = match (
+            dependency(config, job, &job_of),
+            last_chunk.get(job.key.as_str()),
+        ) {
+            (d, Some(prev)) if throttled => Some(
+                d.into_iter()
+                    .chain([format!("afterany:{prev}")])
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (d, _) => d,
+        };
         let script = script(config, opts, job, &exe, &file, &root, &dir)?;
         let path = dir.join(format!("{}.sbatch", job.name));
         let id = if opts.dry_run {
@@ -236,6 +254,9 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             datasets::atomic::write_bytes(&path, script.as_bytes())?;
             sbatch(&path, job, dependency.as_deref())?
         };
+        if throttled {
+            last_chunk.insert(&job.key, id.clone());
+        }
         for &(task, i) in &job.tasks {
             let name = &config.stages[i].name;
             let sid = if job.array {
@@ -257,6 +278,18 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
     }
     Ok(new)
+}
+
+/// Cancels jobs `ids` (a dry run says it would); a failure only warns.
+fn cancel(ids: &[&str], dry_run: bool) {
+    if dry_run {
+        println!("# would cancel job(s) {}", ids.join(" "));
+        return;
+    }
+    let o = Command::new("scancel").args(ids).status();
+    if !o.is_ok_and(|s| s.success()) {
+        eprintln!("warning: scancel {} failed", ids.join(" "));
+    }
 }
 
 /// The queued jobs of stages still pending that need, directly or through other such stages,
