@@ -6,7 +6,7 @@
 //! own besides the model (CRD's heads and memory banks, SSKD's heads), `extra.safetensors`. A checkpoint is written into
 //! `checkpoints/.tmp-step-N/`, its files and the folder fsynced, then renamed into place, so a
 //! folder named `step-*` is always complete. After a new one lands, all but the newest `keep` are
-//! removed. Nothing else is stateful: every random draw of training derives from (seed, epoch,
+//! removed, and so are any of later steps (left by a resume that could not read them). Nothing else is stateful: every random draw of training derives from (seed, epoch,
 //! batch), so the position alone restores the random streams.
 
 use crate::error::{EngineError, Result};
@@ -115,7 +115,14 @@ impl Checkpoints {
         }
         std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
         datasets::atomic::sync_dir(&self.dir).map_err(|e| io(&self.dir, e))?;
-        let all = self.list()?;
+        // Checkpoints of later steps are of a run abandoned at a resume that could not read
+        // them (or did not accept them): kept, they would count among the newest `keep` and
+        // this one, the run's only progress, would be pruned at once.
+        let mut all = self.list()?;
+        while all.last().is_some_and(|(s, _)| *s > step) {
+            let (_, later) = all.pop().expect("checked");
+            self.discard(&later)?;
+        }
         for (_, old) in &all[..all.len().saturating_sub(self.keep)] {
             self.discard(old)?;
         }
@@ -154,6 +161,7 @@ impl Checkpoints {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("skipping checkpoint of step {step}: {e}");
+                    unreadable.get_or_insert(e);
                     continue;
                 }
             };
@@ -195,4 +203,69 @@ fn load_into(
         BTreeMap::new()
     };
     Ok((extra, extra_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ModelSpec;
+    use crate::optim::SgdConfig;
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct State {
+        step: u64,
+    }
+
+    fn setup(dir: &Path) -> (Checkpoints, Model, Sgd) {
+        let spec = ModelSpec::new("resnet8", 3, 3).unwrap();
+        let model = Model::new(&spec, &Device::Cpu, 0).unwrap();
+        let opt = Sgd::new(model.trainable(), SgdConfig::default());
+        (Checkpoints::new(dir, 1), model, opt)
+    }
+
+    fn steps(ck: &Checkpoints) -> Vec<u64> {
+        ck.list().unwrap().into_iter().map(|(s, _)| s).collect()
+    }
+
+    /// A newer checkpoint whose state cannot be read is skipped for an older one; its error is
+    /// returned when no checkpoint can be read, not taken for "no checkpoint".
+    #[test]
+    fn an_unreadable_state_falls_back_and_alone_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ck, model, mut opt) = setup(dir.path());
+        let no_extra = BTreeMap::new();
+        ck.save(50, &model, &opt, &State { step: 50 }, &no_extra)
+            .unwrap();
+        let newer = dir.path().join("checkpoints/step-0000000100");
+        std::fs::create_dir(&newer).unwrap();
+        std::fs::write(newer.join("state.json"), b"{\"step\": null}").unwrap();
+        let r = ck
+            .restore::<State>(&Device::Cpu, &model, &mut opt, |_| true)
+            .unwrap()
+            .expect("the older checkpoint");
+        assert_eq!(r.state.step, 50);
+        std::fs::remove_dir_all(dir.path().join("checkpoints/step-0000000050")).unwrap();
+        let e = ck
+            .restore::<State>(&Device::Cpu, &model, &mut opt, |_| true)
+            .err()
+            .expect("an error, not a fresh start");
+        assert!(e.to_string().contains("step-0000000100/state.json"), "{e}");
+    }
+
+    /// After a resume from an older checkpoint, the new checkpoint is kept and the later
+    /// one, of the abandoned run, goes (with keep = 1 the new one used to be pruned at once).
+    #[test]
+    fn saving_after_a_fallback_discards_later_checkpoints_not_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ck, model, opt) = setup(dir.path());
+        let later = dir.path().join("checkpoints/step-0000000100");
+        std::fs::create_dir_all(&later).unwrap();
+        std::fs::write(later.join("state.json"), b"not json").unwrap();
+        ck.save(60, &model, &opt, &State { step: 60 }, &BTreeMap::new())
+            .unwrap();
+        assert_eq!(steps(&ck), [60]);
+        ck.save(70, &model, &opt, &State { step: 70 }, &BTreeMap::new())
+            .unwrap();
+        assert_eq!(steps(&ck), [70]);
+    }
 }

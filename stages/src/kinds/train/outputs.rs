@@ -80,6 +80,8 @@ impl Trainer<'_> {
             }
             csv.push('\n');
             for (class, l) in r.class_loss.iter().enumerate() {
+                // `NaN` for a class not seen in the epoch, as pandas and polars read it.
+                let l = l.unwrap_or(f64::NAN);
                 class_csv.push_str(&format!("{},{class},{l}\n", r.epoch));
             }
         }

@@ -16,8 +16,10 @@ pub(super) struct EpochRow {
     pub(super) images_per_s: f64,
     pub(super) seconds: f64,
     /// Mean training loss of the images of each class (by their own label), for the loss-curve
-    /// figure; written to `class_loss.csv`.
-    pub(super) class_loss: Vec<f64>,
+    /// figure; written to `class_loss.csv`. `None` for a class with no image in the epoch: a
+    /// NaN here would be written to `state.json` as `null`, which an `f64` cannot read back,
+    /// and every later checkpoint would be unreadable.
+    pub(super) class_loss: Vec<Option<f64>>,
     /// The held-out evaluation after this epoch (`eval_every`), if one was due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) eval: Option<EpochEval>,
@@ -127,5 +129,40 @@ impl Pending {
         self.labels.clear();
         self.batches.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An epoch in which a class had no image (a `limit` can leave one out) is written to
+    /// `state.json` and read back: its NaN used to be written as `null`, which made every later
+    /// checkpoint unreadable, so a resumed run started again from step 0.
+    #[test]
+    fn a_class_unseen_in_an_epoch_round_trips_through_state_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let state = CheckpointState {
+            fingerprint: "f".into(),
+            step: 8,
+            epoch: 1,
+            batch: 0,
+            sums: EpochSums::default(),
+            log: vec![EpochRow {
+                epoch: 1,
+                lr: 0.1,
+                loss: 1.5,
+                accuracy: 0.25,
+                images_per_s: 100.0,
+                seconds: 1.0,
+                class_loss: vec![Some(1.25), None, Some(0.5)],
+                eval: None,
+            }],
+            ogr: Vec::new(),
+        };
+        engine::json::write(&path, &state).unwrap();
+        let back: CheckpointState = engine::json::read(&path).unwrap();
+        assert_eq!(back.log[0].class_loss, [Some(1.25), None, Some(0.5)]);
     }
 }

@@ -418,7 +418,7 @@ impl<'a> Trainer<'a> {
                 .class_loss
                 .iter()
                 .zip(&sums.class_seen)
-                .map(|(l, n)| if *n == 0 { f64::NAN } else { l / *n as f64 })
+                .map(|(l, &n)| (n > 0).then(|| l / n as f64))
                 .collect(),
             eval: None,
         };
