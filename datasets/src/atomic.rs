@@ -48,15 +48,16 @@ pub fn remove_stale_temps(dir: &Path) -> std::io::Result<usize> {
 /// deterministically, which random kills only hit by chance.
 pub const FAULT_ENV: &str = "LDL_FAULT_WRITE";
 
-/// The temporary file of [`write_with`], with the fault-injection hook of [`FAULT_ENV`].
-pub struct Sink<'a> {
-    file: &'a File,
+/// The temporary file of [`write_with`] and [`AtomicFile`], with the fault-injection hook of
+/// [`FAULT_ENV`].
+pub struct Sink {
+    file: File,
     /// Bytes left before the injected abort, and the final path for the message.
     abort_after: Option<(u64, PathBuf)>,
 }
 
-impl<'a> Sink<'a> {
-    fn new(file: &'a File, path: &Path) -> Self {
+impl Sink {
+    fn new(file: File, path: &Path) -> Self {
         let abort_after = std::env::var(FAULT_ENV).ok().and_then(|spec| {
             let (text, bytes) = spec.rsplit_once('@')?;
             let bytes = bytes.parse::<u64>().ok()?;
@@ -68,7 +69,7 @@ impl<'a> Sink<'a> {
     }
 }
 
-impl Write for Sink<'_> {
+impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let Some((left, path)) = &mut self.abort_after else {
             return self.file.write(buf);
@@ -92,21 +93,73 @@ impl Write for Sink<'_> {
     }
 }
 
+/// A file written piece by piece into a temporary file, then (in [`AtomicFile::finish`])
+/// fsynced and renamed over its path: for contents too large to hold in memory. Dropped
+/// unfinished (an error on the way), the temporary file is removed.
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    w: Option<std::io::BufWriter<Sink>>,
+}
+
+impl AtomicFile {
+    /// Starts writing `path` (at its temporary path).
+    pub fn create(path: &Path) -> Result<Self> {
+        let tmp = temp_path(path);
+        let file = File::create(&tmp).map_err(|e| DatasetError::io(path, e))?;
+        Ok(AtomicFile {
+            path: path.to_owned(),
+            tmp,
+            w: Some(std::io::BufWriter::with_capacity(
+                1 << 20,
+                Sink::new(file, path),
+            )),
+        })
+    }
+
+    /// Appends `bytes`.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let w = self.w.as_mut().expect("not finished");
+        w.write_all(bytes)
+            .map_err(|e| DatasetError::io(&self.path, e))
+    }
+
+    /// Overwrites `bytes` at `offset` (within what was written), fsyncs the file and renames
+    /// it into place: a header field known only at the end (a hash) goes in this way.
+    pub fn finish(mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let w = self.w.take().expect("finished once");
+        let result = (|| {
+            let sink = w.into_inner().map_err(|e| e.into_error())?;
+            std::os::unix::fs::FileExt::write_all_at(&sink.file, bytes, offset)?;
+            sink.file.sync_all()?;
+            fs::rename(&self.tmp, &self.path)?;
+            sync_dir(self.path.parent().unwrap_or(Path::new(".")))
+        })();
+        result.map_err(|e| DatasetError::io(&self.path, e))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.w.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Writes a file atomically: `fill` writes the contents into a temporary file, which is then
 /// fsynced and renamed over `path`. On error the temporary file is removed.
 pub fn write_with<F>(path: &Path, fill: F) -> Result<()>
 where
-    F: FnOnce(&mut std::io::BufWriter<Sink<'_>>) -> std::io::Result<()>,
+    F: FnOnce(&mut std::io::BufWriter<Sink>) -> std::io::Result<()>,
 {
     let tmp = temp_path(path);
     let result = (|| {
         let file = File::create(&tmp)?;
-        {
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, Sink::new(&file, path));
-            fill(&mut w)?;
-            w.flush()?;
-        }
-        file.sync_all()?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, Sink::new(file, path));
+        fill(&mut w)?;
+        let sink = w.into_inner().map_err(|e| e.into_error())?;
+        sink.file.sync_all()?;
         fs::rename(&tmp, path)?;
         sync_dir(path.parent().unwrap_or(Path::new(".")))
     })();

@@ -47,25 +47,55 @@ pub struct Normalize {
 impl Normalize {
     /// Mean and standard deviation of each channel of a set of CHW images (in [0, 1] units).
     pub fn fit<'a>(channels: usize, images: impl Iterator<Item = &'a [u8]>) -> Normalize {
-        let mut sum = vec![0f64; channels];
-        let mut sq = vec![0f64; channels];
-        let mut count = 0usize;
+        let mut sums = NormalizeSums::new(channels);
         for img in images {
-            let plane = img.len() / channels;
-            for c in 0..channels {
-                for &p in &img[c * plane..(c + 1) * plane] {
-                    let v = p as f64 / 255.0;
-                    sum[c] += v;
-                    sq[c] += v * v;
-                }
-            }
-            count += plane;
+            sums.add(img);
         }
-        let n = count.max(1) as f64;
-        let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
-        let std = sum
+        sums.finish()
+    }
+}
+
+/// The running sums of [`Normalize::fit`], for images that come a chunk at a time: the same
+/// images in the same order give the same statistics, bit for bit.
+#[derive(Debug, Clone)]
+pub struct NormalizeSums {
+    sum: Vec<f64>,
+    sq: Vec<f64>,
+    count: usize,
+}
+
+impl NormalizeSums {
+    /// Empty sums over `channels` channels.
+    pub fn new(channels: usize) -> Self {
+        NormalizeSums {
+            sum: vec![0.0; channels],
+            sq: vec![0.0; channels],
+            count: 0,
+        }
+    }
+
+    /// Adds one CHW image.
+    pub fn add(&mut self, img: &[u8]) {
+        let channels = self.sum.len();
+        let plane = img.len() / channels;
+        for c in 0..channels {
+            for &p in &img[c * plane..(c + 1) * plane] {
+                let v = p as f64 / 255.0;
+                self.sum[c] += v;
+                self.sq[c] += v * v;
+            }
+        }
+        self.count += plane;
+    }
+
+    /// Mean and standard deviation of each channel of the images added.
+    pub fn finish(&self) -> Normalize {
+        let n = self.count.max(1) as f64;
+        let mean: Vec<f32> = self.sum.iter().map(|s| (s / n) as f32).collect();
+        let std = self
+            .sum
             .iter()
-            .zip(&sq)
+            .zip(&self.sq)
             .map(|(s, q)| ((q / n - (s / n).powi(2)).max(1e-12).sqrt()) as f32)
             .collect();
         Normalize { mean, std }

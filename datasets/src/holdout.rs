@@ -38,7 +38,26 @@ pub fn limit_and_hold_out(
     seed: u64,
     stratify: bool,
 ) -> Result<(Drawn, Option<Drawn>)> {
-    let n = train.0.n;
+    let (train_idx, val_idx) = draw(&train.1, &train.0.classes, limit, val, seed, stratify)?;
+    if train_idx.len() == train.0.n {
+        return Ok(((train, train_idx), None));
+    }
+    let val_split = val_idx.map(|v| (subset(&train, &v), v));
+    Ok(((subset(&train, &train_idx), train_idx), val_split))
+}
+
+/// The draws of [`limit_and_hold_out`] from the labels alone: the indices (ascending) of the
+/// images kept for training and of those held out (`None` without `val`), so that a source too
+/// large for memory reads only the images drawn.
+pub fn draw(
+    labels: &[u32],
+    classes: &[String],
+    limit: Option<usize>,
+    val: Option<usize>,
+    seed: u64,
+    stratify: bool,
+) -> Result<(Vec<usize>, Option<Vec<usize>>)> {
+    let n = labels.len();
     let keep = limit.unwrap_or(n);
     if keep == 0 || keep > n {
         return Err(DatasetError::Param {
@@ -56,19 +75,18 @@ pub fn limit_and_hold_out(
         });
     }
     if keep == n && v == 0 {
-        return Ok(((train, (0..n).collect()), None));
+        return Ok(((0..n).collect(), None));
     }
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rng_for(&[seed, stream::HOLDOUT]));
     let (mut val_idx, mut train_idx) = if stratify {
-        stratified(&order, &train.1, &train.0.classes, keep, v)?
+        stratified(&order, labels, classes, keep, v)?
     } else {
         (order[..v].to_vec(), order[v..keep].to_vec())
     };
     val_idx.sort_unstable();
     train_idx.sort_unstable();
-    let val_split = (v > 0).then(|| (subset(&train, &val_idx), val_idx));
-    Ok(((subset(&train, &train_idx), train_idx), val_split))
+    Ok((train_idx, (v > 0).then_some(val_idx)))
 }
 
 /// The stratified draws: `keep` images in proportion to the classes, `val` of them held out

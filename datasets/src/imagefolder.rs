@@ -260,6 +260,22 @@ pub fn read(root: &Path, split: &str, classes: &[String], size: usize) -> Result
     read_listed(&split_files(root, split, classes)?, classes, size)
 }
 
+/// Decodes the images `files[i]` for each `i` of `indices`, in that order, into `out`, each
+/// `3 × size × size` (CHW), in parallel: a split too large for memory is packed a chunk of
+/// images at a time.
+pub fn decode(
+    files: &[(PathBuf, u32)],
+    indices: &[usize],
+    size: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    let len = 3 * size * size;
+    assert_eq!(out.len(), indices.len() * len, "one image's room per index");
+    out.par_chunks_mut(len)
+        .zip(indices.par_iter())
+        .try_for_each(|(o, &i)| load(&files[i].0, size, o))
+}
+
 /// Decodes `files` (a [`split_files`] list: paths and labels) into a split of `classes`, every
 /// image `3 × size × size`.
 pub fn read_listed(files: &[(PathBuf, u32)], classes: &[String], size: usize) -> Result<Split> {
@@ -276,12 +292,9 @@ pub fn read_listed(files: &[(PathBuf, u32)], classes: &[String], size: usize) ->
         c: 3,
         classes: classes.to_vec(),
     };
-    let len = info.image_len();
-    let mut pixels = vec![0u8; files.len() * len];
-    pixels
-        .par_chunks_mut(len)
-        .zip(files.par_iter())
-        .try_for_each(|(out, (path, _))| load(path, size, out))?;
+    let mut pixels = vec![0u8; files.len() * info.image_len()];
+    let all: Vec<usize> = (0..files.len()).collect();
+    decode(files, &all, size, &mut pixels)?;
     let labels = files.iter().map(|f| f.1).collect();
     Ok((info, labels, pixels))
 }

@@ -155,21 +155,58 @@ pub enum MixRecord {
     },
 }
 
+/// The (slot, weight) pairs of one image's target ([`MixRecord::components`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Components {
+    pairs: [(usize, f32); 4],
+    len: usize,
+}
+
+impl std::ops::Deref for Components {
+    type Target = [(usize, f32)];
+    fn deref(&self) -> &[(usize, f32)] {
+        &self.pairs[..self.len]
+    }
+}
+
+impl IntoIterator for Components {
+    type Item = (usize, f32);
+    type IntoIter = std::iter::Take<std::array::IntoIter<(usize, f32), 4>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.pairs.into_iter().take(self.len)
+    }
+}
+
 impl MixRecord {
-    /// The (slot, weight) pairs whose labels make up image `i`'s target.
-    pub fn components(&self, i: usize) -> Vec<(usize, f32)> {
+    /// The (slot, weight) pairs whose labels make up image `i`'s target (one, two or four;
+    /// returned in place, with no allocation, since targets are mixed every step).
+    pub fn components(&self, i: usize) -> Components {
+        let mut c = Components {
+            pairs: [(0, 0.0); 4],
+            len: 0,
+        };
+        let mut push = |slot: usize, w: f32| {
+            c.pairs[c.len] = (slot, w);
+            c.len += 1;
+        };
         match self {
-            MixRecord::None => vec![(i, 1.0)],
+            MixRecord::None => push(i, 1.0),
             MixRecord::Mixup { lambda, partner }
             | MixRecord::Cutmix {
                 lambda, partner, ..
-            } => vec![(i, *lambda), (partner[i] as usize, 1.0 - lambda)],
+            } => {
+                push(i, *lambda);
+                push(partner[i] as usize, 1.0 - lambda);
+            }
             MixRecord::Ricap {
                 partners, weights, ..
-            } => (0..4)
-                .map(|k| (partners[k][i] as usize, weights[k]))
-                .collect(),
+            } => {
+                for k in 0..4 {
+                    push(partners[k][i] as usize, weights[k]);
+                }
+            }
         }
+        c
     }
 
     /// Mixes per-image rows (one-hot targets, teacher distributions, ...) of `k` values each, as

@@ -25,7 +25,6 @@ use crate::atomic;
 use crate::error::{DatasetError, Result};
 use memmap2::Mmap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The magic bytes at the start of every packed store.
@@ -87,19 +86,33 @@ pub struct PackedWriter;
 impl PackedWriter {
     /// Writes `labels` and `pixels` (N images, CHW each) to `path`; returns the content hash.
     pub fn write(path: &Path, info: &StoreInfo, labels: &[u32], pixels: &[u8]) -> Result<String> {
-        let k = info.k();
-        if labels.len() != info.n || pixels.len() != info.n * info.image_len() {
+        if pixels.len() != info.n * info.image_len() {
             return Err(DatasetError::Param {
                 name: "pixels",
                 message: format!(
-                    "{} labels and {} pixel bytes do not make {} images of {}x{}x{}",
-                    labels.len(),
+                    "{} pixel bytes do not make {} images of {}x{}x{}",
                     pixels.len(),
                     info.n,
                     info.c,
                     info.h,
                     info.w
                 ),
+            });
+        }
+        let mut stream = PackedWriter::start(path, info, labels)?;
+        stream.push(pixels)?;
+        stream.finish()
+    }
+
+    /// Starts writing a store of `info.n` images labelled `labels` to `path`; the pixels follow
+    /// in any number of [`PackedStream::push`]es, so a split larger than memory is packed
+    /// chunk by chunk.
+    pub fn start(path: &Path, info: &StoreInfo, labels: &[u32]) -> Result<PackedStream> {
+        let k = info.k();
+        if labels.len() != info.n {
+            return Err(DatasetError::Param {
+                name: "labels",
+                message: format!("{} labels for {} images", labels.len(), info.n),
             });
         }
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
@@ -118,7 +131,7 @@ impl PackedWriter {
                 message: "class names must be non-empty and contain no newline".into(),
             });
         }
-        let (labels_at, pixels_at, total) = info.layout();
+        let (labels_at, pixels_at, _) = info.layout();
         let names = info.classes.join("\n");
         let mut head = vec![0u8; labels_at];
         head[..8].copy_from_slice(MAGIC);
@@ -137,15 +150,67 @@ impl PackedWriter {
         hasher.update(&head[..HASH_OFFSET]);
         hasher.update(&head[HASH_OFFSET + 32..]);
         hasher.update(&label_bytes);
-        hasher.update(pixels);
-        let hash = hasher.finalize();
-        head[HASH_OFFSET..HASH_OFFSET + 32].copy_from_slice(hash.as_bytes());
-        debug_assert_eq!(head.len() + label_bytes.len() + pixels.len(), total);
-        atomic::write_with(path, |w| {
-            w.write_all(&head)?;
-            w.write_all(&label_bytes)?;
-            w.write_all(pixels)
-        })?;
+        // The hash's place holds zeros until `finish` writes it.
+        let mut file = atomic::AtomicFile::create(path)?;
+        file.write_all(&head)?;
+        file.write_all(&label_bytes)?;
+        Ok(PackedStream {
+            path: path.to_owned(),
+            file,
+            hasher,
+            left: info.n * info.image_len(),
+            image_len: info.image_len(),
+        })
+    }
+}
+
+/// A packed store being written: its header and labels are written, its pixels come in
+/// pieces of whole images.
+pub struct PackedStream {
+    path: PathBuf,
+    file: atomic::AtomicFile,
+    hasher: blake3::Hasher,
+    /// Pixel bytes still to come.
+    left: usize,
+    image_len: usize,
+}
+
+impl PackedStream {
+    /// Appends the pixels of the next images (whole CHW images, in the store's order).
+    pub fn push(&mut self, pixels: &[u8]) -> Result<()> {
+        if pixels.len() > self.left || !pixels.len().is_multiple_of(self.image_len.max(1)) {
+            return Err(DatasetError::Param {
+                name: "pixels",
+                message: format!(
+                    "{} pixel bytes are not whole images of {} bytes within the {} left for {}",
+                    pixels.len(),
+                    self.image_len,
+                    self.left,
+                    self.path.display()
+                ),
+            });
+        }
+        self.hasher.update(pixels);
+        self.file.write_all(pixels)?;
+        self.left -= pixels.len();
+        Ok(())
+    }
+
+    /// Writes the hash into the header and puts the store in place; returns the hash. Every
+    /// image must have been pushed.
+    pub fn finish(self) -> Result<String> {
+        if self.left != 0 {
+            return Err(DatasetError::Param {
+                name: "pixels",
+                message: format!(
+                    "{} pixel bytes of {} were never written",
+                    self.left,
+                    self.path.display()
+                ),
+            });
+        }
+        let hash = self.hasher.finalize();
+        self.file.finish(HASH_OFFSET as u64, hash.as_bytes())?;
         Ok(hash.to_hex().to_string())
     }
 }
@@ -372,6 +437,47 @@ mod tests {
         ));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// Pixels pushed in pieces make a store whose header hash is the blake3 of every other
+    /// byte (computed here from the file) and whose images read back; pieces that are not
+    /// whole images, too many bytes, or too few at the end are refused, and an unfinished
+    /// store leaves neither a file nor a temporary one.
+    #[test]
+    fn a_store_streamed_in_pieces_has_its_hash_and_images() {
+        let (info, labels, pixels) = sample();
+        let d = dir();
+        let p = d.join("streamed.pack");
+        let mut s = PackedWriter::start(&p, &info, &labels).unwrap();
+        s.push(&pixels[..12]).unwrap();
+        s.push(&pixels[12..]).unwrap();
+        let hash = s.finish().unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let mut h = blake3::Hasher::new();
+        h.update(&bytes[..40]);
+        h.update(&bytes[72..]);
+        assert_eq!(hash, h.finalize().to_hex().to_string());
+        assert_eq!(&bytes[40..72], h.finalize().as_bytes());
+        let store = PackedStore::open(&p).unwrap();
+        store.verify().unwrap();
+        assert_eq!(store.image(1), &pixels[12..24]);
+        assert_eq!(store.label(2), 1);
+
+        let q = d.join("refused.pack");
+        let mut s = PackedWriter::start(&q, &info, &labels).unwrap();
+        assert!(s.push(&pixels[..5]).is_err(), "not a whole image");
+        s.push(&pixels[..24]).unwrap();
+        assert!(s.push(&pixels[..24]).is_err(), "more than the store holds");
+        let e = s.finish().unwrap_err().to_string();
+        assert!(
+            e.contains("12 pixel bytes") && e.contains("refused.pack"),
+            "{e}"
+        );
+        assert!(!q.exists() && !atomic::temp_path(&q).exists());
+        let s = PackedWriter::start(&q, &info, &labels).unwrap();
+        assert!(atomic::temp_path(&q).exists());
+        drop(s);
+        assert!(!q.exists() && !atomic::temp_path(&q).exists());
     }
 
     #[test]

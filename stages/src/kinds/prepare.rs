@@ -7,13 +7,13 @@ use crate::artifacts::{records, DatasetInfo, SplitInfo};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::params::RangeError;
-use datasets::augment::Normalize;
+use datasets::augment::{Normalize, NormalizeSums};
 use datasets::cifar::Cifar100Label;
 use datasets::cifar::Split;
 use datasets::synthetic::SyntheticSpec;
-use datasets::PackedWriter;
+use datasets::{PackedWriter, StoreInfo};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Where the images come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,33 +447,12 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         p,
         datasets::digest::default_cache().as_deref(),
     )?;
-    let bar = ctx.bar(2, "reading splits");
-    let read = read_source(ctx, p, &bar)?;
-    let ((train, train_records), val) = datasets::holdout::limit_and_hold_out(
-        read.train,
-        p.limit,
-        p.val,
-        p.seed.unwrap_or_default(),
-        p.stratify.unwrap_or(false),
-    )?;
-    let normalize = read
-        .normalize
-        .unwrap_or_else(|| Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len())));
-    let test_records: Vec<usize> = (0..read.test.0.n).collect();
-    let (train_files, test_files) = read.files.unzip();
-    let mut records = vec![
-        provenance("train", train_records, train_files.as_deref()),
-        provenance("test", test_records, test_files.as_deref()),
-    ];
-    let mut named = vec![("train", train), ("test", read.test)];
-    if let Some((v, val_records)) = val {
-        records.push(provenance("val", val_records, train_files.as_deref()));
-        named.push(("val", v));
-    }
-    let info = write_splits(ctx, named, normalize)?;
+    let (info, records) = if p.source == Source::Imagefolder {
+        pack_image_folder(ctx, p)?
+    } else {
+        pack_in_memory(ctx, p)?
+    };
     records::write(&ctx.dir.join(records::FILE), &records)?;
-    bar.inc(1);
-    bar.finish_and_clear();
     engine::json::write(&ctx.dir.join("dataset.json"), &info)?;
     tracing::info!(
         "{}: {} train + {} val + {} test images, {} classes, {}×{}",
@@ -490,6 +469,198 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     outputs.push("dataset.json".into());
     outputs.push(records::FILE.into());
     Ok(outputs)
+}
+
+/// Packs a source small enough to hold in memory (CIFAR, STL-10, synthetic): read whole, drawn
+/// from, fitted, written.
+fn pack_in_memory(ctx: &Context, p: &Params) -> Result<(DatasetInfo, Vec<records::SplitRecords>)> {
+    let bar = ctx.bar(2, "reading splits");
+    let read = read_source(ctx, p, &bar)?;
+    let ((train, train_records), val) = datasets::holdout::limit_and_hold_out(
+        read.train,
+        p.limit,
+        p.val,
+        p.seed.unwrap_or_default(),
+        p.stratify.unwrap_or(false),
+    )?;
+    let normalize = read
+        .normalize
+        .unwrap_or_else(|| Normalize::fit(train.0.c, train.2.chunks_exact(train.0.image_len())));
+    let test_records: Vec<usize> = (0..read.test.0.n).collect();
+    let mut records = vec![
+        provenance("train", train_records, None),
+        provenance("test", test_records, None),
+    ];
+    let mut named = vec![("train", train), ("test", read.test)];
+    if let Some((v, val_records)) = val {
+        records.push(provenance("val", val_records, None));
+        named.push(("val", v));
+    }
+    let mut splits = Vec::new();
+    for (name, (info, labels, pixels)) in named {
+        let file = format!("{name}.pack");
+        let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;
+        splits.push(split_info(info, file, &labels, hash));
+    }
+    bar.inc(1);
+    bar.finish_and_clear();
+    Ok((describe(splits, normalize), records))
+}
+
+/// Packs an ImageFolder (ImageNet's 1.28 million images are 193 GB at 224 pixels) in bounded
+/// memory: the draws of `limit` and `val` are made from the file list's labels, then each
+/// split is decoded and written a chunk of images at a time, the normalisation fitted on the
+/// training images as they pass.
+fn pack_image_folder(
+    ctx: &Context,
+    p: &Params,
+) -> Result<(DatasetInfo, Vec<records::SplitRecords>)> {
+    use datasets::imagefolder as folder;
+    let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+    let size = p.image_size.unwrap_or_default();
+    if size == 0 {
+        return Err(datasets::DatasetError::Param {
+            name: "image_size",
+            message: "must be at least 1, found 0".into(),
+        }
+        .into());
+    }
+    let (train_split, test_split) = (
+        p.train_split.as_deref().unwrap_or("train"),
+        p.test_split.as_deref().unwrap_or("val"),
+    );
+    if train_split == test_split {
+        tracing::warn!(
+            "{}: train_split and test_split are both `{train_split}`: the test images are the \
+             training images, so evaluations measure how well they were learnt, not how well the \
+             model generalises",
+            ctx.name
+        );
+    }
+    let classes = folder::classes(&root, train_split)?;
+    let train_files = folder::split_files(&root, train_split, &classes)?;
+    let test_files = folder::split_files(&root, test_split, &classes)?;
+    let labels: Vec<u32> = train_files.iter().map(|f| f.1).collect();
+    let (train_idx, val_idx) = datasets::holdout::draw(
+        &labels,
+        &classes,
+        p.limit,
+        p.val,
+        p.seed.unwrap_or_default(),
+        p.stratify.unwrap_or(false),
+    )?;
+    let test_idx: Vec<usize> = (0..test_files.len()).collect();
+    let total = train_idx.len() + test_idx.len() + val_idx.as_ref().map_or(0, Vec::len);
+    let bar = ctx.bar(total as u64, "decoding and packing images");
+    let shape = StoreInfo {
+        n: 0,
+        h: size,
+        w: size,
+        c: 3,
+        classes,
+    };
+    let mut fit = NormalizeSums::new(3);
+    let pack = |name: &str, files: &[(PathBuf, u32)], idx: &[usize], fit| {
+        pack_files(ctx, name, files, idx, &shape, fit, &bar)
+    };
+    let mut splits = vec![
+        pack("train", &train_files, &train_idx, Some(&mut fit))?,
+        pack("test", &test_files, &test_idx, None)?,
+    ];
+    if let Some(v) = &val_idx {
+        splits.push(pack("val", &train_files, v, None)?);
+    }
+    bar.finish_and_clear();
+    let names = |files: &[(PathBuf, u32)]| -> Vec<String> {
+        files
+            .iter()
+            .map(|(f, _)| datasets::digest::relative(&root, f))
+            .collect()
+    };
+    let (train_names, test_names) = (names(&train_files), names(&test_files));
+    let mut records = vec![
+        provenance("train", train_idx, Some(&train_names)),
+        provenance("test", test_idx, Some(&test_names)),
+    ];
+    if let Some(v) = val_idx {
+        records.push(provenance("val", v, Some(&train_names)));
+    }
+    Ok((describe(splits, fit.finish()), records))
+}
+
+/// Images per chunk of [`pack_files`]: about 256 MiB of pixels.
+fn chunk_images(image_len: usize) -> usize {
+    ((256 << 20) / image_len.max(1)).max(1)
+}
+
+/// Writes split `name` of the images `files[i]` for `i` in `idx`, decoded a chunk at a time
+/// (each image also added to `fit`, if given).
+fn pack_files(
+    ctx: &Context,
+    name: &str,
+    files: &[(PathBuf, u32)],
+    idx: &[usize],
+    shape: &StoreInfo,
+    mut fit: Option<&mut NormalizeSums>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(StoreInfo, SplitInfo)> {
+    let info = StoreInfo {
+        n: idx.len(),
+        ..shape.clone()
+    };
+    let file = format!("{name}.pack");
+    let labels: Vec<u32> = idx.iter().map(|&i| files[i].1).collect();
+    let mut stream = PackedWriter::start(&ctx.dir.join(&file), &info, &labels)?;
+    let len = info.image_len();
+    let chunk = chunk_images(len);
+    let mut pixels = vec![0u8; chunk.min(idx.len()) * len];
+    for part in idx.chunks(chunk) {
+        let out = &mut pixels[..part.len() * len];
+        datasets::imagefolder::decode(files, part, info.h, out)?;
+        if let Some(fit) = fit.as_deref_mut() {
+            out.chunks_exact(len).for_each(|img| fit.add(img));
+        }
+        stream.push(out)?;
+        bar.inc(part.len() as u64);
+    }
+    let hash = stream.finish()?;
+    Ok(split_info(info, file, &labels, hash))
+}
+
+/// A written split's description (file, count, hash, images per class).
+fn split_info(
+    info: StoreInfo,
+    file: String,
+    labels: &[u32],
+    hash: String,
+) -> (StoreInfo, SplitInfo) {
+    let mut class_counts = vec![0usize; info.k()];
+    for &l in labels {
+        class_counts[l as usize] += 1;
+    }
+    let split = SplitInfo {
+        file,
+        n: labels.len(),
+        hash,
+        class_counts,
+    };
+    (info, split)
+}
+
+/// The dataset described by its written splits (`train`, `test`, maybe `val`, in that order).
+fn describe(splits: Vec<(StoreInfo, SplitInfo)>, normalize: Normalize) -> DatasetInfo {
+    let mut splits = splits.into_iter();
+    let (train_info, train) = splits.next().expect("train split");
+    let (_, test) = splits.next().expect("test split");
+    let val = splits.next().map(|(_, v)| v);
+    DatasetInfo {
+        classes: train_info.classes.clone(),
+        shape: [train_info.c, train_info.h, train_info.w],
+        train,
+        test,
+        val,
+        normalize,
+    }
 }
 
 /// The provenance of a packed split whose images are the source split's `records`; `files`
@@ -537,14 +708,12 @@ fn check_unchanged(name: &str, base_dir: &Path, p: &Params, cache: Option<&Path>
     Ok(())
 }
 
-/// What the source holds: its training and test splits, its fixed normalisation if it has
-/// one, and for an ImageFolder every image's file (training split's, test split's), relative to
-/// the source folder.
+/// What a source held in memory holds: its training and test splits, and its fixed
+/// normalisation if it has one.
 struct SourceSplits {
     train: Split,
     test: Split,
     normalize: Option<Normalize>,
-    files: Option<(Vec<String>, Vec<String>)>,
 }
 
 /// Reads the source's training and test splits.
@@ -553,7 +722,6 @@ fn read_source(ctx: &Context, p: &Params, bar: &indicatif::ProgressBar) -> Resul
         train,
         test,
         normalize,
-        files: None,
     };
     Ok(match p.source {
         Source::Synthetic => {
@@ -565,7 +733,7 @@ fn read_source(ctx: &Context, p: &Params, bar: &indicatif::ProgressBar) -> Resul
             let test = spec.generate(seed, 1, p.test_size.unwrap_or(1000))?;
             plain((train, test), None)
         }
-        Source::Imagefolder => read_image_folder(ctx, p, bar)?,
+        Source::Imagefolder => unreachable!("an ImageFolder is packed by pack_image_folder"),
         Source::Stl10 => {
             let dir = source_dir(ctx, p)?;
             let splits = datasets::stl10::stl10(&dir)?;
@@ -594,86 +762,6 @@ fn read_source(ctx: &Context, p: &Params, bar: &indicatif::ProgressBar) -> Resul
             plain(splits, Some(fixed))
         }
     })
-}
-
-/// An ImageFolder's two splits, with their files.
-fn read_image_folder(
-    ctx: &Context,
-    p: &Params,
-    bar: &indicatif::ProgressBar,
-) -> Result<SourceSplits> {
-    use datasets::imagefolder as folder;
-    let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
-    let size = p.image_size.unwrap_or_default();
-    let (train_split, test_split) = (
-        p.train_split.as_deref().unwrap_or("train"),
-        p.test_split.as_deref().unwrap_or("val"),
-    );
-    if train_split == test_split {
-        tracing::warn!(
-            "{}: train_split and test_split are both `{train_split}`: the test images are the \
-             training images, so evaluations measure how well they were learnt, not how well the \
-             model generalises",
-            ctx.name
-        );
-    }
-    let classes = folder::classes(&root, train_split)?;
-    let train_files = folder::split_files(&root, train_split, &classes)?;
-    let train = folder::read_listed(&train_files, &classes, size)?;
-    bar.inc(1);
-    let test_files = folder::split_files(&root, test_split, &classes)?;
-    let test = folder::read_listed(&test_files, &classes, size)?;
-    let names = |files: &[(std::path::PathBuf, u32)]| -> Vec<String> {
-        files
-            .iter()
-            .map(|(f, _)| datasets::digest::relative(&root, f))
-            .collect()
-    };
-    Ok(SourceSplits {
-        files: Some((names(&train_files), names(&test_files))),
-        train,
-        test,
-        normalize: None,
-    })
-}
-
-/// Writes the packed splits (`train`, `test`, maybe `val`, in that order) and describes them.
-fn write_splits(
-    ctx: &Context,
-    named: Vec<(&str, Split)>,
-    normalize: Normalize,
-) -> Result<DatasetInfo> {
-    let mut splits = Vec::new();
-    for (name, (info, labels, pixels)) in named {
-        let file = format!("{name}.pack");
-        let hash = PackedWriter::write(&ctx.dir.join(&file), &info, &labels, &pixels)?;
-        let mut class_counts = vec![0usize; info.k()];
-        for &l in &labels {
-            class_counts[l as usize] += 1;
-        }
-        splits.push((
-            info,
-            SplitInfo {
-                file,
-                n: labels.len(),
-                hash,
-                class_counts,
-            },
-        ));
-    }
-    let mut splits = splits.into_iter();
-    let (train_info, train) = splits.next().expect("train split");
-    let (_, test) = splits.next().expect("test split");
-    let val = splits.next().map(|(_, v)| v);
-    let info = DatasetInfo {
-        classes: train_info.classes.clone(),
-        shape: [train_info.c, train_info.h, train_info.w],
-        train,
-        test,
-        val,
-        normalize,
-    };
-    Ok(info)
 }
 
 #[cfg(test)]
