@@ -6,6 +6,7 @@ use crate::artifacts::{Artifact, Kind, Multiplicity};
 use crate::context::{Context, Settings};
 use crate::error::Result;
 use crate::kinds::{evaluate, import, label, prepare, replay, report, train};
+use crate::label_store::StoreDtype;
 use crate::params::{ParamDefaults, RangeError};
 use crate::science::methods::Method;
 use serde::Serialize;
@@ -151,6 +152,13 @@ impl StageParams {
             StageParams::Report(_) => 4,
             StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
             StageParams::Train(p) if p.method.uses_ogr() || p.method == Method::Wsl => 2,
+            // 3: the students of a float16 store of probabilities renormalise its rows (their
+            // rounding left sums up to 3·10⁻⁴ from 1), so they run again.
+            StageParams::Replay(p)
+                if p.dtype == StoreDtype::F16 && (p.top_k.is_some() || p.teacher_mc > 0) =>
+            {
+                3
+            }
             // A top-k replay store's `rest` is the sum of the classes left out (it was 1 − the
             // kept mass, as the label store never was).
             StageParams::Replay(p) if p.top_k.is_some() => 2,

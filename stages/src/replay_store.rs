@@ -16,17 +16,16 @@
 
 use crate::error::{Result, StageError};
 use crate::label_store::schema::{float_list, floats_of};
+use crate::label_store::validate::RowCheck;
 use crate::label_store::write::top_k_columns;
-use crate::label_store::{expand_top_k, StoreDtype};
+use crate::label_store::{expand_top_k, guard, open_parquet, StoreDtype};
 use crate::stream::{digest, BatchStream};
 use arrow::array::{
     Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt16Array, UInt32Array,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use datasets::Batch;
-use parquet::arrow::arrow_reader::{
-    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
-};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, RowSelection, RowSelector};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -375,9 +374,7 @@ impl ReplayMeta {
 
 /// The footer metadata value `ldl.replay.<key>` of an epoch file, if any.
 fn footer(path: &Path, key: &str) -> Result<Option<String>> {
-    let file = std::fs::File::open(path).map_err(|e| StageError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| StageError::invalid(path, "parquet footer", format!("cannot read: {e}")))?;
+    let builder = open_parquet(path)?;
     let kv = builder
         .metadata()
         .file_metadata()
@@ -416,9 +413,7 @@ impl EpochReader {
                 .map_err(|e| bad("metadata `ldl.replay.digests`", e.to_string()))?,
             None => return Err(bad("metadata `ldl.replay.digests`", "missing".into())),
         };
-        let file = std::fs::File::open(&path).map_err(|e| StageError::io(&path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| bad("parquet footer", e.to_string()))?;
+        let builder = open_parquet(&path)?;
         let expected = meta.schema();
         if builder.schema().fields() != expected.fields() {
             return Err(bad(
@@ -457,11 +452,13 @@ impl EpochReader {
         if batch.index != self.step {
             return Err(bad(format!("the student is at step {}", batch.index)));
         }
-        let rb = self
-            .reader
-            .next()
-            .ok_or_else(|| bad("missing: the epoch ends before it".into()))?
-            .map_err(|e| bad(format!("cannot read: {e}")))?;
+        let reader = &mut self.reader;
+        let rb = guard(&self.path, || {
+            reader
+                .next()
+                .ok_or_else(|| bad("missing: the epoch ends before it".into()))?
+                .map_err(|e| bad(format!("cannot read: {e}")))
+        })?;
         let u32s = |name: &str| {
             rb.column_by_name(name)
                 .and_then(|c| c.as_any().downcast_ref::<UInt32Array>().cloned())
@@ -497,7 +494,7 @@ impl EpochReader {
                 self.digests.get(self.step)
             )));
         }
-        let k = self.meta.classes;
+        let first_row = self.step * self.meta.stream.batch_size;
         let mut out = Vec::with_capacity(self.meta.teachers.len());
         for t in &self.meta.teachers {
             let list = |name: &str| {
@@ -508,7 +505,9 @@ impl EpochReader {
                 None => {
                     let col =
                         list(&t.name).ok_or_else(|| bad(format!("no column `{}`", t.name)))?;
-                    floats_of(&col).into_owned()
+                    let mut dense = floats_of(&col).into_owned();
+                    self.check_dense(&mut dense, first_row, &t.name)?;
+                    dense
                 }
                 Some(top) => {
                     let classes = list(&format!("{}.topk_classes", t.name))
@@ -527,22 +526,91 @@ impl EpochReader {
                         .values()
                         .to_vec();
                     let ps = floats_of(&probs);
-                    let mut dense = vec![0f32; b * k];
-                    for (i, row) in dense.chunks_exact_mut(k).enumerate() {
-                        expand_top_k(
-                            &cls[i * top..(i + 1) * top],
-                            &ps[i * top..(i + 1) * top],
-                            rest.value(i),
-                            row,
-                        );
-                    }
-                    dense
+                    let top_k = TopKRows {
+                        classes: &cls,
+                        probs: &ps,
+                        rest: rest.values(),
+                        top,
+                    };
+                    self.expand_checked(&top_k, b, first_row, &t.name)?
                 }
             };
             out.push(dense);
         }
         self.step += 1;
         Ok(out)
+    }
+}
+
+/// One teacher's top-k columns of one step.
+struct TopKRows<'a> {
+    classes: &'a [u16],
+    probs: &'a [f32],
+    rest: &'a [f32],
+    top: usize,
+}
+
+impl EpochReader {
+    /// The checks of the label store's reader, on rows `first_row..` of this file.
+    fn row_check(&self) -> RowCheck<'_> {
+        RowCheck {
+            path: &self.path,
+            tolerance: self.meta.dtype.sum_tolerance(self.meta.classes),
+        }
+    }
+
+    /// Checks a teacher's dense rows: logits finite; probabilities a distribution, renormalised
+    /// from float16 (rounding leaves their sums up to 3·10⁻⁴ from 1 at K = 100).
+    fn check_dense(&self, dense: &mut [f32], first_row: usize, column: &str) -> Result<()> {
+        let k = self.meta.classes;
+        if self.meta.output == Output::Logits {
+            if let Some(i) = dense.iter().position(|v| !v.is_finite()) {
+                return Err(StageError::invalid(
+                    &self.path,
+                    format!("row {}, column `{column}`", first_row + i / k),
+                    format!("logit {} is not finite", dense[i]),
+                ));
+            }
+            return Ok(());
+        }
+        let check = self.row_check();
+        for (i, row) in dense.chunks_exact_mut(k).enumerate() {
+            let sum = check.distribution(first_row + i, column, row, &[], 0.0)?;
+            if self.meta.dtype == StoreDtype::F16 {
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+        }
+        Ok(())
+    }
+
+    /// Expands `b` checked top-k rows to dense ones (renormalised from float16).
+    fn expand_checked(
+        &self,
+        rows: &TopKRows,
+        b: usize,
+        first_row: usize,
+        column: &str,
+    ) -> Result<Vec<f32>> {
+        let (k, top) = (self.meta.classes, rows.top);
+        let check = self.row_check();
+        let mut dup = vec![false; k];
+        let mut dense = vec![0f32; b * k];
+        for (i, row) in dense.chunks_exact_mut(k).enumerate() {
+            let (cs, ps, rest) = (
+                &rows.classes[i * top..(i + 1) * top],
+                &rows.probs[i * top..(i + 1) * top],
+                rows.rest[i],
+            );
+            let at = first_row + i;
+            check.top_k_classes(at, cs, k, &mut dup)?;
+            check.rest(at, rest, top == k)?;
+            let sum = check.distribution(at, &format!("{column}.topk_probs"), ps, cs, rest)?;
+            expand_top_k(cs, ps, rest, row);
+            if self.meta.dtype == StoreDtype::F16 {
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+        }
+        Ok(dense)
     }
 }
 
@@ -671,6 +739,117 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not the student's"), "{e}");
+    }
+
+    /// Writes one step of `outputs` (the first step's two images) for `m`.
+    fn write_rows(dir: &Path, m: &ReplayMeta, outputs: Vec<f32>) {
+        let mut once = Some(StepRows {
+            batch: batch(0, vec![2, 0], 0.5),
+            outputs: vec![outputs],
+        });
+        m.write_epoch(dir, 0, "fp", |_| Ok(once.take())).unwrap();
+    }
+
+    /// Probabilities stored as float16 come back as distributions: rounding 0.7, 0.2, 0.1 to
+    /// float16 gives 0.70020, 0.19995, 0.09998, summing to 1.00012; the reader divides by the sum.
+    #[test]
+    fn float16_probabilities_are_renormalised() {
+        let dir = tempfile::tempdir().unwrap();
+        for top_k in [None, Some(2)] {
+            let mut m = meta(top_k, StoreDtype::F16);
+            m.output = Output::Probs;
+            m.teacher_mc = 2;
+            write(dir.path(), &m);
+            let mut r = EpochReader::open(dir.path(), &m, 0, 0).unwrap();
+            for (b, want) in steps() {
+                let got = r.next_step(&b).unwrap();
+                for (row, want) in got[0].chunks_exact(3).zip(want.chunks_exact(3)) {
+                    let sum: f32 = row.iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-6, "{top_k:?}: {row:?} sums to {sum}");
+                    for (g, w) in row.iter().zip(want) {
+                        assert!((g - w).abs() < 1e-3, "{top_k:?}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stored values the label store's reader would refuse are refused here too, naming the
+    /// file, the row and the column: a negative probability, a logit that is not finite, a
+    /// top-k row naming a class twice (which expanded to a row summing to 0.4).
+    #[test]
+    fn damaged_values_are_refused_naming_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |m: &ReplayMeta| {
+            EpochReader::open(dir.path(), m, 0, 0)
+                .unwrap()
+                .next_step(&steps()[0].0)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        let mut probs = meta(None, StoreDtype::F32);
+        probs.output = Output::Probs;
+        write_rows(dir.path(), &probs, vec![0.7, 0.2, 0.1, 0.6, -0.1, 0.5]);
+        let e = read(&probs);
+        assert!(
+            e.contains("epoch-00000.parquet") && e.contains("row 1") && e.contains("`t`"),
+            "{e}"
+        );
+        let logits = meta(None, StoreDtype::F32);
+        write_rows(dir.path(), &logits, vec![1.0, 2.0, 3.0, f32::NAN, 0.0, 1.0]);
+        let e = read(&logits);
+        assert!(e.contains("row 1") && e.contains("not finite"), "{e}");
+        // A top-2 file whose first row names class 0 twice (written, then its column altered).
+        let top = meta(Some(2), StoreDtype::F32);
+        write(dir.path(), &top);
+        let path = epoch_file(dir.path(), 0);
+        let builder = open_parquet(&path).unwrap();
+        let kv = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .cloned();
+        let schema = builder.schema().clone();
+        let batches: Vec<RecordBatch> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), schema, None).unwrap();
+        for rb in batches {
+            let i = rb.schema().index_of("t.topk_classes").unwrap();
+            let old = rb
+                .column(i)
+                .as_any()
+                .downcast_ref::<FixedSizeListArray>()
+                .unwrap();
+            let mut classes = old
+                .values()
+                .as_any()
+                .downcast_ref::<UInt16Array>()
+                .unwrap()
+                .values()
+                .to_vec();
+            // Row 0's second class becomes its first.
+            classes[1] = classes[0];
+            let field = match old.data_type() {
+                DataType::FixedSizeList(f, _) => f.clone(),
+                _ => unreachable!(),
+            };
+            let list =
+                FixedSizeListArray::new(field, 2, Arc::new(UInt16Array::from(classes)), None);
+            let mut columns = rb.columns().to_vec();
+            columns[i] = Arc::new(list);
+            w.write(&RecordBatch::try_new(rb.schema(), columns).unwrap())
+                .unwrap();
+        }
+        for e in kv.unwrap() {
+            w.append_key_value_metadata(e);
+        }
+        w.close().unwrap();
+        let e = read(&top);
+        assert!(
+            e.contains("epoch-00000.parquet") && e.contains("row 0") && e.contains("distinct"),
+            "{e}"
+        );
     }
 
     /// A store of another K or dataset is refused naming the key.

@@ -29,7 +29,7 @@ pub mod soft_labels;
 pub mod validate;
 pub mod write;
 
-pub use read::{open_parquet, read, read_meta};
+pub use read::{guard, open_parquet, read, read_meta};
 pub use soft_labels::{expand_top_k, SoftLabels};
 pub use write::{top_classes, write, write_streamed, RowSink};
 

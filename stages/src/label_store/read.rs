@@ -82,8 +82,21 @@ fn meta_of(path: &Path, kv: Option<&Vec<KeyValue>>) -> Result<LabelMeta> {
     let bad_json = |key: &str, e: serde_json::Error| {
         StageError::invalid(path, format!("metadata key `ldl.{key}`"), e.to_string())
     };
+    let classes: Vec<String> =
+        serde_json::from_str(&get("classes")?).map_err(|e| bad_json("classes", e))?;
+    let k = get("k")?;
+    if k.parse::<usize>().ok() != Some(classes.len()) {
+        return Err(StageError::invalid(
+            path,
+            "metadata key `ldl.k`",
+            format!(
+                "found `{k}`, but `ldl.classes` names {} classes",
+                classes.len()
+            ),
+        ));
+    }
     Ok(LabelMeta {
-        classes: serde_json::from_str(&get("classes")?).map_err(|e| bad_json("classes", e))?,
+        classes,
         dataset_fingerprint: get("dataset_fingerprint")?,
         teachers: serde_json::from_str(&get("teachers")?).map_err(|e| bad_json("teachers", e))?,
         temperature: get("temperature")?.parse().map_err(|e| {
@@ -164,7 +177,7 @@ pub fn read(
 /// Runs `f`, turning a panic inside the parquet crate into an error naming the file: its
 /// decoders panic, rather than fail, on some damaged pages (e.g. a dictionary-encoded page
 /// without a dictionary page, found by the `label_store` fuzz target).
-fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<String>()

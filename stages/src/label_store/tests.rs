@@ -382,7 +382,7 @@ fn malformed_top_k_rows_are_refused() {
         ..meta()
     };
     // Writes one row of `t` with the given top-k classes, probabilities and rest.
-    let write_raw = |classes: [u16; 2], top: [f32; 2], rest: f32| {
+    let write_raw_k = |classes: [u16; 2], top: [f32; 2], rest: f32, k: &str| {
         let schema = Arc::new(schema(K, Some(2), StoreDtype::F32));
         let list = |values: ArrayRef, item: DataType| {
             Arc::new(
@@ -424,7 +424,7 @@ fn malformed_top_k_rows_are_refused() {
         let props = WriterProperties::builder()
             .set_key_value_metadata(Some(vec![
                 kv("format_version", crate::FORMAT_VERSION.to_string()),
-                kv("k", K.to_string()),
+                kv("k", k.to_string()),
                 kv("classes", serde_json::to_string(&m.classes).unwrap()),
                 kv("dataset_fingerprint", "fp".into()),
                 kv("teachers", "{}".into()),
@@ -439,7 +439,17 @@ fn malformed_top_k_rows_are_refused() {
         w.close().unwrap();
         read(&path, "t", 1, &m.classes, "fp").map(|_| ())
     };
+    let write_raw = |classes, top, rest| write_raw_k(classes, top, rest, &K.to_string());
     assert!(write_raw([2, 0], [0.5, 0.3], 0.2).is_ok());
+    // `ldl.k` must be the number of `ldl.classes`.
+    let e = write_raw_k([2, 0], [0.5, 0.3], 0.2, "4")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.parquet")
+            && e.contains("metadata key `ldl.k`: found `4`, but `ldl.classes` names 3 classes"),
+        "{e}"
+    );
     for (classes, top, rest, want) in [
         (
             [1, 1],
