@@ -594,6 +594,7 @@ impl EpochReader {
         let (k, top) = (self.meta.classes, rows.top);
         let check = self.row_check();
         let mut dup = vec![false; k];
+        let probs_column = format!("{column}.topk_probs");
         let mut dense = vec![0f32; b * k];
         for (i, row) in dense.chunks_exact_mut(k).enumerate() {
             let (cs, ps, rest) = (
@@ -604,7 +605,7 @@ impl EpochReader {
             let at = first_row + i;
             check.top_k_classes(at, cs, k, &mut dup)?;
             check.rest(at, rest, top == k)?;
-            let sum = check.distribution(at, &format!("{column}.topk_probs"), ps, cs, rest)?;
+            let sum = check.distribution(at, &probs_column, ps, cs, rest)?;
             expand_top_k(cs, ps, rest, row);
             if self.meta.dtype == StoreDtype::F16 {
                 row.iter_mut().for_each(|v| *v /= sum);
