@@ -437,6 +437,69 @@ fn the_label_store_does_not_depend_on_the_chunk_size() {
     assert!(!dir.path().join("a/labels/chunks").exists());
 }
 
+/// Changes the first value of `fc.weight` in a safetensors file (its low byte), keeping the
+/// file's size: a teacher trained again to other weights, with its fingerprint unchanged.
+fn perturb_fc_weight(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header["fc.weight"]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[8 + n + start] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A label or replay stage stopped part way, whose teacher is then trained again to other
+/// weights (same fingerprint: `--force`, another device), does not reuse what it computed from
+/// the old weights: its store is the one a fresh run with the new weights writes.
+#[test]
+fn a_resumed_label_or_replay_stage_redoes_what_old_teacher_weights_computed() {
+    let dir = scratch();
+    let until_replay = CFG.split("[[stage]]\nname = \"student\"").next().unwrap();
+    write(dir.path(), "k.toml", until_replay);
+    for (stage, fault, store) in [
+        ("labels", "train-b2-4@1000", "labels.parquet"),
+        ("replay", "epoch-00001.parquet@500", "epoch-00000.parquet"),
+    ] {
+        let out = format!("out-{stage}");
+        let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["run", "k.toml", "--output", &out])
+            .current_dir(dir.path())
+            .env("LDL_FAULT_WRITE", fault)
+            .output()
+            .unwrap();
+        assert!(
+            stderr(&aborted).contains("LDL_FAULT_WRITE: aborting"),
+            "{}",
+            stderr(&aborted)
+        );
+        let root = dir.path().join(&out);
+        perturb_fc_weight(&root.join("teacher/model.safetensors"));
+        let resumed = pipeline(
+            dir.path(),
+            &["run", "k.toml", "--output", &out, "--only", stage],
+        );
+        assert!(resumed.status.success(), "{}", stderr(&resumed));
+        assert!(
+            stderr(&resumed).contains("other teacher weights"),
+            "{stage}: {}",
+            stderr(&resumed)
+        );
+        let resumed_store = std::fs::read(root.join(stage).join(store)).unwrap();
+        let fresh = pipeline(
+            dir.path(),
+            &[
+                "run", "k.toml", "--output", &out, "--only", stage, "--force", stage,
+            ],
+        );
+        assert!(fresh.status.success(), "{}", stderr(&fresh));
+        let fresh_store = std::fs::read(root.join(stage).join(store)).unwrap();
+        assert!(
+            resumed_store == fresh_store,
+            "{stage}: the resumed store kept outputs of the old teacher weights"
+        );
+    }
+}
+
 /// A training of 3 epochs of 12 steps, checkpointed every 4 steps, keeping 2.
 const SMALL: &str = r#"
 [run]

@@ -10,7 +10,8 @@
 //!   `step`, `position` (the image's slot in the batch) and `index` (its position in the split),
 //!   then per teacher either `<teacher>` (`FixedSizeList<float32|float16, K>`) or
 //!   `<teacher>.topk_classes`, `<teacher>.topk_probs`, `<teacher>.rest` (as in the label store).
-//!   The footer's key-value metadata holds `ldl.replay.epoch`, `ldl.replay.fingerprint` and
+//!   The footer's key-value metadata holds `ldl.replay.epoch`, `ldl.replay.fingerprint` (the
+//!   stage's fingerprint and its teachers' weight hashes, for resuming) and
 //!   `ldl.replay.digests`: each step's [`crate::stream::digest`], so a reader checks that every
 //!   stored output belongs to the very images of its batch.
 
@@ -303,7 +304,8 @@ impl ReplayMeta {
 
     /// Writes epoch `epoch` atomically: `next(spent)` yields its steps in order until `None`,
     /// and gets back each step's batch once written (to recycle its buffers). `fingerprint`
-    /// (the replay stage's) goes into the footer.
+    /// (what the epoch is reused under: the replay stage's fingerprint and teachers' weights)
+    /// goes into the footer.
     pub fn write_epoch(
         &self,
         dir: &Path,

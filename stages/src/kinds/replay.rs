@@ -170,8 +170,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     );
     let loader = stream.loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
     let steps = loader.batches_per_epoch();
+    let key = epoch_key(ctx)?;
     let done = (0..p.epochs)
-        .filter(|&e| replay_store::epoch_done(&ctx.dir, e, &ctx.fingerprint))
+        .filter(|&e| replay_store::epoch_done(&ctx.dir, e, &key))
         .count();
     if done > 0 {
         tracing::info!(
@@ -183,12 +184,21 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let bar = ctx.bar((p.epochs * steps) as u64, "replaying the teachers");
     let mut outputs = Vec::new();
     for epoch in 0..p.epochs {
-        if replay_store::epoch_done(&ctx.dir, epoch, &ctx.fingerprint) {
+        if replay_store::epoch_done(&ctx.dir, epoch, &key) {
             bar.inc(steps as u64);
         } else {
+            if replay_store::epoch_file(&ctx.dir, epoch).exists() {
+                tracing::info!(
+                    "{}: epoch {} was stored from other teacher weights (a teacher trained \
+                     again) or by an older version of this program: replaying it again",
+                    ctx.name,
+                    epoch + 1
+                );
+            }
             let shape = data.info.shape;
             write_epoch(
                 ctx,
+                &key,
                 &meta,
                 &supervision,
                 &loader,
@@ -218,10 +228,25 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     Ok(outputs)
 }
 
+/// What a stored epoch must have been written under to be reused: the stage's fingerprint and
+/// the blake3 of each teacher's `model.safetensors` (a teacher trained again, `--force`, to
+/// other weights keeps its fingerprint; the epochs of its old weights are not reused).
+fn epoch_key(ctx: &Context) -> Result<String> {
+    let mut key = ctx.fingerprint.clone();
+    for input in ctx.model_inputs() {
+        let weights = input.dir.join("model.safetensors");
+        let bytes = std::fs::read(&weights).map_err(|e| StageError::io(&weights, e))?;
+        key.push(' ');
+        key.push_str(blake3::hash(&bytes).to_hex().as_str());
+    }
+    Ok(key)
+}
+
 /// Runs the teachers over every batch of `epoch` and stores their outputs.
 #[allow(clippy::too_many_arguments)]
 fn write_epoch(
     ctx: &Context,
+    key: &str,
     meta: &ReplayMeta,
     supervision: &Supervision,
     loader: &datasets::Loader,
@@ -232,7 +257,7 @@ fn write_epoch(
 ) -> Result<()> {
     let mut feeder = Feeder::new();
     let mut it = loader.epoch(epoch as u64, 0);
-    meta.write_epoch(&ctx.dir, epoch, &ctx.fingerprint, |spent| {
+    meta.write_epoch(&ctx.dir, epoch, key, |spent| {
         if let Some(b) = spent {
             it.recycle(b);
         }

@@ -88,9 +88,16 @@ pub struct Expect<'a> {
     pub teachers: Vec<String>,
     /// Whether each teacher has a Monte-Carlo summary.
     pub mc: Vec<bool>,
+    /// The blake3 of each teacher's `model.safetensors`, in order: a teacher trained again
+    /// (`--force`) to other weights keeps its fingerprint, and the chunks of its old weights
+    /// are not reused.
+    pub weights: Vec<String>,
     /// Classes.
     pub k: usize,
 }
+
+/// The metadata key of the teachers' weight hashes a chunk was computed from.
+const WEIGHTS: &str = "teacher_weights";
 
 /// The folder of the chunks in the stage folder `dir`.
 pub fn folder(dir: &Path) -> PathBuf {
@@ -162,6 +169,7 @@ pub fn write(dir: &Path, e: &Expect, plan: &Plan, c: usize, chunk: &Chunk) -> Re
     let mut meta = HashMap::from([
         ("fingerprint".to_string(), fingerprint(e, plan, c)),
         ("format".to_string(), FORMAT.to_string()),
+        (WEIGHTS.to_string(), e.weights.join(",")),
     ]);
     // A hash per tensor, so that the store is assembled reading one teacher's rows at a time.
     for (name, _, data) in &owned {
@@ -198,8 +206,8 @@ fn damaged(file: &Path, place: impl Into<String>, what: &str) -> StageError {
 pub enum State {
     /// No file: the chunk is to be computed.
     Missing,
-    /// A chunk of an older format: to be computed again.
-    Stale,
+    /// A chunk of an older format, or of other teacher weights: to be computed again.
+    Stale(&'static str),
     /// A chunk to reuse, its header checked (its data is checked as it is read).
     Ready(ChunkFile),
 }
@@ -227,7 +235,14 @@ pub fn open(dir: &Path, e: &Expect, plan: &Plan, c: usize) -> Result<State> {
     let st = safetensors::SafeTensors::deserialize(&map).map_err(header)?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
-        return Ok(State::Stale);
+        return Ok(State::Stale(
+            "was written by an older version of this program",
+        ));
+    }
+    if meta.get(WEIGHTS) != Some(&e.weights.join(",")) {
+        return Ok(State::Stale(
+            "was computed from other teacher weights (a teacher trained again)",
+        ));
     }
     let want = fingerprint(e, plan, c);
     if meta.get("fingerprint") != Some(&want) {
@@ -377,6 +392,7 @@ mod tests {
             split: "train",
             teachers: teachers.to_vec(),
             mc: mc.to_vec(),
+            weights: teachers.iter().map(|t| format!("w-{t}")).collect(),
             k: 3,
         }
     }
@@ -438,9 +454,12 @@ mod tests {
         assert!(err.contains("metadata `fingerprint`"), "{err}");
         let no_mc = [false, false];
         let three = vec!["a".to_string(), "b".to_string(), "c".to_string()];
-        let err = read(dir.path(), &expect(&three, &[false, true, false]), &plan, 1)
-            .unwrap_err()
-            .to_string();
+        let more = Expect {
+            teachers: three,
+            mc: vec![false, true, false],
+            ..expect(&teachers, &mc)
+        };
+        let err = read(dir.path(), &more, &plan, 1).unwrap_err().to_string();
         assert!(
             err.contains("tensor `c.probs`") && err.contains("missing"),
             "{err}"
@@ -473,6 +492,36 @@ mod tests {
         let bytes = safetensors::serialize([("a.probs", view)], Some(meta)).unwrap();
         std::fs::create_dir_all(folder(dir.path())).unwrap();
         std::fs::write(path(dir.path(), "train", &plan, 0), bytes).unwrap();
-        assert!(matches!(open(dir.path(), &e, &plan, 0), Ok(State::Stale)));
+        assert!(matches!(
+            open(dir.path(), &e, &plan, 0),
+            Ok(State::Stale(_))
+        ));
+    }
+
+    /// A chunk computed from other teacher weights (the teacher trained again, its
+    /// fingerprint unchanged) is stale, to be labelled again.
+    #[test]
+    fn a_chunk_of_other_teacher_weights_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let teachers = vec!["a".to_string()];
+        let e = expect(&teachers, &[false]);
+        let plan = Plan::new(2, 2, 2);
+        let chunk = Chunk {
+            probs: vec![vec![0.5, 0.25, 0.25, 0.1, 0.1, 0.8]],
+            mc: vec![None],
+        };
+        write(dir.path(), &e, &plan, 0, &chunk).unwrap();
+        assert!(matches!(
+            open(dir.path(), &e, &plan, 0),
+            Ok(State::Ready(_))
+        ));
+        let retrained = Expect {
+            weights: vec!["w-a-retrained".into()],
+            ..expect(&teachers, &[false])
+        };
+        assert!(matches!(
+            open(dir.path(), &retrained, &plan, 0),
+            Ok(State::Stale(why)) if why.contains("other teacher weights")
+        ));
     }
 }

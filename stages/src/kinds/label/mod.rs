@@ -101,6 +101,8 @@ struct Teacher {
     name: String,
     meta: TrainedModel,
     model: Model,
+    /// The blake3 of its `model.safetensors`.
+    weights: String,
 }
 
 /// Runs a `label` stage: loads the teachers, then labels each split asked for.
@@ -127,15 +129,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
         let weights = input.dir.join("model.safetensors");
         let bytes = std::fs::read(&weights).map_err(|e| StageError::io(&weights, e))?;
-        checkpoints.insert(
-            input.name.clone(),
-            blake3::hash(&bytes).to_hex().to_string(),
-        );
+        let weights = blake3::hash(&bytes).to_hex().to_string();
+        checkpoints.insert(input.name.clone(), weights.clone());
         fingerprints.insert(input.name.clone(), input.fingerprint.clone());
         teachers.push(Teacher {
             name: input.name.clone(),
             meta,
             model,
+            weights,
         });
     }
     distinct_sources(ctx, p, &teachers)?;
@@ -240,6 +241,7 @@ fn label_split<'a>(
         split: split.as_str(),
         teachers: teachers.iter().map(|t| t.name.clone()).collect(),
         mc: teachers.iter().map(|t| has_mc(p, t)).collect(),
+        weights: teachers.iter().map(|t| t.weights.clone()).collect(),
         k: data.info.classes.len(),
     };
     let done = (0..plan.count())
@@ -257,10 +259,9 @@ fn label_split<'a>(
         match chunks::open(&ctx.dir, &expect, &plan, c)? {
             chunks::State::Ready(_) => {}
             state => {
-                if matches!(state, chunks::State::Stale) {
+                if let chunks::State::Stale(why) = state {
                     tracing::info!(
-                        "{}: chunk {} of the {} split was written by an older version of this \
-                         program: labelling it again",
+                        "{}: chunk {} of the {} split {why}: labelling it again",
                         ctx.name,
                         c + 1,
                         split.as_str()
