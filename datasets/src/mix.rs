@@ -2,7 +2,8 @@
 //! Cutout hole. They follow the reference implementations (facebookresearch/mixup-cifar10,
 //! clovaai/CutMix-PyTorch, jackryo/ricap, uoguelph-mlrg/Cutout), with height and width named
 //! as such (the references call the row axis, `size()[2]`, W, but use it consistently, so they
-//! too handle non-square images).
+//! too handle non-square images). RICAP's tiling is the reference's transposed, equal in
+//! distribution (see [`draw`]).
 //!
 //! A mixing augmentation returns a [`MixRecord`]: the partners, weights and boxes it drew. The
 //! trainer forms the mixed targets from it ([`MixRecord::mix_rows`]), and the same mixed batch can
@@ -327,6 +328,14 @@ pub fn draw<R: Rng>(mix: &Mix, n: usize, (h, w): (usize, usize), rng: &mut R) ->
             }
         }
         Mix::Ricap { beta: b } => {
+            // Transposed from the reference, the one place the module's naming is not followed:
+            // its first Beta draw splits the rows (its `I_x` is `size()[2]`) and its patch 1
+            // lies below patch 0, its row offset drawn before the column offset; here the first
+            // draw splits the columns, patch 1 lies to the right and the column offset comes
+            // first. The draws are independent and identically distributed, so the mixed
+            // batches and targets have the same distribution; only a draw-for-draw replay of
+            // the reference's stream would give the transposed tiling. Kept so that existing
+            // RICAP runs keep their streams.
             let pw = ((w as f64) * beta(rng, b)).round() as usize;
             let ph = ((h as f64) * beta(rng, b)).round() as usize;
             let ws = [pw, w - pw, pw, w - pw];
