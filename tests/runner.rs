@@ -201,6 +201,57 @@ fn skips_up_to_date_and_reruns_exactly_the_downstream_of_a_change() {
     );
 }
 
+/// A forced run killed after its new folder was swapped into place but before the old one,
+/// left complete at the partial path, was removed: the next run discards the old folder instead
+/// of taking it for a finished run and moving the old outputs back over the new ones.
+#[test]
+fn an_old_folder_left_by_a_stopped_replacement_is_not_moved_back() {
+    let dir = scratch();
+    write(
+        dir.path(),
+        "f.toml",
+        "[run]\noutput = \"out\"\n\n\
+         [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n",
+    );
+    let out = dir.path().join("out");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    assert!(pipeline(dir.path(), &["run", "f.toml"]).status.success());
+    copy(&out.join("data"), &dir.path().join("old"));
+    let o = pipeline(dir.path(), &["run", "f.toml", "--force", "data"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let replaced = record(&out, "data")["finished"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The state the kill leaves: the old folder at the partial path, complete.
+    copy(&dir.path().join("old"), &out.join(".data.partial"));
+    let o = pipeline(dir.path(), &["run", "f.toml", "--force", "data"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("holds outputs older than its folder's")
+            && !stderr(&o).contains("moving it now"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(ran(&o), ["data"]);
+    let started = record(&out, "data")["started"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        humantime::parse_rfc3339_weak(&started).unwrap()
+            > humantime::parse_rfc3339_weak(&replaced).unwrap(),
+        "{started} is not after {replaced}: the old folder came back"
+    );
+    assert!(!out.join(".data.partial").exists());
+}
+
 /// A finished stage reaches its final folder whatever stops the run on the way: on a file
 /// system without `renameat2(RENAME_EXCHANGE)` (NFS; simulated by `LDL_FAULT_EXCHANGE`) the
 /// folder is replaced by two renames; a kill between them, or after the record is written, costs

@@ -573,11 +573,26 @@ fn run_stage(
     let partial = partial_dir(config, &s.name);
     let tag = serde_json::json!({ "fingerprint": fps[i], "pid": std::process::id() });
     if let Some(record) = finished_partial(&partial, &fps[i]) {
+        // The folder a forced run swapped out of place (the exchange puts the old outputs at
+        // the partial path) and was killed before removing: older than the final one, it is
+        // discarded, not moved back over the newer outputs.
+        let swapped_out = read_record(&final_dir)
+            .is_some_and(|f| f.completes(&fps[i]) && earlier(&record.finished, &f.finished));
+        if !swapped_out {
+            tracing::info!(
+                "{}: finished by an earlier run that stopped before moving it into place; moving it now",
+                s.name
+            );
+            return move_into_place(&partial, &final_dir, &record);
+        }
         tracing::info!(
-            "{}: finished by an earlier run that stopped before moving it into place; moving it now",
-            s.name
+            "{}: {} holds outputs older than its folder's, left by a replacement that was \
+             stopped: removing it",
+            s.name,
+            partial.display()
         );
-        return move_into_place(&partial, &final_dir, &record);
+        fs::remove_dir_all(&partial)
+            .with_context(|| format!("cannot remove {}", partial.display()))?;
     }
     if partial.exists() && !resumable(config, &s.name, &fps[i]) {
         fs::remove_dir_all(&partial)

@@ -119,11 +119,9 @@ impl Params {
     }
 }
 
-/// Runs a `replay` stage: every epoch not yet stored, then `replay.json`.
-pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
-    let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
-    let device = ctx.device.open()?;
-    let k = data.info.classes.len();
+/// Refuses a `top_k` above K (or a K that `uint16` classes cannot name) and a teacher named
+/// like one of the store's key columns.
+fn check_columns(ctx: &Context, p: &Params, k: usize) -> Result<()> {
     if let Some(t) = p.top_k {
         if t > k || k > u16::MAX as usize + 1 {
             return Err(StageError::config(format!(
@@ -141,6 +139,15 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             ctx.name, t.name
         )));
     }
+    Ok(())
+}
+
+/// Runs a `replay` stage: every epoch not yet stored, then `replay.json`.
+pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
+    let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
+    let device = ctx.device.open()?;
+    let k = data.info.classes.len();
+    check_columns(ctx, p, k)?;
     let teachers = ctx.teachers(&device, k, &data.info.normalize, p.teacher_mc)?;
     let stream = p.stream();
     let meta = ReplayMeta {
