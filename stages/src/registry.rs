@@ -151,6 +151,16 @@ impl StageParams {
             // 4: legends wrap their labels and grow the figure rather than run off its edge.
             StageParams::Report(_) => 4,
             StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
+            // 3: ResNeXt, DenseNet and DLA start from their reference's (PyTorch's default)
+            // initialisation, not a ResNet's.
+            StageParams::Train(p)
+                if !matches!(
+                    engine::models::Arch::parse(&p.model),
+                    Ok(engine::models::Arch::ResNet(_))
+                ) =>
+            {
+                3
+            }
             StageParams::Train(p) if p.method.uses_ogr() || p.method == Method::Wsl => 2,
             // 3: the students of a float16 store of probabilities renormalise its rows (their
             // rounding left sums up to 3·10⁻⁴ from 1), so they run again.

@@ -2,7 +2,10 @@
 //! exposes its penultimate features; weights live in a candle `VarMap` whose names follow
 //! the PyTorch definitions they come from (torchvision's for the ResNets: `conv1.weight`,
 //! `layer1.0.bn1.running_mean`, `fc.bias`; kuangliu/pytorch-cifar's for ResNeXt, DenseNet and
-//! DLA), so a checkpoint loads in PyTorch by name. [`arch`] lists the architectures; [`net`]
+//! DLA), so a checkpoint loads in PyTorch by name into those definitions. The CIFAR-stem
+//! `resnet18`…`resnet200` keep torchvision's names (`downsample`, `fc`), where kuangliu's and
+//! RepDistiller's definitions of them say `shortcut` and `linear`: `import` renames those on the
+//! way in, and a checkpoint going the other way needs the same renaming. [`arch`] lists the architectures; [`net`]
 //! is what they share (pooling, dropout, classifier).
 
 pub mod add_relu;
@@ -98,9 +101,11 @@ pub struct Model {
 }
 
 impl Model {
-    /// Builds a model with weights initialised deterministically from `seed` (He-normal,
-    /// fan-out, for convolutions as torchvision does; PyTorch's uniform default for the
-    /// classifier; BatchNorm γ = 1, β = 0).
+    /// Builds a model with weights initialised deterministically from `seed` as its reference
+    /// does: a ResNet's convolutions He-normal, fan-out (torchvision, RepDistiller); ResNeXt,
+    /// DenseNet and DLA, which kuangliu/pytorch-cifar leaves at PyTorch's defaults, uniform in
+    /// ±1/√fan_in (`kaiming_uniform_(a = √5)`, fan_in = input channels per group × kernel
+    /// area); every classifier PyTorch's uniform default; BatchNorm γ = 1, β = 0.
     pub fn new(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Model> {
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
@@ -120,14 +125,18 @@ impl Model {
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         let mut rng = datasets::rng::rng_for(&[seed, datasets::rng::stream::INIT]);
+        let he_normal = matches!(Arch::parse(&self.spec.arch), Ok(Arch::ResNet(_)));
         for name in names {
             let var = &data[name];
             let dims = var.dims().to_vec();
             let n: usize = dims.iter().product();
-            let values: Option<Vec<f32>> = if dims.len() == 4 {
+            let values: Option<Vec<f32>> = if dims.len() == 4 && he_normal {
                 let fan_out = dims[0] * dims[2] * dims[3];
                 let normal = Normal::new(0.0, (2.0 / fan_out as f32).sqrt()).expect("std > 0");
                 Some((0..n).map(|_| normal.sample(&mut rng)).collect())
+            } else if dims.len() == 4 {
+                let bound = 1.0 / ((dims[1] * dims[2] * dims[3]) as f32).sqrt();
+                Some((0..n).map(|_| rng.random_range(-bound..bound)).collect())
             } else if name.starts_with(&classifier) {
                 let fan_in = data[&format!("{classifier}weight")].dims()[1];
                 let bound = 1.0 / (fan_in as f32).sqrt();
@@ -255,5 +264,40 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), new);
         assert!(ModelSpec::new("resnet9", 10, 3).is_err());
+    }
+
+    /// Convolutions start as their reference's: a ResNet's He-normal with fan-out (std
+    /// √(2 / (C_out·k²))), a DenseNet's (kuangliu, PyTorch's default) uniform in ±1/√fan_in,
+    /// std 1/√(3·fan_in). Sample statistics of one large convolution of each, against those
+    /// values computed by hand.
+    #[test]
+    fn convolutions_start_as_their_reference_initialises_them() {
+        let stats = |arch: &str, name: &str| {
+            let spec = ModelSpec::new(arch, 10, 3).unwrap();
+            let m = Model::new(&spec, &Device::Cpu, 3).unwrap();
+            let data = m.vars.data().lock().unwrap();
+            let w = data[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let dims = data[name].dims().to_vec();
+            let n = w.len() as f64;
+            let mean = w.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let max = w.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            (dims, var.sqrt(), max)
+        };
+        // resnet20's layer3.2.conv2: 64 × 64 × 3 × 3, fan-out 576: std √(2/576) = 0.05893.
+        let (dims, std, _) = stats("resnet20", "layer3.2.conv2.weight");
+        assert_eq!(dims, [64, 64, 3, 3]);
+        assert!((std - 0.05893).abs() < 0.05893 * 0.03, "{std}");
+        // densenet121's dense4.15.conv1: 128 × 992 × 1 × 1, fan-in 992: bound 1/√992 =
+        // 0.031750, std 0.031750/√3 = 0.018331.
+        let (dims, std, max) = stats("densenet121", "dense4.15.conv1.weight");
+        assert_eq!(dims, [128, 992, 1, 1]);
+        assert!((std - 0.018331).abs() < 0.018331 * 0.03, "{std}");
+        assert!(max <= 0.031750 && max > 0.0317, "{max}");
     }
 }

@@ -3,8 +3,8 @@
 //! - `resnet<6n+2>` (`resnet8`, `resnet20`, `resnet56`, `resnet110`, ...): He et al.'s CIFAR
 //!   ResNets (2016, §4.2): a 3×3 stem, three stages of n basic blocks with `width`, 2·`width` and
 //!   4·`width` channels. Shortcut option A is parameter-free (subsample, zero-pad channels);
-//!   option B is a 1×1 convolution + BatchNorm projection, as RepDistiller and the paper's code
-//!   use.
+//!   option B is a 1×1 convolution + BatchNorm projection, as RepDistiller uses (the paper
+//!   gives no model code; its "ResNet56 (0.85M)" is either).
 //! - `resnet18`, `resnet34` (basic blocks) and `resnet50`, `resnet101`, `resnet152`, `resnet200`
 //!   (bottleneck blocks): the ImageNet ResNets' four stages of `width`·{1, 2, 4, 8} planes, with
 //!   the CIFAR stem of kuangliu/pytorch-cifar and RepDistiller (3×3 stride-1 convolution, no
@@ -70,7 +70,8 @@ pub enum ResNetArch {
     },
 }
 
-/// The ImageNet family (He et al. 2016, table 1; 200 from He et al.'s "Identity mappings").
+/// The ImageNet family (He et al. 2016, table 1; 200's [3, 24, 36, 3] from He et al.'s
+/// "Identity mappings", pre-activation there, post-activation here as timm's `resnet200`).
 const LARGE: [(usize, BlockKind, [usize; 4]); 6] = [
     (18, BlockKind::Basic, [2, 2, 2, 2]),
     (34, BlockKind::Basic, [3, 4, 6, 3]),
