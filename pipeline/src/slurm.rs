@@ -222,8 +222,9 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
     }
     let mut new = BTreeMap::new();
     // The last chunk submitted of each throttled grid: the next waits for it to end, so that
-    // the grid, not each chunk, runs at most `throttle` tasks at once.
-    let mut last_chunk: BTreeMap<&str, String> = BTreeMap::new();
+    // the grid, not each chunk, runs at most `throttle` tasks at once; the first waits for the
+    // grid's arrays still queued from an earlier submission.
+    let mut last_chunk = queued_arrays(config, &job_of);
     for job in &jobs {
         let throttled = job.array && resources(config, opts, job).throttle.is_some();
         let dependency = match (
@@ -278,6 +279,28 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
     }
     Ok(new)
+}
+
+/// For each grid with cells queued or running from an earlier submission (`job_of`), the
+/// array jobs they are in (`afterany:` dependencies, colon-separated).
+fn queued_arrays<'a>(
+    config: &'a Config,
+    job_of: &BTreeMap<String, String>,
+) -> BTreeMap<&'a str, String> {
+    let mut out = BTreeMap::new();
+    for (grid, cells) in &config.grids {
+        let mut bases: Vec<&str> = cells
+            .iter()
+            .filter_map(|c| job_of.get(c))
+            .filter_map(|id| id.split_once('_').map(|(base, _)| base))
+            .collect();
+        bases.sort();
+        bases.dedup();
+        if !bases.is_empty() {
+            out.insert(grid.as_str(), bases.join(":"));
+        }
+    }
+    out
 }
 
 /// Cancels jobs `ids` (a dry run says it would); a failure only warns.
@@ -722,6 +745,48 @@ mod tests {
 
     /// A grid whose later cells need a stage declared after its first cell: the array is
     /// planned at its first cell, before that stage's job, and moved after it.
+    /// A grid's cells still queued from an earlier submission name the arrays the grid's
+    /// next chunk must wait for; plain stages and grids with nothing queued name none.
+    #[test]
+    fn a_grids_queued_arrays_are_found_for_its_next_chunk() {
+        let src = r#"
+[run]
+output = "out"
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "synthetic"
+
+[[stage]]
+name = "m"
+kind = "train"
+needs = ["data"]
+matrix = { seed = [0, 1, 2, 3] }
+model = "resnet8"
+method = "vanilla"
+
+[[stage]]
+name = "e"
+kind = "evaluate"
+needs = ["data", "m"]
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::parse(&dir.path().join("s.toml"), src, None).unwrap();
+        let job_of: BTreeMap<String, String> = [
+            ("data", "40"),
+            ("m.seed=0", "41_0"),
+            ("m.seed=1", "41_1"),
+            ("m.seed=2", "43_0"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let queued = queued_arrays(&config, &job_of);
+        assert_eq!(queued.len(), 1, "{queued:?}");
+        assert_eq!(queued["m"], "41:43");
+    }
+
     #[test]
     fn an_array_comes_after_the_jobs_its_cells_need() {
         let src = r#"
