@@ -743,6 +743,21 @@ fn slurm_errors_name_the_sub_table_and_key() {
         14,
         &["`s.seed=1` is a cell of grid `s`", "[slurm.stage.s]"],
     );
+    // A time limit not longer than the signal lead (120 s unless set): at the time's key.
+    let e = fails(&format!("[slurm]\ntime = \"00:02:00\"\n\n{HEAD}{STUDENT}"));
+    assert_at(
+        &e,
+        2,
+        8,
+        &["[slurm]: `time` = \"00:02:00\" is not longer than `signal_lead` = 120 s for stage `data`"],
+    );
+    let e = fails(&format!(
+        "[slurm]\ntime = \"01:00:00\"\n\n[slurm.kind.train]\nsignal_lead = 3600\n\n{HEAD}{STUDENT}"
+    ));
+    assert_at(&e, 5, 15, &["[slurm.kind.train]", "for stage `s`"]);
+    let shorter = format!("[slurm]\ntime = \"00:02:00\"\nsignal_lead = 60\n\n{HEAD}{STUDENT}");
+    pipeline::config::parse(std::path::Path::new("ok.toml"), &shorter, None)
+        .unwrap_or_else(|e| panic!("{e}"));
     // The grid itself takes resources.
     let ok = format!(
         "{}{STUDENT}matrix = {{ seed = [0, 1] }}\n",

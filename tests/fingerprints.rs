@@ -134,3 +134,23 @@ fn cells_shared_by_tables_1_and_3_are_the_same_runs() {
         assert_eq!(x, y, "table 1 `{a}` and table 3 `{b}` differ");
     }
 }
+
+/// A key written at its default is the same stage as without it; another value is another
+/// stage (an evaluation's `projection_classes`, whose default [0, 1, 2] was fingerprinted as
+/// written, marking a finished evaluation stale).
+#[test]
+fn a_key_written_at_its_default_keeps_the_fingerprint() {
+    let config = |extra: &str| {
+        let src = format!(
+            "[run]\noutput = \"out\"\n\n\
+             [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\n\n\
+             [[stage]]\nname = \"m\"\nkind = \"train\"\nneeds = [\"data\"]\nmethod = \"vanilla\"\n\n\
+             [[stage]]\nname = \"e\"\nkind = \"evaluate\"\nneeds = [\"data\", \"m\"]\n{extra}"
+        );
+        let c = pipeline::config::parse(std::path::Path::new("f.toml"), &src, None).unwrap();
+        pipeline::runner::fingerprints(&c)[2].clone()
+    };
+    let plain = config("");
+    assert_eq!(config("projection_classes = [0, 1, 2]\n"), plain);
+    assert_ne!(config("projection_classes = [0, 1, 3]\n"), plain);
+}

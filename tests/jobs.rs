@@ -191,6 +191,21 @@ fn bad_jobs_and_devices_are_refused_before_anything_runs() {
     // (This CPU build refuses the file's device already, as a configuration error.)
     let missing = pipeline(dir.path(), &["run", "c.toml", "--devices", "0,7"]);
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    // Flags of the parallel mode without it are refused, not ignored.
+    for (flags, named) in [
+        (&["--keep-going"][..], "--keep-going"),
+        (&["--per-device", "2"][..], "--per-device"),
+    ] {
+        let o = pipeline(dir.path(), &[&["run", "g.toml"][..], flags].concat());
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(named), "{}", stderr(&o));
+    }
+    // As are a device or dtype `bench train` cannot use in this build.
+    for (flag, value) in [("--device", "cuda"), ("--dtype", "bf16")] {
+        let o = pipeline(dir.path(), &["bench", "train", flag, value]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(flag), "{}", stderr(&o));
+    }
     assert!(!dir.path().join("out/data").exists(), "nothing may run");
 }
 

@@ -505,3 +505,25 @@ fn an_evaluation_of_a_model_with_nan_outputs_is_refused() {
         &["vanilla/model.safetensors", "test image 0", "not finite"],
     );
 }
+
+/// `pipeline inspect … | head` ends quietly with status 0 when its reader stops reading: it
+/// panicked ("failed printing to stdout: Broken pipe", status 101). The reader here closes its
+/// end before the child writes.
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    let dir = scratch();
+    tiny(dir.path());
+    for _ in 0..3 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(["inspect", "out/data/train.pack"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    }
+}

@@ -183,18 +183,27 @@ pub struct TrainArgs {
 /// Runs `pipeline bench train`: images/s of forward + cross-entropy + backward + SGD-momentum
 /// steps on random CIFAR-shaped batches already on the device, after a warm-up, the device
 /// synchronised before each clock reading (the same step as `benches/torch_train.py`).
+/// Options this build or device cannot honour are a [`UsageError`](crate::UsageError).
 pub fn train(args: &TrainArgs) -> Result<()> {
     use candle_core::{DType, Tensor};
     use engine::device::DeviceSpec;
     use engine::optim::{Sgd, SgdConfig};
 
-    let spec_dev: DeviceSpec = args.device.parse().map_err(anyhow::Error::msg)?;
-    let device = spec_dev.open()?;
+    let spec_dev: DeviceSpec = args
+        .device
+        .parse()
+        .map_err(|m| crate::UsageError(format!("--device: {m}")))?;
+    spec_dev
+        .available()
+        .map_err(|m| crate::UsageError(format!("--device: {m}")))?;
     let precision: engine::device::Precision = args
         .dtype
         .parse()
-        .map_err(|m| anyhow::anyhow!("--dtype: {m}"))?;
-    precision.check(spec_dev).map_err(anyhow::Error::msg)?;
+        .map_err(|m| crate::UsageError(format!("--dtype: {m}")))?;
+    precision
+        .check(spec_dev)
+        .map_err(|m| crate::UsageError(format!("--dtype: {m}")))?;
+    let device = spec_dev.open()?;
     let (spec, model, planned, teacher) = bench_models(args, &device, precision.dtype())?;
     let mut opt = Sgd::new(
         model.trainable(),

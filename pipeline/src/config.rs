@@ -290,7 +290,8 @@ pub fn parse(file: &Path, src: &str, output: Option<&Path>) -> Result<Config, Co
     grids.sort_by_key(|(g, _)| declared.get(g).copied().unwrap_or(usize::MAX));
     validate_graph(&loc, &stages, &name_spans, &need_spans)?;
     validate_import_seeds(&loc, &stages, &name_spans)?;
-    validate_slurm_names(&loc, &slurm.1, &stages, &grids)?;
+    validate_slurm_names(&loc, &slurm.1.names, &stages, &grids)?;
+    validate_slurm_times(&loc, &slurm.0, &slurm.1.timing, &stages)?;
     Ok(Config {
         path: file.to_owned(),
         run,
@@ -422,13 +423,14 @@ fn run_settings(
 fn slurm_table(
     loc: &Locator,
     v: Option<Spanned<DeValue>>,
-) -> Result<(SlurmTable, BTreeMap<String, Range<usize>>), ConfigError> {
+) -> Result<(SlurmTable, SlurmPlaces), ConfigError> {
     let Some(v) = v else {
         return Ok(Default::default());
     };
     let (span, mut t) = slurm_subtable(loc, "key `slurm`", v)?;
     let mut table = SlurmTable::default();
     let mut names = BTreeMap::new();
+    let mut timing = BTreeMap::new();
     if let Some(kinds) = t.remove("kind") {
         for (k, v) in slurm_subtable(loc, "[slurm.kind]", kinds)?.1 {
             let context = format!("[slurm.kind.{}]", k.get_ref());
@@ -443,20 +445,78 @@ fn slurm_table(
                     ),
                 ));
             }
-            let r = slurm_resources(loc, &context, v)?;
+            let r = slurm_resources(loc, &context, v, &mut timing)?;
             table.kind.insert(k.get_ref().to_string(), r);
         }
     }
     if let Some(stages) = t.remove("stage") {
         for (k, v) in slurm_subtable(loc, "[slurm.stage]", stages)?.1 {
             let context = format!("[slurm.stage.{}]", k.get_ref());
-            let r = slurm_resources(loc, &context, v)?;
+            let r = slurm_resources(loc, &context, v, &mut timing)?;
             names.insert(k.get_ref().to_string(), k.span());
             table.stage.insert(k.get_ref().to_string(), r);
         }
     }
-    table.defaults = slurm_resources(loc, "[slurm]", Spanned::new(span, DeValue::Table(t)))?;
-    Ok((table, names))
+    let all = Spanned::new(span, DeValue::Table(t));
+    table.defaults = slurm_resources(loc, "[slurm]", all, &mut timing)?;
+    Ok((table, SlurmPlaces { names, timing }))
+}
+
+/// Where parts of `[slurm]` are, for the checks made once the stages are known.
+#[derive(Default)]
+struct SlurmPlaces {
+    /// Each `[slurm.stage.NAME]`'s name.
+    names: BTreeMap<String, Range<usize>>,
+    /// Each table's `time` (or `signal_lead`), by the table's name (`[slurm.kind.train]`).
+    timing: BTreeMap<String, Range<usize>>,
+}
+
+/// Every stage's job gets a `time` longer than its `signal_lead` (default 120 s): a warning
+/// due as the job starts would requeue it for ever. The error points at the most specific
+/// table setting either.
+fn validate_slurm_times(
+    loc: &Locator,
+    table: &SlurmTable,
+    timing: &BTreeMap<String, Range<usize>>,
+    stages: &[StageDecl],
+) -> Result<(), ConfigError> {
+    for s in stages {
+        let kind = s.params.kind().as_str();
+        let key = s.grid.as_deref().unwrap_or(&s.name);
+        let levels = [
+            ("[slurm]".to_string(), Some(&table.defaults)),
+            (format!("[slurm.kind.{kind}]"), table.kind.get(kind)),
+            (format!("[slurm.stage.{key}]"), table.stage.get(key)),
+        ];
+        let mut r = SlurmResources::default();
+        for (_, level) in &levels {
+            if let Some(level) = level {
+                r = r.over(level);
+            }
+        }
+        let lead = r.signal_lead.unwrap_or(120);
+        let Some(limit) = r.time.as_deref().and_then(crate::slurm::time_limit_seconds) else {
+            continue;
+        };
+        if limit > u64::from(lead) {
+            continue;
+        }
+        let (context, at) = levels
+            .iter()
+            .rev()
+            .find_map(|(c, _)| timing.get(c).map(|at| (c, at)))
+            .expect("a table set the time");
+        return Err(loc.at(
+            at.clone(),
+            format!(
+                "{context}: `time` = {:?} is not longer than `signal_lead` = {lead} s for stage \
+                 `{}`: the warning would come at once and the job requeue itself for ever",
+                r.time.as_deref().unwrap_or_default(),
+                s.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A table of `[slurm]`, or an error naming `what` and the type found.
@@ -475,17 +535,23 @@ fn slurm_subtable<'i>(
     }
 }
 
-/// One level of `[slurm]` resources; `context` names its table in errors.
+/// One level of `[slurm]` resources; `context` names its table in errors and keys `timing`,
+/// which gets the place of its `time` (or `signal_lead`) for [`validate_slurm_times`].
 fn slurm_resources(
     loc: &Locator,
     context: &str,
     v: Spanned<DeValue>,
+    timing: &mut BTreeMap<String, Range<usize>>,
 ) -> Result<SlurmResources, ConfigError> {
     let span = v.span();
-    let throttle_span = match v.get_ref() {
-        DeValue::Table(t) => t.get("throttle").map(|th| th.span()),
+    let key_span = |key: &str| match v.get_ref() {
+        DeValue::Table(t) => t.get(key).map(|th| th.span()),
         _ => None,
     };
+    let throttle_span = key_span("throttle");
+    if let Some(at) = key_span("time").or_else(|| key_span("signal_lead")) {
+        timing.insert(context.to_string(), at);
+    }
     let r = SlurmResources::deserialize(ValueDeserializer::from(v))
         .map_err(|e| loc.toml(e, &format!("{context}: "), span.clone()))?;
     if r.throttle == Some(0) {

@@ -14,14 +14,24 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use parquet::file::metadata::{FileMetaData, ParquetMetaData};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::Path;
 
 /// Options of `pipeline inspect`.
+/// `println!` that returns an error instead of panicking when standard output is closed
+/// (`pipeline inspect … | head`): `main` ends such a run quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
+
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
     /// A label store (`.parquet`), a packed split (`.pack`) or a stage folder.
     pub path: std::path::PathBuf,
-    /// Rows (label store) or labels (packed split) to show.
+    /// Rows to show (label store, predictions, replay store), or classes to list for a packed
+    /// split (at least 10).
     #[arg(long, default_value_t = 5)]
     pub rows: usize,
 }
@@ -44,7 +54,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         }
         for (i, f) in files.iter().enumerate() {
             if i > 0 {
-                println!();
+                outln!();
             }
             one(f, args.rows)?;
         }
@@ -75,8 +85,8 @@ fn pack(path: &Path, rows: usize) -> Result<()> {
     let store = PackedStore::open(path)?;
     let info = store.info();
     let size = std::fs::metadata(path)?.len();
-    println!("{} — packed split, {} bytes", path.display(), size);
-    println!(
+    outln!("{} — packed split, {} bytes", path.display(), size);
+    outln!(
         "  images {}  shape C×H×W {}×{}×{}  classes K = {}",
         info.n,
         info.c,
@@ -85,17 +95,17 @@ fn pack(path: &Path, rows: usize) -> Result<()> {
         info.classes.len()
     );
     store.verify()?;
-    println!("  content hash (fingerprint) {} (verified)", store.hash());
+    outln!("  content hash (fingerprint) {} (verified)", store.hash());
     let mut counts = vec![0usize; info.k()];
     for l in store.labels() {
         counts[l as usize] += 1;
     }
-    println!("  images per class:");
+    outln!("  images per class:");
     for (name, c) in info.classes.iter().zip(&counts).take(rows.max(10)) {
-        println!("    {name:<24} {c}");
+        outln!("    {name:<24} {c}");
     }
     if info.k() > rows.max(10) {
-        println!("    … {} more classes", info.k() - rows.max(10));
+        outln!("    … {} more classes", info.k() - rows.max(10));
     }
     Ok(())
 }
@@ -111,7 +121,7 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
     let meta = reader.metadata();
     let fm = meta.file_metadata();
-    println!(
+    outln!(
         "{} — Parquet, {} bytes, {} rows in {} row group(s), written by {}",
         path.display(),
         size,
@@ -121,8 +131,8 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
     );
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-    print_columns(builder.schema(), meta);
-    let classes = print_metadata(fm);
+    print_columns(builder.schema(), meta)?;
+    let classes = print_metadata(fm)?;
     let is_replay = fm
         .key_value_metadata()
         .is_some_and(|kv| kv.iter().any(|e| e.key == "ldl.replay.epoch"));
@@ -148,8 +158,8 @@ fn label_store(path: &Path, rows: usize) -> Result<()> {
 }
 
 /// Each column's type, with the codec and encodings of its first row group's chunk.
-fn print_columns(schema: &arrow::datatypes::Schema, meta: &ParquetMetaData) {
-    println!("  columns:");
+fn print_columns(schema: &arrow::datatypes::Schema, meta: &ParquetMetaData) -> Result<()> {
+    outln!("  columns:");
     for f in schema.fields() {
         let chunk = meta.row_groups().first().and_then(|rg| {
             rg.columns()
@@ -165,18 +175,19 @@ fn print_columns(schema: &arrow::datatypes::Schema, meta: &ParquetMetaData) {
                 format!("  [{codec}; {}]", enc.join(", "))
             })
             .unwrap_or_default();
-        println!("    {:<10} {}{how}", f.name(), f.data_type());
+        outln!("    {:<10} {}{how}", f.name(), f.data_type());
     }
+    Ok(())
 }
 
 /// The `ldl.*` key-value metadata, long values cut at 100 characters; returns the class names
 /// of `ldl.classes` (empty without it).
-fn print_metadata(fm: &FileMetaData) -> Vec<String> {
+fn print_metadata(fm: &FileMetaData) -> Result<Vec<String>> {
     let mut classes: Vec<String> = Vec::new();
     let Some(kv) = fm.key_value_metadata() else {
-        return classes;
+        return Ok(classes);
     };
-    println!("  metadata:");
+    outln!("  metadata:");
     for e in kv {
         let v = e.value.clone().unwrap_or_default();
         if e.key == "ldl.classes" {
@@ -192,10 +203,10 @@ fn print_metadata(fm: &FileMetaData) -> Vec<String> {
             v
         };
         if e.key.starts_with("ldl.") {
-            println!("    {:<26} {shown}", e.key);
+            outln!("    {:<26} {shown}", e.key);
         }
     }
-    classes
+    Ok(classes)
 }
 
 /// A label store's rows: how many per source, and the first `rows` (source, index, label and
@@ -238,14 +249,14 @@ fn label_rows(
             ));
         }
     }
-    println!("  rows per source:");
+    outln!("  rows per source:");
     for (s, n) in &per_source {
-        println!("    {s:<26} {n}");
+        outln!("    {s:<26} {n}");
     }
     if !shown.is_empty() {
-        println!("  first rows (source, index, label, top classes):");
+        outln!("  first rows (source, index, label, top classes):");
         for l in shown {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())
@@ -297,14 +308,14 @@ fn record_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Re
         }
     }
     let counts: Vec<String> = per_split.iter().map(|(s, n)| format!("{s} {n}")).collect();
-    println!(
+    outln!(
         "  source records of the packed images: {}",
         counts.join(", ")
     );
     if !shown.is_empty() {
-        println!("  first rows (split, index, record, file):");
+        outln!("  first rows (split, index, record, file):");
         for l in shown {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())
@@ -375,15 +386,15 @@ fn prediction_rows(
         }
     }
     let share = |x: f64| if n == 0 { 0.0 } else { x / n as f64 };
-    println!(
+    outln!(
         "  {n} predictions: accuracy {:.2}%, mean confidence {:.4}",
         100.0 * share(correct as f64),
         share(confidence)
     );
     if !shown.is_empty() {
-        println!("  first rows (index, label, top classes):");
+        outln!("  first rows (index, label, top classes):");
         for l in shown {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())
@@ -435,14 +446,14 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
         .map(|m| m.len())
         .sum();
     let s = &meta.stream;
-    println!(
+    outln!(
         "{} — replay store: {} of {} epochs stored, {bytes} bytes ({:.1} per view)",
         dir.display(),
         epochs.len(),
         meta.epochs,
         bytes as f64 / (epochs.len().max(1) * meta.images) as f64
     );
-    println!(
+    outln!(
         "  stream: batch_size = {}, augment = {}, cutout = {}, mix = {}, data seed {}",
         s.batch_size,
         as_toml(&s.augment),
@@ -451,7 +462,7 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
         s.data_seed
     );
     let teachers: Vec<&str> = meta.teachers.iter().map(|t| t.name.as_str()).collect();
-    println!(
+    outln!(
         "  {} images, K = {}, teachers {}, teacher_mc = {}, {} stored as {}{}",
         meta.images,
         meta.classes,
@@ -463,7 +474,7 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
     );
     match epochs.first() {
         Some(first) => {
-            println!();
+            outln!();
             label_store(first, rows)
         }
         None => Ok(()),
@@ -548,9 +559,9 @@ fn replay_rows(path: &Path, reader: ParquetRecordBatchReader, rows: usize) -> Re
                     line.push_str(&format!("  {}: max {v:.4} at class {at}", f.name()));
                 }
             }
-            println!("{line}");
+            outln!("{line}");
         }
     }
-    println!("  {n} rows in {steps} steps");
+    outln!("  {n} rows in {steps} steps");
     Ok(())
 }

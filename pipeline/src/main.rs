@@ -265,6 +265,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Output piped into a reader that stopped reading (`pipeline inspect … | head`).
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => report_error(&e, &progress),
     }
 }
@@ -415,6 +422,18 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
         config.run.threads = t as usize;
         config.run.threads_set = true;
     }
+    // Flags of the parallel mode are refused without it, not ignored.
+    if args.devices.is_empty() && args.per_device != 1 {
+        return usage_error(
+            "--per-device counts children per device of --devices, which is not given",
+        );
+    }
+    if args.keep_going && args.jobs.is_none() && args.devices.is_empty() {
+        return usage_error(
+            "--keep-going applies to children run with --jobs or --devices; without them the \
+             run stops at its first failure",
+        );
+    }
     // Checked before a dry run too: it says what the real run would do.
     if let Err(message) = devices_fit(&config, &args.devices) {
         return usage_error(&message);
@@ -515,6 +534,9 @@ fn report_error(e: &anyhow::Error, progress: &Option<MultiProgress>) -> ExitCode
         eprintln!("stopped: {}", chain_text(e));
         pipeline::slurm::requeue_self();
         return ExitCode::from(EXIT_INTERRUPTED);
+    }
+    if e.downcast_ref::<pipeline::UsageError>().is_some() {
+        return usage_error(&chain_text(e));
     }
     eprintln!("error: {}", chain_text(e));
     ExitCode::FAILURE

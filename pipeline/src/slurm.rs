@@ -543,7 +543,7 @@ fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources
 /// Seconds in a Slurm time limit (`minutes`, `minutes:seconds`, `hours:minutes:seconds`,
 /// `days-hours`, `days-hours:minutes`, `days-hours:minutes:seconds`); `None` for another form
 /// (`infinite`, `UNLIMITED`), which sbatch judges.
-fn time_limit_seconds(time: &str) -> Option<u64> {
+pub(crate) fn time_limit_seconds(time: &str) -> Option<u64> {
     let (days, rest) = match time.split_once('-') {
         Some((d, rest)) => (Some(d.trim().parse::<u64>().ok()?), rest),
         None => (None, time),
@@ -606,12 +606,13 @@ fn script(
     let lead = r.signal_lead.unwrap_or(120);
     if let Some(limit) = r.time.as_deref().and_then(time_limit_seconds) {
         if limit <= u64::from(lead) {
-            bail!(
+            return Err(crate::UsageError(format!(
                 "job {}: `time` = {:?} is not longer than `signal_lead` = {lead} s: the \
                  warning would come at once and the job requeue itself for ever",
                 job.name,
                 r.time.as_deref().unwrap_or_default()
-            );
+            ))
+            .into());
         }
     }
     writeln!(s, "#SBATCH --signal=B:USR2@{lead}")?;

@@ -263,6 +263,7 @@ impl StageParams {
             StageParams::Prepare(p) => p.resolve(run_seed),
             StageParams::Train(p) => p.resolve(run_seed),
             StageParams::Replay(p) => p.resolve(run_seed),
+            StageParams::Evaluate(p) => p.resolve(),
             _ => {}
         }
     }

@@ -72,6 +72,14 @@ params::stage_params! {
 }
 
 impl Params {
+    /// `projection_classes = [0, 1, 2]` is the default written out: the same stage as without
+    /// the key, not a stale one.
+    pub fn resolve(&mut self) {
+        if self.projection_classes == Some([0, 1, 2]) {
+            self.projection_classes = None;
+        }
+    }
+
     /// Checks value ranges that the types alone do not.
     pub fn validate(&self) -> Result<(), RangeError> {
         at_least("bins", self.bins, 1)?;
