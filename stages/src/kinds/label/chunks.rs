@@ -239,10 +239,18 @@ pub fn open(dir: &Path, e: &Expect, plan: &Plan, c: usize) -> Result<State> {
             "was written by an older version of this program",
         ));
     }
-    if meta.get(WEIGHTS) != Some(&e.weights.join(",")) {
-        return Ok(State::Stale(
-            "was computed from other teacher weights (a teacher trained again)",
-        ));
+    match meta.get(WEIGHTS) {
+        None => {
+            return Ok(State::Stale(
+                "was written by an older version of this program",
+            ))
+        }
+        Some(w) if *w != e.weights.join(",") => {
+            return Ok(State::Stale(
+                "was computed from other teacher weights (a teacher trained again)",
+            ))
+        }
+        Some(_) => {}
     }
     let want = fingerprint(e, plan, c);
     if meta.get("fingerprint") != Some(&want) {
