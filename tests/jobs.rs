@@ -194,6 +194,7 @@ fn bad_jobs_and_devices_are_refused_before_anything_runs() {
     // Flags of the parallel mode without it are refused, not ignored.
     for (flags, named) in [
         (&["--keep-going"][..], "--keep-going"),
+        (&["--keep-going", "--jobs", "1"][..], "--keep-going"),
         (&["--per-device", "2"][..], "--per-device"),
     ] {
         let o = pipeline(dir.path(), &[&["run", "g.toml"][..], flags].concat());

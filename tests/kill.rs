@@ -628,6 +628,56 @@ fn a_failed_write_keeps_the_checkpoints_and_a_damaged_newest_one_falls_back() {
     assert!(temp_files(&dir.path().join("out")).is_empty());
 }
 
+/// When no checkpoint's state can be read (a program that wrote what it cannot read back, as
+/// a NaN written as `null` once did), the run fails naming the file and keeps the checkpoints
+/// for a fixed program, rather than starting again from step 0 or discarding them; with the
+/// states readable again it resumes and ends as an uninterrupted run.
+#[test]
+fn unreadable_checkpoint_states_fail_the_run_and_are_kept() {
+    let dir = scratch();
+    write(dir.path(), "f.toml", SMALL);
+    let reference = pipeline(dir.path(), &["run", "f.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "f.toml"])
+        .current_dir(dir.path())
+        .env("LDL_FAULT_WRITE", ".tmp-step-0000000016/@100")
+        .output()
+        .unwrap();
+    assert!(!aborted.status.success(), "{}", stderr(&aborted));
+    let checkpoints = dir.path().join("out/.net.partial/checkpoints");
+    let states: Vec<PathBuf> = [8, 12]
+        .iter()
+        .map(|s| checkpoints.join(format!("step-{s:010}/state.json")))
+        .collect();
+    let good: Vec<Vec<u8>> = states.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    for p in &states {
+        std::fs::write(p, b"{\"step\": null}").unwrap();
+    }
+    let failed = pipeline(dir.path(), &["run", "f.toml"]);
+    let err = stderr(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("state.json") && err.contains("no checkpoint can be read"),
+        "{err}"
+    );
+    assert!(
+        err.contains(".net.partial is kept for the next run to resume from"),
+        "{err}"
+    );
+    for (p, g) in states.iter().zip(&good) {
+        std::fs::write(p, g).unwrap();
+    }
+    let resumed = pipeline(dir.path(), &["run", "f.toml"]);
+    let err = stderr(&resumed);
+    assert!(resumed.status.success(), "{err}");
+    assert!(
+        err.contains("resuming from the checkpoint of step 12"),
+        "{err}"
+    );
+    same_outputs(&dir.path().join("out"), &dir.path().join("reference"));
+}
+
 #[test]
 fn killed_at_random_moments_the_run_resumes_and_ends_bitwise_equal() {
     let kills_wanted: usize = std::env::var("LDL_KILLS")

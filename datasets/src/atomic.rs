@@ -135,6 +135,10 @@ impl AtomicFile {
             fs::rename(&self.tmp, &self.path)?;
             sync_dir(self.path.parent().unwrap_or(Path::new(".")))
         })();
+        // A failed finish (a full disk at the last flush) leaves no temporary file behind.
+        if result.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
         result.map_err(|e| DatasetError::io(&self.path, e))
     }
 }
@@ -319,5 +323,19 @@ mod tests {
         replace_dir(&a, &b).unwrap();
         assert!(!a.exists() && !b.join("x").exists() && fs::read(b.join("y")).unwrap() == b"2");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A finish that fails (here the rename: a folder holds the file's name) returns the error
+    /// and leaves no temporary file.
+    #[test]
+    fn a_failed_finish_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pack");
+        let mut f = AtomicFile::create(&path).unwrap();
+        f.write_all(b"0123456789").unwrap();
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), b"keeps the folder non-empty").unwrap();
+        assert!(f.finish(0, b"ab").is_err());
+        assert!(!temp_path(&path).exists());
     }
 }

@@ -428,10 +428,10 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
             "--per-device counts children per device of --devices, which is not given",
         );
     }
-    if args.keep_going && args.jobs.is_none() && args.devices.is_empty() {
+    if args.keep_going && args.jobs.is_none_or(|j| j < 2) && args.devices.is_empty() {
         return usage_error(
-            "--keep-going applies to children run with --jobs or --devices; without them the \
-             run stops at its first failure",
+            "--keep-going applies to children run with --jobs N (N > 1) or --devices; without \
+             them the run stops at its first failure",
         );
     }
     // Checked before a dry run too: it says what the real run would do.

@@ -220,6 +220,11 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         std::fs::create_dir_all(dir.join("logs"))
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    // Every job's time limit is checked before the first is submitted: a refusal half way would
+    // leave some submitted.
+    for job in &jobs {
+        check_time_limit(job, &resources(config, opts, job))?;
+    }
     let mut new = BTreeMap::new();
     // The last chunk submitted of each throttled grid: the next waits for it to end, so that
     // the grid, not each chunk, runs at most `throttle` tasks at once; the first waits for the
@@ -540,6 +545,25 @@ fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources
     r.over(&opts.overrides)
 }
 
+/// Refuses a job whose `time` is not longer than its `signal_lead`: the warning would come at
+/// once and the job requeue itself for ever. (stages.toml's own tables are checked when it is
+/// read; this catches a `--time` given on the command line.)
+fn check_time_limit(job: &Job, r: &SlurmResources) -> Result<()> {
+    let lead = r.signal_lead.unwrap_or(120);
+    if let Some(limit) = r.time.as_deref().and_then(time_limit_seconds) {
+        if limit <= u64::from(lead) {
+            return Err(crate::UsageError(format!(
+                "job {}: `time` = {:?} is not longer than `signal_lead` = {lead} s: the \
+                 warning would come at once and the job requeue itself for ever",
+                job.name,
+                r.time.as_deref().unwrap_or_default()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// Seconds in a Slurm time limit (`minutes`, `minutes:seconds`, `hours:minutes:seconds`,
 /// `days-hours`, `days-hours:minutes`, `days-hours:minutes:seconds`); `None` for another form
 /// (`infinite`, `UNLIMITED`), which sbatch judges.
@@ -604,17 +628,7 @@ fn script(
     writeln!(s, "#SBATCH --open-mode=append")?;
     writeln!(s, "#SBATCH --requeue")?;
     let lead = r.signal_lead.unwrap_or(120);
-    if let Some(limit) = r.time.as_deref().and_then(time_limit_seconds) {
-        if limit <= u64::from(lead) {
-            return Err(crate::UsageError(format!(
-                "job {}: `time` = {:?} is not longer than `signal_lead` = {lead} s: the \
-                 warning would come at once and the job requeue itself for ever",
-                job.name,
-                r.time.as_deref().unwrap_or_default()
-            ))
-            .into());
-        }
-    }
+    check_time_limit(job, &r)?;
     writeln!(s, "#SBATCH --signal=B:USR2@{lead}")?;
     if job.array {
         let ids: Vec<String> = job.tasks.iter().map(|(t, _)| t.to_string()).collect();

@@ -553,11 +553,12 @@ struct TopKRows<'a> {
 }
 
 impl EpochReader {
-    /// The checks of the label store's reader, on rows `first_row..` of this file.
-    fn row_check(&self) -> RowCheck<'_> {
+    /// The checks of the label store's reader, on the columns of teacher column `prefix`.
+    fn row_check<'a>(&'a self, prefix: &'a str) -> RowCheck<'a> {
         RowCheck {
             path: &self.path,
             tolerance: self.meta.dtype.sum_tolerance(self.meta.classes),
+            prefix,
         }
     }
 
@@ -575,7 +576,7 @@ impl EpochReader {
             }
             return Ok(());
         }
-        let check = self.row_check();
+        let check = self.row_check("");
         for (i, row) in dense.chunks_exact_mut(k).enumerate() {
             let sum = check.distribution(first_row + i, column, row, &[], 0.0)?;
             if self.meta.dtype == StoreDtype::F16 {
@@ -594,7 +595,8 @@ impl EpochReader {
         column: &str,
     ) -> Result<Vec<f32>> {
         let (k, top) = (self.meta.classes, rows.top);
-        let check = self.row_check();
+        let prefix = format!("{column}.");
+        let check = self.row_check(&prefix);
         let mut dup = vec![false; k];
         let probs_column = format!("{column}.topk_probs");
         let mut dense = vec![0f32; b * k];
@@ -850,7 +852,9 @@ mod tests {
         w.close().unwrap();
         let e = read(&top);
         assert!(
-            e.contains("epoch-00000.parquet") && e.contains("row 0") && e.contains("distinct"),
+            e.contains("epoch-00000.parquet")
+                && e.contains("row 0, column `t.topk_classes`")
+                && e.contains("distinct"),
             "{e}"
         );
     }

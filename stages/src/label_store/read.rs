@@ -377,6 +377,7 @@ impl<'a> Sink<'a> {
             check: RowCheck {
                 path,
                 tolerance: meta.dtype.sum_tolerance(k),
+                prefix: "",
             },
             top_k: meta.top_k,
             dtype: meta.dtype,

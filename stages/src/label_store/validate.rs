@@ -12,6 +12,9 @@ pub struct RowCheck<'a> {
     pub path: &'a Path,
     /// How far from 1 a row may sum.
     pub tolerance: f32,
+    /// Before the column names in errors (a replay store's `<teacher>.`; empty for a label
+    /// store, whose columns are named alone).
+    pub prefix: &'a str,
 }
 
 impl RowCheck<'_> {
@@ -58,7 +61,7 @@ impl RowCheck<'_> {
             if c as usize >= k || std::mem::replace(&mut dup[c as usize], true) {
                 return Err(StageError::invalid(
                     self.path,
-                    format!("row {at}, column `topk_classes`"),
+                    format!("row {at}, column `{}topk_classes`", self.prefix),
                     format!("{cs:?} must be distinct classes in 0..{k}"),
                 ));
             }
@@ -72,14 +75,14 @@ impl RowCheck<'_> {
         if !rest.is_finite() || rest < 0.0 {
             return Err(StageError::invalid(
                 self.path,
-                format!("row {at}, column `rest`"),
+                format!("row {at}, column `{}rest`", self.prefix),
                 format!("value {rest}: the remaining mass must be finite and non-negative"),
             ));
         }
         if all_classes && rest > self.tolerance {
             return Err(StageError::invalid(
                 self.path,
-                format!("row {at}, column `rest`"),
+                format!("row {at}, column `{}rest`", self.prefix),
                 format!("value {rest}: with top_k = K no mass can remain"),
             ));
         }

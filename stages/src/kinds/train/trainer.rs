@@ -174,12 +174,31 @@ impl<'a> Trainer<'a> {
     /// progress and its next batch.
     pub(super) fn resume(&mut self) -> Result<(usize, usize)> {
         let fingerprint = &self.ctx.fingerprint;
-        let restored: Option<Restored<CheckpointState>> = self.checkpoints.restore(
-            &self.device,
-            &self.model,
-            &mut self.opt,
-            |s: &CheckpointState| &s.fingerprint == fingerprint,
-        )?;
+        // No checkpoint readable: an error that keeps them (days of training a fixed program
+        // may read), not one that discards the folder as an invalid input would.
+        let restored: Option<Restored<CheckpointState>> = self
+            .checkpoints
+            .restore(
+                &self.device,
+                &self.model,
+                &mut self.opt,
+                |s: &CheckpointState| &s.fingerprint == fingerprint,
+            )
+            .map_err(|e| match e {
+                engine::EngineError::Invalid {
+                    path,
+                    place,
+                    message,
+                } => StageError::Damaged {
+                    path,
+                    place,
+                    message: format!(
+                        "{message}: no checkpoint can be read; they are kept (`pipeline clean` \
+                         discards them to start again)"
+                    ),
+                },
+                e => e.into(),
+            })?;
         let mut at = (0, 0);
         if let Some(Restored {
             state: st,
