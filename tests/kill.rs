@@ -548,6 +548,21 @@ fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// SMALL run uninterrupted into `dir/reference`, then into `dir/out` stopped inside the
+/// checkpoint of step 16, which leaves steps 8 and 12.
+fn stopped_in_the_checkpoint_of_step_16(dir: &Path) {
+    write(dir, "f.toml", SMALL);
+    let reference = pipeline(dir, &["run", "f.toml", "--output", "reference"]);
+    assert!(reference.status.success(), "{}", stderr(&reference));
+    let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "f.toml"])
+        .current_dir(dir)
+        .env("LDL_FAULT_WRITE", ".tmp-step-0000000016/@100")
+        .output()
+        .unwrap();
+    assert!(!aborted.status.success(), "{}", stderr(&aborted));
+}
+
 /// A write that fails with a real I/O error (EFBIG: the process's file-size limit, standing in
 /// for a full disk) in the middle of a training keeps the partial folder and its checkpoints
 /// untouched, and the error names the file; a newest checkpoint found damaged on the next run
@@ -555,17 +570,7 @@ fn contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 #[test]
 fn a_failed_write_keeps_the_checkpoints_and_a_damaged_newest_one_falls_back() {
     let dir = scratch();
-    write(dir.path(), "f.toml", SMALL);
-    let reference = pipeline(dir.path(), &["run", "f.toml", "--output", "reference"]);
-    assert!(reference.status.success(), "{}", stderr(&reference));
-    // Stopped inside the checkpoint of step 16: steps 8 and 12 are kept.
-    let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "f.toml"])
-        .current_dir(dir.path())
-        .env("LDL_FAULT_WRITE", ".tmp-step-0000000016/@100")
-        .output()
-        .unwrap();
-    assert!(!aborted.status.success(), "{}", stderr(&aborted));
+    stopped_in_the_checkpoint_of_step_16(dir.path());
     let partial = dir.path().join("out/.net.partial");
     let checkpoints = partial.join("checkpoints");
     let kept = contents(&checkpoints.join("step-0000000012"));
@@ -635,16 +640,7 @@ fn a_failed_write_keeps_the_checkpoints_and_a_damaged_newest_one_falls_back() {
 #[test]
 fn unreadable_checkpoint_states_fail_the_run_and_are_kept() {
     let dir = scratch();
-    write(dir.path(), "f.toml", SMALL);
-    let reference = pipeline(dir.path(), &["run", "f.toml", "--output", "reference"]);
-    assert!(reference.status.success(), "{}", stderr(&reference));
-    let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "f.toml"])
-        .current_dir(dir.path())
-        .env("LDL_FAULT_WRITE", ".tmp-step-0000000016/@100")
-        .output()
-        .unwrap();
-    assert!(!aborted.status.success(), "{}", stderr(&aborted));
+    stopped_in_the_checkpoint_of_step_16(dir.path());
     let checkpoints = dir.path().join("out/.net.partial/checkpoints");
     let states: Vec<PathBuf> = [8, 12]
         .iter()

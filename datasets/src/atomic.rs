@@ -117,11 +117,17 @@ impl AtomicFile {
         })
     }
 
+    /// The buffered writer of the temporary file.
+    fn writer(&mut self) -> &mut std::io::BufWriter<Sink> {
+        self.w.as_mut().expect("not finished")
+    }
+
     /// Appends `bytes`.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
-        let w = self.w.as_mut().expect("not finished");
-        w.write_all(bytes)
-            .map_err(|e| DatasetError::io(&self.path, e))
+        let path = self.path.clone();
+        self.writer()
+            .write_all(bytes)
+            .map_err(|e| DatasetError::io(&path, e))
     }
 
     /// Overwrites `bytes` at `offset` (within what was written), fsyncs the file and renames
@@ -130,7 +136,9 @@ impl AtomicFile {
         let w = self.w.take().expect("finished once");
         let result = (|| {
             let sink = w.into_inner().map_err(|e| e.into_error())?;
-            std::os::unix::fs::FileExt::write_all_at(&sink.file, bytes, offset)?;
+            if !bytes.is_empty() {
+                std::os::unix::fs::FileExt::write_all_at(&sink.file, bytes, offset)?;
+            }
             sink.file.sync_all()?;
             fs::rename(&self.tmp, &self.path)?;
             sync_dir(self.path.parent().unwrap_or(Path::new(".")))
@@ -157,21 +165,9 @@ pub fn write_with<F>(path: &Path, fill: F) -> Result<()>
 where
     F: FnOnce(&mut std::io::BufWriter<Sink>) -> std::io::Result<()>,
 {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let file = File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, Sink::new(file, path));
-        fill(&mut w)?;
-        let sink = w.into_inner().map_err(|e| e.into_error())?;
-        sink.file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(DatasetError::io(path, e));
-    }
-    Ok(())
+    let mut file = AtomicFile::create(path)?;
+    fill(file.writer()).map_err(|e| DatasetError::io(path, e))?;
+    file.finish(0, &[])
 }
 
 /// Writes `bytes` to `path` atomically.

@@ -128,7 +128,19 @@ pub struct SlurmResources {
     pub signal_lead: Option<u32>,
 }
 
+/// Seconds before the time limit at which Slurm sends SIGUSR2 when `signal_lead` is unset.
+pub const DEFAULT_SIGNAL_LEAD: u32 = 120;
+
 impl SlurmResources {
+    /// The signal lead (seconds) when the `time` limit is not longer than it: the warning
+    /// would come as the job starts, and the job requeue itself for ever. `None` when the
+    /// limit is longer, unset, or of a form sbatch judges (`infinite`).
+    pub fn lead_not_before_limit(&self) -> Option<u32> {
+        let lead = self.signal_lead.unwrap_or(DEFAULT_SIGNAL_LEAD);
+        let limit = time_limit_seconds(self.time.as_deref()?)?;
+        (limit <= u64::from(lead)).then_some(lead)
+    }
+
     /// These resources with those `o` sets replacing them.
     pub fn over(&self, o: &SlurmResources) -> SlurmResources {
         SlurmResources {
@@ -145,6 +157,29 @@ impl SlurmResources {
     }
 }
 
+/// Seconds in a Slurm time limit (`minutes`, `minutes:seconds`, `hours:minutes:seconds`,
+/// `days-hours`, `days-hours:minutes`, `days-hours:minutes:seconds`); `None` for another form
+/// (`infinite`, `UNLIMITED`), which sbatch judges.
+pub fn time_limit_seconds(time: &str) -> Option<u64> {
+    let (days, rest) = match time.split_once('-') {
+        Some((d, rest)) => (Some(d.trim().parse::<u64>().ok()?), rest),
+        None => (None, time),
+    };
+    let parts: Vec<u64> = rest
+        .split(':')
+        .map(|p| p.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    let (h, m, sec) = match (days.is_some(), parts.as_slice()) {
+        (false, [m]) => (0, *m, 0),
+        (false, [m, s]) => (0, *m, *s),
+        (_, [h, m, s]) => (*h, *m, *s),
+        (true, [h]) => (*h, 0, 0),
+        (true, [h, m]) => (*h, *m, 0),
+        _ => return None,
+    };
+    Some(days.unwrap_or(0) * 86_400 + h * 3600 + m * 60 + sec)
+}
+
 /// `[slurm]`: resources for every job, then per kind (`[slurm.kind.train]`), then per stage or
 /// grid (`[slurm.stage.student]`), each over the one before.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -155,6 +190,18 @@ pub struct SlurmTable {
     pub kind: BTreeMap<String, SlurmResources>,
     /// Per stage or grid name.
     pub stage: BTreeMap<String, SlurmResources>,
+}
+
+impl SlurmTable {
+    /// The resources of a stage of `kind` whose job is that of `key` (a grid's name for its
+    /// cells, else the stage's): the table's own, then `[slurm.kind.<kind>]`'s, then
+    /// `[slurm.stage.<key>]`'s, each over the one before.
+    pub fn for_stage(&self, kind: &str, key: &str) -> SlurmResources {
+        [self.kind.get(kind), self.stage.get(key)]
+            .into_iter()
+            .flatten()
+            .fold(self.defaults.clone(), |r, level| r.over(level))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -483,28 +530,18 @@ fn validate_slurm_times(
     for s in stages {
         let kind = s.params.kind().as_str();
         let key = s.grid.as_deref().unwrap_or(&s.name);
-        let levels = [
-            ("[slurm]".to_string(), Some(&table.defaults)),
-            (format!("[slurm.kind.{kind}]"), table.kind.get(kind)),
-            (format!("[slurm.stage.{key}]"), table.stage.get(key)),
-        ];
-        let mut r = SlurmResources::default();
-        for (_, level) in &levels {
-            if let Some(level) = level {
-                r = r.over(level);
-            }
-        }
-        let lead = r.signal_lead.unwrap_or(120);
-        let Some(limit) = r.time.as_deref().and_then(crate::slurm::time_limit_seconds) else {
+        let r = table.for_stage(kind, key);
+        let Some(lead) = r.lead_not_before_limit() else {
             continue;
         };
-        if limit > u64::from(lead) {
-            continue;
-        }
-        let (context, at) = levels
+        let tables = [
+            format!("[slurm.stage.{key}]"),
+            format!("[slurm.kind.{kind}]"),
+            "[slurm]".to_string(),
+        ];
+        let (context, at) = tables
             .iter()
-            .rev()
-            .find_map(|(c, _)| timing.get(c).map(|at| (c, at)))
+            .find_map(|c| timing.get(c).map(|at| (c, at)))
             .expect("a table set the time");
         return Err(loc.at(
             at.clone(),
@@ -1847,6 +1884,24 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every form of sbatch's `--time`, by hand.
+    #[test]
+    fn time_limits_in_seconds() {
+        for (text, want) in [
+            ("30", Some(1800)),
+            ("30:15", Some(1815)),
+            ("2:00:00", Some(7200)),
+            ("1-0", Some(86_400)),
+            ("1-2", Some(93_600)),
+            ("1-2:30", Some(95_400)),
+            ("1-2:30:05", Some(95_405)),
+            ("infinite", None),
+            ("1:2:3:4", None),
+        ] {
+            assert_eq!(time_limit_seconds(text), want, "{text}");
+        }
+    }
 
     /// Stages are declared in any order: a report before the grid of evaluations it reads, the
     /// evaluations (following a training grid cell by cell) before that grid, and a grid cell

@@ -19,7 +19,7 @@
 //! accounting, which many clusters lack) and for resubmitting: a stage that is queued or
 //! running is not submitted again.
 
-use crate::config::{Config, SlurmResources, SOURCE_DIGESTS_ENV};
+use crate::config::{Config, SlurmResources, DEFAULT_SIGNAL_LEAD, SOURCE_DIGESTS_ENV};
 use crate::runner::{fingerprints, state_of, StageState};
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -533,58 +533,28 @@ fn dependency(config: &Config, job: &Job, job_of: &BTreeMap<String, String>) -> 
 /// The resources of `job`: `[slurm]`, then `[slurm.kind.<kind>]`, then
 /// `[slurm.stage.<grid or stage>]`, then the command line's, each over the one before.
 fn resources(config: &Config, opts: &SubmitOptions, job: &Job) -> SlurmResources {
-    let s = &config.stages[job.tasks[0].1];
-    let table = &config.slurm;
-    let mut r = table.defaults.clone();
-    if let Some(k) = table.kind.get(s.params.kind().as_str()) {
-        r = r.over(k);
-    }
-    if let Some(k) = table.stage.get(&job.key) {
-        r = r.over(k);
-    }
-    r.over(&opts.overrides)
+    let kind = config.stages[job.tasks[0].1].params.kind();
+    config
+        .slurm
+        .for_stage(kind.as_str(), &job.key)
+        .over(&opts.overrides)
 }
 
 /// Refuses a job whose `time` is not longer than its `signal_lead`: the warning would come at
 /// once and the job requeue itself for ever. (stages.toml's own tables are checked when it is
-/// read; this catches a `--time` given on the command line.)
+/// read; this catches a `--time` given on the command line.) `submit` checks every job before
+/// the first is submitted.
 fn check_time_limit(job: &Job, r: &SlurmResources) -> Result<()> {
-    let lead = r.signal_lead.unwrap_or(120);
-    if let Some(limit) = r.time.as_deref().and_then(time_limit_seconds) {
-        if limit <= u64::from(lead) {
-            return Err(crate::UsageError(format!(
-                "job {}: `time` = {:?} is not longer than `signal_lead` = {lead} s: the \
-                 warning would come at once and the job requeue itself for ever",
-                job.name,
-                r.time.as_deref().unwrap_or_default()
-            ))
-            .into());
-        }
+    if let Some(lead) = r.lead_not_before_limit() {
+        return Err(crate::UsageError(format!(
+            "job {}: `time` = {:?} is not longer than `signal_lead` = {lead} s: the warning \
+             would come at once and the job requeue itself for ever",
+            job.name,
+            r.time.as_deref().unwrap_or_default()
+        ))
+        .into());
     }
     Ok(())
-}
-
-/// Seconds in a Slurm time limit (`minutes`, `minutes:seconds`, `hours:minutes:seconds`,
-/// `days-hours`, `days-hours:minutes`, `days-hours:minutes:seconds`); `None` for another form
-/// (`infinite`, `UNLIMITED`), which sbatch judges.
-pub(crate) fn time_limit_seconds(time: &str) -> Option<u64> {
-    let (days, rest) = match time.split_once('-') {
-        Some((d, rest)) => (Some(d.trim().parse::<u64>().ok()?), rest),
-        None => (None, time),
-    };
-    let parts: Vec<u64> = rest
-        .split(':')
-        .map(|p| p.trim().parse().ok())
-        .collect::<Option<_>>()?;
-    let (h, m, sec) = match (days.is_some(), parts.as_slice()) {
-        (false, [m]) => (0, *m, 0),
-        (false, [m, s]) => (0, *m, *s),
-        (_, [h, m, s]) => (*h, *m, *s),
-        (true, [h]) => (*h, 0, 0),
-        (true, [h, m]) => (*h, *m, 0),
-        _ => return None,
-    };
-    Some(days.unwrap_or(0) * 86_400 + h * 3600 + m * 60 + sec)
 }
 
 /// The `--output` of an sbatch script: `pattern` (of Slurm's `%` replacements) in folder
@@ -627,8 +597,7 @@ fn script(
     )?;
     writeln!(s, "#SBATCH --open-mode=append")?;
     writeln!(s, "#SBATCH --requeue")?;
-    let lead = r.signal_lead.unwrap_or(120);
-    check_time_limit(job, &r)?;
+    let lead = r.signal_lead.unwrap_or(DEFAULT_SIGNAL_LEAD);
     writeln!(s, "#SBATCH --signal=B:USR2@{lead}")?;
     if job.array {
         let ids: Vec<String> = job.tasks.iter().map(|(t, _)| t.to_string()).collect();
@@ -758,8 +727,6 @@ pub fn requeue_self() {
 mod tests {
     use super::*;
 
-    /// A grid whose later cells need a stage declared after its first cell: the array is
-    /// planned at its first cell, before that stage's job, and moved after it.
     /// A grid's cells still queued from an earlier submission name the arrays the grid's
     /// next chunk must wait for; plain stages and grids with nothing queued name none.
     #[test]
@@ -802,6 +769,8 @@ needs = ["data", "m"]
         assert_eq!(queued["m"], "41:43");
     }
 
+    /// A grid whose later cells need a stage declared after its first cell: the array is
+    /// planned at its first cell, before that stage's job, and moved after it.
     #[test]
     fn an_array_comes_after_the_jobs_its_cells_need() {
         let src = r#"
@@ -849,24 +818,6 @@ method = "vanilla"
             "{after:?}"
         );
         assert_eq!(after[0], "ldl-data");
-    }
-
-    /// Every form of sbatch's `--time`, by hand.
-    #[test]
-    fn time_limits_in_seconds() {
-        for (text, want) in [
-            ("30", Some(1800)),
-            ("30:15", Some(1815)),
-            ("2:00:00", Some(7200)),
-            ("1-0", Some(86_400)),
-            ("1-2", Some(93_600)),
-            ("1-2:30", Some(95_400)),
-            ("1-2:30:05", Some(95_405)),
-            ("infinite", None),
-            ("1:2:3:4", None),
-        ] {
-            assert_eq!(time_limit_seconds(text), want, "{text}");
-        }
     }
 
     /// The log folder is quoted, its own `%` doubled; Slurm's patterns are kept.

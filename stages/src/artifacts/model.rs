@@ -65,6 +65,18 @@ impl TrainedModel {
         self.normalize.as_ref().unwrap_or(dataset)
     }
 
+    /// The blake3 of the weights (`model.safetensors`) a train or import stage wrote into
+    /// `dir`, streamed: what tells a model trained again (same fingerprint, other weights)
+    /// from the one a label store or replay store was computed from.
+    pub fn weights_blake3(dir: &Path) -> Result<String> {
+        let path = dir.join("model.safetensors");
+        let mut h = blake3::Hasher::new();
+        std::fs::File::open(&path)
+            .and_then(|f| h.update_reader(f).map(|_| ()))
+            .map_err(|e| StageError::io(&path, e))?;
+        Ok(h.finalize().to_hex().to_string())
+    }
+
     /// Loads the model a train or import stage wrote into `dir`, checking that it predicts `classes`
     /// classes.
     pub fn load(dir: &Path, device: &Device, classes: usize) -> Result<(TrainedModel, Model)> {

@@ -517,14 +517,8 @@ fn pack_image_folder(
 ) -> Result<(DatasetInfo, Vec<records::SplitRecords>)> {
     use datasets::imagefolder as folder;
     let root = ctx.base_dir.join(p.path.as_deref().unwrap_or_default());
+    // Required and at least 1 for an ImageFolder (checked when stages.toml is read).
     let size = p.image_size.unwrap_or_default();
-    if size == 0 {
-        return Err(datasets::DatasetError::Param {
-            name: "image_size",
-            message: "must be at least 1, found 0".into(),
-        }
-        .into());
-    }
     let (train_split, test_split) = (
         p.train_split.as_deref().unwrap_or("train"),
         p.test_split.as_deref().unwrap_or("val"),

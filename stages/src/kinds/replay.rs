@@ -8,7 +8,7 @@
 //! `mix` and `data_seed`. Each epoch is written atomically as soon as it is computed, so a
 //! killed stage redoes at most one epoch.
 
-use crate::artifacts::{Dataset, Kind};
+use crate::artifacts::{Dataset, Kind, TrainedModel};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::StoreDtype;
@@ -241,10 +241,8 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
 fn epoch_key(ctx: &Context) -> Result<String> {
     let mut key = ctx.fingerprint.clone();
     for input in ctx.model_inputs() {
-        let weights = input.dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|e| StageError::io(&weights, e))?;
         key.push(' ');
-        key.push_str(blake3::hash(&bytes).to_hex().as_str());
+        key.push_str(&TrainedModel::weights_blake3(&input.dir)?);
     }
     Ok(key)
 }

@@ -127,9 +127,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut checkpoints = BTreeMap::new();
     for input in ctx.model_inputs() {
         let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
-        let weights = input.dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|e| StageError::io(&weights, e))?;
-        let weights = blake3::hash(&bytes).to_hex().to_string();
+        let weights = TrainedModel::weights_blake3(&input.dir)?;
         checkpoints.insert(input.name.clone(), weights.clone());
         fingerprints.insert(input.name.clone(), input.fingerprint.clone());
         teachers.push(Teacher {
