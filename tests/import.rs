@@ -276,8 +276,11 @@ fn malformed_checkpoints_fail_naming_the_file_and_the_tensor() {
         ),
         ("no_state_dict.pth", "data.pkl", "not a state dict"),
         ("list.pth", "data.pkl", "a list"),
-        ("legacy.pth", "file header", "bare pickle"),
+        ("cut.th", "storage `", "past the end of the file"),
     ];
+    // A legacy-format file cut short, as an interrupted download leaves it.
+    let legacy = std::fs::read(fixtures().join("akamaster_resnet20.th")).unwrap();
+    std::fs::write(dir.path().join("cut.th"), &legacy[..legacy.len() / 2]).unwrap();
     // A good import first: a failed one must leave it in place.
     write(
         dir.path(),
@@ -287,7 +290,11 @@ fn malformed_checkpoints_fail_naming_the_file_and_the_tensor() {
     assert!(pipeline(dir.path(), &["run", "p.toml"]).status.success());
     let good = std::fs::read(dir.path().join("out/teacher/model.safetensors")).unwrap();
     for (file, place, what) in cases {
-        let path = bad.join(file);
+        let path = if file == "cut.th" {
+            dir.path().join(file)
+        } else {
+            bad.join(file)
+        };
         write(
             dir.path(),
             "p.toml",
@@ -330,6 +337,46 @@ fn malformed_checkpoints_fail_naming_the_file_and_the_tensor() {
         e.contains("tensor `layer1.1.bn1.bias`") && e.contains("missing"),
         "{e}"
     );
+}
+
+/// akamaster/pytorch_resnet_cifar10's published ResNet-20 (the legacy format of PyTorch 0.3,
+/// `module.` names, option A) imported with the ImageNet statistics its trainer.py normalises
+/// with evaluates the fixture's test images to the logits akamaster's own code computes for them
+/// in PyTorch (tests/fixtures/import/make_reference_fixtures.py).
+#[test]
+fn akamasters_published_resnet20_evaluates_to_pytorchs_logits() {
+    let dir = scratch();
+    let th = fixtures().join("akamaster_resnet20.th");
+    let cfg = config(&th.display().to_string(), "").replace(
+        "model = \"resnet8\"",
+        "model = \"resnet20\"\nnormalize = { mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] }",
+    );
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
+    assert_eq!(meta["imported"]["format"], "pth-legacy");
+    assert_eq!(meta["imported"]["key"], "state_dict");
+    assert_eq!(meta["imported"]["naming"], "kuangliu");
+    assert_eq!(meta["imported"]["data_parallel"], true);
+    assert_eq!(meta["spec"]["shortcut"], "A");
+    let want: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("reference_logits.json")).unwrap())
+            .unwrap();
+    let want = &want["akamaster_resnet20_test_batch"]["logits"];
+    let got = logits(&out.join("eval/predictions.parquet"));
+    assert_eq!(got.len(), 64);
+    for (i, row) in got.iter().enumerate() {
+        for (k, a) in row.iter().enumerate() {
+            let b = want[i][k].as_f64().unwrap();
+            assert!(
+                (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "image {i} class {k}: {a} here, {b} in PyTorch"
+            );
+        }
+    }
 }
 
 /// Writes the fixture's CIFAR-10 test images as an ImageFolder tree (`val/<class>/NNN.png`, and

@@ -24,8 +24,9 @@ use std::time::Instant;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// The checkpoint, relative to the stages.toml's folder: a `torch.save` file (zip format,
-    /// PyTorch ≥ 1.6) of a state dict or of a dict holding one, or a safetensors file.
+    /// The checkpoint, relative to the stages.toml's folder: a `torch.save` file (the zip
+    /// format of PyTorch ≥ 1.6 or the legacy one) of a state dict or of a dict holding one, or
+    /// a safetensors file.
     pub path: String,
     /// The architecture, as a train stage names it (`resnet110`, `resnet50_imagenet`, ...).
     pub model: String,

@@ -1,5 +1,5 @@
 //! Models trained elsewhere: reads the state dict of a PyTorch checkpoint (`torch.save`'s zip
-//! format, `.pth`/`.pt`, PyTorch ≥ 1.6) or of a safetensors file, maps the common naming
+//! format of PyTorch ≥ 1.6, or its legacy format, [`legacy`]) or of a safetensors file, maps the common naming
 //! schemes onto ours, infers the shape keys of the [`ModelSpec`] from the tensors, and loads
 //! it into a [`Model`], checking every tensor's name and shape.
 //!
@@ -24,12 +24,18 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+mod legacy;
+
 /// The file format of a checkpoint, told by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// `torch.save`'s zip archive holding a pickle (`data.pkl`) and the tensors' storages.
     Pth,
+    /// `torch.save`'s legacy format (PyTorch < 1.6, or `_use_new_zipfile_serialization=False`):
+    /// pickles followed by the storages, in one stream.
+    #[serde(rename = "pth-legacy")]
+    PthLegacy,
     /// A safetensors file.
     Safetensors,
 }
@@ -71,6 +77,7 @@ pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
     let format = sniff(path)?;
     let (raw, key) = match format {
         Format::Pth => read_pth(path, key)?,
+        Format::PthLegacy => legacy::read(path, key)?,
         Format::Safetensors => {
             if let Some(k) = key {
                 return Err(EngineError::invalid(
@@ -95,25 +102,30 @@ pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
     })
 }
 
-/// The format of `path` by its first bytes: a zip archive is a PyTorch checkpoint, an 8-byte
-/// header length followed by `{` a safetensors file; a bare pickle (PyTorch < 1.6, or
-/// `_use_new_zipfile_serialization=False`) is refused with what to do.
+/// The format of `path` by its first bytes: a zip archive is a PyTorch checkpoint, the pickled
+/// magic number a legacy one, an 8-byte header length followed by `{` a safetensors file; any
+/// other pickle (`pickle.dump` of tensors, a legacy file of another pickle protocol) is refused
+/// with what to do.
 fn sniff(path: &Path) -> Result<Format> {
-    let mut head = [0u8; 9];
+    let mut head = [0u8; 16];
     let mut f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
     let n = f.read(&mut head).map_err(|e| EngineError::io(path, e))?;
-    if n >= 4 && head[..4] == *b"PK\x03\x04" {
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") {
         return Ok(Format::Pth);
     }
-    if n == 9 && head[8] == b'{' {
+    if legacy::is_legacy(head) {
+        return Ok(Format::PthLegacy);
+    }
+    if n >= 9 && head[8] == b'{' {
         return Ok(Format::Safetensors);
     }
-    if n >= 1 && head[0] == 0x80 {
+    if head.first() == Some(&0x80) {
         return Err(EngineError::invalid(
             path,
             "file header",
-            "a bare pickle (PyTorch < 1.6 or `_use_new_zipfile_serialization=False`): load it \
-             in PyTorch and save it again with `torch.save(state_dict, path)`",
+            "a pickle, but neither `torch.save`'s zip format nor its legacy format with pickle \
+             protocol 2: load it in PyTorch and save it again with `torch.save(state_dict, path)`",
         ));
     }
     Err(EngineError::invalid(
@@ -151,8 +163,6 @@ fn read_pth(path: &Path, key: Option<&str>) -> Result<(BTreeMap<String, Tensor>,
 /// or sliced view saved as such), gathered from its storage into row-major order; candle reads
 /// only row- and column-major ones.
 fn strided(path: &Path, info: &candle_core::pickle::TensorInfo) -> Result<Tensor> {
-    let place = || format!("tensor `{}`", info.name);
-    let bad = |e: String| EngineError::invalid(path, place(), e);
     let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
@@ -164,12 +174,31 @@ fn strided(path: &Path, info: &candle_core::pickle::TensorInfo) -> Result<Tensor
         &mut bytes,
     )
     .map_err(|e| EngineError::io(path, e))?;
-    let size = info.dtype.size_in_bytes();
-    let stored = bytes.len() / size;
     let layout = &info.layout;
-    let (dims, strides) = (layout.shape().dims(), layout.stride());
+    let offset = layout.start_offset() / info.dtype.size_in_bytes();
+    gather(
+        &bytes,
+        info.dtype,
+        layout.shape().dims(),
+        layout.stride(),
+        offset,
+    )
+    .map_err(|e| EngineError::invalid(path, format!("tensor `{}`", info.name), e))
+}
+
+/// The tensor of shape `dims` and element strides `strides` starting at element `offset` of a
+/// little-endian storage, in row-major order; an error says which element lies outside it.
+fn gather(
+    bytes: &[u8],
+    dtype: DType,
+    dims: &[usize],
+    strides: &[usize],
+    offset: usize,
+) -> std::result::Result<Tensor, String> {
+    let size = dtype.size_in_bytes();
+    let stored = bytes.len() / size;
     // Each element's place in the storage, in row-major order of the shape.
-    let mut at = vec![layout.start_offset() / size];
+    let mut at = vec![offset];
     for (&d, &s) in dims.iter().zip(strides) {
         at = at
             .iter()
@@ -177,19 +206,19 @@ fn strided(path: &Path, info: &candle_core::pickle::TensorInfo) -> Result<Tensor
             .collect();
     }
     if let Some(&last) = at.iter().max().filter(|&&m| m >= stored) {
-        return Err(bad(format!(
-            "its strides {strides:?} reach element {last} of a storage of {stored}"
-        )));
+        return Err(format!(
+            "its offset {offset} and strides {strides:?} reach element {last} of a storage of \
+             {stored}"
+        ));
     }
-    let storage =
-        Tensor::from_raw_buffer(&bytes[..stored * size], info.dtype, &[stored], &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
+    let storage = Tensor::from_raw_buffer(&bytes[..stored * size], dtype, &[stored], &Device::Cpu)
+        .map_err(|e| e.to_string())?;
     let at: Vec<u32> = at.into_iter().map(|i| i as u32).collect();
-    let index = Tensor::new(at.as_slice(), &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    let index = Tensor::new(at.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
     storage
         .index_select(&index, 0)
         .and_then(|t| t.reshape(dims))
-        .map_err(|e| bad(e.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 /// The top-level object of the archive's `data.pkl`.
@@ -254,7 +283,9 @@ fn is_tensor(o: &Object) -> bool {
     };
     matches!(&**callable, Object::Class { module_name, class_name }
         if (module_name == "torch._utils"
-            && (class_name == "_rebuild_tensor_v2" || class_name == "_rebuild_parameter"))
+            && (class_name == "_rebuild_tensor_v2"
+                || class_name == "_rebuild_tensor"
+                || class_name == "_rebuild_parameter"))
             || (module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2"))
 }
 
@@ -630,10 +661,15 @@ mod tests {
     }
 
     /// The input of the kuangliu fixtures (here and in tests/fixtures/models):
-    /// torch.linspace(-2, 2, n) as 2×3×32×32 (start + i·step, the upper half counted from the
-    /// end, as PyTorch computes it).
+    /// torch.linspace(-2, 2, n) as 2×3×32×32.
     fn linspace_input() -> Tensor {
-        let n = 2 * 3 * 32 * 32;
+        linspace(2, 32)
+    }
+
+    /// torch.linspace(-2, 2, n) as `batch`×3×`side`×`side` (start + i·step, the upper half
+    /// counted from the end, as PyTorch computes it).
+    fn linspace(batch: usize, side: usize) -> Tensor {
+        let n = batch * 3 * side * side;
         let step = 4.0 / (n - 1) as f64;
         let x: Vec<f32> = (0..n)
             .map(|i| {
@@ -644,7 +680,29 @@ mod tests {
                 }
             })
             .collect();
-        Tensor::from_vec(x, (2, 3, 32, 32), &Device::Cpu).unwrap()
+        Tensor::from_vec(x, (batch, 3, side, side), &Device::Cpu).unwrap()
+    }
+
+    /// Checks `model`'s logits on `x` against PyTorch's (`want["eval"]`, `want["train"]`),
+    /// inference first: a training-mode forward moves the running statistics.
+    fn assert_logits(model: &Model, x: &Tensor, want: &serde_json::Value, what: &str) {
+        for (mode, train) in [("eval", false), ("train", true)] {
+            let got = model
+                .net
+                .forward_t(x, train)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (r, row) in got.iter().enumerate() {
+                for (k, v) in row.iter().enumerate() {
+                    let w = want[mode][r][k].as_f64().unwrap();
+                    assert!(
+                        (*v as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{what} {mode} {r},{k}: {v} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     /// kuangliu/pytorch-cifar's ResNeXt-29, DenseNet-121 and DLA, written by PyTorch from
@@ -678,24 +736,130 @@ mod tests {
                 want[file]["parameters"].as_u64().unwrap(),
                 "{arch}"
             );
-            // Inference first: a training-mode forward moves the running statistics.
-            for (mode, train) in [("eval", false), ("train", true)] {
-                let got = model
-                    .net
-                    .forward_t(&linspace_input(), train)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
-                for (r, row) in got.iter().enumerate() {
-                    for (k, v) in row.iter().enumerate() {
-                        let w = want[file][mode][r][k].as_f64().unwrap();
-                        assert!(
-                            (*v as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
-                            "{arch} {mode} {r},{k}: {v} vs {w}"
-                        );
-                    }
-                }
-            }
+            assert_logits(&model, &linspace_input(), &want[file], arch);
         }
+    }
+
+    /// The PyTorch logits of make_reference_fixtures.py's models.
+    fn reference_logits() -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fixture("reference_logits.json")).unwrap()).unwrap()
+    }
+
+    /// akamaster/pytorch_resnet_cifar10's published ResNet-20, as downloaded: the legacy format
+    /// of PyTorch 0.3 (`_rebuild_tensor`), `{'state_dict', 'best_prec1'}`, DataParallel's
+    /// prefix, `linear` and option-A shortcuts. It loads as a resnet20 of width 16 with option A
+    /// and computes the logits akamaster's own model code computes in PyTorch 2.
+    #[test]
+    fn akamasters_published_resnet20_reads_from_the_legacy_format_and_matches_pytorch() {
+        let path = fixture("akamaster_resnet20.th");
+        let arch = Arch::parse("resnet20").unwrap();
+        let state = read(&path, None, arch).unwrap();
+        assert_eq!(
+            (state.format, state.key.as_deref(), state.naming),
+            (Format::PthLegacy, Some("state_dict"), Naming::Kuangliu)
+        );
+        assert!(state.data_parallel);
+        assert_eq!(state.tensors.len(), 97);
+        let spec = state.spec(&path, "resnet20", 0.0).unwrap();
+        assert_eq!(
+            (spec.width, spec.classes, spec.shortcut, spec.stem),
+            (16, 10, Shortcut::A, Stem::Cifar)
+        );
+        let model = state.into_model(&path, &spec, &Device::Cpu).unwrap();
+        let want = &reference_logits()["akamaster_resnet20"];
+        assert_eq!(
+            model.parameter_count() as u64,
+            want["parameters"].as_u64().unwrap()
+        );
+        assert_logits(&model, &linspace_input(), want, "resnet20");
+    }
+
+    /// torchvision's ResNet-18 and ResNet-50 (the ImageNet stem: 7×7 convolution, max-pool;
+    /// Bottleneck's stride on its 3×3), written by torchvision's own class at width 4: the stem
+    /// is read off `conv1`, and the models compute PyTorch's logits on 64×64 images.
+    #[test]
+    fn torchvisions_imagenet_resnets_match_pytorchs_logits() {
+        let all = reference_logits();
+        for arch in ["resnet18", "resnet50"] {
+            let path = fixture(&format!("torchvision_{arch}_w4.pth"));
+            let state = read(&path, None, Arch::parse(arch).unwrap()).unwrap();
+            assert_eq!(
+                (state.format, state.naming),
+                (Format::Pth, Naming::Torchvision)
+            );
+            let spec = state.spec(&path, arch, 0.0).unwrap();
+            assert_eq!(
+                (spec.width, spec.classes, spec.stem),
+                (4, 5, Stem::Imagenet),
+                "{arch}"
+            );
+            let model = state.into_model(&path, &spec, &Device::Cpu).unwrap();
+            let want = &all[format!("torchvision_{arch}_w4")];
+            assert_eq!(
+                model.parameter_count() as u64,
+                want["parameters"].as_u64().unwrap(),
+                "{arch}"
+            );
+            assert_logits(&model, &linspace(2, 64), want, arch);
+        }
+    }
+
+    /// A state dict saved by PyTorch 2 in the legacy format (`_use_new_zipfile_serialization=False`,
+    /// `_rebuild_tensor_v2`, `num_batches_tracked` in long storages) holds the tensors the same
+    /// state saved in the zip format holds (bad/extra.pth is it plus one tensor).
+    #[test]
+    fn a_legacy_file_of_pytorch_2_holds_what_its_zip_file_holds() {
+        let legacy = read(&fixture("legacy.pth"), None, resnet()).unwrap();
+        let mut zip = read(&fixture("bad/extra.pth"), None, resnet()).unwrap();
+        assert_eq!(
+            (legacy.format, zip.format),
+            (Format::PthLegacy, Format::Pth)
+        );
+        zip.tensors.remove("layer4.0.conv1.weight").unwrap();
+        assert_eq!(
+            legacy.tensors.keys().collect::<Vec<_>>(),
+            zip.tensors.keys().collect::<Vec<_>>()
+        );
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (name, t) in &zip.tensors {
+            assert_eq!(legacy.tensors[name].dims(), t.dims(), "{name}");
+            assert_eq!(values(&legacy.tensors[name]), values(t), "{name}");
+        }
+        // The same state with every tensor a view into one storage at its own offset, the
+        // convolutions' weights channels-last.
+        let views = read(&fixture("legacy_views.pth"), None, resnet()).unwrap();
+        for (name, t) in &legacy.tensors {
+            assert_eq!(views.tensors[name].dims(), t.dims(), "{name}");
+            assert_eq!(values(&views.tensors[name]), values(t), "{name}");
+        }
+    }
+
+    /// A legacy file cut short, or with bytes after its last storage, is refused naming the
+    /// storage or the byte; a pickle of another protocol is refused by its header.
+    #[test]
+    fn damaged_legacy_files_are_refused_naming_the_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(fixture("akamaster_resnet20.th")).unwrap();
+        let cut = dir.path().join("cut.th");
+        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+        let e = read(&cut, None, resnet()).unwrap_err().to_string();
+        assert!(
+            e.contains("cut.th") && e.contains("storage `") && e.contains("past the end"),
+            "{e}"
+        );
+        let long = dir.path().join("long.th");
+        std::fs::write(&long, [bytes.as_slice(), b"xyz"].concat()).unwrap();
+        let e = read(&long, None, resnet()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("byte {}", bytes.len())) && e.contains("3 bytes after"),
+            "{e}"
+        );
+        let other = dir.path().join("protocol4.pth");
+        std::fs::write(&other, b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00.").unwrap();
+        let e = read(&other, None, resnet()).unwrap_err().to_string();
+        assert!(
+            e.contains("file header") && e.contains("legacy format with pickle protocol 2"),
+            "{e}"
+        );
     }
 }
