@@ -1,7 +1,8 @@
 //! Models trained elsewhere: reads the state dict of a PyTorch checkpoint (`torch.save`'s zip
-//! format of PyTorch ≥ 1.6, or its legacy format, [`legacy`]) or of a safetensors file, maps the common naming
-//! schemes onto ours, infers the shape keys of the [`ModelSpec`] from the tensors, and loads
-//! it into a [`Model`], checking every tensor's name and shape.
+//! format of PyTorch ≥ 1.6, [`zipfile`], or its legacy format, [`legacy`]; what both pickle,
+//! [`pickled`]) or of a safetensors file, maps the common naming schemes onto ours, infers the
+//! shape keys of the [`ModelSpec`] from the tensors, and loads it into a [`Model`], checking
+//! every tensor's name and shape.
 //!
 //! Naming schemes (detected from the names, recorded as [`Naming`]):
 //! - ours = torchvision = RepDistiller's CIFAR ResNets (`conv1`, `bn1`, `layerL.B.conv1`,
@@ -17,7 +18,6 @@
 
 use crate::error::{EngineError, Result};
 use crate::models::{Arch, Model, ModelSpec, ResNetArch, Shortcut, Stem};
-use candle_core::pickle::{Object, PthTensors, Stack};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,6 +25,8 @@ use std::io::Read;
 use std::path::Path;
 
 mod legacy;
+mod pickled;
+mod zipfile;
 
 /// The file format of a checkpoint, told by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,7 +78,7 @@ pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict
 pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
     let format = sniff(path)?;
     let (raw, key) = match format {
-        Format::Pth => read_pth(path, key)?,
+        Format::Pth => zipfile::read(path, key)?,
         Format::PthLegacy => legacy::read(path, key)?,
         Format::Safetensors => {
             if let Some(k) = key {
@@ -134,235 +136,6 @@ fn sniff(path: &Path) -> Result<Format> {
         "neither a PyTorch checkpoint (a zip archive, as `torch.save` writes) nor a safetensors \
          file",
     ))
-}
-
-/// The tensors of a `.pth` file and the dict key they were under.
-fn read_pth(path: &Path, key: Option<&str>) -> Result<(BTreeMap<String, Tensor>, Option<String>)> {
-    let top = read_pickle(path)?;
-    let key = state_dict_key(path, &top, key)?;
-    let pth = PthTensors::new(path, key.as_deref())
-        .map_err(|e| EngineError::invalid(path, "data.pkl", format!("cannot read: {e}")))?;
-    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
-    names.sort();
-    let mut out = BTreeMap::new();
-    for name in names {
-        let info = &pth.tensor_infos()[name];
-        let t = if info.layout.is_contiguous() {
-            pth.get(name)
-                .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e.to_string()))?
-                .expect("listed by the archive")
-        } else {
-            strided(path, info)?
-        };
-        out.insert(name.clone(), t);
-    }
-    Ok((out, key))
-}
-
-/// A tensor stored with other strides than row-major (`channels_last` weights, a transposed
-/// or sliced view saved as such), gathered from its storage into row-major order; candle reads
-/// only row- and column-major ones.
-fn strided(path: &Path, info: &candle_core::pickle::TensorInfo) -> Result<Tensor> {
-    let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
-    let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut zip
-            .by_name(&info.path)
-            .map_err(|e| EngineError::invalid(path, &info.path, e.to_string()))?,
-        &mut bytes,
-    )
-    .map_err(|e| EngineError::io(path, e))?;
-    let layout = &info.layout;
-    let offset = layout.start_offset() / info.dtype.size_in_bytes();
-    gather(
-        &bytes,
-        info.dtype,
-        layout.shape().dims(),
-        layout.stride(),
-        offset,
-    )
-    .map_err(|e| EngineError::invalid(path, format!("tensor `{}`", info.name), e))
-}
-
-/// The tensor of shape `dims` and element strides `strides` starting at element `offset` of a
-/// little-endian storage, in row-major order; an error says which element lies outside it.
-fn gather(
-    bytes: &[u8],
-    dtype: DType,
-    dims: &[usize],
-    strides: &[usize],
-    offset: usize,
-) -> std::result::Result<Tensor, String> {
-    let size = dtype.size_in_bytes();
-    let stored = bytes.len() / size;
-    // Each element's place in the storage, in row-major order of the shape.
-    let mut at = vec![offset];
-    for (&d, &s) in dims.iter().zip(strides) {
-        at = at
-            .iter()
-            .flat_map(|&base| (0..d).map(move |i| base + i * s))
-            .collect();
-    }
-    if let Some(&last) = at.iter().max().filter(|&&m| m >= stored) {
-        return Err(format!(
-            "its offset {offset} and strides {strides:?} reach element {last} of a storage of \
-             {stored}"
-        ));
-    }
-    let storage = Tensor::from_raw_buffer(&bytes[..stored * size], dtype, &[stored], &Device::Cpu)
-        .map_err(|e| e.to_string())?;
-    let at: Vec<u32> = at.into_iter().map(|i| i as u32).collect();
-    let index = Tensor::new(at.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
-    storage
-        .index_select(&index, 0)
-        .and_then(|t| t.reshape(dims))
-        .map_err(|e| e.to_string())
-}
-
-/// The top-level object of the archive's `data.pkl`.
-fn read_pickle(path: &Path) -> Result<Object> {
-    let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
-    let name = zip
-        .file_names()
-        .filter_map(|n| n.ok())
-        .find(|n| n.ends_with("data.pkl"))
-        .map(|n| n.into_owned())
-        .ok_or_else(|| {
-            EngineError::invalid(
-                path,
-                "zip archive",
-                "no `data.pkl`: not a checkpoint written by `torch.save`",
-            )
-        })?;
-    // The storages' byte order (PyTorch ≥ 1.10 records it; older files are little-endian):
-    // tensors are read as little-endian, so a big-endian file would load as garbage.
-    let order = name.replace("data.pkl", "byteorder");
-    if let Ok(mut entry) = zip.by_name(&order) {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut entry, &mut text);
-        if text.trim() != "little" {
-            return Err(EngineError::invalid(
-                path,
-                &order,
-                format!(
-                    "storages in `{}` byte order; only little-endian ones are read",
-                    text.trim()
-                ),
-            ));
-        }
-    }
-    let entry = zip
-        .by_name(&name)
-        .map_err(|e| EngineError::invalid(path, &name, e.to_string()))?;
-    // torch.save writes pickle protocol 2 unless told otherwise; say so when another fails.
-    let unpickle = |e: candle_core::Error| {
-        EngineError::invalid(
-            path,
-            &name,
-            format!(
-                "cannot unpickle: {e} (torch.save's default pickle protocol 2 is read; a file \
-                 saved with another `pickle_protocol` may not be)"
-            ),
-        )
-    };
-    let mut stack = Stack::empty();
-    stack
-        .read_loop(&mut std::io::BufReader::new(entry))
-        .map_err(unpickle)?;
-    stack.finalize().map_err(unpickle)
-}
-
-/// Whether a pickled object is a tensor (or an `nn.Parameter`).
-fn is_tensor(o: &Object) -> bool {
-    let Object::Reduce { callable, .. } = o else {
-        return false;
-    };
-    matches!(&**callable, Object::Class { module_name, class_name }
-        if (module_name == "torch._utils"
-            && (class_name == "_rebuild_tensor_v2"
-                || class_name == "_rebuild_tensor"
-                || class_name == "_rebuild_parameter"))
-            || (module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2"))
-}
-
-/// A dict's string keys.
-fn dict_keys(entries: &[(Object, Object)]) -> Vec<String> {
-    entries
-        .iter()
-        .filter_map(|(k, _)| match k {
-            Object::Unicode(s) => Some(s.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Where the state dict is: `None` for the top level (a dict of tensors), else the entry of
-/// the top-level dict named by `key` or found among [`STATE_DICT_KEYS`].
-fn state_dict_key(path: &Path, top: &Object, key: Option<&str>) -> Result<Option<String>> {
-    let not_state_dict = |what: &str| {
-        EngineError::invalid(
-            path,
-            "data.pkl",
-            format!(
-                "not a state dict: the pickle's top level is {what}; save `model.state_dict()` \
-                 (a whole pickled `nn.Module` needs its Python class to load)"
-            ),
-        )
-    };
-    let Object::Dict(entries) = top else {
-        return Err(not_state_dict(match top {
-            Object::Build { .. } | Object::Reduce { .. } => "a Python object",
-            Object::List(_) => "a list",
-            Object::Tuple(_) => "a tuple",
-            _ => "a plain value",
-        }));
-    };
-    let entry = |k: &str| {
-        entries
-            .iter()
-            .find(|(n, _)| *n == Object::Unicode(k.to_owned()))
-            .map(|(_, v)| v)
-    };
-    let holds_tensors =
-        |o: &Object| matches!(o, Object::Dict(d) if d.iter().any(|(_, v)| is_tensor(v)));
-    if let Some(k) = key {
-        return match entry(k) {
-            Some(v) if holds_tensors(v) => Ok(Some(k.to_owned())),
-            Some(_) => Err(EngineError::invalid(
-                path,
-                format!("key `{k}`"),
-                "holds no tensors: not a state dict",
-            )),
-            None => Err(EngineError::invalid(
-                path,
-                format!("key `{k}`"),
-                format!(
-                    "not in the checkpoint, whose top-level keys are {:?}",
-                    dict_keys(entries)
-                ),
-            )),
-        };
-    }
-    // The known entries first: a checkpoint dict may hold tensors beside the state dict
-    // (RepDistiller's `best_acc` is a 0-d tensor), a state dict never holds a dict of tensors.
-    if let Some(k) = STATE_DICT_KEYS
-        .into_iter()
-        .find(|k| entry(k).is_some_and(holds_tensors))
-    {
-        return Ok(Some(k.to_owned()));
-    }
-    if entries.iter().any(|(_, v)| is_tensor(v)) {
-        return Ok(None);
-    }
-    Err(not_state_dict(&format!(
-        "a dict of keys {:?} with no tensors and no state dict under {STATE_DICT_KEYS:?}; \
-         name the entry holding it with `key`",
-        dict_keys(entries)
-    )))
 }
 
 /// Prefixes that training wrappers put before every name of the network's: DataParallel and
@@ -832,6 +605,41 @@ mod tests {
             assert_eq!(views.tensors[name].dims(), t.dims(), "{name}");
             assert_eq!(values(&views.tensors[name]), values(t), "{name}");
         }
+    }
+
+    /// float16, bfloat16 and float64 storages are read in their dtype, holding the values
+    /// PyTorch rounded to it; an int32 weight is refused naming the tensor and its storage.
+    #[test]
+    fn weights_of_every_float_dtype_are_read_and_int_ones_refused() {
+        let f32s = read(&fixture("legacy.pth"), None, resnet()).unwrap();
+        let mixed = read(&fixture("dtypes.pth"), None, resnet()).unwrap();
+        for (name, t) in &f32s.tensors {
+            let want = if t.rank() == 4 {
+                DType::F16
+            } else if name.starts_with("fc.") {
+                DType::F64
+            } else {
+                DType::BF16
+            };
+            let got = &mixed.tensors[name];
+            assert_eq!(got.dtype(), want, "{name}");
+            let values = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            assert_eq!(values(got), values(&t.to_dtype(want).unwrap()), "{name}");
+        }
+        let e = read(&fixture("bad/int_weight.pth"), None, resnet())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor `conv1.weight`") && e.contains("stored as IntStorage"),
+            "{e}"
+        );
     }
 
     /// A legacy file cut short, or with bytes after its last storage, is refused naming the
