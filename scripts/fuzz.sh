@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-600}
 shift || true
-TARGETS=${*:-config datasets packed label_store checkpoint}
+TARGETS=${*:-config datasets packed label_store checkpoint import}
 JOBS=${JOBS:-2}
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked

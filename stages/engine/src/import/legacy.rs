@@ -19,8 +19,8 @@ use super::pickled::{element_size, kind, materialise, storage_types, tensors, un
 use crate::error::{EngineError, Result};
 use candle_core::pickle::Object;
 use candle_core::Tensor;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Seek};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::Path;
 
 /// The first pickle of a legacy file: protocol 2, `LONG1` of 10 bytes, the magic number
@@ -44,23 +44,25 @@ pub(super) fn read(
     key: Option<&str>,
 ) -> Result<(BTreeMap<String, Tensor>, Option<String>)> {
     let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let mut r = BufReader::new(file);
-    read_header(path, &mut r)?;
+    // Safety: mapped read-only; a checkpoint is not written while it is imported.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+    let data: &[u8] = &map;
+    let mut at = read_header(path, data)?;
     const SAVED: &str = "the saved object (4th pickle)";
-    let top = unpickle(path, &mut r, SAVED)?;
+    let top = unpickle(path, data, &mut at, SAVED)?;
     let (refs, key) = tensors(path, SAVED, &top, key)?;
-    let order = match unpickle(path, &mut r, "the storage keys (5th pickle)")? {
+    const KEYS: &str = "the storage keys (5th pickle)";
+    let order = match unpickle(path, data, &mut at, KEYS)? {
         Object::List(keys) => keys,
         other => {
             return Err(EngineError::invalid(
                 path,
-                "the storage keys (5th pickle)",
+                KEYS,
                 format!("expected a list of keys, found {}", kind(&other)),
             ))
         }
     };
-    let needed = refs.iter().map(|(_, t)| t.storage.as_str()).collect();
-    let storages = read_storages(path, &mut r, &order, &storage_types(&top), &needed)?;
+    let storages = storage_extents(path, data, at, &order, &storage_types(&top))?;
     let mut out = BTreeMap::new();
     for (name, t) in refs {
         let place = || format!("tensor `{name}`");
@@ -74,26 +76,25 @@ pub(super) fn read(
                 ),
             )
         })?;
-        let tensor = materialise(bytes, &t).map_err(|e| EngineError::invalid(path, place(), e))?;
+        let tensor = materialise(&data[bytes.clone()], &t)
+            .map_err(|e| EngineError::invalid(path, place(), e))?;
         out.insert(name, tensor);
     }
     Ok((out, key))
 }
 
 /// Checks the first three pickles: the magic number, the protocol version and a little-endian
-/// `sys_info`.
-fn read_header(path: &Path, r: &mut BufReader<std::fs::File>) -> Result<()> {
-    let mut magic = [0u8; MAGIC.len()];
-    r.read_exact(&mut magic)
-        .map_err(|e| EngineError::io(path, e))?;
-    if magic != MAGIC {
+/// `sys_info`; returns where the next one starts.
+fn read_header(path: &Path, data: &[u8]) -> Result<usize> {
+    if !is_legacy(data) {
         return Err(EngineError::invalid(
             path,
             "file header",
             "not the magic number of a legacy `torch.save` file written with pickle protocol 2",
         ));
     }
-    let version = unpickle(path, r, "the protocol version (2nd pickle)")?;
+    let mut at = MAGIC.len();
+    let version = unpickle(path, data, &mut at, "the protocol version (2nd pickle)")?;
     if version != Object::Int(PROTOCOL_VERSION) {
         return Err(EngineError::invalid(
             path,
@@ -101,7 +102,7 @@ fn read_header(path: &Path, r: &mut BufReader<std::fs::File>) -> Result<()> {
             format!("expected {PROTOCOL_VERSION}, found {version:?}"),
         ));
     }
-    let little = match unpickle(path, r, "sys_info (3rd pickle)")? {
+    let little = match unpickle(path, data, &mut at, "sys_info (3rd pickle)")? {
         Object::Dict(entries) => entries
             .into_iter()
             .find(|(k, _)| *k == Object::Unicode("little_endian".into()))
@@ -109,7 +110,7 @@ fn read_header(path: &Path, r: &mut BufReader<std::fs::File>) -> Result<()> {
         _ => None,
     };
     match little {
-        Some(Object::Bool(true)) => Ok(()),
+        Some(Object::Bool(true)) => Ok(at),
         Some(Object::Bool(false)) => Err(EngineError::invalid(
             path,
             "sys_info (3rd pickle)",
@@ -123,20 +124,15 @@ fn read_header(path: &Path, r: &mut BufReader<std::fs::File>) -> Result<()> {
     }
 }
 
-/// Reads the `needed` storages after the pickles (stored in the order of `keys`; the others are
-/// skipped), each checked to lie within the file.
-fn read_storages(
+/// Where each storage's bytes are in `data`: from byte `at`, for each of `keys` in order, an
+/// int64 element count and the elements, which must end the file together.
+fn storage_extents(
     path: &Path,
-    r: &mut BufReader<std::fs::File>,
+    data: &[u8],
+    mut at: usize,
     keys: &[Object],
     types: &HashMap<String, String>,
-    needed: &HashSet<&str>,
-) -> Result<HashMap<String, Vec<u8>>> {
-    let len = r
-        .get_ref()
-        .metadata()
-        .map_err(|e| EngineError::io(path, e))?
-        .len();
+) -> Result<HashMap<String, Range<usize>>> {
     let mut out = HashMap::new();
     for key in keys {
         let Object::Unicode(key) = key else {
@@ -147,56 +143,43 @@ fn read_storages(
             ));
         };
         let place = || format!("storage `{key}`");
-        let size = types
-            .get(key)
-            .and_then(|c| element_size(c))
+        let class = types.get(key);
+        let size = class.and_then(|c| element_size(c)).ok_or_else(|| {
+            EngineError::invalid(path, place(), format!("of unknown storage type {class:?}"))
+        })?;
+        let count = data
+            .get(at..at + 8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
             .ok_or_else(|| {
-                EngineError::invalid(
-                    path,
-                    place(),
-                    format!("of unknown storage type {:?}", types.get(key)),
-                )
+                EngineError::invalid(path, place(), "no element count: past the end of the file")
             })?;
-        let mut count = [0u8; 8];
-        r.read_exact(&mut count)
-            .map_err(|e| EngineError::invalid(path, place(), format!("no element count: {e}")))?;
-        let count = i64::from_le_bytes(count);
-        let at = r.stream_position().map_err(|e| EngineError::io(path, e))?;
-        let bytes = u64::try_from(count)
+        at += 8;
+        let end = usize::try_from(count)
             .ok()
-            .and_then(|c| c.checked_mul(size as u64))
-            .filter(|&b| at.saturating_add(b) <= len)
+            .and_then(|c| c.checked_mul(size))
+            .and_then(|b| b.checked_add(at))
+            .filter(|&end| end <= data.len())
             .ok_or_else(|| {
                 EngineError::invalid(
                     path,
                     place(),
                     format!(
                         "{count} elements of {size} bytes at byte {at}: past the end of the file \
-                         ({len} bytes)"
+                         ({} bytes)",
+                        data.len()
                     ),
                 )
             })?;
-        if needed.contains(key.as_str()) {
-            let mut data = vec![0u8; bytes as usize];
-            r.read_exact(&mut data)
-                .map_err(|e| EngineError::io(path, e))?;
-            out.insert(key.clone(), data);
-        } else {
-            r.seek_relative(bytes as i64)
-                .map_err(|e| EngineError::io(path, e))?;
-        }
+        out.insert(key.clone(), at..end);
+        at = end;
     }
-    if r.fill_buf()
-        .map_err(|e| EngineError::io(path, e))?
-        .is_empty()
-    {
+    if at == data.len() {
         Ok(out)
     } else {
-        let at = r.stream_position().map_err(|e| EngineError::io(path, e))?;
         Err(EngineError::invalid(
             path,
             format!("byte {at}"),
-            format!("{} bytes after the last storage", len - at),
+            format!("{} bytes after the last storage", data.len() - at),
         ))
     }
 }

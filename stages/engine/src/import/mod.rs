@@ -78,8 +78,8 @@ pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict
 pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
     let format = sniff(path)?;
     let (raw, key) = match format {
-        Format::Pth => zipfile::read(path, key)?,
-        Format::PthLegacy => legacy::read(path, key)?,
+        Format::Pth => unpanicked(path, || zipfile::read(path, key))?,
+        Format::PthLegacy => unpanicked(path, || legacy::read(path, key))?,
         Format::Safetensors => {
             if let Some(k) = key {
                 return Err(EngineError::invalid(
@@ -101,6 +101,24 @@ pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
         naming,
         data_parallel,
         tensors,
+    })
+}
+
+/// `read`, with a panic in it turned into an error naming the file: candle's unpickler is not
+/// written for damaged input (the panic known, on a LONG1 of more than 8 bytes, is
+/// refused before candle sees it: [`pickled::unpickle`]).
+fn unpanicked<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(EngineError::invalid(
+            path,
+            "pickle",
+            format!("the unpickler failed on damaged data: {msg}"),
+        ))
     })
 }
 
@@ -638,6 +656,63 @@ mod tests {
             .to_string();
         assert!(
             e.contains("tensor `conv1.weight`") && e.contains("stored as IntStorage"),
+            "{e}"
+        );
+    }
+
+    /// Damaged pickles are errors naming the file and the place, not panics: an integer of 10
+    /// bytes (which candle's unpickler would shift past 64 bits, a panic with overflow checks)
+    /// and a tensor whose shape does not fit its storage.
+    #[test]
+    fn damaged_pickles_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        // The magic number, protocol version and sys_info of a legacy file.
+        let mut head = vec![
+            0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
+            0x2e,
+        ];
+        head.extend_from_slice(
+            b"\x80\x02M\xe9\x03.\x80\x02}q\x00(X\x10\x00\x00\x00protocol_versionq\x01M\xe9\x03\
+              X\x0d\x00\x00\x00little_endianq\x02\x88X\x0a\x00\x00\x00type_sizesq\x03}q\x04(\
+              X\x05\x00\x00\x00shortq\x05K\x02X\x03\x00\x00\x00intq\x06K\x04X\x04\x00\x00\x00\
+              longq\x07K\x08uu.",
+        );
+        let long = dir.path().join("long.pth");
+        std::fs::write(
+            &long,
+            [head.as_slice(), b"\x80\x02\x8a\x0a0123456789."].concat(),
+        )
+        .unwrap();
+        let e = read(&long, None, resnet()).unwrap_err().to_string();
+        assert!(
+            e.contains("long.pth")
+                && e.contains("the saved object (4th pickle)")
+                && e.contains(&format!(
+                    "an integer of 10 bytes at byte {}",
+                    head.len() + 2
+                )),
+            "{e}"
+        );
+
+        // legacy.pth with `conv1.weight`'s size (2, 3, 3, 3) made (2, 3, 3, 9): 162 elements
+        // of a storage of 54.
+        let mut bytes = std::fs::read(fixture("legacy.pth")).unwrap();
+        let name = b"conv1.weight";
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+        let shape = b"(K\x02K\x03K\x03K\x03t";
+        let rel = bytes[at..]
+            .windows(shape.len())
+            .position(|w| w == shape)
+            .unwrap();
+        bytes[at + rel + 8] = 9;
+        let wide = dir.path().join("wide.pth");
+        std::fs::write(&wide, &bytes).unwrap();
+        let e = read(&wide, None, resnet()).unwrap_err().to_string();
+        assert!(
+            e.contains("wide.pth")
+                && e.contains("tensor `conv1.weight`")
+                && e.contains("shape [2, 3, 3, 9]")
+                && e.contains("storage of 54"),
             "{e}"
         );
     }

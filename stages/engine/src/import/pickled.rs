@@ -11,7 +11,6 @@ use crate::error::{EngineError, Result};
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::Path;
 
 /// Tensors by name, with where their elements lie.
@@ -29,22 +28,40 @@ pub(super) struct TensorRef {
     pub strides: Vec<usize>,
 }
 
-/// The next pickle of the stream; the reader is left just after its `STOP`.
-pub(super) fn unpickle(path: &Path, r: &mut impl BufRead, what: &str) -> Result<Object> {
+/// The pickle starting at byte `*at` of `data`, read with candle's unpickler; `*at` is left
+/// just after its `STOP`.
+pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> Result<Object> {
+    let cannot = |e: String| {
+        EngineError::invalid(
+            path,
+            what,
+            format!(
+                "cannot unpickle: {e} (torch.save's default pickle protocol 2 is read; a file \
+                 saved with another `pickle_protocol` may not be)"
+            ),
+        )
+    };
+    let mut r = std::io::Cursor::new(data);
+    r.set_position(*at as u64);
     let mut stack = Stack::empty();
-    stack
-        .read_loop(r)
-        .and_then(|()| stack.finalize())
-        .map_err(|e| {
-            EngineError::invalid(
-                path,
-                what,
-                format!(
-                    "cannot unpickle: {e} (torch.save's default pickle protocol 2 is read; a file \
-                     saved with another `pickle_protocol` may not be)"
-                ),
-            )
-        })
+    loop {
+        let op = r.position() as usize;
+        // candle shifts LONG1's bytes into an i64: more than 8 overflow it.
+        if let (Some(0x8a), Some(&n)) = (data.get(op), data.get(op + 1)) {
+            if n > 8 {
+                return Err(cannot(format!(
+                    "an integer of {n} bytes at byte {op}; up to 8 are read"
+                )));
+            }
+        }
+        match stack.read(&mut r) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => return Err(cannot(e.to_string())),
+        }
+    }
+    *at = r.position() as usize;
+    stack.finalize().map_err(|e| cannot(e.to_string()))
 }
 
 /// Whether a pickled object is a tensor (or an `nn.Parameter`).
@@ -237,7 +254,9 @@ fn rebuild_args(args: &[Object]) -> std::result::Result<TensorRef, String> {
     Ok(TensorRef {
         storage,
         class: class.to_owned(),
-        offset: view_offset + int(offset)?,
+        offset: view_offset
+            .checked_add(int(offset)?)
+            .ok_or("its offset overflows")?,
         dims: ints(size)?,
         strides: ints(stride)?,
     })
@@ -319,49 +338,64 @@ pub(super) fn storage_types(o: &Object) -> HashMap<String, String> {
 /// The tensor `t` of a storage's little-endian `bytes`, row-major.
 pub(super) fn materialise(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, String> {
     let dtype = dtype_of(&t.class)?;
-    if is_row_major(&t.dims, &t.strides) {
-        contiguous(bytes, dtype, t)
-    } else {
-        gather(bytes, dtype, &t.dims, &t.strides, t.offset)
-    }
-}
-
-/// The tensor of shape `dims` and element strides `strides` starting at element `offset` of a
-/// little-endian storage, in row-major order; an error says which element lies outside it.
-fn gather(
-    bytes: &[u8],
-    dtype: DType,
-    dims: &[usize],
-    strides: &[usize],
-    offset: usize,
-) -> std::result::Result<Tensor, String> {
     let size = dtype.size_in_bytes();
     let stored = bytes.len() / size;
+    let n = extent(t, stored)?;
+    if is_row_major(&t.dims, &t.strides) {
+        let start = t.offset * size;
+        return Tensor::from_raw_buffer(
+            &bytes[start..start + n * size],
+            dtype,
+            &t.dims,
+            &Device::Cpu,
+        )
+        .map_err(|e| e.to_string());
+    }
     // Each element's place in the storage, in row-major order of the shape.
-    let mut at = vec![offset];
-    for (&d, &s) in dims.iter().zip(strides) {
+    let mut at = vec![t.offset as u32];
+    for (&d, &s) in t.dims.iter().zip(&t.strides) {
         at = at
             .iter()
-            .flat_map(|&base| (0..d).map(move |i| base + i * s))
+            .flat_map(|&base| (0..d).map(move |i| base + (i * s) as u32))
             .collect();
-    }
-    if let Some(&last) = at.iter().max().filter(|&&m| m >= stored) {
-        return Err(format!(
-            "its offset {offset} and strides {strides:?} reach element {last} of a storage of \
-             {stored}"
-        ));
     }
     let storage = Tensor::from_raw_buffer(&bytes[..stored * size], dtype, &[stored], &Device::Cpu)
         .map_err(|e| e.to_string())?;
-    let at: Vec<u32> = at.into_iter().map(|i| i as u32).collect();
     let index = Tensor::new(at.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
     storage
         .index_select(&index, 0)
-        .and_then(|t| t.reshape(dims))
+        .and_then(|x| x.reshape(t.dims.as_slice()))
         .map_err(|e| e.to_string())
 }
 
-/// Whether `strides` are the row-major strides of `dims`.
+/// The number of elements of `t`, once checked that its shape and strides match and that its
+/// elements are distinct places of a storage of `stored` elements (a weight never repeats one,
+/// as an `expand`ed tensor would), in reach of a `u32` index.
+fn extent(t: &TensorRef, stored: usize) -> std::result::Result<usize, String> {
+    let (dims, strides, offset) = (&t.dims, &t.strides, t.offset);
+    if dims.len() != strides.len() {
+        return Err(format!(
+            "its shape {dims:?} and strides {strides:?} have different lengths"
+        ));
+    }
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n == Some(0) {
+        return Ok(0);
+    }
+    // The furthest element: offset + Σ (d − 1)·s.
+    let last = dims.iter().zip(strides).try_fold(offset, |a, (&d, &s)| {
+        (d - 1).checked_mul(s).and_then(|x| a.checked_add(x))
+    });
+    match (n, last) {
+        (Some(n), Some(last)) if last < stored && n <= stored && last <= u32::MAX as usize => Ok(n),
+        _ => Err(format!(
+            "its shape {dims:?} with strides {strides:?} from element {offset} does not fit as \
+             distinct elements in a storage of {stored}"
+        )),
+    }
+}
+
+/// Whether `strides` are the row-major strides of `dims` (of the same length: [`extent`]).
 fn is_row_major(dims: &[usize], strides: &[usize]) -> bool {
     let mut expected = 1;
     for (&d, &s) in dims.iter().zip(strides).rev() {
@@ -370,23 +404,7 @@ fn is_row_major(dims: &[usize], strides: &[usize]) -> bool {
         }
         expected *= d;
     }
-    dims.len() == strides.len()
-}
-
-/// A row-major tensor: its elements are one slice of the storage.
-fn contiguous(bytes: &[u8], dtype: DType, t: &TensorRef) -> std::result::Result<Tensor, String> {
-    let size = dtype.size_in_bytes();
-    let n: usize = t.dims.iter().product();
-    let (start, end) = (t.offset * size, (t.offset + n) * size);
-    if end > bytes.len() {
-        return Err(format!(
-            "its {n} elements from element {} pass the end of a storage of {}",
-            t.offset,
-            bytes.len() / size
-        ));
-    }
-    Tensor::from_raw_buffer(&bytes[start..end], dtype, &t.dims, &Device::Cpu)
-        .map_err(|e| e.to_string())
+    true
 }
 
 /// A pickled integer.

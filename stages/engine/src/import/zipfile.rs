@@ -23,12 +23,12 @@ pub(super) fn read(
         .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
     let pickle = pickle_name(path, &zip)?;
     check_byte_order(path, &mut zip, &pickle)?;
-    let top = {
-        let entry = zip
-            .by_name(&pickle)
-            .map_err(|e| EngineError::invalid(path, &pickle, e.to_string()))?;
-        unpickle(path, &mut BufReader::new(entry), &pickle)?
-    };
+    let mut data = Vec::new();
+    zip.by_name(&pickle)
+        .map_err(|e| EngineError::invalid(path, &pickle, e.to_string()))?
+        .read_to_end(&mut data)
+        .map_err(|e| EngineError::io(path, e))?;
+    let top = unpickle(path, &data, &mut 0, &pickle)?;
     let (refs, key) = tensors(path, &pickle, &top, key)?;
     let dir = pickle.strip_suffix(".pkl").expect("ends with data.pkl");
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
