@@ -143,10 +143,18 @@ fn storage_extents(
             ));
         };
         let place = || format!("storage `{key}`");
-        let class = types.get(key);
-        let size = class.and_then(|c| element_size(c)).ok_or_else(|| {
-            EngineError::invalid(path, place(), format!("of unknown storage type {class:?}"))
-        })?;
+        let size = match types.get(key) {
+            Some(class) => element_size(class).ok_or_else(|| {
+                EngineError::invalid(path, place(), format!("of unknown storage type {class}"))
+            })?,
+            None => {
+                return Err(EngineError::invalid(
+                    path,
+                    place(),
+                    "listed among the storages but used by no tensor of the saved object",
+                ))
+            }
+        };
         let count = data
             .get(at..at + 8)
             .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))

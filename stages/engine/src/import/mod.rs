@@ -116,8 +116,8 @@ fn unpanicked<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
             .unwrap_or("unknown failure");
         Err(EngineError::invalid(
             path,
-            "pickle",
-            format!("the unpickler failed on damaged data: {msg}"),
+            "checkpoint",
+            format!("the reader failed on damaged data: {msg}"),
         ))
     })
 }
@@ -625,8 +625,53 @@ mod tests {
         }
     }
 
+    /// Legacy files as Python 2 wrote names (byte strings: SHORT_BINSTRING, BINSTRING) and
+    /// with an integer of 9 bytes beside the state dict (a seed of 2^64 − 1) hold legacy.pth's
+    /// tensors.
+    #[test]
+    fn python_2_strings_and_huge_integers_are_read() {
+        let reference = read(&fixture("legacy.pth"), None, resnet()).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (file, key) in [
+            ("legacy_py2_strings.pth", None),
+            ("legacy_seeded.pth", Some("model")),
+        ] {
+            let state = read(&fixture(file), None, resnet()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(state.key.as_deref(), key, "{file}");
+            assert_eq!(
+                state.tensors.keys().collect::<Vec<_>>(),
+                reference.tensors.keys().collect::<Vec<_>>(),
+                "{file}"
+            );
+            for (name, t) in &reference.tensors {
+                assert_eq!(values(&state.tensors[name]), values(t), "{file} {name}");
+            }
+        }
+    }
+
+    /// Storage views as PyTorch < 0.4 pickled them (`view_metadata` = view key, offset, size):
+    /// elements are counted from the view's start in the root storage, as PyTorch 2's
+    /// `torch.load` reads the same file (a = [[3, 4], [5, 6]], b = [0, 1, 2] of a storage
+    /// 0, 1, …, 9); a tensor reaching past its view is refused.
+    #[test]
+    fn storage_views_of_old_pytorch_are_read_within_the_view() {
+        let raw = legacy::read(&fixture("legacy_old_views.pth"), None)
+            .unwrap()
+            .0;
+        let a = raw["a"].to_vec2::<f32>().unwrap();
+        assert_eq!(a, [[3.0, 4.0], [5.0, 6.0]]);
+        assert_eq!(raw["b"].to_vec1::<f32>().unwrap(), [0.0, 1.0, 2.0]);
+        let e = legacy::read(&fixture("bad/legacy_out_of_view.pth"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tensor `c`") && e.contains("a view of 6 from element 2"),
+            "{e}"
+        );
+    }
+
     /// float16, bfloat16 and float64 storages are read in their dtype, holding the values
-    /// PyTorch rounded to it; an int32 weight is refused naming the tensor and its storage.
+    /// PyTorch rounded to it; int32 and int64 weights are refused naming the tensor and its storage.
     #[test]
     fn weights_of_every_float_dtype_are_read_and_int_ones_refused() {
         let f32s = read(&fixture("legacy.pth"), None, resnet()).unwrap();
@@ -651,18 +696,21 @@ mod tests {
             };
             assert_eq!(values(got), values(&t.to_dtype(want).unwrap()), "{name}");
         }
-        let e = read(&fixture("bad/int_weight.pth"), None, resnet())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("tensor `conv1.weight`") && e.contains("stored as IntStorage"),
-            "{e}"
-        );
+        for (file, class) in [("int_weight", "IntStorage"), ("long_weight", "LongStorage")] {
+            let e = read(&fixture(&format!("bad/{file}.pth")), None, resnet())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("tensor `conv1.weight`") && e.contains(&format!("stored as {class}")),
+                "{e}"
+            );
+        }
     }
 
-    /// Damaged pickles are errors naming the file and the place, not panics: an integer of 10
-    /// bytes (which candle's unpickler would shift past 64 bits, a panic with overflow checks)
-    /// and a tensor whose shape does not fit its storage.
+    /// Damaged pickles are errors naming the file and the place, not panics nor exhausted
+    /// memory: objects nested 2,000 deep (`TUPLE1` repeated), a memoised object doubled by 60
+    /// copies of itself (2^60 parts for candle, which copies on every get), and a tensor whose
+    /// shape does not fit its storage.
     #[test]
     fn damaged_pickles_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
@@ -677,22 +725,29 @@ mod tests {
               X\x05\x00\x00\x00shortq\x05K\x02X\x03\x00\x00\x00intq\x06K\x04X\x04\x00\x00\x00\
               longq\x07K\x08uu.",
         );
-        let long = dir.path().join("long.pth");
-        std::fs::write(
-            &long,
-            [head.as_slice(), b"\x80\x02\x8a\x0a0123456789."].concat(),
-        )
-        .unwrap();
-        let e = read(&long, None, resnet()).unwrap_err().to_string();
-        assert!(
-            e.contains("long.pth")
-                && e.contains("the saved object (4th pickle)")
-                && e.contains(&format!(
-                    "an integer of 10 bytes at byte {}",
-                    head.len() + 2
-                )),
-            "{e}"
-        );
+        let deep = [b"\x80\x02N".as_slice(), &[0x85; 2000], b"."].concat();
+        let bomb = [
+            b"\x80\x02Nq\x00".as_slice(),
+            &b"h\x00h\x00\x86q\x00".repeat(60),
+            b".",
+        ]
+        .concat();
+        for (file, pickle, what, at) in [
+            // PROTO, NONE, then the 1000th TUPLE1 nests 1001 deep.
+            ("deep.pth", deep, "nested more than 1000 deep", 2 + 1 + 999),
+            ("bomb.pth", bomb, "memoised objects copied over and over", 0),
+        ] {
+            let p = dir.path().join(file);
+            std::fs::write(&p, [head.as_slice(), &pickle].concat()).unwrap();
+            let e = read(&p, None, resnet()).unwrap_err().to_string();
+            assert!(
+                e.contains(file) && e.contains("the saved object (4th pickle)") && e.contains(what),
+                "{e}"
+            );
+            if at > 0 {
+                assert!(e.contains(&format!("at byte {}", head.len() + at)), "{e}");
+            }
+        }
 
         // legacy.pth with `conv1.weight`'s size (2, 3, 3, 3) made (2, 3, 3, 9): 162 elements
         // of a storage of 54.

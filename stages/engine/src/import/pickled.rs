@@ -24,12 +24,17 @@ pub(super) struct TensorRef {
     pub class: String,
     /// Elements before the first, counting a storage view's offset.
     pub offset: usize,
+    /// The part of the storage a view of it (PyTorch < 0.4) covers: first element and length.
+    pub view: Option<(usize, usize)>,
     pub dims: Vec<usize>,
     pub strides: Vec<usize>,
 }
 
 /// The pickle starting at byte `*at` of `data`, read with candle's unpickler; `*at` is left
-/// just after its `STOP`.
+/// just after its `STOP`. Three kinds of opcode are given to candle in another form: Python 2's
+/// byte strings (`SHORT_BINSTRING`, `BINSTRING`: PyTorch 0.x under Python 2 wrote names so) as
+/// the same text, and integers of more than 8 bytes (a saved seed of 2^63 or more), which
+/// candle would shift past 64 bits, as `None`. [`Shape`] bounds what the pickle builds.
 pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> Result<Object> {
     let cannot = |e: String| {
         EngineError::invalid(
@@ -44,17 +49,45 @@ pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> 
     let mut r = std::io::Cursor::new(data);
     r.set_position(*at as u64);
     let mut stack = Stack::empty();
+    let mut shape = Shape::new(data.len());
     loop {
         let op = r.position() as usize;
-        // candle shifts LONG1's bytes into an i64: more than 8 overflow it.
-        if let (Some(0x8a), Some(&n)) = (data.get(op), data.get(op + 1)) {
-            if n > 8 {
-                return Err(cannot(format!(
-                    "an integer of {n} bytes at byte {op}; up to 8 are read"
-                )));
+        let code = *data
+            .get(op)
+            .ok_or_else(|| cannot("no STOP before the end".into()))?;
+        shape
+            .step(code, data.get(op + 1..).unwrap_or_default())
+            .map_err(|e| EngineError::invalid(path, what, format!("{e} at byte {op}")))?;
+        let substitute = match (code, data.get(op + 1)) {
+            (b'U', Some(&n)) => Some((2 + n as usize, 2)),
+            (b'T', Some(_)) => data.get(op + 1..op + 5).map(|b| {
+                (
+                    5 + u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize,
+                    5,
+                )
+            }),
+            (0x8a, Some(&n)) if n > 8 => Some((2 + n as usize, 0)),
+            _ => None,
+        };
+        let done = match substitute {
+            Some((len, head)) => {
+                let bytes = data.get(op..op + len).ok_or_else(|| {
+                    cannot(format!("opcode {code:#04x} at byte {op} passes the end"))
+                })?;
+                let mut op_code = Vec::with_capacity(len + 3);
+                if head == 0 {
+                    op_code.push(b'N');
+                } else {
+                    op_code.push(b'X');
+                    op_code.extend_from_slice(&((len - head) as u32).to_le_bytes());
+                    op_code.extend_from_slice(&bytes[head..]);
+                }
+                r.set_position((op + len) as u64);
+                stack.read(&mut std::io::Cursor::new(op_code))
             }
-        }
-        match stack.read(&mut r) {
+            None => stack.read(&mut r),
+        };
+        match done {
             Ok(true) => break,
             Ok(false) => {}
             Err(e) => return Err(cannot(e.to_string())),
@@ -62,6 +95,127 @@ pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> 
     }
     *at = r.position() as usize;
     stack.finalize().map_err(|e| cannot(e.to_string()))
+}
+
+/// The depth and size of what a pickle builds, followed opcode by opcode beside candle's
+/// unpickler, which builds it without bounds: a few bytes can nest objects deeper than a stack
+/// can drop them (`TUPLE1` repeated) or, since candle copies memoised objects on every get,
+/// double their size with each get (`BINGET 0, BINGET 0, TUPLE2, BINPUT 0` repeated). Each
+/// stack entry is followed as (depth, parts); a mark as `None`.
+struct Shape {
+    stack: Vec<Option<(u32, u64)>>,
+    memo: HashMap<u32, (u32, u64)>,
+    /// Parts built so far, counting every copy.
+    built: u64,
+    budget: u64,
+}
+
+/// Deeper nesting than any checkpoint has; far below what dropping it recursively needs.
+const MAX_DEPTH: u32 = 1000;
+
+impl Shape {
+    fn new(len: usize) -> Shape {
+        Shape {
+            stack: Vec::new(),
+            memo: HashMap::new(),
+            built: 0,
+            // Every byte of a pickle builds a part or two; copies of memoised objects add to it.
+            budget: 64 * len as u64 + 1_000_000,
+        }
+    }
+
+    /// Follows opcode `code`, whose arguments start `args`.
+    fn step(&mut self, code: u8, args: &[u8]) -> std::result::Result<(), String> {
+        let id = |n: usize| -> u32 {
+            let mut b = [0u8; 4];
+            b[..n.min(args.len())].copy_from_slice(&args[..n.min(args.len())]);
+            u32::from_le_bytes(b)
+        };
+        match code {
+            b'(' => self.stack.push(None),
+            // Pushes of a leaf.
+            b'c' | b')' | b'X' | b'U' | b'T' | b'J' | b'K' | b'M' | 0x88 | 0x89 | b'N' | b'}'
+            | b']' | b'G' | 0x8a => self.push((1, 1))?,
+            // candle's memo holds a copy of what is put.
+            b'q' | b'r' => {
+                let top = self.stack.last().copied().flatten().unwrap_or((1, 1));
+                self.memo.insert(id(if code == b'q' { 1 } else { 4 }), top);
+                self.count(top.1)?;
+            }
+            b'h' | b'j' => {
+                let got = self.memo.get(&id(if code == b'h' { 1 } else { 4 }));
+                self.push(got.copied().unwrap_or((1, 1)))?
+            }
+            b'Q' => self.combine(1, false)?,
+            0x85 => self.combine(1, false)?,
+            0x86 | b'R' | 0x81 | b'b' => self.combine(2, false)?,
+            0x87 => self.combine(3, false)?,
+            b't' | b'd' => self.combine(self.to_mark(), true)?,
+            // Into the object below: SETITEM, APPEND; SETITEMS, APPENDS from a mark.
+            b's' => self.combine_into(2, false)?,
+            b'a' => self.combine_into(1, false)?,
+            b'u' | b'e' => self.combine_into(self.to_mark(), true)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Entries above the topmost mark.
+    fn to_mark(&self) -> usize {
+        self.stack.iter().rev().take_while(|e| e.is_some()).count()
+    }
+
+    /// Pushes an entry of `parts` new parts.
+    fn push(&mut self, (depth, parts): (u32, u64)) -> std::result::Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("objects nested more than {MAX_DEPTH} deep"));
+        }
+        self.count(parts)?;
+        self.stack.push(Some((depth, parts)));
+        Ok(())
+    }
+
+    /// Counts `parts` new parts against the budget.
+    fn count(&mut self, parts: u64) -> std::result::Result<(), String> {
+        self.built = self.built.saturating_add(parts);
+        if self.built > self.budget {
+            return Err(format!(
+                "more than {} objects built (memoised objects copied over and over)",
+                self.budget
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pops `n` entries (and the mark under them) into what they build.
+    fn popped(&mut self, n: usize, mark: bool) -> (u32, u64) {
+        let from = self.stack.len().saturating_sub(n);
+        let (mut depth, mut parts) = (0, 1u64);
+        for (d, p) in self.stack.drain(from..).flatten() {
+            depth = depth.max(d);
+            parts = parts.saturating_add(p);
+        }
+        if mark {
+            self.stack.pop();
+        }
+        (depth + 1, parts)
+    }
+
+    /// Replaces `n` entries (and their mark) by one holding them: one new part.
+    fn combine(&mut self, n: usize, mark: bool) -> std::result::Result<(), String> {
+        let (depth, parts) = self.popped(n, mark);
+        self.built = self.built.saturating_sub(parts - 1);
+        self.push((depth, parts))
+    }
+
+    /// Moves `n` entries (and their mark) into the entry below them: no new part.
+    fn combine_into(&mut self, n: usize, mark: bool) -> std::result::Result<(), String> {
+        let (depth, parts) = self.popped(n, mark);
+        let (d, p) = self.stack.pop().flatten().unwrap_or((1, 1));
+        let total = p.saturating_add(parts - 1);
+        self.built = self.built.saturating_sub(total);
+        self.push((d.max(depth), total))
+    }
 }
 
 /// Whether a pickled object is a tensor (or an `nn.Parameter`).
@@ -242,21 +396,24 @@ fn rebuild_args(args: &[Object]) -> std::result::Result<TensorRef, String> {
         }
         _ => return Err(format!("unexpected storage id {id:?}")),
     };
-    // A view of part of a storage (PyTorch < 0.4 pickled them) starts `view offset` elements in.
-    let (storage, view_offset) = match view {
-        Object::None => (key.clone(), 0),
+    // A view of part of a storage (PyTorch < 0.4 pickled them): `(view key, offset, size)` in
+    // elements of the root storage, whose key the id holds; the tensor lies within the view.
+    let view = match view {
+        Object::None => None,
         Object::Tuple(v) => match v.as_slice() {
-            [Object::Unicode(root), off, _size] => (root.clone(), int(off)?),
+            [Object::Unicode(_), off, len] => Some((int(off)?, int(len)?)),
             _ => return Err(format!("unexpected storage view {v:?}")),
         },
         other => return Err(format!("unexpected storage view {other:?}")),
     };
+    let offset = int(offset)?;
     Ok(TensorRef {
-        storage,
+        storage: key.clone(),
         class: class.to_owned(),
-        offset: view_offset
-            .checked_add(int(offset)?)
+        offset: view
+            .map_or(Some(offset), |(start, _)| start.checked_add(offset))
             .ok_or("its offset overflows")?,
+        view,
         dims: ints(size)?,
         strides: ints(stride)?,
     })
@@ -292,12 +449,10 @@ fn dtype_of(class: &str) -> std::result::Result<DType, String> {
         "DoubleStorage" => DType::F64,
         "HalfStorage" => DType::F16,
         "BFloat16Storage" => DType::BF16,
-        "LongStorage" => DType::I64,
-        "ByteStorage" => DType::U8,
         other => {
             return Err(format!(
-                "stored as {other}; weights are read from float, double, half, bfloat16, long or \
-                 byte storages"
+                "stored as {other}; weights are read from float, double, half and bfloat16 \
+                 storages"
             ))
         }
     })
@@ -341,6 +496,9 @@ pub(super) fn materialise(bytes: &[u8], t: &TensorRef) -> std::result::Result<Te
     let size = dtype.size_in_bytes();
     let stored = bytes.len() / size;
     let n = extent(t, stored)?;
+    if n == 0 {
+        return Tensor::zeros(t.dims.as_slice(), dtype, &Device::Cpu).map_err(|e| e.to_string());
+    }
     if is_row_major(&t.dims, &t.strides) {
         let start = t.offset * size;
         return Tensor::from_raw_buffer(
@@ -350,6 +508,12 @@ pub(super) fn materialise(bytes: &[u8], t: &TensorRef) -> std::result::Result<Te
             &Device::Cpu,
         )
         .map_err(|e| e.to_string());
+    }
+    if stored > u32::MAX as usize {
+        return Err(format!(
+            "strided in a storage of {stored} elements; strided tensors are read from storages \
+             of up to 2^32"
+        ));
     }
     // Each element's place in the storage, in row-major order of the shape.
     let mut at = vec![t.offset as u32];
@@ -368,9 +532,9 @@ pub(super) fn materialise(bytes: &[u8], t: &TensorRef) -> std::result::Result<Te
         .map_err(|e| e.to_string())
 }
 
-/// The number of elements of `t`, once checked that its shape and strides match and that its
-/// elements are distinct places of a storage of `stored` elements (a weight never repeats one,
-/// as an `expand`ed tensor would), in reach of a `u32` index.
+/// The number of elements of `t`, once checked that its shape and strides match and that
+/// every element lies in a storage of `stored` elements (and in its view, if it is one), which
+/// holds at least as many: a weight never repeats elements, as an `expand`ed tensor does.
 fn extent(t: &TensorRef, stored: usize) -> std::result::Result<usize, String> {
     let (dims, strides, offset) = (&t.dims, &t.strides, t.offset);
     if dims.len() != strides.len() {
@@ -378,8 +542,12 @@ fn extent(t: &TensorRef, stored: usize) -> std::result::Result<usize, String> {
             "its shape {dims:?} and strides {strides:?} have different lengths"
         ));
     }
+    let end = match t.view {
+        Some((start, len)) => start.saturating_add(len).min(stored),
+        None => stored,
+    };
     let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if n == Some(0) {
+    if n == Some(0) && offset <= end {
         return Ok(0);
     }
     // The furthest element: offset + Σ (d − 1)·s.
@@ -387,10 +555,13 @@ fn extent(t: &TensorRef, stored: usize) -> std::result::Result<usize, String> {
         (d - 1).checked_mul(s).and_then(|x| a.checked_add(x))
     });
     match (n, last) {
-        (Some(n), Some(last)) if last < stored && n <= stored && last <= u32::MAX as usize => Ok(n),
+        (Some(n), Some(last)) if last < end && n <= stored => Ok(n),
         _ => Err(format!(
-            "its shape {dims:?} with strides {strides:?} from element {offset} does not fit as \
-             distinct elements in a storage of {stored}"
+            "its shape {dims:?} with strides {strides:?} from element {offset} does not fit a \
+             storage of {stored} elements{}",
+            t.view
+                .map(|(s, l)| format!(" (a view of {l} from element {s})"))
+                .unwrap_or_default()
         )),
     }
 }

@@ -27,7 +27,7 @@ pub(super) fn read(
     zip.by_name(&pickle)
         .map_err(|e| EngineError::invalid(path, &pickle, e.to_string()))?
         .read_to_end(&mut data)
-        .map_err(|e| EngineError::io(path, e))?;
+        .map_err(|e| EngineError::invalid(path, &pickle, format!("cannot read: {e}")))?;
     let top = unpickle(path, &data, &mut 0, &pickle)?;
     let (refs, key) = tensors(path, &pickle, &top, key)?;
     let dir = pickle.strip_suffix(".pkl").expect("ends with data.pkl");
@@ -39,11 +39,10 @@ pub(super) fn read(
             let entry = format!("{dir}/{}", t.storage);
             let mut bytes = Vec::new();
             zip.by_name(&entry)
+                .and_then(|mut f| Ok(f.read_to_end(&mut bytes)?))
                 .map_err(|e| {
                     EngineError::invalid(path, place(), format!("its storage `{entry}`: {e}"))
-                })?
-                .read_to_end(&mut bytes)
-                .map_err(|e| EngineError::io(path, e))?;
+                })?;
             storages.insert(t.storage.clone(), bytes);
         }
         let tensor = materialise(&storages[&t.storage], &t)
