@@ -62,3 +62,19 @@ impl EngineError {
 
 /// Result alias of the engine.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Runs `f`, turning a panic inside it (a third-party decoder's on damaged input: candle's
+/// unpickler, the parquet crate's pages) into the error `on_panic` makes of its message.
+pub fn unpanicked<T, E>(
+    f: impl FnOnce() -> std::result::Result<T, E>,
+    on_panic: impl FnOnce(&str) -> E,
+) -> std::result::Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(on_panic(msg))
+    })
+}

@@ -178,17 +178,12 @@ pub fn read(
 /// decoders panic, rather than fail, on some damaged pages (e.g. a dictionary-encoded page
 /// without a dictionary page, found by the `label_store` fuzz target).
 pub fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown failure");
-        Err(StageError::invalid(
+    engine::error::unpanicked(f, |msg| {
+        StageError::invalid(
             path,
             "a data page",
             format!("the Parquet decoder failed on damaged data: {msg}"),
-        ))
+        )
     })
 }
 

@@ -105,20 +105,15 @@ pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
 }
 
 /// `read`, with a panic in it turned into an error naming the file: candle's unpickler is not
-/// written for damaged input (the panic known, on a LONG1 of more than 8 bytes, is
-/// refused before candle sees it: [`pickled::unpickle`]).
+/// written for damaged input (the panic known, on a LONG1 of more than 8 bytes, is refused
+/// before candle sees it: [`pickled::unpickle`]).
 fn unpanicked<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|payload| {
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown failure");
-        Err(EngineError::invalid(
+    crate::error::unpanicked(read, |msg| {
+        EngineError::invalid(
             path,
             "checkpoint",
             format!("the reader failed on damaged data: {msg}"),
-        ))
+        )
     })
 }
 
