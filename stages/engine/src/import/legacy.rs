@@ -15,7 +15,7 @@
 //! and for each key in that order a little-endian int64 element count and the elements' bytes.
 //! The tar format of PyTorch < 0.1.10 is not read.
 
-use super::pickled::{element_size, kind, materialise, storage_types, tensors, unpickle};
+use super::pickled::{element_size, kind, materialise_all, storage_types, tensors, unpickle};
 use crate::error::{EngineError, Result};
 use candle_core::pickle::Object;
 use candle_core::Tensor;
@@ -63,23 +63,9 @@ pub(super) fn read(
         }
     };
     let storages = storage_extents(path, data, at, &order, &storage_types(&top))?;
-    let mut out = BTreeMap::new();
-    for (name, t) in refs {
-        let place = || format!("tensor `{name}`");
-        let bytes = storages.get(&t.storage).ok_or_else(|| {
-            EngineError::invalid(
-                path,
-                place(),
-                format!(
-                    "its storage `{}` is not among the file's storages",
-                    t.storage
-                ),
-            )
-        })?;
-        let tensor = materialise(&data[bytes.clone()], &t)
-            .map_err(|e| EngineError::invalid(path, place(), e))?;
-        out.insert(name, tensor);
-    }
+    let out = materialise_all(path, refs, |key| {
+        storages.get(key).map(|extent| &data[extent.clone()])
+    })?;
     Ok((out, key))
 }
 

@@ -398,7 +398,6 @@ mod tests {
     #[test]
     fn other_training_codes_checkpoints_hold_the_same_weights() {
         let reference = read(&fixture("resnet8.pth"), None, resnet()).unwrap();
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (file, key, data_parallel) in [
             ("repdistiller_best.pth", Some("model"), false),
             ("channels_last.pth", None, false),
@@ -408,15 +407,7 @@ mod tests {
                 read(&fixture(file), None, resnet()).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(state.key.as_deref(), key, "{file}");
             assert_eq!(state.data_parallel, data_parallel, "{file}");
-            assert_eq!(
-                state.tensors.keys().collect::<Vec<_>>(),
-                reference.tensors.keys().collect::<Vec<_>>(),
-                "{file}"
-            );
-            for (name, t) in &reference.tensors {
-                assert_eq!(state.tensors[name].dims(), t.dims(), "{file} {name}");
-                assert_eq!(values(&state.tensors[name]), values(t), "{file} {name}");
-            }
+            assert_same_tensors(&state, &reference, file);
         }
     }
 
@@ -602,21 +593,24 @@ mod tests {
             (Format::PthLegacy, Format::Pth)
         );
         zip.tensors.remove("layer4.0.conv1.weight").unwrap();
-        assert_eq!(
-            legacy.tensors.keys().collect::<Vec<_>>(),
-            zip.tensors.keys().collect::<Vec<_>>()
-        );
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (name, t) in &zip.tensors {
-            assert_eq!(legacy.tensors[name].dims(), t.dims(), "{name}");
-            assert_eq!(values(&legacy.tensors[name]), values(t), "{name}");
-        }
+        assert_same_tensors(&legacy, &zip, "legacy.pth");
         // The same state with every tensor a view into one storage at its own offset, the
         // convolutions' weights channels-last.
         let views = read(&fixture("legacy_views.pth"), None, resnet()).unwrap();
-        for (name, t) in &legacy.tensors {
-            assert_eq!(views.tensors[name].dims(), t.dims(), "{name}");
-            assert_eq!(values(&views.tensors[name]), values(t), "{name}");
+        assert_same_tensors(&views, &legacy, "legacy_views.pth");
+    }
+
+    /// `got` holds the tensors `want` holds: the same names, shapes and values.
+    fn assert_same_tensors(got: &StateDict, want: &StateDict, what: &str) {
+        assert_eq!(
+            got.tensors.keys().collect::<Vec<_>>(),
+            want.tensors.keys().collect::<Vec<_>>(),
+            "{what}"
+        );
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (name, t) in &want.tensors {
+            assert_eq!(got.tensors[name].dims(), t.dims(), "{what} {name}");
+            assert_eq!(values(&got.tensors[name]), values(t), "{what} {name}");
         }
     }
 
@@ -626,21 +620,13 @@ mod tests {
     #[test]
     fn python_2_strings_and_huge_integers_are_read() {
         let reference = read(&fixture("legacy.pth"), None, resnet()).unwrap();
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (file, key) in [
             ("legacy_py2_strings.pth", None),
             ("legacy_seeded.pth", Some("model")),
         ] {
             let state = read(&fixture(file), None, resnet()).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(state.key.as_deref(), key, "{file}");
-            assert_eq!(
-                state.tensors.keys().collect::<Vec<_>>(),
-                reference.tensors.keys().collect::<Vec<_>>(),
-                "{file}"
-            );
-            for (name, t) in &reference.tensors {
-                assert_eq!(values(&state.tensors[name]), values(t), "{file} {name}");
-            }
+            assert_same_tensors(&state, &reference, file);
         }
     }
 

@@ -10,7 +10,7 @@ use super::{not_a_weight, STATE_DICT_KEYS};
 use crate::error::{EngineError, Result};
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Tensors by name, with where their elements lie.
@@ -58,32 +58,33 @@ pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> 
         shape
             .step(code, data.get(op + 1..).unwrap_or_default())
             .map_err(|e| EngineError::invalid(path, what, format!("{e} at byte {op}")))?;
-        let substitute = match (code, data.get(op + 1)) {
-            (b'U', Some(&n)) => Some((2 + n as usize, 2)),
-            (b'T', Some(_)) => data.get(op + 1..op + 5).map(|b| {
-                (
-                    5 + u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize,
-                    5,
-                )
-            }),
-            (0x8a, Some(&n)) if n > 8 => Some((2 + n as usize, 0)),
-            _ => None,
+        // The opcode's length (header and argument) and what candle reads in its place.
+        let (len, replacement) = match (code, data.get(op + 1)) {
+            (b'U', Some(&n)) => (2 + n as usize, Some(b'X')),
+            (b'T', Some(_)) => match data.get(op + 1..op + 5) {
+                Some(n) => (
+                    5 + u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize,
+                    Some(b'X'),
+                ),
+                None => (0, None),
+            },
+            (0x8a, Some(&n)) if n > 8 => (2 + n as usize, Some(b'N')),
+            _ => (0, None),
         };
-        let done = match substitute {
-            Some((len, head)) => {
+        let done = match replacement {
+            Some(op_code) => {
                 let bytes = data.get(op..op + len).ok_or_else(|| {
                     cannot(format!("opcode {code:#04x} at byte {op} passes the end"))
                 })?;
-                let mut op_code = Vec::with_capacity(len + 3);
-                if head == 0 {
-                    op_code.push(b'N');
-                } else {
-                    op_code.push(b'X');
-                    op_code.extend_from_slice(&((len - head) as u32).to_le_bytes());
-                    op_code.extend_from_slice(&bytes[head..]);
+                let mut instead = vec![op_code];
+                if op_code == b'X' {
+                    // BINUNICODE: a 4-byte length and the text, after the old header.
+                    let text = &bytes[if code == b'U' { 2 } else { 5 }..];
+                    instead.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                    instead.extend_from_slice(text);
                 }
                 r.set_position((op + len) as u64);
-                stack.read(&mut std::io::Cursor::new(op_code))
+                stack.read(&mut std::io::Cursor::new(instead))
             }
             None => stack.read(&mut r),
         };
@@ -146,8 +147,7 @@ impl Shape {
                 let got = self.memo.get(&id(if code == b'h' { 1 } else { 4 }));
                 self.push(got.copied().unwrap_or((1, 1)))?
             }
-            b'Q' => self.combine(1, false)?,
-            0x85 => self.combine(1, false)?,
+            b'Q' | 0x85 => self.combine(1, false)?,
             0x86 | b'R' | 0x81 | b'b' => self.combine(2, false)?,
             0x87 => self.combine(3, false)?,
             b't' | b'd' => self.combine(self.to_mark(), true)?,
@@ -490,8 +490,34 @@ pub(super) fn storage_types(o: &Object) -> HashMap<String, String> {
     out
 }
 
+/// Builds each tensor of `refs` from the bytes `storage` gives for its storage's key.
+pub(super) fn materialise_all<'a>(
+    path: &Path,
+    refs: Refs,
+    storage: impl Fn(&str) -> Option<&'a [u8]>,
+) -> Result<BTreeMap<String, Tensor>> {
+    refs.into_iter()
+        .map(|(name, t)| {
+            let place = || format!("tensor `{name}`");
+            let bytes = storage(&t.storage).ok_or_else(|| {
+                EngineError::invalid(
+                    path,
+                    place(),
+                    format!(
+                        "its storage `{}` is not among the file's storages",
+                        t.storage
+                    ),
+                )
+            })?;
+            let tensor =
+                materialise(bytes, &t).map_err(|e| EngineError::invalid(path, place(), e))?;
+            Ok((name, tensor))
+        })
+        .collect()
+}
+
 /// The tensor `t` of a storage's little-endian `bytes`, row-major.
-pub(super) fn materialise(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, String> {
+fn materialise(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, String> {
     let dtype = dtype_of(&t.class)?;
     let size = dtype.size_in_bytes();
     let stored = bytes.len() / size;

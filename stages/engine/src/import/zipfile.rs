@@ -2,7 +2,7 @@
 //! `<name>/data.pkl`, the pickled object (see [`super::pickled`]); `<name>/data/<key>`, each
 //! storage's bytes; and from PyTorch 1.10 `<name>/byteorder`.
 
-use super::pickled::{materialise, tensors, unpickle};
+use super::pickled::{materialise_all, tensors, unpickle};
 use crate::error::{EngineError, Result};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
@@ -32,23 +32,23 @@ pub(super) fn read(
     let (refs, key) = tensors(path, &pickle, &top, key)?;
     let dir = pickle.strip_suffix(".pkl").expect("ends with data.pkl");
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
-    let mut out = BTreeMap::new();
-    for (name, t) in refs {
-        let place = || format!("tensor `{name}`");
+    for (name, t) in &refs {
         if !storages.contains_key(&t.storage) {
             let entry = format!("{dir}/{}", t.storage);
             let mut bytes = Vec::new();
             zip.by_name(&entry)
                 .and_then(|mut f| Ok(f.read_to_end(&mut bytes)?))
                 .map_err(|e| {
-                    EngineError::invalid(path, place(), format!("its storage `{entry}`: {e}"))
+                    EngineError::invalid(
+                        path,
+                        format!("tensor `{name}`"),
+                        format!("its storage `{entry}`: {e}"),
+                    )
                 })?;
             storages.insert(t.storage.clone(), bytes);
         }
-        let tensor = materialise(&storages[&t.storage], &t)
-            .map_err(|e| EngineError::invalid(path, place(), e))?;
-        out.insert(name, tensor);
     }
+    let out = materialise_all(path, refs, |key| storages.get(key).map(Vec::as_slice))?;
     Ok((out, key))
 }
 
