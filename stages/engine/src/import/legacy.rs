@@ -1,6 +1,7 @@
 //! PyTorch's legacy checkpoint format: what `torch.save` wrote before PyTorch 1.6, and still
-//! writes with `_use_new_zipfile_serialization=False`. Most published CIFAR teachers of
-//! 2017–2020 (akamaster/pytorch_resnet_cifar10's, RepDistiller's) are in it.
+//! writes with `_use_new_zipfile_serialization=False`. Published CIFAR teachers of 2017–2020
+//! are in it: akamaster/pytorch_resnet_cifar10's (read in the tests), and by their dates
+//! RepDistiller's.
 //!
 //! The file is one stream (torch/serialization.py, `_legacy_save`): five pickles, then the
 //! storages' bytes.
