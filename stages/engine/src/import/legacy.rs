@@ -17,25 +17,26 @@
 //! The tar format of PyTorch < 0.1.10 is not read.
 
 use super::pickled::{element_size, kind, materialise_all, storage_types, tensors, unpickle};
+use super::unpickler::{self, Pickle, Value};
 use crate::error::{EngineError, Result};
-use candle_core::pickle::Object;
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::Path;
 
-/// The first pickle of a legacy file: protocol 2, `LONG1` of 10 bytes, the magic number
-/// (little-endian), `STOP`.
-const MAGIC: [u8; 15] = [
-    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e,
-];
+/// The magic number 0x1950a86a20f9469cfc6c, the first pickle of a legacy file, as pickle
+/// holds it: little-endian two's complement (`LONG1` of 10 bytes under protocol 2).
+const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
 /// The protocol version `_legacy_save` writes (the only one there is).
-const PROTOCOL_VERSION: i32 = 1001;
+const PROTOCOL_VERSION: i64 = 1001;
 
-/// Whether a file starting with `head` is a legacy checkpoint.
-pub(super) fn is_legacy(head: &[u8]) -> bool {
-    head.starts_with(&MAGIC)
+/// Where the first pickle ends if `data` starts with the pickled magic number (of any pickle
+/// protocol: `pickle_protocol` was an argument of `torch.save`), `None` if it does not.
+pub(super) fn after_magic(data: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    let magic = unpickler::unpickle(data, &mut at).ok()?;
+    matches!(magic.get(magic.root), Value::BigInt(b) if *b == MAGIC).then_some(at)
 }
 
 /// The tensors of the state dict in a legacy checkpoint, by their names in the file, and the
@@ -53,17 +54,15 @@ pub(super) fn read(
     let top = unpickle(path, data, &mut at, SAVED)?;
     let (refs, key) = tensors(path, SAVED, &top, key)?;
     const KEYS: &str = "the storage keys (5th pickle)";
-    let order = match unpickle(path, data, &mut at, KEYS)? {
-        Object::List(keys) => keys,
-        other => {
-            return Err(EngineError::invalid(
-                path,
-                KEYS,
-                format!("expected a list of keys, found {}", kind(&other)),
-            ))
-        }
+    let keys = unpickle(path, data, &mut at, KEYS)?;
+    let Value::List(order) = keys.get(keys.root) else {
+        return Err(EngineError::invalid(
+            path,
+            KEYS,
+            format!("expected a list of keys, found {}", kind(&keys, keys.root)),
+        ));
     };
-    let storages = storage_extents(path, data, at, &order, &storage_types(&top))?;
+    let storages = storage_extents(path, data, at, (&keys, order), &storage_types(&top))?;
     let out = materialise_all(path, refs, |key| {
         storages.get(key).map(|extent| &data[extent.clone()])
     })?;
@@ -73,32 +72,29 @@ pub(super) fn read(
 /// Checks the first three pickles: the magic number, the protocol version and a little-endian
 /// `sys_info`; returns where the next one starts.
 fn read_header(path: &Path, data: &[u8]) -> Result<usize> {
-    if !is_legacy(data) {
+    let Some(mut at) = after_magic(data) else {
         return Err(EngineError::invalid(
             path,
             "file header",
-            "not the magic number of a legacy `torch.save` file written with pickle protocol 2",
+            "not the magic number of a legacy `torch.save` file",
         ));
-    }
-    let mut at = MAGIC.len();
+    };
     let version = unpickle(path, data, &mut at, "the protocol version (2nd pickle)")?;
-    if version != Object::Int(PROTOCOL_VERSION) {
+    if version.get(version.root) != &Value::Int(PROTOCOL_VERSION) {
         return Err(EngineError::invalid(
             path,
             "the protocol version (2nd pickle)",
-            format!("expected {PROTOCOL_VERSION}, found {version:?}"),
+            format!(
+                "expected {PROTOCOL_VERSION}, found {}",
+                version.describe(version.root)
+            ),
         ));
     }
-    let little = match unpickle(path, data, &mut at, "sys_info (3rd pickle)")? {
-        Object::Dict(entries) => entries
-            .into_iter()
-            .find(|(k, _)| *k == Object::Unicode("little_endian".into()))
-            .map(|(_, v)| v),
-        _ => None,
-    };
+    let info = unpickle(path, data, &mut at, "sys_info (3rd pickle)")?;
+    let little = info.lookup(info.root, "little_endian").map(|v| info.get(v));
     match little {
-        Some(Object::Bool(true)) => Ok(at),
-        Some(Object::Bool(false)) => Err(EngineError::invalid(
+        Some(Value::Bool(true)) => Ok(at),
+        Some(Value::Bool(false)) => Err(EngineError::invalid(
             path,
             "sys_info (3rd pickle)",
             "storages in big-endian byte order; only little-endian ones are read",
@@ -117,16 +113,16 @@ fn storage_extents(
     path: &Path,
     data: &[u8],
     mut at: usize,
-    keys: &[Object],
+    (pickle, keys): (&Pickle, &[usize]),
     types: &HashMap<String, String>,
 ) -> Result<HashMap<String, Range<usize>>> {
     let mut out = HashMap::new();
-    for key in keys {
-        let Object::Unicode(key) = key else {
+    for &id in keys {
+        let Some(key) = pickle.str(id) else {
             return Err(EngineError::invalid(
                 path,
                 "the storage keys (5th pickle)",
-                format!("a key {key:?}, expected a string"),
+                format!("a key {}, expected a string", pickle.describe(id)),
             ));
         };
         let place = || format!("storage `{key}`");
@@ -165,7 +161,7 @@ fn storage_extents(
                     ),
                 )
             })?;
-        out.insert(key.clone(), at..end);
+        out.insert(key.to_owned(), at..end);
         at = end;
     }
     if at == data.len() {

@@ -26,6 +26,7 @@ use std::path::Path;
 
 mod legacy;
 mod pickled;
+mod unpickler;
 mod zipfile;
 
 /// The file format of a checkpoint, told by its first bytes.
@@ -104,9 +105,9 @@ pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
     })
 }
 
-/// `read`, with a panic in it turned into an error naming the file: candle's unpickler is not
-/// written for damaged input (the panic known, on a LONG1 of more than 8 bytes, is refused
-/// before candle sees it: [`pickled::unpickle`]).
+/// `read`, with a panic in it turned into an error naming the file: a guard around the third
+/// parties' code the readers call (the zip crate, candle's tensor constructors) on damaged
+/// input; no such panic is known.
 fn unpanicked<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
     crate::error::unpanicked(read, |msg| {
         EngineError::invalid(
@@ -119,17 +120,20 @@ fn unpanicked<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// The format of `path` by its first bytes: a zip archive is a PyTorch checkpoint, the pickled
 /// magic number a legacy one, an 8-byte header length followed by `{` a safetensors file; any
-/// other pickle (`pickle.dump` of tensors, a legacy file of another pickle protocol) is refused
-/// with what to do.
+/// other pickle (`pickle.dump` of tensors) is refused with what to do.
 fn sniff(path: &Path) -> Result<Format> {
-    let mut head = [0u8; 16];
-    let mut f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let n = f.read(&mut head).map_err(|e| EngineError::io(path, e))?;
-    let head = &head[..n];
+    // Room for the magic number pickled under protocol 0 (`L119547037146038801333356L\n.`)
+    // or with protocol 4's frame header.
+    let mut head = Vec::with_capacity(64);
+    let f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    f.take(64)
+        .read_to_end(&mut head)
+        .map_err(|e| EngineError::io(path, e))?;
+    let (head, n) = (head.as_slice(), head.len());
     if head.starts_with(b"PK\x03\x04") {
         return Ok(Format::Pth);
     }
-    if legacy::is_legacy(head) {
+    if legacy::after_magic(head).is_some() {
         return Ok(Format::PthLegacy);
     }
     if n >= 9 && head[8] == b'{' {
@@ -139,8 +143,8 @@ fn sniff(path: &Path) -> Result<Format> {
         return Err(EngineError::invalid(
             path,
             "file header",
-            "a pickle, but neither `torch.save`'s zip format nor its legacy format with pickle \
-             protocol 2: load it in PyTorch and save it again with `torch.save(state_dict, path)`",
+            "a pickle, but neither `torch.save`'s zip format nor its legacy format: load it in \
+             PyTorch and save it again with `torch.save(state_dict, path)`",
         ));
     }
     Err(EngineError::invalid(
@@ -614,6 +618,35 @@ mod tests {
         }
     }
 
+    /// A network saved whole (`torch.save(model)`, zip and legacy formats), traced to a
+    /// TorchScript archive, a state dict referenced twice in a checkpoint of pickle protocol 4,
+    /// and a legacy file of protocol 4 all hold the tensors `model.state_dict()` gave PyTorch,
+    /// by the same names (make_module_fixtures.py, from akamaster's ResNet class, with a
+    /// non-persistent buffer `scratch` that only TorchScript's `state_dict()` holds).
+    #[test]
+    fn whole_modules_torchscript_and_protocol_4_hold_the_state_dicts_tensors() {
+        let reference = read(&fixture("module_resnet8_state.pth"), None, resnet()).unwrap();
+        assert_eq!(reference.naming, Naming::Kuangliu);
+        for (file, key, format) in [
+            ("module_resnet8.pth", None, Format::Pth),
+            ("module_resnet8_legacy.pth", None, Format::PthLegacy),
+            ("traced_resnet8.pt", None, Format::Pth),
+            ("shared_protocol4.pth", Some("model"), Format::Pth),
+            ("shared_protocol4.pth", Some("ema"), Format::Pth),
+            ("legacy_protocol4.pth", None, Format::PthLegacy),
+        ] {
+            let mut got = read(&fixture(file), key, resnet())
+                .unwrap_or_else(|e| panic!("{file} {key:?}: {e}"));
+            // The network's non-persistent buffer: TorchScript keeps no such flag, and its
+            // `state_dict()` holds the buffer too; the others leave it out as PyTorch does.
+            let scripted = file.ends_with(".pt");
+            assert_eq!(got.tensors.remove("scratch").is_some(), scripted, "{file}");
+            assert_eq!(got.format, format, "{file}");
+            assert_eq!(got.key.as_deref(), key, "{file}");
+            assert_same_tensors(&got, &reference, &format!("{file} {key:?}"));
+        }
+    }
+
     /// Legacy files as Python 2 wrote names (byte strings: SHORT_BINSTRING, BINSTRING) and
     /// with an integer of 9 bytes beside the state dict (a seed of 2^64 − 1) hold legacy.pth's
     /// tensors.
@@ -689,9 +722,10 @@ mod tests {
     }
 
     /// Damaged pickles are errors naming the file and the place, not panics nor exhausted
-    /// memory: objects nested 2,000 deep (`TUPLE1` repeated), a memoised object doubled by 60
-    /// copies of itself (2^60 parts for candle, which copies on every get), and a tensor whose
-    /// shape does not fit its storage.
+    /// memory: objects nested a million deep (`TUPLE1` repeated: a stack overflow for a
+    /// recursive reader, when dropped), a memoised object doubled by 60 references to itself
+    /// (2^60 parts for a reader that copies memoised objects, as candle's did), a truncated
+    /// pickle, and a tensor whose shape does not fit its storage.
     #[test]
     fn damaged_pickles_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
@@ -706,17 +740,31 @@ mod tests {
               X\x05\x00\x00\x00shortq\x05K\x02X\x03\x00\x00\x00intq\x06K\x04X\x04\x00\x00\x00\
               longq\x07K\x08uu.",
         );
-        let deep = [b"\x80\x02N".as_slice(), &[0x85; 2000], b"."].concat();
+        let deep = [b"\x80\x02N".as_slice(), &[0x85; 1_000_000], b"."].concat();
         let bomb = [
             b"\x80\x02Nq\x00".as_slice(),
             &b"h\x00h\x00\x86q\x00".repeat(60),
             b".",
         ]
         .concat();
+        // A dict of one key whose value is cut off.
+        let cut = b"\x80\x02}q\x00X\x01\x00\x00\x00a".to_vec();
         for (file, pickle, what, at) in [
-            // PROTO, NONE, then the 1000th TUPLE1 nests 1001 deep.
-            ("deep.pth", deep, "nested more than 1000 deep", 2 + 1 + 999),
-            ("bomb.pth", bomb, "memoised objects copied over and over", 0),
+            ("deep.pth", deep, "top level is a tuple", None),
+            ("bomb.pth", bomb, "top level is a tuple", None),
+            (
+                "cut.pth",
+                cut,
+                "cannot unpickle: no STOP before the end",
+                None,
+            ),
+            // MARK, then TUPLE2 with nothing above the mark.
+            (
+                "mark.pth",
+                b"\x80\x02NN(\x86.".to_vec(),
+                "too few values",
+                Some(5),
+            ),
         ] {
             let p = dir.path().join(file);
             std::fs::write(&p, [head.as_slice(), &pickle].concat()).unwrap();
@@ -725,7 +773,7 @@ mod tests {
                 e.contains(file) && e.contains("the saved object (4th pickle)") && e.contains(what),
                 "{e}"
             );
-            if at > 0 {
+            if let Some(at) = at {
                 assert!(e.contains(&format!("at byte {}", head.len() + at)), "{e}");
             }
         }
@@ -777,7 +825,7 @@ mod tests {
         std::fs::write(&other, b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00.").unwrap();
         let e = read(&other, None, resnet()).unwrap_err().to_string();
         assert!(
-            e.contains("file header") && e.contains("legacy format with pickle protocol 2"),
+            e.contains("file header") && e.contains("nor its legacy format"),
             "{e}"
         );
     }

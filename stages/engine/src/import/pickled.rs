@@ -6,9 +6,9 @@
 //! The formats differ only in where the pickle and the storages are ([`super::zipfile`],
 //! [`super::legacy`]).
 
+use super::unpickler::{self, Id, Pickle, Value};
 use super::{not_a_weight, STATE_DICT_KEYS};
 use crate::error::{EngineError, Result};
-use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -30,255 +30,81 @@ pub(super) struct TensorRef {
     pub strides: Vec<usize>,
 }
 
-/// The pickle starting at byte `*at` of `data`, read with candle's unpickler; `*at` is left
-/// just after its `STOP`. Three kinds of opcode are given to candle in another form: Python 2's
-/// byte strings (`SHORT_BINSTRING`, `BINSTRING`: PyTorch 0.x under Python 2 wrote names so) as
-/// the same text, and integers of more than 8 bytes (a saved seed of 2^63 or more), which
-/// candle would shift past 64 bits, as `None`. [`Shape`] bounds what the pickle builds.
-pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> Result<Object> {
-    let cannot = |e: String| {
-        EngineError::invalid(
-            path,
-            what,
-            format!(
-                "cannot unpickle: {e} (torch.save's default pickle protocol 2 is read; a file \
-                 saved with another `pickle_protocol` may not be)"
-            ),
-        )
-    };
-    let mut r = std::io::Cursor::new(data);
-    r.set_position(*at as u64);
-    let mut stack = Stack::empty();
-    let mut shape = Shape::new(data.len());
-    loop {
-        let op = r.position() as usize;
-        let code = *data
-            .get(op)
-            .ok_or_else(|| cannot("no STOP before the end".into()))?;
-        shape
-            .step(code, data.get(op + 1..).unwrap_or_default())
-            .map_err(|e| EngineError::invalid(path, what, format!("{e} at byte {op}")))?;
-        // The opcode's length (header and argument) and what candle reads in its place.
-        let (len, replacement) = match (code, data.get(op + 1)) {
-            (b'U', Some(&n)) => (2 + n as usize, Some(b'X')),
-            (b'T', Some(_)) => match data.get(op + 1..op + 5) {
-                Some(n) => (
-                    5 + u32::from_le_bytes(n.try_into().expect("4 bytes")) as usize,
-                    Some(b'X'),
-                ),
-                None => (0, None),
-            },
-            (0x8a, Some(&n)) if n > 8 => (2 + n as usize, Some(b'N')),
-            _ => (0, None),
-        };
-        let done = match replacement {
-            Some(op_code) => {
-                let bytes = data.get(op..op + len).ok_or_else(|| {
-                    cannot(format!("opcode {code:#04x} at byte {op} passes the end"))
-                })?;
-                let mut instead = vec![op_code];
-                if op_code == b'X' {
-                    // BINUNICODE: a 4-byte length and the text, after the old header.
-                    let text = &bytes[if code == b'U' { 2 } else { 5 }..];
-                    instead.extend_from_slice(&(text.len() as u32).to_le_bytes());
-                    instead.extend_from_slice(text);
-                }
-                r.set_position((op + len) as u64);
-                stack.read(&mut std::io::Cursor::new(instead))
-            }
-            None => stack.read(&mut r),
-        };
-        match done {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => return Err(cannot(e.to_string())),
-        }
-    }
-    *at = r.position() as usize;
-    stack.finalize().map_err(|e| cannot(e.to_string()))
+/// The pickle starting at byte `*at` of `data` (the part of the file named `what`), run by
+/// [`unpickler`]; `*at` is left just after its `STOP`.
+pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> Result<Pickle> {
+    unpickler::unpickle(data, at)
+        .map_err(|e| EngineError::invalid(path, what, format!("cannot unpickle: {e}")))
 }
 
-/// The depth and size of what a pickle builds, followed opcode by opcode beside candle's
-/// unpickler, which builds it without bounds: a few bytes can nest objects deeper than a stack
-/// can drop them (`TUPLE1` repeated) or, since candle copies memoised objects on every get,
-/// double their size with each get (`BINGET 0, BINGET 0, TUPLE2, BINPUT 0` repeated). Each
-/// stack entry is followed as (depth, parts); a mark as `None`.
-struct Shape {
-    stack: Vec<Option<(u32, u64)>>,
-    memo: HashMap<u32, (u32, u64)>,
-    /// Parts built so far, counting every copy.
-    built: u64,
-    budget: u64,
-}
-
-/// Deeper nesting than any checkpoint has; far below what dropping it recursively needs.
-const MAX_DEPTH: u32 = 1000;
-
-impl Shape {
-    fn new(len: usize) -> Shape {
-        Shape {
-            stack: Vec::new(),
-            memo: HashMap::new(),
-            built: 0,
-            // Every byte of a pickle builds a part or two; copies of memoised objects add to it.
-            budget: 64 * len as u64 + 1_000_000,
-        }
-    }
-
-    /// Follows opcode `code`, whose arguments start `args`.
-    fn step(&mut self, code: u8, args: &[u8]) -> std::result::Result<(), String> {
-        let id = |n: usize| -> u32 {
-            let mut b = [0u8; 4];
-            b[..n.min(args.len())].copy_from_slice(&args[..n.min(args.len())]);
-            u32::from_le_bytes(b)
-        };
-        match code {
-            b'(' => self.stack.push(None),
-            // Pushes of a leaf.
-            b'c' | b')' | b'X' | b'U' | b'T' | b'J' | b'K' | b'M' | 0x88 | 0x89 | b'N' | b'}'
-            | b']' | b'G' | 0x8a => self.push((1, 1))?,
-            // candle's memo holds a copy of what is put.
-            b'q' | b'r' => {
-                let top = self.stack.last().copied().flatten().unwrap_or((1, 1));
-                self.memo.insert(id(if code == b'q' { 1 } else { 4 }), top);
-                self.count(top.1)?;
-            }
-            b'h' | b'j' => {
-                let got = self.memo.get(&id(if code == b'h' { 1 } else { 4 }));
-                self.push(got.copied().unwrap_or((1, 1)))?
-            }
-            b'Q' | 0x85 => self.combine(1, false)?,
-            0x86 | b'R' | 0x81 | b'b' => self.combine(2, false)?,
-            0x87 => self.combine(3, false)?,
-            b't' | b'd' => self.combine(self.to_mark(), true)?,
-            // Into the object below: SETITEM, APPEND; SETITEMS, APPENDS from a mark.
-            b's' => self.combine_into(2, false)?,
-            b'a' => self.combine_into(1, false)?,
-            b'u' | b'e' => self.combine_into(self.to_mark(), true)?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Entries above the topmost mark.
-    fn to_mark(&self) -> usize {
-        self.stack.iter().rev().take_while(|e| e.is_some()).count()
-    }
-
-    /// Pushes an entry of `parts` new parts.
-    fn push(&mut self, (depth, parts): (u32, u64)) -> std::result::Result<(), String> {
-        if depth > MAX_DEPTH {
-            return Err(format!("objects nested more than {MAX_DEPTH} deep"));
-        }
-        self.count(parts)?;
-        self.stack.push(Some((depth, parts)));
-        Ok(())
-    }
-
-    /// Counts `parts` new parts against the budget.
-    fn count(&mut self, parts: u64) -> std::result::Result<(), String> {
-        self.built = self.built.saturating_add(parts);
-        if self.built > self.budget {
-            return Err(format!(
-                "more than {} objects built (memoised objects copied over and over)",
-                self.budget
-            ));
-        }
-        Ok(())
-    }
-
-    /// Pops `n` entries (and the mark under them) into what they build.
-    fn popped(&mut self, n: usize, mark: bool) -> (u32, u64) {
-        let from = self.stack.len().saturating_sub(n);
-        let (mut depth, mut parts) = (0, 1u64);
-        for (d, p) in self.stack.drain(from..).flatten() {
-            depth = depth.max(d);
-            parts = parts.saturating_add(p);
-        }
-        if mark {
-            self.stack.pop();
-        }
-        (depth + 1, parts)
-    }
-
-    /// Replaces `n` entries (and their mark) by one holding them: one new part.
-    fn combine(&mut self, n: usize, mark: bool) -> std::result::Result<(), String> {
-        let (depth, parts) = self.popped(n, mark);
-        self.built = self.built.saturating_sub(parts - 1);
-        self.push((depth, parts))
-    }
-
-    /// Moves `n` entries (and their mark) into the entry below them: no new part.
-    fn combine_into(&mut self, n: usize, mark: bool) -> std::result::Result<(), String> {
-        let (depth, parts) = self.popped(n, mark);
-        let (d, p) = self.stack.pop().flatten().unwrap_or((1, 1));
-        let total = p.saturating_add(parts - 1);
-        self.built = self.built.saturating_sub(total);
-        self.push((d.max(depth), total))
-    }
-}
-
-/// Whether a pickled object is a tensor (or an `nn.Parameter`).
-pub(super) fn is_tensor(o: &Object) -> bool {
-    let Object::Reduce { callable, .. } = o else {
+/// Whether the value at `id` is a tensor (or an `nn.Parameter`).
+fn is_tensor(p: &Pickle, id: Id) -> bool {
+    let Value::Object { class, .. } = p.get(id) else {
         return false;
     };
-    matches!(&**callable, Object::Class { module_name, class_name }
-        if (module_name == "torch._utils"
-            && (class_name == "_rebuild_tensor_v2"
-                || class_name == "_rebuild_tensor"
-                || class_name == "_rebuild_parameter"))
-            || (module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2"))
+    matches!(p.global(*class), Some((module, name))
+        if (module == "torch._utils"
+            && matches!(name, "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_parameter"
+                | "_rebuild_parameter_with_state"))
+            || (module == "torch._tensor" && name == "_rebuild_from_type_v2"))
 }
 
-/// A dict's string keys.
-fn dict_keys(entries: &[(Object, Object)]) -> Vec<String> {
-    entries
+/// Whether the value at `id` is a whole pickled network: an `nn.Module` (`torch.save(model)`:
+/// its attributes hold `_parameters`, `_buffers` and `_modules`) or a TorchScript module
+/// (`torch.jit.save`: a class of `__torch__`, its parameters and submodules as attributes).
+fn is_module(p: &Pickle, id: Id) -> bool {
+    let Value::Object { class, state, .. } = p.get(id) else {
+        return false;
+    };
+    let scripted = p
+        .global(*class)
+        .is_some_and(|(module, _)| module == "__torch__" || module.starts_with("__torch__."));
+    scripted || state.is_some_and(|s| p.lookup(s, "_modules").is_some())
+}
+
+/// Whether the value at `id` holds a network's tensors: a dict with a tensor among its values,
+/// or a whole module.
+fn holds_tensors(p: &Pickle, id: Id) -> bool {
+    is_module(p, id)
+        || p.entries(id)
+            .is_some_and(|d| d.iter().any(|&(_, v)| is_tensor(p, v)))
+}
+
+/// A dict's text keys.
+fn dict_keys(p: &Pickle, id: Id) -> Vec<String> {
+    p.entries(id)
+        .unwrap_or_default()
         .iter()
-        .filter_map(|(k, _)| match k {
-            Object::Unicode(s) => Some(s.clone()),
-            _ => None,
-        })
+        .filter_map(|&(k, _)| p.str(k).map(str::to_owned))
         .collect()
 }
 
-/// Where the state dict is: `None` for the top level (a dict of tensors), else the entry of
-/// the top-level dict named by `key` or found among [`STATE_DICT_KEYS`].
+/// Where the network's tensors are: `None` for the saved object itself (a state dict or a
+/// module), else the entry of the saved dict named by `key` or found among
+/// [`STATE_DICT_KEYS`].
 fn state_dict_key(
     path: &Path,
     place: &str,
-    top: &Object,
+    p: &Pickle,
     key: Option<&str>,
 ) -> Result<Option<String>> {
-    let not_state_dict = |what: &str| {
-        EngineError::invalid(
+    let top = p.root;
+    if key.is_none() && is_module(p, top) {
+        return Ok(None);
+    }
+    if p.entries(top).is_none() {
+        return Err(EngineError::invalid(
             path,
             place,
             format!(
-                "not a state dict: the pickle's top level is {what}; save `model.state_dict()` \
-                 (a whole pickled `nn.Module` needs its Python class to load)"
+                "not a state dict: the pickle's top level is {}; save `model.state_dict()`",
+                kind(p, top)
             ),
-        )
-    };
-    let Object::Dict(entries) = top else {
-        return Err(not_state_dict(match top {
-            Object::Build { .. } | Object::Reduce { .. } => "a Python object",
-            Object::List(_) => "a list",
-            Object::Tuple(_) => "a tuple",
-            _ => "a plain value",
-        }));
-    };
-    let entry = |k: &str| {
-        entries
-            .iter()
-            .find(|(n, _)| *n == Object::Unicode(k.to_owned()))
-            .map(|(_, v)| v)
-    };
-    let holds_tensors =
-        |o: &Object| matches!(o, Object::Dict(d) if d.iter().any(|(_, v)| is_tensor(v)));
+        ));
+    }
     if let Some(k) = key {
-        return match entry(k) {
-            Some(v) if holds_tensors(v) => Ok(Some(k.to_owned())),
+        return match p.lookup(top, k) {
+            Some(v) if holds_tensors(p, v) => Ok(Some(k.to_owned())),
             Some(_) => Err(EngineError::invalid(
                 path,
                 format!("key `{k}`"),
@@ -289,7 +115,7 @@ fn state_dict_key(
                 format!("key `{k}`"),
                 format!(
                     "not in the checkpoint, whose top-level keys are {:?}",
-                    dict_keys(entries)
+                    dict_keys(p, top)
                 ),
             )),
         };
@@ -298,135 +124,254 @@ fn state_dict_key(
     // (RepDistiller's `best_acc` is a 0-d tensor), a state dict never holds a dict of tensors.
     if let Some(k) = STATE_DICT_KEYS
         .into_iter()
-        .find(|k| entry(k).is_some_and(holds_tensors))
+        .find(|k| p.lookup(top, k).is_some_and(|v| holds_tensors(p, v)))
     {
         return Ok(Some(k.to_owned()));
     }
-    if entries.iter().any(|(_, v)| is_tensor(v)) {
+    if holds_tensors(p, top) {
         return Ok(None);
     }
-    Err(not_state_dict(&format!(
-        "a dict of keys {:?} with no tensors and no state dict under {STATE_DICT_KEYS:?}; \
-         name the entry holding it with `key`",
-        dict_keys(entries)
-    )))
+    Err(EngineError::invalid(
+        path,
+        place,
+        format!(
+            "not a state dict: the pickle's top level is a dict of keys {:?} with no tensors and \
+             no state dict under {STATE_DICT_KEYS:?}; name the entry holding it with `key`",
+            dict_keys(p, top)
+        ),
+    ))
 }
 
-/// The tensors of the state dict in `top` (the saved object, read from `place`) with where their
+/// The tensors of the state dict in the saved object `p` (read from `place`) with where their
 /// elements lie, by their names in the file, and the dict key the state dict was under (`key`,
 /// or found). BatchNorm's step counters and other entries that are no weight are left out.
 pub(super) fn tensors(
     path: &Path,
     place: &str,
-    top: &Object,
+    p: &Pickle,
     key: Option<&str>,
 ) -> Result<(Refs, Option<String>)> {
-    let key = state_dict_key(path, place, top, key)?;
-    let dict = match (top, &key) {
-        (Object::Dict(entries), Some(k)) => entries
-            .iter()
-            .find(|(n, _)| *n == Object::Unicode(k.clone()))
-            .map(|(_, v)| v)
-            .expect("state_dict_key found it"),
-        _ => top,
+    let key = state_dict_key(path, place, p, key)?;
+    let holder = match &key {
+        Some(k) => p.lookup(p.root, k).expect("state_dict_key found it"),
+        None => p.root,
     };
-    let Object::Dict(entries) = dict else {
-        unreachable!("state_dict_key checked it is a dict");
+    let named = if is_module(p, holder) {
+        module_tensors(p, holder).map_err(|e| EngineError::invalid(path, place, e))?
+    } else {
+        p.entries(holder)
+            .expect("state_dict_key checked it is a dict")
+            .iter()
+            .filter(|&&(_, v)| is_tensor(p, v))
+            .filter_map(|&(k, v)| p.str(k).map(|name| (name.to_owned(), v)))
+            .collect()
     };
     let mut refs = Vec::new();
-    for (name, value) in entries {
-        let (Object::Unicode(name), true) = (name, is_tensor(value)) else {
-            continue;
-        };
-        if not_a_weight(name) {
+    for (name, value) in named {
+        if not_a_weight(&name) {
             continue;
         }
-        let t = tensor_ref(value)
+        let t = tensor_ref(p, value)
             .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e))?;
-        refs.push((name.clone(), t));
+        refs.push((name, t));
     }
     Ok((refs, key))
 }
 
+/// Modules nested deeper than any network is (ResNets nest 4 deep, DLA 7).
+const MAX_MODULE_DEPTH: usize = 100;
+
+/// The tensors of a whole pickled module by the names `state_dict()` gives them: each
+/// module's parameters, then its buffers (not those it marks non-persistent), then its
+/// submodules', dot-joined. A TorchScript module's tensor attributes are its parameters and
+/// buffers, its `__torch__` objects its submodules.
+fn module_tensors(p: &Pickle, root: Id) -> std::result::Result<Vec<(String, Id)>, String> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // Depth first, in the order the attributes were saved.
+    let mut todo = vec![(String::new(), root, 0)];
+    while let Some((prefix, id, depth)) = todo.pop() {
+        if depth > MAX_MODULE_DEPTH {
+            return Err(format!(
+                "modules nested more than {MAX_MODULE_DEPTH} deep at `{prefix}`"
+            ));
+        }
+        if !seen.insert(id) {
+            continue; // a module shared or referring back: its tensors are named once
+        }
+        let Value::Object {
+            state: Some(state), ..
+        } = p.get(id)
+        else {
+            continue;
+        };
+        let mut children = Vec::new();
+        if p.lookup(*state, "_modules").is_some() {
+            let skipped = p
+                .lookup(*state, "_non_persistent_buffers_set")
+                .map(|set| set_texts(p, set))
+                .unwrap_or_default();
+            for (group, persistent_only) in [("_parameters", false), ("_buffers", true)] {
+                let entries = p.lookup(*state, group).and_then(|d| p.entries(d));
+                for &(k, v) in entries.unwrap_or_default() {
+                    let Some(name) = p.str(k) else { continue };
+                    if is_tensor(p, v) && !(persistent_only && skipped.contains(&name)) {
+                        out.push((format!("{prefix}{name}"), v));
+                    }
+                }
+            }
+            let modules = p.lookup(*state, "_modules").and_then(|d| p.entries(d));
+            for &(k, v) in modules.unwrap_or_default() {
+                if let Some(name) = p.str(k) {
+                    children.push((format!("{prefix}{name}."), v, depth + 1));
+                }
+            }
+        } else {
+            for &(k, v) in p.entries(*state).unwrap_or_default() {
+                let Some(name) = p.str(k) else { continue };
+                if is_tensor(p, v) {
+                    out.push((format!("{prefix}{name}"), v));
+                } else if is_module(p, v) {
+                    children.push((format!("{prefix}{name}."), v, depth + 1));
+                }
+            }
+        }
+        todo.extend(children.into_iter().rev());
+    }
+    Ok(out)
+}
+
+/// The texts in the set at `id`: `EMPTY_SET` and `ADDITEMS` under protocol 4 and later, a call
+/// `set([...])` before.
+fn set_texts(p: &Pickle, id: Id) -> Vec<&str> {
+    let items = match p.get(id) {
+        Value::Set(v) => v.as_slice(),
+        Value::Object { class, args, .. } if p.global(*class).is_some_and(|g| g.1 == "set") => {
+            match p.get(*args) {
+                Value::Tuple(a) => match a.first().map(|&l| p.get(l)) {
+                    Some(Value::List(v)) => v.as_slice(),
+                    _ => &[],
+                },
+                _ => &[],
+            }
+        }
+        _ => &[],
+    };
+    items.iter().filter_map(|&x| p.str(x)).collect()
+}
+
 /// A tensor's storage, offset, shape and strides from its pickled form.
-fn tensor_ref(value: &Object) -> std::result::Result<TensorRef, String> {
-    let Object::Reduce { callable, args } = value else {
+fn tensor_ref(p: &Pickle, value: Id) -> std::result::Result<TensorRef, String> {
+    let Value::Object { class, args, .. } = p.get(value) else {
         unreachable!("is_tensor checked it");
     };
-    let Object::Class { class_name, .. } = &**callable else {
-        unreachable!("is_tensor checked it");
-    };
-    let Object::Tuple(args) = &**args else {
+    let (_, name) = p.global(*class).expect("is_tensor checked it");
+    let Value::Tuple(args) = p.get(*args) else {
         return Err("its arguments are not a tuple".into());
     };
-    match class_name.as_str() {
-        // (data, requires_grad, backward_hooks)
-        "_rebuild_parameter" => args
+    match name {
+        // (data, requires_grad, backward_hooks[, state])
+        "_rebuild_parameter" | "_rebuild_parameter_with_state" => args
             .first()
-            .filter(|t| is_tensor(t))
+            .filter(|&&t| is_tensor(p, t))
             .ok_or_else(|| "a parameter without its data".to_string())
-            .and_then(tensor_ref),
+            .and_then(|&t| tensor_ref(p, t)),
         // (func, type, (storage, offset, size, stride, ...), state)
-        "_rebuild_from_type_v2" => match args.get(2) {
-            Some(Object::Tuple(inner)) => rebuild_args(inner),
+        "_rebuild_from_type_v2" => match args.get(2).map(|&a| p.get(a)) {
+            Some(Value::Tuple(inner)) => rebuild_args(p, inner),
             _ => Err("a tensor subclass without its arguments".into()),
         },
-        _ => rebuild_args(args),
+        _ => rebuild_args(p, args),
     }
 }
 
 /// `(storage, offset, size, stride, ...)`, the arguments of `_rebuild_tensor(_v2)`.
-fn rebuild_args(args: &[Object]) -> std::result::Result<TensorRef, String> {
-    let [Object::PersistentLoad(id), offset, size, stride, ..] = args else {
+fn rebuild_args(p: &Pickle, args: &[Id]) -> std::result::Result<TensorRef, String> {
+    let [storage, offset, size, stride, ..] = *args else {
         return Err("expected (storage, offset, size, stride) arguments".into());
     };
-    let Object::Tuple(id) = &**id else {
-        return Err("its storage is not a ('storage', ...) tuple".into());
-    };
-    // The zip format's ids have five entries, the legacy format's a sixth: the view.
-    let (class, key, view) = match id.as_slice() {
-        [Object::Unicode(tag), class, Object::Unicode(key), _location, _numel, rest @ ..]
-            if tag == "storage" && rest.len() <= 1 =>
-        {
-            (
-                storage_class(class)?,
-                key,
-                rest.first().unwrap_or(&Object::None),
-            )
-        }
-        _ => return Err(format!("unexpected storage id {id:?}")),
+    let Some(StorageId { class, key, view }) = storage_id(p, storage)? else {
+        return Err(format!(
+            "its storage {} is not a ('storage', ...) persistent id",
+            p.describe(storage)
+        ));
     };
     // A view of part of a storage (PyTorch < 0.4 pickled them): `(view key, offset, size)` in
     // elements of the root storage, whose key the id holds; the tensor lies within the view.
-    let view = match view {
-        Object::None => None,
-        Object::Tuple(v) => match v.as_slice() {
-            [Object::Unicode(_), off, len] => Some((int(off)?, int(len)?)),
-            _ => return Err(format!("unexpected storage view {v:?}")),
+    let view = match view.map(|v| p.get(v)) {
+        None | Some(Value::None) => None,
+        Some(Value::Tuple(v)) => match v.as_slice() {
+            &[k, off, len] if p.str(k).is_some() => Some((int(p, off)?, int(p, len)?)),
+            _ => {
+                return Err(format!(
+                    "unexpected storage view {}",
+                    p.describe(view.unwrap())
+                ))
+            }
         },
-        other => return Err(format!("unexpected storage view {other:?}")),
+        Some(_) => {
+            return Err(format!(
+                "unexpected storage view {}",
+                p.describe(view.unwrap())
+            ))
+        }
     };
-    let offset = int(offset)?;
+    let offset = int(p, offset)?;
     Ok(TensorRef {
-        storage: key.clone(),
+        storage: key.to_owned(),
         class: class.to_owned(),
         offset: view
             .map_or(Some(offset), |(start, _)| start.checked_add(offset))
             .ok_or("its offset overflows")?,
         view,
-        dims: ints(size)?,
-        strides: ints(stride)?,
+        dims: ints(p, size)?,
+        strides: ints(p, stride)?,
     })
 }
 
-/// The class name of a pickled `torch.XStorage`.
-fn storage_class(o: &Object) -> std::result::Result<&str, String> {
-    match o {
-        Object::Class { class_name, .. } => Ok(class_name),
-        other => Err(format!(
-            "a storage type {other:?}, expected a torch storage class"
-        )),
+/// A storage's persistent id, `('storage', <class torch.XStorage>, key, location, numel[,
+/// view])`: the zip format's have five entries, the legacy format's a sixth, the view.
+struct StorageId<'a> {
+    class: &'a str,
+    key: &'a str,
+    view: Option<Id>,
+}
+
+/// The storage the persistent id at `id` names; `None` if `id` is no storage's persistent
+/// id (the legacy format also makes one of a pickled module's class).
+fn storage_id(p: &Pickle, id: Id) -> std::result::Result<Option<StorageId<'_>>, String> {
+    let Value::Persistent(pid) = p.get(id) else {
+        return Ok(None);
+    };
+    let Value::Tuple(fields) = p.get(*pid) else {
+        return Ok(None);
+    };
+    match *fields.as_slice() {
+        [tag, class, key, _location, _numel, ref rest @ ..]
+            if p.str(tag) == Some("storage") && rest.len() <= 1 =>
+        {
+            let class = storage_class(p, class)?;
+            let key = p
+                .str(key)
+                .ok_or_else(|| format!("a storage key {}, expected text", p.describe(key)))?;
+            Ok(Some(StorageId {
+                class,
+                key,
+                view: rest.first().copied(),
+            }))
+        }
+        _ => Ok(None),
     }
+}
+
+/// The class name of a pickled `torch.XStorage`.
+fn storage_class(p: &Pickle, id: Id) -> std::result::Result<&str, String> {
+    p.global(id).map(|(_, name)| name).ok_or_else(|| {
+        format!(
+            "a storage type {}, expected a torch storage class",
+            p.describe(id)
+        )
+    })
 }
 
 /// The bytes per element of a storage class.
@@ -458,36 +403,14 @@ fn dtype_of(class: &str) -> std::result::Result<DType, String> {
     })
 }
 
-/// The storage class of every storage the object refers to, by key: what tells how many
+/// The storage class of every storage the pickle refers to, by key: what tells how many
 /// bytes each storage in the stream takes, including those of tensors not read (an
 /// optimizer's state).
-pub(super) fn storage_types(o: &Object) -> HashMap<String, String> {
-    fn walk(o: &Object, out: &mut HashMap<String, String>) {
-        match o {
-            Object::PersistentLoad(id) => {
-                if let Object::Tuple(id) = &**id {
-                    if let [_, Object::Class { class_name, .. }, Object::Unicode(key), ..] =
-                        id.as_slice()
-                    {
-                        out.insert(key.clone(), class_name.clone());
-                    }
-                }
-            }
-            Object::Tuple(v) | Object::List(v) => v.iter().for_each(|x| walk(x, out)),
-            Object::Dict(d) => d.iter().for_each(|(k, v)| {
-                walk(k, out);
-                walk(v, out);
-            }),
-            Object::Reduce { callable, args } | Object::Build { callable, args } => {
-                walk(callable, out);
-                walk(args, out);
-            }
-            _ => {}
-        }
-    }
-    let mut out = HashMap::new();
-    walk(o, &mut out);
-    out
+pub(super) fn storage_types(p: &Pickle) -> HashMap<String, String> {
+    (0..p.values.len())
+        .filter_map(|id| storage_id(p, id).ok().flatten())
+        .map(|s| (s.key.to_owned(), s.class.to_owned()))
+        .collect()
 }
 
 /// Builds each tensor of `refs` from the bytes `storage` gives for its storage's key.
@@ -605,29 +528,28 @@ fn is_row_major(dims: &[usize], strides: &[usize]) -> bool {
 }
 
 /// A pickled integer.
-fn int(o: &Object) -> std::result::Result<usize, String> {
-    match o {
-        Object::Int(i) => usize::try_from(*i).map_err(|_| format!("a negative integer {i}")),
-        Object::Long(i) => usize::try_from(*i).map_err(|_| format!("a negative integer {i}")),
-        other => Err(format!("{other:?}, expected an integer")),
+fn int(p: &Pickle, id: Id) -> std::result::Result<usize, String> {
+    match p.get(id) {
+        Value::Int(i) => usize::try_from(*i).map_err(|_| format!("a negative integer {i}")),
+        _ => Err(format!("{}, expected an integer", p.describe(id))),
     }
 }
 
 /// A pickled tuple of integers (a shape or strides).
-fn ints(o: &Object) -> std::result::Result<Vec<usize>, String> {
-    match o {
-        Object::Tuple(v) | Object::List(v) => v.iter().map(int).collect(),
-        other => Err(format!("{other:?}, expected a tuple of integers")),
+fn ints(p: &Pickle, id: Id) -> std::result::Result<Vec<usize>, String> {
+    match p.get(id) {
+        Value::Tuple(v) | Value::List(v) => v.iter().map(|&x| int(p, x)).collect(),
+        _ => Err(format!("{}, expected a tuple of integers", p.describe(id))),
     }
 }
 
-/// What kind of object a pickle held, for errors.
-pub(super) fn kind(o: &Object) -> &'static str {
-    match o {
-        Object::Dict(_) => "a dict",
-        Object::List(_) => "a list",
-        Object::Tuple(_) => "a tuple",
-        Object::Build { .. } | Object::Reduce { .. } => "a Python object",
+/// What kind of value the pickle holds at `id`, for errors.
+pub(super) fn kind(p: &Pickle, id: Id) -> &'static str {
+    match p.get(id) {
+        Value::Dict(_) => "a dict",
+        Value::List(_) => "a list",
+        Value::Tuple(_) => "a tuple",
+        Value::Object { .. } => "a Python object",
         _ => "a plain value",
     }
 }
