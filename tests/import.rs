@@ -5,6 +5,7 @@
 //! its path; malformed checkpoints fail with errors naming the file and the tensor.
 
 mod common;
+use candle_core::Device;
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -142,6 +143,50 @@ fn a_pytorch_resnet8_evaluates_to_pytorchs_predictions_from_pth_and_safetensors(
     assert_eq!(
         std::fs::read(out.join("teacher/model.safetensors")).unwrap(),
         std::fs::read(dir2.path().join("out/teacher/model.safetensors")).unwrap()
+    );
+}
+
+/// `prefix` picks the student of a checkpoint holding a student and a teacher: the import
+/// evaluates to PyTorch's predictions of the student's weights, and `model.json` records the
+/// prefix; a prefix no name has fails the stage naming it.
+#[test]
+fn a_prefix_imports_one_network_of_a_checkpoint_holding_two() {
+    let dir = scratch();
+    let weights =
+        candle_core::safetensors::load(fixtures().join("resnet8.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut both = std::collections::HashMap::new();
+    for (name, t) in weights {
+        both.insert(format!("teacher.{name}"), t.zeros_like().unwrap());
+        both.insert(format!("student.{name}"), t);
+    }
+    candle_core::safetensors::save(&both, dir.path().join("kd.safetensors")).unwrap();
+    let with = |prefix: &str| {
+        config("kd.safetensors", "").replace(
+            "model = \"resnet8\"",
+            &format!("model = \"resnet8\"\nprefix = \"{prefix}\""),
+        )
+    };
+    write(dir.path(), "p.toml", &with("student."));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    check_against_pytorch(&out);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
+    assert_eq!(meta["imported"]["prefix"], "student.");
+    assert_eq!(meta["imported"]["data_parallel"], true);
+
+    write(dir.path(), "p.toml", &with("ema."));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("kd.safetensors")
+            && e.contains("prefix `ema.`")
+            && e.contains("`student.` (")
+            && e.contains("`teacher.` ("),
+        "{e}"
     );
 }
 

@@ -355,3 +355,61 @@ print("polars", df.height, df.filter(pl.col("step") == 4).height)
     assert!(out.contains("duckdb 160 5 4"), "{out}");
     assert!(out.contains("polars 160 32"), "{out}");
 }
+
+/// `pipeline export` of a model imported from a PyTorch checkpoint writes a `.pth` that
+/// CPython's own unpickler reads as `torch.save` lays it out (tests/python/check_export.py:
+/// data.pkl, stored entries at 64-byte offsets, version, byteorder), holding bit for bit the
+/// tensors of PyTorch's file, under torchvision's names or kuangliu's; a `.safetensors` export
+/// holds the same tensors; an unknown extension is refused.
+#[test]
+fn an_exported_pth_unpickles_in_python_to_pytorchs_tensors() {
+    let py = python();
+    let dir = scratch();
+    let reference = root().join("tests/fixtures/import/resnet8.pth");
+    let cfg = format!(
+        "[run]\noutput = \"out\"\n\n[[stage]]\nname = \"teacher\"\nkind = \"import\"\npath = \"{}\"\nmodel = \"resnet8\"\n",
+        reference.display()
+    );
+    write(dir.path(), "p.toml", &cfg);
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for naming in ["torchvision", "kuangliu"] {
+        let file = format!("{naming}.pth");
+        let o = pipeline(
+            dir.path(),
+            &["export", "out/teacher", "-o", &file, "--naming", naming],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = Command::new(&py)
+            .arg(root().join("tests/python/check_export.py"))
+            .arg(dir.path().join(&file))
+            .arg(&reference)
+            .arg(naming)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{naming}: {}", stderr(&o));
+        assert!(stdout(&o).contains("\"tensors\": 47"), "{}", stdout(&o));
+    }
+    // The safetensors export holds what the import stage stored.
+    let o = pipeline(
+        dir.path(),
+        &["export", "out/teacher", "-o", "t.safetensors"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let load = |p: &str| {
+        candle_core::safetensors::load(dir.path().join(p), &candle_core::Device::Cpu).unwrap()
+    };
+    let (ours, stored) = (load("t.safetensors"), load("out/teacher/model.safetensors"));
+    assert_eq!(ours.len(), stored.len());
+    for (name, t) in &stored {
+        let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&ours[name]), values(t), "{name}");
+    }
+    let o = pipeline(dir.path(), &["export", "out/teacher", "-o", "t.onnx"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("t.onnx") && stderr(&o).contains("`.pth`"),
+        "{}",
+        stderr(&o)
+    );
+}

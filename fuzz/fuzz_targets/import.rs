@@ -7,7 +7,7 @@ fuzz_target!(|data: &[u8]| {
     let p = std::env::temp_dir().join(format!("ldl-fuzz-import-{}.pth", std::process::id()));
     std::fs::write(&p, data).unwrap();
     let arch = engine::models::Arch::parse("resnet8").unwrap();
-    if let Ok(state) = engine::import::read(&p, None, arch) {
+    if let Ok(state) = engine::import::read(&p, Default::default(), arch) {
         if let Ok(spec) = state.spec(&p, "resnet8", 0.0) {
             // A width read off a damaged file can be absurd; building such a model is not the
             // reader's concern.

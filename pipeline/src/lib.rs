@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod claim;
 pub mod config;
+pub mod export;
 pub mod inspect;
 pub mod jobs;
 pub mod runner;

@@ -1,7 +1,7 @@
 //! `pipeline`: runs a stages.toml — prepare → train teachers → label → train students →
 //! evaluate → report — resumably, skipping what is up to date.
 
-use pipeline::{bench, config, inspect, runner};
+use pipeline::{bench, config, export, inspect, runner};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -63,6 +63,9 @@ enum Command {
     /// Show a label store's schema, metadata and first rows, an evaluation's predictions, or a
     /// packed split's summary.
     Inspect(inspect::InspectArgs),
+    /// Write a trained or imported model's weights for PyTorch: a `.pth` that `torch.load`
+    /// reads, or a `.safetensors` file, under torchvision's or kuangliu's names.
+    Export(export::ExportArgs),
     /// Submit the stages of FILE that are not up to date to a cluster (`--slurm`): a grid as
     /// one job array, chained by the DAG's dependencies.
     Submit(SubmitArgs),
@@ -251,6 +254,7 @@ fn main() -> ExitCode {
             })()
         }
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Export(args) => export::export(args),
         Command::Submit(args) => {
             let config = match load(&args.file, args.output.as_deref()) {
                 Ok(c) => c,

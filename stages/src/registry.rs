@@ -355,6 +355,7 @@ mod tests {
                 path: path.into(),
                 model: "resnet8".into(),
                 key: None,
+                prefix: None,
                 dropout,
                 normalize: None,
                 blake3: None,

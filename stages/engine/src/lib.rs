@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod feed;
 #[cfg(feature = "cuda")]
 pub mod gpu;

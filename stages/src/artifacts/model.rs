@@ -23,6 +23,9 @@ pub struct Imported {
     /// The entry of the checkpoint dict the state dict was under, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The prefix of the names taken, if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// The naming scheme its tensors were written in.
     pub naming: Naming,
     /// Whether its names carried DataParallel's `module.` prefix.

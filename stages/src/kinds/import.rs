@@ -25,15 +25,20 @@ use std::time::Instant;
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// The checkpoint, relative to the stages.toml's folder: a `torch.save` file (the zip
-    /// format of PyTorch ≥ 1.6 or the legacy one) of a state dict or of a dict holding one, or
-    /// a safetensors file.
+    /// format of PyTorch ≥ 1.6 or the legacy one) of a state dict, a whole network or a dict
+    /// holding either, a TorchScript archive, or a safetensors file.
     pub path: String,
     /// The architecture, as a train stage names it (`resnet110`, `resnet50_imagenet`, ...).
     pub model: String,
-    /// The entry of a checkpoint dict holding the state dict (default: the top level when it
-    /// holds tensors, else the first of `state_dict`, `model`, `model_state_dict`, `net`).
+    /// The entry of a checkpoint dict holding the state dict (default: the first of
+    /// `state_dict`, `model`, `model_state_dict`, `net` that holds tensors, else the top level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Only the tensors whose names (as the file has them) start with this, named without it:
+    /// one network of a checkpoint holding several (MoCo's `module.encoder_q.`, a
+    /// distillation wrapper's `student.`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// Rate of the dropout before the classifier the model was trained with (not visible in its
     /// weights; needed for Monte-Carlo dropout labels or evaluation).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -100,6 +105,12 @@ impl Params {
                 ));
             }
         }
+        if self.prefix.as_deref() == Some("") {
+            return Err((
+                "prefix",
+                "must not be empty: leave it out to take every name".into(),
+            ));
+        }
         if let Some(h) = &self.blake3 {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(("blake3", format!("must be 64 hex digits, found `{h}`")));
@@ -150,7 +161,11 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         ));
     }
     let arch = engine::models::Arch::parse(&p.model)?;
-    let state = engine::import::read(&file, p.key.as_deref(), arch)?;
+    let select = engine::import::Select {
+        key: p.key.as_deref(),
+        prefix: p.prefix.as_deref(),
+    };
+    let state = engine::import::read(&file, select, arch)?;
     let spec = state.spec(&file, &p.model, p.dropout)?;
     if let Some(n) = &p.normalize {
         if n.mean.len() != spec.in_channels {
@@ -167,6 +182,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         blake3: now,
         format: state.format,
         key: state.key.clone(),
+        prefix: p.prefix.clone(),
         naming: state.naming,
         data_parallel: state.data_parallel,
     };

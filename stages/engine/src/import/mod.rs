@@ -74,9 +74,22 @@ pub struct StateDict {
 /// `{'state_dict': ...}` or `{'net': ...}`.
 pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict", "net"];
 
+/// Which part of a checkpoint holds the network.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Select<'a> {
+    /// The entry of a checkpoint dict holding the state dict (or the whole network); by
+    /// default the first of [`STATE_DICT_KEYS`] that holds tensors, else the top level.
+    pub key: Option<&'a str>,
+    /// Only the tensors whose names, as the file has them, start with this: one network of a
+    /// checkpoint holding several (MoCo's `module.encoder_q.`, a distillation wrapper's
+    /// `student.`), named without it.
+    pub prefix: Option<&'a str>,
+}
+
 /// Reads the state dict of `path` for a model of architecture `arch` (which decides how names
-/// are mapped); `key` names the entry of a checkpoint dict holding it.
-pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
+/// are mapped), from the part of the checkpoint `select` names.
+pub fn read(path: &Path, select: Select, arch: Arch) -> Result<StateDict> {
+    let key = select.key;
     let format = sniff(path)?;
     let (raw, key) = match format {
         Format::Pth => unpanicked(path, || zipfile::read(path, key))?,
@@ -94,6 +107,10 @@ pub fn read(path: &Path, key: Option<&str>, arch: Arch) -> Result<StateDict> {
             })?;
             (tensors.into_iter().collect(), None)
         }
+    };
+    let raw = match select.prefix {
+        Some(prefix) => with_prefix(path, raw, prefix)?,
+        None => raw,
     };
     let (tensors, naming, data_parallel) = rename(path, raw, arch.is_resnet())?;
     Ok(StateDict {
@@ -153,6 +170,62 @@ fn sniff(path: &Path) -> Result<Format> {
         "neither a PyTorch checkpoint (a zip archive, as `torch.save` writes) nor a safetensors \
          file",
     ))
+}
+
+/// The tensors of `raw` whose names start with `prefix`, named without it; none is an error
+/// listing how the names start.
+fn with_prefix(
+    path: &Path,
+    raw: BTreeMap<String, Tensor>,
+    prefix: &str,
+) -> Result<BTreeMap<String, Tensor>> {
+    if !raw.keys().any(|n| n.starts_with(prefix)) {
+        let starts = name_starts(raw.keys().map(String::as_str));
+        let found: Vec<String> = starts
+            .iter()
+            .take(12)
+            .map(|(s, n)| format!("`{s}` ({n})"))
+            .collect();
+        return Err(EngineError::invalid(
+            path,
+            format!("prefix `{prefix}`"),
+            format!(
+                "no tensor's name starts with it; the names start with {}{}",
+                found.join(", "),
+                if starts.len() > 12 { ", …" } else { "" }
+            ),
+        ));
+    }
+    Ok(raw
+        .into_iter()
+        .filter_map(|(name, t)| Some((name.strip_prefix(prefix)?.to_owned(), t)))
+        .collect())
+}
+
+/// How `names` start: what all share, then each one's next component, with their counts
+/// (`module.encoder_q.` (160), `module.encoder_k.` (160), `module.queue` (1)).
+fn name_starts<'a>(names: impl Iterator<Item = &'a str> + Clone) -> BTreeMap<&'a str, usize> {
+    let first = names.clone().next().unwrap_or_default();
+    let common = names.clone().fold(first.len(), |c, n| {
+        c.min(
+            first
+                .bytes()
+                .zip(n.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
+    });
+    // Bytes: a shared prefix may end inside a character; the last dot before it may not.
+    let common = first.as_bytes()[..common]
+        .iter()
+        .rposition(|&b| b == b'.')
+        .map_or(0, |i| i + 1);
+    let mut starts = BTreeMap::new();
+    for n in names {
+        let end = n[common..].find('.').map_or(n.len(), |i| common + i + 1);
+        *starts.entry(&n[..end]).or_default() += 1;
+    }
+    starts
 }
 
 /// Prefixes that training wrappers put before every name of the network's: DataParallel and
@@ -307,6 +380,13 @@ mod tests {
         Arch::parse("resnet8").unwrap()
     }
 
+    fn key(k: &str) -> Select<'_> {
+        Select {
+            key: Some(k),
+            prefix: None,
+        }
+    }
+
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/import")
@@ -318,7 +398,7 @@ mod tests {
     #[test]
     fn a_kuangliu_resnet18_maps_and_matches_pytorchs_logits() {
         let path = fixture("kuangliu_resnet18_w2.pth");
-        let state = read(&path, None, resnet()).unwrap();
+        let state = read(&path, Select::default(), resnet()).unwrap();
         assert_eq!(
             (state.naming, state.key.as_deref(), state.data_parallel),
             (Naming::Kuangliu, None, false)
@@ -357,12 +437,12 @@ mod tests {
     #[test]
     fn a_checkpoint_dict_and_a_prefixed_safetensors_file_hold_the_same_state() {
         let pth_path = fixture("resnet8.pth");
-        let pth = read(&pth_path, None, resnet()).unwrap();
+        let pth = read(&pth_path, Select::default(), resnet()).unwrap();
         assert_eq!(
             (pth.format, pth.key.as_deref()),
             (Format::Pth, Some("model"))
         );
-        let st = read(&fixture("resnet8.safetensors"), None, resnet()).unwrap();
+        let st = read(&fixture("resnet8.safetensors"), Select::default(), resnet()).unwrap();
         assert_eq!((st.format, st.data_parallel), (Format::Safetensors, true));
         assert_eq!(
             pth.tensors.keys().collect::<Vec<_>>(),
@@ -385,13 +465,13 @@ mod tests {
         assert_eq!(spec, ModelSpec::new("resnet8", 10, 3).unwrap());
         // An explicit key works too; a safetensors file has no keys.
         assert_eq!(
-            read(&pth_path, Some("model"), resnet())
+            read(&pth_path, key("model"), resnet())
                 .unwrap()
                 .tensors
                 .len(),
             pth.tensors.len()
         );
-        let e = read(&fixture("resnet8.safetensors"), Some("model"), resnet()).unwrap_err();
+        let e = read(&fixture("resnet8.safetensors"), key("model"), resnet()).unwrap_err();
         assert!(e.to_string().contains("holds tensors only"), "{e}");
     }
 
@@ -401,14 +481,14 @@ mod tests {
     /// model (`module._orig_mod.` names and `n_averaged`) all hold resnet8.pth's weights.
     #[test]
     fn other_training_codes_checkpoints_hold_the_same_weights() {
-        let reference = read(&fixture("resnet8.pth"), None, resnet()).unwrap();
+        let reference = read(&fixture("resnet8.pth"), Select::default(), resnet()).unwrap();
         for (file, key, data_parallel) in [
             ("repdistiller_best.pth", Some("model"), false),
             ("channels_last.pth", None, false),
             ("wrapped.pth", None, true),
         ] {
-            let state =
-                read(&fixture(file), None, resnet()).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let state = read(&fixture(file), Select::default(), resnet())
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(state.key.as_deref(), key, "{file}");
             assert_eq!(state.data_parallel, data_parallel, "{file}");
             assert_same_tensors(&state, &reference, file);
@@ -419,7 +499,7 @@ mod tests {
     /// than read as garbage.
     #[test]
     fn big_endian_storages_are_refused() {
-        let e = read(&fixture("big_endian.pth"), None, resnet())
+        let e = read(&fixture("big_endian.pth"), Select::default(), resnet())
             .unwrap_err()
             .to_string();
         assert!(
@@ -434,7 +514,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("notes.pth");
         std::fs::write(&p, "hello, world").unwrap();
-        let e = read(&p, None, resnet()).unwrap_err().to_string();
+        let e = read(&p, Select::default(), resnet())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("notes.pth") && e.contains("neither a PyTorch checkpoint"),
             "{e}"
@@ -502,7 +584,7 @@ mod tests {
             ("dla", "dla_w2"),
         ] {
             let path = dir.join(format!("kuangliu_{file}.pth"));
-            let state = read(&path, None, Arch::parse(arch).unwrap()).unwrap();
+            let state = read(&path, Select::default(), Arch::parse(arch).unwrap()).unwrap();
             assert_eq!(state.naming, Naming::Kuangliu, "{arch}");
             assert!(state.tensors.contains_key("linear.weight"), "{arch}");
             let spec = state.spec(&path, arch, 0.0).unwrap();
@@ -534,7 +616,7 @@ mod tests {
     fn akamasters_published_resnet20_reads_from_the_legacy_format_and_matches_pytorch() {
         let path = fixture("akamaster_resnet20.th");
         let arch = Arch::parse("resnet20").unwrap();
-        let state = read(&path, None, arch).unwrap();
+        let state = read(&path, Select::default(), arch).unwrap();
         assert_eq!(
             (state.format, state.key.as_deref(), state.naming),
             (Format::PthLegacy, Some("state_dict"), Naming::Kuangliu)
@@ -563,7 +645,7 @@ mod tests {
         let all = reference_logits();
         for arch in ["resnet18", "resnet50"] {
             let path = fixture(&format!("torchvision_{arch}_w4.pth"));
-            let state = read(&path, None, Arch::parse(arch).unwrap()).unwrap();
+            let state = read(&path, Select::default(), Arch::parse(arch).unwrap()).unwrap();
             assert_eq!(
                 (state.format, state.naming),
                 (Format::Pth, Naming::Torchvision)
@@ -590,8 +672,8 @@ mod tests {
     /// state saved in the zip format holds (bad/extra.pth is it plus one tensor).
     #[test]
     fn a_legacy_file_of_pytorch_2_holds_what_its_zip_file_holds() {
-        let legacy = read(&fixture("legacy.pth"), None, resnet()).unwrap();
-        let mut zip = read(&fixture("bad/extra.pth"), None, resnet()).unwrap();
+        let legacy = read(&fixture("legacy.pth"), Select::default(), resnet()).unwrap();
+        let mut zip = read(&fixture("bad/extra.pth"), Select::default(), resnet()).unwrap();
         assert_eq!(
             (legacy.format, zip.format),
             (Format::PthLegacy, Format::Pth)
@@ -600,7 +682,7 @@ mod tests {
         assert_same_tensors(&legacy, &zip, "legacy.pth");
         // The same state with every tensor a view into one storage at its own offset, the
         // convolutions' weights channels-last.
-        let views = read(&fixture("legacy_views.pth"), None, resnet()).unwrap();
+        let views = read(&fixture("legacy_views.pth"), Select::default(), resnet()).unwrap();
         assert_same_tensors(&views, &legacy, "legacy_views.pth");
     }
 
@@ -618,6 +700,54 @@ mod tests {
         }
     }
 
+    /// `prefix` picks one network of a checkpoint holding two (`student.` over DataParallel's
+    /// `module.`, `teacher.`) beside a tensor of neither; a prefix no name has is an error
+    /// listing the names' beginnings.
+    #[test]
+    fn a_prefix_picks_one_network_of_several() {
+        let reference = read(&fixture("resnet8.pth"), Select::default(), resnet()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let both = dir.path().join("both.safetensors");
+        let mut tensors = std::collections::HashMap::new();
+        for (name, t) in &reference.tensors {
+            tensors.insert(format!("student.module.{name}"), t.clone());
+            tensors.insert(format!("teacher.{name}"), (t * 2.0).unwrap());
+        }
+        tensors.insert(
+            "queue".into(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&tensors, &both).unwrap();
+        let select = |prefix| Select {
+            key: None,
+            prefix: Some(prefix),
+        };
+        let student = read(&both, select("student."), resnet()).unwrap();
+        assert_same_tensors(&student, &reference, "student.");
+        assert!(student.data_parallel);
+        let teacher = read(&both, select("teacher."), resnet()).unwrap();
+        let doubled = |t: &Tensor| (t * 2.0).unwrap().flatten_all().unwrap().to_vec1::<f32>();
+        for (name, t) in &reference.tensors {
+            let got = teacher.tensors[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>();
+            assert_eq!(got.unwrap(), doubled(t).unwrap(), "{name}");
+        }
+        let n = reference.tensors.len();
+        let e = read(&both, select("encoder."), resnet())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("both.safetensors")
+                && e.contains("prefix `encoder.`")
+                && e.contains(&format!(
+                    "the names start with `queue` (1), `student.` ({n}), `teacher.` ({n})"
+                )),
+            "{e}"
+        );
+    }
+
     /// A network saved whole (`torch.save(model)`, zip and legacy formats), traced to a
     /// TorchScript archive, a state dict referenced twice in a checkpoint of pickle protocol 4,
     /// and a legacy file of protocol 4 all hold the tensors `model.state_dict()` gave PyTorch,
@@ -625,7 +755,12 @@ mod tests {
     /// non-persistent buffer `scratch` that only TorchScript's `state_dict()` holds).
     #[test]
     fn whole_modules_torchscript_and_protocol_4_hold_the_state_dicts_tensors() {
-        let reference = read(&fixture("module_resnet8_state.pth"), None, resnet()).unwrap();
+        let reference = read(
+            &fixture("module_resnet8_state.pth"),
+            Select::default(),
+            resnet(),
+        )
+        .unwrap();
         assert_eq!(reference.naming, Naming::Kuangliu);
         for (file, key, format) in [
             ("module_resnet8.pth", None, Format::Pth),
@@ -635,7 +770,7 @@ mod tests {
             ("shared_protocol4.pth", Some("ema"), Format::Pth),
             ("legacy_protocol4.pth", None, Format::PthLegacy),
         ] {
-            let mut got = read(&fixture(file), key, resnet())
+            let mut got = read(&fixture(file), Select { key, prefix: None }, resnet())
                 .unwrap_or_else(|e| panic!("{file} {key:?}: {e}"));
             // The network's non-persistent buffer: TorchScript keeps no such flag, and its
             // `state_dict()` holds the buffer too; the others leave it out as PyTorch does.
@@ -652,12 +787,13 @@ mod tests {
     /// tensors.
     #[test]
     fn python_2_strings_and_huge_integers_are_read() {
-        let reference = read(&fixture("legacy.pth"), None, resnet()).unwrap();
+        let reference = read(&fixture("legacy.pth"), Select::default(), resnet()).unwrap();
         for (file, key) in [
             ("legacy_py2_strings.pth", None),
             ("legacy_seeded.pth", Some("model")),
         ] {
-            let state = read(&fixture(file), None, resnet()).unwrap_or_else(|e| panic!("{e}"));
+            let state =
+                read(&fixture(file), Select::default(), resnet()).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(state.key.as_deref(), key, "{file}");
             assert_same_tensors(&state, &reference, file);
         }
@@ -688,8 +824,8 @@ mod tests {
     /// PyTorch rounded to it; int32 and int64 weights are refused naming the tensor and its storage.
     #[test]
     fn weights_of_every_float_dtype_are_read_and_int_ones_refused() {
-        let f32s = read(&fixture("legacy.pth"), None, resnet()).unwrap();
-        let mixed = read(&fixture("dtypes.pth"), None, resnet()).unwrap();
+        let f32s = read(&fixture("legacy.pth"), Select::default(), resnet()).unwrap();
+        let mixed = read(&fixture("dtypes.pth"), Select::default(), resnet()).unwrap();
         for (name, t) in &f32s.tensors {
             let want = if t.rank() == 4 {
                 DType::F16
@@ -711,9 +847,13 @@ mod tests {
             assert_eq!(values(got), values(&t.to_dtype(want).unwrap()), "{name}");
         }
         for (file, class) in [("int_weight", "IntStorage"), ("long_weight", "LongStorage")] {
-            let e = read(&fixture(&format!("bad/{file}.pth")), None, resnet())
-                .unwrap_err()
-                .to_string();
+            let e = read(
+                &fixture(&format!("bad/{file}.pth")),
+                Select::default(),
+                resnet(),
+            )
+            .unwrap_err()
+            .to_string();
             assert!(
                 e.contains("tensor `conv1.weight`") && e.contains(&format!("stored as {class}")),
                 "{e}"
@@ -725,7 +865,8 @@ mod tests {
     /// memory: objects nested a million deep (`TUPLE1` repeated: a stack overflow for a
     /// recursive reader, when dropped), a memoised object doubled by 60 references to itself
     /// (2^60 parts for a reader that copies memoised objects, as candle's did), a truncated
-    /// pickle, and a tensor whose shape does not fit its storage.
+    /// pickle, a parameter wrapping a parameter 100,000 deep, 100 MiB of names from one
+    /// memoised 1 MiB key, and a tensor whose shape does not fit its storage.
     #[test]
     fn damaged_pickles_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
@@ -749,6 +890,22 @@ mod tests {
         .concat();
         // A dict of one key whose value is cut off.
         let cut = b"\x80\x02}q\x00X\x01\x00\x00\x00a".to_vec();
+        // {'w': a parameter of a parameter of ... 100,000 deep}: recursion would overflow.
+        let params = [
+            b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_parameter\nq\x00".as_slice(),
+            &b"h\x00".repeat(100_000),
+            b")R",
+            &b"\x85R".repeat(100_000),
+            b"u.",
+        ]
+        .concat();
+        // One memoised tensor under one memoised key of 1 MiB, 100 times: 100 MiB of names.
+        let mut names = b"\x80\x02}(X".to_vec();
+        names.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        names.extend_from_slice(&vec![b'k'; 1 << 20]);
+        names.extend_from_slice(b"q\x00ctorch._utils\n_rebuild_tensor_v2\n)Rq\x01");
+        names.extend_from_slice(&b"h\x00h\x01".repeat(99));
+        names.extend_from_slice(b"u.");
         for (file, pickle, what, at) in [
             ("deep.pth", deep, "top level is a tuple", None),
             ("bomb.pth", bomb, "top level is a tuple", None),
@@ -756,6 +913,18 @@ mod tests {
                 "cut.pth",
                 cut,
                 "cannot unpickle: no STOP before the end",
+                None,
+            ),
+            (
+                "params.pth",
+                params,
+                "parameters wrapped in parameters",
+                None,
+            ),
+            (
+                "names.pth",
+                names,
+                "more than 1000000 tensor names or 64 MiB",
                 None,
             ),
             // MARK, then TUPLE2 with nothing above the mark.
@@ -768,11 +937,12 @@ mod tests {
         ] {
             let p = dir.path().join(file);
             std::fs::write(&p, [head.as_slice(), &pickle].concat()).unwrap();
-            let e = read(&p, None, resnet()).unwrap_err().to_string();
-            assert!(
-                e.contains(file) && e.contains("the saved object (4th pickle)") && e.contains(what),
-                "{e}"
-            );
+            let e = read(&p, Select::default(), resnet())
+                .unwrap_err()
+                .to_string();
+            // The place: the pickle, or the tensor the error is in.
+            let place = e.contains("the saved object (4th pickle)") || e.contains("tensor `w`");
+            assert!(e.contains(file) && place && e.contains(what), "{e}");
             if let Some(at) = at {
                 assert!(e.contains(&format!("at byte {}", head.len() + at)), "{e}");
             }
@@ -791,7 +961,9 @@ mod tests {
         bytes[at + rel + 8] = 9;
         let wide = dir.path().join("wide.pth");
         std::fs::write(&wide, &bytes).unwrap();
-        let e = read(&wide, None, resnet()).unwrap_err().to_string();
+        let e = read(&wide, Select::default(), resnet())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("wide.pth")
                 && e.contains("tensor `conv1.weight`")
@@ -809,21 +981,27 @@ mod tests {
         let bytes = std::fs::read(fixture("akamaster_resnet20.th")).unwrap();
         let cut = dir.path().join("cut.th");
         std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
-        let e = read(&cut, None, resnet()).unwrap_err().to_string();
+        let e = read(&cut, Select::default(), resnet())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("cut.th") && e.contains("storage `") && e.contains("past the end"),
             "{e}"
         );
         let long = dir.path().join("long.th");
         std::fs::write(&long, [bytes.as_slice(), b"xyz"].concat()).unwrap();
-        let e = read(&long, None, resnet()).unwrap_err().to_string();
+        let e = read(&long, Select::default(), resnet())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains(&format!("byte {}", bytes.len())) && e.contains("3 bytes after"),
             "{e}"
         );
         let other = dir.path().join("protocol4.pth");
         std::fs::write(&other, b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00.").unwrap();
-        let e = read(&other, None, resnet()).unwrap_err().to_string();
+        let e = read(&other, Select::default(), resnet())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("file header") && e.contains("nor its legacy format"),
             "{e}"

@@ -37,16 +37,32 @@ pub(super) fn unpickle(path: &Path, data: &[u8], at: &mut usize, what: &str) -> 
         .map_err(|e| EngineError::invalid(path, what, format!("cannot unpickle: {e}")))
 }
 
-/// Whether the value at `id` is a tensor (or an `nn.Parameter`).
+/// Whether the value at `id` is a tensor (or an `nn.Parameter`: PyTorch ≤ 0.3 pickled one as
+/// a call of its class on the tensor, later ones as `_rebuild_parameter`).
 fn is_tensor(p: &Pickle, id: Id) -> bool {
-    let Value::Object { class, .. } = p.get(id) else {
+    let Value::Object { class, args, .. } = p.get(id) else {
         return false;
     };
-    matches!(p.global(*class), Some((module, name))
-        if (module == "torch._utils"
-            && matches!(name, "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_parameter"
-                | "_rebuild_parameter_with_state"))
-            || (module == "torch._tensor" && name == "_rebuild_from_type_v2"))
+    let on_a_value = || match p.get(*args) {
+        Value::Tuple(a) => a
+            .first()
+            .is_some_and(|&t| matches!(p.get(t), Value::Object { .. })),
+        _ => false,
+    };
+    match p.global(*class) {
+        Some(("torch._utils", name)) => matches!(
+            name,
+            "_rebuild_tensor_v2"
+                | "_rebuild_tensor"
+                | "_rebuild_parameter"
+                | "_rebuild_parameter_with_state"
+        ),
+        Some(("torch._tensor", "_rebuild_from_type_v2")) => true,
+        Some(("torch.nn.parameter", "Parameter") | ("torch.autograd.variable", "Variable")) => {
+            on_a_value()
+        }
+        _ => false,
+    }
 }
 
 /// Whether the value at `id` is a whole pickled network: an `nn.Module` (`torch.save(model)`:
@@ -156,16 +172,21 @@ pub(super) fn tensors(
         Some(k) => p.lookup(p.root, k).expect("state_dict_key found it"),
         None => p.root,
     };
+    let mut names = Names::default();
     let named = if is_module(p, holder) {
-        module_tensors(p, holder).map_err(|e| EngineError::invalid(path, place, e))?
+        module_tensors(p, holder, &mut names)
     } else {
-        p.entries(holder)
-            .expect("state_dict_key checked it is a dict")
+        let entries = p
+            .entries(holder)
+            .expect("state_dict_key checked it is a dict");
+        entries
             .iter()
             .filter(|&&(_, v)| is_tensor(p, v))
-            .filter_map(|&(k, v)| p.str(k).map(|name| (name.to_owned(), v)))
+            .filter_map(|&(k, v)| Some((p.str(k)?, v)))
+            .map(|(name, v)| Ok((names.join("", name)?, v)))
             .collect()
-    };
+    }
+    .map_err(|e| EngineError::invalid(path, place, e))?;
     let mut refs = Vec::new();
     for (name, value) in named {
         if not_a_weight(&name) {
@@ -178,26 +199,55 @@ pub(super) fn tensors(
     Ok((refs, key))
 }
 
-/// Modules nested deeper than any network is (ResNets nest 4 deep, DLA 7).
+/// Modules nested deeper than any network is (ResNets nest 4 deep, DLA 7); a module among its
+/// own submodules reaches it (PyTorch's `state_dict()` recurses for ever on one).
 const MAX_MODULE_DEPTH: usize = 100;
+
+/// Tensor names made, bounded: a pickle of a few megabytes can name one memoised tensor a
+/// million times under a memoised name of a megabyte, or share one module among many.
+#[derive(Default)]
+struct Names {
+    count: usize,
+    bytes: usize,
+}
+
+/// More tensors, or bytes of their names, than any network has.
+const MAX_NAMES: usize = 1_000_000;
+const MAX_NAME_BYTES: usize = 64 << 20;
+
+impl Names {
+    /// `prefix` and `name` joined, counted against the bounds.
+    fn join(&mut self, prefix: &str, name: &str) -> std::result::Result<String, String> {
+        self.count += 1;
+        self.bytes += prefix.len() + name.len();
+        if self.count > MAX_NAMES || self.bytes > MAX_NAME_BYTES {
+            return Err(format!(
+                "more than {MAX_NAMES} tensor names or {} MiB of them: not a network's state",
+                MAX_NAME_BYTES >> 20
+            ));
+        }
+        Ok(format!("{prefix}{name}"))
+    }
+}
 
 /// The tensors of a whole pickled module by the names `state_dict()` gives them: each
 /// module's parameters, then its buffers (not those it marks non-persistent), then its
 /// submodules', dot-joined. A TorchScript module's tensor attributes are its parameters and
 /// buffers, its `__torch__` objects its submodules.
-fn module_tensors(p: &Pickle, root: Id) -> std::result::Result<Vec<(String, Id)>, String> {
+fn module_tensors(
+    p: &Pickle,
+    root: Id,
+    names: &mut Names,
+) -> std::result::Result<Vec<(String, Id)>, String> {
     let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    // Depth first, in the order the attributes were saved.
+    // Depth first, in the order the attributes were saved. A module reached twice (shared by
+    // two attributes) is named under both, as `state_dict()` names it.
     let mut todo = vec![(String::new(), root, 0)];
     while let Some((prefix, id, depth)) = todo.pop() {
         if depth > MAX_MODULE_DEPTH {
             return Err(format!(
                 "modules nested more than {MAX_MODULE_DEPTH} deep at `{prefix}`"
             ));
-        }
-        if !seen.insert(id) {
-            continue; // a module shared or referring back: its tensors are named once
         }
         let Value::Object {
             state: Some(state), ..
@@ -216,23 +266,23 @@ fn module_tensors(p: &Pickle, root: Id) -> std::result::Result<Vec<(String, Id)>
                 for &(k, v) in entries.unwrap_or_default() {
                     let Some(name) = p.str(k) else { continue };
                     if is_tensor(p, v) && !(persistent_only && skipped.contains(&name)) {
-                        out.push((format!("{prefix}{name}"), v));
+                        out.push((names.join(&prefix, name)?, v));
                     }
                 }
             }
             let modules = p.lookup(*state, "_modules").and_then(|d| p.entries(d));
             for &(k, v) in modules.unwrap_or_default() {
                 if let Some(name) = p.str(k) {
-                    children.push((format!("{prefix}{name}."), v, depth + 1));
+                    children.push((names.join(&prefix, &format!("{name}."))?, v, depth + 1));
                 }
             }
         } else {
             for &(k, v) in p.entries(*state).unwrap_or_default() {
                 let Some(name) = p.str(k) else { continue };
                 if is_tensor(p, v) {
-                    out.push((format!("{prefix}{name}"), v));
+                    out.push((names.join(&prefix, name)?, v));
                 } else if is_module(p, v) {
-                    children.push((format!("{prefix}{name}."), v, depth + 1));
+                    children.push((names.join(&prefix, &format!("{name}."))?, v, depth + 1));
                 }
             }
         }
@@ -262,27 +312,34 @@ fn set_texts(p: &Pickle, id: Id) -> Vec<&str> {
 
 /// A tensor's storage, offset, shape and strides from its pickled form.
 fn tensor_ref(p: &Pickle, value: Id) -> std::result::Result<TensorRef, String> {
-    let Value::Object { class, args, .. } = p.get(value) else {
-        unreachable!("is_tensor checked it");
-    };
-    let (_, name) = p.global(*class).expect("is_tensor checked it");
-    let Value::Tuple(args) = p.get(*args) else {
-        return Err("its arguments are not a tuple".into());
-    };
-    match name {
-        // (data, requires_grad, backward_hooks[, state])
-        "_rebuild_parameter" | "_rebuild_parameter_with_state" => args
-            .first()
-            .filter(|&&t| is_tensor(p, t))
-            .ok_or_else(|| "a parameter without its data".to_string())
-            .and_then(|&t| tensor_ref(p, t)),
-        // (func, type, (storage, offset, size, stride, ...), state)
-        "_rebuild_from_type_v2" => match args.get(2).map(|&a| p.get(a)) {
-            Some(Value::Tuple(inner)) => rebuild_args(p, inner),
-            _ => Err("a tensor subclass without its arguments".into()),
-        },
-        _ => rebuild_args(p, args),
+    let mut value = value;
+    // A parameter wraps its tensor: once in any real file, a few times at most.
+    for _ in 0..4 {
+        let Value::Object { class, args, .. } = p.get(value) else {
+            return Err(format!("{}, expected a tensor", p.describe(value)));
+        };
+        let (_, name) = p.global(*class).unwrap_or_default();
+        let Value::Tuple(args) = p.get(*args) else {
+            return Err("its arguments are not a tuple".into());
+        };
+        match name {
+            // (data, requires_grad, backward_hooks[, state]); PyTorch ≤ 0.3: (data,)
+            "_rebuild_parameter" | "_rebuild_parameter_with_state" | "Parameter" | "Variable" => {
+                value = *args
+                    .first()
+                    .ok_or_else(|| "a parameter without its data".to_string())?;
+            }
+            // (func, type, (storage, offset, size, stride, ...), state)
+            "_rebuild_from_type_v2" => {
+                return match args.get(2).map(|&a| p.get(a)) {
+                    Some(Value::Tuple(inner)) => rebuild_args(p, inner),
+                    _ => Err("a tensor subclass without its arguments".into()),
+                }
+            }
+            _ => return rebuild_args(p, args),
+        }
     }
+    Err("parameters wrapped in parameters more than 4 deep".into())
 }
 
 /// `(storage, offset, size, stride, ...)`, the arguments of `_rebuild_tensor(_v2)`.
@@ -413,30 +470,61 @@ pub(super) fn storage_types(p: &Pickle) -> HashMap<String, String> {
         .collect()
 }
 
-/// Builds each tensor of `refs` from the bytes `storage` gives for its storage's key.
+/// Builds each tensor of `refs` from the bytes `storage` gives for its storage's key. A tensor
+/// named twice (tied weights, or one memoised tensor under many names) is built once; the
+/// elements built in all may be at most twice the storages' plus 64 MiB, which any real
+/// checkpoint is far below (its tensors overlap in their storages only when tied), and a pickle
+/// of many views of one large storage would exceed.
 pub(super) fn materialise_all<'a>(
     path: &Path,
     refs: Refs,
     storage: impl Fn(&str) -> Option<&'a [u8]>,
 ) -> Result<BTreeMap<String, Tensor>> {
-    refs.into_iter()
-        .map(|(name, t)| {
-            let place = || format!("tensor `{name}`");
-            let bytes = storage(&t.storage).ok_or_else(|| {
-                EngineError::invalid(
-                    path,
-                    place(),
-                    format!(
-                        "its storage `{}` is not among the file's storages",
-                        t.storage
-                    ),
-                )
-            })?;
-            let tensor =
-                materialise(bytes, &t).map_err(|e| EngineError::invalid(path, place(), e))?;
-            Ok((name, tensor))
-        })
-        .collect()
+    // Tensors built, by their storage, offset, shape and strides.
+    type Layout<'r> = (&'r str, usize, &'r [usize], &'r [usize]);
+    let mut built: HashMap<Layout, Tensor> = HashMap::new();
+    let mut storages = std::collections::HashSet::new();
+    let (mut bytes_stored, mut bytes_built) = (0usize, 0usize);
+    let mut out = BTreeMap::new();
+    for (name, t) in &refs {
+        let place = || format!("tensor `{name}`");
+        let bytes = storage(&t.storage).ok_or_else(|| {
+            EngineError::invalid(
+                path,
+                place(),
+                format!(
+                    "its storage `{}` is not among the file's storages",
+                    t.storage
+                ),
+            )
+        })?;
+        if storages.insert(t.storage.as_str()) {
+            bytes_stored += bytes.len();
+        }
+        let key = (t.storage.as_str(), t.offset, &t.dims[..], &t.strides[..]);
+        let tensor = match built.get(&key) {
+            Some(tensor) => tensor.clone(),
+            None => {
+                let tensor =
+                    materialise(bytes, t).map_err(|e| EngineError::invalid(path, place(), e))?;
+                bytes_built += tensor.elem_count() * tensor.dtype().size_in_bytes();
+                if bytes_built > 2 * bytes_stored + (64 << 20) {
+                    return Err(EngineError::invalid(
+                        path,
+                        place(),
+                        format!(
+                            "the tensors so far take {bytes_built} bytes, more than twice their \
+                             storages' and 64 MiB: views overlapping over and over"
+                        ),
+                    ));
+                }
+                built.insert(key, tensor.clone());
+                tensor
+            }
+        };
+        out.insert(name.clone(), tensor);
+    }
+    Ok(out)
 }
 
 /// The tensor `t` of a storage's little-endian `bytes`, row-major.
@@ -496,8 +584,14 @@ fn extent(t: &TensorRef, stored: usize) -> std::result::Result<usize, String> {
         None => stored,
     };
     let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    if n == Some(0) && offset <= end {
-        return Ok(0);
+    if n == Some(0) {
+        return if offset <= end {
+            Ok(0)
+        } else {
+            Err(format!(
+                "an empty tensor at element {offset}, past its storage of {stored} elements"
+            ))
+        };
     }
     // The furthest element: offset + Σ (d − 1)·s.
     let last = dims.iter().zip(strides).try_fold(offset, |a, (&d, &s)| {
@@ -551,5 +645,33 @@ pub(super) fn kind(p: &Pickle, id: Id) -> &'static str {
         Value::Tuple(_) => "a tuple",
         Value::Object { .. } => "a Python object",
         _ => "a plain value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(offset: usize, dims: &[usize], strides: &[usize]) -> TensorRef {
+        TensorRef {
+            storage: "0".into(),
+            class: "FloatStorage".into(),
+            offset,
+            view: None,
+            dims: dims.to_vec(),
+            strides: strides.to_vec(),
+        }
+    }
+
+    /// An empty tensor may start at the end of its storage, not past it; a strided one must
+    /// reach no further than its storage's last element.
+    #[test]
+    fn extents_are_checked_against_the_storage() {
+        assert_eq!(extent(&tensor(10, &[0], &[1]), 10), Ok(0));
+        let e = extent(&tensor(11, &[0], &[1]), 10).unwrap_err();
+        assert!(e.contains("element 11, past its storage of 10"), "{e}");
+        assert_eq!(extent(&tensor(1, &[3, 3], &[3, 1]), 10), Ok(9));
+        assert!(extent(&tensor(2, &[3, 3], &[3, 1]), 10).is_err());
+        assert_eq!(extent(&tensor(0, &[2, 5], &[1, 2]), 10), Ok(10));
     }
 }

@@ -41,10 +41,12 @@ pub(super) enum Value {
     /// set twice keeps both entries, the later one winning on lookup.
     Dict(Vec<(Id, Id)>),
     Set(Vec<Id>),
-    /// A class or function named by `GLOBAL`/`STACK_GLOBAL`.
+    /// A class or function named by `GLOBAL`/`STACK_GLOBAL`: the texts of its module and
+    /// name (`STACK_GLOBAL` takes them from the stack, memoised ones too: held by place, not
+    /// copied, so that naming a class again costs nothing however long its name).
     Global {
-        module: String,
-        name: String,
+        module: Id,
+        name: Id,
     },
     /// What a call of `class` (`REDUCE`, `NEWOBJ`, `INST`, `OBJ`) made, with what `BUILD` gave
     /// it as state and what `SETITEMS`/`APPENDS` added to it.
@@ -80,10 +82,12 @@ impl Pickle {
         }
     }
 
-    /// The entries of the dict at `id` (also those a dict-like object was given).
+    /// The entries of the dict at `id`, or those an object of a dict subclass was given
+    /// (`SETITEMS` on it: an `EasyDict`, a `defaultdict` subclass).
     pub fn entries(&self, id: Id) -> Option<&[(Id, Id)]> {
         match self.get(id) {
             Value::Dict(d) => Some(d),
+            Value::Object { items, .. } if !items.is_empty() => Some(items),
             _ => None,
         }
     }
@@ -100,7 +104,7 @@ impl Pickle {
     /// The class at `id` as `module.name`, if it is a class.
     pub fn global(&self, id: Id) -> Option<(&str, &str)> {
         match self.get(id) {
-            Value::Global { module, name } => Some((module, name)),
+            Value::Global { module, name } => Some((self.str(*module)?, self.str(*name)?)),
             _ => None,
         }
     }
@@ -150,7 +154,8 @@ impl Pickle {
             Value::Bytes(n) => {
                 let _ = write!(out, "<{n} bytes>");
             }
-            Value::Global { module, name } => {
+            Value::Global { .. } => {
+                let (module, name) = self.global(id).unwrap_or(("?", "?"));
                 let _ = write!(out, "<class {module}.{name}>");
             }
             _ if depth == 0 => out.push('…'),
@@ -445,17 +450,14 @@ impl<'a> Machine<'a> {
     fn step_object(&mut self, code: u8) -> Step {
         match code {
             b'c' => {
-                let module = self.line()?.to_owned();
-                let name = self.line()?.to_owned();
-                self.push(Value::Global { module, name });
+                let class = self.global_line()?;
+                self.stack.push(class);
             }
             0x93 => {
                 let name = self.pop()?;
                 let module = self.pop()?;
-                match (self.values[module].clone(), self.values[name].clone()) {
-                    (Value::Str(module), Value::Str(name)) => {
-                        self.push(Value::Global { module, name })
-                    }
+                match (&self.values[module], &self.values[name]) {
+                    (Value::Str(_), Value::Str(_)) => self.push(Value::Global { module, name }),
                     _ => return Err("STACK_GLOBAL of values that are not text".into()),
                 }
             }
@@ -471,10 +473,8 @@ impl<'a> Machine<'a> {
                 self.call(class, args);
             }
             b'i' => {
-                let module = self.line()?.to_owned();
-                let name = self.line()?.to_owned();
+                let class = self.global_line()?;
                 let items = self.pop_mark()?;
-                let class = self.add(Value::Global { module, name });
                 let args = self.add(Value::Tuple(items));
                 self.call(class, args);
             }
@@ -512,13 +512,29 @@ impl<'a> Machine<'a> {
         Ok(None)
     }
 
+    /// `GLOBAL`/`INST`'s two lines, module and name, as a new [`Value::Global`].
+    fn global_line(&mut self) -> Result<Id, String> {
+        let module = Value::Str(self.line()?.to_owned());
+        let module = self.add(module);
+        let name = Value::Str(self.line()?.to_owned());
+        let name = self.add(name);
+        Ok(self.add(Value::Global { module, name }))
+    }
+
     /// A call of `class` on `args`: a dict for the dict classes PyTorch pickles (a state
-    /// dict is an `OrderedDict`), an [`Value::Object`] for any other.
+    /// dict is an `OrderedDict`), with the items of its arguments (Python 2's
+    /// `OrderedDict.__reduce__` gives them there, Python 3's by `SETITEMS`), an
+    /// [`Value::Object`] for any other.
     fn call(&mut self, class: Id, args: Id) {
+        let text = |id: Id| match &self.values[id] {
+            Value::Str(s) => s.as_str(),
+            _ => "",
+        };
         let dict_like = matches!(&self.values[class], Value::Global { module, name }
-            if module == "collections" && (name == "OrderedDict" || name == "defaultdict"));
+            if text(*module) == "collections"
+                && matches!(text(*name), "OrderedDict" | "defaultdict"));
         let value = if dict_like {
-            Value::Dict(vec![])
+            Value::Dict(self.pairs_in(args))
         } else {
             Value::Object {
                 class,
@@ -529,6 +545,24 @@ impl<'a> Machine<'a> {
             }
         };
         self.push(value);
+    }
+
+    /// The `(key, value)` pairs of a call's first argument, a list of pairs (`OrderedDict([[k,
+    /// v], ...])`); none for anything else.
+    fn pairs_in(&self, args: Id) -> Vec<(Id, Id)> {
+        let Value::Tuple(args) = &self.values[args] else {
+            return vec![];
+        };
+        let Some(Value::List(items)) = args.first().map(|&a| &self.values[a]) else {
+            return vec![];
+        };
+        items
+            .iter()
+            .filter_map(|&i| match &self.values[i] {
+                Value::List(p) | Value::Tuple(p) if p.len() == 2 => Some((p[0], p[1])),
+                _ => None,
+            })
+            .collect()
     }
 
     /// `APPEND(S)`/`ADDITEMS` into the list, set or object under the items.
@@ -615,8 +649,11 @@ impl<'a> Machine<'a> {
         usize::try_from(u64::from_le_bytes(self.array()?)).map_err(|_| "a length past 2^64".into())
     }
 
+    /// Text of `n` bytes. Python writes lone surrogates in it (`surrogatepass`: a path decoded
+    /// by `os.fsdecode`), which are not UTF-8: they read as U+FFFD, as no name of a tensor
+    /// holds one.
     fn utf8(&mut self, n: usize) -> Result<String, String> {
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "text that is not UTF-8".into())
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
     }
 
     /// A newline-ended argument of protocol 0, without its newline.
@@ -657,7 +694,9 @@ fn decimal(text: &str) -> Option<Value> {
         Some(d) => (true, d),
         None => (false, text),
     };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // CPython's own limit on decimal integer text (`sys.int_info.default_max_str_digits`);
+    // the conversion takes time quadratic in the digits.
+    if digits.is_empty() || digits.len() > 4300 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     // The magnitude, little-endian, times ten plus each digit.
@@ -894,6 +933,41 @@ mod tests {
             "{}",
             p.describe(p.root)
         );
+    }
+
+    /// What Python 2 pickled differently: an `OrderedDict` with its items in the call's
+    /// arguments (Python 2.7's `__reduce__`; CPython 3 reads these bytes as OrderedDict([('k',
+    /// 1)])), and text with a lone surrogate (`pickle.dumps('a\\udcff', 2)`), read lossily.
+    #[test]
+    fn python_2_ordered_dicts_and_lone_surrogates() {
+        let p = run(
+            b"\x80\x02ccollections\nOrderedDict\nq\x00]q\x01]q\x02(X\x01\x00\x00\x00kK\x01e\
+                     a\x85Rq\x03.",
+        )
+        .unwrap();
+        assert_eq!(show(&p, p.root), "{'k': 1}");
+        let p = run(b"\x80\x02X\x04\x00\x00\x00a\xed\xb3\xbfq\x00.").unwrap();
+        assert!(p.str(p.root).unwrap().starts_with("a\u{fffd}"));
+    }
+
+    /// Naming a class with a memoised megabyte-long name 100,000 times adds a value each time,
+    /// not a copy of the name (100 GB); a decimal integer of more digits than CPython reads
+    /// (4,300) is refused rather than converted in quadratic time.
+    #[test]
+    fn long_names_and_long_integers_stay_linear() {
+        let name = vec![b'm'; 1 << 20];
+        let mut pickle = b"\x80\x04X".to_vec();
+        pickle.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        pickle.extend_from_slice(&name);
+        pickle.extend_from_slice(b"\x94\x8c\x01a\x94");
+        pickle.extend_from_slice(&b"h\x00h\x01\x930".repeat(100_000));
+        pickle.extend_from_slice(b"N.");
+        let p = run(&pickle).unwrap();
+        assert_eq!(p.values.len(), 2 + 100_000 + 1);
+        let long = [b"L".as_slice(), &[b'9'; 4301], b"L\n."].concat();
+        assert!(run(&long).unwrap_err().contains("LONG `999"));
+        let ok = [b"L".as_slice(), &[b'9'; 4300], b"L\n."].concat();
+        assert!(matches!(run(&ok).unwrap().get(0), Value::BigInt(b) if b.len() == 1786));
     }
 
     /// Damaged pickles are errors naming the opcode and its byte.

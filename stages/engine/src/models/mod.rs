@@ -5,7 +5,7 @@
 //! DLA), so a checkpoint loads in PyTorch by name into those definitions. The CIFAR-stem
 //! `resnet18`…`resnet200` keep torchvision's names (`downsample`, `fc`), where kuangliu's and
 //! RepDistiller's definitions of them say `shortcut` and `linear`: `import` renames those on the
-//! way in, and a checkpoint going the other way needs the same renaming. [`arch`] lists the architectures; [`net`]
+//! way in, and `pipeline export --naming kuangliu` on the way out ([`crate::export`]). [`arch`] lists the architectures; [`net`]
 //! is what they share (pooling, dropout, classifier).
 
 pub mod add_relu;
@@ -169,15 +169,21 @@ impl Model {
             .sum()
     }
 
-    /// Serialises every variable to safetensors bytes, names sorted.
-    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+    /// Every variable (weights and BatchNorm statistics), names sorted.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
         let data = self.vars.data().lock().expect("var map lock");
         let mut items: Vec<(String, Tensor)> = data
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
-        safetensors::serialize(items, None).map_err(|e| EngineError::Numeric(e.to_string()))
+        items
+    }
+
+    /// Serialises every variable to safetensors bytes, names sorted.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        safetensors::serialize(self.tensors(), None)
+            .map_err(|e| EngineError::Numeric(e.to_string()))
     }
 
     /// Loads every variable from a safetensors file, checking names and shapes.

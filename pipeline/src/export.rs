@@ -1,0 +1,96 @@
+//! `pipeline export DIR --output FILE`: a trained or imported model's weights for PyTorch, as
+//! `torch.save(model.state_dict(), FILE)` would have written them (`.pth`, `.pt`) or as a
+//! safetensors file, under the names of the PyTorch definitions the user loads them into
+//! (see [`engine::export`]).
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::Device;
+use engine::export;
+use engine::import::Naming;
+use engine::models::{Arch, Model};
+use stages::artifacts::TrainedModel;
+use std::path::PathBuf;
+
+/// Options of `pipeline export`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A train or import stage's folder (its `model.json` and `model.safetensors`).
+    pub dir: PathBuf,
+    /// The file to write: `.pth` or `.pt` for `torch.save`'s format, `.safetensors`.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// The names to write: `torchvision` (ours; torchvision's and RepDistiller's CIFAR
+    /// ResNets) or `kuangliu` (a ResNet's `shortcut` and `linear`, as kuangliu/pytorch-cifar,
+    /// RepDistiller's ResNet18/50 and akamaster's ResNets name them).
+    #[arg(long, value_enum, default_value_t = NamingArg::Torchvision)]
+    pub naming: NamingArg,
+}
+
+/// `--naming`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum NamingArg {
+    Torchvision,
+    Kuangliu,
+}
+
+/// Runs `pipeline export`.
+pub fn export(args: &ExportArgs) -> Result<()> {
+    let json = args.dir.join("model.json");
+    let meta: TrainedModel = engine::json::read(&json).with_context(|| {
+        format!(
+            "{}: not a train or import stage's folder",
+            args.dir.display()
+        )
+    })?;
+    let arch = Arch::parse(&meta.spec.arch)?;
+    let model = Model::new(&meta.spec, &Device::Cpu, 0)?;
+    model.load(&args.dir.join("model.safetensors"))?;
+    let naming = match args.naming {
+        NamingArg::Torchvision => Naming::Torchvision,
+        NamingArg::Kuangliu => Naming::Kuangliu,
+    };
+    let tensors: Vec<_> = model
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (export::rename(&arch, naming, &name), t))
+        .collect();
+    let out = &args.output;
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let bytes = match ext {
+        "pth" | "pt" => {
+            let stem = out
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("archive");
+            // The archive's folder name, as PyTorch's reader takes any: plain characters only.
+            let stem: String = stem
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            export::pth_bytes(&stem, &tensors)?
+        }
+        "safetensors" => export::safetensors_bytes(&tensors)?,
+        _ => bail!(
+            "{}: the file's extension says its format: `.pth` or `.pt` (torch.save), \
+             `.safetensors`",
+            out.display()
+        ),
+    };
+    datasets::atomic::write_bytes(out, &bytes)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "wrote {} ({} tensors of {}, {:?} names, {} bytes)",
+        out.display(),
+        tensors.len(),
+        meta.spec.arch,
+        args.naming,
+        bytes.len()
+    );
+    Ok(())
+}
