@@ -148,7 +148,8 @@ fn a_pytorch_resnet8_evaluates_to_pytorchs_predictions_from_pth_and_safetensors(
 
 /// `prefix` picks the student of a checkpoint holding a student and a teacher: the import
 /// evaluates to PyTorch's predictions of the student's weights, and `model.json` records the
-/// prefix; a prefix no name has fails the stage naming it.
+/// prefix; a prefix not ending with `.` is a config error, and one no name has fails the stage
+/// naming it.
 #[test]
 fn a_prefix_imports_one_network_of_a_checkpoint_holding_two() {
     let dir = scratch();
@@ -176,6 +177,16 @@ fn a_prefix_imports_one_network_of_a_checkpoint_holding_two() {
         serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
     assert_eq!(meta["imported"]["prefix"], "student.");
     assert_eq!(meta["imported"]["data_parallel"], true);
+
+    // A prefix ends between two parts of a name.
+    write(dir.path(), "p.toml", &with("student"));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("key `prefix`") && e.contains("must end with `.`"),
+        "{e}"
+    );
 
     write(dir.path(), "p.toml", &with("ema."));
     let o = pipeline(dir.path(), &["run", "p.toml"]);

@@ -360,7 +360,7 @@ print("polars", df.height, df.filter(pl.col("step") == 4).height)
 /// CPython's own unpickler reads as `torch.save` lays it out (tests/python/check_export.py:
 /// data.pkl, stored entries at 64-byte offsets, version, byteorder), holding bit for bit the
 /// tensors of PyTorch's file, under torchvision's names or kuangliu's; a `.safetensors` export
-/// holds the same tensors; an unknown extension is refused.
+/// holds the same tensors; an unknown extension, or a file in the stage's folder, is refused.
 #[test]
 fn an_exported_pth_unpickles_in_python_to_pytorchs_tensors() {
     let py = python();
@@ -405,6 +405,13 @@ fn an_exported_pth_unpickles_in_python_to_pytorchs_tensors() {
         let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values(&ours[name]), values(t), "{name}");
     }
+    // Not into the stage's folder, which the runner owns.
+    let o = pipeline(
+        dir.path(),
+        &["export", "out/teacher", "-o", "out/teacher/model.pth"],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("runner owns"), "{}", stderr(&o));
     let o = pipeline(dir.path(), &["export", "out/teacher", "-o", "t.onnx"]);
     assert!(!o.status.success());
     assert!(

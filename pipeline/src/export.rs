@@ -9,14 +9,14 @@ use engine::export;
 use engine::import::Naming;
 use engine::models::{Arch, Model};
 use stages::artifacts::TrainedModel;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Options of `pipeline export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
     /// A train or import stage's folder (its `model.json` and `model.safetensors`).
     pub dir: PathBuf,
-    /// The file to write: `.pth` or `.pt` for `torch.save`'s format, `.safetensors`.
+    /// The file to write: `.pth`, `.pt` or `.th` for `torch.save`'s format, `.safetensors`.
     #[arg(long, short)]
     pub output: PathBuf,
     /// The names to write: `torchvision` (ours; torchvision's and RepDistiller's CIFAR
@@ -29,12 +29,15 @@ pub struct ExportArgs {
 /// `--naming`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum NamingArg {
+    /// Ours: `downsample`, `fc` (torchvision, RepDistiller's CIFAR ResNets).
     Torchvision,
+    /// A ResNet's `shortcut`, `linear` (kuangliu/pytorch-cifar, akamaster).
     Kuangliu,
 }
 
 /// Runs `pipeline export`.
 pub fn export(args: &ExportArgs) -> Result<()> {
+    refuse_inside(&args.dir, &args.output)?;
     let json = args.dir.join("model.json");
     let meta: TrainedModel = engine::json::read(&json).with_context(|| {
         format!(
@@ -56,8 +59,8 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         .collect();
     let out = &args.output;
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
-    let bytes = match ext {
-        "pth" | "pt" => {
+    let bytes = match ext.to_ascii_lowercase().as_str() {
+        "pth" | "pt" | "th" => {
             let stem = out
                 .file_stem()
                 .and_then(|s| s.to_str())
@@ -77,20 +80,46 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         }
         "safetensors" => export::safetensors_bytes(&tensors)?,
         _ => bail!(
-            "{}: the file's extension says its format: `.pth` or `.pt` (torch.save), \
+            "{}: the file's extension says its format: `.pth`, `.pt` or `.th` (torch.save), \
              `.safetensors`",
             out.display()
         ),
     };
     datasets::atomic::write_bytes(out, &bytes)
         .with_context(|| format!("cannot write {}", out.display()))?;
+    let naming = match args.naming {
+        NamingArg::Torchvision => "torchvision",
+        NamingArg::Kuangliu => "kuangliu",
+    };
     println!(
-        "wrote {} ({} tensors of {}, {:?} names, {} bytes)",
+        "wrote {} ({} tensors of {}, {naming} names, {} bytes)",
         out.display(),
         tensors.len(),
         meta.spec.arch,
-        args.naming,
         bytes.len()
     );
+    Ok(())
+}
+
+/// Refuses an output inside the stage folder `dir`: the runner owns what is there, and a file
+/// written over the stage's weights would make it run again.
+fn refuse_inside(dir: &Path, out: &Path) -> Result<()> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{}: no such folder", dir.display()))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let parent = parent
+        .canonicalize()
+        .with_context(|| format!("{}: its folder does not exist", out.display()))?;
+    if parent.starts_with(&dir) {
+        bail!(
+            "{}: inside the stage's folder {}, which the runner owns; write it elsewhere",
+            out.display(),
+            dir.display()
+        );
+    }
     Ok(())
 }

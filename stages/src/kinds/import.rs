@@ -105,11 +105,16 @@ impl Params {
                 ));
             }
         }
-        if self.prefix.as_deref() == Some("") {
-            return Err((
-                "prefix",
-                "must not be empty: leave it out to take every name".into(),
-            ));
+        if let Some(prefix) = &self.prefix {
+            if !prefix.ends_with('.') {
+                return Err((
+                    "prefix",
+                    format!(
+                        "`{prefix}` must end with `.`, where a module's name ends (`{prefix}.`): \
+                         names are cut between their parts"
+                    ),
+                ));
+            }
         }
         if let Some(h) = &self.blake3 {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -18,6 +18,7 @@
 
 use super::pickled::{element_size, kind, materialise_all, storage_types, tensors, unpickle};
 use super::unpickler::{self, Pickle, Value};
+use super::Select;
 use crate::error::{EngineError, Result};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
@@ -43,7 +44,7 @@ pub(super) fn after_magic(data: &[u8]) -> Option<usize> {
 /// dict key they were under (as for the zip format: `key`, or found).
 pub(super) fn read(
     path: &Path,
-    key: Option<&str>,
+    select: Select,
 ) -> Result<(BTreeMap<String, Tensor>, Option<String>)> {
     let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
     // Safety: mapped read-only; a checkpoint is not written while it is imported.
@@ -52,7 +53,7 @@ pub(super) fn read(
     let mut at = read_header(path, data)?;
     const SAVED: &str = "the saved object (4th pickle)";
     let top = unpickle(path, data, &mut at, SAVED)?;
-    let (refs, key) = tensors(path, SAVED, &top, key)?;
+    let (refs, key) = tensors(path, SAVED, &top, select)?;
     const KEYS: &str = "the storage keys (5th pickle)";
     let keys = unpickle(path, data, &mut at, KEYS)?;
     let Value::List(order) = keys.get(keys.root) else {

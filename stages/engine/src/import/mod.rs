@@ -89,13 +89,12 @@ pub struct Select<'a> {
 /// Reads the state dict of `path` for a model of architecture `arch` (which decides how names
 /// are mapped), from the part of the checkpoint `select` names.
 pub fn read(path: &Path, select: Select, arch: Arch) -> Result<StateDict> {
-    let key = select.key;
     let format = sniff(path)?;
     let (raw, key) = match format {
-        Format::Pth => unpanicked(path, || zipfile::read(path, key))?,
-        Format::PthLegacy => unpanicked(path, || legacy::read(path, key))?,
+        Format::Pth => unpanicked(path, || zipfile::read(path, select))?,
+        Format::PthLegacy => unpanicked(path, || legacy::read(path, select))?,
         Format::Safetensors => {
-            if let Some(k) = key {
+            if let Some(k) = select.key {
                 return Err(EngineError::invalid(
                     path,
                     format!("key `{k}`"),
@@ -105,12 +104,12 @@ pub fn read(path: &Path, select: Select, arch: Arch) -> Result<StateDict> {
             let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
                 EngineError::invalid(path, "safetensors header", format!("cannot parse: {e}"))
             })?;
+            let tensors = match select.prefix {
+                Some(prefix) => with_prefix(path, tensors, prefix)?,
+                None => tensors.into_iter().collect(),
+            };
             (tensors.into_iter().collect(), None)
         }
-    };
-    let raw = match select.prefix {
-        Some(prefix) => with_prefix(path, raw, prefix)?,
-        None => raw,
     };
     let (tensors, naming, data_parallel) = rename(path, raw, arch.is_resnet())?;
     Ok(StateDict {
@@ -172,15 +171,16 @@ fn sniff(path: &Path) -> Result<Format> {
     ))
 }
 
-/// The tensors of `raw` whose names start with `prefix`, named without it; none is an error
+/// The entries of `named` whose names start with `prefix`, named without it; none is an error
 /// listing how the names start.
-fn with_prefix(
+fn with_prefix<T>(
     path: &Path,
-    raw: BTreeMap<String, Tensor>,
+    named: impl IntoIterator<Item = (String, T)>,
     prefix: &str,
-) -> Result<BTreeMap<String, Tensor>> {
-    if !raw.keys().any(|n| n.starts_with(prefix)) {
-        let starts = name_starts(raw.keys().map(String::as_str));
+) -> Result<Vec<(String, T)>> {
+    let named: Vec<(String, T)> = named.into_iter().collect();
+    if !named.iter().any(|(n, _)| n.starts_with(prefix)) {
+        let starts = name_starts(named.iter().map(|(n, _)| n.as_str()));
         let found: Vec<String> = starts
             .iter()
             .take(12)
@@ -196,7 +196,7 @@ fn with_prefix(
             ),
         ));
     }
-    Ok(raw
+    Ok(named
         .into_iter()
         .filter_map(|(name, t)| Some((name.strip_prefix(prefix)?.to_owned(), t)))
         .collect())
@@ -752,7 +752,8 @@ mod tests {
     /// TorchScript archive, a state dict referenced twice in a checkpoint of pickle protocol 4,
     /// and a legacy file of protocol 4 all hold the tensors `model.state_dict()` gave PyTorch,
     /// by the same names (make_module_fixtures.py, from akamaster's ResNet class, with a
-    /// non-persistent buffer `scratch` that only TorchScript's `state_dict()` holds).
+    /// non-persistent buffer `scratch` that only TorchScript's `state_dict()` holds), and so
+    /// does MoCo's encoder in a checkpoint of two encoders, a queue and an int64 pointer.
     #[test]
     fn whole_modules_torchscript_and_protocol_4_hold_the_state_dicts_tensors() {
         let reference = read(
@@ -762,22 +763,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(reference.naming, Naming::Kuangliu);
-        for (file, key, format) in [
-            ("module_resnet8.pth", None, Format::Pth),
-            ("module_resnet8_legacy.pth", None, Format::PthLegacy),
-            ("traced_resnet8.pt", None, Format::Pth),
-            ("shared_protocol4.pth", Some("model"), Format::Pth),
-            ("shared_protocol4.pth", Some("ema"), Format::Pth),
-            ("legacy_protocol4.pth", None, Format::PthLegacy),
+        for (file, key, prefix, format) in [
+            ("module_resnet8.pth", None, None, Format::Pth),
+            ("module_resnet8_legacy.pth", None, None, Format::PthLegacy),
+            ("traced_resnet8.pt", None, None, Format::Pth),
+            ("shared_protocol4.pth", Some("model"), None, Format::Pth),
+            ("shared_protocol4.pth", Some("ema"), None, Format::Pth),
+            ("legacy_protocol4.pth", None, None, Format::PthLegacy),
+            // Beside an int64 tensor, which is not read: a prefix picks before reading.
+            (
+                "moco_resnet8.pth",
+                None,
+                Some("module.encoder_q."),
+                Format::Pth,
+            ),
         ] {
-            let mut got = read(&fixture(file), Select { key, prefix: None }, resnet())
+            let mut got = read(&fixture(file), Select { key, prefix }, resnet())
                 .unwrap_or_else(|e| panic!("{file} {key:?}: {e}"));
             // The network's non-persistent buffer: TorchScript keeps no such flag, and its
             // `state_dict()` holds the buffer too; the others leave it out as PyTorch does.
             let scripted = file.ends_with(".pt");
             assert_eq!(got.tensors.remove("scratch").is_some(), scripted, "{file}");
             assert_eq!(got.format, format, "{file}");
-            assert_eq!(got.key.as_deref(), key, "{file}");
+            assert_eq!(
+                got.key.as_deref(),
+                key.or(prefix.map(|_| "state_dict")),
+                "{file}"
+            );
             assert_same_tensors(&got, &reference, &format!("{file} {key:?}"));
         }
     }
@@ -805,13 +817,13 @@ mod tests {
     /// 0, 1, …, 9); a tensor reaching past its view is refused.
     #[test]
     fn storage_views_of_old_pytorch_are_read_within_the_view() {
-        let raw = legacy::read(&fixture("legacy_old_views.pth"), None)
+        let raw = legacy::read(&fixture("legacy_old_views.pth"), Select::default())
             .unwrap()
             .0;
         let a = raw["a"].to_vec2::<f32>().unwrap();
         assert_eq!(a, [[3.0, 4.0], [5.0, 6.0]]);
         assert_eq!(raw["b"].to_vec1::<f32>().unwrap(), [0.0, 1.0, 2.0]);
-        let e = legacy::read(&fixture("bad/legacy_out_of_view.pth"), None)
+        let e = legacy::read(&fixture("bad/legacy_out_of_view.pth"), Select::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -861,16 +873,9 @@ mod tests {
         }
     }
 
-    /// Damaged pickles are errors naming the file and the place, not panics nor exhausted
-    /// memory: objects nested a million deep (`TUPLE1` repeated: a stack overflow for a
-    /// recursive reader, when dropped), a memoised object doubled by 60 references to itself
-    /// (2^60 parts for a reader that copies memoised objects, as candle's did), a truncated
-    /// pickle, a parameter wrapping a parameter 100,000 deep, 100 MiB of names from one
-    /// memoised 1 MiB key, and a tensor whose shape does not fit its storage.
-    #[test]
-    fn damaged_pickles_are_errors_not_panics() {
-        let dir = tempfile::tempdir().unwrap();
-        // The magic number, protocol version and sys_info of a legacy file.
+    /// The first three pickles of a legacy file: the magic number, the protocol version and
+    /// sys_info.
+    fn legacy_head() -> Vec<u8> {
         let mut head = vec![
             0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
             0x2e,
@@ -881,15 +886,43 @@ mod tests {
               X\x05\x00\x00\x00shortq\x05K\x02X\x03\x00\x00\x00intq\x06K\x04X\x04\x00\x00\x00\
               longq\x07K\x08uu.",
         );
+        head
+    }
+
+    /// A legacy file of `pickle` as its saved object is refused naming the file, the place (the
+    /// pickle, or tensor `w`) and `what`, at byte `at` of the pickle if given.
+    fn assert_refused(file: &str, pickle: &[u8], what: &str, at: Option<usize>) {
+        let dir = tempfile::tempdir().unwrap();
+        let head = legacy_head();
+        let p = dir.path().join(file);
+        std::fs::write(&p, [head.as_slice(), pickle].concat()).unwrap();
+        let e = read(&p, Select::default(), resnet())
+            .unwrap_err()
+            .to_string();
+        let place = e.contains("the saved object (4th pickle)") || e.contains("tensor `w`");
+        assert!(e.contains(file) && place && e.contains(what), "{e}");
+        if let Some(at) = at {
+            assert!(e.contains(&format!("at byte {}", head.len() + at)), "{e}");
+        }
+    }
+
+    /// Pickles that would overflow a recursive reader's stack or exhaust memory are read in
+    /// linear time and refused as what they are: objects nested a million deep (`TUPLE1`
+    /// repeated: a stack overflow when dropped recursively), a memoised object doubled by 60
+    /// references to itself (2^60 parts for a reader that copies memoised objects, as candle's
+    /// did), a parameter wrapping a parameter 100,000 deep, and 100 MiB of names from one
+    /// memoised 1 MiB key.
+    #[test]
+    fn pickle_bombs_are_refused_in_linear_time() {
         let deep = [b"\x80\x02N".as_slice(), &[0x85; 1_000_000], b"."].concat();
+        assert_refused("deep.pth", &deep, "top level is a tuple", None);
         let bomb = [
             b"\x80\x02Nq\x00".as_slice(),
             &b"h\x00h\x00\x86q\x00".repeat(60),
             b".",
         ]
         .concat();
-        // A dict of one key whose value is cut off.
-        let cut = b"\x80\x02}q\x00X\x01\x00\x00\x00a".to_vec();
+        assert_refused("bomb.pth", &bomb, "top level is a tuple", None);
         // {'w': a parameter of a parameter of ... 100,000 deep}: recursion would overflow.
         let params = [
             b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_parameter\nq\x00".as_slice(),
@@ -899,6 +932,12 @@ mod tests {
             b"u.",
         ]
         .concat();
+        assert_refused(
+            "params.pth",
+            &params,
+            "parameters wrapped in parameters",
+            None,
+        );
         // One memoised tensor under one memoised key of 1 MiB, 100 times: 100 MiB of names.
         let mut names = b"\x80\x02}(X".to_vec();
         names.extend_from_slice(&(1u32 << 20).to_le_bytes());
@@ -906,47 +945,21 @@ mod tests {
         names.extend_from_slice(b"q\x00ctorch._utils\n_rebuild_tensor_v2\n)Rq\x01");
         names.extend_from_slice(&b"h\x00h\x01".repeat(99));
         names.extend_from_slice(b"u.");
-        for (file, pickle, what, at) in [
-            ("deep.pth", deep, "top level is a tuple", None),
-            ("bomb.pth", bomb, "top level is a tuple", None),
-            (
-                "cut.pth",
-                cut,
-                "cannot unpickle: no STOP before the end",
-                None,
-            ),
-            (
-                "params.pth",
-                params,
-                "parameters wrapped in parameters",
-                None,
-            ),
-            (
-                "names.pth",
-                names,
-                "more than 1000000 tensor names or 64 MiB",
-                None,
-            ),
-            // MARK, then TUPLE2 with nothing above the mark.
-            (
-                "mark.pth",
-                b"\x80\x02NN(\x86.".to_vec(),
-                "too few values",
-                Some(5),
-            ),
-        ] {
-            let p = dir.path().join(file);
-            std::fs::write(&p, [head.as_slice(), &pickle].concat()).unwrap();
-            let e = read(&p, Select::default(), resnet())
-                .unwrap_err()
-                .to_string();
-            // The place: the pickle, or the tensor the error is in.
-            let place = e.contains("the saved object (4th pickle)") || e.contains("tensor `w`");
-            assert!(e.contains(file) && place && e.contains(what), "{e}");
-            if let Some(at) = at {
-                assert!(e.contains(&format!("at byte {}", head.len() + at)), "{e}");
-            }
-        }
+        let what = "more than 1000000 tensor names or 64 MiB";
+        assert_refused("names.pth", &names, what, None);
+    }
+
+    /// Damaged pickles are errors naming the file and the place, not panics: a truncated
+    /// pickle, a tuple of values the mark hides, and a tensor whose shape does not fit its
+    /// storage.
+    #[test]
+    fn damaged_pickles_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        // A dict of one key whose value is cut off.
+        let cut = b"\x80\x02}q\x00X\x01\x00\x00\x00a";
+        assert_refused("cut.pth", cut, "no STOP before the end", None);
+        // MARK, then TUPLE2 with nothing above the mark.
+        assert_refused("mark.pth", b"\x80\x02NN(\x86.", "too few values", Some(5));
 
         // legacy.pth with `conv1.weight`'s size (2, 3, 3, 3) made (2, 3, 3, 9): 162 elements
         // of a storage of 54.

@@ -7,7 +7,7 @@
 //! [`super::legacy`]).
 
 use super::unpickler::{self, Id, Pickle, Value};
-use super::{not_a_weight, STATE_DICT_KEYS};
+use super::{not_a_weight, with_prefix, Select, STATE_DICT_KEYS};
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -159,15 +159,16 @@ fn state_dict_key(
 }
 
 /// The tensors of the state dict in the saved object `p` (read from `place`) with where their
-/// elements lie, by their names in the file, and the dict key the state dict was under (`key`,
-/// or found). BatchNorm's step counters and other entries that are no weight are left out.
+/// elements lie, by their names in the file (those `select.prefix` picks, without it), and the
+/// dict key the state dict was under (`select.key`, or found). BatchNorm's step counters and
+/// other entries that are no weight are left out.
 pub(super) fn tensors(
     path: &Path,
     place: &str,
     p: &Pickle,
-    key: Option<&str>,
+    select: Select,
 ) -> Result<(Refs, Option<String>)> {
-    let key = state_dict_key(path, place, p, key)?;
+    let key = state_dict_key(path, place, p, select.key)?;
     let holder = match &key {
         Some(k) => p.lookup(p.root, k).expect("state_dict_key found it"),
         None => p.root,
@@ -187,6 +188,12 @@ pub(super) fn tensors(
             .collect()
     }
     .map_err(|e| EngineError::invalid(path, place, e))?;
+    // Before any tensor is built: the others may be of types not read (MoCo's int64 queue
+    // pointer beside its encoders).
+    let named = match select.prefix {
+        Some(prefix) => with_prefix(path, named, prefix)?,
+        None => named,
+    };
     let mut refs = Vec::new();
     for (name, value) in named {
         if not_a_weight(&name) {
@@ -240,6 +247,9 @@ fn module_tensors(
     names: &mut Names,
 ) -> std::result::Result<Vec<(String, Id)>, String> {
     let mut out = Vec::new();
+    // Each module's state is read once: a module shared many times over costs its names only.
+    let mut locals: HashMap<Id, Local> = HashMap::new();
+    let mut modules: HashMap<Id, bool> = HashMap::new();
     // Depth first, in the order the attributes were saved. A module reached twice (shared by
     // two attributes) is named under both, as `state_dict()` names it.
     let mut todo = vec![(String::new(), root, 0)];
@@ -249,46 +259,64 @@ fn module_tensors(
                 "modules nested more than {MAX_MODULE_DEPTH} deep at `{prefix}`"
             ));
         }
+        let local = locals
+            .entry(id)
+            .or_insert_with(|| Local::of(p, id, &mut modules));
+        for &(name, t) in &local.tensors {
+            out.push((names.join(&prefix, name)?, t));
+        }
+        for &(name, m) in local.children.iter().rev() {
+            todo.push((names.join(&prefix, &format!("{name}."))?, m, depth + 1));
+        }
+    }
+    Ok(out)
+}
+
+/// A module's own tensors and its submodules, by attribute name.
+#[derive(Default)]
+struct Local<'p> {
+    tensors: Vec<(&'p str, Id)>,
+    children: Vec<(&'p str, Id)>,
+}
+
+impl<'p> Local<'p> {
+    /// What the module at `id` holds (nothing if it is no object with a state); `modules`
+    /// remembers which values are modules.
+    fn of(p: &'p Pickle, id: Id, modules: &mut HashMap<Id, bool>) -> Local<'p> {
+        let mut local = Local::default();
         let Value::Object {
             state: Some(state), ..
         } = p.get(id)
         else {
-            continue;
+            return local;
         };
-        let mut children = Vec::new();
+        let texts = |d: Option<Id>| {
+            let entries = d.and_then(|d| p.entries(d)).unwrap_or_default();
+            entries.iter().filter_map(|&(k, v)| Some((p.str(k)?, v)))
+        };
         if p.lookup(*state, "_modules").is_some() {
-            let skipped = p
+            let skipped: std::collections::HashSet<&str> = p
                 .lookup(*state, "_non_persistent_buffers_set")
-                .map(|set| set_texts(p, set))
+                .map(|set| set_texts(p, set).into_iter().collect())
                 .unwrap_or_default();
-            for (group, persistent_only) in [("_parameters", false), ("_buffers", true)] {
-                let entries = p.lookup(*state, group).and_then(|d| p.entries(d));
-                for &(k, v) in entries.unwrap_or_default() {
-                    let Some(name) = p.str(k) else { continue };
-                    if is_tensor(p, v) && !(persistent_only && skipped.contains(&name)) {
-                        out.push((names.join(&prefix, name)?, v));
-                    }
-                }
-            }
-            let modules = p.lookup(*state, "_modules").and_then(|d| p.entries(d));
-            for &(k, v) in modules.unwrap_or_default() {
-                if let Some(name) = p.str(k) {
-                    children.push((names.join(&prefix, &format!("{name}."))?, v, depth + 1));
-                }
-            }
+            let params = texts(p.lookup(*state, "_parameters"));
+            let buffers = texts(p.lookup(*state, "_buffers")).filter(|(n, _)| !skipped.contains(n));
+            local.tensors = params
+                .chain(buffers)
+                .filter(|&(_, v)| is_tensor(p, v))
+                .collect();
+            local.children = texts(p.lookup(*state, "_modules")).collect();
         } else {
-            for &(k, v) in p.entries(*state).unwrap_or_default() {
-                let Some(name) = p.str(k) else { continue };
+            for (name, v) in texts(Some(*state)) {
                 if is_tensor(p, v) {
-                    out.push((names.join(&prefix, name)?, v));
-                } else if is_module(p, v) {
-                    children.push((names.join(&prefix, &format!("{name}."))?, v, depth + 1));
+                    local.tensors.push((name, v));
+                } else if *modules.entry(v).or_insert_with(|| is_module(p, v)) {
+                    local.children.push((name, v));
                 }
             }
         }
-        todo.extend(children.into_iter().rev());
+        local
     }
-    Ok(out)
 }
 
 /// The texts in the set at `id`: `EMPTY_SET` and `ADDITEMS` under protocol 4 and later, a call

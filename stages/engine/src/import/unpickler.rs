@@ -284,7 +284,13 @@ impl<'a> Machine<'a> {
                 let digits = s.trim().trim_end_matches('L');
                 match digits.parse::<i64>() {
                     Ok(i) => Value::Int(i),
-                    Err(_) => decimal(digits).ok_or_else(|| format!("LONG `{s}`"))?,
+                    Err(_) => decimal(digits).ok_or_else(|| {
+                        let shown: String = s.chars().take(40).collect();
+                        format!(
+                            "LONG `{shown}{}`: not an integer of at most 4300 digits",
+                            if s.len() > shown.len() { "…" } else { "" }
+                        )
+                    })?,
                 }
             }
             b'G' => Value::Float(f64::from_be_bytes(self.array()?)),

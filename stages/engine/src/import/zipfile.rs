@@ -3,6 +3,7 @@
 //! storage's bytes; and from PyTorch 1.10 `<name>/byteorder`.
 
 use super::pickled::{materialise_all, tensors, unpickle};
+use super::Select;
 use crate::error::{EngineError, Result};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ type Archive = zip::ZipArchive<BufReader<File>>;
 /// key they were under (`key`, or found).
 pub(super) fn read(
     path: &Path,
-    key: Option<&str>,
+    select: Select,
 ) -> Result<(BTreeMap<String, Tensor>, Option<String>)> {
     let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
@@ -29,7 +30,7 @@ pub(super) fn read(
         .read_to_end(&mut data)
         .map_err(|e| EngineError::invalid(path, &pickle, format!("cannot read: {e}")))?;
     let top = unpickle(path, &data, &mut 0, &pickle)?;
-    let (refs, key) = tensors(path, &pickle, &top, key)?;
+    let (refs, key) = tensors(path, &pickle, &top, select)?;
     let dir = pickle.strip_suffix(".pkl").expect("ends with data.pkl");
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     for (name, t) in &refs {
