@@ -1,8 +1,10 @@
 //! Models trained elsewhere: reads the state dict of a PyTorch checkpoint (`torch.save`'s zip
 //! format of PyTorch ≥ 1.6, [`zipfile`], or its legacy format, [`legacy`]; what both pickle,
-//! [`pickled`]) or of a safetensors file, maps the common naming schemes onto ours, infers the
-//! shape keys of the [`ModelSpec`] from the tensors, and loads it into a [`Model`], checking
-//! every tensor's name and shape.
+//! [`pickled`], run by our own pickle machine, [`unpickler`]: a state dict, a network saved
+//! whole, a TorchScript archive, or a dict holding one) or of a safetensors file, maps the common
+//! naming schemes onto ours, infers the shape keys of the [`ModelSpec`] from the tensors, and
+//! loads it into a [`Model`], checking every tensor's name and shape. [`Select`] names the part
+//! of a checkpoint holding the network.
 //!
 //! Naming schemes (detected from the names, recorded as [`Naming`]):
 //! - ours = torchvision = RepDistiller's CIFAR ResNets (`conv1`, `bn1`, `layerL.B.conv1`,
@@ -10,8 +12,8 @@
 //! - kuangliu/pytorch-cifar (`shortcut.0`, `shortcut.1`, `linear`): for a ResNet renamed to
 //!   `downsample.0`, `downsample.1`, `fc`; ResNeXt, DenseNet and DLA have kuangliu's names
 //!   already and take them as they are;
-//! - a `module.` prefix on every name (a model wrapped in `DataParallel` or
-//!   `DistributedDataParallel` when saved) is removed.
+//! - wrapper prefixes on every name (`module.` of `DataParallel` or `DistributedDataParallel`,
+//!   `_orig_mod.` of `torch.compile`, `model.`, `net.`) are removed.
 //!
 //! BatchNorm's `num_batches_tracked` counters are dropped (our BatchNorm uses a fixed momentum
 //! and never reads them); every other tensor must be one the model has, of its shape.
