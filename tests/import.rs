@@ -73,6 +73,11 @@ fn logits(path: &Path) -> Vec<Vec<f32>> {
     rows
 }
 
+/// The imported teacher's `model.json` under the output root `out`.
+fn teacher_json(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap()
+}
+
 /// `evaluate` on the imported model reproduces PyTorch's logits, predictions and accuracy.
 fn check_against_pytorch(out: &Path) {
     let want = expected();
@@ -111,8 +116,7 @@ fn a_pytorch_resnet8_evaluates_to_pytorchs_predictions_from_pth_and_safetensors(
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out");
     check_against_pytorch(&out);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
+    let meta = teacher_json(&out);
     assert_eq!(meta["imported"]["key"], "model");
     assert_eq!(meta["imported"]["format"], "pth");
     assert_eq!(meta["spec"]["classes"], 10);
@@ -135,9 +139,7 @@ fn a_pytorch_resnet8_evaluates_to_pytorchs_predictions_from_pth_and_safetensors(
     let o = pipeline(dir2.path(), &["run", "p.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
     check_against_pytorch(&dir2.path().join("out"));
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir2.path().join("out/teacher/model.json")).unwrap())
-            .unwrap();
+    let meta = teacher_json(&dir2.path().join("out"));
     assert_eq!(meta["imported"]["data_parallel"], true);
     // Both imports hold the same weights.
     assert_eq!(
@@ -173,8 +175,7 @@ fn a_prefix_imports_one_network_of_a_checkpoint_holding_two() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out");
     check_against_pytorch(&out);
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
+    let meta = teacher_json(&out);
     assert_eq!(meta["imported"]["prefix"], "student.");
     assert_eq!(meta["imported"]["data_parallel"], true);
 
@@ -411,8 +412,7 @@ fn akamasters_published_resnet20_evaluates_to_pytorchs_logits() {
     let o = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap();
+    let meta = teacher_json(&out);
     assert_eq!(meta["imported"]["format"], "pth-legacy");
     assert_eq!(meta["imported"]["key"], "state_dict");
     assert_eq!(meta["imported"]["naming"], "kuangliu");

@@ -107,10 +107,10 @@ pub fn read(path: &Path, select: Select, arch: Arch) -> Result<StateDict> {
                 EngineError::invalid(path, "safetensors header", format!("cannot parse: {e}"))
             })?;
             let tensors = match select.prefix {
-                Some(prefix) => with_prefix(path, tensors, prefix)?,
+                Some(prefix) => with_prefix(path, tensors, prefix)?.into_iter().collect(),
                 None => tensors.into_iter().collect(),
             };
-            (tensors.into_iter().collect(), None)
+            (tensors, None)
         }
     };
     let (tensors, naming, data_parallel) = rename(path, raw, arch.is_resnet())?;
