@@ -202,6 +202,72 @@ fn a_prefix_imports_one_network_of_a_checkpoint_holding_two() {
     );
 }
 
+/// `pipeline inspect` of a checkpoint whose state dict lies two dicts deep: it finds none by
+/// default and says where tensors are; with `--key` it names the model, checks it, and prints
+/// an import stage which, pasted into stages.toml as it is, evaluates to PyTorch's
+/// predictions. Checkpoint options on a label store, and a file that is no checkpoint, are
+/// errors.
+#[test]
+fn inspect_finds_a_nested_state_dict_and_prints_a_stage_that_imports_it() {
+    let dir = scratch();
+    std::fs::copy(fixtures().join("nested.pth"), dir.path().join("nested.pth")).unwrap();
+    let o = pipeline(dir.path(), &["inspect", "nested.pth"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("run.weights") && text.contains("tensors are under `run.weights` (56)"),
+        "{text}"
+    );
+    let o = pipeline(
+        dir.path(),
+        &["inspect", "nested.pth", "--key", "run.ema.v2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("model: resnet8 — every tensor's name and shape checked"),
+        "{text}"
+    );
+    let block: String = text
+        .lines()
+        .skip_while(|l| !l.contains("as a stage"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") && !l.starts_with("     "))
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    assert!(block.contains("key = \"run.ema.v2\""), "{text}");
+    let imported = "[[stage]]\nname = \"teacher\"\nkind = \"import\"\npath = \"nested.pth\"\nmodel = \"resnet8\"\n";
+    let toml = config("nested.pth", "");
+    assert!(toml.contains(imported));
+    write(dir.path(), "p.toml", &toml.replace(imported, &block));
+    let o = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(o.status.success(), "{}\n{block}", stderr(&o));
+    check_against_pytorch(&dir.path().join("out"));
+    assert_eq!(
+        teacher_json(&dir.path().join("out"))["imported"]["key"],
+        "run.ema.v2"
+    );
+
+    let store = dir.path().join("out/eval/predictions.parquet");
+    let o = pipeline(
+        dir.path(),
+        &["inspect", store.to_str().unwrap(), "--key", "model"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("apply to model checkpoints only"),
+        "{}",
+        stderr(&o)
+    );
+    let o = pipeline(dir.path(), &["inspect", "p.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("p.toml") && e.contains("neither a PyTorch checkpoint"),
+        "{e}"
+    );
+}
+
 /// A copy of the checkpoint at another path is the same stage; other content is not.
 #[test]
 fn the_fingerprint_is_the_files_content_not_its_path() {

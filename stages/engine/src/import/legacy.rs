@@ -50,9 +50,7 @@ pub(super) fn read(
     // Safety: mapped read-only; a checkpoint is not written while it is imported.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
     let data: &[u8] = &map;
-    let mut at = read_header(path, data)?;
-    const SAVED: &str = "the saved object (4th pickle)";
-    let top = unpickle(path, data, &mut at, SAVED)?;
+    let (top, mut at) = saved(path, data)?;
     let (refs, key) = tensors(path, SAVED, &top, select)?;
     const KEYS: &str = "the storage keys (5th pickle)";
     let keys = unpickle(path, data, &mut at, KEYS)?;
@@ -68,6 +66,16 @@ pub(super) fn read(
         storages.get(key).map(|extent| &data[extent.clone()])
     })?;
     Ok((out, key))
+}
+
+/// What the saved object is the 4th pickle.
+pub(super) const SAVED: &str = "the saved object (4th pickle)";
+
+/// The saved object of the legacy file `data`, and where the pickle after it starts.
+pub(super) fn saved(path: &Path, data: &[u8]) -> Result<(Pickle, usize)> {
+    let mut at = read_header(path, data)?;
+    let top = unpickle(path, data, &mut at, SAVED)?;
+    Ok((top, at))
 }
 
 /// Checks the first three pickles: the magic number, the protocol version and a little-endian

@@ -4,7 +4,9 @@
 //! whole, a TorchScript archive, or a dict holding one) or of a safetensors file, maps the common
 //! naming schemes onto ours, infers the shape keys of the [`ModelSpec`] from the tensors, and
 //! loads it into a [`Model`], checking every tensor's name and shape. [`Select`] names the part
-//! of a checkpoint holding the network.
+//! of a checkpoint holding the network (a `key`, dot-joined through nested dicts, and a name
+//! `prefix`). For `pipeline inspect`, [`survey`] lists what a checkpoint holds without building
+//! a tensor, and [`model_of`] names the model a set of tensors is of ([`guess`]).
 //!
 //! Naming schemes (detected from the names, recorded as [`Naming`]):
 //! - ours = torchvision = RepDistiller's CIFAR ResNets (`conv1`, `bn1`, `layerL.B.conv1`,
@@ -26,10 +28,15 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+mod guess;
 mod legacy;
 mod pickled;
+mod survey;
 mod unpickler;
 mod zipfile;
+
+pub use guess::model_of;
+pub use survey::{survey, Contents, Holder, TensorInfo};
 
 /// The file format of a checkpoint, told by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,8 +86,9 @@ pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict
 /// Which part of a checkpoint holds the network.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Select<'a> {
-    /// The entry of a checkpoint dict holding the state dict (or the whole network); by
-    /// default the first of [`STATE_DICT_KEYS`] that holds tensors, else the top level.
+    /// The entry of a checkpoint dict holding the state dict (or the whole network), or a
+    /// dot-joined path of entries of nested dicts (`run.ema`); by default the first of
+    /// [`STATE_DICT_KEYS`] that holds tensors, else the top level.
     pub key: Option<&'a str>,
     /// Only the tensors whose names, as the file has them, start with this: one network of a
     /// checkpoint holding several (MoCo's `module.encoder_q.`, a distillation wrapper's
@@ -205,8 +213,8 @@ fn with_prefix<T>(
 }
 
 /// How `names` start: what all share, then each one's next component, with their counts
-/// (`module.encoder_q.` (160), `module.encoder_k.` (160), `module.queue` (1)).
-fn name_starts<'a>(names: impl Iterator<Item = &'a str> + Clone) -> BTreeMap<&'a str, usize> {
+/// (`module.encoder_k.` (160), `module.encoder_q.` (160), `module.queue` (1)).
+pub fn name_starts<'a>(names: impl Iterator<Item = &'a str> + Clone) -> BTreeMap<&'a str, usize> {
     let first = names.clone().next().unwrap_or_default();
     let common = names.clone().fold(first.len(), |c, n| {
         c.min(
@@ -389,7 +397,7 @@ mod tests {
         }
     }
 
-    fn fixture(name: &str) -> PathBuf {
+    pub(super) fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/import")
             .join(name)
@@ -700,6 +708,48 @@ mod tests {
             assert_eq!(got.tensors[name].dims(), t.dims(), "{what} {name}");
             assert_eq!(values(&got.tensors[name]), values(t), "{what} {name}");
         }
+    }
+
+    /// `key` reaches a state dict two dicts deep (derive_fixtures.py's nested.pth: resnet8.pth's
+    /// state dict under `run.weights` and again under `run.ema.v2`, a key holding a dot), and
+    /// reads resnet8.pth's tensors there; without a key the error says where tensors are, and
+    /// a key going astray names the level where it did.
+    #[test]
+    fn a_dotted_key_reaches_a_state_dict_in_nested_dicts() {
+        let path = fixture("nested.pth");
+        let want = read(&fixture("resnet8.pth"), Select::default(), resnet()).unwrap();
+        for k in ["run.weights", "run.ema.v2"] {
+            let got = read(&path, key(k), resnet()).unwrap();
+            assert_eq!(got.key.as_deref(), Some(k));
+            assert_same_tensors(&got, &want, k);
+        }
+        let error = |select| read(&path, select, resnet()).unwrap_err().to_string();
+        let e = error(Select::default());
+        assert!(
+            e.contains("nested.pth")
+                && e.contains(r#"keys ["epoch", "run"]"#)
+                && e.contains("tensors are under `run.weights` (56): name one with `key`"),
+            "{e}"
+        );
+        let e = error(key("run.nope"));
+        assert!(
+            e.contains("key `run.nope`")
+                && e.contains(
+                    r#"`nope` is not in `run`, whose keys are ["weights", "ema.v2", "optimizer"]"#
+                ),
+            "{e}"
+        );
+        let e = error(key("epoch.x"));
+        assert!(
+            e.contains("`epoch` is a plain value, which has no entries"),
+            "{e}"
+        );
+        let e = error(key("run.optimizer"));
+        assert!(
+            e.contains("key `run.optimizer`: holds no tensors")
+                && e.contains("tensors are under `run.weights` (56)"),
+            "{e}"
+        );
     }
 
     /// `prefix` picks one network of a checkpoint holding two (`student.` over DataParallel's

@@ -3,6 +3,7 @@
 //! storage's bytes; and from PyTorch 1.10 `<name>/byteorder`.
 
 use super::pickled::{materialise_all, tensors, unpickle};
+use super::unpickler::Pickle;
 use super::Select;
 use crate::error::{EngineError, Result};
 use candle_core::Tensor;
@@ -19,17 +20,7 @@ pub(super) fn read(
     path: &Path,
     select: Select,
 ) -> Result<(BTreeMap<String, Tensor>, Option<String>)> {
-    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(file))
-        .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
-    let pickle = pickle_name(path, &zip)?;
-    check_byte_order(path, &mut zip, &pickle)?;
-    let mut data = Vec::new();
-    zip.by_name(&pickle)
-        .map_err(|e| EngineError::invalid(path, &pickle, e.to_string()))?
-        .read_to_end(&mut data)
-        .map_err(|e| EngineError::invalid(path, &pickle, format!("cannot read: {e}")))?;
-    let top = unpickle(path, &data, &mut 0, &pickle)?;
+    let (mut zip, pickle, top) = saved(path)?;
     let (refs, key) = tensors(path, &pickle, &top, select)?;
     let dir = pickle.strip_suffix(".pkl").expect("ends with data.pkl");
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
@@ -51,6 +42,22 @@ pub(super) fn read(
     }
     let out = materialise_all(path, refs, |key| storages.get(key).map(Vec::as_slice))?;
     Ok((out, key))
+}
+
+/// The archive, the name of its `data.pkl` and the object pickled in it.
+pub(super) fn saved(path: &Path) -> Result<(Archive, String, Pickle)> {
+    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file))
+        .map_err(|e| EngineError::invalid(path, "zip archive", e.to_string()))?;
+    let pickle = pickle_name(path, &zip)?;
+    check_byte_order(path, &mut zip, &pickle)?;
+    let mut data = Vec::new();
+    zip.by_name(&pickle)
+        .map_err(|e| EngineError::invalid(path, &pickle, e.to_string()))?
+        .read_to_end(&mut data)
+        .map_err(|e| EngineError::invalid(path, &pickle, format!("cannot read: {e}")))?;
+    let top = unpickle(path, &data, &mut 0, &pickle)?;
+    Ok((zip, pickle, top))
 }
 
 /// The archive's `data.pkl`, under whatever folder name it was saved with.

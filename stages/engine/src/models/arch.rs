@@ -28,7 +28,7 @@ resnext29_4x64d, resnext29_8x64d, resnext29_32x4d, ...), densenet121, densenet16
 densenet161, densenet_cifar, or dla";
 
 /// kuangliu/pytorch-cifar's DenseNets: name, blocks per dense stage, growth rate.
-const DENSENETS: [(&str, [usize; 4], usize); 5] = [
+pub const DENSENETS: [(&str, [usize; 4], usize); 5] = [
     ("densenet121", [6, 12, 24, 16], 32),
     ("densenet169", [6, 12, 32, 32], 32),
     ("densenet201", [6, 12, 48, 32], 32),

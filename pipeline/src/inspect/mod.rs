@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 
-/// Options of `pipeline inspect`.
 /// `println!` that returns an error instead of panicking when standard output is closed
 /// (`pipeline inspect … | head`): `main` ends such a run quietly.
 macro_rules! outln {
@@ -26,14 +25,37 @@ macro_rules! outln {
     };
 }
 
+mod checkpoint;
+
+/// Options of `pipeline inspect`.
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A label store (`.parquet`), a packed split (`.pack`) or a stage folder.
+    /// A label store (`.parquet`), a packed split (`.pack`), a model checkpoint (a `torch.save`
+    /// file, a TorchScript archive, a `.safetensors` file) or a stage folder.
     pub path: std::path::PathBuf,
     /// Rows to show (label store, predictions, replay store), or classes to list for a packed
     /// split (at least 10).
     #[arg(long, default_value_t = 5)]
     pub rows: usize,
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+/// What an import stage would read of a checkpoint: the same keys, to try them before writing
+/// the stage.
+#[derive(clap::Args, Debug, Default)]
+pub struct Selection {
+    /// Checkpoint: the entry holding the network, as the import's `key` (dot-joined for nested
+    /// dicts: `state.model`).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Checkpoint: only the tensors whose names start with this, as the import's `prefix`.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Checkpoint: the model to check the tensors against, as the import's `model` (default:
+    /// the one their names and shapes make).
+    #[arg(long)]
+    pub model: Option<String>,
 }
 
 /// Runs `pipeline inspect`.
@@ -46,38 +68,51 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         let mut files: Vec<_> = std::fs::read_dir(path)
             .with_context(|| format!("reading {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(ext(p), "parquet" | "pack"))
+            .filter(|p| matches!(ext(p), "parquet" | "pack" | "safetensors"))
             .collect();
         files.sort();
         if files.is_empty() {
-            bail!("{}: no .parquet or .pack file to inspect", path.display());
+            bail!(
+                "{}: no .parquet, .pack or .safetensors file to inspect",
+                path.display()
+            );
         }
         for (i, f) in files.iter().enumerate() {
             if i > 0 {
                 outln!();
             }
-            one(f, args.rows)?;
+            one(f, args)?;
         }
         return Ok(());
     }
-    one(path, args.rows)
+    one(path, args)
 }
 
 fn ext(p: &Path) -> &str {
     p.extension().and_then(|e| e.to_str()).unwrap_or("")
 }
 
-fn one(path: &Path, rows: usize) -> Result<()> {
+/// Inspects one file, by its extension: a checkpoint unless it is a `.parquet` or `.pack`.
+fn one(path: &Path, args: &InspectArgs) -> Result<()> {
     if !path.exists() {
         bail!("{}: no such file or folder", path.display());
     }
+    let sel = &args.selection;
+    let checkpoint_options = sel.key.is_some() || sel.prefix.is_some() || sel.model.is_some();
     match ext(path) {
-        "parquet" => label_store(path, rows),
-        "pack" => pack(path, rows),
-        _ => bail!(
-            "{}: expected a label store (.parquet), a packed split (.pack) or a folder",
+        "parquet" | "pack" if checkpoint_options => bail!(
+            "{}: --key, --prefix and --model apply to model checkpoints only",
             path.display()
         ),
+        "parquet" => label_store(path, args.rows),
+        "pack" => pack(path, args.rows),
+        _ => checkpoint::checkpoint(path, sel).with_context(|| {
+            format!(
+                "{}: expected a label store (.parquet), a packed split (.pack), a model \
+                 checkpoint (.pth, .pt, .safetensors) or a folder",
+                path.display()
+            )
+        }),
     }
 }
 
