@@ -26,14 +26,14 @@ pub fn checkpoint(path: &Path, sel: &Selection) -> Result<()> {
         }
     }
     outln!("  tensors held:");
-    const SHOWN: usize = 20;
-    if contents.holders.len() > SHOWN {
+    if contents.places > engine::import::SHOWN {
         outln!(
-            "    ({} places, the {SHOWN} shallowest shown)",
-            contents.holders.len()
+            "    ({} places, the {} shallowest shown)",
+            contents.places,
+            engine::import::SHOWN
         );
     }
-    for h in contents.holders.iter().take(SHOWN) {
+    for h in &contents.holders {
         let key = h.key.as_deref().unwrap_or("(top level)");
         let n = h.tensors.len();
         outln!(
@@ -43,6 +43,9 @@ pub fn checkpoint(path: &Path, sel: &Selection) -> Result<()> {
             h.what
         );
         outln!("    {:<24} names start {}", "", starts(&h.tensors));
+        if let Some(e) = &h.error {
+            outln!("    {:<24} cannot list the rest: {e}", "");
+        }
     }
     let Some(holder) = chosen(&contents)? else {
         return Ok(());
@@ -78,14 +81,15 @@ fn format_name(c: &Contents) -> &'static str {
 
 /// The number of values of `tensors`, in thousands or millions.
 fn values(tensors: &[TensorInfo]) -> String {
-    let n: usize = tensors
+    // In floating point: a damaged file's shapes can overflow any integer.
+    let n: f64 = tensors
         .iter()
-        .map(|t| t.dims.iter().product::<usize>())
+        .map(|t| t.dims.iter().map(|&d| d as f64).product::<f64>())
         .sum();
     match n {
-        0..=9_999 => n.to_string(),
-        10_000..=9_999_999 => format!("{:.1} K", n as f64 / 1e3),
-        _ => format!("{:.2} M", n as f64 / 1e6),
+        n if n < 1e4 => format!("{n}"),
+        n if n < 1e7 => format!("{:.1} K", n / 1e3),
+        n => format!("{:.2} M", n / 1e6),
     }
 }
 
@@ -188,11 +192,11 @@ fn check_model(
     Ok(())
 }
 
-/// The networks of ours found under each name start (MoCo's `module.encoder_q.` and
-/// `module.encoder_k.`), for `--prefix`.
+/// The networks of ours found under each of the first 16 name starts (MoCo's
+/// `module.encoder_q.` and `module.encoder_k.`), for `--prefix`.
 fn networks_under_prefixes(picked: &[(String, &TensorInfo)]) -> Result<()> {
     let starts = engine::import::name_starts(picked.iter().map(|(n, _)| n.as_str()));
-    for start in starts.keys().filter(|s| s.ends_with('.')) {
+    for start in starts.keys().filter(|s| s.ends_with('.')).take(16) {
         let under = picked
             .iter()
             .filter_map(|(n, t)| Some((n.strip_prefix(start)?, &t.dims[..])));
@@ -203,19 +207,56 @@ fn networks_under_prefixes(picked: &[(String, &TensorInfo)]) -> Result<()> {
     Ok(())
 }
 
-/// The `import` stage for these choices, to paste into stages.toml.
+/// Prints the `import` stage for these choices, to paste into stages.toml.
 fn stage_toml(path: &Path, model: &str, sel: &Selection) -> Result<()> {
-    outln!("  as a stage (path relative to the stages.toml):");
-    outln!("    [[stage]]");
-    outln!("    name = \"teacher\"");
-    outln!("    kind = \"import\"");
-    outln!("    path = {:?}", path.display().to_string());
-    outln!("    model = {model:?}");
-    if let Some(k) = &sel.key {
-        outln!("    key = {k:?}");
-    }
-    if let Some(p) = &sel.prefix {
-        outln!("    prefix = {p:?}");
+    outln!("  as a stage:");
+    for line in stage_block(&std::path::absolute(path)?, model, sel).lines() {
+        outln!("    {line}");
     }
     Ok(())
+}
+
+/// The `import` stage reading `path` (absolute, so valid wherever stages.toml is) as `model`
+/// with `sel`'s key and prefix; every value a TOML string, escaped as TOML escapes.
+fn stage_block(path: &Path, model: &str, sel: &Selection) -> String {
+    let text = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let mut out = format!(
+        "[[stage]]\nname = \"teacher\"\nkind = \"import\"\npath = {}\nmodel = {}\n",
+        text(&path.to_string_lossy()),
+        text(model)
+    );
+    if let Some(k) = &sel.key {
+        out += &format!("key = {}\n", text(k));
+    }
+    if let Some(p) = &sel.prefix {
+        out += &format!("prefix = {}\n", text(p));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stage block parses as TOML back to the same values, whatever characters the path,
+    /// key and prefix hold (a decomposed accent, as macOS stores names, control characters,
+    /// quotes, backslashes, a zero-width space).
+    #[test]
+    fn the_stage_block_is_toml_for_any_path_key_and_prefix() {
+        let odd = "re\u{301} \"q\" \\ \t \u{1b} \u{7f} \0 \u{200b} \u{ad}";
+        let sel = Selection {
+            key: Some(format!("run.{odd}")),
+            prefix: Some(format!("{odd}.")),
+            model: None,
+        };
+        let path = Path::new("/data/teachers").join(odd);
+        let block = stage_block(&path, "resnet20", &sel);
+        let parsed: toml::Table = toml::from_str(&block).expect(&block);
+        let stage = &parsed["stage"].as_array().unwrap()[0];
+        assert_eq!(stage["path"].as_str(), path.to_str());
+        assert_eq!(stage["model"].as_str(), Some("resnet20"));
+        assert_eq!(stage["key"].as_str(), sel.key.as_deref());
+        assert_eq!(stage["prefix"].as_str(), sel.prefix.as_deref());
+        assert_eq!(stage["kind"].as_str(), Some("import"));
+    }
 }

@@ -23,6 +23,9 @@ pub fn model_of<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>) -
         .into_iter()
         .filter(|(n, _)| !not_a_weight(n))
         .collect();
+    if weights.is_empty() {
+        return None;
+    }
     let names: Vec<String> = weights.iter().map(|(n, _)| n.to_string()).collect();
     let prefix = wrapper_prefix(names.iter());
     let dims: Dims = weights
@@ -38,28 +41,29 @@ pub fn model_of<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>) -
     resnet_or_resnext(&dims)
 }
 
+/// Stages and blocks beyond any network's (ResNet-200 has 36 blocks in a stage).
+const MAX_STAGES: usize = 64;
+const MAX_BLOCKS: usize = 10_000;
+
 /// The blocks of each stage whose names start `{stage}{s}.{b}.` (s = 1, 2, …): the highest `b`
-/// plus one, up to the first stage missing.
+/// plus one, up to the first stage missing; nothing past [`MAX_STAGES`] or [`MAX_BLOCKS`].
 fn blocks(dims: &Dims, stage: &str) -> Vec<usize> {
-    let mut out = Vec::new();
-    for s in 1.. {
-        let head = format!("{stage}{s}.");
-        let last = dims
-            .keys()
-            .filter_map(|k| {
-                k.strip_prefix(&head)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max();
-        match last {
-            Some(b) => out.push(b + 1),
-            None => return out,
+    let mut last: BTreeMap<usize, usize> = BTreeMap::new();
+    for name in dims.keys() {
+        let parsed = name.strip_prefix(stage).and_then(|rest| {
+            let mut parts = rest.split('.');
+            let s: usize = parts.next()?.parse().ok()?;
+            let b: usize = parts.next()?.parse().ok()?;
+            (s <= MAX_STAGES && b < MAX_BLOCKS).then_some((s, b))
+        });
+        if let Some((s, b)) = parsed {
+            let top = last.entry(s).or_default();
+            *top = (*top).max(b + 1);
         }
     }
-    unreachable!("the loop returns")
+    (1..=MAX_STAGES)
+        .map_while(|s| last.get(&s).copied())
+        .collect()
 }
 
 /// A DenseNet: kuangliu's of the same blocks per stage, the one of the same growth rate if
@@ -199,5 +203,42 @@ mod tests {
         let mut headless = cifar_resnet(3);
         headless.retain(|(n, _)| n != "conv1.weight");
         assert_eq!(named(&headless), None);
+    }
+
+    /// Names no network has are none, with no overflow or endless loop: a block numbered
+    /// `usize::MAX`, a stage numbered past any network's, and no names at all (a module
+    /// without tensors, the fuzzer's input in fuzz/regressions/import, looped for ever
+    /// stripping wrapper prefixes off no names).
+    #[test]
+    fn absurd_names_are_none() {
+        let named = |t: &[(&str, &[usize])]| model_of(t.iter().map(|&(n, d)| (n, d)));
+        let conv: &[usize] = &[16, 3, 3, 3];
+        assert_eq!(
+            named(&[
+                ("conv1.weight", conv),
+                ("layer1.18446744073709551615.conv1.weight", conv),
+            ]),
+            None
+        );
+        assert_eq!(
+            named(&[
+                ("conv1.weight", conv),
+                ("layer18446744073709551615.0.conv1.weight", conv),
+            ]),
+            None
+        );
+        assert_eq!(named(&[]), None);
+        assert_eq!(named(&[("bn1.num_batches_tracked", &[])]), None);
+        let c = survey(
+            &fixture("../../../fuzz/regressions/import/module-without-tensors.pth"),
+            None,
+        )
+        .unwrap();
+        for h in &c.holders {
+            assert_eq!(
+                model_of(h.tensors.iter().map(|t| (t.name.as_str(), &t.dims[..]))),
+                None
+            );
+        }
     }
 }

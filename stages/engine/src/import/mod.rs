@@ -31,12 +31,13 @@ use std::path::Path;
 mod guess;
 mod legacy;
 mod pickled;
+mod places;
 mod survey;
 mod unpickler;
 mod zipfile;
 
 pub use guess::model_of;
-pub use survey::{survey, Contents, Holder, TensorInfo};
+pub use survey::{survey, Contents, Holder, TensorInfo, SHOWN};
 
 /// The file format of a checkpoint, told by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +253,10 @@ fn not_a_weight(name: &str) -> bool {
 /// The wrapper prefixes on every name of `names`, outermost first (`module._orig_mod.`).
 fn wrapper_prefix<'a>(names: impl Iterator<Item = &'a String> + Clone) -> String {
     let mut prefix = String::new();
+    // No names start with every prefix, for ever.
+    if names.clone().next().is_none() {
+        return prefix;
+    }
     while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
         let mut rest = names.clone().map(|n| n.strip_prefix(prefix.as_str()));
         rest.all(|n| n.is_some_and(|n| n.starts_with(*p)))

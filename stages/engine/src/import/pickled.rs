@@ -6,8 +6,9 @@
 //! The formats differ only in where the pickle and the storages are ([`super::zipfile`],
 //! [`super::legacy`]).
 
+use super::places::state_dict_key;
 use super::unpickler::{self, Id, Pickle, Value};
-use super::{not_a_weight, with_prefix, Select, STATE_DICT_KEYS};
+use super::{not_a_weight, with_prefix, Select};
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -78,199 +79,6 @@ pub(super) fn is_module(p: &Pickle, id: Id) -> bool {
     scripted || state.is_some_and(|s| p.lookup(s, "_modules").is_some())
 }
 
-/// Whether the value at `id` holds a network's tensors: a dict with a tensor among its values,
-/// or a whole module.
-fn holds_tensors(p: &Pickle, id: Id) -> bool {
-    is_module(p, id)
-        || p.entries(id)
-            .is_some_and(|d| d.iter().any(|&(_, v)| is_tensor(p, v)))
-}
-
-/// Where the network's tensors are: the saved object itself (a state dict or a module, key
-/// `None`), else the entry `key` names (a dot-joined path into nested dicts:
-/// `state.model`) or the first of [`STATE_DICT_KEYS`] holding tensors; with that place's id.
-pub(super) fn state_dict_key(
-    path: &Path,
-    place: &str,
-    p: &Pickle,
-    key: Option<&str>,
-) -> Result<(Option<String>, Id)> {
-    let top = p.root;
-    if key.is_none() && is_module(p, top) {
-        return Ok((None, top));
-    }
-    if p.entries(top).is_none() && !matches!(p.get(top), Value::Object { state: Some(_), .. }) {
-        return Err(EngineError::invalid(
-            path,
-            place,
-            format!(
-                "not a state dict: the pickle's top level is {}; save `model.state_dict()`",
-                kind(p, top)
-            ),
-        ));
-    }
-    if let Some(k) = key {
-        let at = resolve(p, k).map_err(|e| EngineError::invalid(path, format!("key `{k}`"), e))?;
-        if !holds_tensors(p, at) {
-            return Err(EngineError::invalid(
-                path,
-                format!("key `{k}`"),
-                format!("holds no tensors: not a state dict{}", elsewhere(p)),
-            ));
-        }
-        return Ok((Some(k.to_owned()), at));
-    }
-    // The known entries first: a checkpoint dict may hold tensors beside the state dict
-    // (RepDistiller's `best_acc` is a 0-d tensor), a state dict never holds a dict of tensors.
-    if let Some((k, at)) = STATE_DICT_KEYS.into_iter().find_map(|k| {
-        let at = p.lookup(top, k)?;
-        holds_tensors(p, at).then_some((k, at))
-    }) {
-        return Ok((Some(k.to_owned()), at));
-    }
-    if holds_tensors(p, top) {
-        return Ok((None, top));
-    }
-    Err(EngineError::invalid(
-        path,
-        place,
-        format!(
-            "not a state dict: the pickle's top level is {} of keys {:?} with no tensors and no \
-             state dict under {STATE_DICT_KEYS:?}{}",
-            kind(p, top),
-            child_keys(p, top),
-            elsewhere(p)
-        ),
-    ))
-}
-
-/// Where else tensors are, for an error: `; tensors are under `a.b` (62), …: name one with
-/// `key``, or nothing if nowhere.
-fn elsewhere(p: &Pickle) -> String {
-    let found: Vec<String> = places(p)
-        .iter()
-        .filter_map(|pl| Some(format!("`{}` ({})", pl.path.as_ref()?, pl.tensors)))
-        .take(12)
-        .collect();
-    if found.is_empty() {
-        return String::new();
-    }
-    format!(
-        "; tensors are under {}: name one with `key`",
-        found.join(", ")
-    )
-}
-
-/// A place in the saved object holding tensors: a dict with tensors among its values (a state
-/// dict) or a whole module.
-pub(super) struct Place {
-    /// The dot-joined keys leading to it from the saved object, `None` for the saved object.
-    pub path: Option<String>,
-    pub id: Id,
-    /// Its tensors: a dict's tensor values, or the tensors directly held by a module and its
-    /// submodules counted by [`module_tensors`].
-    pub tensors: usize,
-}
-
-/// Keys deeper than any checkpoint nests its state dicts (`{'state': {'model': ...}}` is 2).
-const MAX_KEY_DEPTH: usize = 16;
-
-/// Every place holding tensors, breadth first (so the shallowest first), through dicts' text
-/// keys and plain objects' attributes, not into modules (their tensors are named as theirs)
-/// and no deeper than [`MAX_KEY_DEPTH`].
-pub(super) fn places(p: &Pickle) -> Vec<Place> {
-    let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut todo = std::collections::VecDeque::from([(None::<String>, p.root, 0)]);
-    while let Some((path, id, depth)) = todo.pop_front() {
-        if !seen.insert(id) || is_tensor(p, id) {
-            continue;
-        }
-        if is_module(p, id) {
-            let tensors = module_tensors(p, id, &mut Names::default()).map_or(0, |t| t.len());
-            out.push(Place { path, id, tensors });
-            continue;
-        }
-        let tensors = p
-            .entries(id)
-            .map_or(0, |d| d.iter().filter(|&&(_, v)| is_tensor(p, v)).count());
-        if depth < MAX_KEY_DEPTH {
-            for (k, v) in children(p, id) {
-                let child = match &path {
-                    Some(at) => format!("{at}.{k}"),
-                    None => k.to_owned(),
-                };
-                todo.push_back((Some(child), v, depth + 1));
-            }
-        }
-        if tensors > 0 {
-            out.push(Place { path, id, tensors });
-        }
-    }
-    out
-}
-
-/// The entries under text keys of the dict at `id`, or the attributes of the plain object
-/// (not a module) at `id`.
-pub(super) fn children(p: &Pickle, id: Id) -> Vec<(&str, Id)> {
-    let entries = match p.entries(id) {
-        Some(d) => d,
-        None => match p.get(id) {
-            Value::Object {
-                state: Some(state), ..
-            } if !is_module(p, id) => p.entries(*state).unwrap_or_default(),
-            _ => &[],
-        },
-    };
-    entries
-        .iter()
-        .filter_map(|&(k, v)| Some((p.str(k)?, v)))
-        .collect()
-}
-
-/// The text keys of [`children`].
-fn child_keys(p: &Pickle, id: Id) -> Vec<&str> {
-    children(p, id).into_iter().map(|(k, _)| k).collect()
-}
-
-/// The value `key` names: an entry of the saved dict, or a dot-joined path of entries of
-/// nested dicts (and attributes of plain objects). A key holding dots itself is found too:
-/// at each level the longest run of the path's parts that is an entry is taken.
-fn resolve(p: &Pickle, key: &str) -> std::result::Result<Id, String> {
-    let (mut at, mut rest, mut walked) = (p.root, key, String::new());
-    loop {
-        let ends = std::iter::once(rest.len()).chain(rest.rmatch_indices('.').map(|(i, _)| i));
-        let found = ends.into_iter().find_map(|end| {
-            let head = &rest[..end];
-            let v = children(p, at)
-                .into_iter()
-                .rev()
-                .find(|&(k, _)| k == head)?
-                .1;
-            Some((end, v))
-        });
-        let Some((end, v)) = found else {
-            let keys = child_keys(p, at);
-            return Err(if walked.is_empty() {
-                format!("not in the checkpoint, whose top-level keys are {keys:?}")
-            } else if keys.is_empty() {
-                format!("`{walked}` is {}, which has no entries", kind(p, at))
-            } else {
-                format!("`{rest}` is not in `{walked}`, whose keys are {keys:?}")
-            });
-        };
-        if !walked.is_empty() {
-            walked.push('.');
-        }
-        walked.push_str(&rest[..end]);
-        at = v;
-        match rest[end..].strip_prefix('.') {
-            Some(more) => rest = more,
-            None => return Ok(at),
-        }
-    }
-}
-
 /// The tensors of the state dict in the saved object `p` (read from `place`) with where their
 /// elements lie, by their names in the file (those `select.prefix` picks, without it), and the
 /// dict key the state dict was under (`select.key`, or found). BatchNorm's step counters and
@@ -282,7 +90,8 @@ pub(super) fn tensors(
     select: Select,
 ) -> Result<(Refs, Option<String>)> {
     let (key, holder) = state_dict_key(path, place, p, select.key)?;
-    let named = named_tensors(p, holder).map_err(|e| EngineError::invalid(path, place, e))?;
+    let named = named_tensors(p, holder, &mut Names::default())
+        .map_err(|e| EngineError::invalid(path, place, e))?;
     // Before any tensor is built: the others may be of types not read (MoCo's int64 queue
     // pointer beside its encoders).
     let named = match select.prefix {
@@ -303,10 +112,13 @@ pub(super) fn tensors(
 
 /// The tensors of the place at `id` (a state dict, or a module whose tensors are named as
 /// `state_dict()` names them), by name, in the file's order.
-pub(super) fn named_tensors(p: &Pickle, id: Id) -> std::result::Result<Vec<(String, Id)>, String> {
-    let mut names = Names::default();
+pub(super) fn named_tensors(
+    p: &Pickle,
+    id: Id,
+    names: &mut Names,
+) -> std::result::Result<Vec<(String, Id)>, String> {
     if is_module(p, id) {
-        return module_tensors(p, id, &mut names);
+        return module_tensors(p, id, names);
     }
     p.entries(id)
         .unwrap_or_default()
@@ -324,7 +136,7 @@ const MAX_MODULE_DEPTH: usize = 100;
 /// Tensor names made, bounded: a pickle of a few megabytes can name one memoised tensor a
 /// million times under a memoised name of a megabyte, or share one module among many.
 #[derive(Default)]
-struct Names {
+pub(super) struct Names {
     count: usize,
     bytes: usize,
 }
@@ -481,6 +293,10 @@ pub(super) fn tensor_ref(p: &Pickle, value: Id) -> std::result::Result<TensorRef
     Err("parameters wrapped in parameters more than 4 deep".into())
 }
 
+/// Far more dimensions than any network's tensor has (4): a longer shape is taken for a
+/// damaged one, which would otherwise be copied for every name of the tensor.
+const MAX_RANK: usize = 64;
+
 /// `(storage, offset, size, stride, ...)`, the arguments of `_rebuild_tensor(_v2)`.
 fn rebuild_args(p: &Pickle, args: &[Id]) -> std::result::Result<TensorRef, String> {
     let [storage, offset, size, stride, ..] = *args else {
@@ -513,6 +329,13 @@ fn rebuild_args(p: &Pickle, args: &[Id]) -> std::result::Result<TensorRef, Strin
         }
     };
     let offset = int(p, offset)?;
+    let dims = ints(p, size)?;
+    if dims.len() > MAX_RANK {
+        return Err(format!(
+            "{} dimensions, more than the {MAX_RANK} read",
+            dims.len()
+        ));
+    }
     Ok(TensorRef {
         storage: key.to_owned(),
         class: class.to_owned(),
@@ -520,7 +343,7 @@ fn rebuild_args(p: &Pickle, args: &[Id]) -> std::result::Result<TensorRef, Strin
             .map_or(Some(offset), |(start, _)| start.checked_add(offset))
             .ok_or("its offset overflows")?,
         view,
-        dims: ints(p, size)?,
+        dims,
         strides: ints(p, stride)?,
     })
 }

@@ -4,7 +4,8 @@
 //! import takes when no `key` is given. It helps choose an import's `key`, `prefix` and
 //! `model` before writing stages.toml.
 
-use super::pickled::{self, Place};
+use super::pickled::{self, Names};
+use super::places::{self, Place};
 use super::unpickler::{Id, Pickle, Value};
 use super::{legacy, sniff, unpanicked, zipfile, Format};
 use crate::error::{EngineError, Result};
@@ -20,8 +21,11 @@ pub struct Contents {
     /// The saved object's entries (a dict's, a plain object's attributes, a safetensors file's
     /// `__metadata__`): key and what it holds, in the file's order.
     pub entries: Vec<(String, String)>,
-    /// Every place holding tensors, the shallowest first.
+    /// The places holding tensors, the shallowest first: the first [`SHOWN`] of them, and the
+    /// one the import reads.
     pub holders: Vec<Holder>,
+    /// How many places hold tensors (up to 10,000: the walk stops there).
+    pub places: usize,
     /// The holder the import reads, with the `key` given or by default (its index in
     /// `holders`), or why it finds none.
     pub read: std::result::Result<usize, String>,
@@ -37,7 +41,12 @@ pub struct Holder {
     pub what: String,
     /// Its tensors, by their names in the file, in the file's order.
     pub tensors: Vec<TensorInfo>,
+    /// Why its tensors (all, or those after the ones listed) cannot be listed.
+    pub error: Option<String>,
 }
+
+/// Places listed with their tensors.
+pub const SHOWN: usize = 20;
 
 /// A tensor's name, element type and shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,31 +89,32 @@ fn of_pickle(
     p: &Pickle,
     key: Option<&str>,
 ) -> Result<Contents> {
-    let mut places = pickled::places(p);
-    let read = match pickled::state_dict_key(path, place, p, key) {
+    let mut found = places::places(p);
+    let count = found.len();
+    found.truncate(SHOWN);
+    let read = match places::state_dict_key(path, place, p, key) {
         // A place reached under two keys is listed under the first; the key given names it
         // under the other.
         Ok((k, id)) => Ok(
-            match places.iter().position(|pl| pl.id == id && pl.path == k) {
+            match found.iter().position(|pl| pl.id == id && pl.path == k) {
                 Some(i) => i,
                 None => {
-                    places.push(Place {
+                    found.push(Place {
                         path: k,
                         id,
                         tensors: 0,
                     });
-                    places.len() - 1
+                    found.len() - 1
                 }
             },
         ),
         Err(e) => Err(e.to_string()),
     };
-    let holders = places
-        .iter()
-        .map(|pl| holder(path, p, pl))
-        .collect::<Result<Vec<_>>>()?;
+    // One budget for all the names made, as for one place.
+    let mut names = Names::default();
+    let holders = found.iter().map(|pl| holder(p, pl, &mut names)).collect();
     // Tensors are listed with their holders.
-    let entries = pickled::children(p, p.root)
+    let entries = places::children(p, p.root)
         .into_iter()
         .filter(|&(_, v)| !pickled::is_tensor(p, v))
         .map(|(k, v)| (k.to_owned(), what(p, v)))
@@ -114,31 +124,40 @@ fn of_pickle(
         saved: what(p, p.root),
         entries,
         holders,
+        places: count,
         read,
     })
 }
 
-/// The tensors of one place, as the file names them.
-fn holder(path: &Path, p: &Pickle, place: &Place) -> Result<Holder> {
-    let named = pickled::named_tensors(p, place.id)
-        .map_err(|e| EngineError::invalid(path, "checkpoint", e))?;
-    let tensors = named
-        .into_iter()
-        .map(|(name, v)| {
-            let t = pickled::tensor_ref(p, v)
-                .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e))?;
-            Ok(TensorInfo {
+/// The tensors of one place, as the file names them, up to the first that cannot be read.
+fn holder(p: &Pickle, place: &Place, names: &mut Names) -> Holder {
+    let mut out = Holder {
+        key: place.path.clone(),
+        what: what(p, place.id),
+        tensors: Vec::new(),
+        error: None,
+    };
+    let named = match pickled::named_tensors(p, place.id, names) {
+        Ok(named) => named,
+        Err(e) => {
+            out.error = Some(e);
+            return out;
+        }
+    };
+    for (name, v) in named {
+        match pickled::tensor_ref(p, v) {
+            Ok(t) => out.tensors.push(TensorInfo {
                 name,
                 dtype: dtype_name(&t.class),
                 dims: t.dims,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Holder {
-        key: place.path.clone(),
-        what: what(p, place.id),
-        tensors,
-    })
+            }),
+            Err(e) => {
+                out.error = Some(format!("tensor `{name}`: {e}"));
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// PyTorch's name of the element type of a storage class (`FloatStorage`: `float32`).
@@ -200,7 +219,7 @@ fn what(p: &Pickle, id: Id) -> String {
             };
             format!("{kind} ({})", class(*c))
         }
-        Value::Dict(d) if d.iter().all(|&(_, v)| pickled::is_tensor(p, v)) => {
+        Value::Dict(d) if !d.is_empty() && d.iter().all(|&(_, v)| pickled::is_tensor(p, v)) => {
             format!("a state dict of {}", count(d))
         }
         Value::Dict(d) => format!("a dict of {}", count(d)),
@@ -255,7 +274,9 @@ fn of_safetensors(path: &Path, key: Option<&str>) -> Result<Contents> {
             key: None,
             what: "a safetensors file".into(),
             tensors: tensors.into_iter().map(|(_, t)| t).collect(),
+            error: None,
         }],
+        places: 1,
         read: match key {
             Some(k) => Err(format!(
                 "key `{k}`: a safetensors file holds tensors only, not a checkpoint dict"
