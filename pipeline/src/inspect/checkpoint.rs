@@ -149,11 +149,17 @@ fn check_model(
         "  the import reads {where_}{prefix}: {} tensors",
         picked.len()
     );
+    if let Some(e) = &holder.error {
+        outln!("    not all its tensors can be listed: {e}");
+    }
     if picked.is_empty() {
-        outln!(
-            "    no name starts with the prefix; the names start {}",
-            starts(&holder.tensors)
-        );
+        match &sel.prefix {
+            Some(_) if !holder.tensors.is_empty() => outln!(
+                "    no name starts with the prefix; the names start {}",
+                starts(&holder.tensors)
+            ),
+            _ => outln!("    no tensors to check"),
+        }
         return Ok(());
     }
     let guess = engine::import::model_of(picked.iter().map(|(n, t)| (n.as_str(), &t.dims[..])));
@@ -210,16 +216,37 @@ fn networks_under_prefixes(picked: &[(String, &TensorInfo)]) -> Result<()> {
 /// Prints the `import` stage for these choices, to paste into stages.toml.
 fn stage_toml(path: &Path, model: &str, sel: &Selection) -> Result<()> {
     outln!("  as a stage:");
-    for line in stage_block(&std::path::absolute(path)?, model, sel).lines() {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    for line in stage_block(&path, model, sel).lines() {
         outln!("    {line}");
     }
     Ok(())
 }
 
+/// `s` as a TOML basic string: one line whatever it holds (a multi-line string would take the
+/// indentation it is printed with), every control character escaped.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// The `import` stage reading `path` (absolute, so valid wherever stages.toml is) as `model`
 /// with `sel`'s key and prefix; every value a TOML string, escaped as TOML escapes.
 fn stage_block(path: &Path, model: &str, sel: &Selection) -> String {
-    let text = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let text = toml_string;
     let mut out = format!(
         "[[stage]]\nname = \"teacher\"\nkind = \"import\"\npath = {}\nmodel = {}\n",
         text(&path.to_string_lossy()),
@@ -243,14 +270,18 @@ mod tests {
     /// quotes, backslashes, a zero-width space).
     #[test]
     fn the_stage_block_is_toml_for_any_path_key_and_prefix() {
-        let odd = "re\u{301} \"q\" \\ \t \u{1b} \u{7f} \0 \u{200b} \u{ad}";
+        let odd = "re\u{301} \"q\" \\ \t \n \r \u{1b} \u{7f} \0 \u{200b} \u{ad} \u{85}";
         let sel = Selection {
             key: Some(format!("run.{odd}")),
             prefix: Some(format!("{odd}.")),
             model: None,
         };
         let path = Path::new("/data/teachers").join(odd);
-        let block = stage_block(&path, "resnet20", &sel);
+        // Indented as printed: a value must hold on one line.
+        let block: String = stage_block(&path, "resnet20", &sel)
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect();
         let parsed: toml::Table = toml::from_str(&block).expect(&block);
         let stage = &parsed["stage"].as_array().unwrap()[0];
         assert_eq!(stage["path"].as_str(), path.to_str());

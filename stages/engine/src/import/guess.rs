@@ -41,9 +41,9 @@ pub fn model_of<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>) -
     resnet_or_resnext(&dims)
 }
 
-/// Stages and blocks beyond any network's (ResNet-200 has 36 blocks in a stage).
+/// Stages and blocks beyond any network's (ResNet-1202 has 200 blocks in a stage, ResNet-200 36).
 const MAX_STAGES: usize = 64;
-const MAX_BLOCKS: usize = 10_000;
+const MAX_BLOCKS: usize = 1_000;
 
 /// The blocks of each stage whose names start `{stage}{s}.{b}.` (s = 1, 2, …): the highest `b`
 /// plus one, up to the first stage missing; nothing past [`MAX_STAGES`] or [`MAX_BLOCKS`].

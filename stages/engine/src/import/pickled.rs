@@ -112,10 +112,10 @@ pub(super) fn tensors(
 
 /// The tensors of the place at `id` (a state dict, or a module whose tensors are named as
 /// `state_dict()` names them), by name, in the file's order.
-pub(super) fn named_tensors(
-    p: &Pickle,
+pub(super) fn named_tensors<'p>(
+    p: &'p Pickle,
     id: Id,
-    names: &mut Names,
+    names: &mut Names<'p>,
 ) -> std::result::Result<Vec<(String, Id)>, String> {
     if is_module(p, id) {
         return module_tensors(p, id, names);
@@ -134,18 +134,22 @@ pub(super) fn named_tensors(
 const MAX_MODULE_DEPTH: usize = 100;
 
 /// Tensor names made, bounded: a pickle of a few megabytes can name one memoised tensor a
-/// million times under a memoised name of a megabyte, or share one module among many.
+/// million times under a memoised name of a megabyte, or share one module among many. Also
+/// what was read of each module on the way, so that a module shared by many places of one walk
+/// is read once.
 #[derive(Default)]
-pub(super) struct Names {
+pub(super) struct Names<'p> {
     count: usize,
     bytes: usize,
+    locals: HashMap<Id, Local<'p>>,
+    modules: HashMap<Id, bool>,
 }
 
 /// More tensors, or bytes of their names, than any network has.
 const MAX_NAMES: usize = 1_000_000;
 const MAX_NAME_BYTES: usize = 64 << 20;
 
-impl Names {
+impl Names<'_> {
     /// `prefix` and `name` joined, counted against the bounds.
     fn join(&mut self, prefix: &str, name: &str) -> std::result::Result<String, String> {
         self.count += 1;
@@ -164,15 +168,12 @@ impl Names {
 /// module's parameters, then its buffers (not those it marks non-persistent), then its
 /// submodules', dot-joined. A TorchScript module's tensor attributes are its parameters and
 /// buffers, its `__torch__` objects its submodules.
-fn module_tensors(
-    p: &Pickle,
+fn module_tensors<'p>(
+    p: &'p Pickle,
     root: Id,
-    names: &mut Names,
+    names: &mut Names<'p>,
 ) -> std::result::Result<Vec<(String, Id)>, String> {
     let mut out = Vec::new();
-    // Each module's state is read once: a module shared many times over costs its names only.
-    let mut locals: HashMap<Id, Local> = HashMap::new();
-    let mut modules: HashMap<Id, bool> = HashMap::new();
     // Depth first, in the order the attributes were saved. A module reached twice (shared by
     // two attributes) is named under both, as `state_dict()` names it.
     let mut todo = vec![(String::new(), root, 0)];
@@ -182,13 +183,18 @@ fn module_tensors(
                 "modules nested more than {MAX_MODULE_DEPTH} deep at `{prefix}`"
             ));
         }
-        let local = locals
+        // Each module's state is read once: a module shared many times over costs its names
+        // only (copied out here, as many as the names they make).
+        let modules = &mut names.modules;
+        let local = names
+            .locals
             .entry(id)
-            .or_insert_with(|| Local::of(p, id, &mut modules));
-        for &(name, t) in &local.tensors {
+            .or_insert_with(|| Local::of(p, id, modules));
+        let (tensors, children) = (local.tensors.clone(), local.children.clone());
+        for (name, t) in tensors {
             out.push((names.join(&prefix, name)?, t));
         }
-        for &(name, m) in local.children.iter().rev() {
+        for &(name, m) in children.iter().rev() {
             todo.push((names.join(&prefix, &format!("{name}."))?, m, depth + 1));
         }
     }
@@ -336,6 +342,13 @@ fn rebuild_args(p: &Pickle, args: &[Id]) -> std::result::Result<TensorRef, Strin
             dims.len()
         ));
     }
+    let strides = match p.get(stride) {
+        // Checked before it is copied: a damaged stride can be as long as the pickle.
+        Value::Tuple(v) | Value::List(v) if v.len() != dims.len() => {
+            return Err(format!("{} strides for {} dimensions", v.len(), dims.len()))
+        }
+        _ => ints(p, stride)?,
+    };
     Ok(TensorRef {
         storage: key.to_owned(),
         class: class.to_owned(),
@@ -344,7 +357,7 @@ fn rebuild_args(p: &Pickle, args: &[Id]) -> std::result::Result<TensorRef, Strin
             .ok_or("its offset overflows")?,
         view,
         dims,
-        strides: ints(p, stride)?,
+        strides,
     })
 }
 
@@ -372,7 +385,13 @@ fn storage_id(p: &Pickle, id: Id) -> std::result::Result<Option<StorageId<'_>>, 
             let class = storage_class(p, class)?;
             let key = p
                 .str(key)
-                .ok_or_else(|| format!("a storage key {}, expected text", p.describe(key)))?;
+                .filter(|k| k.len() <= MAX_STORAGE_TEXT)
+                .ok_or_else(|| {
+                    format!(
+                        "a storage key {}, expected text of at most {MAX_STORAGE_TEXT} bytes",
+                        p.describe(key)
+                    )
+                })?;
             Ok(Some(StorageId {
                 class,
                 key,
@@ -385,13 +404,18 @@ fn storage_id(p: &Pickle, id: Id) -> std::result::Result<Option<StorageId<'_>>, 
 
 /// The class name of a pickled `torch.XStorage`.
 fn storage_class(p: &Pickle, id: Id) -> std::result::Result<&str, String> {
-    p.global(id).map(|(_, name)| name).ok_or_else(|| {
-        format!(
+    match p.global(id) {
+        // Copied for every tensor: a name longer than any storage class's is refused.
+        Some((_, name)) if name.len() <= MAX_STORAGE_TEXT => Ok(name),
+        _ => Err(format!(
             "a storage type {}, expected a torch storage class",
             p.describe(id)
-        )
-    })
+        )),
+    }
 }
+
+/// Longer than any storage class name (`ComplexDoubleStorage`) or storage key (a number) is.
+const MAX_STORAGE_TEXT: usize = 64;
 
 /// The bytes per element of a storage class.
 pub(super) fn element_size(class: &str) -> Option<usize> {
@@ -426,7 +450,10 @@ fn dtype_of(class: &str) -> std::result::Result<DType, String> {
 /// bytes each storage in the stream takes, including those of tensors not read (an
 /// optimizer's state).
 pub(super) fn storage_types(p: &Pickle) -> HashMap<String, String> {
+    let mut seen = std::collections::HashSet::new();
     (0..p.values.len())
+        // One persistent id memoised and loaded many times is one storage.
+        .filter(|&id| matches!(p.get(id), Value::Persistent(pid) if seen.insert(*pid)))
         .filter_map(|id| storage_id(p, id).ok().flatten())
         .map(|s| (s.key.to_owned(), s.class.to_owned()))
         .collect()
@@ -635,5 +662,38 @@ mod tests {
         assert_eq!(extent(&tensor(1, &[3, 3], &[3, 1]), 10), Ok(9));
         assert!(extent(&tensor(2, &[3, 3], &[3, 1]), 10).is_err());
         assert_eq!(extent(&tensor(0, &[2, 5], &[1, 2]), 10), Ok(10));
+    }
+
+    /// `_rebuild_tensor_v2(('storage', <class>, '0', 'cpu', 2), 0, (2,), strides)` pickled.
+    fn rebuilt(class: &str, strides: &[u8]) -> Pickle {
+        let mut b =
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage".to_vec();
+        b.extend(format!("ctorch\n{class}\n").bytes());
+        b.extend(b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x02tQK\x00K\x02\x85");
+        b.extend(strides);
+        b.extend(b"tR.");
+        super::super::unpickler::unpickle(&b, &mut 0).unwrap()
+    }
+
+    /// What is copied for every name of a tensor is checked first: strides as many as the
+    /// dimensions (a damaged stride tuple can be as long as the pickle) and a storage class of
+    /// a storage class's length.
+    #[test]
+    fn strides_and_storage_classes_are_checked_before_they_are_copied() {
+        let p = rebuilt("FloatStorage", b"K\x01\x85");
+        let t = tensor_ref(&p, p.root).unwrap();
+        assert_eq!(
+            (t.dims, t.strides, t.class),
+            (vec![2], vec![1], "FloatStorage".into())
+        );
+        let p = rebuilt(
+            "FloatStorage",
+            &[b"(".as_slice(), &b"K\x01".repeat(100_000), b"t"].concat(),
+        );
+        let e = tensor_ref(&p, p.root).err().unwrap();
+        assert_eq!(e, "100000 strides for 1 dimensions");
+        let p = rebuilt(&"S".repeat(65), b"K\x01\x85");
+        let e = tensor_ref(&p, p.root).err().unwrap();
+        assert!(e.contains("expected a torch storage class"), "{e}");
     }
 }

@@ -153,6 +153,9 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
     let mut out = Vec::new();
     let mut names = Names::default();
     let mut seen = HashSet::from([p.root]);
+    // States of objects walked, apart from the values seen: a dict may be both an entry and an
+    // object's state.
+    let mut states = HashSet::new();
     let mut nodes = vec![Node {
         parent: None,
         key: "",
@@ -165,12 +168,15 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
             break;
         }
         let (id, depth) = (nodes[n].id, nodes[n].depth);
-        // Objects sharing one state are one object: its state is walked once.
+        // Objects sharing one state (not a dict subclass's items) are one object: that state
+        // is walked once.
         if let Value::Object {
-            state: Some(state), ..
+            state: Some(state),
+            items,
+            ..
         } = p.get(id)
         {
-            if !seen.insert(*state) {
+            if items.is_empty() && !states.insert(*state) {
                 continue;
             }
         }
@@ -402,5 +408,24 @@ mod tests {
         let p = pickle(&shared);
         assert!(places(&p).is_empty());
         assert_eq!(resolve(&p, "o19999.k7"), resolve(&p, "s.k7"));
+    }
+
+    /// A dict that is both an object's state and an entry elsewhere is walked as the entry:
+    /// `{'o': object with state D, 'x': {'d': D}}`, D holding a tensor, has its place at `x.d`.
+    #[test]
+    fn a_state_dict_that_is_also_an_entry_is_found() {
+        let mut b = b"}(".to_vec();
+        b.extend(text("o"));
+        b.extend(b"cbuiltins\nobject\n)R");
+        b.extend(dict(&[("w", TENSOR.to_vec())]));
+        b.extend(b"q\x01b");
+        b.extend(text("x"));
+        b.extend(b"}(");
+        b.extend(text("d"));
+        b.extend(b"h\x01u");
+        b.push(b'u');
+        let p = pickle(&b);
+        let found: Vec<Option<String>> = places(&p).into_iter().map(|pl| pl.path).collect();
+        assert_eq!(found, [Some("x.d".to_owned())]);
     }
 }

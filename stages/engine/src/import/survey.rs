@@ -33,7 +33,7 @@ pub struct Contents {
 
 /// A place holding tensors: a state dict, a whole network, or a dict with a few tensors beside
 /// other values (a checkpoint dict's `best_acc`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Holder {
     /// The import's `key` for it (dot-joined entries), `None` for the saved object itself.
     pub key: Option<String>,
@@ -47,6 +47,17 @@ pub struct Holder {
 
 /// Places listed with their tensors.
 pub const SHOWN: usize = 20;
+
+/// Entries of the saved object listed.
+const MAX_ENTRIES: usize = 50;
+
+/// `text` cut at 100 characters: a key or class name can be a megabyte long.
+fn short(text: &str) -> String {
+    match text.char_indices().nth(100) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
 
 /// A tensor's name, element type and shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,15 +121,34 @@ fn of_pickle(
         ),
         Err(e) => Err(e.to_string()),
     };
-    // One budget for all the names made, as for one place.
+    // One budget for all the names made, as for one place; the place read first, so that
+    // the others cannot spend it.
     let mut names = Names::default();
-    let holders = found.iter().map(|pl| holder(p, pl, &mut names)).collect();
-    // Tensors are listed with their holders.
-    let entries = places::children(p, p.root)
+    let first = read
+        .as_ref()
+        .ok()
+        .map(|&i| holder(p, &found[i], &mut names));
+    let holders: Vec<Holder> = found
+        .iter()
+        .enumerate()
+        .map(|(i, pl)| match (&first, read.as_ref()) {
+            (Some(h), Ok(&r)) if r == i => h.clone(),
+            _ => holder(p, pl, &mut names),
+        })
+        .collect();
+    // Tensors are listed with their holders; a few entries, their keys cut short.
+    let others: Vec<(&str, Id)> = places::children(p, p.root)
         .into_iter()
         .filter(|&(_, v)| !pickled::is_tensor(p, v))
-        .map(|(k, v)| (k.to_owned(), what(p, v)))
         .collect();
+    let mut entries: Vec<(String, String)> = others
+        .iter()
+        .take(MAX_ENTRIES)
+        .map(|&(k, v)| (short(k), what(p, v)))
+        .collect();
+    if others.len() > MAX_ENTRIES {
+        entries.push(("…".into(), format!("{} such entries in all", others.len())));
+    }
     Ok(Contents {
         format,
         saved: what(p, p.root),
@@ -130,7 +160,7 @@ fn of_pickle(
 }
 
 /// The tensors of one place, as the file names them, up to the first that cannot be read.
-fn holder(p: &Pickle, place: &Place, names: &mut Names) -> Holder {
+fn holder<'p>(p: &'p Pickle, place: &Place, names: &mut Names<'p>) -> Holder {
     let mut out = Holder {
         key: place.path.clone(),
         what: what(p, place.id),
@@ -195,7 +225,7 @@ fn what(p: &Pickle, id: Id) -> String {
             },
             _ => p.global(class),
         };
-        global.map_or("?".to_owned(), |(m, n)| format!("{m}.{n}"))
+        global.map_or("?".to_owned(), |(m, n)| short(&format!("{m}.{n}")))
     };
     let count = |entries: &[(Id, Id)]| {
         let tensors = entries
