@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+mod fit;
 mod guess;
 mod legacy;
 mod pickled;
@@ -377,7 +378,7 @@ impl StateDict {
     /// Builds the model of `spec` on `device` and loads these tensors into it, every one
     /// checked by name and shape (see [`Model::set_tensors`]).
     pub fn into_model(self, path: &Path, spec: &ModelSpec, device: &Device) -> Result<Model> {
-        self.fits(path, spec)?;
+        fit::fits(&self.tensors, path, spec)?;
         let model = Model::new(spec, device, 0)?;
         let tensors = self
             .tensors
@@ -387,91 +388,6 @@ impl StateDict {
         model.set_tensors(path, &tensors)?;
         Ok(model)
     }
-}
-
-impl StateDict {
-    /// Checks, on models of `spec`'s architecture at widths 1 to 4 (kilobytes), that these
-    /// tensors have the names the model's tensors have, and that the model of `spec` has at
-    /// most twice their values and 16 M more: a model is then built only for tensors that can
-    /// about fill it. A damaged or crafted file could otherwise have a model of billions of
-    /// parameters built (its width is read off one tensor, its depth off a few names) before
-    /// any shape is compared.
-    fn fits(&self, path: &Path, spec: &ModelSpec) -> Result<()> {
-        let one = ModelSpec {
-            width: 1,
-            ..spec.clone()
-        };
-        let small = Model::new(&one, &Device::Cpu, 0)?;
-        let ours: Vec<(String, Tensor)> = small.tensors();
-        let not_ours = |name: &String| ours.binary_search_by(|(n, _)| n.cmp(name)).is_err();
-        let extra: Vec<&String> = self.tensors.keys().filter(|n| not_ours(n)).collect();
-        if let Some(first) = extra.first() {
-            return Err(EngineError::invalid(
-                path,
-                format!("tensor `{first}`"),
-                format!(
-                    "not in this model: the checkpoint is not a {} model ({} tensors more than \
-                     it has)",
-                    spec.arch,
-                    extra.len()
-                ),
-            ));
-        }
-        if let Some((name, _)) = ours.iter().find(|(n, _)| !self.tensors.contains_key(n)) {
-            return Err(EngineError::invalid(
-                path,
-                format!("tensor `{name}`"),
-                format!("missing: the checkpoint is not a {} model", spec.arch),
-            ));
-        }
-        let have: f64 = self.tensors.values().map(|t| t.elem_count() as f64).sum();
-        let want = values_at(spec, &small)?;
-        // Room for shapes that differ a little, so that the model is built and says which
-        // differs (as the tensors read took at most twice their storages' bytes).
-        if want.is_some_and(|want| want > 2.0 * have + (16 << 20) as f64) {
-            return Err(EngineError::invalid(
-                path,
-                "checkpoint",
-                format!(
-                    "holds {have} values, a {} of width {} has {}: the shapes are far from \
-                     the model's",
-                    spec.arch,
-                    spec.width,
-                    want.unwrap_or_default()
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// The values (weights and statistics) of the model of `spec`, from models of its
-/// architecture at widths 1 (`small`) to 4: channels scale with the width, so the values are a
-/// quadratic in it, fitted at 1, 2, 3 and checked at 4 (`None` if the check fails).
-fn values_at(spec: &ModelSpec, small: &Model) -> Result<Option<f64>> {
-    let values =
-        |m: &Model| -> f64 { m.tensors().iter().map(|(_, t)| t.elem_count() as f64).sum() };
-    let at = |width| {
-        Model::new(
-            &ModelSpec {
-                width,
-                ..spec.clone()
-            },
-            &Device::Cpu,
-            0,
-        )
-    };
-    let v = [
-        values(small),
-        values(&at(2)?),
-        values(&at(3)?),
-        values(&at(4)?),
-    ];
-    let a = (v[2] - 2.0 * v[1] + v[0]) / 2.0;
-    let b = v[1] - v[0] - 3.0 * a;
-    let c = v[0] - a - b;
-    let quadratic = |w: f64| a * w * w + b * w + c;
-    Ok((quadratic(4.0) == v[3]).then(|| quadratic(spec.width as f64)))
 }
 
 #[cfg(test)]
@@ -800,60 +716,6 @@ mod tests {
         for (name, t) in &want.tensors {
             assert_eq!(got.tensors[name].dims(), t.dims(), "{what} {name}");
             assert_eq!(values(&got.tensors[name]), values(t), "{what} {name}");
-        }
-    }
-
-    /// A model is built only for tensors that can about fill it: resnet8's tensors named for a
-    /// resnet8 of width 4,096 (a model of 5 G values, 20 GB) are refused before it is built. The
-    /// values of a model of width 5, from the quadratic fitted at widths 1 to 4, are those of
-    /// the model built, for every family.
-    #[test]
-    fn a_model_far_larger_than_its_tensors_is_not_built() {
-        let path = fixture("resnet8.pth");
-        let state = read(&path, Select::default(), resnet()).unwrap();
-        let mut spec = state.spec(&path, "resnet8", 0.0).unwrap();
-        spec.width = 4096;
-        let Err(e) = state.into_model(&path, &spec, &Device::Cpu) else {
-            panic!("a resnet8 of width 4096 was built");
-        };
-        let e = e.to_string();
-        assert!(
-            // PyTorch's 78,042 parameters and BatchNorm's 2 × 336 running statistics.
-            e.contains("holds 78714 values, a resnet8 of width 4096 has")
-                && e.contains("far from the model's"),
-            "{e}"
-        );
-        for arch in [
-            "resnet8",
-            "resnet18",
-            "resnet50_imagenet",
-            "resnext29_2x4d",
-            "densenet121",
-            "densenet161",
-            "dla",
-        ] {
-            let mut spec = ModelSpec::new(arch, 7, 3).unwrap();
-            let small = Model::new(
-                &ModelSpec {
-                    width: 1,
-                    ..spec.clone()
-                },
-                &Device::Cpu,
-                0,
-            )
-            .unwrap();
-            spec.width = 5;
-            let built: usize = Model::new(&spec, &Device::Cpu, 0)
-                .unwrap()
-                .tensors()
-                .iter()
-                .map(|(_, t)| t.elem_count())
-                .sum();
-            assert_eq!(
-                values_at(&spec, &small).unwrap(),
-                Some(built as f64),
-                "{arch}"
-            );
         }
     }
 
