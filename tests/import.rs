@@ -259,6 +259,13 @@ fn inspect_finds_a_nested_state_dict_and_prints_a_stage_that_imports_it() {
         "{}",
         stderr(&o)
     );
+    let o = pipeline(dir.path(), &["inspect", "nested.pth", "--model", "resnet9"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--model: unknown model `resnet9`"),
+        "{}",
+        stderr(&o)
+    );
     let o = pipeline(dir.path(), &["inspect", "p.toml"]);
     assert!(!o.status.success());
     let e = stderr(&o);

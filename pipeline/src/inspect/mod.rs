@@ -61,6 +61,9 @@ pub struct Selection {
 /// Runs `pipeline inspect`.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     let path = &args.path;
+    if let Some(model) = &args.selection.model {
+        engine::models::Arch::parse(model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+    }
     if path.join(stages::replay_store::META_FILE).exists() {
         return replay_folder(path, args.rows);
     }

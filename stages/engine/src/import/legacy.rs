@@ -16,7 +16,8 @@
 //! and for each key in that order a little-endian int64 element count and the elements' bytes.
 //! The tar format of PyTorch < 0.1.10 is not read.
 
-use super::pickled::{element_size, kind, materialise_all, storage_types, tensors, unpickle};
+use super::pickled::{element_size, kind, materialise_all, storage_types, unpickle};
+use super::places::tensors;
 use super::unpickler::{self, Pickle, Value};
 use super::Select;
 use crate::error::{EngineError, Result};

@@ -1,14 +1,13 @@
 //! What `torch.save` pickles, in both its formats: the saved object, whose tensors are calls of
 //! `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` (or `_rebuild_tensor`
 //! before PyTorch 0.4, wrapped in `_rebuild_parameter` for an `nn.Parameter`) on a persistent
-//! id `('storage', <class torch.XStorage>, key, location, numel[, view])`. Finds the state dict
-//! in it, says where each tensor's elements lie, and builds a tensor from its storage's bytes.
-//! The formats differ only in where the pickle and the storages are ([`super::zipfile`],
-//! [`super::legacy`]).
+//! id `('storage', <class torch.XStorage>, key, location, numel[, view])`. Tells tensors and
+//! modules apart, names a module's tensors as `state_dict()` does, says where each tensor's
+//! elements lie, and builds a tensor from its storage's bytes ([`super::places`] finds the
+//! state dict). The formats differ only in where the pickle and the storages are
+//! ([`super::zipfile`], [`super::legacy`]).
 
-use super::places::state_dict_key;
 use super::unpickler::{self, Id, Pickle, Value};
-use super::{not_a_weight, with_prefix, Select};
 use crate::error::{EngineError, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -77,37 +76,6 @@ pub(super) fn is_module(p: &Pickle, id: Id) -> bool {
         .global(*class)
         .is_some_and(|(module, _)| module == "__torch__" || module.starts_with("__torch__."));
     scripted || state.is_some_and(|s| p.lookup(s, "_modules").is_some())
-}
-
-/// The tensors of the state dict in the saved object `p` (read from `place`) with where their
-/// elements lie, by their names in the file (those `select.prefix` picks, without it), and the
-/// dict key the state dict was under (`select.key`, or found). BatchNorm's step counters and
-/// other entries that are no weight are left out.
-pub(super) fn tensors(
-    path: &Path,
-    place: &str,
-    p: &Pickle,
-    select: Select,
-) -> Result<(Refs, Option<String>)> {
-    let (key, holder) = state_dict_key(path, place, p, select.key)?;
-    let named = named_tensors(p, holder, &mut Names::default())
-        .map_err(|e| EngineError::invalid(path, place, e))?;
-    // Before any tensor is built: the others may be of types not read (MoCo's int64 queue
-    // pointer beside its encoders).
-    let named = match select.prefix {
-        Some(prefix) => with_prefix(path, named, prefix)?,
-        None => named,
-    };
-    let mut refs = Vec::new();
-    for (name, value) in named {
-        if not_a_weight(&name) {
-            continue;
-        }
-        let t = tensor_ref(p, value)
-            .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e))?;
-        refs.push((name, t));
-    }
-    Ok((refs, key))
 }
 
 /// The tensors of the place at `id` (a state dict, or a module whose tensors are named as

@@ -1,17 +1,48 @@
 //! Where in a saved object the network's tensors are: the place the import reads (the saved
 //! object itself, the entry a `key` names, dot-joined through nested dicts, or the first of
-//! [`STATE_DICT_KEYS`] holding tensors), and every place holding tensors, for `pipeline
-//! inspect` and for errors that say where tensors are when the import finds none.
+//! [`STATE_DICT_KEYS`] holding tensors) with its tensors, and every place holding tensors, for
+//! `pipeline inspect` and for errors that say where tensors are when the import finds none.
 //!
 //! Every walk here is linear in the pickle: each value is visited once, a key path is built
 //! only for a place reported, and the names of modules' tensors count against one budget.
 
-use super::pickled::{is_module, is_tensor, kind, named_tensors, Names};
+use super::pickled::{is_module, is_tensor, kind, named_tensors, tensor_ref, Names, Refs};
 use super::unpickler::{Id, Pickle, Value};
-use super::STATE_DICT_KEYS;
+use super::{not_a_weight, with_prefix, Select, STATE_DICT_KEYS};
 use crate::error::{EngineError, Result};
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
+
+/// The tensors of the state dict in the saved object `p` (read from `place`) with where their
+/// elements lie, by their names in the file (those `select.prefix` picks, without it), and the
+/// dict key the state dict was under (`select.key`, or found). BatchNorm's step counters and
+/// other entries that are no weight are left out.
+pub(super) fn tensors(
+    path: &Path,
+    place: &str,
+    p: &Pickle,
+    select: Select,
+) -> Result<(Refs, Option<String>)> {
+    let (key, holder) = state_dict_key(path, place, p, select.key)?;
+    let named = named_tensors(p, holder, &mut Names::default())
+        .map_err(|e| EngineError::invalid(path, place, e))?;
+    // Before any tensor is built: the others may be of types not read (MoCo's int64 queue
+    // pointer beside its encoders).
+    let named = match select.prefix {
+        Some(prefix) => with_prefix(path, named, prefix)?,
+        None => named,
+    };
+    let mut refs = Vec::new();
+    for (name, value) in named {
+        if not_a_weight(&name) {
+            continue;
+        }
+        let t = tensor_ref(p, value)
+            .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e))?;
+        refs.push((name, t));
+    }
+    Ok((refs, key))
+}
 
 /// Where the network's tensors are: the saved object itself (a state dict or a module, key
 /// `None`), else the entry `key` names (a dot-joined path into nested dicts: `state.model`) or

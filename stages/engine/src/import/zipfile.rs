@@ -2,7 +2,8 @@
 //! `<name>/data.pkl`, the pickled object (see [`super::pickled`]); `<name>/data/<key>`, each
 //! storage's bytes; and from PyTorch 1.10 `<name>/byteorder`.
 
-use super::pickled::{materialise_all, tensors, unpickle};
+use super::pickled::{materialise_all, unpickle};
+use super::places::tensors;
 use super::unpickler::Pickle;
 use super::Select;
 use crate::error::{EngineError, Result};
