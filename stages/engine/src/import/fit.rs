@@ -12,7 +12,7 @@
 //! alike, the quadratic fitted at three and checked at the fourth.
 
 use crate::error::{EngineError, Result};
-use crate::models::{Arch, Model, ModelSpec};
+use crate::models::{extra_tensors, missing_tensor, Arch, Model, ModelSpec};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -108,23 +108,10 @@ fn names_differ(
         .filter(|n| ours.binary_search(n).is_err())
         .collect();
     if let Some(first) = extra.first() {
-        return EngineError::invalid(
-            path,
-            format!("tensor `{first}`"),
-            format!(
-                "not in this model: the checkpoint is not a {} model ({} tensors more than it \
-                 has)",
-                spec.arch,
-                extra.len()
-            ),
-        );
+        return extra_tensors(path, &spec.arch, first, extra.len());
     }
     let missing = ours.iter().find(|n| !tensors.contains_key(*n));
-    EngineError::invalid(
-        path,
-        format!("tensor `{}`", missing.map_or("?", |n| n.as_str())),
-        format!("missing: the checkpoint is not a {} model", spec.arch),
-    )
+    missing_tensor(path, &spec.arch, missing.map_or("?", |n| n.as_str()))
 }
 
 /// The values (weights and statistics) of the model of `spec`, from four small models at

@@ -212,27 +212,15 @@ impl Model {
         // ResNet of the same width): refuse it rather than load part of it.
         let extra: Vec<&String> = tensors.keys().filter(|n| !data.contains_key(*n)).collect();
         if let Some(first) = extra.first() {
-            return Err(EngineError::invalid(
-                origin,
-                format!("tensor `{first}`"),
-                format!(
-                    "not in this model: the checkpoint is not a {} model ({} tensors more than it has)",
-                    self.spec.arch,
-                    extra.len()
-                ),
-            ));
+            return Err(extra_tensors(origin, &self.spec.arch, first, extra.len()));
         }
         // In name order, so that the first mismatch reported is the same on every run.
         let mut vars: Vec<_> = data.iter().collect();
         vars.sort_by(|a, b| a.0.cmp(b.0));
         for (name, var) in vars {
-            let t = tensors.get(name).ok_or_else(|| {
-                EngineError::invalid(
-                    origin,
-                    format!("tensor `{name}`"),
-                    format!("missing: the checkpoint is not a {} model", self.spec.arch),
-                )
-            })?;
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| missing_tensor(origin, &self.spec.arch, name))?;
             if t.dims() != var.dims() {
                 return Err(EngineError::invalid(
                     origin,
@@ -244,6 +232,32 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The error for a checkpoint of `count` tensors the model of architecture `arch` does not
+/// have, `first` the first of them by name.
+pub fn extra_tensors(
+    origin: &std::path::Path,
+    arch: &str,
+    first: &str,
+    count: usize,
+) -> EngineError {
+    EngineError::invalid(
+        origin,
+        format!("tensor `{first}`"),
+        format!(
+            "not in this model: the checkpoint is not a {arch} model ({count} tensors more than it has)"
+        ),
+    )
+}
+
+/// The error for a checkpoint lacking the tensor `name` of the model of architecture `arch`.
+pub fn missing_tensor(origin: &std::path::Path, arch: &str, name: &str) -> EngineError {
+    EngineError::invalid(
+        origin,
+        format!("tensor `{name}`"),
+        format!("missing: the checkpoint is not a {arch} model"),
+    )
 }
 
 #[cfg(test)]
