@@ -60,8 +60,8 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Show a label store's schema, metadata and first rows, an evaluation's predictions, or a
-    /// packed split's summary.
+    /// Show a label store's schema, metadata and first rows, an evaluation's predictions, a
+    /// packed split's summary, or what a model checkpoint holds and how to import it.
     Inspect(inspect::InspectArgs),
     /// Write a trained or imported model's weights for PyTorch: a `.pth` that `torch.load`
     /// reads, or a `.safetensors` file, under torchvision's or kuangliu's names.

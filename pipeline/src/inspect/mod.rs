@@ -45,8 +45,8 @@ pub struct InspectArgs {
 /// the stage.
 #[derive(clap::Args, Debug, Default)]
 pub struct Selection {
-    /// Checkpoint: the entry holding the network, as the import's `key` (dot-joined for nested
-    /// dicts: `state.model`).
+    /// Checkpoint: the entry holding the network, as the import's `key` (dot-joined through
+    /// nested dicts and list indices: `state.model`, `members.1`).
     #[arg(long)]
     pub key: Option<String>,
     /// Checkpoint: only the tensors whose names start with this, as the import's `prefix`.

@@ -31,7 +31,7 @@ pub struct Params {
     /// The architecture, as a train stage names it (`resnet110`, `resnet50_imagenet`, ...).
     pub model: String,
     /// The entry of a checkpoint dict holding the state dict, or a dot-joined path through
-    /// nested dicts (`run.ema`) (default: the first of `state_dict`, `model`,
+    /// nested dicts, lists and tuples (`run.ema`, `members.1`) (default: the first of `state_dict`, `model`,
     /// `model_state_dict`, `net` that holds tensors, else the top level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,

@@ -775,6 +775,33 @@ mod tests {
         );
     }
 
+    /// An ensemble's checkpoint (`{'epoch', 'members': [{'n_averaged': int64 tensor}, state
+    /// dict]}`, derive_fixtures.py) is read at `members.1`; the error without a key lists both
+    /// members, and `members.0` (no weights) is refused.
+    #[test]
+    fn an_index_reaches_a_state_dict_in_a_list() {
+        let path = fixture("listed.pth");
+        let want = read(&fixture("resnet8.pth"), Select::default(), resnet()).unwrap();
+        let got = read(&path, key("members.1"), resnet()).unwrap();
+        assert_eq!(got.key.as_deref(), Some("members.1"));
+        assert_same_tensors(&got, &want, "members.1");
+        let error = |select| read(&path, select, resnet()).unwrap_err().to_string();
+        let e = error(Select::default());
+        assert!(
+            e.contains("tensors are under `members.0` (1), `members.1` (56): name one with `key`"),
+            "{e}"
+        );
+        let e = error(key("members.2"));
+        assert!(
+            e.contains("key `members.2`")
+                && e.contains("`2` is not in `members`, a list of 2 items (0 to 1)"),
+            "{e}"
+        );
+        // Its one tensor is a count, no weight.
+        let e = error(key("members.0"));
+        assert!(e.contains("holds no tensors"), "{e}");
+    }
+
     /// `prefix` picks one network of a checkpoint holding two (`student.` over DataParallel's
     /// `module.`, `teacher.`) beside a tensor of neither; a prefix no name has is an error
     /// listing the names' beginnings.

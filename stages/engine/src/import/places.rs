@@ -66,7 +66,11 @@ pub(super) fn state_dict_key(
             )),
         };
     }
-    if p.entries(top).is_none() && !matches!(p.get(top), Value::Object { state: Some(_), .. }) {
+    let walkable = matches!(
+        p.get(top),
+        Value::List(_) | Value::Tuple(_) | Value::Object { state: Some(_), .. }
+    );
+    if p.entries(top).is_none() && !walkable {
         return Err(EngineError::invalid(
             path,
             place,
@@ -91,7 +95,10 @@ pub(super) fn state_dict_key(
     // (RepDistiller's `best_acc` is a 0-d tensor), a state dict never holds a dict of tensors.
     let entries = children(p, top);
     if let Some((k, at)) = STATE_DICT_KEYS.into_iter().find_map(|k| {
-        let &(_, at) = entries.iter().rev().find(|(name, _)| *name == k)?;
+        let &(_, at) = entries
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == Key::Text(k))?;
         holds_tensors(p, at).then_some((k, at))
     }) {
         return Ok((Some(k.to_owned()), at));
@@ -99,15 +106,13 @@ pub(super) fn state_dict_key(
     if holds_tensors(p, top) {
         return Ok((None, top));
     }
-    let keys: Vec<&str> = entries.iter().map(|&(k, _)| k).collect();
     Err(EngineError::invalid(
         path,
         place,
         format!(
-            "not a state dict: the pickle's top level is {} of keys {} with no tensors and no \
-             state dict under {STATE_DICT_KEYS:?}{}",
-            kind(p, top),
-            some_keys(&keys),
+            "not a state dict: the pickle's top level is {}, with no tensors and no state dict \
+             under {STATE_DICT_KEYS:?}{}",
+            described(p, top),
             elsewhere(p)
         ),
     ))
@@ -121,9 +126,29 @@ pub(super) fn holds_tensors(p: &Pickle, id: Id) -> bool {
             .is_some_and(|d| d.iter().any(|&(_, v)| is_tensor(p, v)))
 }
 
-/// Up to 20 keys, as a list (`["epoch", "run"]`, `["a", …, 300 in all]`).
-fn some_keys(keys: &[&str]) -> String {
-    let shown: Vec<String> = keys.iter().take(20).map(|k| format!("{k:?}")).collect();
+/// What the value at `id` is, with its keys: `a dict of keys ["epoch", "run"]`, `a list of 2
+/// items (0 to 1)`.
+fn described(p: &Pickle, id: Id) -> String {
+    let keys: Vec<Key> = children(p, id).into_iter().map(|(k, _)| k).collect();
+    match keys.len() {
+        _ if !is_sequence(p, id) => format!("{} of keys {}", kind(p, id), some_keys(&keys)),
+        0 => format!("{} of no items", kind(p, id)),
+        n => format!("{} of {n} items (0 to {})", kind(p, id), n - 1),
+    }
+}
+
+/// Whether the value at `id` is reached into by index: a list, a tuple, a list subclass.
+fn is_sequence(p: &Pickle, id: Id) -> bool {
+    match p.get(id) {
+        Value::List(_) | Value::Tuple(_) => true,
+        Value::Object { list, items, .. } => !list.is_empty() && items.is_empty(),
+        _ => false,
+    }
+}
+
+/// Up to 20 keys, as a list (`["epoch", "run"]`, `["a", …, 300 in all]`, `[0, 1]`).
+fn some_keys(keys: &[Key]) -> String {
+    let shown: Vec<String> = keys.iter().take(20).map(Key::quoted).collect();
     let more = if keys.len() > 20 {
         format!(", … {} in all", keys.len())
     } else {
@@ -171,13 +196,13 @@ const MAX_PLACES: usize = 10_000;
 /// by which key, and how deep.
 struct Node<'p> {
     parent: Option<usize>,
-    key: &'p str,
+    key: Key<'p>,
     id: Id,
     depth: usize,
 }
 
-/// Every place holding tensors, breadth first (the shallowest first), through dicts' text keys
-/// and plain objects' attributes, not into modules (their tensors are theirs), up to
+/// Every place holding tensors, breadth first (the shallowest first), through dicts' text and
+/// int keys, lists' and tuples' items and plain objects' attributes, not into modules (their tensors are theirs), up to
 /// [`MAX_KEY_DEPTH`] keys deep and [`MAX_PLACES`] places. A value reached under two keys is
 /// listed under the first.
 pub(super) fn places(p: &Pickle) -> Vec<Place> {
@@ -189,7 +214,7 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
     let mut states = HashSet::new();
     let mut nodes = vec![Node {
         parent: None,
-        key: "",
+        key: Key::Text(""),
         id: p.root,
         depth: 0,
     }];
@@ -217,7 +242,7 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
         } else {
             if depth < MAX_KEY_DEPTH {
                 for (key, v) in attributes(p, id) {
-                    if key.len() <= MAX_KEY_BYTES && !is_tensor(p, v) && seen.insert(v) {
+                    if key.len() <= MAX_KEY_BYTES && can_hold(p, v) && seen.insert(v) {
                         nodes.push(Node {
                             parent: Some(n),
                             key,
@@ -242,40 +267,120 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
     out
 }
 
+/// Whether the value at `id` can lead to tensors: a dict, list, tuple or object that is not
+/// itself a tensor. Numbers and texts are not walked: a list of a million floats (a training
+/// history) adds no node.
+fn can_hold(p: &Pickle, id: Id) -> bool {
+    match p.get(id) {
+        Value::Dict(_) | Value::List(_) | Value::Tuple(_) => true,
+        Value::Object { .. } => !is_tensor(p, id),
+        _ => false,
+    }
+}
+
 /// The dot-joined keys leading to node `n`, `None` for the saved object.
 fn key_path(nodes: &[Node], mut n: usize) -> Option<String> {
     let mut keys = Vec::new();
     while let Some(parent) = nodes[n].parent {
-        keys.push(nodes[n].key);
+        keys.push(nodes[n].key.to_string());
         n = parent;
     }
     keys.reverse();
     (!keys.is_empty()).then(|| keys.join("."))
 }
 
-/// The entries under text keys of the dict at `id`, or the attributes of the plain object
-/// (not a module) at `id`.
-pub(super) fn children(p: &Pickle, id: Id) -> Vec<(&str, Id)> {
+/// How a value is reached from the one holding it: a dict's text key or an object's attribute
+/// name, or the index of a list's or tuple's item or of an int-keyed dict's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Key<'p> {
+    Text(&'p str),
+    Index(u64),
+}
+
+impl Key<'_> {
+    /// Its length as written in a key path.
+    fn len(&self) -> usize {
+        match self {
+            Key::Text(t) => t.len(),
+            Key::Index(i) => i.to_string().len(),
+        }
+    }
+
+    /// Whether `part` of a key path names it: the text itself, or the index in decimal
+    /// without leading zeros (`0`, `12`), as Python writes it.
+    fn is(&self, part: &str, index: Option<u64>) -> bool {
+        match *self {
+            Key::Text(t) => t == part,
+            Key::Index(i) => index == Some(i),
+        }
+    }
+
+    /// As a list of keys shows it: text quoted, an index bare.
+    fn quoted(&self) -> String {
+        match self {
+            Key::Text(t) => format!("{t:?}"),
+            Key::Index(i) => i.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Text(t) => f.write_str(t),
+            Key::Index(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// `part` as an index: decimal digits without leading zeros, as Python writes an int.
+fn index_of(part: &str) -> Option<u64> {
+    let canonical = part == "0" || !part.starts_with('0');
+    (canonical && !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| part.parse().ok())
+        .flatten()
+}
+
+/// The entries of the dict at `id`, the items of the list or tuple at `id`, or the attributes
+/// of the plain object (not a module) at `id`.
+pub(super) fn children(p: &Pickle, id: Id) -> Vec<(Key<'_>, Id)> {
     if p.entries(id).is_none() && is_module(p, id) {
         return Vec::new();
     }
     attributes(p, id)
 }
 
-/// The entries under text keys of the dict at `id`, or the attributes of the object at `id`.
-fn attributes(p: &Pickle, id: Id) -> Vec<(&str, Id)> {
-    let entries = match p.entries(id) {
-        Some(d) => d,
-        None => match p.get(id) {
+/// The entries under text or non-negative int keys of the dict at `id`, the items of the list
+/// or tuple (or of the list subclass) at `id`, or the attributes of the object at `id`.
+fn attributes(p: &Pickle, id: Id) -> Vec<(Key<'_>, Id)> {
+    let items = |v: &[Id]| -> Vec<(Key, Id)> {
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| (Key::Index(i as u64), x))
+            .collect()
+    };
+    let entries = match (p.entries(id), p.get(id)) {
+        (Some(d), _) => d,
+        (None, Value::List(v) | Value::Tuple(v)) => return items(v),
+        (None, Value::Object { list, .. }) if !list.is_empty() => return items(list),
+        (
+            None,
             Value::Object {
                 state: Some(state), ..
-            } => p.entries(*state).unwrap_or_default(),
-            _ => &[],
-        },
+            },
+        ) => p.entries(*state).unwrap_or_default(),
+        _ => &[],
     };
     entries
         .iter()
-        .filter_map(|&(k, v)| Some((p.str(k)?, v)))
+        .filter_map(|&(k, v)| {
+            let key = match p.get(k) {
+                Value::Str(s) => Key::Text(s),
+                &Value::Int(i) => Key::Index(u64::try_from(i).ok()?),
+                _ => return None,
+            };
+            Some((key, v))
+        })
         .collect()
 }
 
@@ -283,7 +388,8 @@ fn attributes(p: &Pickle, id: Id) -> Vec<(&str, Id)> {
 const MAX_KEY_PARTS: usize = 64;
 
 /// The value `key` names: an entry of the saved dict, or a dot-joined path of entries of
-/// nested dicts (and attributes of plain objects). A key holding dots itself is found too:
+/// nested dicts, items of lists and tuples by index (`members.1`) and attributes of plain
+/// objects. A key holding dots itself is found too:
 /// every way of grouping the parts into keys is tried, the longest keys first, each value and
 /// part tried once. If none reaches a value, the error names the deepest level reached.
 pub(super) fn resolve(p: &Pickle, key: &str) -> std::result::Result<Id, String> {
@@ -307,8 +413,9 @@ pub(super) fn resolve(p: &Pickle, key: &str) -> std::result::Result<Id, String> 
         // hashed: a key can be a megabyte long (its length tells it apart at once).
         for j in i + 1..=parts.len() {
             let head = parts[i..j].join(".");
+            let index = index_of(&head);
             // The last entry of a key wins, as in Python.
-            if let Some(&(_, v)) = entries.iter().rev().find(|(k, _)| *k == head) {
+            if let Some(&(_, v)) = entries.iter().rev().find(|(k, _)| k.is(&head, index)) {
                 todo.push((v, j));
             }
         }
@@ -317,9 +424,16 @@ pub(super) fn resolve(p: &Pickle, key: &str) -> std::result::Result<Id, String> 
         }
     }
     let (i, at) = deepest.unwrap_or((0, p.root));
-    let keys: Vec<&str> = children(p, at).into_iter().map(|(k, _)| k).collect();
+    let keys: Vec<Key> = children(p, at).into_iter().map(|(k, _)| k).collect();
     let (walked, rest) = (parts[..i].join("."), parts[i..].join("."));
-    Err(if i == 0 {
+    Err(if is_sequence(p, at) {
+        let place = if i == 0 {
+            "the checkpoint".to_owned()
+        } else {
+            format!("`{walked}`")
+        };
+        format!("`{rest}` is not in {place}, {}", described(p, at))
+    } else if i == 0 {
         format!(
             "not in the checkpoint, whose top-level keys are {}",
             some_keys(&keys)
@@ -368,7 +482,13 @@ mod tests {
 
     /// The keys of the dict at `id`.
     fn keys(p: &Pickle, id: Id) -> Vec<&str> {
-        children(p, id).into_iter().map(|(k, _)| k).collect()
+        children(p, id)
+            .into_iter()
+            .map(|(k, _)| match k {
+                Key::Text(t) => t,
+                Key::Index(_) => panic!("an index among a dict's keys"),
+            })
+            .collect()
     }
 
     /// `{'a.b': {'x': 1}, 'a': {'b': {'c': {'w': tensor}}}}`: `a.b` is the key holding a dot
@@ -458,5 +578,80 @@ mod tests {
         let p = pickle(&b);
         let found: Vec<Option<String>> = places(&p).into_iter().map(|pl| pl.path).collect();
         assert_eq!(found, [Some("x.d".to_owned())]);
+    }
+
+    /// `[items]` as a list (`EMPTY_LIST`, `MARK`, items, `APPENDS`).
+    fn list(items: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = b"](".to_vec();
+        out.extend(items.concat());
+        out.push(b'e');
+        out
+    }
+
+    /// Lists, tuples and int-keyed dicts are walked and reached by index:
+    /// `{'members': [{'x': 1}, {'w': t}], 'pair': ({'w': t},), 'by_int': {0: {'w': t}}}` has its
+    /// places at `members.1`, `pair.0` and `by_int.0`, the shallowest first, in the file's
+    /// order; an index past the end, or written with a leading zero, is named with the list's
+    /// length.
+    #[test]
+    fn lists_tuples_and_int_keys_are_reached_by_index() {
+        let holder = || dict(&[("w", TENSOR.to_vec())]);
+        let mut by_int = b"}(K\x00".to_vec();
+        by_int.extend(holder());
+        by_int.push(b'u');
+        let p = pickle(&dict(&[
+            (
+                "members",
+                list(&[dict(&[("x", b"K\x01".to_vec())]), holder()]),
+            ),
+            ("pair", [b"(".to_vec(), holder(), b"t".to_vec()].concat()),
+            ("by_int", by_int),
+        ]));
+        let found: Vec<(Option<String>, usize)> = places(&p)
+            .into_iter()
+            .map(|pl| (pl.path, pl.tensors))
+            .collect();
+        let at = |k: &str| (Some(k.to_owned()), 1);
+        assert_eq!(found, [at("members.1"), at("pair.0"), at("by_int.0")]);
+        for key in ["members.1", "pair.0", "by_int.0"] {
+            assert_eq!(keys(&p, resolve(&p, key).unwrap()), ["w"], "{key}");
+        }
+        assert_eq!(keys(&p, resolve(&p, "members.0").unwrap()), ["x"]);
+        for bad in ["members.2", "members.01", "members.-1", "members.x"] {
+            let part = bad.split_once('.').unwrap().1;
+            assert_eq!(
+                resolve(&p, bad).unwrap_err(),
+                format!("`{part}` is not in `members`, a list of 2 items (0 to 1)")
+            );
+        }
+        assert_eq!(
+            resolve(&p, "by_int.1").unwrap_err(),
+            "`1` is not in `by_int`, whose keys are [0]"
+        );
+    }
+
+    /// A saved list of state dicts (`torch.save([sd0, sd1])`) is read with an index as `key`;
+    /// without one, the error says what the list holds and where the tensors are.
+    #[test]
+    fn a_saved_list_is_read_by_index() {
+        let file = Path::new("ensemble.pth");
+        let p = pickle(&list(&[
+            dict(&[("x", b"K\x01".to_vec())]),
+            dict(&[("w", TENSOR.to_vec())]),
+        ]));
+        let (key, at) = state_dict_key(file, "data.pkl", &p, Some("1")).unwrap();
+        assert_eq!((key.as_deref(), keys(&p, at)), (Some("1"), vec!["w"]));
+        let err = state_dict_key(file, "data.pkl", &p, None).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message
+                .contains("the pickle's top level is a list of 2 items (0 to 1), with no tensors")
+                && message.contains("tensors are under `1` (1): name one with `key`"),
+            "{message}"
+        );
+        assert_eq!(
+            resolve(&p, "2").unwrap_err(),
+            "`2` is not in the checkpoint, a list of 2 items (0 to 1)"
+        );
     }
 }

@@ -137,14 +137,14 @@ fn of_pickle(
         })
         .collect();
     // Tensors are listed with their holders; a few entries, their keys cut short.
-    let others: Vec<(&str, Id)> = places::children(p, p.root)
+    let others: Vec<(places::Key, Id)> = places::children(p, p.root)
         .into_iter()
         .filter(|&(_, v)| !pickled::is_tensor(p, v))
         .collect();
     let mut entries: Vec<(String, String)> = others
         .iter()
         .take(MAX_ENTRIES)
-        .map(|&(k, v)| (short(k), what(p, v)))
+        .map(|&(k, v)| (short(&k.to_string()), what(p, v)))
         .collect();
     if others.len() > MAX_ENTRIES {
         entries.push(("…".into(), format!("{} such entries in all", others.len())));
