@@ -799,7 +799,11 @@ mod tests {
         );
         // Its one tensor is a count, no weight.
         let e = error(key("members.0"));
-        assert!(e.contains("holds no tensors"), "{e}");
+        assert!(
+            e.contains("key `members.0`: holds no weights, only counters (`n_averaged`)")
+                && e.contains("tensors are under `members.0` (1), `members.1` (56)"),
+            "{e}"
+        );
     }
 
     /// `prefix` picks one network of a checkpoint holding two (`student.` over DataParallel's

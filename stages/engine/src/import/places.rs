@@ -1,7 +1,8 @@
 //! Where in a saved object the network's tensors are: the place the import reads (the saved
-//! object itself, the entry a `key` names, dot-joined through nested dicts, or the first of
-//! [`STATE_DICT_KEYS`] holding tensors) with its tensors, and every place holding tensors, for
-//! `pipeline inspect` and for errors that say where tensors are when the import finds none.
+//! object itself, the entry a `key` names, dot-joined through nested dicts, lists and tuples
+//! (by index) and plain objects' attributes, or the first of [`STATE_DICT_KEYS`] holding
+//! tensors) with its tensors, and every place holding tensors, for `pipeline inspect` and for
+//! errors that say where tensors are when the import finds none.
 //!
 //! Every walk here is linear in the pickle: each value is visited once, a key path is built
 //! only for a place reported, and the names of modules' tensors count against one budget.
@@ -33,19 +34,37 @@ pub(super) fn tensors(
         None => named,
     };
     let mut refs = Vec::new();
+    let mut counters = Vec::new();
     for (name, value) in named {
         if not_a_weight(&name) {
+            counters.push(name);
             continue;
         }
         let t = tensor_ref(p, value)
             .map_err(|e| EngineError::invalid(path, format!("tensor `{name}`"), e))?;
         refs.push((name, t));
     }
+    if refs.is_empty() && !counters.is_empty() {
+        let at = key
+            .as_deref()
+            .map_or_else(|| place.to_owned(), |k| format!("key `{k}`"));
+        counters.truncate(3);
+        return Err(EngineError::invalid(
+            path,
+            at,
+            format!(
+                "holds no weights, only counters (`{}`){}",
+                counters.join("`, `"),
+                elsewhere(p)
+            ),
+        ));
+    }
     Ok((refs, key))
 }
 
 /// Where the network's tensors are: the saved object itself (a state dict or a module, key
-/// `None`), else the entry `key` names (a dot-joined path into nested dicts: `state.model`) or
+/// `None`), else the entry `key` names (a dot-joined path into nested dicts, lists and tuples:
+/// `state.model`, `members.1`) or
 /// the first of [`STATE_DICT_KEYS`] holding tensors; with that place's id. `place` names the
 /// pickle in errors.
 pub(super) fn state_dict_key(
@@ -66,10 +85,11 @@ pub(super) fn state_dict_key(
             )),
         };
     }
-    let walkable = matches!(
-        p.get(top),
-        Value::List(_) | Value::Tuple(_) | Value::Object { state: Some(_), .. }
-    );
+    let walkable = match p.get(top) {
+        Value::List(_) | Value::Tuple(_) | Value::Object { state: Some(_), .. } => true,
+        Value::Object { list, .. } => !list.is_empty(),
+        _ => false,
+    };
     if p.entries(top).is_none() && !walkable {
         return Err(EngineError::invalid(
             path,
@@ -129,20 +149,25 @@ pub(super) fn holds_tensors(p: &Pickle, id: Id) -> bool {
 /// What the value at `id` is, with its keys: `a dict of keys ["epoch", "run"]`, `a list of 2
 /// items (0 to 1)`.
 fn described(p: &Pickle, id: Id) -> String {
-    let keys: Vec<Key> = children(p, id).into_iter().map(|(k, _)| k).collect();
-    match keys.len() {
-        _ if !is_sequence(p, id) => format!("{} of keys {}", kind(p, id), some_keys(&keys)),
-        0 => format!("{} of no items", kind(p, id)),
-        n => format!("{} of {n} items (0 to {})", kind(p, id), n - 1),
+    match items(p, id) {
+        None => {
+            let keys: Vec<Key> = children(p, id).into_iter().map(|(k, _)| k).collect();
+            format!("{} of keys {}", kind(p, id), some_keys(&keys))
+        }
+        Some(0) => format!("{} of no items", kind(p, id)),
+        Some(n) => format!("{} of {n} items (0 to {})", kind(p, id), n - 1),
     }
 }
 
-/// Whether the value at `id` is reached into by index: a list, a tuple, a list subclass.
-fn is_sequence(p: &Pickle, id: Id) -> bool {
+/// How many items the value at `id` has if it is reached into by index (a list, a tuple, a
+/// list subclass that is no dict subclass), else `None`.
+fn items(p: &Pickle, id: Id) -> Option<usize> {
     match p.get(id) {
-        Value::List(_) | Value::Tuple(_) => true,
-        Value::Object { list, items, .. } => !list.is_empty() && items.is_empty(),
-        _ => false,
+        Value::List(v) | Value::Tuple(v) => Some(v.len()),
+        Value::Object { list, items, .. } if !list.is_empty() && items.is_empty() => {
+            Some(list.len())
+        }
+        _ => None,
     }
 }
 
@@ -229,10 +254,11 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
         if let Value::Object {
             state: Some(state),
             items,
+            list,
             ..
         } = p.get(id)
         {
-            if items.is_empty() && !states.insert(*state) {
+            if items.is_empty() && list.is_empty() && !states.insert(*state) {
                 continue;
             }
         }
@@ -242,7 +268,7 @@ pub(super) fn places(p: &Pickle) -> Vec<Place> {
         } else {
             if depth < MAX_KEY_DEPTH {
                 for (key, v) in attributes(p, id) {
-                    if key.len() <= MAX_KEY_BYTES && can_hold(p, v) && seen.insert(v) {
+                    if can_hold(p, v) && key.len() <= MAX_KEY_BYTES && seen.insert(v) {
                         nodes.push(Node {
                             parent: Some(n),
                             key,
@@ -302,16 +328,7 @@ impl Key<'_> {
     fn len(&self) -> usize {
         match self {
             Key::Text(t) => t.len(),
-            Key::Index(i) => i.to_string().len(),
-        }
-    }
-
-    /// Whether `part` of a key path names it: the text itself, or the index in decimal
-    /// without leading zeros (`0`, `12`), as Python writes it.
-    fn is(&self, part: &str, index: Option<u64>) -> bool {
-        match *self {
-            Key::Text(t) => t == part,
-            Key::Index(i) => index == Some(i),
+            Key::Index(i) => i.checked_ilog10().map_or(1, |digits| digits as usize + 1),
         }
     }
 
@@ -336,9 +353,8 @@ impl std::fmt::Display for Key<'_> {
 /// `part` as an index: decimal digits without leading zeros, as Python writes an int.
 fn index_of(part: &str) -> Option<u64> {
     let canonical = part == "0" || !part.starts_with('0');
-    (canonical && !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| part.parse().ok())
-        .flatten()
+    let digits = (1..=20).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_digit());
+    (canonical && digits).then(|| part.parse().ok()).flatten()
 }
 
 /// The entries of the dict at `id`, the items of the list or tuple at `id`, or the attributes
@@ -351,37 +367,53 @@ pub(super) fn children(p: &Pickle, id: Id) -> Vec<(Key<'_>, Id)> {
 }
 
 /// The entries under text or non-negative int keys of the dict at `id`, the items of the list
-/// or tuple (or of the list subclass) at `id`, or the attributes of the object at `id`.
+/// or tuple at `id`, or the items and attributes of the object at `id` (a list subclass may
+/// have both), in the file's order. Of entries under one key only the last is kept, as Python
+/// keeps it, and an int key is left out where a text key of its digits shadows it: every key
+/// here names one value.
 fn attributes(p: &Pickle, id: Id) -> Vec<(Key<'_>, Id)> {
-    let items = |v: &[Id]| -> Vec<(Key, Id)> {
-        v.iter()
-            .enumerate()
-            .map(|(i, &x)| (Key::Index(i as u64), x))
-            .collect()
+    let (items, state) = match p.get(id) {
+        Value::List(v) | Value::Tuple(v) => (v.as_slice(), None),
+        Value::Object { list, state, .. } => (list.as_slice(), *state),
+        _ => (&[][..], None),
     };
-    let entries = match (p.entries(id), p.get(id)) {
-        (Some(d), _) => d,
-        (None, Value::List(v) | Value::Tuple(v)) => return items(v),
-        (None, Value::Object { list, .. }) if !list.is_empty() => return items(list),
-        (
-            None,
-            Value::Object {
-                state: Some(state), ..
-            },
-        ) => p.entries(*state).unwrap_or_default(),
-        _ => &[],
+    let entries = match p.entries(id) {
+        Some(d) => d,
+        None => state.and_then(|s| p.entries(s)).unwrap_or_default(),
     };
-    entries
+    let indexed = items
         .iter()
-        .filter_map(|&(k, v)| {
-            let key = match p.get(k) {
-                Value::Str(s) => Key::Text(s),
-                &Value::Int(i) => Key::Index(u64::try_from(i).ok()?),
-                _ => return None,
-            };
-            Some((key, v))
-        })
-        .collect()
+        .enumerate()
+        .map(|(i, &v)| (Key::Index(i as u64), v));
+    let keyed = entries.iter().filter_map(|&(k, v)| {
+        let key = match p.get(k) {
+            Value::Str(s) => Key::Text(s),
+            &Value::Int(i) => Key::Index(u64::try_from(i).ok()?),
+            _ => return None,
+        };
+        Some((k, key, v))
+    });
+    let all: Vec<(Option<Id>, Key, Id)> = indexed
+        .map(|(key, v)| (None, key, v))
+        .chain(keyed.map(|(k, key, v)| (Some(k), key, v)))
+        .collect();
+    // The last of each key, found from the end. A key's text is hashed once per value holding
+    // it: a memoised key of a megabyte under a million entries is hashed once.
+    let (mut ids, mut texts, mut indices) = (HashSet::new(), HashSet::new(), HashSet::new());
+    let mut out = Vec::with_capacity(all.len());
+    for &(k, key, v) in all.iter().rev() {
+        let new = match key {
+            Key::Text(t) => k.is_none_or(|k| ids.insert(k)) && texts.insert(t),
+            Key::Index(i) => indices.insert(i),
+        };
+        if new {
+            out.push((key, v));
+        }
+    }
+    let shadowed: HashSet<u64> = texts.iter().filter_map(|t| index_of(t)).collect();
+    out.retain(|(key, _)| !matches!(key, Key::Index(i) if shadowed.contains(i)));
+    out.reverse();
+    out
 }
 
 /// Parts of a key path: more than any checkpoint nests.
@@ -407,16 +439,32 @@ pub(super) fn resolve(p: &Pickle, key: &str) -> std::result::Result<Id, String> 
         if !tried.insert((at, i)) {
             continue;
         }
-        let entries = children(p, at);
+        // The keys parts i.. can start with, each longer than the one before; only the first
+        // (one part) can be an index.
+        let heads: Vec<String> = (i + 1..=parts.len())
+            .map(|j| parts[i..j].join("."))
+            .collect();
+        let index = index_of(&heads[0]);
+        // One pass over the children, each compared with the one head of its length: a key
+        // can be a megabyte long, a list can have millions of items.
+        let mut found = vec![None; heads.len()];
+        for (k, v) in children(p, at) {
+            let h = match k {
+                Key::Text(t) => heads
+                    .binary_search_by_key(&t.len(), String::len)
+                    .ok()
+                    .filter(|&h| heads[h] == t),
+                Key::Index(n) => (index == Some(n)).then_some(0),
+            };
+            if let Some(h) = h {
+                found[h] = Some(v);
+            }
+        }
         let before = todo.len();
-        // Pushed shortest first, so that the longest key is tried first. Compared, not
-        // hashed: a key can be a megabyte long (its length tells it apart at once).
-        for j in i + 1..=parts.len() {
-            let head = parts[i..j].join(".");
-            let index = index_of(&head);
-            // The last entry of a key wins, as in Python.
-            if let Some(&(_, v)) = entries.iter().rev().find(|(k, _)| k.is(&head, index)) {
-                todo.push((v, j));
+        // Pushed shortest first, so that the longest key is tried first.
+        for (h, v) in found.into_iter().enumerate() {
+            if let Some(v) = v {
+                todo.push((v, i + 1 + h));
             }
         }
         if todo.len() == before && deepest.is_none_or(|(d, _)| i > d) {
@@ -426,7 +474,7 @@ pub(super) fn resolve(p: &Pickle, key: &str) -> std::result::Result<Id, String> 
     let (i, at) = deepest.unwrap_or((0, p.root));
     let keys: Vec<Key> = children(p, at).into_iter().map(|(k, _)| k).collect();
     let (walked, rest) = (parts[..i].join("."), parts[i..].join("."));
-    Err(if is_sequence(p, at) {
+    Err(if items(p, at).is_some() {
         let place = if i == 0 {
             "the checkpoint".to_owned()
         } else {
@@ -588,33 +636,50 @@ mod tests {
         out
     }
 
+    /// A dict `{name: tensor}`: a place holding one tensor, told apart by its name.
+    fn holder(name: &str) -> Vec<u8> {
+        dict(&[(name, TENSOR.to_vec())])
+    }
+
+    /// The places of `p` by path and tensor count, each checked to be what `resolve` finds at
+    /// its path.
+    fn places_resolved(p: &Pickle) -> Vec<(String, usize)> {
+        places(p)
+            .into_iter()
+            .map(|pl| {
+                let path = pl.path.expect("a place below the top level");
+                assert_eq!(resolve(p, &path), Ok(pl.id), "{path}");
+                (path, pl.tensors)
+            })
+            .collect()
+    }
+
     /// Lists, tuples and int-keyed dicts are walked and reached by index:
-    /// `{'members': [{'x': 1}, {'w': t}], 'pair': ({'w': t},), 'by_int': {0: {'w': t}}}` has its
-    /// places at `members.1`, `pair.0` and `by_int.0`, the shallowest first, in the file's
-    /// order; an index past the end, or written with a leading zero, is named with the list's
-    /// length.
+    /// `{'members': [{'x': 1}, {'w1': t}], 'pair': ({'w2': t},), 'by_int': {0: {'w3': t}}}` has
+    /// its places at `members.1`, `pair.0` and `by_int.0`, the shallowest first, in the file's
+    /// order, each reached again by its path; an index past the end, or written with a leading
+    /// zero, is named with the list's length.
     #[test]
     fn lists_tuples_and_int_keys_are_reached_by_index() {
-        let holder = || dict(&[("w", TENSOR.to_vec())]);
         let mut by_int = b"}(K\x00".to_vec();
-        by_int.extend(holder());
+        by_int.extend(holder("w3"));
         by_int.push(b'u');
         let p = pickle(&dict(&[
             (
                 "members",
-                list(&[dict(&[("x", b"K\x01".to_vec())]), holder()]),
+                list(&[dict(&[("x", b"K\x01".to_vec())]), holder("w1")]),
             ),
-            ("pair", [b"(".to_vec(), holder(), b"t".to_vec()].concat()),
+            (
+                "pair",
+                [b"(".to_vec(), holder("w2"), b"t".to_vec()].concat(),
+            ),
             ("by_int", by_int),
         ]));
-        let found: Vec<(Option<String>, usize)> = places(&p)
-            .into_iter()
-            .map(|pl| (pl.path, pl.tensors))
-            .collect();
-        let at = |k: &str| (Some(k.to_owned()), 1);
+        let found = places_resolved(&p);
+        let at = |k: &str| (k.to_owned(), 1);
         assert_eq!(found, [at("members.1"), at("pair.0"), at("by_int.0")]);
-        for key in ["members.1", "pair.0", "by_int.0"] {
-            assert_eq!(keys(&p, resolve(&p, key).unwrap()), ["w"], "{key}");
+        for (key, name) in [("members.1", "w1"), ("pair.0", "w2"), ("by_int.0", "w3")] {
+            assert_eq!(keys(&p, resolve(&p, key).unwrap()), [name], "{key}");
         }
         assert_eq!(keys(&p, resolve(&p, "members.0").unwrap()), ["x"]);
         for bad in ["members.2", "members.01", "members.-1", "members.x"] {
@@ -653,5 +718,88 @@ mod tests {
             resolve(&p, "2").unwrap_err(),
             "`2` is not in the checkpoint, a list of 2 items (0 to 1)"
         );
+    }
+
+    /// A list subclass (`class Ens(list)`, pickled as `NEWOBJ` then `APPENDS`, no `BUILD`) is
+    /// read by index at the top level; one with attributes (`BUILD` after `APPENDS`) has both
+    /// its items and its attributes walked, and a state dict under `model` found by default;
+    /// two sharing one `__dict__` have the items of both walked.
+    #[test]
+    fn list_subclasses_are_walked_by_item_and_attribute() {
+        let file = Path::new("ensemble.pth");
+        // GLOBAL `__main__.<class>`, EMPTY_TUPLE, NEWOBJ, MARK.
+        let new = |class: &str| [format!("c__main__\n{class}\n)").as_bytes(), b"\x81("].concat();
+        let ens = [
+            new("Ens"),
+            dict(&[("x", b"K\x01".to_vec())]),
+            holder("w1"),
+            b"e".to_vec(),
+        ]
+        .concat();
+        let p = pickle(&ens);
+        let (_, at) = state_dict_key(file, "data.pkl", &p, Some("1")).unwrap();
+        assert_eq!(keys(&p, at), ["w1"]);
+        assert_eq!(places_resolved(&p), [("1".to_owned(), 1)]);
+        let message = state_dict_key(file, "data.pkl", &p, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("a Python object of 2 items (0 to 1)"),
+            "{message}"
+        );
+
+        let with_model = [
+            new("LA"),
+            holder("w0"),
+            b"e".to_vec(),
+            dict(&[("model", holder("w1"))]),
+            b"b".to_vec(),
+        ]
+        .concat();
+        let p = pickle(&with_model);
+        let found = places_resolved(&p);
+        assert_eq!(found, [("0".to_owned(), 1), ("model".to_owned(), 1)]);
+        let (key, at) = state_dict_key(file, "data.pkl", &p, None).unwrap();
+        assert_eq!((key.as_deref(), keys(&p, at)), (Some("model"), vec!["w1"]));
+
+        // {'a': LA([{'w0': t}]) with __dict__ S, 'b': LA([{'w1': t}]) with the same S}.
+        let mut shared = b"}(".to_vec();
+        shared.extend(text("a"));
+        shared.extend(new("LA"));
+        shared.extend(holder("w0"));
+        shared.extend(b"e");
+        shared.extend(dict(&[("x", b"K\x01".to_vec())]));
+        shared.extend(b"q\x01b");
+        shared.extend(text("b"));
+        shared.extend(new("LA"));
+        shared.extend(holder("w1"));
+        shared.extend(b"eh\x01bu");
+        let p = pickle(&shared);
+        let found = places_resolved(&p);
+        assert_eq!(found, [("a.0".to_owned(), 1), ("b.0".to_owned(), 1)]);
+    }
+
+    /// Every key names one value, as in Python: of a key set twice the last is kept (the
+    /// first is neither listed nor reached), and an int key `0` beside a text key `'0'` is left
+    /// out, the text key being what `0` in a path names.
+    #[test]
+    fn a_key_names_one_value() {
+        let mut twice = b"}(".to_vec();
+        twice.extend(text("a"));
+        twice.extend(holder("w0"));
+        twice.extend(text("a"));
+        twice.extend(holder("w1"));
+        twice.extend(b"K\x00");
+        twice.extend(holder("w2"));
+        twice.extend(text("0"));
+        twice.extend(holder("w3"));
+        twice.push(b'u');
+        let p = pickle(&twice);
+        assert_eq!(
+            places_resolved(&p),
+            [("a".to_owned(), 1), ("0".to_owned(), 1)]
+        );
+        assert_eq!(keys(&p, resolve(&p, "a").unwrap()), ["w1"]);
+        assert_eq!(keys(&p, resolve(&p, "0").unwrap()), ["w3"]);
     }
 }

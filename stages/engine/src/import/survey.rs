@@ -258,6 +258,9 @@ fn what(p: &Pickle, id: Id) -> String {
         } if !items.is_empty() => {
             format!("a {} of {}", class(*c), count(items))
         }
+        Value::Object {
+            class: c, list: v, ..
+        } if !v.is_empty() => format!("a {} of {} items", class(*c), v.len()),
         Value::Object { class: c, .. } => format!("a {} object", class(*c)),
         Value::List(v) => format!("a list of {} items", v.len()),
         Value::Tuple(v) => format!("a tuple of {} items", v.len()),
