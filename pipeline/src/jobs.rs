@@ -176,30 +176,52 @@ pub fn run(
                 r.bar.set_message(line);
             }
         }
-        let mut k = 0;
-        while k < running.len() {
-            let Some(status) = running[k].child.try_wait()? else {
-                k += 1;
-                continue;
-            };
-            let r = running.swap_remove(k);
-            free.push(r.slot);
-            let mut code = status.code();
-            // A child ended by a stop signal after this process passed one on (it came before
-            // the child's handlers were in place, or twice within their grace) left its partial
-            // folder as a kill does: interrupted, not failed.
-            let signalled = std::os::unix::process::ExitStatusExt::signal(&status);
-            let stop_signal = |sig: i32| STOP_SIGNALS.contains(&sig);
-            let by_stop = signalled.is_some_and(stop_signal)
-                || code.is_some_and(|c| c > 128 && stop_signal(c - 128));
-            if forwarded && by_stop {
-                code = Some(EXIT_INTERRUPTED);
-            }
-            settle(config, r, code, &mut settled, &mut blocked, &mut out);
-        }
+        reap(
+            config,
+            &mut running,
+            &mut free,
+            forwarded,
+            &mut settled,
+            &mut blocked,
+            &mut out,
+        )?;
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(out)
+}
+
+/// Settles the children that have ended and frees their slots.
+fn reap(
+    config: &Config,
+    running: &mut Vec<Running>,
+    free: &mut Vec<usize>,
+    forwarded: bool,
+    settled: &mut [bool],
+    blocked: &mut [bool],
+    out: &mut JobsSummary,
+) -> Result<()> {
+    let mut k = 0;
+    while k < running.len() {
+        let Some(status) = running[k].child.try_wait()? else {
+            k += 1;
+            continue;
+        };
+        let r = running.swap_remove(k);
+        free.push(r.slot);
+        let mut code = status.code();
+        // A child ended by a stop signal after this process passed one on (it came before
+        // the child's handlers were in place, or twice within their grace) left its partial
+        // folder as a kill does: interrupted, not failed.
+        let signalled = std::os::unix::process::ExitStatusExt::signal(&status);
+        let stop_signal = |sig: i32| STOP_SIGNALS.contains(&sig);
+        let by_stop = signalled.is_some_and(stop_signal)
+            || code.is_some_and(|c| c > 128 && stop_signal(c - 128));
+        if forwarded && by_stop {
+            code = Some(EXIT_INTERRUPTED);
+        }
+        settle(config, r, code, settled, blocked, out);
+    }
+    Ok(())
 }
 
 /// Whether stage `i` can start: its upstream stages of this run are all settled

@@ -474,28 +474,7 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
                 keep_going: args.keep_going,
                 threads,
             };
-            let out = pipeline::jobs::run(&config, &opts, &job_opts, progress.clone())?;
-            for f in &out.failed {
-                eprintln!(
-                    "error: stage `{}` failed ({}); its log: {}",
-                    f.stage,
-                    f.status
-                        .map_or("killed by a signal".to_string(), |c| format!(
-                            "exit status {c}"
-                        )),
-                    f.log.display()
-                );
-            }
-            let code = if !out.failed.is_empty() {
-                ExitCode::FAILURE
-            } else if out.interrupted {
-                eprintln!("stopped on request; the next run resumes where the stages stopped");
-                pipeline::slurm::requeue_self();
-                ExitCode::from(EXIT_INTERRUPTED)
-            } else {
-                ExitCode::SUCCESS
-            };
-            (out.run, code)
+            run_children(&config, &opts, &job_opts, progress.clone())?
         } else {
             (
                 runner::run(&config, &opts, progress.clone())?,
@@ -520,6 +499,38 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
         Ok(code) => code,
         Err(e) => report_error(&e, &progress),
     }
+}
+
+/// `pipeline run` in children (`--jobs`, `--devices`): each failure reported with its log; a
+/// stop on request asks Slurm to requeue this job.
+fn run_children(
+    config: &pipeline::config::Config,
+    opts: &runner::RunOptions,
+    jobs: &pipeline::jobs::JobOptions,
+    progress: Option<MultiProgress>,
+) -> Result<(runner::RunSummary, ExitCode)> {
+    let out = pipeline::jobs::run(config, opts, jobs, progress)?;
+    for f in &out.failed {
+        eprintln!(
+            "error: stage `{}` failed ({}); its log: {}",
+            f.stage,
+            f.status
+                .map_or("killed by a signal".to_string(), |c| format!(
+                    "exit status {c}"
+                )),
+            f.log.display()
+        );
+    }
+    let code = if !out.failed.is_empty() {
+        ExitCode::FAILURE
+    } else if out.interrupted {
+        eprintln!("stopped on request; the next run resumes where the stages stopped");
+        pipeline::slurm::requeue_self();
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else {
+        ExitCode::SUCCESS
+    };
+    Ok((out.run, code))
 }
 
 /// Prints `e` and returns the exit status it calls for: [`EXIT_INTERRUPTED`] for a stop on

@@ -156,34 +156,8 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             bail!("pipeline submit --slurm needs Slurm's `{tool}` on PATH; nothing was submitted");
         }
     }
-    let fps = fingerprints(config);
     let previous = submitted(config);
-    let ids: Vec<&str> = previous.stages.values().map(String::as_str).collect();
-    // A dry run asks the queue too (it only reads), so that it shows what a submission would
-    // do; without `squeue` it says it could not.
-    let queued = if opts.dry_run && !on_path("squeue") {
-        if !ids.is_empty() {
-            println!(
-                "# squeue is not on PATH: the {} job(s) of earlier submissions were not looked \
-                 up, so their stages are shown as if none were queued",
-                ids.len()
-            );
-        }
-        BTreeMap::new()
-    } else {
-        queue_states(&ids)?
-    };
-    // Jobs waiting on a dependency that failed never start: cancelled, and their stages
-    // submitted again (on the upstream jobs of this submission).
-    let dead: Vec<&String> = queued
-        .iter()
-        .filter(|(_, st)| !can_still_run(st))
-        .map(|(id, _)| id)
-        .collect();
-    if !dead.is_empty() {
-        let ids: Vec<&str> = dead.iter().map(|s| s.as_str()).collect();
-        cancel(&ids, opts.dry_run);
-    }
+    let queued = earlier_jobs(&previous, opts.dry_run)?;
     // Stage → job id of stages queued or running from an earlier submission.
     let mut job_of: BTreeMap<String, String> = previous
         .stages
@@ -191,31 +165,14 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
         .filter(|(_, id)| queued.get(*id).is_some_and(|st| can_still_run(st)))
         .map(|(s, id)| (s.clone(), id.clone()))
         .collect();
-    let to_run = |job_of: &BTreeMap<String, String>| -> Vec<usize> {
-        config
-            .order()
-            .into_iter()
-            .filter(|&i| {
-                let s = &config.stages[i];
-                state_of(config, &fps, i) != StageState::UpToDate && !job_of.contains_key(&s.name)
-            })
-            .collect()
-    };
-    let mut todo = to_run(&job_of);
-    // A queued stage still waiting on one submitted again (its job failed, or it went stale)
-    // would wait on the old job for ever, or start before the new one: it is cancelled and
-    // submitted again after it, and so is whatever waits on it in turn.
-    let waiting = waiting_on(config, &todo, &mut job_of, &queued);
-    if !waiting.is_empty() {
-        let ids: Vec<&str> = waiting.iter().map(String::as_str).collect();
-        cancel(&ids, opts.dry_run);
-        todo = to_run(&job_of);
-    }
+    let todo = stages_to_submit(config, &mut job_of, &queued, opts.dry_run);
     let jobs = in_dependency_order(config, plan(config, &todo, max_array_size()))?;
-    let exe = std::path::absolute(std::env::current_exe()?)?;
-    let file = std::path::absolute(&config.path)?;
-    let root = std::path::absolute(&config.run.output)?;
-    let dir = root.join(".slurm");
+    let target = Target {
+        exe: std::path::absolute(std::env::current_exe()?)?,
+        file: std::path::absolute(&config.path)?,
+        root: std::path::absolute(&config.run.output)?,
+    };
+    let dir = target.root.join(".slurm");
     if !opts.dry_run {
         std::fs::create_dir_all(dir.join("logs"))
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -232,34 +189,18 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
     let mut last_chunk = queued_arrays(config, &job_of);
     for job in &jobs {
         let throttled = job.array && resources(config, opts, job).throttle.is_some();
-        let dependency = match (
-            dependency(config, job, &job_of),
-            last_chunk.get(job.key.as_str()),
-        ) {
-            (d, Some(prev)) if throttled => Some(
+        let after = last_chunk.get(job.key.as_str()).filter(|_| throttled);
+        let dependency = match (dependency(config, job, &job_of), after) {
+            (d, Some(prev)) => Some(
                 d.into_iter()
                     .chain([format!("afterany:{prev}")])
                     .collect::<Vec<_>>()
                     .join(","),
             ),
-            (d, _) => d,
+            (d, None) => d,
         };
-        let script = script(config, opts, job, &exe, &file, &root, &dir)?;
-        let path = dir.join(format!("{}.sbatch", job.name));
-        let id = if opts.dry_run {
-            println!(
-                "# {}{}",
-                path.display(),
-                dependency
-                    .as_deref()
-                    .map_or(String::new(), |d| format!(" (--dependency={d})"))
-            );
-            println!("{script}");
-            format!("<{}>", job.name)
-        } else {
-            datasets::atomic::write_bytes(&path, script.as_bytes())?;
-            sbatch(&path, job, dependency.as_deref())?
-        };
+        let script = script(config, opts, job, &target, &dir)?;
+        let id = submit_one(job, &script, &dir, dependency.as_deref(), opts.dry_run)?;
         if throttled {
             last_chunk.insert(&job.key, id.clone());
         }
@@ -273,17 +214,107 @@ pub fn submit(config: &Config, opts: &SubmitOptions) -> Result<BTreeMap<String, 
             job_of.insert(name.clone(), sid.clone());
             new.insert(name.clone(), sid);
         }
-        if opts.dry_run {
-            continue;
+        if !opts.dry_run {
+            // Recorded after every job, so an error later leaves an accurate record.
+            let mut all = submitted(config);
+            all.stages
+                .extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let json = serde_json::to_vec_pretty(&all)?;
+            datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
         }
-        // Recorded after every job, so an error later leaves an accurate record.
-        let mut all = submitted(config);
-        all.stages
-            .extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let json = serde_json::to_vec_pretty(&all)?;
-        datasets::atomic::write_bytes(&dir.join("jobs.json"), &json)?;
     }
     Ok(new)
+}
+
+/// Where the jobs run from: the `pipeline` binary, the stages file and the output root, as
+/// absolute paths.
+struct Target {
+    exe: PathBuf,
+    file: PathBuf,
+    root: PathBuf,
+}
+
+/// The queue states of the jobs of earlier submissions still in the queue. Jobs waiting on a
+/// dependency that failed never start: they are cancelled (their stages are submitted again).
+/// A dry run asks the queue too (it only reads), so that it shows what a submission would do;
+/// without `squeue` it says it could not.
+fn earlier_jobs(previous: &Submitted, dry_run: bool) -> Result<BTreeMap<String, String>> {
+    let ids: Vec<&str> = previous.stages.values().map(String::as_str).collect();
+    let queued = if dry_run && !on_path("squeue") {
+        if !ids.is_empty() {
+            println!(
+                "# squeue is not on PATH: the {} job(s) of earlier submissions were not looked \
+                 up, so their stages are shown as if none were queued",
+                ids.len()
+            );
+        }
+        BTreeMap::new()
+    } else {
+        queue_states(&ids)?
+    };
+    let dead: Vec<&str> = queued
+        .iter()
+        .filter(|(_, st)| !can_still_run(st))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if !dead.is_empty() {
+        cancel(&dead, dry_run);
+    }
+    Ok(queued)
+}
+
+/// The stages to submit, in the config's order: those not up to date and not queued
+/// (`job_of`). A queued stage still waiting on one submitted again (its job failed, or it went
+/// stale) would wait on the old job for ever, or start before the new one: it is cancelled,
+/// dropped from `job_of` and submitted again after it, and so is whatever waits on it in turn.
+fn stages_to_submit(
+    config: &Config,
+    job_of: &mut BTreeMap<String, String>,
+    queued: &BTreeMap<String, String>,
+    dry_run: bool,
+) -> Vec<usize> {
+    let fps = fingerprints(config);
+    let to_run = |job_of: &BTreeMap<String, String>| -> Vec<usize> {
+        config
+            .order()
+            .into_iter()
+            .filter(|&i| {
+                let s = &config.stages[i];
+                state_of(config, &fps, i) != StageState::UpToDate && !job_of.contains_key(&s.name)
+            })
+            .collect()
+    };
+    let todo = to_run(job_of);
+    let waiting = waiting_on(config, &todo, job_of, queued);
+    if waiting.is_empty() {
+        return todo;
+    }
+    let ids: Vec<&str> = waiting.iter().map(String::as_str).collect();
+    cancel(&ids, dry_run);
+    to_run(job_of)
+}
+
+/// Writes `job`'s batch script into `dir` and submits it (a dry run prints it instead);
+/// returns its job id (`<name>` for a dry run).
+fn submit_one(
+    job: &Job,
+    script: &str,
+    dir: &Path,
+    dependency: Option<&str>,
+    dry_run: bool,
+) -> Result<String> {
+    let path = dir.join(format!("{}.sbatch", job.name));
+    if !dry_run {
+        datasets::atomic::write_bytes(&path, script.as_bytes())?;
+        return sbatch(&path, job, dependency);
+    }
+    println!(
+        "# {}{}",
+        path.display(),
+        dependency.map_or(String::new(), |d| format!(" (--dependency={d})"))
+    );
+    println!("{script}");
+    Ok(format!("<{}>", job.name))
 }
 
 /// For each grid with cells queued or running from an earlier submission (`job_of`), the
@@ -576,9 +607,7 @@ fn script(
     config: &Config,
     opts: &SubmitOptions,
     job: &Job,
-    exe: &Path,
-    file: &Path,
-    root: &Path,
+    target: &Target,
     dir: &Path,
 ) -> Result<String> {
     let r = resources(config, opts, job);
@@ -663,9 +692,9 @@ fn script(
     writeln!(
         s,
         "exec {} run {} --output {} --only \"$STAGE\"{threads}",
-        q(exe),
-        q(file),
-        q(root)
+        q(&target.exe),
+        q(&target.file),
+        q(&target.root)
     )?;
     Ok(s)
 }

@@ -223,14 +223,6 @@ fn search() -> bool {
 /// Builds the plan of `g`: descriptors and, for each direction, the first deterministic
 /// algorithm in the heuristics' order that reports success.
 fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Plan, PlanError> {
-    let (ho, wo) = g.out_hw();
-    let t = g.cudnn_type();
-    let format = if g.nhwc {
-        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
-    } else {
-        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
-    };
-    let i = |v: usize| v as std::ffi::c_int;
     // SAFETY: descriptors are created before use and owned by the returned plan (dropped on
     // every early return through `Plan`'s destructor once it exists).
     unsafe {
@@ -248,144 +240,204 @@ fn make_plan(handle: sys::cudnnHandle_t, g: &Geometry) -> std::result::Result<Pl
             bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
             workspace: [0; 3],
         };
-        // Dimensions are given as N, C, H, W (K, C, R, S) whatever the format.
-        result::set_tensor4d_descriptor(plan.x, format, t, [i(g.n), i(g.c), i(g.h), i(g.w)])?;
-        let cg = i(g.c / g.groups);
-        result::set_filter4d_descriptor(plan.w, t, format, [i(g.cout), cg, i(g.kh), i(g.kw)])?;
-        result::set_tensor4d_descriptor(plan.y, format, t, [i(g.n), i(g.cout), i(ho), i(wo)])?;
-        for c in plan.conv {
-            result::set_convolution2d_descriptor(
-                c,
-                i(g.pad),
-                i(g.pad),
-                i(g.stride),
-                i(g.stride),
-                1,
-                1,
-                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
-            )?;
-            sys::cudnnSetConvolutionGroupCount(c, i(g.groups)).result()?;
-            result::set_convolution_math_type(
-                c,
-                if g.bf16 {
-                    sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
-                } else {
-                    sys::cudnnMathType_t::CUDNN_FMA_MATH
-                },
-            )?;
-        }
-        // For bf16 each direction takes the math type its algorithm was ranked with; f32 keeps
-        // FMA math (cuDNN's default math would allow TF32 tensor cores).
-        let det = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
-
-        // Each direction's candidates, ranked by timing them when searching, else by cuDNN's
-        // heuristics (both calls take the same arguments); the first deterministic one that
-        // reports success is taken.
-        macro_rules! rank {
-            ($find:path, $get:path, $($arg:expr),+ $(,)?) => {
-                if search() { $find($($arg),+) } else { $get($($arg),+) }.result()?
-            };
-        }
-        macro_rules! first_deterministic {
-            ($perf:expr, $count:expr, $direction:literal) => {{
-                let ranked = &$perf[..$count.max(0) as usize];
-                let success = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
-                let usable = ranked.iter().filter(|p| p.status == success).count();
-                ranked
-                    .iter()
-                    .find(|p| p.status == success && p.determinism == det)
-                    .ok_or(PlanError::NoDeterministic {
-                        direction: $direction,
-                        ranked: ranked.len(),
-                        usable,
-                    })?
-            }};
-        }
-        let mut count = 0;
-
-        let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
-        rank!(
-            sys::cudnnFindConvolutionForwardAlgorithm,
-            sys::cudnnGetConvolutionForwardAlgorithm_v7,
-            handle,
-            plan.x,
-            plan.w,
-            plan.conv[0],
-            plan.y,
-            fwd.len() as _,
-            &mut count,
-            fwd.as_mut_ptr(),
-        );
-        let f = first_deterministic!(fwd, count, "forward");
-        plan.fwd = f.algo;
-        if g.bf16 {
-            result::set_convolution_math_type(plan.conv[0], f.mathType)?;
-        }
-        plan.workspace[0] = result::get_convolution_forward_workspace_size(
-            handle,
-            plan.x,
-            plan.w,
-            plan.conv[0],
-            plan.y,
-            plan.fwd,
-        )?;
-
-        let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
-        rank!(
-            sys::cudnnFindConvolutionBackwardDataAlgorithm,
-            sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
-            handle,
-            plan.w,
-            plan.y,
-            plan.conv[1],
-            plan.x,
-            bd.len() as _,
-            &mut count,
-            bd.as_mut_ptr(),
-        );
-        let d = first_deterministic!(bd, count, "backward-data");
-        plan.bwd_data = d.algo;
-        if g.bf16 {
-            result::set_convolution_math_type(plan.conv[1], d.mathType)?;
-        }
-        plan.workspace[1] = result::get_convolution_backward_data_workspace_size(
-            handle,
-            plan.w,
-            plan.y,
-            plan.conv[1],
-            plan.x,
-            plan.bwd_data,
-        )?;
-
-        let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
-        rank!(
-            sys::cudnnFindConvolutionBackwardFilterAlgorithm,
-            sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
-            handle,
-            plan.x,
-            plan.y,
-            plan.conv[2],
-            plan.w,
-            bf.len() as _,
-            &mut count,
-            bf.as_mut_ptr(),
-        );
-        let fl = first_deterministic!(bf, count, "backward-filter");
-        plan.bwd_filter = fl.algo;
-        if g.bf16 {
-            result::set_convolution_math_type(plan.conv[2], fl.mathType)?;
-        }
-        plan.workspace[2] = result::get_convolution_backward_filter_workspace_size(
-            handle,
-            plan.x,
-            plan.y,
-            plan.conv[2],
-            plan.w,
-            plan.bwd_filter,
-        )?;
+        describe(&plan, g)?;
+        choose_algorithms(handle, &mut plan, g)?;
         Ok(plan)
     }
+}
+
+/// Sets `plan`'s descriptors for `g`: the input, filter and output tensors in `g`'s layout
+/// and type, and the three directions' convolutions (groups, math type).
+///
+/// # Safety
+/// `plan`'s descriptors must have been created by cuDNN.
+unsafe fn describe(plan: &Plan, g: &Geometry) -> std::result::Result<(), PlanError> {
+    let (ho, wo) = g.out_hw();
+    let t = g.cudnn_type();
+    let format = if g.nhwc {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+    } else {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+    };
+    let i = |v: usize| v as std::ffi::c_int;
+    // Dimensions are given as N, C, H, W (K, C, R, S) whatever the format.
+    result::set_tensor4d_descriptor(plan.x, format, t, [i(g.n), i(g.c), i(g.h), i(g.w)])?;
+    let cg = i(g.c / g.groups);
+    result::set_filter4d_descriptor(plan.w, t, format, [i(g.cout), cg, i(g.kh), i(g.kw)])?;
+    result::set_tensor4d_descriptor(plan.y, format, t, [i(g.n), i(g.cout), i(ho), i(wo)])?;
+    for c in plan.conv {
+        result::set_convolution2d_descriptor(
+            c,
+            i(g.pad),
+            i(g.pad),
+            i(g.stride),
+            i(g.stride),
+            1,
+            1,
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        )?;
+        sys::cudnnSetConvolutionGroupCount(c, i(g.groups)).result()?;
+        result::set_convolution_math_type(
+            c,
+            if g.bf16 {
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            } else {
+                sys::cudnnMathType_t::CUDNN_FMA_MATH
+            },
+        )?;
+    }
+    Ok(())
+}
+
+// Each direction's candidates, ranked by timing them when searching, else by cuDNN's
+// heuristics (both calls take the same arguments); the first deterministic one that reports
+// success is taken.
+macro_rules! rank {
+    ($find:path, $get:path, $($arg:expr),+ $(,)?) => {
+        if search() { $find($($arg),+) } else { $get($($arg),+) }.result()?
+    };
+}
+macro_rules! first_deterministic {
+    ($perf:expr, $count:expr, $direction:literal) => {{
+        let ranked = &$perf[..$count.max(0) as usize];
+        let success = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS;
+        let det = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC;
+        let usable = ranked.iter().filter(|p| p.status == success).count();
+        ranked
+            .iter()
+            .find(|p| p.status == success && p.determinism == det)
+            .ok_or(PlanError::NoDeterministic {
+                direction: $direction,
+                ranked: ranked.len(),
+                usable,
+            })?
+    }};
+}
+
+/// Chooses, for each direction of `plan`'s convolution, the first deterministic algorithm in
+/// the heuristics' (or, searching, the timings') order that reports success, with its math type
+/// and workspace size. For bf16 each direction takes the math type its algorithm was ranked
+/// with; f32 keeps FMA math (cuDNN's default math would allow TF32 tensor cores).
+///
+/// # Safety
+/// `plan`'s descriptors must have been set for `g` ([`describe`]).
+unsafe fn choose_algorithms(
+    handle: sys::cudnnHandle_t,
+    plan: &mut Plan,
+    g: &Geometry,
+) -> std::result::Result<(), PlanError> {
+    choose_forward(handle, plan, g)?;
+    choose_backward_data(handle, plan, g)?;
+    choose_backward_filter(handle, plan, g)
+}
+
+/// The forward algorithm of [`choose_algorithms`].
+unsafe fn choose_forward(
+    handle: sys::cudnnHandle_t,
+    plan: &mut Plan,
+    g: &Geometry,
+) -> std::result::Result<(), PlanError> {
+    let mut count = 0;
+    let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+    rank!(
+        sys::cudnnFindConvolutionForwardAlgorithm,
+        sys::cudnnGetConvolutionForwardAlgorithm_v7,
+        handle,
+        plan.x,
+        plan.w,
+        plan.conv[0],
+        plan.y,
+        fwd.len() as _,
+        &mut count,
+        fwd.as_mut_ptr(),
+    );
+    let f = first_deterministic!(fwd, count, "forward");
+    plan.fwd = f.algo;
+    if g.bf16 {
+        result::set_convolution_math_type(plan.conv[0], f.mathType)?;
+    }
+    plan.workspace[0] = result::get_convolution_forward_workspace_size(
+        handle,
+        plan.x,
+        plan.w,
+        plan.conv[0],
+        plan.y,
+        plan.fwd,
+    )?;
+    Ok(())
+}
+
+/// The backward-data algorithm of [`choose_algorithms`].
+unsafe fn choose_backward_data(
+    handle: sys::cudnnHandle_t,
+    plan: &mut Plan,
+    g: &Geometry,
+) -> std::result::Result<(), PlanError> {
+    let mut count = 0;
+    let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
+    rank!(
+        sys::cudnnFindConvolutionBackwardDataAlgorithm,
+        sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
+        handle,
+        plan.w,
+        plan.y,
+        plan.conv[1],
+        plan.x,
+        bd.len() as _,
+        &mut count,
+        bd.as_mut_ptr(),
+    );
+    let d = first_deterministic!(bd, count, "backward-data");
+    plan.bwd_data = d.algo;
+    if g.bf16 {
+        result::set_convolution_math_type(plan.conv[1], d.mathType)?;
+    }
+    plan.workspace[1] = result::get_convolution_backward_data_workspace_size(
+        handle,
+        plan.w,
+        plan.y,
+        plan.conv[1],
+        plan.x,
+        plan.bwd_data,
+    )?;
+    Ok(())
+}
+
+/// The backward-filter algorithm of [`choose_algorithms`].
+unsafe fn choose_backward_filter(
+    handle: sys::cudnnHandle_t,
+    plan: &mut Plan,
+    g: &Geometry,
+) -> std::result::Result<(), PlanError> {
+    let mut count = 0;
+    let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
+    rank!(
+        sys::cudnnFindConvolutionBackwardFilterAlgorithm,
+        sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+        handle,
+        plan.x,
+        plan.y,
+        plan.conv[2],
+        plan.w,
+        bf.len() as _,
+        &mut count,
+        bf.as_mut_ptr(),
+    );
+    let fl = first_deterministic!(bf, count, "backward-filter");
+    plan.bwd_filter = fl.algo;
+    if g.bf16 {
+        result::set_convolution_math_type(plan.conv[2], fl.mathType)?;
+    }
+    plan.workspace[2] = result::get_convolution_backward_filter_workspace_size(
+        handle,
+        plan.x,
+        plan.y,
+        plan.conv[2],
+        plan.w,
+        plan.bwd_filter,
+    )?;
+    Ok(())
 }
 
 /// Which of the three operations to run.
