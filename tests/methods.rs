@@ -521,6 +521,17 @@ fn a_grid_expands_into_named_cells_and_a_killed_run_resumes_with_the_unfinished_
         "{}",
         stdout(&st)
     );
+    // A cell whose claim a process holds is counted as running.
+    let busy = cells.iter().find(|c| !done.contains(c)).unwrap();
+    let lock = std::fs::File::create(out.join(format!(".locks/{busy}.lock"))).unwrap();
+    lock.lock().unwrap();
+    let st = stdout(&pipeline(dir.path(), &["status", "g.toml"]));
+    let line = format!(
+        "grid student: 4 cells, 1 running, {} up to date, ",
+        done.len()
+    );
+    assert!(st.contains(&line), "{st}\nwanted: {line}");
+    drop(lock);
 
     let o = pipeline(dir.path(), &["run", "g.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use std::io::Write as _;
 use std::path::Path;
 
 fn record(out: &Path, stage: &str) -> serde_json::Value {
@@ -521,6 +522,68 @@ fn clean_refuses_a_stage_another_process_runs() {
     assert!(!out.join("data").exists());
 }
 
+/// `status` of the 12-epoch training `model` (6 batches an epoch) killed with checkpoints in
+/// `checkpoints`: how far it got, as its newest checkpoint's `state.json` says (read here as
+/// plain JSON, its position checked against its global step and its log); and, while a
+/// process holds its claim, running, by that process (as its claim file names it), as far.
+fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
+    let newest = std::fs::read_dir(checkpoints)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .max()
+        .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(newest.join("state.json")).unwrap()).unwrap();
+    let (epoch, batch) = (
+        state["epoch"].as_u64().unwrap(),
+        state["batch"].as_u64().unwrap(),
+    );
+    assert!(batch < 6 && epoch < 12, "{state}");
+    assert_eq!(state["step"].as_u64(), Some(epoch * 6 + batch), "{state}");
+    let log = state["log"].as_array().unwrap();
+    assert_eq!(log.len() as u64, epoch, "{state}");
+    let mut done = format!("{epoch} of 12 epochs done");
+    if let Some(row) = log.last() {
+        assert_eq!(row["epoch"].as_u64(), Some(epoch));
+        done += &format!(
+            " (epoch {}: loss {:.4}, accuracy {:.1}%)",
+            row["epoch"],
+            row["loss"].as_f64().unwrap(),
+            100.0 * row["accuracy"].as_f64().unwrap()
+        );
+    }
+    if batch > 0 {
+        done += &format!(", {batch} batches into epoch {}", epoch + 1);
+    }
+    let st = stdout(&pipeline(dir, &["status", "p.toml"]));
+    let interrupted = format!("incomplete: interrupted with {done}; the next run resumes it");
+    assert!(st.contains(&interrupted), "{st}\nwanted: {interrupted}");
+
+    // The claim file as a run holding it writes it.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("out/.locks/model.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    lock.set_len(0).unwrap();
+    (&lock)
+        .write_all(b"host=node7 pid=4242 started=2026-12-07T00:00:00Z\n")
+        .unwrap();
+    let st = stdout(&pipeline(dir, &["status", "p.toml"]));
+    let running = format!("running (PID 4242 on node7, since 2026-12-07T00:00:00Z): {done}");
+    assert!(st.contains(&running), "{st}\nwanted: {running}");
+    drop(lock);
+    let st = stdout(&pipeline(dir, &["status", "p.toml"]));
+    assert!(st.contains(&interrupted), "{st}");
+}
+
 /// A training killed with SIGKILL at a random moment (mid-epoch checkpoints every 2 steps) resumes
 /// from its newest complete checkpoint, and ends with weights bitwise equal to an uninterrupted
 /// run's, and the same per-epoch log (timings aside).
@@ -568,12 +631,7 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
         !out.join("model").exists(),
         "the killed stage must not have a final output"
     );
-    let st = pipeline(dir.path(), &["status", "p.toml"]);
-    assert!(
-        stdout(&st).contains("incomplete: interrupted"),
-        "{}",
-        stdout(&st)
-    );
+    assert_status_shows_progress(dir.path(), &checkpoints);
 
     let resumed = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));

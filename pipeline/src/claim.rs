@@ -87,6 +87,23 @@ impl StageClaim {
         )
     }
 
+    /// Who holds the claim on `stage` now ([`StageClaim::holder`]), or `None` when no process
+    /// does; creates nothing. Probed with a shared lock taken and dropped at once, as
+    /// [`StageClaim::wait_released`] does: a process claiming the stage within those
+    /// microseconds finds it held (`run` logs that another process has it, then claims it;
+    /// `clean` refuses once).
+    pub fn held(root: &Path, stage: &str) -> Option<String> {
+        let file = File::open(lock_path(root, stage)).ok()?;
+        match flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                let _ = flock(&file, FlockOperation::Unlock);
+                None
+            }
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Some(Self::holder(root, stage)),
+            Err(_) => None,
+        }
+    }
+
     /// Waits until no process holds the claim on `stage` (`Ok(true)`), or until `stop` is set
     /// (`Ok(false)`): a stop request must not wait for another process's training to end.
     pub fn wait_released(root: &Path, stage: &str, stop: &AtomicBool) -> Result<bool> {

@@ -6,6 +6,7 @@ use pipeline::{bench, config, export, inspect, runner};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,7 +36,8 @@ struct Cli {
 enum Command {
     /// Run the stages of FILE in dependency order, skipping those that are up to date.
     Run(RunArgs),
-    /// Show each stage of FILE: up to date, stale (and why), never run or incomplete.
+    /// Show each stage of FILE: up to date, stale (and why), never run, incomplete (how far) or
+    /// running (by which process, how far), then each grid's cells counted by state.
     Status {
         /// The stages.toml to inspect.
         file: PathBuf,
@@ -301,13 +303,32 @@ fn init_logging(cli: &Cli) -> Option<MultiProgress> {
 }
 
 /// `pipeline status`: each stage's kind and state (with its Slurm job where one is queued for
-/// it), then one line per grid counting its cells by state; only the stages `shown` when any
-/// are named. Returns whether every stage shown is up to date.
+/// it; running, by which process and how far, where one holds its claim), then one line per
+/// grid counting its cells by state; only the stages `shown` when any are named. Returns
+/// whether every stage shown is up to date.
 fn status(config: &config::Config, shown: &[String]) -> bool {
     let mut states = runner::status(config);
     if !shown.is_empty() {
         states.retain(|(name, _)| shown.contains(name));
     }
+    // A running stage shows how far it is when it runs the file's parameters now, else what
+    // its output is (stale: a run of the old parameters, or one that has not checkpointed yet).
+    let fps = runner::fingerprints(config);
+    let running: BTreeMap<&str, String> = states
+        .iter()
+        .filter_map(|(name, state)| {
+            let holder = pipeline::claim::StageClaim::held(&config.run.output, name)?;
+            let fp = &fps[config.index_of(name)];
+            let text = match (runner::progress(config, name, fp), state) {
+                (Some(done), _) => format!("running ({holder}): {done}"),
+                (None, runner::StageState::Stale(_) | runner::StageState::UpToDate) => {
+                    format!("running ({holder}); {state}")
+                }
+                (None, _) => format!("running ({holder})"),
+            };
+            Some((name.as_str(), text))
+        })
+        .collect();
     let width = states.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     let submitted = pipeline::slurm::submitted(config);
     let ids: Vec<&str> = submitted.stages.values().map(String::as_str).collect();
@@ -327,15 +348,20 @@ fn status(config: &config::Config, shown: &[String]) -> bool {
                 ),
             },
         };
+        let state = running
+            .get(name.as_str())
+            .map_or_else(|| state.to_string(), String::clone);
         println!("{name:width$}  {:<8}  {state}{job}", kind.as_str());
     }
     for (grid, cells) in &config.grids {
         if !shown.is_empty() && !cells.iter().any(|c| shown.contains(c)) {
             continue;
         }
-        let (mut done, mut partial, mut stale) = (0, 0, 0);
+        let (mut done, mut partial, mut stale, mut busy) = (0, 0, 0, 0);
         for (name, state) in &states {
-            if cells.contains(name) {
+            if running.contains_key(name.as_str()) && cells.contains(name) {
+                busy += 1;
+            } else if cells.contains(name) {
                 match state {
                     runner::StageState::UpToDate => done += 1,
                     runner::StageState::Incomplete(_) => partial += 1,
@@ -348,10 +374,14 @@ fn status(config: &config::Config, shown: &[String]) -> bool {
             .iter()
             .filter(|(name, _)| cells.contains(name))
             .count();
+        let never = n - done - partial - stale - busy;
+        let busy = match busy {
+            0 => String::new(),
+            b => format!("{b} running, "),
+        };
         println!(
-            "grid {grid}: {n} cell{}, {done} up to date, {partial} incomplete, {stale} stale, {} never run",
+            "grid {grid}: {n} cell{}, {busy}{done} up to date, {partial} incomplete, {stale} stale, {never} never run",
             if n == 1 { "" } else { "s" },
-            n - done - partial - stale
         );
     }
     states

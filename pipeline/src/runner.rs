@@ -177,6 +177,17 @@ fn partial_dir(config: &Config, name: &str) -> PathBuf {
     config.run.output.join(format!(".{name}.partial"))
 }
 
+/// How far the run of stage `name` (fingerprint `fp`) in its partial folder got (a training's
+/// epochs, ...), by what that folder holds ([`StageParams::progress`]); `None` when that
+/// folder is of other parameters (a run that the next would not resume) or holds nothing yet.
+pub fn progress(config: &Config, name: &str, fp: &str) -> Option<String> {
+    let stage = config.stage(name)?;
+    if !resumable(config, name, fp) {
+        return None;
+    }
+    stage.params.progress(&partial_dir(config, name))
+}
+
 /// Whether the partial folder of `name` was left by a killed run with fingerprint `fp`, so that
 /// the stage can resume from it.
 fn resumable(config: &Config, name: &str, fp: &str) -> bool {
@@ -213,7 +224,10 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
     }
     let Some(record) = read_record(&dir) else {
         if can_resume {
-            return StageState::Incomplete("interrupted; the next run resumes it".into());
+            return StageState::Incomplete(match progress(config, &s.name, &fps[i]) {
+                Some(done) => format!("interrupted with {done}; the next run resumes it"),
+                None => "interrupted; the next run resumes it".into(),
+            });
         }
         if dir.exists() {
             return StageState::Incomplete(format!(

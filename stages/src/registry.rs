@@ -73,6 +73,18 @@ impl StageParams {
         }
     }
 
+    /// How far a run of the stage got, read from its (partial) folder `dir`, for `pipeline
+    /// status`: a training's epochs, a label stage's chunks, a replay's epochs; `None` for the
+    /// kinds that do not resume part-way, or when nothing is stored yet.
+    pub fn progress(&self, dir: &std::path::Path) -> Option<String> {
+        match self {
+            StageParams::Train(p) => train::progress(p, dir),
+            StageParams::Label(p) => label::progress(p, dir),
+            StageParams::Replay(p) => replay::progress(p, dir),
+            _ => None,
+        }
+    }
+
     /// How many inputs of each artifact the stage reads, given its parameters.
     pub fn needs(&self, artifact: Artifact) -> Multiplicity {
         use Artifact::*;

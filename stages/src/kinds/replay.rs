@@ -142,6 +142,15 @@ fn check_columns(ctx: &Context, p: &Params, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// How far the replay stage whose (partial) folder is `dir` got: its epochs stored (`3 of 10
+/// epochs stored`), for `pipeline status`; `None` before the first.
+pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
+    let stored = (0..p.epochs)
+        .filter(|&e| replay_store::epoch_file(dir, e).exists())
+        .count();
+    (stored > 0).then(|| format!("{stored} of {} epochs stored", p.epochs))
+}
+
 /// Runs a `replay` stage: every epoch not yet stored, then `replay.json`.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let data = Dataset::open(&ctx.input(Kind::Prepare).dir)?;
@@ -281,4 +290,32 @@ fn write_epoch(
             outputs: rows,
         }))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The epochs stored are counted among the stage's `epochs`, not a file being written.
+    #[test]
+    fn progress_counts_the_epochs_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Params {
+            epochs: 10,
+            ..Params::default()
+        };
+        assert_eq!(progress(&p, dir.path()), None);
+        for name in [
+            replay_store::epoch_file_name(0),
+            replay_store::epoch_file_name(2),
+            replay_store::epoch_file_name(10),
+            format!(".{}.tmp-7", replay_store::epoch_file_name(3)),
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        assert_eq!(
+            progress(&p, dir.path()).as_deref(),
+            Some("2 of 10 epochs stored")
+        );
+    }
 }

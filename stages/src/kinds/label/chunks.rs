@@ -110,6 +110,41 @@ pub fn path(dir: &Path, split: &str, plan: &Plan, c: usize) -> PathBuf {
     folder(dir).join(format!("{split}-b{}-{}.safetensors", b.start, b.end))
 }
 
+/// How many chunks of the plan of `batch_size` and `chunk_size` the folder `dir` holds, of any
+/// split, for `pipeline status`. Chunks stored under another `chunk_size` (which a run does not
+/// reuse) are not counted, nor files being written. The split's length is not known here, so
+/// a chunk shorter than the plan's is taken for the split's last when it starts after every
+/// full one of its split.
+pub fn stored(dir: &Path, batch_size: usize, chunk_size: usize) -> usize {
+    let per = Plan::new(0, batch_size, chunk_size).chunk_batches;
+    let Ok(entries) = std::fs::read_dir(folder(dir)) else {
+        return 0;
+    };
+    // (split, first batch, end) of a file named as a chunk starting where the plan's do.
+    let chunk = |name: &str| -> Option<(String, usize, usize)> {
+        let (split, range) = name.strip_suffix(".safetensors")?.rsplit_once("-b")?;
+        let (first, end) = range.split_once('-')?;
+        let (first, end): (usize, usize) = (first.parse().ok()?, end.parse().ok()?);
+        (first % per == 0 && end > first && end - first <= per)
+            .then(|| (split.to_owned(), first, end))
+    };
+    let found: Vec<(String, usize, usize)> = entries
+        .flatten()
+        .filter_map(|e| chunk(&e.file_name().to_string_lossy()))
+        .collect();
+    let full = |(_, first, end): &&(String, usize, usize)| end - first == per;
+    // The first batch of each split's last full chunk.
+    let mut last_full: HashMap<&str, usize> = HashMap::new();
+    for (split, first, _) in found.iter().filter(full) {
+        let f = last_full.entry(split.as_str()).or_insert(*first);
+        *f = (*f).max(*first);
+    }
+    found
+        .iter()
+        .filter(|c| full(c) || last_full.get(c.0.as_str()).is_none_or(|&f| f < c.1))
+        .count()
+}
+
 /// The fingerprint of chunk `c`: the stage's, the split and the batches.
 fn fingerprint(e: &Expect, plan: &Plan, c: usize) -> String {
     let b = plan.batches_of(c);
@@ -531,5 +566,30 @@ mod tests {
             open(dir.path(), &retrained, &plan, 0),
             Ok(State::Stale(why)) if why.contains("other teacher weights")
         ));
+    }
+
+    /// Of the files in `chunks/`, those of the plan are counted, of every split: a last chunk
+    /// shorter than the rest too, not a chunk of another `chunk_size` nor a file being written.
+    #[test]
+    fn stored_chunks_are_those_of_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(stored(dir.path(), 100, 1000), 0);
+        let chunks = folder(dir.path());
+        std::fs::create_dir_all(&chunks).unwrap();
+        for name in [
+            "train-b0-10.safetensors",
+            "train-b10-20.safetensors",
+            "test-b0-4.safetensors",
+            "train-b5-10.safetensors",
+            "train-b0-20.safetensors",
+            ".train-b20-30.safetensors.tmp-123",
+            "notes.txt",
+        ] {
+            std::fs::write(chunks.join(name), b"").unwrap();
+        }
+        // 1000 images a chunk in batches of 100: 10 batches a chunk.
+        assert_eq!(stored(dir.path(), 100, 1000), 3);
+        // 20 batches a chunk: only `train-b0-20`, and `test-b0-4` (a last chunk).
+        assert_eq!(stored(dir.path(), 100, 2000), 2);
     }
 }

@@ -105,6 +105,16 @@ struct Teacher {
     weights: String,
 }
 
+/// How far the label stage whose (partial) folder is `dir` got: the chunks of teacher outputs
+/// stored (`4 chunks labelled`), for `pipeline status`; `None` before the first.
+pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
+    match chunks::stored(dir, p.batch_size, p.chunk_size) {
+        0 => None,
+        1 => Some("1 chunk labelled".into()),
+        n => Some(format!("{n} chunks labelled")),
+    }
+}
+
 /// Runs a `label` stage: loads the teachers, then labels each split asked for.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     if !(p.temperature > 0.0 && p.temperature.is_finite()) {

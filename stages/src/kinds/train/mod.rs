@@ -27,6 +27,12 @@ use crate::error::Result;
 use crate::science::supervision::SupervisionConfig;
 use trainer::Trainer;
 
+/// How far the training whose (partial) folder is `dir` got, by its newest checkpoint (epochs
+/// done, the last epoch's loss and accuracy), for `pipeline status`; `None` without one.
+pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
+    state::progress(dir, p.epochs)
+}
+
 /// Runs a `train` stage: set up, resume from the newest checkpoint, train the remaining epochs,
 /// write the outputs.
 pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
