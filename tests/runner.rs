@@ -562,6 +562,18 @@ fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
     if batch > 0 {
         done += &format!(", {batch} batches into epoch {}", epoch + 1);
     }
+    // The time left at the mean pace of the last five epochs (seconds here: tiny epochs).
+    if !log.is_empty() {
+        let recent = &log[log.len().saturating_sub(5)..];
+        let pace = recent
+            .iter()
+            .map(|r| r["seconds"].as_f64().unwrap())
+            .sum::<f64>()
+            / recent.len() as f64;
+        let left = pace * ((12 - epoch) as f64 - batch as f64 / 6.0);
+        assert!(left < 90.0, "{left}");
+        done += &format!(", about {left:.0} s of training left");
+    }
     let st = stdout(&pipeline(dir, &["status", "p.toml"]));
     let interrupted = format!("incomplete: interrupted with {done}; the next run resumes it");
     assert!(st.contains(&interrupted), "{st}\nwanted: {interrupted}");

@@ -91,7 +91,7 @@ impl StageClaim {
     /// does; creates nothing. Probed with a shared lock taken and dropped at once, as
     /// [`StageClaim::wait_released`] does: a process claiming the stage within those
     /// microseconds finds it held (`run` logs that another process has it, then claims it;
-    /// `clean` refuses once).
+    /// `clean` refuses once; a moved stage's record is rewritten at the next run instead).
     pub fn held(root: &Path, stage: &str) -> Option<String> {
         let file = File::open(lock_path(root, stage)).ok()?;
         match flock(&file, FlockOperation::NonBlockingLockShared) {

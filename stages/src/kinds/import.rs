@@ -31,8 +31,9 @@ pub struct Params {
     /// The architecture, as a train stage names it (`resnet110`, `resnet50_imagenet`, ...).
     pub model: String,
     /// The entry of a checkpoint dict holding the state dict, or a dot-joined path through
-    /// nested dicts, lists and tuples (`run.ema`, `members.1`) (default: the first of `state_dict`, `model`,
-    /// `model_state_dict`, `net` that holds tensors, else the top level).
+    /// nested dicts, lists, tuples and plain objects' attributes (`run.ema`, `members.1`)
+    /// (default: the first of `state_dict`, `model`, `model_state_dict`, `net` that holds
+    /// tensors, else the top level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// Only the tensors whose names (as the file has them) start with this, named without it:

@@ -28,7 +28,8 @@ use crate::science::supervision::SupervisionConfig;
 use trainer::Trainer;
 
 /// How far the training whose (partial) folder is `dir` got, by its newest checkpoint (epochs
-/// done, the last epoch's loss and accuracy), for `pipeline status`; `None` without one.
+/// done, the last epoch's loss and accuracy, batches into the next, the time left at the
+/// pace of the last epochs), for `pipeline status`; `None` without one.
 pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
     state::progress(dir, p.epochs)
 }

@@ -70,12 +70,14 @@ pub(super) struct CheckpointState {
 
 /// How far the training whose (partial) folder is `dir` got, by its newest readable checkpoint:
 /// `6 of 12 epochs done (epoch 6: loss 1.0986, accuracy 33.3%)`, and `, 3 batches into epoch
-/// 7` when it stopped mid-epoch; `None` without a checkpoint.
+/// 7` when it stopped mid-epoch, then the training time left at the pace of the last (up to
+/// [`PACE_EPOCHS`]) epochs (`, about 12 min of training left`); `None` without a checkpoint.
 pub(super) fn progress(dir: &Path, epochs: usize) -> Option<String> {
     /// What is read of `state.json`: not the epochs' per-class losses (megabytes at 1000
     /// classes and hundreds of epochs), only skimmed.
     #[derive(Deserialize)]
     struct Position {
+        step: u64,
         epoch: usize,
         batch: usize,
         log: Vec<Logged>,
@@ -85,6 +87,7 @@ pub(super) fn progress(dir: &Path, epochs: usize) -> Option<String> {
         epoch: usize,
         loss: f64,
         accuracy: f64,
+        seconds: f64,
     }
     let checkpoints = Checkpoints::new(dir, 1).list().ok()?;
     // Newest first: a running training may prune one between the listing and its reading.
@@ -104,7 +107,33 @@ pub(super) fn progress(dir: &Path, epochs: usize) -> Option<String> {
     if state.batch > 0 {
         out += &format!(", {} batches into epoch {}", state.batch, state.epoch + 1);
     }
+    let recent = &state.log[state.log.len().saturating_sub(PACE_EPOCHS)..];
+    if !recent.is_empty() && state.epoch < epochs {
+        let per_epoch = recent.iter().map(|r| r.seconds).sum::<f64>() / recent.len() as f64;
+        // Batches an epoch, from the global step (every epoch done had as many).
+        let steps = (state.step as f64 - state.batch as f64) / state.epoch as f64;
+        let into = if steps >= 1.0 {
+            (state.batch as f64 / steps).min(1.0)
+        } else {
+            0.0
+        };
+        let left = (epochs - state.epoch) as f64 - into;
+        out += &format!(", about {} of training left", rough(per_epoch * left));
+    }
     Some(out)
+}
+
+/// Epochs whose mean duration is the pace of the time left.
+const PACE_EPOCHS: usize = 5;
+
+/// `seconds` for a person: `40 s`, `12 min`, `3.5 h`, `2.1 days`.
+fn rough(seconds: f64) -> String {
+    match seconds {
+        s if s < 90.0 => format!("{s:.0} s"),
+        s if s < 90.0 * 60.0 => format!("{:.0} min", s / 60.0),
+        s if s < 48.0 * 3600.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.1} days", s / 86_400.0),
+    }
 }
 
 /// Steps between reads of the loss on the host: each read waits for the device to finish
@@ -208,7 +237,7 @@ mod tests {
     }
 
     /// `state.json` of a checkpoint at `step` under `dir`: at `epoch` (in progress) and `batch`
-    /// (its next), after `rows` epochs of loss 0.5·e and accuracy 0.25.
+    /// (its next), after `rows` epochs of loss 0.5·e, accuracy 0.25 and 2·e seconds.
     fn checkpoint(dir: &Path, step: u64, epoch: usize, batch: usize, rows: usize) {
         let state = CheckpointState {
             fingerprint: "f".into(),
@@ -223,7 +252,7 @@ mod tests {
                     loss: 0.5 * e as f64,
                     accuracy: 0.25,
                     images_per_s: 100.0,
-                    seconds: 1.0,
+                    seconds: 2.0 * e as f64,
                     class_loss: vec![Some(1.0); 3],
                     eval: None,
                 })
@@ -236,7 +265,8 @@ mod tests {
     }
 
     /// Progress is read from the newest checkpoint whose state reads: epochs done at an epoch's
-    /// end, the batches into the next mid-epoch, none before a first checkpoint.
+    /// end, the batches into the next mid-epoch, none before a first checkpoint; the time left
+    /// at the mean pace of the last five epochs.
     #[test]
     fn progress_is_the_newest_readable_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
@@ -246,16 +276,52 @@ mod tests {
             progress(dir.path(), 12).as_deref(),
             Some("0 of 12 epochs done, 3 batches into epoch 1")
         );
+        // Epochs of 2 and 4 s: 3 s an epoch, 10 epochs left.
         checkpoint(dir.path(), 12, 2, 0, 2);
         let at_end = "2 of 12 epochs done (epoch 2: loss 1.0000, accuracy 25.0%)";
-        assert_eq!(progress(dir.path(), 12).as_deref(), Some(at_end));
-        checkpoint(dir.path(), 15, 2, 3, 2);
-        let mid = format!("{at_end}, 3 batches into epoch 3");
+        assert_eq!(
+            progress(dir.path(), 12),
+            Some(format!("{at_end}, about 30 s of training left"))
+        );
+        // 6 batches an epoch (12 steps in 2 epochs), 2 into the third: 9⅔ epochs left.
+        checkpoint(dir.path(), 14, 2, 2, 2);
+        let mid = format!("{at_end}, 2 batches into epoch 3, about 29 s of training left");
         assert_eq!(progress(dir.path(), 12), Some(mid.clone()));
         // A newer checkpoint whose state does not read (cut short) is passed over.
         let cut = dir.path().join("checkpoints/step-0000000018");
         std::fs::create_dir_all(&cut).unwrap();
         std::fs::write(cut.join("state.json"), "{\"epoch\": 3, \"batch").unwrap();
         assert_eq!(progress(dir.path(), 12), Some(mid));
+    }
+
+    /// Epochs 1…8 of 2·e seconds: the last five (8 to 16 s) give 12 s an epoch. 100 epochs left
+    /// are 20 min; longer runs in hours and days, short ones in seconds.
+    #[test]
+    fn time_left_is_at_the_last_epochs_pace() {
+        let dir = tempfile::tempdir().unwrap();
+        checkpoint(dir.path(), 80, 8, 0, 8);
+        let left = |epochs| progress(dir.path(), epochs).unwrap();
+        assert!(
+            left(108).ends_with(", about 20 min of training left"),
+            "{}",
+            left(108)
+        );
+        assert!(
+            left(1508).ends_with(", about 5.0 h of training left"),
+            "{}",
+            left(1508)
+        );
+        assert!(
+            left(20008).ends_with(", about 2.8 days of training left"),
+            "{}",
+            left(20008)
+        );
+        assert!(
+            left(10).ends_with(", about 24 s of training left"),
+            "{}",
+            left(10)
+        );
+        // Every epoch done: nothing left to time.
+        assert!(!left(8).contains("left"), "{}", left(8));
     }
 }
