@@ -596,6 +596,49 @@ fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
     assert!(st.contains(&interrupted), "{st}");
 }
 
+/// A finished training whose `epochs` change is stale; its rerun, killed after a checkpoint,
+/// leaves it stale, and `status` says so with how far the rerun got (it resumes from there).
+#[test]
+fn an_interrupted_rerun_of_a_stale_stage_shows_its_progress() {
+    let dir = scratch();
+    let cfg = |epochs: usize| {
+        format!(
+            "[run]\noutput = \"out\"\nseed = 5\n\n\
+             [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
+             [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = {epochs}\nbatch_size = 16\n"
+        )
+    };
+    write(dir.path(), "p.toml", &cfg(1));
+    let first = pipeline(dir.path(), &["run", "p.toml"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    write(dir.path(), "p.toml", &cfg(400));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "p.toml"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = dir.path().join("out/.model.partial/checkpoints");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_dir(&checkpoints).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+    }) {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let st = stdout(&pipeline(dir.path(), &["status", "p.toml"]));
+    let line = st.lines().find(|l| l.starts_with("model ")).unwrap();
+    assert!(
+        line.contains("stale: parameters changed (`epochs`); its rerun was interrupted with ")
+            && line.contains(" of 400 epochs done (epoch ")
+            && line.ends_with("; the next run resumes it"),
+        "{st}"
+    );
+}
+
 /// A training killed with SIGKILL at a random moment (mid-epoch checkpoints every 2 steps) resumes
 /// from its newest complete checkpoint, and ends with weights bitwise equal to an uninterrupted
 /// run's, and the same per-epoch log (timings aside).

@@ -208,6 +208,54 @@ fn read_record(dir: &Path) -> Option<StageRecord> {
     serde_json::from_slice(&fs::read(dir.join(RECORD)).ok()?).ok()
 }
 
+/// Why stage `i`, whose record is `record`, is stale: which of its parameters changed, which
+/// upstream stages, or the format or output version.
+fn why_stale(config: &Config, fps: &[String], i: usize, record: &StageRecord) -> Vec<String> {
+    let s = &config.stages[i];
+    let mut why = Vec::new();
+    let now = params_json(&s.params);
+    if record.params != now {
+        let (old, new) = (record.params.as_object(), now.as_object());
+        let mut keys: Vec<&String> = old.into_iter().chain(new).flat_map(|m| m.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        // Only keys the fingerprint holds: a moved dataset's `path` is not why it reruns.
+        let unprinted: Vec<&str> = s.params.unfingerprinted_keys().collect();
+        let changed: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !unprinted.contains(&k.as_str()))
+            .filter(|k| old.and_then(|m| m.get(*k)) != new.and_then(|m| m.get(*k)))
+            .map(|k| format!("`{k}`"))
+            .collect();
+        if !changed.is_empty() {
+            why.push(format!("parameters changed ({})", changed.join(", ")));
+        }
+    }
+    for n in &s.needs {
+        let j = config.index_of(n);
+        if record.inputs.get(n) != Some(&fps[j]) {
+            why.push(format!("upstream `{n}` changed"));
+        }
+    }
+    if why.is_empty() && record.format_version != FORMAT_VERSION {
+        why.push(format!(
+            "format version changed ({} → {FORMAT_VERSION})",
+            record.format_version
+        ));
+    }
+    if why.is_empty() && s.params.kind() == stages::Kind::Report {
+        why.push("its rows' `label`s changed, or this program draws reports differently".into());
+    }
+    if why.is_empty() {
+        why.push(format!(
+            "this program computes or writes the outputs of a stage of kind `{}` differently from \
+             the one that ran it (its output version changed)",
+            record.kind
+        ));
+    }
+    why
+}
+
 /// Where stage `i` stands.
 pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
     let s = &config.stages[i];
@@ -238,51 +286,17 @@ pub fn state_of(config: &Config, fps: &[String], i: usize) -> StageState {
         return StageState::NeverRun;
     };
     if record.fingerprint != fps[i] {
-        let mut why = Vec::new();
-        let now = params_json(&s.params);
-        if record.params != now {
-            let (old, new) = (record.params.as_object(), now.as_object());
-            let mut keys: Vec<&String> =
-                old.into_iter().chain(new).flat_map(|m| m.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            // Only keys the fingerprint holds: a moved dataset's `path` is not why it reruns.
-            let unprinted: Vec<&str> = s.params.unfingerprinted_keys().collect();
-            let changed: Vec<String> = keys
-                .into_iter()
-                .filter(|k| !unprinted.contains(&k.as_str()))
-                .filter(|k| old.and_then(|m| m.get(*k)) != new.and_then(|m| m.get(*k)))
-                .map(|k| format!("`{k}`"))
-                .collect();
-            if !changed.is_empty() {
-                why.push(format!("parameters changed ({})", changed.join(", ")));
-            }
+        // A rerun toward the new output that was stopped resumes: it says how far it got.
+        let mut why = why_stale(config, fps, i, &record).join("; ");
+        if can_resume {
+            why += &match progress(config, &s.name, &fps[i]) {
+                Some(done) => {
+                    format!("; its rerun was interrupted with {done}; the next run resumes it")
+                }
+                None => "; its rerun was interrupted; the next run resumes it".into(),
+            };
         }
-        for n in &s.needs {
-            let j = config.index_of(n);
-            if record.inputs.get(n) != Some(&fps[j]) {
-                why.push(format!("upstream `{n}` changed"));
-            }
-        }
-        if why.is_empty() && record.format_version != FORMAT_VERSION {
-            why.push(format!(
-                "format version changed ({} → {FORMAT_VERSION})",
-                record.format_version
-            ));
-        }
-        if why.is_empty() && s.params.kind() == stages::Kind::Report {
-            why.push(
-                "its rows' `label`s changed, or this program draws reports differently".into(),
-            );
-        }
-        if why.is_empty() {
-            why.push(format!(
-                "this program computes or writes the outputs of a stage of kind `{}` differently from \
-                 the one that ran it (its output version changed)",
-                record.kind
-            ));
-        }
-        return StageState::Stale(why.join("; "));
+        return StageState::Stale(why);
     }
     for out in &record.outputs {
         let p = dir.join(&out.path);
