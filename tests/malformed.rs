@@ -327,45 +327,11 @@ fn killed_training(dir: &Path) -> std::path::PathBuf {
     let cfg = "[run]\noutput = \"out\"\nseed = 2\n[[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
                [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 200\nbatch_size = 16\ncheckpoint_every = 1\n";
     write(dir, "k.toml", cfg);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "k.toml"])
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let checkpoints = dir.join("out/.model.partial/checkpoints");
-    let t0 = std::time::Instant::now();
-    let newest = loop {
-        let found = std::fs::read_dir(&checkpoints).ok().and_then(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .starts_with("step-")
-                })
-                .max()
-        });
-        if let Some(p) = found {
-            break p;
-        }
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    };
+    let mut child = run_until_checkpoint(dir, "k.toml", "model");
     child.kill().unwrap();
     child.wait().unwrap();
     // The checkpoint the resume will pick: the newest one left.
-    std::fs::read_dir(&checkpoints)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("step-")
-        })
-        .max()
-        .unwrap_or(newest)
+    newest_checkpoint(&dir.join("out/.model.partial/checkpoints")).expect("a checkpoint")
 }
 
 /// model.safetensors of a model trained with `model`/`width` in a scratch run.

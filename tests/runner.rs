@@ -527,18 +527,7 @@ fn clean_refuses_a_stage_another_process_runs() {
 /// plain JSON, its position checked against its global step and its log); and, while a
 /// process holds its claim, running, by that process (as its claim file names it), as far.
 fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
-    let newest = std::fs::read_dir(checkpoints)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("step-")
-        })
-        .max()
-        .unwrap();
+    let newest = newest_checkpoint(checkpoints).unwrap();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(newest.join("state.json")).unwrap()).unwrap();
     let (epoch, batch) = (
@@ -612,21 +601,7 @@ fn an_interrupted_rerun_of_a_stale_stage_shows_its_progress() {
     let first = pipeline(dir.path(), &["run", "p.toml"]);
     assert!(first.status.success(), "{}", stderr(&first));
     write(dir.path(), "p.toml", &cfg(400));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "p.toml"])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let checkpoints = dir.path().join("out/.model.partial/checkpoints");
-    let t0 = std::time::Instant::now();
-    while !std::fs::read_dir(&checkpoints).is_ok_and(|d| {
-        d.flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-    }) {
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    let mut child = run_until_checkpoint(dir.path(), "p.toml", "model");
     child.kill().unwrap();
     child.wait().unwrap();
     let st = stdout(&pipeline(dir.path(), &["status", "p.toml"]));
@@ -653,24 +628,8 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
     let reference = pipeline(dir.path(), &["run", "p.toml", "--output", "reference"]);
     assert!(reference.status.success(), "{}", stderr(&reference));
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "p.toml"])
-        .current_dir(dir.path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = run_until_checkpoint(dir.path(), "p.toml", "model");
     let checkpoints = dir.path().join("out/.model.partial/checkpoints");
-    let t0 = std::time::Instant::now();
-    // A complete checkpoint: `step-N`, not the `.tmp-step-N` being written (a kill before its
-    // rename left nothing to resume from, and the test failed now and then).
-    let complete = |d: std::fs::ReadDir| {
-        d.flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-    };
-    while !std::fs::read_dir(&checkpoints).is_ok_and(complete) {
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
     // A random moment after the first checkpoint: mid-step, mid-write or between steps.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -220,3 +220,38 @@ pub fn records(path: &Path) -> Vec<(String, u32, u32, Option<String>)> {
     }
     rows
 }
+
+/// The newest complete checkpoint (`step-N`, not a `.tmp-step-N` being written) in the
+/// checkpoint folder `checkpoints`, if any.
+pub fn newest_checkpoint(checkpoints: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(checkpoints)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .max()
+}
+
+/// Starts `pipeline run FILE` in `dir` and waits (up to 2 minutes) for the first complete
+/// checkpoint of its training `stage` (in `out/`); returns the running child. (Killed before
+/// that rename, a run leaves nothing to resume from.)
+pub fn run_until_checkpoint(dir: &Path, file: &str, stage: &str) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", file])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = dir.join(format!("out/.{stage}.partial/checkpoints"));
+    let t0 = std::time::Instant::now();
+    while newest_checkpoint(&checkpoints).is_none() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child
+}
