@@ -456,9 +456,19 @@ fn a_resumed_label_or_replay_stage_redoes_what_old_teacher_weights_computed() {
     let dir = scratch();
     let until_replay = CFG.split("[[stage]]\nname = \"student\"").next().unwrap();
     write(dir.path(), "k.toml", until_replay);
-    for (stage, fault, store) in [
-        ("labels", "train-b2-4@1000", "labels.parquet"),
-        ("replay", "epoch-00001.parquet@500", "epoch-00000.parquet"),
+    for (stage, fault, store, done) in [
+        (
+            "labels",
+            "train-b2-4@1000",
+            "labels.parquet",
+            "1 of 3 chunks labelled",
+        ),
+        (
+            "replay",
+            "epoch-00001.parquet@500",
+            "epoch-00000.parquet",
+            "1 of 2 epochs stored",
+        ),
     ] {
         let out = format!("out-{stage}");
         let aborted = Command::new(env!("CARGO_BIN_EXE_pipeline"))
@@ -471,6 +481,18 @@ fn a_resumed_label_or_replay_stage_redoes_what_old_teacher_weights_computed() {
             stderr(&aborted).contains("LDL_FAULT_WRITE: aborting"),
             "{}",
             stderr(&aborted)
+        );
+        // `status` counts what was stored (192 images in batches of 32, 2 batches a chunk: 3
+        // chunks; the replay's 2 epochs), with no time left from a single write.
+        let status = stdout(&pipeline(
+            dir.path(),
+            &["status", "k.toml", "--output", &out, "--only", stage],
+        ));
+        assert!(
+            status.contains(&format!(
+                "incomplete: interrupted with {done}; the next run resumes it"
+            )),
+            "{status}"
         );
         let root = dir.path().join(&out);
         perturb_fc_weight(&root.join("teacher/model.safetensors"));

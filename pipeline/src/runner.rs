@@ -185,7 +185,19 @@ pub fn progress(config: &Config, name: &str, fp: &str) -> Option<String> {
     if !resumable(config, name, fp) {
         return None;
     }
-    stage.params.progress(&partial_dir(config, name))
+    // The prepared dataset it reads, whose splits' sizes say how much a label stage has left.
+    let dataset = stage
+        .needs
+        .iter()
+        .find(|n| {
+            config
+                .stage(n)
+                .is_some_and(|u| u.params.kind() == stages::Kind::Prepare)
+        })
+        .map(|n| stage_dir(config, n));
+    stage
+        .params
+        .progress(&partial_dir(config, name), dataset.as_deref())
 }
 
 /// Whether the partial folder of `name` was left by a killed run with fingerprint `fp`, so that

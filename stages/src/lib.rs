@@ -16,8 +16,8 @@
 //! 6. [`registry`]: [`StageParams`], the parameters of any kind, which the runner validates,
 //!    fingerprints and runs.
 //!
-//! Below them lie the `datasets` crate and the training `engine` crate; [`error`] and
-//! [`params`] serve every layer. This crate knows nothing of the command line: the `pipeline`
+//! Below them lie the `datasets` crate and the training `engine` crate; [`error`],
+//! [`params`] and [`progress`] serve every layer. This crate knows nothing of the command line: the `pipeline`
 //! binary parses stages.toml, orders stages and makes their outputs atomic.
 
 pub mod artifacts;
@@ -26,6 +26,7 @@ pub mod error;
 pub mod kinds;
 pub mod label_store;
 pub mod params;
+pub mod progress;
 pub mod registry;
 pub mod replay_store;
 pub mod science;

@@ -74,12 +74,18 @@ impl StageParams {
     }
 
     /// How far a run of the stage got, read from its (partial) folder `dir`, for `pipeline
-    /// status`: a training's epochs, a label stage's chunks, a replay's epochs; `None` for the
-    /// kinds that do not resume part-way, or when nothing is stored yet.
-    pub fn progress(&self, dir: &std::path::Path) -> Option<String> {
+    /// status`: a training's epochs, a label stage's chunks, a replay's epochs, and the time
+    /// left; `None` for the kinds that do not resume part-way, or when nothing is stored yet.
+    /// `dataset` is the folder of the stage's prepared dataset, if it reads one (a label
+    /// stage's chunks are counted against its splits' sizes).
+    pub fn progress(
+        &self,
+        dir: &std::path::Path,
+        dataset: Option<&std::path::Path>,
+    ) -> Option<String> {
         match self {
             StageParams::Train(p) => train::progress(p, dir),
-            StageParams::Label(p) => label::progress(p, dir),
+            StageParams::Label(p) => label::progress(p, dir, dataset),
             StageParams::Replay(p) => replay::progress(p, dir),
             _ => None,
         }

@@ -21,6 +21,7 @@ const MAX_FN_LINES: usize = 100;
 const LAYERS: &[(&str, usize)] = &[
     ("error", 0),
     ("params", 0),
+    ("progress", 0),
     ("label_store", 1),
     ("stream", 1),
     ("replay_store", 1),

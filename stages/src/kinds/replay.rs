@@ -13,6 +13,7 @@ use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::StoreDtype;
 use crate::params::{self, at_least, RangeError};
+use crate::progress;
 use crate::replay_store::{self, Output, ReplayMeta, StepRows};
 use crate::science::methods::Method;
 use crate::science::supervision::{Supervision, SupervisionConfig};
@@ -143,12 +144,21 @@ fn check_columns(ctx: &Context, p: &Params, k: usize) -> Result<()> {
 }
 
 /// How far the replay stage whose (partial) folder is `dir` got: its epochs stored (`3 of 10
-/// epochs stored`), for `pipeline status`; `None` before the first.
+/// epochs stored`) and the time left at the pace the last ones were written (`, about 12 min of
+/// replay left`), for `pipeline status`; `None` before the first.
 pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
-    let stored = (0..p.epochs)
-        .filter(|&e| replay_store::epoch_file(dir, e).exists())
-        .count();
-    (stored > 0).then(|| format!("{stored} of {} epochs stored", p.epochs))
+    let times: Vec<_> = (0..p.epochs)
+        .filter_map(|e| progress::written(&replay_store::epoch_file(dir, e)))
+        .collect();
+    let stored = times.len();
+    if stored == 0 {
+        return None;
+    }
+    let mut out = format!("{stored} of {} epochs stored", p.epochs);
+    if let Some(s) = progress::left_at_pace(&times, p.epochs - stored) {
+        out += &format!(", about {} of replay left", progress::rough(s));
+    }
+    Some(out)
 }
 
 /// Runs a `replay` stage: every epoch not yet stored, then `replay.json`.
@@ -296,7 +306,8 @@ fn write_epoch(
 mod tests {
     use super::*;
 
-    /// The epochs stored are counted among the stage's `epochs`, not a file being written.
+    /// The epochs stored are counted among the stage's `epochs`, not a file being written; the
+    /// time left is the gap between their writes times the epochs left.
     #[test]
     fn progress_counts_the_epochs_stored() {
         let dir = tempfile::tempdir().unwrap();
@@ -313,9 +324,19 @@ mod tests {
         ] {
             std::fs::write(dir.path().join(name), b"").unwrap();
         }
+        // Epoch 0 written at t, epoch 2 a minute later: 8 epochs left take 8 minutes.
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (e, at) in [(0, 0), (2, 60)] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(replay_store::epoch_file(dir.path(), e))
+                .unwrap();
+            f.set_modified(t + std::time::Duration::from_secs(at))
+                .unwrap();
+        }
         assert_eq!(
             progress(&p, dir.path()).as_deref(),
-            Some("2 of 10 epochs stored")
+            Some("2 of 10 epochs stored, about 8 min of replay left")
         );
     }
 }

@@ -110,15 +110,15 @@ pub fn path(dir: &Path, split: &str, plan: &Plan, c: usize) -> PathBuf {
     folder(dir).join(format!("{split}-b{}-{}.safetensors", b.start, b.end))
 }
 
-/// How many chunks of the plan of `batch_size` and `chunk_size` the folder `dir` holds, of any
-/// split, for `pipeline status`. Chunks stored under another `chunk_size` (which a run does not
+/// The chunk files of the plan of `batch_size` and `chunk_size` that the folder `dir` holds, of
+/// any split, for `pipeline status`. Chunks stored under another `chunk_size` (which a run does not
 /// reuse) are not counted, nor files being written. The split's length is not known here, so
 /// a chunk shorter than the plan's is taken for the split's last when it starts after every
 /// full one of its split.
-pub fn stored(dir: &Path, batch_size: usize, chunk_size: usize) -> usize {
+pub fn stored(dir: &Path, batch_size: usize, chunk_size: usize) -> Vec<PathBuf> {
     let per = Plan::new(0, batch_size, chunk_size).chunk_batches;
     let Ok(entries) = std::fs::read_dir(folder(dir)) else {
-        return 0;
+        return Vec::new();
     };
     // (split, first batch, end) of a file named as a chunk starting where the plan's do.
     let chunk = |name: &str| -> Option<(String, usize, usize)> {
@@ -128,21 +128,25 @@ pub fn stored(dir: &Path, batch_size: usize, chunk_size: usize) -> usize {
         (first % per == 0 && end > first && end - first <= per)
             .then(|| (split.to_owned(), first, end))
     };
-    let found: Vec<(String, usize, usize)> = entries
+    let found: Vec<(String, usize, usize, PathBuf)> = entries
         .flatten()
-        .filter_map(|e| chunk(&e.file_name().to_string_lossy()))
+        .filter_map(|e| {
+            let (split, first, end) = chunk(&e.file_name().to_string_lossy())?;
+            Some((split, first, end, e.path()))
+        })
         .collect();
-    let full = |(_, first, end): &&(String, usize, usize)| end - first == per;
+    let full = |(_, first, end, _): &&(String, usize, usize, PathBuf)| end - first == per;
     // The first batch of each split's last full chunk.
     let mut last_full: HashMap<&str, usize> = HashMap::new();
-    for (split, first, _) in found.iter().filter(full) {
+    for (split, first, _, _) in found.iter().filter(full) {
         let f = last_full.entry(split.as_str()).or_insert(*first);
         *f = (*f).max(*first);
     }
     found
         .iter()
         .filter(|c| full(c) || last_full.get(c.0.as_str()).is_none_or(|&f| f < c.1))
-        .count()
+        .map(|c| c.3.clone())
+        .collect()
 }
 
 /// The fingerprint of chunk `c`: the stage's, the split and the batches.
@@ -573,7 +577,15 @@ mod tests {
     #[test]
     fn stored_chunks_are_those_of_the_plan() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(stored(dir.path(), 100, 1000), 0);
+        let names = |batch_size, chunk_size| -> Vec<String> {
+            let mut v: Vec<String> = stored(dir.path(), batch_size, chunk_size)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(names(100, 1000).is_empty());
         let chunks = folder(dir.path());
         std::fs::create_dir_all(&chunks).unwrap();
         for name in [
@@ -588,8 +600,18 @@ mod tests {
             std::fs::write(chunks.join(name), b"").unwrap();
         }
         // 1000 images a chunk in batches of 100: 10 batches a chunk.
-        assert_eq!(stored(dir.path(), 100, 1000), 3);
+        assert_eq!(
+            names(100, 1000),
+            [
+                "test-b0-4.safetensors",
+                "train-b0-10.safetensors",
+                "train-b10-20.safetensors"
+            ]
+        );
         // 20 batches a chunk: only `train-b0-20`, and `test-b0-4` (a last chunk).
-        assert_eq!(stored(dir.path(), 100, 2000), 2);
+        assert_eq!(
+            names(100, 2000),
+            ["test-b0-4.safetensors", "train-b0-20.safetensors"]
+        );
     }
 }

@@ -11,17 +11,19 @@
 mod chunks;
 
 use crate::artifacts::labels::file_for;
-use crate::artifacts::{Dataset, Kind, Split, TrainedModel};
+use crate::artifacts::{Dataset, DatasetInfo, Kind, Split, TrainedModel};
 use crate::context::Context;
 use crate::error::{Result, StageError};
 use crate::label_store::{self, LabelMeta, McMeta, McRows, SourceRows, StoreDtype};
 use crate::params::{self, at_least, positive, RangeError};
+use crate::progress;
 use candle_core::Device;
 use datasets::PackedStore;
 use engine::inference::{Inference, McSummary};
 use engine::models::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Parameters of a `label` stage.
@@ -105,14 +107,47 @@ struct Teacher {
     weights: String,
 }
 
-/// How far the label stage whose (partial) folder is `dir` got: the chunks of teacher outputs
-/// stored (`4 chunks labelled`), for `pipeline status`; `None` before the first.
-pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
-    match chunks::stored(dir, p.batch_size, p.chunk_size) {
-        0 => None,
-        1 => Some("1 chunk labelled".into()),
-        n => Some(format!("{n} chunks labelled")),
+/// How far the label stage whose (partial) folder is `dir` got, for `pipeline status`: the
+/// chunks of teacher outputs stored, out of those of its splits in the prepared dataset's
+/// folder `dataset` (`4 of 13 chunks labelled`), and the time left at the pace the last chunks
+/// were written (`, about 3 min of labelling left`); only the count when the dataset cannot be
+/// read (`4 chunks labelled`). `None` before the first chunk.
+pub fn progress(p: &Params, dir: &Path, dataset: Option<&Path>) -> Option<String> {
+    let stored = chunks::stored(dir, p.batch_size, p.chunk_size);
+    let n = stored.len();
+    let Some(total) = dataset.and_then(|d| chunks_in(p, d)) else {
+        return match n {
+            0 => None,
+            1 => Some("1 chunk labelled".into()),
+            n => Some(format!("{n} chunks labelled")),
+        };
+    };
+    if n == 0 {
+        return None;
     }
+    let mut out = format!("{n} of {total} chunks labelled");
+    let times: Vec<_> = stored.iter().filter_map(|c| progress::written(c)).collect();
+    if let Some(s) = progress::left_at_pace(&times, total.saturating_sub(n)) {
+        out += &format!(", about {} of labelling left", progress::rough(s));
+    }
+    Some(out)
+}
+
+/// The chunks of every split the stage labels, by the sizes in the dataset's `dataset.json` in
+/// `dataset`; `None` when it cannot be read or lacks a split.
+fn chunks_in(p: &Params, dataset: &Path) -> Option<usize> {
+    let info: DatasetInfo = engine::json::read(&dataset.join("dataset.json")).ok()?;
+    p.splits
+        .iter()
+        .map(|split| {
+            let n = match split {
+                Split::Train => info.train.n,
+                Split::Test => info.test.n,
+                Split::Val => info.val.as_ref()?.n,
+            };
+            Some(chunks::Plan::new(n, p.batch_size, p.chunk_size).count())
+        })
+        .sum()
 }
 
 /// Runs a `label` stage: loads the teachers, then labels each split asked for.
@@ -475,4 +510,83 @@ fn ensemble_mean(chunk: &chunks::ChunkFile, teachers: &[Teacher]) -> Result<Vec<
         }
     }
     Ok(mean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifacts::SplitInfo;
+    use std::time::{Duration, SystemTime};
+
+    fn split(n: usize) -> SplitInfo {
+        SplitInfo {
+            file: String::new(),
+            n,
+            hash: String::new(),
+            class_counts: Vec::new(),
+        }
+    }
+
+    /// Chunks are counted against the splits' sizes in `dataset.json`, the time left from the
+    /// gap between the chunks' writes; worked by hand below.
+    #[test]
+    fn progress_counts_chunks_of_the_splits_labelled() {
+        let data = tempfile::tempdir().unwrap();
+        let info = DatasetInfo {
+            classes: vec!["a".into(), "b".into()],
+            shape: [3, 8, 8],
+            train: split(2500),
+            test: split(1000),
+            val: None,
+            normalize: datasets::augment::Normalize {
+                mean: vec![0.5; 3],
+                std: vec![0.25; 3],
+            },
+        };
+        engine::json::write(&data.path().join("dataset.json"), &info).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Batches of 100, chunks of 10 batches: train's 25 batches make 3 chunks, test's 10
+        // one; 4 in all.
+        let p = Params {
+            batch_size: 100,
+            chunk_size: 1000,
+            splits: vec![Split::Train, Split::Test],
+            ..Params::default()
+        };
+        assert_eq!(progress(&p, dir.path(), Some(data.path())), None);
+        std::fs::create_dir_all(chunks::folder(dir.path())).unwrap();
+        // Two chunks written 30 s apart: the 2 left take about a minute.
+        let t = SystemTime::now() - Duration::from_secs(3600);
+        for (name, at) in [("train-b0-10", 0), ("train-b10-20", 30)] {
+            let path = chunks::folder(dir.path()).join(format!("{name}.safetensors"));
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_modified(t + Duration::from_secs(at)).unwrap();
+        }
+        assert_eq!(
+            progress(&p, dir.path(), Some(data.path())).as_deref(),
+            Some("2 of 4 chunks labelled, about 60 s of labelling left")
+        );
+        // Only the train split: 3 chunks, one left.
+        let train = Params {
+            splits: vec![Split::Train],
+            ..p.clone()
+        };
+        assert_eq!(
+            progress(&train, dir.path(), Some(data.path())).as_deref(),
+            Some("2 of 3 chunks labelled, about 30 s of labelling left")
+        );
+        // No dataset to read, or a split it lacks: the count alone.
+        assert_eq!(
+            progress(&p, dir.path(), None).as_deref(),
+            Some("2 chunks labelled")
+        );
+        let val = Params {
+            splits: vec![Split::Train, Split::Val],
+            ..p
+        };
+        assert_eq!(
+            progress(&val, dir.path(), Some(data.path())).as_deref(),
+            Some("2 chunks labelled")
+        );
+    }
 }

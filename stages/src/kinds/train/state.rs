@@ -118,23 +118,16 @@ pub(super) fn progress(dir: &Path, epochs: usize) -> Option<String> {
             0.0
         };
         let left = (epochs - state.epoch) as f64 - into;
-        out += &format!(", about {} of training left", rough(per_epoch * left));
+        out += &format!(
+            ", about {} of training left",
+            crate::progress::rough(per_epoch * left)
+        );
     }
     Some(out)
 }
 
 /// Epochs whose mean duration is the pace of the time left.
 const PACE_EPOCHS: usize = 5;
-
-/// `seconds` for a person: `40 s`, `12 min`, `3.5 h`, `2.1 days`.
-fn rough(seconds: f64) -> String {
-    match seconds {
-        s if s < 90.0 => format!("{s:.0} s"),
-        s if s < 90.0 * 60.0 => format!("{:.0} min", s / 60.0),
-        s if s < 48.0 * 3600.0 => format!("{:.1} h", s / 3600.0),
-        s => format!("{:.1} days", s / 86_400.0),
-    }
-}
 
 /// Steps between reads of the loss on the host: each read waits for the device to finish
 /// the queued steps, so reading every step would stall the GPU between steps.
