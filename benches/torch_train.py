@@ -2,12 +2,13 @@
 """PyTorch's side of `pipeline bench train`: the same model and training step, timed the same way.
 
 One step = forward + cross-entropy + backward + SGD (momentum 0.9, weight decay 5e-4) on a batch
-of random CIFAR-shaped images (3x32x32, 10 classes) already on the device. After --warmup
+of random images (3x32x32 as CIFAR's unless --image-size, 10 classes) already on the device. After --warmup
 untimed steps, --steps steps are timed, synchronising the device before reading the clock.
 Modes: eager f32, bf16 autocast + channels_last (the fast PyTorch recipe), and that with the
 model compiled by torch.compile (`compile`; its compilation falls in the warm-up steps). Models match the
-Rust ones layer for layer: CIFAR ResNet-18/34/50 (3x3 stem, no max-pool; kuangliu/RepDistiller)
-and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B). With --teacher, the
+Rust ones layer for layer: CIFAR ResNet-18/34/50/101 (3x3 stem, no max-pool; kuangliu/RepDistiller),
+the same with torchvision's ImageNet stem (`resnet50_imagenet`: 7x7 stride-2 convolution, 3x3
+stride-2 max-pool), and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B). With --teacher, the
 On-LDL step of `pipeline bench train --teacher`: the teacher in eval mode under no_grad on the
 same batch, its softmax the student's target (soft cross-entropy).
 
@@ -68,9 +69,16 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, blocks, widths, classes):
+    def __init__(self, block, blocks, widths, classes, imagenet=False):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        # The CIFAR stem (3x3 convolution), or torchvision's (7x7 stride 2, then a 3x3 stride-2
+        # max-pool), as the Rust `_imagenet` names.
+        if imagenet:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(widths[0])
         cin, self.stages = widths[0], len(blocks)
         for i, (n, w) in enumerate(zip(blocks, widths)):
@@ -84,14 +92,16 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for i in range(self.stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def build(name, classes, width=None):
-    """The network `name` (as the Rust `model` key, CIFAR stem) with `width` stem channels."""
+    """The network `name` (as the Rust `model` key) with `width` stem channels."""
+    imagenet = name.endswith("_imagenet")
+    name = name.removesuffix("_imagenet")
     big = {
         "resnet18": (Basic, [2, 2, 2, 2]),
         "resnet34": (Basic, [3, 4, 6, 3]),
@@ -101,9 +111,9 @@ def build(name, classes, width=None):
     if name in big:
         block, blocks = big[name]
         w = width or 64
-        return ResNet(block, blocks, [w, 2 * w, 4 * w, 8 * w], classes)
+        return ResNet(block, blocks, [w, 2 * w, 4 * w, 8 * w], classes, imagenet)
     depth = int(name.removeprefix("resnet"))
-    assert (depth - 2) % 6 == 0, f"unknown model {name}"
+    assert (depth - 2) % 6 == 0 and not imagenet, f"unknown model {name}"
     n, w = (depth - 2) // 6, width or 16
     return ResNet(Basic, [n, n, n], [w, 2 * w, 4 * w], classes)
 
@@ -116,7 +126,7 @@ def bench(args, mode):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
@@ -161,6 +171,7 @@ def main():
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--teacher", default=None, help="an On-LDL step with this teacher")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=32, help="height and width of the random images")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="f32,bf16",
                     help="f32 (eager), bf16 (autocast + channels_last), compile (bf16 + torch.compile)")
@@ -173,7 +184,8 @@ def main():
     torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
     step = f"On-LDL step with teacher {args.teacher}" if args.teacher else "cross-entropy step"
-    print(f"PyTorch {torch.__version__} training benchmark ({step}): {args.model}, batch {args.batch}, {where}, "
+    print(f"PyTorch {torch.__version__} training benchmark ({step}): {args.model}, batch {args.batch} of "
+          f"{args.image_size}x{args.image_size} images, {where}, "
           f"{args.warmup} warm-up + {args.steps} timed steps\n")
     print("| model | mode | params | images/s | peak memory (MiB) |")
     print("|---|---|---:|---:|---:|")

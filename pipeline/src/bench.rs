@@ -148,6 +148,9 @@ pub struct TrainArgs {
     /// Images per step.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
+    /// Height and width of the random images (32, CIFAR's; 224 for ImageNet's).
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -203,6 +206,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     precision
         .check(spec_dev)
         .map_err(|m| crate::UsageError(format!("--dtype: {m}")))?;
+    if args.image_size == 0 {
+        return Err(crate::UsageError("--image-size: must be at least 1".into()).into());
+    }
     let device = spec_dev.open()?;
     let (spec, model, planned, teacher) = bench_models(args, &device, precision.dtype())?;
     let mut opt = Sgd::new(
@@ -213,9 +219,10 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             nesterov: false,
         },
     );
-    // A random CIFAR-shaped batch with every class in turn as its labels.
-    let x =
-        Tensor::randn(0f32, 1.0, (args.batch, 3, 32, 32), &device)?.to_dtype(precision.dtype())?;
+    // A random batch (CIFAR-shaped by default) with every class in turn as its labels.
+    let side = args.image_size;
+    let x = Tensor::randn(0f32, 1.0, (args.batch, 3, side, side), &device)?
+        .to_dtype(precision.dtype())?;
     let labels: Vec<u32> = (0..args.batch as u32)
         .map(|i| i % args.classes as u32)
         .collect();
@@ -258,7 +265,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         None => "cross-entropy step".to_string(),
     };
     println!(
-        "training benchmark ({what}): {} (width {}), batch {}, device {spec_dev} (CPU threads: {threads}), {}, {}, {} warm-up + {} timed steps",
+        "training benchmark ({what}): {} (width {}), batch {} of {side}×{side} images, device {spec_dev} (CPU threads: {threads}), {}, {}, {} warm-up + {} timed steps",
         spec.arch,
         spec.width,
         args.batch,
