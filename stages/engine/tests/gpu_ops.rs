@@ -1,5 +1,5 @@
 //! The CUDA training path against the CPU implementation, on random inputs: cuDNN convolutions,
-//! fused BatchNorm (+ ReLU), residual add + ReLU, the SGD step, and a few training steps of a
+//! fused BatchNorm (+ ReLU), residual add + ReLU, the stem's max-pooling, the SGD step, and a few training steps of a
 //! whole ResNet, each in f32 (relative error < 1e-4) and bf16 (< 1e-2, against the CPU on the
 //! same bf16-rounded inputs).
 //!
@@ -330,6 +330,51 @@ fn residual_add_relu_matches_cpu() {
     }
 }
 
+/// The stem's max-pooling (3×3, stride 2, padding 1; the kernel `LDL_GPU_PLAN=1` opts the
+/// layers into) on odd and even sizes: in f32 the values
+/// and the input gradient equal the CPU's bitwise (both add a gradient output by output); in
+/// bf16 the values are the CPU's on the rounded inputs.
+#[test]
+fn max_pool_matches_cpu() {
+    use engine::models::pool::{fused_max_pool2d, PoolGeometry};
+    let Some(gpu) = cuda("max-pool") else {
+        return;
+    };
+    for (dims, dtype) in [
+        ([4, 8, 9, 9], DType::F32),
+        ([2, 16, 16, 14], DType::F32),
+        ([4, 8, 9, 9], DType::BF16),
+    ] {
+        let x = rounded(&random(&dims, 21), dtype);
+        let run = |device: &Device, dtype: DType| {
+            let xv =
+                Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let y = fused_max_pool2d(xv.as_tensor(), PoolGeometry::STEM).unwrap();
+            let dy = random(y.dims(), 22).to_device(device).unwrap();
+            let l = (y.to_dtype(DType::F32).unwrap() * dy)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = l.backward().unwrap();
+            (y, g.get(xv.as_tensor()).unwrap().clone())
+        };
+        let (c, g) = (run(&Device::Cpu, DType::F32), run(&gpu, dtype));
+        let tol = if dtype == DType::F32 {
+            0.0
+        } else {
+            tolerance(dtype)
+        };
+        assert!(
+            max_rel(&g.0, &c.0) <= tol,
+            "{dtype:?} {dims:?} max-pool output"
+        );
+        assert!(
+            max_rel(&g.1, &c.1) <= tol,
+            "{dtype:?} {dims:?} max-pool gradient"
+        );
+    }
+}
+
 #[test]
 fn sgd_step_matches_cpu() {
     use engine::optim::{Sgd, SgdConfig};
@@ -433,8 +478,8 @@ fn resnet_training_steps_follow_the_cpu() {
 /// CPU (itself bitwise the autograd path): every parameter's gradient of one step, with two
 /// forward passes (half-batches) into one loss and a third pass that never reaches it; then
 /// three SGD steps' losses and the weights and running statistics after them. Option A and B
-/// shortcuts, bottlenecks and a grouped convolution; f32 (1e-3) and bf16 (5e-2); NCHW and
-/// channels-last (NHWC activations, KRSC weight copies).
+/// shortcuts, bottlenecks, a grouped convolution and the ImageNet stem's max-pooling; f32 (1e-3)
+/// and bf16 (5e-2); NCHW and channels-last (NHWC activations, KRSC weight copies).
 #[test]
 fn planned_steps_follow_the_cpu() {
     use engine::losses::cross_entropy;
@@ -451,6 +496,8 @@ fn planned_steps_follow_the_cpu() {
         // Width 8: narrower, nearly constant BatchNorm channels amplify rounding (net.rs).
         ("resnet50", 8, Shortcut::B, 32),
         ("resnext29_2x4d", 4, Shortcut::B, 16),
+        // The ImageNet stem: 7×7 stride-2 convolution and the max-pooling.
+        ("resnet18_imagenet", 8, Shortcut::B, 36),
     ];
     for (arch, width, shortcut, hw) in cases {
         let spec = ModelSpec {
@@ -638,10 +685,15 @@ fn recorded_steps_equal_unrecorded_bitwise() {
         return;
     };
     let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
-    let cases = [("resnet8", Shortcut::A), ("resnet14", Shortcut::B)]
-        .into_iter()
-        .flat_map(|a| [DType::F32, DType::BF16].map(|d| (a, d)))
-        .flat_map(|c| [false, true].map(|nhwc| (c, nhwc)));
+    let cases = [
+        ("resnet8", Shortcut::A),
+        ("resnet14", Shortcut::B),
+        // The ImageNet stem: its max-pooling in the recorded passes (16 → 8 → 4).
+        ("resnet18_imagenet", Shortcut::B),
+    ]
+    .into_iter()
+    .flat_map(|a| [DType::F32, DType::BF16].map(|d| (a, d)))
+    .flat_map(|c| [false, true].map(|nhwc| (c, nhwc)));
     for (((arch, shortcut), dtype), nhwc) in cases {
         let spec = ModelSpec {
             width: 8,
@@ -723,21 +775,29 @@ fn recorded_steps_equal_unrecorded_bitwise() {
 /// Planned evaluation-mode passes on CUDA (a teacher's): against the layers on the CPU after
 /// two training steps there (f32 1e-4, bf16 2e-2 on bf16-rounded images), every pass through
 /// the plan; recorded as graphs and replayed, bitwise the unrecorded passes, over batches of
-/// 16, 10 and 16 images repeated; NCHW and channels-last.
+/// 16, 10 and 16 images repeated; NCHW and channels-last; a CIFAR ResNet and the ImageNet stem.
 #[test]
 fn planned_inference_follows_the_cpu() {
-    use engine::losses::cross_entropy;
-    use engine::models::plan::PlanOptions;
-    use engine::models::{Model, ModelSpec, Shortcut};
-    use engine::optim::{Sgd, SgdConfig};
     let Some(gpu) = cuda("planned inference") else {
         return;
     };
     let _counters = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    // A CIFAR ResNet, and the ImageNet stem with its max-pooling (16 → 8 → 4).
+    for arch in ["resnet14", "resnet18_imagenet"] {
+        inference_follows_the_cpu(&gpu, arch);
+    }
+}
+
+/// [`planned_inference_follows_the_cpu`] for one architecture.
+fn inference_follows_the_cpu(gpu: &Device, arch: &str) {
+    use engine::losses::cross_entropy;
+    use engine::models::plan::PlanOptions;
+    use engine::models::{Model, ModelSpec, Shortcut};
+    use engine::optim::{Sgd, SgdConfig};
     let spec = ModelSpec {
         width: 8,
         shortcut: Shortcut::B,
-        ..ModelSpec::new("resnet14", 10, 3).unwrap()
+        ..ModelSpec::new(arch, 10, 3).unwrap()
     };
     // Two CPU training steps move the weights and running statistics off their initial values;
     // the GPU model loads the same tensors.
@@ -768,9 +828,9 @@ fn planned_inference_follows_the_cpu() {
     for (dtype, nhwc) in cases {
         let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
         let run = |graphs: bool| -> Vec<Vec<f32>> {
-            let mut m = Model::new(&spec, &gpu, 4).unwrap();
+            let mut m = Model::new(&spec, gpu, 4).unwrap();
             for (k, v) in m.vars.data().lock().unwrap().iter() {
-                v.set(&tensors[k].to_device(&gpu).unwrap()).unwrap();
+                v.set(&tensors[k].to_device(gpu).unwrap()).unwrap();
             }
             let options = PlanOptions {
                 graphs,
@@ -781,7 +841,7 @@ fn planned_inference_follows_the_cpu() {
             let out = batches
                 .iter()
                 .map(|x| {
-                    let x = x.to_device(&gpu).unwrap().to_dtype(dtype).unwrap();
+                    let x = x.to_device(gpu).unwrap().to_dtype(dtype).unwrap();
                     let l = m.net.forward_t(&x, false).unwrap();
                     l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
                 })
@@ -790,7 +850,7 @@ fn planned_inference_follows_the_cpu() {
             assert_eq!(
                 planned,
                 batches.len() as u64,
-                "{dtype:?} nhwc={nhwc}: every pass planned"
+                "{arch} {dtype:?} nhwc={nhwc}: every pass planned"
             );
             out
         };
@@ -798,15 +858,15 @@ fn planned_inference_follows_the_cpu() {
         let replays = engine::models::net::graph_replays();
         let recorded = run(true);
         let replays = engine::models::net::graph_replays() - replays;
-        eprintln!("inference {dtype:?} nhwc={nhwc}: {replays} recorded passes replayed");
+        eprintln!("inference {arch} {dtype:?} nhwc={nhwc}: {replays} recorded passes replayed");
         // The batch sizes repeat, so a pass of a shape already recorded must replay its graph.
         assert!(
             replays >= 1,
-            "{dtype:?} nhwc={nhwc}: no recorded pass was replayed"
+            "{arch} {dtype:?} nhwc={nhwc}: no recorded pass was replayed"
         );
         assert_eq!(
             recorded, plain,
-            "{dtype:?} nhwc={nhwc}: recorded passes equal unrecorded ones"
+            "{arch} {dtype:?} nhwc={nhwc}: recorded passes equal unrecorded ones"
         );
         for (i, x) in batches.iter().enumerate() {
             let reference = cpu_model.net.forward_t(&rounded(x, dtype), false).unwrap();
@@ -814,7 +874,7 @@ fn planned_inference_follows_the_cpu() {
             let e = max_rel(&got, &reference);
             assert!(
                 e <= tol,
-                "{dtype:?} nhwc={nhwc} batch {i}: logits off by {e}"
+                "{arch} {dtype:?} nhwc={nhwc} batch {i}: logits off by {e}"
             );
         }
     }

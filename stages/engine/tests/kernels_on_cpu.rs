@@ -1,8 +1,9 @@
 //! The CUDA kernels of `src/gpu/kernels.cu` checked on a machine without a GPU: compiled as host
 //! C++ against `kernels_on_cpu/cuda_shim.h` (CUDA's thread model: a thread per GPU thread, block
 //! barriers, warp shuffles) and compared by `kernels_on_cpu/check.cpp` with plain loops written
-//! from each kernel's definition — both layouts (NCHW, NHWC) of the BatchNorm passes and the
-//! option-A shortcut, the transposes, the KRSC weight copies and gradients, the multi-tensor SGD.
+//! from each kernel's definition — both layouts (NCHW, NHWC) of the BatchNorm passes, the
+//! option-A shortcut and the stem's max-pooling, the transposes, the KRSC weight copies and
+//! gradients, the multi-tensor SGD.
 //!
 //! What this cannot see: the launches from Rust (argument lists, grid sizes), cuDNN, and the
 //! GPU's memory model; `tests/gpu_ops.rs` checks those on a GPU. Needs a C++20 compiler (`c++`,

@@ -1,6 +1,7 @@
 // CUDA kernels of the GPU training path: fused BatchNorm (+ ReLU) forward and backward, the fused
-// residual add + ReLU, and the SGD-momentum update. Compiled to PTX by stages/build.rs (nvcc) in a
-// build with the `cuda` feature, and loaded by candle's device on first use.
+// residual add + ReLU, the ImageNet stem's max-pooling, and the SGD-momentum update. Compiled to
+// PTX by stages/engine/build.rs (nvcc) in a build with the `cuda` feature, and loaded by candle's device
+// on first use.
 //
 // Activations are `T` (float or __nv_bfloat16), NCHW or, for the planned step's channels-last
 // option, NHWC (`nhwc` arguments; the kernels of a layout-free operation take none); everything
@@ -382,6 +383,66 @@ __device__ void grad_add(float* g, const T* d, long long total, int accumulate, 
     }
 }
 
+// Max-pooling as PyTorch's max_pool2d (square window k, stride s, padding p; models/pool.rs is
+// the CPU's): the index in x of the first maximum of output (i, ch, oy, ox)'s window in window
+// order, a NaN winning; padding never wins. Starting from the window's first value picks what
+// PyTorch's start from −∞ picks.
+template <typename T>
+__device__ __forceinline__ size_t pool_argmax(const T* x, long long i, int ch, int oy, int ox,
+                                              int c, int h, int w, int k, int s, int p,
+                                              int nhwc) {
+    const int y0 = max(oy * s - p, 0), y1 = min(oy * s - p + k, h);
+    const int x0 = max(ox * s - p, 0), x1 = min(ox * s - p + k, w);
+    size_t best = offset(i, ch, y0, x0, c, h, w, nhwc);
+    float m = load(x, best);
+    for (int iy = y0; iy < y1; ++iy)
+        for (int ix = x0; ix < x1; ++ix) {
+            const size_t at = offset(i, ch, iy, ix, c, h, w, nhwc);
+            const float v = load(x, at);
+            if (v > m || v != v) {
+                m = v;
+                best = at;
+            }
+        }
+    return best;
+}
+
+// y = the max-pooling of x (n × c × h × w, NCHW or NHWC) into n × c × ho × wo; one thread per
+// output value.
+template <typename T>
+__device__ void max_pool_fwd(const T* x, T* y, int n, int c, int h, int w, int ho, int wo, int k,
+                             int s, int p, int nhwc) {
+    const long long total = (long long)n * c * ho * wo;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        const Pos o = position(j, c, ho, wo, nhwc);
+        y[j] = x[pool_argmax(x, o.i, o.ch, o.y, o.x, c, h, w, k, s, p, nhwc)];
+    }
+}
+
+// dx = the max-pooling's input gradient from dy: each input value sums the gradients of the
+// outputs whose window's maximum it is, over the windows holding it in output order (the order
+// the CPU adds them in). One thread per input value, so no atomics.
+template <typename T>
+__device__ void max_pool_bwd(const T* x, const T* dy, T* dx, int n, int c, int h, int w, int ho,
+                             int wo, int k, int s, int p, int nhwc) {
+    const long long total = (long long)n * c * h * w;
+    for (long long j = blockIdx.x * (long long)blockDim.x + threadIdx.x; j < total;
+         j += (long long)gridDim.x * blockDim.x) {
+        const Pos q = position(j, c, h, w, nhwc);
+        // The windows o with o·s − p ≤ q < o·s − p + k, in each direction.
+        const int ya = q.y + p - k + 1, xa = q.x + p - k + 1;
+        const int oy0 = ya <= 0 ? 0 : (ya + s - 1) / s, ox0 = xa <= 0 ? 0 : (xa + s - 1) / s;
+        const int oy1 = min((q.y + p) / s, ho - 1), ox1 = min((q.x + p) / s, wo - 1);
+        float g = 0.f;
+        for (int oy = oy0; oy <= oy1; ++oy)
+            for (int ox = ox0; ox <= ox1; ++ox)
+                if (pool_argmax(x, q.i, q.ch, oy, ox, c, h, w, k, s, p, nhwc) == (size_t)j)
+                    g += load(dy, offset(q.i, q.ch, oy, ox, c, ho, wo, nhwc));
+        store(dx, j, g);
+    }
+}
+
 #define FOR_TYPES(F) F(f32, float) F(bf16, bf16)
 
 #define INSTANTIATE(SUF, T)                                                                    \
@@ -452,6 +513,16 @@ __device__ void grad_add(float* g, const T* d, long long total, int accumulate, 
     extern "C" __global__ void grad_add_##SUF(float* g, const T* d, long long total,            \
                                               int accumulate, int krsc, int cin, int taps) {   \
         grad_add<T>(g, d, total, accumulate, krsc, cin, taps);                                 \
+    }                                                                                          \
+    extern "C" __global__ void max_pool_fwd_##SUF(const T* x, T* y, int n, int c, int h, int w, \
+                                                  int ho, int wo, int k, int s, int p,         \
+                                                  int nhwc) {                                  \
+        max_pool_fwd<T>(x, y, n, c, h, w, ho, wo, k, s, p, nhwc);                              \
+    }                                                                                          \
+    extern "C" __global__ void max_pool_bwd_##SUF(const T* x, const T* dy, T* dx, int n, int c, \
+                                                  int h, int w, int ho, int wo, int k, int s,  \
+                                                  int p, int nhwc) {                           \
+        max_pool_bwd<T>(x, dy, dx, n, c, h, w, ho, wo, k, s, p, nhwc);                         \
     }
 
 FOR_TYPES(INSTANTIATE)

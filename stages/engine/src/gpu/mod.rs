@@ -1,6 +1,6 @@
 //! The CUDA training path (a build with the `cuda` feature): cuDNN convolutions ([`conv`]), fused
-//! BatchNorm kernels ([`norm`]), the fused residual add + ReLU and the multi-tensor SGD update
-//! (this file),
+//! BatchNorm kernels ([`norm`]), the fused residual add + ReLU, the stem's max-pooling and the
+//! multi-tensor SGD update (this file),
 //! the planned step's kernels over fixed device buffers ([`plan`]), and pinned, asynchronous
 //! host-to-device copies of batches ([`feed`]).
 //!
@@ -300,6 +300,72 @@ pub(crate) fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     Ok(g)
 }
 
+/// The arguments of `max_pool_fwd` / `max_pool_bwd` (`kernels.cu`): the buffers `ptrs`, the
+/// input's shape `dims`, the output's `out`, the `window` (size, stride, padding) and the layout.
+pub(crate) fn pool_args(
+    ptrs: &[u64],
+    dims: [usize; 4],
+    out: [usize; 4],
+    window: [usize; 3],
+    nhwc: bool,
+) -> Result<Vec<Arg>> {
+    let [k, s, p] = window;
+    let ints = [dims[0], dims[1], dims[2], dims[3], out[2], out[3], k, s, p];
+    let mut args: Vec<Arg> = ptrs.iter().map(|&p| Arg::Ptr(p)).collect();
+    for v in ints {
+        args.push(Arg::I32(
+            i32::try_from(v).map_err(candle_core::Error::wrap)?,
+        ));
+    }
+    args.push(Arg::I32(nhwc as i32));
+    Ok(args)
+}
+
+/// Max-pooling (`models::pool`) of a contiguous NCHW storage of shape `dims` into `out` with
+/// `window` (size, stride, padding).
+pub(crate) fn max_pool_forward(
+    x: &CudaStorage,
+    l: &Layout,
+    dims: [usize; 4],
+    out: [usize; 4],
+    window: [usize; 3],
+) -> Result<CudaStorage> {
+    let name = kernel!(x.dtype(), "max_pool_fwd");
+    let len: usize = out.iter().product();
+    let px = storage_ptr(x, l, "max-pool")?;
+    let (y, py) = alloc(&x.device, x.dtype(), len)?;
+    launch(
+        &x.device,
+        name,
+        elementwise(len),
+        &pool_args(&[px, py], dims, out, window, false)?,
+    )?;
+    Ok(y)
+}
+
+/// The input gradient of [`max_pool_forward`] over `x` (shape `dims`) from the output's `dy`
+/// (shape `out`).
+pub(crate) fn max_pool_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    dims: [usize; 4],
+    out: [usize; 4],
+    window: [usize; 3],
+) -> Result<Tensor> {
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?.to_dtype(x.dtype())?);
+    let name = kernel!(x.dtype(), "max_pool_bwd");
+    let (dev, px) = tensor_ptr(&x, "max-pool input")?;
+    let (_, pd) = tensor_ptr(&dy, "max-pool gradient")?;
+    let (dx, pdx) = alloc_tensor(&dev, x.dtype(), x.shape())?;
+    launch(
+        &dev,
+        name,
+        elementwise(x.elem_count()),
+        &pool_args(&[px, pd, pdx], dims, out, window, false)?,
+    )?;
+    Ok(dx)
+}
+
 /// Parameters per launch of `sgd_multi_f32` (`SGD_TABLE` in `kernels.cu`).
 const SGD_TABLE: usize = 64;
 
@@ -509,6 +575,17 @@ mod tests {
         )
         .is_ok());
         assert!(check_arguments("cast_weights_bf16", Some(2056), &[Arg::I32(1)]).is_ok());
+        // The max-pooling's argument lists as `pool_args` makes them.
+        let g = crate::models::pool::PoolGeometry::STEM;
+        for (name, ptrs) in [
+            ("max_pool_fwd_f32", &[0u64, 0][..]),
+            ("max_pool_bwd_bf16", &[0, 0, 0][..]),
+        ] {
+            let (dims, window) = ([2, 3, 9, 9], [g.kernel, g.stride, g.pad]);
+            let out = g.out_dims(dims).unwrap();
+            let args = super::pool_args(ptrs, dims, out, window, true).unwrap();
+            assert!(check_arguments(name, None, &args).is_ok(), "{name}");
+        }
         assert!(check_arguments("no_such_kernel", None, &[]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! CUDA's [`Kernels`] for the planned training step (`models::plan`): device buffers of the
 //! activation type (f32 or bf16) that live across steps, cuDNN convolutions and the fused
-//! BatchNorm kernels called on raw addresses, and the residual passes of `kernels.cu`.
+//! BatchNorm kernels called on raw addresses, and the residual and max-pooling passes of
+//! `kernels.cu`.
 //!
 //! What candle's autograd does per op on the GPU (allocate the output, record the graph,
 //! accumulate each gradient through a zero tensor, cast the f32 weight to bf16 as a graph op)
@@ -32,10 +33,13 @@
 use super::conv::{run, Direction};
 use super::norm::{self, Gradients, Operands};
 use super::WeightCopy;
-use super::{alloc, alloc_tensor, cast_weights, elementwise, kernel, launch, tensor_ptr, Arg};
+use super::{
+    alloc, alloc_tensor, cast_weights, elementwise, kernel, launch, pool_args, tensor_ptr, Arg,
+};
 use crate::models::batch_norm::BatchNorm;
 use crate::models::conv::Conv2d;
 use crate::models::plan::{Kernels, PlanOptions, Program};
+use crate::models::pool::PoolGeometry;
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
@@ -592,6 +596,41 @@ impl Kernels for CudaKernels {
             kernel!(self.dtype, "subsample"),
             total,
             &[Arg::Ptr(x.ptr), Arg::Ptr(py), n, c, h, w, pad, stride, nhwc],
+        )
+    }
+
+    fn max_pool(
+        &mut self,
+        x: &DeviceBuf,
+        dims: [usize; 4],
+        g: PoolGeometry,
+        y: &mut DeviceBuf,
+    ) -> Result<()> {
+        let out = g.out_dims(dims)?;
+        let total = out.iter().product();
+        let py = y.fit(&self.dev, self.dtype, total, &self.allocations)?;
+        self.each(
+            kernel!(self.dtype, "max_pool_fwd"),
+            total,
+            &pool_args(&[x.ptr, py], dims, out, g.window(), self.nhwc)?,
+        )
+    }
+
+    fn max_pool_backward(
+        &mut self,
+        x: &DeviceBuf,
+        dims: [usize; 4],
+        g: PoolGeometry,
+        dy: &DeviceBuf,
+        dx: &mut DeviceBuf,
+    ) -> Result<()> {
+        let total = dims.iter().product();
+        let out = g.out_dims(dims)?;
+        let pdx = dx.fit(&self.dev, self.dtype, total, &self.allocations)?;
+        self.each(
+            kernel!(self.dtype, "max_pool_bwd"),
+            total,
+            &pool_args(&[x.ptr, dy.ptr, pdx], dims, out, g.window(), self.nhwc)?,
         )
     }
 

@@ -124,8 +124,8 @@ impl Net {
     }
 
     /// Runs training-mode forward passes on images of type `dtype` through the backbone's
-    /// planned program when `dtype` is given, the backbone has a program (the ResNets with the
-    /// CIFAR stem, ResNeXt) and its device has planned kernels (the CPU in f32; CUDA in f32 or
+    /// planned program when `dtype` is given, the backbone has a program (every ResNet, with
+    /// either stem, and ResNeXt) and its device has planned kernels (the CPU in f32; CUDA in f32 or
     /// bf16); whoever switches it on must take gradients with [`Net::backward`]. `None` switches
     /// it off. On CUDA the environment chooses how the passes run ([`PlanOptions::from_env`]:
     /// CUDA graphs under `LDL_GPU_GRAPH=1`, channels-last under `LDL_GPU_NHWC=1`). Returns
@@ -389,6 +389,7 @@ mod tests {
             ("resnet14", 4, Shortcut::B, 8),
             ("resnet50", 2, Shortcut::B, 16),
             ("resnext29_2x4d", 2, Shortcut::B, 8),
+            ("resnet18_imagenet", 4, Shortcut::B, 19),
         ];
         for (arch, width, shortcut, hw) in cases {
             let spec = ModelSpec {

@@ -24,6 +24,7 @@
 
 use super::batch_norm::BatchNorm;
 use super::conv::Conv2d;
+use super::pool::PoolGeometry;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -66,11 +67,14 @@ pub struct Block {
     pub skip: Skip,
 }
 
-/// A backbone the plan can run: a stem unit (with its ReLU), then residual blocks.
+/// A backbone the plan can run: a stem unit (with its ReLU), a max-pooling for the ImageNet
+/// stem, then residual blocks.
 #[derive(Clone)]
 pub struct Program {
     /// The first convolution, BatchNorm and ReLU.
     pub stem: Unit,
+    /// The max-pooling after the stem (ImageNet's), if any.
+    pub pool: Option<PoolGeometry>,
     /// The residual blocks in order.
     pub blocks: Vec<Block>,
 }
@@ -175,6 +179,24 @@ pub trait Kernels: Send {
         pad: usize,
         stride: usize,
         y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `y` = the max-pooling of `x` (shape `dims`) with window `g` (`models::pool`).
+    fn max_pool(
+        &mut self,
+        x: &Self::Buf,
+        dims: [usize; 4],
+        g: PoolGeometry,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `dx` = the input gradient of [`Kernels::max_pool`] over `x` (shape `dims`) from the
+    /// output's gradient `dy` (every value of `dx`).
+    fn max_pool_backward(
+        &mut self,
+        x: &Self::Buf,
+        dims: [usize; 4],
+        g: PoolGeometry,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
     ) -> Result<()>;
     /// The adjoint of [`Kernels::subsample`], masked by the residual ReLU: `dx[sub] += dy`
     /// where `out > 0`, for the channels that came from `x` (shape `dims`).
@@ -408,7 +430,20 @@ impl<K: Kernels> Default for BlockTape<K> {
 struct Activations<K: Kernels> {
     images: K::Buf,
     stem: UnitTape<K>,
+    /// The stem's pooled output and its shape (with [`Program::pool`]).
+    pooled: K::Buf,
+    pooled_dims: [usize; 4],
     blocks: Vec<BlockTape<K>>,
+}
+
+impl<K: Kernels> Activations<K> {
+    /// The first block's input: the stem's output, pooled when the program pools, and its shape.
+    fn trunk(&self, program: &Program) -> (&K::Buf, [usize; 4]) {
+        match program.pool {
+            Some(_) => (&self.pooled, self.pooled_dims),
+            None => (&self.stem.act, self.stem.output),
+        }
+    }
 }
 
 /// One forward pass's activations, the `Var` that carries its output into candle, and the
@@ -426,6 +461,8 @@ impl<K: Kernels> Default for Tape<K> {
             acts: Activations {
                 images: K::Buf::default(),
                 stem: UnitTape::default(),
+                pooled: K::Buf::default(),
+                pooled_dims: [0; 4],
                 blocks: Vec::new(),
             },
             output: None,
@@ -786,11 +823,21 @@ fn forward_pass<K: Kernels>(
     program
         .stem
         .forward(k, &tape.images, &mut tape.stem, None)?;
+    if let Some(g) = program.pool {
+        k.max_pool(&tape.stem.act, tape.stem.output, g, &mut tape.pooled)?;
+    }
+    let Activations {
+        stem,
+        pooled,
+        blocks,
+        ..
+    } = tape;
     for (i, block) in program.blocks.iter().enumerate() {
-        let (before, rest) = tape.blocks.split_at_mut(i);
-        let x = match before.last() {
-            Some(b) => &b.out,
-            None => &tape.stem.act,
+        let (before, rest) = blocks.split_at_mut(i);
+        let x = match (before.last(), program.pool) {
+            (Some(b), _) => &b.out,
+            (None, Some(_)) => &*pooled,
+            (None, None) => &stem.act,
         };
         block.forward(k, x, &mut rest[0], transient)?;
     }
@@ -815,7 +862,19 @@ fn infer_pass<K: Kernels>(
         stats,
     } = p;
     let [a, z] = io;
-    let mut d = program.stem.infer(k, images, dims, conv, stats, a)?;
+    let mut d = match program.pool {
+        // The stem's output goes to a unit buffer (free until the first block), pooled into `a`.
+        Some(g) => {
+            let stem = program
+                .stem
+                .infer(k, images, dims, conv, stats, &mut units[0])?;
+            let pooled = g.out_dims(stem)?;
+            k.fit(a, pooled.iter().product())?;
+            k.max_pool(&units[0], stem, g, a)?;
+            pooled
+        }
+        None => program.stem.infer(k, images, dims, conv, stats, a)?,
+    };
     for (b, block) in program.blocks.iter().enumerate() {
         let (x, out) = if b % 2 == 0 {
             (&*a, &mut *z)
@@ -831,6 +890,9 @@ fn infer_pass<K: Kernels>(
 /// the pool's `io` buffer it ends in.
 fn infer_shape(program: &Program, dims: [usize; 4]) -> Result<([usize; 4], usize)> {
     let mut d = conv_output(&program.stem.conv, dims)?;
+    if let Some(g) = program.pool {
+        d = g.out_dims(d)?;
+    }
     for block in &program.blocks {
         for u in &block.main {
             d = conv_output(&u.conv, d)?;
@@ -850,7 +912,7 @@ fn backward_pass<K: Kernels>(
 ) -> Result<()> {
     for (i, block) in program.blocks.iter().enumerate().rev() {
         let (x, dims) = match i {
-            0 => (&tape.stem.act, tape.stem.output),
+            0 => tape.trunk(program),
             _ => (
                 &tape.blocks[i - 1].out,
                 tape.blocks[i - 1].main.last().expect("units").output,
@@ -858,6 +920,12 @@ fn backward_pass<K: Kernels>(
         };
         k.fit(&mut s.dx, dims.iter().product())?;
         block.backward(k, &tape.blocks[i], x, dims, s, grads)?;
+        std::mem::swap(&mut s.dout, &mut s.dx);
+    }
+    // Back through the pooling to the stem's output.
+    if let Some(g) = program.pool {
+        k.fit(&mut s.dx, tape.stem.output.iter().product())?;
+        k.max_pool_backward(&tape.stem.act, tape.stem.output, g, &s.dout, &mut s.dx)?;
         std::mem::swap(&mut s.dout, &mut s.dx);
     }
     // The stem: its input is the images, which get no gradient.
@@ -871,7 +939,8 @@ fn backward_pass<K: Kernels>(
         None,
         grads,
     )?;
-    if program.blocks.len() % 2 == 1 {
+    // One swap per block and one for the pooling: undone when their count is odd.
+    if (program.blocks.len() + usize::from(program.pool.is_some())) % 2 == 1 {
         std::mem::swap(&mut s.dout, &mut s.dx);
     }
     Ok(())
@@ -901,7 +970,7 @@ impl<K: Kernels> Planned for Plan<K> {
         })?;
         let out = match tape.acts.blocks.last() {
             Some(b) => &b.out,
-            None => &tape.acts.stem.act,
+            None => tape.acts.trunk(program).0,
         };
         let var = k.output(out, out_dims)?;
         let t = var.as_tensor().clone();
@@ -996,9 +1065,13 @@ fn shape_forward<K: Kernels>(
         Ok(len)
     }
     unit(k, &program.stem, &mut tape.stem, dims, true)?;
+    if let Some(g) = program.pool {
+        tape.pooled_dims = g.out_dims(tape.stem.output)?;
+        k.fit(&mut tape.pooled, tape.pooled_dims.iter().product())?;
+    }
     tape.blocks
         .resize_with(program.blocks.len(), BlockTape::default);
-    let mut d = tape.stem.output;
+    let mut d = tape.trunk(program).1;
     let (mut main, mut skip) = (0, 0);
     for (block, bt) in program.blocks.iter().zip(&mut tape.blocks) {
         let x = d;
@@ -1131,12 +1204,16 @@ mod tests {
         assert_same_training(&spec("resnet18", 4, Shortcut::B), 16);
         assert_same_training(&spec("resnet50", 2, Shortcut::B), 16);
         assert_same_training(&spec("resnext29_2x4d", 2, Shortcut::B), 8);
+        // The ImageNet stem (7×7 stride-2 convolution, max-pooling) on 20×20 and odd 17×17
+        // images.
+        assert_same_training(&spec("resnet18_imagenet", 4, Shortcut::B), 20);
+        assert_same_training(&spec("resnet50_imagenet", 2, Shortcut::B), 17);
     }
 
-    /// The ImageNet stem and the architectures without a program keep the autograd path.
+    /// The architectures without a program keep the autograd path.
     #[test]
     fn only_programs_are_planned() {
-        for arch in ["resnet18_imagenet", "densenet_cifar", "dla"] {
+        for arch in ["densenet_cifar", "dla"] {
             let mut m = Model::new(&ModelSpec::new(arch, 5, 3).unwrap(), &Device::Cpu, 0).unwrap();
             assert!(!m.net.plan_training(Some(DType::F32)), "{arch}");
         }

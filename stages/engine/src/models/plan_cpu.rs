@@ -1,6 +1,6 @@
 //! The CPU's [`Kernels`] for the planned training step ([`super::plan`]): host vectors of f32,
-//! our convolution and BatchNorm kernels, and the residual passes the plan fuses (the masked
-//! shortcut gradient, option A's subsampling and its adjoint). The same kernels in the same
+//! our convolution, BatchNorm and max-pooling kernels, and the residual passes the plan fuses
+//! (the masked shortcut gradient, option A's subsampling and its adjoint). The same kernels in the same
 //! order as the autograd path, so a planned step is bitwise an autograd one.
 
 use super::add_relu::add_relu_into;
@@ -8,6 +8,7 @@ use super::batch_norm::{backward_into as bn_backward, normalize_into, BatchNorm}
 use super::conv::Conv2d;
 use super::cpu::{relu_grad, with_f32};
 use super::plan::Kernels;
+use super::pool::{max_pool_backward_into, max_pool_into, PoolGeometry};
 use crate::profile::{timer, Section};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, Var};
@@ -221,6 +222,31 @@ impl Kernels for CpuKernels {
                     }
                 }
             });
+        Ok(())
+    }
+
+    fn max_pool(
+        &mut self,
+        x: &Vec<f32>,
+        dims: [usize; 4],
+        g: PoolGeometry,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        fit(y, g.out_dims(dims)?.iter().product());
+        max_pool_into(x, dims, g, y);
+        Ok(())
+    }
+
+    fn max_pool_backward(
+        &mut self,
+        x: &Vec<f32>,
+        dims: [usize; 4],
+        g: PoolGeometry,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        fit(dx, x.len());
+        max_pool_backward_into(x, dims, g, dy, dx);
         Ok(())
     }
 

@@ -21,7 +21,7 @@ use super::bottleneck::{Bottleneck, EXPANSION};
 use super::conv::Conv2d;
 use super::net::Backbone;
 use super::plan;
-use super::pool::max_pool2d;
+use super::pool::{max_pool2d, PoolGeometry};
 use super::ModelSpec;
 use crate::error::{EngineError, Result};
 use candle_core::{Module, Tensor};
@@ -250,7 +250,10 @@ impl Backbone for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let mut y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if self.max_pool {
-            y = max_pool2d(&y, 3, 2, 1)?;
+            let g = PoolGeometry::STEM;
+            // On CUDA our pooling kernel comes with the planned step's opt-in (see `pool`).
+            let cuda_kernel = plan::wanted(y.device());
+            y = max_pool2d(&y, g.kernel, g.stride, g.pad, cuda_kernel)?;
         }
         for b in &self.blocks {
             y = b.forward_t(&y, train)?;
@@ -258,10 +261,11 @@ impl Backbone for ResNet {
         Ok(y)
     }
 
-    /// The CIFAR-stem ResNets (the ImageNet stem's max-pool has no planned step).
+    /// Every ResNet: the CIFAR stem, or the ImageNet stem with its max-pooling.
     fn program(&self) -> Option<plan::Program> {
-        (!self.max_pool).then(|| plan::Program {
+        Some(plan::Program {
             stem: unit(&self.conv1, &self.bn1, true),
+            pool: self.max_pool.then_some(PoolGeometry::STEM),
             blocks: self.blocks.iter().map(Block::program).collect(),
         })
     }

@@ -83,6 +83,7 @@ impl Backbone for ResNeXt {
     fn program(&self) -> Option<Program> {
         Some(Program {
             stem: unit(&self.conv1, &self.bn1, true),
+            pool: None,
             blocks: self.blocks.iter().map(Bottleneck::program).collect(),
         })
     }

@@ -2,7 +2,8 @@
 // from the definitions: NCHW and NHWC BatchNorm statistics, normalisation and backward, the
 // option-A shortcut and its adjoint in both layouts, the NCHW <-> NHWC transpose, the KRSC
 // weight copies and the gradient that comes back from them, the residual passes of the planned
-// backward (add_masked, add_into, grad_add), bn_invstd and the multi-tensor SGD. Run by
+// backward (add_masked, add_into, grad_add), the stem's max-pooling, bn_invstd and the
+// multi-tensor SGD. Run by
 // tests/kernels_on_cpu.rs; prints one line per check and exits non-zero on the first failure.
 #include "cuda_shim.h"
 
@@ -257,6 +258,59 @@ void subsample_both_ways(int n, int c, int h, int w, int pad, int stride, bool n
     expect_equal(name + ": adjoint", dx, layout(dx_nchw, nhwc, n, c, h * w));
 }
 
+// Max-pooling forward and backward against NCHW loops in PyTorch's rule (the first maximum in
+// window order from −∞, a NaN winning; each output's gradient added at its maximum, output by
+// output), bitwise. `levels` > 0 rounds the inputs to that many steps per unit, so windows hold
+// equal maxima; `nan` puts a NaN into the first image's first plane.
+void max_pooling(int n, int c, int h, int w, int k, int s, int p, int levels, bool nan, bool nhwc) {
+    const std::string name = "max-pool c=" + std::to_string(c) + " " + std::to_string(h) + "x" +
+                             std::to_string(w) + " k=" + std::to_string(k) + " s=" +
+                             std::to_string(s) + " p=" + std::to_string(p) +
+                             (levels ? " ties" : "") + (nan ? " NaN" : "") +
+                             (nhwc ? " NHWC" : " NCHW");
+    const int ho = (h + 2 * p - k) / s + 1, wo = (w + 2 * p - k) / s + 1;
+    auto x_nchw = random(size_t(n) * c * h * w, 51);
+    if (levels)
+        for (auto& v : x_nchw) v = std::floor(v * levels) / levels;
+    if (nan) x_nchw[size_t(w) + 1] = NAN;
+    std::vector<float> want_y(size_t(n) * c * ho * wo);
+    const auto dy_nchw = random(want_y.size(), 52);
+    std::vector<float> want_dx(x_nchw.size(), 0.0f);
+    for (size_t plane = 0; plane < size_t(n) * c; ++plane)
+        for (int oy = 0; oy < ho; ++oy)
+            for (int ox = 0; ox < wo; ++ox) {
+                float m = -INFINITY;
+                size_t best = SIZE_MAX;
+                for (int iy = oy * s - p; iy < oy * s - p + k; ++iy)
+                    for (int ix = ox * s - p; ix < ox * s - p + k; ++ix) {
+                        if (iy < 0 || ix < 0 || iy >= h || ix >= w) continue;
+                        const size_t at = (plane * h + iy) * w + ix;
+                        if (best == SIZE_MAX) best = at;
+                        if (x_nchw[at] > m || std::isnan(x_nchw[at])) m = x_nchw[at], best = at;
+                    }
+                const size_t o = (plane * ho + oy) * wo + ox;
+                want_y[o] = x_nchw[best];
+                want_dx[best] += dy_nchw[o];
+            }
+    const auto x = layout(x_nchw, nhwc, n, c, h * w), dy = layout(dy_nchw, nhwc, n, c, ho * wo);
+    std::vector<float> y(want_y.size(), 7.0f), dx(x.size(), 7.0f);
+    launch_serial(elementwise(y.size()), dim3{256, 1, 1}, [&] {
+        max_pool_fwd_f32(x.data(), y.data(), n, c, h, w, ho, wo, k, s, p, nhwc);
+    });
+    launch_serial(elementwise(x.size()), dim3{256, 1, 1}, [&] {
+        max_pool_bwd_f32(x.data(), dy.data(), dx.data(), n, c, h, w, ho, wo, k, s, p, nhwc);
+    });
+    // A NaN is not equal to itself: compare bit patterns through the NaN's position first.
+    auto y_want = layout(want_y, nhwc, n, c, ho * wo);
+    for (size_t i = 0; i < y.size(); ++i)
+        if (std::isnan(y_want[i])) {
+            if (!std::isnan(y[i])) fail(name + ": a window holding a NaN lost it");
+            y[i] = y_want[i] = 0.0f;
+        }
+    expect_equal(name, y, y_want);
+    expect_equal(name + ": backward", dx, layout(want_dx, nhwc, n, c, h * w));
+}
+
 void transposes(int n, int c, int hw) {
     const auto v = random(size_t(n) * c * hw, 41);
     std::vector<float> t(v.size()), back(v.size());
@@ -436,6 +490,16 @@ int main() {
         subsample_both_ways(2, 4, 8, 8, 4, 2, nhwc);
         subsample_both_ways(3, 6, 7, 5, 6, 2, nhwc);
         subsample_both_ways(2, 3, 6, 6, 0, 3, nhwc);
+    }
+    for (bool nhwc : {false, true}) {
+        // The ImageNet stem's window on even and odd sizes, one with ties, one with a NaN, a
+        // plain 2x2 pooling and overlapping windows of stride 1.
+        max_pooling(2, 3, 8, 8, 3, 2, 1, 0, false, nhwc);
+        max_pooling(1, 4, 7, 9, 3, 2, 1, 0, false, nhwc);
+        max_pooling(2, 3, 8, 6, 3, 2, 1, 2, false, nhwc);
+        max_pooling(1, 2, 6, 6, 3, 2, 1, 0, true, nhwc);
+        max_pooling(2, 2, 6, 5, 2, 2, 0, 0, false, nhwc);
+        max_pooling(1, 3, 5, 5, 3, 1, 1, 3, false, nhwc);
     }
     transposes(3, 5, 12);
     transposes(2, 16, 49);
