@@ -767,6 +767,11 @@ fn model_to_train(
     // trainer takes every gradient through Net::backward, as the plan requires.
     let planned = engine::models::plan::wanted(device).then_some(p.dtype.dtype());
     model.net.plan_training(planned);
+    // Its held-out evaluations (`eval_every`, OGR's class losses) take the planned
+    // evaluation-mode passes too: bitwise the layers' outputs, in a few reused buffers.
+    model
+        .net
+        .plan_inference(engine::models::plan::wanted(device));
     Ok((spec, model, None))
 }
 
