@@ -195,9 +195,12 @@ pub fn progress(config: &Config, name: &str, fp: &str) -> Option<String> {
                 .is_some_and(|u| u.params.kind() == stages::Kind::Prepare)
         })
         .map(|n| stage_dir(config, n));
-    stage
-        .params
-        .progress(&partial_dir(config, name), dataset.as_deref())
+    // Each run rewrites the partial folder's tag when it starts: the latest resumption.
+    let partial = partial_dir(config, name);
+    let resumed = fs::metadata(partial.join(PARTIAL_TAG))
+        .and_then(|m| m.modified())
+        .ok();
+    stage.params.progress(&partial, dataset.as_deref(), resumed)
 }
 
 /// Whether the partial folder of `name` was left by a killed run with fingerprint `fp`, so that

@@ -77,16 +77,18 @@ impl StageParams {
     /// status`: a training's epochs, a label stage's chunks, a replay's epochs, and the time
     /// left; `None` for the kinds that do not resume part-way, or when nothing is stored yet.
     /// `dataset` is the folder of the stage's prepared dataset, if it reads one (a label
-    /// stage's chunks are counted against its splits' sizes).
+    /// stage's chunks are counted against its splits' sizes); `resumed` is when the run that
+    /// writes the folder now started (the time left is not paced across the pause before it).
     pub fn progress(
         &self,
         dir: &std::path::Path,
         dataset: Option<&std::path::Path>,
+        resumed: Option<std::time::SystemTime>,
     ) -> Option<String> {
         match self {
             StageParams::Train(p) => train::progress(p, dir),
-            StageParams::Label(p) => label::progress(p, dir, dataset),
-            StageParams::Replay(p) => replay::progress(p, dir),
+            StageParams::Label(p) => label::progress(p, dir, dataset, resumed),
+            StageParams::Replay(p) => replay::progress(p, dir, resumed),
             _ => None,
         }
     }

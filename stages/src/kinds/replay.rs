@@ -144,9 +144,14 @@ fn check_columns(ctx: &Context, p: &Params, k: usize) -> Result<()> {
 }
 
 /// How far the replay stage whose (partial) folder is `dir` got: its epochs stored (`3 of 10
-/// epochs stored`) and the time left at the pace the last ones were written (`, about 12 min of
-/// replay left`), for `pipeline status`; `None` before the first.
-pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
+/// epochs stored`) and the time left at the pace the last ones were written, the gap across
+/// `resumed` (when the run writing now started) left out (`, about 12 min of replay left`), for
+/// `pipeline status`; `None` before the first.
+pub fn progress(
+    p: &Params,
+    dir: &std::path::Path,
+    resumed: Option<std::time::SystemTime>,
+) -> Option<String> {
     let times: Vec<_> = (0..p.epochs)
         .filter_map(|e| progress::written(&replay_store::epoch_file(dir, e)))
         .collect();
@@ -155,7 +160,7 @@ pub fn progress(p: &Params, dir: &std::path::Path) -> Option<String> {
         return None;
     }
     let mut out = format!("{stored} of {} epochs stored", p.epochs);
-    if let Some(s) = progress::left_at_pace(&times, p.epochs - stored) {
+    if let Some(s) = progress::left_at_pace(&times, p.epochs - stored, resumed) {
         out += &format!(", about {} of replay left", progress::rough(s));
     }
     Some(out)
@@ -315,7 +320,7 @@ mod tests {
             epochs: 10,
             ..Params::default()
         };
-        assert_eq!(progress(&p, dir.path()), None);
+        assert_eq!(progress(&p, dir.path(), None), None);
         for name in [
             replay_store::epoch_file_name(0),
             replay_store::epoch_file_name(2),
@@ -335,7 +340,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(
-            progress(&p, dir.path()).as_deref(),
+            progress(&p, dir.path(), None).as_deref(),
             Some("2 of 10 epochs stored, about 8 min of replay left")
         );
     }

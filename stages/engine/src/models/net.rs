@@ -165,6 +165,16 @@ impl Net {
         self.inference.is_some()
     }
 
+    /// Frees the buffers of the planned evaluation-mode passes (they stay switched on, and the
+    /// next pass makes them again): for a model evaluated now and then (a training's held-out
+    /// evaluations, one of several teachers labelling in turn), whose buffers would otherwise
+    /// stay allocated between its passes.
+    pub fn release_inference(&self) {
+        if let Some((_, slot)) = &self.inference {
+            *slot.lock().expect("plan lock") = None;
+        }
+    }
+
     /// The backbone's output through a plan, when one takes `x` in this mode.
     fn planned_features(&self, x: &Tensor, train: bool) -> candle_core::Result<Option<Tensor>> {
         let y = match (&self.plan, &self.inference) {
@@ -300,7 +310,7 @@ mod tests {
     use super::super::{Model, ModelSpec, Shortcut};
     use crate::losses::cross_entropy;
     use crate::models::testing::{max_rel, random};
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     /// Logits and the gradient of every trainable tensor of one training step, on this
     /// thread's ops.
@@ -398,6 +408,9 @@ mod tests {
                 ..ModelSpec::new(arch, 5, 3).unwrap()
             };
             let mut m = Model::new(&spec, &Device::Cpu, 9).unwrap();
+            // Trained through the planned step, whose updates (weights, running statistics)
+            // the planned evaluation passes must read.
+            assert!(m.net.plan_training(Some(DType::F32)), "{arch}");
             let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
             let y = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &Device::Cpu).unwrap();
             for s in 0..2 {
@@ -423,6 +436,17 @@ mod tests {
                 );
                 assert_eq!(logits(&m, x), layers[i], "{arch}: batch {i}");
             }
+            // Released buffers are made again, with the same results; and a training step in
+            // between moves the planned evaluation as it moves the layers'.
+            m.net.release_inference();
+            assert_eq!(logits(&m, &batches[0]), layers[0], "{arch}: after release");
+            let x = random(&[6, 3, hw, hw], -2.0..2.0, 60);
+            let loss = cross_entropy(&m.net.forward_t(&x, true).unwrap(), &y).unwrap();
+            opt.step(&m.net.backward(&loss).unwrap(), 0.1).unwrap();
+            let planned = logits(&m, &batches[1]);
+            assert!(!m.net.plan_inference(false));
+            assert_eq!(planned, logits(&m, &batches[1]), "{arch}: after a step");
+            assert_ne!(planned, layers[1], "{arch}: the step changed nothing");
         }
         for arch in ["densenet_cifar", "dla"] {
             let mut m = Model::new(&ModelSpec::new(arch, 5, 3).unwrap(), &Device::Cpu, 0).unwrap();

@@ -110,44 +110,59 @@ struct Teacher {
 /// How far the label stage whose (partial) folder is `dir` got, for `pipeline status`: the
 /// chunks of teacher outputs stored, out of those of its splits in the prepared dataset's
 /// folder `dataset` (`4 of 13 chunks labelled`), and the time left at the pace the last chunks
-/// were written (`, about 3 min of labelling left`); only the count when the dataset cannot be
-/// read (`4 chunks labelled`). `None` before the first chunk.
-pub fn progress(p: &Params, dir: &Path, dataset: Option<&Path>) -> Option<String> {
-    let stored = chunks::stored(dir, p.batch_size, p.chunk_size);
-    let n = stored.len();
-    let Some(total) = dataset.and_then(|d| chunks_in(p, d)) else {
-        return match n {
+/// were written since before `resumed` (when the run writing now started) (`, about 3 min of
+/// labelling left`; the label stores assembled at the end are not in it); only the count when
+/// the dataset cannot be read (`4 chunks labelled`). `None` before the first chunk.
+pub fn progress(
+    p: &Params,
+    dir: &Path,
+    dataset: Option<&Path>,
+    resumed: Option<std::time::SystemTime>,
+) -> Option<String> {
+    let Some(plans) = dataset.and_then(|d| split_plans(p, d)) else {
+        return match chunks::stored(dir, p.batch_size, p.chunk_size).len() {
             0 => None,
             1 => Some("1 chunk labelled".into()),
             n => Some(format!("{n} chunks labelled")),
         };
     };
+    // The chunks a run would reuse, as `label_split` finds them.
+    let files: Vec<std::path::PathBuf> = plans
+        .iter()
+        .flat_map(|(split, plan)| {
+            (0..plan.count()).map(move |c| chunks::path(dir, split.as_str(), plan, c))
+        })
+        .filter(|f| f.exists())
+        .collect();
+    let n = files.len();
+    let total: usize = plans.iter().map(|(_, plan)| plan.count()).sum();
     if n == 0 {
         return None;
     }
-    let mut out = format!("{n} of {total} chunks labelled");
-    let times: Vec<_> = stored.iter().filter_map(|c| progress::written(c)).collect();
-    if let Some(s) = progress::left_at_pace(&times, total.saturating_sub(n)) {
+    let unit = if total == 1 { "chunk" } else { "chunks" };
+    let mut out = format!("{n} of {total} {unit} labelled");
+    let times: Vec<_> = files.iter().filter_map(|f| progress::written(f)).collect();
+    if let Some(s) = progress::left_at_pace(&times, total.saturating_sub(n), resumed) {
         out += &format!(", about {} of labelling left", progress::rough(s));
     }
     Some(out)
 }
 
-/// The chunks of every split the stage labels, by the sizes in the dataset's `dataset.json` in
-/// `dataset`; `None` when it cannot be read or lacks a split.
-fn chunks_in(p: &Params, dataset: &Path) -> Option<usize> {
+/// The chunk plan of every split the stage labels, by the sizes in the dataset's `dataset.json`
+/// in `dataset`; `None` when it cannot be read or lacks a split.
+fn split_plans(p: &Params, dataset: &Path) -> Option<Vec<(Split, chunks::Plan)>> {
     let info: DatasetInfo = engine::json::read(&dataset.join("dataset.json")).ok()?;
     p.splits
         .iter()
-        .map(|split| {
+        .map(|&split| {
             let n = match split {
                 Split::Train => info.train.n,
                 Split::Test => info.test.n,
                 Split::Val => info.val.as_ref()?.n,
             };
-            Some(chunks::Plan::new(n, p.batch_size, p.chunk_size).count())
+            Some((split, chunks::Plan::new(n, p.batch_size, p.chunk_size)))
         })
-        .sum()
+        .collect()
 }
 
 /// Runs a `label` stage: loads the teachers, then labels each split asked for.
@@ -389,6 +404,11 @@ fn label_chunk(
                 .push(inference.predict_batches(store, batches.clone(), &what)?);
             chunk.mc.push(None);
         }
+        // Of several teachers, one's evaluation buffers are held at a time (each is a few
+        // activations of a batch: gigabytes for an ImageNet ResNet at batch 256).
+        if teachers.len() > 1 {
+            t.model.net.release_inference();
+        }
     }
     Ok(chunk)
 }
@@ -558,7 +578,7 @@ mod tests {
             splits: vec![Split::Train, Split::Test],
             ..Params::default()
         };
-        assert_eq!(progress(&p, dir.path(), Some(data.path())), None);
+        assert_eq!(progress(&p, dir.path(), Some(data.path()), None), None);
         std::fs::create_dir_all(chunks::folder(dir.path())).unwrap();
         // Two chunks written 30 s apart: the 2 left take about a minute.
         let t = SystemTime::now() - Duration::from_secs(3600);
@@ -568,7 +588,17 @@ mod tests {
             f.set_modified(t + Duration::from_secs(at)).unwrap();
         }
         assert_eq!(
-            progress(&p, dir.path(), Some(data.path())).as_deref(),
+            progress(&p, dir.path(), Some(data.path()), None).as_deref(),
+            Some("2 of 4 chunks labelled, about 60 s of labelling left")
+        );
+        // A chunk of another chunk size (5 batches) is not one a run would reuse.
+        std::fs::write(
+            chunks::folder(dir.path()).join("train-b5-10.safetensors"),
+            b"",
+        )
+        .unwrap();
+        assert_eq!(
+            progress(&p, dir.path(), Some(data.path()), None).as_deref(),
             Some("2 of 4 chunks labelled, about 60 s of labelling left")
         );
         // Only the train split: 3 chunks, one left.
@@ -577,12 +607,12 @@ mod tests {
             ..p.clone()
         };
         assert_eq!(
-            progress(&train, dir.path(), Some(data.path())).as_deref(),
+            progress(&train, dir.path(), Some(data.path()), None).as_deref(),
             Some("2 of 3 chunks labelled, about 30 s of labelling left")
         );
         // No dataset to read, or a split it lacks: the count alone.
         assert_eq!(
-            progress(&p, dir.path(), None).as_deref(),
+            progress(&p, dir.path(), None, None).as_deref(),
             Some("2 chunks labelled")
         );
         let val = Params {
@@ -590,7 +620,7 @@ mod tests {
             ..p
         };
         assert_eq!(
-            progress(&val, dir.path(), Some(data.path())).as_deref(),
+            progress(&val, dir.path(), Some(data.path()), None).as_deref(),
             Some("2 chunks labelled")
         );
     }

@@ -498,6 +498,8 @@ impl<'a> Trainer<'a> {
         let probs = self
             .inference()
             .predict(store, &format!("evaluating epoch {done} on {split}"))?;
+        // Not held through the epochs until the next evaluation.
+        self.model.net.release_inference();
         let m = metrics::compute(&probs, &store.labels(), self.k, EVAL_BINS);
         tracing::info!(
             "{}: epoch {done}/{}: {split} acc {:.2}% NLL {:.4} ECE {:.4}",
@@ -541,6 +543,7 @@ impl<'a> Trainer<'a> {
             train: self.class_losses(train_set, "OGR: training losses")?,
             val: self.class_losses(val_set, "OGR: validation losses")?,
         };
+        self.model.net.release_inference();
         self.ogr_points.push(point);
         if let [.., a, b] = &self.ogr_points[..] {
             self.supervision.class_weights = ogr_weights(&ogr(a, b));
