@@ -868,10 +868,8 @@ fn infer_pass<K: Kernels>(
             let stem = program
                 .stem
                 .infer(k, images, dims, conv, stats, &mut units[0])?;
-            let pooled = g.out_dims(stem)?;
-            k.fit(a, pooled.iter().product())?;
             k.max_pool(&units[0], stem, g, a)?;
-            pooled
+            g.out_dims(stem)?
         }
         None => program.stem.infer(k, images, dims, conv, stats, a)?,
     };

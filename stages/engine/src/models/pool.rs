@@ -63,7 +63,12 @@ impl PoolGeometry {
                 self.kernel
             )
         }
-        Ok((len + 2 * self.pad - self.kernel) / self.stride + 1)
+        Ok(self.side(len))
+    }
+
+    /// Outputs along a side of `len` inputs, for a side [`PoolGeometry::out_len`] accepts.
+    fn side(&self, len: usize) -> usize {
+        (len + 2 * self.pad - self.kernel) / self.stride + 1
     }
 
     /// The output shape over an input of shape `dims` (N × C × H × W).
@@ -166,10 +171,7 @@ fn planes_per_task(plane: usize) -> usize {
 /// `y` = the max-pooling of `x` (shape `dims`, NCHW) with window `g` (every value of `y`).
 pub(crate) fn max_pool_into(x: &[f32], dims: [usize; 4], g: PoolGeometry, y: &mut [f32]) {
     let [_, _, h, w] = dims;
-    let (ho, wo) = (
-        (h + 2 * g.pad - g.kernel) / g.stride + 1,
-        (w + 2 * g.pad - g.kernel) / g.stride + 1,
-    );
+    let (ho, wo) = (g.side(h), g.side(w));
     y.par_chunks_mut(ho * wo)
         .zip(x.par_chunks(h * w))
         .with_min_len(planes_per_task(h * w))
@@ -194,10 +196,7 @@ pub(crate) fn max_pool_backward_into(
     dx: &mut [f32],
 ) {
     let [_, _, h, w] = dims;
-    let (ho, wo) = (
-        (h + 2 * g.pad - g.kernel) / g.stride + 1,
-        (w + 2 * g.pad - g.kernel) / g.stride + 1,
-    );
+    let (ho, wo) = (g.side(h), g.side(w));
     dx.par_chunks_mut(h * w)
         .zip(x.par_chunks(h * w).zip(dy.par_chunks(ho * wo)))
         .with_min_len(planes_per_task(h * w))
