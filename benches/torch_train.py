@@ -8,7 +8,8 @@ Modes: eager f32, bf16 autocast + channels_last (the fast PyTorch recipe), and t
 model compiled by torch.compile (`compile`; its compilation falls in the warm-up steps). Models match the
 Rust ones layer for layer: CIFAR ResNet-18/34/50/101 (3x3 stem, no max-pool; kuangliu/RepDistiller),
 the same with torchvision's ImageNet stem (`resnet50_imagenet`: 7x7 stride-2 convolution, 3x3
-stride-2 max-pool), and the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B). With --teacher, the
+stride-2 max-pool), the CIFAR ResNets of depth 6n+2 with projection shortcuts (option B), and
+kuangliu's DenseNet-121 and DLA (the paper's Table 5 students). With --teacher, the
 On-LDL step of `pipeline bench train --teacher`: the teacher in eval mode under no_grad on the
 same batch, its softmax the student's target (soft cross-entropy).
 
@@ -98,8 +99,101 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class DenseLayer(nn.Module):
+    """kuangliu/pytorch-cifar's DenseNet Bottleneck: BN-ReLU-1x1 conv, BN-ReLU-3x3 conv, cat in front."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv1(F.relu(self.bn1(x)))
+        y = self.conv2(F.relu(self.bn2(y)))
+        return torch.cat([y, x], 1)
+
+
+class DenseNet(nn.Module):
+    """kuangliu's DenseNet-BC (densenet121: blocks 6, 12, 24, 16, growth 32), reduction 0.5."""
+
+    def __init__(self, blocks, growth, classes):
+        super().__init__()
+        planes = 2 * growth
+        self.conv1 = nn.Conv2d(3, planes, 3, padding=1, bias=False)
+        self.stages = nn.ModuleList()
+        for s, n in enumerate(blocks):
+            layers = []
+            for _ in range(n):
+                layers.append(DenseLayer(planes, growth))
+                planes += growth
+            if s + 1 < len(blocks):
+                out = planes // 2
+                layers += [nn.BatchNorm2d(planes), nn.ReLU(), nn.Conv2d(planes, out, 1, bias=False), nn.AvgPool2d(2)]
+                planes = out
+            self.stages.append(nn.Sequential(*layers))
+        self.bn = nn.BatchNorm2d(planes)
+        self.linear = nn.Linear(planes, classes)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for stage in self.stages:
+            x = stage(x)
+        x = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1)
+        return self.linear(torch.flatten(x, 1))
+
+
+class DlaTree(nn.Module):
+    """kuangliu's DLA tree (models/dla.py): subtrees, prev_root, left and right nodes, a 1x1 root over their cat."""
+
+    def __init__(self, cin, cout, level, stride):
+        super().__init__()
+        self.level = level
+        self.root_conv = nn.Conv2d((2 if level == 1 else level + 2) * cout, cout, 1, bias=False)
+        self.root_bn = nn.BatchNorm2d(cout)
+        self.subtrees = nn.ModuleList(DlaTree(cin, cout, i, stride) for i in reversed(range(1, level)))
+        self.prev_root = Basic(cin, cout, stride) if level > 1 else None
+        self.left = Basic(cin if level == 1 else cout, cout, stride if level == 1 else 1)
+        self.right = Basic(cout, cout, 1)
+
+    def forward(self, x):
+        xs = [self.prev_root(x)] if self.prev_root is not None else []
+        for t in self.subtrees:
+            x = t(x)
+            xs.append(x)
+        x = self.left(x)
+        xs.append(x)
+        x = self.right(x)
+        xs.append(x)
+        return F.relu(self.root_bn(self.root_conv(torch.cat(xs, 1))))
+
+
+class Dla(nn.Module):
+    """kuangliu's DLA: base width 16, trees of levels 1, 2, 2, 1."""
+
+    def __init__(self, classes, w=16):
+        super().__init__()
+
+        def conv_bn(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.base = nn.Sequential(conv_bn(3, w), conv_bn(w, w), conv_bn(w, 2 * w))
+        self.trees = nn.Sequential(*(DlaTree(a * w, b * w, level, stride) for a, b, level, stride in
+                                     [(2, 4, 1, 1), (4, 8, 2, 2), (8, 16, 2, 2), (16, 32, 1, 2)]))
+        self.linear = nn.Linear(32 * w, classes)
+
+    def forward(self, x):
+        x = self.trees(self.base(x))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def build(name, classes, width=None):
     """The network `name` (as the Rust `model` key) with `width` stem channels."""
+    if name == "densenet121":
+        return DenseNet([6, 12, 24, 16], 32, classes)
+    if name == "dla":
+        return Dla(classes)
     imagenet = name.endswith("_imagenet")
     name = name.removesuffix("_imagenet")
     big = {

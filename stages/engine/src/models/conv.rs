@@ -21,7 +21,15 @@
 //! gradient are implicit GEMMs ([`super::sgemm::gemm_rows`]) whose B rows point into
 //! zero-padded copies of the image (or of dY), one per kernel column, with the pixels whose
 //! shift wraps around a row edge zeroed (`*_implicit`), and the weight gradient is one product
-//! per tap reading the image where it lies (`weight_grad_taps`). On a CUDA
+//! per tap reading the image where it lies (`weight_grad_taps`).
+//!
+//! The exception is a large weight over small planes (a ResNet-18's 512-channel 3×3 layers on
+//! 4×4 maps: a 9.4 MB weight, 16 columns per image), where one image's product reads the whole
+//! weight for 32 FLOPs per value and the batch's partial weight gradients are each as large as
+//! the weight. There ([`Geometry::images_per_product`]) a few images are unfolded side by side
+//! into one product, and the weight gradient is split by input channels instead of images, so
+//! each of its values is one sum over the whole batch (again the same on any number of
+//! threads). On a CUDA
 //! device the same op runs cuDNN's forward, backward-data and backward-filter (`gpu::conv`),
 //! in f32 or bf16 (the weights, kept in f32, are cast to the input's type); elsewhere the layer
 //! uses candle's own convolution.
@@ -156,12 +164,27 @@ impl Geometry {
         }
     }
 
-    /// Writes every element of `cols` (`K × L`) from one image `x` (`C × H × W`).
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    /// Writes the unfolding (`K × L`) of one image `x` (`C × H × W`) into `cols`, row r at
+    /// `cols[r·ld..][..L]`: `ld = L` for one image's matrix, `n·L` for image j of n side by
+    /// side (`cols` then starting at column j·L).
+    fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
+        self.im2col_channels(x, 0..self.c, cols, ld);
+    }
+
+    /// [`Geometry::im2col`] of the rows of input channels `channels` only (row r of `cols`
+    /// is row `channels.start·kh·kw + r` of the unfolding).
+    fn im2col_channels(
+        &self,
+        x: &[f32],
+        channels: std::ops::Range<usize>,
+        cols: &mut [f32],
+        ld: usize,
+    ) {
+        let l = self.l();
+        let mut rows = cols.chunks_mut(ld).map(|r| &mut r[..l]);
         if self.same_stride1() {
             let hw = self.h * self.w;
-            let mut rows = cols.chunks_exact_mut(hw);
-            for c in 0..self.c {
+            for c in channels {
                 let plane = &x[c * hw..(c + 1) * hw];
                 for ki in 0..self.kh {
                     for kj in 0..self.kw {
@@ -180,9 +203,8 @@ impl Geometry {
             return;
         }
         let (ho, wo) = self.out_hw();
-        let (l, s) = (ho * wo, self.stride);
-        let mut rows = cols.chunks_exact_mut(l);
-        for c in 0..self.c {
+        let s = self.stride;
+        for c in channels {
             let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
@@ -216,26 +238,25 @@ impl Geometry {
     }
 
     /// The adjoint of [`Geometry::im2col`]: writes one image's gradient `dx` (`C × H × W`)
-    /// from `cols` (`K × L`), summing overlaps. `cols` is scratch: entries that correspond to
-    /// the zero padding may be overwritten with 0.
-    fn col2im(&self, cols: &mut [f32], dx: &mut [f32]) {
+    /// from `cols` (`K × L`, row r at `cols[r·ld..]`), summing overlaps. `cols` is scratch:
+    /// entries that correspond to the zero padding may be overwritten with 0.
+    fn col2im(&self, cols: &mut [f32], ld: usize, dx: &mut [f32]) {
+        let l = self.l();
         if self.same_stride1() {
             let hw = self.h * self.w;
             let taps = self.kh * self.kw;
             // Same padding at stride 1 means an odd kernel with pad = k/2, so the centre tap
             // is the identity shift: it initialises the plane, and the other taps add to it.
             let centre = (self.kh / 2) * self.kw + self.kw / 2;
-            for (plane, rows) in dx
-                .chunks_exact_mut(hw)
-                .zip(cols.chunks_exact_mut(taps * hw))
-            {
-                plane.copy_from_slice(&rows[centre * hw..(centre + 1) * hw]);
-                for (t, src) in rows.chunks_exact_mut(hw).enumerate() {
+            for (c, plane) in dx.chunks_exact_mut(hw).enumerate() {
+                plane.copy_from_slice(&cols[(c * taps + centre) * ld..][..hw]);
+                for t in 0..taps {
                     let (ki, kj) = (t / self.kw, t % self.kw);
                     let (r, off) = self.shifted(ki, kj);
                     if t == centre || r.is_empty() {
                         continue;
                     }
+                    let src = &mut cols[(c * taps + t) * ld..][..hw];
                     // Padding entries would land on wrapped-around pixels: drop them.
                     self.zero_wrapped(kj, src);
                     let at = (r.start as isize + off) as usize;
@@ -248,8 +269,8 @@ impl Geometry {
         }
         dx.fill(0.0);
         let (ho, wo) = self.out_hw();
-        let (l, s) = (ho * wo, self.stride);
-        let mut rows = cols.chunks_exact(l);
+        let s = self.stride;
+        let mut rows = cols.chunks(ld).map(|r| &r[..l]);
         for c in 0..self.c {
             let plane = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
             for ki in 0..self.kh {
@@ -283,10 +304,11 @@ impl Geometry {
 }
 
 impl Geometry {
-    /// `y (Cout×L) = W (Cout×Kg) · cols (K×L)`, one product per group: group g's output rows
-    /// g·Cout/G.. from its weight rows and its block of Kg unfolded rows.
-    fn forward_gemms(&self, w: &[f32], cols: &[f32], y: &mut [f32]) {
-        let (kg, cg, l) = (self.k_group(), self.cout_group(), self.l());
+    /// `y (Cout×n) = W (Cout×Kg) · cols (K×n)`, one product per group: group g's output rows
+    /// g·Cout/G.. from its weight rows and its block of Kg unfolded rows. `n` is L for one
+    /// image, a multiple of L for images side by side.
+    fn forward_gemms(&self, w: &[f32], cols: &[f32], l: usize, y: &mut [f32]) {
+        let (kg, cg) = (self.k_group(), self.cout_group());
         for gi in 0..self.groups {
             gemm_nn(
                 (cg, l, kg),
@@ -301,10 +323,11 @@ impl Geometry {
         }
     }
 
-    /// `dWᵀ (Kg×Cout) += cols (K×L) · dYᵀ (L×Cout)` per group: group g's block of unfolded
-    /// rows against its columns g·Cout/G.. of `dyt`, into the same columns of `dwt`.
-    fn weight_grad_gemms(&self, cols: &[f32], dyt: &[f32], dwt: &mut [f32]) {
-        let (kg, cg, l) = (self.k_group(), self.cout_group(), self.l());
+    /// `dWᵀ (Kg×Cout) += cols (K×n) · dYᵀ (n×Cout)` per group: group g's block of unfolded
+    /// rows against its columns g·Cout/G.. of `dyt`, into the same columns of `dwt`. `n` as
+    /// in [`Geometry::forward_gemms`]; the sum runs over the n columns in order.
+    fn weight_grad_gemms(&self, cols: &[f32], l: usize, dyt: &[f32], dwt: &mut [f32]) {
+        let (kg, cg) = (self.k_group(), self.cout_group());
         for gi in 0..self.groups {
             gemm_nn(
                 (kg, cg, l),
@@ -523,10 +546,11 @@ impl Geometry {
         }
     }
 
-    /// `dcols (K×L) = Wᵀ · dY (Cout×L)` per group: group g's Kg rows from its weight block
-    /// (transposed through the strides) and its output rows.
-    fn input_grad_gemms(&self, w: &[f32], dy: &[f32], dcols: &mut [f32]) {
-        let (kg, cg, l) = (self.k_group(), self.cout_group(), self.l());
+    /// `dcols (K×n) = Wᵀ · dY (Cout×n)` per group: group g's Kg rows from its weight block
+    /// (transposed through the strides) and its output rows; `n` as in
+    /// [`Geometry::forward_gemms`].
+    fn input_grad_gemms(&self, w: &[f32], dy: &[f32], l: usize, dcols: &mut [f32]) {
+        let (kg, cg) = (self.k_group(), self.cout_group());
         for gi in 0..self.groups {
             gemm_nn(
                 (kg, l, cg),
@@ -576,6 +600,9 @@ impl Geometry {
         let _t = timer(Section::ConvForward);
         let g = *self;
         let (k, l, img) = (g.k(), g.l(), g.image_len());
+        if g.images_per_product() > 1 {
+            return g.forward_side_by_side(x, w, y);
+        }
         let implicit = g.same_stride1() && g.groups == 1 && !g.pointwise();
         let rows = if implicit {
             g.forward_rows()
@@ -594,15 +621,58 @@ impl Geometry {
                 // Y_i (Cout×L) = W (Cout×K) · cols_i (K×L), one product per group; a
                 // pointwise x_i is its own cols.
                 if g.pointwise() {
-                    g.forward_gemms(w, x_i, y_i);
+                    g.forward_gemms(w, x_i, l, y_i);
                     return;
                 }
                 with_scratch(scratch, |cols, _| {
                     if implicit {
                         g.forward_implicit(x_i, w, &rows, cols, y_i);
                     } else {
-                        g.im2col(x_i, cols);
-                        g.forward_gemms(w, cols, y_i);
+                        g.im2col(x_i, cols, l);
+                        g.forward_gemms(w, cols, l, y_i);
+                    }
+                });
+            });
+    }
+
+    /// How many images one product takes side by side: 1, or, for a large weight over small
+    /// planes, enough for about [`PRODUCT_COLUMNS`] columns. One image of a 4×4 plane gives a
+    /// product only L = 16 columns wide, which streams the whole weight (9.4 MB for a
+    /// 512-channel 3×3 layer, beyond a core's L2 cache) from memory per image for 32 FLOPs per
+    /// value read, and, in the weight gradient, loads and stores all of dWᵀ after every 16
+    /// terms and adds the partial sums of the batch's runs in a tree; side by side the weight
+    /// is read once per several images ([`Geometry::backward_small`] for the gradients). A
+    /// weight that fits in L2, or planes of 8×8 and more, run faster one image at a time (on
+    /// the 2-core development machine: ResNet-20's 8×8 layers 30% slower side by side,
+    /// ResNet-18's 4×4 layers twice as fast).
+    fn images_per_product(&self) -> usize {
+        if self.cout * self.k_group() < SIDE_BY_SIDE_WEIGHT {
+            return 1;
+        }
+        PRODUCT_COLUMNS.div_ceil(self.l().max(1)).min(self.n.max(1))
+    }
+
+    /// [`Geometry::forward_into`] for small planes: each task unfolds a run of images side by
+    /// side (`K × n·L`), runs one product per channel group into scratch, and scatters its
+    /// columns to the images' outputs. Each output value is the same sum, in the same order,
+    /// as one image's product gives.
+    fn forward_side_by_side(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
+        let g = *self;
+        let (k, l, img, per) = (g.k(), g.l(), g.image_len(), g.images_per_product());
+        y.par_chunks_mut(per * g.cout * l)
+            .enumerate()
+            .for_each(|(t, y_t)| {
+                let n = y_t.len() / (g.cout * l);
+                with_scratch(k.max(g.cout) * n * l, |cols, out| {
+                    for j in 0..n {
+                        let i = t * per + j;
+                        g.im2col(&x[i * img..(i + 1) * img], &mut cols[j * l..], n * l);
+                    }
+                    g.forward_gemms(w, cols, n * l, out);
+                    for (j, y_i) in y_t.chunks_exact_mut(g.cout * l).enumerate() {
+                        for (co, row) in y_i.chunks_exact_mut(l).enumerate() {
+                            row.copy_from_slice(&out[co * n * l + j * l..][..l]);
+                        }
                     }
                 });
             });
@@ -650,23 +720,23 @@ impl Geometry {
                     let dyt = &mut dcols[..l * g.cout];
                     transpose(dy_i, g.cout, l, dyt);
                     if g.pointwise() {
-                        g.weight_grad_gemms(x_i, dyt, &mut dwt);
+                        g.weight_grad_gemms(x_i, l, dyt, &mut dwt);
                     } else if g.same_stride1() && g.groups == 1 {
                         g.weight_grad_taps(x_i, dyt, cols, &mut dwt);
                     } else {
-                        g.im2col(x_i, cols);
-                        g.weight_grad_gemms(cols, dyt, &mut dwt);
+                        g.im2col(x_i, cols, l);
+                        g.weight_grad_gemms(cols, l, dyt, &mut dwt);
                     }
                     let Some(dx_i) = dx_i else { return };
                     // dcols = Wᵀ (K×Cout) · dY_i (Cout×L), then folded back onto the image
                     // (the fold is the identity for a pointwise convolution).
                     if g.pointwise() {
-                        g.input_grad_gemms(w, dy_i, dx_i);
+                        g.input_grad_gemms(w, dy_i, l, dx_i);
                     } else if implicit {
                         g.input_grad_implicit(&wt, dy_i, &rows, cols, dx_i);
                     } else {
-                        g.input_grad_gemms(w, dy_i, dcols);
-                        g.col2im(dcols, dx_i);
+                        g.input_grad_gemms(w, dy_i, l, dcols);
+                        g.col2im(dcols, l, dx_i);
                     }
                 });
             }
@@ -675,6 +745,8 @@ impl Geometry {
         let leaves = g.n.div_ceil(per);
         let dwt = if leaves == 0 {
             vec![0f32; g.cout * kg]
+        } else if g.images_per_product() > 1 {
+            g.backward_small(x, w, dy, dx)
         } else {
             weight_grad_tree(0..leaves, dx, per * img, &task)
         };
@@ -684,7 +756,117 @@ impl Geometry {
         transpose(&dwt, kg, g.cout, &mut dw);
         dw
     }
+
+    /// [`Geometry::backward_into`] for small planes ([`Geometry::images_per_product`] > 1),
+    /// returning dWᵀ (Kg × Cout). Splitting the batch, as the per-image path does, would give
+    /// each run a partial dWᵀ of a few images (the whole 9.4 MB of a 512-channel 3×3 layer
+    /// loaded and stored per 64 terms, then summed in a tree): here the weight gradient is
+    /// split by input channels instead. Each task unfolds its channels' rows for the whole
+    /// batch side by side and multiplies them by the batch's stacked transposed output
+    /// gradients (N·L × Cout), so every value of dWᵀ is one sum over the batch, image by image
+    /// and pixel by pixel, whatever the number of threads. The input gradient goes by runs of
+    /// images: `dcols = Wᵀ · [dY_1 … dY_n]`, folded back onto each image.
+    fn backward_small(&self, x: &[f32], w: &[f32], dy: &[f32], dx: Option<&mut [f32]>) -> Vec<f32> {
+        let g = *self;
+        let (l, out, cols_n) = (g.l(), g.cout * g.l(), g.n * g.l());
+        let mut dyt = vec![0f32; cols_n * g.cout];
+        dyt.par_chunks_mut(out)
+            .zip(dy.par_chunks(out))
+            .for_each(|(t, d)| transpose(d, g.cout, l, t));
+        let dwt = g.weight_grad_by_channels(x, &dyt);
+        if let Some(dx) = dx {
+            g.input_grad_side_by_side(w, dy, dx);
+        }
+        dwt
+    }
+
+    /// dWᵀ (Kg × Cout) from the batch's stacked `dyt` (N·L × Cout), in parallel over blocks of
+    /// input channels within each channel group (see [`Geometry::backward_small`]).
+    fn weight_grad_by_channels(&self, x: &[f32], dyt: &[f32]) -> Vec<f32> {
+        let g = *self;
+        let (taps, cols_n, img) = (g.kh * g.kw, g.n * g.l(), g.image_len());
+        let (cpg, cg) = (g.c / g.groups, g.cout_group());
+        // About a megabyte of unfolded rows per block.
+        let per = (BLOCK_VALUES / (taps * cols_n)).clamp(1, cpg);
+        let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..g.groups)
+            .flat_map(|gi| {
+                (gi * cpg..(gi + 1) * cpg)
+                    .step_by(per)
+                    .map(move |c0| (gi, c0..(c0 + per).min((gi + 1) * cpg)))
+            })
+            .collect();
+        let parts: Vec<Vec<f32>> = blocks
+            .par_iter()
+            .map(|(gi, chans)| {
+                let rows = chans.len() * taps;
+                let mut part = vec![0f32; rows * cg];
+                with_scratch(rows * cols_n, |cols, _| {
+                    for i in 0..g.n {
+                        let x_i = &x[i * img..(i + 1) * img];
+                        g.im2col_channels(x_i, chans.clone(), &mut cols[i * g.l()..], cols_n);
+                    }
+                    let b = &dyt[gi * cg..];
+                    gemm_nn(
+                        (rows, cg, cols_n),
+                        cols,
+                        (cols_n, 1),
+                        b,
+                        g.cout,
+                        &mut part,
+                        cg,
+                        false,
+                    );
+                });
+                part
+            })
+            .collect();
+        let mut dwt = vec![0f32; g.k_group() * g.cout];
+        for ((gi, chans), part) in blocks.iter().zip(&parts) {
+            let row0 = (chans.start - gi * cpg) * taps;
+            for (r, src) in part.chunks_exact(cg).enumerate() {
+                dwt[(row0 + r) * g.cout + gi * cg..][..cg].copy_from_slice(src);
+            }
+        }
+        dwt
+    }
+
+    /// The input gradient of [`Geometry::backward_small`], by runs of
+    /// [`Geometry::images_per_product`] images in parallel.
+    fn input_grad_side_by_side(&self, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let g = *self;
+        let (k, l, img, out) = (g.k(), g.l(), g.image_len(), g.cout * g.l());
+        let per = g.images_per_product();
+        dx.par_chunks_mut(per * img)
+            .enumerate()
+            .for_each(|(t, dx_t)| {
+                let n = dx_t.len() / img;
+                let cols_n = n * l;
+                with_scratch(k.max(g.cout) * cols_n, |dcols, dys| {
+                    for j in 0..n {
+                        let dy_i = &dy[(t * per + j) * out..][..out];
+                        for (co, row) in dy_i.chunks_exact(l).enumerate() {
+                            dys[co * cols_n + j * l..][..l].copy_from_slice(row);
+                        }
+                    }
+                    g.input_grad_gemms(w, dys, cols_n, dcols);
+                    for (j, dx_i) in dx_t.chunks_exact_mut(img).enumerate() {
+                        g.col2im(&mut dcols[j * l..], cols_n, dx_i);
+                    }
+                });
+            });
+    }
 }
+
+/// Unfolded values per block of [`Geometry::weight_grad_by_channels`]: 1 MB, half a core's L2.
+const BLOCK_VALUES: usize = 1 << 18;
+
+/// About how many columns a product of [`Geometry::images_per_product`] has, and the widest
+/// L that still runs side by side: 64 (four 4×4 planes) measured faster than 128 or 256.
+const PRODUCT_COLUMNS: usize = 64;
+
+/// The smallest weight (values: Cout × C/groups × kh × kw) run side by side: 2 MB, a core's L2
+/// cache on the development machine.
+const SIDE_BY_SIDE_WEIGHT: usize = 1 << 19;
 
 /// Most runs of images a convolution's weight gradient is split into (fewer when the batch is
 /// smaller): enough to keep 16 threads busy, few enough that the partial sums (one `Cout × K`
@@ -1105,7 +1287,8 @@ mod tests {
     }
 
     /// Both gradients are bitwise the same on 1, 2, 3 and 5 threads, on each path of the
-    /// backward (3×3 "same" taps, pointwise, strided im2col, grouped), and the weight
+    /// backward (3×3 "same" taps, pointwise, strided im2col, grouped, several images per
+    /// product), and the weight
     /// gradient is the same with and without the input gradient. 37 images split into
     /// different runs on each of those thread counts under a per-thread split.
     #[test]
@@ -1122,6 +1305,9 @@ mod tests {
             (4, 6, 8, 1, 1, 0, 1),
             (4, 7, 8, 3, 2, 1, 1),
             (8, 6, 8, 3, 1, 1, 4),
+            // Several images per product (`backward_small`), grouped too.
+            (256, 4, 256, 3, 1, 1, 1),
+            (512, 3, 256, 3, 1, 1, 2),
         ]
         .iter()
         .enumerate()
@@ -1146,6 +1332,81 @@ mod tests {
             assert_eq!(one.0, one.2, "case {case}: dW without dx");
             for threads in [2, 3, 5] {
                 assert!(run(threads) == one, "case {case}: {threads} threads");
+            }
+        }
+    }
+
+    /// Large weights over small planes, which run several images per product
+    /// (`images_per_product`, the gradients by `backward_small`): 3×3 at stride 1 and 2, a
+    /// pointwise layer at the size threshold, a grouped one, a non-square plane, with a short
+    /// last run of images; each case checked to take that path. Forward and both gradients
+    /// equal candle's reference.
+    #[test]
+    fn large_weights_over_small_planes_match_candle_reference() {
+        for (i, &shape) in [
+            (6, 256, 4, 4, 256, 3, 1, 1, 1),
+            (5, 128, 8, 8, 512, 3, 2, 1, 1),
+            (3, 1024, 4, 4, 512, 1, 1, 0, 1),
+            (5, 512, 7, 7, 256, 3, 1, 1, 2),
+            (4, 256, 5, 3, 512, 3, 1, 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (n, c, h, w, cout, k, stride, pad, groups) = shape;
+            let g = Geometry::new([n, c, h, w], [cout, c / groups, k, k], stride, pad, groups);
+            assert!(g.images_per_product() > 1, "case {i} runs image by image");
+            assert_matches_reference(i, shape, 50 + i as u64);
+        }
+        // Just under the weight threshold, or 8×8 planes: one image per product.
+        for (x, wd) in [
+            ([4, 1023, 4, 4], [512, 1023, 1, 1]),
+            ([4, 256, 8, 8], [512, 256, 3, 3]),
+        ] {
+            let pad = wd[2] / 2;
+            assert_eq!(Geometry::new(x, wd, 1, pad, 1).images_per_product(), 1);
+        }
+    }
+
+    /// Side by side, each image's output is the sum the image alone gives (a batch of one runs
+    /// image by image), bit for bit; so is its input gradient where the image alone takes the
+    /// same unfolding (a strided layer; at stride 1 it takes the implicit GEMM, which sums in
+    /// another order).
+    #[test]
+    fn side_by_side_images_equal_each_image_alone_bitwise() {
+        let vec = |dims: &[usize], seed| {
+            random(dims, -1.0..1.0, seed)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for (n, c, h, cout, stride) in [(5, 256, 4, 256, 1), (6, 128, 8, 512, 2)] {
+            let g = Geometry::new([n, c, h, h], [cout, c, 3, 3], stride, 1, 1);
+            let one = Geometry::new([1, c, h, h], [cout, c, 3, 3], stride, 1, 1);
+            assert!(g.images_per_product() > 1 && one.images_per_product() == 1);
+            let x = vec(&[n, c, h, h], 61);
+            let w = vec(&[cout, c, 3, 3], 62);
+            let dy = vec(&[n, cout, g.l()], 63);
+            let mut y = vec![f32::NAN; g.output_len()];
+            g.forward_into(&x, &w, &mut y);
+            let mut dx = vec![f32::NAN; x.len()];
+            g.backward_into(&x, &w, &dy, Some(&mut dx));
+            let (img, out) = (g.image_len(), cout * g.l());
+            for i in 0..n {
+                let x_i = &x[i * img..(i + 1) * img];
+                let mut y_i = vec![f32::NAN; out];
+                one.forward_into(x_i, &w, &mut y_i);
+                assert!(y_i == y[i * out..(i + 1) * out], "output of image {i}");
+                if stride == 1 {
+                    continue;
+                }
+                let mut dx_i = vec![f32::NAN; img];
+                one.backward_into(x_i, &w, &dy[i * out..(i + 1) * out], Some(&mut dx_i));
+                assert!(
+                    dx_i == dx[i * img..(i + 1) * img],
+                    "input gradient of image {i}"
+                );
             }
         }
     }
