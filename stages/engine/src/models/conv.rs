@@ -689,6 +689,9 @@ impl Geometry {
     ) -> Vec<f32> {
         let _t = timer(Section::ConvBackward);
         let g = *self;
+        if g.n > 0 && g.images_per_product() > 1 {
+            return g.backward_small(x, w, dy, dx);
+        }
         let (k, kg, l, img) = (g.k(), g.k_group(), g.l(), g.image_len());
         // The batch is cut into at most GRAD_LEAVES runs of images by its size alone; each run
         // accumulates its own dW and the runs' sums are added in a fixed tree
@@ -745,8 +748,6 @@ impl Geometry {
         let leaves = g.n.div_ceil(per);
         let dwt = if leaves == 0 {
             vec![0f32; g.cout * kg]
-        } else if g.images_per_product() > 1 {
-            g.backward_small(x, w, dy, dx)
         } else {
             weight_grad_tree(0..leaves, dx, per * img, &task)
         };
@@ -758,7 +759,7 @@ impl Geometry {
     }
 
     /// [`Geometry::backward_into`] for small planes ([`Geometry::images_per_product`] > 1),
-    /// returning dWᵀ (Kg × Cout). Splitting the batch, as the per-image path does, would give
+    /// returning dW. Splitting the batch, as the per-image path does, would give
     /// each run a partial dWᵀ of a few images (the whole 9.4 MB of a 512-channel 3×3 layer
     /// loaded and stored per 64 terms, then summed in a tree): here the weight gradient is
     /// split by input channels instead. Each task unfolds its channels' rows for the whole
@@ -769,25 +770,31 @@ impl Geometry {
     fn backward_small(&self, x: &[f32], w: &[f32], dy: &[f32], dx: Option<&mut [f32]>) -> Vec<f32> {
         let g = *self;
         let (l, out, cols_n) = (g.l(), g.cout * g.l(), g.n * g.l());
-        let mut dyt = vec![0f32; cols_n * g.cout];
-        dyt.par_chunks_mut(out)
-            .zip(dy.par_chunks(out))
-            .for_each(|(t, d)| transpose(d, g.cout, l, t));
-        let dwt = g.weight_grad_by_channels(x, &dyt);
+        let dyt = written_vec(cols_n * g.cout, |dyt| {
+            dyt.par_chunks_mut(out)
+                .zip(dy.par_chunks(out))
+                .for_each(|(t, d)| transpose(d, g.cout, l, t));
+        });
+        let dw = g.weight_grad_by_channels(x, &dyt);
         if let Some(dx) = dx {
             g.input_grad_side_by_side(w, dy, dx);
         }
-        dwt
+        dw
     }
 
-    /// dWᵀ (Kg × Cout) from the batch's stacked `dyt` (N·L × Cout), in parallel over blocks of
-    /// input channels within each channel group (see [`Geometry::backward_small`]).
+    /// dW (Cout × Kg) from the batch's stacked `dyt` (N·L × Cout), in parallel over blocks of
+    /// input channels within each channel group (see [`Geometry::backward_small`]): each
+    /// block's part of dWᵀ, then all of them transposed into place, in parallel over rows.
     fn weight_grad_by_channels(&self, x: &[f32], dyt: &[f32]) -> Vec<f32> {
         let g = *self;
         let (taps, cols_n, img) = (g.kh * g.kw, g.n * g.l(), g.image_len());
         let (cpg, cg) = (g.c / g.groups, g.cout_group());
-        // About a megabyte of unfolded rows per block.
-        let per = (BLOCK_VALUES / (taps * cols_n)).clamp(1, cpg);
+        // About a megabyte of unfolded rows per block at most, and enough blocks for every
+        // thread several times over (no block boundary changes a value: each row of dWᵀ is
+        // its own sums).
+        let per = (BLOCK_VALUES / (taps * cols_n))
+            .min(cpg.div_ceil(4 * rayon::current_num_threads()))
+            .clamp(1, cpg);
         let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..g.groups)
             .flat_map(|gi| {
                 (gi * cpg..(gi + 1) * cpg)
@@ -799,35 +806,35 @@ impl Geometry {
             .par_iter()
             .map(|(gi, chans)| {
                 let rows = chans.len() * taps;
-                let mut part = vec![0f32; rows * cg];
-                with_scratch(rows * cols_n, |cols, _| {
-                    for i in 0..g.n {
-                        let x_i = &x[i * img..(i + 1) * img];
-                        g.im2col_channels(x_i, chans.clone(), &mut cols[i * g.l()..], cols_n);
-                    }
-                    let b = &dyt[gi * cg..];
-                    gemm_nn(
-                        (rows, cg, cols_n),
-                        cols,
-                        (cols_n, 1),
-                        b,
-                        g.cout,
-                        &mut part,
-                        cg,
-                        false,
-                    );
-                });
-                part
+                let ld = unaliased(cols_n);
+                // Every value written: the product does not accumulate.
+                written_vec(rows * cg, |part| {
+                    with_scratch(rows * ld, |cols, _| {
+                        for i in 0..g.n {
+                            let x_i = &x[i * img..(i + 1) * img];
+                            g.im2col_channels(x_i, chans.clone(), &mut cols[i * g.l()..], ld);
+                        }
+                        let b = &dyt[gi * cg..];
+                        let shape = (rows, cg, cols_n);
+                        gemm_nn(shape, cols, (ld, 1), b, g.cout, part, cg, false);
+                    })
+                })
             })
             .collect();
-        let mut dwt = vec![0f32; g.k_group() * g.cout];
-        for ((gi, chans), part) in blocks.iter().zip(&parts) {
-            let row0 = (chans.start - gi * cpg) * taps;
-            for (r, src) in part.chunks_exact(cg).enumerate() {
-                dwt[(row0 + r) * g.cout + gi * cg..][..cg].copy_from_slice(src);
-            }
-        }
-        dwt
+        let kg = g.k_group();
+        written_vec(g.cout * kg, |dw| {
+            // Row co of dW is column co − gi·Cout/G of its group's parts, which cover 0..Kg.
+            dw.par_chunks_mut(kg).enumerate().for_each(|(co, row)| {
+                let gi = co / cg;
+                for ((_, chans), part) in blocks.iter().zip(&parts).filter(|((b, _), _)| *b == gi) {
+                    let row0 = (chans.start - gi * cpg) * taps;
+                    let column = part.iter().skip(co - gi * cg).step_by(cg);
+                    for (d, v) in row[row0..row0 + chans.len() * taps].iter_mut().zip(column) {
+                        *d = *v;
+                    }
+                }
+            });
+        })
     }
 
     /// The input gradient of [`Geometry::backward_small`], by runs of
@@ -854,6 +861,17 @@ impl Geometry {
                     }
                 });
             });
+    }
+}
+
+/// A row length for a matrix of `n`-value rows that the matrix kernels read down its columns
+/// (12 rows at a time): a multiple of 256 values (1 KB) would put those rows in the same few
+/// sets of an L1 cache (64 sets of 64 bytes), more than its 8 ways hold, so one line more.
+fn unaliased(n: usize) -> usize {
+    if n.is_multiple_of(256) {
+        n + 16
+    } else {
+        n
     }
 }
 
