@@ -23,14 +23,17 @@
 //! Without AVX-512 (checked once at run time) it falls back to the `gemm` crate, so results
 //! match to rounding on every machine. Column remainders use masked loads and stores.
 
-/// Set by tests to run the portable path on a machine with AVX-512.
 #[cfg(test)]
-static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+thread_local! {
+    /// Set by tests on a thread (and on a test pool's threads) to run the portable path on a
+    /// machine with AVX-512; per thread, so tests running alongside are not switched.
+    pub(crate) static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Whether the AVX-512 kernels can run here.
 fn has_avx512() -> bool {
     #[cfg(test)]
-    if PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+    if PORTABLE_ONLY.with(|p| p.get()) {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
@@ -295,6 +298,8 @@ mod avx512 {
             let kb = KC.min(k - p0);
             // SAFETY: p0 ≤ k; the block's rows of A and B lie inside the checked bounds.
             let (rows, shift) = unsafe { ldb.from(p0) };
+            // SAFETY: the block's first column of A and first row of B are inside the checked
+            // bounds (or one past their end when the block is empty, k = 0).
             let (ab, bb) = unsafe { (a.add(p0 * a_cs), b.add(shift)) };
             // SAFETY: as the caller's, for the block.
             unsafe { block_nn(m, n, kb, ab, a_rs, a_cs, bb, rows, c, ldc, acc || p0 > 0) };
@@ -463,9 +468,9 @@ mod tests {
     #[test]
     fn products_match_naive_loops() {
         check_products();
-        PORTABLE_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+        PORTABLE_ONLY.with(|p| p.set(true));
         check_products();
-        PORTABLE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+        PORTABLE_ONLY.with(|p| p.set(false));
     }
 
     /// `c` (m×n) equals `c0 + Σ_p a(i, p)·b(p, j)` summed in f64, within f32 rounding.
