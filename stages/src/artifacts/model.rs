@@ -81,7 +81,10 @@ impl TrainedModel {
     }
 
     /// Loads the model a train or import stage wrote into `dir`, checking that it predicts `classes`
-    /// classes.
+    /// classes. Every stage loads a trained model to run it in evaluation mode (labelling,
+    /// evaluating, teaching), so its evaluation-mode passes are switched to the backbone's
+    /// planned program where the device has one: bitwise the layers' outputs, in buffers reused
+    /// from batch to batch instead of an allocation per op.
     pub fn load(dir: &Path, device: &Device, classes: usize) -> Result<(TrainedModel, Model)> {
         let path = dir.join("model.json");
         let meta: TrainedModel = engine::json::read(&path)?;
@@ -95,8 +98,11 @@ impl TrainedModel {
                 ),
             ));
         }
-        let model = Model::new(&meta.spec, device, 0)?;
+        let mut model = Model::new(&meta.spec, device, 0)?;
         model.load(&dir.join("model.safetensors"))?;
+        model
+            .net
+            .plan_inference(engine::models::plan::wanted(device));
         Ok((meta, model))
     }
 }

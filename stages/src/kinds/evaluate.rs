@@ -303,12 +303,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             ctx.name
         )));
     }
-    let (meta, mut model) = TrainedModel::load(&input.dir, &device, k)?;
-    // Evaluation-mode passes through the backbone's planned program where the device has one:
-    // bitwise the layers' outputs, without an allocation per op.
-    model
-        .net
-        .plan_inference(engine::models::plan::wanted(&device));
+    let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
     let inference = Inference {
         model: &model,
         device: &device,

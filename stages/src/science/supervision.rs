@@ -109,20 +109,16 @@ pub struct Teacher {
 
 impl Teacher {
     /// The teacher `name` with `model`, expecting images normalised by `own` (an imported
-    /// model's statistics) when they differ from the student's `dataset` normalisation. Its
-    /// evaluation-mode passes take the planned program (`Net::plan_inference`).
+    /// model's statistics) when they differ from the student's `dataset` normalisation. A
+    /// teacher runs in evaluation mode on every batch: `model` as `TrainedModel::load` gives
+    /// it, its evaluation-mode passes through the planned program (`Net::plan_inference`).
     pub fn new(
         name: &str,
-        mut model: Model,
+        model: Model,
         own: Option<&Normalize>,
         dataset: &Normalize,
         device: &Device,
     ) -> Result<Teacher> {
-        // A teacher runs in evaluation mode on every batch: through the backbone's planned
-        // program where the device has one (bitwise the layers' results).
-        model
-            .net
-            .plan_inference(engine::models::plan::wanted(device));
         let renormalize = match own {
             Some(own) if own != dataset => Some(renormalization(dataset, own, device)?),
             _ => None,

@@ -689,7 +689,7 @@ impl Geometry {
     ) -> Vec<f32> {
         let _t = timer(Section::ConvBackward);
         let g = *self;
-        if g.n > 0 && g.images_per_product() > 1 {
+        if g.images_per_product() > 1 {
             return g.backward_small(x, w, dy, dx);
         }
         let (k, kg, l, img) = (g.k(), g.k_group(), g.l(), g.image_len());
@@ -803,11 +803,11 @@ impl Geometry {
                     .map(move |c0| (gi, c0..(c0 + per).min((gi + 1) * cpg)))
             })
             .collect();
+        let ld = unaliased(cols_n);
         let parts: Vec<Vec<f32>> = blocks
             .par_iter()
             .map(|(gi, chans)| {
                 let rows = chans.len() * taps;
-                let ld = unaliased(cols_n);
                 // Every value written: the product does not accumulate.
                 written_vec(rows * cg, |part| {
                     with_scratch(rows * ld, |cols, _| {
@@ -1191,6 +1191,15 @@ mod tests {
     use crate::models::testing::{max_rel, random};
     use candle_core::Var;
 
+    /// Values uniform in [−1, 1) for a tensor of `dims`, drawn from `seed`, as a flat vector.
+    fn vec(dims: &[usize], seed: u64) -> Vec<f32> {
+        random(dims, -1.0..1.0, seed)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     /// One case against candle's reference convolution: forward and both gradients within
     /// 1e-5 relative, inputs drawn from `seed`, `seed + 100` and `seed + 200`.
     fn assert_matches_reference(
@@ -1314,13 +1323,6 @@ mod tests {
     /// different runs on each of those thread counts under a per-thread split.
     #[test]
     fn gradients_do_not_depend_on_the_thread_count() {
-        let vec = |dims: &[usize], seed| {
-            random(dims, -1.0..1.0, seed)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         for (case, &(c, h, cout, k, stride, pad, groups)) in [
             (4, 6, 8, 3, 1, 1, 1),
             (4, 6, 8, 1, 1, 0, 1),
@@ -1406,13 +1408,6 @@ mod tests {
     /// another order).
     #[test]
     fn side_by_side_images_equal_each_image_alone_bitwise() {
-        let vec = |dims: &[usize], seed| {
-            random(dims, -1.0..1.0, seed)
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
         for (n, c, h, cout, stride) in [(5, 256, 4, 256, 1), (6, 128, 8, 512, 2)] {
             let g = Geometry::new([n, c, h, h], [cout, c, 3, 3], stride, 1, 1);
             let one = Geometry::new([1, c, h, h], [cout, c, 3, 3], stride, 1, 1);

@@ -186,12 +186,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
     let mut fingerprints = BTreeMap::new();
     let mut checkpoints = BTreeMap::new();
     for input in ctx.model_inputs() {
-        let (meta, mut model) = TrainedModel::load(&input.dir, &device, k)?;
-        // Evaluation-mode passes through the backbone's planned program where the device has
-        // one: bitwise the layers' outputs, without an allocation per op.
-        model
-            .net
-            .plan_inference(engine::models::plan::wanted(&device));
+        let (meta, model) = TrainedModel::load(&input.dir, &device, k)?;
         let weights = TrainedModel::weights_blake3(&input.dir)?;
         checkpoints.insert(input.name.clone(), weights.clone());
         fingerprints.insert(input.name.clone(), input.fingerprint.clone());

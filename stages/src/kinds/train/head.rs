@@ -35,12 +35,9 @@ impl HeadPhase {
         seed: u64,
         device: &Device,
     ) -> Result<(HeadPhase, Model)> {
-        let (teacher, mut model) = TrainedModel::load(&ctx.model_input().dir, device, k)?;
-        // The frozen teacher runs in evaluation mode on every batch: through the backbone's
-        // planned program where the device has one (bitwise the layers' features).
-        model
-            .net
-            .plan_inference(engine::models::plan::wanted(device));
+        // The frozen teacher runs in evaluation mode on every batch (planned: see
+        // `TrainedModel::load`).
+        let (teacher, model) = TrainedModel::load(&ctx.model_input().dir, device, k)?;
         let renormalize = match &teacher.normalize {
             Some(own) if own != dataset => Some(renormalization(dataset, own, device)?),
             _ => None,
