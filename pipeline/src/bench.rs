@@ -302,7 +302,9 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// Runs one step and returns its loss.
+    /// Runs one step and returns its loss, detached: a candle tensor holds its whole graph
+    /// (every activation of the step) until dropped, and the caller keeps the last loss while
+    /// the next step runs, which doubled the peak memory of autograd steps.
     fn run(&mut self) -> Result<candle_core::Tensor> {
         let t = Instant::now();
         let target = match self.teacher {
@@ -326,7 +328,7 @@ impl Step<'_> {
         self.phases[0] += (t1 - t).as_secs_f64();
         self.phases[1] += (t2 - t1).as_secs_f64();
         self.phases[2] += t2.elapsed().as_secs_f64();
-        Ok(loss)
+        Ok(loss.detach())
     }
 
     fn sync(&self) -> Result<()> {
