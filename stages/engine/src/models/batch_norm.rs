@@ -13,6 +13,7 @@
 //! statistics and parameters; other devices use the equivalent candle ops.
 
 use super::cpu::{f32_slice, relu_grad, with_f32, written_vec};
+use super::no_grad::param;
 use crate::profile::{timer, Section};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -359,12 +360,13 @@ impl BatchNorm {
 
     fn forward_fused(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
+        let (weight, bias) = (param(&self.weight), param(&self.bias));
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             return crate::gpu::norm::batch_norm(
                 x,
-                &self.weight,
-                &self.bias,
+                &weight,
+                &bias,
                 self.running_mean.as_tensor(),
                 self.running_var.as_tensor(),
                 self.eps,
@@ -385,8 +387,8 @@ impl BatchNorm {
             self.running_statistics()?
         };
         x.apply_op3(
-            &self.weight,
-            &self.bias,
+            &weight,
+            &bias,
             Normalize {
                 mean,
                 inv_std,
@@ -473,15 +475,15 @@ impl BatchNorm {
             (mf.reshape(shape)?, vf.reshape(shape)?)
         } else {
             (
-                self.running_mean.as_tensor().reshape(shape)?,
-                self.running_var.as_tensor().reshape(shape)?,
+                param(self.running_mean.as_tensor()).reshape(shape)?,
+                param(self.running_var.as_tensor()).reshape(shape)?,
             )
         };
         let xhat = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xhat.broadcast_mul(&self.weight.reshape(shape)?)?
-            .broadcast_add(&self.bias.reshape(shape)?)
+        xhat.broadcast_mul(&param(&self.weight).reshape(shape)?)?
+            .broadcast_add(&param(&self.bias).reshape(shape)?)
     }
 }
 

@@ -1163,6 +1163,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let own_op = !super::cpu::reference_ops()
             && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()));
+        let weight = super::no_grad::param(&self.weight);
         if !own_op {
             // Devices without a path of ours (Metal, CUDA in a build without it): candle's own.
             let cfg = candle_nn::Conv2dConfig {
@@ -1171,15 +1172,15 @@ impl Module for Conv2d {
                 groups: self.groups,
                 ..Default::default()
             };
-            return candle_nn::Conv2d::new(self.weight.clone(), None, cfg).forward(x);
+            return candle_nn::Conv2d::new(weight, None, cfg).forward(x);
         }
         let g = self.geometry(x.dims4()?.into())?;
         // Master weights stay f32; a bf16 input computes in bf16 (the cast is differentiable, so
         // the weight gradient arrives in f32).
-        let w = if self.weight.dtype() != x.dtype() && x.device().is_cuda() {
-            self.weight.to_dtype(x.dtype())?
+        let w = if weight.dtype() != x.dtype() && x.device().is_cuda() {
+            weight.to_dtype(x.dtype())?
         } else {
-            self.weight.clone()
+            weight
         };
         x.contiguous()?.apply_op2(&w.contiguous()?, ConvOp(g))
     }

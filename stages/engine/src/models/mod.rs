@@ -19,6 +19,7 @@ pub mod densenet;
 pub mod dla;
 pub mod dropout;
 pub mod net;
+pub mod no_grad;
 pub mod plan;
 pub mod plan_cpu;
 pub mod pool;

@@ -5,6 +5,7 @@
 //! kernels for the device the network lives on ([`plan`]).
 
 use super::dropout::{Dropout, Mode};
+use super::no_grad::{self, NoGrad};
 use super::plan::{Plan, PlanOptions, Planned, Program};
 use crate::error::Result;
 use candle_core::backprop::GradStore;
@@ -231,8 +232,11 @@ impl Net {
         self.dropout.rate()
     }
 
-    /// Penultimate features `N × D`, after global average pooling and before dropout.
+    /// Penultimate features `N × D`, after global average pooling and before dropout. An
+    /// evaluation-mode pass (`train` false) records no autograd graph ([`NoGrad`]): nothing is
+    /// differentiated through it, and each activation is freed as soon as it has been read.
     pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let _no_grad = (!train).then(NoGrad::enter);
         let mut y = match self.planned_features(x, train)? {
             Some(y) => y,
             None => self.body.forward_t(x, train)?,
@@ -247,7 +251,11 @@ impl Net {
 
     /// Logits from penultimate features (the classifier alone, no dropout).
     pub fn head(&self, features: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc.forward(features)
+        if no_grad::enabled() {
+            return self.fc.forward(features);
+        }
+        let bias = self.fc.bias().map(no_grad::param);
+        Linear::new(no_grad::param(self.fc.weight()), bias).forward(features)
     }
 
     /// Logits from penultimate features through the dropout (active when `seed` is given, masks
@@ -262,12 +270,14 @@ impl Net {
     }
 
     /// Penultimate features `N × D` (before dropout) and logits `N × K`; the logits are
-    /// `dropout(features)·Wᵀ + b`, so `features·Wᵀ + b` whenever dropout is inactive.
+    /// `dropout(features)·Wᵀ + b`, so `features·Wᵀ + b` whenever dropout is inactive. Outside
+    /// training mode neither records an autograd graph.
     pub fn features_and_logits(
         &self,
         x: &Tensor,
         mode: Mode,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        let _no_grad = (!mode.train).then(NoGrad::enter);
         let features = self.features_t(x, mode.train)?;
         let logits = self.head(&self.dropout.forward(&features, mode.dropout_seed)?)?;
         Ok((features, logits))
@@ -451,6 +461,72 @@ mod tests {
         for arch in ["densenet_cifar", "dla"] {
             let mut m = Model::new(&ModelSpec::new(arch, 5, 3).unwrap(), &Device::Cpu, 0).unwrap();
             assert!(!m.net.plan_inference(true), "{arch}");
+        }
+    }
+
+    /// Evaluation-mode passes record no autograd graph (so they keep no activation alive past
+    /// its use), through the layers (DenseNet, DLA, and a ResNet without its plan) and through
+    /// the planned program, with Monte-Carlo dropout too; their logits after a training step
+    /// agree with candle's reference ops in evaluation mode (the running statistics and weights
+    /// the step moved are read), and a training pass right after records its graph again.
+    #[test]
+    fn evaluation_passes_record_no_graph() {
+        use crate::optim::{Sgd, SgdConfig};
+        let cases = [
+            ("densenet_cifar", 8, 16, false),
+            ("dla", 8, 16, false),
+            ("resnet8", 4, 8, false),
+            ("resnet8", 4, 8, true),
+        ];
+        for (arch, width, hw, planned) in cases {
+            let spec = ModelSpec {
+                width,
+                dropout: 0.3,
+                ..ModelSpec::new(arch, 5, 3).unwrap()
+            };
+            let mut m = Model::new(&spec, &Device::Cpu, 4).unwrap();
+            assert_eq!(m.net.plan_inference(planned), planned, "{arch}");
+            let mut opt = Sgd::new(m.trainable(), SgdConfig::default());
+            let y = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &Device::Cpu).unwrap();
+            let x = random(&[6, 3, hw, hw], -2.0..2.0, 70);
+            let train = super::Mode::train(5);
+            let loss = cross_entropy(&m.net.forward_mode(&x, train).unwrap(), &y).unwrap();
+            assert!(loss.track_op(), "{arch}: the training pass records");
+            opt.step(&m.net.backward(&loss).unwrap(), 0.1).unwrap();
+            let logits = m.net.forward_t(&x, false).unwrap();
+            let (features, mc) = m.net.features_and_logits(&x, super::Mode::mc(6)).unwrap();
+            for (what, t) in [
+                ("logits", &logits),
+                ("features", &features),
+                ("MC logits", &mc),
+                ("features_t", &m.net.features_t(&x, false).unwrap()),
+            ] {
+                assert!(
+                    !t.track_op(),
+                    "{arch} (planned: {planned}): {what} record a graph"
+                );
+            }
+            REFERENCE_OPS.with(|r| r.set(true));
+            m.net.plan_inference(false);
+            let reference = m.net.forward_t(&x, false).unwrap();
+            REFERENCE_OPS.with(|r| r.set(false));
+            let e = max_rel(&logits, &reference);
+            assert!(
+                e < 2e-4,
+                "{arch}: evaluation logits differ by {e:e} relative"
+            );
+            let again = m.net.forward_mode(&x, train).unwrap();
+            assert!(
+                again.track_op(),
+                "{arch}: training after evaluation records"
+            );
+            let grads = m.net.backward(&cross_entropy(&again, &y).unwrap()).unwrap();
+            for (name, v) in m.trainable() {
+                assert!(
+                    grads.get(v.as_tensor()).is_some(),
+                    "{arch}: no gradient for {name}"
+                );
+            }
         }
     }
 }
