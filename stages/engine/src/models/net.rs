@@ -233,8 +233,9 @@ impl Net {
     }
 
     /// Penultimate features `N × D`, after global average pooling and before dropout. An
-    /// evaluation-mode pass (`train` false) records no autograd graph ([`NoGrad`]): nothing is
-    /// differentiated through it, and each activation is freed as soon as it has been read.
+    /// evaluation-mode pass (`train` false) reads the parameters detached ([`NoGrad`]): over
+    /// plain images it records no autograd graph and frees each activation once it has been
+    /// read, and the parameters get no gradient through it (nothing trains through one).
     pub fn features_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let _no_grad = (!train).then(NoGrad::enter);
         let mut y = match self.planned_features(x, train)? {
@@ -249,7 +250,8 @@ impl Net {
         y.mean(D::Minus1)?.mean(D::Minus1)
     }
 
-    /// Logits from penultimate features (the classifier alone, no dropout).
+    /// Logits from penultimate features (the classifier alone, no dropout); inside a
+    /// [`NoGrad`] scope with the classifier's parameters detached.
     pub fn head(&self, features: &Tensor) -> candle_core::Result<Tensor> {
         if no_grad::enabled() {
             return self.fc.forward(features);
@@ -271,7 +273,7 @@ impl Net {
 
     /// Penultimate features `N × D` (before dropout) and logits `N × K`; the logits are
     /// `dropout(features)·Wᵀ + b`, so `features·Wᵀ + b` whenever dropout is inactive. Outside
-    /// training mode neither records an autograd graph.
+    /// training mode both read the parameters detached, as [`Net::features_t`] says.
     pub fn features_and_logits(
         &self,
         x: &Tensor,
@@ -467,8 +469,8 @@ mod tests {
     /// Evaluation-mode passes record no autograd graph (so they keep no activation alive past
     /// its use), through the layers (DenseNet, DLA, and a ResNet without its plan) and through
     /// the planned program, with Monte-Carlo dropout too; their logits after a training step
-    /// agree with candle's reference ops in evaluation mode (the running statistics and weights
-    /// the step moved are read), and a training pass right after records its graph again.
+    /// agree with candle's reference ops in evaluation mode, and a training pass right after
+    /// records its graph again, with a gradient for every parameter.
     #[test]
     fn evaluation_passes_record_no_graph() {
         use crate::optim::{Sgd, SgdConfig};

@@ -1,17 +1,22 @@
-//! Passes that build no autograd graph, as under PyTorch's `torch.no_grad()`.
+//! Evaluation-mode passes that record no autograd graph, like PyTorch's `torch.no_grad()` for a
+//! pass over plain images.
 //!
 //! Candle records an op whenever one of its inputs is a variable or was computed from one, and
 //! every recorded output keeps its inputs alive until it is dropped itself. A model's weights
 //! are variables, so an evaluation-mode pass through layers (the backbones without a planned
 //! program: DenseNet, DLA) kept every activation of the pass until its logits were dropped:
 //! the memory of a training step, for a pass that is never differentiated (DenseNet-121 at
-//! batch 256: 10 GB where the activations alive at any one time take well under 1 GB). Inside
+//! batch 256: 10 GiB where the activations alive at any one time take well under 1 GiB). Inside
 //! a [`NoGrad`] scope the layers read their parameters through [`param`], which detaches them
-//! (the same storage, no copy), so nothing is recorded and each activation is freed as soon as
-//! the next layer has read it.
+//! (the same storage, no copy). Unlike `torch.no_grad()` the scope freezes only the
+//! parameters: a pass whose input is itself recorded (computed from a variable) still records,
+//! and gradients still reach that input; over plain images nothing is recorded, and each
+//! activation is freed as soon as the next layer has read it. A pass inside the scope gives its
+//! parameters no gradient, so nothing may train through one.
 
 use candle_core::Tensor;
 use std::cell::Cell;
+use std::marker::PhantomData;
 
 thread_local! {
     /// Whether this thread is inside a [`NoGrad`] scope. Per thread: a pass's ops are issued
@@ -19,18 +24,21 @@ thread_local! {
     static OFF: Cell<bool> = const { Cell::new(false) };
 }
 
-/// A scope in which the layers record no autograd graph on this thread; the previous state
-/// comes back when it is dropped (scopes nest).
+/// A scope in which the layers read their parameters detached on this thread; the previous
+/// state comes back when it is dropped (scopes nest, and are dropped innermost first, as locals
+/// are). Not `Send`: it must end on the thread it began on.
 #[must_use = "the scope ends when this guard is dropped"]
 pub struct NoGrad {
     before: bool,
+    _this_thread: PhantomData<*const ()>,
 }
 
 impl NoGrad {
-    /// Enters a scope without gradients.
+    /// Enters a scope without parameter gradients.
     pub fn enter() -> NoGrad {
         NoGrad {
             before: OFF.with(|o| o.replace(true)),
+            _this_thread: PhantomData,
         }
     }
 }
