@@ -4,7 +4,8 @@
 //! - [`models`]: the ResNets and their layers, with hand-written CPU kernels;
 //! - `gpu` (feature `cuda`): cuDNN convolutions, fused BatchNorm and the other CUDA kernels;
 //! - [`optim`] and [`schedule`]: SGD and learning-rate schedules;
-//! - [`losses`]: the loss functions the methods combine;
+//! - [`losses`]: the loss functions the methods combine, and [`const_matmul`]: products with a
+//!   constant factor, differentiated for the other alone;
 //! - [`checkpoint`]: resumable training state on disk; [`import`]: models saved by PyTorch or
 //!   as safetensors;
 //! - [`feed`]: batches onto the device; [`inference`]: a model over a whole packed split;
@@ -14,6 +15,7 @@
 //! crate above, which Cargo keeps from being imported here.
 
 pub mod checkpoint;
+pub mod const_matmul;
 pub mod device;
 pub mod error;
 pub mod export;

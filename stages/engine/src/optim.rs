@@ -271,11 +271,12 @@ fn step_with_tensor_ops(
     g: &Tensor,
     lr: f64,
 ) -> Result<()> {
-    // Detached: gradients (and so momentum buffers) would otherwise keep every past
-    // step's graph alive.
+    // Detached, the gradient and the weight alike: a term computed from the variable itself
+    // would record an op, and the momentum buffer built on it would chain every past step's
+    // buffer into one growing graph.
     let mut g = g.detach();
     if c.weight_decay != 0.0 {
-        g = (g + (var.as_tensor() * c.weight_decay)?)?;
+        g = (g + (var.as_tensor().detach() * c.weight_decay)?)?;
     }
     let d = if c.momentum != 0.0 {
         let b = match buffers.get(name) {
@@ -432,6 +433,9 @@ mod tests {
                 fused.step(&g1, 0.1).unwrap();
                 let g = g2.get(w2.as_tensor()).unwrap().clone();
                 step_with_tensor_ops(config, &mut plain.buffers, "w", &w2, &g, 0.1).unwrap();
+                if let Some(Buffer::Device(b)) = plain.buffers.get("w") {
+                    assert!(!b.track_op(), "the momentum buffer records a graph");
+                }
                 assert!(
                     max_rel(w1.as_tensor(), w2.as_tensor()) < 1e-6,
                     "step {step}"

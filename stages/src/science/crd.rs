@@ -321,7 +321,9 @@ impl Crd {
             let w = memory
                 .index_select(&idx, 0)?
                 .reshape((b, contrast.len() / b, self.cfg.dim))?;
-            Ok((w.matmul(&v.unsqueeze(2)?)?.squeeze(2)? / self.cfg.temperature)?.exp()?)
+            // The memory rows take no gradient: candle's matmul would make one of their size.
+            let dots = engine::const_matmul::matmul_const_lhs(&w, &v.unsqueeze(2)?)?;
+            Ok((dots.squeeze(2)? / self.cfg.temperature)?.exp()?)
         };
         let out_t = score(&self.memory_s, &v_t)?;
         let out_s = score(&self.memory_t, &v_s)?;
