@@ -1,6 +1,6 @@
 //! The CUDA training path against the CPU implementation, on random inputs: cuDNN convolutions,
 //! fused BatchNorm (+ ReLU), residual add + ReLU, the stem's max-pooling, the SGD step, and a few training steps of a
-//! whole ResNet, each in f32 (relative error < 1e-4) and bf16 (< 1e-2, against the CPU on the
+//! whole ResNet, CRD's constant products and a DenseNet evaluation pass, each in f32 (relative error < 1e-4) and bf16 (< 1e-2, against the CPU on the
 //! same bf16-rounded inputs).
 //!
 //! Compiled in every build; each test runs where a CUDA device is present (a build with the
@@ -878,4 +878,55 @@ fn inference_follows_the_cpu(gpu: &Device, arch: &str) {
             );
         }
     }
+}
+
+/// CRD's scores on CUDA (`matmul_const_lhs`: the product, and the gradient of the anchors
+/// alone) and an evaluation-mode pass through layers (DenseNet, no plan: parameters read
+/// detached) follow the CPU in f32, and the pass records no graph.
+#[test]
+fn constant_products_and_layer_evaluation_follow_the_cpu() {
+    use engine::const_matmul::matmul_const_lhs;
+    use engine::models::{Model, ModelSpec};
+    let Some(gpu) = cuda("constant products and layer evaluation") else {
+        return;
+    };
+    let w = random(&[4, 33, 16], 100);
+    let v = random(&[4, 16, 1], 101);
+    let weights = random(&[4, 33, 1], 102);
+    let on = |dev: &Device| {
+        let v = Var::from_tensor(&v.to_device(dev).unwrap()).unwrap();
+        let w = w.to_device(dev).unwrap();
+        let y = matmul_const_lhs(&w, v.as_tensor()).unwrap();
+        let loss = (&y * &weights.to_device(dev).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(&w).is_none(),
+            "a gradient was made for the constant"
+        );
+        (y, grads.get(v.as_tensor()).unwrap().clone())
+    };
+    let ((y_gpu, g_gpu), (y_cpu, g_cpu)) = (on(&gpu), on(&Device::Cpu));
+    assert!(max_rel(&y_gpu, &y_cpu) < 1e-5, "scores");
+    assert!(max_rel(&g_gpu, &g_cpu) < 1e-5, "anchor gradient");
+
+    let spec = ModelSpec {
+        width: 8,
+        ..ModelSpec::new("densenet_cifar", 10, 3).unwrap()
+    };
+    let cpu_model = Model::new(&spec, &Device::Cpu, 5).unwrap();
+    let gpu_model = Model::new(&spec, &gpu, 5).unwrap();
+    let x = random(&[6, 3, 16, 16], 103);
+    let reference = cpu_model.net.forward_t(&x, false).unwrap();
+    let got = gpu_model
+        .net
+        .forward_t(&x.to_device(&gpu).unwrap(), false)
+        .unwrap();
+    assert!(!got.track_op(), "an evaluation pass recorded a graph");
+    let e = max_rel(&got, &reference);
+    assert!(e < 1e-4, "DenseNet evaluation logits off by {e}");
 }
