@@ -253,9 +253,6 @@ impl Net {
     /// Logits from penultimate features (the classifier alone, no dropout); inside a
     /// [`NoGrad`] scope with the classifier's parameters detached.
     pub fn head(&self, features: &Tensor) -> candle_core::Result<Tensor> {
-        if no_grad::enabled() {
-            return self.fc.forward(features);
-        }
         let bias = self.fc.bias().map(no_grad::param);
         Linear::new(no_grad::param(self.fc.weight()), bias).forward(features)
     }
