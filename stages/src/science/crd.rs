@@ -201,8 +201,9 @@ impl Crd {
             .into_iter()
             .map(|(n, v)| (n, v.as_tensor().clone()))
             .collect();
-        out.insert("crd.memory_v1".into(), self.memory_s.clone());
-        out.insert("crd.memory_v2".into(), self.memory_t.clone());
+        // Copies: the banks change in place at the next step.
+        out.insert("crd.memory_v1".into(), self.memory_s.copy()?);
+        out.insert("crd.memory_v2".into(), self.memory_t.copy()?);
         let (zs, zt) = self.z.unwrap_or((f64::NAN, f64::NAN));
         out.insert(
             "crd.z".into(),
@@ -235,8 +236,9 @@ impl Crd {
             var.set(&get(&name, var.dims())?.to_dtype(DType::F32)?)?;
         }
         let bank = [self.n_data, self.cfg.dim];
-        self.memory_s = get("crd.memory_v1", &bank)?.to_dtype(DType::F32)?;
-        self.memory_t = get("crd.memory_v2", &bank)?.to_dtype(DType::F32)?;
+        // Own contiguous copies, since the banks are written in place.
+        self.memory_s = get("crd.memory_v1", &bank)?.to_dtype(DType::F32)?.copy()?;
+        self.memory_t = get("crd.memory_v2", &bank)?.to_dtype(DType::F32)?.copy()?;
         let z = get("crd.z", &[2])?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         self.z = (!z[0].is_nan()).then_some((z[0], z[1]));
         Ok(())
@@ -340,8 +342,9 @@ impl Crd {
             }
         };
         let loss = (self.nce(&(out_s / zs)?)? + self.nce(&(out_t / zt)?)?)?;
-        self.memory_s = self.updated(&self.memory_s, &v_s, indices)?;
-        self.memory_t = self.updated(&self.memory_t, &v_t, indices)?;
+        // The scores read copies of the rows (`index_select`), so the banks can change now.
+        self.update(&self.memory_s, &v_s, indices)?;
+        self.update(&self.memory_t, &v_t, indices)?;
         Ok(loss)
     }
 
@@ -357,8 +360,9 @@ impl Crd {
         Ok((log_d1 + log_d0)?.neg()?)
     }
 
-    /// `memory` with the rows at `indices` replaced by normalise(m·row + (1 − m)·v).
-    fn updated(&self, memory: &Tensor, v: &Tensor, indices: &[u32]) -> Result<Tensor> {
+    /// Replaces the rows of `memory` at `indices` by normalise(m·row + (1 − m)·v), in place: a
+    /// copy of the bank each step would move 2 × n_data × dim floats to change b rows.
+    fn update(&self, memory: &Tensor, v: &Tensor, indices: &[u32]) -> Result<()> {
         let dev = memory.device();
         let idx = Tensor::from_slice(indices, indices.len(), dev)?;
         let m = self.cfg.momentum;
@@ -368,7 +372,7 @@ impl Crd {
             .unsqueeze(1)?
             .broadcast_as((indices.len(), self.cfg.dim))?
             .contiguous()?;
-        Ok(memory.scatter(&at, &rows, 0)?)
+        Ok(memory.scatter_set(&at, &rows, 0)?)
     }
 }
 
@@ -424,6 +428,8 @@ mod tests {
             .unwrap();
         crd.memory_s = t(scaled(grid(6, 4, 0.9, 0.6), 0.5), (6, 4));
         crd.memory_t = t(scaled(grid(6, 4, 0.4, 1.9), 0.5), (6, 4));
+        // A checkpoint's snapshot must not follow the banks, which steps change in place.
+        let snapshot = crd.state().unwrap();
 
         let mean = |l: Tensor| l.mean_all().unwrap();
         let l1 = crd
@@ -447,6 +453,14 @@ mod tests {
         let grads = l2.backward().unwrap();
         assert_close(&[l1], &[6.4281988911], "loss 1");
         assert_close(&[l2.to_scalar::<f32>().unwrap()], &[7.3946204276], "loss 2");
+        for (name, at) in [("crd.memory_v1", (0.9, 0.6)), ("crd.memory_v2", (0.4, 1.9))] {
+            let kept = snapshot[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(kept, scaled(grid(6, 4, at.0, at.1), 0.5), "{name} snapshot");
+        }
         let (zs, zt) = crd.z.unwrap();
         assert_close(&[zs as f32, zt as f32], &[16.811179755, 27.914983311], "Z");
         let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
