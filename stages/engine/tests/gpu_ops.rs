@@ -146,6 +146,54 @@ fn convolution_matches_cpu_forward_and_gradients() {
 }
 
 #[test]
+fn convolution_of_a_misaligned_batch_matches_cpu() {
+    // A batch narrowed out of a larger one: with 3 × 7 × 9 = 189 values per image, the second
+    // image of a bf16 tensor starts 378 bytes in, not 16-byte aligned as cuDNN's tensor-core
+    // kernels want (the convolution copies such an operand).
+    let Some(gpu) = cuda("misaligned convolution") else {
+        return;
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let x = rounded(&random(&[5, 3, 7, 9], 91), dtype);
+        let wt = rounded(&random(&[8, 3, 3, 3], 92), dtype);
+        let dy = rounded(&random(&[3, 8, 7, 9], 93), dtype);
+        let run = |device: &Device, dtype: DType| {
+            let mut varmap = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+            let conv = Conv2d::new(3, 8, 3, 1, 1, vb).unwrap();
+            varmap
+                .set_one("weight", wt.to_device(device).unwrap())
+                .unwrap();
+            let xv =
+                Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let part = xv.as_tensor().narrow(0, 1, 3).unwrap();
+            let y = candle_core::Module::forward(&conv, &part).unwrap();
+            let dyd = dy.to_device(device).unwrap().to_dtype(dtype).unwrap();
+            let l = (y.to_dtype(DType::F32).unwrap() * dyd.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = l.backward().unwrap();
+            let dx = g.get(xv.as_tensor()).unwrap().clone();
+            let w = varmap.data().lock().unwrap()["weight"].clone();
+            let dw = g.get(w.as_tensor()).unwrap().clone();
+            (y, dx, dw)
+        };
+        let (yc, dxc, dwc) = run(&Device::Cpu, DType::F32);
+        let (yg, dxg, dwg) = run(&gpu, dtype);
+        let tol = tolerance(dtype);
+        for (what, g, c) in [
+            ("forward", &yg, &yc),
+            ("input gradient", &dxg, &dxc),
+            ("weight gradient", &dwg, &dwc),
+        ] {
+            let err = max_rel(g, c);
+            assert!(err < tol, "{dtype:?} misaligned batch: {what} off by {err}");
+        }
+    }
+}
+
+#[test]
 fn convolution_weight_gradient_matches_cpu() {
     let Some(gpu) = cuda("convolution weight gradient") else {
         return;
@@ -754,12 +802,15 @@ fn recorded_steps_equal_unrecorded_bitwise() {
         let plain = run(false);
         let before = engine::models::net::graph_replays();
         let recorded = run(true);
-        // Per step 2 forward passes + 1 backward, and the unused pass: of 8 steps, the
-        // first of each shape runs unrecorded (steps 0 and 4).
+        // Per step 3 forward passes (one unused) and 2 backward. Step 0 sizes every buffer
+        // (a pass warmed before a later one allocated is not recorded in step 1), so each of
+        // the 5 is recorded by step 2 at the latest and replays in steps 2 and 3: at least 10.
+        // Steps 1 and 4-7 add more, fewer if a new batch size grows cuDNN's workspace (which
+        // retires every graph).
         let replays = engine::models::net::graph_replays() - before;
         let case = format!("{arch} {dtype:?} nhwc={nhwc}");
         eprintln!("{case}: {replays} recorded passes replayed");
-        assert!(replays >= 20, "{case}: only {replays} passes replayed");
+        assert!(replays >= 10, "{case}: only {replays} passes replayed");
         for (s, (a, b)) in recorded.0.iter().zip(&plain.0).enumerate() {
             assert_eq!(a, b, "{case} step {s}: logits");
         }

@@ -17,7 +17,7 @@
 //! channels-last shape cuDNN cannot plan runs as NCHW between transposes (`run_transposed`).
 
 use super::{alloc, alloc_tensor, storage_ptr, tensor_ptr};
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys, CudnnError};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::DeviceId;
@@ -513,11 +513,11 @@ pub(crate) fn run(
             Err(e) => Err(e.into_error(g)),
         }
     })?;
-    if direct {
+    super::device_call(if direct {
         run_planned(dev, g, dir, a, b, out)
     } else {
         run_transposed(dev, g, dir, a, b, out)
-    }
+    })
 }
 
 /// The `[n, rows, cols]` of the transposes (`kernels.cu`'s `transpose`: `n × rows × cols` to
@@ -718,9 +718,16 @@ pub fn forward(
 ) -> Result<CudaStorage> {
     check_type(g, x.dtype(), "the input")?;
     check_type(g, w.dtype(), "the weight")?;
+    let (x_copy, w_copy) = (aligned_storage(x, lx)?, aligned_storage(w, lw)?);
     let (px, pw) = (
-        storage_ptr(x, lx, "conv2d input")?,
-        storage_ptr(w, lw, "conv2d weight")?,
+        match &x_copy {
+            Some(c) => storage_ptr(c, &Layout::contiguous(lx.shape()), "conv2d input")?,
+            None => storage_ptr(x, lx, "conv2d input")?,
+        },
+        match &w_copy {
+            Some(c) => storage_ptr(c, &Layout::contiguous(lw.shape()), "conv2d weight")?,
+            None => storage_ptr(w, lw, "conv2d weight")?,
+        },
     );
     let (ho, wo) = g.out_hw();
     let (y, py) = alloc(&x.device, g.dtype(), g.n * g.cout * ho * wo)?;
@@ -728,10 +735,33 @@ pub fn forward(
     Ok(y)
 }
 
+/// cuDNN's tensor-core kernels want operands aligned to 16 bytes, as every allocation is; a
+/// batch narrowed out of a larger one starts wherever its first image does (an odd number of
+/// bf16 values per image leaves it 2-byte aligned). Such an operand is copied to its own
+/// storage: `Some` copy, or `None` when `l` starts aligned.
+fn aligned_storage(s: &CudaStorage, l: &Layout) -> Result<Option<CudaStorage>> {
+    if (l.start_offset() * s.dtype().size_in_bytes()).is_multiple_of(16) {
+        return Ok(None);
+    }
+    // SAFETY: the copy below writes every element.
+    let mut copy = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
+    s.copy_strided_src(&mut copy, 0, l)?;
+    Ok(Some(copy))
+}
+
+/// [`aligned_storage`] for a tensor: contiguous, and starting 16-byte aligned.
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
+        return Ok(t);
+    }
+    t.force_contiguous()
+}
+
 /// The input gradient `N × C × H × W` from the weights and the output gradient `dy`.
 pub fn backward_data(g: &Geometry, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
     check_type(g, dy.dtype(), "the output gradient")?;
-    let (w, dy) = (w.contiguous()?, dy.contiguous()?);
+    let (w, dy) = (aligned(w)?, aligned(dy)?);
     let (dev, pw) = tensor_ptr(&w, "conv2d weight")?;
     let (_, pd) = tensor_ptr(&dy, "conv2d output gradient")?;
     let (dx, px) = alloc_tensor(&dev, g.dtype(), (g.n, g.c, g.h, g.w))?;
@@ -742,7 +772,7 @@ pub fn backward_data(g: &Geometry, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// The weight gradient `cout × C/groups × kh × kw` from the input and the output gradient `dy`.
 pub fn backward_filter(g: &Geometry, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     check_type(g, dy.dtype(), "the output gradient")?;
-    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let (x, dy) = (aligned(x)?, aligned(dy)?);
     let (dev, px) = tensor_ptr(&x, "conv2d input")?;
     let (_, pd) = tensor_ptr(&dy, "conv2d output gradient")?;
     let dims = (g.cout, g.c / g.groups, g.kh, g.kw);

@@ -49,11 +49,18 @@ impl<T: DeviceRepr + ValidAsZeroBits + CudaDType + Copy> PinnedRing<T> {
         if let Some((_, copied)) = self.buffers.get(slot) {
             copied.synchronize().map_err(wrap)?;
         }
-        if self.buffers.len() <= slot || self.buffers[slot].0.len() != data.len().max(1) {
-            // SAFETY: written in full below before any copy reads it. Write-combined memory:
-            // the host only writes it (sequentially), the device only reads it.
-            let b =
-                unsafe { stream.context().alloc_pinned::<T>(data.len().max(1)) }.map_err(wrap)?;
+        // Grown, never shrunk: a partial last batch reuses the slot (reallocating pinned memory
+        // can synchronise the device).
+        let n = data.len();
+        if self
+            .buffers
+            .get(slot)
+            .is_none_or(|(b, _)| b.len() < n.max(1))
+        {
+            // SAFETY: the first `n` values are written below before any copy reads them.
+            // Write-combined memory: the host only writes it (sequentially), the device only
+            // reads it.
+            let b = unsafe { stream.context().alloc_pinned::<T>(n.max(1)) }.map_err(wrap)?;
             let copied = stream.context().new_event(None).map_err(wrap)?;
             if self.buffers.len() <= slot {
                 self.buffers.push((b, copied));
@@ -62,10 +69,15 @@ impl<T: DeviceRepr + ValidAsZeroBits + CudaDType + Copy> PinnedRing<T> {
             }
         }
         let (buf, copied) = &mut self.buffers[slot];
-        buf.as_mut_slice().map_err(wrap)?[..data.len()].copy_from_slice(data);
-        // SAFETY: the copy below writes every element.
-        let mut dst = unsafe { dev.alloc::<T>(data.len().max(1))? };
-        stream.memcpy_htod(&*buf, &mut dst).map_err(wrap)?;
+        buf.as_mut_slice().map_err(wrap)?[..n].copy_from_slice(data);
+        // SAFETY: the copy below writes every element (an empty batch has none to write).
+        let mut dst = unsafe { dev.alloc::<T>(n.max(1))? };
+        if n > 0 {
+            // A prefix of pinned memory is pinned memory: the copy stays asynchronous.
+            stream
+                .memcpy_htod(&buf.as_slice().map_err(wrap)?[..n], &mut dst)
+                .map_err(wrap)?;
+        }
         copied.record(&stream).map_err(wrap)?;
         Ok(Tensor::from_storage(
             Storage::Cuda(CudaStorage::wrap_cuda_slice(dst, dev.clone())),

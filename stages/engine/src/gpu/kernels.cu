@@ -142,7 +142,8 @@ __device__ void bn_stats_finalize(const T* x, const float* partial, float* save_
 // invstd[c] = 1/sqrt(var[c] + eps), for inference with running statistics.
 extern "C" __global__ void bn_invstd(const float* var, float* invstd, int c, float eps) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch < c) invstd[ch] = rsqrtf(var[ch] + eps);
+    // In double, as bn_stats_finalize and the CPU's BatchNorm: rsqrtf is approximate.
+    if (ch < c) invstd[ch] = (float)(1.0 / sqrt((double)var[ch] + (double)eps));
 }
 
 // y = γ·(x − μ)·invstd + β, then max(·, 0) when relu; over n·c·hw values.

@@ -65,6 +65,41 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
+thread_local! {
+    /// While a planned pass is being recorded as a CUDA graph (`plan.rs`'s `capture`): `Some`,
+    /// with the first device call that failed during the recording, if one did.
+    static RECORDING: std::cell::RefCell<Option<Option<candle_core::Error>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The result of a device call (a kernel launch, a cuDNN call, a copy). While a pass is being
+/// recorded, a failure (a call the capture refuses, or any call after that has invalidated the
+/// capture) is kept for [`end_recording`] and the pass goes on, so that its host-side
+/// bookkeeping ends as a finished pass leaves it; the pass is then run unrecorded, where a
+/// genuine error shows again.
+pub(crate) fn device_call(r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) => RECORDING.with(|slot| match &mut *slot.borrow_mut() {
+            Some(first) => {
+                first.get_or_insert(e);
+                Ok(())
+            }
+            None => Err(e),
+        }),
+        ok => ok,
+    }
+}
+
+/// Starts keeping the failures of [`device_call`] on this thread.
+pub(crate) fn begin_recording() {
+    RECORDING.with(|slot| *slot.borrow_mut() = Some(None));
+}
+
+/// Stops keeping failures, and returns the first one kept since [`begin_recording`].
+pub(crate) fn end_recording() -> Option<candle_core::Error> {
+    RECORDING.with(|slot| slot.borrow_mut().take().flatten())
+}
+
 /// Launches kernel `name` of `kernels.cu` on the device's stream (asynchronously).
 pub(crate) fn launch(
     dev: &CudaDevice,
@@ -107,8 +142,11 @@ fn launch_with_table<T: DeviceRepr>(
         }
         // SAFETY: each call site passes the arguments of the kernel's C signature, with device
         // addresses of live buffers of the lengths the kernel reads and writes.
-        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
-        Ok(())
+        device_call(
+            unsafe { b.launch(cfg) }
+                .map(drop)
+                .map_err(candle_core::Error::wrap),
+        )
     })
 }
 

@@ -28,7 +28,9 @@
 //! those addresses are looked up once, so no slice is asked for its address (which records
 //! events) while a stream is being captured; a parameter gradient that comes from outside the
 //! plan (a candle tensor at a new address every step) makes that pass unrecordable. The
-//! `GradStore` entries a recorded backward made are made again after each replay.
+//! `GradStore` entries a recorded backward made are made again after each replay. A device call
+//! that fails while a pass is being recorded (`super::device_call`) does not end the pass: it
+//! finishes its host-side bookkeeping, the recording is dropped, and the pass runs unrecorded.
 
 use super::conv::{run, Direction};
 use super::norm::{self, Gradients, Operands};
@@ -319,8 +321,9 @@ impl CudaKernels {
     fn copy(&self, src: u64, dst: u64, dtype: DType, len: usize) -> Result<()> {
         let stream = self.dev.cuda_stream();
         // SAFETY: both addresses are of live device buffers of at least `len` values.
-        unsafe { memcpy_dtod_async(dst, src, len * dtype.size_in_bytes(), stream.cu_stream()) }
-            .map_err(candle_core::Error::wrap)
+        let r =
+            unsafe { memcpy_dtod_async(dst, src, len * dtype.size_in_bytes(), stream.cu_stream()) };
+        super::device_call(r.map_err(candle_core::Error::wrap))
     }
 
     /// Launches the elementwise kernel `name` over `total` values with `args`.
@@ -334,6 +337,15 @@ impl CudaKernels {
         g.nhwc = self.nhwc;
         Ok(g)
     }
+}
+
+/// Logs why a pass could not be recorded; it then runs unrecorded (`run_pass` in
+/// `models/plan.rs`), so training goes on at the unrecorded pace.
+fn unrecorded(why: &str) -> Option<Graph> {
+    tracing::warn!(
+        "a planned CUDA pass could not be recorded as a graph ({why}); it runs unrecorded"
+    );
+    None
 }
 
 impl Kernels for CudaKernels {
@@ -678,7 +690,9 @@ impl Kernels for CudaKernels {
         stream
             .begin_capture(mode)
             .map_err(candle_core::Error::wrap)?;
+        super::begin_recording();
         let ran = f(self);
+        let refused = super::end_recording();
         // The capture always ends, whatever happened inside it.
         let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         let grads = self.recording.take().unwrap_or_default();
@@ -691,8 +705,15 @@ impl Kernels for CudaKernels {
                  graph (a bug; LDL_GPU_GRAPH=0 runs without graphs)"
             )
         }
+        // An error of the pass's own (not a device call's) is a bug: shown, not retried.
         ran?;
-        let exec = ended.map_err(candle_core::Error::wrap)?;
+        // A device call the capture refused, or a capture that could not be made into a graph:
+        // this pass runs unrecorded from now on (the test of recorded steps counts replays).
+        let exec = match (refused.map(|e| e.to_string()), ended) {
+            (None, Ok(exec)) => exec,
+            (Some(why), _) => return Ok(unrecorded(&why)),
+            (None, Err(e)) => return Ok(unrecorded(&e.to_string())),
+        };
         if self.unrecordable {
             return Ok(None);
         }
