@@ -259,12 +259,14 @@ impl Net {
 
     /// Logits from penultimate features through the dropout (active when `seed` is given, masks
     /// drawn from it) and the classifier: Monte-Carlo dropout resamples only this part, so the
-    /// features of a batch are computed once for all of its passes.
+    /// features of a batch are computed once for all of its passes. An evaluation pass, as
+    /// [`Net::features_t`] with `train` false: the classifier is read detached.
     pub fn head_with_dropout(
         &self,
         features: &Tensor,
         seed: Option<u64>,
     ) -> candle_core::Result<Tensor> {
+        let _no_grad = NoGrad::enter();
         self.head(&self.dropout.forward(features, seed)?)
     }
 
@@ -499,6 +501,10 @@ mod tests {
                 ("features", &features),
                 ("MC logits", &mc),
                 ("features_t", &m.net.features_t(&x, false).unwrap()),
+                (
+                    "head_with_dropout",
+                    &m.net.head_with_dropout(&features, Some(7)).unwrap(),
+                ),
             ] {
                 assert!(
                     !t.track_op(),
