@@ -192,8 +192,9 @@ fn load(file: &Path, output: Option<&Path>) -> Result<config::Config, ExitCode> 
 /// frees and reallocates the same tensor-sized buffers, and re-faulting their pages cost ~25% of
 /// CPU training time.
 fn keep_freed_memory() {
-    // Option ids from the `mi_option_e` enum of mimalloc.h (v2, vendored by libmimalloc-sys
-    // 0.1.49, which exports no constants for them): arena_eager_commit = 4, purge_delay = 15.
+    // Option ids from the `mi_option_e` enum of mimalloc.h (v3, the one libmimalloc-sys 0.1.49
+    // builds without its `v2` feature, and v2 alike; the crate exports no constants for them):
+    // arena_eager_commit = 4, purge_delay = 15.
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: plain option setters, called before any other thread exists.

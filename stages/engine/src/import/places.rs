@@ -389,6 +389,8 @@ fn attributes(p: &Pickle, id: Id) -> Vec<(Key<'_>, Id)> {
         let key = match p.get(k) {
             Value::Str(s) => Key::Text(s),
             &Value::Int(i) => Key::Index(u64::try_from(i).ok()?),
+            // Python's True == 1 and False == 0, in a dict too (`{True: sd}[1]` finds it).
+            &Value::Bool(b) => Key::Index(b.into()),
             _ => return None,
         };
         Some((k, key, v))
@@ -693,6 +695,36 @@ mod tests {
             resolve(&p, "by_int.1").unwrap_err(),
             "`1` is not in `by_int`, whose keys are [0]"
         );
+    }
+
+    /// A bool key is the int Python takes it for: `{False: …, True: …}` is reached by 0 and 1,
+    /// and where a dict holds both `True` and `1` (pickled entry by entry, so both can be in
+    /// the file) the later one is the one Python keeps.
+    #[test]
+    fn bool_keys_are_reached_as_zero_and_one() {
+        let entry = |key: &[u8], name: &str| [key.to_vec(), holder(name)].concat();
+        let by_bool = [
+            b"}(".to_vec(),
+            entry(b"\x89", "w0"),
+            entry(b"\x88", "w1"),
+            b"u".to_vec(),
+        ]
+        .concat();
+        let both = [
+            b"}(".to_vec(),
+            entry(b"\x88", "first"),
+            entry(b"K\x01", "second"),
+            b"u".to_vec(),
+        ]
+        .concat();
+        let p = pickle(&dict(&[("by_bool", by_bool), ("both", both)]));
+        for (key, name) in [
+            ("by_bool.0", "w0"),
+            ("by_bool.1", "w1"),
+            ("both.1", "second"),
+        ] {
+            assert_eq!(keys(&p, resolve(&p, key).unwrap()), [name], "{key}");
+        }
     }
 
     /// A saved list of state dicts (`torch.save([sd0, sd1])`) is read with an index as `key`;
