@@ -522,11 +522,12 @@ fn clean_refuses_a_stage_another_process_runs() {
     assert!(!out.join("data").exists());
 }
 
-/// `status` of the 12-epoch training `model` (6 batches an epoch) killed with checkpoints in
+/// `status` of the [`KILLED_EPOCHS`]-epoch training `model` (6 batches an epoch) killed with checkpoints in
 /// `checkpoints`: how far it got, as its newest checkpoint's `state.json` says (read here as
 /// plain JSON, its position checked against its global step and its log); and, while a
 /// process holds its claim, running, by that process (as its claim file names it), as far.
 fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
+    const EPOCHS: u64 = KILLED_EPOCHS as u64;
     let newest = newest_checkpoint(checkpoints).unwrap();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(newest.join("state.json")).unwrap()).unwrap();
@@ -534,11 +535,11 @@ fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
         state["epoch"].as_u64().unwrap(),
         state["batch"].as_u64().unwrap(),
     );
-    assert!(batch < 6 && epoch < 12, "{state}");
+    assert!(batch < 6 && epoch < EPOCHS, "{state}");
     assert_eq!(state["step"].as_u64(), Some(epoch * 6 + batch), "{state}");
     let log = state["log"].as_array().unwrap();
     assert_eq!(log.len() as u64, epoch, "{state}");
-    let mut done = format!("{epoch} of 12 epochs done");
+    let mut done = format!("{epoch} of {EPOCHS} epochs done");
     if let Some(row) = log.last() {
         assert_eq!(row["epoch"].as_u64(), Some(epoch));
         done += &format!(
@@ -559,7 +560,7 @@ fn assert_status_shows_progress(dir: &Path, checkpoints: &Path) {
             .map(|r| r["seconds"].as_f64().unwrap())
             .sum::<f64>()
             / recent.len() as f64;
-        let left = pace * ((12 - epoch) as f64 - batch as f64 / 6.0);
+        let left = pace * ((EPOCHS - epoch) as f64 - batch as f64 / 6.0);
         assert!(left < 90.0, "{left}");
         done += &format!(", about {left:.0} s of training left");
     }
@@ -614,19 +615,28 @@ fn an_interrupted_rerun_of_a_stale_stage_shows_its_progress() {
     );
 }
 
+/// Epochs of the training the kill tests kill: long enough (about 15 ms each here) that a kill
+/// within the first half of an uninterrupted run's time comes before the end.
+const KILLED_EPOCHS: usize = 40;
+
 /// A training killed with SIGKILL at a random moment (mid-epoch checkpoints every 2 steps) resumes
 /// from its newest complete checkpoint, and ends with weights bitwise equal to an uninterrupted
 /// run's, and the same per-epoch log (timings aside).
 #[test]
 fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
     let dir = scratch();
-    let cfg = "[run]\noutput = \"out\"\nseed = 5\n\n\
+    let cfg = &format!(
+        "[run]\noutput = \"out\"\nseed = 5\n\n\
         [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 96\ntest_size = 16\nclasses = 3\nimage_size = 12\n\n\
-        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 12\nbatch_size = 16\n\
-        checkpoint_every = 2\nkeep_checkpoints = 2\ndropout = 0.2\nmix = { type = \"cutmix\", p = 0.5 }\n";
+        [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = {KILLED_EPOCHS}\nbatch_size = 16\n\
+        checkpoint_every = 2\nkeep_checkpoints = 2\ndropout = 0.2\nmix = {{ type = \"cutmix\", p = 0.5 }}\n"
+    );
     write(dir.path(), "p.toml", cfg);
+    let started = std::time::Instant::now();
     let reference = pipeline(dir.path(), &["run", "p.toml", "--output", "reference"]);
     assert!(reference.status.success(), "{}", stderr(&reference));
+    // The kill must come before the run ends: within the first half of the reference's time.
+    let window = (started.elapsed() / 2).min(std::time::Duration::from_millis(400));
 
     let mut child = run_until_checkpoint(dir.path(), "p.toml", "model");
     let checkpoints = dir.path().join("out/.model.partial/checkpoints");
@@ -635,7 +645,8 @@ fn a_killed_training_resumes_and_matches_an_uninterrupted_run() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    let delay = std::time::Duration::from_micros(u64::from(nanos % 400_000));
+    let delay =
+        std::time::Duration::from_micros(u64::from(nanos) % window.as_micros().max(1) as u64);
     eprintln!("killing {delay:?} after the first checkpoint");
     std::thread::sleep(delay);
     child.kill().unwrap(); // SIGKILL

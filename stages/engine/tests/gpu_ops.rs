@@ -801,7 +801,15 @@ fn recorded_steps_equal_unrecorded_bitwise() {
         };
         let plain = run(false);
         let before = engine::models::net::graph_replays();
+        let refused = engine::models::net::unrecorded_passes();
         let recorded = run(true);
+        let refused = engine::models::net::unrecorded_passes() - refused;
+        // A failed recording falls back to the (bitwise equal) unrecorded pass: only this
+        // count shows it.
+        assert_eq!(
+            refused, 0,
+            "{arch} {dtype:?} nhwc={nhwc}: passes not recorded"
+        );
         // Per step 3 forward passes (one unused) and 2 backward. Step 0 sizes every buffer
         // (a pass warmed before a later one allocated is not recorded in step 1), so each of
         // the 5 is recorded by step 2 at the latest and replays in steps 2 and 3: at least 10.
@@ -907,8 +915,14 @@ fn inference_follows_the_cpu(gpu: &Device, arch: &str) {
         };
         let plain = run(false);
         let replays = engine::models::net::graph_replays();
+        let refused = engine::models::net::unrecorded_passes();
         let recorded = run(true);
         let replays = engine::models::net::graph_replays() - replays;
+        let refused = engine::models::net::unrecorded_passes() - refused;
+        assert_eq!(
+            refused, 0,
+            "inference {arch} {dtype:?} nhwc={nhwc}: passes not recorded"
+        );
         eprintln!("inference {arch} {dtype:?} nhwc={nhwc}: {replays} recorded passes replayed");
         // The batch sizes repeat, so a pass of a shape already recorded must replay its graph.
         assert!(

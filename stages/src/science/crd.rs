@@ -237,8 +237,12 @@ impl Crd {
         }
         let bank = [self.n_data, self.cfg.dim];
         // Own contiguous copies, since the banks are written in place.
-        self.memory_s = get("crd.memory_v1", &bank)?.to_dtype(DType::F32)?.copy()?;
-        self.memory_t = get("crd.memory_v2", &bank)?.to_dtype(DType::F32)?.copy()?;
+        self.memory_s = get("crd.memory_v1", &bank)?
+            .to_dtype(DType::F32)?
+            .force_contiguous()?;
+        self.memory_t = get("crd.memory_v2", &bank)?
+            .to_dtype(DType::F32)?
+            .force_contiguous()?;
         let z = get("crd.z", &[2])?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         self.z = (!z[0].is_nan()).then_some((z[0], z[1]));
         Ok(())

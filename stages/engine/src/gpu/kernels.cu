@@ -119,7 +119,7 @@ __device__ void bn_stats_partial_nhwc(const T* x, float* partial, int n, int c, 
 template <typename T>
 __device__ void bn_stats_finalize(const T* x, const float* partial, float* save_mean,
                                   float* save_invstd, float* running_mean, float* running_var,
-                                  int n, int c, int hw, int parts, float eps, float momentum,
+                                  int n, int c, int hw, int parts, double eps, float momentum,
                                   int nhwc) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
@@ -133,17 +133,17 @@ __device__ void bn_stats_finalize(const T* x, const float* partial, float* save_
     const double var = fmax(s2 / m - dm * dm, 0.0);
     const double mean = (double)load(x, nhwc ? (size_t)ch : (size_t)ch * hw) + dm;
     save_mean[ch] = (float)mean;
-    save_invstd[ch] = (float)(1.0 / sqrt(var + (double)eps));
+    save_invstd[ch] = (float)(1.0 / sqrt(var + eps));
     const double unbias = m > 1.0 ? m / (m - 1.0) : 1.0;
     running_mean[ch] = (float)((1.0 - momentum) * running_mean[ch] + momentum * mean);
     running_var[ch] = (float)((1.0 - momentum) * running_var[ch] + momentum * unbias * var);
 }
 
-// invstd[c] = 1/sqrt(var[c] + eps), for inference with running statistics.
-extern "C" __global__ void bn_invstd(const float* var, float* invstd, int c, float eps) {
+// invstd[c] = 1/sqrt(var[c] + eps), for inference with running statistics: in double with the
+// f64 eps, as the CPU's BatchNorm computes it (bitwise the same; rsqrtf is approximate).
+extern "C" __global__ void bn_invstd(const float* var, float* invstd, int c, double eps) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    // In double, as bn_stats_finalize and the CPU's BatchNorm: rsqrtf is approximate.
-    if (ch < c) invstd[ch] = (float)(1.0 / sqrt((double)var[ch] + (double)eps));
+    if (ch < c) invstd[ch] = (float)(1.0 / sqrt((double)var[ch] + eps));
 }
 
 // y = γ·(x − μ)·invstd + β, then max(·, 0) when relu; over n·c·hw values.
@@ -457,7 +457,7 @@ __device__ void max_pool_bwd(const T* x, const T* dy, T* dx, int n, int c, int h
     }                                                                                          \
     extern "C" __global__ void bn_stats_finalize_##SUF(                                        \
         const T* x, const float* partial, float* save_mean, float* save_invstd,                \
-        float* running_mean, float* running_var, int n, int c, int hw, int parts, float eps,   \
+        float* running_mean, float* running_var, int n, int c, int hw, int parts, double eps,  \
         float momentum, int nhwc) {                                                            \
         bn_stats_finalize<T>(x, partial, save_mean, save_invstd, running_mean, running_var, n, \
                              c, hw, parts, eps, momentum, nhwc);                               \

@@ -33,13 +33,14 @@ const MODULE: &str = "ldl_stages_kernels";
 /// Threads per block of the elementwise and reduction kernels.
 const THREADS: u32 = 256;
 
-/// A kernel argument: a device address, an `int`, a `long long` or a `float`.
+/// A kernel argument: a device address, an `int`, a `long long`, a `float` or a `double`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arg {
     Ptr(u64),
     I32(i32),
     I64(i64),
     F32(f32),
+    F64(f64),
 }
 
 /// The name of kernel `$base` for activations of `$dtype` (`$base_f32`, `$base_bf16`).
@@ -138,6 +139,7 @@ fn launch_with_table<T: DeviceRepr>(
                 Arg::I32(v) => b.arg(v),
                 Arg::I64(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
+                Arg::F64(v) => b.arg(v),
             };
         }
         // SAFETY: each call site passes the arguments of the kernel's C signature, with device
@@ -151,12 +153,13 @@ fn launch_with_table<T: DeviceRepr>(
 }
 
 /// A kernel parameter as the PTX declares it: `.u64` (a pointer or `long long`), `.u32` (an
-/// `int`), `.f32`, or a by-value struct of so many bytes.
+/// `int`), `.f32`, `.f64`, or a by-value struct of so many bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Param {
     U64,
     U32,
     F32,
+    F64,
     Bytes(usize),
 }
 
@@ -181,6 +184,8 @@ fn parse_signatures(ptx: &str) -> std::collections::HashMap<String, Vec<Param>> 
                 Param::U32
             } else if p.contains(".f32") {
                 Param::F32
+            } else if p.contains(".f64") {
+                Param::F64
             } else {
                 // `.param .align 8 .b8 name[2056]`
                 let bytes = p
@@ -209,6 +214,7 @@ fn check_arguments(name: &str, table: Option<usize>, args: &[Arg]) -> Result<()>
             Arg::Ptr(_) | Arg::I64(_) => Param::U64,
             Arg::I32(_) => Param::U32,
             Arg::F32(_) => Param::F32,
+            Arg::F64(_) => Param::F64,
         }));
     match signatures.get(name) {
         Some(want) if want.iter().copied().eq(given.clone()) => Ok(()),
@@ -624,6 +630,17 @@ mod tests {
             let args = super::pool_args(ptrs, dims, out, window, true).unwrap();
             assert!(check_arguments(name, None, &args).is_ok(), "{name}");
         }
+        // BatchNorm's eps is a double (as the CPU adds it): a float in its place is refused.
+        let invstd = |eps: Arg| [Arg::Ptr(0), Arg::Ptr(0), Arg::I32(1), eps];
+        assert!(check_arguments("bn_invstd", None, &invstd(Arg::F64(1e-5))).is_ok());
+        assert!(check_arguments("bn_invstd", None, &invstd(Arg::F32(1e-5))).is_err());
+        let finalize = [
+            [Arg::Ptr(0); 6].as_slice(),
+            &[Arg::I32(1); 4],
+            &[Arg::F64(1e-5), Arg::F32(0.1), Arg::I32(0)],
+        ]
+        .concat();
+        assert!(check_arguments("bn_stats_finalize_bf16", None, &finalize).is_ok());
         assert!(check_arguments("no_such_kernel", None, &[]).is_err());
     }
 }

@@ -125,7 +125,7 @@ pub(crate) fn statistics(
             Arg::I32(c as i32),
             Arg::I32(hw as i32),
             Arg::I32(parts as i32),
-            Arg::F32(eps as f32),
+            Arg::F64(eps),
             Arg::F32(momentum as f32),
             Arg::I32(o.nhwc as i32),
         ],
@@ -148,7 +148,7 @@ pub(crate) fn running_invstd(
             Arg::Ptr(running_var),
             Arg::Ptr(invstd),
             Arg::I32(c as i32),
-            Arg::F32(eps as f32),
+            Arg::F64(eps),
         ],
     )
 }

@@ -60,6 +60,38 @@ pub fn replays() -> u64 {
     REPLAYS.load(Ordering::Relaxed)
 }
 
+/// Passes whose recording failed (they run unrecorded since).
+static UNRECORDED: AtomicU64 = AtomicU64::new(0);
+
+/// How many passes this process could not record as graphs because a device call failed or the
+/// graph could not be made (each then runs unrecorded).
+pub fn unrecorded_passes() -> u64 {
+    UNRECORDED.load(Ordering::Relaxed)
+}
+
+/// Ends the keeping of failed device calls however the recorded pass ends, a panic included:
+/// a flag left set would make this thread swallow later, real errors.
+struct Recording;
+
+impl Recording {
+    fn begin() -> Recording {
+        super::begin_recording();
+        Recording
+    }
+
+    /// The first device call that failed while recording.
+    fn end(self) -> Option<candle_core::Error> {
+        super::end_recording()
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        // After `end`, a no-op.
+        super::end_recording();
+    }
+}
+
 /// A recorded pass: the graph, and the gradients it writes as (parameter, gradient) pairs for
 /// the `GradStore`.
 pub struct Graph {
@@ -342,6 +374,7 @@ impl CudaKernels {
 /// Logs why a pass could not be recorded; it then runs unrecorded (`run_pass` in
 /// `models/plan.rs`), so training goes on at the unrecorded pace.
 fn unrecorded(why: &str) -> Option<Graph> {
+    UNRECORDED.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         "a planned CUDA pass could not be recorded as a graph ({why}); it runs unrecorded"
     );
@@ -690,9 +723,9 @@ impl Kernels for CudaKernels {
         stream
             .begin_capture(mode)
             .map_err(candle_core::Error::wrap)?;
-        super::begin_recording();
+        let recording = Recording::begin();
         let ran = f(self);
-        let refused = super::end_recording();
+        let refused = recording.end();
         // The capture always ends, whatever happened inside it.
         let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         let grads = self.recording.take().unwrap_or_default();
@@ -708,7 +741,7 @@ impl Kernels for CudaKernels {
         // An error of the pass's own (not a device call's) is a bug: shown, not retried.
         ran?;
         // A device call the capture refused, or a capture that could not be made into a graph:
-        // this pass runs unrecorded from now on (the test of recorded steps counts replays).
+        // this pass runs unrecorded from now on (counted: the test of recorded steps wants none).
         let exec = match (refused.map(|e| e.to_string()), ended) {
             (None, Ok(exec)) => exec,
             (Some(why), _) => return Ok(unrecorded(&why)),

@@ -227,7 +227,7 @@ struct Node<'p> {
 }
 
 /// Every place holding tensors, breadth first (the shallowest first), through dicts' text and
-/// int keys, lists' and tuples' items and plain objects' attributes, not into modules (their tensors are theirs), up to
+/// int (and bool) keys, lists' and tuples' items and plain objects' attributes, not into modules (their tensors are theirs), up to
 /// [`MAX_KEY_DEPTH`] keys deep and [`MAX_PLACES`] places. A value reached under two keys is
 /// listed under the first.
 pub(super) fn places(p: &Pickle) -> Vec<Place> {
@@ -366,7 +366,7 @@ pub(super) fn children(p: &Pickle, id: Id) -> Vec<(Key<'_>, Id)> {
     attributes(p, id)
 }
 
-/// The entries under text or non-negative int keys of the dict at `id`, the items of the list
+/// The entries under text or non-negative int (or bool: 0 and 1) keys of the dict at `id`, the items of the list
 /// or tuple at `id`, or the items and attributes of the object at `id` (a list subclass may
 /// have both), in the file's order. Of entries under one key only the last is kept, as Python
 /// keeps it, and an int key is left out where a text key of its digits shadows it: every key

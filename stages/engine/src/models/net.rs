@@ -45,6 +45,15 @@ pub fn graph_replays() -> u64 {
     0
 }
 
+/// How many planned CUDA passes could not be recorded as graphs and run unrecorded since (0
+/// without CUDA): for tests and logs.
+pub fn unrecorded_passes() -> u64 {
+    #[cfg(feature = "cuda")]
+    return crate::gpu::plan::unrecorded_passes();
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// How many channels-last convolution geometries cuDNN could not plan, so that the planned CUDA
 /// step ran them as NCHW with transposed operands (0 without CUDA): for tests and logs.
 pub fn transposed_convolutions() -> u64 {
