@@ -390,6 +390,20 @@ fn an_exported_pth_unpickles_in_python_to_pytorchs_tensors() {
         assert!(o.status.success(), "{naming}: {}", stderr(&o));
         assert!(stdout(&o).contains("\"tensors\": 47"), "{}", stdout(&o));
     }
+    // In float16: numpy's rounding of PyTorch's tensors, bit for bit.
+    let o = pipeline(
+        dir.path(),
+        &["export", "out/teacher", "-o", "half.pth", "--dtype", "f16"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(&py)
+        .arg(root().join("tests/python/check_export.py"))
+        .arg(dir.path().join("half.pth"))
+        .arg(&reference)
+        .args(["torchvision", "f16"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "f16: {}", stderr(&o));
     // The safetensors export holds what the import stage stored.
     let o = pipeline(
         dir.path(),
@@ -404,6 +418,56 @@ fn an_exported_pth_unpickles_in_python_to_pytorchs_tensors() {
     for (name, t) in &stored {
         let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values(&ours[name]), values(t), "{name}");
+    }
+    // In bfloat16, .pth and .safetensors: each value the stored f32's upper half rounded to
+    // nearest, ties to even (worked here on the bits), read back by an import stage and by
+    // candle.
+    let bf16 = |v: f32| {
+        let b = v.to_bits();
+        f32::from_bits(((b + 0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+    };
+    for file in ["b.pth", "b.safetensors"] {
+        let o = pipeline(
+            dir.path(),
+            &["export", "out/teacher", "-o", file, "--dtype", "bf16"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let back = dir.path().join("b.pth");
+    write(
+        dir.path(),
+        "back.toml",
+        &format!(
+            "[run]\noutput = \"back\"\n\n[[stage]]\nname = \"teacher\"\nkind = \"import\"\npath = \"{}\"\nmodel = \"resnet8\"\n",
+            back.display()
+        ),
+    );
+    let o = pipeline(dir.path(), &["run", "back.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (imported, half) = (
+        load("back/teacher/model.safetensors"),
+        load("b.safetensors"),
+    );
+    for (name, t) in &stored {
+        let want: Vec<f32> = t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(bf16)
+            .collect();
+        let got = |t: &candle_core::Tensor| {
+            t.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(half[name].dtype(), candle_core::DType::BF16, "{name}");
+        assert_eq!(got(&half[name]), want, "{name} (.safetensors)");
+        assert_eq!(got(&imported[name]), want, "{name} (.pth, imported)");
     }
     // Not into the stage's folder, which the runner owns.
     let o = pipeline(

@@ -24,6 +24,21 @@ pub struct ExportArgs {
     /// RepDistiller's ResNet18/50 and akamaster's ResNets name them).
     #[arg(long, value_enum, default_value_t = NamingArg::Torchvision)]
     pub naming: NamingArg,
+    /// The type of every tensor written: `f32` (as trained), or `f16` / `bf16` (rounded to
+    /// nearest, as PyTorch's `.half()` / `.bfloat16()`: half the size).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+/// `--dtype`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum DtypeArg {
+    /// float32.
+    F32,
+    /// float16.
+    F16,
+    /// bfloat16.
+    Bf16,
 }
 
 /// `--naming`.
@@ -57,6 +72,11 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         .into_iter()
         .map(|(name, t)| (export::rename(&arch, naming, &name), t))
         .collect();
+    let dtype = match args.dtype {
+        DtypeArg::F32 => candle_core::DType::F32,
+        DtypeArg::F16 => candle_core::DType::F16,
+        DtypeArg::Bf16 => candle_core::DType::BF16,
+    };
     let out = &args.output;
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
     let bytes = match ext.to_ascii_lowercase().as_str() {
@@ -76,9 +96,9 @@ pub fn export(args: &ExportArgs) -> Result<()> {
                     }
                 })
                 .collect();
-            export::pth_bytes(&stem, &tensors)?
+            export::pth_bytes(&stem, &tensors, dtype)?
         }
-        "safetensors" => export::safetensors_bytes(&tensors)?,
+        "safetensors" => export::safetensors_bytes(&tensors, dtype)?,
         _ => bail!(
             "{}: the file's extension says its format: `.pth`, `.pt` or `.th` (torch.save), \
              `.safetensors`",
@@ -92,9 +112,10 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         NamingArg::Kuangliu => "kuangliu",
     };
     println!(
-        "wrote {} ({} tensors of {}, {naming} names, {} bytes)",
+        "wrote {} ({} {} tensors of {}, {naming} names, {} bytes)",
         out.display(),
         tensors.len(),
+        dtype.as_str(),
         meta.spec.arch,
         bytes.len()
     );

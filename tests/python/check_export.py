@@ -7,7 +7,10 @@ persistent ids, and its tensors equal, bit for bit, those of a reference checkpo
 PyTorch itself (read the same way, its DataParallel `module.` dropped), under the reference's
 names (torchvision's: `downsample`, `fc`) or kuangliu/pytorch-cifar's (`shortcut`, `linear`).
 
-    python3 check_export.py EXPORTED.pth REFERENCE.pth torchvision|kuangliu
+    python3 check_export.py EXPORTED.pth REFERENCE.pth torchvision|kuangliu [f16]
+
+With `f16` the export is `--dtype f16`: HalfStorage tensors, each the reference's rounded to
+float16 by numpy (round to nearest, ties to even), bit for bit.
 
 Prints a JSON summary on success; exits non-zero with the reason otherwise.
 """
@@ -69,6 +72,8 @@ def read(path):
 
 def main():
     exported, reference, naming = sys.argv[1], sys.argv[2], sys.argv[3]
+    want = np.float16 if sys.argv[4:] == ["f16"] else np.float32
+    bits = np.uint16 if want == np.float16 else np.uint32
     z, folder, ours = read(exported)
     infos = {i.filename: i for i in z.infolist()}
     assert z.read(folder + "version") == b"3\n", z.read(folder + "version")
@@ -102,8 +107,8 @@ def main():
     assert sorted(mapped) == sorted(ref), (sorted(set(mapped) ^ set(ref)))
     for k, v in ref.items():
         w = mapped[k]
-        assert w.dtype == np.float32 and w.shape == v.shape, (k, w.dtype, w.shape, v.shape)
-        assert np.array_equal(w.view(np.uint32), v.astype(np.float32).view(np.uint32)), k
+        assert w.dtype == want and w.shape == v.shape, (k, w.dtype, w.shape, v.shape)
+        assert np.array_equal(w.view(bits), v.astype(want).view(bits)), k
     print(json.dumps({"tensors": len(ours), "names": sorted(ours)[:3], "entries": len(infos)}))
 
 

@@ -11,7 +11,8 @@
 //! caffe2/serialize/inline_container.cc): `<name>/data.pkl`, a pickle (protocol 2) of an
 //! `OrderedDict` of `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False,
 //! OrderedDict())` calls, each storage the persistent id `('storage', torch.FloatStorage,
-//! '<i>', 'cpu', numel)`; `<name>/data/<i>`, each storage's little-endian bytes; `<name>/version`
+//! '<i>', 'cpu', numel)` (`HalfStorage`, `BFloat16Storage` for weights written in f16 or bf16);
+//! `<name>/data/<i>`, each storage's little-endian bytes; `<name>/version`
 //! (3) and `<name>/byteorder` (little). Entries are stored uncompressed at 64-byte offsets, as
 //! PyTorch's own reader maps them.
 
@@ -35,10 +36,37 @@ pub fn rename(arch: &Arch, naming: Naming, name: &str) -> String {
     }
 }
 
+/// PyTorch's storage class of `dtype`: f32, f16 or bf16, the types a state dict is exported in.
+fn storage_class(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("FloatStorage"),
+        DType::F16 => Ok("HalfStorage"),
+        DType::BF16 => Ok("BFloat16Storage"),
+        d => Err(EngineError::Numeric(format!(
+            "exporting {d:?} weights: f32, f16 or bf16 only"
+        ))),
+    }
+}
+
+/// The little-endian bytes of `t` as `dtype` (the narrower types rounded to nearest, ties to
+/// even, as PyTorch's `.half()` and `.bfloat16()` round).
+fn storage_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
+    let t = t.to_dtype(dtype)?.flatten_all()?;
+    Ok(match dtype {
+        DType::F16 => le_bytes(t.to_vec1::<half::f16>()?, half::f16::to_le_bytes),
+        DType::BF16 => le_bytes(t.to_vec1::<half::bf16>()?, half::bf16::to_le_bytes),
+        _ => le_bytes(t.to_vec1::<f32>()?, f32::to_le_bytes),
+    })
+}
+
+fn le_bytes<T, const N: usize>(values: Vec<T>, bytes: fn(T) -> [u8; N]) -> Vec<u8> {
+    values.into_iter().flat_map(bytes).collect()
+}
+
 /// The bytes of a `torch.save` zip archive of the state dict `tensors` (name, tensor), in
-/// their order, each as a float32 tensor; `archive` names the archive's folder (PyTorch takes
-/// the file's stem).
-pub fn pth_bytes(archive: &str, tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+/// their order, each as a tensor of `dtype` (f32, f16 or bf16); `archive` names the archive's
+/// folder (PyTorch takes the file's stem).
+pub fn pth_bytes(archive: &str, tensors: &[(String, Tensor)], dtype: DType) -> Result<Vec<u8>> {
     let numeric = |e: String| EngineError::Numeric(format!("writing a .pth: {e}"));
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let options = zip::write::SimpleFileOptions::default()
@@ -50,23 +78,28 @@ pub fn pth_bytes(archive: &str, tensors: &[(String, Tensor)]) -> Result<Vec<u8>>
             .map_err(|e| numeric(e.to_string()))?;
         zip.write_all(bytes).map_err(|e| numeric(e.to_string()))
     };
-    entry(&mut zip, format!("{archive}/data.pkl"), &pickle(tensors)?)?;
+    let class = storage_class(dtype)?;
+    entry(
+        &mut zip,
+        format!("{archive}/data.pkl"),
+        &pickle(tensors, class)?,
+    )?;
     entry(&mut zip, format!("{archive}/byteorder"), b"little")?;
     for (i, (_, t)) in tensors.iter().enumerate() {
-        let values = t
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        entry(&mut zip, format!("{archive}/data/{i}"), &bytes)?;
+        entry(
+            &mut zip,
+            format!("{archive}/data/{i}"),
+            &storage_bytes(t, dtype)?,
+        )?;
     }
     entry(&mut zip, format!("{archive}/version"), b"3\n")?;
     let cursor = zip.finish().map_err(|e| numeric(e.to_string()))?;
     Ok(cursor.into_inner())
 }
 
-/// The pickle of the state dict: `OrderedDict` with each tensor rebuilt from storage `i`.
-fn pickle(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+/// The pickle of the state dict: `OrderedDict` with each tensor rebuilt from storage `i`, of
+/// the storage class `class` (`FloatStorage`, ...).
+fn pickle(tensors: &[(String, Tensor)], class: &str) -> Result<Vec<u8>> {
     let mut p = Pickler::default();
     p.out.extend_from_slice(b"\x80\x02");
     p.global("collections", "OrderedDict");
@@ -88,7 +121,7 @@ fn pickle(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         // The storage's persistent id.
         p.out.push(b'(');
         p.text("storage");
-        p.global("torch", "FloatStorage");
+        p.global("torch", class);
         p.text(&i.to_string());
         p.text("cpu");
         p.int(t.elem_count());
@@ -198,11 +231,13 @@ impl Pickler {
     }
 }
 
-/// The bytes of a safetensors file of `tensors`, each as a float32 tensor.
-pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let f32s = tensors
+/// The bytes of a safetensors file of `tensors`, each as a tensor of `dtype` (f32, f16 or
+/// bf16).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], dtype: DType) -> Result<Vec<u8>> {
+    storage_class(dtype)?;
+    let cast = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(f32s, None).map_err(|e| EngineError::Numeric(e.to_string()))
+    safetensors::serialize(cast, None).map_err(|e| EngineError::Numeric(e.to_string()))
 }
