@@ -718,41 +718,39 @@ pub fn forward(
 ) -> Result<CudaStorage> {
     check_type(g, x.dtype(), "the input")?;
     check_type(g, w.dtype(), "the weight")?;
-    let (x_copy, w_copy) = (aligned_storage(x, lx)?, aligned_storage(w, lw)?);
-    let (px, pw) = (
-        match &x_copy {
-            Some(c) => storage_ptr(c, &Layout::contiguous(lx.shape()), "conv2d input")?,
-            None => storage_ptr(x, lx, "conv2d input")?,
-        },
-        match &w_copy {
-            Some(c) => storage_ptr(c, &Layout::contiguous(lw.shape()), "conv2d weight")?,
-            None => storage_ptr(w, lw, "conv2d weight")?,
-        },
-    );
+    // The copies (if any) live until the call below is queued.
+    let (_x_copy, px) = aligned_ptr(x, lx, "conv2d input")?;
+    let (_w_copy, pw) = aligned_ptr(w, lw, "conv2d weight")?;
     let (ho, wo) = g.out_hw();
     let (y, py) = alloc(&x.device, g.dtype(), g.n * g.cout * ho * wo)?;
     run(&x.device, g, Direction::Forward, px, pw, py)?;
     Ok(y)
 }
 
-/// cuDNN's tensor-core kernels want operands aligned to 16 bytes, as every allocation is; a
-/// batch narrowed out of a larger one starts wherever its first image does (an odd number of
-/// bf16 values per image leaves it 2-byte aligned). Such an operand is copied to its own
-/// storage: `Some` copy, or `None` when `l` starts aligned.
-fn aligned_storage(s: &CudaStorage, l: &Layout) -> Result<Option<CudaStorage>> {
-    if (l.start_offset() * s.dtype().size_in_bytes()).is_multiple_of(16) {
-        return Ok(None);
+/// Whether `l` starts 16-byte aligned, as cuDNN's tensor-core kernels want their operands and
+/// every allocation is; a batch narrowed out of a larger one starts wherever its first image
+/// does (an odd number of bf16 values per image leaves it 2-byte aligned).
+fn starts_aligned(l: &Layout, dtype: DType) -> bool {
+    (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16)
+}
+
+/// The device address of `s` over `l`, from a copy of its own (returned, to be kept alive
+/// until the call using it is queued) when `l` does not start aligned.
+fn aligned_ptr(s: &CudaStorage, l: &Layout, what: &str) -> Result<(Option<CudaStorage>, u64)> {
+    if starts_aligned(l, s.dtype()) {
+        return Ok((None, storage_ptr(s, l, what)?));
     }
     // SAFETY: the copy below writes every element.
     let mut copy = unsafe { s.device().alloc_uninit(l.shape(), s.dtype())? };
     s.copy_strided_src(&mut copy, 0, l)?;
-    Ok(Some(copy))
+    let p = storage_ptr(&copy, &Layout::contiguous(l.shape()), what)?;
+    Ok((Some(copy), p))
 }
 
-/// [`aligned_storage`] for a tensor: contiguous, and starting 16-byte aligned.
+/// A tensor contiguous and starting aligned ([`starts_aligned`]): `t`, or a copy.
 fn aligned(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
-    if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
+    if starts_aligned(t.layout(), t.dtype()) {
         return Ok(t);
     }
     t.force_contiguous()

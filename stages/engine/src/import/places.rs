@@ -702,21 +702,18 @@ mod tests {
     /// the file) the later one is the one Python keeps.
     #[test]
     fn bool_keys_are_reached_as_zero_and_one() {
-        let entry = |key: &[u8], name: &str| [key.to_vec(), holder(name)].concat();
-        let by_bool = [
-            b"}(".to_vec(),
-            entry(b"\x89", "w0"),
-            entry(b"\x88", "w1"),
-            b"u".to_vec(),
-        ]
-        .concat();
-        let both = [
-            b"}(".to_vec(),
-            entry(b"\x88", "first"),
-            entry(b"K\x01", "second"),
-            b"u".to_vec(),
-        ]
-        .concat();
+        // A dict of pickled keys (opcodes), each holding a tensor named `name`.
+        let keyed = |entries: &[(&[u8], &str)]| {
+            let mut out = b"}(".to_vec();
+            for (key, name) in entries {
+                out.extend_from_slice(key);
+                out.extend(holder(name));
+            }
+            out.push(b'u');
+            out
+        };
+        let by_bool = keyed(&[(b"\x89".as_slice(), "w0"), (b"\x88", "w1")]);
+        let both = keyed(&[(b"\x88".as_slice(), "first"), (b"K\x01", "second")]);
         let p = pickle(&dict(&[("by_bool", by_bool), ("both", both)]));
         for (key, name) in [
             ("by_bool.0", "w0"),
