@@ -688,3 +688,145 @@ needs = ["eval", "eval-b"]
     );
     assert!(!dir.path().join("out/data").exists());
 }
+
+/// A model trained on random resized crops (`crop_size = 12` of 16×16 images) is evaluated on
+/// each image's centre 12×12 square: its predictions equal those of the same weights, imported,
+/// on a dataset whose files are those centre squares themselves (cut here, independently of
+/// the loader), under the first dataset's normalisation. A crop larger than the images is
+/// refused with the stage and the sizes named.
+#[test]
+fn a_model_trained_on_crops_is_evaluated_on_their_centre_squares() {
+    use image::{Rgb, RgbImage};
+    let dir = scratch();
+    let save = |root: &str, rel: &str, img: &RgbImage| {
+        let p = dir.path().join(root).join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        img.save(&p).unwrap();
+    };
+    for (split, n) in [("train", 18u32), ("val", 6)] {
+        for i in 0..n {
+            let (class, seed) = (i % 3, i * 7 + u32::from(split == "val") * 101);
+            let img = RgbImage::from_fn(16, 16, |x, y| {
+                let v = |c: u32| ((x * 37 + y * 91 + c * 53 + seed * 29 + class * 80) % 256) as u8;
+                Rgb([v(0), v(1), v(2)])
+            });
+            let rel = format!("{split}/c{class}/{i}.png");
+            save("images", &rel, &img);
+            // torchvision's CenterCrop(12) of 16: offset round(2.0) = 2.
+            let crop = image::imageops::crop_imm(&img, 2, 2, 12, 12).to_image();
+            save("crops", &rel, &crop);
+        }
+    }
+    write(
+        dir.path(),
+        "a.toml",
+        r#"
+[run]
+output = "out"
+seed = 1
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "imagefolder"
+path = "images"
+image_size = 16
+
+[[stage]]
+name = "teacher"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+augment = "random-resized-crop"
+crop_size = 12
+epochs = 1
+batch_size = 6
+
+[[stage]]
+name = "labels"
+kind = "label"
+needs = ["data", "teacher"]
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "teacher"]
+batch_size = 4
+"#,
+    );
+    let o = pipeline(dir.path(), &["run", "a.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    assert_eq!(teacher_json(&out)["crop_size"], 12);
+    let labelled: usize = parquet_batches(&out.join("labels/labels.parquet"))
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(labelled, 18);
+
+    let dataset: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("data/dataset.json")).unwrap()).unwrap();
+    let norm = &dataset["normalize"];
+    write(
+        dir.path(),
+        "b.toml",
+        &format!(
+            r#"
+[run]
+output = "out2"
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "imagefolder"
+path = "crops"
+image_size = 12
+
+[[stage]]
+name = "teacher"
+kind = "import"
+path = "out/teacher/model.safetensors"
+model = "resnet8"
+normalize = {{ mean = {}, std = {} }}
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "teacher"]
+batch_size = 4
+"#,
+            norm["mean"], norm["std"]
+        ),
+    );
+    let o = pipeline(dir.path(), &["run", "b.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (got, want) = (
+        logits(&out.join("eval/predictions.parquet")),
+        logits(&dir.path().join("out2/eval/predictions.parquet")),
+    );
+    assert_eq!(got.len(), 6);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (a, b) in g.iter().zip(w) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "image {i}: {g:?} vs {w:?}"
+            );
+        }
+    }
+
+    let bigger = std::fs::read_to_string(dir.path().join("a.toml"))
+        .unwrap()
+        .replace("crop_size = 12", "crop_size = 20")
+        .replace("output = \"out\"", "output = \"out3\"");
+    write(dir.path(), "c.toml", &bigger);
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("teacher") && e.contains("`crop_size = 20`") && e.contains("16×16"),
+        "{e}"
+    );
+}

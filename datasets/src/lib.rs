@@ -20,6 +20,7 @@ pub mod packed;
 pub mod rng;
 pub mod stl10;
 pub mod synthetic;
+pub mod view;
 
 pub use error::{DatasetError, Result};
 pub use loader::{Batch, Loader, LoaderConfig};

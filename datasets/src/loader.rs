@@ -15,6 +15,7 @@ use crate::augment::{augment_into, rotate_into, Augment, Normalize};
 use crate::mix::{Mix, MixRecord};
 use crate::packed::PackedStore;
 use crate::rng::{rng_for, stream};
+use crate::view::{View, ViewScratch};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rand::seq::SliceRandom;
 use std::sync::Arc;
@@ -29,7 +30,9 @@ pub struct LoaderConfig {
     pub shuffle: bool,
     /// Drop the last incomplete batch.
     pub drop_last: bool,
-    /// Per-image augmentation.
+    /// The part of each packed image the batch holds, and its size ([`View::Whole`]: all of it).
+    pub view: View,
+    /// Per-image augmentation, applied to the view.
     pub augment: Augment,
     /// Per-channel normalisation.
     pub normalize: Normalize,
@@ -93,6 +96,13 @@ impl Loader {
         Loader { store, config }
     }
 
+    /// Channels, height and width of each image of a batch: the view's.
+    pub fn image_dims(&self) -> (usize, usize, usize) {
+        let info = self.store.info();
+        let (h, w) = self.config.view.dims((info.h, info.w));
+        (info.c, h, w)
+    }
+
     /// Batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         let (n, b) = (self.store.len(), self.config.batch_size.max(1));
@@ -137,7 +147,7 @@ impl Loader {
             let (store, config, order) = (self.store.clone(), self.config.clone(), order.clone());
             handles.push(std::thread::spawn(move || {
                 let mut b = start + w;
-                let mut scratch = Vec::new();
+                let mut scratch = Scratch::default();
                 while b < total {
                     let mut batch = rrx.try_recv().unwrap_or_default();
                     fill_batch(&store, &config, &order, epoch, b, &mut batch, &mut scratch);
@@ -161,8 +171,16 @@ impl Loader {
     }
 }
 
-/// Builds batch `b` of `epoch` into `batch`; `scratch` is the worker's buffer for rotated
-/// images.
+/// A loader worker's buffers, reused from batch to batch.
+#[derive(Default)]
+struct Scratch {
+    /// A rotated view (SSKD).
+    rotated: Vec<u8>,
+    /// A cropped or resized view.
+    view: ViewScratch,
+}
+
+/// Builds batch `b` of `epoch` into `batch`, with the worker's `scratch`.
 fn fill_batch(
     store: &PackedStore,
     config: &LoaderConfig,
@@ -170,10 +188,12 @@ fn fill_batch(
     epoch: u64,
     b: usize,
     batch: &mut Batch,
-    scratch: &mut Vec<u8>,
+    scratch: &mut Scratch,
 ) {
     let info = store.info();
-    let (c, h, w) = (info.c, info.h, info.w);
+    let packed = (info.c, info.h, info.w);
+    let (h, w) = config.view.dims((info.h, info.w));
+    let c = info.c;
     let len = c * h * w;
     let lo = b * config.batch_size;
     let hi = (lo + config.batch_size).min(order.len());
@@ -185,7 +205,10 @@ fn fill_batch(
     batch.indices.clear();
     let mut rng = rng_for(&[config.seed, stream::AUGMENT, epoch, b as u64]);
     for (slot, &i) in idx.iter().enumerate() {
-        let src = store.image(i as usize);
+        // The view's draws (a random crop's box) come before the augmentation's.
+        let src = config
+            .view
+            .render(store.image(i as usize), packed, &mut rng, &mut scratch.view);
         if config.rotations {
             rotated_views(
                 src,
@@ -195,7 +218,7 @@ fn fill_batch(
                 (c, h, w),
                 config,
                 &mut rng,
-                scratch,
+                &mut scratch.rotated,
             );
         } else {
             let dst = &mut batch.images[slot * len..(slot + 1) * len];
@@ -344,6 +367,7 @@ mod tests {
             batch_size: 8,
             shuffle: true,
             drop_last: false,
+            view: View::Whole,
             augment: Augment::CROP_FLIP,
             normalize: Normalize {
                 mean: vec![0.5; 3],
@@ -388,6 +412,61 @@ mod tests {
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
         assert!(message.contains("validated beta parameter"), "{message}");
+    }
+
+    /// With a random resized view, each image of a batch is the view's box (drawn first from
+    /// the batch's augmentation stream) resampled as Pillow does, then flipped on the next
+    /// draw, then normalised; the batch holds images of the view's size.
+    #[test]
+    fn random_resized_views_draw_the_box_then_the_flip() {
+        use crate::view::{random_resized_box, ViewScratch};
+        use rand::Rng;
+        let s = store();
+        let view = View::random_resized(5);
+        let loader = Loader::new(
+            s.clone(),
+            LoaderConfig {
+                view,
+                augment: Augment {
+                    crop_padding: 0,
+                    flip: true,
+                    cutout: 0,
+                },
+                normalize: Normalize {
+                    mean: vec![0.0; 3],
+                    std: vec![1.0 / 255.0; 3],
+                },
+                ..config(2)
+            },
+        );
+        assert_eq!(loader.image_dims(), (3, 5, 5));
+        let mut scratch = ViewScratch::default();
+        let (mut flips, mut boxes) = (0, std::collections::HashSet::new());
+        for (b, (images, _, indices)) in collect(&loader, 1, 0).into_iter().enumerate() {
+            assert_eq!(images.len(), indices.len() * 75);
+            let mut rng = rng_for(&[3, stream::AUGMENT, 1, b as u64]);
+            for (slot, &i) in indices.iter().enumerate() {
+                let bx = random_resized_box((8, 8), [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+                let flip = rng.random_bool(0.5);
+                boxes.insert((bx.top, bx.left, bx.height, bx.width));
+                flips += usize::from(flip);
+                let want = scratch.resize(s.image(i as usize), (3, 8, 8), bx, 5);
+                for c in 0..3 {
+                    for y in 0..5 {
+                        for x in 0..5 {
+                            let sx = if flip { 4 - x } else { x };
+                            let got = images[slot * 75 + c * 25 + y * 5 + x];
+                            assert_eq!(got, want[c * 25 + y * 5 + sx] as f32, "image {i}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            flips > 5 && flips < 45 && boxes.len() > 10,
+            "{flips} flips, {} boxes",
+            boxes.len()
+        );
     }
 
     /// Without crops, view r of an image is view 0 rotated r·90° counter-clockwise, and view 0

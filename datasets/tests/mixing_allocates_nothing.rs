@@ -59,3 +59,24 @@ fn mixing_targets_allocates_nothing_once_grown() {
         assert_eq!(count, 0, "{mix:?}: {count} allocations in one batch");
     }
 }
+
+/// Rendering an image's view (the loader does it for every image of every batch) allocates
+/// nothing after the first image: a random resized crop's boxes differ in size from image to
+/// image, and the worker's buffers are sized for the largest at once.
+#[test]
+fn rendering_views_allocates_nothing_once_grown() {
+    use datasets::view::{View, ViewScratch};
+    let (c, h, w) = (3, 40, 48);
+    let src: Vec<u8> = (0..c * h * w).map(|i| (i * 37 % 256) as u8).collect();
+    for view in [View::random_resized(24), View::Center { side: 32 }] {
+        let mut scratch = ViewScratch::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        view.render(&src, (c, h, w), &mut rng, &mut scratch);
+        let count = allocations(|| {
+            for _ in 0..200 {
+                view.render(&src, (c, h, w), &mut rng, &mut scratch);
+            }
+        });
+        assert_eq!(count, 0, "{view:?}: {count} allocations in 200 images");
+    }
+}

@@ -13,6 +13,7 @@
 use anyhow::{Context as _, Result};
 use datasets::augment::{Augment, Normalize};
 use datasets::mix::Mix;
+use datasets::view::View;
 use datasets::{Loader, LoaderConfig, PackedStore, PackedWriter, StoreInfo};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -121,6 +122,7 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
                 batch_size: args.batch,
                 shuffle: true,
                 drop_last: false,
+                view: View::Whole,
                 augment: Augment::CROP_FLIP,
                 normalize: normalize.clone(),
                 mix,

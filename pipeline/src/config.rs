@@ -1067,10 +1067,13 @@ impl Expansion {
 /// `follower` that follows it, so that it pairs their cells: every key between stages of one
 /// kind; between a student and a replay store, the keys of the batch stream they share.
 fn same_meaning(follower: Kind, followed: Kind, key: &str) -> bool {
-    const STREAM: [&str; 6] = [
+    const STREAM: [&str; 9] = [
         "seed",
         "batch_size",
         "augment",
+        "crop_size",
+        "crop_scale",
+        "crop_ratio",
         "cutout",
         "mix",
         "teacher_mc",

@@ -40,6 +40,8 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Settings) {
 }
 
 /// The parameters of a stage, by kind.
+// One value a stage, built once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum StageParams {
@@ -378,6 +380,7 @@ mod tests {
                 prefix: None,
                 dropout,
                 normalize: None,
+                crop_size: None,
                 blake3: None,
                 seed,
                 label: None,

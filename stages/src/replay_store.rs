@@ -142,7 +142,7 @@ impl ReplayMeta {
             |key: &str, msg: String| Err(StageError::invalid(&file, format!("key `{key}`"), msg));
         let s = &self.stream;
         let w = want.stream;
-        let pairs: [(&str, String, String); 5] = [
+        let pairs: [(&str, String, String); 6] = [
             (
                 "stream.batch_size",
                 s.batch_size.to_string(),
@@ -160,6 +160,11 @@ impl ReplayMeta {
             ),
             ("stream.cutout", s.cutout.to_string(), w.cutout.to_string()),
             ("stream.mix", format!("{:?}", s.mix), format!("{:?}", w.mix)),
+            (
+                "stream.view",
+                format!("{:?}", s.view),
+                format!("{:?}", w.view),
+            ),
         ];
         for (key, have, need) in pairs {
             if have != need {
@@ -635,6 +640,7 @@ mod tests {
                 mix: Mix::None {},
                 data_seed: 1,
                 rotations: false,
+                view: datasets::view::View::Whole,
             },
             epochs: 1,
             dataset: "d".into(),

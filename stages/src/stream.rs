@@ -5,6 +5,7 @@
 
 use datasets::augment::{Augment, Normalize};
 use datasets::mix::Mix;
+use datasets::view::View;
 use datasets::{Batch, Loader, LoaderConfig, PackedStore};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -17,6 +18,56 @@ pub enum AugmentName {
     None,
     /// Random crop with 4 pixels of zero padding and horizontal flip.
     CropFlip,
+    /// torchvision's `RandomResizedCrop(crop_size, crop_scale, crop_ratio)` and horizontal flip,
+    /// ImageNet's training augmentation.
+    RandomResizedCrop,
+}
+
+/// torchvision's `RandomResizedCrop` default area range.
+pub const CROP_SCALE: [f64; 2] = [0.08, 1.0];
+/// torchvision's `RandomResizedCrop` default aspect-ratio range.
+pub const CROP_RATIO: [f64; 2] = [3.0 / 4.0, 4.0 / 3.0];
+
+/// The crop a training's images are seen through (the `crop_size`, `crop_scale` and
+/// `crop_ratio` keys): a random resized crop with `random-resized-crop`, else the centre square
+/// of `crop_size` (also what evaluation sees of a model trained with a `crop_size`), else the
+/// whole image.
+pub fn training_view(
+    augment: AugmentName,
+    crop_size: Option<usize>,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+) -> View {
+    match (augment, crop_size) {
+        (AugmentName::RandomResizedCrop, Some(side)) => View::RandomResized { side, scale, ratio },
+        (_, Some(side)) => View::Center { side },
+        (_, None) => View::Whole,
+    }
+}
+
+/// Why the crop keys of a train or replay stage do not go together, naming the key.
+pub fn check_crop(
+    augment: AugmentName,
+    crop_size: Option<usize>,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+) -> Result<(), (&'static str, String)> {
+    if augment == AugmentName::RandomResizedCrop && crop_size.is_none() {
+        return Err((
+            "crop_size",
+            "`augment = \"random-resized-crop\"` needs the side of its output (e.g. 224)".into(),
+        ));
+    }
+    if crop_size == Some(0) {
+        return Err(("crop_size", "must be at least 1".into()));
+    }
+    let view = training_view(augment, crop_size, scale, ratio);
+    match view.check((usize::MAX, usize::MAX)) {
+        Err(msg) if msg.starts_with("scale") => Err(("crop_scale", msg)),
+        Err(msg) if msg.starts_with("ratio") => Err(("crop_ratio", msg)),
+        Err(msg) => Err(("crop_size", msg)),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// The settings that fix a training's batches.
@@ -35,6 +86,9 @@ pub struct BatchStream {
     /// Each image in its four rotations (SSKD's batches; see [`datasets::loader::ROTATIONS`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rotations: bool,
+    /// The part of each image the batches hold ([`training_view`]).
+    #[serde(default, skip_serializing_if = "View::is_whole")]
+    pub view: View,
 }
 
 impl BatchStream {
@@ -53,11 +107,17 @@ impl BatchStream {
                 batch_size: self.batch_size,
                 shuffle: true,
                 drop_last: false,
+                view: self.view,
                 augment: Augment {
                     cutout: self.cutout,
                     ..match self.augment {
                         AugmentName::None => Augment::NONE,
                         AugmentName::CropFlip => Augment::CROP_FLIP,
+                        AugmentName::RandomResizedCrop => Augment {
+                            crop_padding: 0,
+                            flip: true,
+                            cutout: 0,
+                        },
                     }
                 },
                 normalize: normalize.clone(),

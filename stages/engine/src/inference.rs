@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::models::Model;
 use candle_core::{Device, Tensor, D};
 use datasets::augment::{Augment, Normalize};
+use datasets::view::View;
 use datasets::{Loader, LoaderConfig, PackedStore};
 use indicatif::ProgressBar;
 use std::ops::Range;
@@ -19,6 +20,9 @@ pub struct Inference<'a> {
     pub device: &'a Device,
     /// Input normalisation of the dataset.
     pub normalize: &'a Normalize,
+    /// The part of each image the model sees: its centre square for a model trained on crops of
+    /// that size, else the whole image.
+    pub view: View,
     /// Images per batch.
     pub batch_size: usize,
     /// Softmax temperature τ.
@@ -70,6 +74,7 @@ impl Inference<'_> {
                 batch_size: self.batch_size,
                 shuffle: false,
                 drop_last: false,
+                view: self.view,
                 augment: Augment::NONE,
                 normalize: self.normalize.clone(),
                 mix: datasets::mix::Mix::None {},
@@ -225,16 +230,12 @@ impl Inference<'_> {
         what: &str,
         mut f: impl FnMut(&datasets::Batch, &Tensor) -> Result<()>,
     ) -> Result<()> {
-        let info = store.info().clone();
         let loader = self.loader(store);
+        let (c, h, w) = loader.image_dims();
         let bar = self.progress.bar(batches.len() as u64, what);
         let mut it = loader.epoch_range(0, batches);
         while let Some(batch) = it.next() {
-            let x = Tensor::from_slice(
-                &batch.images,
-                (batch.len(), info.c, info.h, info.w),
-                self.device,
-            )?;
+            let x = Tensor::from_slice(&batch.images, (batch.len(), c, h, w), self.device)?;
             f(&batch, &x)?;
             bar.inc(1);
             it.recycle(batch);
@@ -319,6 +320,7 @@ mod tests {
             model: &model,
             device: &device,
             normalize: &normalize,
+            view: View::Whole,
             batch_size: 8,
             temperature: 2.0,
             workers: 1,

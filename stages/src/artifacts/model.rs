@@ -6,6 +6,7 @@ use crate::error::{Result, StageError};
 use crate::science::methods::Method;
 use candle_core::Device;
 use datasets::augment::Normalize;
+use datasets::view::View;
 use engine::import::{Format, Naming};
 use engine::models::{Model, ModelSpec};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,11 @@ pub struct TrainedModel {
     /// The input normalisation the model expects, when not its dataset's (an imported model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<Normalize>,
+    /// The side of the square crops the model was trained on (`crop_size`): evaluation-mode
+    /// passes see the centre square of that side of each image, as torchvision's
+    /// `Resize` + `CenterCrop` evaluation does; `None`: the whole image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_size: Option<usize>,
 }
 
 impl TrainedModel {
@@ -66,6 +72,23 @@ impl TrainedModel {
     /// The normalisation to feed the model images with: its own, else the dataset's.
     pub fn normalize<'a>(&'a self, dataset: &'a Normalize) -> &'a Normalize {
         self.normalize.as_ref().unwrap_or(dataset)
+    }
+
+    /// What the model sees of each image of a dataset of `[c, h, w]` images in evaluation
+    /// mode: the centre square of its `crop_size`, else the whole image; an error where the
+    /// crop is larger than the images.
+    pub fn eval_view(&self, [_, h, w]: [usize; 3]) -> std::result::Result<View, String> {
+        let Some(side) = self.crop_size else {
+            return Ok(View::Whole);
+        };
+        let view = View::Center { side };
+        view.check((h, w)).map_err(|_| {
+            format!(
+                "the model was trained on {side}×{side} crops (`crop_size`), larger than the \
+                 dataset's {h}×{w} images: prepare the dataset at `image_size` ≥ {side}"
+            )
+        })?;
+        Ok(view)
     }
 
     /// The blake3 of the weights (`model.safetensors`) a train or import stage wrote into

@@ -308,6 +308,9 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         model: &model,
         device: &device,
         normalize: meta.normalize(&data.info.normalize),
+        view: meta
+            .eval_view(data.info.shape)
+            .map_err(|e| StageError::config(format!("{}: {e}", ctx.name)))?,
         batch_size: p.batch_size,
         temperature: 1.0,
         workers: ctx.threads,

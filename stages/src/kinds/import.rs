@@ -50,6 +50,11 @@ pub struct Params {
     /// evaluate and the online methods feed it images normalised so (default: the dataset's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<Normalize>,
+    /// The side of the square crops the model was trained on (224 for torchvision's ImageNet
+    /// models): label, evaluate and the online methods show it the centre square of that side
+    /// of each packed image (default: the whole image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_size: Option<usize>,
     /// The file's expected blake3 (hex): any other content is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blake3: Option<String>,
@@ -76,6 +81,7 @@ impl Params {
     pub fn validate(&self) -> std::result::Result<(), RangeError> {
         engine::models::Arch::parse(&self.model).map_err(|e| ("model", e.to_string()))?;
         crate::params::below_one("dropout", self.dropout)?;
+        crate::params::at_least("crop_size", self.crop_size.unwrap_or(1), 1)?;
         if let Some(n) = &self.normalize {
             if n.mean.is_empty() || n.mean.len() != n.std.len() {
                 return Err((
@@ -205,6 +211,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
             variant: String::new(),
             imported: Some(imported),
             normalize: p.normalize.clone(),
+            crop_size: p.crop_size,
         },
     )?;
     tracing::info!(

@@ -33,6 +33,12 @@ pub struct Params {
     pub batch_size: usize,
     /// The students' `augment`.
     pub augment: AugmentName,
+    /// The students' `crop_size`.
+    pub crop_size: Option<usize>,
+    /// The students' `crop_scale`.
+    pub crop_scale: [f64; 2],
+    /// The students' `crop_ratio`.
+    pub crop_ratio: [f64; 2],
     /// The students' `cutout`.
     pub cutout: usize,
     /// The students' `mix`.
@@ -58,6 +64,9 @@ impl Default for Params {
             epochs: 240,
             batch_size: 64,
             augment: AugmentName::CropFlip,
+            crop_size: None,
+            crop_scale: crate::stream::CROP_SCALE,
+            crop_ratio: crate::stream::CROP_RATIO,
             cutout: 0,
             mix: Mix::None {},
             seed: None,
@@ -72,6 +81,9 @@ impl Default for Params {
 params::stage_params! {
     Params,
     omitted: [
+        "crop_size",
+        "crop_scale",
+        "crop_ratio",
         "cutout",
         "mix",
         "teacher_mc",
@@ -88,6 +100,12 @@ impl Params {
         at_least("batch_size", self.batch_size, 1)?;
         at_least("prefetch", self.prefetch, 1)?;
         at_least("top_k", self.top_k.unwrap_or(1), 1)?;
+        crate::stream::check_crop(
+            self.augment,
+            self.crop_size,
+            self.crop_scale,
+            self.crop_ratio,
+        )?;
         self.mix
             .validate()
             .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))
@@ -107,6 +125,12 @@ impl Params {
             mix: self.mix,
             data_seed: self.seed.unwrap_or_default(),
             rotations: false,
+            view: crate::stream::training_view(
+                self.augment,
+                self.crop_size,
+                self.crop_scale,
+                self.crop_ratio,
+            ),
         }
     }
 
@@ -199,6 +223,13 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         Vec::new(),
         teachers,
     );
+    let [_, ph, pw] = data.info.shape;
+    if let Err(why) = stream.view.check((ph, pw)) {
+        return Err(StageError::config(format!(
+            "{}: `crop_size`: {why} (the prepared dataset's)",
+            ctx.name
+        )));
+    }
     let loader = stream.loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
     let steps = loader.batches_per_epoch();
     let key = epoch_key(ctx)?;
@@ -226,14 +257,14 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
                     epoch + 1
                 );
             }
-            let shape = data.info.shape;
+            let (c, h, w) = loader.image_dims();
             write_epoch(
                 ctx,
                 &key,
                 &meta,
                 &supervision,
                 &loader,
-                shape,
+                [c, h, w],
                 &device,
                 epoch,
                 &bar,

@@ -369,6 +369,9 @@ fn label_chunk(
             model: &t.model,
             device,
             normalize: t.meta.normalize(&data.info.normalize),
+            view: t.meta.eval_view(data.info.shape).map_err(|e| {
+                StageError::config(format!("{}: teacher `{}`: {e}", ctx.name, t.name))
+            })?,
             batch_size: p.batch_size,
             temperature: p.temperature,
             workers: ctx.threads,

@@ -120,6 +120,13 @@ pub struct Params {
     pub warmup_epochs: usize,
     /// Per-image augmentation.
     pub augment: AugmentName,
+    /// Side of the square the model sees: the output of `augment = "random-resized-crop"`,
+    /// else the centre square of each packed image (in training and in evaluation).
+    pub crop_size: Option<usize>,
+    /// Range of a random resized crop's area, as a fraction of the image's.
+    pub crop_scale: [f64; 2],
+    /// Range of a random resized crop's aspect ratio (width / height).
+    pub crop_ratio: [f64; 2],
     /// Side of a Cutout square applied after normalisation (0: none).
     pub cutout: usize,
     /// Batch-level mixing, e.g. `{ type = "cutmix", p = 1.0 }`: the targets (one-hot or the
@@ -206,6 +213,9 @@ impl Default for Params {
             },
             warmup_epochs: 0,
             augment: AugmentName::CropFlip,
+            crop_size: None,
+            crop_scale: crate::stream::CROP_SCALE,
+            crop_ratio: crate::stream::CROP_RATIO,
             cutout: 0,
             mix: Mix::None {},
             checkpoint_every: None,
@@ -242,6 +252,9 @@ params::stage_params! {
         "ogr_alpha",
         "temperature_scaling",
         "eval_every",
+        "crop_size",
+        "crop_scale",
+        "crop_ratio",
         "cutout",
         "mix",
         "checkpoint_every",
@@ -286,6 +299,12 @@ impl Params {
             mix: self.mix,
             data_seed: self.data_seed(),
             rotations: self.method.uses_rotations(),
+            view: crate::stream::training_view(
+                self.augment,
+                self.crop_size,
+                self.crop_scale,
+                self.crop_ratio,
+            ),
         }
     }
 
@@ -438,6 +457,12 @@ impl Params {
         self.mix
             .validate()
             .map_err(|(key, msg)| ("mix", format!("`{key}` {msg}")))?;
+        crate::stream::check_crop(
+            self.augment,
+            self.crop_size,
+            self.crop_scale,
+            self.crop_ratio,
+        )?;
         below_one("ls_alpha", self.ls_alpha)?;
         below_one("ogr_alpha", self.ogr_alpha)?;
         if !(0.0..=1.0).contains(&self.kd_lambda) {

@@ -19,6 +19,7 @@ use crate::science::supervision::Supervision;
 use candle_core::{DType, Device, Tensor};
 use datasets::loader::Batch;
 use datasets::rng::{derive_seed, stream};
+use datasets::view::View;
 use datasets::{Loader, PackedStore};
 use engine::checkpoint::{Checkpoints, Restored};
 use engine::feed::Feeder;
@@ -98,7 +99,7 @@ impl<'a> Trainer<'a> {
             .check(ctx.device)
             .map_err(|m| StageError::config(format!("{}: key `dtype`: {m}", ctx.name)))?;
         let k = data.info.classes.len();
-        check_rotations(ctx, p, &data)?;
+        check_views(ctx, p, &data)?;
         let (spec, model, head) = model_to_train(ctx, p, &data, seed, &device)?;
         let stored = stored_labels(ctx, p, &data)?;
         let replay = replay(ctx, p, &data, k)?;
@@ -323,7 +324,7 @@ impl<'a> Trainer<'a> {
         pending: &mut Pending,
         waits: &mut Waits,
     ) -> Result<()> {
-        let [c, h, w] = self.data.info.shape;
+        let [c, h, w] = input_shape(self.p, &self.data);
         let p = self.p;
         self.sums.lr = lr_at(
             p.lr,
@@ -573,6 +574,10 @@ impl<'a> Trainer<'a> {
             model: &self.model,
             device: &self.device,
             normalize: &self.data.info.normalize,
+            view: match self.p.crop_size {
+                Some(side) => View::Center { side },
+                None => View::Whole,
+            },
             batch_size: self.p.batch_size.max(256),
             temperature: 1.0,
             workers: self.ctx.threads,
@@ -778,9 +783,25 @@ fn model_to_train(
     Ok((spec, model, None))
 }
 
-/// SSKD rotates every image by quarter turns: its images must be square.
-fn check_rotations(ctx: &Context, p: &Params, data: &Dataset) -> Result<()> {
-    let [_, h, w] = data.info.shape;
+/// The shape of the images the model is fed: the packed images', or `crop_size`'s square.
+pub(super) fn input_shape(p: &Params, data: &Dataset) -> [usize; 3] {
+    let [c, h, w] = data.info.shape;
+    let (h, w) = p.stream().view.dims((h, w));
+    [c, h, w]
+}
+
+/// A `crop_size` must fit in the packed images; SSKD rotates every image by quarter turns, so
+/// its images must be square.
+fn check_views(ctx: &Context, p: &Params, data: &Dataset) -> Result<()> {
+    let [_, ph, pw] = data.info.shape;
+    if let Some(side) = p.crop_size.filter(|&s| s > ph || s > pw) {
+        return Err(StageError::config(format!(
+            "{}: `crop_size = {side}` is larger than the prepared dataset's {ph}×{pw} images \
+             (prepare it at `image_size` ≥ {side})",
+            ctx.name
+        )));
+    }
+    let [_, h, w] = input_shape(p, data);
     if p.method.uses_rotations() && h != w {
         return Err(StageError::config(format!(
             "{}: `{}` trains on the four rotations of each image, which needs square images; \
