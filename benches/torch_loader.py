@@ -6,6 +6,9 @@ same batch (256), same augmentation: RandomCrop(32, padding=4), RandomHorizontal
 Normalize with the CIFAR-10 statistics; optionally CutMix (torchvision.transforms.v2.CutMix,
 alpha 1, applied to every batch in the workers' collate, as `pipeline bench loader`'s p = 1).
 One untimed warm-up epoch, then --epochs timed epochs; prints a Markdown table like the Rust one.
+With --imagenet-shaped: random 3x256x256 images and ImageNet's training view,
+RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize (`pipeline bench loader
+--imagenet-shaped`).
 
     pip install torch torchvision numpy pillow
     python3 benches/torch_loader.py --cifar10 ../shared/data/cifar-10-batches-bin --workers 1,2
@@ -37,11 +40,11 @@ def load_cifar10(folder):
     return images, labels, f"CIFAR-10 training batches of {folder} ({len(files)} file(s))"
 
 
-def random_images(n):
+def random_images(n, side=32):
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(n, side, side, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n).astype(np.int64)
-    return images, labels, f"{n} random 3x32x32 images"
+    return images, labels, f"{n} random 3x{side}x{side} images"
 
 
 class Cifar(Dataset):
@@ -96,13 +99,22 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--imagenet-shaped", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    images, labels, what = load_cifar10(args.cifar10) if args.cifar10 else random_images(args.images)
-    transform = T.Compose(
-        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
-    )
+    if args.imagenet_shaped:
+        images, labels, what = random_images(args.images, 256)
+        first = T.RandomResizedCrop(224)
+        setups = [("random-resized-crop(224)+flip+normalise", default_collate)]
+    else:
+        images, labels, what = load_cifar10(args.cifar10) if args.cifar10 else random_images(args.images)
+        first = T.RandomCrop(32, padding=4)
+        setups = [
+            ("crop+flip+normalise", default_collate),
+            ("crop+flip+normalise+CutMix (p = 1)", CutMixCollate()),
+        ]
+    transform = T.Compose([first, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     dataset = Cifar(images, labels, transform)
     print(
         f"torchvision loader benchmark: {what}, batch {args.batch}, torch {torch.__version__}, "
@@ -110,10 +122,7 @@ def main():
     )
     print("| augmentation | workers | images/s |")
     print("|---|---:|---:|")
-    for name, collate in [
-        ("crop+flip+normalise", default_collate),
-        ("crop+flip+normalise+CutMix (p = 1)", CutMixCollate()),
-    ]:
+    for name, collate in setups:
         for w in [int(x) for x in args.workers.split(",")]:
             print(f"| {name} | {w} | {rate(dataset, w, args.batch, args.epochs, collate):.0f} |", flush=True)
 

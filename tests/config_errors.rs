@@ -303,6 +303,28 @@ fn out_of_range_values() {
     );
     let e = fails(&train("mix = { type = \"none\", p = 0.5 }"));
     assert_at(&e, 14, 7, &["unknown key `p`"]);
+    // A random resized crop needs its output size; its ranges must be ranges.
+    let e = fails(&train("augment = \"random-resized-crop\""));
+    assert_at(
+        &e,
+        9,
+        1,
+        &[
+            "key `crop_size`",
+            "required with `augment = \"random-resized-crop\"`",
+        ],
+    );
+    let e = fails(&train(
+        "augment = \"random-resized-crop\"\ncrop_size = 24\ncrop_scale = [0.5, 0.2]",
+    ));
+    assert_at(
+        &e,
+        16,
+        1,
+        &["key `crop_scale`", "not a range within (0, 1]"],
+    );
+    let e = fails(&train("crop_size = 0"));
+    assert_at(&e, 14, 1, &["key `crop_size`", "at least 1"]);
 }
 
 /// CRD without a teacher, on mixed batches or from a replay store (which holds no features), and

@@ -39,6 +39,11 @@ pub struct LoaderArgs {
     /// Epochs timed per configuration (after one untimed warm-up epoch).
     #[arg(long, default_value_t = 3)]
     pub epochs: u64,
+    /// ImageNet's training view instead: random 3×256×256 images (as packed at
+    /// `image_size = 256`), a random resized crop to 224 (Pillow's bilinear resampling), flip
+    /// and normalisation; compare with `benches/torch_loader.py --imagenet-shaped`.
+    #[arg(long, conflicts_with = "cifar10")]
+    pub imagenet_shaped: bool,
 }
 
 fn cifar_shaped(args: &LoaderArgs) -> Result<(StoreInfo, Vec<u32>, Vec<u8>, String)> {
@@ -53,16 +58,22 @@ fn cifar_shaped(args: &LoaderArgs) -> Result<(StoreInfo, Vec<u32>, Vec<u8>, Stri
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let n = args.images;
-    let pixels: Vec<u8> = (0..n * 3072).map(|_| rng.random()).collect();
+    let side = if args.imagenet_shaped { 256 } else { 32 };
+    let pixels: Vec<u8> = (0..n * 3 * side * side).map(|_| rng.random()).collect();
     let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..10)).collect();
     let info = StoreInfo {
         n,
         c: 3,
-        h: 32,
-        w: 32,
+        h: side,
+        w: side,
         classes: (0..10).map(|k| format!("class{k}")).collect(),
     };
-    Ok((info, labels, pixels, format!("{n} random 3×32×32 images")))
+    Ok((
+        info,
+        labels,
+        pixels,
+        format!("{n} random 3×{side}×{side} images"),
+    ))
 }
 
 struct TempPack(PathBuf);
@@ -109,21 +120,42 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
         mean: vec![0.4914, 0.4822, 0.4465],
         std: vec![0.2470, 0.2435, 0.2616],
     };
-    let setups = [
-        ("crop+flip+normalise", Mix::None {}),
-        (
-            "crop+flip+normalise+CutMix (p = 1)",
-            Mix::Cutmix { beta: 1.0, p: 1.0 },
-        ),
-    ];
-    for (name, mix) in setups {
+    let flip = Augment {
+        crop_padding: 0,
+        flip: true,
+        cutout: 0,
+    };
+    let setups: &[(&str, View, Augment, Mix)] = if args.imagenet_shaped {
+        &[(
+            "random-resized-crop(224)+flip+normalise",
+            View::random_resized(224),
+            flip,
+            Mix::None {},
+        )]
+    } else {
+        &[
+            (
+                "crop+flip+normalise",
+                View::Whole,
+                Augment::CROP_FLIP,
+                Mix::None {},
+            ),
+            (
+                "crop+flip+normalise+CutMix (p = 1)",
+                View::Whole,
+                Augment::CROP_FLIP,
+                Mix::Cutmix { beta: 1.0, p: 1.0 },
+            ),
+        ]
+    };
+    for &(name, view, augment, mix) in setups {
         for &workers in &args.workers {
             let config = LoaderConfig {
                 batch_size: args.batch,
                 shuffle: true,
                 drop_last: false,
-                view: View::Whole,
-                augment: Augment::CROP_FLIP,
+                view,
+                augment,
                 normalize: normalize.clone(),
                 mix,
                 workers: workers.max(1),

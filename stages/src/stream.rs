@@ -55,7 +55,7 @@ pub fn check_crop(
     if augment == AugmentName::RandomResizedCrop && crop_size.is_none() {
         return Err((
             "crop_size",
-            "`augment = \"random-resized-crop\"` needs the side of its output (e.g. 224)".into(),
+            "is required with `augment = \"random-resized-crop\"`: the side of its output (e.g. 224)".into(),
         ));
     }
     if crop_size == Some(0) {

@@ -51,8 +51,8 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub normalize: Option<Normalize>,
     /// The side of the square crops the model was trained on (224 for torchvision's ImageNet
-    /// models): label, evaluate and the online methods show it the centre square of that side
-    /// of each packed image (default: the whole image).
+    /// models): label and evaluate show it the centre square of that side of each packed
+    /// image (default: the whole image; an online teacher sees its student's batches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crop_size: Option<usize>,
     /// The file's expected blake3 (hex): any other content is refused.
