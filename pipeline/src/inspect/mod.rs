@@ -499,6 +499,9 @@ fn replay_folder(dir: &Path, rows: usize) -> Result<()> {
         as_toml(&s.mix),
         s.data_seed
     );
+    if !s.view.is_whole() {
+        outln!("  view: {:?}", s.view);
+    }
     let teachers: Vec<&str> = meta.teachers.iter().map(|t| t.name.as_str()).collect();
     outln!(
         "  {} images, K = {}, teachers {}, teacher_mc = {}, {} stored as {}{}",
