@@ -76,6 +76,12 @@ export LD_LIBRARY_PATH=$TK/link/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cd "$ROOT"
 cargo build --release -p pipeline --features "$FEATURE" --target-dir target/cuda ${JOBS:+-j "$JOBS"}
 echo "built $ROOT/target/cuda/release/pipeline (features: $FEATURE, compute capability $CUDA_COMPUTE_CAP)"
+# The driver JIT-compiles our kernels' PTX on the GPU: assemble it here for the target card
+# first, so a kernel ptxas refuses (or one spilling registers) shows before device time is spent.
+PTX=$(ls -t target/cuda/release/build/engine-*/out/kernels.ptx | head -n 1)
+"$CU/bin/ptxas" -arch="sm_$CUDA_COMPUTE_CAP" -v "$PTX" -o /dev/null 2> target/cuda/ptxas.log ||
+  { cat target/cuda/ptxas.log >&2; echo "build-cuda.sh: ptxas refused $PTX" >&2; exit 1; }
+echo "ptxas: $(grep -c 'Compiling entry' target/cuda/ptxas.log) kernels assemble for sm_$CUDA_COMPUTE_CAP, $(grep -c '[1-9][0-9]* bytes spill' target/cuda/ptxas.log) spill"
 if [ "${TESTS:-0}" = 1 ]; then
   cargo test --release -p engine --features cuda --target-dir target/cuda --test gpu_ops --no-run \
     ${JOBS:+-j "$JOBS"} 2>&1 | tee /dev/stderr | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' > target/cuda/gpu_ops.path

@@ -325,6 +325,16 @@ fn out_of_range_values() {
     );
     let e = fails(&train("crop_size = 0"));
     assert_at(&e, 14, 1, &["key `crop_size`", "at least 1"]);
+    let e = fails(&train("crop_size = 24\ncrop_ratio = [0.5, 2.0]"));
+    assert_at(
+        &e,
+        15,
+        1,
+        &[
+            "key `crop_ratio`",
+            "only with `augment = \"random-resized-crop\"`",
+        ],
+    );
 }
 
 /// CRD without a teacher, on mixed batches or from a replay store (which holds no features), and

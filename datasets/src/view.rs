@@ -69,8 +69,10 @@ impl View {
                 "a centre crop of {side}×{side} does not fit images of {h}×{w}"
             )),
             View::RandomResized { side, scale, ratio } => {
-                if side == 0 {
-                    Err("a random resized crop needs a side of at least 1".into())
+                if side == 0 || side > h || side > w {
+                    Err(format!(
+                        "a random resized crop of {side}×{side} does not fit images of {h}×{w}"
+                    ))
                 } else if !(scale[0] > 0.0 && scale[0] <= scale[1] && scale[1] <= 1.0) {
                     Err(format!("scale {scale:?} is not a range within (0, 1]"))
                 } else if !(ratio[0] > 0.0 && ratio[0] <= ratio[1] && ratio[1].is_finite()) {
@@ -163,10 +165,17 @@ pub fn random_resized_box<R: Rng>(
     }
     // torchvision's fallback: the centre crop of the allowed ratio nearest the image's.
     let in_ratio = w as f64 / h as f64;
+    // Clamped to a pixel at least: torchvision's empty box would fail in Pillow.
     let (bh, bw) = if in_ratio < ratio[0] {
-        ((w as f64 / ratio[0]).round_ties_even() as usize, w)
+        (
+            (w as f64 / ratio[0]).round_ties_even().clamp(1.0, h as f64) as usize,
+            w,
+        )
     } else if in_ratio > ratio[1] {
-        (h, (h as f64 * ratio[1]).round_ties_even() as usize)
+        (
+            h,
+            (h as f64 * ratio[1]).round_ties_even().clamp(1.0, w as f64) as usize,
+        )
     } else {
         (h, w)
     };
@@ -227,6 +236,8 @@ impl Axis {
         let scale = len as f64 / out as f64;
         let filter_scale = scale.max(1.0);
         let support = filter_scale;
+        // Pillow multiplies by the reciprocal: the same weights to the last bit.
+        let inv_filter_scale = 1.0 / filter_scale;
         self.taps = support.ceil() as usize * 2 + 1;
         self.first.clear();
         self.count.clear();
@@ -242,7 +253,7 @@ impl Axis {
             let n = hi - lo;
             let mut sum = 0.0;
             for (x, kx) in k[..n].iter_mut().enumerate() {
-                let t = ((x + lo) as f64 - center + 0.5) / filter_scale;
+                let t = ((x + lo) as f64 - center + 0.5) * inv_filter_scale;
                 *kx = (1.0 - t.abs()).max(0.0);
                 sum += *kx;
             }
@@ -496,5 +507,17 @@ mod tests {
         // A square image is within the ratios: the whole image.
         let b = random_resized_box((16, 16), big, ratio, &mut rng);
         assert_eq!((b.top, b.left, b.height, b.width), (0, 0, 16, 16));
+        // Ratios far from the image's would round a side to 0: it is kept at one pixel.
+        let b = random_resized_box((10, 40), big, [100.0, 200.0], &mut rng);
+        assert_eq!((b.top, b.left, b.height, b.width), (4, 0, 1, 40));
+    }
+
+    #[test]
+    fn views_larger_than_the_images_are_refused() {
+        assert!(View::random_resized(224).check((256, 256)).is_ok());
+        let e = View::random_resized(300).check((256, 320)).unwrap_err();
+        assert!(e.contains("300×300") && e.contains("256×320"), "{e}");
+        assert!(View::Center { side: 257 }.check((256, 256)).is_err());
+        assert!(View::Whole.check((1, 1)).is_ok());
     }
 }

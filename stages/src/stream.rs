@@ -61,6 +61,19 @@ pub fn check_crop(
     if crop_size == Some(0) {
         return Err(("crop_size", "must be at least 1".into()));
     }
+    if augment != AugmentName::RandomResizedCrop {
+        for (key, v, default) in [
+            ("crop_scale", scale, CROP_SCALE),
+            ("crop_ratio", ratio, CROP_RATIO),
+        ] {
+            if v != default {
+                return Err((
+                    key,
+                    "is used only with `augment = \"random-resized-crop\"`".into(),
+                ));
+            }
+        }
+    }
     let view = training_view(augment, crop_size, scale, ratio);
     match view.check((usize::MAX, usize::MAX)) {
         Err(msg) if msg.starts_with("scale") => Err(("crop_scale", msg)),

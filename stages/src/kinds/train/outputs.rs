@@ -30,7 +30,7 @@ impl Trainer<'_> {
                 variant: self.p.variant(),
                 imported: teacher.and_then(|t| t.imported.clone()),
                 normalize: teacher.and_then(|t| t.normalize.clone()),
-                crop_size: self.p.crop_size,
+                crop_size: self.p.crop_size.or(teacher.and_then(|t| t.crop_size)),
             },
         )?;
         self.write_logs()?;
