@@ -206,13 +206,18 @@ fn crop_into(src: &[u8], (c, h, w): (usize, usize, usize), b: CropBox, out: &mut
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// One axis of a resampling: for each output sample, the first input sample it reads, how
-/// many, and their weights (`taps` a sample, in fixed point).
+/// many, and their weights in fixed point. Each sample's weights also sit in a window of
+/// `span` samples (zeros around them) that starts at `start` and stays inside the input, so
+/// the horizontal pass can read a fixed number of samples per output (the zeros add nothing:
+/// the sums are integers, exact in any order).
 #[derive(Debug, Default)]
 struct Axis {
     first: Vec<usize>,
     count: Vec<usize>,
+    start: Vec<usize>,
+    /// `span` weights an output sample, its own at `first - start`.
     weights: Vec<i32>,
-    taps: usize,
+    span: usize,
     /// One output sample's weights before normalisation.
     k: Vec<f64>,
 }
@@ -222,7 +227,7 @@ impl Axis {
     /// of these images grows the buffers.
     fn reserve(&mut self, most: usize, out: usize) {
         let taps = (most as f64 / out as f64).max(1.0).ceil() as usize * 2 + 1;
-        for v in [&mut self.first, &mut self.count] {
+        for v in [&mut self.first, &mut self.count, &mut self.start] {
             v.reserve(out.saturating_sub(v.len()));
         }
         self.weights
@@ -238,26 +243,30 @@ impl Axis {
         let support = filter_scale;
         // Pillow multiplies by the reciprocal: the same weights to the last bit.
         let inv_filter_scale = 1.0 / filter_scale;
-        self.taps = support.ceil() as usize * 2 + 1;
+        // Pillow's `ksize`: no sample reads more.
+        let taps = support.ceil() as usize * 2 + 1;
+        self.span = taps.min(len);
         self.first.clear();
         self.count.clear();
+        self.start.clear();
         self.weights.clear();
-        self.weights.resize(out * self.taps, 0);
+        self.weights.resize(out * self.span, 0);
         let k = &mut self.k;
-        k.resize(self.taps, 0.0);
-        for (o, kk) in self.weights.chunks_exact_mut(self.taps).enumerate() {
+        k.resize(taps, 0.0);
+        for (o, slot) in self.weights.chunks_exact_mut(self.span).enumerate() {
             let center = (o as f64 + 0.5) * scale;
             // C's (int) truncates toward zero; a negative start is clamped to 0 either way.
             let lo = ((center - support + 0.5) as i64).max(0) as usize;
             let hi = ((center + support + 0.5) as i64).min(len as i64) as usize;
             let n = hi - lo;
+            let start = lo.min(len - self.span);
             let mut sum = 0.0;
             for (x, kx) in k[..n].iter_mut().enumerate() {
                 let t = ((x + lo) as f64 - center + 0.5) * inv_filter_scale;
                 *kx = (1.0 - t.abs()).max(0.0);
                 sum += *kx;
             }
-            for (kx, q) in k[..n].iter().zip(kk.iter_mut()) {
+            for (kx, q) in k[..n].iter().zip(slot[lo - start..].iter_mut()) {
                 let v = if sum != 0.0 { kx / sum } else { *kx };
                 let f = v * (1u32 << PRECISION_BITS) as f64;
                 *q = if v < 0.0 {
@@ -268,13 +277,15 @@ impl Axis {
             }
             self.first.push(lo);
             self.count.push(n);
+            self.start.push(start);
         }
     }
 
-    /// The weights of output sample `o`, first input sample first.
+    /// The weights of output sample `o`, input sample `first[o]` first.
     #[inline]
     fn weights(&self, o: usize) -> &[i32] {
-        &self.weights[o * self.taps..o * self.taps + self.count[o]]
+        let at = o * self.span + self.first[o] - self.start[o];
+        &self.weights[at..at + self.count[o]]
     }
 
     /// Output sample `o` of the input samples `src`, rounded and clamped as Pillow's `clip8`.
@@ -283,6 +294,21 @@ impl Axis {
         let mut acc: i32 = HALF;
         for (&s, &k) in src[self.first[o]..].iter().zip(self.weights(o)) {
             acc += s as i32 * k;
+        }
+        clip8(acc)
+    }
+
+    /// [`Self::sample`] over the window of `N` = `span` samples, unrolled.
+    #[inline]
+    fn sample_window<const N: usize>(&self, o: usize, src: &[u8]) -> u8 {
+        let s = self.start[o];
+        let px: &[u8; N] = src[s..s + N].try_into().expect("a window of N samples");
+        let k: &[i32; N] = self.weights[o * N..o * N + N]
+            .try_into()
+            .expect("N weights");
+        let mut acc: i32 = HALF;
+        for t in 0..N {
+            acc += px[t] as i32 * k[t];
         }
         clip8(acc)
     }
@@ -358,13 +384,37 @@ impl ViewScratch {
 }
 
 /// Pillow's horizontal pass: `rows` rows of `src` (row `r` starts at `r * stride`) resampled
-/// along `axis` into the rows of `out`.
+/// along `axis` into the rows of `out`. The usual windows (3 samples when enlarging, 5 when
+/// shrinking by up to 2) get unrolled loops.
 fn horizontal(axis: &Axis, src: &[u8], stride: usize, rows: usize, out: &mut [u8]) {
+    match axis.span {
+        3 => horizontal_window::<3>(axis, src, stride, rows, out),
+        5 => horizontal_window::<5>(axis, src, stride, rows, out),
+        _ => {
+            let width = axis.first.len();
+            for (r, row) in out.chunks_exact_mut(width).take(rows).enumerate() {
+                let srow = &src[r * stride..];
+                for (x, o) in row.iter_mut().enumerate() {
+                    *o = axis.sample(x, srow);
+                }
+            }
+        }
+    }
+}
+
+/// [`horizontal`] for windows of `N` samples.
+fn horizontal_window<const N: usize>(
+    axis: &Axis,
+    src: &[u8],
+    stride: usize,
+    rows: usize,
+    out: &mut [u8],
+) {
     let width = axis.first.len();
     for (r, row) in out.chunks_exact_mut(width).take(rows).enumerate() {
         let srow = &src[r * stride..];
         for (x, o) in row.iter_mut().enumerate() {
-            *o = axis.sample(x, srow);
+            *o = axis.sample_window::<N>(x, srow);
         }
     }
 }
