@@ -27,6 +27,12 @@ impl Augment {
         flip: false,
         cutout: 0,
     };
+    /// A random horizontal flip only (after a random resized crop, ImageNet's training view).
+    pub const FLIP: Augment = Augment {
+        crop_padding: 0,
+        flip: true,
+        cutout: 0,
+    };
     /// The standard CIFAR training augmentation: pad 4, random crop, random flip.
     pub const CROP_FLIP: Augment = Augment {
         crop_padding: 4,

@@ -381,6 +381,19 @@ mod tests {
         }
     }
 
+    /// [`config`] with a flip only and no normalisation (pixels stay 0–255), so tests can
+    /// compare batches with the source bytes.
+    fn flip_raw(workers: usize) -> LoaderConfig {
+        LoaderConfig {
+            augment: Augment::FLIP,
+            normalize: Normalize {
+                mean: vec![0.0; 3],
+                std: vec![1.0 / 255.0; 3],
+            },
+            ..config(workers)
+        }
+    }
+
     fn collect(loader: &Loader, epoch: u64, start: usize) -> Vec<(Vec<f32>, Vec<u32>, Vec<u32>)> {
         let mut it = loader.epoch(epoch, start);
         let mut out = Vec::new();
@@ -427,16 +440,7 @@ mod tests {
             s.clone(),
             LoaderConfig {
                 view,
-                augment: Augment {
-                    crop_padding: 0,
-                    flip: true,
-                    cutout: 0,
-                },
-                normalize: Normalize {
-                    mean: vec![0.0; 3],
-                    std: vec![1.0 / 255.0; 3],
-                },
-                ..config(2)
+                ..flip_raw(2)
             },
         );
         assert_eq!(loader.image_dims(), (3, 5, 5));
@@ -477,17 +481,8 @@ mod tests {
         let loader = Loader::new(
             s.clone(),
             LoaderConfig {
-                augment: Augment {
-                    crop_padding: 0,
-                    flip: true,
-                    cutout: 0,
-                },
-                normalize: Normalize {
-                    mean: vec![0.0; 3],
-                    std: vec![1.0 / 255.0; 3],
-                },
                 rotations: true,
-                ..config(2)
+                ..flip_raw(2)
             },
         );
         let n = 8;

@@ -48,6 +48,12 @@ impl View {
         }
     }
 
+    /// The centre square of side `crop_size`, or the whole image without one: what a model
+    /// trained on crops of that side sees in evaluation.
+    pub fn centre_or_whole(crop_size: Option<usize>) -> View {
+        crop_size.map_or(View::Whole, |side| View::Center { side })
+    }
+
     /// Whether this is the whole image (the default, left out of serialised streams).
     pub fn is_whole(&self) -> bool {
         *self == View::Whole

@@ -120,16 +120,11 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
         mean: vec![0.4914, 0.4822, 0.4465],
         std: vec![0.2470, 0.2435, 0.2616],
     };
-    let flip = Augment {
-        crop_padding: 0,
-        flip: true,
-        cutout: 0,
-    };
     let setups: &[(&str, View, Augment, Mix)] = if args.imagenet_shaped {
         &[(
             "random-resized-crop(224)+flip+normalise",
             View::random_resized(224),
-            flip,
+            Augment::FLIP,
             Mix::None {},
         )]
     } else {

@@ -40,8 +40,7 @@ pub fn training_view(
 ) -> View {
     match (augment, crop_size) {
         (AugmentName::RandomResizedCrop, Some(side)) => View::RandomResized { side, scale, ratio },
-        (_, Some(side)) => View::Center { side },
-        (_, None) => View::Whole,
+        _ => View::centre_or_whole(crop_size),
     }
 }
 
@@ -105,6 +104,18 @@ pub struct BatchStream {
 }
 
 impl BatchStream {
+    /// Refuses a view that images of `shape` (the prepared dataset's) cannot give: a crop
+    /// larger than them, named with stage `stage`.
+    pub fn check_view(&self, stage: &str, [_, h, w]: [usize; 3]) -> crate::error::Result<()> {
+        self.view.check((h, w)).map_err(|why| {
+            let (side, _) = self.view.dims((h, w));
+            crate::error::StageError::config(format!(
+                "{stage}: `crop_size = {side}` is larger than the prepared dataset's {h}×{w} \
+                 images: {why} (prepare it at `image_size` ≥ {side})"
+            ))
+        })
+    }
+
     /// The loader of the stream over `split`, normalised by `normalize`, with `workers` threads
     /// each building up to `prefetch` batches ahead.
     pub fn loader(
@@ -126,11 +137,7 @@ impl BatchStream {
                     ..match self.augment {
                         AugmentName::None => Augment::NONE,
                         AugmentName::CropFlip => Augment::CROP_FLIP,
-                        AugmentName::RandomResizedCrop => Augment {
-                            crop_padding: 0,
-                            flip: true,
-                            cutout: 0,
-                        },
+                        AugmentName::RandomResizedCrop => Augment::FLIP,
                     }
                 },
                 normalize: normalize.clone(),

@@ -78,11 +78,9 @@ impl TrainedModel {
     /// mode: the centre square of its `crop_size`, else the whole image; an error where the
     /// crop is larger than the images.
     pub fn eval_view(&self, [_, h, w]: [usize; 3]) -> std::result::Result<View, String> {
-        let Some(side) = self.crop_size else {
-            return Ok(View::Whole);
-        };
-        let view = View::Center { side };
+        let view = View::centre_or_whole(self.crop_size);
         view.check((h, w)).map_err(|_| {
+            let (side, _) = view.dims((h, w));
             format!(
                 "the model was trained on {side}×{side} crops (`crop_size`), larger than the \
                  dataset's {h}×{w} images: prepare the dataset at `image_size` ≥ {side}"

@@ -223,13 +223,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         Vec::new(),
         teachers,
     );
-    let [_, ph, pw] = data.info.shape;
-    if let Err(why) = stream.view.check((ph, pw)) {
-        return Err(StageError::config(format!(
-            "{}: `crop_size`: {why} (the prepared dataset's)",
-            ctx.name
-        )));
-    }
+    stream.check_view(&ctx.name, data.info.shape)?;
     let loader = stream.loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
     let steps = loader.batches_per_epoch();
     let key = epoch_key(ctx)?;

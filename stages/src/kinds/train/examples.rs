@@ -6,7 +6,7 @@
 //! run was interrupted or not; they cost one batch and one teacher pass over it.
 //! A replayed training has no teacher loaded and writes none.
 
-use super::trainer::{input_shape, Trainer};
+use super::trainer::Trainer;
 use crate::error::Result;
 use crate::science::figures::{self, ImageCell, ImageGrid};
 use crate::science::methods::Method;
@@ -110,7 +110,7 @@ impl Trainer<'_> {
             cells.push(ImageCell {
                 pixels: self.rgb(&batch.images, i),
                 size: {
-                    let [_, h, w] = input_shape(self.p, &self.data);
+                    let [_, h, w] = self.input_shape();
                     (w as u32, h as u32)
                 },
                 lines,
@@ -147,7 +147,7 @@ impl Trainer<'_> {
     /// The mean distribution of the first `run` teachers on the batch's (first-view) images,
     /// as the method computes it: softmax at temperature 1, or Monte-Carlo means.
     fn teachers_on(&self, batch: &Batch, run: usize) -> Result<Vec<Vec<f32>>> {
-        let [c, h, w] = input_shape(self.p, &self.data);
+        let [c, h, w] = self.input_shape();
         let n = batch.len();
         let x = Tensor::from_slice(&batch.images[..n * c * h * w], (n, c, h, w), &self.device)?;
         let mean = self.supervision.mean_teacher_probs(run, &x, 0, batch)?;
@@ -157,7 +157,7 @@ impl Trainer<'_> {
     /// Image `i` of a batch's normalised CHW pixels as row-major RGB bytes (grey images are
     /// repeated), the dataset's normalisation undone.
     fn rgb(&self, images: &[f32], i: usize) -> Vec<u8> {
-        let [c, h, w] = input_shape(self.p, &self.data);
+        let [c, h, w] = self.input_shape();
         let norm = &self.data.info.normalize;
         let image = &images[i * c * h * w..(i + 1) * c * h * w];
         let mut out = Vec::with_capacity(h * w * 3);

@@ -324,7 +324,7 @@ impl<'a> Trainer<'a> {
         pending: &mut Pending,
         waits: &mut Waits,
     ) -> Result<()> {
-        let [c, h, w] = input_shape(self.p, &self.data);
+        let [c, h, w] = self.input_shape();
         let p = self.p;
         self.sums.lr = lr_at(
             p.lr,
@@ -568,16 +568,19 @@ impl<'a> Trainer<'a> {
             .collect())
     }
 
+    /// The shape of the images the model is fed: the loader's view of the packed images.
+    pub(super) fn input_shape(&self) -> [usize; 3] {
+        let (c, h, w) = self.loader.image_dims();
+        [c, h, w]
+    }
+
     /// Eval-mode inference with the model being trained.
     pub(super) fn inference(&self) -> Inference<'_> {
         Inference {
             model: &self.model,
             device: &self.device,
             normalize: &self.data.info.normalize,
-            view: match self.p.crop_size {
-                Some(side) => View::Center { side },
-                None => View::Whole,
-            },
+            view: View::centre_or_whole(self.p.crop_size),
             batch_size: self.p.batch_size.max(256),
             temperature: 1.0,
             workers: self.ctx.threads,
@@ -783,25 +786,13 @@ fn model_to_train(
     Ok((spec, model, None))
 }
 
-/// The shape of the images the model is fed: the packed images', or `crop_size`'s square.
-pub(super) fn input_shape(p: &Params, data: &Dataset) -> [usize; 3] {
-    let [c, h, w] = data.info.shape;
-    let (h, w) = p.stream().view.dims((h, w));
-    [c, h, w]
-}
-
 /// A `crop_size` must fit in the packed images; SSKD rotates every image by quarter turns, so
 /// its images must be square.
 fn check_views(ctx: &Context, p: &Params, data: &Dataset) -> Result<()> {
+    let stream = p.stream();
+    stream.check_view(&ctx.name, data.info.shape)?;
     let [_, ph, pw] = data.info.shape;
-    if let Some(side) = p.crop_size.filter(|&s| s > ph || s > pw) {
-        return Err(StageError::config(format!(
-            "{}: `crop_size = {side}` is larger than the prepared dataset's {ph}×{pw} images \
-             (prepare it at `image_size` ≥ {side})",
-            ctx.name
-        )));
-    }
-    let [_, h, w] = input_shape(p, data);
+    let (h, w) = stream.view.dims((ph, pw));
     if p.method.uses_rotations() && h != w {
         return Err(StageError::config(format!(
             "{}: `{}` trains on the four rotations of each image, which needs square images; \
