@@ -1,7 +1,9 @@
 //! Reader of the ImageFolder layout (`root/<split>/<class>/**/<image file>`, as torchvision's
-//! `ImageFolder` and the ImageNet and Tiny-ImageNet downloads use): images are decoded with the
-//! `image` crate in parallel, converted to RGB, resized so the shorter side is `size` and
-//! centre-cropped to `size × size`, like torchvision's `Resize(size)` + `CenterCrop(size)`.
+//! `ImageFolder` and the ImageNet and Tiny-ImageNet downloads use): images are decoded in
+//! parallel, converted to RGB, resized so the shorter side is `size` and centre-cropped to
+//! `size × size`, giving the bytes of torchvision's `Resize(size)` + `CenterCrop(size)` on the
+//! PIL images of its `ImageFolder`: JPEGs are decoded by libjpeg-turbo (what Pillow links), the
+//! resize is Pillow's (`view.rs`), checked in `tests/imagefolder_torchvision.rs`.
 //!
 //! Classes are the split's sub-folders in sorted order (their names become the class names);
 //! files are taken in the order of torchvision's `make_dataset`, so that an image's index is its
@@ -18,7 +20,7 @@
 use crate::cifar::Split;
 use crate::error::{DatasetError, Result};
 use crate::packed::StoreInfo;
-use image::imageops::FilterType;
+use crate::view::ViewScratch;
 use rayon::prelude::*;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -110,40 +112,152 @@ pub fn classes(root: &Path, split: &str) -> Result<Vec<String>> {
     Ok(classes)
 }
 
-/// Decodes one image file into CHW `u8` pixels of `size × size`.
-pub fn load(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
+/// Decodes one image file into CHW `u8` pixels of `size × size`: torchvision's `Resize(size)` +
+/// `CenterCrop(size)` of the RGB image its `ImageFolder` loads, resampled bitwise as Pillow's
+/// bilinear filter (see [`ViewScratch::resize_centre_square`]). `scratch` holds the buffers,
+/// reused image to image.
+pub fn load(path: &Path, size: usize, out: &mut [u8], scratch: &mut LoadScratch) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| DatasetError::io(path, e))?;
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| DatasetError::format(path, "image", format!("cannot decode: {e}")))?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (h, w) = if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        decode_jpeg(&bytes, scratch)
+    } else {
+        decode_other(&bytes, scratch)
+    }
+    .map_err(|e| DatasetError::format(path, "image", format!("cannot decode: {e}")))?;
     if w == 0 || h == 0 {
         return Err(DatasetError::format(path, "image", "has no pixels"));
     }
-    // torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated.
-    let (nw, nh) = if w <= h {
-        (size, size * h / w)
-    } else {
-        (size * w / h, size)
+    out.copy_from_slice(
+        scratch
+            .view
+            .resize_centre_square(&scratch.chw, (3, h, w), size),
+    );
+    Ok(())
+}
+
+/// Decodes a JPEG file into `scratch.chw` (planar RGB) with libjpeg-turbo's decoder and
+/// settings, as Pillow does (integer IDCT, fancy upsampling), so the pixels are Pillow's to
+/// the bit; four-channel (CMYK, YCCK) files are converted to RGB by Pillow's formula.
+/// Returns the height and width.
+fn decode_jpeg(
+    bytes: &[u8],
+    scratch: &mut LoadScratch,
+) -> std::result::Result<(usize, usize), String> {
+    if !jpeg_has_end(bytes) {
+        // libjpeg would fill the missing rows grey; torchvision's loader fails on the file.
+        return Err("truncated: no end-of-image marker after the image data".into());
+    }
+    let hwc = &mut scratch.hwc;
+    // libjpeg reports fatal errors by unwinding out of its error handler.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let cmyk = d.components().len() == 4;
+        let mut image = if cmyk {
+            d.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK)?
+        } else {
+            d.rgb()?
+        };
+        let (h, w) = (image.height(), image.width());
+        hwc.resize(h * w * if cmyk { 4 } else { 3 }, 0);
+        image.read_scanlines_into::<u8>(hwc)?;
+        image.finish()?;
+        std::io::Result::Ok((h, w, cmyk))
+    }));
+    let (h, w, cmyk) = match decoded {
+        Ok(Ok(dims)) => dims,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(panic) => {
+            return Err(panic
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "libjpeg failed".into()))
+        }
     };
-    let resized = if (nw, nh) == (w, h) {
-        img
+    if cmyk {
+        planar_from_cmyk(hwc, h * w, &mut scratch.chw);
     } else {
-        image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle)
-    };
-    // torchvision's CenterCrop: `int(round((h - size) / 2.0))`, Python's round, halves to even.
-    let top = ((nh - size) as f64 / 2.0).round_ties_even() as usize;
-    let left = ((nw - size) as f64 / 2.0).round_ties_even() as usize;
-    let plane = size * size;
-    for y in 0..size {
-        for x in 0..size {
-            let p = resized.get_pixel((left + x) as u32, (top + y) as u32).0;
-            for c in 0..3 {
-                out[c * plane + y * size + x] = p[c];
-            }
+        planar_from_rgb(hwc, h * w, &mut scratch.chw);
+    }
+    Ok((h, w))
+}
+
+/// Whether a JPEG file holds its end-of-image marker (`FF D9`) after the header of its first
+/// scan, as Pillow requires (it refuses a file without one as truncated). The marker segments
+/// before the scan are skipped by their lengths, so an embedded thumbnail's end marker does not
+/// count; the entropy-coded data cannot hold `FF D9` (a data byte `FF` is followed by `00`).
+fn jpeg_has_end(b: &[u8]) -> bool {
+    let mut i = 2;
+    let mut scan = None;
+    while i + 4 <= b.len() && b[i] == 0xFF {
+        let code = b[i + 1];
+        if code == 0xFF {
+            i += 1; // a fill byte before a marker
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        if code == 0xDA {
+            scan = Some(i + 2 + len);
+            break;
+        }
+        i += 2 + len;
+    }
+    // Segments libjpeg would skip as garbage: search from the start instead.
+    let from = scan.unwrap_or(2);
+    b.get(from..)
+        .is_some_and(|rest| rest.windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
+/// Decodes any other format the `image` crate reads into `scratch.chw` (planar RGB, as
+/// Pillow's `convert("RGB")`: grey replicated, alpha dropped). Returns the height and width.
+fn decode_other(
+    bytes: &[u8],
+    scratch: &mut LoadScratch,
+) -> std::result::Result<(usize, usize), String> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| e.to_string())?
+        .to_rgb8();
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    planar_from_rgb(img.as_raw(), h * w, &mut scratch.chw);
+    Ok((h, w))
+}
+
+/// `n` interleaved RGB pixels into three planes.
+fn planar_from_rgb(hwc: &[u8], n: usize, chw: &mut Vec<u8>) {
+    chw.resize(3 * n, 0);
+    let (r, rest) = chw.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (i, p) in hwc.chunks_exact(3).take(n).enumerate() {
+        (r[i], g[i], b[i]) = (p[0], p[1], p[2]);
+    }
+}
+
+/// `n` CMYK pixels as libjpeg decodes them (Adobe's inverted values) into three RGB planes, by
+/// Pillow's `CMYK;I` unpacking and its `cmyk2rgb`: with `nk` = 255 − k, each channel is
+/// `nk − nk·x/255`, the product rounded as Pillow's `MULDIV255`.
+fn planar_from_cmyk(hwc: &[u8], n: usize, chw: &mut Vec<u8>) {
+    fn muldiv255(a: u32, b: u32) -> u32 {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    }
+    chw.resize(3 * n, 0);
+    for (i, p) in hwc.chunks_exact(4).take(n).enumerate() {
+        // Pillow's `CMYK;I` inverts each byte; its `k` is then 255 − p[3], so `nk` is p[3].
+        let nk = u32::from(p[3]);
+        for c in 0..3 {
+            chw[c * n + i] = (nk - muldiv255(255 - u32::from(p[c]), nk)) as u8;
         }
     }
-    Ok(())
+}
+
+/// A decoding thread's buffers for [`load`].
+#[derive(Debug, Default)]
+pub struct LoadScratch {
+    /// The decoder's output, interleaved.
+    hwc: Vec<u8>,
+    /// The decoded image, planar.
+    chw: Vec<u8>,
+    /// The resampler's buffers.
+    view: ViewScratch,
 }
 
 /// The image files of split `split` of the ImageFolder at `root` with their labels, in the
@@ -273,7 +387,9 @@ pub fn decode(
     assert_eq!(out.len(), indices.len() * len, "one image's room per index");
     out.par_chunks_mut(len)
         .zip(indices.par_iter())
-        .try_for_each(|(o, &i)| load(&files[i].0, size, o))
+        .try_for_each_init(LoadScratch::default, |scratch, (o, &i)| {
+            load(&files[i].0, size, o, scratch)
+        })
 }
 
 /// Decodes `files` (a [`split_files`] list: paths and labels) into a split of `classes`, every
@@ -440,7 +556,7 @@ mod tests {
         img.save(&path).unwrap();
         let mut out = vec![0u8; 3 * 4];
         // Shorter side 4 → 2: 10 × 2; the centre 2 × 2 (source columns 8..12) is all green.
-        load(&path, 2, &mut out).unwrap();
+        load(&path, 2, &mut out, &mut LoadScratch::default()).unwrap();
         assert!(out[..4].iter().all(|p| *p < 40), "{out:?}");
         assert!(out[4..8].iter().all(|p| *p > 215), "{out:?}");
         assert!(out[8..].iter().all(|p| *p < 40), "{out:?}");
@@ -499,7 +615,7 @@ mod tests {
             let path = dir.path().join(format!("w{width}.png"));
             img.save(&path).unwrap();
             let mut out = vec![0u8; 3 * 16];
-            load(&path, 4, &mut out).unwrap();
+            load(&path, 4, &mut out, &mut LoadScratch::default()).unwrap();
             let columns: Vec<u8> = out[..4].to_vec();
             assert_eq!(columns, [first, first + 1, first + 2, first + 3], "{width}");
             assert_eq!(
@@ -507,6 +623,37 @@ mod tests {
                 [0, 1, 2, 3]
             );
         }
+    }
+
+    /// A JPEG cut short, even by its end marker alone, is refused naming the file, as
+    /// torchvision's loader (Pillow: "image file is truncated") refuses it; bytes after the end
+    /// marker are fine, and a thumbnail's end marker before the scan does not count.
+    #[test]
+    fn truncated_jpegs_are_refused() {
+        let good = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/imagefolder/rgb420.jpg"
+        ))
+        .unwrap();
+        assert!(jpeg_has_end(&good));
+        assert!(jpeg_has_end(&[&good[..], b"trailing bytes"].concat()));
+        assert!(!jpeg_has_end(&good[..good.len() - 2]));
+        assert!(!jpeg_has_end(&good[..good.len() / 2]));
+        let thumbnail = [0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
+        let with = |body: &[u8]| [&good[..2], &thumbnail[..], &body[2..]].concat();
+        assert!(jpeg_has_end(&with(&good)));
+        assert!(!jpeg_has_end(&with(&good[..good.len() / 2])));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.jpg");
+        std::fs::write(&path, &good[..good.len() - 2]).unwrap();
+        let mut out = vec![0u8; 3 * 4 * 4];
+        let err = load(&path, 4, &mut out, &mut LoadScratch::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cut.jpg") && err.contains("truncated"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! a horizontal pass into an 8-bit image, then a vertical one. The output is bitwise Pillow's
 //! (tested against Pillow's own output in `tests/view_pillow.rs`), so a crop box gives the
 //! pixels a PyTorch pipeline would train on. Only the box is drawn differently: from our
-//! seeded generator, not torch's.
+//! seeded generator, not torch's. The same resampler packs ImageFolder images
+//! ([`ViewScratch::resize_centre_square`], torchvision's `Resize` + `CenterCrop`).
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -116,7 +117,7 @@ impl View {
             }
             View::RandomResized { side, scale, ratio } => {
                 let b = random_resized_box((h, w), scale, ratio, rng);
-                scratch.resize(src, (c, h, w), b, side);
+                scratch.resize(src, (c, h, w), b, (side, side));
                 &scratch.out
             }
         }
@@ -344,47 +345,81 @@ pub struct ViewScratch {
 }
 
 impl ViewScratch {
-    /// Box `b` of `src` (CHW, `c`×`h`×`w`) resampled to `side`×`side` into `self.out`, as
-    /// Pillow's `img.crop(box).resize((side, side), BILINEAR)` of the HWC image.
+    /// Box `b` of `src` (CHW, `c`×`h`×`w`) resampled to `oh`×`ow` into `self.out`, as
+    /// Pillow's `img.crop(box).resize((ow, oh), BILINEAR)` of the HWC image.
     pub fn resize(
         &mut self,
         src: &[u8],
         (c, h, w): (usize, usize, usize),
         b: CropBox,
-        side: usize,
+        (oh, ow): (usize, usize),
     ) -> &[u8] {
-        self.cols.reserve(w, side);
-        self.rows.reserve(h, side);
-        self.acc.reserve(w.max(side).saturating_sub(self.acc.len()));
-        self.cols.plan(b.width, side);
-        self.rows.plan(b.height, side);
-        self.out.resize(c * side * side, 0);
+        self.cols.reserve(w, ow);
+        self.rows.reserve(h, oh);
+        self.acc.reserve(w.max(ow).saturating_sub(self.acc.len()));
+        self.cols.plan(b.width, ow);
+        self.rows.plan(b.height, oh);
+        self.out.resize(c * oh * ow, 0);
         // Sized for the largest box of these images at once, so no box grows it later.
-        let most = side * h.max(w);
+        let most = (oh * w).max(h * ow);
         if self.tmp.len() < most {
             self.tmp.resize(most, 0);
         }
-        let (bh, bw, s) = (b.height as i64, b.width as i64, side as i64);
+        let (bh, bw) = (b.height as i64, b.width as i64);
         // Pillow 13's order: the vertical pass first when the height shrinks by more than
         // twice what the width does (earlier Pillows always go horizontal first; the orders
         // round differently, by one level in some pixels).
-        let vertical_first = bh - s > 0 && bh - s > (bw - s) * 2;
+        let vertical_first = bh - oh as i64 > 0 && bh - oh as i64 > (bw - ow as i64) * 2;
         for ch in 0..c {
             let plane = &src[ch * h * w + b.top * w + b.left..(ch + 1) * h * w];
-            let out = &mut self.out[ch * side * side..(ch + 1) * side * side];
+            let out = &mut self.out[ch * oh * ow..(ch + 1) * oh * ow];
             if vertical_first {
-                let tmp = &mut self.tmp[..side * b.width];
+                let tmp = &mut self.tmp[..oh * b.width];
                 vertical(&self.rows, plane, w, b.width, 0, tmp, &mut self.acc);
-                horizontal(&self.cols, tmp, b.width, side, out);
+                horizontal(&self.cols, tmp, b.width, oh, out);
             } else {
                 // Only the rows the vertical pass reads go through the horizontal one.
                 let r0 = self.rows.first[0];
-                let r1 = self.rows.first[side - 1] + self.rows.count[side - 1];
-                let tmp = &mut self.tmp[..(r1 - r0) * side];
+                let r1 = self.rows.first[oh - 1] + self.rows.count[oh - 1];
+                let tmp = &mut self.tmp[..(r1 - r0) * ow];
                 horizontal(&self.cols, &plane[r0 * w..], w, r1 - r0, tmp);
-                vertical(&self.rows, tmp, side, side, r0, out, &mut self.acc);
+                vertical(&self.rows, tmp, ow, ow, r0, out, &mut self.acc);
             }
         }
+        &self.out
+    }
+
+    /// The whole of `src` (CHW, `c`×`h`×`w`) resized so its shorter side is `size`, then its
+    /// centre `size`×`size` square, into `self.out`: torchvision's `Resize(size)` +
+    /// `CenterCrop(size)` of a PIL image (the longer side truncated, `int(size * long /
+    /// short)`; Pillow's bilinear filter; the crop's offsets Python-rounded).
+    pub fn resize_centre_square(
+        &mut self,
+        src: &[u8],
+        (c, h, w): (usize, usize, usize),
+        size: usize,
+    ) -> &[u8] {
+        let (nh, nw) = if w <= h {
+            (size * h / w, size)
+        } else {
+            (size, size * w / h)
+        };
+        let whole = CropBox {
+            top: 0,
+            left: 0,
+            height: h,
+            width: w,
+        };
+        self.resize(src, (c, h, w), whole, (nh, nw));
+        let square = CropBox {
+            top: center_offset(nh, size),
+            left: center_offset(nw, size),
+            height: size,
+            width: size,
+        };
+        // The resized image moves to `tmp` so the square can be cut into `out`.
+        std::mem::swap(&mut self.out, &mut self.tmp);
+        crop_into(&self.tmp, (c, nh, nw), square, &mut self.out);
         &self.out
     }
 }
@@ -489,7 +524,7 @@ mod tests {
             height: 6,
             width: 6,
         };
-        assert_eq!(s.resize(&src, (3, 6, 6), b, 6), &src[..]);
+        assert_eq!(s.resize(&src, (3, 6, 6), b, (6, 6)), &src[..]);
     }
 
     /// Worked by hand from Pillow's formulas: halving 4 samples [0, 100, 200, 40] to 2, the

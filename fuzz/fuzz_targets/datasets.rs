@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
             let p = d.join("x.png");
             std::fs::write(&p, rest).unwrap();
             let mut out = vec![0u8; 3 * 8 * 8];
-            let _ = datasets::imagefolder::load(&p, 8, &mut out);
+            let _ = datasets::imagefolder::load(&p, 8, &mut out, &mut Default::default());
         }
     }
     let _ = std::fs::remove_dir_all(&d);

@@ -166,13 +166,16 @@ impl StageParams {
     /// `curve.csv` and their figures) and report 3 (`training-curves`, `best-classes`,
     /// `reliability-diagrams`), so a finished grid gets them at its next run, at the cost of
     /// its evaluations (not its trainings); prepare 2 for ImageFolder trees (centre crops
-    /// offset as torchvision's, halves rounded to even).
+    /// offset as torchvision's, halves rounded to even), 3 (pixels bitwise torchvision's).
     pub fn output_version(&self) -> u32 {
         match self {
             StageParams::Evaluate(_) => 3,
             // 4: legends wrap their labels and grow the figure rather than run off its edge.
             StageParams::Report(_) => 4,
-            StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 2,
+            // 3: ImageFolder images are decoded by libjpeg-turbo and resized by Pillow's filter,
+            // bitwise the pixels of torchvision's `Resize` + `CenterCrop` (they were the `image`
+            // crate's, up to 5 levels off).
+            StageParams::Prepare(p) if p.source == prepare::Source::Imagefolder => 3,
             // 3: ResNeXt, DenseNet and DLA start from their reference's (PyTorch's default)
             // initialisation, not a ResNet's.
             StageParams::Train(p)
