@@ -454,7 +454,7 @@ mod tests {
                 let flip = rng.random_bool(0.5);
                 boxes.insert((bx.top, bx.left, bx.height, bx.width));
                 flips += usize::from(flip);
-                let want = scratch.resize(s.image(i as usize), (3, 8, 8), bx, (5, 5));
+                let want = scratch.resize(s.image(i as usize), (3, 8, 8), bx, 5);
                 for c in 0..3 {
                     for y in 0..5 {
                         for x in 0..5 {

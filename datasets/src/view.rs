@@ -117,7 +117,7 @@ impl View {
             }
             View::RandomResized { side, scale, ratio } => {
                 let b = random_resized_box((h, w), scale, ratio, rng);
-                scratch.resize(src, (c, h, w), b, (side, side));
+                scratch.resize(src, (c, h, w), b, side);
                 &scratch.out
             }
         }
@@ -243,8 +243,9 @@ impl Axis {
     }
 
     /// Pillow's `precompute_coeffs` for the bilinear filter (support 1), then
-    /// `normalize_coeffs_8bpc`: `len` input samples onto `out` output samples.
-    fn plan(&mut self, len: usize, out: usize) {
+    /// `normalize_coeffs_8bpc`: `len` input samples onto `out` output samples, of which only
+    /// those of `window` are planned (each output sample depends on its own weights alone).
+    fn plan(&mut self, len: usize, out: usize, window: std::ops::Range<usize>) {
         let scale = len as f64 / out as f64;
         let filter_scale = scale.max(1.0);
         let support = filter_scale;
@@ -257,10 +258,10 @@ impl Axis {
         self.count.clear();
         self.start.clear();
         self.weights.clear();
-        self.weights.resize(out * self.span, 0);
+        self.weights.resize(window.len() * self.span, 0);
         let k = &mut self.k;
         k.resize(taps, 0.0);
-        for (o, slot) in self.weights.chunks_exact_mut(self.span).enumerate() {
+        for (o, slot) in window.zip(self.weights.chunks_exact_mut(self.span)) {
             let center = (o as f64 + 0.5) * scale;
             // C's (int) truncates toward zero; a negative start is clamped to 0 either way.
             let lo = ((center - support + 0.5) as i64).max(0) as usize;
@@ -345,45 +346,66 @@ pub struct ViewScratch {
 }
 
 impl ViewScratch {
-    /// Box `b` of `src` (CHW, `c`×`h`×`w`) resampled to `oh`×`ow` into `self.out`, as
-    /// Pillow's `img.crop(box).resize((ow, oh), BILINEAR)` of the HWC image.
+    /// Box `b` of `src` (CHW, `c`×`h`×`w`) resampled to `side`×`side` into `self.out`, as
+    /// Pillow's `img.crop(box).resize((side, side), BILINEAR)` of the HWC image.
     pub fn resize(
+        &mut self,
+        src: &[u8],
+        dims: (usize, usize, usize),
+        b: CropBox,
+        side: usize,
+    ) -> &[u8] {
+        let all = CropBox {
+            top: 0,
+            left: 0,
+            height: side,
+            width: side,
+        };
+        self.resize_part(src, dims, b, (side, side), all)
+    }
+
+    /// Part `part` of box `b` of `src` (CHW, `c`×`h`×`w`) resampled to `oh`×`ow`, into
+    /// `self.out` (CHW, `c`×`part.height`×`part.width`): Pillow's `img.crop(box).resize((ow,
+    /// oh), BILINEAR).crop(part)` of the HWC image, computing only the part.
+    fn resize_part(
         &mut self,
         src: &[u8],
         (c, h, w): (usize, usize, usize),
         b: CropBox,
         (oh, ow): (usize, usize),
+        part: CropBox,
     ) -> &[u8] {
-        self.cols.reserve(w, ow);
-        self.rows.reserve(h, oh);
-        self.acc.reserve(w.max(ow).saturating_sub(self.acc.len()));
-        self.cols.plan(b.width, ow);
-        self.rows.plan(b.height, oh);
-        self.out.resize(c * oh * ow, 0);
+        let (ph, pw) = (part.height, part.width);
+        self.cols.reserve(w, pw);
+        self.rows.reserve(h, ph);
+        self.acc.reserve(w.max(pw).saturating_sub(self.acc.len()));
+        self.cols.plan(b.width, ow, part.left..part.left + pw);
+        self.rows.plan(b.height, oh, part.top..part.top + ph);
+        self.out.resize(c * ph * pw, 0);
         // Sized for the largest box of these images at once, so no box grows it later.
-        let most = (oh * w).max(h * ow);
+        let most = (ph * w).max(h * pw);
         if self.tmp.len() < most {
             self.tmp.resize(most, 0);
         }
         let (bh, bw) = (b.height as i64, b.width as i64);
-        // Pillow 13's order: the vertical pass first when the height shrinks by more than
-        // twice what the width does (earlier Pillows always go horizontal first; the orders
-        // round differently, by one level in some pixels).
+        // Pillow 13's order, decided by the whole output's size: the vertical pass first when
+        // the height shrinks by more than twice what the width does (earlier Pillows always
+        // go horizontal first; the orders round differently, by one level in some pixels).
         let vertical_first = bh - oh as i64 > 0 && bh - oh as i64 > (bw - ow as i64) * 2;
         for ch in 0..c {
             let plane = &src[ch * h * w + b.top * w + b.left..(ch + 1) * h * w];
-            let out = &mut self.out[ch * oh * ow..(ch + 1) * oh * ow];
+            let out = &mut self.out[ch * ph * pw..(ch + 1) * ph * pw];
             if vertical_first {
-                let tmp = &mut self.tmp[..oh * b.width];
+                let tmp = &mut self.tmp[..ph * b.width];
                 vertical(&self.rows, plane, w, b.width, 0, tmp, &mut self.acc);
-                horizontal(&self.cols, tmp, b.width, oh, out);
+                horizontal(&self.cols, tmp, b.width, ph, out);
             } else {
                 // Only the rows the vertical pass reads go through the horizontal one.
                 let r0 = self.rows.first[0];
-                let r1 = self.rows.first[oh - 1] + self.rows.count[oh - 1];
-                let tmp = &mut self.tmp[..(r1 - r0) * ow];
+                let r1 = self.rows.first[ph - 1] + self.rows.count[ph - 1];
+                let tmp = &mut self.tmp[..(r1 - r0) * pw];
                 horizontal(&self.cols, &plane[r0 * w..], w, r1 - r0, tmp);
-                vertical(&self.rows, tmp, ow, ow, r0, out, &mut self.acc);
+                vertical(&self.rows, tmp, pw, pw, r0, out, &mut self.acc);
             }
         }
         &self.out
@@ -392,7 +414,8 @@ impl ViewScratch {
     /// The whole of `src` (CHW, `c`×`h`×`w`) resized so its shorter side is `size`, then its
     /// centre `size`×`size` square, into `self.out`: torchvision's `Resize(size)` +
     /// `CenterCrop(size)` of a PIL image (the longer side truncated, `int(size * long /
-    /// short)`; Pillow's bilinear filter; the crop's offsets Python-rounded).
+    /// short)`; Pillow's bilinear filter; the crop's offsets Python-rounded). Only the square
+    /// is computed.
     pub fn resize_centre_square(
         &mut self,
         src: &[u8],
@@ -410,17 +433,13 @@ impl ViewScratch {
             height: h,
             width: w,
         };
-        self.resize(src, (c, h, w), whole, (nh, nw));
         let square = CropBox {
             top: center_offset(nh, size),
             left: center_offset(nw, size),
             height: size,
             width: size,
         };
-        // The resized image moves to `tmp` so the square can be cut into `out`.
-        std::mem::swap(&mut self.out, &mut self.tmp);
-        crop_into(&self.tmp, (c, nh, nw), square, &mut self.out);
-        &self.out
+        self.resize_part(src, (c, h, w), whole, (nh, nw), square)
     }
 }
 
@@ -524,7 +543,7 @@ mod tests {
             height: 6,
             width: 6,
         };
-        assert_eq!(s.resize(&src, (3, 6, 6), b, (6, 6)), &src[..]);
+        assert_eq!(s.resize(&src, (3, 6, 6), b, 6), &src[..]);
     }
 
     /// Worked by hand from Pillow's formulas: halving 4 samples [0, 100, 200, 40] to 2, the
@@ -536,7 +555,7 @@ mod tests {
     fn shrinking_by_two_matches_the_hand_worked_filter() {
         let src = [0u8, 100, 200, 40];
         let mut s = ViewScratch::default();
-        s.cols.plan(4, 2);
+        s.cols.plan(4, 2, 0..2);
         assert_eq!(
             (s.cols.first.clone(), s.cols.count.clone()),
             (vec![0, 1], vec![3, 3])

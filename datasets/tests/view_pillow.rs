@@ -70,7 +70,7 @@ fn resized_crops_are_pillows_bytes() {
         let (bh, bw, s) = (b.height as i64, b.width as i64, side as i64);
         vertical_first += usize::from(bh - s > 0 && bh - s > (bw - s) * 2);
         let want = bytes(case);
-        let got = scratch.resize(&src, (3, h, w), b, (side, side));
+        let got = scratch.resize(&src, (3, h, w), b, side);
         assert_eq!(got.len(), want.len(), "{b:?} to {side}");
         let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
         assert_eq!(
