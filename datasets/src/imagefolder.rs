@@ -21,6 +21,7 @@ use crate::cifar::Split;
 use crate::error::{DatasetError, Result};
 use crate::packed::StoreInfo;
 use crate::view::ViewScratch;
+use image::ImageDecoder;
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ffi::{OsStr, OsString};
@@ -200,6 +201,7 @@ struct Source<'a> {
 }
 
 impl Read for Source<'_> {
+    // mozjpeg reads through `fill_buf`; a direct read follows the same rule.
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.bytes.read(buf)?;
         if n == 0 && !buf.is_empty() {
@@ -243,11 +245,18 @@ fn decode_other(
     bytes: &[u8],
     scratch: &mut LoadScratch,
 ) -> std::result::Result<(usize, usize), String> {
-    let img = image::load_from_memory(bytes)
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    // Pillow's pixel limit instead of the crate's allocation limit, checked from the header.
+    reader.no_limits();
+    let decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (w, h) = decoder.dimensions();
+    let (h, w) = (h as usize, w as usize);
+    check_pixels(h, w)?;
+    let img = image::DynamicImage::from_decoder(decoder)
         .map_err(|e| e.to_string())?
         .to_rgb8();
-    let (h, w) = (img.height() as usize, img.width() as usize);
-    check_pixels(h, w)?;
     planar_from_rgb(img.as_raw(), h * w, &mut scratch.chw);
     Ok((h, w))
 }
@@ -654,6 +663,45 @@ mod tests {
                 [0, 1, 2, 3]
             );
         }
+    }
+
+    /// An image over Pillow's decompression-bomb limit is refused from its header, naming the
+    /// file: a JPEG whose frame header claims 20000×10000 (200 M pixels; the limit is
+    /// 178,956,970), before anything is allocated for its pixels.
+    #[test]
+    fn images_over_pillows_pixel_limit_are_refused() {
+        let good = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/imagefolder/rgb420.jpg"
+        ))
+        .unwrap();
+        // The baseline frame header: FF C0, length (2), precision (1), height (2), width (2).
+        let sof = good.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+        let with_size = |h: u16, w: u16| {
+            let mut b = good.clone();
+            b[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+            b[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+            b
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = vec![0u8; 3 * 4 * 4];
+        let mut scratch = LoadScratch::default();
+        let path = dir.path().join("bomb.jpg");
+        std::fs::write(&path, with_size(10_000, 20_000)).unwrap();
+        let err = load(&path, 4, &mut out, &mut scratch)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bomb.jpg") && err.contains("20000×10000 is more than 178956970 pixels"),
+            "{err}"
+        );
+        assert!(
+            scratch.hwc.capacity() < 1 << 20,
+            "allocated before refusing"
+        );
+        // The boundary: 10,000 rows of 17,895 pixels are 178,950,000, of 17,896 178,960,000.
+        assert!(check_pixels(10_000, 17_895).is_ok());
+        assert!(check_pixels(10_000, 17_896).is_err());
     }
 
     #[test]

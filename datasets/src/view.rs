@@ -355,6 +355,15 @@ impl ViewScratch {
         b: CropBox,
         side: usize,
     ) -> &[u8] {
+        let (_, h, w) = dims;
+        // Room for the largest box of these images at once, so no later box grows a buffer.
+        self.cols.reserve(w, side);
+        self.rows.reserve(h, side);
+        self.acc.reserve(w.max(side).saturating_sub(self.acc.len()));
+        let most = side * h.max(w);
+        if self.tmp.len() < most {
+            self.tmp.resize(most, 0);
+        }
         let all = CropBox {
             top: 0,
             left: 0,
@@ -376,22 +385,24 @@ impl ViewScratch {
         part: CropBox,
     ) -> &[u8] {
         let (ph, pw) = (part.height, part.width);
-        self.cols.reserve(w, pw);
-        self.rows.reserve(h, ph);
-        self.acc.reserve(w.max(pw).saturating_sub(self.acc.len()));
         self.cols.plan(b.width, ow, part.left..part.left + pw);
         self.rows.plan(b.height, oh, part.top..part.top + ph);
         self.out.resize(c * ph * pw, 0);
-        // Sized for the largest box of these images at once, so no box grows it later.
-        let most = (ph * w).max(h * pw);
-        if self.tmp.len() < most {
-            self.tmp.resize(most, 0);
-        }
         let (bh, bw) = (b.height as i64, b.width as i64);
         // Pillow 13's order, decided by the whole output's size: the vertical pass first when
         // the height shrinks by more than twice what the width does (earlier Pillows always
         // go horizontal first; the orders round differently, by one level in some pixels).
         let vertical_first = bh - oh as i64 > 0 && bh - oh as i64 > (bw - ow as i64) * 2;
+        // The first pass's output: the part's rows of the box, or the rows of the box the
+        // part's rows read, resampled to the part's columns.
+        let need = if vertical_first {
+            ph * b.width
+        } else {
+            (self.rows.first[ph - 1] + self.rows.count[ph - 1] - self.rows.first[0]) * pw
+        };
+        if self.tmp.len() < need {
+            self.tmp.resize(need, 0);
+        }
         for ch in 0..c {
             let plane = &src[ch * h * w + b.top * w + b.left..(ch + 1) * h * w];
             let out = &mut self.out[ch * ph * pw..(ch + 1) * ph * pw];
