@@ -153,4 +153,18 @@ fn a_key_written_at_its_default_keeps_the_fingerprint() {
     let plain = config("");
     assert_eq!(config("projection_classes = [0, 1, 2]\n"), plain);
     assert_ne!(config("projection_classes = [0, 1, 3]\n"), plain);
+
+    // A prepare stage's `keep_aspect = false`: its packed images and all downstream.
+    let folder = |extra: &str| {
+        let src = format!(
+            "[run]\noutput = \"out\"\n\n\
+             [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"imagefolder\"\n\
+             path = \"missing\"\nimage_size = 32\n{extra}"
+        );
+        let c = pipeline::config::parse(std::path::Path::new("f.toml"), &src, None).unwrap();
+        pipeline::runner::fingerprints(&c)[0].clone()
+    };
+    let plain = folder("");
+    assert_eq!(folder("keep_aspect = false\n"), plain);
+    assert_ne!(folder("keep_aspect = true\n"), plain);
 }

@@ -830,3 +830,155 @@ batch_size = 4
         "{e}"
     );
 }
+
+/// `keep_aspect = true` packs each ImageFolder image whole (shorter side `image_size`, here
+/// already 16, so the pixels are the files' own): the store holds every file's bytes at its
+/// size. A model trained on random resized crops of them is evaluated on each image's own
+/// centre 12×12 square: its predictions equal those of the same weights, imported, on a
+/// dataset of those squares, cut here with torchvision's offsets worked out by hand (ties
+/// rounded half to even). A training that would take whole images is refused, naming
+/// `keep_aspect`.
+#[test]
+fn images_kept_whole_train_on_crops_and_evaluate_on_each_ones_centre() {
+    use image::{Rgb, RgbImage};
+    let dir = scratch();
+    let save = |root: &str, rel: &str, img: &RgbImage| {
+        let p = dir.path().join(root).join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        img.save(&p).unwrap();
+    };
+    // (width, height) and the CenterCrop(12) offsets (left, top) of each:
+    // round(6) = 6, round(2) = 2; round(2) = 2, round(4) = 4; round(2.5) = 2, round(2) = 2;
+    // round(2) = 2, round(3.5) = 4.
+    let shapes = [
+        ((24, 16), (6, 2)),
+        ((16, 20), (2, 4)),
+        ((17, 16), (2, 2)),
+        ((16, 19), (2, 4)),
+    ];
+    let mut sources: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+    for (split, n) in [("train", 16u32), ("val", 8)] {
+        for i in 0..n {
+            let (class, seed) = (i % 2, i * 7 + u32::from(split == "val") * 101);
+            let ((w, h), (left, top)) = shapes[i as usize % 4];
+            let img = RgbImage::from_fn(w, h, |x, y| {
+                let v = |c: u32| ((x * 37 + y * 91 + c * 53 + seed * 29 + class * 80) % 256) as u8;
+                Rgb([v(0), v(1), v(2)])
+            });
+            let rel = format!("{split}/c{class}/{i}.png");
+            save("images", &rel, &img);
+            let crop = image::imageops::crop_imm(&img, left, top, 12, 12).to_image();
+            save("crops", &rel, &crop);
+            if split == "train" {
+                let chw = (0..3)
+                    .flat_map(|c| img.pixels().map(move |p| p[c]))
+                    .collect();
+                sources.push((h as usize, w as usize, chw));
+            }
+        }
+    }
+    let config = |output: &str, path: &str, extra: &str, model: &str| {
+        format!(
+            r#"
+[run]
+output = "{output}"
+seed = 1
+threads = 2
+
+[[stage]]
+name = "data"
+kind = "prepare"
+source = "imagefolder"
+path = "{path}"
+image_size = {size}
+{extra}
+
+{model}
+
+[[stage]]
+name = "eval"
+kind = "evaluate"
+needs = ["data", "teacher"]
+batch_size = 4
+"#,
+            size = if path == "crops" { 12 } else { 16 }
+        )
+    };
+    let trained = r#"[[stage]]
+name = "teacher"
+kind = "train"
+needs = ["data"]
+model = "resnet8"
+width = 4
+method = "vanilla"
+augment = "random-resized-crop"
+crop_size = 12
+epochs = 1
+batch_size = 6"#;
+    write(
+        dir.path(),
+        "a.toml",
+        &config("out", "images", "keep_aspect = true", trained),
+    );
+    let o = pipeline(dir.path(), &["run", "a.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let train = datasets::PackedStore::open(&out.join("data/train.pack")).unwrap();
+    assert_eq!((train.len(), train.info().varying), (16, true));
+    for i in 0..train.len() {
+        let (h, w) = train.dims(i);
+        assert!(
+            sources
+                .iter()
+                .any(|s| (s.0, s.1, &s.2[..]) == (h, w, train.image(i))),
+            "packed image {i} ({h}×{w}) is no training file's pixels"
+        );
+    }
+
+    let dataset: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("data/dataset.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&dataset["shape"], &dataset["varying"]),
+        (&serde_json::json!([3, 16, 16]), &serde_json::json!(true))
+    );
+    let norm = &dataset["normalize"];
+    let imported = format!(
+        "[[stage]]\nname = \"teacher\"\nkind = \"import\"\npath = \"out/teacher/model.safetensors\"\n\
+         model = \"resnet8\"\nnormalize = {{ mean = {}, std = {} }}",
+        norm["mean"], norm["std"]
+    );
+    write(
+        dir.path(),
+        "b.toml",
+        &config("out2", "crops", "", &imported),
+    );
+    let o = pipeline(dir.path(), &["run", "b.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (got, want) = (
+        logits(&out.join("eval/predictions.parquet")),
+        logits(&dir.path().join("out2/eval/predictions.parquet")),
+    );
+    assert_eq!(got.len(), 8);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (a, b) in g.iter().zip(w) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "image {i}: {g:?} vs {w:?}"
+            );
+        }
+    }
+
+    let whole = trained.replace("augment = \"random-resized-crop\"\ncrop_size = 12\n", "");
+    write(
+        dir.path(),
+        "c.toml",
+        &config("out3", "images", "keep_aspect = true", &whole),
+    );
+    let o = pipeline(dir.path(), &["run", "c.toml"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("teacher") && e.contains("vary in size") && e.contains("keep_aspect"),
+        "{e}"
+    );
+}

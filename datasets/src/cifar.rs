@@ -133,6 +133,7 @@ fn split(classes: Vec<String>, labels: Vec<u32>, pixels: Vec<u8>) -> Split {
         w: 32,
         c: 3,
         classes,
+        varying: false,
     };
     (info, labels, pixels)
 }

@@ -241,6 +241,7 @@ mod tests {
             w: 1,
             c: 1,
             classes: vec!["a".into(), "b".into(), "c".into()],
+            varying: false,
         };
         let pixels: Vec<u8> = (0..100u8).collect();
         let full = (info, labels.clone(), pixels);

@@ -120,6 +120,45 @@ pub fn classes(root: &Path, split: &str) -> Result<Vec<String>> {
 /// bilinear filter (see [`ViewScratch::resize_centre_square`]). `scratch` holds the buffers,
 /// reused image to image.
 pub fn load(path: &Path, size: usize, out: &mut [u8], scratch: &mut LoadScratch) -> Result<()> {
+    let (h, w) = decode_file(path, scratch)?;
+    out.copy_from_slice(
+        scratch
+            .view
+            .resize_centre_square(&scratch.chw, (3, h, w), size),
+    );
+    Ok(())
+}
+
+/// Decodes one image file into CHW `u8` pixels whose shorter side is `size`, its aspect ratio
+/// kept: torchvision's `Resize(size)` of the RGB image its `ImageFolder` loads (see
+/// [`ViewScratch::resize_shorter_side`]). Returns the pixels (in `scratch`) and their height
+/// and width.
+pub fn load_shorter_side<'a>(
+    path: &Path,
+    size: usize,
+    scratch: &'a mut LoadScratch,
+) -> Result<(&'a [u8], (usize, usize))> {
+    let (h, w) = decode_file(path, scratch)?;
+    // A long, thin image grows with its shorter side: the result gets the source's limit.
+    let (nh, nw) = crate::view::shorter_side_dims((h, w), size);
+    if nh.saturating_mul(nw) > MOST_PIXELS {
+        return Err(DatasetError::format(
+            path,
+            "image",
+            format!(
+                "{w}×{h} resized to a shorter side of {size} is {nw}×{nh}, more than \
+                 {MOST_PIXELS} pixels: too long and thin to keep whole (prepare without \
+                 `keep_aspect`)"
+            ),
+        ));
+    }
+    Ok(scratch
+        .view
+        .resize_shorter_side(&scratch.chw, (3, h, w), size))
+}
+
+/// Decodes the image at `path` into `scratch.chw` (planar RGB); returns its height and width.
+fn decode_file(path: &Path, scratch: &mut LoadScratch) -> Result<(usize, usize)> {
     let bytes = std::fs::read(path).map_err(|e| DatasetError::io(path, e))?;
     let (h, w) = if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         decode_jpeg(&bytes, scratch)
@@ -130,12 +169,7 @@ pub fn load(path: &Path, size: usize, out: &mut [u8], scratch: &mut LoadScratch)
     if w == 0 || h == 0 {
         return Err(DatasetError::format(path, "image", "has no pixels"));
     }
-    out.copy_from_slice(
-        scratch
-            .view
-            .resize_centre_square(&scratch.chw, (3, h, w), size),
-    );
-    Ok(())
+    Ok((h, w))
 }
 
 /// Decodes a JPEG file into `scratch.chw` (planar RGB) with libjpeg-turbo's decoder and
@@ -432,6 +466,25 @@ pub fn decode(
         })
 }
 
+/// An image's CHW pixels with its height and width.
+pub type SizedImage = (Vec<u8>, (usize, usize));
+
+/// Decodes the images `files[i]` for each `i` of `indices`, in that order, each resized so its
+/// shorter side is `size` ([`load_shorter_side`]), in parallel; returns each one's CHW pixels
+/// with its height and width.
+pub fn decode_shorter_side(
+    files: &[(PathBuf, u32)],
+    indices: &[usize],
+    size: usize,
+) -> Result<Vec<SizedImage>> {
+    indices
+        .par_iter()
+        .map_init(LoadScratch::default, |scratch, &i| {
+            load_shorter_side(&files[i].0, size, scratch).map(|(px, dims)| (px.to_vec(), dims))
+        })
+        .collect()
+}
+
 /// Decodes `files` (a [`split_files`] list: paths and labels) into a split of `classes`, every
 /// image `3 × size × size`.
 pub fn read_listed(files: &[(PathBuf, u32)], classes: &[String], size: usize) -> Result<Split> {
@@ -447,6 +500,7 @@ pub fn read_listed(files: &[(PathBuf, u32)], classes: &[String], size: usize) ->
         w: size,
         c: 3,
         classes: classes.to_vec(),
+        varying: false,
     };
     let mut pixels = vec![0u8; files.len() * info.image_len()];
     let all: Vec<usize> = (0..files.len()).collect();

@@ -92,7 +92,16 @@ pub struct Loader {
 
 impl Loader {
     /// A loader over `store`.
+    ///
+    /// # Panics
+    /// If the store's images vary in size and the view is [`View::Whole`]: a batch holds
+    /// images of one size (stages refuse this configuration before they load).
     pub fn new(store: Arc<PackedStore>, config: LoaderConfig) -> Self {
+        assert!(
+            !(store.info().varying && config.view.is_whole()),
+            "{}: its images vary in size, so batches need a crop view",
+            store.path().display()
+        );
         Loader { store, config }
     }
 
@@ -191,7 +200,6 @@ fn fill_batch(
     scratch: &mut Scratch,
 ) {
     let info = store.info();
-    let packed = (info.c, info.h, info.w);
     let (h, w) = config.view.dims((info.h, info.w));
     let c = info.c;
     let len = c * h * w;
@@ -206,9 +214,13 @@ fn fill_batch(
     let mut rng = rng_for(&[config.seed, stream::AUGMENT, epoch, b as u64]);
     for (slot, &i) in idx.iter().enumerate() {
         // The view's draws (a random crop's box) come before the augmentation's.
-        let src = config
-            .view
-            .render(store.image(i as usize), packed, &mut rng, &mut scratch.view);
+        let (ih, iw) = store.dims(i as usize);
+        let src = config.view.render(
+            store.image(i as usize),
+            (c, ih, iw),
+            &mut rng,
+            &mut scratch.view,
+        );
         if config.rotations {
             rotated_views(
                 src,
@@ -471,6 +483,110 @@ mod tests {
             "{flips} flips, {} boxes",
             boxes.len()
         );
+    }
+
+    /// A store of 12 images of 4 sizes (landscape, portrait, square), each pixel a function of
+    /// its image, channel, row and column.
+    fn varying_store() -> (Arc<PackedStore>, Vec<(usize, usize)>) {
+        let sizes: Vec<(usize, usize)> = (0..12)
+            .map(|i| [(6, 9), (11, 6), (6, 6), (7, 8)][i % 4])
+            .collect();
+        let info = StoreInfo {
+            n: sizes.len(),
+            h: 6,
+            w: 6,
+            c: 3,
+            classes: vec!["a".into(), "b".into()],
+            varying: true,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("varying.pack");
+        let labels: Vec<u32> = (0..12).map(|i| i % 2).collect();
+        let mut w = PackedWriter::start(&p, &info, &labels).unwrap();
+        for (i, &(h, wd)) in sizes.iter().enumerate() {
+            let img: Vec<u8> = (0..3 * h * wd)
+                .map(|q| (i * 20 + q / (h * wd) * 7 + (q % (h * wd)) / wd * 3 + q % wd) as u8)
+                .collect();
+            w.push_sized(&img, (h, wd)).unwrap();
+        }
+        w.finish().unwrap();
+        (Arc::new(PackedStore::open(&p).unwrap()), sizes)
+    }
+
+    /// Over images of varying sizes, a centre view is each image's own centre square
+    /// (torchvision's `CenterCrop` offsets, worked out here by hand for each size) and a random
+    /// resized view draws its box on each image's own size (its expected pixels come from the
+    /// box drawer and resampler, tested against torchvision and Pillow on their own; the
+    /// independent evidence here is the boxes reaching past the stores' 6×6 bound).
+    #[test]
+    fn views_of_images_of_varying_sizes_use_each_images_size() {
+        use crate::view::{random_resized_box, ViewScratch};
+        let (s, sizes) = varying_store();
+        let centre = Loader::new(
+            s.clone(),
+            LoaderConfig {
+                view: View::Center { side: 5 },
+                augment: Augment::NONE,
+                shuffle: false,
+                ..flip_raw(2)
+            },
+        );
+        assert_eq!(centre.image_dims(), (3, 5, 5));
+        // int(round((9 - 5) / 2)) = 2, round(0.5) = 0 (half to even), round(3) = 3, round(1) = 1,
+        // round(1.5) = 2.
+        let offsets = |(h, w)| match (h, w) {
+            (6, 9) => (0, 2),
+            (11, 6) => (3, 0),
+            (6, 6) => (0, 0),
+            (7, 8) => (1, 2),
+            _ => unreachable!(),
+        };
+        for (images, _, indices) in collect(&centre, 0, 0) {
+            for (slot, &i) in indices.iter().enumerate() {
+                let (h, w) = sizes[i as usize];
+                let (top, left) = offsets((h, w));
+                let img = s.image(i as usize);
+                for q in 0..75 {
+                    let (c, y, x) = (q / 25, q / 5 % 5, q % 5);
+                    let want = img[c * h * w + (top + y) * w + left + x];
+                    assert_eq!(images[slot * 75 + q], want as f32, "image {i} at {q}");
+                }
+            }
+        }
+
+        let random = Loader::new(
+            s.clone(),
+            LoaderConfig {
+                view: View::random_resized(4),
+                augment: Augment::NONE,
+                ..flip_raw(1)
+            },
+        );
+        let mut scratch = ViewScratch::default();
+        let mut outside = 0;
+        for (b, (images, _, indices)) in collect(&random, 2, 0).into_iter().enumerate() {
+            let mut rng = rng_for(&[3, stream::AUGMENT, 2, b as u64]);
+            for (slot, &i) in indices.iter().enumerate() {
+                let (h, w) = sizes[i as usize];
+                let bx = random_resized_box((h, w), [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+                // A box reaching past the 6×6 bound shows the draw used the image's own size.
+                outside += usize::from(bx.top + bx.height > 6 || bx.left + bx.width > 6);
+                let want = scratch.resize(s.image(i as usize), (3, h, w), bx, 4);
+                let got: Vec<u8> = images[slot * 48..(slot + 1) * 48]
+                    .iter()
+                    .map(|&v| v as u8)
+                    .collect();
+                assert_eq!(got, want, "image {i}");
+            }
+        }
+        assert!(outside > 0, "every box fell within the bound");
+    }
+
+    /// A whole-image view of images of varying sizes cannot make batches: refused by name.
+    #[test]
+    #[should_panic(expected = "varying.pack: its images vary in size")]
+    fn whole_views_of_images_of_varying_sizes_are_refused() {
+        let _ = Loader::new(varying_store().0, flip_raw(1));
     }
 
     /// Without crops, view r of an image is view 0 rotated r·90° counter-clockwise, and view 0

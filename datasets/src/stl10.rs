@@ -79,6 +79,7 @@ fn split(dir: &Path, name: &str, classes: &[String]) -> Result<Split> {
         w: SIDE,
         c: 3,
         classes: classes.to_vec(),
+        varying: false,
     };
     Ok((info, labels, pixels))
 }

@@ -126,6 +126,7 @@ impl SyntheticSpec {
             w: s,
             c: 3,
             classes: self.class_names(),
+            varying: false,
         };
         Ok((info, labels, pixels))
     }

@@ -137,6 +137,18 @@ pub struct CropBox {
     pub width: usize,
 }
 
+impl CropBox {
+    /// The whole of an `h`×`w` image.
+    pub fn whole((h, w): (usize, usize)) -> CropBox {
+        CropBox {
+            top: 0,
+            left: 0,
+            height: h,
+            width: w,
+        }
+    }
+}
+
 /// torchvision's `CenterCrop` offset, `int(round((size - side) / 2.0))` with Python's rounding
 /// (half to even).
 pub fn center_offset(size: usize, side: usize) -> usize {
@@ -364,13 +376,7 @@ impl ViewScratch {
         if self.tmp.len() < most {
             self.tmp.resize(most, 0);
         }
-        let all = CropBox {
-            top: 0,
-            left: 0,
-            height: side,
-            width: side,
-        };
-        self.resize_part(src, dims, b, (side, side), all)
+        self.resize_part(src, dims, b, (side, side), CropBox::whole((side, side)))
     }
 
     /// Part `part` of box `b` of `src` (CHW, `c`×`h`×`w`) resampled to `oh`×`ow`, into
@@ -393,12 +399,18 @@ impl ViewScratch {
         // the height shrinks by more than twice what the width does (earlier Pillows always
         // go horizontal first; the orders round differently, by one level in some pixels).
         let vertical_first = bh - oh as i64 > 0 && bh - oh as i64 > (bw - ow as i64) * 2;
-        // The first pass's output: the part's rows of the box, or the rows of the box the
-        // part's rows read, resampled to the part's columns.
+        // Horizontal first, only the rows of the box the part's rows read go through that
+        // pass: rows r0..r1.
+        let (r0, r1) = (
+            self.rows.first[0],
+            self.rows.first[ph - 1] + self.rows.count[ph - 1],
+        );
+        // The first pass's output: the part's rows of the box, or rows r0..r1 of the box
+        // resampled to the part's columns.
         let need = if vertical_first {
             ph * b.width
         } else {
-            (self.rows.first[ph - 1] + self.rows.count[ph - 1] - self.rows.first[0]) * pw
+            (r1 - r0) * pw
         };
         if self.tmp.len() < need {
             self.tmp.resize(need, 0);
@@ -411,9 +423,6 @@ impl ViewScratch {
                 vertical(&self.rows, plane, w, b.width, 0, tmp, &mut self.acc);
                 horizontal(&self.cols, tmp, b.width, ph, out);
             } else {
-                // Only the rows the vertical pass reads go through the horizontal one.
-                let r0 = self.rows.first[0];
-                let r1 = self.rows.first[ph - 1] + self.rows.count[ph - 1];
                 let tmp = &mut self.tmp[..(r1 - r0) * pw];
                 horizontal(&self.cols, &plane[r0 * w..], w, r1 - r0, tmp);
                 vertical(&self.rows, tmp, pw, pw, r0, out, &mut self.acc);
@@ -433,24 +442,45 @@ impl ViewScratch {
         (c, h, w): (usize, usize, usize),
         size: usize,
     ) -> &[u8] {
-        let (nh, nw) = if w <= h {
-            (size * h / w, size)
-        } else {
-            (size, size * w / h)
-        };
-        let whole = CropBox {
-            top: 0,
-            left: 0,
-            height: h,
-            width: w,
-        };
+        let (nh, nw) = shorter_side_dims((h, w), size);
         let square = CropBox {
             top: center_offset(nh, size),
             left: center_offset(nw, size),
             height: size,
             width: size,
         };
-        self.resize_part(src, (c, h, w), whole, (nh, nw), square)
+        self.resize_part(src, (c, h, w), CropBox::whole((h, w)), (nh, nw), square)
+    }
+
+    /// The whole of `src` (CHW, `c`×`h`×`w`) resized so its shorter side is `size`, into
+    /// `self.out`: torchvision's `Resize(size)` of a PIL image (the longer side truncated,
+    /// `int(size * long / short)`; Pillow's bilinear filter). Returns the pixels and their
+    /// height and width.
+    pub fn resize_shorter_side(
+        &mut self,
+        src: &[u8],
+        (c, h, w): (usize, usize, usize),
+        size: usize,
+    ) -> (&[u8], (usize, usize)) {
+        let (nh, nw) = shorter_side_dims((h, w), size);
+        let whole = CropBox::whole((h, w));
+        let out = CropBox::whole((nh, nw));
+        (
+            self.resize_part(src, (c, h, w), whole, (nh, nw), out),
+            (nh, nw),
+        )
+    }
+}
+
+/// The height and width torchvision's `Resize(size)` gives an `h`×`w` image: the shorter side
+/// `size`, the longer `int(size * long / short)` (integer division truncates as Python's
+/// `int` of the float quotient does: a quotient that is not whole is at least 1/short away
+/// from the next integer, far more than the float's error).
+pub fn shorter_side_dims((h, w): (usize, usize), size: usize) -> (usize, usize) {
+    if w <= h {
+        (size * h / w, size)
+    } else {
+        (size, size * w / h)
     }
 }
 

@@ -2,12 +2,13 @@
 //! torchvision's `ImageFolder` loader (Pillow's decoder, `convert("RGB")`) followed by
 //! `Resize(size)` + `CenterCrop(size)` makes of each image file of that folder (JPEGs with 4:2:0,
 //! 4:2:2 and 4:4:4 chroma, progressive, arithmetic-coded, with restart markers, grey, CMYK and a
-//! tall one; PNGs with alpha, a palette and grey), shrunk and grown (`fixtures/imagefolder/make_fixture.py`). The
-//! prepare stage must pack the same bytes, and refuse the cut JPEGs Pillow refuses (the
+//! tall one; PNGs with alpha, a palette, grey and a narrow one), shrunk and grown (`fixtures/imagefolder/make_fixture.py`),
+//! and what `Resize(size)` alone makes of four (`keep_aspect`). The prepare stage must pack the
+//! same bytes, and refuse the cut JPEGs Pillow refuses (the
 //! fixture's `truncation`: each JPEG whole, with bytes after its end, without its end marker,
 //! cut in half, its end marker replaced by 4 or 8 zero bytes).
 
-use datasets::imagefolder::{load, LoadScratch};
+use datasets::imagefolder::{load, load_shorter_side, LoadScratch};
 use serde_json::Value;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/imagefolder");
@@ -22,7 +23,7 @@ fn packed_images_are_torchvisions_bytes() {
     let dir = DIR;
     let fixture = fixture();
     let cases = fixture["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 24);
+    assert_eq!(cases.len(), 26);
     let mut scratch = LoadScratch::default();
     for case in cases {
         let file = case["file"].as_str().unwrap();
@@ -53,6 +54,41 @@ fn packed_images_are_torchvisions_bytes() {
             0,
             "{file} at {size}: {differ} of {} bytes differ from torchvision's (by up to {most})",
             want.len()
+        );
+    }
+}
+
+/// `keep_aspect`: the image resized so its shorter side is `size`, nothing cut, is
+/// torchvision's `Resize(size)` to the bit, of its size (landscape, portrait, and one taller
+/// than 2:1, which Pillow 13 resamples vertically first when shrunk; shrunk, grown).
+#[test]
+fn images_kept_whole_are_torchvisions_resize() {
+    let fixture = fixture();
+    let cases = fixture["resize"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    let mut scratch = LoadScratch::default();
+    for case in cases {
+        let file = case["file"].as_str().unwrap();
+        let size = case["size"].as_u64().unwrap() as usize;
+        let hw = &case["hw"];
+        let want_dims = (
+            hw[0].as_u64().unwrap() as usize,
+            hw[1].as_u64().unwrap() as usize,
+        );
+        let want: Vec<u8> = case["chw"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u8)
+            .collect();
+        let (got, dims) =
+            load_shorter_side(format!("{DIR}/{file}").as_ref(), size, &mut scratch).unwrap();
+        assert_eq!(dims, want_dims, "{file} at {size}");
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            (differ, got.len()),
+            (0, want.len()),
+            "{file} at {size}: bytes differ from torchvision's"
         );
     }
 }

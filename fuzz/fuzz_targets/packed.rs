@@ -11,7 +11,9 @@ fuzz_target!(|data: &[u8]| {
         let k = store.info().classes.len();
         for i in 0..store.len() {
             assert!((store.label(i) as usize) < k);
-            assert_eq!(store.image(i).len(), store.info().image_len());
+            let (h, w) = store.dims(i);
+            assert!(h >= store.info().h && w >= store.info().w);
+            assert_eq!(store.image(i).len(), store.info().c * h * w);
         }
     }
     let _ = std::fs::remove_file(&p);

@@ -44,6 +44,11 @@ pub struct LoaderArgs {
     /// and normalisation; compare with `benches/torch_loader.py --imagenet-shaped`.
     #[arg(long, conflicts_with = "cifar10")]
     pub imagenet_shaped: bool,
+    /// Time the loader over this packed split instead (a prepare stage's `train.pack`, e.g. an
+    /// ImageFolder packed with or without `keep_aspect`); with `--imagenet-shaped`, its views
+    /// are random resized crops to 224.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["cifar10", "images"])]
+    pub pack: Option<PathBuf>,
 }
 
 fn cifar_shaped(args: &LoaderArgs) -> Result<(StoreInfo, Vec<u32>, Vec<u8>, String)> {
@@ -67,6 +72,7 @@ fn cifar_shaped(args: &LoaderArgs) -> Result<(StoreInfo, Vec<u32>, Vec<u8>, Stri
         h: side,
         w: side,
         classes: (0..10).map(|k| format!("class{k}")).collect(),
+        varying: false,
     };
     Ok((
         info,
@@ -100,14 +106,44 @@ fn time_loader(store: &Arc<PackedStore>, config: LoaderConfig, epochs: u64) -> f
     images as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// Runs `pipeline bench loader` and prints its table.
-pub fn loader(args: &LoaderArgs) -> Result<()> {
+/// The split `pipeline bench loader` reads: `--pack`'s, or one generated (or read from
+/// `--cifar10`) into a temporary file, removed when the returned guard drops.
+fn bench_store(args: &LoaderArgs) -> Result<(Arc<PackedStore>, String, Option<TempPack>)> {
+    if let Some(path) = &args.pack {
+        let store = PackedStore::open(path)?;
+        let info = store.info();
+        if info.varying && !args.imagenet_shaped {
+            anyhow::bail!(
+                "{}: its images vary in size (packed with `keep_aspect`): time it with \
+                 --imagenet-shaped, whose crops give batches one size",
+                path.display()
+            );
+        }
+        let what = format!(
+            "{} images of {} ({}, at least {}×{})",
+            info.n,
+            path.display(),
+            if info.varying {
+                "sizes vary"
+            } else {
+                "one size"
+            },
+            info.h,
+            info.w
+        );
+        return Ok((Arc::new(store), what, None));
+    }
     let (info, labels, pixels, what) = cifar_shaped(args)?;
     let path = std::env::temp_dir().join(format!("ldl-bench-loader-{}.pack", std::process::id()));
-    let _cleanup = TempPack(path.clone());
+    let cleanup = TempPack(path.clone());
     PackedWriter::write(&path, &info, &labels, &pixels)?;
     drop(pixels);
-    let store = Arc::new(PackedStore::open(&path)?);
+    Ok((Arc::new(PackedStore::open(&path)?), what, Some(cleanup)))
+}
+
+/// Runs `pipeline bench loader` and prints its table.
+pub fn loader(args: &LoaderArgs) -> Result<()> {
+    let (store, what, _cleanup) = bench_store(args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "loader benchmark: {what}, batch {}, f32 NCHW, {} timed epoch(s) after a warm-up, {cores} cores",
@@ -144,6 +180,9 @@ pub fn loader(args: &LoaderArgs) -> Result<()> {
         ]
     };
     for &(name, view, augment, mix) in setups {
+        let info = store.info();
+        view.check((info.h, info.w))
+            .map_err(|why| anyhow::anyhow!("{what}: {why}"))?;
         for &workers in &args.workers {
             let config = LoaderConfig {
                 batch_size: args.batch,

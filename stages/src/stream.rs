@@ -3,6 +3,7 @@
 //! batches, whatever their models, schedules or initialisation seeds, which is what lets a
 //! replay store ([`crate::replay_store`]) computed once stand in for a teacher run on every step.
 
+use crate::artifacts::dataset::DatasetInfo;
 use datasets::augment::{Augment, Normalize};
 use datasets::mix::Mix;
 use datasets::view::View;
@@ -104,9 +105,17 @@ pub struct BatchStream {
 }
 
 impl BatchStream {
-    /// Refuses a view that images of `shape` (the prepared dataset's) cannot give: a crop
-    /// larger than them, named with stage `stage`.
-    pub fn check_view(&self, stage: &str, [_, h, w]: [usize; 3]) -> crate::error::Result<()> {
+    /// Refuses a view that the prepared dataset `data`'s images cannot give: a crop larger
+    /// than them, or the whole image of images that vary in size; named with stage `stage`.
+    pub fn check_view(&self, stage: &str, data: &DatasetInfo) -> crate::error::Result<()> {
+        let [_, h, w] = data.shape;
+        if data.varying && self.view.is_whole() {
+            return Err(crate::error::StageError::config(format!(
+                "{stage}: the prepared dataset's images vary in size (`keep_aspect = true`), \
+                 so a batch can only hold crops of them: set `crop_size` (e.g. 224 with \
+                 `augment = \"random-resized-crop\"`)"
+            )));
+        }
         self.view.check((h, w)).map_err(|why| {
             let (side, _) = self.view.dims((h, w));
             crate::error::StageError::config(format!(

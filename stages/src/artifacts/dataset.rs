@@ -27,8 +27,13 @@ pub struct SplitInfo {
 pub struct DatasetInfo {
     /// Class names.
     pub classes: Vec<String>,
-    /// Channels, height, width.
+    /// Channels, height, width (with `varying`: a bound every image's height and width
+    /// reaches).
     pub shape: [usize; 3],
+    /// The images vary in size (an ImageFolder packed with `keep_aspect`): models see crops
+    /// of them (`crop_size`), never whole images.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub varying: bool,
     /// Training split.
     pub train: SplitInfo,
     /// Test split.
@@ -65,14 +70,18 @@ impl Dataset {
         let open = |s: &SplitInfo| -> Result<Arc<PackedStore>> {
             let p = dir.join(&s.file);
             let store = PackedStore::open(&p)?;
-            if store.hash() != s.hash || store.len() != s.n || store.info().classes != info.classes
-            {
+            let i = store.info();
+            let info_differs = i.classes != info.classes
+                || i.varying != info.varying
+                || [i.c, i.h, i.w] != info.shape;
+            if store.hash() != s.hash || store.len() != s.n || info_differs {
                 return Err(StageError::invalid(
                     &p,
                     "header",
                     format!(
-                        "does not match dataset.json (hash {}, {} images): the folder was modified",
-                        s.hash, s.n
+                        "does not match dataset.json (hash {}, {} images of {:?}): the folder \
+                         was modified",
+                        s.hash, s.n, info.shape
                     ),
                 ));
             }

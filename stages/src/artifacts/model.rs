@@ -2,6 +2,7 @@
 //! `train` or `import` stage writes them and `label`, `evaluate` and the online methods load
 //! them.
 
+use crate::artifacts::dataset::DatasetInfo;
 use crate::error::{Result, StageError};
 use crate::science::methods::Method;
 use candle_core::Device;
@@ -74,11 +75,21 @@ impl TrainedModel {
         self.normalize.as_ref().unwrap_or(dataset)
     }
 
-    /// What the model sees of each image of a dataset of `[c, h, w]` images in evaluation
-    /// mode: the centre square of its `crop_size`, else the whole image; an error where the
-    /// crop is larger than the images.
-    pub fn eval_view(&self, [_, h, w]: [usize; 3]) -> std::result::Result<View, String> {
+    /// What the model sees of each image of the prepared dataset `data` in evaluation mode:
+    /// the centre square of its `crop_size`, else the whole image; an error where the crop is
+    /// larger than the images, or the images vary in size and the model takes them whole.
+    pub fn eval_view(&self, data: &DatasetInfo) -> std::result::Result<View, String> {
+        let [_, h, w] = data.shape;
         let view = View::centre_or_whole(self.crop_size);
+        if data.varying && view.is_whole() {
+            return Err(
+                "the model sees whole images (it has no `crop_size`), but the dataset's images \
+                 vary in size (`keep_aspect = true`): give it the side of the crops it was \
+                 trained on (an import stage's `crop_size`, 224 for torchvision's ImageNet \
+                 models), or label and evaluate it on a dataset prepared without `keep_aspect`"
+                    .into(),
+            );
+        }
         view.check((h, w)).map_err(|_| {
             let (side, _) = view.dims((h, w));
             format!(

@@ -309,7 +309,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         device: &device,
         normalize: meta.normalize(&data.info.normalize),
         view: meta
-            .eval_view(data.info.shape)
+            .eval_view(&data.info)
             .map_err(|e| StageError::config(format!("{}: {e}", ctx.name)))?,
         batch_size: p.batch_size,
         temperature: 1.0,

@@ -91,9 +91,15 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<usize>,
     /// Synthetic: image side in pixels (default 32). ImageFolder: side of the square the
-    /// images are resized (shorter side) and centre-cropped to (required).
+    /// images are resized (shorter side) and centre-cropped to, or with `keep_aspect` their
+    /// shorter side (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<usize>,
+    /// ImageFolder: keep each image whole, resized so its shorter side is `image_size`
+    /// (torchvision's `Resize(image_size)`), instead of centre-cropping it to a square; the
+    /// packed images then vary in size (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_aspect: Option<bool>,
     /// Synthetic: per-pixel noise standard deviation, full scale 1 (default 0.08).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<f32>,
@@ -161,7 +167,14 @@ impl Params {
             Source::Cifar10 => &["path", "batches", "seed", "fetch", "cache", "url", "md5"],
             Source::Cifar100 => &["path", "label", "seed", "fetch", "cache", "url", "md5"],
             Source::Stl10 => &["path", "seed", "fetch", "cache", "url", "md5"],
-            Source::Imagefolder => &["path", "seed", "image_size", "train_split", "test_split"],
+            Source::Imagefolder => &[
+                "path",
+                "seed",
+                "image_size",
+                "keep_aspect",
+                "train_split",
+                "test_split",
+            ],
         };
         let given = synthetic_keys.into_iter().chain([
             ("path", self.path.is_some()),
@@ -174,6 +187,7 @@ impl Params {
             ("md5", self.md5.is_some()),
             ("train_split", self.train_split.is_some()),
             ("test_split", self.test_split.is_some()),
+            ("keep_aspect", self.keep_aspect.is_some()),
         ]);
         for (key, v) in [("limit", self.limit), ("val", self.val)] {
             if v == Some(0) {
@@ -322,9 +336,13 @@ impl Params {
         if self.limit.is_some() || self.val.is_some() {
             self.seed.get_or_insert(run_seed);
         }
-        // `stratify = false` is the default: the same stage as without the key.
+        // `stratify = false` and `keep_aspect = false` are the defaults: the same stage as
+        // without the key.
         if self.stratify == Some(false) {
             self.stratify = None;
+        }
+        if self.keep_aspect == Some(false) {
+            self.keep_aspect = None;
         }
     }
 }
@@ -552,6 +570,8 @@ fn pack_image_folder(
         w: size,
         c: 3,
         classes,
+        // Kept whole, every image is at least `size` on both sides (its shorter one is `size`).
+        varying: p.keep_aspect.unwrap_or(false),
     };
     let mut fit = NormalizeSums::new(3);
     let pack = |name: &str, files: &[(PathBuf, u32)], idx: &[usize], fit| {
@@ -582,9 +602,11 @@ fn pack_image_folder(
     Ok((describe(splits, fit.finish()), records))
 }
 
-/// Images per chunk of [`pack_files`]: about 256 MiB of pixels.
-fn chunk_images(image_len: usize) -> usize {
-    ((256 << 20) / image_len.max(1)).max(1)
+/// Images per chunk of [`pack_files`]: about 256 MiB of pixels (images kept whole counted at
+/// twice the square's size: most photographs are at most 2:1).
+fn chunk_images(info: &StoreInfo) -> usize {
+    let len = info.image_len() * if info.varying { 2 } else { 1 };
+    ((256 << 20) / len.max(1)).max(1)
 }
 
 /// Writes split `name` of the images `files[i]` for `i` in `idx`, decoded a chunk at a time
@@ -598,6 +620,7 @@ fn pack_files(
     mut fit: Option<&mut NormalizeSums>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(StoreInfo, SplitInfo)> {
+    use datasets::imagefolder as folder;
     let info = StoreInfo {
         n: idx.len(),
         ..shape.clone()
@@ -605,17 +628,30 @@ fn pack_files(
     let file = format!("{name}.pack");
     let labels: Vec<u32> = idx.iter().map(|&i| files[i].1).collect();
     let mut stream = PackedWriter::start(&ctx.dir.join(&file), &info, &labels)?;
-    let len = info.image_len();
-    let chunk = chunk_images(len);
-    let mut pixels = vec![0u8; chunk.min(idx.len()) * len];
-    for part in idx.chunks(chunk) {
-        let out = &mut pixels[..part.len() * len];
-        datasets::imagefolder::decode(files, part, info.h, out)?;
+    let chunk = chunk_images(&info);
+    let mut add = |img: &[u8]| {
         if let Some(fit) = fit.as_deref_mut() {
-            out.chunks_exact(len).for_each(|img| fit.add(img));
+            fit.add(img);
         }
-        stream.push(out)?;
-        bar.inc(part.len() as u64);
+    };
+    if info.varying {
+        for part in idx.chunks(chunk) {
+            for (img, dims) in folder::decode_shorter_side(files, part, info.h)? {
+                add(&img);
+                stream.push_sized(&img, dims)?;
+            }
+            bar.inc(part.len() as u64);
+        }
+    } else {
+        let len = info.image_len();
+        let mut pixels = vec![0u8; chunk.min(idx.len()) * len];
+        for part in idx.chunks(chunk) {
+            let out = &mut pixels[..part.len() * len];
+            folder::decode(files, part, info.h, out)?;
+            out.chunks_exact(len).for_each(&mut add);
+            stream.push(out)?;
+            bar.inc(part.len() as u64);
+        }
     }
     let hash = stream.finish()?;
     Ok(split_info(info, file, &labels, hash))
@@ -650,6 +686,7 @@ fn describe(splits: Vec<(StoreInfo, SplitInfo)>, normalize: Normalize) -> Datase
     DatasetInfo {
         classes: train_info.classes.clone(),
         shape: [train_info.c, train_info.h, train_info.w],
+        varying: train_info.varying,
         train,
         test,
         val,

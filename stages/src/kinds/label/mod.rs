@@ -369,7 +369,7 @@ fn label_chunk(
             model: &t.model,
             device,
             normalize: t.meta.normalize(&data.info.normalize),
-            view: t.meta.eval_view(data.info.shape).map_err(|e| {
+            view: t.meta.eval_view(&data.info).map_err(|e| {
                 StageError::config(format!("{}: teacher `{}`: {e}", ctx.name, t.name))
             })?,
             batch_size: p.batch_size,
@@ -558,6 +558,7 @@ mod tests {
         let info = DatasetInfo {
             classes: vec!["a".into(), "b".into()],
             shape: [3, 8, 8],
+            varying: false,
             train: split(2500),
             test: split(1000),
             val: None,
