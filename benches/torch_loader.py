@@ -8,7 +8,9 @@ alpha 1, applied to every batch in the workers' collate, as `pipeline bench load
 One untimed warm-up epoch, then --epochs timed epochs; prints a Markdown table like the Rust one.
 With --imagenet-shaped: random 3x256x256 images and ImageNet's training view,
 RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize (`pipeline bench loader
---imagenet-shaped`).
+--imagenet-shaped`). With --imagefolder DIR as well: torchvision's own ImageNet pipeline on the
+files of an ImageFolder split (ImageFolder decoding each JPEG, then the same view), beside
+`pipeline bench loader --imagenet-shaped --pack` on that split prepared by a prepare stage.
 
     pip install torch torchvision numpy pillow
     python3 benches/torch_loader.py --cifar10 ../shared/data/cifar-10-batches-bin --workers 1,2
@@ -100,11 +102,15 @@ def main():
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--imagenet-shaped", action="store_true")
+    ap.add_argument("--imagefolder", help="with --imagenet-shaped: an ImageFolder split folder "
+                    "(<class>/<image files>) read by torchvision's ImageFolder instead of random images")
     args = ap.parse_args()
+    if args.imagefolder and not args.imagenet_shaped:
+        raise SystemExit("--imagefolder goes with --imagenet-shaped")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     if args.imagenet_shaped:
-        images, labels, what = random_images(args.images, 256)
+        images, labels, what = random_images(0 if args.imagefolder else args.images, 256)
         first = T.RandomResizedCrop(224)
         setups = [("random-resized-crop(224)+flip+normalise", default_collate)]
     else:
@@ -115,7 +121,13 @@ def main():
             ("crop+flip+normalise+CutMix (p = 1)", CutMixCollate()),
         ]
     transform = T.Compose([first, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    dataset = Cifar(images, labels, transform)
+    if args.imagefolder:
+        from torchvision.datasets import ImageFolder
+
+        dataset = ImageFolder(args.imagefolder, transform=transform)
+        what = f"{len(dataset)} image files of {args.imagefolder} (torchvision ImageFolder, PIL)"
+    else:
+        dataset = Cifar(images, labels, transform)
     print(
         f"torchvision loader benchmark: {what}, batch {args.batch}, torch {torch.__version__}, "
         f"{args.epochs} timed epoch(s) after a warm-up, {os.cpu_count()} cores\n"

@@ -3,7 +3,6 @@
 //! batches, whatever their models, schedules or initialisation seeds, which is what lets a
 //! replay store ([`crate::replay_store`]) computed once stand in for a teacher run on every step.
 
-use crate::artifacts::dataset::DatasetInfo;
 use datasets::augment::{Augment, Normalize};
 use datasets::mix::Mix;
 use datasets::view::View;
@@ -105,11 +104,16 @@ pub struct BatchStream {
 }
 
 impl BatchStream {
-    /// Refuses a view that the prepared dataset `data`'s images cannot give: a crop larger
-    /// than them, or the whole image of images that vary in size; named with stage `stage`.
-    pub fn check_view(&self, stage: &str, data: &DatasetInfo) -> crate::error::Result<()> {
-        let [_, h, w] = data.shape;
-        if data.varying && self.view.is_whole() {
+    /// Refuses a view that a prepared dataset's images (of `shape`; of `varying` sizes, at
+    /// least that) cannot give: a crop larger than them, or the whole image of images that
+    /// vary in size; named with stage `stage`.
+    pub fn check_view(
+        &self,
+        stage: &str,
+        [_, h, w]: [usize; 3],
+        varying: bool,
+    ) -> crate::error::Result<()> {
+        if varying && self.view.is_whole() {
             return Err(crate::error::StageError::config(format!(
                 "{stage}: the prepared dataset's images vary in size (`keep_aspect = true`), \
                  so a batch can only hold crops of them: set `crop_size` (e.g. 224 with \

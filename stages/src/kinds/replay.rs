@@ -223,7 +223,7 @@ pub fn run(ctx: &Context, p: &Params) -> Result<Vec<String>> {
         Vec::new(),
         teachers,
     );
-    stream.check_view(&ctx.name, &data.info)?;
+    stream.check_view(&ctx.name, data.info.shape, data.info.varying)?;
     let loader = stream.loader(&data.train, &data.info.normalize, ctx.threads, p.prefetch);
     let steps = loader.batches_per_epoch();
     let key = epoch_key(ctx)?;

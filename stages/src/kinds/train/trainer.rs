@@ -790,7 +790,7 @@ fn model_to_train(
 /// its images must be square.
 fn check_views(ctx: &Context, p: &Params, data: &Dataset) -> Result<()> {
     let stream = p.stream();
-    stream.check_view(&ctx.name, &data.info)?;
+    stream.check_view(&ctx.name, data.info.shape, data.info.varying)?;
     let [_, ph, pw] = data.info.shape;
     let (h, w) = stream.view.dims((ph, pw));
     if p.method.uses_rotations() && h != w {
