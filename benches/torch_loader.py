@@ -14,6 +14,7 @@ files of an ImageFolder split (ImageFolder decoding each JPEG, then the same vie
 
     pip install torch torchvision numpy pillow
     python3 benches/torch_loader.py --cifar10 ../shared/data/cifar-10-batches-bin --workers 1,2
+    python3 benches/torch_loader.py --imagenet-shaped --imagefolder /data/imagenet/train --batch 100
 """
 
 import argparse

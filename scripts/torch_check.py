@@ -29,6 +29,10 @@ def read_pack(path):
     """A packed split (datasets/src/packed.rs): labels and CHW uint8 pixels."""
     raw = np.fromfile(path, dtype=np.uint8)
     assert raw[:8].tobytes() == b"LDLPACK\0", f"{path}: not a packed store"
+    version, = struct.unpack_from("<I", raw, 8)
+    if version != 1:
+        raise SystemExit(f"{path}: packed format version {version} (images of varying sizes, "
+                         "keep_aspect); this script reads version 1")
     n, = struct.unpack_from("<Q", raw, 16)
     h, w, c, k = struct.unpack_from("<4I", raw, 24)
     names_len, = struct.unpack_from("<I", raw, 72)

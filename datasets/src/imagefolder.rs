@@ -2,7 +2,8 @@
 //! `ImageFolder` and the ImageNet and Tiny-ImageNet downloads use): images are decoded in
 //! parallel, converted to RGB, resized so the shorter side is `size` and centre-cropped to
 //! `size × size`, giving the bytes of torchvision's `Resize(size)` + `CenterCrop(size)` on the
-//! PIL images of its `ImageFolder`: JPEGs are decoded by libjpeg-turbo (what Pillow links), the
+//! PIL images of its `ImageFolder`; or, for `keep_aspect`, only resized, the aspect ratio kept
+//! ([`load_shorter_side`], torchvision's `Resize(size)`). JPEGs are decoded by libjpeg-turbo (what Pillow links), the
 //! resize is Pillow's (`view.rs`), checked in `tests/imagefolder_torchvision.rs`.
 //!
 //! Classes are the split's sub-folders in sorted order (their names become the class names);

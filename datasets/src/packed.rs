@@ -14,12 +14,15 @@
 //! | 72 | 4 | byte length L of the class-name block |
 //! | 76 | L | class names, UTF-8, one per line (`\n`-separated, K lines) |
 //! | aligned to 64 | 4·N | labels (`u32`) |
-//! | aligned to 64 | | pixels, image after image, each **CHW** (planar) |
+//! | aligned to 64 | N·C·H·W (v1), Σ C·hᵢ·wᵢ (v2) | pixels, image after image, each **CHW** (planar) |
 //! | aligned to 64 | 8·N | version 2 only: each image's height and width (`u32` each) |
 //!
 //! In version 1 every image is H×W (N·C·H·W pixel bytes). In version 2 (ImageFolder images
 //! packed with their aspect ratio kept) image i is hᵢ×wᵢ, given by the table that ends the file,
 //! and H×W is a bound every image reaches (hᵢ ≥ H, wᵢ ≥ W): a crop of that size fits them all.
+//! Version-2 images are not padded (image i starts at the sum of C·hⱼ·wⱼ over j < i from the
+//! pixels' start); zero bytes pad the pixels' end to 64, and the table is the file's last 8·N
+//! bytes, hashed as the rest.
 //!
 //! Pixels are stored CHW because the models take NCHW input: the loader's random crop then
 //! copies contiguous row segments of each plane straight into the batch, with no transpose in

@@ -9,7 +9,8 @@
 //! (tested against Pillow's own output in `tests/view_pillow.rs`), so a crop box gives the
 //! pixels a PyTorch pipeline would train on. Only the box is drawn differently: from our
 //! seeded generator, not torch's. The same resampler packs ImageFolder images
-//! ([`ViewScratch::resize_centre_square`], torchvision's `Resize` + `CenterCrop`).
+//! ([`ViewScratch::resize_centre_square`], torchvision's `Resize` + `CenterCrop`; kept whole,
+//! [`ViewScratch::resize_shorter_side`], `Resize` alone).
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// The part of each packed image the loader hands to the model.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub enum View {
-    /// The whole packed image.
+    /// The whole packed image (refused over images of varying sizes).
     #[default]
     Whole,
     /// The centre `side`×`side` square, at offsets `int(round((size - side) / 2))` (torchvision's

@@ -1,7 +1,8 @@
 //! `pipeline bench`: throughput benchmarks of the parts that decide training speed, printed as
 //! tables to set beside the PyTorch scripts in `benches/` (run on the same machine).
 //!
-//! `bench loader` measures the batch loader on CIFAR-shaped data: images per second delivered as
+//! `bench loader` measures the batch loader on CIFAR-shaped data, ImageNet-shaped data
+//! (`--imagenet-shaped`) or an existing packed split (`--pack`): images per second delivered as
 //! normalised `f32` NCHW batches, for crop + flip + normalise with and without CutMix, at each
 //! worker count asked for. The consumer does nothing but hand buffers back, so the figure is the
 //! loader's ceiling; `benches/torch_loader.py` does the same work with torchvision.
@@ -39,14 +40,15 @@ pub struct LoaderArgs {
     /// Epochs timed per configuration (after one untimed warm-up epoch).
     #[arg(long, default_value_t = 3)]
     pub epochs: u64,
-    /// ImageNet's training view instead: random 3×256×256 images (as packed at
+    /// ImageNet's training view instead: random 3×256×256 images (or `--pack`'s; as packed at
     /// `image_size = 256`), a random resized crop to 224 (Pillow's bilinear resampling), flip
     /// and normalisation; compare with `benches/torch_loader.py --imagenet-shaped`.
     #[arg(long, conflicts_with = "cifar10")]
     pub imagenet_shaped: bool,
     /// Time the loader over this packed split instead (a prepare stage's `train.pack`, e.g. an
     /// ImageFolder packed with or without `keep_aspect`); with `--imagenet-shaped`, its views
-    /// are random resized crops to 224.
+    /// are random resized crops to 224; without it, CIFAR's pad-4 crop + flip of whole images
+    /// (packs of one size only).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["cifar10", "images"])]
     pub pack: Option<PathBuf>,
 }

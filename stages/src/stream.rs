@@ -123,8 +123,9 @@ impl BatchStream {
         self.view.check((h, w)).map_err(|why| {
             let (side, _) = self.view.dims((h, w));
             crate::error::StageError::config(format!(
-                "{stage}: `crop_size = {side}` is larger than the prepared dataset's {h}×{w} \
-                 images: {why} (prepare it at `image_size` ≥ {side})"
+                "{stage}: `crop_size = {side}` is larger than the prepared dataset's {}: \
+                 {why} (prepare it at `image_size` ≥ {side})",
+                images_of(h, w, varying)
             ))
         })
     }
@@ -161,6 +162,16 @@ impl BatchStream {
                 rotations: self.rotations,
             },
         )
+    }
+}
+
+/// How a prepared dataset's images of `h`×`w` (with `varying`: at least that) are named in
+/// messages.
+pub fn images_of(h: usize, w: usize, varying: bool) -> String {
+    if varying {
+        format!("images (kept whole, each at least {h}×{w})")
+    } else {
+        format!("{h}×{w} images")
     }
 }
 

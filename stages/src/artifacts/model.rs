@@ -86,7 +86,8 @@ impl TrainedModel {
                 "the model sees whole images (it has no `crop_size`), but the dataset's images \
                  vary in size (`keep_aspect = true`): give it the side of the crops it was \
                  trained on (an import stage's `crop_size`, 224 for torchvision's ImageNet \
-                 models), or label and evaluate it on a dataset prepared without `keep_aspect`"
+                 models; a train stage must train with `crop_size`), or label and evaluate it \
+                 on a dataset prepared without `keep_aspect`"
                     .into(),
             );
         }
@@ -94,7 +95,8 @@ impl TrainedModel {
             let (side, _) = view.dims((h, w));
             format!(
                 "the model was trained on {side}×{side} crops (`crop_size`), larger than the \
-                 dataset's {h}×{w} images: prepare the dataset at `image_size` ≥ {side}"
+                 dataset's {}: prepare the dataset at `image_size` ≥ {side}",
+                crate::stream::images_of(h, w, data.varying)
             )
         })?;
         Ok(view)
