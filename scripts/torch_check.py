@@ -4,8 +4,8 @@
 Checks that the checkpoint format is what the README says: `model.safetensors` holds torchvision-
 named tensors (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.bias`, ...) that load into the
 equivalent PyTorch network (benches/torch_train.py's, CIFAR stem, projection shortcuts), and that
-the PyTorch network, given the same normalised test images, reaches the accuracy and NLL that the
-`evaluate` stage reported.
+the PyTorch network, given the same normalised test images (their centre squares for a model
+trained with `crop_size`), reaches the accuracy and NLL that the `evaluate` stage reported.
 
     pip install torch numpy safetensors
     python3 scripts/torch_check.py outputs/stages/student-vanilla outputs/stages/data outputs/stages/eval-vanilla
@@ -59,6 +59,13 @@ def main():
     print(f"loaded {len(state)} tensors by name into PyTorch {spec['arch']} (width {spec['width']})")
     info = json.load(open(os.path.join(data_dir, "dataset.json")))
     labels, pixels = read_pack(os.path.join(data_dir, info["test"]["file"]))
+    side = meta.get("crop_size")
+    if side:
+        # What `evaluate` shows a model trained on crops: torchvision's CenterCrop(side).
+        h, w = pixels.shape[2:]
+        top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+        pixels = pixels[:, :, top:top + side, left:left + side]
+        print(f"centre {side}x{side} crops of the {h}x{w} test images (the model's crop_size)")
     mean = torch.tensor(info["normalize"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(info["normalize"]["std"]).view(1, -1, 1, 1)
     net.eval()
