@@ -108,3 +108,69 @@ impl Dataset {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datasets::{PackedWriter, StoreInfo};
+
+    /// A dataset whose `dataset.json` describes its packs opens; one whose recorded shape or
+    /// `varying` flag was edited (so a crop checked against it could fall outside the images)
+    /// is refused, naming the pack and what it should hold.
+    #[test]
+    fn a_dataset_json_that_disagrees_with_its_packs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreInfo {
+            n: 2,
+            h: 4,
+            w: 4,
+            c: 3,
+            classes: vec!["a".into(), "b".into()],
+            varying: false,
+        };
+        let split = |name: &str| {
+            let file = format!("{name}.pack");
+            let hash =
+                PackedWriter::write(&dir.path().join(&file), &store, &[0, 1], &[7; 96]).unwrap();
+            SplitInfo {
+                file,
+                n: 2,
+                hash,
+                class_counts: vec![1, 1],
+            }
+        };
+        let info = DatasetInfo {
+            classes: store.classes.clone(),
+            shape: [3, 4, 4],
+            varying: false,
+            train: split("train"),
+            test: split("test"),
+            val: None,
+            normalize: Normalize {
+                mean: vec![0.5; 3],
+                std: vec![0.25; 3],
+            },
+        };
+        let open = |info: &DatasetInfo| {
+            engine::json::write(&dir.path().join("dataset.json"), info).unwrap();
+            Dataset::open(dir.path())
+        };
+        assert_eq!(open(&info).unwrap().train.len(), 2);
+        for edited in [
+            DatasetInfo {
+                shape: [3, 5, 5],
+                ..info.clone()
+            },
+            DatasetInfo {
+                varying: true,
+                ..info.clone()
+            },
+        ] {
+            let e = open(&edited).err().expect("refused").to_string();
+            assert!(
+                e.contains("train.pack") && e.contains("does not match dataset.json"),
+                "{e}"
+            );
+        }
+    }
+}
