@@ -73,6 +73,40 @@ fn logits(path: &Path) -> Vec<Vec<f32>> {
     rows
 }
 
+/// Asserts that the evaluations `got` and `want` (their `predictions.parquet`) hold `n` rows of
+/// the same logits, within 1e-5 relative.
+fn assert_same_logits(got: &Path, want: &Path, n: usize) {
+    let (got, want) = (
+        logits(&got.join("predictions.parquet")),
+        logits(&want.join("predictions.parquet")),
+    );
+    assert_eq!(got.len(), n);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (a, b) in g.iter().zip(w) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "image {i}: {g:?} vs {w:?}"
+            );
+        }
+    }
+}
+
+/// A `w`×`h` test image of class `class`: every channel a different modular pattern, shifted by
+/// `seed`.
+fn pattern(w: u32, h: u32, seed: u32, class: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let v = |c: u32| ((x * 37 + y * 91 + c * 53 + seed * 29 + class * 80) % 256) as u8;
+        image::Rgb([v(0), v(1), v(2)])
+    })
+}
+
+/// Writes `img` to `dir/root/rel`, making its folders.
+fn save_png(dir: &Path, root: &str, rel: &str, img: &image::RgbImage) {
+    let p = dir.join(root).join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    img.save(&p).unwrap();
+}
+
 /// The imported teacher's `model.json` under the output root `out`.
 fn teacher_json(out: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("teacher/model.json")).unwrap()).unwrap()
@@ -696,20 +730,12 @@ needs = ["eval", "eval-b"]
 /// refused with the stage and the sizes named.
 #[test]
 fn a_model_trained_on_crops_is_evaluated_on_their_centre_squares() {
-    use image::{Rgb, RgbImage};
     let dir = scratch();
-    let save = |root: &str, rel: &str, img: &RgbImage| {
-        let p = dir.path().join(root).join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        img.save(&p).unwrap();
-    };
+    let save = |root: &str, rel: &str, img: &image::RgbImage| save_png(dir.path(), root, rel, img);
     for (split, n) in [("train", 18u32), ("val", 6)] {
         for i in 0..n {
             let (class, seed) = (i % 3, i * 7 + u32::from(split == "val") * 101);
-            let img = RgbImage::from_fn(16, 16, |x, y| {
-                let v = |c: u32| ((x * 37 + y * 91 + c * 53 + seed * 29 + class * 80) % 256) as u8;
-                Rgb([v(0), v(1), v(2)])
-            });
+            let img = pattern(16, 16, seed, class);
             let rel = format!("{split}/c{class}/{i}.png");
             save("images", &rel, &img);
             // torchvision's CenterCrop(12) of 16: offset round(2.0) = 2.
@@ -803,19 +829,7 @@ batch_size = 4
     );
     let o = pipeline(dir.path(), &["run", "b.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (got, want) = (
-        logits(&out.join("eval/predictions.parquet")),
-        logits(&dir.path().join("out2/eval/predictions.parquet")),
-    );
-    assert_eq!(got.len(), 6);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        for (a, b) in g.iter().zip(w) {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                "image {i}: {g:?} vs {w:?}"
-            );
-        }
-    }
+    assert_same_logits(&out.join("eval"), &dir.path().join("out2/eval"), 6);
 
     let bigger = std::fs::read_to_string(dir.path().join("a.toml"))
         .unwrap()
@@ -840,13 +854,8 @@ batch_size = 4
 /// `keep_aspect`.
 #[test]
 fn images_kept_whole_train_on_crops_and_evaluate_on_each_ones_centre() {
-    use image::{Rgb, RgbImage};
     let dir = scratch();
-    let save = |root: &str, rel: &str, img: &RgbImage| {
-        let p = dir.path().join(root).join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        img.save(&p).unwrap();
-    };
+    let save = |root: &str, rel: &str, img: &image::RgbImage| save_png(dir.path(), root, rel, img);
     // (width, height) and the CenterCrop(12) offsets (left, top) of each:
     // round(6) = 6, round(2) = 2; round(2) = 2, round(4) = 4; round(2.5) = 2, round(2) = 2;
     // round(2) = 2, round(3.5) = 4.
@@ -861,10 +870,7 @@ fn images_kept_whole_train_on_crops_and_evaluate_on_each_ones_centre() {
         for i in 0..n {
             let (class, seed) = (i % 2, i * 7 + u32::from(split == "val") * 101);
             let ((w, h), (left, top)) = shapes[i as usize % 4];
-            let img = RgbImage::from_fn(w, h, |x, y| {
-                let v = |c: u32| ((x * 37 + y * 91 + c * 53 + seed * 29 + class * 80) % 256) as u8;
-                Rgb([v(0), v(1), v(2)])
-            });
+            let img = pattern(w, h, seed, class);
             let rel = format!("{split}/c{class}/{i}.png");
             save("images", &rel, &img);
             let crop = image::imageops::crop_imm(&img, left, top, 12, 12).to_image();
@@ -954,19 +960,7 @@ batch_size = 6"#;
     );
     let o = pipeline(dir.path(), &["run", "b.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (got, want) = (
-        logits(&out.join("eval/predictions.parquet")),
-        logits(&dir.path().join("out2/eval/predictions.parquet")),
-    );
-    assert_eq!(got.len(), 8);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        for (a, b) in g.iter().zip(w) {
-            assert!(
-                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                "image {i}: {g:?} vs {w:?}"
-            );
-        }
-    }
+    assert_same_logits(&out.join("eval"), &dir.path().join("out2/eval"), 8);
 
     let whole = trained.replace("augment = \"random-resized-crop\"\ncrop_size = 12\n", "");
     write(

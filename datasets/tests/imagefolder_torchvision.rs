@@ -18,6 +18,15 @@ fn fixture() -> Value {
         .unwrap()
 }
 
+/// A fixture's array of byte values.
+fn bytes(v: &Value) -> Vec<u8> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect()
+}
+
 #[test]
 fn packed_images_are_torchvisions_bytes() {
     let dir = DIR;
@@ -28,12 +37,7 @@ fn packed_images_are_torchvisions_bytes() {
     for case in cases {
         let file = case["file"].as_str().unwrap();
         let size = case["size"].as_u64().unwrap() as usize;
-        let want: Vec<u8> = case["chw"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u8)
-            .collect();
+        let want = bytes(&case["chw"]);
         let mut got = vec![0u8; 3 * size * size];
         load(
             format!("{dir}/{file}").as_ref(),
@@ -75,12 +79,7 @@ fn images_kept_whole_are_torchvisions_resize() {
             hw[0].as_u64().unwrap() as usize,
             hw[1].as_u64().unwrap() as usize,
         );
-        let want: Vec<u8> = case["chw"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u8)
-            .collect();
+        let want = bytes(&case["chw"]);
         let (got, dims) =
             load_shorter_side(format!("{DIR}/{file}").as_ref(), size, &mut scratch).unwrap();
         assert_eq!(dims, want_dims, "{file} at {size}");

@@ -124,35 +124,25 @@ fn pack(path: &Path, rows: usize) -> Result<()> {
     let info = store.info();
     let size = std::fs::metadata(path)?.len();
     outln!("{} — packed split, {} bytes", path.display(), size);
-    if info.varying && info.n > 0 {
+    let shape = if info.varying && info.n > 0 {
         let (mut hs, mut ws) = ((usize::MAX, 0), (usize::MAX, 0));
         for i in 0..info.n {
             let (h, w) = store.dims(i);
             hs = (hs.0.min(h), hs.1.max(h));
             ws = (ws.0.min(w), ws.1.max(w));
         }
-        outln!(
-            "  images {}  of varying sizes, C = {}, H {}..={}, W {}..={} (each at least {}×{})  classes K = {}",
-            info.n,
-            info.c,
-            hs.0,
-            hs.1,
-            ws.0,
-            ws.1,
-            info.h,
-            info.w,
-            info.classes.len()
-        );
+        format!(
+            "of varying sizes, C = {}, H {}..={}, W {}..={} (each at least {}×{})",
+            info.c, hs.0, hs.1, ws.0, ws.1, info.h, info.w
+        )
     } else {
-        outln!(
-            "  images {}  shape C×H×W {}×{}×{}  classes K = {}",
-            info.n,
-            info.c,
-            info.h,
-            info.w,
-            info.classes.len()
-        );
-    }
+        format!("shape C×H×W {}×{}×{}", info.c, info.h, info.w)
+    };
+    outln!(
+        "  images {}  {shape}  classes K = {}",
+        info.n,
+        info.classes.len()
+    );
     store.verify()?;
     outln!("  content hash (fingerprint) {} (verified)", store.hash());
     let mut counts = vec![0usize; info.k()];
