@@ -326,3 +326,58 @@ fn a_stop_while_evaluations_run_leaves_the_rest_for_the_next_run_with_status_75(
     assert!(rest.status.success(), "{}", stderr(&rest));
     assert!(out.join("eval.seed=2/metrics.json").exists());
 }
+
+/// A `--jobs` run judges a forced stage from its own start, not its child's: a stage another
+/// process re-ran while the run waited for an upstream stage is not run again (each child used
+/// to judge from the moment it was started, after that re-run).
+#[test]
+fn a_forced_stage_re_run_elsewhere_meanwhile_is_not_run_again_by_a_jobs_run() {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = scratch();
+    write(
+        dir.path(),
+        "f.toml",
+        "[run]\noutput = \"out\"\n\n\
+         [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+         [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n",
+    );
+    let o = pipeline(dir.path(), &["run", "f.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    // Holding `data`'s claim here keeps the `--jobs` run's child for `data` waiting.
+    let claim = std::fs::File::open(out.join(".locks/data.lock")).unwrap();
+    flock(&claim, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let parent_log = dir.path().join("parent.log");
+    let parent = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args([
+            "run", "f.toml", "--jobs", "2", "--force", "data", "--force", "model",
+        ])
+        .current_dir(dir.path())
+        .env("RAYON_NUM_THREADS", "2")
+        .stderr(std::fs::File::create(&parent_log).unwrap())
+        .spawn()
+        .unwrap();
+    let child_log = out.join(".logs/data.log");
+    let waiting = (0..1200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::read_to_string(&child_log)
+            .is_ok_and(|l| l.contains("data: being run by another process"))
+    });
+    assert!(waiting, "{}", std::fs::read_to_string(&parent_log).unwrap());
+    // Another process forces `model` meanwhile.
+    let o = pipeline(
+        dir.path(),
+        &["run", "f.toml", "--only", "model", "--force", "model"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ran(&o), ["model"]);
+    let second = record(&out, "model")["run"].clone();
+    drop(claim);
+    let o = parent.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(&parent_log).unwrap();
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("data: started (slot"), "{log}");
+    assert!(!log.contains("model: started (slot"), "{log}");
+    assert!(log.contains("model (train): up to date, skipped"), "{log}");
+    assert_eq!(record(&out, "model")["run"], second);
+}

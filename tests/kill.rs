@@ -7,8 +7,8 @@
 //! completes. After every kill it checks that every final stage folder is complete (no partial
 //! file at a final path) and that the next run resumes each training from its newest complete
 //! checkpoint (so the work redone is at most one checkpoint interval); at the end, that every
-//! artifact is bitwise equal to an uninterrupted run's (but `stage.json`'s timestamps and the
-//! timing columns of `train_log.csv`). A lock left by a killed run must never block the rerun.
+//! artifact is bitwise equal to an uninterrupted run's (but `stage.json`'s timestamps and run
+//! ids, and the timing columns of `train_log.csv`). A lock left by a killed run must never block the rerun.
 //!
 //! Each pass runs into a fresh output root; passes repeat until the wanted number of kills. CI
 //! runs at least 10 kills. The long mode is run by hand:
@@ -264,7 +264,7 @@ fn without_timing(bytes: &[u8]) -> String {
 }
 
 /// Asserts that every artifact under `out` is bitwise equal to the one under `reference` (but
-/// `stage.json`'s timestamps and the timing columns of `train_log.csv`).
+/// `stage.json`'s timestamps and run ids, and the timing columns of `train_log.csv`).
 fn same_outputs(out: &Path, reference: &Path) {
     let (a, b) = (files(out), files(reference));
     assert_eq!(a, b, "the outputs differ in their files");

@@ -230,8 +230,14 @@ fn an_old_folder_left_by_a_stopped_replacement_is_not_moved_back() {
         .as_str()
         .unwrap()
         .to_string();
-    // The state the kill leaves: the old folder at the partial path, complete.
+    // The state the kill leaves: the old folder at the partial path, complete; written by a
+    // host whose clock ran an hour ahead, so its record ends after the new one's.
     copy(&dir.path().join("old"), &out.join(".data.partial"));
+    let partial_record = out.join(".data.partial/stage.json");
+    let mut old: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&partial_record).unwrap()).unwrap();
+    shift_times(&mut old, &["finished"], 3600);
+    std::fs::write(&partial_record, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
     let o = pipeline(dir.path(), &["run", "f.toml", "--force", "data"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
@@ -251,6 +257,142 @@ fn an_old_folder_left_by_a_stopped_replacement_is_not_moved_back() {
         "{started} is not after {replaced}: the old folder came back"
     );
     assert!(!out.join(".data.partial").exists());
+}
+
+/// Starts `pipeline ARGS` in `dir` and returns once a line of its log contains `marker`, with
+/// a thread that collects its whole log.
+fn spawn_until(
+    dir: &Path,
+    args: &[&str],
+    marker: &'static str,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "2")
+        .env("LDL_CACHE", dir.join(".ldl-cache"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (seen, saw) = std::sync::mpsc::channel();
+    let reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let log = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in reader.lines().map_while(Result::ok) {
+            if line.contains(marker) {
+                let _ = seen.send(());
+            }
+            log += &line;
+            log.push('\n');
+        }
+        log
+    });
+    if let Err(e) = saw.recv_timeout(std::time::Duration::from_secs(120)) {
+        let _ = child.kill();
+        panic!("no `{marker}` ({e}):\n{}", log.join().unwrap());
+    }
+    (child, log)
+}
+
+/// The exit and log of a child of [`spawn_until`], as [`ran`] and [`skipped`] read them.
+fn finish(
+    mut child: std::process::Child,
+    log: std::thread::JoinHandle<String>,
+) -> std::process::Output {
+    let status = child.wait().unwrap();
+    std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr: log.join().unwrap().into_bytes(),
+    }
+}
+
+/// Moves record times `keys` of `record` by `secs` seconds (negative: earlier), as a host whose
+/// clock is off by that much would have written them.
+fn shift_times(record: &mut serde_json::Value, keys: &[&str], secs: i64) {
+    for key in keys {
+        let t = humantime::parse_rfc3339_weak(record[*key].as_str().unwrap()).unwrap();
+        let d = std::time::Duration::from_secs(secs.unsigned_abs());
+        let t = if secs < 0 { t - d } else { t + d };
+        record[*key] = humantime::format_rfc3339_millis(t).to_string().into();
+    }
+}
+
+const DATA_AND_MODEL: &str = "[run]\noutput = \"out\"\n\n\
+    [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+    [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n";
+
+/// Two processes forcing one stage run it once, whatever their hosts' clocks say: a run that
+/// forces `data` and `model` and waits for `data` while another process, on a host whose clock
+/// is an hour behind, forces `model`, takes that run as the re-run it asked for (a run claimed
+/// after it started), not as one older than itself.
+#[test]
+fn a_stage_forced_by_two_processes_runs_once_whatever_their_clocks() {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = scratch();
+    write(dir.path(), "f.toml", DATA_AND_MODEL);
+    let o = pipeline(dir.path(), &["run", "f.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    // Holding `data`'s claim here keeps the first process waiting before it reaches `model`.
+    let claim = std::fs::File::open(out.join(".locks/data.lock")).unwrap();
+    flock(&claim, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let (first, log) = spawn_until(
+        dir.path(),
+        &["run", "f.toml", "--force", "data", "--force", "model"],
+        "data: being run by another process",
+    );
+    let o = pipeline(
+        dir.path(),
+        &["run", "f.toml", "--only", "model", "--force", "model"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ran(&o), ["model"]);
+    let mut second = record(&out, "model");
+    shift_times(&mut second, &["started", "finished"], -3600);
+    let json = serde_json::to_vec_pretty(&second).unwrap();
+    std::fs::write(out.join("model/stage.json"), json).unwrap();
+    let weights = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    drop(claim);
+    let first = finish(first, log);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(ran(&first), ["data"], "{}", stderr(&first));
+    assert_eq!(skipped(&first), ["model"], "{}", stderr(&first));
+    assert_eq!(record(&out, "model")["run"], second["run"]);
+    let now = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    assert!(now == weights, "model was trained again");
+}
+
+/// A run that was under way when `--force` was asked for started before it: its completion is
+/// not the re-run asked for, and the forcing process runs the stage once the claim is free.
+#[test]
+fn a_forced_stage_whose_run_was_under_way_is_run_again() {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = scratch();
+    write(dir.path(), "f.toml", DATA_AND_MODEL);
+    let o = pipeline(dir.path(), &["run", "f.toml", "--only", "data"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let claim = std::fs::File::open(out.join(".locks/data.lock")).unwrap();
+    flock(&claim, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let (forcing, log) = spawn_until(
+        dir.path(),
+        &["run", "f.toml", "--only", "data", "--force", "data"],
+        "data: being run by another process",
+    );
+    // The run under way (the claim's holder) completes: its record replaces the one there.
+    let mut done = record(&out, "data");
+    done["replaces"] = done["run"].clone();
+    done["run"] = "0123456789abcdef0123456789abcdef".into();
+    shift_times(&mut done, &["started", "finished"], 1);
+    let json = serde_json::to_vec_pretty(&done).unwrap();
+    std::fs::write(out.join("data/stage.json"), json).unwrap();
+    drop(claim);
+    let forcing = finish(forcing, log);
+    assert!(forcing.status.success(), "{}", stderr(&forcing));
+    assert_eq!(ran(&forcing), ["data"], "{}", stderr(&forcing));
+    assert_eq!(record(&out, "data")["replaces"], done["run"]);
 }
 
 /// A finished stage reaches its final folder whatever stops the run on the way: on a file

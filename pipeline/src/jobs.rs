@@ -18,7 +18,9 @@
 //! and receive SIGTERM if this process dies.
 
 use crate::config::Config;
-use crate::runner::{fingerprints, state_of, RunOptions, RunSummary, StageState};
+use crate::runner::{
+    fingerprints, seen_at_start, state_of, RunOptions, RunSummary, Seen, StageState, FORCE_SEEN_ENV,
+};
 use anyhow::{bail, Context as _, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -102,6 +104,7 @@ pub fn run(
         .with_context(|| format!("cannot create {}", root.join(".logs").display()))?;
     crate::claim::check_root(root);
     let fps = fingerprints(config);
+    let seen = seen_at_start(config, opts);
     let slots = slots(jobs);
     let mut free: Vec<usize> = (0..slots.len()).rev().collect();
     let todo: Vec<usize> = config
@@ -141,8 +144,8 @@ pub fn run(
                     Some(true) => {}
                 }
                 let s = &config.stages[i];
-                let forced = opts.force.contains(&s.name);
-                if state_of(config, &fps, i) == StageState::UpToDate && !forced {
+                let forced = seen[i].as_ref().filter(|v| v.still_forced(config, &s.name));
+                if state_of(config, &fps, i) == StageState::UpToDate && forced.is_none() {
                     tracing::info!("{} ({}): up to date, skipped", s.name, s.params.kind());
                     out.run.skipped.push(s.name.clone());
                     settled[i] = true;
@@ -310,7 +313,7 @@ fn spawn(
     i: usize,
     slot: usize,
     device: Option<usize>,
-    forced: bool,
+    forced: Option<&Seen>,
     progress: &Option<indicatif::MultiProgress>,
     lines: &mpsc::Sender<(usize, String)>,
 ) -> Result<Running> {
@@ -330,12 +333,17 @@ fn spawn(
         .env(CHILD_ENV, std::process::id().to_string())
         // Only this process requeues its Slurm job, once, after its children stopped.
         .env_remove(crate::slurm::REQUEUE_ENV)
+        .env_remove(FORCE_SEEN_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);
-    if forced {
-        cmd.args(["--force", &s.name]);
+    if let Some(seen) = forced {
+        // The child judges whether another process re-ran the stage from this process's start.
+        cmd.args(["--force", &s.name]).env(
+            FORCE_SEEN_ENV,
+            serde_json::json!({ s.name.as_str(): seen }).to_string(),
+        );
     }
     if let Some(digests) = config.source_digests() {
         cmd.env(crate::config::SOURCE_DIGESTS_ENV, digests);

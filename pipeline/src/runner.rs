@@ -59,6 +59,16 @@ pub struct StageRecord {
     pub device: String,
     /// Output files.
     pub outputs: Vec<OutputFile>,
+    /// An identifier of the run that wrote this record (128 random bits, hex). `--force` and
+    /// a replacement stopped half-way tell runs apart by it rather than by their times, which
+    /// hosts sharing an output root write from clocks that may disagree. Empty in records
+    /// written before it was recorded.
+    #[serde(default)]
+    pub run: String,
+    /// The `run` of the record this run's folder replaced (empty when there was none, or it
+    /// had no `run`).
+    #[serde(default)]
+    pub replaces: String,
 }
 
 impl StageRecord {
@@ -394,11 +404,100 @@ fn refresh_record(config: &Config, fps: &[String], i: usize) {
     }
 }
 
-/// The time now in RFC 3339 with milliseconds (records' `started` and `finished`): `--force`
-/// tells a stage re-run by another process since this invocation started from one run just
-/// before it, which seconds could not within the same second.
+/// The time now in RFC 3339 with milliseconds (records' `started` and `finished`, for people and
+/// for records without a `run`).
 fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A new run's identifier: 128 random bits (a generator seeded by the operating system), as
+/// hex. Not a seed: nothing a stage computes depends on it.
+fn new_run_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Whether the folder of record `old` is the one that the run of record `new` replaced: said by
+/// the runs' identifiers (`new.replaces`, or `old.replaces` naming `new`) where they are known;
+/// otherwise (records written before runs had identifiers, or a folder whose record could not
+/// be read when `new` was written) by their end times.
+fn replaced_by(old: &StageRecord, new: &StageRecord) -> bool {
+    if !old.run.is_empty() && !new.replaces.is_empty() {
+        return new.replaces == old.run;
+    }
+    if !new.run.is_empty() && old.replaces == new.run {
+        return false;
+    }
+    earlier(&old.finished, &new.finished)
+}
+
+/// The environment variable in which `run --jobs` hands a child the [`Seen`] of the stage it
+/// forces, as JSON (`{"stage": Seen}`), so that the child judges a re-run from the parent's
+/// start, not its own.
+pub const FORCE_SEEN_ENV: &str = "LDL_FORCE_SEEN";
+
+/// A `--force`d stage's folder as an invocation found it when it started, to tell later whether
+/// another process has re-run the stage since (then it is not run again) without comparing
+/// times written by hosts whose clocks may disagree.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Seen {
+    /// The record's start and end times as written; `None` when there was no readable record.
+    record: Option<(String, String)>,
+    /// Its `run` identifier (empty without one).
+    run: String,
+    /// Whether another process held the stage's claim: its run, under way, started before this
+    /// invocation and does not count as the re-run asked for.
+    busy: bool,
+}
+
+impl Seen {
+    /// Looks at stage `name` now: at its claim first, then its record, so that a run claimed
+    /// after the look can only complete a record the look did not see.
+    pub fn take(config: &Config, name: &str) -> Seen {
+        let busy = StageClaim::held(&config.run.output, name).is_some();
+        let record = read_record(&stage_dir(config, name));
+        Seen {
+            record: record
+                .as_ref()
+                .map(|r| (r.started.clone(), r.finished.clone())),
+            run: record.map(|r| r.run).unwrap_or_default(),
+            busy,
+        }
+    }
+
+    /// Whether stage `name` is still to be forced: its record is the one seen (or none is
+    /// readable), or it may be that of the run under way when seen (it replaced the record
+    /// seen). A record written by a run claimed after the look is the re-run asked for.
+    pub fn still_forced(&self, config: &Config, name: &str) -> bool {
+        let Some(now) = read_record(&stage_dir(config, name)) else {
+            return true;
+        };
+        let same = self.record.as_ref().is_some_and(|(started, finished)| {
+            *started == now.started && *finished == now.finished
+        });
+        same || (self.busy && now.replaces == self.run)
+    }
+}
+
+/// The [`Seen`] of each stage of `opts.force` (`None` for the others): handed down by a `--jobs`
+/// parent, else taken now.
+pub fn seen_at_start(config: &Config, opts: &RunOptions) -> Vec<Option<Seen>> {
+    let handed: BTreeMap<String, Seen> = std::env::var(FORCE_SEEN_ENV)
+        .ok()
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default();
+    config
+        .stages
+        .iter()
+        .map(|s| {
+            let forced = opts.force.contains(&s.name);
+            forced.then(|| {
+                handed
+                    .get(&s.name)
+                    .cloned()
+                    .unwrap_or_else(|| Seen::take(config, &s.name))
+            })
+        })
+        .collect()
 }
 
 /// Whether RFC 3339 time `a` is before `b`, compared as times (records written before
@@ -453,7 +552,7 @@ pub fn run(
         progress,
         fps: fingerprints(config),
         settings: settings(config),
-        started: now(),
+        seen: seen_at_start(config, opts),
         summary: RunSummary::default(),
         changed: vec![false; config.stages.len()],
     };
@@ -506,23 +605,23 @@ struct Runner<'a> {
     fps: Vec<String>,
     /// Every stage's run settings, handed to its downstream stages with its folder.
     settings: Vec<Settings>,
-    /// When this invocation started (RFC 3339): a stage another process completed after it
-    /// counts as forced.
-    started: String,
+    /// Each forced stage's folder as this invocation found it when it started (`None` for the
+    /// stages not forced).
+    seen: Vec<Option<Seen>>,
     summary: RunSummary,
     /// Stages run by this invocation.
     changed: Vec<bool>,
 }
 
 impl Runner<'_> {
-    /// Whether stage `i` is up to date, and if forced, whether another process re-ran it since
-    /// this invocation started.
+    /// Whether stage `i` is up to date, and whether it is still to be forced: forced and not
+    /// re-run by another process since this invocation started ([`Seen`]).
     fn current(&self, i: usize) -> (StageState, bool) {
         let s = &self.config.stages[i];
         let state = state_of(self.config, &self.fps, i);
-        let forced = self.opts.force.contains(&s.name)
-            && read_record(&stage_dir(self.config, &s.name))
-                .is_none_or(|r| earlier(&r.started, &self.started));
+        let forced = self.seen[i]
+            .as_ref()
+            .is_some_and(|seen| seen.still_forced(self.config, &s.name));
         (state, forced)
     }
 
@@ -620,7 +719,7 @@ fn run_stage(
         // the partial path) and was killed before removing: older than the final one, it is
         // discarded, not moved back over the newer outputs.
         let swapped_out = read_record(&final_dir)
-            .is_some_and(|f| f.completes(&fps[i]) && earlier(&record.finished, &f.finished));
+            .is_some_and(|f| f.completes(&fps[i]) && replaced_by(&record, &f));
         if !swapped_out {
             tracing::info!(
                 "{}: finished by an earlier run that stopped before moving it into place; moving it now",
@@ -693,7 +792,8 @@ fn run_stage(
             return Err(anyhow!(e));
         }
     };
-    let record = finished_record(config, fps, i, &inputs, started, &partial, &outputs)?;
+    let mut record = finished_record(config, fps, i, &inputs, started, &partial, &outputs)?;
+    record.replaces = read_record(&final_dir).map(|r| r.run).unwrap_or_default();
     // From here on the partial folder is complete: a run stopped before it is in place finds
     // the record and only moves it (so a kill here never costs a training).
     write_record(&partial, &record)?;
@@ -737,6 +837,8 @@ fn finished_record(
         format_version: FORMAT_VERSION,
         device: config.run.device.to_string(),
         outputs: files,
+        run: new_run_id(),
+        replaces: String::new(),
     })
 }
 
@@ -842,7 +944,7 @@ mod tests {
         // A record of whole seconds (before milliseconds were recorded) against now.
         assert!(earlier("2026-12-06T03:28:26Z", "2026-12-06T03:28:26.500Z"));
         assert!(!earlier("2026-12-06T03:28:26.500Z", "2026-12-06T03:28:26Z"));
-        // Within one second, as a run and a `--force` right after it.
+        // Within one second.
         assert!(earlier(
             "2026-12-06T03:28:26.400Z",
             "2026-12-06T03:28:26.401Z"
@@ -856,5 +958,75 @@ mod tests {
             t.len() == 24 && t.ends_with('Z') && t.as_bytes()[19] == b'.',
             "{t}"
         );
+    }
+
+    fn record(run: &str, replaces: &str, finished: &str) -> StageRecord {
+        StageRecord {
+            name: "s".into(),
+            kind: "prepare".into(),
+            params: serde_json::json!({}),
+            fingerprint: "f".into(),
+            inputs: BTreeMap::new(),
+            started: "2026-12-06T03:00:00.000Z".into(),
+            finished: finished.into(),
+            status: "complete".into(),
+            program_version: "0".into(),
+            format_version: 1,
+            device: "cpu".into(),
+            outputs: Vec::new(),
+            run: run.into(),
+            replaces: replaces.into(),
+        }
+    }
+
+    #[test]
+    fn a_replaced_folder_is_told_by_run_ids_not_clocks() {
+        // The old run's host clock ran an hour ahead of the new one's: its record ends later.
+        let old = record("a1", "", "2026-12-06T04:00:00.000Z");
+        let new = record("b2", "a1", "2026-12-06T03:10:00.000Z");
+        assert!(replaced_by(&old, &new));
+        assert!(!replaced_by(&new, &old));
+        // A folder the new one did not replace (the record names another run).
+        assert!(!replaced_by(
+            &record("c3", "", "2026-12-06T02:00:00.000Z"),
+            &new
+        ));
+        // Records written before runs had identifiers: their end times decide.
+        let (old, new) = (
+            record("", "", "2026-12-06T03:00:00.000Z"),
+            record("", "", "2026-12-06T03:00:00.001Z"),
+        );
+        assert!(replaced_by(&old, &new) && !replaced_by(&new, &old));
+        assert!(replaced_by(
+            &old,
+            &record("b2", "", "2026-12-06T03:10:00.000Z")
+        ));
+        // A finished folder not yet moved names the one it is to replace: it is the newer,
+        // whatever the clocks say.
+        let (waiting, in_place) = (
+            record("d4", "a1", "2026-12-06T02:00:00.000Z"),
+            record("a1", "", "2026-12-06T04:00:00.000Z"),
+        );
+        assert!(!replaced_by(&waiting, &in_place));
+        // Without either naming the other (a `replaces` that could not be read), times decide.
+        assert!(replaced_by(
+            &record("e5", "", "2026-12-06T02:00:00.000Z"),
+            &in_place
+        ));
+    }
+
+    #[test]
+    fn run_ids_are_random_hex_and_records_without_them_still_read() {
+        let (a, b) = (new_run_id(), new_run_id());
+        assert!(
+            a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()) && a != b,
+            "{a} {b}"
+        );
+        let mut json =
+            serde_json::to_value(record("a1", "z9", "2026-12-06T04:00:00.000Z")).unwrap();
+        json.as_object_mut().unwrap().remove("run");
+        json.as_object_mut().unwrap().remove("replaces");
+        let old: StageRecord = serde_json::from_value(json).unwrap();
+        assert!(old.run.is_empty() && old.replaces.is_empty());
     }
 }
