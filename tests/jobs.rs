@@ -381,3 +381,66 @@ fn a_forced_stage_re_run_elsewhere_meanwhile_is_not_run_again_by_a_jobs_run() {
     assert!(log.contains("model (train): up to date, skipped"), "{log}");
     assert_eq!(record(&out, "model")["run"], second);
 }
+
+/// A child that finds its stage completed by another process while it waited runs nothing and
+/// says so (exit status 3): the parent counts the stage as done elsewhere, not as run, and leaves
+/// the `stage.log` of the process that ran it in the stage's folder.
+#[test]
+fn a_stage_completed_elsewhere_while_its_child_waited_is_not_counted_as_run() {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = scratch();
+    write(
+        dir.path(),
+        "f.toml",
+        "[run]\noutput = \"out\"\n\n\
+         [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n",
+    );
+    // The folder the other process completes: the same stage, run into another output root.
+    let o = pipeline(
+        dir.path(),
+        &["run", "f.toml", "--jobs", "2", "--output", "other"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let theirs = std::fs::read(dir.path().join("other/data/stage.log")).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(out.join(".locks")).unwrap();
+    let claim = std::fs::File::create(out.join(".locks/data.lock")).unwrap();
+    flock(&claim, FlockOperation::NonBlockingLockExclusive).unwrap();
+    let parent_log = dir.path().join("parent.log");
+    let parent = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "f.toml", "--jobs", "2"])
+        .current_dir(dir.path())
+        .env("RAYON_NUM_THREADS", "2")
+        .stderr(std::fs::File::create(&parent_log).unwrap())
+        .spawn()
+        .unwrap();
+    let child_log = out.join(".logs/data.log");
+    let waiting = (0..1200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::read_to_string(&child_log)
+            .is_ok_and(|l| l.contains("data: being run by another process"))
+    });
+    assert!(waiting, "{}", std::fs::read_to_string(&parent_log).unwrap());
+    // The claim's holder completes the stage: its folder appears in one rename.
+    let done = out.join(".done");
+    std::fs::create_dir_all(&done).unwrap();
+    for e in std::fs::read_dir(dir.path().join("other/data")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), done.join(e.file_name())).unwrap();
+    }
+    std::fs::rename(&done, out.join("data")).unwrap();
+    drop(claim);
+    let o = parent.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(&parent_log).unwrap();
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("data: completed by another process; its child ran nothing"),
+        "{log}"
+    );
+    assert!(!log.contains("data: done in"), "{log}");
+    assert!(
+        log.contains("0 stage(s) run, 0 up to date, 1 completed by other processes"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read(out.join("data/stage.log")).unwrap(), theirs);
+}

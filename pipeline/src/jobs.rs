@@ -32,6 +32,11 @@ use std::time::{Duration, Instant};
 /// Exit status of a child stopped on request (see `main.rs`).
 pub const EXIT_INTERRUPTED: i32 = 75;
 
+/// Exit status of a child that found its stage completed by another process (or, forced, re-run
+/// by one since the parent started) and ran nothing: the parent counts it as done elsewhere and
+/// leaves the stage's own `stage.log` alone. Only children exit with it (a plain `run` exits 0).
+pub const EXIT_DONE_ELSEWHERE: i32 = 3;
+
 /// How `--jobs` runs its children.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -271,6 +276,11 @@ fn settle(
                 let _ = std::fs::rename(&r.log, &final_log);
             }
             out.run.ran.push(name.clone());
+            settled[r.stage] = true;
+        }
+        Some(EXIT_DONE_ELSEWHERE) => {
+            tracing::info!("{name}: completed by another process; its child ran nothing");
+            out.run.elsewhere.push(name.clone());
             settled[r.stage] = true;
         }
         Some(EXIT_INTERRUPTED) => {

@@ -507,10 +507,7 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
             };
             run_children(&config, &opts, &job_opts, progress.clone())?
         } else {
-            (
-                runner::run(&config, &opts, progress.clone())?,
-                ExitCode::SUCCESS,
-            )
+            run_here(&config, &opts, progress.clone())?
         };
         if args.dry_run {
             println!("{}", dry_run_summary(&config, &summary.ran));
@@ -530,6 +527,23 @@ fn run(args: &RunArgs, progress: Option<MultiProgress>) -> ExitCode {
         Ok(code) => code,
         Err(e) => report_error(&e, &progress),
     }
+}
+
+/// `pipeline run` in this process. A child of `--jobs` that ran nothing (another process
+/// completed its stage) says so to its parent with [`pipeline::jobs::EXIT_DONE_ELSEWHERE`].
+fn run_here(
+    config: &pipeline::config::Config,
+    opts: &runner::RunOptions,
+    progress: Option<MultiProgress>,
+) -> Result<(runner::RunSummary, ExitCode)> {
+    let summary = runner::run(config, opts, progress)?;
+    let child = std::env::var_os(pipeline::jobs::CHILD_ENV).is_some();
+    let code = if child && summary.ran.is_empty() && !opts.dry_run {
+        ExitCode::from(pipeline::jobs::EXIT_DONE_ELSEWHERE as u8)
+    } else {
+        ExitCode::SUCCESS
+    };
+    Ok((summary, code))
 }
 
 /// `pipeline run` in children (`--jobs`, `--devices`): each failure reported with its log; a
