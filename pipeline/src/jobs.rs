@@ -5,9 +5,10 @@
 //! skipped here, without a child. Each child gets a slot: with `--devices 0,1 --per-device 2`
 //! the slots are the devices, each twice, and a child sees only its device
 //! (`CUDA_VISIBLE_DEVICES`); its CPU threads are `[run].threads` when set, else the cores
-//! divided among the N slots. A child's stderr goes to `<output>/.logs/<stage>.log` (and, at the
-//! end, into the stage's folder as `stage.log`) while its last line shows on the stage's
-//! progress line.
+//! divided among the N slots. A child's stderr goes to `<output>/.logs/<stage>.log` (and, when
+//! the child ran the stage, into the stage's folder as `stage.log`) while its last line shows on
+//! the stage's progress line. A child that found its stage completed by another process exits
+//! with [`EXIT_DONE_ELSEWHERE`] and its log stays in `.logs`.
 //!
 //! Children claim their stages like any `pipeline` process (see `claim`), so several `--jobs`
 //! runs, or plain runs, can share one output root. When a stage fails, the running ones finish
