@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A prepared dataset and three independent trainings of a few seconds each, then their
@@ -327,6 +327,28 @@ fn a_stop_while_evaluations_run_leaves_the_rest_for_the_next_run_with_status_75(
     assert!(out.join("eval.seed=2/metrics.json").exists());
 }
 
+/// Starts `pipeline run f.toml --jobs 2 EXTRA` in `dir`, its log in `parent.log`, and returns
+/// once its child for `data` waits for the claim that the caller holds.
+fn jobs_run_waiting_for_data(dir: &Path, extra: &[&str]) -> (std::process::Child, PathBuf) {
+    let parent_log = dir.join("parent.log");
+    let parent = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "f.toml", "--jobs", "2"])
+        .args(extra)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "2")
+        .stderr(std::fs::File::create(&parent_log).unwrap())
+        .spawn()
+        .unwrap();
+    let child_log = dir.join("out/.logs/data.log");
+    let waiting = (0..1200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::read_to_string(&child_log)
+            .is_ok_and(|l| l.contains("data: being run by another process"))
+    });
+    assert!(waiting, "{}", std::fs::read_to_string(&parent_log).unwrap());
+    (parent, parent_log)
+}
+
 /// A `--jobs` run judges a forced stage from its own start, not its child's: a stage another
 /// process re-ran while the run waited for an upstream stage is not run again (each child used
 /// to judge from the moment it was started, after that re-run).
@@ -334,36 +356,15 @@ fn a_stop_while_evaluations_run_leaves_the_rest_for_the_next_run_with_status_75(
 fn a_forced_stage_re_run_elsewhere_meanwhile_is_not_run_again_by_a_jobs_run() {
     use rustix::fs::{flock, FlockOperation};
     let dir = scratch();
-    write(
-        dir.path(),
-        "f.toml",
-        "[run]\noutput = \"out\"\n\n\
-         [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
-         [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n",
-    );
+    write(dir.path(), "f.toml", DATA_AND_MODEL);
     let o = pipeline(dir.path(), &["run", "f.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("out");
     // Holding `data`'s claim here keeps the `--jobs` run's child for `data` waiting.
     let claim = std::fs::File::open(out.join(".locks/data.lock")).unwrap();
     flock(&claim, FlockOperation::NonBlockingLockExclusive).unwrap();
-    let parent_log = dir.path().join("parent.log");
-    let parent = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args([
-            "run", "f.toml", "--jobs", "2", "--force", "data", "--force", "model",
-        ])
-        .current_dir(dir.path())
-        .env("RAYON_NUM_THREADS", "2")
-        .stderr(std::fs::File::create(&parent_log).unwrap())
-        .spawn()
-        .unwrap();
-    let child_log = out.join(".logs/data.log");
-    let waiting = (0..1200).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        std::fs::read_to_string(&child_log)
-            .is_ok_and(|l| l.contains("data: being run by another process"))
-    });
-    assert!(waiting, "{}", std::fs::read_to_string(&parent_log).unwrap());
+    let (parent, parent_log) =
+        jobs_run_waiting_for_data(dir.path(), &["--force", "data", "--force", "model"]);
     // Another process forces `model` meanwhile.
     let o = pipeline(
         dir.path(),
@@ -406,28 +407,10 @@ fn a_stage_completed_elsewhere_while_its_child_waited_is_not_counted_as_run() {
     std::fs::create_dir_all(out.join(".locks")).unwrap();
     let claim = std::fs::File::create(out.join(".locks/data.lock")).unwrap();
     flock(&claim, FlockOperation::NonBlockingLockExclusive).unwrap();
-    let parent_log = dir.path().join("parent.log");
-    let parent = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "f.toml", "--jobs", "2"])
-        .current_dir(dir.path())
-        .env("RAYON_NUM_THREADS", "2")
-        .stderr(std::fs::File::create(&parent_log).unwrap())
-        .spawn()
-        .unwrap();
-    let child_log = out.join(".logs/data.log");
-    let waiting = (0..1200).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        std::fs::read_to_string(&child_log)
-            .is_ok_and(|l| l.contains("data: being run by another process"))
-    });
-    assert!(waiting, "{}", std::fs::read_to_string(&parent_log).unwrap());
+    let (parent, parent_log) = jobs_run_waiting_for_data(dir.path(), &[]);
     // The claim's holder completes the stage: its folder appears in one rename.
     let done = out.join(".done");
-    std::fs::create_dir_all(&done).unwrap();
-    for e in std::fs::read_dir(dir.path().join("other/data")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), done.join(e.file_name())).unwrap();
-    }
+    copy_files(&dir.path().join("other/data"), &done);
     std::fs::rename(&done, out.join("data")).unwrap();
     drop(claim);
     let o = parent.wait_with_output().unwrap();

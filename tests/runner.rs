@@ -215,15 +215,8 @@ fn an_old_folder_left_by_a_stopped_replacement_is_not_moved_back() {
          [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n",
     );
     let out = dir.path().join("out");
-    let copy = |from: &Path, to: &Path| {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    };
     assert!(pipeline(dir.path(), &["run", "f.toml"]).status.success());
-    copy(&out.join("data"), &dir.path().join("old"));
+    copy_files(&out.join("data"), &dir.path().join("old"));
     let o = pipeline(dir.path(), &["run", "f.toml", "--force", "data"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let replaced = record(&out, "data")["finished"]
@@ -232,7 +225,7 @@ fn an_old_folder_left_by_a_stopped_replacement_is_not_moved_back() {
         .to_string();
     // The state the kill leaves: the old folder at the partial path, complete; written by a
     // host whose clock ran an hour ahead, so its record ends after the new one's.
-    copy(&dir.path().join("old"), &out.join(".data.partial"));
+    copy_files(&dir.path().join("old"), &out.join(".data.partial"));
     let partial_record = out.join(".data.partial/stage.json");
     let mut old: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&partial_record).unwrap()).unwrap();
@@ -318,10 +311,6 @@ fn shift_times(record: &mut serde_json::Value, keys: &[&str], secs: i64) {
         record[*key] = humantime::format_rfc3339_millis(t).to_string().into();
     }
 }
-
-const DATA_AND_MODEL: &str = "[run]\noutput = \"out\"\n\n\
-    [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
-    [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n";
 
 /// Two processes forcing one stage run it once, whatever their hosts' clocks say: a run that
 /// forces `data` and `model` and waits for `data` while another process, on a host whose clock

@@ -792,8 +792,7 @@ fn run_stage(
             return Err(anyhow!(e));
         }
     };
-    let mut record = finished_record(config, fps, i, &inputs, started, &partial, &outputs)?;
-    record.replaces = read_record(&final_dir).map(|r| r.run).unwrap_or_default();
+    let record = finished_record(config, fps, i, &inputs, started, &partial, &outputs)?;
     // From here on the partial folder is complete: a run stopped before it is in place finds
     // the record and only moves it (so a kill here never costs a training).
     write_record(&partial, &record)?;
@@ -801,7 +800,7 @@ fn run_stage(
 }
 
 /// The record of stage `i`, run from `started` until now into `partial`, with the size and hash
-/// of each of its `outputs`.
+/// of each of its `outputs`, and the run whose folder it is to replace.
 fn finished_record(
     config: &Config,
     fps: &[String],
@@ -838,7 +837,10 @@ fn finished_record(
         device: config.run.device.to_string(),
         outputs: files,
         run: new_run_id(),
-        replaces: String::new(),
+        // Read under the stage's claim: nothing replaces the folder meanwhile.
+        replaces: read_record(&stage_dir(config, &s.name))
+            .map(|r| r.run)
+            .unwrap_or_default(),
     })
 }
 

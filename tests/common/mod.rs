@@ -13,6 +13,21 @@ pub fn scratch() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
+/// A prepare stage `data` (64 synthetic 12×12 training images of 3 classes) and a one-epoch
+/// training `model` on it: the smallest file with an upstream and a downstream stage.
+pub const DATA_AND_MODEL: &str = "[run]\noutput = \"out\"\n\n\
+    [[stage]]\nname = \"data\"\nkind = \"prepare\"\nsource = \"synthetic\"\ntrain_size = 64\ntest_size = 32\nclasses = 3\nimage_size = 12\n\n\
+    [[stage]]\nname = \"model\"\nkind = \"train\"\nneeds = [\"data\"]\nmodel = \"resnet8\"\nwidth = 4\nmethod = \"vanilla\"\nepochs = 1\nbatch_size = 32\n";
+
+/// Copies the files of folder `from` (not its subfolders) into folder `to`, created if missing.
+pub fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 /// Runs `pipeline ARGS` in `dir` (quiet progress bars: stderr is not a terminal).
 pub fn pipeline(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pipeline"))
